@@ -1,0 +1,330 @@
+//! [`RetainedStore`]: the last retained message of each topic, in a trie by
+//! topic level, behind its own `parking_lot::RwLock`.
+//!
+//! Looking up a wildcard filter walks only the branches the filter can match
+//! (`+` fans out over one level's children, `#` takes a whole subtree), never
+//! every retained message. The `$` rule applies: a filter starting with a
+//! wildcard does not descend into top-level topics starting with `$`.
+//!
+//! The store is generic over the message type `M` and never looks inside it;
+//! expiry is the broker's policy, applied through [`RetainedStore::retain`].
+
+use std::collections::HashMap;
+use std::mem;
+use std::sync::Arc;
+
+use parking_lot::RwLock;
+use smallvec::SmallVec;
+
+/// One topic level.
+struct Node<M> {
+    children: HashMap<Box<str>, Node<M>>,
+    /// The retained message whose topic ends here, with that full topic.
+    message: Option<(Arc<str>, M)>,
+}
+
+impl<M> Node<M> {
+    fn new() -> Self {
+        Self {
+            children: HashMap::new(),
+            message: None,
+        }
+    }
+}
+
+impl<M> Drop for Node<M> {
+    /// Iterative, so a very deep trie cannot overflow the stack when dropped.
+    fn drop(&mut self) {
+        let mut stack: Vec<Node<M>> = mem::take(&mut self.children).into_values().collect();
+        while let Some(mut node) = stack.pop() {
+            stack.extend(mem::take(&mut node.children).into_values());
+        }
+    }
+}
+
+/// Retained messages by topic.
+///
+/// # Invariants
+///
+/// The write lock must be held to change the trie or `len`, and every change
+/// keeps these true when it releases the lock:
+///
+/// 1. `len` equals the number of nodes holding a message.
+/// 2. A message is stored at the node reached by its topic's levels, together
+///    with that topic.
+/// 3. No node other than the root is empty (no message and no children); the
+///    root never holds a message (every topic has at least one level).
+pub struct RetainedStore<M> {
+    state: RwLock<State<M>>,
+}
+
+struct State<M> {
+    root: Node<M>,
+    len: usize,
+}
+
+impl<M> State<M> {
+    fn node(&self, topic: &str) -> Option<&Node<M>> {
+        let mut node = &self.root;
+        for level in topic.split('/') {
+            node = node.children.get(level)?;
+        }
+        Some(node)
+    }
+
+    fn take(&mut self, topic: &str) -> Option<M> {
+        let mut node = &mut self.root;
+        for level in topic.split('/') {
+            node = node.children.get_mut(level)?;
+        }
+        let (_, message) = node.message.take()?;
+        self.len -= 1;
+        self.prune(topic);
+        Some(message)
+    }
+
+    /// Removes the chain of empty nodes at the end of `topic`'s path: finds
+    /// the deepest node on the path that must stay (the root, or one holding
+    /// a message or a child off the path) and cuts the edge below it.
+    fn prune(&mut self, topic: &str) {
+        let depth = topic.split('/').count();
+        let mut keep = 0;
+        let mut node = &self.root;
+        for (index, level) in topic.split('/').enumerate() {
+            let Some(child) = node.children.get(level) else {
+                return;
+            };
+            node = child;
+            let level_depth = index + 1;
+            let path_children = usize::from(level_depth < depth);
+            if node.message.is_some() || node.children.len() > path_children {
+                keep = level_depth;
+            }
+        }
+        if keep == depth {
+            return;
+        }
+        let mut levels = topic.split('/');
+        let mut node = &mut self.root;
+        for level in levels.by_ref().take(keep) {
+            match node.children.get_mut(level) {
+                Some(child) => node = child,
+                None => return,
+            }
+        }
+        if let Some(level) = levels.next() {
+            node.children.remove(level);
+        }
+    }
+}
+
+impl<M: Clone> RetainedStore<M> {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self {
+            state: RwLock::new(State {
+                root: Node::new(),
+                len: 0,
+            }),
+        }
+    }
+
+    /// Stores `message` as the retained message of `topic` (a valid topic
+    /// name), returning the one it replaces.
+    pub fn insert(&self, topic: &str, message: M) -> Option<M> {
+        let mut guard = self.state.write();
+        let state = &mut *guard;
+        let mut node = &mut state.root;
+        for level in topic.split('/') {
+            node = node.children.entry(level.into()).or_insert_with(Node::new);
+        }
+        match &mut node.message {
+            Some((_, old)) => Some(mem::replace(old, message)),
+            slot @ None => {
+                *slot = Some((Arc::from(topic), message));
+                state.len += 1;
+                None
+            }
+        }
+    }
+
+    /// Removes and returns the retained message of `topic`.
+    pub fn remove(&self, topic: &str) -> Option<M> {
+        self.state.write().take(topic)
+    }
+
+    /// The retained message of `topic`, if any.
+    pub fn get(&self, topic: &str) -> Option<M> {
+        let state = self.state.read();
+        state.node(topic)?.message.as_ref().map(|(_, m)| m.clone())
+    }
+
+    /// Every retained message whose topic matches `filter` (a valid
+    /// non-shared filter), with the `$` rule applied. Order unspecified.
+    pub fn matching(&self, filter: &str) -> Vec<(Arc<str>, M)> {
+        let levels: SmallVec<[&str; 16]> = filter.split('/').collect();
+        let state = self.state.read();
+        let mut found = Vec::new();
+        let mut stack: Vec<(&Node<M>, usize)> = vec![(&state.root, 0)];
+        // A wildcard first level must not enter top-level '$' topics.
+        let visible = |depth: usize, key: &str| depth > 0 || !key.starts_with('$');
+        while let Some((node, depth)) = stack.pop() {
+            match levels.get(depth).copied() {
+                None => found.extend(node.message.iter().cloned()),
+                Some("#") => {
+                    // The parent level itself ("sport/#" matches "sport"),
+                    // then the whole subtree.
+                    found.extend(node.message.iter().cloned());
+                    let mut subtree: Vec<&Node<M>> = node
+                        .children
+                        .iter()
+                        .filter(|(key, _)| visible(depth, key))
+                        .map(|(_, child)| child)
+                        .collect();
+                    while let Some(node) = subtree.pop() {
+                        found.extend(node.message.iter().cloned());
+                        subtree.extend(node.children.values());
+                    }
+                }
+                Some("+") => stack.extend(
+                    node.children
+                        .iter()
+                        .filter(|(key, _)| visible(depth, key))
+                        .map(|(_, child)| (child, depth + 1)),
+                ),
+                Some(level) => {
+                    if let Some(child) = node.children.get(level) {
+                        stack.push((child, depth + 1));
+                    }
+                }
+            }
+        }
+        found
+    }
+
+    /// Removes every entry for which `keep` returns false (e.g. expired
+    /// messages); returns how many were removed.
+    pub fn retain(&self, mut keep: impl FnMut(&str, &M) -> bool) -> usize {
+        let mut guard = self.state.write();
+        let mut doomed: Vec<Arc<str>> = Vec::new();
+        let mut stack = vec![&guard.root];
+        while let Some(node) = stack.pop() {
+            if let Some((topic, message)) = &node.message {
+                if !keep(topic, message) {
+                    doomed.push(Arc::clone(topic));
+                }
+            }
+            stack.extend(node.children.values());
+        }
+        for topic in &doomed {
+            guard.take(topic);
+        }
+        doomed.len()
+    }
+
+    /// Number of retained messages.
+    pub fn len(&self) -> usize {
+        self.state.read().len
+    }
+
+    /// Whether no message is retained.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Number of trie nodes, root excluded; 0 when the store is empty.
+    /// For tests: walks the whole trie.
+    #[doc(hidden)]
+    pub fn node_count(&self) -> usize {
+        let state = self.state.read();
+        let mut count = 0;
+        let mut stack = vec![&state.root];
+        while let Some(node) = stack.pop() {
+            count += node.children.len();
+            stack.extend(node.children.values());
+        }
+        count
+    }
+}
+
+impl<M: Clone> Default for RetainedStore<M> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sorted(mut v: Vec<(Arc<str>, u32)>) -> Vec<(String, u32)> {
+        v.sort();
+        v.into_iter().map(|(t, m)| (t.to_string(), m)).collect()
+    }
+
+    #[test]
+    fn insert_replace_get_remove() {
+        let store = RetainedStore::new();
+        assert!(store.is_empty());
+        assert_eq!(store.insert("a/b", 1), None);
+        assert_eq!(store.insert("a/b", 2), Some(1));
+        assert_eq!(store.insert("a", 3), None);
+        assert_eq!(store.len(), 2);
+        assert_eq!(store.get("a/b"), Some(2));
+        assert_eq!(store.get("a/c"), None);
+        assert_eq!(store.get("a/b/c"), None);
+        assert_eq!(store.remove("a/b"), Some(2));
+        assert_eq!(store.remove("a/b"), None);
+        assert_eq!(store.node_count(), 1);
+        assert_eq!(store.remove("a"), Some(3));
+        assert_eq!(store.node_count(), 0);
+        assert!(store.is_empty());
+    }
+
+    #[test]
+    fn wildcard_lookup_and_dollar_rule() {
+        let store = RetainedStore::new();
+        for (i, topic) in [
+            "sport",
+            "sport/tennis",
+            "sport/tennis/p1",
+            "/finance",
+            "$SYS/x",
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            store.insert(topic, i as u32);
+        }
+        assert_eq!(
+            sorted(store.matching("sport/#")),
+            [
+                ("sport".to_string(), 0),
+                ("sport/tennis".to_string(), 1),
+                ("sport/tennis/p1".to_string(), 2)
+            ]
+        );
+        assert_eq!(sorted(store.matching("#")).len(), 4);
+        assert_eq!(sorted(store.matching("+/+")).len(), 2);
+        assert_eq!(
+            sorted(store.matching("$SYS/#")),
+            [("$SYS/x".to_string(), 4)]
+        );
+        assert!(store.matching("+/x").is_empty());
+        assert_eq!(sorted(store.matching("/+")), [("/finance".to_string(), 3)]);
+        assert!(store.matching("+").len() == 1);
+    }
+
+    #[test]
+    fn retain_removes_and_prunes() {
+        let store = RetainedStore::new();
+        for i in 0..10u32 {
+            store.insert(&format!("t/{i}/x"), i);
+        }
+        assert_eq!(store.retain(|_, m| m % 2 == 0), 5);
+        assert_eq!(store.len(), 5);
+        assert_eq!(store.node_count(), 1 + 5 * 2);
+        assert_eq!(store.retain(|topic, _| topic.starts_with('x')), 5);
+        assert_eq!(store.node_count(), 0);
+    }
+}

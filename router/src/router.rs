@@ -1,0 +1,360 @@
+//! [`Router`]: the subscription trie, the per-subscriber index and the match
+//! cache, all behind one `parking_lot::RwLock`.
+//!
+//! Reads (`matches` hits, `subscriptions_of`, counts) share the read lock.
+//! A cache miss computes its result under the read lock, then briefly takes
+//! the write lock to cache it (the NATS sublist pattern); a generation
+//! counter stops it caching a result that a concurrent change made stale.
+
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::sync::Arc;
+
+use parking_lot::RwLock;
+
+use crate::cache::{MatchCache, DEFAULT_CACHE_CAPACITY, MAX_CACHED_TOPIC_LEN};
+use crate::matches::Matches;
+use crate::options::SubscriptionOptions;
+use crate::topic::{parse_shared, validate_filter, TopicError};
+use crate::tree::Tree;
+
+/// Whether [`Router::subscribe`] created a subscription or replaced the
+/// options of an existing one (same subscriber, same filter string).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubscribeOutcome {
+    /// The subscriber had no subscription with this filter.
+    New,
+    /// The subscriber already had this filter; its options were replaced.
+    Replaced,
+}
+
+/// Topic router: who is subscribed to what, and who receives a given topic.
+///
+/// `S` identifies a subscriber (typically a client id or a session handle);
+/// it is cloned into the trie, so it should be cheap to clone.
+///
+/// # Invariants
+///
+/// The write lock must be held for any change to the trie, the index, the
+/// counters or the cache, and every change keeps these true when it releases
+/// the lock:
+///
+/// 1. **Index = trie.** `(subscriber, filter)` is in the per-subscriber
+///    index iff the trie holds it (at the node of the filter, or of its inner
+///    filter in the named group for `$share/...`), with the same options.
+/// 2. `subscriptions` equals the number of `(subscriber, filter)` pairs in
+///    the index, and no subscriber maps to an empty set of filters.
+/// 3. **Cache = trie.** Every cached result equals what the trie would
+///    compute now: a change invalidates every cached topic that its filter
+///    matches before releasing the lock, and bumps `generation` so that a
+///    result computed under an earlier read lock is not cached afterwards.
+/// 4. No trie node other than the root is empty.
+pub struct Router<S> {
+    state: RwLock<State<S>>,
+    /// Copy of the cache's capacity, readable without the lock, so that an
+    /// uncacheable miss never takes the write lock.
+    cache_capacity: usize,
+}
+
+/// Everything guarded by the router's lock.
+struct State<S> {
+    tree: Tree<S>,
+    /// Subscriber -> (full filter as given, including `$share/...`) -> options.
+    /// Lets `remove_subscriber` visit only that subscriber's filters.
+    index: HashMap<S, HashMap<Box<str>, SubscriptionOptions>>,
+    /// Total subscriptions, shared ones included.
+    subscriptions: usize,
+    cache: MatchCache<S>,
+    /// Bumped by every change to the trie.
+    generation: u64,
+}
+
+/// The filter that goes into the trie: the inner filter of a shared one.
+fn trie_filter(filter: &str) -> &str {
+    parse_shared(filter).map_or(filter, |(_, inner)| inner)
+}
+
+impl<S: Clone + Eq + Hash + Send + Sync + 'static> Router<S> {
+    /// An empty router with a cache of [`DEFAULT_CACHE_CAPACITY`] topics.
+    pub fn new() -> Self {
+        Self::with_cache_capacity(DEFAULT_CACHE_CAPACITY)
+    }
+
+    /// An empty router caching the results of at most `capacity` topics
+    /// (0 disables the cache).
+    pub fn with_cache_capacity(capacity: usize) -> Self {
+        Self {
+            state: RwLock::new(State {
+                tree: Tree::new(),
+                index: HashMap::new(),
+                subscriptions: 0,
+                cache: MatchCache::new(capacity),
+                generation: 0,
+            }),
+            cache_capacity: capacity,
+        }
+    }
+
+    /// Adds or replaces (same subscriber + same filter string => replace
+    /// options) a subscription.
+    ///
+    /// `filter` may be a shared filter `$share/{group}/{filter}`; it is
+    /// validated with [`validate_filter`]. Invalidates the cached topics the
+    /// filter matches, and only those.
+    pub fn subscribe(
+        &self,
+        subscriber: &S,
+        filter: &str,
+        options: SubscriptionOptions,
+    ) -> Result<SubscribeOutcome, TopicError> {
+        validate_filter(filter)?;
+        let mut guard = self.state.write();
+        let state = &mut *guard;
+        let (replaced, inner) = match parse_shared(filter) {
+            Some((group, inner)) => (
+                state.tree.insert_shared(group, inner, subscriber, options),
+                inner,
+            ),
+            None => (
+                state.tree.insert(filter, subscriber, options).is_some(),
+                filter,
+            ),
+        };
+        match state.index.get_mut(subscriber) {
+            Some(filters) => {
+                filters.insert(filter.into(), options);
+            }
+            None => {
+                let filters = HashMap::from([(Box::<str>::from(filter), options)]);
+                state.index.insert(subscriber.clone(), filters);
+            }
+        }
+        if !replaced {
+            state.subscriptions += 1;
+        }
+        state.cache.invalidate(inner);
+        state.generation = state.generation.wrapping_add(1);
+        Ok(if replaced {
+            SubscribeOutcome::Replaced
+        } else {
+            SubscribeOutcome::New
+        })
+    }
+
+    /// Removes the subscription of `subscriber` to exactly `filter` (as given
+    /// to `subscribe`). Returns whether it existed.
+    pub fn unsubscribe(&self, subscriber: &S, filter: &str) -> bool {
+        let mut guard = self.state.write();
+        let state = &mut *guard;
+        let Some(filters) = state.index.get_mut(subscriber) else {
+            return false;
+        };
+        if filters.remove(filter).is_none() {
+            return false;
+        }
+        if filters.is_empty() {
+            state.index.remove(subscriber);
+        }
+        state.subscriptions -= 1;
+        let inner = match parse_shared(filter) {
+            Some((group, inner)) => {
+                state.tree.remove_shared(group, inner, subscriber);
+                inner
+            }
+            None => {
+                state.tree.remove(filter, subscriber);
+                filter
+            }
+        };
+        state.cache.invalidate(inner);
+        state.generation = state.generation.wrapping_add(1);
+        true
+    }
+
+    /// Removes every subscription of `subscriber`; returns how many there were.
+    ///
+    /// Costs O(its own subscriptions): it walks that subscriber's entry in
+    /// the index, never the whole trie. (Leaving a shared group also rebuilds
+    /// that group's snapshot, O(group members).)
+    pub fn remove_subscriber(&self, subscriber: &S) -> usize {
+        let mut guard = self.state.write();
+        let state = &mut *guard;
+        let Some(filters) = state.index.remove(subscriber) else {
+            return 0;
+        };
+        for filter in filters.keys() {
+            match parse_shared(filter) {
+                Some((group, inner)) => state.tree.remove_shared(group, inner, subscriber),
+                None => state.tree.remove(filter, subscriber),
+            };
+        }
+        state.subscriptions -= filters.len();
+        state
+            .cache
+            .invalidate_all_of(filters.keys().map(|filter| trie_filter(filter)));
+        state.generation = state.generation.wrapping_add(1);
+        filters.len()
+    }
+
+    /// The subscriptions of `subscriber`: filters exactly as given (including
+    /// `$share/...`), sorted by filter.
+    pub fn subscriptions_of(&self, subscriber: &S) -> Vec<(String, SubscriptionOptions)> {
+        let state = self.state.read();
+        let mut subscriptions: Vec<_> = state
+            .index
+            .get(subscriber)
+            .into_iter()
+            .flatten()
+            .map(|(filter, options)| (filter.to_string(), *options))
+            .collect();
+        subscriptions.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        subscriptions
+    }
+
+    /// The subscribers whose filters match `topic` (a valid topic name).
+    ///
+    /// Returns a shared immutable snapshot. A cache hit is a hash lookup plus
+    /// an `Arc` clone under the read lock and allocates nothing.
+    pub fn matches(&self, topic: &str) -> Arc<Matches<S>> {
+        let (computed, generation) = {
+            let state = self.state.read();
+            if let Some(hit) = state.cache.get(topic) {
+                return Arc::clone(hit);
+            }
+            (Arc::new(state.tree.matches(topic)), state.generation)
+        };
+        self.cache_if_fresh(topic, computed, generation)
+    }
+
+    /// Second half of a cache miss: caches `computed` (made under the read
+    /// lock at `generation`) unless the trie has changed since, and returns
+    /// what to hand out.
+    fn cache_if_fresh(
+        &self,
+        topic: &str,
+        computed: Arc<Matches<S>>,
+        generation: u64,
+    ) -> Arc<Matches<S>> {
+        if self.cache_capacity == 0 || topic.len() > MAX_CACHED_TOPIC_LEN {
+            return computed;
+        }
+        let mut state = self.state.write();
+        if state.generation != generation {
+            // The trie changed since we computed: the result was correct when
+            // computed (so fine to return), but must not be cached.
+            return computed;
+        }
+        state.cache.insert(topic, computed)
+    }
+
+    /// Total number of subscriptions, shared ones included.
+    pub fn subscription_count(&self) -> usize {
+        self.state.read().subscriptions
+    }
+
+    /// Number of distinct subscribers with at least one subscription.
+    pub fn subscriber_count(&self) -> usize {
+        self.state.read().index.len()
+    }
+
+    /// Number of trie nodes, root excluded; 0 when there are no subscriptions.
+    /// For tests: walks the whole trie.
+    #[doc(hidden)]
+    pub fn node_count(&self) -> usize {
+        self.state.read().tree.node_count()
+    }
+
+    /// Number of cached topics. For tests.
+    #[doc(hidden)]
+    pub fn cached_topics(&self) -> usize {
+        self.state.read().cache.len()
+    }
+}
+
+impl<S: Clone + Eq + Hash + Send + Sync + 'static> Default for Router<S> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(qos: u8, id: u32) -> SubscriptionOptions {
+        SubscriptionOptions {
+            qos,
+            subscription_id: Some(id),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn send_sync() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<Router<String>>();
+        assert_send_sync::<Arc<Matches<String>>>();
+    }
+
+    #[test]
+    fn index_and_counts() {
+        let router = Router::new();
+        assert_eq!(
+            router.subscribe(&1u32, "a/b", opts(0, 1)),
+            Ok(SubscribeOutcome::New)
+        );
+        assert_eq!(
+            router.subscribe(&1, "a/b", opts(1, 2)),
+            Ok(SubscribeOutcome::Replaced)
+        );
+        assert_eq!(
+            router.subscribe(&1, "$share/g/a/b", opts(2, 3)),
+            Ok(SubscribeOutcome::New)
+        );
+        assert_eq!(
+            router.subscribe(&1, "$share/g/a/b", opts(1, 4)),
+            Ok(SubscribeOutcome::Replaced)
+        );
+        assert_eq!(router.subscription_count(), 2);
+        assert_eq!(router.subscriber_count(), 1);
+        assert_eq!(
+            router.subscriptions_of(&1),
+            vec![
+                ("$share/g/a/b".to_string(), opts(1, 4)),
+                ("a/b".to_string(), opts(1, 2)),
+            ]
+        );
+        assert_eq!(
+            router.subscribe(&1, "a/#/b", opts(0, 0)),
+            Err(TopicError::InvalidMultiLevelWildcard)
+        );
+        assert!(!router.unsubscribe(&1, "a/#/b"));
+        assert!(!router.unsubscribe(&2, "a/b"));
+        assert!(router.unsubscribe(&1, "$share/g/a/b"));
+        assert!(!router.unsubscribe(&1, "$share/g/a/b"));
+        assert_eq!(router.remove_subscriber(&1), 1);
+        assert_eq!(router.remove_subscriber(&1), 0);
+        assert_eq!(router.subscription_count(), 0);
+        assert_eq!(router.subscriber_count(), 0);
+        assert_eq!(router.node_count(), 0);
+    }
+
+    #[test]
+    fn stale_results_are_not_cached() {
+        let router = Router::new();
+        router.subscribe(&1u32, "a", opts(0, 1)).unwrap();
+        // A reader computes under the read lock...
+        let (computed, generation) = {
+            let state = router.state.read();
+            (Arc::new(state.tree.matches("a")), state.generation)
+        };
+        // ...a writer changes the trie before the reader takes the write lock...
+        router.subscribe(&2, "a", opts(0, 2)).unwrap();
+        // ...so the reader's (now stale) result is returned but not cached.
+        let returned = router.cache_if_fresh("a", computed, generation);
+        assert_eq!(returned.clients.len(), 1);
+        assert_eq!(router.cached_topics(), 0);
+        assert_eq!(router.matches("a").clients.len(), 2);
+        assert_eq!(router.cached_topics(), 1);
+    }
+}
