@@ -1,0 +1,301 @@
+//! Broker configuration: the embedded defaults, the TOML file that overrides
+//! them, and the validation that refuses a bad file at start.
+//!
+//! Every key is documented in `docs/configuration.md` with its default. A file
+//! only needs the keys it changes; an unknown key, a value of the wrong type or
+//! a value out of range is an error that names the file, the key and the reason.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Everything the broker can be told.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Addresses of the MQTT/TCP listeners.
+    pub listeners: ListenersConfig,
+    /// Logging.
+    pub log: LogConfig,
+    /// Per-connection and broker-wide limits.
+    pub limits: LimitsConfig,
+    /// Who may connect.
+    pub auth: AuthConfig,
+}
+
+/// `[listeners]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ListenersConfig {
+    /// MQTT over TCP listen addresses.
+    pub tcp: Vec<SocketAddr>,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// A `tracing` filter directive: `error`, `warn`, `info`, `debug`, `trace`,
+    /// or a full directive such as `tern=debug,info`.
+    pub level: String,
+}
+
+/// `[limits]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Connections accepted at once; one more is refused with CONNACK
+    /// "server unavailable" (3.x) / "server busy" (5.0).
+    pub max_connections: usize,
+    /// Largest packet accepted, in bytes, fixed header included. Larger
+    /// packets close the connection (5.0: DISCONNECT 0x95).
+    pub max_packet_size: u32,
+    /// Outgoing QoS 1/2 messages awaiting acknowledgement per client (an MQTT 5
+    /// client's smaller Receive Maximum wins).
+    pub max_inflight: u16,
+    /// Incoming QoS 2 messages awaiting PUBREL per client; advertised to MQTT 5
+    /// clients as Receive Maximum.
+    pub receive_maximum: u16,
+    /// Messages a session holds while they wait to be written, for the
+    /// in-flight window, or for an offline client. See `docs/configuration.md`
+    /// for the overflow policy.
+    pub max_queued_messages: usize,
+    /// Seconds a new connection has to send CONNECT.
+    pub connect_timeout_secs: u64,
+    /// Largest keep alive (seconds) a client may use; 0 means no limit. An MQTT 5
+    /// client asking for more (or for 0) is told this value as Server Keep Alive.
+    pub max_keepalive_secs: u16,
+    /// Topic aliases an MQTT 5 client may use towards the broker.
+    pub topic_alias_maximum: u16,
+    /// Upper bound for the session expiry interval a client may ask for, in
+    /// seconds; `4294967295` means "never expires" is allowed.
+    pub max_session_expiry_secs: u32,
+}
+
+/// `[auth]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Whether clients without a user name may connect.
+    pub allow_anonymous: bool,
+    /// Static user list (name and password in plain text); empty by default.
+    pub users: Vec<UserEntry>,
+}
+
+/// One `[[auth.users]]` entry.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserEntry {
+    pub name: String,
+    pub password: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listeners: ListenersConfig::default(),
+            log: LogConfig::default(),
+            limits: LimitsConfig::default(),
+            auth: AuthConfig::default(),
+        }
+    }
+}
+
+impl Default for ListenersConfig {
+    fn default() -> Self {
+        ListenersConfig {
+            tcp: vec![SocketAddr::from(([127, 0, 0, 1], 1883))],
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".to_owned(),
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_connections: 100_000,
+            max_packet_size: 1024 * 1024,
+            max_inflight: 128,
+            receive_maximum: 1024,
+            max_queued_messages: 1000,
+            connect_timeout_secs: 10,
+            max_keepalive_secs: 0,
+            topic_alias_maximum: 64,
+            max_session_expiry_secs: u32::MAX,
+        }
+    }
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            allow_anonymous: true,
+            users: Vec::new(),
+        }
+    }
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config{}: key `{key}`: {reason}", origin.as_ref().map(|p| format!(" file {}", p.display())).unwrap_or_default())]
+    Invalid {
+        origin: Option<PathBuf>,
+        key: &'static str,
+        reason: String,
+    },
+}
+
+impl Config {
+    /// Reads and validates a TOML file; keys it leaves out keep their defaults.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let config = Config::from_toml(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_owned(),
+                message,
+            },
+            ConfigError::Invalid { key, reason, .. } => ConfigError::Invalid {
+                origin: Some(path.to_owned()),
+                key,
+                reason,
+            },
+            other => other,
+        })?;
+        Ok(config)
+    }
+
+    /// Parses and validates TOML text.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::new(),
+            message: e.to_string().trim_end().replace('\n', " | "),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks values that parse but make no sense.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &'static str, reason: &str| {
+            Err(ConfigError::Invalid {
+                origin: None,
+                key,
+                reason: reason.to_owned(),
+            })
+        };
+        let l = &self.limits;
+        if self.listeners.tcp.is_empty() {
+            return invalid("listeners.tcp", "at least one listen address is needed");
+        }
+        if l.max_connections == 0 {
+            return invalid("limits.max_connections", "must be at least 1");
+        }
+        // The smallest packet that can carry anything useful plus headroom.
+        if l.max_packet_size < 64 {
+            return invalid("limits.max_packet_size", "must be at least 64 bytes");
+        }
+        // 268,435,455 + 5 header bytes is the largest MQTT packet there is.
+        if l.max_packet_size > 268_435_460 {
+            return invalid(
+                "limits.max_packet_size",
+                "must be at most 268435460 (the MQTT maximum)",
+            );
+        }
+        if l.max_inflight == 0 {
+            return invalid("limits.max_inflight", "must be at least 1");
+        }
+        if l.receive_maximum == 0 {
+            return invalid("limits.receive_maximum", "must be at least 1");
+        }
+        if l.max_queued_messages == 0 {
+            return invalid("limits.max_queued_messages", "must be at least 1");
+        }
+        if l.connect_timeout_secs == 0 {
+            return invalid("limits.connect_timeout_secs", "must be at least 1");
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return invalid("log.level", "not a valid log filter (try `info` or `debug`)");
+        }
+        for user in &self.auth.users {
+            if user.name.is_empty() {
+                return invalid("auth.users.name", "must not be empty");
+            }
+        }
+        Ok(())
+    }
+
+    /// The connect timeout as a duration.
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_secs(self.limits.connect_timeout_secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_the_embedded_default() {
+        assert_eq!(Config::from_toml("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn keys_override_defaults() {
+        let c = Config::from_toml(
+            "[listeners]\ntcp = [\"127.0.0.1:0\"]\n[limits]\nmax_queued_messages = 5\n",
+        )
+        .unwrap();
+        assert_eq!(c.limits.max_queued_messages, 5);
+        assert_eq!(c.listeners.tcp[0].port(), 0);
+        assert_eq!(c.limits.max_inflight, LimitsConfig::default().max_inflight);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = Config::from_toml("[limits]\nmax_conections = 5\n").unwrap_err();
+        assert!(e.to_string().contains("max_conections"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_is_named() {
+        let e = Config::from_toml("[limits]\nmax_connections = \"many\"\n").unwrap_err();
+        assert!(e.to_string().contains("max_connections"), "{e}");
+    }
+
+    #[test]
+    fn out_of_range_value_is_named() {
+        let e = Config::from_toml("[limits]\nmax_packet_size = 10\n").unwrap_err();
+        assert!(e.to_string().contains("limits.max_packet_size"), "{e}");
+    }
+
+    #[test]
+    fn file_errors_name_the_file() {
+        let dir = std::env::temp_dir().join(format!("tern-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("bad.toml");
+        std::fs::write(&path, "[limits]\nmax_inflight = 0\n").unwrap();
+        let e = Config::from_file(&path).unwrap_err().to_string();
+        assert!(e.contains("bad.toml") && e.contains("limits.max_inflight"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

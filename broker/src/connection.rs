@@ -1,0 +1,777 @@
+//! One client connection: the CONNECT handshake, then the read loop that
+//! decodes packets and runs the protocol, beside the writer that sends what
+//! the session queued.
+//!
+//! The reader and the writer are two futures joined in one task: the reader
+//! never waits for the socket to become writable and the writer never waits
+//! for input, and neither needs a task of its own. When either ends, the other
+//! is told through [`ConnectionControl`]; the writer gets
+//! [`CLOSE_GRACE`] to flush what is queued (MQTT 5: a final DISCONNECT with
+//! the reason), then the socket is dropped.
+//!
+//! Every way out of [`serve`] (a protocol error, a timeout, a takeover, a
+//! panic unwinding through it) drops the [`Attached`] guard and the
+//! [`ConnectionPermit`](crate::registry::ConnectionPermit), which detach the
+//! session, publish the will when due and uncount the connection.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tern_codec::{
+    decode_packet, encode_packet, properties::{ConnAckProperties, SubAckProperties, UnsubAckProperties}, ConnAck, Connect, DecodeError, Disconnect,
+    Packet, ProtocolVersion, PubAck, Publish, QoS, ReasonCode, SubAck,
+    Subscribe, UnsubAck, Unsubscribe, Will,
+};
+use tern_router::{parse_shared, validate_topic_name, SubscribeOutcome, SubscriptionOptions};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::OwnedReadHalf;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::broker::{Broker, SessionRef};
+use crate::message::Message;
+use crate::metrics::Metrics;
+use crate::session::{AttachParams, ConnectionControl, Session};
+use crate::writer::{write_loop, WriterContext};
+
+/// Time the writer gets to flush after the connection decided to close.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// A read buffer grows by at least this much when it is full; small enough
+/// that an idle connection holds little, large enough for typical packets.
+const READ_CHUNK: usize = 4096;
+
+/// Why a connection ended.
+#[derive(Debug)]
+enum Exit {
+    /// The client sent DISCONNECT; `with_will` for reason code 0x04.
+    ClientDisconnect { with_will: bool },
+    /// The client closed the socket without DISCONNECT, or it failed.
+    Closed,
+    /// The broker closes the connection, with this reason for MQTT 5.
+    Error(ReasonCode, String),
+    /// Closed by the broker on purpose: takeover or shutdown.
+    Kicked(Option<ReasonCode>),
+}
+
+impl Exit {
+    fn disconnect_reason(&self) -> Option<ReasonCode> {
+        match self {
+            Exit::Error(code, _) => Some(*code),
+            Exit::Kicked(code) => *code,
+            _ => None,
+        }
+    }
+
+    fn publishes_will(&self) -> bool {
+        match self {
+            Exit::ClientDisconnect { with_will } => *with_will,
+            // On shutdown the broker goes away; its wills would reach no one.
+            Exit::Kicked(Some(ReasonCode::ServerShuttingDown)) => false,
+            _ => true,
+        }
+    }
+}
+
+/// Serves one TCP connection until it closes.
+pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
+    let permit = broker.registry.admit();
+    Metrics::inc(&broker.metrics.connections_accepted);
+    let _ = stream.set_nodelay(true);
+    let (mut reader, mut writer) = stream.into_split();
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let max_packet = broker.config.limits.max_packet_size as usize;
+
+    let connect = tokio::time::timeout(
+        broker.config.connect_timeout(),
+        read_connect(&mut reader, &mut buf, max_packet, &broker.metrics),
+    )
+    .await;
+    let connect = match connect {
+        Err(_) => {
+            Metrics::inc(&broker.metrics.connect_timeouts);
+            tracing::debug!(%peer, "no CONNECT within the connect timeout");
+            return;
+        }
+        Ok(Err(ConnectFailure::Unsupported(name, level))) => {
+            tracing::info!(%peer, name, level, "refused: unsupported protocol version");
+            // MQTT-3.1.2-2: CONNACK 0x01 (in the 3.1.1 format), then close.
+            let _ = writer.write_all(&[0x20, 0x02, 0x00, 0x01]).await;
+            return;
+        }
+        Ok(Err(ConnectFailure::Closed(reason))) => {
+            tracing::debug!(%peer, reason, "connection closed before CONNECT");
+            return;
+        }
+        Ok(Ok(connect)) => connect,
+    };
+    let protocol = connect.protocol;
+
+    let refusal = if !permit.admitted {
+        Metrics::inc(&broker.metrics.connections_refused);
+        Some(if protocol.is_v5() {
+            ReasonCode::ServerBusy
+        } else {
+            ReasonCode::ServerUnavailable
+        })
+    } else {
+        check_connect(&broker, &connect)
+    };
+    if let Some(code) = refusal {
+        tracing::info!(%peer, client_id = connect.client_id_str(), ?code, "connection refused");
+        let mut out = BytesMut::new();
+        let connack = Packet::ConnAck(ConnAck {
+            code,
+            ..ConnAck::default()
+        });
+        if encode_packet(&connack, protocol, &mut out).is_ok() {
+            let _ = writer.write_all(&out).await;
+        }
+        return;
+    }
+
+    let mut conn = Connection::accept(&broker, *connect, permit.id);
+    let mut out = BytesMut::new();
+    if encode_packet(&Packet::ConnAck(conn.connack.clone()), protocol, &mut out).is_err()
+        || writer.write_all(&out).await.is_err()
+    {
+        return;
+    }
+    let control = Arc::new(ConnectionControl::default());
+    let attached = conn.attach(Arc::clone(&control));
+    tracing::debug!(%peer, client_id = %attached.session.client_id, ?protocol, "client connected");
+
+    let writer_fut = write_loop(
+        WriterContext {
+            session: Arc::clone(&attached.session),
+            connection_id: permit.id,
+            control: Arc::clone(&control),
+            protocol,
+            client_max_packet: conn.client_max_packet,
+            metrics: Arc::clone(&broker.metrics),
+        },
+        writer,
+    );
+    let mut shutdown = broker.shutdown_signal();
+    let exit = {
+        let reader_fut =
+            conn.read_loop(&attached.session, &mut reader, &mut buf, &control, &mut shutdown);
+        tokio::pin!(writer_fut, reader_fut);
+        let mut writer_done = false;
+        let exit = tokio::select! {
+            exit = &mut reader_fut => exit,
+            () = &mut writer_fut => {
+                writer_done = true;
+                control.close(None);
+                (&mut reader_fut).await
+            }
+        };
+        control.close(exit.disconnect_reason());
+        if !writer_done {
+            let _ = tokio::time::timeout(CLOSE_GRACE, &mut writer_fut).await;
+        }
+        exit
+    };
+    match &exit {
+        Exit::Error(code, why) => {
+            tracing::warn!(%peer, client_id = %attached.session.client_id, ?code, "closing connection: {why}");
+        }
+        other => {
+            tracing::debug!(%peer, client_id = %attached.session.client_id, exit = ?other, "client disconnected");
+        }
+    }
+    if let Exit::ClientDisconnect { .. } = exit {
+        if let Some(secs) = conn.disconnect_expiry {
+            attached.session.set_expiry_interval(secs);
+        }
+    }
+    attached.finish(exit.publishes_will());
+}
+
+enum ConnectFailure {
+    Unsupported(String, u8),
+    Closed(String),
+}
+
+/// Reads until a whole CONNECT has arrived. Anything else first is a
+/// protocol violation (MQTT-3.1.0-1).
+async fn read_connect(
+    reader: &mut OwnedReadHalf,
+    buf: &mut BytesMut,
+    max_packet: usize,
+    metrics: &Metrics,
+) -> Result<Box<Connect>, ConnectFailure> {
+    loop {
+        match decode_packet(buf, ProtocolVersion::V5, max_packet) {
+            Ok(Some(Packet::Connect(connect))) => {
+                Metrics::inc(&metrics.packets_received);
+                return Ok(connect);
+            }
+            Ok(Some(other)) => {
+                Metrics::inc(&metrics.protocol_errors);
+                return Err(ConnectFailure::Closed(format!(
+                    "first packet was {:?}, not CONNECT",
+                    other.packet_type()
+                )));
+            }
+            Ok(None) => {}
+            Err(DecodeError::UnsupportedProtocolVersion { name, level }) => {
+                Metrics::inc(&metrics.protocol_errors);
+                return Err(ConnectFailure::Unsupported(name, level));
+            }
+            Err(e) => {
+                count_decode_error(metrics, &e);
+                return Err(ConnectFailure::Closed(e.to_string()));
+            }
+        }
+        buf.reserve(READ_CHUNK);
+        match reader.read_buf(buf).await {
+            Ok(0) => return Err(ConnectFailure::Closed("end of stream".into())),
+            Ok(n) => Metrics::add(&metrics.bytes_received, n as u64),
+            Err(e) => return Err(ConnectFailure::Closed(e.to_string())),
+        }
+    }
+}
+
+fn count_decode_error(metrics: &Metrics, e: &DecodeError) {
+    match e {
+        DecodeError::PacketTooLarge { .. } => Metrics::inc(&metrics.oversized_packets),
+        DecodeError::Malformed(_) => Metrics::inc(&metrics.malformed_packets),
+        _ => Metrics::inc(&metrics.protocol_errors),
+    }
+}
+
+/// Checks what must be refused before a session is opened: client id rules,
+/// authentication, unsupported enhanced authentication.
+fn check_connect(broker: &Broker, connect: &Connect) -> Option<ReasonCode> {
+    if connect.client_id.is_empty() {
+        match connect.protocol {
+            // 3.1 requires 1 to 23 characters; 3.1.1 requires clean session
+            // for an empty id (MQTT-3.1.3-8).
+            ProtocolVersion::V31 => return Some(ReasonCode::ClientIdentifierNotValid),
+            ProtocolVersion::V311 if !connect.clean_start => {
+                return Some(ReasonCode::ClientIdentifierNotValid)
+            }
+            _ => {}
+        }
+    }
+    if connect.properties.authentication_method.is_some() {
+        return Some(ReasonCode::BadAuthenticationMethod);
+    }
+    let auth = &broker.config.auth;
+    match &connect.username {
+        None if !auth.allow_anonymous => Some(ReasonCode::NotAuthorized),
+        None => None,
+        Some(name) => {
+            if auth.users.is_empty() && auth.allow_anonymous {
+                return None;
+            }
+            let password = connect.password.as_deref().unwrap_or(&[]);
+            let known = auth
+                .users
+                .iter()
+                .any(|u| u.name.as_bytes() == &name[..] && u.password.as_bytes() == password);
+            if known {
+                None
+            } else {
+                Some(ReasonCode::BadUserNameOrPassword)
+            }
+        }
+    }
+}
+
+/// A session attached to this connection. Dropping it (on any path, panics
+/// included) runs the close-down logic; [`Attached::finish`] does the same
+/// with the will decision made explicitly.
+struct Attached {
+    broker: Arc<Broker>,
+    session: Arc<Session>,
+    connection_id: u64,
+    generation: u64,
+    will: Option<Will>,
+    finished: bool,
+}
+
+impl Attached {
+    fn finish(mut self, publish_will: bool) {
+        if !publish_will {
+            self.will = None;
+        }
+        self.close_down();
+    }
+
+    fn close_down(&mut self) {
+        if self.finished {
+            return;
+        }
+        self.finished = true;
+        self.broker.connection_closed(
+            &self.session,
+            self.connection_id,
+            self.generation,
+            self.will.take(),
+        );
+    }
+}
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        self.close_down();
+    }
+}
+
+/// Protocol state of one connection after CONNECT.
+struct Connection {
+    broker: Arc<Broker>,
+    connection_id: u64,
+    protocol: ProtocolVersion,
+    session: Arc<Session>,
+    session_present: bool,
+    connack: ConnAck,
+    expiry_interval: u32,
+    keep_alive: Duration,
+    send_quota: u16,
+    client_max_packet: Option<u32>,
+    will: Option<Will>,
+    /// Inbound topic aliases (MQTT 5), indexed by alias - 1.
+    topic_aliases: Vec<Option<Bytes>>,
+    /// A session expiry interval changed by the client's DISCONNECT.
+    disconnect_expiry: Option<u32>,
+}
+
+impl Connection {
+    /// Opens (or resumes) the session and prepares the CONNACK.
+    fn accept(broker: &Arc<Broker>, connect: Connect, connection_id: u64) -> Connection {
+        let limits = &broker.config.limits;
+        let protocol = connect.protocol;
+        let v5 = protocol.is_v5();
+        let mut props = ConnAckProperties::default();
+
+        let client_id: String = if connect.client_id.is_empty() {
+            let id = format!("tern-{:016x}", broker.registry.next_id() ^ random_seed());
+            props.assigned_client_identifier = Some(Bytes::from(id.clone()));
+            id
+        } else {
+            connect.client_id_str().to_owned()
+        };
+
+        let requested_expiry = if v5 {
+            connect.properties.session_expiry_interval.unwrap_or(0)
+        } else if connect.clean_start {
+            0
+        } else {
+            u32::MAX
+        };
+        let expiry_interval = requested_expiry.min(limits.max_session_expiry_secs);
+        if v5 && expiry_interval != requested_expiry {
+            props.session_expiry_interval = Some(expiry_interval);
+        }
+
+        let mut keep_alive = connect.keep_alive;
+        if limits.max_keepalive_secs > 0
+            && (keep_alive == 0 || keep_alive > limits.max_keepalive_secs)
+        {
+            keep_alive = limits.max_keepalive_secs;
+            if v5 {
+                props.server_keep_alive = Some(keep_alive);
+            }
+        }
+
+        let opened = broker
+            .registry
+            .open(&client_id, connect.clean_start, |old| {
+                broker.router.remove_subscriber(&SessionRef(Arc::clone(old)));
+            });
+        if let Some((old, Some(pending))) = &opened.replaced {
+            broker.publish_will(&pending.will, old.id);
+        }
+
+        if v5 {
+            props.receive_maximum = Some(limits.receive_maximum);
+            props.maximum_packet_size = Some(limits.max_packet_size);
+            props.topic_alias_maximum = Some(limits.topic_alias_maximum);
+        }
+        let session_present = opened.session_present && protocol != ProtocolVersion::V31;
+        let send_quota = connect
+            .properties
+            .receive_maximum
+            .unwrap_or(u16::MAX)
+            .min(limits.max_inflight);
+        Connection {
+            broker: Arc::clone(broker),
+            connection_id,
+            protocol,
+            session: opened.session,
+            session_present,
+            connack: ConnAck {
+                session_present,
+                code: ReasonCode::Success,
+                properties: props,
+            },
+            expiry_interval,
+            keep_alive: Duration::from_secs(u64::from(keep_alive)),
+            send_quota,
+            client_max_packet: connect.properties.maximum_packet_size,
+            will: connect.will,
+            topic_aliases: vec![None; usize::from(limits.topic_alias_maximum)],
+            disconnect_expiry: None,
+        }
+    }
+
+    /// Attaches this connection to its session.
+    fn attach(&mut self, control: Arc<ConnectionControl>) -> Attached {
+        let generation = self.session.attach(
+            AttachParams {
+                connection_id: self.connection_id,
+                protocol: self.protocol,
+                send_quota: self.send_quota,
+                expiry_interval: self.expiry_interval,
+            },
+            control,
+        );
+        let _ = self.session_present;
+        Attached {
+            broker: Arc::clone(&self.broker),
+            session: Arc::clone(&self.session),
+            connection_id: self.connection_id,
+            generation,
+            will: self.will.take(),
+            finished: false,
+        }
+    }
+
+    /// Reads and handles packets until the connection must close.
+    async fn read_loop(
+        &mut self,
+        session: &Arc<Session>,
+        reader: &mut OwnedReadHalf,
+        buf: &mut BytesMut,
+        control: &ConnectionControl,
+        shutdown: &mut tokio::sync::watch::Receiver<bool>,
+    ) -> Exit {
+        let max_packet = self.broker.config.limits.max_packet_size as usize;
+        // MQTT-3.1.2-24: one and a half keep alive periods without a packet.
+        let keep_alive = (!self.keep_alive.is_zero()).then(|| self.keep_alive.mul_f64(1.5));
+        let mut deadline = keep_alive.map(|k| Instant::now() + k);
+        loop {
+            loop {
+                match decode_packet(buf, self.protocol, max_packet) {
+                    Ok(Some(packet)) => {
+                        Metrics::inc(&self.broker.metrics.packets_received);
+                        if let Some(k) = keep_alive {
+                            deadline = Some(Instant::now() + k);
+                        }
+                        if let Err(exit) = self.handle(session, packet) {
+                            return exit;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        count_decode_error(&self.broker.metrics, &e);
+                        return Exit::Error(e.reason_code(), e.to_string());
+                    }
+                }
+            }
+            if control.is_closing() {
+                return Exit::Kicked(control.close_reason());
+            }
+            if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+                buf.reserve(READ_CHUNK);
+            }
+            let sleep = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                read = reader.read_buf(buf) => match read {
+                    Ok(0) => return Exit::Closed,
+                    Ok(n) => Metrics::add(&self.broker.metrics.bytes_received, n as u64),
+                    Err(_) => return Exit::Closed,
+                },
+                () = sleep => {
+                    Metrics::inc(&self.broker.metrics.keepalive_timeouts);
+                    return Exit::Error(ReasonCode::KeepAliveTimeout, "keep alive timed out".into());
+                }
+                () = control.wake_reader.notified() => {
+                    if control.is_closing() {
+                        return Exit::Kicked(control.close_reason());
+                    }
+                }
+                () = crate::server::shutdown_requested(shutdown) => {
+                    return Exit::Kicked(Some(ReasonCode::ServerShuttingDown));
+                }
+            }
+        }
+    }
+
+    /// Handles one packet from the client.
+    fn handle(&mut self, session: &Arc<Session>, packet: Packet) -> Result<(), Exit> {
+        match packet {
+            Packet::Publish(publish) => self.on_publish(session, publish),
+            Packet::PubAck(ack) => {
+                session.puback(ack.packet_id);
+                Ok(())
+            }
+            Packet::PubRec(ack) => {
+                if let Some(pubrel) = session.pubrec(ack.packet_id, ack.code) {
+                    self.send(pubrel);
+                }
+                Ok(())
+            }
+            Packet::PubRel(ack) => {
+                let known = session.pubrel(ack.packet_id);
+                let code = if known || !self.protocol.is_v5() {
+                    ReasonCode::Success
+                } else {
+                    ReasonCode::PacketIdentifierNotFound
+                };
+                self.send(Packet::PubComp(PubAck {
+                    packet_id: ack.packet_id,
+                    code,
+                    ..PubAck::default()
+                }));
+                Ok(())
+            }
+            Packet::PubComp(ack) => {
+                session.pubcomp(ack.packet_id);
+                Ok(())
+            }
+            Packet::Subscribe(subscribe) => self.on_subscribe(session, subscribe),
+            Packet::Unsubscribe(unsubscribe) => {
+                self.on_unsubscribe(session, unsubscribe);
+                Ok(())
+            }
+            Packet::PingReq => {
+                self.send(Packet::PingResp);
+                Ok(())
+            }
+            Packet::Disconnect(disconnect) => self.on_disconnect(disconnect),
+            Packet::Connect(_) => Err(self.protocol_error("second CONNECT")),
+            Packet::Auth(_) => Err(self.protocol_error(
+                "AUTH without an authentication method in CONNECT",
+            )),
+            other => Err(self.protocol_error(&format!(
+                "{:?} may not be sent by a client",
+                other.packet_type()
+            ))),
+        }
+    }
+
+    fn protocol_error(&self, why: &str) -> Exit {
+        Metrics::inc(&self.broker.metrics.protocol_errors);
+        Exit::Error(ReasonCode::ProtocolError, why.to_owned())
+    }
+
+    fn send(&self, packet: Packet) {
+        self.session.send_control(self.connection_id, packet);
+    }
+
+    fn on_publish(&mut self, session: &Arc<Session>, publish: Publish) -> Result<(), Exit> {
+        let v5 = self.protocol.is_v5();
+        if v5 && !publish.properties.subscription_identifiers.is_empty() {
+            return Err(self.protocol_error("PUBLISH from a client with a subscription identifier"));
+        }
+        let topic = self.resolve_topic(&publish)?;
+        let topic_str = std::str::from_utf8(&topic).unwrap_or("");
+        if validate_topic_name(topic_str).is_err() {
+            Metrics::inc(&self.broker.metrics.protocol_errors);
+            return Err(Exit::Error(
+                ReasonCode::TopicNameInvalid,
+                format!("invalid topic name {topic_str:?}"),
+            ));
+        }
+        // Topics starting with '$' belong to the broker ($SYS, $share ...).
+        let denied = topic_str.starts_with('$');
+        if denied {
+            Metrics::inc(&self.broker.metrics.publishes_denied);
+            tracing::debug!(client_id = %session.client_id, topic = topic_str, "publish to a $ topic denied");
+        }
+        let route = |this: &Self| {
+            if !denied {
+                let message = Message::new(
+                    topic.clone(),
+                    publish.payload.clone(),
+                    publish.qos,
+                    publish.retain,
+                    publish.properties.clone(),
+                    session.id,
+                );
+                this.broker.publish(&message);
+            }
+        };
+        let code = if denied {
+            ReasonCode::NotAuthorized
+        } else {
+            ReasonCode::Success
+        };
+        match (publish.qos, publish.packet_id) {
+            (QoS::AtMostOnce, _) => route(self),
+            (QoS::AtLeastOnce, Some(packet_id)) => {
+                route(self);
+                self.send(Packet::PubAck(PubAck {
+                    packet_id,
+                    code,
+                    ..PubAck::default()
+                }));
+            }
+            (QoS::ExactlyOnce, Some(packet_id)) => {
+                if !denied {
+                    match session.incoming_qos2(packet_id, self.broker.config.limits.receive_maximum) {
+                        Ok(true) => route(self),
+                        Ok(false) => {}
+                        Err(()) => {
+                            Metrics::inc(&self.broker.metrics.protocol_errors);
+                            return Err(Exit::Error(
+                                ReasonCode::ReceiveMaximumExceeded,
+                                "more QoS 2 messages in flight than Receive Maximum".into(),
+                            ));
+                        }
+                    }
+                }
+                self.send(Packet::PubRec(PubAck {
+                    packet_id,
+                    code,
+                    ..PubAck::default()
+                }));
+            }
+            _ => return Err(self.protocol_error("QoS > 0 PUBLISH without a packet identifier")),
+        }
+        Ok(())
+    }
+
+    /// Resolves an MQTT 5 topic alias (MQTT-3.3.2-7 .. 3.3.2-12).
+    fn resolve_topic(&mut self, publish: &Publish) -> Result<Bytes, Exit> {
+        let Some(alias) = publish.properties.topic_alias else {
+            return Ok(publish.topic.clone());
+        };
+        let slot = usize::from(alias);
+        if slot == 0 || slot > self.topic_aliases.len() {
+            Metrics::inc(&self.broker.metrics.protocol_errors);
+            return Err(Exit::Error(
+                ReasonCode::TopicAliasInvalid,
+                format!("topic alias {alias} out of range"),
+            ));
+        }
+        if publish.topic.is_empty() {
+            match &self.topic_aliases[slot - 1] {
+                Some(topic) => Ok(topic.clone()),
+                None => Err(self.protocol_error("unknown topic alias")),
+            }
+        } else {
+            self.topic_aliases[slot - 1] = Some(publish.topic.clone());
+            Ok(publish.topic.clone())
+        }
+    }
+
+    fn on_subscribe(&mut self, session: &Arc<Session>, subscribe: Subscribe) -> Result<(), Exit> {
+        let v5 = self.protocol.is_v5();
+        let subscriber = SessionRef(Arc::clone(session));
+        let subscription_id = subscribe.properties.subscription_identifier;
+        let mut codes = Vec::with_capacity(subscribe.filters.len());
+        let mut retained = Vec::new();
+        for request in &subscribe.filters {
+            let filter = request.filter_str();
+            let shared = parse_shared(filter).is_some();
+            if v5 && shared && request.no_local {
+                // MQTT-3.8.3-4.
+                return Err(self.protocol_error("No Local on a shared subscription"));
+            }
+            let options = SubscriptionOptions {
+                qos: request.qos as u8,
+                no_local: request.no_local,
+                retain_as_published: request.retain_as_published,
+                retain_handling: request.retain_handling as u8,
+                subscription_id,
+            };
+            match self.broker.router.subscribe(&subscriber, filter, options) {
+                Ok(outcome) => {
+                    codes.push(ReasonCode::granted(request.qos));
+                    let send_retained = match request.retain_handling {
+                        tern_codec::RetainHandling::SendAtSubscribe => true,
+                        tern_codec::RetainHandling::SendIfNew => outcome == SubscribeOutcome::New,
+                        tern_codec::RetainHandling::DoNotSend => false,
+                    };
+                    // Retained messages are not sent to shared subscriptions.
+                    if send_retained && !shared {
+                        for (_, message) in self.broker.retained.matching(filter) {
+                            retained.push((message, options));
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(client_id = %session.client_id, filter, error = %e, "subscription refused");
+                    codes.push(if v5 {
+                        ReasonCode::TopicFilterInvalid
+                    } else {
+                        ReasonCode::UnspecifiedError
+                    });
+                }
+            }
+        }
+        self.send(Packet::SubAck(SubAck {
+            packet_id: subscribe.packet_id,
+            codes,
+            properties: SubAckProperties::default(),
+        }));
+        let now = std::time::Instant::now();
+        for (message, options) in retained {
+            if message.is_expired(now) {
+                continue;
+            }
+            let granted = QoS::from_u8(options.qos).unwrap_or(QoS::AtMostOnce);
+            let ids = options.subscription_id.into_iter().collect();
+            session.deliver(&message, message.qos.min(granted), true, ids);
+        }
+        Ok(())
+    }
+
+    fn on_unsubscribe(&mut self, session: &Arc<Session>, unsubscribe: Unsubscribe) {
+        let subscriber = SessionRef(Arc::clone(session));
+        let codes = unsubscribe
+            .filters
+            .iter()
+            .map(|filter| {
+                let filter = std::str::from_utf8(filter).unwrap_or("");
+                if self.broker.router.unsubscribe(&subscriber, filter) {
+                    ReasonCode::Success
+                } else {
+                    ReasonCode::NoSubscriptionExisted
+                }
+            })
+            .collect();
+        self.send(Packet::UnsubAck(UnsubAck {
+            packet_id: unsubscribe.packet_id,
+            codes: if self.protocol.is_v5() { codes } else { Vec::new() },
+            properties: UnsubAckProperties::default(),
+        }));
+    }
+
+    fn on_disconnect(&mut self, disconnect: Disconnect) -> Result<(), Exit> {
+        if let Some(secs) = disconnect.properties.session_expiry_interval {
+            // MQTT-3.14.2-2: an expiry of 0 at CONNECT cannot be raised now.
+            if self.expiry_interval == 0 && secs != 0 {
+                return Err(self.protocol_error("session expiry raised from 0 at DISCONNECT"));
+            }
+            self.disconnect_expiry = Some(secs.min(self.broker.config.limits.max_session_expiry_secs));
+        }
+        Err(Exit::ClientDisconnect {
+            with_will: disconnect.code == ReasonCode::DisconnectWithWillMessage,
+        })
+    }
+}
+
+/// A per-process value mixed into assigned client identifiers so that two
+/// broker runs do not hand out the same ids.
+fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *SEED.get_or_init(|| {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(std::process::id().into());
+        h.finish()
+    })
+}

@@ -1,0 +1,44 @@
+//! Tern, an MQTT broker: the session layer and the server.
+//!
+//! This crate ties the others together. It owns the sockets and the tasks;
+//! the wire format belongs to `tern-codec`, topic matching and retained
+//! messages to `tern-router`.
+//!
+//! ```text
+//! server      accept loop per listener, graceful shutdown
+//!   connection   one task per client: CONNECT handshake, read loop, protocol
+//!   writer       drains the session's outbound queue with vectored writes
+//! broker      shared state; publish = retained store + router match + fan-out
+//! registry    sessions by client id; the only count of connections
+//! session     per-client state: QoS 1/2 flows, in-flight window, queues
+//! message     one Arc'd message per publish, shared by every delivery
+//! config      embedded defaults, TOML file, validation
+//! metrics     monotonic counters
+//! ```
+//!
+//! # Invariants
+//!
+//! - No lock is held across an `.await`. Locks are `parking_lot` mutexes and
+//!   the router's `RwLock`, held for bookkeeping only. Lock order: registry,
+//!   then router or a session; a session lock is innermost.
+//! - A message's topic and payload are read once into the publisher's buffer
+//!   and shared by every delivery; a delivery adds only QoS, packet id and
+//!   flags.
+//! - Connection and session counts come from the [`registry`], released by
+//!   `Drop` on every exit path.
+//! - Bad input from a client never panics and never affects other clients: it
+//!   closes that connection with the reason code the specification names.
+
+pub mod broker;
+pub mod config;
+mod connection;
+pub mod message;
+pub mod metrics;
+pub mod registry;
+pub mod server;
+pub mod session;
+mod writer;
+
+pub use broker::Broker;
+pub use config::{Config, ConfigError};
+pub use server::{Server, StartError};

@@ -1,0 +1,119 @@
+//! The `tern` command: `tern serve` runs the broker.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tern::{Config, Server};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(name = "tern", version, about = "Tern, an MQTT broker")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the broker. Without --config it uses the embedded defaults:
+    /// MQTT/TCP on 127.0.0.1:1883, anonymous clients allowed.
+    Serve {
+        /// TOML configuration file (see docs/configuration.md).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// MQTT/TCP listen address; replaces the configured listeners. Repeatable.
+        #[arg(long = "bind")]
+        bind: Vec<SocketAddr>,
+        /// Log filter: error, warn, info, debug, trace (or a tracing directive).
+        #[arg(long)]
+        log_level: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve {
+            config,
+            bind,
+            log_level,
+        } => serve(config, bind, log_level),
+    }
+}
+
+fn serve(path: Option<PathBuf>, bind: Vec<SocketAddr>, log_level: Option<String>) -> ExitCode {
+    let mut config = match &path {
+        Some(path) => match Config::from_file(path) {
+            Ok(config) => config,
+            Err(e) => {
+                eprintln!("tern: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        None => Config::default(),
+    };
+    if !bind.is_empty() {
+        config.listeners.tcp = bind;
+    }
+    if let Some(level) = log_level {
+        config.log.level = level;
+    }
+    if let Err(e) = config.validate() {
+        eprintln!("tern: {e}");
+        return ExitCode::from(2);
+    }
+    let filter = EnvFilter::try_new(&config.log.level).unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).init();
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tern: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        match &path {
+            Some(p) => tracing::info!(config = %p.display(), "starting Tern"),
+            None => tracing::info!(
+                "starting Tern with the embedded default configuration (no config file): anonymous clients allowed"
+            ),
+        }
+        let server = match Server::start(config).await {
+            Ok(server) => server,
+            Err(e) => {
+                tracing::error!("{e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        wait_for_signal().await;
+        tracing::info!("shutdown requested; disconnecting clients");
+        server.shutdown().await;
+        ExitCode::SUCCESS
+    })
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,80 @@
+//! The application message as the broker holds it between a publisher and its
+//! subscribers.
+//!
+//! One [`Message`] is built per incoming PUBLISH and shared (`Arc`) by every
+//! delivery: topic and payload are the `Bytes` slices the codec cut from the
+//! publisher's read buffer, so fan-out never copies them. What differs per
+//! subscriber (QoS, packet id, DUP, RETAIN, subscription identifiers) lives in
+//! the delivery, not here.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tern_codec::properties::PublishProperties;
+use tern_codec::QoS;
+
+/// An application message in flight through the broker.
+#[derive(Debug)]
+pub struct Message {
+    /// Valid UTF-8 topic name (aliases already resolved).
+    pub topic: Bytes,
+    pub payload: Bytes,
+    pub qos: QoS,
+    /// The RETAIN flag as published.
+    pub retain: bool,
+    /// MQTT 5 properties forwarded to subscribers (topic alias and
+    /// subscription identifiers removed; they are per hop).
+    pub properties: PublishProperties,
+    /// When the Message Expiry Interval runs out, if one was set.
+    pub expires_at: Option<Instant>,
+    /// The session that published it (for No Local); 0 for wills published
+    /// after their session ended and other broker-made messages.
+    pub origin: u64,
+}
+
+impl Message {
+    /// Builds a message, stamping the expiry deadline from the properties.
+    pub fn new(
+        topic: Bytes,
+        payload: Bytes,
+        qos: QoS,
+        retain: bool,
+        mut properties: PublishProperties,
+        origin: u64,
+    ) -> Arc<Message> {
+        properties.topic_alias = None;
+        properties.subscription_identifiers.clear();
+        let expires_at = properties
+            .message_expiry_interval
+            .map(|secs| Instant::now() + Duration::from_secs(u64::from(secs)));
+        Arc::new(Message {
+            topic,
+            payload,
+            qos,
+            retain,
+            properties,
+            expires_at,
+            origin,
+        })
+    }
+
+    /// The topic as text (checked UTF-8 by the codec).
+    pub fn topic_str(&self) -> &str {
+        std::str::from_utf8(&self.topic).unwrap_or("")
+    }
+
+    /// True once the Message Expiry Interval has passed.
+    pub fn is_expired(&self, now: Instant) -> bool {
+        self.expires_at.is_some_and(|at| now >= at)
+    }
+
+    /// The Message Expiry Interval to send now: the original interval less the
+    /// time the message has waited in the broker (MQTT-3.3.2-6), at least 1.
+    pub fn remaining_expiry(&self, now: Instant) -> Option<u32> {
+        self.expires_at.map(|at| {
+            let left = at.saturating_duration_since(now).as_secs_f64().ceil();
+            (left as u32).max(1)
+        })
+    }
+}

@@ -1,0 +1,184 @@
+//! The session registry: the single source of truth for which sessions exist
+//! and how many connections are open.
+//!
+//! Two facts live here and nowhere else:
+//!
+//! - **Connections.** A connection exists exactly as long as its
+//!   [`ConnectionPermit`]. The permit is taken before the first byte is read
+//!   and released by `Drop`, so every exit path (error, panic in the task,
+//!   takeover, timeout, refusal, shutdown) gives it back. Nothing else counts
+//!   connections, so the count cannot drift.
+//! - **Sessions.** `client_id -> Arc<Session>`. Opening a session with a known
+//!   client id either resumes it (clean start 0) or ends it and starts a fresh
+//!   one; either way the connection attached to the old one is told to close
+//!   (MQTT 5: DISCONNECT 0x8E, session taken over).
+//!
+//! Lock order: the registry lock is taken first; the router lock and session
+//! locks may be taken while it is held, never the other way round. It is never
+//! held across an `.await`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use tern_codec::ReasonCode;
+
+use crate::metrics::Metrics;
+use crate::session::{PendingWill, Session};
+
+/// Sessions by client identifier, and the live connection count.
+#[derive(Debug)]
+pub struct SessionRegistry {
+    sessions: Mutex<HashMap<Arc<str>, Arc<Session>>>,
+    connections: Arc<AtomicUsize>,
+    max_connections: usize,
+    next_id: AtomicU64,
+    max_queued: usize,
+    metrics: Arc<Metrics>,
+}
+
+/// Proof that a connection is counted. Dropping it uncounts the connection.
+#[derive(Debug)]
+pub struct ConnectionPermit {
+    connections: Arc<AtomicUsize>,
+    /// Unique id of this connection.
+    pub id: u64,
+    /// False when the broker was already at `max_connections`: the connection
+    /// is counted while it is being refused, then dropped.
+    pub admitted: bool,
+}
+
+impl Drop for ConnectionPermit {
+    fn drop(&mut self) {
+        self.connections.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// What [`SessionRegistry::open`] did.
+#[derive(Debug)]
+pub struct Opened {
+    pub session: Arc<Session>,
+    /// True when an existing session was resumed (CONNACK session present).
+    pub session_present: bool,
+    /// A session that was ended to make room for this one (clean start with a
+    /// known client id): the caller removes its subscriptions and publishes its
+    /// pending will.
+    pub replaced: Option<(Arc<Session>, Option<PendingWill>)>,
+}
+
+impl SessionRegistry {
+    /// An empty registry.
+    pub fn new(max_connections: usize, max_queued: usize, metrics: Arc<Metrics>) -> Self {
+        SessionRegistry {
+            sessions: Mutex::new(HashMap::new()),
+            connections: Arc::new(AtomicUsize::new(0)),
+            max_connections,
+            next_id: AtomicU64::new(1),
+            max_queued,
+            metrics,
+        }
+    }
+
+    /// Counts a new connection. The permit says whether it is admitted.
+    pub fn admit(&self) -> ConnectionPermit {
+        let before = self.connections.fetch_add(1, Ordering::AcqRel);
+        ConnectionPermit {
+            connections: Arc::clone(&self.connections),
+            id: self.next_id(),
+            admitted: before < self.max_connections,
+        }
+    }
+
+    /// Open connections, refused ones still closing included.
+    pub fn connection_count(&self) -> usize {
+        self.connections.load(Ordering::Acquire)
+    }
+
+    /// Sessions that exist, online or not.
+    pub fn session_count(&self) -> usize {
+        self.sessions.lock().len()
+    }
+
+    /// The session of a client id, if any.
+    pub fn get(&self, client_id: &str) -> Option<Arc<Session>> {
+        self.sessions.lock().get(client_id).cloned()
+    }
+
+    /// All sessions (for shutdown and inspection).
+    pub fn all(&self) -> Vec<Arc<Session>> {
+        self.sessions.lock().values().cloned().collect()
+    }
+
+    /// A fresh unique id (for sessions and connections).
+    pub fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Finds or creates the session for `client_id`, closing any connection
+    /// attached to an existing one. `on_replace` runs under the registry lock
+    /// for a session that is ended (so that removing its subscriptions cannot
+    /// race with a new session subscribing under the same id).
+    pub fn open(
+        &self,
+        client_id: &str,
+        clean_start: bool,
+        on_replace: impl FnOnce(&Arc<Session>),
+    ) -> Opened {
+        let mut sessions = self.sessions.lock();
+        if let Some(existing) = sessions.get(client_id) {
+            if existing.is_online() {
+                Metrics::inc(&self.metrics.session_takeovers);
+                existing.kick(ReasonCode::SessionTakenOver);
+            }
+            if !clean_start && !existing.is_ended() {
+                return Opened {
+                    session: Arc::clone(existing),
+                    session_present: true,
+                    replaced: None,
+                };
+            }
+        }
+        let client_id: Arc<str> = Arc::from(client_id);
+        let session = Arc::new(Session::new(
+            self.next_id(),
+            Arc::clone(&client_id),
+            self.max_queued,
+            Arc::clone(&self.metrics),
+        ));
+        let replaced = sessions
+            .insert(client_id, Arc::clone(&session))
+            .map(|old| {
+                let will = old.end();
+                on_replace(&old);
+                (old, will)
+            });
+        Opened {
+            session,
+            session_present: false,
+            replaced,
+        }
+    }
+
+    /// Ends `session` if it is still the registered one for its client id and
+    /// `still_valid` agrees (checked under the registry lock, so a reconnect
+    /// cannot slip in between). `on_end` runs under the lock for cleanup.
+    /// Returns the pending will to publish, if the session was ended.
+    pub fn end_if(
+        &self,
+        session: &Arc<Session>,
+        still_valid: impl FnOnce(&Session) -> bool,
+        on_end: impl FnOnce(&Arc<Session>),
+    ) -> Option<Option<PendingWill>> {
+        let mut sessions = self.sessions.lock();
+        match sessions.get(&session.client_id) {
+            Some(current) if Arc::ptr_eq(current, session) && still_valid(session) => {
+                sessions.remove(&session.client_id);
+                let will = session.end();
+                on_end(session);
+                Some(will)
+            }
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,126 @@
+//! Listeners and the server's lifetime: bind, accept, shut down gracefully.
+//!
+//! [`Server::start`] binds every configured listener before it returns (so a
+//! caller, a test for instance, can read the real addresses when it asked for
+//! port 0) and spawns one accept loop per listener. [`Server::shutdown`] stops
+//! accepting, tells every connection to close (MQTT 5 clients receive
+//! DISCONNECT 0x8B "server shutting down"), and waits until the registry
+//! counts no connection, bounded by [`SHUTDOWN_GRACE`].
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use crate::broker::Broker;
+use crate::config::Config;
+use crate::connection;
+
+/// Longest a graceful shutdown waits for connections to flush and close.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Pause after an accept error (for example, out of file descriptors) so a
+/// persistent error does not spin the accept loop.
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A running broker.
+pub struct Server {
+    broker: Arc<Broker>,
+    tcp_addrs: Vec<SocketAddr>,
+    accept_tasks: Vec<JoinHandle<()>>,
+}
+
+impl Server {
+    /// Binds the listeners and starts accepting connections. Must be called
+    /// inside a tokio runtime.
+    pub async fn start(config: Config) -> Result<Server, StartError> {
+        let broker = Broker::new(config);
+        let mut tcp_addrs = Vec::new();
+        let mut accept_tasks = Vec::new();
+        for &addr in &broker.config.listeners.tcp {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Bind { addr, source })?;
+            let local = listener.local_addr().unwrap_or(addr);
+            tracing::info!(addr = %local, "MQTT/TCP listener ready");
+            tcp_addrs.push(local);
+            accept_tasks.push(tokio::spawn(accept_loop(Arc::clone(&broker), listener)));
+        }
+        Ok(Server {
+            broker,
+            tcp_addrs,
+            accept_tasks,
+        })
+    }
+
+    /// The bound MQTT/TCP addresses, in configuration order.
+    pub fn tcp_addrs(&self) -> &[SocketAddr] {
+        &self.tcp_addrs
+    }
+
+    /// The shared broker state (for inspection and tests).
+    pub fn broker(&self) -> &Arc<Broker> {
+        &self.broker
+    }
+
+    /// Stops accepting, closes every connection, and waits for them to go.
+    pub async fn shutdown(self) {
+        self.broker.begin_shutdown();
+        for task in &self.accept_tasks {
+            task.abort();
+        }
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+        while self.broker.registry.connection_count() > 0
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let left = self.broker.registry.connection_count();
+        if left > 0 {
+            tracing::warn!(connections = left, "shutdown grace period over; closing anyway");
+        }
+        tracing::info!("broker stopped");
+    }
+}
+
+async fn accept_loop(broker: Arc<Broker>, listener: TcpListener) {
+    let mut shutdown = broker.shutdown_signal();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    tokio::spawn(connection::serve(Arc::clone(&broker), stream, peer));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+                }
+            },
+            () = shutdown_requested(&mut shutdown) => return,
+        }
+    }
+}
+
+/// Resolves once the broker's shutdown signal is raised (or its sender is gone).
+pub(crate) async fn shutdown_requested(signal: &mut tokio::sync::watch::Receiver<bool>) {
+    loop {
+        if *signal.borrow_and_update() {
+            return;
+        }
+        if signal.changed().await.is_err() {
+            return;
+        }
+    }
+}

@@ -1,0 +1,534 @@
+//! A session: the state the MQTT specification says outlives a network
+//! connection, and the queue of what the broker still has to send.
+//!
+//! A [`Session`] is created by the [`SessionRegistry`](crate::registry) when a
+//! client connects with a client identifier it does not know (or with clean
+//! start), and lives until its expiry interval runs out after the last
+//! connection closed. While a connection is attached, it owns a [`Link`]:
+//! the outbound queue its writer drains.
+//!
+//! # Flows
+//!
+//! - Outgoing QoS 0 goes straight to the outbound queue (dropped and counted
+//!   when that queue is full, or when the client is offline).
+//! - Outgoing QoS 1/2 takes a packet identifier and a place in the in-flight
+//!   window (the smaller of our `max_inflight` and the client's Receive
+//!   Maximum); when the window is full or the client is offline it waits in
+//!   `pending`, in order, bounded by `max_queued_messages`. Acknowledgements
+//!   free the window and pull the next pending message.
+//! - On reconnect with the session resumed, every unacknowledged PUBLISH is
+//!   sent again with DUP set and every PUBREL is sent again, before anything new.
+//! - Incoming QoS 2 packet identifiers are remembered until PUBREL, so a
+//!   retransmitted PUBLISH is acknowledged but not routed twice.
+//!
+//! # Locking
+//!
+//! One `parking_lot::Mutex` per session guards all of its state. It is held
+//! only for short, non-blocking bookkeeping: never across an `.await`, never
+//! while taking the registry or router locks (lock order: registry, then
+//! router or session; a session lock is always the innermost).
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use parking_lot::Mutex;
+use smallvec::SmallVec;
+use tern_codec::{Packet, ProtocolVersion, QoS, ReasonCode, Will};
+use tokio::sync::Notify;
+
+use crate::message::Message;
+use crate::metrics::Metrics;
+
+/// Subscription identifiers carried by one delivery (usually none or one).
+pub type SubscriptionIds = SmallVec<[u32; 2]>;
+
+/// One PUBLISH to write to a subscriber.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub message: Arc<Message>,
+    pub qos: QoS,
+    pub retain: bool,
+    pub dup: bool,
+    pub packet_id: Option<u16>,
+    pub subscription_ids: SubscriptionIds,
+}
+
+/// An item in a connection's outbound queue.
+#[derive(Debug)]
+pub enum Outbound {
+    /// A PUBLISH (the payload is written from the shared message).
+    Publish(Delivery),
+    /// Any other packet (acknowledgements, CONNACK, SUBACK, PINGRESP ...).
+    Control(Packet),
+}
+
+/// Signals shared by a connection's reader, its writer and whoever needs to
+/// close it (a takeover, shutdown).
+#[derive(Debug, Default)]
+pub struct ConnectionControl {
+    /// Woken when the outbound queue has something new.
+    pub wake_writer: Notify,
+    /// Woken when the connection must close.
+    pub wake_reader: Notify,
+    /// Set once the connection is closing; the reason goes in the final
+    /// DISCONNECT for MQTT 5 clients.
+    closing: AtomicBool,
+    close_reason: Mutex<Option<ReasonCode>>,
+}
+
+impl ConnectionControl {
+    /// Asks the connection to close; the first reason given wins.
+    pub fn close(&self, reason: Option<ReasonCode>) {
+        {
+            let mut r = self.close_reason.lock();
+            if !self.closing.swap(true, Ordering::AcqRel) {
+                *r = reason;
+            }
+        }
+        self.wake_reader.notify_one();
+        self.wake_writer.notify_one();
+    }
+
+    /// True once [`close`](Self::close) was called.
+    pub fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::Acquire)
+    }
+
+    /// The reason given to [`close`](Self::close).
+    pub fn close_reason(&self) -> Option<ReasonCode> {
+        *self.close_reason.lock()
+    }
+}
+
+/// The attachment of a live connection to a session.
+#[derive(Debug)]
+struct Link {
+    connection_id: u64,
+    control: Arc<ConnectionControl>,
+    outbound: VecDeque<Outbound>,
+}
+
+/// How a QoS 1/2 message waits for acknowledgement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum InflightState {
+    /// QoS 1 sent, waiting for PUBACK; or QoS 2 sent, waiting for PUBREC.
+    AwaitingAck,
+    /// QoS 2 PUBREL sent, waiting for PUBCOMP.
+    AwaitingComp,
+}
+
+#[derive(Debug)]
+struct Inflight {
+    packet_id: u16,
+    delivery: Delivery,
+    state: InflightState,
+}
+
+/// A will waiting for its delay (or the end of its session) to pass.
+#[derive(Debug, Clone)]
+pub struct PendingWill {
+    pub will: Will,
+    pub publish_at: Instant,
+}
+
+/// Parameters of the connection being attached.
+#[derive(Debug, Clone, Copy)]
+pub struct AttachParams {
+    pub connection_id: u64,
+    pub protocol: ProtocolVersion,
+    /// The in-flight window: min(max_inflight, client's Receive Maximum).
+    pub send_quota: u16,
+    /// Session expiry interval in seconds (0: ends with the connection).
+    pub expiry_interval: u32,
+}
+
+struct SessionState {
+    link: Option<Link>,
+    /// Incremented by every attach; lets delayed work notice a reconnect.
+    generation: u64,
+    protocol: ProtocolVersion,
+    expiry_interval: u32,
+    send_quota: u16,
+    inflight: VecDeque<Inflight>,
+    pending: VecDeque<Delivery>,
+    incoming_qos2: HashSet<u16>,
+    next_packet_id: u16,
+    pending_will: Option<PendingWill>,
+    ended: bool,
+}
+
+/// One client's session. See the module documentation.
+pub struct Session {
+    /// Unique per session object (a new clean session gets a new id).
+    pub id: u64,
+    pub client_id: Arc<str>,
+    max_queued: usize,
+    metrics: Arc<Metrics>,
+    state: Mutex<SessionState>,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("id", &self.id)
+            .field("client_id", &self.client_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Session {
+    /// A new, unattached session.
+    pub fn new(id: u64, client_id: Arc<str>, max_queued: usize, metrics: Arc<Metrics>) -> Session {
+        Session {
+            id,
+            client_id,
+            max_queued,
+            metrics,
+            state: Mutex::new(SessionState {
+                link: None,
+                generation: 0,
+                protocol: ProtocolVersion::V311,
+                expiry_interval: 0,
+                send_quota: 1,
+                inflight: VecDeque::new(),
+                pending: VecDeque::new(),
+                incoming_qos2: HashSet::new(),
+                next_packet_id: 1,
+                pending_will: None,
+                ended: false,
+            }),
+        }
+    }
+
+    /// Attaches a connection. When the session is resumed, queues the
+    /// retransmissions (DUP PUBLISH, PUBREL) and then whatever was pending.
+    /// Cancels a pending will (the client came back in time). Returns the new
+    /// generation.
+    pub fn attach(&self, params: AttachParams, control: Arc<ConnectionControl>) -> u64 {
+        let mut st = self.state.lock();
+        st.generation += 1;
+        st.protocol = params.protocol;
+        st.expiry_interval = params.expiry_interval;
+        st.send_quota = params.send_quota.max(1);
+        st.pending_will = None;
+        let mut outbound = VecDeque::new();
+        let now = Instant::now();
+        for inflight in &mut st.inflight {
+            match inflight.state {
+                InflightState::AwaitingAck => {
+                    let mut d = inflight.delivery.clone();
+                    d.dup = true;
+                    inflight.delivery.dup = true;
+                    outbound.push_back(Outbound::Publish(d));
+                }
+                InflightState::AwaitingComp => {
+                    outbound.push_back(Outbound::Control(Packet::PubRel(
+                        tern_codec::PubAck::new(inflight.packet_id),
+                    )));
+                }
+            }
+        }
+        st.link = Some(Link {
+            connection_id: params.connection_id,
+            control,
+            outbound,
+        });
+        self.fill_window(&mut st, now);
+        if let Some(link) = &st.link {
+            link.control.wake_writer.notify_one();
+        }
+        st.generation
+    }
+
+    /// Detaches `connection_id` if it is still the attached connection and
+    /// returns true; false when another connection took the session over.
+    pub fn detach(&self, connection_id: u64) -> bool {
+        let mut st = self.state.lock();
+        match &st.link {
+            Some(link) if link.connection_id == connection_id => {
+                st.link = None;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Closes the attached connection, if any, with this reason.
+    pub fn kick(&self, reason: ReasonCode) {
+        let st = self.state.lock();
+        if let Some(link) = &st.link {
+            link.control.close(Some(reason));
+        }
+    }
+
+    /// True while a connection is attached.
+    pub fn is_online(&self) -> bool {
+        self.state.lock().link.is_some()
+    }
+
+    /// The current attach generation.
+    pub fn generation(&self) -> u64 {
+        self.state.lock().generation
+    }
+
+    /// The protocol version of the last connection.
+    pub fn protocol(&self) -> ProtocolVersion {
+        self.state.lock().protocol
+    }
+
+    /// The session expiry interval in seconds.
+    pub fn expiry_interval(&self) -> u32 {
+        self.state.lock().expiry_interval
+    }
+
+    /// Changes the session expiry interval (MQTT 5 DISCONNECT may do that).
+    pub fn set_expiry_interval(&self, secs: u32) {
+        self.state.lock().expiry_interval = secs;
+    }
+
+    /// Marks the session ended: nothing more is queued for it, and its
+    /// pending will (if any) is handed back to be published now.
+    pub fn end(&self) -> Option<PendingWill> {
+        let mut st = self.state.lock();
+        st.ended = true;
+        st.pending.clear();
+        st.inflight.clear();
+        st.pending_will.take()
+    }
+
+    /// True once [`end`](Self::end) ran.
+    pub fn is_ended(&self) -> bool {
+        self.state.lock().ended
+    }
+
+    /// Stores a will to publish later, unless the session is attached again
+    /// before then.
+    pub fn set_pending_will(&self, will: PendingWill) {
+        self.state.lock().pending_will = Some(will);
+    }
+
+    /// Takes the pending will if `generation` is still current (no reconnect).
+    pub fn take_pending_will(&self, generation: u64) -> Option<PendingWill> {
+        let mut st = self.state.lock();
+        if st.generation == generation && st.link.is_none() {
+            st.pending_will.take()
+        } else {
+            None
+        }
+    }
+
+    /// Queues a control packet for the attached connection (`connection_id`).
+    /// Returns false if that connection is no longer attached.
+    pub fn send_control(&self, connection_id: u64, packet: Packet) -> bool {
+        let mut st = self.state.lock();
+        match &mut st.link {
+            Some(link) if link.connection_id == connection_id => {
+                link.outbound.push_back(Outbound::Control(packet));
+                link.control.wake_writer.notify_one();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Hands a message to this session at the given QoS (already downgraded to
+    /// the subscription's maximum).
+    pub fn deliver(
+        &self,
+        message: &Arc<Message>,
+        qos: QoS,
+        retain: bool,
+        subscription_ids: SubscriptionIds,
+    ) {
+        let mut st = self.state.lock();
+        if st.ended {
+            return;
+        }
+        let delivery = Delivery {
+            message: Arc::clone(message),
+            qos,
+            retain,
+            dup: false,
+            packet_id: None,
+            subscription_ids,
+        };
+        if qos == QoS::AtMostOnce {
+            match &mut st.link {
+                Some(link) if link.outbound.len() < self.max_queued => {
+                    link.outbound.push_back(Outbound::Publish(delivery));
+                    link.control.wake_writer.notify_one();
+                }
+                // Offline clients do not get QoS 0 messages queued.
+                Some(_) => Metrics::inc(&self.metrics.messages_dropped_qos0),
+                None => {}
+            }
+            return;
+        }
+        let window_open = st.link.is_some()
+            && st.pending.is_empty()
+            && st.inflight.len() < usize::from(st.send_quota);
+        if window_open {
+            self.send_inflight(&mut st, delivery);
+        } else if st.pending.len() < self.max_queued {
+            st.pending.push_back(delivery);
+        } else {
+            Metrics::inc(&self.metrics.messages_dropped_queue_full);
+        }
+    }
+
+    /// PUBACK received. Returns false if no QoS 1 message waited for it.
+    pub fn puback(&self, packet_id: u16) -> bool {
+        let mut st = self.state.lock();
+        let found = match position(&st.inflight, packet_id) {
+            Some(i) if st.inflight[i].delivery.qos == QoS::AtLeastOnce => {
+                st.inflight.remove(i);
+                true
+            }
+            _ => false,
+        };
+        if found {
+            self.fill_window(&mut st, Instant::now());
+        }
+        found
+    }
+
+    /// PUBREC received with this reason code. Returns the PUBREL to send, or
+    /// `None` when the PUBREC reported an error (the message is then done).
+    pub fn pubrec(&self, packet_id: u16, code: ReasonCode) -> Option<Packet> {
+        let mut st = self.state.lock();
+        let index = position(&st.inflight, packet_id);
+        match index {
+            Some(i) if st.inflight[i].delivery.qos == QoS::ExactlyOnce => {
+                if code.is_success() {
+                    st.inflight[i].state = InflightState::AwaitingComp;
+                    Some(Packet::PubRel(tern_codec::PubAck::new(packet_id)))
+                } else {
+                    st.inflight.remove(i);
+                    self.fill_window(&mut st, Instant::now());
+                    None
+                }
+            }
+            _ => Some(Packet::PubRel(tern_codec::PubAck {
+                packet_id,
+                code: ReasonCode::PacketIdentifierNotFound,
+                ..Default::default()
+            })),
+        }
+    }
+
+    /// PUBCOMP received. Returns false if no PUBREL waited for it.
+    pub fn pubcomp(&self, packet_id: u16) -> bool {
+        let mut st = self.state.lock();
+        let found = match position(&st.inflight, packet_id) {
+            Some(i) if st.inflight[i].state == InflightState::AwaitingComp => {
+                st.inflight.remove(i);
+                true
+            }
+            _ => false,
+        };
+        if found {
+            self.fill_window(&mut st, Instant::now());
+        }
+        found
+    }
+
+    /// Forgets an in-flight message that will never be sent (it exceeded the
+    /// client's Maximum Packet Size): the spec says to act as if it completed.
+    pub fn discard_inflight(&self, packet_id: Option<u16>) {
+        let Some(packet_id) = packet_id else {
+            return;
+        };
+        let mut st = self.state.lock();
+        if let Some(i) = position(&st.inflight, packet_id) {
+            st.inflight.remove(i);
+            self.fill_window(&mut st, Instant::now());
+        }
+    }
+
+    /// An incoming QoS 2 PUBLISH: returns true the first time `packet_id` is
+    /// seen (route it), false for a retransmission before PUBREL (do not).
+    /// `limit` bounds the number of open QoS 2 flows; `Err` when exceeded.
+    pub fn incoming_qos2(&self, packet_id: u16, limit: u16) -> Result<bool, ()> {
+        let mut st = self.state.lock();
+        if st.incoming_qos2.contains(&packet_id) {
+            return Ok(false);
+        }
+        if st.incoming_qos2.len() >= usize::from(limit) {
+            return Err(());
+        }
+        st.incoming_qos2.insert(packet_id);
+        Ok(true)
+    }
+
+    /// PUBREL received: forgets the packet id. Returns false if it was unknown.
+    pub fn pubrel(&self, packet_id: u16) -> bool {
+        self.state.lock().incoming_qos2.remove(&packet_id)
+    }
+
+    /// Moves everything queued for `connection_id` into `out`. Returns false
+    /// when that connection is no longer attached (taken over or detached).
+    pub fn drain_outbound(&self, connection_id: u64, out: &mut Vec<Outbound>) -> bool {
+        let mut st = self.state.lock();
+        match &mut st.link {
+            Some(link) if link.connection_id == connection_id => {
+                out.extend(link.outbound.drain(..));
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Number of messages waiting in this session (pending + in flight).
+    pub fn queued_len(&self) -> (usize, usize) {
+        let st = self.state.lock();
+        (st.pending.len(), st.inflight.len())
+    }
+
+    fn send_inflight(&self, st: &mut SessionState, mut delivery: Delivery) {
+        let packet_id = next_packet_id(st);
+        delivery.packet_id = Some(packet_id);
+        if let Some(link) = &mut st.link {
+            link.outbound.push_back(Outbound::Publish(delivery.clone()));
+            link.control.wake_writer.notify_one();
+        }
+        st.inflight.push_back(Inflight {
+            packet_id,
+            delivery,
+            state: InflightState::AwaitingAck,
+        });
+    }
+
+    /// Moves pending messages into the in-flight window while it has room.
+    fn fill_window(&self, st: &mut SessionState, now: Instant) {
+        if st.link.is_none() {
+            return;
+        }
+        while st.inflight.len() < usize::from(st.send_quota) {
+            let Some(delivery) = st.pending.pop_front() else {
+                break;
+            };
+            if delivery.message.is_expired(now) {
+                Metrics::inc(&self.metrics.messages_expired);
+                continue;
+            }
+            self.send_inflight(st, delivery);
+        }
+    }
+}
+
+fn position(inflight: &VecDeque<Inflight>, packet_id: u16) -> Option<usize> {
+    inflight.iter().position(|i| i.packet_id == packet_id)
+}
+
+/// The next packet identifier not in use by an in-flight message.
+fn next_packet_id(st: &mut SessionState) -> u16 {
+    loop {
+        let id = st.next_packet_id;
+        st.next_packet_id = st.next_packet_id.checked_add(1).unwrap_or(1);
+        if id != 0 && position(&st.inflight, id).is_none() {
+            return id;
+        }
+    }
+}
