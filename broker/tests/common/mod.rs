@@ -1,0 +1,214 @@
+//! Test support: an in-process broker on an ephemeral port, and a raw MQTT
+//! client for byte-level checks (it frames packets with tern-codec, but every
+//! assertion is about what travels on the socket).
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tern::{Config, Server};
+use tern_codec::properties::ConnectProperties;
+use tern_codec::{
+    decode_packet, encode_packet, ConnAck, Connect, Packet, ProtocolVersion, PubAck, Publish, QoS,
+    Subscribe, SubscribeFilter,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Longest any single expectation waits.
+pub const WAIT: Duration = Duration::from_secs(5);
+
+/// Starts a broker on 127.0.0.1:0 with the defaults, adjusted by `adjust`.
+pub async fn start(adjust: impl FnOnce(&mut Config)) -> Server {
+    let mut config = Config::default();
+    config.listeners.tcp = vec!["127.0.0.1:0".parse().unwrap()];
+    adjust(&mut config);
+    Server::start(config).await.expect("broker starts")
+}
+
+/// The first TCP address of a server.
+pub fn addr(server: &Server) -> SocketAddr {
+    server.tcp_addrs()[0]
+}
+
+/// Waits until `cond` holds, polling; panics with `what` after [`WAIT`].
+pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !cond() {
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A CONNECT with the given id and version, clean start, keep alive 60.
+pub fn connect_packet(client_id: &str, protocol: ProtocolVersion) -> Connect {
+    Connect {
+        protocol,
+        clean_start: true,
+        keep_alive: 60,
+        client_id: Bytes::copy_from_slice(client_id.as_bytes()),
+        will: None,
+        username: None,
+        password: None,
+        properties: ConnectProperties::default(),
+    }
+}
+
+/// A SUBSCRIBE for one filter.
+pub fn subscribe_packet(packet_id: u16, filter: &str, qos: QoS) -> Packet {
+    Packet::Subscribe(Subscribe {
+        packet_id,
+        filters: vec![SubscribeFilter {
+            filter: Bytes::copy_from_slice(filter.as_bytes()),
+            qos,
+            no_local: false,
+            retain_as_published: false,
+            retain_handling: Default::default(),
+        }],
+        properties: Default::default(),
+    })
+}
+
+/// A PUBLISH.
+pub fn publish_packet(topic: &str, payload: &[u8], qos: QoS, packet_id: Option<u16>) -> Packet {
+    Packet::Publish(Publish {
+        dup: false,
+        qos,
+        retain: false,
+        topic: Bytes::copy_from_slice(topic.as_bytes()),
+        packet_id,
+        properties: Default::default(),
+        payload: Bytes::copy_from_slice(payload),
+    })
+}
+
+/// A raw MQTT connection.
+pub struct RawClient {
+    pub stream: TcpStream,
+    pub buf: BytesMut,
+    pub protocol: ProtocolVersion,
+}
+
+impl RawClient {
+    /// Opens a TCP connection without sending anything.
+    pub async fn open(addr: SocketAddr, protocol: ProtocolVersion) -> RawClient {
+        RawClient {
+            stream: TcpStream::connect(addr).await.expect("tcp connect"),
+            buf: BytesMut::new(),
+            protocol,
+        }
+    }
+
+    /// Opens, sends CONNECT and returns the CONNACK.
+    pub async fn connect(addr: SocketAddr, connect: Connect) -> (RawClient, ConnAck) {
+        let mut c = RawClient::open(addr, connect.protocol).await;
+        c.send(Packet::Connect(Box::new(connect))).await;
+        match c.recv().await {
+            Some(Packet::ConnAck(ack)) => (c, ack),
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+    }
+
+    /// Connects with a plain CONNECT and asserts success.
+    pub async fn connected(addr: SocketAddr, client_id: &str, protocol: ProtocolVersion) -> RawClient {
+        let (c, ack) = RawClient::connect(addr, connect_packet(client_id, protocol)).await;
+        assert_eq!(ack.code, tern_codec::ReasonCode::Success);
+        c
+    }
+
+    pub async fn send(&mut self, packet: Packet) {
+        let mut out = BytesMut::new();
+        encode_packet(&packet, self.protocol, &mut out).expect("encodes");
+        self.send_bytes(&out).await;
+    }
+
+    pub async fn send_bytes(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.expect("write");
+    }
+
+    /// The next packet, or `None` when the broker closed the connection.
+    /// Panics if nothing arrives within [`WAIT`].
+    pub async fn recv(&mut self) -> Option<Packet> {
+        self.recv_within(WAIT).await.expect("a packet or close within the wait")
+    }
+
+    /// `Err(())` when nothing arrived in `wait`.
+    pub async fn recv_within(&mut self, wait: Duration) -> Result<Option<Packet>, ()> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            if let Some(p) = decode_packet(&mut self.buf, self.protocol, 1 << 28).expect("broker sent a valid packet") {
+                return Ok(Some(p));
+            }
+            let read = tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.buf)).await;
+            match read {
+                Err(_) => return Err(()),
+                Ok(Ok(0)) | Ok(Err(_)) => return Ok(None),
+                Ok(Ok(_)) => {}
+            }
+        }
+    }
+
+    /// Asserts that nothing arrives for `wait`.
+    pub async fn expect_silence(&mut self, wait: Duration) {
+        if let Ok(p) = self.recv_within(wait).await {
+            panic!("expected nothing, got {p:?}");
+        }
+    }
+
+    /// Next PUBLISH (skipping nothing: anything else is a failure).
+    pub async fn recv_publish(&mut self) -> Publish {
+        match self.recv().await {
+            Some(Packet::Publish(p)) => p,
+            other => panic!("expected PUBLISH, got {other:?}"),
+        }
+    }
+
+    /// Subscribes and returns the SUBACK codes.
+    pub async fn subscribe(&mut self, filter: &str, qos: QoS) -> Vec<tern_codec::ReasonCode> {
+        self.send(subscribe_packet(1, filter, qos)).await;
+        match self.recv().await {
+            Some(Packet::SubAck(ack)) => ack.codes,
+            other => panic!("expected SUBACK, got {other:?}"),
+        }
+    }
+
+    /// Publishes and waits for the acknowledgement flow to complete.
+    pub async fn publish(&mut self, topic: &str, payload: &[u8], qos: QoS, packet_id: u16) {
+        let id = (qos != QoS::AtMostOnce).then_some(packet_id);
+        self.send(publish_packet(topic, payload, qos, id)).await;
+        match qos {
+            QoS::AtMostOnce => {}
+            QoS::AtLeastOnce => match self.recv().await {
+                Some(Packet::PubAck(a)) => assert_eq!(a.packet_id, packet_id),
+                other => panic!("expected PUBACK, got {other:?}"),
+            },
+            QoS::ExactlyOnce => {
+                match self.recv().await {
+                    Some(Packet::PubRec(a)) => assert_eq!(a.packet_id, packet_id),
+                    other => panic!("expected PUBREC, got {other:?}"),
+                }
+                self.send(Packet::PubRel(PubAck::new(packet_id))).await;
+                match self.recv().await {
+                    Some(Packet::PubComp(a)) => assert_eq!(a.packet_id, packet_id),
+                    other => panic!("expected PUBCOMP, got {other:?}"),
+                }
+            }
+        }
+    }
+
+    /// Waits until the broker closes the connection (draining packets);
+    /// returns what arrived before the close.
+    pub async fn expect_closed(&mut self) -> Vec<Packet> {
+        let mut seen = Vec::new();
+        loop {
+            match self.recv().await {
+                Some(p) => seen.push(p),
+                None => return seen,
+            }
+        }
+    }
+}

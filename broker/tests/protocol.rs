@@ -1,0 +1,540 @@
+//! Byte-level protocol behaviour: what the broker puts on the wire for the
+//! cases a client library would not let us express.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use tern_codec::properties::{ConnectProperties, WillProperties};
+use tern_codec::{Packet, ProtocolVersion, PubAck, QoS, ReasonCode, Will};
+
+const V5: ProtocolVersion = ProtocolVersion::V5;
+const V311: ProtocolVersion = ProtocolVersion::V311;
+
+#[tokio::test]
+async fn connack_bytes_for_311_and_assigned_id_for_v5() {
+    let server = start(|_| {}).await;
+    let mut c = RawClient::open(addr(&server), V311).await;
+    // CONNECT 3.1.1, clean session, keep alive 60, client id "a".
+    c.send_bytes(&[0x10, 0x0D, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60, 0, 1, b'a'])
+        .await;
+    let mut raw = [0u8; 4];
+    tokio::io::AsyncReadExt::read_exact(&mut c.stream, &mut raw).await.unwrap();
+    assert_eq!(raw, [0x20, 0x02, 0x00, 0x00]);
+
+    let (_c, ack) = RawClient::connect(addr(&server), connect_packet("", V5)).await;
+    assert_eq!(ack.code, ReasonCode::Success);
+    let assigned = ack.properties.assigned_client_identifier.expect("assigned id");
+    assert!(!assigned.is_empty());
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn mqtt31_connects_and_empty_id_without_clean_session_is_refused() {
+    let server = start(|_| {}).await;
+    let mut c = RawClient::connected(addr(&server), "old-client", ProtocolVersion::V31).await;
+    assert_eq!(c.subscribe("x", QoS::AtLeastOnce).await, vec![ReasonCode::GrantedQoS1]);
+
+    let mut connect = connect_packet("", V311);
+    connect.clean_start = false;
+    let (mut c, ack) = RawClient::connect(addr(&server), connect).await;
+    assert_eq!(ack.code, ReasonCode::ClientIdentifierNotValid);
+    assert!(c.expect_closed().await.is_empty());
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn unsupported_protocol_level_gets_connack_1() {
+    let server = start(|_| {}).await;
+    let mut c = RawClient::open(addr(&server), V311).await;
+    c.send_bytes(&[0x10, 0x0D, 0, 4, b'M', b'Q', b'T', b'T', 9, 0x02, 0, 60, 0, 1, b'a'])
+        .await;
+    let mut raw = Vec::new();
+    tokio::io::AsyncReadExt::read_to_end(&mut c.stream, &mut raw).await.unwrap();
+    assert_eq!(raw, vec![0x20, 0x02, 0x00, 0x01]);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn first_packet_must_be_connect() {
+    let server = start(|_| {}).await;
+    let mut c = RawClient::open(addr(&server), V311).await;
+    c.send_bytes(&[0xC0, 0x00]).await; // PINGREQ
+    assert!(c.expect_closed().await.is_empty());
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn connect_timeout_closes_silent_connection() {
+    let server = start(|c| c.limits.connect_timeout_secs = 1).await;
+    let mut c = RawClient::open(addr(&server), V311).await;
+    let started = std::time::Instant::now();
+    assert!(c.expect_closed().await.is_empty());
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    let metrics = &server.broker().metrics;
+    assert_eq!(metrics.connect_timeouts.load(Ordering::Relaxed), 1);
+    eventually("connection uncounted", || server.broker().registry.connection_count() == 0).await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn malformed_packet_closes_only_that_connection() {
+    let server = start(|_| {}).await;
+    let mut sub = RawClient::connected(addr(&server), "sub", V5).await;
+    sub.subscribe("t", QoS::AtMostOnce).await;
+
+    let mut bad = RawClient::connected(addr(&server), "bad", V5).await;
+    // PUBLISH QoS 0 with DUP set: malformed (MQTT-3.3.1-2).
+    bad.send_bytes(&[0x38, 0x04, 0, 1, b't', 0]).await;
+    let seen = bad.expect_closed().await;
+    assert!(
+        matches!(seen.last(), Some(Packet::Disconnect(d)) if d.code == ReasonCode::MalformedPacket),
+        "{seen:?}"
+    );
+    assert_eq!(server.broker().metrics.malformed_packets.load(Ordering::Relaxed), 1);
+
+    let mut publisher = RawClient::connected(addr(&server), "pub", V5).await;
+    publisher.publish("t", b"still serving", QoS::AtMostOnce, 0).await;
+    assert_eq!(&sub.recv_publish().await.payload[..], b"still serving");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn oversized_packet_refused_from_its_header() {
+    let server = start(|c| c.limits.max_packet_size = 1024).await;
+    let mut c = RawClient::connected(addr(&server), "big", V5).await;
+    // A PUBLISH claiming 256 MB; the body never comes.
+    c.send_bytes(&[0x30, 0xFF, 0xFF, 0xFF, 0x7F]).await;
+    let seen = c.expect_closed().await;
+    assert!(
+        matches!(seen.last(), Some(Packet::Disconnect(d)) if d.code == ReasonCode::PacketTooLarge),
+        "{seen:?}"
+    );
+    assert_eq!(server.broker().metrics.oversized_packets.load(Ordering::Relaxed), 1);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn keep_alive_timeout_publishes_will() {
+    let server = start(|_| {}).await;
+    let mut watcher = RawClient::connected(addr(&server), "watcher", V311).await;
+    watcher.subscribe("wills/#", QoS::AtLeastOnce).await;
+
+    let mut connect = connect_packet("sleepy", V311);
+    connect.keep_alive = 1;
+    connect.will = Some(Will {
+        topic: Bytes::from_static(b"wills/sleepy"),
+        payload: Bytes::from_static(b"gone"),
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        properties: WillProperties::default(),
+    });
+    let (mut sleepy, ack) = RawClient::connect(addr(&server), connect).await;
+    assert_eq!(ack.code, ReasonCode::Success);
+    // Silent for 1.5 x keep alive: closed, and the will goes out.
+    let will = watcher.recv_publish().await;
+    assert_eq!(&will.topic[..], b"wills/sleepy");
+    assert_eq!(&will.payload[..], b"gone");
+    assert!(sleepy.expect_closed().await.is_empty());
+    assert_eq!(server.broker().metrics.keepalive_timeouts.load(Ordering::Relaxed), 1);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn will_not_published_after_normal_disconnect() {
+    let server = start(|_| {}).await;
+    let mut watcher = RawClient::connected(addr(&server), "watcher", V5).await;
+    watcher.subscribe("wills/#", QoS::AtMostOnce).await;
+    for (id, normal) in [("polite", true), ("rude", false)] {
+        let mut connect = connect_packet(id, V5);
+        connect.will = Some(Will {
+            topic: Bytes::from(format!("wills/{id}")),
+            payload: Bytes::from_static(b"bye"),
+            qos: QoS::AtMostOnce,
+            retain: false,
+            properties: WillProperties::default(),
+        });
+        let (mut c, _) = RawClient::connect(addr(&server), connect).await;
+        if normal {
+            c.send(Packet::Disconnect(Default::default())).await;
+            assert!(c.expect_closed().await.is_empty());
+        } else {
+            drop(c);
+        }
+    }
+    let will = watcher.recv_publish().await;
+    assert_eq!(&will.topic[..], b"wills/rude");
+    watcher.expect_silence(Duration::from_millis(300)).await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn takeover_sends_0x8e_to_the_old_connection() {
+    let server = start(|_| {}).await;
+    let mut old = RawClient::connected(addr(&server), "same", V5).await;
+    let _new = RawClient::connected(addr(&server), "same", V5).await;
+    let seen = old.expect_closed().await;
+    assert!(
+        matches!(seen.last(), Some(Packet::Disconnect(d)) if d.code == ReasonCode::SessionTakenOver),
+        "{seen:?}"
+    );
+    assert_eq!(server.broker().registry.session_count(), 1);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn overlapping_subscriptions_deliver_one_copy_at_highest_qos() {
+    let server = start(|_| {}).await;
+    let mut sub = RawClient::connected(addr(&server), "sub", V5).await;
+    sub.subscribe("a/+", QoS::AtMostOnce).await;
+    sub.subscribe("a/#", QoS::ExactlyOnce).await;
+    sub.subscribe("a/b", QoS::AtLeastOnce).await;
+    let mut publisher = RawClient::connected(addr(&server), "pub", V5).await;
+    publisher.publish("a/b", b"once", QoS::ExactlyOnce, 7).await;
+    let p = sub.recv_publish().await;
+    assert_eq!(p.qos, QoS::ExactlyOnce);
+    assert_eq!(&p.payload[..], b"once");
+    sub.send(Packet::PubRec(PubAck::new(p.packet_id.unwrap()))).await;
+    assert!(matches!(sub.recv().await, Some(Packet::PubRel(_))));
+    sub.expect_silence(Duration::from_millis(300)).await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn qos_is_downgraded_to_the_subscription_maximum() {
+    let server = start(|_| {}).await;
+    let mut sub = RawClient::connected(addr(&server), "sub", V311).await;
+    sub.subscribe("q", QoS::AtLeastOnce).await;
+    let mut publisher = RawClient::connected(addr(&server), "pub", V311).await;
+    publisher.publish("q", b"2", QoS::ExactlyOnce, 1).await;
+    let p = sub.recv_publish().await;
+    assert_eq!(p.qos, QoS::AtLeastOnce);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn invalid_filter_refused_in_suback_connection_stays() {
+    let server = start(|_| {}).await;
+    let mut c3 = RawClient::connected(addr(&server), "c3", V311).await;
+    assert_eq!(c3.subscribe("a/#/b", QoS::AtMostOnce).await, vec![ReasonCode::UnspecifiedError]);
+    assert_eq!(c3.subscribe("ok/#", QoS::AtMostOnce).await, vec![ReasonCode::Success]);
+    let mut c5 = RawClient::connected(addr(&server), "c5", V5).await;
+    assert_eq!(c5.subscribe("a+", QoS::AtMostOnce).await, vec![ReasonCode::TopicFilterInvalid]);
+    c5.publish("ok/x", b"hi", QoS::AtLeastOnce, 3).await;
+    assert_eq!(&c3.recv_publish().await.payload[..], b"hi");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn dollar_topics_cannot_be_published_by_clients() {
+    let server = start(|_| {}).await;
+    let mut sub = RawClient::connected(addr(&server), "sub", V5).await;
+    sub.subscribe("$SYS/#", QoS::AtMostOnce).await;
+    let mut c = RawClient::connected(addr(&server), "pub", V5).await;
+    c.send(publish_packet("$SYS/fake", b"x", QoS::AtLeastOnce, Some(5))).await;
+    match c.recv().await {
+        Some(Packet::PubAck(a)) => assert_eq!(a.code, ReasonCode::NotAuthorized),
+        other => panic!("{other:?}"),
+    }
+    sub.expect_silence(Duration::from_millis(200)).await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn wildcards_do_not_match_dollar_topics() {
+    let server = start(|_| {}).await;
+    let broker = std::sync::Arc::clone(server.broker());
+    let mut sub = RawClient::connected(addr(&server), "sub", V311).await;
+    sub.subscribe("#", QoS::AtMostOnce).await;
+    let msg = tern::message::Message::new(
+        Bytes::from_static(b"$SYS/uptime"),
+        Bytes::from_static(b"1"),
+        QoS::AtMostOnce,
+        false,
+        Default::default(),
+        0,
+    );
+    broker.publish(&msg);
+    sub.expect_silence(Duration::from_millis(200)).await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn retained_set_replace_delete() {
+    let server = start(|_| {}).await;
+    let mut p = RawClient::connected(addr(&server), "pub", V311).await;
+    let retained = |payload: &'static [u8]| {
+        let mut pkt = publish_packet("r/t", payload, QoS::AtLeastOnce, Some(9));
+        if let Packet::Publish(ref mut x) = pkt {
+            x.retain = true;
+        }
+        pkt
+    };
+    p.send(retained(b"one")).await;
+    p.recv().await;
+    p.send(retained(b"two")).await;
+    p.recv().await;
+    let mut s = RawClient::connected(addr(&server), "s1", V311).await;
+    s.subscribe("r/#", QoS::AtLeastOnce).await;
+    let got = s.recv_publish().await;
+    assert!(got.retain);
+    assert_eq!(&got.payload[..], b"two");
+    s.send(Packet::PubAck(PubAck::new(got.packet_id.unwrap()))).await;
+    // A live publish with RETAIN is forwarded with RETAIN cleared (3.1.1).
+    p.send(retained(b"three")).await;
+    p.recv().await;
+    let live = s.recv_publish().await;
+    assert!(!live.retain);
+    // Empty payload deletes.
+    p.send(retained(b"")).await;
+    p.recv().await;
+    let mut s2 = RawClient::connected(addr(&server), "s2", V311).await;
+    s2.subscribe("r/#", QoS::AtLeastOnce).await;
+    s2.expect_silence(Duration::from_millis(200)).await;
+    assert!(server.broker().retained.is_empty());
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn persistent_session_queues_and_redelivers_with_dup() {
+    let server = start(|_| {}).await;
+    let mut connect = connect_packet("durable", V311);
+    connect.clean_start = false;
+    let (mut s, ack) = RawClient::connect(addr(&server), connect.clone()).await;
+    assert!(!ack.session_present);
+    s.subscribe("d/#", QoS::ExactlyOnce).await;
+    let mut p = RawClient::connected(addr(&server), "pub", V311).await;
+    p.publish("d/1", b"m1", QoS::AtLeastOnce, 1).await;
+    let first = s.recv_publish().await;
+    assert!(!first.dup);
+    drop(s); // never acknowledged
+    eventually("offline", || {
+        !server.broker().registry.get("durable").unwrap().is_online()
+    })
+    .await;
+    p.publish("d/2", b"m2", QoS::ExactlyOnce, 2).await;
+    p.publish("d/3", b"m3", QoS::AtMostOnce, 0).await; // QoS 0 is not queued offline
+
+    let (mut s, ack) = RawClient::connect(addr(&server), connect).await;
+    assert!(ack.session_present);
+    let again = s.recv_publish().await;
+    assert!(again.dup, "redelivery carries DUP");
+    assert_eq!(again.packet_id, first.packet_id);
+    assert_eq!(&again.payload[..], b"m1");
+    let queued = s.recv_publish().await;
+    assert_eq!(&queued.payload[..], b"m2");
+    assert_eq!(queued.qos, QoS::ExactlyOnce);
+    s.expect_silence(Duration::from_millis(200)).await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn incoming_qos2_retransmission_is_not_routed_twice() {
+    let server = start(|_| {}).await;
+    let mut sub = RawClient::connected(addr(&server), "sub", V311).await;
+    sub.subscribe("x", QoS::AtMostOnce).await;
+    let mut p = RawClient::connected(addr(&server), "pub", V311).await;
+    p.send(publish_packet("x", b"once", QoS::ExactlyOnce, Some(4))).await;
+    assert!(matches!(p.recv().await, Some(Packet::PubRec(_))));
+    let mut dup = publish_packet("x", b"once", QoS::ExactlyOnce, Some(4));
+    if let Packet::Publish(ref mut x) = dup {
+        x.dup = true;
+    }
+    p.send(dup).await;
+    assert!(matches!(p.recv().await, Some(Packet::PubRec(_))));
+    p.send(Packet::PubRel(PubAck::new(4))).await;
+    assert!(matches!(p.recv().await, Some(Packet::PubComp(_))));
+    assert_eq!(&sub.recv_publish().await.payload[..], b"once");
+    sub.expect_silence(Duration::from_millis(200)).await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn inflight_window_and_queue_overflow() {
+    let server = start(|c| {
+        c.limits.max_inflight = 2;
+        c.limits.max_queued_messages = 3;
+    })
+    .await;
+    let mut sub = RawClient::connected(addr(&server), "sub", V311).await;
+    sub.subscribe("w", QoS::AtLeastOnce).await;
+    let mut p = RawClient::connected(addr(&server), "pub", V311).await;
+    for i in 0..8u16 {
+        p.publish("w", format!("{i}").as_bytes(), QoS::AtLeastOnce, i + 1).await;
+    }
+    // Two in flight, three queued, three dropped.
+    let a = sub.recv_publish().await;
+    let b = sub.recv_publish().await;
+    sub.expect_silence(Duration::from_millis(200)).await;
+    let dropped = server.broker().metrics.messages_dropped_queue_full.load(Ordering::Relaxed);
+    assert_eq!(dropped, 3);
+    let mut got = vec![a.payload.clone(), b.payload.clone()];
+    sub.send(Packet::PubAck(PubAck::new(a.packet_id.unwrap()))).await;
+    sub.send(Packet::PubAck(PubAck::new(b.packet_id.unwrap()))).await;
+    for _ in 0..3 {
+        let m = sub.recv_publish().await;
+        sub.send(Packet::PubAck(PubAck::new(m.packet_id.unwrap()))).await;
+        got.push(m.payload);
+    }
+    let got: Vec<&[u8]> = got.iter().map(|b| &b[..]).collect();
+    assert_eq!(got, vec![&b"0"[..], b"1", b"2", b"3", b"4"], "order preserved");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn shared_subscription_round_robin() {
+    let server = start(|_| {}).await;
+    let mut a = RawClient::connected(addr(&server), "a", V5).await;
+    let mut b = RawClient::connected(addr(&server), "b", V5).await;
+    a.subscribe("$share/g/jobs/#", QoS::AtMostOnce).await;
+    b.subscribe("$share/g/jobs/#", QoS::AtMostOnce).await;
+    let mut p = RawClient::connected(addr(&server), "p", V5).await;
+    for i in 0..4 {
+        p.publish("jobs/x", format!("{i}").as_bytes(), QoS::AtMostOnce, 0).await;
+    }
+    let mut total = 0;
+    for c in [&mut a, &mut b] {
+        let mut n = 0;
+        while let Ok(Some(Packet::Publish(_))) = c.recv_within(Duration::from_millis(300)).await {
+            n += 1;
+        }
+        assert_eq!(n, 2, "each member gets half");
+        total += n;
+    }
+    assert_eq!(total, 4);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn v5_session_expiry_ends_session() {
+    let server = start(|_| {}).await;
+    let mut connect = connect_packet("brief", V5);
+    connect.clean_start = false;
+    connect.properties = ConnectProperties {
+        session_expiry_interval: Some(1),
+        ..Default::default()
+    };
+    let (mut c, _) = RawClient::connect(addr(&server), connect).await;
+    c.subscribe("e", QoS::AtLeastOnce).await;
+    assert_eq!(server.broker().router.subscription_count(), 1);
+    drop(c);
+    eventually("session expired", || {
+        server.broker().registry.session_count() == 0 && server.broker().router.subscription_count() == 0
+    })
+    .await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn v5_will_delay_cancelled_by_reconnect() {
+    let server = start(|_| {}).await;
+    let mut watcher = RawClient::connected(addr(&server), "watcher", V5).await;
+    watcher.subscribe("wills/#", QoS::AtMostOnce).await;
+    let mut connect = connect_packet("flaky", V5);
+    connect.clean_start = false;
+    connect.properties.session_expiry_interval = Some(60);
+    connect.will = Some(Will {
+        topic: Bytes::from_static(b"wills/flaky"),
+        payload: Bytes::from_static(b"gone"),
+        qos: QoS::AtMostOnce,
+        retain: false,
+        properties: WillProperties {
+            will_delay_interval: Some(1),
+            ..Default::default()
+        },
+    });
+    let (c, _) = RawClient::connect(addr(&server), connect.clone()).await;
+    drop(c);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (c, ack) = RawClient::connect(addr(&server), connect).await;
+    assert!(ack.session_present);
+    watcher.expect_silence(Duration::from_millis(1500)).await;
+    // Now go away for longer than the delay: the will fires.
+    drop(c);
+    let will = watcher.recv_publish().await;
+    assert_eq!(&will.payload[..], b"gone");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn v5_zero_session_expiry_sends_will_at_disconnect_despite_delay() {
+    let server = start(|_| {}).await;
+    let mut watcher = RawClient::connected(addr(&server), "watcher", V5).await;
+    watcher.subscribe("wills/#", QoS::AtMostOnce).await;
+    let mut connect = connect_packet("eph", V5);
+    connect.will = Some(Will {
+        topic: Bytes::from_static(b"wills/eph"),
+        payload: Bytes::from_static(b"gone"),
+        qos: QoS::AtMostOnce,
+        retain: false,
+        properties: WillProperties {
+            will_delay_interval: Some(30),
+            ..Default::default()
+        },
+    });
+    let (c, _) = RawClient::connect(addr(&server), connect).await;
+    drop(c);
+    let will = watcher.recv_within(Duration::from_secs(2)).await.expect("will before the delay");
+    assert!(matches!(will, Some(Packet::Publish(_))));
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn max_connections_refuses_with_connack() {
+    let server = start(|c| c.limits.max_connections = 1).await;
+    let _first = RawClient::connected(addr(&server), "one", V5).await;
+    let (mut second, ack) = RawClient::connect(addr(&server), connect_packet("two", V5)).await;
+    assert_eq!(ack.code, ReasonCode::ServerBusy);
+    assert!(second.expect_closed().await.is_empty());
+    eventually("refused connection uncounted", || server.broker().registry.connection_count() == 1).await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn graceful_shutdown_sends_0x8b() {
+    let server = start(|_| {}).await;
+    let mut c = RawClient::connected(addr(&server), "c", V5).await;
+    let shutdown = tokio::spawn(server.shutdown());
+    let seen = c.expect_closed().await;
+    assert!(
+        matches!(seen.last(), Some(Packet::Disconnect(d)) if d.code == ReasonCode::ServerShuttingDown),
+        "{seen:?}"
+    );
+    shutdown.await.unwrap();
+}
+
+#[tokio::test]
+async fn topic_alias_from_client() {
+    let server = start(|_| {}).await;
+    let mut sub = RawClient::connected(addr(&server), "sub", V5).await;
+    sub.subscribe("alias/t", QoS::AtMostOnce).await;
+    let mut p = RawClient::connected(addr(&server), "p", V5).await;
+    let mut first = publish_packet("alias/t", b"1", QoS::AtMostOnce, None);
+    let mut second = publish_packet("", b"2", QoS::AtMostOnce, None);
+    for pkt in [&mut first, &mut second] {
+        if let Packet::Publish(ref mut x) = pkt {
+            x.properties.topic_alias = Some(1);
+        }
+    }
+    p.send(first).await;
+    p.send(second).await;
+    assert_eq!(&sub.recv_publish().await.payload[..], b"1");
+    let two = sub.recv_publish().await;
+    assert_eq!(&two.topic[..], b"alias/t");
+    assert_eq!(&two.payload[..], b"2");
+    // An alias above the maximum is a protocol violation: 0x94.
+    let mut bad = publish_packet("alias/t", b"3", QoS::AtMostOnce, None);
+    if let Packet::Publish(ref mut x) = bad {
+        x.properties.topic_alias = Some(u16::MAX);
+    }
+    p.send(bad).await;
+    let seen = p.expect_closed().await;
+    assert!(
+        matches!(seen.last(), Some(Packet::Disconnect(d)) if d.code == ReasonCode::TopicAliasInvalid),
+        "{seen:?}"
+    );
+    server.shutdown().await;
+}
