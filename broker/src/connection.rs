@@ -712,6 +712,12 @@ impl Connection {
                 }
             }
         }
+        // A takeover with clean start may have ended this session while we
+        // subscribed: its cleanup ran first, so undo ours (the session's
+        // `ended` flag is set before its subscriptions are removed).
+        if session.is_ended() {
+            self.broker.router.remove_subscriber(&subscriber);
+        }
         self.send(Packet::SubAck(SubAck {
             packet_id: subscribe.packet_id,
             codes,

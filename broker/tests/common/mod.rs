@@ -126,6 +126,13 @@ impl RawClient {
         self.send_bytes(&out).await;
     }
 
+    /// Sends, ignoring a connection the broker already closed (for churn).
+    pub async fn try_send(&mut self, packet: Packet) -> bool {
+        let mut out = BytesMut::new();
+        encode_packet(&packet, self.protocol, &mut out).expect("encodes");
+        self.stream.write_all(&out).await.is_ok()
+    }
+
     pub async fn send_bytes(&mut self, bytes: &[u8]) {
         self.stream.write_all(bytes).await.expect("write");
     }

@@ -1,0 +1,237 @@
+//! The broker driven by rumqttc, a third-party MQTT client, over MQTT 3.1.1
+//! and 5.0.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use tokio::sync::mpsc;
+
+/// Runs a rumqttc 3.1.1 event loop in the background, forwarding incoming
+/// packets.
+fn spawn_v3(
+    client_id: &str,
+    port: u16,
+    adjust: impl FnOnce(&mut rumqttc::MqttOptions),
+) -> (rumqttc::AsyncClient, mpsc::UnboundedReceiver<rumqttc::Packet>) {
+    let mut options = rumqttc::MqttOptions::new(client_id, "127.0.0.1", port);
+    options.set_keep_alive(Duration::from_secs(30));
+    adjust(&mut options);
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 100);
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            match eventloop.poll().await {
+                Ok(rumqttc::Event::Incoming(p)) => {
+                    if tx.send(p).is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => return,
+            }
+        }
+    });
+    (client, rx)
+}
+
+/// The same for rumqttc's MQTT 5 client.
+fn spawn_v5(
+    client_id: &str,
+    port: u16,
+    adjust: impl FnOnce(&mut rumqttc::v5::MqttOptions),
+) -> (rumqttc::v5::AsyncClient, mpsc::UnboundedReceiver<rumqttc::v5::Incoming>) {
+    let mut options = rumqttc::v5::MqttOptions::new(client_id, "127.0.0.1", port);
+    options.set_keep_alive(Duration::from_secs(30));
+    adjust(&mut options);
+    let (client, mut eventloop) = rumqttc::v5::AsyncClient::new(options, 100);
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            match eventloop.poll().await {
+                Ok(rumqttc::v5::Event::Incoming(p)) => {
+                    if tx.send(p).is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => return,
+            }
+        }
+    });
+    (client, rx)
+}
+
+async fn next<T>(rx: &mut mpsc::UnboundedReceiver<T>, mut pick: impl FnMut(T) -> Option<T>) -> T {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let p = rx.recv().await.expect("event loop alive");
+            if let Some(p) = pick(p) {
+                return p;
+            }
+        }
+    })
+    .await
+    .expect("expected packet arrives")
+}
+
+async fn next_publish_v3(rx: &mut mpsc::UnboundedReceiver<rumqttc::Packet>) -> rumqttc::Publish {
+    match next(rx, |p| matches!(p, rumqttc::Packet::Publish(_)).then_some(p)).await {
+        rumqttc::Packet::Publish(p) => p,
+        _ => unreachable!(),
+    }
+}
+
+async fn next_publish_v5(
+    rx: &mut mpsc::UnboundedReceiver<rumqttc::v5::Incoming>,
+) -> rumqttc::v5::mqttbytes::v5::Publish {
+    match next(rx, |p| matches!(p, rumqttc::v5::Incoming::Publish(_)).then_some(p)).await {
+        rumqttc::v5::Incoming::Publish(p) => p,
+        _ => unreachable!(),
+    }
+}
+
+#[tokio::test]
+async fn rumqttc_v311_all_qos_levels() {
+    let server = start(|_| {}).await;
+    let port = addr(&server).port();
+    let (sub, mut sub_rx) = spawn_v3("sub", port, |_| {});
+    next(&mut sub_rx, |p| matches!(p, rumqttc::Packet::ConnAck(_)).then_some(p)).await;
+    sub.subscribe("sensors/+/temp", rumqttc::QoS::ExactlyOnce).await.unwrap();
+    match next(&mut sub_rx, |p| matches!(p, rumqttc::Packet::SubAck(_)).then_some(p)).await {
+        rumqttc::Packet::SubAck(ack) => assert_eq!(
+            ack.return_codes,
+            vec![rumqttc::SubscribeReasonCode::Success(rumqttc::QoS::ExactlyOnce)]
+        ),
+        _ => unreachable!(),
+    }
+    let (publisher, mut pub_rx) = spawn_v3("pub", port, |_| {});
+    next(&mut pub_rx, |p| matches!(p, rumqttc::Packet::ConnAck(_)).then_some(p)).await;
+    for (i, qos) in [rumqttc::QoS::AtMostOnce, rumqttc::QoS::AtLeastOnce, rumqttc::QoS::ExactlyOnce]
+        .into_iter()
+        .enumerate()
+    {
+        let payload = vec![i as u8; 1000 * (i + 1)];
+        publisher.publish(format!("sensors/{i}/temp"), qos, false, payload.clone()).await.unwrap();
+        let got = next_publish_v3(&mut sub_rx).await;
+        assert_eq!(got.qos, qos);
+        assert_eq!(got.topic, format!("sensors/{i}/temp"));
+        assert_eq!(&got.payload[..], &payload[..]);
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn rumqttc_v311_persistent_session() {
+    let server = start(|_| {}).await;
+    let port = addr(&server).port();
+    let (sub, mut rx) = spawn_v3("keeper", port, |o| {
+        o.set_clean_session(false);
+    });
+    next(&mut rx, |p| matches!(p, rumqttc::Packet::ConnAck(_)).then_some(p)).await;
+    sub.subscribe("jobs", rumqttc::QoS::AtLeastOnce).await.unwrap();
+    next(&mut rx, |p| matches!(p, rumqttc::Packet::SubAck(_)).then_some(p)).await;
+    sub.disconnect().await.unwrap();
+    eventually("keeper offline", || {
+        server.broker().registry.get("keeper").is_some_and(|s| !s.is_online())
+    })
+    .await;
+
+    let (publisher, mut pub_rx) = spawn_v3("producer", port, |_| {});
+    next(&mut pub_rx, |p| matches!(p, rumqttc::Packet::ConnAck(_)).then_some(p)).await;
+    for i in 0..5 {
+        publisher.publish("jobs", rumqttc::QoS::AtLeastOnce, false, format!("job-{i}")).await.unwrap();
+    }
+    eventually("queued", || {
+        server.broker().registry.get("keeper").unwrap().queued_len().0 == 5
+    })
+    .await;
+
+    let (_sub, mut rx) = spawn_v3("keeper", port, |o| {
+        o.set_clean_session(false);
+    });
+    match next(&mut rx, |p| matches!(p, rumqttc::Packet::ConnAck(_)).then_some(p)).await {
+        rumqttc::Packet::ConnAck(ack) => assert!(ack.session_present),
+        _ => unreachable!(),
+    }
+    for i in 0..5 {
+        let p = next_publish_v3(&mut rx).await;
+        assert_eq!(&p.payload[..], format!("job-{i}").as_bytes());
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn rumqttc_v5_properties_pass_through_and_subscription_ids() {
+    use rumqttc::v5::mqttbytes::v5::{PublishProperties, SubscribeProperties};
+    use rumqttc::v5::mqttbytes::QoS;
+    let server = start(|_| {}).await;
+    let port = addr(&server).port();
+    let (sub, mut rx) = spawn_v5("v5sub", port, |_| {});
+    next(&mut rx, |p| matches!(p, rumqttc::v5::Incoming::ConnAck(_)).then_some(p)).await;
+    let props = SubscribeProperties {
+        id: Some(42),
+        user_properties: vec![],
+    };
+    sub.subscribe_with_properties("req/#", QoS::AtLeastOnce, props).await.unwrap();
+    next(&mut rx, |p| matches!(p, rumqttc::v5::Incoming::SubAck(_)).then_some(p)).await;
+
+    let (publisher, mut prx) = spawn_v5("v5pub", port, |_| {});
+    next(&mut prx, |p| matches!(p, rumqttc::v5::Incoming::ConnAck(_)).then_some(p)).await;
+    let properties = PublishProperties {
+        content_type: Some("application/json".into()),
+        response_topic: Some("resp/1".into()),
+        correlation_data: Some(bytes::Bytes::from_static(b"corr")),
+        user_properties: vec![("k".into(), "v1".into()), ("k".into(), "v2".into())],
+        ..Default::default()
+    };
+    publisher
+        .publish_with_properties("req/a", QoS::AtLeastOnce, false, "{}", properties)
+        .await
+        .unwrap();
+    let got = next_publish_v5(&mut rx).await;
+    let p = got.properties.expect("properties forwarded");
+    assert_eq!(p.content_type.as_deref(), Some("application/json"));
+    assert_eq!(p.response_topic.as_deref(), Some("resp/1"));
+    assert_eq!(p.correlation_data.as_deref(), Some(&b"corr"[..]));
+    assert_eq!(
+        p.user_properties,
+        vec![("k".to_string(), "v1".to_string()), ("k".to_string(), "v2".to_string())]
+    );
+    assert_eq!(p.subscription_identifiers, vec![42]);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn rumqttc_v5_will_and_retained() {
+    use rumqttc::v5::mqttbytes::v5::LastWill;
+    use rumqttc::v5::mqttbytes::QoS;
+    let server = start(|_| {}).await;
+    let port = addr(&server).port();
+    let (watcher, mut wrx) = spawn_v5("watcher", port, |_| {});
+    next(&mut wrx, |p| matches!(p, rumqttc::v5::Incoming::ConnAck(_)).then_some(p)).await;
+    watcher.subscribe("status/#", QoS::AtLeastOnce).await.unwrap();
+    next(&mut wrx, |p| matches!(p, rumqttc::v5::Incoming::SubAck(_)).then_some(p)).await;
+
+    let (device, mut drx) = spawn_v5("device", port, |o| {
+        o.set_last_will(LastWill::new("status/device", "offline", QoS::AtLeastOnce, true, None));
+    });
+    next(&mut drx, |p| matches!(p, rumqttc::v5::Incoming::ConnAck(_)).then_some(p)).await;
+    device.publish("status/device", QoS::AtLeastOnce, true, "online").await.unwrap();
+    assert_eq!(&next_publish_v5(&mut wrx).await.payload[..], b"online");
+    // Kill the device's connection without DISCONNECT.
+    server.broker().registry.get("device").unwrap().kick(tern_codec::ReasonCode::AdministrativeAction);
+    let will = next_publish_v5(&mut wrx).await;
+    assert_eq!(&will.payload[..], b"offline");
+    drop(device);
+
+    // The will was retained: a late subscriber sees it with RETAIN set.
+    let (late, mut lrx) = spawn_v5("late", port, |_| {});
+    next(&mut lrx, |p| matches!(p, rumqttc::v5::Incoming::ConnAck(_)).then_some(p)).await;
+    late.subscribe("status/+", QoS::AtMostOnce).await.unwrap();
+    let retained = next_publish_v5(&mut lrx).await;
+    assert!(retained.retain);
+    assert_eq!(&retained.payload[..], b"offline");
+    server.shutdown().await;
+}
