@@ -150,7 +150,9 @@ impl Broker {
                 let granted = QoS::from_u8(options.qos).unwrap_or(QoS::AtMostOnce);
                 let ids = options.subscription_id.into_iter().collect();
                 let retain = options.retain_as_published && message.retain;
-                member.0.deliver(message, message.qos.min(granted), retain, ids);
+                member
+                    .0
+                    .deliver(message, message.qos.min(granted), retain, ids);
                 delivered += 1;
             }
         }
@@ -266,9 +268,7 @@ impl Broker {
                     &session,
                     |s| !s.is_online() && s.generation() == generation,
                     |s| {
-                        broker
-                            .router
-                            .remove_subscriber(&SessionRef(Arc::clone(s)));
+                        broker.router.remove_subscriber(&SessionRef(Arc::clone(s)));
                     },
                 );
                 if let Some(pending) = ended {

@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 /// Everything the broker can be told.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Addresses of the MQTT/TCP listeners.
@@ -90,17 +90,6 @@ pub struct AuthConfig {
 pub struct UserEntry {
     pub name: String,
     pub password: String,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            listeners: ListenersConfig::default(),
-            log: LogConfig::default(),
-            limits: LimitsConfig::default(),
-            auth: AuthConfig::default(),
-        }
-    }
 }
 
 impl Default for ListenersConfig {
@@ -234,7 +223,10 @@ impl Config {
             return invalid("limits.connect_timeout_secs", "must be at least 1");
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
-            return invalid("log.level", "not a valid log filter (try `info` or `debug`)");
+            return invalid(
+                "log.level",
+                "not a valid log filter (try `info` or `debug`)",
+            );
         }
         for user in &self.auth.users {
             if user.name.is_empty() {
@@ -295,7 +287,10 @@ mod tests {
         let path = dir.join("bad.toml");
         std::fs::write(&path, "[limits]\nmax_inflight = 0\n").unwrap();
         let e = Config::from_file(&path).unwrap_err().to_string();
-        assert!(e.contains("bad.toml") && e.contains("limits.max_inflight"), "{e}");
+        assert!(
+            e.contains("bad.toml") && e.contains("limits.max_inflight"),
+            "{e}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

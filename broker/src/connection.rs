@@ -20,9 +20,10 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tern_codec::{
-    decode_packet, encode_packet, properties::{ConnAckProperties, SubAckProperties, UnsubAckProperties}, ConnAck, Connect, DecodeError, Disconnect,
-    Packet, ProtocolVersion, PubAck, Publish, QoS, ReasonCode, SubAck,
-    Subscribe, UnsubAck, Unsubscribe, Will,
+    decode_packet, encode_packet,
+    properties::{ConnAckProperties, SubAckProperties, UnsubAckProperties},
+    ConnAck, Connect, DecodeError, Disconnect, Packet, ProtocolVersion, PubAck, Publish, QoS,
+    ReasonCode, SubAck, Subscribe, UnsubAck, Unsubscribe, Will,
 };
 use tern_router::{parse_shared, validate_topic_name, SubscribeOutcome, SubscriptionOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -156,8 +157,13 @@ pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
     );
     let mut shutdown = broker.shutdown_signal();
     let exit = {
-        let reader_fut =
-            conn.read_loop(&attached.session, &mut reader, &mut buf, &control, &mut shutdown);
+        let reader_fut = conn.read_loop(
+            &attached.session,
+            &mut reader,
+            &mut buf,
+            &control,
+            &mut shutdown,
+        );
         tokio::pin!(writer_fut, reader_fut);
         let mut writer_done = false;
         let exit = tokio::select! {
@@ -382,7 +388,9 @@ impl Connection {
         let opened = broker
             .registry
             .open(&client_id, connect.clean_start, |old| {
-                broker.router.remove_subscriber(&SessionRef(Arc::clone(old)));
+                broker
+                    .router
+                    .remove_subscriber(&SessionRef(Arc::clone(old)));
             });
         if let Some((old, Some(pending))) = &opened.replaced {
             broker.publish_will(&pending.will, old.id);
@@ -551,9 +559,9 @@ impl Connection {
             }
             Packet::Disconnect(disconnect) => self.on_disconnect(disconnect),
             Packet::Connect(_) => Err(self.protocol_error("second CONNECT")),
-            Packet::Auth(_) => Err(self.protocol_error(
-                "AUTH without an authentication method in CONNECT",
-            )),
+            Packet::Auth(_) => {
+                Err(self.protocol_error("AUTH without an authentication method in CONNECT"))
+            }
             other => Err(self.protocol_error(&format!(
                 "{:?} may not be sent by a client",
                 other.packet_type()
@@ -620,10 +628,12 @@ impl Connection {
             }
             (QoS::ExactlyOnce, Some(packet_id)) => {
                 if !denied {
-                    match session.incoming_qos2(packet_id, self.broker.config.limits.receive_maximum) {
+                    match session
+                        .incoming_qos2(packet_id, self.broker.config.limits.receive_maximum)
+                    {
                         Ok(true) => route(self),
                         Ok(false) => {}
-                        Err(()) => {
+                        Err(_) => {
                             Metrics::inc(&self.broker.metrics.protocol_errors);
                             return Err(Exit::Error(
                                 ReasonCode::ReceiveMaximumExceeded,
@@ -751,7 +761,11 @@ impl Connection {
             .collect();
         self.send(Packet::UnsubAck(UnsubAck {
             packet_id: unsubscribe.packet_id,
-            codes: if self.protocol.is_v5() { codes } else { Vec::new() },
+            codes: if self.protocol.is_v5() {
+                codes
+            } else {
+                Vec::new()
+            },
             properties: UnsubAckProperties::default(),
         }));
     }
@@ -762,7 +776,8 @@ impl Connection {
             if self.expiry_interval == 0 && secs != 0 {
                 return Err(self.protocol_error("session expiry raised from 0 at DISCONNECT"));
             }
-            self.disconnect_expiry = Some(secs.min(self.broker.config.limits.max_session_expiry_secs));
+            self.disconnect_expiry =
+                Some(secs.min(self.broker.config.limits.max_session_expiry_secs));
         }
         Err(Exit::ClientDisconnect {
             with_will: disconnect.code == ReasonCode::DisconnectWithWillMessage,

@@ -146,13 +146,11 @@ impl SessionRegistry {
             self.max_queued,
             Arc::clone(&self.metrics),
         ));
-        let replaced = sessions
-            .insert(client_id, Arc::clone(&session))
-            .map(|old| {
-                let will = old.end();
-                on_replace(&old);
-                (old, will)
-            });
+        let replaced = sessions.insert(client_id, Arc::clone(&session)).map(|old| {
+            let will = old.end();
+            on_replace(&old);
+            (old, will)
+        });
         Opened {
             session,
             session_present: false,

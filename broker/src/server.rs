@@ -82,14 +82,16 @@ impl Server {
             task.abort();
         }
         let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
-        while self.broker.registry.connection_count() > 0
-            && tokio::time::Instant::now() < deadline
+        while self.broker.registry.connection_count() > 0 && tokio::time::Instant::now() < deadline
         {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let left = self.broker.registry.connection_count();
         if left > 0 {
-            tracing::warn!(connections = left, "shutdown grace period over; closing anyway");
+            tracing::warn!(
+                connections = left,
+                "shutdown grace period over; closing anyway"
+            );
         }
         tracing::info!("broker stopped");
     }

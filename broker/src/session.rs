@@ -35,7 +35,7 @@ use std::time::Instant;
 
 use parking_lot::Mutex;
 use smallvec::SmallVec;
-use tern_codec::{Packet, ProtocolVersion, QoS, ReasonCode, Will};
+use tern_codec::{Packet, ProtocolVersion, PubAck, QoS, ReasonCode, Will};
 use tokio::sync::Notify;
 
 use crate::message::Message;
@@ -55,14 +55,56 @@ pub struct Delivery {
     pub subscription_ids: SubscriptionIds,
 }
 
-/// An item in a connection's outbound queue.
+/// An item in a connection's outbound queue. The frequent items are small
+/// and inline; rare, large packets are boxed so they do not make every queue
+/// slot larger.
 #[derive(Debug)]
 pub enum Outbound {
     /// A PUBLISH (the payload is written from the shared message).
     Publish(Delivery),
-    /// Any other packet (acknowledgements, CONNACK, SUBACK, PINGRESP ...).
-    Control(Packet),
+    /// PUBACK, PUBREC, PUBREL or PUBCOMP without properties.
+    Ack(AckKind, u16, ReasonCode),
+    /// PINGRESP.
+    PingResp,
+    /// Any other packet (CONNACK, SUBACK, UNSUBACK, DISCONNECT ...).
+    Control(Box<Packet>),
 }
+
+/// Which acknowledgement an [`Outbound::Ack`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckKind {
+    PubAck,
+    PubRec,
+    PubRel,
+    PubComp,
+}
+
+impl Outbound {
+    /// The queue item for a packet, using the compact forms where they fit.
+    pub fn from_packet(packet: Packet) -> Outbound {
+        let ack = |kind, a: &PubAck| {
+            if a.properties == Default::default() {
+                Some(Outbound::Ack(kind, a.packet_id, a.code))
+            } else {
+                None
+            }
+        };
+        let compact = match &packet {
+            Packet::PubAck(a) => ack(AckKind::PubAck, a),
+            Packet::PubRec(a) => ack(AckKind::PubRec, a),
+            Packet::PubRel(a) => ack(AckKind::PubRel, a),
+            Packet::PubComp(a) => ack(AckKind::PubComp, a),
+            Packet::PingResp => Some(Outbound::PingResp),
+            _ => None,
+        };
+        compact.unwrap_or_else(|| Outbound::Control(Box::new(packet)))
+    }
+}
+
+/// A client sent more QoS 2 messages awaiting PUBREL than Receive Maximum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("receive maximum exceeded")]
+pub struct ReceiveMaximumExceeded;
 
 /// Signals shared by a connection's reader, its writer and whoever needs to
 /// close it (a takeover, shutdown).
@@ -224,9 +266,11 @@ impl Session {
                     outbound.push_back(Outbound::Publish(d));
                 }
                 InflightState::AwaitingComp => {
-                    outbound.push_back(Outbound::Control(Packet::PubRel(
-                        tern_codec::PubAck::new(inflight.packet_id),
-                    )));
+                    outbound.push_back(Outbound::Ack(
+                        AckKind::PubRel,
+                        inflight.packet_id,
+                        ReasonCode::Success,
+                    ));
                 }
             }
         }
@@ -325,7 +369,7 @@ impl Session {
         let mut st = self.state.lock();
         match &mut st.link {
             Some(link) if link.connection_id == connection_id => {
-                link.outbound.push_back(Outbound::Control(packet));
+                link.outbound.push_back(Outbound::from_packet(packet));
                 link.control.wake_writer.notify_one();
                 true
             }
@@ -403,14 +447,14 @@ impl Session {
             Some(i) if st.inflight[i].delivery.qos == QoS::ExactlyOnce => {
                 if code.is_success() {
                     st.inflight[i].state = InflightState::AwaitingComp;
-                    Some(Packet::PubRel(tern_codec::PubAck::new(packet_id)))
+                    Some(Packet::PubRel(PubAck::new(packet_id)))
                 } else {
                     st.inflight.remove(i);
                     self.fill_window(&mut st, Instant::now());
                     None
                 }
             }
-            _ => Some(Packet::PubRel(tern_codec::PubAck {
+            _ => Some(Packet::PubRel(PubAck {
                 packet_id,
                 code: ReasonCode::PacketIdentifierNotFound,
                 ..Default::default()
@@ -450,13 +494,17 @@ impl Session {
     /// An incoming QoS 2 PUBLISH: returns true the first time `packet_id` is
     /// seen (route it), false for a retransmission before PUBREL (do not).
     /// `limit` bounds the number of open QoS 2 flows; `Err` when exceeded.
-    pub fn incoming_qos2(&self, packet_id: u16, limit: u16) -> Result<bool, ()> {
+    pub fn incoming_qos2(
+        &self,
+        packet_id: u16,
+        limit: u16,
+    ) -> Result<bool, ReceiveMaximumExceeded> {
         let mut st = self.state.lock();
         if st.incoming_qos2.contains(&packet_id) {
             return Ok(false);
         }
         if st.incoming_qos2.len() >= usize::from(limit) {
-            return Err(());
+            return Err(ReceiveMaximumExceeded);
         }
         st.incoming_qos2.insert(packet_id);
         Ok(true)

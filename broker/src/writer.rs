@@ -14,12 +14,14 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::{Buf, Bytes, BytesMut};
-use tern_codec::{encode_packet, encode_publish_header, Packet, ProtocolVersion, Publish, QoS};
+use tern_codec::{
+    encode_packet, encode_publish_header, Packet, ProtocolVersion, PubAck, Publish, QoS,
+};
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::OwnedWriteHalf;
 
 use crate::metrics::Metrics;
-use crate::session::{ConnectionControl, Delivery, Outbound, Session};
+use crate::session::{AckKind, ConnectionControl, Delivery, Outbound, Session};
 
 /// Payloads up to this size are copied next to their header rather than
 /// given their own I/O vector.
@@ -90,12 +92,22 @@ fn encode_item(
     chunks: &mut VecDeque<Bytes>,
 ) {
     match item {
-        Outbound::Control(packet) => {
-            if let Err(e) = encode_packet(&packet, ctx.protocol, scratch) {
-                tracing::warn!(client_id = %ctx.session.client_id, error = %e, "cannot encode packet");
-                return;
-            }
+        Outbound::Ack(kind, packet_id, code) => {
+            let ack = PubAck {
+                packet_id,
+                code,
+                ..PubAck::default()
+            };
+            let packet = match kind {
+                AckKind::PubAck => Packet::PubAck(ack),
+                AckKind::PubRec => Packet::PubRec(ack),
+                AckKind::PubRel => Packet::PubRel(ack),
+                AckKind::PubComp => Packet::PubComp(ack),
+            };
+            encode_control(ctx, &packet, scratch);
         }
+        Outbound::PingResp => encode_control(ctx, &Packet::PingResp, scratch),
+        Outbound::Control(packet) => encode_control(ctx, &packet, scratch),
         Outbound::Publish(delivery) => {
             if delivery.qos == QoS::AtMostOnce && delivery.message.is_expired(now) {
                 Metrics::inc(&ctx.metrics.messages_expired);
@@ -103,8 +115,9 @@ fn encode_item(
             }
             let publish = to_publish(&delivery, ctx.protocol, now);
             if let Some(max) = ctx.client_max_packet {
-                let too_large = tern_codec::encoded_len(&Packet::Publish(publish.clone()), ctx.protocol)
-                    .map_or(true, |len| len > max as usize);
+                let too_large =
+                    tern_codec::encoded_len(&Packet::Publish(publish.clone()), ctx.protocol)
+                        .map_or(true, |len| len > max as usize);
                 if too_large {
                     // MQTT-3.1.2-25: discard it, and act as if it was delivered.
                     ctx.session.discard_inflight(delivery.packet_id);
@@ -125,6 +138,12 @@ fn encode_item(
         }
     }
     Metrics::inc(&ctx.metrics.packets_sent);
+}
+
+fn encode_control(ctx: &WriterContext, packet: &Packet, scratch: &mut BytesMut) {
+    if let Err(e) = encode_packet(packet, ctx.protocol, scratch) {
+        tracing::warn!(client_id = %ctx.session.client_id, error = %e, "cannot encode packet");
+    }
 }
 
 /// The PUBLISH packet for one delivery. Topic and payload are shared slices.

@@ -24,9 +24,14 @@ async fn ten_thousand_cycles_leave_nothing_behind() {
             let mut held: Option<RawClient> = None;
             for i in 0..CYCLES_PER_TASK {
                 let id = format!("churn-{}", (t * CYCLES_PER_TASK + i) % ID_POOL);
-                let protocol = if i % 2 == 0 { ProtocolVersion::V5 } else { ProtocolVersion::V311 };
+                let protocol = if i % 2 == 0 {
+                    ProtocolVersion::V5
+                } else {
+                    ProtocolVersion::V311
+                };
                 let mut c = RawClient::open(address, protocol).await;
-                c.try_send(Packet::Connect(Box::new(connect_packet(&id, protocol)))).await;
+                c.try_send(Packet::Connect(Box::new(connect_packet(&id, protocol))))
+                    .await;
                 // Another task may take the id over at any moment, closing
                 // this connection: that is the point of the test.
                 match c.recv().await {
@@ -34,7 +39,12 @@ async fn ten_thousand_cycles_leave_nothing_behind() {
                     Some(other) => panic!("expected CONNACK, got {other:?}"),
                     None => continue,
                 }
-                c.try_send(subscribe_packet(1, &format!("churn/{t}/+"), QoS::AtLeastOnce)).await;
+                c.try_send(subscribe_packet(
+                    1,
+                    &format!("churn/{t}/+"),
+                    QoS::AtLeastOnce,
+                ))
+                .await;
                 match i % 4 {
                     // Abort: the socket just goes away.
                     0 => drop(c),
@@ -60,9 +70,18 @@ async fn ten_thousand_cycles_leave_nothing_behind() {
         t.await.expect("churn task");
     }
     let broker = server.broker();
-    eventually("every connection uncounted", || broker.registry.connection_count() == 0).await;
-    eventually("every clean session ended", || broker.registry.session_count() == 0).await;
-    eventually("every subscription removed", || broker.router.subscription_count() == 0).await;
+    eventually("every connection uncounted", || {
+        broker.registry.connection_count() == 0
+    })
+    .await;
+    eventually("every clean session ended", || {
+        broker.registry.session_count() == 0
+    })
+    .await;
+    eventually("every subscription removed", || {
+        broker.router.subscription_count() == 0
+    })
+    .await;
     assert_eq!(broker.router.subscriber_count(), 0);
     let accepted = broker.metrics.connections_accepted.load(Ordering::Relaxed);
     assert_eq!(accepted, (TASKS * CYCLES_PER_TASK) as u64);

@@ -14,7 +14,10 @@ fn spawn_v3(
     client_id: &str,
     port: u16,
     adjust: impl FnOnce(&mut rumqttc::MqttOptions),
-) -> (rumqttc::AsyncClient, mpsc::UnboundedReceiver<rumqttc::Packet>) {
+) -> (
+    rumqttc::AsyncClient,
+    mpsc::UnboundedReceiver<rumqttc::Packet>,
+) {
     let mut options = rumqttc::MqttOptions::new(client_id, "127.0.0.1", port);
     options.set_keep_alive(Duration::from_secs(30));
     adjust(&mut options);
@@ -41,7 +44,10 @@ fn spawn_v5(
     client_id: &str,
     port: u16,
     adjust: impl FnOnce(&mut rumqttc::v5::MqttOptions),
-) -> (rumqttc::v5::AsyncClient, mpsc::UnboundedReceiver<rumqttc::v5::Incoming>) {
+) -> (
+    rumqttc::v5::AsyncClient,
+    mpsc::UnboundedReceiver<rumqttc::v5::Incoming>,
+) {
     let mut options = rumqttc::v5::MqttOptions::new(client_id, "127.0.0.1", port);
     options.set_keep_alive(Duration::from_secs(30));
     adjust(&mut options);
@@ -77,7 +83,11 @@ async fn next<T>(rx: &mut mpsc::UnboundedReceiver<T>, mut pick: impl FnMut(T) ->
 }
 
 async fn next_publish_v3(rx: &mut mpsc::UnboundedReceiver<rumqttc::Packet>) -> rumqttc::Publish {
-    match next(rx, |p| matches!(p, rumqttc::Packet::Publish(_)).then_some(p)).await {
+    match next(rx, |p| {
+        matches!(p, rumqttc::Packet::Publish(_)).then_some(p)
+    })
+    .await
+    {
         rumqttc::Packet::Publish(p) => p,
         _ => unreachable!(),
     }
@@ -86,7 +96,11 @@ async fn next_publish_v3(rx: &mut mpsc::UnboundedReceiver<rumqttc::Packet>) -> r
 async fn next_publish_v5(
     rx: &mut mpsc::UnboundedReceiver<rumqttc::v5::Incoming>,
 ) -> rumqttc::v5::mqttbytes::v5::Publish {
-    match next(rx, |p| matches!(p, rumqttc::v5::Incoming::Publish(_)).then_some(p)).await {
+    match next(rx, |p| {
+        matches!(p, rumqttc::v5::Incoming::Publish(_)).then_some(p)
+    })
+    .await
+    {
         rumqttc::v5::Incoming::Publish(p) => p,
         _ => unreachable!(),
     }
@@ -97,23 +111,44 @@ async fn rumqttc_v311_all_qos_levels() {
     let server = start(|_| {}).await;
     let port = addr(&server).port();
     let (sub, mut sub_rx) = spawn_v3("sub", port, |_| {});
-    next(&mut sub_rx, |p| matches!(p, rumqttc::Packet::ConnAck(_)).then_some(p)).await;
-    sub.subscribe("sensors/+/temp", rumqttc::QoS::ExactlyOnce).await.unwrap();
-    match next(&mut sub_rx, |p| matches!(p, rumqttc::Packet::SubAck(_)).then_some(p)).await {
+    next(&mut sub_rx, |p| {
+        matches!(p, rumqttc::Packet::ConnAck(_)).then_some(p)
+    })
+    .await;
+    sub.subscribe("sensors/+/temp", rumqttc::QoS::ExactlyOnce)
+        .await
+        .unwrap();
+    match next(&mut sub_rx, |p| {
+        matches!(p, rumqttc::Packet::SubAck(_)).then_some(p)
+    })
+    .await
+    {
         rumqttc::Packet::SubAck(ack) => assert_eq!(
             ack.return_codes,
-            vec![rumqttc::SubscribeReasonCode::Success(rumqttc::QoS::ExactlyOnce)]
+            vec![rumqttc::SubscribeReasonCode::Success(
+                rumqttc::QoS::ExactlyOnce
+            )]
         ),
         _ => unreachable!(),
     }
     let (publisher, mut pub_rx) = spawn_v3("pub", port, |_| {});
-    next(&mut pub_rx, |p| matches!(p, rumqttc::Packet::ConnAck(_)).then_some(p)).await;
-    for (i, qos) in [rumqttc::QoS::AtMostOnce, rumqttc::QoS::AtLeastOnce, rumqttc::QoS::ExactlyOnce]
-        .into_iter()
-        .enumerate()
+    next(&mut pub_rx, |p| {
+        matches!(p, rumqttc::Packet::ConnAck(_)).then_some(p)
+    })
+    .await;
+    for (i, qos) in [
+        rumqttc::QoS::AtMostOnce,
+        rumqttc::QoS::AtLeastOnce,
+        rumqttc::QoS::ExactlyOnce,
+    ]
+    .into_iter()
+    .enumerate()
     {
         let payload = vec![i as u8; 1000 * (i + 1)];
-        publisher.publish(format!("sensors/{i}/temp"), qos, false, payload.clone()).await.unwrap();
+        publisher
+            .publish(format!("sensors/{i}/temp"), qos, false, payload.clone())
+            .await
+            .unwrap();
         let got = next_publish_v3(&mut sub_rx).await;
         assert_eq!(got.qos, qos);
         assert_eq!(got.topic, format!("sensors/{i}/temp"));
@@ -129,29 +164,58 @@ async fn rumqttc_v311_persistent_session() {
     let (sub, mut rx) = spawn_v3("keeper", port, |o| {
         o.set_clean_session(false);
     });
-    next(&mut rx, |p| matches!(p, rumqttc::Packet::ConnAck(_)).then_some(p)).await;
-    sub.subscribe("jobs", rumqttc::QoS::AtLeastOnce).await.unwrap();
-    next(&mut rx, |p| matches!(p, rumqttc::Packet::SubAck(_)).then_some(p)).await;
+    next(&mut rx, |p| {
+        matches!(p, rumqttc::Packet::ConnAck(_)).then_some(p)
+    })
+    .await;
+    sub.subscribe("jobs", rumqttc::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    next(&mut rx, |p| {
+        matches!(p, rumqttc::Packet::SubAck(_)).then_some(p)
+    })
+    .await;
     sub.disconnect().await.unwrap();
     eventually("keeper offline", || {
-        server.broker().registry.get("keeper").is_some_and(|s| !s.is_online())
+        server
+            .broker()
+            .registry
+            .get("keeper")
+            .is_some_and(|s| !s.is_online())
     })
     .await;
 
     let (publisher, mut pub_rx) = spawn_v3("producer", port, |_| {});
-    next(&mut pub_rx, |p| matches!(p, rumqttc::Packet::ConnAck(_)).then_some(p)).await;
+    next(&mut pub_rx, |p| {
+        matches!(p, rumqttc::Packet::ConnAck(_)).then_some(p)
+    })
+    .await;
     for i in 0..5 {
-        publisher.publish("jobs", rumqttc::QoS::AtLeastOnce, false, format!("job-{i}")).await.unwrap();
+        publisher
+            .publish("jobs", rumqttc::QoS::AtLeastOnce, false, format!("job-{i}"))
+            .await
+            .unwrap();
     }
     eventually("queued", || {
-        server.broker().registry.get("keeper").unwrap().queued_len().0 == 5
+        server
+            .broker()
+            .registry
+            .get("keeper")
+            .unwrap()
+            .queued_len()
+            .0
+            == 5
     })
     .await;
 
     let (_sub, mut rx) = spawn_v3("keeper", port, |o| {
         o.set_clean_session(false);
     });
-    match next(&mut rx, |p| matches!(p, rumqttc::Packet::ConnAck(_)).then_some(p)).await {
+    match next(&mut rx, |p| {
+        matches!(p, rumqttc::Packet::ConnAck(_)).then_some(p)
+    })
+    .await
+    {
         rumqttc::Packet::ConnAck(ack) => assert!(ack.session_present),
         _ => unreachable!(),
     }
@@ -169,16 +233,27 @@ async fn rumqttc_v5_properties_pass_through_and_subscription_ids() {
     let server = start(|_| {}).await;
     let port = addr(&server).port();
     let (sub, mut rx) = spawn_v5("v5sub", port, |_| {});
-    next(&mut rx, |p| matches!(p, rumqttc::v5::Incoming::ConnAck(_)).then_some(p)).await;
+    next(&mut rx, |p| {
+        matches!(p, rumqttc::v5::Incoming::ConnAck(_)).then_some(p)
+    })
+    .await;
     let props = SubscribeProperties {
         id: Some(42),
         user_properties: vec![],
     };
-    sub.subscribe_with_properties("req/#", QoS::AtLeastOnce, props).await.unwrap();
-    next(&mut rx, |p| matches!(p, rumqttc::v5::Incoming::SubAck(_)).then_some(p)).await;
+    sub.subscribe_with_properties("req/#", QoS::AtLeastOnce, props)
+        .await
+        .unwrap();
+    next(&mut rx, |p| {
+        matches!(p, rumqttc::v5::Incoming::SubAck(_)).then_some(p)
+    })
+    .await;
 
     let (publisher, mut prx) = spawn_v5("v5pub", port, |_| {});
-    next(&mut prx, |p| matches!(p, rumqttc::v5::Incoming::ConnAck(_)).then_some(p)).await;
+    next(&mut prx, |p| {
+        matches!(p, rumqttc::v5::Incoming::ConnAck(_)).then_some(p)
+    })
+    .await;
     let properties = PublishProperties {
         content_type: Some("application/json".into()),
         response_topic: Some("resp/1".into()),
@@ -197,7 +272,10 @@ async fn rumqttc_v5_properties_pass_through_and_subscription_ids() {
     assert_eq!(p.correlation_data.as_deref(), Some(&b"corr"[..]));
     assert_eq!(
         p.user_properties,
-        vec![("k".to_string(), "v1".to_string()), ("k".to_string(), "v2".to_string())]
+        vec![
+            ("k".to_string(), "v1".to_string()),
+            ("k".to_string(), "v2".to_string())
+        ]
     );
     assert_eq!(p.subscription_identifiers, vec![42]);
     server.shutdown().await;
@@ -210,25 +288,54 @@ async fn rumqttc_v5_will_and_retained() {
     let server = start(|_| {}).await;
     let port = addr(&server).port();
     let (watcher, mut wrx) = spawn_v5("watcher", port, |_| {});
-    next(&mut wrx, |p| matches!(p, rumqttc::v5::Incoming::ConnAck(_)).then_some(p)).await;
-    watcher.subscribe("status/#", QoS::AtLeastOnce).await.unwrap();
-    next(&mut wrx, |p| matches!(p, rumqttc::v5::Incoming::SubAck(_)).then_some(p)).await;
+    next(&mut wrx, |p| {
+        matches!(p, rumqttc::v5::Incoming::ConnAck(_)).then_some(p)
+    })
+    .await;
+    watcher
+        .subscribe("status/#", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    next(&mut wrx, |p| {
+        matches!(p, rumqttc::v5::Incoming::SubAck(_)).then_some(p)
+    })
+    .await;
 
     let (device, mut drx) = spawn_v5("device", port, |o| {
-        o.set_last_will(LastWill::new("status/device", "offline", QoS::AtLeastOnce, true, None));
+        o.set_last_will(LastWill::new(
+            "status/device",
+            "offline",
+            QoS::AtLeastOnce,
+            true,
+            None,
+        ));
     });
-    next(&mut drx, |p| matches!(p, rumqttc::v5::Incoming::ConnAck(_)).then_some(p)).await;
-    device.publish("status/device", QoS::AtLeastOnce, true, "online").await.unwrap();
+    next(&mut drx, |p| {
+        matches!(p, rumqttc::v5::Incoming::ConnAck(_)).then_some(p)
+    })
+    .await;
+    device
+        .publish("status/device", QoS::AtLeastOnce, true, "online")
+        .await
+        .unwrap();
     assert_eq!(&next_publish_v5(&mut wrx).await.payload[..], b"online");
     // Kill the device's connection without DISCONNECT.
-    server.broker().registry.get("device").unwrap().kick(tern_codec::ReasonCode::AdministrativeAction);
+    server
+        .broker()
+        .registry
+        .get("device")
+        .unwrap()
+        .kick(tern_codec::ReasonCode::AdministrativeAction);
     let will = next_publish_v5(&mut wrx).await;
     assert_eq!(&will.payload[..], b"offline");
     drop(device);
 
     // The will was retained: a late subscriber sees it with RETAIN set.
     let (late, mut lrx) = spawn_v5("late", port, |_| {});
-    next(&mut lrx, |p| matches!(p, rumqttc::v5::Incoming::ConnAck(_)).then_some(p)).await;
+    next(&mut lrx, |p| {
+        matches!(p, rumqttc::v5::Incoming::ConnAck(_)).then_some(p)
+    })
+    .await;
     late.subscribe("status/+", QoS::AtMostOnce).await.unwrap();
     let retained = next_publish_v5(&mut lrx).await;
     assert!(retained.retain);

@@ -19,15 +19,22 @@ async fn connack_bytes_for_311_and_assigned_id_for_v5() {
     let server = start(|_| {}).await;
     let mut c = RawClient::open(addr(&server), V311).await;
     // CONNECT 3.1.1, clean session, keep alive 60, client id "a".
-    c.send_bytes(&[0x10, 0x0D, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60, 0, 1, b'a'])
-        .await;
+    c.send_bytes(&[
+        0x10, 0x0D, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60, 0, 1, b'a',
+    ])
+    .await;
     let mut raw = [0u8; 4];
-    tokio::io::AsyncReadExt::read_exact(&mut c.stream, &mut raw).await.unwrap();
+    tokio::io::AsyncReadExt::read_exact(&mut c.stream, &mut raw)
+        .await
+        .unwrap();
     assert_eq!(raw, [0x20, 0x02, 0x00, 0x00]);
 
     let (_c, ack) = RawClient::connect(addr(&server), connect_packet("", V5)).await;
     assert_eq!(ack.code, ReasonCode::Success);
-    let assigned = ack.properties.assigned_client_identifier.expect("assigned id");
+    let assigned = ack
+        .properties
+        .assigned_client_identifier
+        .expect("assigned id");
     assert!(!assigned.is_empty());
     server.shutdown().await;
 }
@@ -36,7 +43,10 @@ async fn connack_bytes_for_311_and_assigned_id_for_v5() {
 async fn mqtt31_connects_and_empty_id_without_clean_session_is_refused() {
     let server = start(|_| {}).await;
     let mut c = RawClient::connected(addr(&server), "old-client", ProtocolVersion::V31).await;
-    assert_eq!(c.subscribe("x", QoS::AtLeastOnce).await, vec![ReasonCode::GrantedQoS1]);
+    assert_eq!(
+        c.subscribe("x", QoS::AtLeastOnce).await,
+        vec![ReasonCode::GrantedQoS1]
+    );
 
     let mut connect = connect_packet("", V311);
     connect.clean_start = false;
@@ -50,10 +60,14 @@ async fn mqtt31_connects_and_empty_id_without_clean_session_is_refused() {
 async fn unsupported_protocol_level_gets_connack_1() {
     let server = start(|_| {}).await;
     let mut c = RawClient::open(addr(&server), V311).await;
-    c.send_bytes(&[0x10, 0x0D, 0, 4, b'M', b'Q', b'T', b'T', 9, 0x02, 0, 60, 0, 1, b'a'])
-        .await;
+    c.send_bytes(&[
+        0x10, 0x0D, 0, 4, b'M', b'Q', b'T', b'T', 9, 0x02, 0, 60, 0, 1, b'a',
+    ])
+    .await;
     let mut raw = Vec::new();
-    tokio::io::AsyncReadExt::read_to_end(&mut c.stream, &mut raw).await.unwrap();
+    tokio::io::AsyncReadExt::read_to_end(&mut c.stream, &mut raw)
+        .await
+        .unwrap();
     assert_eq!(raw, vec![0x20, 0x02, 0x00, 0x01]);
     server.shutdown().await;
 }
@@ -76,7 +90,10 @@ async fn connect_timeout_closes_silent_connection() {
     assert!(started.elapsed() >= Duration::from_millis(900));
     let metrics = &server.broker().metrics;
     assert_eq!(metrics.connect_timeouts.load(Ordering::Relaxed), 1);
-    eventually("connection uncounted", || server.broker().registry.connection_count() == 0).await;
+    eventually("connection uncounted", || {
+        server.broker().registry.connection_count() == 0
+    })
+    .await;
     server.shutdown().await;
 }
 
@@ -94,10 +111,19 @@ async fn malformed_packet_closes_only_that_connection() {
         matches!(seen.last(), Some(Packet::Disconnect(d)) if d.code == ReasonCode::MalformedPacket),
         "{seen:?}"
     );
-    assert_eq!(server.broker().metrics.malformed_packets.load(Ordering::Relaxed), 1);
+    assert_eq!(
+        server
+            .broker()
+            .metrics
+            .malformed_packets
+            .load(Ordering::Relaxed),
+        1
+    );
 
     let mut publisher = RawClient::connected(addr(&server), "pub", V5).await;
-    publisher.publish("t", b"still serving", QoS::AtMostOnce, 0).await;
+    publisher
+        .publish("t", b"still serving", QoS::AtMostOnce, 0)
+        .await;
     assert_eq!(&sub.recv_publish().await.payload[..], b"still serving");
     server.shutdown().await;
 }
@@ -113,7 +139,14 @@ async fn oversized_packet_refused_from_its_header() {
         matches!(seen.last(), Some(Packet::Disconnect(d)) if d.code == ReasonCode::PacketTooLarge),
         "{seen:?}"
     );
-    assert_eq!(server.broker().metrics.oversized_packets.load(Ordering::Relaxed), 1);
+    assert_eq!(
+        server
+            .broker()
+            .metrics
+            .oversized_packets
+            .load(Ordering::Relaxed),
+        1
+    );
     server.shutdown().await;
 }
 
@@ -139,7 +172,14 @@ async fn keep_alive_timeout_publishes_will() {
     assert_eq!(&will.topic[..], b"wills/sleepy");
     assert_eq!(&will.payload[..], b"gone");
     assert!(sleepy.expect_closed().await.is_empty());
-    assert_eq!(server.broker().metrics.keepalive_timeouts.load(Ordering::Relaxed), 1);
+    assert_eq!(
+        server
+            .broker()
+            .metrics
+            .keepalive_timeouts
+            .load(Ordering::Relaxed),
+        1
+    );
     server.shutdown().await;
 }
 
@@ -197,7 +237,8 @@ async fn overlapping_subscriptions_deliver_one_copy_at_highest_qos() {
     let p = sub.recv_publish().await;
     assert_eq!(p.qos, QoS::ExactlyOnce);
     assert_eq!(&p.payload[..], b"once");
-    sub.send(Packet::PubRec(PubAck::new(p.packet_id.unwrap()))).await;
+    sub.send(Packet::PubRec(PubAck::new(p.packet_id.unwrap())))
+        .await;
     assert!(matches!(sub.recv().await, Some(Packet::PubRel(_))));
     sub.expect_silence(Duration::from_millis(300)).await;
     server.shutdown().await;
@@ -219,10 +260,19 @@ async fn qos_is_downgraded_to_the_subscription_maximum() {
 async fn invalid_filter_refused_in_suback_connection_stays() {
     let server = start(|_| {}).await;
     let mut c3 = RawClient::connected(addr(&server), "c3", V311).await;
-    assert_eq!(c3.subscribe("a/#/b", QoS::AtMostOnce).await, vec![ReasonCode::UnspecifiedError]);
-    assert_eq!(c3.subscribe("ok/#", QoS::AtMostOnce).await, vec![ReasonCode::Success]);
+    assert_eq!(
+        c3.subscribe("a/#/b", QoS::AtMostOnce).await,
+        vec![ReasonCode::UnspecifiedError]
+    );
+    assert_eq!(
+        c3.subscribe("ok/#", QoS::AtMostOnce).await,
+        vec![ReasonCode::Success]
+    );
     let mut c5 = RawClient::connected(addr(&server), "c5", V5).await;
-    assert_eq!(c5.subscribe("a+", QoS::AtMostOnce).await, vec![ReasonCode::TopicFilterInvalid]);
+    assert_eq!(
+        c5.subscribe("a+", QoS::AtMostOnce).await,
+        vec![ReasonCode::TopicFilterInvalid]
+    );
     c5.publish("ok/x", b"hi", QoS::AtLeastOnce, 3).await;
     assert_eq!(&c3.recv_publish().await.payload[..], b"hi");
     server.shutdown().await;
@@ -234,7 +284,8 @@ async fn dollar_topics_cannot_be_published_by_clients() {
     let mut sub = RawClient::connected(addr(&server), "sub", V5).await;
     sub.subscribe("$SYS/#", QoS::AtMostOnce).await;
     let mut c = RawClient::connected(addr(&server), "pub", V5).await;
-    c.send(publish_packet("$SYS/fake", b"x", QoS::AtLeastOnce, Some(5))).await;
+    c.send(publish_packet("$SYS/fake", b"x", QoS::AtLeastOnce, Some(5)))
+        .await;
     match c.recv().await {
         Some(Packet::PubAck(a)) => assert_eq!(a.code, ReasonCode::NotAuthorized),
         other => panic!("{other:?}"),
@@ -282,7 +333,8 @@ async fn retained_set_replace_delete() {
     let got = s.recv_publish().await;
     assert!(got.retain);
     assert_eq!(&got.payload[..], b"two");
-    s.send(Packet::PubAck(PubAck::new(got.packet_id.unwrap()))).await;
+    s.send(Packet::PubAck(PubAck::new(got.packet_id.unwrap())))
+        .await;
     // A live publish with RETAIN is forwarded with RETAIN cleared (3.1.1).
     p.send(retained(b"three")).await;
     p.recv().await;
@@ -337,7 +389,8 @@ async fn incoming_qos2_retransmission_is_not_routed_twice() {
     let mut sub = RawClient::connected(addr(&server), "sub", V311).await;
     sub.subscribe("x", QoS::AtMostOnce).await;
     let mut p = RawClient::connected(addr(&server), "pub", V311).await;
-    p.send(publish_packet("x", b"once", QoS::ExactlyOnce, Some(4))).await;
+    p.send(publish_packet("x", b"once", QoS::ExactlyOnce, Some(4)))
+        .await;
     assert!(matches!(p.recv().await, Some(Packet::PubRec(_))));
     let mut dup = publish_packet("x", b"once", QoS::ExactlyOnce, Some(4));
     if let Packet::Publish(ref mut x) = dup {
@@ -363,24 +416,36 @@ async fn inflight_window_and_queue_overflow() {
     sub.subscribe("w", QoS::AtLeastOnce).await;
     let mut p = RawClient::connected(addr(&server), "pub", V311).await;
     for i in 0..8u16 {
-        p.publish("w", format!("{i}").as_bytes(), QoS::AtLeastOnce, i + 1).await;
+        p.publish("w", format!("{i}").as_bytes(), QoS::AtLeastOnce, i + 1)
+            .await;
     }
     // Two in flight, three queued, three dropped.
     let a = sub.recv_publish().await;
     let b = sub.recv_publish().await;
     sub.expect_silence(Duration::from_millis(200)).await;
-    let dropped = server.broker().metrics.messages_dropped_queue_full.load(Ordering::Relaxed);
+    let dropped = server
+        .broker()
+        .metrics
+        .messages_dropped_queue_full
+        .load(Ordering::Relaxed);
     assert_eq!(dropped, 3);
     let mut got = vec![a.payload.clone(), b.payload.clone()];
-    sub.send(Packet::PubAck(PubAck::new(a.packet_id.unwrap()))).await;
-    sub.send(Packet::PubAck(PubAck::new(b.packet_id.unwrap()))).await;
+    sub.send(Packet::PubAck(PubAck::new(a.packet_id.unwrap())))
+        .await;
+    sub.send(Packet::PubAck(PubAck::new(b.packet_id.unwrap())))
+        .await;
     for _ in 0..3 {
         let m = sub.recv_publish().await;
-        sub.send(Packet::PubAck(PubAck::new(m.packet_id.unwrap()))).await;
+        sub.send(Packet::PubAck(PubAck::new(m.packet_id.unwrap())))
+            .await;
         got.push(m.payload);
     }
     let got: Vec<&[u8]> = got.iter().map(|b| &b[..]).collect();
-    assert_eq!(got, vec![&b"0"[..], b"1", b"2", b"3", b"4"], "order preserved");
+    assert_eq!(
+        got,
+        vec![&b"0"[..], b"1", b"2", b"3", b"4"],
+        "order preserved"
+    );
     server.shutdown().await;
 }
 
@@ -393,7 +458,8 @@ async fn shared_subscription_round_robin() {
     b.subscribe("$share/g/jobs/#", QoS::AtMostOnce).await;
     let mut p = RawClient::connected(addr(&server), "p", V5).await;
     for i in 0..4 {
-        p.publish("jobs/x", format!("{i}").as_bytes(), QoS::AtMostOnce, 0).await;
+        p.publish("jobs/x", format!("{i}").as_bytes(), QoS::AtMostOnce, 0)
+            .await;
     }
     let mut total = 0;
     for c in [&mut a, &mut b] {
@@ -422,7 +488,8 @@ async fn v5_session_expiry_ends_session() {
     assert_eq!(server.broker().router.subscription_count(), 1);
     drop(c);
     eventually("session expired", || {
-        server.broker().registry.session_count() == 0 && server.broker().router.subscription_count() == 0
+        server.broker().registry.session_count() == 0
+            && server.broker().router.subscription_count() == 0
     })
     .await;
     server.shutdown().await;
@@ -477,7 +544,10 @@ async fn v5_zero_session_expiry_sends_will_at_disconnect_despite_delay() {
     });
     let (c, _) = RawClient::connect(addr(&server), connect).await;
     drop(c);
-    let will = watcher.recv_within(Duration::from_secs(2)).await.expect("will before the delay");
+    let will = watcher
+        .recv_within(Duration::from_secs(2))
+        .await
+        .expect("will before the delay");
     assert!(matches!(will, Some(Packet::Publish(_))));
     server.shutdown().await;
 }
@@ -489,7 +559,10 @@ async fn max_connections_refuses_with_connack() {
     let (mut second, ack) = RawClient::connect(addr(&server), connect_packet("two", V5)).await;
     assert_eq!(ack.code, ReasonCode::ServerBusy);
     assert!(second.expect_closed().await.is_empty());
-    eventually("refused connection uncounted", || server.broker().registry.connection_count() == 1).await;
+    eventually("refused connection uncounted", || {
+        server.broker().registry.connection_count() == 1
+    })
+    .await;
     server.shutdown().await;
 }
 

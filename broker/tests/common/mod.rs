@@ -114,7 +114,11 @@ impl RawClient {
     }
 
     /// Connects with a plain CONNECT and asserts success.
-    pub async fn connected(addr: SocketAddr, client_id: &str, protocol: ProtocolVersion) -> RawClient {
+    pub async fn connected(
+        addr: SocketAddr,
+        client_id: &str,
+        protocol: ProtocolVersion,
+    ) -> RawClient {
         let (c, ack) = RawClient::connect(addr, connect_packet(client_id, protocol)).await;
         assert_eq!(ack.code, tern_codec::ReasonCode::Success);
         c
@@ -140,14 +144,18 @@ impl RawClient {
     /// The next packet, or `None` when the broker closed the connection.
     /// Panics if nothing arrives within [`WAIT`].
     pub async fn recv(&mut self) -> Option<Packet> {
-        self.recv_within(WAIT).await.expect("a packet or close within the wait")
+        self.recv_within(WAIT)
+            .await
+            .expect("a packet or close within the wait")
     }
 
     /// `Err(())` when nothing arrived in `wait`.
     pub async fn recv_within(&mut self, wait: Duration) -> Result<Option<Packet>, ()> {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
-            if let Some(p) = decode_packet(&mut self.buf, self.protocol, 1 << 28).expect("broker sent a valid packet") {
+            if let Some(p) = decode_packet(&mut self.buf, self.protocol, 1 << 28)
+                .expect("broker sent a valid packet")
+            {
                 return Ok(Some(p));
             }
             let read = tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.buf)).await;
