@@ -134,14 +134,17 @@ pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
     }
 
     let mut conn = Connection::accept(&broker, *connect, permit.id);
+    // Attach before CONNACK so that every exit from here on (a failed CONNACK
+    // write included) runs the close-down logic of `Attached`. Nothing else
+    // writes to the socket until the writer starts, so CONNACK stays first.
+    let control = Arc::new(ConnectionControl::default());
+    let attached = conn.attach(Arc::clone(&control));
     let mut out = BytesMut::new();
     if encode_packet(&Packet::ConnAck(conn.connack.clone()), protocol, &mut out).is_err()
         || writer.write_all(&out).await.is_err()
     {
         return;
     }
-    let control = Arc::new(ConnectionControl::default());
-    let attached = conn.attach(Arc::clone(&control));
     tracing::debug!(%peer, client_id = %attached.session.client_id, ?protocol, "client connected");
 
     let writer_fut = write_loop(

@@ -12,7 +12,8 @@ use tern_codec::*;
 fn check_roundtrip(p: &Packet, v: ProtocolVersion) -> Result<(), TestCaseError> {
     let bytes = common::encode(p, v);
     prop_assert_eq!(encoded_len(p, v).unwrap(), bytes.len());
-    let decoded = common::decode_one(&bytes, v).map_err(|e| TestCaseError::fail(format!("{e}: {bytes:02X?}")))?;
+    let decoded = common::decode_one(&bytes, v)
+        .map_err(|e| TestCaseError::fail(format!("{e}: {bytes:02X?}")))?;
     prop_assert_eq!(&decoded, p);
     if let Packet::Publish(publish) = p {
         let mut header = BytesMut::new();

@@ -12,7 +12,11 @@ use tern_codec::{
 /// Returns how many packets were decoded (over the three versions).
 pub fn check(data: &[u8]) -> usize {
     let mut decoded = 0;
-    for version in [ProtocolVersion::V31, ProtocolVersion::V311, ProtocolVersion::V5] {
+    for version in [
+        ProtocolVersion::V31,
+        ProtocolVersion::V311,
+        ProtocolVersion::V5,
+    ] {
         let mut buf = BytesMut::from(data);
         // Keep the limit small enough to exercise PacketTooLarge too.
         while let Ok(Some(packet)) = decode_packet(&mut buf, version, 64 * 1024) {

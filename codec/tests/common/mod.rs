@@ -111,17 +111,19 @@ pub fn connect_properties() -> impl Strategy<Value = ConnectProperties> {
         user_props(),
         auth(),
     )
-        .prop_map(|(sei, rm, mps, tam, rri, rpi, up, (am, ad))| ConnectProperties {
-            session_expiry_interval: sei,
-            receive_maximum: rm,
-            maximum_packet_size: mps,
-            topic_alias_maximum: tam,
-            request_response_information: rri,
-            request_problem_information: rpi,
-            user_properties: up,
-            authentication_method: am,
-            authentication_data: ad,
-        })
+        .prop_map(
+            |(sei, rm, mps, tam, rri, rpi, up, (am, ad))| ConnectProperties {
+                session_expiry_interval: sei,
+                receive_maximum: rm,
+                maximum_packet_size: mps,
+                topic_alias_maximum: tam,
+                request_response_information: rri,
+                request_problem_information: rpi,
+                user_properties: up,
+                authentication_method: am,
+                authentication_data: ad,
+            },
+        )
 }
 
 pub fn will_properties() -> impl Strategy<Value = WillProperties> {
@@ -174,7 +176,11 @@ pub fn connect(v: ProtocolVersion) -> impl Strategy<Value = Connect> {
                 }),
                 username: user,
                 password: pass,
-                properties: if v5 { props } else { ConnectProperties::default() },
+                properties: if v5 {
+                    props
+                } else {
+                    ConnectProperties::default()
+                },
             }
         })
 }
@@ -229,7 +235,11 @@ pub fn connack_properties() -> impl Strategy<Value = ConnAckProperties> {
 
 pub fn connack(v: ProtocolVersion) -> BoxedStrategy<ConnAck> {
     if v.is_v5() {
-        (any::<bool>(), select(codes_for(PacketType::ConnAck)), connack_properties())
+        (
+            any::<bool>(),
+            select(codes_for(PacketType::ConnAck)),
+            connack_properties(),
+        )
             .prop_map(|(sp, code, properties)| ConnAck {
                 session_present: sp,
                 code,
@@ -282,29 +292,40 @@ pub fn publish(v: ProtocolVersion) -> impl Strategy<Value = Publish> {
         publish_properties(),
         vec(any::<u8>(), 0..64),
     )
-        .prop_map(move |(dup, qos, retain, topic, empty_topic, id, props, payload)| {
-            let properties = if v5 { props } else { PublishProperties::default() };
-            let topic = if empty_topic && properties.topic_alias.is_some() {
-                Bytes::new()
-            } else {
-                topic
-            };
-            let qos0 = qos == QoS::AtMostOnce;
-            Publish {
-                dup: dup && !qos0,
-                qos,
-                retain,
-                topic,
-                packet_id: if qos0 { None } else { Some(id) },
-                properties,
-                payload: payload.into(),
-            }
-        })
+        .prop_map(
+            move |(dup, qos, retain, topic, empty_topic, id, props, payload)| {
+                let properties = if v5 {
+                    props
+                } else {
+                    PublishProperties::default()
+                };
+                let topic = if empty_topic && properties.topic_alias.is_some() {
+                    Bytes::new()
+                } else {
+                    topic
+                };
+                let qos0 = qos == QoS::AtMostOnce;
+                Publish {
+                    dup: dup && !qos0,
+                    qos,
+                    retain,
+                    topic,
+                    packet_id: if qos0 { None } else { Some(id) },
+                    properties,
+                    payload: payload.into(),
+                }
+            },
+        )
 }
 
 pub fn puback(v: ProtocolVersion, t: PacketType) -> BoxedStrategy<PubAck> {
     if v.is_v5() {
-        (packet_id(), select(codes_for(t)), option::of(text()), user_props())
+        (
+            packet_id(),
+            select(codes_for(t)),
+            option::of(text()),
+            user_props(),
+        )
             .prop_map(|(id, code, rs, up)| PubAck {
                 packet_id: id,
                 code,
@@ -367,8 +388,13 @@ pub fn suback(v: ProtocolVersion) -> impl Strategy<Value = SubAck> {
             ReasonCode::UnspecifiedError,
         ]
     };
-    (packet_id(), vec(select(codes), 1..5), option::of(text()), user_props()).prop_map(
-        move |(id, codes, rs, up)| SubAck {
+    (
+        packet_id(),
+        vec(select(codes), 1..5),
+        option::of(text()),
+        user_props(),
+    )
+        .prop_map(move |(id, codes, rs, up)| SubAck {
             packet_id: id,
             codes,
             properties: if v5 {
@@ -379,8 +405,7 @@ pub fn suback(v: ProtocolVersion) -> impl Strategy<Value = SubAck> {
             } else {
                 Default::default()
             },
-        },
-    )
+        })
 }
 
 pub fn unsubscribe(v: ProtocolVersion) -> impl Strategy<Value = Unsubscribe> {
@@ -464,13 +489,23 @@ pub fn auth_v5() -> impl Strategy<Value = Auth> {
 /// Any packet expressible in `v`.
 pub fn packet(v: ProtocolVersion) -> BoxedStrategy<Packet> {
     let mut options: Vec<BoxedStrategy<Packet>> = vec![
-        connect(v).prop_map(|c| Packet::Connect(Box::new(c))).boxed(),
+        connect(v)
+            .prop_map(|c| Packet::Connect(Box::new(c)))
+            .boxed(),
         connack(v).prop_map(Packet::ConnAck).boxed(),
         publish(v).prop_map(Packet::Publish).boxed(),
-        puback(v, PacketType::PubAck).prop_map(Packet::PubAck).boxed(),
-        puback(v, PacketType::PubRec).prop_map(Packet::PubRec).boxed(),
-        puback(v, PacketType::PubRel).prop_map(Packet::PubRel).boxed(),
-        puback(v, PacketType::PubComp).prop_map(Packet::PubComp).boxed(),
+        puback(v, PacketType::PubAck)
+            .prop_map(Packet::PubAck)
+            .boxed(),
+        puback(v, PacketType::PubRec)
+            .prop_map(Packet::PubRec)
+            .boxed(),
+        puback(v, PacketType::PubRel)
+            .prop_map(Packet::PubRel)
+            .boxed(),
+        puback(v, PacketType::PubComp)
+            .prop_map(Packet::PubComp)
+            .boxed(),
         subscribe(v).prop_map(Packet::Subscribe).boxed(),
         suback(v).prop_map(Packet::SubAck).boxed(),
         unsubscribe(v).prop_map(Packet::Unsubscribe).boxed(),
