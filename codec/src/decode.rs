@@ -144,7 +144,10 @@ fn packet_type(first: u8, version: ProtocolVersion) -> Result<PacketType, Decode
         P::PubRel | P::Subscribe | P::Unsubscribe => 0b0010,
         _ => 0,
     };
-    if flags != expected {
+    // MQTT 3.1 let a client set DUP when it resent PUBREL, SUBSCRIBE or
+    // UNSUBSCRIBE (3.1 section 2.1); 3.1.1 fixed those flags to 0b0010.
+    let v31_dup = version == ProtocolVersion::V31 && expected != 0 && flags == expected | 0b1000;
+    if flags != expected && !v31_dup {
         return Err(DecodeError::Malformed("invalid fixed header flags"));
     }
     Ok(t)

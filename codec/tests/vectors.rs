@@ -611,3 +611,19 @@ fn qos0_publish_never_sets_dup() {
     };
     assert_eq!(&encode(&Packet::Publish(p), V311)[..], b"\x30\x03\x00\x01t");
 }
+
+#[test]
+fn mqtt31_allows_dup_on_resent_pubrel_and_subscribe_but_311_does_not() {
+    // PUBREL with DUP (0x6A), packet id 7.
+    let mut buf = BytesMut::from(&b"\x6A\x02\x00\x07"[..]);
+    let p = decode_packet(&mut buf, V31, usize::MAX).unwrap().unwrap();
+    assert_eq!(p, Packet::PubRel(PubAck::new(7)));
+    malformed(b"\x6A\x02\x00\x07", V311);
+    // SUBSCRIBE with DUP (0x8A): packet id 1, filter "a", QoS 0.
+    let mut buf = BytesMut::from(&b"\x8A\x06\x00\x01\x00\x01a\x00"[..]);
+    assert!(matches!(
+        decode_packet(&mut buf, V31, usize::MAX),
+        Ok(Some(Packet::Subscribe(_)))
+    ));
+    malformed(b"\x8A\x06\x00\x01\x00\x01a\x00", V311);
+}
