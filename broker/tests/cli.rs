@@ -1,0 +1,125 @@
+//! The `tern` binary: embedded defaults, config errors, signals.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const TERN: &str = env!("CARGO_BIN_EXE_tern");
+
+/// Kills the child on drop so a failing test leaves no process behind.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn temp_file(name: &str, contents: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("tern-cli-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, contents).unwrap();
+    path
+}
+
+#[test]
+fn bad_config_is_refused_naming_file_and_key() {
+    let path = temp_file("bad.toml", "[limits]\nmax_packet_size = 3\n");
+    let out = Command::new(TERN)
+        .args(["serve", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("bad.toml") && err.contains("limits.max_packet_size"),
+        "{err}"
+    );
+
+    let path = temp_file("typo.toml", "[limit]\nmax_packet_size = 3000\n");
+    let out = Command::new(TERN)
+        .args(["serve", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("typo.toml") && err.contains("limit"), "{err}");
+
+    let out = Command::new(TERN)
+        .args(["serve", "--config", "/nonexistent/tern.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/tern.toml"));
+}
+
+#[test]
+fn serve_without_config_says_so_and_stops_on_sigterm() {
+    let child = Command::new(TERN)
+        .args(["serve", "--bind", "127.0.0.1:0"])
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut running = Running(child);
+    let stderr = running.0.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let mut lines = Vec::new();
+    let mut port = None;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while port.is_none() && Instant::now() < deadline {
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(100)) {
+            if let Some(rest) = line.split("listener ready addr=127.0.0.1:").nth(1) {
+                port = rest.trim().parse::<u16>().ok();
+            }
+            lines.push(line);
+        }
+    }
+    let port = port.unwrap_or_else(|| panic!("no listener line in {lines:#?}"));
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("embedded default") && l.contains("anonymous")),
+        "{lines:#?}"
+    );
+    // It serves MQTT: a CONNECT gets a CONNACK.
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(&[
+        0x10, 0x0D, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60, 0, 1, b'a',
+    ])
+    .unwrap();
+    let mut connack = [0u8; 4];
+    s.read_exact(&mut connack).unwrap();
+    assert_eq!(connack, [0x20, 0x02, 0x00, 0x00]);
+
+    let status = Command::new("kill")
+        .args(["-TERM", &running.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = running.0.try_wait().unwrap() {
+            assert!(status.success(), "exit status {status}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "broker did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The connection was closed by the broker.
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+}
