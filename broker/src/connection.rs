@@ -26,8 +26,7 @@ use tern_codec::{
     ReasonCode, SubAck, Subscribe, UnsubAck, Unsubscribe, Will,
 };
 use tern_router::{parse_shared, validate_topic_name, SubscribeOutcome, SubscriptionOptions};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::OwnedReadHalf;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -77,11 +76,22 @@ impl Exit {
 }
 
 /// Serves one TCP connection until it closes.
-pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
+pub async fn serve_tcp(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
+    let _ = stream.set_nodelay(true);
+    let (reader, writer) = stream.into_split();
+    serve(broker, reader, writer, peer).await;
+}
+
+/// Serves one connection, whatever carries its bytes (TCP, WebSocket ...),
+/// until it closes. The transport only moves bytes: everything MQTT happens
+/// here, identically for every transport.
+pub async fn serve<R, W>(broker: Arc<Broker>, mut reader: R, mut writer: W, peer: SocketAddr)
+where
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send,
+{
     let permit = broker.registry.admit();
     Metrics::inc(&broker.metrics.connections_accepted);
-    let _ = stream.set_nodelay(true);
-    let (mut reader, mut writer) = stream.into_split();
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     let max_packet = broker.config.limits.max_packet_size as usize;
 
@@ -206,8 +216,8 @@ enum ConnectFailure {
 
 /// Reads until a whole CONNECT has arrived. Anything else first is a
 /// protocol violation (MQTT-3.1.0-1).
-async fn read_connect(
-    reader: &mut OwnedReadHalf,
+async fn read_connect<R: AsyncRead + Unpin>(
+    reader: &mut R,
     buf: &mut BytesMut,
     max_packet: usize,
     metrics: &Metrics,
@@ -454,10 +464,10 @@ impl Connection {
     }
 
     /// Reads and handles packets until the connection must close.
-    async fn read_loop(
+    async fn read_loop<R: AsyncRead + Unpin>(
         &mut self,
         session: &Arc<Session>,
-        reader: &mut OwnedReadHalf,
+        reader: &mut R,
         buf: &mut BytesMut,
         control: &ConnectionControl,
         shutdown: &mut tokio::sync::watch::Receiver<bool>,

@@ -31,7 +31,7 @@
 
 pub mod broker;
 pub mod config;
-mod connection;
+pub mod connection;
 pub mod message;
 pub mod metrics;
 pub mod registry;

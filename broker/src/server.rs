@@ -103,7 +103,7 @@ async fn accept_loop(broker: Arc<Broker>, listener: TcpListener) {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    tokio::spawn(connection::serve(Arc::clone(&broker), stream, peer));
+                    tokio::spawn(connection::serve_tcp(Arc::clone(&broker), stream, peer));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");

@@ -17,8 +17,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use tern_codec::{
     encode_packet, encode_publish_header, Packet, ProtocolVersion, PubAck, Publish, QoS,
 };
-use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use crate::metrics::Metrics;
 use crate::session::{AckKind, ConnectionControl, Delivery, Outbound, Session};
@@ -43,7 +42,7 @@ pub struct WriterContext {
 
 /// Runs until the connection closes: returns after the final flush, or at
 /// the first write error (after telling the reader to stop).
-pub async fn write_loop(ctx: WriterContext, mut socket: OwnedWriteHalf) {
+pub async fn write_loop<W: AsyncWrite + Unpin>(ctx: WriterContext, mut socket: W) {
     let mut items = Vec::new();
     let mut scratch = BytesMut::with_capacity(1024);
     let mut chunks: VecDeque<Bytes> = VecDeque::new();
@@ -169,8 +168,8 @@ fn to_publish(delivery: &Delivery, protocol: ProtocolVersion, now: Instant) -> P
 }
 
 /// Writes every chunk, using vectored writes, advancing past partial writes.
-async fn write_chunks(
-    socket: &mut OwnedWriteHalf,
+async fn write_chunks<W: AsyncWrite + Unpin>(
+    socket: &mut W,
     chunks: &mut VecDeque<Bytes>,
     metrics: &Metrics,
 ) -> std::io::Result<()> {
