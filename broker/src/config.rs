@@ -23,6 +23,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// Who may connect.
     pub auth: AuthConfig,
+    /// Protocol behaviour where MQTT leaves the broker a choice.
+    pub mqtt: MqttConfig,
 }
 
 /// `[listeners]`.
@@ -129,6 +131,36 @@ impl Default for AuthConfig {
         AuthConfig {
             allow_anonymous: true,
             users: Vec::new(),
+        }
+    }
+}
+
+/// `[mqtt]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MqttConfig {
+    /// An MQTT 5 client that sets Request Response Information gets Response
+    /// Information = this prefix followed by its client id, a topic under
+    /// which it may receive responses.
+    pub response_information_prefix: String,
+    /// Check that a payload whose Payload Format Indicator says UTF-8 is
+    /// valid UTF-8; refuse it with 0x99 otherwise.
+    pub check_payload_format: bool,
+    /// When set, every MQTT 5 client is redirected: CONNACK 0x9C "use another
+    /// server" (or 0x9D "server moved" with `server_moved`) carrying this
+    /// Server Reference. MQTT 3.x clients cannot be redirected and are served.
+    pub server_reference: Option<String>,
+    /// Redirect permanently (0x9D) rather than temporarily (0x9C).
+    pub server_moved: bool,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        MqttConfig {
+            response_information_prefix: "response/".to_owned(),
+            check_payload_format: true,
+            server_reference: None,
+            server_moved: false,
         }
     }
 }

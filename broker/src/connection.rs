@@ -34,6 +34,7 @@ use crate::broker::{Broker, SessionRef};
 use crate::message::Message;
 use crate::metrics::Metrics;
 use crate::session::{AttachParams, ConnectionControl, Session};
+use crate::topic_alias::{AliasError, InboundAliases};
 use crate::writer::{write_loop, WriterContext};
 
 /// Time the writer gets to flush after the connection decided to close.
@@ -133,8 +134,14 @@ where
     if let Some(code) = refusal {
         tracing::info!(%peer, client_id = connect.client_id_str(), ?code, "connection refused");
         let mut out = BytesMut::new();
+        let mut properties = ConnAckProperties::default();
+        if matches!(code, ReasonCode::UseAnotherServer | ReasonCode::ServerMoved) {
+            properties.server_reference =
+                broker.config.mqtt.server_reference.clone().map(Bytes::from);
+        }
         let connack = Packet::ConnAck(ConnAck {
             code,
+            properties,
             ..ConnAck::default()
         });
         if encode_packet(&connack, protocol, &mut out).is_ok() {
@@ -164,6 +171,7 @@ where
             control: Arc::clone(&control),
             protocol,
             client_max_packet: conn.client_max_packet,
+            client_topic_alias_max: conn.client_topic_alias_max,
             metrics: Arc::clone(&broker.metrics),
         },
         writer,
@@ -279,6 +287,13 @@ fn check_connect(broker: &Broker, connect: &Connect) -> Option<ReasonCode> {
     if connect.properties.authentication_method.is_some() {
         return Some(ReasonCode::BadAuthenticationMethod);
     }
+    if connect.protocol.is_v5() && broker.config.mqtt.server_reference.is_some() {
+        return Some(if broker.config.mqtt.server_moved {
+            ReasonCode::ServerMoved
+        } else {
+            ReasonCode::UseAnotherServer
+        });
+    }
     let auth = &broker.config.auth;
     match &connect.username {
         None if !auth.allow_anonymous => Some(ReasonCode::NotAuthorized),
@@ -353,9 +368,9 @@ struct Connection {
     keep_alive: Duration,
     send_quota: u16,
     client_max_packet: Option<u32>,
+    client_topic_alias_max: u16,
     will: Option<Will>,
-    /// Inbound topic aliases (MQTT 5), indexed by alias - 1.
-    topic_aliases: Vec<Option<Bytes>>,
+    topic_aliases: InboundAliases,
     /// A session expiry interval changed by the client's DISCONNECT.
     disconnect_expiry: Option<u32>,
 }
@@ -409,6 +424,13 @@ impl Connection {
             broker.publish_will(&pending.will, old.id);
         }
 
+        if v5 && connect.properties.request_response_information == Some(1) {
+            let info = format!(
+                "{}{}",
+                broker.config.mqtt.response_information_prefix, client_id
+            );
+            props.response_information = Some(Bytes::from(info));
+        }
         if v5 {
             props.receive_maximum = Some(limits.receive_maximum);
             props.maximum_packet_size = Some(limits.max_packet_size);
@@ -435,8 +457,13 @@ impl Connection {
             keep_alive: Duration::from_secs(u64::from(keep_alive)),
             send_quota,
             client_max_packet: connect.properties.maximum_packet_size,
+            client_topic_alias_max: if v5 {
+                connect.properties.topic_alias_maximum.unwrap_or(0)
+            } else {
+                0
+            },
             will: connect.will,
-            topic_aliases: vec![None; usize::from(limits.topic_alias_maximum)],
+            topic_aliases: InboundAliases::new(if v5 { limits.topic_alias_maximum } else { 0 }),
             disconnect_expiry: None,
         }
     }
@@ -605,6 +632,31 @@ impl Connection {
                 format!("invalid topic name {topic_str:?}"),
             ));
         }
+        if v5
+            && publish.properties.payload_format_indicator == Some(1)
+            && self.broker.config.mqtt.check_payload_format
+            && std::str::from_utf8(&publish.payload).is_err()
+        {
+            // MQTT-3.3.2-4 allows refusing it: an ack with 0x99, or for QoS 0
+            // (which has no ack) closing with 0x99.
+            Metrics::inc(&self.broker.metrics.publishes_denied);
+            let ack = PubAck {
+                packet_id: publish.packet_id.unwrap_or(0),
+                code: ReasonCode::PayloadFormatInvalid,
+                ..PubAck::default()
+            };
+            match publish.qos {
+                QoS::AtMostOnce => {
+                    return Err(Exit::Error(
+                        ReasonCode::PayloadFormatInvalid,
+                        "payload is not the UTF-8 its format indicator says".into(),
+                    ))
+                }
+                QoS::AtLeastOnce => self.send(Packet::PubAck(ack)),
+                QoS::ExactlyOnce => self.send(Packet::PubRec(ack)),
+            }
+            return Ok(());
+        }
         // Topics starting with '$' belong to the broker ($SYS, $share ...).
         let denied = topic_str.starts_with('$');
         if denied {
@@ -671,23 +723,15 @@ impl Connection {
         let Some(alias) = publish.properties.topic_alias else {
             return Ok(publish.topic.clone());
         };
-        let slot = usize::from(alias);
-        if slot == 0 || slot > self.topic_aliases.len() {
-            Metrics::inc(&self.broker.metrics.protocol_errors);
-            return Err(Exit::Error(
-                ReasonCode::TopicAliasInvalid,
-                format!("topic alias {alias} out of range"),
-            ));
-        }
-        if publish.topic.is_empty() {
-            match &self.topic_aliases[slot - 1] {
-                Some(topic) => Ok(topic.clone()),
-                None => Err(self.protocol_error("unknown topic alias")),
-            }
-        } else {
-            self.topic_aliases[slot - 1] = Some(publish.topic.clone());
-            Ok(publish.topic.clone())
-        }
+        self.topic_aliases
+            .resolve(alias, &publish.topic)
+            .map_err(|e| match e {
+                AliasError::OutOfRange(_) => {
+                    Metrics::inc(&self.broker.metrics.protocol_errors);
+                    Exit::Error(ReasonCode::TopicAliasInvalid, e.to_string())
+                }
+                AliasError::Unknown(_) => self.protocol_error(&e.to_string()),
+            })
     }
 
     fn on_subscribe(&mut self, session: &Arc<Session>, subscribe: Subscribe) -> Result<(), Exit> {

@@ -11,6 +11,7 @@
 //! broker      shared state; publish = retained store + router match + fan-out
 //! registry    sessions by client id; the only count of connections
 //! session     per-client state: QoS 1/2 flows, in-flight window, queues
+//! topic_alias MQTT 5 topic aliases, inbound and outbound
 //! message     one Arc'd message per publish, shared by every delivery
 //! config      embedded defaults, TOML file, validation
 //! metrics     monotonic counters
@@ -37,6 +38,7 @@ pub mod metrics;
 pub mod registry;
 pub mod server;
 pub mod session;
+pub mod topic_alias;
 mod writer;
 
 pub use broker::Broker;

@@ -21,6 +21,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use crate::metrics::Metrics;
 use crate::session::{AckKind, ConnectionControl, Delivery, Outbound, Session};
+use crate::topic_alias::OutboundAliases;
 
 /// Payloads up to this size are copied next to their header rather than
 /// given their own I/O vector.
@@ -37,6 +38,8 @@ pub struct WriterContext {
     pub protocol: ProtocolVersion,
     /// The client's Maximum Packet Size (MQTT 5), if it set one.
     pub client_max_packet: Option<u32>,
+    /// The client's Topic Alias Maximum (MQTT 5; 0 when it allows none).
+    pub client_topic_alias_max: u16,
     pub metrics: Arc<Metrics>,
 }
 
@@ -46,6 +49,7 @@ pub async fn write_loop<W: AsyncWrite + Unpin>(ctx: WriterContext, mut socket: W
     let mut items = Vec::new();
     let mut scratch = BytesMut::with_capacity(1024);
     let mut chunks: VecDeque<Bytes> = VecDeque::new();
+    let mut aliases = OutboundAliases::new(ctx.client_topic_alias_max);
     loop {
         let attached = ctx.session.drain_outbound(ctx.connection_id, &mut items);
         if items.is_empty() {
@@ -57,7 +61,7 @@ pub async fn write_loop<W: AsyncWrite + Unpin>(ctx: WriterContext, mut socket: W
         }
         let now = Instant::now();
         for item in items.drain(..) {
-            encode_item(&ctx, item, now, &mut scratch, &mut chunks);
+            encode_item(&ctx, &mut aliases, item, now, &mut scratch, &mut chunks);
         }
         if !scratch.is_empty() {
             chunks.push_back(scratch.split().freeze());
@@ -85,6 +89,7 @@ pub async fn write_loop<W: AsyncWrite + Unpin>(ctx: WriterContext, mut socket: W
 /// closing off `scratch` into a chunk followed by the payload chunk.
 fn encode_item(
     ctx: &WriterContext,
+    aliases: &mut Option<OutboundAliases>,
     item: Outbound,
     now: Instant,
     scratch: &mut BytesMut,
@@ -112,7 +117,7 @@ fn encode_item(
                 Metrics::inc(&ctx.metrics.messages_expired);
                 return;
             }
-            let publish = to_publish(&delivery, ctx.protocol, now);
+            let mut publish = to_publish(&delivery, ctx.protocol, now);
             if let Some(max) = ctx.client_max_packet {
                 let too_large =
                     tern_codec::encoded_len(&Packet::Publish(publish.clone()), ctx.protocol)
@@ -122,6 +127,15 @@ fn encode_item(
                     ctx.session.discard_inflight(delivery.packet_id);
                     Metrics::inc(&ctx.metrics.messages_dropped_oversized);
                     return;
+                }
+            }
+            // After the size check, so a dropped delivery never defines an
+            // alias the client does not learn.
+            if let Some(aliases) = aliases {
+                let (alias, known) = aliases.assign(&publish.topic);
+                publish.properties.topic_alias = Some(alias);
+                if known {
+                    publish.topic = Bytes::new();
                 }
             }
             if let Err(e) = encode_publish_header(&publish, ctx.protocol, scratch) {

@@ -1,0 +1,498 @@
+//! MQTT 5 features, checked on the wire.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use tern_codec::properties::PublishProperties;
+use tern_codec::{
+    Packet, ProtocolVersion, PubAck, QoS, ReasonCode, RetainHandling, Subscribe, SubscribeFilter,
+};
+
+const V5: ProtocolVersion = ProtocolVersion::V5;
+
+fn sub_filter(filter: &str, qos: QoS) -> SubscribeFilter {
+    SubscribeFilter {
+        filter: Bytes::copy_from_slice(filter.as_bytes()),
+        qos,
+        no_local: false,
+        retain_as_published: false,
+        retain_handling: RetainHandling::SendAtSubscribe,
+    }
+}
+
+async fn subscribe_with(c: &mut RawClient, filters: Vec<SubscribeFilter>, id: Option<u32>) {
+    let mut s = Subscribe {
+        packet_id: 11,
+        filters,
+        properties: Default::default(),
+    };
+    s.properties.subscription_identifier = id;
+    c.send(Packet::Subscribe(s)).await;
+    assert!(matches!(c.recv().await, Some(Packet::SubAck(_))));
+}
+
+fn publish_with(
+    topic: &str,
+    payload: &[u8],
+    qos: QoS,
+    id: Option<u16>,
+    props: PublishProperties,
+    retain: bool,
+) -> Packet {
+    let mut p = publish_packet(topic, payload, qos, id);
+    if let Packet::Publish(ref mut x) = p {
+        x.properties = props;
+        x.retain = retain;
+    }
+    p
+}
+
+#[tokio::test]
+async fn outbound_topic_aliases_when_the_client_allows_them() {
+    let server = start(|_| {}).await;
+    let mut connect = connect_packet("aliased", V5);
+    connect.properties.topic_alias_maximum = Some(1);
+    let (mut sub, _) = RawClient::connect(addr(&server), connect).await;
+    sub.subscribe("long/topic/name/#", QoS::AtMostOnce).await;
+    let mut p = RawClient::connected(addr(&server), "p", V5).await;
+    for t in [
+        "long/topic/name/a",
+        "long/topic/name/a",
+        "long/topic/name/b",
+        "long/topic/name/b",
+    ] {
+        p.publish(t, b"x", QoS::AtMostOnce, 0).await;
+    }
+    let a1 = sub.recv_publish().await;
+    assert_eq!(
+        (&a1.topic[..], a1.properties.topic_alias),
+        (&b"long/topic/name/a"[..], Some(1))
+    );
+    let a2 = sub.recv_publish().await;
+    assert_eq!(
+        (&a2.topic[..], a2.properties.topic_alias),
+        (&b""[..], Some(1))
+    );
+    let b1 = sub.recv_publish().await;
+    assert_eq!(
+        (&b1.topic[..], b1.properties.topic_alias),
+        (&b"long/topic/name/b"[..], Some(1))
+    );
+    let b2 = sub.recv_publish().await;
+    assert_eq!(
+        (&b2.topic[..], b2.properties.topic_alias),
+        (&b""[..], Some(1))
+    );
+
+    // A client that allows none gets full topics.
+    let mut plain = RawClient::connected(addr(&server), "plain", V5).await;
+    plain.subscribe("long/#", QoS::AtMostOnce).await;
+    p.publish("long/topic/name/a", b"x", QoS::AtMostOnce, 0)
+        .await;
+    let m = plain.recv_publish().await;
+    assert_eq!(m.properties.topic_alias, None);
+    assert_eq!(&m.topic[..], b"long/topic/name/a");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn response_information_and_server_keep_alive() {
+    let server = start(|c| c.limits.max_keepalive_secs = 30).await;
+    let mut connect = connect_packet("asker", V5);
+    connect.properties.request_response_information = Some(1);
+    connect.keep_alive = 600;
+    let (_c, ack) = RawClient::connect(addr(&server), connect).await;
+    assert_eq!(
+        ack.properties.response_information.as_deref(),
+        Some(&b"response/asker"[..])
+    );
+    assert_eq!(ack.properties.server_keep_alive, Some(30));
+    let (_c, ack) = RawClient::connect(addr(&server), connect_packet("quiet", V5)).await;
+    assert_eq!(ack.properties.response_information, None);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn request_response_properties_pass_through() {
+    let server = start(|_| {}).await;
+    let mut responder = RawClient::connected(addr(&server), "responder", V5).await;
+    responder.subscribe("svc/req", QoS::AtLeastOnce).await;
+    let mut requester = RawClient::connected(addr(&server), "requester", V5).await;
+    let props = PublishProperties {
+        response_topic: Some(Bytes::from_static(b"svc/resp/requester")),
+        correlation_data: Some(Bytes::from_static(&[1, 2, 3])),
+        content_type: Some(Bytes::from_static(b"text/plain")),
+        payload_format_indicator: Some(1),
+        user_properties: vec![
+            (Bytes::from_static(b"b"), Bytes::from_static(b"2")),
+            (Bytes::from_static(b"a"), Bytes::from_static(b"1")),
+            (Bytes::from_static(b"b"), Bytes::from_static(b"3")),
+        ],
+        ..Default::default()
+    };
+    requester
+        .send(publish_with(
+            "svc/req",
+            b"ping",
+            QoS::AtLeastOnce,
+            Some(1),
+            props.clone(),
+            false,
+        ))
+        .await;
+    assert!(matches!(requester.recv().await, Some(Packet::PubAck(_))));
+    let got = responder.recv_publish().await;
+    assert_eq!(got.properties.response_topic, props.response_topic);
+    assert_eq!(got.properties.correlation_data, props.correlation_data);
+    assert_eq!(got.properties.content_type, props.content_type);
+    assert_eq!(got.properties.payload_format_indicator, Some(1));
+    assert_eq!(
+        got.properties.user_properties, props.user_properties,
+        "order and duplicates kept"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn invalid_utf8_with_format_indicator_is_refused() {
+    let server = start(|_| {}).await;
+    let mut sub = RawClient::connected(addr(&server), "sub", V5).await;
+    sub.subscribe("f", QoS::AtMostOnce).await;
+    let mut p = RawClient::connected(addr(&server), "p", V5).await;
+    let props = PublishProperties {
+        payload_format_indicator: Some(1),
+        ..Default::default()
+    };
+    p.send(publish_with(
+        "f",
+        &[0xFF, 0xFE],
+        QoS::AtLeastOnce,
+        Some(3),
+        props.clone(),
+        false,
+    ))
+    .await;
+    match p.recv().await {
+        Some(Packet::PubAck(a)) => assert_eq!(a.code, ReasonCode::PayloadFormatInvalid),
+        other => panic!("{other:?}"),
+    }
+    sub.expect_silence(Duration::from_millis(200)).await;
+    p.send(publish_with(
+        "f",
+        &[0xFF],
+        QoS::AtMostOnce,
+        None,
+        props,
+        false,
+    ))
+    .await;
+    let seen = p.expect_closed().await;
+    assert!(
+        matches!(seen.last(), Some(Packet::Disconnect(d)) if d.code == ReasonCode::PayloadFormatInvalid)
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn server_reference_redirects_v5_clients_only() {
+    let server = start(|c| c.mqtt.server_reference = Some("other.example:1883".into())).await;
+    let (_c, ack) = RawClient::connect(addr(&server), connect_packet("v5", V5)).await;
+    assert_eq!(ack.code, ReasonCode::UseAnotherServer);
+    assert_eq!(
+        ack.properties.server_reference.as_deref(),
+        Some(&b"other.example:1883"[..])
+    );
+    let (_c, ack) =
+        RawClient::connect(addr(&server), connect_packet("v3", ProtocolVersion::V311)).await;
+    assert_eq!(ack.code, ReasonCode::Success);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn one_copy_carries_every_matching_subscription_identifier() {
+    let server = start(|_| {}).await;
+    let mut sub = RawClient::connected(addr(&server), "sub", V5).await;
+    subscribe_with(
+        &mut sub,
+        vec![sub_filter("ids/+", QoS::AtMostOnce)],
+        Some(1),
+    )
+    .await;
+    subscribe_with(
+        &mut sub,
+        vec![sub_filter("ids/#", QoS::AtLeastOnce)],
+        Some(2),
+    )
+    .await;
+    let mut p = RawClient::connected(addr(&server), "p", V5).await;
+    p.publish("ids/x", b"1", QoS::AtLeastOnce, 1).await;
+    let got = sub.recv_publish().await;
+    let mut ids = got.properties.subscription_identifiers.clone();
+    ids.sort();
+    assert_eq!(ids, vec![1, 2]);
+    assert_eq!(got.qos, QoS::AtLeastOnce);
+    sub.expect_silence(Duration::from_millis(200)).await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn no_local_and_retain_as_published() {
+    let server = start(|_| {}).await;
+    let mut c = RawClient::connected(addr(&server), "self", V5).await;
+    let mut f = sub_filter("loop/#", QoS::AtMostOnce);
+    f.no_local = true;
+    let mut g = sub_filter("rap/#", QoS::AtMostOnce);
+    g.retain_as_published = true;
+    subscribe_with(&mut c, vec![f, g], None).await;
+    c.send(publish_with(
+        "loop/a",
+        b"mine",
+        QoS::AtMostOnce,
+        None,
+        Default::default(),
+        false,
+    ))
+    .await;
+    c.expect_silence(Duration::from_millis(200)).await;
+    let mut other = RawClient::connected(addr(&server), "other", V5).await;
+    other
+        .send(publish_with(
+            "loop/a",
+            b"theirs",
+            QoS::AtMostOnce,
+            None,
+            Default::default(),
+            false,
+        ))
+        .await;
+    assert_eq!(&c.recv_publish().await.payload[..], b"theirs");
+    other
+        .send(publish_with(
+            "rap/a",
+            b"kept",
+            QoS::AtMostOnce,
+            None,
+            Default::default(),
+            true,
+        ))
+        .await;
+    let got = c.recv_publish().await;
+    assert!(
+        got.retain,
+        "Retain As Published keeps the flag on a live message"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn retain_handling_options() {
+    let server = start(|_| {}).await;
+    let mut p = RawClient::connected(addr(&server), "p", V5).await;
+    p.send(publish_with(
+        "rh/t",
+        b"r",
+        QoS::AtMostOnce,
+        None,
+        Default::default(),
+        true,
+    ))
+    .await;
+    p.send(publish_with(
+        "rh/t",
+        b"sync",
+        QoS::AtLeastOnce,
+        Some(1),
+        Default::default(),
+        false,
+    ))
+    .await;
+    p.recv().await;
+    let mut c = RawClient::connected(addr(&server), "c", V5).await;
+    let mut never = sub_filter("rh/#", QoS::AtMostOnce);
+    never.retain_handling = RetainHandling::DoNotSend;
+    subscribe_with(&mut c, vec![never], None).await;
+    c.expect_silence(Duration::from_millis(200)).await;
+    let mut if_new = sub_filter("rh/+", QoS::AtMostOnce);
+    if_new.retain_handling = RetainHandling::SendIfNew;
+    subscribe_with(&mut c, vec![if_new.clone()], None).await;
+    assert_eq!(&c.recv_publish().await.payload[..], b"r");
+    // Same subscription again: it exists, so nothing is sent.
+    subscribe_with(&mut c, vec![if_new], None).await;
+    c.expect_silence(Duration::from_millis(200)).await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn message_expiry_while_queued_and_when_retained() {
+    let server = start(|_| {}).await;
+    let mut connect = connect_packet("offline", V5);
+    connect.clean_start = false;
+    connect.properties.session_expiry_interval = Some(60);
+    let (mut s, _) = RawClient::connect(addr(&server), connect.clone()).await;
+    s.subscribe("exp/#", QoS::AtLeastOnce).await;
+    drop(s);
+    eventually("offline", || {
+        !server.broker().registry.get("offline").unwrap().is_online()
+    })
+    .await;
+    let mut p = RawClient::connected(addr(&server), "p", V5).await;
+    let short = PublishProperties {
+        message_expiry_interval: Some(1),
+        ..Default::default()
+    };
+    let long = PublishProperties {
+        message_expiry_interval: Some(100),
+        ..Default::default()
+    };
+    p.send(publish_with(
+        "exp/short",
+        b"s",
+        QoS::AtLeastOnce,
+        Some(1),
+        short.clone(),
+        false,
+    ))
+    .await;
+    p.recv().await;
+    p.send(publish_with(
+        "exp/long",
+        b"l",
+        QoS::AtLeastOnce,
+        Some(2),
+        long,
+        false,
+    ))
+    .await;
+    p.recv().await;
+    p.send(publish_with(
+        "exp/retained",
+        b"r",
+        QoS::AtMostOnce,
+        None,
+        short,
+        true,
+    ))
+    .await;
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let (mut s, ack) = RawClient::connect(addr(&server), connect).await;
+    assert!(ack.session_present);
+    let got = s.recv_publish().await;
+    assert_eq!(
+        &got.payload[..],
+        b"l",
+        "the expired message is never delivered"
+    );
+    let left = got.properties.message_expiry_interval.unwrap();
+    assert!(
+        left < 100 && left >= 97,
+        "interval reduced by the wait: {left}"
+    );
+    s.send(Packet::PubAck(PubAck::new(got.packet_id.unwrap())))
+        .await;
+    s.expect_silence(Duration::from_millis(200)).await;
+    let mut late = RawClient::connected(addr(&server), "late", V5).await;
+    late.subscribe("exp/#", QoS::AtMostOnce).await;
+    late.expect_silence(Duration::from_millis(200)).await;
+    assert!(
+        server
+            .broker()
+            .metrics
+            .messages_expired
+            .load(Ordering::Relaxed)
+            >= 1
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn client_receive_maximum_limits_inflight() {
+    let server = start(|_| {}).await;
+    let mut connect = connect_packet("slow", V5);
+    connect.properties.receive_maximum = Some(1);
+    let (mut sub, _) = RawClient::connect(addr(&server), connect).await;
+    sub.subscribe("rm", QoS::AtLeastOnce).await;
+    let mut p = RawClient::connected(addr(&server), "p", V5).await;
+    for i in 1..=3u16 {
+        p.publish("rm", &[i as u8], QoS::AtLeastOnce, i).await;
+    }
+    for i in 1..=3u8 {
+        let m = sub.recv_publish().await;
+        assert_eq!(&m.payload[..], &[i]);
+        sub.expect_silence(Duration::from_millis(150)).await;
+        sub.send(Packet::PubAck(PubAck::new(m.packet_id.unwrap())))
+            .await;
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn exceeding_our_receive_maximum_is_0x93() {
+    let server = start(|c| c.limits.receive_maximum = 2).await;
+    let (mut p, ack) = RawClient::connect(addr(&server), connect_packet("flood", V5)).await;
+    assert_eq!(ack.properties.receive_maximum, Some(2));
+    for id in 1..=3u16 {
+        p.send(publish_packet("q2", b"x", QoS::ExactlyOnce, Some(id)))
+            .await;
+    }
+    let seen = p.expect_closed().await;
+    assert!(
+        matches!(seen.last(), Some(Packet::Disconnect(d)) if d.code == ReasonCode::ReceiveMaximumExceeded),
+        "{seen:?}"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn deliveries_larger_than_the_client_maximum_are_dropped() {
+    let server = start(|_| {}).await;
+    let mut connect = connect_packet("small", V5);
+    connect.properties.maximum_packet_size = Some(64);
+    let (mut sub, _) = RawClient::connect(addr(&server), connect).await;
+    sub.subscribe("m", QoS::AtLeastOnce).await;
+    let mut p = RawClient::connected(addr(&server), "p", V5).await;
+    p.publish("m", &[0u8; 200], QoS::AtLeastOnce, 1).await;
+    p.publish("m", b"fits", QoS::AtLeastOnce, 2).await;
+    let got = sub.recv_publish().await;
+    assert_eq!(&got.payload[..], b"fits");
+    assert_eq!(
+        server
+            .broker()
+            .metrics
+            .messages_dropped_oversized
+            .load(Ordering::Relaxed),
+        1
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn disconnect_may_change_session_expiry() {
+    let server = start(|_| {}).await;
+    let mut connect = connect_packet("changer", V5);
+    connect.properties.session_expiry_interval = Some(300);
+    let (mut c, _) = RawClient::connect(addr(&server), connect).await;
+    let mut d = tern_codec::Disconnect::default();
+    d.properties.session_expiry_interval = Some(0);
+    c.send(Packet::Disconnect(d)).await;
+    c.expect_closed().await;
+    eventually("session gone", || {
+        server.broker().registry.session_count() == 0
+    })
+    .await;
+
+    // Raising it from 0 is a protocol error.
+    let (mut c, _) = RawClient::connect(addr(&server), connect_packet("zero", V5)).await;
+    let mut d = tern_codec::Disconnect::default();
+    d.properties.session_expiry_interval = Some(10);
+    c.send(Packet::Disconnect(d)).await;
+    let seen = c.expect_closed().await;
+    assert!(
+        matches!(seen.last(), Some(Packet::Disconnect(d)) if d.code == ReasonCode::ProtocolError),
+        "{seen:?}"
+    );
+    server.shutdown().await;
+}
