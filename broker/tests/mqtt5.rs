@@ -388,7 +388,7 @@ async fn message_expiry_while_queued_and_when_retained() {
     );
     let left = got.properties.message_expiry_interval.unwrap();
     assert!(
-        left < 100 && left >= 97,
+        (97..100).contains(&left),
         "interval reduced by the wait: {left}"
     );
     s.send(Packet::PubAck(PubAck::new(got.packet_id.unwrap())))
