@@ -24,14 +24,14 @@ use std::time::{Duration, Instant};
 
 use tern_codec::properties::PublishProperties;
 use tern_codec::{QoS, Will};
-use tern_router::{RetainedStore, Router};
 use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::message::Message;
 use crate::metrics::Metrics;
 use crate::registry::SessionRegistry;
-use crate::session::{PendingWill, Session, SubscriptionIds};
+use crate::session::{Delivery, PendingWill, Session, SharedOrigin, SubscriptionIds};
+use tern_router::{RetainedStore, Router, SharedGroup, SubscriptionOptions};
 
 /// A session as a router key: identity is the session object, so a fresh
 /// session under the same client id never inherits the old one's entries.
@@ -138,7 +138,10 @@ impl Broker {
                 }
             }
             if let Some(qos) = qos {
-                client.subscriber.0.deliver(message, qos, retain, ids);
+                client
+                    .subscriber
+                    .0
+                    .deliver(Delivery::new(message, qos, retain, ids));
                 delivered += 1;
             }
         }
@@ -147,16 +150,47 @@ impl Broker {
                 .pick(|s| s.0.is_online())
                 .or_else(|| group.pick(|_| true));
             if let Some((member, options)) = picked {
-                let granted = QoS::from_u8(options.qos).unwrap_or(QoS::AtMostOnce);
-                let ids = options.subscription_id.into_iter().collect();
-                let retain = options.retain_as_published && message.retain;
-                member
-                    .0
-                    .deliver(message, message.qos.min(granted), retain, ids);
+                member.0.deliver(shared_delivery(message, group, options));
                 delivered += 1;
             }
         }
         Metrics::add(&self.metrics.messages_delivered, delivered);
+    }
+
+    /// Moves the unacknowledged messages a departing member of shared groups
+    /// holds to other online members of the same groups (MQTT 5 4.8.2: a
+    /// shared message should not be lost because one member left). Those
+    /// with no online member to go to stay where they are.
+    fn redistribute_shared(&self, departing: &Arc<Session>) {
+        let taken = departing.take_shared_unacknowledged();
+        if taken.is_empty() {
+            return;
+        }
+        let mut stay = Vec::new();
+        for delivery in taken {
+            let Some(origin) = delivery.shared.clone() else {
+                continue;
+            };
+            let matches = self.router.matches(delivery.message.topic_str());
+            let group = matches
+                .shared
+                .iter()
+                .find(|g| g.group == origin.group && g.filter == origin.filter);
+            let picked = group.and_then(|g| {
+                g.pick(|s| !Arc::ptr_eq(&s.0, departing) && s.0.is_online())
+                    .map(|(member, options)| (g, member, options))
+            });
+            match picked {
+                Some((g, member, options)) => {
+                    Metrics::inc(&self.metrics.shared_redeliveries);
+                    member
+                        .0
+                        .deliver(shared_delivery(&delivery.message, g, options));
+                }
+                None => stay.push(delivery),
+            }
+        }
+        departing.requeue_front(stay);
     }
 
     /// Publishes a will message now.
@@ -208,6 +242,9 @@ impl Broker {
         will: Option<Will>,
     ) {
         let still_attached = session.detach(connection_id);
+        if still_attached {
+            self.redistribute_shared(session);
+        }
         let will_delay = will
             .as_ref()
             .and_then(|w| w.properties.will_delay_interval)
@@ -277,4 +314,21 @@ impl Broker {
             });
         }
     }
+}
+
+/// The delivery of `message` to a member of a shared group.
+fn shared_delivery(
+    message: &Arc<Message>,
+    group: &SharedGroup<SessionRef>,
+    options: &SubscriptionOptions,
+) -> Delivery {
+    let granted = QoS::from_u8(options.qos).unwrap_or(QoS::AtMostOnce);
+    let ids = options.subscription_id.into_iter().collect();
+    let retain = options.retain_as_published && message.retain;
+    let mut delivery = Delivery::new(message, message.qos.min(granted), retain, ids);
+    delivery.shared = Some(SharedOrigin {
+        group: Arc::clone(&group.group),
+        filter: Arc::clone(&group.filter),
+    });
+    delivery
 }

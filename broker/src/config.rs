@@ -33,6 +33,13 @@ pub struct Config {
 pub struct ListenersConfig {
     /// MQTT over TCP listen addresses.
     pub tcp: Vec<SocketAddr>,
+    /// MQTT over WebSocket listen addresses; empty disables WebSocket.
+    pub ws: Vec<SocketAddr>,
+    /// The HTTP path a WebSocket upgrade must ask for.
+    pub ws_path: String,
+    /// Whether the WebSocket listeners take the client address from the first
+    /// entry of an `X-Forwarded-For` header (only behind a trusted proxy).
+    pub ws_trust_forwarded_for: bool,
 }
 
 /// `[log]`.
@@ -98,6 +105,9 @@ impl Default for ListenersConfig {
     fn default() -> Self {
         ListenersConfig {
             tcp: vec![SocketAddr::from(([127, 0, 0, 1], 1883))],
+            ws: vec![SocketAddr::from(([127, 0, 0, 1], 8083))],
+            ws_path: "/mqtt".to_owned(),
+            ws_trust_forwarded_for: false,
         }
     }
 }
@@ -228,6 +238,13 @@ impl Config {
         if self.listeners.tcp.is_empty() {
             return invalid("listeners.tcp", "at least one listen address is needed");
         }
+        let path = &self.listeners.ws_path;
+        if !path.starts_with('/') || path.contains(|c: char| c.is_whitespace() || c == '?') {
+            return invalid(
+                "listeners.ws_path",
+                "must start with `/` and contain no spaces or `?`",
+            );
+        }
         if l.max_connections == 0 {
             return invalid("limits.max_connections", "must be at least 1");
         }
@@ -292,6 +309,23 @@ mod tests {
         assert_eq!(c.limits.max_queued_messages, 5);
         assert_eq!(c.listeners.tcp[0].port(), 0);
         assert_eq!(c.limits.max_inflight, LimitsConfig::default().max_inflight);
+    }
+
+    #[test]
+    fn websocket_listener_keys() {
+        let c = Config::default();
+        assert_eq!(c.listeners.ws, vec!["127.0.0.1:8083".parse().unwrap()]);
+        assert_eq!(c.listeners.ws_path, "/mqtt");
+        assert!(!c.listeners.ws_trust_forwarded_for);
+        let c = Config::from_toml(
+            "[listeners]\nws = []\nws_path = \"/ws\"\nws_trust_forwarded_for = true\n",
+        )
+        .unwrap();
+        assert!(c.listeners.ws.is_empty());
+        assert_eq!(c.listeners.ws_path, "/ws");
+        assert!(c.listeners.ws_trust_forwarded_for);
+        let e = Config::from_toml("[listeners]\nws_path = \"mqtt\"\n").unwrap_err();
+        assert!(e.to_string().contains("listeners.ws_path"), "{e}");
     }
 
     #[test]

@@ -33,7 +33,7 @@ use tokio::time::Instant;
 use crate::broker::{Broker, SessionRef};
 use crate::message::Message;
 use crate::metrics::Metrics;
-use crate::session::{AttachParams, ConnectionControl, Session};
+use crate::session::{AttachParams, ConnectionControl, Delivery, Session};
 use crate::topic_alias::{AliasError, InboundAliases};
 use crate::writer::{write_loop, WriterContext};
 
@@ -797,7 +797,7 @@ impl Connection {
             }
             let granted = QoS::from_u8(options.qos).unwrap_or(QoS::AtMostOnce);
             let ids = options.subscription_id.into_iter().collect();
-            session.deliver(&message, message.qos.min(granted), true, ids);
+            session.deliver(Delivery::new(&message, message.qos.min(granted), true, ids));
         }
         Ok(())
     }

@@ -38,6 +38,8 @@ pub struct Metrics {
     pub session_takeovers: AtomicU64,
     pub wills_published: AtomicU64,
     pub publishes_denied: AtomicU64,
+    /// Shared-subscription messages moved from a departing member to another.
+    pub shared_redeliveries: AtomicU64,
 }
 
 impl Metrics {

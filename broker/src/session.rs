@@ -53,6 +53,36 @@ pub struct Delivery {
     pub dup: bool,
     pub packet_id: Option<u16>,
     pub subscription_ids: SubscriptionIds,
+    /// Set when the message reached this session through a shared
+    /// subscription, so it can go to another member if this one leaves.
+    pub shared: Option<SharedOrigin>,
+}
+
+/// The shared subscription a delivery came through.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedOrigin {
+    pub group: Arc<str>,
+    pub filter: Arc<str>,
+}
+
+impl Delivery {
+    /// A first delivery (no packet id yet, DUP clear).
+    pub fn new(
+        message: &Arc<Message>,
+        qos: QoS,
+        retain: bool,
+        subscription_ids: SubscriptionIds,
+    ) -> Delivery {
+        Delivery {
+            message: Arc::clone(message),
+            qos,
+            retain,
+            dup: false,
+            packet_id: None,
+            subscription_ids,
+            shared: None,
+        }
+    }
 }
 
 /// An item in a connection's outbound queue. The frequent items are small
@@ -377,28 +407,14 @@ impl Session {
         }
     }
 
-    /// Hands a message to this session at the given QoS (already downgraded to
-    /// the subscription's maximum).
-    pub fn deliver(
-        &self,
-        message: &Arc<Message>,
-        qos: QoS,
-        retain: bool,
-        subscription_ids: SubscriptionIds,
-    ) {
+    /// Hands a message to this session (its QoS already downgraded to the
+    /// subscription's maximum).
+    pub fn deliver(&self, delivery: Delivery) {
         let mut st = self.state.lock();
         if st.ended {
             return;
         }
-        let delivery = Delivery {
-            message: Arc::clone(message),
-            qos,
-            retain,
-            dup: false,
-            packet_id: None,
-            subscription_ids,
-        };
-        if qos == QoS::AtMostOnce {
+        if delivery.qos == QoS::AtMostOnce {
             match &mut st.link {
                 Some(link) if link.outbound.len() < self.max_queued => {
                     link.outbound.push_back(Outbound::Publish(delivery));
@@ -419,6 +435,44 @@ impl Session {
             st.pending.push_back(delivery);
         } else {
             Metrics::inc(&self.metrics.messages_dropped_queue_full);
+        }
+    }
+
+    /// Takes out the QoS 1/2 messages that came through shared subscriptions
+    /// and that the client has not acknowledged (sent and awaiting PUBACK or
+    /// PUBREC, or still queued), for redelivery to another member of their
+    /// group. Messages past PUBREC stay: the client already has them.
+    pub fn take_shared_unacknowledged(&self) -> Vec<Delivery> {
+        let mut st = self.state.lock();
+        let mut taken = Vec::new();
+        let mut kept = VecDeque::with_capacity(st.inflight.len());
+        for inflight in st.inflight.drain(..) {
+            if inflight.delivery.shared.is_some() && inflight.state == InflightState::AwaitingAck {
+                let mut d = inflight.delivery;
+                d.packet_id = None;
+                d.dup = false;
+                taken.push(d);
+            } else {
+                kept.push_back(inflight);
+            }
+        }
+        st.inflight = kept;
+        let (shared, own): (VecDeque<Delivery>, VecDeque<Delivery>) =
+            st.pending.drain(..).partition(|d| d.shared.is_some());
+        st.pending = own;
+        taken.extend(shared);
+        taken
+    }
+
+    /// Puts back deliveries that found no other taker, ahead of what is
+    /// queued (they were published earlier).
+    pub fn requeue_front(&self, deliveries: Vec<Delivery>) {
+        let mut st = self.state.lock();
+        if st.ended {
+            return;
+        }
+        for d in deliveries.into_iter().rev() {
+            st.pending.push_front(d);
         }
     }
 

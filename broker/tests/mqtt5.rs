@@ -496,3 +496,68 @@ async fn disconnect_may_change_session_expiry() {
     );
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn shared_messages_of_a_departing_member_go_to_another_member() {
+    let server = start(|_| {}).await;
+    let mut connect_a = connect_packet("member-a", V5);
+    connect_a.clean_start = false;
+    connect_a.properties.session_expiry_interval = Some(60);
+    let (mut a, _) = RawClient::connect(addr(&server), connect_a).await;
+    let mut b = RawClient::connected(addr(&server), "member-b", V5).await;
+    a.subscribe("$share/workers/tasks", QoS::AtLeastOnce).await;
+    b.subscribe("$share/workers/tasks", QoS::AtLeastOnce).await;
+    let mut p = RawClient::connected(addr(&server), "p", V5).await;
+    for i in 0..4u8 {
+        p.publish("tasks", &[i], QoS::AtLeastOnce, u16::from(i) + 1)
+            .await;
+    }
+    // Each member got two; A acknowledges nothing and goes away.
+    let mut got_a = Vec::new();
+    for _ in 0..2 {
+        got_a.push(a.recv_publish().await.payload[0]);
+    }
+    let mut got_b = Vec::new();
+    for _ in 0..2 {
+        let m = b.recv_publish().await;
+        b.send(Packet::PubAck(PubAck::new(m.packet_id.unwrap())))
+            .await;
+        got_b.push(m.payload[0]);
+    }
+    drop(a);
+    for _ in 0..2 {
+        let m = b.recv_publish().await;
+        b.send(Packet::PubAck(PubAck::new(m.packet_id.unwrap())))
+            .await;
+        got_b.push(m.payload[0]);
+    }
+    got_b.sort();
+    assert_eq!(
+        got_b,
+        vec![0, 1, 2, 3],
+        "A's unacknowledged share went to B"
+    );
+    assert_eq!(
+        server
+            .broker()
+            .metrics
+            .shared_redeliveries
+            .load(Ordering::Relaxed),
+        2
+    );
+    // Retained messages are not sent to shared subscriptions.
+    p.send(publish_with(
+        "tasks",
+        b"r",
+        QoS::AtMostOnce,
+        None,
+        Default::default(),
+        true,
+    ))
+    .await;
+    b.recv_publish().await;
+    let mut c = RawClient::connected(addr(&server), "member-c", V5).await;
+    c.subscribe("$share/workers/tasks", QoS::AtLeastOnce).await;
+    c.expect_silence(Duration::from_millis(200)).await;
+    server.shutdown().await;
+}
