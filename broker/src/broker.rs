@@ -26,6 +26,7 @@ use tern_codec::properties::PublishProperties;
 use tern_codec::{QoS, Will};
 use tokio::sync::watch;
 
+use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::message::Message;
 use crate::metrics::Metrics;
@@ -59,6 +60,7 @@ pub struct Broker {
     pub retained: RetainedStore<Arc<Message>>,
     pub registry: SessionRegistry,
     pub metrics: Arc<Metrics>,
+    pub authenticator: Authenticator,
     shutdown: watch::Sender<bool>,
 }
 
@@ -78,6 +80,7 @@ impl Broker {
             Arc::clone(&metrics),
         );
         Arc::new(Broker {
+            authenticator: Authenticator::from_config(&config.auth),
             config,
             router: Router::new(),
             retained: RetainedStore::new(),

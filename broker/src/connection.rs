@@ -22,15 +22,20 @@ use bytes::{Bytes, BytesMut};
 use tern_codec::{
     decode_packet, encode_packet,
     properties::{ConnAckProperties, SubAckProperties, UnsubAckProperties},
-    ConnAck, Connect, DecodeError, Disconnect, Packet, ProtocolVersion, PubAck, Publish, QoS,
-    ReasonCode, SubAck, Subscribe, UnsubAck, Unsubscribe, Will,
+    ConnAck, Connect, Disconnect, Packet, ProtocolVersion, PubAck, Publish, QoS, ReasonCode,
+    SubAck, Subscribe, UnsubAck, Unsubscribe, Will,
 };
 use tern_router::{parse_shared, validate_topic_name, SubscribeOutcome, SubscriptionOptions};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use crate::auth::{AuthExchange, AuthStep};
 use crate::broker::{Broker, SessionRef};
+use crate::handshake::{
+    auth_packet, authenticate, check_connect, count_decode_error, read_connect, Authenticated,
+    HandshakeFailure, READ_CHUNK,
+};
 use crate::message::Message;
 use crate::metrics::Metrics;
 use crate::session::{AttachParams, ConnectionControl, Delivery, Session};
@@ -39,10 +44,6 @@ use crate::writer::{write_loop, WriterContext};
 
 /// Time the writer gets to flush after the connection decided to close.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(2);
-
-/// A read buffer grows by at least this much when it is full; small enough
-/// that an idle connection holds little, large enough for typical packets.
-const READ_CHUNK: usize = 4096;
 
 /// Why a connection ended.
 #[derive(Debug)]
@@ -96,61 +97,43 @@ where
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     let max_packet = broker.config.limits.max_packet_size as usize;
 
-    let connect = tokio::time::timeout(
-        broker.config.connect_timeout(),
-        read_connect(&mut reader, &mut buf, max_packet, &broker.metrics),
-    )
+    let handshake = tokio::time::timeout(broker.config.connect_timeout(), async {
+        let connect = read_connect(&mut reader, &mut buf, max_packet, &broker.metrics)
+            .await
+            .map_err(|failure| (None, failure))?;
+        if !permit.admitted {
+            Metrics::inc(&broker.metrics.connections_refused);
+            let busy = if connect.protocol.is_v5() {
+                ReasonCode::ServerBusy
+            } else {
+                ReasonCode::ServerUnavailable
+            };
+            return Err((Some(connect), HandshakeFailure::Refused(busy)));
+        }
+        if let Some(code) = check_connect(&broker, &connect) {
+            return Err((Some(connect), HandshakeFailure::Refused(code)));
+        }
+        match authenticate(&broker, &connect, &mut reader, &mut writer, &mut buf).await {
+            Ok(authenticated) => Ok((connect, authenticated)),
+            Err(failure) => Err((Some(connect), failure)),
+        }
+    })
     .await;
-    let connect = match connect {
+    let (connect, authenticated) = match handshake {
         Err(_) => {
             Metrics::inc(&broker.metrics.connect_timeouts);
             tracing::debug!(%peer, "no CONNECT within the connect timeout");
             return;
         }
-        Ok(Err(ConnectFailure::Unsupported(name, level))) => {
-            tracing::info!(%peer, name, level, "refused: unsupported protocol version");
-            // MQTT-3.1.2-2: CONNACK 0x01 (in the 3.1.1 format), then close.
-            let _ = writer.write_all(&[0x20, 0x02, 0x00, 0x01]).await;
+        Ok(Ok(done)) => done,
+        Ok(Err((connect, failure))) => {
+            refuse(&broker, &mut writer, peer, connect.as_deref(), failure).await;
             return;
         }
-        Ok(Err(ConnectFailure::Closed(reason))) => {
-            tracing::debug!(%peer, reason, "connection closed before CONNECT");
-            return;
-        }
-        Ok(Ok(connect)) => connect,
     };
     let protocol = connect.protocol;
 
-    let refusal = if !permit.admitted {
-        Metrics::inc(&broker.metrics.connections_refused);
-        Some(if protocol.is_v5() {
-            ReasonCode::ServerBusy
-        } else {
-            ReasonCode::ServerUnavailable
-        })
-    } else {
-        check_connect(&broker, &connect)
-    };
-    if let Some(code) = refusal {
-        tracing::info!(%peer, client_id = connect.client_id_str(), ?code, "connection refused");
-        let mut out = BytesMut::new();
-        let mut properties = ConnAckProperties::default();
-        if matches!(code, ReasonCode::UseAnotherServer | ReasonCode::ServerMoved) {
-            properties.server_reference =
-                broker.config.mqtt.server_reference.clone().map(Bytes::from);
-        }
-        let connack = Packet::ConnAck(ConnAck {
-            code,
-            properties,
-            ..ConnAck::default()
-        });
-        if encode_packet(&connack, protocol, &mut out).is_ok() {
-            let _ = writer.write_all(&out).await;
-        }
-        return;
-    }
-
-    let mut conn = Connection::accept(&broker, *connect, permit.id);
+    let mut conn = Connection::accept(&broker, *connect, permit.id, authenticated);
     // Attach before CONNACK so that every exit from here on (a failed CONNACK
     // write included) runs the close-down logic of `Attached`. Nothing else
     // writes to the socket until the writer starts, so CONNACK stays first.
@@ -217,102 +200,42 @@ where
     attached.finish(exit.publishes_will());
 }
 
-enum ConnectFailure {
-    Unsupported(String, u8),
-    Closed(String),
-}
-
-/// Reads until a whole CONNECT has arrived. Anything else first is a
-/// protocol violation (MQTT-3.1.0-1).
-async fn read_connect<R: AsyncRead + Unpin>(
-    reader: &mut R,
-    buf: &mut BytesMut,
-    max_packet: usize,
-    metrics: &Metrics,
-) -> Result<Box<Connect>, ConnectFailure> {
-    loop {
-        match decode_packet(buf, ProtocolVersion::V5, max_packet) {
-            Ok(Some(Packet::Connect(connect))) => {
-                Metrics::inc(&metrics.packets_received);
-                return Ok(connect);
-            }
-            Ok(Some(other)) => {
-                Metrics::inc(&metrics.protocol_errors);
-                return Err(ConnectFailure::Closed(format!(
-                    "first packet was {:?}, not CONNECT",
-                    other.packet_type()
-                )));
-            }
-            Ok(None) => {}
-            Err(DecodeError::UnsupportedProtocolVersion { name, level }) => {
-                Metrics::inc(&metrics.protocol_errors);
-                return Err(ConnectFailure::Unsupported(name, level));
-            }
-            Err(e) => {
-                count_decode_error(metrics, &e);
-                return Err(ConnectFailure::Closed(e.to_string()));
-            }
+/// Answers a failed handshake: CONNACK with the reason (in the client's
+/// protocol version), or the 3.1.1-format CONNACK 0x01 for an unknown
+/// protocol (MQTT-3.1.2-2), then the connection closes.
+async fn refuse<W: AsyncWrite + Unpin>(
+    broker: &Broker,
+    writer: &mut W,
+    peer: SocketAddr,
+    connect: Option<&Connect>,
+    failure: HandshakeFailure,
+) {
+    let (code, connect) = match (failure, connect) {
+        (HandshakeFailure::Unsupported(name, level), _) => {
+            tracing::info!(%peer, name, level, "refused: unsupported protocol version");
+            let _ = writer.write_all(&[0x20, 0x02, 0x00, 0x01]).await;
+            return;
         }
-        buf.reserve(READ_CHUNK);
-        match reader.read_buf(buf).await {
-            Ok(0) => return Err(ConnectFailure::Closed("end of stream".into())),
-            Ok(n) => Metrics::add(&metrics.bytes_received, n as u64),
-            Err(e) => return Err(ConnectFailure::Closed(e.to_string())),
+        (HandshakeFailure::Closed(reason), _) => {
+            tracing::debug!(%peer, reason, "connection closed during CONNECT");
+            return;
         }
+        (HandshakeFailure::Refused(code), Some(connect)) => (code, connect),
+        (HandshakeFailure::Refused(_), None) => return,
+    };
+    tracing::info!(%peer, client_id = connect.client_id_str(), ?code, "connection refused");
+    let mut properties = ConnAckProperties::default();
+    if matches!(code, ReasonCode::UseAnotherServer | ReasonCode::ServerMoved) {
+        properties.server_reference = broker.config.mqtt.server_reference.clone().map(Bytes::from);
     }
-}
-
-fn count_decode_error(metrics: &Metrics, e: &DecodeError) {
-    match e {
-        DecodeError::PacketTooLarge { .. } => Metrics::inc(&metrics.oversized_packets),
-        DecodeError::Malformed(_) => Metrics::inc(&metrics.malformed_packets),
-        _ => Metrics::inc(&metrics.protocol_errors),
-    }
-}
-
-/// Checks what must be refused before a session is opened: client id rules,
-/// authentication, unsupported enhanced authentication.
-fn check_connect(broker: &Broker, connect: &Connect) -> Option<ReasonCode> {
-    if connect.client_id.is_empty() {
-        match connect.protocol {
-            // 3.1 requires 1 to 23 characters; 3.1.1 requires clean session
-            // for an empty id (MQTT-3.1.3-8).
-            ProtocolVersion::V31 => return Some(ReasonCode::ClientIdentifierNotValid),
-            ProtocolVersion::V311 if !connect.clean_start => {
-                return Some(ReasonCode::ClientIdentifierNotValid)
-            }
-            _ => {}
-        }
-    }
-    if connect.properties.authentication_method.is_some() {
-        return Some(ReasonCode::BadAuthenticationMethod);
-    }
-    if connect.protocol.is_v5() && broker.config.mqtt.server_reference.is_some() {
-        return Some(if broker.config.mqtt.server_moved {
-            ReasonCode::ServerMoved
-        } else {
-            ReasonCode::UseAnotherServer
-        });
-    }
-    let auth = &broker.config.auth;
-    match &connect.username {
-        None if !auth.allow_anonymous => Some(ReasonCode::NotAuthorized),
-        None => None,
-        Some(name) => {
-            if auth.users.is_empty() && auth.allow_anonymous {
-                return None;
-            }
-            let password = connect.password.as_deref().unwrap_or(&[]);
-            let known = auth
-                .users
-                .iter()
-                .any(|u| u.name.as_bytes() == &name[..] && u.password.as_bytes() == password);
-            if known {
-                None
-            } else {
-                Some(ReasonCode::BadUserNameOrPassword)
-            }
-        }
+    let connack = Packet::ConnAck(ConnAck {
+        code,
+        properties,
+        ..ConnAck::default()
+    });
+    let mut out = BytesMut::new();
+    if encode_packet(&connack, connect.protocol, &mut out).is_ok() {
+        let _ = writer.write_all(&out).await;
     }
 }
 
@@ -373,11 +296,20 @@ struct Connection {
     topic_aliases: InboundAliases,
     /// A session expiry interval changed by the client's DISCONNECT.
     disconnect_expiry: Option<u32>,
+    /// The enhanced authentication method of CONNECT, if any.
+    auth_method: Option<Bytes>,
+    /// A re-authentication in progress (AUTH 0x19 received).
+    reauthentication: Option<Box<dyn AuthExchange>>,
 }
 
 impl Connection {
     /// Opens (or resumes) the session and prepares the CONNACK.
-    fn accept(broker: &Arc<Broker>, connect: Connect, connection_id: u64) -> Connection {
+    fn accept(
+        broker: &Arc<Broker>,
+        connect: Connect,
+        connection_id: u64,
+        authenticated: Authenticated,
+    ) -> Connection {
         let limits = &broker.config.limits;
         let protocol = connect.protocol;
         let v5 = protocol.is_v5();
@@ -431,6 +363,8 @@ impl Connection {
             );
             props.response_information = Some(Bytes::from(info));
         }
+        props.authentication_method = authenticated.method.clone();
+        props.authentication_data = authenticated.data;
         if v5 {
             props.receive_maximum = Some(limits.receive_maximum);
             props.maximum_packet_size = Some(limits.max_packet_size);
@@ -465,6 +399,8 @@ impl Connection {
             will: connect.will,
             topic_aliases: InboundAliases::new(if v5 { limits.topic_alias_maximum } else { 0 }),
             disconnect_expiry: None,
+            auth_method: authenticated.method,
+            reauthentication: None,
         }
     }
 
@@ -599,9 +535,7 @@ impl Connection {
             }
             Packet::Disconnect(disconnect) => self.on_disconnect(disconnect),
             Packet::Connect(_) => Err(self.protocol_error("second CONNECT")),
-            Packet::Auth(_) => {
-                Err(self.protocol_error("AUTH without an authentication method in CONNECT"))
-            }
+            Packet::Auth(auth) => self.on_auth(auth),
             other => Err(self.protocol_error(&format!(
                 "{:?} may not be sent by a client",
                 other.packet_type()
@@ -825,6 +759,48 @@ impl Connection {
             },
             properties: UnsubAckProperties::default(),
         }));
+    }
+
+    /// Re-authentication (MQTT 5 section 4.12.1): AUTH 0x19 starts a new
+    /// exchange with the CONNECT's method; 0x18 continues it.
+    fn on_auth(&mut self, auth: tern_codec::Auth) -> Result<(), Exit> {
+        let Some(method) = self.auth_method.clone() else {
+            return Err(self.protocol_error("AUTH without an authentication method in CONNECT"));
+        };
+        if auth.properties.authentication_method.as_ref() != Some(&method) {
+            return Err(self.protocol_error("AUTH with a different authentication method"));
+        }
+        let exchange = match (auth.code, self.reauthentication.take()) {
+            (ReasonCode::ReAuthenticate, None) => self.broker.authenticator.start(&method),
+            (ReasonCode::ContinueAuthentication, Some(exchange)) => Some(exchange),
+            _ => None,
+        };
+        let Some(mut exchange) = exchange else {
+            return Err(self.protocol_error("AUTH out of sequence"));
+        };
+        match exchange.step(auth.properties.authentication_data.as_deref()) {
+            AuthStep::Continue(data) => {
+                self.send(auth_packet(
+                    ReasonCode::ContinueAuthentication,
+                    &method,
+                    data,
+                ));
+                self.reauthentication = Some(exchange);
+                Ok(())
+            }
+            AuthStep::Success { data, .. } => {
+                self.send(auth_packet(
+                    ReasonCode::Success,
+                    &method,
+                    data.unwrap_or_default(),
+                ));
+                Ok(())
+            }
+            AuthStep::Failure => Err(Exit::Error(
+                ReasonCode::NotAuthorized,
+                "re-authentication failed".into(),
+            )),
+        }
     }
 
     fn on_disconnect(&mut self, disconnect: Disconnect) -> Result<(), Exit> {

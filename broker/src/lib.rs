@@ -6,13 +6,16 @@
 //!
 //! ```text
 //! server      accept loop per listener, graceful shutdown
-//!   connection   one task per client: CONNECT handshake, read loop, protocol
+//!   handshake    CONNECT, admission, enhanced authentication (AUTH)
+//!   connection   one task per client: read loop, keep alive, protocol
 //!   writer       drains the session's outbound queue with vectored writes
+//!   websocket    MQTT over WebSocket: the upgrade, then the same connection code
 //! broker      shared state; publish = retained store + router match + fan-out
 //! registry    sessions by client id; the only count of connections
 //! session     per-client state: QoS 1/2 flows, in-flight window, queues
 //! topic_alias MQTT 5 topic aliases, inbound and outbound
 //! message     one Arc'd message per publish, shared by every delivery
+//! auth        MQTT 5 enhanced authentication (AUTH), SCRAM-SHA-256
 //! config      embedded defaults, TOML file, validation
 //! metrics     monotonic counters
 //! ```
@@ -30,15 +33,18 @@
 //! - Bad input from a client never panics and never affects other clients: it
 //!   closes that connection with the reason code the specification names.
 
+pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod connection;
+mod handshake;
 pub mod message;
 pub mod metrics;
 pub mod registry;
 pub mod server;
 pub mod session;
 pub mod topic_alias;
+pub mod websocket;
 mod writer;
 
 pub use broker::Broker;

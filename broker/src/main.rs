@@ -18,7 +18,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the broker. Without --config it uses the embedded defaults:
-    /// MQTT/TCP on 127.0.0.1:1883, anonymous clients allowed.
+    /// MQTT/TCP on 127.0.0.1:1883, MQTT/WebSocket on ws://127.0.0.1:8083/mqtt,
+    /// anonymous clients allowed.
     Serve {
         /// TOML configuration file (see docs/configuration.md).
         #[arg(long, short)]
@@ -26,6 +27,10 @@ enum Command {
         /// MQTT/TCP listen address; replaces the configured listeners. Repeatable.
         #[arg(long = "bind")]
         bind: Vec<SocketAddr>,
+        /// MQTT/WebSocket listen address; replaces the configured WebSocket
+        /// listeners. Repeatable.
+        #[arg(long = "ws-bind")]
+        ws_bind: Vec<SocketAddr>,
         /// Log filter: error, warn, info, debug, trace (or a tracing directive).
         #[arg(long)]
         log_level: Option<String>,
@@ -38,12 +43,18 @@ fn main() -> ExitCode {
         Command::Serve {
             config,
             bind,
+            ws_bind,
             log_level,
-        } => serve(config, bind, log_level),
+        } => serve(config, bind, ws_bind, log_level),
     }
 }
 
-fn serve(path: Option<PathBuf>, bind: Vec<SocketAddr>, log_level: Option<String>) -> ExitCode {
+fn serve(
+    path: Option<PathBuf>,
+    bind: Vec<SocketAddr>,
+    ws_bind: Vec<SocketAddr>,
+    log_level: Option<String>,
+) -> ExitCode {
     let mut config = match &path {
         Some(path) => match Config::from_file(path) {
             Ok(config) => config,
@@ -56,6 +67,9 @@ fn serve(path: Option<PathBuf>, bind: Vec<SocketAddr>, log_level: Option<String>
     };
     if !bind.is_empty() {
         config.listeners.tcp = bind;
+    }
+    if !ws_bind.is_empty() {
+        config.listeners.ws = ws_bind;
     }
     if let Some(level) = log_level {
         config.log.level = level;

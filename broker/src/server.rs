@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 use crate::broker::Broker;
 use crate::config::Config;
 use crate::connection;
+use crate::websocket;
 
 /// Longest a graceful shutdown waits for connections to flush and close.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -39,6 +40,7 @@ pub enum StartError {
 pub struct Server {
     broker: Arc<Broker>,
     tcp_addrs: Vec<SocketAddr>,
+    ws_addrs: Vec<SocketAddr>,
     accept_tasks: Vec<JoinHandle<()>>,
 }
 
@@ -56,11 +58,34 @@ impl Server {
             let local = listener.local_addr().unwrap_or(addr);
             tracing::info!(addr = %local, "MQTT/TCP listener ready");
             tcp_addrs.push(local);
-            accept_tasks.push(tokio::spawn(accept_loop(Arc::clone(&broker), listener)));
+            accept_tasks.push(tokio::spawn(accept_loop(
+                Arc::clone(&broker),
+                listener,
+                Transport::Tcp,
+            )));
+        }
+        let mut ws_addrs = Vec::new();
+        for &addr in &broker.config.listeners.ws {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Bind { addr, source })?;
+            let local = listener.local_addr().unwrap_or(addr);
+            tracing::info!(
+                addr = %local,
+                path = %broker.config.listeners.ws_path,
+                "MQTT/WebSocket listener ready"
+            );
+            ws_addrs.push(local);
+            accept_tasks.push(tokio::spawn(accept_loop(
+                Arc::clone(&broker),
+                listener,
+                Transport::WebSocket,
+            )));
         }
         Ok(Server {
             broker,
             tcp_addrs,
+            ws_addrs,
             accept_tasks,
         })
     }
@@ -68,6 +93,11 @@ impl Server {
     /// The bound MQTT/TCP addresses, in configuration order.
     pub fn tcp_addrs(&self) -> &[SocketAddr] {
         &self.tcp_addrs
+    }
+
+    /// The bound MQTT/WebSocket addresses, in configuration order.
+    pub fn ws_addrs(&self) -> &[SocketAddr] {
+        &self.ws_addrs
     }
 
     /// The shared broker state (for inspection and tests).
@@ -97,13 +127,24 @@ impl Server {
     }
 }
 
-async fn accept_loop(broker: Arc<Broker>, listener: TcpListener) {
+/// What a listener speaks.
+#[derive(Clone, Copy)]
+enum Transport {
+    Tcp,
+    WebSocket,
+}
+
+async fn accept_loop(broker: Arc<Broker>, listener: TcpListener, transport: Transport) {
     let mut shutdown = broker.shutdown_signal();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    tokio::spawn(connection::serve_tcp(Arc::clone(&broker), stream, peer));
+                    let broker = Arc::clone(&broker);
+                    match transport {
+                        Transport::Tcp => tokio::spawn(connection::serve_tcp(broker, stream, peer)),
+                        Transport::WebSocket => tokio::spawn(websocket::serve_ws(broker, stream, peer)),
+                    };
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");

@@ -60,7 +60,7 @@ fn bad_config_is_refused_naming_file_and_key() {
 #[test]
 fn serve_without_config_says_so_and_stops_on_sigterm() {
     let child = Command::new(TERN)
-        .args(["serve", "--bind", "127.0.0.1:0"])
+        .args(["serve", "--bind", "127.0.0.1:0", "--ws-bind", "127.0.0.1:0"])
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()

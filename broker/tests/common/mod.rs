@@ -24,6 +24,8 @@ pub const WAIT: Duration = Duration::from_secs(5);
 pub async fn start(adjust: impl FnOnce(&mut Config)) -> Server {
     let mut config = Config::default();
     config.listeners.tcp = vec!["127.0.0.1:0".parse().unwrap()];
+    // WebSocket is on by default at a fixed port; parallel tests must not collide.
+    config.listeners.ws = vec!["127.0.0.1:0".parse().unwrap()];
     adjust(&mut config);
     Server::start(config).await.expect("broker starts")
 }

@@ -1,0 +1,229 @@
+//! The start of a connection, before a session exists: reading CONNECT,
+//! deciding whether to accept it, and running an MQTT 5 enhanced
+//! authentication exchange (AUTH packets) when the client asks for one.
+//!
+//! Everything here is bounded by the connect timeout of the caller, reads
+//! only what the client sent, and answers refusals with the CONNACK reason
+//! code the specification names.
+
+use bytes::{Bytes, BytesMut};
+use tern_codec::properties::AuthProperties;
+use tern_codec::{
+    decode_packet, encode_packet, Auth, Connect, DecodeError, Packet, ProtocolVersion, ReasonCode,
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::auth::AuthStep;
+use crate::broker::Broker;
+use crate::metrics::Metrics;
+
+/// A read buffer grows by at least this much when it is full; small enough
+/// that an idle connection holds little, large enough for typical packets.
+pub const READ_CHUNK: usize = 4096;
+
+/// Why the handshake ended without a session.
+#[derive(Debug)]
+pub enum HandshakeFailure {
+    /// CONNECT named a protocol we do not speak.
+    Unsupported(String, u8),
+    /// Refused with this CONNACK reason code.
+    Refused(ReasonCode),
+    /// The connection closed or broke the protocol; nothing more to send.
+    Closed(String),
+}
+
+/// The outcome of enhanced authentication, for the CONNACK.
+#[derive(Debug, Default)]
+pub struct Authenticated {
+    pub method: Option<Bytes>,
+    pub data: Option<Bytes>,
+}
+
+/// Reads the next whole packet. Protocol-level decode failures are counted.
+pub async fn read_packet<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    buf: &mut BytesMut,
+    version: ProtocolVersion,
+    max_packet: usize,
+    metrics: &Metrics,
+) -> Result<Packet, HandshakeFailure> {
+    loop {
+        match decode_packet(buf, version, max_packet) {
+            Ok(Some(packet)) => {
+                Metrics::inc(&metrics.packets_received);
+                return Ok(packet);
+            }
+            Ok(None) => {}
+            Err(DecodeError::UnsupportedProtocolVersion { name, level }) => {
+                Metrics::inc(&metrics.protocol_errors);
+                return Err(HandshakeFailure::Unsupported(name, level));
+            }
+            Err(e) => {
+                count_decode_error(metrics, &e);
+                return Err(HandshakeFailure::Closed(e.to_string()));
+            }
+        }
+        buf.reserve(READ_CHUNK);
+        match reader.read_buf(buf).await {
+            Ok(0) => return Err(HandshakeFailure::Closed("end of stream".into())),
+            Ok(n) => Metrics::add(&metrics.bytes_received, n as u64),
+            Err(e) => return Err(HandshakeFailure::Closed(e.to_string())),
+        }
+    }
+}
+
+/// Reads until a whole CONNECT has arrived. Anything else first is a
+/// protocol violation (MQTT-3.1.0-1).
+pub async fn read_connect<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    buf: &mut BytesMut,
+    max_packet: usize,
+    metrics: &Metrics,
+) -> Result<Box<Connect>, HandshakeFailure> {
+    match read_packet(reader, buf, ProtocolVersion::V5, max_packet, metrics).await? {
+        Packet::Connect(connect) => Ok(connect),
+        other => {
+            Metrics::inc(&metrics.protocol_errors);
+            Err(HandshakeFailure::Closed(format!(
+                "first packet was {:?}, not CONNECT",
+                other.packet_type()
+            )))
+        }
+    }
+}
+
+/// Counts a decode error under the right metric.
+pub fn count_decode_error(metrics: &Metrics, e: &DecodeError) {
+    match e {
+        DecodeError::PacketTooLarge { .. } => Metrics::inc(&metrics.oversized_packets),
+        DecodeError::Malformed(_) => Metrics::inc(&metrics.malformed_packets),
+        _ => Metrics::inc(&metrics.protocol_errors),
+    }
+}
+
+/// Checks what must be refused before a session is opened: client id rules,
+/// redirection, user name and password. (Enhanced authentication is run by
+/// [`authenticate`].)
+pub fn check_connect(broker: &Broker, connect: &Connect) -> Option<ReasonCode> {
+    if connect.client_id.is_empty() {
+        match connect.protocol {
+            // 3.1 requires 1 to 23 characters; 3.1.1 requires clean session
+            // for an empty id (MQTT-3.1.3-8).
+            ProtocolVersion::V31 => return Some(ReasonCode::ClientIdentifierNotValid),
+            ProtocolVersion::V311 if !connect.clean_start => {
+                return Some(ReasonCode::ClientIdentifierNotValid)
+            }
+            _ => {}
+        }
+    }
+    if connect.protocol.is_v5() && broker.config.mqtt.server_reference.is_some() {
+        return Some(if broker.config.mqtt.server_moved {
+            ReasonCode::ServerMoved
+        } else {
+            ReasonCode::UseAnotherServer
+        });
+    }
+    if connect.properties.authentication_method.is_some() {
+        return None;
+    }
+    let auth = &broker.config.auth;
+    match &connect.username {
+        None if !auth.allow_anonymous => Some(ReasonCode::NotAuthorized),
+        None => None,
+        Some(name) => {
+            if auth.users.is_empty() && auth.allow_anonymous {
+                return None;
+            }
+            let password = connect.password.as_deref().unwrap_or(&[]);
+            let known = auth
+                .users
+                .iter()
+                .any(|u| u.name.as_bytes() == &name[..] && u.password.as_bytes() == password);
+            if known {
+                None
+            } else {
+                Some(ReasonCode::BadUserNameOrPassword)
+            }
+        }
+    }
+}
+
+/// Runs the enhanced authentication exchange a CONNECT asked for (MQTT 5
+/// section 4.12), trading AUTH packets on the raw socket before CONNACK.
+pub async fn authenticate<R, W>(
+    broker: &Broker,
+    connect: &Connect,
+    reader: &mut R,
+    writer: &mut W,
+    buf: &mut BytesMut,
+) -> Result<Authenticated, HandshakeFailure>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let Some(method) = connect.properties.authentication_method.clone() else {
+        return Ok(Authenticated::default());
+    };
+    let Some(mut exchange) = broker.authenticator.start(&method) else {
+        return Err(HandshakeFailure::Refused(
+            ReasonCode::BadAuthenticationMethod,
+        ));
+    };
+    let max_packet = broker.config.limits.max_packet_size as usize;
+    let mut data = connect.properties.authentication_data.clone();
+    loop {
+        match exchange.step(data.as_deref()) {
+            AuthStep::Success { user, data } => {
+                tracing::debug!(user, method = %String::from_utf8_lossy(&method), "authenticated");
+                return Ok(Authenticated {
+                    method: Some(method),
+                    data,
+                });
+            }
+            AuthStep::Failure => return Err(HandshakeFailure::Refused(ReasonCode::NotAuthorized)),
+            AuthStep::Continue(server_data) => {
+                let auth = auth_packet(ReasonCode::ContinueAuthentication, &method, server_data);
+                let mut out = BytesMut::new();
+                if encode_packet(&auth, ProtocolVersion::V5, &mut out).is_err()
+                    || writer.write_all(&out).await.is_err()
+                {
+                    return Err(HandshakeFailure::Closed("cannot send AUTH".into()));
+                }
+                let packet = read_packet(
+                    reader,
+                    buf,
+                    ProtocolVersion::V5,
+                    max_packet,
+                    &broker.metrics,
+                )
+                .await?;
+                match packet {
+                    Packet::Auth(a)
+                        if a.code == ReasonCode::ContinueAuthentication
+                            && a.properties.authentication_method.as_ref() == Some(&method) =>
+                    {
+                        data = a.properties.authentication_data;
+                    }
+                    other => {
+                        // MQTT-4.12.0-4/6: anything else is a protocol error.
+                        Metrics::inc(&broker.metrics.protocol_errors);
+                        tracing::debug!(packet = ?other.packet_type(), "unexpected packet during AUTH");
+                        return Err(HandshakeFailure::Refused(ReasonCode::ProtocolError));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// An AUTH packet with method and data.
+pub fn auth_packet(code: ReasonCode, method: &Bytes, data: Bytes) -> Packet {
+    Packet::Auth(Auth {
+        code,
+        properties: AuthProperties {
+            authentication_method: Some(method.clone()),
+            authentication_data: Some(data),
+            ..AuthProperties::default()
+        },
+    })
+}

@@ -1,0 +1,182 @@
+//! MQTT 5 enhanced authentication with SCRAM-SHA-256, driven by the
+//! independent `scram` crate's client.
+
+mod common;
+
+use bytes::Bytes;
+use common::*;
+use tern::config::UserEntry;
+use tern_codec::properties::AuthProperties;
+use tern_codec::{Auth, Packet, ProtocolVersion, ReasonCode};
+
+const METHOD: &str = "SCRAM-SHA-256";
+
+async fn server() -> tern::Server {
+    start(|c| {
+        c.auth.users = vec![UserEntry {
+            name: "alice".into(),
+            password: "wonderland".into(),
+        }]
+    })
+    .await
+}
+
+fn auth(code: ReasonCode, data: &str) -> Packet {
+    Packet::Auth(Auth {
+        code,
+        properties: AuthProperties {
+            authentication_method: Some(Bytes::from_static(METHOD.as_bytes())),
+            authentication_data: Some(Bytes::copy_from_slice(data.as_bytes())),
+            ..Default::default()
+        },
+    })
+}
+
+fn data_of(props: &AuthProperties) -> String {
+    assert_eq!(
+        props.authentication_method.as_deref(),
+        Some(METHOD.as_bytes())
+    );
+    String::from_utf8(props.authentication_data.clone().unwrap().to_vec()).unwrap()
+}
+
+/// Runs the SCRAM exchange through CONNECT; returns the client and CONNACK.
+async fn scram_connect(
+    server: &tern::Server,
+    user: &str,
+    password: &str,
+) -> (RawClient, tern_codec::ConnAck) {
+    let client = scram::ScramClient::new(user, password, None);
+    let (server_first_state, client_first) = client.client_first();
+    let mut connect = connect_packet("scram-client", ProtocolVersion::V5);
+    connect.properties.authentication_method = Some(Bytes::from_static(METHOD.as_bytes()));
+    connect.properties.authentication_data = Some(Bytes::from(client_first));
+    let mut c = RawClient::open(addr(server), ProtocolVersion::V5).await;
+    c.send(Packet::Connect(Box::new(connect))).await;
+    let server_first = match c.recv().await {
+        Some(Packet::Auth(a)) => {
+            assert_eq!(a.code, ReasonCode::ContinueAuthentication);
+            data_of(&a.properties)
+        }
+        other => panic!("expected AUTH, got {other:?}"),
+    };
+    let client_final_state = server_first_state
+        .handle_server_first(&server_first)
+        .unwrap();
+    let (server_final_state, client_final) = client_final_state.client_final();
+    c.send(auth(ReasonCode::ContinueAuthentication, &client_final))
+        .await;
+    let ack = match c.recv().await {
+        Some(Packet::ConnAck(ack)) => ack,
+        other => panic!("expected CONNACK, got {other:?}"),
+    };
+    if ack.code == ReasonCode::Success {
+        let server_final =
+            String::from_utf8(ack.properties.authentication_data.clone().unwrap().to_vec())
+                .unwrap();
+        server_final_state
+            .handle_server_final(&server_final)
+            .expect("the client verifies the server's signature");
+    }
+    (c, ack)
+}
+
+#[tokio::test]
+async fn scram_sha256_succeeds_with_the_right_password() {
+    let server = server().await;
+    let (mut c, ack) = scram_connect(&server, "alice", "wonderland").await;
+    assert_eq!(ack.code, ReasonCode::Success);
+    assert_eq!(
+        ack.properties.authentication_method.as_deref(),
+        Some(METHOD.as_bytes())
+    );
+    // The connection is usable.
+    assert_eq!(
+        c.subscribe("a", tern_codec::QoS::AtMostOnce).await,
+        vec![ReasonCode::Success]
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn scram_sha256_refuses_a_wrong_password_and_an_unknown_user() {
+    let server = server().await;
+    let (_c, ack) = scram_connect(&server, "alice", "looking-glass").await;
+    assert_eq!(ack.code, ReasonCode::NotAuthorized);
+    let (_c, ack) = scram_connect(&server, "mallory", "wonderland").await;
+    assert_eq!(ack.code, ReasonCode::NotAuthorized);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn unknown_method_is_0x8c() {
+    let server = server().await;
+    let mut connect = connect_packet("k", ProtocolVersion::V5);
+    connect.properties.authentication_method = Some(Bytes::from_static(b"KERBEROS"));
+    let (_c, ack) = RawClient::connect(addr(&server), connect).await;
+    assert_eq!(ack.code, ReasonCode::BadAuthenticationMethod);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn reauthentication_after_connect() {
+    let server = server().await;
+    let (mut c, ack) = scram_connect(&server, "alice", "wonderland").await;
+    assert_eq!(ack.code, ReasonCode::Success);
+    let client = scram::ScramClient::new("alice", "wonderland", None);
+    let (state, first) = client.client_first();
+    c.send(auth(ReasonCode::ReAuthenticate, &first)).await;
+    let server_first = match c.recv().await {
+        Some(Packet::Auth(a)) if a.code == ReasonCode::ContinueAuthentication => {
+            data_of(&a.properties)
+        }
+        other => panic!("{other:?}"),
+    };
+    let (state, last) = state
+        .handle_server_first(&server_first)
+        .unwrap()
+        .client_final();
+    c.send(auth(ReasonCode::ContinueAuthentication, &last))
+        .await;
+    match c.recv().await {
+        Some(Packet::Auth(a)) => {
+            assert_eq!(a.code, ReasonCode::Success);
+            state.handle_server_final(&data_of(&a.properties)).unwrap();
+        }
+        other => panic!("{other:?}"),
+    }
+    // A failed re-authentication closes the connection with 0x87.
+    let client = scram::ScramClient::new("alice", "wrong", None);
+    let (state, first) = client.client_first();
+    c.send(auth(ReasonCode::ReAuthenticate, &first)).await;
+    let server_first = match c.recv().await {
+        Some(Packet::Auth(a)) => data_of(&a.properties),
+        other => panic!("{other:?}"),
+    };
+    let (_, last) = state
+        .handle_server_first(&server_first)
+        .unwrap()
+        .client_final();
+    c.send(auth(ReasonCode::ContinueAuthentication, &last))
+        .await;
+    let seen = c.expect_closed().await;
+    assert!(
+        matches!(seen.last(), Some(Packet::Disconnect(d)) if d.code == ReasonCode::NotAuthorized),
+        "{seen:?}"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn auth_without_a_method_in_connect_is_a_protocol_error() {
+    let server = server().await;
+    let mut c = RawClient::connected(addr(&server), "plain", ProtocolVersion::V5).await;
+    c.send(auth(ReasonCode::ReAuthenticate, "n,,n=alice,r=abc"))
+        .await;
+    let seen = c.expect_closed().await;
+    assert!(
+        matches!(seen.last(), Some(Packet::Disconnect(d)) if d.code == ReasonCode::ProtocolError),
+        "{seen:?}"
+    );
+    server.shutdown().await;
+}
