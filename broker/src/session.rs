@@ -582,6 +582,16 @@ impl Session {
         }
     }
 
+    /// Moves everything queued for whichever connection is attached into
+    /// `out` (for inspection and tests; the writer uses
+    /// [`drain_outbound`](Self::drain_outbound)).
+    pub fn drain_outbound_any(&self, out: &mut Vec<Outbound>) {
+        let mut st = self.state.lock();
+        if let Some(link) = &mut st.link {
+            out.extend(link.outbound.drain(..));
+        }
+    }
+
     /// Number of messages waiting in this session (pending + in flight).
     pub fn queued_len(&self) -> (usize, usize) {
         let st = self.state.lock();
