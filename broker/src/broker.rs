@@ -27,11 +27,14 @@ use tern_codec::{QoS, Will};
 use tokio::sync::watch;
 
 use crate::auth::Authenticator;
+use crate::budget::OutboundBudget;
 use crate::config::Config;
 use crate::message::Message;
 use crate::metrics::Metrics;
 use crate::registry::SessionRegistry;
-use crate::session::{Delivery, PendingWill, Session, SharedOrigin, SubscriptionIds};
+use crate::session::{
+    Delivery, PendingWill, Session, SessionContext, SharedOrigin, SubscriptionIds,
+};
 use tern_router::{RetainedStore, Router, SharedGroup, SubscriptionOptions};
 
 /// A session as a router key: identity is the session object, so a fresh
@@ -76,8 +79,11 @@ impl Broker {
         let metrics = Arc::new(Metrics::default());
         let registry = SessionRegistry::new(
             config.limits.max_connections,
-            config.limits.max_queued_messages,
-            Arc::clone(&metrics),
+            SessionContext {
+                max_queued: config.limits.max_queued_messages,
+                metrics: Arc::clone(&metrics),
+                budget: Arc::new(OutboundBudget::new(config.limits.max_outbound_bytes)),
+            },
         );
         Arc::new(Broker {
             authenticator: Authenticator::from_config(&config.auth),

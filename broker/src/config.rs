@@ -71,6 +71,9 @@ pub struct LimitsConfig {
     /// in-flight window, or for an offline client. See `docs/configuration.md`
     /// for the overflow policy.
     pub max_queued_messages: usize,
+    /// Bytes of messages queued for writing, across all connections, above
+    /// which the broker stops reading from clients until writers catch up.
+    pub max_outbound_bytes: usize,
     /// Seconds a new connection has to send CONNECT.
     pub connect_timeout_secs: u64,
     /// Largest keep alive (seconds) a client may use; 0 means no limit. An MQTT 5
@@ -128,6 +131,7 @@ impl Default for LimitsConfig {
             max_inflight: 128,
             receive_maximum: 1024,
             max_queued_messages: 1000,
+            max_outbound_bytes: 64 * 1024 * 1024,
             connect_timeout_secs: 10,
             max_keepalive_secs: 0,
             topic_alias_maximum: 64,
@@ -267,6 +271,9 @@ impl Config {
         }
         if l.max_queued_messages == 0 {
             return invalid("limits.max_queued_messages", "must be at least 1");
+        }
+        if l.max_outbound_bytes < 64 * 1024 {
+            return invalid("limits.max_outbound_bytes", "must be at least 65536");
         }
         if l.connect_timeout_secs == 0 {
             return invalid("limits.connect_timeout_secs", "must be at least 1");

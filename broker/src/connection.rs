@@ -461,6 +461,27 @@ impl Connection {
             if control.is_closing() {
                 return Exit::Kicked(control.close_reason());
             }
+            let budget = &self.broker.registry.context().budget;
+            if budget.is_over() {
+                // Back-pressure: stop reading (so TCP slows the client down)
+                // until writers have drained the broker under its budget.
+                // Time spent waiting does not count against keep alive.
+                tokio::select! {
+                    () = budget.wait_until_below() => {}
+                    () = control.wake_reader.notified() => {
+                        if control.is_closing() {
+                            return Exit::Kicked(control.close_reason());
+                        }
+                    }
+                    () = crate::server::shutdown_requested(shutdown) => {
+                        return Exit::Kicked(Some(ReasonCode::ServerShuttingDown));
+                    }
+                }
+                if let Some(k) = keep_alive {
+                    deadline = Some(Instant::now() + k);
+                }
+                continue;
+            }
             if buf.capacity() - buf.len() < READ_CHUNK / 4 {
                 buf.reserve(READ_CHUNK);
             }

@@ -15,6 +15,7 @@
 //! session     per-client state: QoS 1/2 flows, in-flight window, queues
 //! topic_alias MQTT 5 topic aliases, inbound and outbound
 //! message     one Arc'd message per publish, shared by every delivery
+//! budget      broker-wide bound on queued outbound bytes (back-pressure)
 //! auth        MQTT 5 enhanced authentication (AUTH), SCRAM-SHA-256
 //! config      embedded defaults, TOML file, validation
 //! metrics     monotonic counters
@@ -35,6 +36,7 @@
 
 pub mod auth;
 pub mod broker;
+pub mod budget;
 pub mod config;
 pub mod connection;
 mod handshake;

@@ -25,7 +25,7 @@ use parking_lot::Mutex;
 use tern_codec::ReasonCode;
 
 use crate::metrics::Metrics;
-use crate::session::{PendingWill, Session};
+use crate::session::{PendingWill, Session, SessionContext};
 
 /// Sessions by client identifier, and the live connection count.
 #[derive(Debug)]
@@ -34,7 +34,7 @@ pub struct SessionRegistry {
     connections: Arc<AtomicUsize>,
     max_connections: usize,
     next_id: AtomicU64,
-    max_queued: usize,
+    context: SessionContext,
     metrics: Arc<Metrics>,
 }
 
@@ -69,15 +69,20 @@ pub struct Opened {
 
 impl SessionRegistry {
     /// An empty registry.
-    pub fn new(max_connections: usize, max_queued: usize, metrics: Arc<Metrics>) -> Self {
+    pub fn new(max_connections: usize, context: SessionContext) -> Self {
         SessionRegistry {
             sessions: Mutex::new(HashMap::new()),
             connections: Arc::new(AtomicUsize::new(0)),
             max_connections,
             next_id: AtomicU64::new(1),
-            max_queued,
-            metrics,
+            metrics: Arc::clone(&context.metrics),
+            context,
         }
+    }
+
+    /// What the sessions share (limits, counters, the outbound budget).
+    pub fn context(&self) -> &SessionContext {
+        &self.context
     }
 
     /// Counts a new connection. The permit says whether it is admitted.
@@ -143,8 +148,7 @@ impl SessionRegistry {
         let session = Arc::new(Session::new(
             self.next_id(),
             Arc::clone(&client_id),
-            self.max_queued,
-            Arc::clone(&self.metrics),
+            &self.context,
         ));
         let replaced = sessions.insert(client_id, Arc::clone(&session)).map(|old| {
             let will = old.end();

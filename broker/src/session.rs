@@ -38,6 +38,7 @@ use smallvec::SmallVec;
 use tern_codec::{Packet, ProtocolVersion, PubAck, QoS, ReasonCode, Will};
 use tokio::sync::Notify;
 
+use crate::budget::{OutboundBudget, HEADER_ALLOWANCE};
 use crate::message::Message;
 use crate::metrics::Metrics;
 
@@ -180,6 +181,40 @@ struct Link {
     connection_id: u64,
     control: Arc<ConnectionControl>,
     outbound: VecDeque<Outbound>,
+    /// Bytes of `outbound` charged to the broker's budget.
+    charged: usize,
+    budget: Arc<OutboundBudget>,
+}
+
+impl Link {
+    fn push_publish(&mut self, delivery: Delivery) {
+        let size = delivery.message.topic.len() + delivery.message.payload.len() + HEADER_ALLOWANCE;
+        self.budget.charge(size);
+        self.charged += size;
+        self.outbound.push_back(Outbound::Publish(delivery));
+        self.control.wake_writer.notify_one();
+    }
+
+    fn drain_into(&mut self, out: &mut Vec<Outbound>) {
+        out.extend(self.outbound.drain(..));
+        self.budget.release(std::mem::take(&mut self.charged));
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        // A detached or replaced connection's queue is dropped with it.
+        self.budget.release(self.charged);
+    }
+}
+
+/// What every session of a broker shares: limits, counters, the budget.
+#[derive(Debug)]
+pub struct SessionContext {
+    /// Bound of each session's queues (see `docs/configuration.md`).
+    pub max_queued: usize,
+    pub metrics: Arc<Metrics>,
+    pub budget: Arc<OutboundBudget>,
 }
 
 /// How a QoS 1/2 message waits for acknowledgement.
@@ -238,6 +273,7 @@ pub struct Session {
     pub client_id: Arc<str>,
     max_queued: usize,
     metrics: Arc<Metrics>,
+    budget: Arc<OutboundBudget>,
     state: Mutex<SessionState>,
 }
 
@@ -252,12 +288,13 @@ impl std::fmt::Debug for Session {
 
 impl Session {
     /// A new, unattached session.
-    pub fn new(id: u64, client_id: Arc<str>, max_queued: usize, metrics: Arc<Metrics>) -> Session {
+    pub fn new(id: u64, client_id: Arc<str>, context: &SessionContext) -> Session {
         Session {
             id,
             client_id,
-            max_queued,
-            metrics,
+            max_queued: context.max_queued,
+            metrics: Arc::clone(&context.metrics),
+            budget: Arc::clone(&context.budget),
             state: Mutex::new(SessionState {
                 link: None,
                 generation: 0,
@@ -304,11 +341,20 @@ impl Session {
                 }
             }
         }
-        st.link = Some(Link {
+        let mut link = Link {
             connection_id: params.connection_id,
             control,
-            outbound,
-        });
+            outbound: VecDeque::new(),
+            charged: 0,
+            budget: Arc::clone(&self.budget),
+        };
+        for item in outbound {
+            match item {
+                Outbound::Publish(d) => link.push_publish(d),
+                other => link.outbound.push_back(other),
+            }
+        }
+        st.link = Some(link);
         self.fill_window(&mut st, now);
         if let Some(link) = &st.link {
             link.control.wake_writer.notify_one();
@@ -416,10 +462,7 @@ impl Session {
         }
         if delivery.qos == QoS::AtMostOnce {
             match &mut st.link {
-                Some(link) if link.outbound.len() < self.max_queued => {
-                    link.outbound.push_back(Outbound::Publish(delivery));
-                    link.control.wake_writer.notify_one();
-                }
+                Some(link) if link.outbound.len() < self.max_queued => link.push_publish(delivery),
                 // Offline clients do not get QoS 0 messages queued.
                 Some(_) => Metrics::inc(&self.metrics.messages_dropped_qos0),
                 None => {}
@@ -575,7 +618,7 @@ impl Session {
         let mut st = self.state.lock();
         match &mut st.link {
             Some(link) if link.connection_id == connection_id => {
-                out.extend(link.outbound.drain(..));
+                link.drain_into(out);
                 true
             }
             _ => false,
@@ -588,7 +631,7 @@ impl Session {
     pub fn drain_outbound_any(&self, out: &mut Vec<Outbound>) {
         let mut st = self.state.lock();
         if let Some(link) = &mut st.link {
-            out.extend(link.outbound.drain(..));
+            link.drain_into(out);
         }
     }
 
@@ -602,8 +645,7 @@ impl Session {
         let packet_id = next_packet_id(st);
         delivery.packet_id = Some(packet_id);
         if let Some(link) = &mut st.link {
-            link.outbound.push_back(Outbound::Publish(delivery.clone()));
-            link.control.wake_writer.notify_one();
+            link.push_publish(delivery.clone());
         }
         st.inflight.push_back(Inflight {
             packet_id,

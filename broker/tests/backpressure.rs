@@ -1,0 +1,88 @@
+//! Broker-wide back-pressure: when queued outbound bytes pass
+//! `limits.max_outbound_bytes`, the broker stops reading from publishers
+//! instead of queueing without bound; it resumes when subscribers drain.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use tern_codec::{Packet, ProtocolVersion, QoS};
+use tokio::io::AsyncWriteExt;
+
+#[tokio::test]
+async fn publishers_are_slowed_when_the_budget_is_full_and_resume_after() {
+    let server = start(|c| {
+        c.limits.max_outbound_bytes = 64 * 1024;
+        c.limits.max_queued_messages = 100_000;
+    })
+    .await;
+    let broker = std::sync::Arc::clone(server.broker());
+    let budget_limit = 64 * 1024;
+
+    // A subscriber that does not read for now.
+    let mut sub = RawClient::connected(addr(&server), "sleeper", ProtocolVersion::V311).await;
+    sub.subscribe("bp", QoS::AtMostOnce).await;
+
+    // A publisher that writes as fast as it can, 1 KiB payloads.
+    let mut publisher =
+        RawClient::connected(addr(&server), "firehose", ProtocolVersion::V311).await;
+    let mut frame = bytes::BytesMut::new();
+    tern_codec::encode_packet(
+        &publish_packet("bp", &[0x55; 1024], QoS::AtMostOnce, None),
+        ProtocolVersion::V311,
+        &mut frame,
+    )
+    .unwrap();
+    let mut sent = 0usize;
+    let stalled = loop {
+        let write = tokio::time::timeout(
+            Duration::from_millis(500),
+            publisher.stream.write_all(&frame),
+        )
+        .await;
+        match write {
+            Ok(Ok(())) => sent += 1,
+            Ok(Err(e)) => panic!("publisher write failed: {e}"),
+            Err(_) => break true,
+        }
+        if sent > 200_000 {
+            break false;
+        }
+    };
+    assert!(
+        stalled,
+        "the publisher was never slowed down ({sent} messages written)"
+    );
+    let queued = broker.registry.context().budget.queued();
+    // The budget may be overshot by what was already read when it filled:
+    // at most one read buffer's worth of messages.
+    assert!(
+        queued >= budget_limit && queued < budget_limit + 256 * 1024,
+        "queued {queued}"
+    );
+    assert_eq!(
+        broker
+            .metrics
+            .messages_dropped_qos0
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+
+    // The subscriber reads: everything written so far arrives, none dropped.
+    let mut received = 0usize;
+    while received < sent {
+        match sub.recv_within(Duration::from_secs(5)).await {
+            Ok(Some(Packet::Publish(_))) => received += 1,
+            other => panic!("after {received} of {sent}: {other:?}"),
+        }
+    }
+    assert_eq!(received, sent);
+    drop(sub);
+    drop(publisher);
+    eventually("budget released", || {
+        broker.registry.context().budget.queued() == 0
+    })
+    .await;
+    server.shutdown().await;
+}
