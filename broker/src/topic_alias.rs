@@ -29,9 +29,11 @@ pub enum AliasError {
     Unknown(u16),
 }
 
-/// Aliases set by the client.
+/// Aliases set by the client. The table grows only as far as the highest
+/// alias the client has set, so a client that uses none costs nothing.
 #[derive(Debug)]
 pub struct InboundAliases {
+    maximum: u16,
     topics: Vec<Option<Bytes>>,
 }
 
@@ -39,23 +41,29 @@ impl InboundAliases {
     /// A table accepting aliases 1..=maximum.
     pub fn new(maximum: u16) -> InboundAliases {
         InboundAliases {
-            topics: vec![None; usize::from(maximum)],
+            maximum,
+            topics: Vec::new(),
         }
     }
 
     /// Resolves the topic of a PUBLISH carrying `alias`: a non-empty topic
     /// (re)defines the alias, an empty one uses it.
     pub fn resolve(&mut self, alias: u16, topic: &Bytes) -> Result<Bytes, AliasError> {
-        let slot = usize::from(alias);
-        if slot == 0 || slot > self.topics.len() {
+        if alias == 0 || alias > self.maximum {
             return Err(AliasError::OutOfRange(alias));
         }
+        let slot = usize::from(alias) - 1;
         if topic.is_empty() {
-            self.topics[slot - 1]
-                .clone()
+            self.topics
+                .get(slot)
+                .cloned()
+                .flatten()
                 .ok_or(AliasError::Unknown(alias))
         } else {
-            self.topics[slot - 1] = Some(topic.clone());
+            if self.topics.len() <= slot {
+                self.topics.resize(slot + 1, None);
+            }
+            self.topics[slot] = Some(topic.clone());
             Ok(topic.clone())
         }
     }

@@ -47,7 +47,8 @@ pub struct WriterContext {
 /// the first write error (after telling the reader to stop).
 pub async fn write_loop<W: AsyncWrite + Unpin>(ctx: WriterContext, mut socket: W) {
     let mut items = Vec::new();
-    let mut scratch = BytesMut::with_capacity(1024);
+    // Grows on first use: an idle connection holds no write buffer.
+    let mut scratch = BytesMut::new();
     let mut chunks: VecDeque<Bytes> = VecDeque::new();
     let mut aliases = OutboundAliases::new(ctx.client_topic_alias_max);
     loop {
