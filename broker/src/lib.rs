@@ -16,6 +16,7 @@
 //! topic_alias MQTT 5 topic aliases, inbound and outbound
 //! message     one Arc'd message per publish, shared by every delivery
 //! budget      broker-wide bound on queued outbound bytes (back-pressure)
+//! pool        bounded pool of read buffers; idle connections hold none
 //! auth        MQTT 5 enhanced authentication (AUTH), SCRAM-SHA-256
 //! config      embedded defaults, TOML file, validation
 //! metrics     monotonic counters
@@ -42,6 +43,7 @@ pub mod connection;
 mod handshake;
 pub mod message;
 pub mod metrics;
+pub mod pool;
 pub mod registry;
 pub mod server;
 pub mod session;
