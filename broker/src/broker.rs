@@ -31,11 +31,16 @@ use crate::budget::OutboundBudget;
 use crate::config::Config;
 use crate::message::Message;
 use crate::metrics::Metrics;
+use crate::pool::BufferPool;
 use crate::registry::SessionRegistry;
 use crate::session::{
     Delivery, PendingWill, Session, SessionContext, SharedOrigin, SubscriptionIds,
 };
 use tern_router::{RetainedStore, Router, SharedGroup, SubscriptionOptions};
+
+/// Idle read buffers kept for reuse: enough to absorb a burst of reconnects
+/// without allocating, small enough (16 MiB at 4 KiB each) not to matter.
+pub const READ_BUFFER_POOL_CAPACITY: usize = 4096;
 
 /// A session as a router key: identity is the session object, so a fresh
 /// session under the same client id never inherits the old one's entries.
@@ -64,6 +69,8 @@ pub struct Broker {
     pub registry: SessionRegistry,
     pub metrics: Arc<Metrics>,
     pub authenticator: Authenticator,
+    /// Read buffers, lent to connections while they have bytes to decode.
+    pub pool: BufferPool,
     shutdown: watch::Sender<bool>,
 }
 
@@ -87,6 +94,7 @@ impl Broker {
         );
         Arc::new(Broker {
             authenticator: Authenticator::from_config(&config.auth),
+            pool: BufferPool::new(READ_BUFFER_POOL_CAPACITY),
             config,
             router: Router::new(),
             retained: RetainedStore::new(),

@@ -26,7 +26,7 @@ use tern_codec::{
     SubAck, Subscribe, UnsubAck, Unsubscribe, Will,
 };
 use tern_router::{parse_shared, validate_topic_name, SubscribeOutcome, SubscriptionOptions};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -34,12 +34,13 @@ use crate::auth::{AuthExchange, AuthStep};
 use crate::broker::{Broker, SessionRef};
 use crate::handshake::{
     auth_packet, authenticate, check_connect, count_decode_error, read_connect, Authenticated,
-    HandshakeFailure, READ_CHUNK,
+    HandshakeFailure,
 };
 use crate::message::Message;
 use crate::metrics::Metrics;
 use crate::session::{AttachParams, ConnectionControl, Delivery, Session};
 use crate::topic_alias::{AliasError, InboundAliases};
+use crate::transport::{read_pooled, TransportRead};
 use crate::writer::{write_loop, WriterContext};
 
 /// Time the writer gets to flush after the connection decided to close.
@@ -89,12 +90,12 @@ pub async fn serve_tcp(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr)
 /// here, identically for every transport.
 pub async fn serve<R, W>(broker: Arc<Broker>, mut reader: R, mut writer: W, peer: SocketAddr)
 where
-    R: AsyncRead + Unpin + Send,
+    R: TransportRead,
     W: AsyncWrite + Unpin + Send,
 {
     let permit = broker.registry.admit();
     Metrics::inc(&broker.metrics.connections_accepted);
-    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let mut buf = broker.pool.take();
     let max_packet = broker.config.limits.max_packet_size as usize;
 
     let handshake = tokio::time::timeout(broker.config.connect_timeout(), async {
@@ -427,7 +428,7 @@ impl Connection {
     }
 
     /// Reads and handles packets until the connection must close.
-    async fn read_loop<R: AsyncRead + Unpin>(
+    async fn read_loop<R: TransportRead>(
         &mut self,
         session: &Arc<Session>,
         reader: &mut R,
@@ -482,8 +483,10 @@ impl Connection {
                 }
                 continue;
             }
-            if buf.capacity() - buf.len() < READ_CHUNK / 4 {
-                buf.reserve(READ_CHUNK);
+            if buf.is_empty() && buf.capacity() > 0 {
+                // Everything read has been handled: idle connections hold
+                // no read buffer.
+                self.broker.pool.give(std::mem::take(buf));
             }
             let sleep = async {
                 match deadline {
@@ -492,7 +495,7 @@ impl Connection {
                 }
             };
             tokio::select! {
-                read = reader.read_buf(buf) => match read {
+                read = read_pooled(reader, buf, &self.broker.pool) => match read {
                     Ok(0) => return Exit::Closed,
                     Ok(n) => Metrics::add(&self.broker.metrics.bytes_received, n as u64),
                     Err(_) => return Exit::Closed,

@@ -17,6 +17,7 @@
 //! message     one Arc'd message per publish, shared by every delivery
 //! budget      broker-wide bound on queued outbound bytes (back-pressure)
 //! pool        bounded pool of read buffers; idle connections hold none
+//! transport   what a byte stream must offer (readiness without a buffer)
 //! auth        MQTT 5 enhanced authentication (AUTH), SCRAM-SHA-256
 //! config      embedded defaults, TOML file, validation
 //! metrics     monotonic counters
@@ -48,6 +49,7 @@ pub mod registry;
 pub mod server;
 pub mod session;
 pub mod topic_alias;
+pub mod transport;
 pub mod websocket;
 mod writer;
 

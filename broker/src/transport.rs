@@ -1,0 +1,49 @@
+//! What the connection code needs from a byte stream beyond `AsyncRead`: a
+//! way to wait until bytes are there *without* lending it a buffer, so an
+//! idle connection holds no read buffer (see [`crate::pool`]).
+//!
+//! TCP answers with the socket's readiness. A transport that cannot tell
+//! (WebSocket, whose frames arrive through its own buffers) uses the default,
+//! "ready now", and the connection then waits inside `read_buf` with a
+//! buffer in hand, as any tokio reader would.
+
+use std::io;
+use std::task::{Context, Poll};
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::net::tcp::OwnedReadHalf;
+
+use crate::pool::{BufferPool, BUFFER_SIZE};
+
+/// The read side of a client connection.
+pub trait TransportRead: AsyncRead + Unpin + Send {
+    /// Ready once a read would find bytes (or the end of the stream).
+    fn poll_readable(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl TransportRead for OwnedReadHalf {
+    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.as_ref().poll_read_ready(cx)
+    }
+}
+
+/// Waits for bytes, then reads them into `buf`, taking a buffer from the
+/// pool first if `buf` has none. Cancel-safe: nothing is lost if the future
+/// is dropped before it completes.
+pub async fn read_pooled<R: TransportRead>(
+    reader: &mut R,
+    buf: &mut BytesMut,
+    pool: &BufferPool,
+) -> io::Result<usize> {
+    std::future::poll_fn(|cx| reader.poll_readable(cx)).await?;
+    if buf.capacity() == 0 {
+        *buf = pool.take();
+    }
+    if buf.capacity() - buf.len() < BUFFER_SIZE / 4 {
+        buf.reserve(BUFFER_SIZE);
+    }
+    reader.read_buf(buf).await
+}
