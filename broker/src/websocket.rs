@@ -100,6 +100,8 @@ const CLOSE_TOO_BIG: u16 = 1009;
 
 /// Accepts one TCP connection on a WebSocket listener: runs the upgrade, then
 /// serves MQTT over it until it closes.
+// The handshake callback's `Result<Response, ErrorResponse>` is tungstenite's.
+#[allow(clippy::result_large_err)]
 pub async fn serve_ws(broker: Arc<Broker>, stream: TcpStream, tcp_peer: SocketAddr) {
     let _ = stream.set_nodelay(true);
     let (read, write) = stream.into_split();
@@ -132,6 +134,18 @@ pub async fn serve_ws(broker: Arc<Broker>, stream: TcpStream, tcp_peer: SocketAd
         Ok(Ok(ws)) => ws,
         Ok(Err(e)) => {
             tracing::debug!(peer = %tcp_peer, error = %e, "WebSocket upgrade refused");
+            if let WsError::Protocol(why) = &e {
+                // Not a WebSocket upgrade at all (a plain GET, a missing
+                // key ...): tungstenite answers nothing, so say why here.
+                let body = format!("not a valid WebSocket upgrade: {why}\n");
+                let head = format!(
+                    "HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    body.len()
+                );
+                let mut o = out.lock();
+                o.control.extend_from_slice(head.as_bytes());
+                o.control.extend_from_slice(body.as_bytes());
+            }
             close_quietly(&out).await;
             return;
         }
@@ -140,6 +154,7 @@ pub async fn serve_ws(broker: Arc<Broker>, stream: TcpStream, tcp_peer: SocketAd
             return;
         }
     };
+    out.lock().upgraded = true;
     let peer = match forwarded {
         Some(ip) => {
             tracing::debug!(proxy = %tcp_peer, client = %ip, "client address from X-Forwarded-For");
@@ -163,6 +178,7 @@ pub async fn serve_ws(broker: Arc<Broker>, stream: TcpStream, tcp_peer: SocketAd
 }
 
 /// The handshake callback: path and subprotocol.
+#[allow(clippy::result_large_err)] // tungstenite's callback signature
 fn check_upgrade(
     request: &Request,
     mut response: Response,
@@ -261,6 +277,9 @@ struct Out {
     close_code: Option<u16>,
     /// The TCP write side has been shut down.
     shut: bool,
+    /// The upgrade succeeded: the stream carries WebSocket frames (before
+    /// that, or after a refused upgrade, a close frame would be garbage).
+    upgraded: bool,
 }
 
 impl Out {
@@ -277,6 +296,7 @@ impl Out {
             peer_closed: false,
             close_code: None,
             shut: false,
+            upgraded: false,
         }
     }
 
@@ -318,7 +338,7 @@ impl Out {
     /// followed by anything, so then the socket is just shut down.
     fn poll_close(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         if !self.in_frame() {
-            if !self.close_sent && !self.peer_closed {
+            if self.upgraded && !self.close_sent && !self.peer_closed {
                 let code = self.close_code.unwrap_or(CLOSE_NORMAL);
                 let mut header = [0u8; 10];
                 let n = frame_header(&mut header, 0x88, 2);
@@ -412,6 +432,8 @@ impl WsReader {
         io::Error::new(io::ErrorKind::InvalidData, why)
     }
 }
+
+impl crate::transport::TransportRead for WsReader {}
 
 impl AsyncRead for WsReader {
     fn poll_read(
