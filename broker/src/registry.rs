@@ -136,7 +136,10 @@ impl SessionRegistry {
                 Metrics::inc(&self.metrics.session_takeovers);
                 existing.kick(ReasonCode::SessionTakenOver);
             }
-            if !clean_start && !existing.is_ended() {
+            // A session with expiry 0 lasts only as long as its connection
+            // (MQTT-3.1.2-6; MQTT 5 3.1.4): a takeover ends it, even when the
+            // new connection asks to resume.
+            if !clean_start && !existing.is_ended() && existing.expiry_interval() != 0 {
                 return Opened {
                     session: Arc::clone(existing),
                     session_present: true,

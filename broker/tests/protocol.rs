@@ -611,3 +611,28 @@ async fn topic_alias_from_client() {
     );
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn takeover_of_a_non_persistent_session_does_not_resume_it() {
+    for protocol in [V311, V5] {
+        let server = start(|_| {}).await;
+        let mut a = RawClient::connected(addr(&server), "tk", protocol).await;
+        a.subscribe("tk/t", QoS::AtLeastOnce).await;
+        let mut connect = connect_packet("tk", protocol);
+        connect.clean_start = false;
+        if protocol == V5 {
+            connect.properties.session_expiry_interval = Some(60);
+        }
+        let (mut b, ack) = RawClient::connect(addr(&server), connect).await;
+        assert!(
+            !ack.session_present,
+            "{protocol:?}: the old session had expiry 0"
+        );
+        a.expect_closed().await;
+        let mut p = RawClient::connected(addr(&server), "p", protocol).await;
+        p.publish("tk/t", b"x", QoS::AtLeastOnce, 1).await;
+        b.expect_silence(Duration::from_millis(200)).await;
+        assert_eq!(server.broker().router.subscription_count(), 0);
+        server.shutdown().await;
+    }
+}
