@@ -2,10 +2,11 @@
 //! way to wait until bytes are there *without* lending it a buffer, so an
 //! idle connection holds no read buffer (see [`crate::pool`]).
 //!
-//! TCP answers with the socket's readiness. A transport that cannot tell
-//! (WebSocket, whose frames arrive through its own buffers) uses the default,
-//! "ready now", and the connection then waits inside `read_buf` with a
-//! buffer in hand, as any tokio reader would.
+//! TCP answers with the socket's readiness; WebSocket takes the next message
+//! from tungstenite (whose buffer already holds it) and keeps it until the
+//! read. A transport that cannot tell uses the default, "ready now", and the
+//! connection then waits inside `read_buf` with a buffer in hand, as any
+//! tokio reader would.
 
 use std::io;
 use std::task::{Context, Poll};

@@ -31,7 +31,10 @@
 //! read buffer), unmasks them in place, joins fragmented messages, answers
 //! pings and close frames, and enforces `limits.max_packet_size` as the
 //! largest WebSocket frame and message. [`WsReader`] copies each binary
-//! message into the connection's read buffer: the only copy. WebSocket
+//! message into the connection's read buffer: the only copy. One read call
+//! takes every message tungstenite already has (up to the buffer's room),
+//! and waiting for input needs no buffer (`TransportRead::poll_readable`
+//! takes the next message and keeps it), so idle connections hold none. WebSocket
 //! message boundaries mean nothing to MQTT: one message may hold several
 //! packets or part of one. A text message ends the connection with close
 //! code 1003, an oversized one with 1009, a protocol error with 1002.
@@ -167,6 +170,7 @@ pub async fn serve_ws(broker: Arc<Broker>, stream: TcpStream, tcp_peer: SocketAd
         current: Bytes::new(),
         out: Arc::clone(&out),
         done: false,
+        failed: None,
     };
     let writer = WsWriter {
         out: Arc::clone(&out),
@@ -421,66 +425,102 @@ struct WsReader {
     /// What is left of the current binary message.
     current: Bytes,
     out: Arc<Mutex<Out>>,
+    /// The stream ended (or failed): nothing more is read from tungstenite.
     done: bool,
+    /// An error still to be returned (after the bytes before it).
+    failed: Option<io::Error>,
 }
 
 impl WsReader {
-    fn fail(&mut self, code: u16, why: String) -> io::Error {
+    /// Ends the stream with an error, and the close frame with `code`.
+    fn fail(&mut self, code: u16, why: String) {
         self.done = true;
-        let mut out = self.out.lock();
-        out.close_code.get_or_insert(code);
-        io::Error::new(io::ErrorKind::InvalidData, why)
+        self.out.lock().close_code.get_or_insert(code);
+        self.failed = Some(io::Error::new(io::ErrorKind::InvalidData, why));
     }
 }
 
-impl crate::transport::TransportRead for WsReader {}
+impl WsReader {
+    /// Drives tungstenite until there is binary data in `current`, or the
+    /// stream ended or failed. Control messages are handled on the way.
+    fn poll_message(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            if !self.current.is_empty() || self.failed.is_some() || self.done {
+                return Poll::Ready(());
+            }
+            match ready!(Pin::new(&mut self.ws).poll_next(cx)) {
+                Some(Ok(Message::Binary(data))) => self.current = data,
+                Some(Ok(Message::Text(_))) => {
+                    self.fail(CLOSE_UNSUPPORTED_DATA, "text WebSocket message".into());
+                }
+                // tungstenite queues the reply; the stream ends right after.
+                Some(Ok(Message::Close(_))) => self.out.lock().peer_closed = true,
+                // Pings are answered by tungstenite; pongs need nothing.
+                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
+                Some(Err(WsError::Io(e))) => {
+                    self.done = true;
+                    self.failed = Some(e);
+                }
+                Some(Err(e)) => {
+                    let code = match &e {
+                        WsError::Capacity(_) => CLOSE_TOO_BIG,
+                        WsError::Utf8 => CLOSE_INVALID_PAYLOAD,
+                        _ => CLOSE_PROTOCOL_ERROR,
+                    };
+                    self.fail(code, format!("WebSocket: {e}"));
+                }
+                None => self.done = true,
+            }
+        }
+    }
+}
+
+/// Readiness without a buffer: the next message is taken from tungstenite
+/// (whose own buffer holds it) and kept, so an idle WebSocket connection
+/// holds no read buffer from the pool either.
+impl crate::transport::TransportRead for WsReader {
+    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(self.poll_message(cx));
+        Poll::Ready(Ok(()))
+    }
+}
 
 impl AsyncRead for WsReader {
+    /// Copies binary messages into `buf` until it is full or tungstenite has
+    /// nothing more without waiting, so a client sending one small packet per
+    /// message costs one read call per batch, not one per packet.
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        let start = buf.filled().len();
         loop {
             if !this.current.is_empty() {
                 let n = this.current.len().min(buf.remaining());
                 buf.put_slice(&this.current[..n]);
                 this.current.advance(n);
-                return Poll::Ready(Ok(()));
+                if buf.remaining() == 0 {
+                    return Poll::Ready(Ok(()));
+                }
+            }
+            let filled = buf.filled().len() > start;
+            if let Some(e) = this.failed.take() {
+                // Deliver what came before the failure first.
+                if filled {
+                    this.failed = Some(e);
+                    return Poll::Ready(Ok(()));
+                }
+                return Poll::Ready(Err(e));
             }
             if this.done {
                 return Poll::Ready(Ok(()));
             }
-            let next = ready!(Pin::new(&mut this.ws).poll_next(cx));
-            match next {
-                Some(Ok(Message::Binary(data))) => this.current = data,
-                Some(Ok(Message::Text(_))) => {
-                    let e = this.fail(CLOSE_UNSUPPORTED_DATA, "text WebSocket message".into());
-                    return Poll::Ready(Err(e));
-                }
-                // tungstenite queues the reply; the stream ends right after.
-                Some(Ok(Message::Close(_))) => this.out.lock().peer_closed = true,
-                // Pings are answered by tungstenite; pongs need nothing.
-                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
-                Some(Err(e)) => {
-                    let code = match &e {
-                        WsError::Capacity(_) => CLOSE_TOO_BIG,
-                        WsError::Utf8 => CLOSE_INVALID_PAYLOAD,
-                        WsError::Protocol(_) => CLOSE_PROTOCOL_ERROR,
-                        WsError::Io(_) => {
-                            this.done = true;
-                            return Poll::Ready(Err(io::Error::other(e.to_string())));
-                        }
-                        _ => CLOSE_PROTOCOL_ERROR,
-                    };
-                    let e = this.fail(code, format!("WebSocket: {e}"));
-                    return Poll::Ready(Err(e));
-                }
-                None => {
-                    this.done = true;
-                    return Poll::Ready(Ok(()));
-                }
+            match this.poll_message(cx) {
+                Poll::Ready(()) => {}
+                Poll::Pending if filled => return Poll::Ready(Ok(())),
+                Poll::Pending => return Poll::Pending,
             }
         }
     }

@@ -1,0 +1,627 @@
+//! MQTT over WebSocket: rumqttc's WebSocket transport, and a raw
+//! tokio-tungstenite client for framing cases a client library never
+//! produces (several packets in one message, a packet split over messages,
+//! continuation frames, text frames, vanishing without a close frame).
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use tern::Server;
+use tern_codec::{decode_packet, encode_packet, Packet, ProtocolVersion, QoS, ReasonCode, Will};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
+use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::WebSocketStream;
+
+fn ws_addr(server: &Server) -> SocketAddr {
+    server.ws_addrs()[0]
+}
+
+/// Opens a WebSocket to `path` offering `protocols` (none: no header).
+async fn ws_open(
+    addr: SocketAddr,
+    path: &str,
+    protocols: Option<&str>,
+) -> Result<WebSocketStream<TcpStream>, WsError> {
+    let mut request = format!("ws://{addr}{path}").into_client_request().unwrap();
+    if let Some(p) = protocols {
+        request
+            .headers_mut()
+            .insert("Sec-WebSocket-Protocol", p.parse().unwrap());
+    }
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (ws, _response) = tokio_tungstenite::client_async(request, tcp).await?;
+    Ok(ws)
+}
+
+fn encode(packet: &Packet, protocol: ProtocolVersion) -> Vec<u8> {
+    let mut out = BytesMut::new();
+    encode_packet(packet, protocol, &mut out).unwrap();
+    out.to_vec()
+}
+
+/// A raw MQTT-over-WebSocket client.
+struct WsClient {
+    ws: WebSocketStream<TcpStream>,
+    buf: BytesMut,
+    protocol: ProtocolVersion,
+    /// The close frame the broker sent, once seen.
+    close: Option<Option<CloseCode>>,
+}
+
+impl WsClient {
+    async fn open(addr: SocketAddr, protocol: ProtocolVersion) -> WsClient {
+        WsClient {
+            ws: ws_open(addr, "/mqtt", Some("mqtt")).await.expect("upgrade"),
+            buf: BytesMut::new(),
+            protocol,
+            close: None,
+        }
+    }
+
+    async fn connected(addr: SocketAddr, client_id: &str, protocol: ProtocolVersion) -> WsClient {
+        let mut c = WsClient::open(addr, protocol).await;
+        c.send(&Packet::Connect(Box::new(connect_packet(
+            client_id, protocol,
+        ))))
+        .await;
+        match c.recv().await {
+            Some(Packet::ConnAck(ack)) => assert_eq!(ack.code, ReasonCode::Success),
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+        c
+    }
+
+    async fn send(&mut self, packet: &Packet) {
+        let bytes = encode(packet, self.protocol);
+        self.send_binary(bytes).await;
+    }
+
+    async fn send_binary(&mut self, bytes: Vec<u8>) {
+        self.ws.send(Message::Binary(bytes.into())).await.unwrap();
+    }
+
+    /// The next MQTT packet; `None` once the broker closed the WebSocket.
+    async fn recv(&mut self) -> Option<Packet> {
+        tokio::time::timeout(WAIT, async {
+            loop {
+                if let Some(p) = decode_packet(&mut self.buf, self.protocol, 1 << 28).unwrap() {
+                    return Some(p);
+                }
+                match self.ws.next().await {
+                    Some(Ok(Message::Binary(b))) => self.buf.extend_from_slice(&b),
+                    Some(Ok(Message::Close(frame))) => {
+                        self.close = Some(frame.map(|f| f.code));
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(_)) | None => return None,
+                }
+            }
+        })
+        .await
+        .expect("a packet or the close within the wait")
+    }
+
+    async fn recv_publish(&mut self) -> tern_codec::Publish {
+        match self.recv().await {
+            Some(Packet::Publish(p)) => p,
+            other => panic!("expected PUBLISH, got {other:?}"),
+        }
+    }
+
+    /// Waits for the broker's close frame and the end of the stream.
+    async fn expect_close(&mut self) -> Option<CloseCode> {
+        if let Some(p) = self.recv().await {
+            panic!("expected the close, got {p:?}");
+        }
+        self.close
+            .expect("a close frame before the end of the stream")
+    }
+}
+
+/// rumqttc over WebSocket, with its event loop in the background.
+fn spawn_rumqttc_ws(
+    client_id: &str,
+    addr: SocketAddr,
+) -> (
+    rumqttc::AsyncClient,
+    mpsc::UnboundedReceiver<rumqttc::Packet>,
+) {
+    let url = format!("ws://{addr}/mqtt");
+    let mut options = rumqttc::MqttOptions::new(client_id, url, addr.port());
+    options.set_transport(rumqttc::Transport::Ws);
+    options.set_keep_alive(Duration::from_secs(30));
+    options.set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 100);
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            match eventloop.poll().await {
+                Ok(rumqttc::Event::Incoming(p)) => {
+                    if tx.send(p).is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => return,
+            }
+        }
+    });
+    (client, rx)
+}
+
+async fn next_publish(rx: &mut mpsc::UnboundedReceiver<rumqttc::Packet>) -> rumqttc::Publish {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            if let rumqttc::Packet::Publish(p) = rx.recv().await.expect("event loop alive") {
+                return p;
+            }
+        }
+    })
+    .await
+    .expect("a PUBLISH within the wait")
+}
+
+async fn next_suback(rx: &mut mpsc::UnboundedReceiver<rumqttc::Packet>) {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            if let rumqttc::Packet::SubAck(_) = rx.recv().await.expect("event loop alive") {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("a SUBACK within the wait")
+}
+
+#[tokio::test]
+async fn rumqttc_over_websocket_talks_to_tcp_clients() {
+    let server = start(|_| {}).await;
+    let (ws_client, mut ws_rx) = spawn_rumqttc_ws("ws-rumqttc", ws_addr(&server));
+    ws_client
+        .subscribe("both/#", rumqttc::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    next_suback(&mut ws_rx).await;
+
+    let mut tcp = RawClient::connected(addr(&server), "tcp-peer", ProtocolVersion::V311).await;
+    tcp.subscribe("both/from-ws", QoS::AtLeastOnce).await;
+
+    // TCP -> WebSocket
+    tcp.publish("both/from-tcp", b"hello ws", QoS::AtLeastOnce, 1)
+        .await;
+    let p = next_publish(&mut ws_rx).await;
+    assert_eq!(p.topic, "both/from-tcp");
+    assert_eq!(&p.payload[..], b"hello ws");
+
+    // WebSocket -> TCP (and back to itself), QoS 1 and a payload needing the
+    // 16-bit frame length.
+    let big = vec![7u8; 40_000];
+    ws_client
+        .publish(
+            "both/from-ws",
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            big.clone(),
+        )
+        .await
+        .unwrap();
+    let p = tcp.recv_publish().await;
+    assert_eq!(&p.topic[..], b"both/from-ws");
+    assert_eq!(&p.payload[..], &big[..]);
+    let p = next_publish(&mut ws_rx).await;
+    assert_eq!(&p.payload[..], &big[..]);
+
+    ws_client.disconnect().await.unwrap();
+    eventually("both clients counted", || {
+        server.broker().registry.connection_count() == 1
+    })
+    .await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn several_packets_in_one_message() {
+    let server = start(|_| {}).await;
+    let mut c = WsClient::open(ws_addr(&server), ProtocolVersion::V311).await;
+    let mut bytes = encode(
+        &Packet::Connect(Box::new(connect_packet("batch", ProtocolVersion::V311))),
+        ProtocolVersion::V311,
+    );
+    bytes.extend(encode(
+        &subscribe_packet(1, "batch/t", QoS::AtMostOnce),
+        ProtocolVersion::V311,
+    ));
+    bytes.extend(encode(
+        &publish_packet("batch/t", b"one", QoS::AtMostOnce, None),
+        ProtocolVersion::V311,
+    ));
+    bytes.extend(encode(&Packet::PingReq, ProtocolVersion::V311));
+    c.send_binary(bytes).await;
+    assert!(matches!(c.recv().await, Some(Packet::ConnAck(_))));
+    assert!(matches!(c.recv().await, Some(Packet::SubAck(_))));
+    assert_eq!(&c.recv_publish().await.payload[..], b"one");
+    assert!(matches!(c.recv().await, Some(Packet::PingResp)));
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn one_packet_split_across_messages() {
+    let server = start(|_| {}).await;
+    let mut sub = RawClient::connected(addr(&server), "split-sub", ProtocolVersion::V5).await;
+    sub.subscribe("split/#", QoS::AtMostOnce).await;
+
+    let mut c = WsClient::open(ws_addr(&server), ProtocolVersion::V5).await;
+    let connect = encode(
+        &Packet::Connect(Box::new(connect_packet("split", ProtocolVersion::V5))),
+        ProtocolVersion::V5,
+    );
+    // CONNECT one byte per message.
+    for b in connect {
+        c.send_binary(vec![b]).await;
+    }
+    assert!(matches!(c.recv().await, Some(Packet::ConnAck(_))));
+    // A PUBLISH in three messages, the cut through the fixed header.
+    let payload = vec![0xAB; 3000];
+    let publish = encode(
+        &publish_packet("split/t", &payload, QoS::AtMostOnce, None),
+        ProtocolVersion::V5,
+    );
+    c.send_binary(publish[..1].to_vec()).await;
+    c.send_binary(publish[1..2000].to_vec()).await;
+    c.send_binary(publish[2000..].to_vec()).await;
+    let p = sub.recv_publish().await;
+    assert_eq!(&p.topic[..], b"split/t");
+    assert_eq!(&p.payload[..], &payload[..]);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn fragmented_message_with_continuation_frames() {
+    let server = start(|_| {}).await;
+    let mut sub = RawClient::connected(addr(&server), "frag-sub", ProtocolVersion::V311).await;
+    sub.subscribe("frag/#", QoS::AtMostOnce).await;
+
+    let mut c = WsClient::connected(ws_addr(&server), "frag", ProtocolVersion::V311).await;
+    let publish = encode(
+        &publish_packet("frag/t", b"fragmented payload", QoS::AtMostOnce, None),
+        ProtocolVersion::V311,
+    );
+    // One message in three frames: binary (FIN=0), continuation, continuation
+    // (FIN=1), with a ping between the fragments (control frames may interleave).
+    let (a, rest) = publish.split_at(3);
+    let (b, d) = rest.split_at(7);
+    let frames = [
+        Frame::message(Bytes::copy_from_slice(a), OpCode::Data(Data::Binary), false),
+        Frame::message(
+            Bytes::copy_from_slice(b),
+            OpCode::Data(Data::Continue),
+            false,
+        ),
+        Frame::ping(Bytes::from_static(b"mid")),
+        Frame::message(
+            Bytes::copy_from_slice(d),
+            OpCode::Data(Data::Continue),
+            true,
+        ),
+    ];
+    for f in frames {
+        c.ws.send(Message::Frame(f)).await.unwrap();
+    }
+    let p = sub.recv_publish().await;
+    assert_eq!(&p.payload[..], b"fragmented payload");
+    // The ping was answered.
+    let pong = tokio::time::timeout(WAIT, async {
+        loop {
+            match c.ws.next().await {
+                Some(Ok(Message::Pong(data))) => return data,
+                Some(Ok(_)) => {}
+                other => panic!("expected a pong, got {other:?}"),
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(&pong[..], b"mid");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn wrong_subprotocol_is_refused_with_400() {
+    let server = start(|_| {}).await;
+    for offer in [Some("chat"), Some("MQTT, wamp"), None] {
+        match ws_open(ws_addr(&server), "/mqtt", offer).await {
+            Err(WsError::Http(response)) => {
+                assert_eq!(response.status(), 400, "offer {offer:?}");
+                let body = String::from_utf8(response.body().clone().unwrap()).unwrap();
+                assert!(body.contains("mqtt"), "{body}");
+            }
+            Err(other) => panic!("expected HTTP 400, got {other}"),
+            Ok(_) => panic!("upgrade offering {offer:?} was accepted"),
+        }
+    }
+    // Both MQTT subprotocols, answered in the client's order of preference.
+    for (offer, expect) in [
+        ("mqttv3.1, mqtt", "mqttv3.1"),
+        ("mqtt, mqttv3.1", "mqtt"),
+        ("chat, mqtt", "mqtt"),
+    ] {
+        let mut request = format!("ws://{}/mqtt", ws_addr(&server))
+            .into_client_request()
+            .unwrap();
+        request
+            .headers_mut()
+            .insert("Sec-WebSocket-Protocol", offer.parse().unwrap());
+        let tcp = TcpStream::connect(ws_addr(&server)).await.unwrap();
+        let (_ws, response) = tokio_tungstenite::client_async(request, tcp).await.unwrap();
+        assert_eq!(response.headers()["sec-websocket-protocol"], expect);
+    }
+    eventually("upgraded connections dropped", || {
+        server.broker().registry.connection_count() == 0
+    })
+    .await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn plain_http_request_gets_400() {
+    let server = start(|_| {}).await;
+    let mut tcp = TcpStream::connect(ws_addr(&server)).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut tcp, b"GET /mqtt HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(
+        WAIT,
+        tokio::io::AsyncReadExt::read_to_end(&mut tcp, &mut response),
+    )
+    .await
+    .expect("answered and closed")
+    .unwrap();
+    let response = String::from_utf8_lossy(&response);
+    assert!(response.starts_with("HTTP/1.1 400 "), "{response}");
+    assert!(response.contains("WebSocket"), "{response}");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn wrong_path_is_refused_with_404() {
+    let server = start(|_| {}).await;
+    match ws_open(ws_addr(&server), "/", Some("mqtt")).await {
+        Err(WsError::Http(response)) => assert_eq!(response.status(), 404),
+        Err(other) => panic!("expected HTTP 404, got {other}"),
+        Ok(_) => panic!("upgrade on / was accepted"),
+    }
+    server.shutdown().await;
+
+    // The path is configurable.
+    let server = start(|c| c.listeners.ws_path = "/ws/v1".into()).await;
+    assert!(ws_open(ws_addr(&server), "/mqtt", Some("mqtt"))
+        .await
+        .is_err());
+    let mut ws = ws_open(ws_addr(&server), "/ws/v1", Some("mqtt"))
+        .await
+        .expect("upgrade on the configured path");
+    let connect = encode(
+        &Packet::Connect(Box::new(connect_packet("p", ProtocolVersion::V311))),
+        ProtocolVersion::V311,
+    );
+    ws.send(Message::Binary(connect.into())).await.unwrap();
+    match tokio::time::timeout(WAIT, ws.next()).await.unwrap() {
+        Some(Ok(Message::Binary(b))) => assert_eq!(&b[..], &[0x20, 2, 0, 0]),
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn text_message_closes_with_1003() {
+    let server = start(|_| {}).await;
+    // Before CONNECT ...
+    let mut c = WsClient::open(ws_addr(&server), ProtocolVersion::V311).await;
+    c.ws.send(Message::text("CONNECT please")).await.unwrap();
+    assert_eq!(c.expect_close().await, Some(CloseCode::Unsupported));
+    // ... and after.
+    let mut c = WsClient::connected(ws_addr(&server), "texter", ProtocolVersion::V5).await;
+    c.ws.send(Message::text("hello")).await.unwrap();
+    assert_eq!(c.expect_close().await, Some(CloseCode::Unsupported));
+    eventually("connections released", || {
+        server.broker().registry.connection_count() == 0
+    })
+    .await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn message_larger_than_max_packet_size_closes_with_1009() {
+    let server = start(|c| c.limits.max_packet_size = 1024).await;
+    let mut c = WsClient::connected(ws_addr(&server), "big", ProtocolVersion::V311).await;
+    c.send_binary(vec![0x30; 4096]).await;
+    assert_eq!(c.expect_close().await, Some(CloseCode::Size));
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn client_vanishing_without_close_frame_publishes_will() {
+    let server = start(|_| {}).await;
+    let mut watcher = RawClient::connected(addr(&server), "watcher", ProtocolVersion::V311).await;
+    watcher.subscribe("wills/#", QoS::AtLeastOnce).await;
+
+    let mut connect = connect_packet("doomed", ProtocolVersion::V311);
+    connect.will = Some(Will {
+        topic: Bytes::from_static(b"wills/doomed"),
+        payload: Bytes::from_static(b"gone"),
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        properties: Default::default(),
+    });
+    let mut c = WsClient::open(ws_addr(&server), ProtocolVersion::V311).await;
+    c.send(&Packet::Connect(Box::new(connect))).await;
+    assert!(matches!(c.recv().await, Some(Packet::ConnAck(_))));
+    assert_eq!(server.broker().registry.connection_count(), 2);
+    // Drop the TCP connection under the WebSocket: no close frame, no DISCONNECT.
+    drop(c);
+    let p = watcher.recv_publish().await;
+    assert_eq!(&p.topic[..], b"wills/doomed");
+    assert_eq!(&p.payload[..], b"gone");
+    eventually("the vanished client is counted out", || {
+        server.broker().registry.connection_count() == 1
+    })
+    .await;
+    drop(watcher);
+    eventually("no connection left", || {
+        server.broker().registry.connection_count() == 0
+    })
+    .await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn close_handshake_and_ping() {
+    let server = start(|_| {}).await;
+    let mut c = WsClient::connected(ws_addr(&server), "closer", ProtocolVersion::V311).await;
+    c.ws.send(Message::Ping(Bytes::from_static(b"p1")))
+        .await
+        .unwrap();
+    match tokio::time::timeout(WAIT, c.ws.next()).await.unwrap() {
+        Some(Ok(Message::Pong(data))) => assert_eq!(&data[..], b"p1"),
+        other => panic!("expected a pong, got {other:?}"),
+    }
+    c.ws.close(None).await.unwrap();
+    // The broker answers the close and ends the stream.
+    let rest = tokio::time::timeout(WAIT, async {
+        let mut seen = Vec::new();
+        while let Some(m) = c.ws.next().await {
+            match m {
+                Ok(m) => seen.push(m),
+                Err(_) => break,
+            }
+        }
+        seen
+    })
+    .await
+    .unwrap();
+    assert!(
+        rest.iter().any(|m| matches!(m, Message::Close(_))),
+        "{rest:?}"
+    );
+    eventually("connection released", || {
+        server.broker().registry.connection_count() == 0
+    })
+    .await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn silent_websocket_client_hits_the_connect_timeout() {
+    let server = start(|c| c.limits.connect_timeout_secs = 1).await;
+    let mut c = WsClient::open(ws_addr(&server), ProtocolVersion::V311).await;
+    let started = std::time::Instant::now();
+    // Closed (with a close frame) without ever sending CONNECT.
+    assert_eq!(c.expect_close().await, Some(CloseCode::Normal));
+    assert!(started.elapsed() < Duration::from_secs(4));
+    // A TCP connection that never upgrades is dropped too.
+    let mut tcp = TcpStream::connect(ws_addr(&server)).await.unwrap();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(WAIT, tokio::io::AsyncReadExt::read(&mut tcp, &mut buf))
+        .await
+        .expect("closed within the connect timeout");
+    assert!(matches!(n, Ok(0) | Err(_)));
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn websocket_client_takes_over_a_tcp_session() {
+    let server = start(|_| {}).await;
+    let mut connect = connect_packet("roamer", ProtocolVersion::V5);
+    connect.clean_start = false;
+    connect.properties.session_expiry_interval = Some(300);
+    let (mut tcp, ack) = RawClient::connect(addr(&server), connect.clone()).await;
+    assert_eq!(ack.code, ReasonCode::Success);
+    tcp.subscribe("roam/#", QoS::AtLeastOnce).await;
+
+    let mut c = WsClient::open(ws_addr(&server), ProtocolVersion::V5).await;
+    c.send(&Packet::Connect(Box::new(connect))).await;
+    match c.recv().await {
+        Some(Packet::ConnAck(ack)) => {
+            assert_eq!(ack.code, ReasonCode::Success);
+            assert!(ack.session_present, "the TCP session carries over");
+        }
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+    // The TCP connection is told (MQTT 5: DISCONNECT 0x8E) and closed.
+    let seen = tcp.expect_closed().await;
+    assert!(
+        seen.iter()
+            .any(|p| matches!(p, Packet::Disconnect(d) if d.code == ReasonCode::SessionTakenOver)),
+        "{seen:?}"
+    );
+    // The subscription made over TCP now delivers over WebSocket.
+    let mut publisher = RawClient::connected(addr(&server), "pub", ProtocolVersion::V311).await;
+    publisher
+        .publish("roam/x", b"follow me", QoS::AtLeastOnce, 1)
+        .await;
+    let p = c.recv_publish().await;
+    assert_eq!(&p.payload[..], b"follow me");
+    eventually("one connection per client", || {
+        server.broker().registry.connection_count() == 2
+    })
+    .await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn large_publish_to_websocket_subscriber() {
+    // A payload above 64 KiB takes the 64-bit frame length; above the
+    // outbound frame cap it continues in a second message.
+    let server = start(|c| c.limits.max_packet_size = 4 * 1024 * 1024).await;
+    let mut c = WsClient::connected(ws_addr(&server), "large", ProtocolVersion::V311).await;
+    c.send(&subscribe_packet(1, "large/#", QoS::AtMostOnce))
+        .await;
+    assert!(matches!(c.recv().await, Some(Packet::SubAck(_))));
+    let mut publisher = RawClient::connected(addr(&server), "lp", ProtocolVersion::V311).await;
+    for size in [100_000usize, 1_500_000] {
+        let payload: Vec<u8> = (0..size).map(|i| i as u8).collect();
+        publisher
+            .publish("large/t", &payload, QoS::AtMostOnce, 0)
+            .await;
+        let p = c.recv_publish().await;
+        assert_eq!(p.payload.len(), size);
+        assert!(p.payload[..] == payload[..]);
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn silent_websocket_client_hits_keep_alive() {
+    let server = start(|_| {}).await;
+    let mut connect = connect_packet("sleepy", ProtocolVersion::V311);
+    connect.keep_alive = 1;
+    let mut c = WsClient::open(ws_addr(&server), ProtocolVersion::V311).await;
+    c.send(&Packet::Connect(Box::new(connect))).await;
+    assert!(matches!(c.recv().await, Some(Packet::ConnAck(_))));
+    let started = std::time::Instant::now();
+    // WebSocket pings are not MQTT traffic: they do not keep the session alive.
+    c.ws.send(Message::Ping(Bytes::from_static(b"x")))
+        .await
+        .unwrap();
+    assert_eq!(c.expect_close().await, Some(CloseCode::Normal));
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1200) && waited < Duration::from_secs(4),
+        "{waited:?}"
+    );
+    eventually("connection released", || {
+        server.broker().registry.connection_count() == 0
+    })
+    .await;
+    server.shutdown().await;
+}
