@@ -561,3 +561,18 @@ async fn shared_messages_of_a_departing_member_go_to_another_member() {
     c.expect_silence(Duration::from_millis(200)).await;
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn topic_alias_zero_is_0x94() {
+    let server = start(|_| {}).await;
+    let mut p = RawClient::connected(addr(&server), "zero", V5).await;
+    // PUBLISH QoS 0, topic "a", properties: Topic Alias = 0.
+    p.send_bytes(&[0x30, 0x07, 0x00, 0x01, b'a', 0x03, 0x23, 0x00, 0x00])
+        .await;
+    let seen = p.expect_closed().await;
+    assert!(
+        matches!(seen.last(), Some(Packet::Disconnect(d)) if d.code == ReasonCode::TopicAliasInvalid),
+        "{seen:?}"
+    );
+    server.shutdown().await;
+}

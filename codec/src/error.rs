@@ -40,6 +40,9 @@ pub enum DecodeError {
     /// A PUBLISH (or will) topic name that is not a valid topic name.
     #[error("invalid topic name: {0}")]
     TopicNameInvalid(&'static str),
+    /// A PUBLISH with Topic Alias 0 (MQTT-3.3.2-8).
+    #[error("invalid topic alias: {0}")]
+    TopicAliasInvalid(&'static str),
 }
 
 impl DecodeError {
@@ -54,6 +57,7 @@ impl DecodeError {
             DecodeError::Malformed(_) => ReasonCode::MalformedPacket,
             DecodeError::Protocol(_) => ReasonCode::ProtocolError,
             DecodeError::TopicNameInvalid(_) => ReasonCode::TopicNameInvalid,
+            DecodeError::TopicAliasInvalid(_) => ReasonCode::TopicAliasInvalid,
         }
     }
 }

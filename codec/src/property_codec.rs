@@ -132,6 +132,20 @@ mod kind {
         pub use super::int16::encode;
     }
 
+    /// Topic Alias: a Two Byte Integer that must not be 0; a 0 is "Topic
+    /// Alias invalid" (0x94), as an alias above the maximum is.
+    pub mod alias16 {
+        use super::*;
+        pub fn decode(slot: &mut Option<u16>, r: &mut Reader) -> Result<(), DecodeError> {
+            let v = r.u16()?;
+            if v == 0 {
+                return Err(DecodeError::TopicAliasInvalid("topic alias 0"));
+            }
+            set_once(slot, v)
+        }
+        pub use super::int16::encode;
+    }
+
     /// Four Byte Integer.
     pub mod int32 {
         use super::*;
@@ -337,7 +351,7 @@ property_set!(ConnAckProperties {
 property_set!(PublishProperties {
     PAYLOAD_FORMAT_INDICATOR => payload_format_indicator: flag,
     MESSAGE_EXPIRY_INTERVAL => message_expiry_interval: int32,
-    TOPIC_ALIAS => topic_alias: nonzero16,
+    TOPIC_ALIAS => topic_alias: alias16,
     RESPONSE_TOPIC => response_topic: response_topic,
     CORRELATION_DATA => correlation_data: binary,
     USER_PROPERTY => user_properties: user,

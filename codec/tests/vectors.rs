@@ -344,7 +344,9 @@ fn properties() {
     protocol(b"\x30\x0A\x00\x01a\x06\x23\x00\x01\x23\x00\x02", V5); // duplicate topic alias
     malformed(b"\x30\x09\x00\x01a\x05\x11\x00\x00\x00\x01", V5); // session expiry not allowed in PUBLISH
     malformed(b"\x30\x06\x00\x01a\x02\x7F\x00", V5); // unknown property
-    protocol(b"\x30\x07\x00\x01a\x03\x23\x00\x00", V5); // topic alias 0
+                                                     // Topic alias 0: "Topic Alias invalid" (0x94).
+    let e = err(b"\x30\x07\x00\x01a\x03\x23\x00\x00", V5);
+    assert_eq!(e.reason_code(), ReasonCode::TopicAliasInvalid, "{e:?}");
     protocol(b"\x30\x06\x00\x01a\x02\x01\x02", V5); // payload format indicator 2
     protocol(b"\x30\x06\x00\x01a\x02\x0B\x00", V5); // subscription identifier 0
     protocol(b"\x30\x0A\x00\x01a\x06\x08\x00\x03a/#", V5); // response topic with wildcard
