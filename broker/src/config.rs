@@ -71,6 +71,9 @@ pub struct LimitsConfig {
     /// in-flight window, or for an offline client. See `docs/configuration.md`
     /// for the overflow policy.
     pub max_queued_messages: usize,
+    /// Bytes waiting to be written to one connection above which a QoS 0
+    /// delivery to it is dropped (a slow subscriber's bound).
+    pub max_client_outbound_bytes: usize,
     /// Bytes of messages queued for writing, across all connections, above
     /// which the broker stops reading from clients until writers catch up.
     pub max_outbound_bytes: usize,
@@ -131,6 +134,7 @@ impl Default for LimitsConfig {
             max_inflight: 128,
             receive_maximum: 1024,
             max_queued_messages: 1000,
+            max_client_outbound_bytes: 4 * 1024 * 1024,
             max_outbound_bytes: 64 * 1024 * 1024,
             connect_timeout_secs: 10,
             max_keepalive_secs: 0,
@@ -271,6 +275,9 @@ impl Config {
         }
         if l.max_queued_messages == 0 {
             return invalid("limits.max_queued_messages", "must be at least 1");
+        }
+        if l.max_client_outbound_bytes < 1024 {
+            return invalid("limits.max_client_outbound_bytes", "must be at least 1024");
         }
         if l.max_outbound_bytes < 64 * 1024 {
             return invalid("limits.max_outbound_bytes", "must be at least 65536");

@@ -7,7 +7,7 @@
 //! subscriber (QoS, packet id, DUP, RETAIN, subscription identifiers) lives in
 //! the delivery, not here.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -31,6 +31,15 @@ pub struct Message {
     /// The session that published it (for No Local); 0 for wills published
     /// after their session ended and other broker-made messages.
     pub origin: u64,
+    /// Encoded PUBLISH headers shared by every delivery of the same shape,
+    /// indexed by [`header_slot`]: encoded once per message, then copied (or
+    /// shared) per delivery, with only the flags and packet id patched.
+    headers: [OnceLock<Bytes>; 4],
+}
+
+/// The slot of a cached header: MQTT 5 or 3.x, with or without a packet id.
+fn header_slot(v5: bool, with_packet_id: bool) -> usize {
+    usize::from(v5) * 2 + usize::from(with_packet_id)
 }
 
 impl Message {
@@ -56,7 +65,23 @@ impl Message {
             properties,
             expires_at,
             origin,
+            headers: Default::default(),
         })
+    }
+
+    /// The PUBLISH header (everything but the payload) for deliveries of this
+    /// shape, encoding it with `encode` the first time. Deliveries patch the
+    /// first byte (DUP, QoS, RETAIN) and the packet id. `None` if encoding
+    /// failed.
+    pub fn shared_header(
+        &self,
+        v5: bool,
+        with_packet_id: bool,
+        encode: impl FnOnce() -> Option<Bytes>,
+    ) -> Option<&Bytes> {
+        let header = self.headers[header_slot(v5, with_packet_id)]
+            .get_or_init(|| encode().unwrap_or_default());
+        (!header.is_empty()).then_some(header)
     }
 
     /// The topic as text (checked UTF-8 by the codec).

@@ -10,7 +10,8 @@
 //! # Flows
 //!
 //! - Outgoing QoS 0 goes straight to the outbound queue (dropped and counted
-//!   when that queue is full, or when the client is offline).
+//!   when that queue already holds `max_client_outbound_bytes`, or when the
+//!   client is offline).
 //! - Outgoing QoS 1/2 takes a packet identifier and a place in the in-flight
 //!   window (the smaller of our `max_inflight` and the client's Receive
 //!   Maximum); when the window is full or the client is offline it waits in
@@ -191,12 +192,28 @@ impl Link {
         let size = delivery.message.topic.len() + delivery.message.payload.len() + HEADER_ALLOWANCE;
         self.budget.charge(size);
         self.charged += size;
-        self.outbound.push_back(Outbound::Publish(delivery));
-        self.control.wake_writer.notify_one();
+        self.push(Outbound::Publish(delivery));
     }
 
-    fn drain_into(&mut self, out: &mut Vec<Outbound>) {
-        out.extend(self.outbound.drain(..));
+    /// Queues an item, waking the writer only when the queue was empty: the
+    /// writer takes the whole queue each time it runs, so one wake-up per
+    /// batch is enough (and a wake-up costs more than the push).
+    fn push(&mut self, item: Outbound) {
+        let was_empty = self.outbound.is_empty();
+        self.outbound.push_back(item);
+        if was_empty {
+            self.control.wake_writer.notify_one();
+        }
+    }
+
+    /// Hands the whole queue to the writer by swapping it with the writer's
+    /// empty one (no copying; the two allocations take turns).
+    fn drain_into(&mut self, out: &mut VecDeque<Outbound>) {
+        if out.is_empty() {
+            std::mem::swap(&mut self.outbound, out);
+        } else {
+            out.extend(self.outbound.drain(..));
+        }
         self.budget.release(std::mem::take(&mut self.charged));
     }
 }
@@ -211,8 +228,11 @@ impl Drop for Link {
 /// What every session of a broker shares: limits, counters, the budget.
 #[derive(Debug)]
 pub struct SessionContext {
-    /// Bound of each session's queues (see `docs/configuration.md`).
+    /// Bound of each session's QoS 1/2 queue, in messages.
     pub max_queued: usize,
+    /// Bound of the bytes waiting to be written to one connection; a QoS 0
+    /// delivery beyond it is dropped.
+    pub max_client_outbound_bytes: usize,
     pub metrics: Arc<Metrics>,
     pub budget: Arc<OutboundBudget>,
 }
@@ -272,6 +292,7 @@ pub struct Session {
     pub id: u64,
     pub client_id: Arc<str>,
     max_queued: usize,
+    max_client_outbound_bytes: usize,
     metrics: Arc<Metrics>,
     budget: Arc<OutboundBudget>,
     state: Mutex<SessionState>,
@@ -293,6 +314,7 @@ impl Session {
             id,
             client_id,
             max_queued: context.max_queued,
+            max_client_outbound_bytes: context.max_client_outbound_bytes,
             metrics: Arc::clone(&context.metrics),
             budget: Arc::clone(&context.budget),
             state: Mutex::new(SessionState {
@@ -351,7 +373,7 @@ impl Session {
         for item in outbound {
             match item {
                 Outbound::Publish(d) => link.push_publish(d),
-                other => link.outbound.push_back(other),
+                other => link.push(other),
             }
         }
         st.link = Some(link);
@@ -445,8 +467,7 @@ impl Session {
         let mut st = self.state.lock();
         match &mut st.link {
             Some(link) if link.connection_id == connection_id => {
-                link.outbound.push_back(Outbound::from_packet(packet));
-                link.control.wake_writer.notify_one();
+                link.push(Outbound::from_packet(packet));
                 true
             }
             _ => false,
@@ -462,7 +483,9 @@ impl Session {
         }
         if delivery.qos == QoS::AtMostOnce {
             match &mut st.link {
-                Some(link) if link.outbound.len() < self.max_queued => link.push_publish(delivery),
+                Some(link) if link.charged < self.max_client_outbound_bytes => {
+                    link.push_publish(delivery)
+                }
                 // Offline clients do not get QoS 0 messages queued.
                 Some(_) => Metrics::inc(&self.metrics.messages_dropped_qos0),
                 None => {}
@@ -614,7 +637,7 @@ impl Session {
 
     /// Moves everything queued for `connection_id` into `out`. Returns false
     /// when that connection is no longer attached (taken over or detached).
-    pub fn drain_outbound(&self, connection_id: u64, out: &mut Vec<Outbound>) -> bool {
+    pub fn drain_outbound(&self, connection_id: u64, out: &mut VecDeque<Outbound>) -> bool {
         let mut st = self.state.lock();
         match &mut st.link {
             Some(link) if link.connection_id == connection_id => {
@@ -628,7 +651,7 @@ impl Session {
     /// Moves everything queued for whichever connection is attached into
     /// `out` (for inspection and tests; the writer uses
     /// [`drain_outbound`](Self::drain_outbound)).
-    pub fn drain_outbound_any(&self, out: &mut Vec<Outbound>) {
+    pub fn drain_outbound_any(&self, out: &mut VecDeque<Outbound>) {
         let mut st = self.state.lock();
         if let Some(link) = &mut st.link {
             link.drain_into(out);

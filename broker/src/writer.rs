@@ -46,7 +46,7 @@ pub struct WriterContext {
 /// Runs until the connection closes: returns after the final flush, or at
 /// the first write error (after telling the reader to stop).
 pub async fn write_loop<W: AsyncWrite + Unpin>(ctx: WriterContext, mut socket: W) {
-    let mut items = Vec::new();
+    let mut items = VecDeque::new();
     // Grows on first use: an idle connection holds no write buffer.
     let mut scratch = BytesMut::new();
     let mut chunks: VecDeque<Bytes> = VecDeque::new();
@@ -61,9 +61,18 @@ pub async fn write_loop<W: AsyncWrite + Unpin>(ctx: WriterContext, mut socket: W
             continue;
         }
         let now = Instant::now();
+        let mut packets = 0u64;
         for item in items.drain(..) {
-            encode_item(&ctx, &mut aliases, item, now, &mut scratch, &mut chunks);
+            packets += u64::from(encode_item(
+                &ctx,
+                &mut aliases,
+                item,
+                now,
+                &mut scratch,
+                &mut chunks,
+            ));
         }
+        Metrics::add(&ctx.metrics.packets_sent, packets);
         if !scratch.is_empty() {
             chunks.push_back(scratch.split().freeze());
         }
@@ -88,6 +97,7 @@ pub async fn write_loop<W: AsyncWrite + Unpin>(ctx: WriterContext, mut socket: W
 
 /// Encodes one queued item, appending to `scratch` and, for large payloads,
 /// closing off `scratch` into a chunk followed by the payload chunk.
+/// Encodes one queued item; returns whether a packet was produced.
 fn encode_item(
     ctx: &WriterContext,
     aliases: &mut Option<OutboundAliases>,
@@ -95,7 +105,7 @@ fn encode_item(
     now: Instant,
     scratch: &mut BytesMut,
     chunks: &mut VecDeque<Bytes>,
-) {
+) -> bool {
     match item {
         Outbound::Ack(kind, packet_id, code) => {
             let ack = PubAck {
@@ -116,42 +126,151 @@ fn encode_item(
         Outbound::Publish(delivery) => {
             if delivery.qos == QoS::AtMostOnce && delivery.message.is_expired(now) {
                 Metrics::inc(&ctx.metrics.messages_expired);
-                return;
+                return false;
             }
-            let mut publish = to_publish(&delivery, ctx.protocol, now);
-            if let Some(max) = ctx.client_max_packet {
-                let too_large =
-                    tern_codec::encoded_len(&Packet::Publish(publish.clone()), ctx.protocol)
-                        .map_or(true, |len| len > max as usize);
-                if too_large {
-                    // MQTT-3.1.2-25: discard it, and act as if it was delivered.
-                    ctx.session.discard_inflight(delivery.packet_id);
-                    Metrics::inc(&ctx.metrics.messages_dropped_oversized);
-                    return;
-                }
-            }
-            // After the size check, so a dropped delivery never defines an
-            // alias the client does not learn.
-            if let Some(aliases) = aliases {
-                let (alias, known) = aliases.assign(&publish.topic);
-                publish.properties.topic_alias = Some(alias);
-                if known {
-                    publish.topic = Bytes::new();
-                }
-            }
-            if let Err(e) = encode_publish_header(&publish, ctx.protocol, scratch) {
-                tracing::warn!(client_id = %ctx.session.client_id, error = %e, "cannot encode publish");
-                return;
-            }
-            if publish.payload.len() <= INLINE_PAYLOAD_MAX {
-                scratch.extend_from_slice(&publish.payload);
+            // Most deliveries share the message's encoded header; MQTT 5
+            // deliveries that carry per-delivery properties (subscription
+            // identifiers, a decreasing expiry, a topic alias) are encoded
+            // on their own.
+            let shared = !ctx.protocol.is_v5()
+                || (delivery.subscription_ids.is_empty()
+                    && delivery.message.expires_at.is_none()
+                    && aliases.is_none());
+            let written = if shared {
+                encode_shared(ctx, &delivery, scratch, chunks)
             } else {
-                chunks.push_back(scratch.split().freeze());
-                chunks.push_back(publish.payload);
+                encode_own(ctx, aliases, &delivery, now, scratch, chunks)
+            };
+            if !written {
+                return false;
             }
         }
     }
-    Metrics::inc(&ctx.metrics.packets_sent);
+    true
+}
+
+/// Encodes a delivery from the message's shared header: a copy of a few
+/// bytes and two patches instead of a full encode.
+fn encode_shared(
+    ctx: &WriterContext,
+    delivery: &Delivery,
+    scratch: &mut BytesMut,
+    chunks: &mut VecDeque<Bytes>,
+) -> bool {
+    let message = &delivery.message;
+    let v5 = ctx.protocol.is_v5();
+    let with_packet_id = delivery.packet_id.is_some();
+    let header = message.shared_header(v5, with_packet_id, || {
+        let template = Publish {
+            dup: false,
+            qos: if with_packet_id {
+                QoS::AtLeastOnce
+            } else {
+                QoS::AtMostOnce
+            },
+            retain: false,
+            topic: message.topic.clone(),
+            packet_id: with_packet_id.then_some(1),
+            properties: if v5 {
+                message.properties.clone()
+            } else {
+                Default::default()
+            },
+            payload: message.payload.clone(),
+        };
+        let mut out = BytesMut::new();
+        encode_publish_header(&template, ctx.protocol, &mut out).ok()?;
+        Some(out.freeze())
+    });
+    let Some(header) = header else {
+        tracing::warn!(client_id = %ctx.session.client_id, "cannot encode publish");
+        return false;
+    };
+    if too_large(ctx, delivery, header.len() + message.payload.len()) {
+        return false;
+    }
+    let start = scratch.len();
+    scratch.extend_from_slice(header);
+    scratch[start] = 0x30
+        | (u8::from(delivery.dup) << 3)
+        | ((delivery.qos as u8) << 1)
+        | u8::from(delivery.retain);
+    if let Some(packet_id) = delivery.packet_id {
+        let at = start + packet_id_offset(header, message.topic.len());
+        scratch[at..at + 2].copy_from_slice(&packet_id.to_be_bytes());
+    }
+    push_payload(&message.payload, scratch, chunks);
+    true
+}
+
+/// Encodes a delivery whose header is its own (MQTT 5 per-delivery
+/// properties or a topic alias).
+fn encode_own(
+    ctx: &WriterContext,
+    aliases: &mut Option<OutboundAliases>,
+    delivery: &Delivery,
+    now: Instant,
+    scratch: &mut BytesMut,
+    chunks: &mut VecDeque<Bytes>,
+) -> bool {
+    let mut publish = to_publish(delivery, ctx.protocol, now);
+    if ctx.client_max_packet.is_some() {
+        let size = tern_codec::encoded_len(&Packet::Publish(publish.clone()), ctx.protocol)
+            .unwrap_or(usize::MAX);
+        if too_large(ctx, delivery, size) {
+            return false;
+        }
+    }
+    // After the size check, so a dropped delivery never defines an alias
+    // the client does not learn.
+    if let Some(aliases) = aliases {
+        let (alias, known) = aliases.assign(&publish.topic);
+        publish.properties.topic_alias = Some(alias);
+        if known {
+            publish.topic = Bytes::new();
+        }
+    }
+    if let Err(e) = encode_publish_header(&publish, ctx.protocol, scratch) {
+        tracing::warn!(client_id = %ctx.session.client_id, error = %e, "cannot encode publish");
+        return false;
+    }
+    push_payload(&publish.payload, scratch, chunks);
+    true
+}
+
+/// Appends a payload: copied next to its header when small, otherwise
+/// shared as its own chunk (no copy).
+fn push_payload(payload: &Bytes, scratch: &mut BytesMut, chunks: &mut VecDeque<Bytes>) {
+    if payload.len() <= INLINE_PAYLOAD_MAX {
+        scratch.extend_from_slice(payload);
+    } else {
+        chunks.push_back(scratch.split().freeze());
+        chunks.push_back(payload.clone());
+    }
+}
+
+/// MQTT-3.1.2-25: a packet larger than the client's Maximum Packet Size is
+/// not sent; a QoS 1/2 one is treated as delivered.
+fn too_large(ctx: &WriterContext, delivery: &Delivery, size: usize) -> bool {
+    match ctx.client_max_packet {
+        Some(max) if size > max as usize => {
+            ctx.session.discard_inflight(delivery.packet_id);
+            Metrics::inc(&ctx.metrics.messages_dropped_oversized);
+            true
+        }
+        _ => false,
+    }
+}
+
+/// Where the packet identifier sits in an encoded PUBLISH header: after the
+/// first byte, the Remaining Length (1-4 bytes) and the topic (2 + length).
+fn packet_id_offset(header: &[u8], topic_len: usize) -> usize {
+    let length_bytes = header[1..]
+        .iter()
+        .take(4)
+        .position(|b| b & 0x80 == 0)
+        .map_or(4, |i| i + 1);
+    1 + length_bytes + 2 + topic_len
 }
 
 fn encode_control(ctx: &WriterContext, packet: &Packet, scratch: &mut BytesMut) {

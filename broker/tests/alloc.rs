@@ -7,6 +7,7 @@
 //! fan-out must not copy the subscriber list or the payload per delivery).
 
 use std::alloc::{GlobalAlloc, Layout, System};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -79,7 +80,7 @@ fn allocations_per_route(subscribers: usize) -> usize {
         Default::default(),
         0,
     );
-    let mut drained: Vec<Outbound> = Vec::with_capacity(64);
+    let mut drained: VecDeque<Outbound> = VecDeque::with_capacity(64);
     let mut run = |count: bool| {
         COUNTING.store(count, Ordering::SeqCst);
         broker.route(&message);

@@ -14,7 +14,7 @@ use tokio::io::AsyncWriteExt;
 async fn publishers_are_slowed_when_the_budget_is_full_and_resume_after() {
     let server = start(|c| {
         c.limits.max_outbound_bytes = 64 * 1024;
-        c.limits.max_queued_messages = 100_000;
+        c.limits.max_client_outbound_bytes = 16 * 1024 * 1024;
     })
     .await;
     let broker = std::sync::Arc::clone(server.broker());
@@ -84,5 +84,57 @@ async fn publishers_are_slowed_when_the_budget_is_full_and_resume_after() {
         broker.registry.context().budget.queued() == 0
     })
     .await;
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_slow_subscriber_loses_only_its_own_qos0_messages() {
+    const MESSAGES: usize = 20_000;
+    let server = start(|c| c.limits.max_client_outbound_bytes = 256 * 1024).await;
+    let broker = std::sync::Arc::clone(server.broker());
+    let mut slow = RawClient::connected(addr(&server), "slow", ProtocolVersion::V311).await;
+    slow.subscribe("fan", QoS::AtMostOnce).await;
+    let mut fast = RawClient::connected(addr(&server), "fast", ProtocolVersion::V311).await;
+    fast.subscribe("fan", QoS::AtMostOnce).await;
+    let reader = tokio::spawn(async move {
+        let mut n = 0;
+        while n < MESSAGES {
+            match fast.recv_within(Duration::from_secs(10)).await {
+                Ok(Some(Packet::Publish(_))) => n += 1,
+                other => panic!("fast subscriber after {n}: {other:?}"),
+            }
+        }
+        n
+    });
+    let mut publisher = RawClient::connected(addr(&server), "pub", ProtocolVersion::V311).await;
+    let mut frame = bytes::BytesMut::new();
+    tern_codec::encode_packet(
+        &publish_packet("fan", &[1; 1024], QoS::AtMostOnce, None),
+        ProtocolVersion::V311,
+        &mut frame,
+    )
+    .unwrap();
+    for i in 0..MESSAGES {
+        // A pace the reading subscriber keeps up with (about 20 MB/s).
+        if i % 20 == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        // The publisher is never held up by the subscriber that does not read.
+        tokio::time::timeout(Duration::from_secs(5), publisher.stream.write_all(&frame))
+            .await
+            .expect("publisher not blocked")
+            .unwrap();
+    }
+    assert_eq!(
+        reader.await.unwrap(),
+        MESSAGES,
+        "the fast subscriber got everything"
+    );
+    let dropped = broker
+        .metrics
+        .messages_dropped_qos0
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(dropped > 0, "the slow subscriber's queue is bounded");
+    drop(slow);
     server.shutdown().await;
 }
