@@ -461,7 +461,7 @@ mod tests {
         }
         assert!(matches!(
             decode::<PublishProperties>(b"\x03\x23\x00\x00"),
-            Err(DecodeError::Protocol(_))
+            Err(DecodeError::TopicAliasInvalid(_))
         ));
         assert!(matches!(
             decode::<PublishProperties>(b"\x02\x0B\x00"),
