@@ -1,0 +1,549 @@
+//! The shared implementation of [`Store`] over an ordered key-value
+//! [`Engine`]: key layout, reference counting, recovery scans and stats live
+//! here once; [`SledStore`](crate::SledStore) and
+//! [`MemoryStore`](crate::MemoryStore) only provide the engine.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use parking_lot::Mutex;
+
+use crate::batch::{Batch, Op};
+use crate::encoding as enc;
+use crate::error::StoreError;
+use crate::keys;
+use crate::records::{
+    DeliveryState, MessageRecord, QueueEntry, RetainedRecord, SessionRecord, SubscriptionRecord,
+};
+use crate::store::{RecordIter, SessionSummary, StoreStats};
+use crate::SCAN_CHUNK;
+
+/// Pending writes of one batch: `None` deletes the key.
+pub(crate) type Writes = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
+
+/// Key-value pairs read from an engine, in key order.
+pub(crate) type Pairs = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// An ordered key-value engine with atomic multi-key writes.
+pub(crate) trait Engine: Send + Sync {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+    fn contains(&self, key: &[u8]) -> Result<bool, StoreError>;
+    /// Up to `limit` pairs whose key starts with `prefix` and is greater
+    /// than `after` (when given), in key order.
+    fn scan(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Pairs, StoreError>;
+    /// The greatest key starting with `prefix`.
+    fn last(&self, prefix: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Applies all writes atomically (crash-atomic for a disk engine).
+    fn write(&self, writes: Writes) -> Result<(), StoreError>;
+    fn sync(&self) -> Result<(), StoreError>;
+    fn disk_bytes(&self) -> Result<u64, StoreError>;
+    fn compact(&self) -> Result<(), StoreError>;
+}
+
+/// The record-level store over an engine.
+pub(crate) struct Core<E> {
+    pub(crate) engine: E,
+    /// Serialises `apply`: reference counts are read-modify-write, so two
+    /// batches must not interleave. Held only on the calling (blocking)
+    /// thread, never across an await.
+    apply_lock: Mutex<()>,
+}
+
+impl<E: Engine> Core<E> {
+    /// Wraps an engine after checking (or writing) the schema version.
+    pub(crate) fn open(engine: E) -> Result<Core<E>, StoreError> {
+        crate::schema::check_or_init(&engine)?;
+        Ok(Core {
+            engine,
+            apply_lock: Mutex::new(()),
+        })
+    }
+
+    pub(crate) fn apply(&self, batch: &Batch) -> Result<(), StoreError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let _guard = self.apply_lock.lock();
+        let mut tx = Tx {
+            engine: &self.engine,
+            writes: Writes::new(),
+            touched: BTreeSet::new(),
+        };
+        for op in &batch.ops {
+            tx.op(op)?;
+        }
+        tx.release_unreferenced()?;
+        self.engine.write(tx.writes)
+    }
+
+    pub(crate) fn sync(&self) -> Result<(), StoreError> {
+        self.engine.sync()
+    }
+
+    pub(crate) fn session(&self, client_id: &str) -> Result<Option<SessionRecord>, StoreError> {
+        let key = keys::session(client_id);
+        self.engine
+            .get(&key)?
+            .map(|v| enc::decode_session(&key, &v))
+            .transpose()
+    }
+
+    pub(crate) fn sessions(&self) -> RecordIter<'_, SessionRecord> {
+        self.iter(vec![keys::SESSION], None, enc::decode_session)
+    }
+
+    pub(crate) fn subscriptions(&self, client_id: &str) -> RecordIter<'_, SubscriptionRecord> {
+        match keys::client_prefix(keys::SUBSCRIPTION, client_id) {
+            Ok(prefix) => self.iter(prefix, None, enc::decode_subscription),
+            Err(e) => Box::new(std::iter::once(Err(e))),
+        }
+    }
+
+    pub(crate) fn queue(
+        &self,
+        client_id: &str,
+        after_seq: Option<u64>,
+    ) -> RecordIter<'_, QueueEntry> {
+        let start = |prefix: Vec<u8>| -> Result<_, StoreError> {
+            let after = after_seq.map(|s| keys::queue(client_id, s)).transpose()?;
+            Ok(self.iter(prefix, after, enc::decode_queue_entry))
+        };
+        match keys::client_prefix(keys::QUEUE, client_id).and_then(start) {
+            Ok(it) => it,
+            Err(e) => Box::new(std::iter::once(Err(e))),
+        }
+    }
+
+    pub(crate) fn incoming_qos2(&self, client_id: &str) -> Result<Vec<u16>, StoreError> {
+        let prefix = keys::client_prefix(keys::INCOMING, client_id)?;
+        let mut out = Vec::new();
+        for (k, _) in scan_all(&self.engine, &prefix)? {
+            let tail: [u8; 2] = k[prefix.len()..]
+                .try_into()
+                .map_err(|_| StoreError::corrupt(&k, "bad incoming QoS 2 key"))?;
+            out.push(u16::from_be_bytes(tail));
+        }
+        Ok(out)
+    }
+
+    pub(crate) fn message(&self, id: u64) -> Result<Option<MessageRecord>, StoreError> {
+        let key = keys::message(id);
+        self.engine
+            .get(&key)?
+            .map(|v| enc::decode_message(&key, &v))
+            .transpose()
+    }
+
+    pub(crate) fn message_refs(&self, id: u64) -> Result<u32, StoreError> {
+        let key = keys::refs(id);
+        Ok(match self.engine.get(&key)? {
+            Some(v) => enc::decode_u32(&key, &v)?,
+            None => 0,
+        })
+    }
+
+    pub(crate) fn last_message_id(&self) -> Result<Option<u64>, StoreError> {
+        self.engine
+            .last(&[keys::MESSAGE])?
+            .map(|k| keys::trailing_u64(&k))
+            .transpose()
+    }
+
+    pub(crate) fn last_seq(&self, client_id: &str) -> Result<Option<u64>, StoreError> {
+        let prefix = keys::client_prefix(keys::QUEUE, client_id)?;
+        self.engine
+            .last(&prefix)?
+            .map(|k| keys::trailing_u64(&k))
+            .transpose()
+    }
+
+    pub(crate) fn retained(&self, topic_prefix: &str) -> RecordIter<'_, RetainedRecord> {
+        self.iter(keys::retained(topic_prefix), None, |k, v| {
+            Ok(RetainedRecord {
+                topic: keys::text_after(k, 1)?,
+                message_id: enc::decode_u64(k, v)?,
+            })
+        })
+    }
+
+    pub(crate) fn session_summary(
+        &self,
+        client_id: &str,
+    ) -> Result<Option<SessionSummary>, StoreError> {
+        let Some(session) = self.session(client_id)? else {
+            return Ok(None);
+        };
+        let subscriptions = self
+            .subscriptions(client_id)
+            .collect::<Result<Vec<_>, _>>()?;
+        let (mut queue_depth, mut inflight) = (0, 0);
+        for entry in self.queue(client_id, None) {
+            queue_depth += 1;
+            if entry?.state != DeliveryState::Pending {
+                inflight += 1;
+            }
+        }
+        let incoming_qos2 = self.incoming_qos2(client_id)?.len() as u64;
+        Ok(Some(SessionSummary {
+            session,
+            subscriptions,
+            queue_depth,
+            inflight,
+            incoming_qos2,
+        }))
+    }
+
+    pub(crate) fn stats(&self) -> Result<StoreStats, StoreError> {
+        let mut s = StoreStats {
+            disk_bytes: self.engine.disk_bytes()?,
+            ..StoreStats::default()
+        };
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let chunk = self.engine.scan(&[], after.as_deref(), SCAN_CHUNK)?;
+            for (k, v) in &chunk {
+                s.keys += 1;
+                s.live_bytes += (k.len() + v.len()) as u64;
+                match k.first() {
+                    Some(&keys::SESSION) => s.sessions += 1,
+                    Some(&keys::SUBSCRIPTION) => s.subscriptions += 1,
+                    Some(&keys::MESSAGE) => s.messages += 1,
+                    Some(&keys::QUEUE) => s.queue_entries += 1,
+                    Some(&keys::RETAINED) => s.retained += 1,
+                    _ => {}
+                }
+            }
+            if chunk.len() < SCAN_CHUNK {
+                return Ok(s);
+            }
+            after = chunk.into_iter().last().map(|(k, _)| k);
+        }
+    }
+
+    pub(crate) fn compact(&self) -> Result<StoreStats, StoreError> {
+        self.engine.compact()?;
+        self.stats()
+    }
+
+    fn iter<T: 'static>(
+        &self,
+        prefix: Vec<u8>,
+        after: Option<Vec<u8>>,
+        decode: fn(&[u8], &[u8]) -> Result<T, StoreError>,
+    ) -> RecordIter<'_, T> {
+        Box::new(PrefixIter {
+            engine: &self.engine,
+            prefix,
+            after,
+            buf: VecDeque::new(),
+            done: false,
+            decode,
+        })
+    }
+}
+
+/// Every pair under `prefix` (used for one client's keys, which are few).
+fn scan_all<E: Engine + ?Sized>(engine: &E, prefix: &[u8]) -> Result<Pairs, StoreError> {
+    let mut out = Vec::new();
+    loop {
+        let after = out.last().map(|(k, _): &(Vec<u8>, Vec<u8>)| k.clone());
+        let chunk = engine.scan(prefix, after.as_deref(), SCAN_CHUNK)?;
+        let n = chunk.len();
+        out.extend(chunk);
+        if n < SCAN_CHUNK {
+            return Ok(out);
+        }
+    }
+}
+
+struct PrefixIter<'a, E, T> {
+    engine: &'a E,
+    prefix: Vec<u8>,
+    after: Option<Vec<u8>>,
+    buf: VecDeque<(Vec<u8>, Vec<u8>)>,
+    done: bool,
+    decode: fn(&[u8], &[u8]) -> Result<T, StoreError>,
+}
+
+impl<E: Engine, T> Iterator for PrefixIter<'_, E, T> {
+    type Item = Result<T, StoreError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.buf.is_empty() && !self.done {
+            match self
+                .engine
+                .scan(&self.prefix, self.after.as_deref(), SCAN_CHUNK)
+            {
+                Ok(chunk) => {
+                    self.done = chunk.len() < SCAN_CHUNK;
+                    self.after = chunk.last().map(|(k, _)| k.clone());
+                    self.buf.extend(chunk);
+                }
+                Err(e) => {
+                    self.done = true;
+                    return Some(Err(e));
+                }
+            }
+        }
+        let (k, v) = self.buf.pop_front()?;
+        Some((self.decode)(&k, &v))
+    }
+}
+
+/// One batch being applied: reads see the batch's own earlier writes.
+struct Tx<'a, E> {
+    engine: &'a E,
+    writes: Writes,
+    /// Messages whose reference count changed or that were put.
+    touched: BTreeSet<u64>,
+}
+
+impl<E: Engine> Tx<'_, E> {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        match self.writes.get(key) {
+            Some(v) => Ok(v.clone()),
+            None => self.engine.get(key),
+        }
+    }
+
+    fn exists(&self, key: &[u8]) -> Result<bool, StoreError> {
+        match self.writes.get(key) {
+            Some(v) => Ok(v.is_some()),
+            None => self.engine.contains(key),
+        }
+    }
+
+    fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.writes.insert(key, Some(value));
+    }
+
+    fn delete(&mut self, key: Vec<u8>) {
+        self.writes.insert(key, None);
+    }
+
+    /// Every pair under `prefix`, the batch's writes merged over the engine.
+    fn scan_all(&self, prefix: &[u8]) -> Result<Pairs, StoreError> {
+        let mut merged: BTreeMap<Vec<u8>, Vec<u8>> =
+            scan_all(self.engine, prefix)?.into_iter().collect();
+        for (k, v) in self.writes.range(prefix.to_vec()..) {
+            if !k.starts_with(prefix) {
+                break;
+            }
+            match v {
+                Some(v) => merged.insert(k.clone(), v.clone()),
+                None => merged.remove(k),
+            };
+        }
+        Ok(merged.into_iter().collect())
+    }
+
+    fn refs(&self, id: u64) -> Result<u32, StoreError> {
+        let key = keys::refs(id);
+        Ok(match self.get(&key)? {
+            Some(v) => enc::decode_u32(&key, &v)?,
+            None => 0,
+        })
+    }
+
+    fn set_refs(&mut self, id: u64, n: u32) {
+        if n == 0 {
+            self.delete(keys::refs(id).to_vec());
+        } else {
+            self.put(keys::refs(id).to_vec(), enc::encode_u32(n));
+        }
+        self.touched.insert(id);
+    }
+
+    fn acquire(&mut self, id: u64) -> Result<(), StoreError> {
+        if !self.exists(&keys::message(id))? {
+            return Err(StoreError::InvalidBatch(format!(
+                "message {id} is referenced but neither stored nor put earlier in the batch"
+            )));
+        }
+        let n = self.refs(id)?.saturating_add(1);
+        self.set_refs(id, n);
+        Ok(())
+    }
+
+    fn release(&mut self, id: u64) -> Result<(), StoreError> {
+        let n = self.refs(id)?;
+        if n == 0 {
+            tracing::warn!(
+                message_id = id,
+                "released a message reference that was not counted"
+            );
+        }
+        self.set_refs(id, n.saturating_sub(1));
+        Ok(())
+    }
+
+    fn op(&mut self, op: &Op) -> Result<(), StoreError> {
+        match op {
+            Op::PutSession(r) => {
+                keys::client_prefix(keys::SESSION, &r.client_id)?;
+                self.put(keys::session(&r.client_id), enc::encode_session(r));
+            }
+            Op::DeleteSession { client_id } => {
+                self.delete(keys::session(client_id));
+                for kind in [keys::SUBSCRIPTION, keys::INCOMING] {
+                    let prefix = keys::client_prefix(kind, client_id)?;
+                    for (k, _) in self.scan_all(&prefix)? {
+                        self.delete(k);
+                    }
+                }
+                let prefix = keys::client_prefix(keys::QUEUE, client_id)?;
+                for (k, v) in self.scan_all(&prefix)? {
+                    let id = enc::queue_entry_message_id(&k, &v)?;
+                    self.release(id)?;
+                    self.delete(k);
+                }
+            }
+            Op::PutSubscription(r) => {
+                let key = keys::subscription(&r.client_id, &r.filter)?;
+                self.put(key, enc::encode_subscription(r));
+            }
+            Op::DeleteSubscription { client_id, filter } => {
+                self.delete(keys::subscription(client_id, filter)?);
+            }
+            Op::PutMessage(r) => {
+                self.put(keys::message(r.id).to_vec(), enc::encode_message(r));
+                self.touched.insert(r.id);
+            }
+            Op::PutQueueEntry(r) => {
+                let key = keys::queue(&r.client_id, r.seq)?;
+                let old = match self.get(&key)? {
+                    Some(v) => Some(enc::queue_entry_message_id(&key, &v)?),
+                    None => None,
+                };
+                if old != Some(r.message_id) {
+                    self.acquire(r.message_id)?;
+                    if let Some(old) = old {
+                        self.release(old)?;
+                    }
+                }
+                self.put(key, enc::encode_queue_entry(r));
+            }
+            Op::DeleteQueueEntry { client_id, seq } => {
+                let key = keys::queue(client_id, *seq)?;
+                if let Some(v) = self.get(&key)? {
+                    let id = enc::queue_entry_message_id(&key, &v)?;
+                    self.release(id)?;
+                    self.delete(key);
+                }
+            }
+            Op::AddIncomingQos2 {
+                client_id,
+                packet_id,
+            } => self.put(keys::incoming(client_id, *packet_id)?, Vec::new()),
+            Op::RemoveIncomingQos2 {
+                client_id,
+                packet_id,
+            } => self.delete(keys::incoming(client_id, *packet_id)?),
+            Op::PutRetained(r) => {
+                let key = keys::retained(&r.topic);
+                let old = match self.get(&key)? {
+                    Some(v) => Some(enc::decode_u64(&key, &v)?),
+                    None => None,
+                };
+                if old != Some(r.message_id) {
+                    self.acquire(r.message_id)?;
+                    if let Some(old) = old {
+                        self.release(old)?;
+                    }
+                }
+                self.put(key, enc::encode_u64(r.message_id));
+            }
+            Op::DeleteRetained { topic } => {
+                let key = keys::retained(topic);
+                if let Some(v) = self.get(&key)? {
+                    self.release(enc::decode_u64(&key, &v)?)?;
+                    self.delete(key);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes every touched message left without references.
+    fn release_unreferenced(&mut self) -> Result<(), StoreError> {
+        for id in std::mem::take(&mut self.touched) {
+            if self.refs(id)? == 0 {
+                self.delete(keys::message(id).to_vec());
+                self.delete(keys::refs(id).to_vec());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Implements [`Store`](crate::Store) for a type with a `core: Core<_>` field.
+macro_rules! store_via_core {
+    ($ty:ty) => {
+        impl $crate::Store for $ty {
+            fn apply(&self, batch: &$crate::Batch) -> Result<(), $crate::StoreError> {
+                self.core.apply(batch)
+            }
+            fn sync(&self) -> Result<(), $crate::StoreError> {
+                self.core.sync()
+            }
+            fn session(
+                &self,
+                client_id: &str,
+            ) -> Result<Option<$crate::SessionRecord>, $crate::StoreError> {
+                self.core.session(client_id)
+            }
+            fn sessions(&self) -> $crate::RecordIter<'_, $crate::SessionRecord> {
+                self.core.sessions()
+            }
+            fn subscriptions(
+                &self,
+                client_id: &str,
+            ) -> $crate::RecordIter<'_, $crate::SubscriptionRecord> {
+                self.core.subscriptions(client_id)
+            }
+            fn queue(
+                &self,
+                client_id: &str,
+                after_seq: Option<u64>,
+            ) -> $crate::RecordIter<'_, $crate::QueueEntry> {
+                self.core.queue(client_id, after_seq)
+            }
+            fn incoming_qos2(&self, client_id: &str) -> Result<Vec<u16>, $crate::StoreError> {
+                self.core.incoming_qos2(client_id)
+            }
+            fn message(
+                &self,
+                id: u64,
+            ) -> Result<Option<$crate::MessageRecord>, $crate::StoreError> {
+                self.core.message(id)
+            }
+            fn message_refs(&self, id: u64) -> Result<u32, $crate::StoreError> {
+                self.core.message_refs(id)
+            }
+            fn last_message_id(&self) -> Result<Option<u64>, $crate::StoreError> {
+                self.core.last_message_id()
+            }
+            fn last_seq(&self, client_id: &str) -> Result<Option<u64>, $crate::StoreError> {
+                self.core.last_seq(client_id)
+            }
+            fn retained(
+                &self,
+                topic_prefix: &str,
+            ) -> $crate::RecordIter<'_, $crate::RetainedRecord> {
+                self.core.retained(topic_prefix)
+            }
+            fn session_summary(
+                &self,
+                client_id: &str,
+            ) -> Result<Option<$crate::SessionSummary>, $crate::StoreError> {
+                self.core.session_summary(client_id)
+            }
+            fn stats(&self) -> Result<$crate::StoreStats, $crate::StoreError> {
+                self.core.stats()
+            }
+            fn compact(&self) -> Result<$crate::StoreStats, $crate::StoreError> {
+                self.core.compact()
+            }
+        }
+    };
+}
+pub(crate) use store_via_core;

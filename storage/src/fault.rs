@@ -1,0 +1,136 @@
+//! [`FailingStore`]: a wrapper that makes `apply` or `sync` fail on demand,
+//! to test what the writer and the broker do when the disk fails or fills.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use crate::batch::Batch;
+use crate::error::StoreError;
+use crate::records::{
+    MessageRecord, QueueEntry, RetainedRecord, SessionRecord, SubscriptionRecord,
+};
+use crate::store::{RecordIter, SessionSummary, Store, StoreStats};
+
+/// Wraps a store; while a switch is on, the matching call fails with
+/// [`StoreError::Injected`] (or a disk-full I/O error) without touching the
+/// inner store. Counts calls so tests can see how the writer batches.
+#[derive(Debug, Default)]
+pub struct FailingStore<S> {
+    inner: S,
+    fail_apply: AtomicBool,
+    fail_sync: AtomicBool,
+    disk_full: AtomicBool,
+    applies: AtomicU64,
+    syncs: AtomicU64,
+}
+
+impl<S: Store> FailingStore<S> {
+    pub fn new(inner: S) -> FailingStore<S> {
+        FailingStore {
+            inner,
+            fail_apply: AtomicBool::new(false),
+            fail_sync: AtomicBool::new(false),
+            disk_full: AtomicBool::new(false),
+            applies: AtomicU64::new(0),
+            syncs: AtomicU64::new(0),
+        }
+    }
+
+    pub fn inner(&self) -> &S {
+        &self.inner
+    }
+
+    /// While on, `apply` fails with [`StoreError::Injected`].
+    pub fn fail_apply(&self, on: bool) {
+        self.fail_apply.store(on, Ordering::SeqCst);
+    }
+
+    /// While on, `sync` fails with [`StoreError::Injected`].
+    pub fn fail_sync(&self, on: bool) {
+        self.fail_sync.store(on, Ordering::SeqCst);
+    }
+
+    /// While on, `apply` and `sync` fail as a full disk does
+    /// (`io::ErrorKind::StorageFull`).
+    pub fn disk_full(&self, on: bool) {
+        self.disk_full.store(on, Ordering::SeqCst);
+    }
+
+    /// Calls of `apply` so far (failed ones included).
+    pub fn applies(&self) -> u64 {
+        self.applies.load(Ordering::SeqCst)
+    }
+
+    /// Calls of `sync` so far (failed ones included).
+    pub fn syncs(&self) -> u64 {
+        self.syncs.load(Ordering::SeqCst)
+    }
+
+    fn full(&self) -> Result<(), StoreError> {
+        if self.disk_full.load(Ordering::SeqCst) {
+            Err(
+                std::io::Error::new(std::io::ErrorKind::StorageFull, "injected: no space left")
+                    .into(),
+            )
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl<S: Store> Store for FailingStore<S> {
+    fn apply(&self, batch: &Batch) -> Result<(), StoreError> {
+        self.applies.fetch_add(1, Ordering::SeqCst);
+        self.full()?;
+        if self.fail_apply.load(Ordering::SeqCst) {
+            return Err(StoreError::Injected("apply"));
+        }
+        self.inner.apply(batch)
+    }
+    fn sync(&self) -> Result<(), StoreError> {
+        self.syncs.fetch_add(1, Ordering::SeqCst);
+        self.full()?;
+        if self.fail_sync.load(Ordering::SeqCst) {
+            return Err(StoreError::Injected("sync"));
+        }
+        self.inner.sync()
+    }
+    fn session(&self, client_id: &str) -> Result<Option<SessionRecord>, StoreError> {
+        self.inner.session(client_id)
+    }
+    fn sessions(&self) -> RecordIter<'_, SessionRecord> {
+        self.inner.sessions()
+    }
+    fn subscriptions(&self, client_id: &str) -> RecordIter<'_, SubscriptionRecord> {
+        self.inner.subscriptions(client_id)
+    }
+    fn queue(&self, client_id: &str, after_seq: Option<u64>) -> RecordIter<'_, QueueEntry> {
+        self.inner.queue(client_id, after_seq)
+    }
+    fn incoming_qos2(&self, client_id: &str) -> Result<Vec<u16>, StoreError> {
+        self.inner.incoming_qos2(client_id)
+    }
+    fn message(&self, id: u64) -> Result<Option<MessageRecord>, StoreError> {
+        self.inner.message(id)
+    }
+    fn message_refs(&self, id: u64) -> Result<u32, StoreError> {
+        self.inner.message_refs(id)
+    }
+    fn last_message_id(&self) -> Result<Option<u64>, StoreError> {
+        self.inner.last_message_id()
+    }
+    fn last_seq(&self, client_id: &str) -> Result<Option<u64>, StoreError> {
+        self.inner.last_seq(client_id)
+    }
+    fn retained(&self, topic_prefix: &str) -> RecordIter<'_, RetainedRecord> {
+        self.inner.retained(topic_prefix)
+    }
+    fn session_summary(&self, client_id: &str) -> Result<Option<SessionSummary>, StoreError> {
+        self.inner.session_summary(client_id)
+    }
+    fn stats(&self) -> Result<StoreStats, StoreError> {
+        self.inner.stats()
+    }
+    fn compact(&self) -> Result<StoreStats, StoreError> {
+        self.inner.compact()
+    }
+}

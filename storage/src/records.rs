@@ -1,0 +1,111 @@
+//! The records the store keeps: plain Rust values, no MQTT framing.
+//!
+//! QoS values are the MQTT numbers (0, 1, 2) as `u8`; topics and payloads are
+//! bytes exactly as the broker holds them; MQTT 5 properties are opaque bytes
+//! that the broker serialises and parses itself. Times are Unix time (seconds
+//! for sessions, milliseconds for message expiry) so they survive a restart,
+//! unlike `Instant`.
+
+use bytes::Bytes;
+
+/// A persistent session (one whose expiry interval is non-zero, or an MQTT
+/// 3.1.1 session without clean session).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionRecord {
+    pub client_id: String,
+    /// 3 (3.1), 4 (3.1.1) or 5.
+    pub protocol_level: u8,
+    /// Session Expiry Interval in seconds; `u32::MAX` never expires.
+    pub expiry_interval: u32,
+    /// The will to publish if the session ends without a clean disconnect.
+    pub will: Option<WillRecord>,
+    /// Unix seconds the session was created.
+    pub created_at: u64,
+    /// Unix seconds of the last connect or disconnect; the expiry interval
+    /// counts from here once the client is offline.
+    pub last_seen: u64,
+}
+
+/// A will message as stored with its session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WillRecord {
+    pub topic: Bytes,
+    pub payload: Bytes,
+    pub qos: u8,
+    pub retain: bool,
+    /// Will Delay Interval in seconds.
+    pub delay_interval: u32,
+    /// MQTT 5 will properties, serialised by the broker.
+    pub properties: Bytes,
+}
+
+/// One subscription of a session, with its options.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubscriptionRecord {
+    pub client_id: String,
+    /// The filter as subscribed (including a `$share/group/` prefix).
+    pub filter: String,
+    /// Maximum QoS granted.
+    pub qos: u8,
+    pub no_local: bool,
+    pub retain_as_published: bool,
+    /// 0, 1 or 2 (MQTT 5 Retain Handling).
+    pub retain_handling: u8,
+    pub subscription_id: Option<u32>,
+}
+
+/// An application message stored once and referenced by queue entries and
+/// retained records (see the crate docs for the reference counting).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageRecord {
+    /// Chosen by the broker, unique for the life of the store; continue from
+    /// [`Store::last_message_id`](crate::Store::last_message_id) after a
+    /// restart.
+    pub id: u64,
+    pub topic: Bytes,
+    pub payload: Bytes,
+    /// QoS as published.
+    pub qos: u8,
+    /// RETAIN as published.
+    pub retain: bool,
+    /// MQTT 5 publish properties, serialised by the broker.
+    pub properties: Bytes,
+    /// Unix milliseconds at which the Message Expiry Interval runs out.
+    pub expires_at: Option<u64>,
+}
+
+/// Where an outgoing QoS 1/2 delivery stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliveryState {
+    /// Queued, not yet sent (no packet id, or its id is not yet on the wire).
+    Pending,
+    /// PUBLISH sent, waiting for PUBACK (QoS 1) or PUBREC (QoS 2).
+    AwaitingAck,
+    /// PUBREL sent, waiting for PUBCOMP (QoS 2).
+    AwaitingComp,
+}
+
+/// One message in one session's queue (offline queue and in-flight window
+/// alike), ordered by `seq`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueEntry {
+    pub client_id: String,
+    /// Position in the session's queue; the broker allocates it increasing
+    /// (continue from [`Store::last_seq`](crate::Store::last_seq)).
+    pub seq: u64,
+    pub message_id: u64,
+    /// QoS of this delivery (the minimum of published and granted).
+    pub qos: u8,
+    pub packet_id: Option<u16>,
+    pub state: DeliveryState,
+    pub dup: bool,
+    /// Subscription identifiers to send with the delivery.
+    pub subscription_ids: Vec<u32>,
+}
+
+/// A retained message: the topic points at a stored message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetainedRecord {
+    pub topic: String,
+    pub message_id: u64,
+}

@@ -1,0 +1,64 @@
+//! The schema version key and the upgrade rule.
+//!
+//! The store holds its schema version under `0x00 "schema"`. At open:
+//!
+//! - no version key and no data: a new store; the current version is written;
+//! - no version key but data: refused ([`StoreError::NotATernStore`]);
+//! - a newer version than [`SCHEMA_VERSION`]: refused
+//!   ([`StoreError::NewerSchema`]), nothing is written;
+//! - an older version: the migrations from that version up run in order at
+//!   open, each one a single atomic write that also bumps the version key, so
+//!   a crash mid-upgrade leaves a store at some valid version and the next
+//!   open resumes. Every change to the key layout or value encoding bumps the
+//!   version and adds its migration here; a downgrade is never supported.
+
+use crate::encoding as enc;
+use crate::engine::{Engine, Writes};
+use crate::error::StoreError;
+use crate::keys;
+
+/// The schema this build reads and writes. Version 1 is the first; there is
+/// nothing older to migrate from yet.
+pub const SCHEMA_VERSION: u32 = 1;
+
+pub(crate) fn check_or_init<E: Engine>(engine: &E) -> Result<(), StoreError> {
+    match engine.get(keys::SCHEMA)? {
+        Some(v) => {
+            let found = enc::decode_u32(keys::SCHEMA, &v)?;
+            if found > SCHEMA_VERSION {
+                return Err(StoreError::NewerSchema {
+                    found,
+                    supported: SCHEMA_VERSION,
+                });
+            }
+            let mut version = found;
+            while version < SCHEMA_VERSION {
+                version = migrate(engine, version)?;
+            }
+            Ok(())
+        }
+        None => {
+            if !engine.scan(&[], None, 1)?.is_empty() {
+                return Err(StoreError::NotATernStore);
+            }
+            let mut w = Writes::new();
+            w.insert(keys::SCHEMA.to_vec(), Some(enc::encode_u32(SCHEMA_VERSION)));
+            engine.write(w)?;
+            engine.sync()
+        }
+    }
+}
+
+/// Upgrades the store from `from` to the next version and returns it. Each
+/// step writes its changes and the new version key in one atomic write.
+fn migrate<E: Engine>(_engine: &E, from: u32) -> Result<u32, StoreError> {
+    // No schema older than 1 ever existed: version 0 is not a valid store.
+    Err(StoreError::Corrupt {
+        key: keys::describe(keys::SCHEMA),
+        reason: if from == 0 {
+            "schema version 0 does not exist"
+        } else {
+            "no migration for this schema version"
+        },
+    })
+}

@@ -1,0 +1,177 @@
+//! [`SledStore`]: the store on disk, in sled 0.34.
+//!
+//! Every record kind lives in **one** sled tree under its own key prefix
+//! (see `keys.rs`) rather than one tree per kind. A batch is then a single
+//! `Tree::apply_batch`, which sled makes atomic, crash-atomic included; with
+//! one tree per kind, atomicity across trees would need sled's
+//! `Transactional` over a tuple of trees, whose closures may be re-run on
+//! conflict and whose arity is fixed at compile time. One tree is the
+//! simpler correct choice; prefixes keep per-kind scans just as cheap.
+
+use std::ops::Bound;
+use std::path::{Path, PathBuf};
+
+use crate::engine::{store_via_core, Core, Engine, Pairs, Writes};
+use crate::error::StoreError;
+
+/// sled's page cache. sled's default (1 GiB) is sized for a database that
+/// serves reads from cache; the broker keeps its hot state in its own memory
+/// and reads the store only at recovery and for admin views.
+pub const SLED_CACHE_BYTES: u64 = 64 * 1024 * 1024;
+
+/// A [`Store`](crate::Store) in a sled database directory.
+pub struct SledStore {
+    core: Core<SledEngine>,
+}
+
+impl SledStore {
+    /// Opens (or creates) the store in directory `path`, checking the schema
+    /// version. Fails with [`StoreError::Locked`] if another process has it
+    /// open.
+    ///
+    /// sled's own periodic flush is turned off: when data becomes durable is
+    /// decided by whoever calls [`Store::sync`](crate::Store::sync) (the
+    /// writer, according to its durability mode), so the modes mean exactly
+    /// what they say. Dropping the store flushes it.
+    pub fn open(path: impl AsRef<Path>) -> Result<SledStore, StoreError> {
+        let path = path.as_ref().to_path_buf();
+        let db = sled::Config::new()
+            .path(&path)
+            .cache_capacity(SLED_CACHE_BYTES)
+            .mode(sled::Mode::LowSpace)
+            .flush_every_ms(None)
+            .open()
+            .map_err(|e| match e {
+                sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
+                    StoreError::Locked { path: path.clone() }
+                }
+                other => StoreError::from(other),
+            })?;
+        Ok(SledStore {
+            core: Core::open(SledEngine { db, path })?,
+        })
+    }
+
+    /// The directory the store lives in.
+    pub fn path(&self) -> &Path {
+        &self.core.engine.path
+    }
+
+    /// Makes everything applied so far durable without blocking the calling
+    /// task (sled's `flush_async`, which fsyncs on sled's own thread pool).
+    pub async fn sync_async(&self) -> Result<(), StoreError> {
+        self.core.engine.db.flush_async().await?;
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for SledStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SledStore")
+            .field("path", &self.core.engine.path)
+            .finish()
+    }
+}
+
+impl Drop for SledStore {
+    fn drop(&mut self) {
+        if let Err(e) = self.core.engine.db.flush() {
+            tracing::error!(error = %e, "flushing the store on close failed");
+        }
+    }
+}
+
+store_via_core!(SledStore);
+
+pub(crate) struct SledEngine {
+    db: sled::Db,
+    path: PathBuf,
+}
+
+impl Engine for SledEngine {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.db.get(key)?.map(|v| v.to_vec()))
+    }
+
+    fn contains(&self, key: &[u8]) -> Result<bool, StoreError> {
+        Ok(self.db.contains_key(key)?)
+    }
+
+    fn scan(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Pairs, StoreError> {
+        let start = match after {
+            Some(a) => Bound::Excluded(a),
+            None => Bound::Included(prefix),
+        };
+        let mut out = Vec::new();
+        for item in self.db.range::<&[u8], _>((start, Bound::Unbounded)) {
+            let (k, v) = item?;
+            if !k.starts_with(prefix) || out.len() == limit {
+                break;
+            }
+            out.push((k.to_vec(), v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    fn last(&self, prefix: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        match self.db.scan_prefix(prefix).next_back() {
+            Some(item) => Ok(Some(item?.0.to_vec())),
+            None => Ok(None),
+        }
+    }
+
+    fn write(&self, writes: Writes) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for (k, v) in writes {
+            match v {
+                Some(v) => batch.insert(k, v),
+                None => batch.remove(k),
+            }
+        }
+        Ok(self.db.apply_batch(batch)?)
+    }
+
+    fn sync(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    fn disk_bytes(&self) -> Result<u64, StoreError> {
+        Ok(dir_size(&self.path)?)
+    }
+
+    /// sled 0.34 has no on-demand compaction: its segment cleaner rewrites
+    /// fragmented segments in the background as writes go on. A flush makes
+    /// the cleaner's finished work (and freed segments) visible on disk.
+    fn compact(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+}
+
+/// Bytes allocated on disk to the files under `dir` (what `du` reports; sled
+/// may leave sparse or preallocated segment files, so lengths would mislead).
+fn dir_size(dir: &Path) -> std::io::Result<u64> {
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let meta = entry.metadata()?;
+        if meta.is_dir() {
+            total += dir_size(&entry.path())?;
+        } else {
+            total += allocated(&meta);
+        }
+    }
+    Ok(total)
+}
+
+#[cfg(unix)]
+fn allocated(meta: &std::fs::Metadata) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    meta.blocks() * 512
+}
+
+#[cfg(not(unix))]
+fn allocated(meta: &std::fs::Metadata) -> u64 {
+    meta.len()
+}

@@ -1,0 +1,436 @@
+//! [`StoreWriter`]: the group-commit writer.
+//!
+//! The hot path hands batches to one writer thread and awaits the returned
+//! future. The thread takes every batch that is waiting (up to `max_ops`
+//! operations, waiting at most `max_delay` for more), applies them as **one**
+//! store batch and, in [`Durability::Fsync`] mode, syncs **once** for all of
+//! them before resolving their futures. While one window is being synced the
+//! next one accumulates, so under load one fsync serves many clients.
+//!
+//! The store is only ever called on the writer's own `std` thread: an async
+//! task never blocks on disk I/O, and no lock is held across an await.
+//! Batches apply in the order `submit` was called (the channel is FIFO and
+//! `submit` enqueues before returning its future).
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError, TryRecvError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+
+use crate::batch::Batch;
+use crate::error::StoreError;
+use crate::store::Store;
+
+/// Default most operations merged into one window. Bounds the memory and the
+/// latency of one engine batch; a single larger batch still goes whole (it
+/// is never split, that would break its atomicity).
+pub const DEFAULT_MAX_OPS: usize = 4096;
+
+/// Default longest wait for more batches once one has arrived. Group commit
+/// needs no wait under load (batches pile up while the previous window
+/// syncs); this short wait lets nearly-simultaneous publishers share one
+/// fsync at light load, at a cost far below an fsync's own.
+pub const DEFAULT_MAX_DELAY: Duration = Duration::from_micros(500);
+
+/// Default sync period of [`Durability::Interval`] for configurations that
+/// give none: the loss window after a crash.
+pub const DEFAULT_SYNC_INTERVAL: Duration = Duration::from_millis(100);
+
+/// When a submission resolves, and so what a crash can lose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Resolves after the batch is applied **and synced**: once `submit`
+    /// resolved `Ok`, the batch survives a crash (process or machine).
+    Fsync,
+    /// Resolves after the batch is applied; the writer syncs at most this
+    /// long after the first unsynced batch was applied (and when the last
+    /// handle is dropped). A crash, of the process or the machine, loses at
+    /// most the batches applied in the last period (sled keeps recent writes
+    /// in its own buffers until a sync); it never loses a synced batch nor
+    /// leaves part of a batch.
+    Interval(Duration),
+    /// Resolves after the batch is applied; never syncs. For a
+    /// [`MemoryStore`](crate::MemoryStore): nothing survives the process.
+    Memory,
+}
+
+/// Tunables of the writer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriterConfig {
+    /// Most operations merged into one window (at least one batch per window).
+    pub max_ops: usize,
+    /// Longest wait for more batches after the first of a window.
+    pub max_delay: Duration,
+    pub mode: Durability,
+}
+
+impl Default for WriterConfig {
+    fn default() -> Self {
+        WriterConfig {
+            max_ops: DEFAULT_MAX_OPS,
+            max_delay: DEFAULT_MAX_DELAY,
+            mode: Durability::Fsync,
+        }
+    }
+}
+
+/// Counters of a writer, for metrics and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriterStats {
+    /// Batches submitted.
+    pub submitted: u64,
+    /// Windows applied (merged store batches).
+    pub windows: u64,
+    /// Store syncs.
+    pub syncs: u64,
+    /// Submissions resolved with an error.
+    pub failed: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    submitted: AtomicU64,
+    windows: AtomicU64,
+    syncs: AtomicU64,
+    failed: AtomicU64,
+}
+
+type Reply = oneshot::Sender<Result<(), StoreError>>;
+
+struct Request {
+    /// `None`: a sync barrier.
+    batch: Option<Batch>,
+    reply: Reply,
+}
+
+/// A handle to the writer thread; clone it freely. The thread applies what
+/// is left, syncs (unless in memory mode) and exits when the last handle is
+/// dropped.
+#[derive(Clone)]
+pub struct StoreWriter {
+    tx: mpsc::Sender<Request>,
+    counters: Arc<Counters>,
+}
+
+impl std::fmt::Debug for StoreWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreWriter")
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+impl StoreWriter {
+    /// Starts the writer thread over `store`.
+    pub fn spawn(store: Arc<dyn Store>, config: WriterConfig) -> Result<StoreWriter, StoreError> {
+        let (tx, rx) = mpsc::channel();
+        let counters = Arc::new(Counters::default());
+        let mut worker = Worker {
+            store,
+            config: WriterConfig {
+                max_ops: config.max_ops.max(1),
+                ..config
+            },
+            rx,
+            counters: Arc::clone(&counters),
+            dirty_since: None,
+            errors: ErrorLog::default(),
+        };
+        std::thread::Builder::new()
+            .name("tern-store-writer".into())
+            .spawn(move || worker.run())?;
+        Ok(StoreWriter { tx, counters })
+    }
+
+    /// Queues `batch` and returns a future that resolves when it is applied
+    /// and, in [`Durability::Fsync`] mode, synced. The batch is queued even
+    /// if the future is never polled. Concurrent submissions are merged into
+    /// one store batch and one sync.
+    pub fn submit(
+        &self,
+        batch: Batch,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send + 'static {
+        self.counters.submitted.fetch_add(1, Ordering::Relaxed);
+        self.request(Some(batch))
+    }
+
+    /// Resolves once everything submitted before is applied and synced (in
+    /// memory mode: applied). For shutdown, and for interval mode callers
+    /// that need a durability point.
+    pub fn sync(&self) -> impl Future<Output = Result<(), StoreError>> + Send + 'static {
+        self.request(None)
+    }
+
+    pub fn stats(&self) -> WriterStats {
+        WriterStats {
+            submitted: self.counters.submitted.load(Ordering::Relaxed),
+            windows: self.counters.windows.load(Ordering::Relaxed),
+            syncs: self.counters.syncs.load(Ordering::Relaxed),
+            failed: self.counters.failed.load(Ordering::Relaxed),
+        }
+    }
+
+    fn request(
+        &self,
+        batch: Option<Batch>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send + 'static {
+        let (reply, rx) = oneshot::channel();
+        let sent = self.tx.send(Request { batch, reply }).is_ok();
+        async move {
+            if !sent {
+                return Err(StoreError::WriterClosed);
+            }
+            rx.await.unwrap_or(Err(StoreError::WriterClosed))
+        }
+    }
+}
+
+struct Worker {
+    store: Arc<dyn Store>,
+    config: WriterConfig,
+    rx: mpsc::Receiver<Request>,
+    counters: Arc<Counters>,
+    /// When the oldest applied-but-unsynced batch was applied.
+    dirty_since: Option<Instant>,
+    errors: ErrorLog,
+}
+
+impl Worker {
+    fn run(&mut self) {
+        loop {
+            let first = match self.next_sync_due() {
+                Some(due) => {
+                    let now = Instant::now();
+                    if now >= due {
+                        self.periodic_sync();
+                        continue;
+                    }
+                    match self.rx.recv_timeout(due - now) {
+                        Ok(r) => r,
+                        Err(RecvTimeoutError::Timeout) => {
+                            self.periodic_sync();
+                            continue;
+                        }
+                        Err(RecvTimeoutError::Disconnected) => break,
+                    }
+                }
+                None => match self.rx.recv() {
+                    Ok(r) => r,
+                    Err(_) => break,
+                },
+            };
+            let group = self.gather(first);
+            self.window(group);
+        }
+        if self.dirty_since.is_some() && self.config.mode != Durability::Memory {
+            let _ = self.sync();
+        }
+    }
+
+    /// The interval mode's sync; after a failure the next try is one period
+    /// later (no busy retry loop against a failing disk).
+    fn periodic_sync(&mut self) {
+        if self.sync().is_err() {
+            self.dirty_since = Some(Instant::now());
+        }
+    }
+
+    /// In interval mode with unsynced data, when the next sync is due.
+    fn next_sync_due(&self) -> Option<Instant> {
+        match (self.config.mode, self.dirty_since) {
+            (Durability::Interval(every), Some(since)) => Some(since + every),
+            _ => None,
+        }
+    }
+
+    /// Collects the window that starts with `first`.
+    fn gather(&self, first: Request) -> Vec<Request> {
+        let ops = |r: &Request| r.batch.as_ref().map_or(0, Batch::len);
+        let mut total = ops(&first);
+        let mut group = vec![first];
+        let deadline = Instant::now() + self.config.max_delay;
+        while total < self.config.max_ops {
+            let next = match self.rx.try_recv() {
+                Ok(r) => r,
+                Err(TryRecvError::Disconnected) => break,
+                Err(TryRecvError::Empty) => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        break;
+                    }
+                    match self.rx.recv_timeout(deadline - now) {
+                        Ok(r) => r,
+                        Err(_) => break,
+                    }
+                }
+            };
+            total += ops(&next);
+            group.push(next);
+        }
+        group
+    }
+
+    fn window(&mut self, group: Vec<Request>) {
+        let mut batches = Vec::new();
+        let mut barriers = Vec::new();
+        for r in group {
+            match r.batch {
+                Some(b) => batches.push((b, r.reply)),
+                None => barriers.push(r.reply),
+            }
+        }
+        let applied = self.apply(batches);
+        let any_applied = !applied.is_empty();
+        if any_applied && self.dirty_since.is_none() {
+            self.dirty_since = Some(Instant::now());
+        }
+        match self.config.mode {
+            Durability::Fsync => {
+                if any_applied || !barriers.is_empty() {
+                    let result = self.sync();
+                    self.resolve(applied.into_iter().chain(barriers), &result);
+                }
+            }
+            Durability::Interval(every) => {
+                self.resolve(applied, &Ok(()));
+                let due = self.dirty_since.is_some_and(|s| s.elapsed() >= every);
+                if !barriers.is_empty() {
+                    let result = self.sync();
+                    if result.is_err() {
+                        self.dirty_since = Some(Instant::now());
+                    }
+                    self.resolve(barriers, &result);
+                } else if due {
+                    self.periodic_sync();
+                }
+            }
+            Durability::Memory => {
+                self.dirty_since = None;
+                self.resolve(applied.into_iter().chain(barriers), &Ok(()));
+            }
+        }
+    }
+
+    /// Applies a window's batches as one store batch; returns the replies of
+    /// the batches that were applied (failed ones are resolved here).
+    fn apply(&mut self, batches: Vec<(Batch, Reply)>) -> Vec<Reply> {
+        if batches.is_empty() {
+            return Vec::new();
+        }
+        self.counters.windows.fetch_add(1, Ordering::Relaxed);
+        let (merged, replies, lens) = if batches.len() == 1 {
+            let (b, r) = batches.into_iter().next().expect("one");
+            let n = b.len();
+            (b, vec![r], vec![n])
+        } else {
+            let mut merged = Batch::new();
+            let mut replies = Vec::with_capacity(batches.len());
+            let mut lens = Vec::with_capacity(batches.len());
+            for (b, r) in batches {
+                lens.push(b.len());
+                merged.ops.extend(b.ops);
+                replies.push(r);
+            }
+            (merged, replies, lens)
+        };
+        match self.store.apply(&merged) {
+            Ok(()) => {
+                self.errors.ok("apply");
+                replies
+            }
+            Err(e) if e.is_invalid_batch() && replies.len() > 1 => {
+                // One submission is at fault; apply them one by one so only
+                // it fails.
+                let mut ops = merged.ops.into_iter();
+                let mut applied = Vec::with_capacity(replies.len());
+                for (reply, n) in replies.into_iter().zip(lens) {
+                    let one = Batch {
+                        ops: ops.by_ref().take(n).collect(),
+                    };
+                    match self.store.apply(&one) {
+                        Ok(()) => applied.push(reply),
+                        Err(e) => {
+                            self.errors.failed("apply", &e);
+                            self.fail(reply, e);
+                        }
+                    }
+                }
+                applied
+            }
+            Err(e) => {
+                self.errors.failed("apply", &e);
+                for reply in replies {
+                    self.fail(reply, e.clone());
+                }
+                Vec::new()
+            }
+        }
+    }
+
+    fn sync(&mut self) -> Result<(), StoreError> {
+        self.counters.syncs.fetch_add(1, Ordering::Relaxed);
+        let result = self.store.sync();
+        match &result {
+            Ok(()) => {
+                self.dirty_since = None;
+                self.errors.ok("sync");
+            }
+            Err(e) => self.errors.failed("sync", e),
+        }
+        result
+    }
+
+    fn resolve(&self, replies: impl IntoIterator<Item = Reply>, result: &Result<(), StoreError>) {
+        for reply in replies {
+            match result {
+                Ok(()) => {
+                    let _ = reply.send(Ok(()));
+                }
+                Err(e) => self.fail(reply, e.clone()),
+            }
+        }
+    }
+
+    fn fail(&self, reply: Reply, e: StoreError) {
+        self.counters.failed.fetch_add(1, Ordering::Relaxed);
+        let _ = reply.send(Err(e));
+    }
+}
+
+/// Logs a failure once per cause (operation and error kind) and once more
+/// when the operation succeeds again, with the count of repeats in between.
+#[derive(Default)]
+struct ErrorLog {
+    current: Option<(String, u64)>,
+}
+
+impl ErrorLog {
+    fn failed(&mut self, op: &'static str, e: &StoreError) {
+        let cause = format!("{op}: {}", cause_of(e));
+        match &mut self.current {
+            Some((c, n)) if *c == cause => *n += 1,
+            _ => {
+                tracing::error!(op, error = %e, "store {op} failed; affected submissions get the error");
+                self.current = Some((cause, 0));
+            }
+        }
+    }
+
+    fn ok(&mut self, op: &'static str) {
+        if let Some((cause, repeats)) = self.current.take() {
+            tracing::info!(op, previous = %cause, repeats, "store {op} succeeds again");
+        }
+    }
+}
+
+/// The part of an error that names its cause, without per-batch details.
+fn cause_of(e: &StoreError) -> String {
+    match e {
+        StoreError::Io(io) => format!("io {:?}", io.kind()),
+        StoreError::InvalidBatch(_) => "invalid batch".into(),
+        other => other.to_string(),
+    }
+}

@@ -1,0 +1,275 @@
+//! The group-commit writer: merging, durability modes, ordering and errors.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{entry, message, session};
+use tern_storage::{
+    Batch, Durability, FailingStore, MemoryStore, SledStore, Store, StoreError, StoreWriter,
+    WriterConfig,
+};
+
+fn config(mode: Durability) -> WriterConfig {
+    WriterConfig {
+        mode,
+        ..WriterConfig::default()
+    }
+}
+
+fn publish(id: u64) -> Batch {
+    let mut b = Batch::new();
+    b.put_message(message(id, 64))
+        .put_queue_entry(entry("sub", id, id));
+    b
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_submissions_share_syncs() {
+    let store = Arc::new(FailingStore::new(MemoryStore::new()));
+    // A slow sync (as fsync is) so submissions pile up behind it.
+    let slow = Arc::new(SlowSync {
+        inner: Arc::clone(&store),
+        delay: Duration::from_millis(5),
+    });
+    let writer = StoreWriter::spawn(slow, config(Durability::Fsync)).unwrap();
+    let mut tasks = Vec::new();
+    for id in 1..=100u64 {
+        let w = writer.clone();
+        tasks.push(tokio::spawn(async move { w.submit(publish(id)).await }));
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let stats = writer.stats();
+    assert_eq!(stats.submitted, 100);
+    assert_eq!(stats.failed, 0);
+    assert!(
+        store.syncs() <= 20,
+        "100 concurrent submissions took {} syncs",
+        store.syncs()
+    );
+    assert_eq!(stats.syncs, store.syncs());
+    eprintln!("100 concurrent submissions: {} syncs", store.syncs());
+    assert_eq!(store.inner().queue("sub", None).count(), 100);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fsync_mode_on_sled_resolves_after_sync_and_merges() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(FailingStore::new(SledStore::open(dir.path()).unwrap()));
+    let writer = StoreWriter::spawn(store.clone(), config(Durability::Fsync)).unwrap();
+    let futures: Vec<_> = (1..=200u64).map(|id| writer.submit(publish(id))).collect();
+    for f in futures {
+        f.await.unwrap();
+    }
+    assert!(store.syncs() < 200 / 4, "syncs: {}", store.syncs());
+    assert!(store.syncs() >= 1);
+    drop(writer);
+    assert_eq!(store.inner().queue("sub", None).count(), 200);
+}
+
+#[tokio::test]
+async fn batches_apply_in_submission_order() {
+    let store = Arc::new(MemoryStore::new());
+    let writer = StoreWriter::spawn(store.clone(), config(Durability::Memory)).unwrap();
+    // Put, then delete, of the same entry, submitted back to back and awaited
+    // in reverse: the delete must still come second.
+    let put = writer.submit(publish(1));
+    let mut del = Batch::new();
+    del.delete_queue_entry("sub", 1);
+    let del = writer.submit(del);
+    del.await.unwrap();
+    put.await.unwrap();
+    assert_eq!(store.queue("sub", None).count(), 0);
+    assert_eq!(store.message(1).unwrap(), None);
+    assert_eq!(writer.stats().syncs, 0, "memory mode never syncs");
+}
+
+#[tokio::test]
+async fn interval_mode_acknowledges_before_syncing_then_syncs() {
+    let store = Arc::new(FailingStore::new(MemoryStore::new()));
+    let writer = StoreWriter::spawn(
+        store.clone(),
+        config(Durability::Interval(Duration::from_millis(200))),
+    )
+    .unwrap();
+    let started = Instant::now();
+    writer.submit(publish(1)).await.unwrap();
+    assert!(started.elapsed() < Duration::from_millis(150));
+    assert_eq!(store.syncs(), 0, "resolved before any sync");
+    assert_eq!(store.inner().queue("sub", None).count(), 1);
+    // The periodic sync follows within the interval (generous bound).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while store.syncs() == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(store.syncs(), 1);
+    // Nothing new: no more syncs.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(store.syncs(), 1);
+    // An explicit barrier syncs at once.
+    writer.submit(publish(2)).await.unwrap();
+    writer.sync().await.unwrap();
+    assert_eq!(store.syncs(), 2);
+}
+
+#[tokio::test]
+async fn a_failing_apply_fails_every_submission_of_the_window_and_the_writer_goes_on() {
+    let store = Arc::new(FailingStore::new(MemoryStore::new()));
+    let writer = StoreWriter::spawn(store.clone(), config(Durability::Fsync)).unwrap();
+    store.disk_full(true);
+    let futures: Vec<_> = (1..=10u64).map(|id| writer.submit(publish(id))).collect();
+    for f in futures {
+        let err = f.await.unwrap_err();
+        assert!(err.is_disk_full(), "{err}");
+    }
+    assert_eq!(store.inner().queue("sub", None).count(), 0);
+    store.disk_full(false);
+    writer.submit(publish(11)).await.unwrap();
+    assert_eq!(store.inner().queue("sub", None).count(), 1);
+    assert_eq!(writer.stats().failed, 10);
+}
+
+#[tokio::test]
+async fn a_failing_sync_fails_the_submissions_waiting_on_it() {
+    let store = Arc::new(FailingStore::new(MemoryStore::new()));
+    let writer = StoreWriter::spawn(store.clone(), config(Durability::Fsync)).unwrap();
+    store.fail_sync(true);
+    let err = writer.submit(publish(1)).await.unwrap_err();
+    assert!(matches!(err, StoreError::Injected("sync")), "{err}");
+    assert!(writer.sync().await.is_err());
+    store.fail_sync(false);
+    writer.submit(publish(2)).await.unwrap();
+    writer.sync().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_invalid_batch_fails_alone_when_merged_with_others() {
+    let store = Arc::new(MemoryStore::new());
+    let writer = StoreWriter::spawn(
+        store.clone(),
+        WriterConfig {
+            max_delay: Duration::from_millis(50),
+            ..config(Durability::Fsync)
+        },
+    )
+    .unwrap();
+    let good1 = writer.submit(publish(1));
+    let mut bad = Batch::new();
+    bad.put_queue_entry(entry("sub", 99, 12345));
+    let bad = writer.submit(bad);
+    let good2 = writer.submit(publish(2));
+    good1.await.unwrap();
+    assert!(bad.await.unwrap_err().is_invalid_batch());
+    good2.await.unwrap();
+    let seqs: Vec<u64> = store.queue("sub", None).map(|e| e.unwrap().seq).collect();
+    assert_eq!(seqs, vec![1, 2]);
+    assert_eq!(
+        writer.stats().windows,
+        1,
+        "the three went out as one window"
+    );
+}
+
+#[tokio::test]
+async fn dropping_the_last_handle_drains_and_syncs() {
+    let store = Arc::new(FailingStore::new(MemoryStore::new()));
+    let writer = StoreWriter::spawn(
+        store.clone(),
+        config(Durability::Interval(Duration::from_secs(3600))),
+    )
+    .unwrap();
+    let mut b = Batch::new();
+    b.put_session(session("s"));
+    writer.submit(b).await.unwrap();
+    drop(writer);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while store.syncs() == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(store.syncs(), 1);
+}
+
+#[tokio::test]
+async fn max_ops_bounds_a_window() {
+    let store = Arc::new(MemoryStore::new());
+    let writer = StoreWriter::spawn(
+        store.clone(),
+        WriterConfig {
+            max_ops: 4,
+            max_delay: Duration::from_millis(20),
+            mode: Durability::Memory,
+        },
+    )
+    .unwrap();
+    // Each batch has 2 ops: at most 2 batches per window.
+    let futures: Vec<_> = (1..=10u64).map(|id| writer.submit(publish(id))).collect();
+    for f in futures {
+        f.await.unwrap();
+    }
+    assert!(writer.stats().windows >= 5, "{:?}", writer.stats());
+}
+
+/// A store whose sync takes a while, as an fsync does.
+struct SlowSync<S> {
+    inner: Arc<S>,
+    delay: Duration,
+}
+
+impl<S: Store> Store for SlowSync<S> {
+    fn apply(&self, batch: &Batch) -> Result<(), StoreError> {
+        self.inner.apply(batch)
+    }
+    fn sync(&self) -> Result<(), StoreError> {
+        std::thread::sleep(self.delay);
+        self.inner.sync()
+    }
+    fn session(&self, c: &str) -> Result<Option<tern_storage::SessionRecord>, StoreError> {
+        self.inner.session(c)
+    }
+    fn sessions(&self) -> tern_storage::RecordIter<'_, tern_storage::SessionRecord> {
+        self.inner.sessions()
+    }
+    fn subscriptions(
+        &self,
+        c: &str,
+    ) -> tern_storage::RecordIter<'_, tern_storage::SubscriptionRecord> {
+        self.inner.subscriptions(c)
+    }
+    fn queue(
+        &self,
+        c: &str,
+        after: Option<u64>,
+    ) -> tern_storage::RecordIter<'_, tern_storage::QueueEntry> {
+        self.inner.queue(c, after)
+    }
+    fn incoming_qos2(&self, c: &str) -> Result<Vec<u16>, StoreError> {
+        self.inner.incoming_qos2(c)
+    }
+    fn message(&self, id: u64) -> Result<Option<tern_storage::MessageRecord>, StoreError> {
+        self.inner.message(id)
+    }
+    fn message_refs(&self, id: u64) -> Result<u32, StoreError> {
+        self.inner.message_refs(id)
+    }
+    fn last_message_id(&self) -> Result<Option<u64>, StoreError> {
+        self.inner.last_message_id()
+    }
+    fn last_seq(&self, c: &str) -> Result<Option<u64>, StoreError> {
+        self.inner.last_seq(c)
+    }
+    fn retained(&self, p: &str) -> tern_storage::RecordIter<'_, tern_storage::RetainedRecord> {
+        self.inner.retained(p)
+    }
+    fn session_summary(&self, c: &str) -> Result<Option<tern_storage::SessionSummary>, StoreError> {
+        self.inner.session_summary(c)
+    }
+    fn stats(&self) -> Result<tern_storage::StoreStats, StoreError> {
+        self.inner.stats()
+    }
+    fn compact(&self) -> Result<tern_storage::StoreStats, StoreError> {
+        self.inner.compact()
+    }
+}
