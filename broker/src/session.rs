@@ -544,9 +544,15 @@ impl Session {
 
     /// PUBACK received. Returns false if no QoS 1 message waited for it.
     pub fn puback(&self, packet_id: u16) -> bool {
+        self.complete(packet_id, |i| i.delivery.qos == QoS::AtLeastOnce)
+    }
+
+    /// Removes the in-flight message `packet_id` if `expected` holds for it,
+    /// and lets the next pending message take its place in the window.
+    fn complete(&self, packet_id: u16, expected: impl Fn(&Inflight) -> bool) -> bool {
         let mut st = self.state.lock();
         let found = match position(&st.inflight, packet_id) {
-            Some(i) if st.inflight[i].delivery.qos == QoS::AtLeastOnce => {
+            Some(i) if expected(&st.inflight[i]) => {
                 st.inflight.remove(i);
                 true
             }
@@ -584,18 +590,7 @@ impl Session {
 
     /// PUBCOMP received. Returns false if no PUBREL waited for it.
     pub fn pubcomp(&self, packet_id: u16) -> bool {
-        let mut st = self.state.lock();
-        let found = match position(&st.inflight, packet_id) {
-            Some(i) if st.inflight[i].state == InflightState::AwaitingComp => {
-                st.inflight.remove(i);
-                true
-            }
-            _ => false,
-        };
-        if found {
-            self.fill_window(&mut st, Instant::now());
-        }
-        found
+        self.complete(packet_id, |i| i.state == InflightState::AwaitingComp)
     }
 
     /// Forgets an in-flight message that will never be sent (it exceeded the

@@ -21,22 +21,7 @@ fn spawn_v3(
     let mut options = rumqttc::MqttOptions::new(client_id, "127.0.0.1", port);
     options.set_keep_alive(Duration::from_secs(30));
     adjust(&mut options);
-    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 100);
-    let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        loop {
-            match eventloop.poll().await {
-                Ok(rumqttc::Event::Incoming(p)) => {
-                    if tx.send(p).is_err() {
-                        return;
-                    }
-                }
-                Ok(_) => {}
-                Err(_) => return,
-            }
-        }
-    });
-    (client, rx)
+    run_rumqttc(options)
 }
 
 /// The same for rumqttc's MQTT 5 client.

@@ -140,22 +140,7 @@ fn spawn_rumqttc_ws(
     options.set_transport(rumqttc::Transport::Ws);
     options.set_keep_alive(Duration::from_secs(30));
     options.set_max_packet_size(1 << 20, 1 << 20);
-    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 100);
-    let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        loop {
-            match eventloop.poll().await {
-                Ok(rumqttc::Event::Incoming(p)) => {
-                    if tx.send(p).is_err() {
-                        return;
-                    }
-                }
-                Ok(_) => {}
-                Err(_) => return,
-            }
-        }
-    });
-    (client, rx)
+    run_rumqttc(options)
 }
 
 async fn next_publish(rx: &mut mpsc::UnboundedReceiver<rumqttc::Packet>) -> rumqttc::Publish {

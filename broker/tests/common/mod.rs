@@ -229,3 +229,29 @@ impl RawClient {
         }
     }
 }
+
+/// Runs a rumqttc 3.1.1 client's event loop in the background, forwarding
+/// every incoming packet.
+pub fn run_rumqttc(
+    options: rumqttc::MqttOptions,
+) -> (
+    rumqttc::AsyncClient,
+    tokio::sync::mpsc::UnboundedReceiver<rumqttc::Packet>,
+) {
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 100);
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            match eventloop.poll().await {
+                Ok(rumqttc::Event::Incoming(p)) => {
+                    if tx.send(p).is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => return,
+            }
+        }
+    });
+    (client, rx)
+}
