@@ -141,11 +141,12 @@ where
     let control = Arc::new(ConnectionControl::default());
     let attached = conn.attach(Arc::clone(&control));
     let mut out = BytesMut::new();
-    if encode_packet(&Packet::ConnAck(conn.connack.clone()), protocol, &mut out).is_err()
-        || writer.write_all(&out).await.is_err()
-    {
+    let connack = conn.connack.take().map(|c| Packet::ConnAck(*c));
+    let encoded = connack.is_some_and(|c| encode_packet(&c, protocol, &mut out).is_ok());
+    if !encoded || writer.write_all(&out).await.is_err() {
         return;
     }
+    drop(out);
     tracing::debug!(%peer, client_id = %attached.session.client_id, ?protocol, "client connected");
 
     let writer_fut = write_loop(
@@ -248,7 +249,8 @@ struct Attached {
     session: Arc<Session>,
     connection_id: u64,
     generation: u64,
-    will: Option<Will>,
+    /// Boxed: most connections have none, and this lives as long as the task.
+    will: Option<Box<Will>>,
     finished: bool,
 }
 
@@ -269,7 +271,7 @@ impl Attached {
             &self.session,
             self.connection_id,
             self.generation,
-            self.will.take(),
+            self.will.take().map(|w| *w),
         );
     }
 }
@@ -286,14 +288,14 @@ struct Connection {
     connection_id: u64,
     protocol: ProtocolVersion,
     session: Arc<Session>,
-    session_present: bool,
-    connack: ConnAck,
+    /// Taken (and freed) once sent.
+    connack: Option<Box<ConnAck>>,
     expiry_interval: u32,
     keep_alive: Duration,
     send_quota: u16,
     client_max_packet: Option<u32>,
     client_topic_alias_max: u16,
-    will: Option<Will>,
+    will: Option<Box<Will>>,
     topic_aliases: InboundAliases,
     /// A session expiry interval changed by the client's DISCONNECT.
     disconnect_expiry: Option<u32>,
@@ -382,12 +384,11 @@ impl Connection {
             connection_id,
             protocol,
             session: opened.session,
-            session_present,
-            connack: ConnAck {
+            connack: Some(Box::new(ConnAck {
                 session_present,
                 code: ReasonCode::Success,
                 properties: props,
-            },
+            })),
             expiry_interval,
             keep_alive: Duration::from_secs(u64::from(keep_alive)),
             send_quota,
@@ -397,7 +398,7 @@ impl Connection {
             } else {
                 0
             },
-            will: connect.will,
+            will: connect.will.map(Box::new),
             topic_aliases: InboundAliases::new(if v5 { limits.topic_alias_maximum } else { 0 }),
             disconnect_expiry: None,
             auth_method: authenticated.method,
@@ -416,7 +417,6 @@ impl Connection {
             },
             control,
         );
-        let _ = self.session_present;
         Attached {
             broker: Arc::clone(&self.broker),
             session: Arc::clone(&self.session),
