@@ -1,0 +1,346 @@
+//! Command line and the concrete plan it resolves to.
+
+use clap::{Parser, ValueEnum};
+use tern_codec::{ProtocolVersion, QoS};
+
+/// tern-bench: an MQTT load generator. Scenarios are named after the Open
+/// MQTT Benchmark Suite.
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "tern-bench",
+    version,
+    about = "An MQTT load generator: scenarios p2p, fan-out, fan-in, conn and latency \
+             (named after the Open MQTT Benchmark Suite). See docs/performance.md."
+)]
+pub struct Args {
+    /// p2p: N publisher/subscriber pairs, one topic per pair.
+    /// fan-out: publishers -> N subscribers of one topic.
+    /// fan-in: N publishers (one topic each) -> subscribers of `PREFIX/fanin/+`
+    /// (with --shared: `$share/g/PREFIX/fanin/+`, each message to one of them).
+    /// conn: ramp to N idle connections at --rate per second.
+    /// latency: a steady --rate to N subscribers, publish->receive percentiles.
+    /// sink: not a benchmark but a broker stand-in on --port that accepts
+    /// everything and delivers nothing, for --duration seconds, to measure
+    /// the generator's own ceiling.
+    #[arg(value_enum)]
+    pub scenario: Scenario,
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    #[arg(long, default_value_t = 1883)]
+    pub port: u16,
+    /// QoS of the publishes and of the subscriptions.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=2))]
+    pub qos: u8,
+    /// Payload size in bytes; 8 or more carries a send timestamp.
+    #[arg(long, default_value_t = 64)]
+    pub payload: usize,
+    /// Messages per second over all publishers (0 = as fast as possible);
+    /// for `conn`, connections per second. Default: 0, latency 1000, conn 2000.
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// Seconds the publishers run.
+    #[arg(long, default_value_t = 10.0)]
+    pub duration: f64,
+    /// Publishers (p2p: pairs). Default: p2p 50, fan-out 1, fan-in 16, latency 1.
+    #[arg(long)]
+    pub publishers: Option<usize>,
+    /// Subscribers. Default: fan-out 100, fan-in 1 (2 with --shared), latency 100;
+    /// p2p always one per publisher.
+    #[arg(long)]
+    pub subscribers: Option<usize>,
+    /// `conn`: connections to open (default 10000); `p2p`: pairs.
+    #[arg(long)]
+    pub connections: Option<usize>,
+    /// 3 (= MQTT 3.1.1) or 5.
+    #[arg(long = "mqtt-version", default_value_t = 3, value_parser = clap::value_parser!(u8).range(3..=5))]
+    pub mqtt_version: u8,
+    /// QoS 1/2 publishers: un-acknowledged messages outstanding per publisher.
+    #[arg(long, default_value_t = 64)]
+    pub inflight: usize,
+    /// fan-in: subscribe with `$share/g/...`.
+    #[arg(long)]
+    pub shared: bool,
+    /// The broker's pid, to read its CPU time and RSS from /proc.
+    #[arg(long = "broker-pid")]
+    pub broker_pid: Option<u32>,
+    /// Print one JSON object with every figure instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// After the publishers stop, wait at most this long for stragglers.
+    #[arg(long, default_value_t = 5.0)]
+    pub drain: f64,
+    /// End the drain early when nothing has arrived for this long (0 = never).
+    #[arg(long = "drain-idle", default_value_t = 2.0)]
+    pub drain_idle: f64,
+    /// Bytes of PUBLISH packets per write (rounded to whole packets).
+    #[arg(long = "batch-bytes", default_value_t = 64 * 1024)]
+    pub batch_bytes: usize,
+    /// Runtime worker threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// First topic level of every topic used.
+    #[arg(long = "topic-prefix", default_value = "bench")]
+    pub topic_prefix: String,
+    /// Seconds to wait for TCP connect + CONNACK (and SUBACK).
+    #[arg(long = "connect-timeout", default_value_t = 10.0)]
+    pub connect_timeout: f64,
+    /// `conn`: seconds to hold the connections before reading the broker's RSS.
+    #[arg(long, default_value_t = 1.0)]
+    pub hold: f64,
+    /// Keep alive in CONNECT, seconds (0 = none; rumqttd refuses 0).
+    /// Subscribers send PINGREQ every half of it.
+    #[arg(long = "keep-alive", default_value_t = 60)]
+    pub keep_alive: u16,
+    /// On IPv4 loopback, spread connections over this many source addresses
+    /// 127.0.X.1 (each with its own ephemeral ports); 0 = one address.
+    #[arg(long = "source-ips", default_value_t = 64)]
+    pub source_ips: usize,
+    /// No progress line on stderr.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scenario {
+    P2p,
+    FanOut,
+    FanIn,
+    Conn,
+    Latency,
+    Sink,
+}
+
+impl Scenario {
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::P2p => "p2p",
+            Scenario::FanOut => "fan-out",
+            Scenario::FanIn => "fan-in",
+            Scenario::Conn => "conn",
+            Scenario::Latency => "latency",
+            Scenario::Sink => "sink",
+        }
+    }
+}
+
+/// Who publishes where and who subscribes to what.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    pub scenario: Scenario,
+    pub version: ProtocolVersion,
+    pub qos: QoS,
+    pub publishers: usize,
+    pub subscribers: usize,
+    /// Messages (or, for conn, connections) per second in total; 0 = unlimited.
+    pub rate: f64,
+    /// Topic of publisher `i`.
+    pub pub_topics: Vec<String>,
+    /// Filter of subscriber `i`.
+    pub sub_filters: Vec<String>,
+    /// How many deliveries one published message should produce.
+    pub fanout: u64,
+    /// conn: connections to open.
+    pub connections: usize,
+    pub inflight: usize,
+}
+
+impl Args {
+    /// Checks the options and works out the concrete plan.
+    pub fn plan(&self) -> Result<Plan, String> {
+        let version = match self.mqtt_version {
+            3 | 4 => ProtocolVersion::V311,
+            5 => ProtocolVersion::V5,
+            v => return Err(format!("--mqtt-version {v}: use 3 (3.1.1) or 5")),
+        };
+        let qos = QoS::from_u8(self.qos).ok_or("--qos must be 0, 1 or 2")?;
+        if self.duration.is_nan() || self.duration <= 0.0 {
+            return Err("--duration must be positive".into());
+        }
+        if self.drain < 0.0 || self.drain_idle < 0.0 {
+            return Err("--drain and --drain-idle cannot be negative".into());
+        }
+        if self.inflight == 0 || self.inflight > 32_768 {
+            return Err("--inflight must be 1..=32768".into());
+        }
+        if self.shared && self.scenario != Scenario::FanIn {
+            return Err("--shared only applies to fan-in".into());
+        }
+        let rate = self.rate.unwrap_or(match self.scenario {
+            Scenario::Latency => 1000.0,
+            Scenario::Conn => 2000.0,
+            _ => 0.0,
+        });
+        if rate.is_nan() || rate < 0.0 || !rate.is_finite() {
+            return Err("--rate must be a non-negative number".into());
+        }
+        if self.scenario == Scenario::Latency && rate == 0.0 {
+            return Err("latency needs a --rate above 0".into());
+        }
+        let p = &self.topic_prefix;
+        let (publishers, subscribers) = match self.scenario {
+            Scenario::P2p => {
+                let n = self.publishers.or(self.connections).unwrap_or(50);
+                if let Some(s) = self.subscribers {
+                    if s != n {
+                        return Err("p2p has one subscriber per publisher".into());
+                    }
+                }
+                (n, n)
+            }
+            Scenario::FanOut => (
+                self.publishers.unwrap_or(1),
+                self.subscribers.unwrap_or(100),
+            ),
+            Scenario::FanIn => (
+                self.publishers.unwrap_or(16),
+                self.subscribers.unwrap_or(if self.shared { 2 } else { 1 }),
+            ),
+            Scenario::Latency => (
+                self.publishers.unwrap_or(1),
+                self.subscribers.unwrap_or(100),
+            ),
+            Scenario::Conn | Scenario::Sink => (0, 0),
+        };
+        if !matches!(self.scenario, Scenario::Conn | Scenario::Sink)
+            && (publishers == 0 || subscribers == 0)
+        {
+            return Err("at least one publisher and one subscriber are needed".into());
+        }
+        let (pub_topics, sub_filters, fanout): (Vec<String>, Vec<String>, u64) = match self.scenario
+        {
+            Scenario::P2p => (
+                (0..publishers).map(|i| format!("{p}/p2p/{i}")).collect(),
+                (0..subscribers).map(|i| format!("{p}/p2p/{i}")).collect(),
+                1,
+            ),
+            Scenario::FanOut => (
+                vec![format!("{p}/fanout"); publishers],
+                vec![format!("{p}/fanout"); subscribers],
+                subscribers as u64,
+            ),
+            Scenario::Latency => (
+                vec![format!("{p}/latency"); publishers],
+                vec![format!("{p}/latency"); subscribers],
+                subscribers as u64,
+            ),
+            Scenario::FanIn => {
+                let filter = if self.shared {
+                    format!("$share/g/{p}/fanin/+")
+                } else {
+                    format!("{p}/fanin/+")
+                };
+                (
+                    (0..publishers).map(|i| format!("{p}/fanin/{i}")).collect(),
+                    vec![filter; subscribers],
+                    if self.shared { 1 } else { subscribers as u64 },
+                )
+            }
+            Scenario::Conn | Scenario::Sink => (Vec::new(), Vec::new(), 0),
+        };
+        let connections = match self.scenario {
+            Scenario::Conn => self.connections.unwrap_or(10_000),
+            Scenario::Sink => 0,
+            _ => publishers + subscribers,
+        };
+        Ok(Plan {
+            scenario: self.scenario,
+            version,
+            qos,
+            publishers,
+            subscribers,
+            rate,
+            pub_topics,
+            sub_filters,
+            fanout,
+            connections,
+            inflight: self.inflight,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(args: &[&str]) -> Result<Plan, String> {
+        let mut all = vec!["tern-bench"];
+        all.extend_from_slice(args);
+        Args::try_parse_from(all).map_err(|e| e.to_string())?.plan()
+    }
+
+    #[test]
+    fn defaults_follow_the_scenario() {
+        let p = plan(&["fan-out"]).unwrap();
+        assert_eq!((p.publishers, p.subscribers, p.fanout), (1, 100, 100));
+        assert_eq!(p.rate, 0.0);
+        assert_eq!(p.version, ProtocolVersion::V311);
+        assert_eq!(p.qos, QoS::AtMostOnce);
+
+        let p = plan(&["p2p"]).unwrap();
+        assert_eq!((p.publishers, p.subscribers, p.fanout), (50, 50, 1));
+        assert_eq!(p.pub_topics[7], "bench/p2p/7");
+        assert_eq!(p.sub_filters[7], "bench/p2p/7");
+
+        let p = plan(&["latency"]).unwrap();
+        assert_eq!((p.publishers, p.subscribers, p.rate), (1, 100, 1000.0));
+
+        let p = plan(&["conn"]).unwrap();
+        assert_eq!((p.connections, p.rate), (10_000, 2000.0));
+    }
+
+    #[test]
+    fn fan_in_plain_and_shared() {
+        let p = plan(&["fan-in", "--subscribers", "3"]).unwrap();
+        assert_eq!(p.publishers, 16);
+        assert_eq!(p.fanout, 3, "every plain subscriber gets every message");
+        assert_eq!(p.sub_filters[0], "bench/fanin/+");
+        assert_eq!(p.pub_topics[15], "bench/fanin/15");
+
+        let p = plan(&["fan-in", "--shared", "--subscribers", "4"]).unwrap();
+        assert_eq!(p.fanout, 1, "a shared group gets each message once");
+        assert_eq!(p.sub_filters[3], "$share/g/bench/fanin/+");
+    }
+
+    #[test]
+    fn options_parse() {
+        let p = plan(&[
+            "p2p",
+            "--connections",
+            "8",
+            "--qos",
+            "1",
+            "--mqtt-version",
+            "5",
+            "--rate",
+            "5000",
+            "--inflight",
+            "16",
+            "--topic-prefix",
+            "x",
+        ])
+        .unwrap();
+        assert_eq!((p.publishers, p.subscribers), (8, 8));
+        assert_eq!(p.qos, QoS::AtLeastOnce);
+        assert_eq!(p.version, ProtocolVersion::V5);
+        assert_eq!(p.rate, 5000.0);
+        assert_eq!(p.inflight, 16);
+        assert_eq!(p.pub_topics[0], "x/p2p/0");
+    }
+
+    #[test]
+    fn bad_options_are_refused() {
+        assert!(plan(&["p2p", "--qos", "3"]).is_err());
+        assert!(
+            plan(&["p2p", "--mqtt-version", "4"]).is_ok(),
+            "4 is 3.1.1's level"
+        );
+        assert!(plan(&["p2p", "--mqtt-version", "6"]).is_err());
+        assert!(plan(&["p2p", "--duration", "0"]).is_err());
+        assert!(plan(&["p2p", "--subscribers", "3", "--publishers", "2"]).is_err());
+        assert!(plan(&["fan-out", "--shared"]).is_err());
+        assert!(plan(&["latency", "--rate", "0"]).is_err());
+        assert!(plan(&["fan-out", "--subscribers", "0"]).is_err());
+        assert!(plan(&["fan-in", "--inflight", "0"]).is_err());
+        assert!(plan(&["nonsense"]).is_err());
+    }
+}

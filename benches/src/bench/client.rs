@@ -1,0 +1,212 @@
+//! Opening MQTT connections: TCP connect, CONNECT/CONNACK, SUBSCRIBE/SUBACK.
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tern_codec::{decode_packet, Packet, ProtocolVersion, QoS};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+use crate::wire;
+
+/// An open, accepted MQTT connection.
+pub struct Conn {
+    pub stream: TcpStream,
+    /// Bytes read after the last packet handled during setup.
+    pub leftover: BytesMut,
+    /// MQTT 5: the broker's Receive Maximum from CONNACK.
+    pub receive_maximum: Option<u16>,
+}
+
+/// Why a connection could not be opened.
+#[derive(Debug)]
+pub enum OpenError {
+    /// TCP error, or no answer in time.
+    Failed(String),
+    /// The broker answered CONNACK with a failure, or closed the connection
+    /// before answering.
+    Refused(String),
+}
+
+impl std::fmt::Display for OpenError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OpenError::Failed(e) => write!(f, "connection failed: {e}"),
+            OpenError::Refused(e) => write!(f, "connection refused: {e}"),
+        }
+    }
+}
+
+/// Reads until one whole control packet has arrived.
+async fn read_packet(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    version: ProtocolVersion,
+) -> io::Result<Option<Packet>> {
+    loop {
+        match decode_packet(buf, version, usize::MAX) {
+            Ok(Some(p)) => return Ok(Some(p)),
+            Ok(None) => {}
+            Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e.to_string())),
+        }
+        buf.reserve(4096);
+        if stream.read_buf(buf).await? == 0 {
+            return Ok(None);
+        }
+    }
+}
+
+/// The source address of connection `index` to `addr`: when the broker is
+/// on IPv4 loopback, connections are spread over `spread` source addresses
+/// 127.0.X.1 so that each has its own ephemeral port range. With tens of
+/// thousands of connections per run (and as many in TIME_WAIT from the run
+/// before), a single source address makes every connect() search a nearly
+/// full port range, which shows up as connect times of a second.
+pub fn source_for(addr: SocketAddr, index: usize, spread: usize) -> Option<IpAddr> {
+    match addr.ip() {
+        IpAddr::V4(ip) if ip.is_loopback() && spread > 0 => {
+            let x = 1 + (index % spread.min(250)) as u8;
+            Some(IpAddr::V4(Ipv4Addr::new(127, 0, x, 1)))
+        }
+        _ => None,
+    }
+}
+
+async fn tcp_connect(addr: SocketAddr, source: Option<IpAddr>) -> io::Result<TcpStream> {
+    let Some(source) = source else {
+        return TcpStream::connect(addr).await;
+    };
+    let socket = TcpSocket::new_v4()?;
+    // Choose the port at connect time, from the whole 4-tuple, rather than
+    // reserving one at bind time.
+    let one: libc::c_int = 1;
+    // SAFETY: a valid socket fd and a c_int option value of the right size.
+    unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+    socket.bind(SocketAddr::new(source, 0))?;
+    socket.connect(addr).await
+}
+
+/// TCP connect (from `source` when given), CONNECT, and CONNACK, all within
+/// `timeout`.
+pub async fn open(
+    addr: SocketAddr,
+    source: Option<IpAddr>,
+    version: ProtocolVersion,
+    client_id: &str,
+    keep_alive: u16,
+    timeout: Duration,
+) -> Result<Conn, OpenError> {
+    match tokio::time::timeout(
+        timeout,
+        open_inner(addr, source, version, client_id, keep_alive),
+    )
+    .await
+    {
+        Ok(r) => r,
+        Err(_) => Err(OpenError::Failed(format!(
+            "no CONNACK within {:.1} s",
+            timeout.as_secs_f64()
+        ))),
+    }
+}
+
+async fn open_inner(
+    addr: SocketAddr,
+    source: Option<IpAddr>,
+    version: ProtocolVersion,
+    client_id: &str,
+    keep_alive: u16,
+) -> Result<Conn, OpenError> {
+    let mut stream = tcp_connect(addr, source)
+        .await
+        .map_err(|e| OpenError::Failed(e.to_string()))?;
+    let _ = stream.set_nodelay(true);
+    let refused = |e: io::Error| OpenError::Refused(e.to_string());
+    stream
+        .write_all(&wire::connect(version, client_id, keep_alive))
+        .await
+        .map_err(refused)?;
+    let mut buf = BytesMut::with_capacity(64);
+    match read_packet(&mut stream, &mut buf, version)
+        .await
+        .map_err(refused)?
+    {
+        Some(Packet::ConnAck(ack)) if ack.code.is_success() => Ok(Conn {
+            stream,
+            leftover: buf,
+            receive_maximum: ack.properties.receive_maximum,
+        }),
+        Some(Packet::ConnAck(ack)) => Err(OpenError::Refused(format!("CONNACK {:?}", ack.code))),
+        Some(other) => Err(OpenError::Refused(format!(
+            "expected CONNACK, got {:?}",
+            other.packet_type()
+        ))),
+        None => Err(OpenError::Refused("closed before CONNACK".into())),
+    }
+}
+
+impl Conn {
+    /// SUBSCRIBE to one filter and wait for its SUBACK.
+    pub async fn subscribe(
+        &mut self,
+        version: ProtocolVersion,
+        filter: &str,
+        qos: QoS,
+        timeout: Duration,
+    ) -> io::Result<()> {
+        self.stream
+            .write_all(&wire::subscribe(version, 1, filter, qos))
+            .await?;
+        let wait = async {
+            loop {
+                match read_packet(&mut self.stream, &mut self.leftover, version).await? {
+                    Some(Packet::SubAck(ack)) if ack.packet_id == 1 => {
+                        return match ack.codes.first() {
+                            Some(code) if code.is_success() => Ok(()),
+                            code => Err(io::Error::other(format!("SUBACK for {filter}: {code:?}"))),
+                        };
+                    }
+                    Some(_) => continue,
+                    None => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "closed before SUBACK",
+                        ))
+                    }
+                }
+            }
+        };
+        tokio::time::timeout(timeout, wait)
+            .await
+            .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "no SUBACK")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_connections_spread_over_source_addresses() {
+        let lo: SocketAddr = "127.0.0.1:1883".parse().unwrap();
+        assert_eq!(source_for(lo, 0, 64), Some("127.0.1.1".parse().unwrap()));
+        assert_eq!(source_for(lo, 63, 64), Some("127.0.64.1".parse().unwrap()));
+        assert_eq!(source_for(lo, 64, 64), source_for(lo, 0, 64));
+        assert_eq!(source_for(lo, 5, 0), None);
+        let remote: SocketAddr = "10.0.0.1:1883".parse().unwrap();
+        assert_eq!(source_for(remote, 5, 64), None);
+        let v6: SocketAddr = "[::1]:1883".parse().unwrap();
+        assert_eq!(source_for(v6, 5, 64), None);
+    }
+}
