@@ -190,10 +190,7 @@ async fn invalid_utf8_with_format_indicator_is_refused() {
         false,
     ))
     .await;
-    let seen = p.expect_closed().await;
-    assert!(
-        matches!(seen.last(), Some(Packet::Disconnect(d)) if d.code == ReasonCode::PayloadFormatInvalid)
-    );
+    p.expect_disconnect(ReasonCode::PayloadFormatInvalid).await;
     server.shutdown().await;
 }
 
@@ -438,11 +435,8 @@ async fn exceeding_our_receive_maximum_is_0x93() {
         p.send(publish_packet("q2", b"x", QoS::ExactlyOnce, Some(id)))
             .await;
     }
-    let seen = p.expect_closed().await;
-    assert!(
-        matches!(seen.last(), Some(Packet::Disconnect(d)) if d.code == ReasonCode::ReceiveMaximumExceeded),
-        "{seen:?}"
-    );
+    p.expect_disconnect(ReasonCode::ReceiveMaximumExceeded)
+        .await;
     server.shutdown().await;
 }
 
@@ -489,11 +483,7 @@ async fn disconnect_may_change_session_expiry() {
     let mut d = tern_codec::Disconnect::default();
     d.properties.session_expiry_interval = Some(10);
     c.send(Packet::Disconnect(d)).await;
-    let seen = c.expect_closed().await;
-    assert!(
-        matches!(seen.last(), Some(Packet::Disconnect(d)) if d.code == ReasonCode::ProtocolError),
-        "{seen:?}"
-    );
+    c.expect_disconnect(ReasonCode::ProtocolError).await;
     server.shutdown().await;
 }
 
@@ -569,10 +559,6 @@ async fn topic_alias_zero_is_0x94() {
     // PUBLISH QoS 0, topic "a", properties: Topic Alias = 0.
     p.send_bytes(&[0x30, 0x07, 0x00, 0x01, b'a', 0x03, 0x23, 0x00, 0x00])
         .await;
-    let seen = p.expect_closed().await;
-    assert!(
-        matches!(seen.last(), Some(Packet::Disconnect(d)) if d.code == ReasonCode::TopicAliasInvalid),
-        "{seen:?}"
-    );
+    p.expect_disconnect(ReasonCode::TopicAliasInvalid).await;
     server.shutdown().await;
 }

@@ -106,11 +106,7 @@ async fn malformed_packet_closes_only_that_connection() {
     let mut bad = RawClient::connected(addr(&server), "bad", V5).await;
     // PUBLISH QoS 0 with DUP set: malformed (MQTT-3.3.1-2).
     bad.send_bytes(&[0x38, 0x04, 0, 1, b't', 0]).await;
-    let seen = bad.expect_closed().await;
-    assert!(
-        matches!(seen.last(), Some(Packet::Disconnect(d)) if d.code == ReasonCode::MalformedPacket),
-        "{seen:?}"
-    );
+    bad.expect_disconnect(ReasonCode::MalformedPacket).await;
     assert_eq!(
         server
             .broker()
@@ -134,11 +130,7 @@ async fn oversized_packet_refused_from_its_header() {
     let mut c = RawClient::connected(addr(&server), "big", V5).await;
     // A PUBLISH claiming 256 MB; the body never comes.
     c.send_bytes(&[0x30, 0xFF, 0xFF, 0xFF, 0x7F]).await;
-    let seen = c.expect_closed().await;
-    assert!(
-        matches!(seen.last(), Some(Packet::Disconnect(d)) if d.code == ReasonCode::PacketTooLarge),
-        "{seen:?}"
-    );
+    c.expect_disconnect(ReasonCode::PacketTooLarge).await;
     assert_eq!(
         server
             .broker()
@@ -216,11 +208,7 @@ async fn takeover_sends_0x8e_to_the_old_connection() {
     let server = start(|_| {}).await;
     let mut old = RawClient::connected(addr(&server), "same", V5).await;
     let _new = RawClient::connected(addr(&server), "same", V5).await;
-    let seen = old.expect_closed().await;
-    assert!(
-        matches!(seen.last(), Some(Packet::Disconnect(d)) if d.code == ReasonCode::SessionTakenOver),
-        "{seen:?}"
-    );
+    old.expect_disconnect(ReasonCode::SessionTakenOver).await;
     assert_eq!(server.broker().registry.session_count(), 1);
     server.shutdown().await;
 }
@@ -571,11 +559,7 @@ async fn graceful_shutdown_sends_0x8b() {
     let server = start(|_| {}).await;
     let mut c = RawClient::connected(addr(&server), "c", V5).await;
     let shutdown = tokio::spawn(server.shutdown());
-    let seen = c.expect_closed().await;
-    assert!(
-        matches!(seen.last(), Some(Packet::Disconnect(d)) if d.code == ReasonCode::ServerShuttingDown),
-        "{seen:?}"
-    );
+    c.expect_disconnect(ReasonCode::ServerShuttingDown).await;
     shutdown.await.unwrap();
 }
 
@@ -604,11 +588,7 @@ async fn topic_alias_from_client() {
         x.properties.topic_alias = Some(u16::MAX);
     }
     p.send(bad).await;
-    let seen = p.expect_closed().await;
-    assert!(
-        matches!(seen.last(), Some(Packet::Disconnect(d)) if d.code == ReasonCode::TopicAliasInvalid),
-        "{seen:?}"
-    );
+    p.expect_disconnect(ReasonCode::TopicAliasInvalid).await;
     server.shutdown().await;
 }
 

@@ -217,6 +217,16 @@ impl RawClient {
         }
     }
 
+    /// Waits until the broker closes the connection and asserts that the
+    /// last packet before the close was DISCONNECT with `code` (MQTT 5).
+    pub async fn expect_disconnect(&mut self, code: tern_codec::ReasonCode) {
+        let seen = self.expect_closed().await;
+        assert!(
+            matches!(seen.last(), Some(Packet::Disconnect(d)) if d.code == code),
+            "expected DISCONNECT {code:?}, got {seen:?}"
+        );
+    }
+
     /// Waits until the broker closes the connection (draining packets);
     /// returns what arrived before the close.
     pub async fn expect_closed(&mut self) -> Vec<Packet> {
