@@ -1,0 +1,130 @@
+//! Hostile input after a valid CONNECT: random bytes and bit-flipped valid
+//! packet streams, each on its own connection. The broker must close (or
+//! keep) each connection without panicking, keep serving other clients, and
+//! count every connection out.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::BytesMut;
+use common::*;
+use tern_codec::{encode_packet, Packet, ProtocolVersion, PubAck, QoS};
+
+/// A small deterministic generator (xorshift64*), so failures reproduce.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// A stream of valid packets a client may send, to be mutated.
+fn valid_stream(protocol: ProtocolVersion) -> Vec<u8> {
+    let mut out = BytesMut::new();
+    let packets = [
+        subscribe_packet(1, "g/+/x", QoS::ExactlyOnce),
+        subscribe_packet(2, "$share/grp/g/#", QoS::AtLeastOnce),
+        publish_packet("g/a/x", b"payload", QoS::AtLeastOnce, Some(3)),
+        publish_packet("g/b/x", b"two", QoS::ExactlyOnce, Some(4)),
+        Packet::PubRel(PubAck::new(4)),
+        Packet::PubAck(PubAck::new(1)),
+        Packet::PingReq,
+        publish_packet("g/c/x", &[0xAB; 300], QoS::AtMostOnce, None),
+    ];
+    for p in packets {
+        encode_packet(&p, protocol, &mut out).unwrap();
+    }
+    out.to_vec()
+}
+
+static PANICS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_and_mutated_input_never_takes_the_broker_down() {
+    // A panic inside a broker task would be caught by tokio and only
+    // printed: count them.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        PANICS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        default_hook(info);
+    }));
+    let server = start(|c| c.limits.max_packet_size = 64 * 1024).await;
+    let mut watcher = RawClient::connected(addr(&server), "watcher", ProtocolVersion::V5).await;
+    watcher.subscribe("health", QoS::AtMostOnce).await;
+    let mut rng = Rng(0x7E57_0000_C0DE_0001);
+    let mut tasks = Vec::new();
+    for round in 0..400 {
+        let protocol = match round % 3 {
+            0 => ProtocolVersion::V311,
+            1 => ProtocolVersion::V5,
+            _ => ProtocolVersion::V31,
+        };
+        let mut bytes = valid_stream(protocol);
+        if round % 2 == 0 {
+            // Flip a few bits of a valid stream.
+            for _ in 0..1 + rng.below(4) {
+                let i = rng.below(bytes.len());
+                bytes[i] ^= 1 << rng.below(8);
+            }
+        } else {
+            // Plain noise, sometimes after a valid prefix.
+            let keep = rng.below(bytes.len());
+            bytes.truncate(keep);
+            for _ in 0..rng.below(512) {
+                bytes.push(rng.next() as u8);
+            }
+        }
+        let address = addr(&server);
+        let id = format!("fuzz-{round}");
+        tasks.push(tokio::spawn(async move {
+            let mut c = RawClient::connected(address, &id, protocol).await;
+            let _ = c.stream.try_write(&bytes);
+            // Whatever the broker answers, read until it closes or goes quiet.
+            let _ = tokio::time::timeout(Duration::from_millis(300), async {
+                loop {
+                    let mut buf = [0u8; 4096];
+                    match tokio::io::AsyncReadExt::read(&mut c.stream, &mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(_) => {}
+                    }
+                }
+            })
+            .await;
+        }));
+    }
+    for t in tasks {
+        t.await.expect("client task");
+    }
+    // Still serving.
+    let mut p = RawClient::connected(addr(&server), "after", ProtocolVersion::V311).await;
+    p.publish("health", b"ok", QoS::AtLeastOnce, 1).await;
+    assert_eq!(&watcher.recv_publish().await.payload[..], b"ok");
+    drop(p);
+    drop(watcher);
+    eventually("every connection counted out", || {
+        server.broker().registry.connection_count() == 0
+    })
+    .await;
+    let metrics = &server.broker().metrics;
+    let rejected = metrics
+        .malformed_packets
+        .load(std::sync::atomic::Ordering::Relaxed)
+        + metrics
+            .protocol_errors
+            .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(rejected > 50, "bad input was seen and counted ({rejected})");
+    assert_eq!(
+        PANICS.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "no task panicked"
+    );
+    server.shutdown().await;
+}
