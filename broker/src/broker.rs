@@ -180,35 +180,32 @@ impl Broker {
     /// shared message should not be lost because one member left). Those
     /// with no online member to go to stay where they are.
     fn redistribute_shared(&self, departing: &Arc<Session>) {
-        let taken = departing.take_shared_unacknowledged();
-        if taken.is_empty() {
-            return;
-        }
-        let mut stay = Vec::new();
-        for delivery in taken {
-            let Some(origin) = delivery.shared.clone() else {
+        for delivery in departing.shared_candidates() {
+            let Some(origin) = &delivery.shared else {
                 continue;
             };
             let matches = self.router.matches(delivery.message.topic_str());
-            let group = matches
+            let Some(group) = matches
                 .shared
                 .iter()
-                .find(|g| g.group == origin.group && g.filter == origin.filter);
-            let picked = group.and_then(|g| {
-                g.pick(|s| !Arc::ptr_eq(&s.0, departing) && s.0.is_online())
-                    .map(|(member, options)| (g, member, options))
-            });
-            match picked {
-                Some((g, member, options)) => {
-                    Metrics::inc(&self.metrics.shared_redeliveries);
-                    member
-                        .0
-                        .deliver(shared_delivery(&delivery.message, g, options));
-                }
-                None => stay.push(delivery),
+                .find(|g| g.group == origin.group && g.filter == origin.filter)
+            else {
+                continue;
+            };
+            let Some((member, options)) =
+                group.pick(|s| !Arc::ptr_eq(&s.0, departing) && s.0.is_online())
+            else {
+                continue;
+            };
+            // Withdrawn only once a taker is known; what finds none stays, with
+            // its packet id, for the member's return.
+            if departing.withdraw(&delivery) {
+                Metrics::inc(&self.metrics.shared_redeliveries);
+                member
+                    .0
+                    .deliver(shared_delivery(&delivery.message, group, options));
             }
         }
-        departing.requeue_front(stay);
     }
 
     /// Publishes a will message now.
@@ -245,7 +242,8 @@ impl Broker {
 
     /// Everything that happens when a connection's task ends, whatever the
     /// reason. `will` is the connection's will when it must be published
-    /// (abnormal close), `None` after a normal DISCONNECT.
+    /// (abnormal close), `None` after a normal DISCONNECT; `new_expiry` is a
+    /// session expiry interval set by the client's DISCONNECT.
     ///
     /// - Taken over (another connection is attached now): the will goes now,
     ///   unless it has a delay and the session was resumed (MQTT 5 3.1.3.2.2).
@@ -258,8 +256,9 @@ impl Broker {
         connection_id: u64,
         generation: u64,
         will: Option<Will>,
+        new_expiry: Option<u32>,
     ) {
-        let still_attached = session.detach(connection_id);
+        let still_attached = session.detach(connection_id, new_expiry);
         if still_attached {
             self.redistribute_shared(session);
         }

@@ -43,6 +43,11 @@ use crate::topic_alias::{AliasError, InboundAliases};
 use crate::transport::{read_pooled, TransportRead};
 use crate::writer::{write_loop, WriterContext};
 
+/// Replies (acks, PINGRESP ...) queued for a client and not yet written above
+/// which the broker stops reading from it: a client that sends without
+/// reading cannot make the broker queue replies without bound.
+pub const MAX_UNSENT_CONTROL_PACKETS: usize = 4096;
+
 /// Time the writer gets to flush after the connection decided to close.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
@@ -139,7 +144,10 @@ where
     // write included) runs the close-down logic of `Attached`. Nothing else
     // writes to the socket until the writer starts, so CONNACK stays first.
     let control = Arc::new(ConnectionControl::default());
-    let attached = conn.attach(Arc::clone(&control));
+    let Some(attached) = conn.attach(Arc::clone(&control)) else {
+        tracing::debug!(%peer, "session replaced before it could be attached");
+        return;
+    };
     let mut out = BytesMut::new();
     let connack = conn.connack.take().map(|c| Packet::ConnAck(*c));
     let encoded = connack.is_some_and(|c| encode_packet(&c, protocol, &mut out).is_ok());
@@ -194,12 +202,11 @@ where
             tracing::debug!(%peer, client_id = %attached.session.client_id, exit = ?other, "client disconnected");
         }
     }
-    if let Exit::ClientDisconnect { .. } = exit {
-        if let Some(secs) = conn.disconnect_expiry {
-            attached.session.set_expiry_interval(secs);
-        }
-    }
-    attached.finish(exit.publishes_will());
+    let new_expiry = match exit {
+        Exit::ClientDisconnect { .. } => conn.disconnect_expiry,
+        _ => None,
+    };
+    attached.finish(exit.publishes_will(), new_expiry);
 }
 
 /// Answers a failed handshake: CONNACK with the reason (in the client's
@@ -251,14 +258,19 @@ struct Attached {
     generation: u64,
     /// Boxed: most connections have none, and this lives as long as the task.
     will: Option<Box<Will>>,
+    new_expiry: Option<u32>,
     finished: bool,
 }
 
 impl Attached {
-    fn finish(mut self, publish_will: bool) {
+    /// Closes down with the will decision made, and the session expiry the
+    /// client's DISCONNECT set (applied only if this connection still owns
+    /// the session).
+    fn finish(mut self, publish_will: bool, new_expiry: Option<u32>) {
         if !publish_will {
             self.will = None;
         }
+        self.new_expiry = new_expiry;
         self.close_down();
     }
 
@@ -272,6 +284,7 @@ impl Attached {
             self.connection_id,
             self.generation,
             self.will.take().map(|w| *w),
+            self.new_expiry,
         );
     }
 }
@@ -407,7 +420,7 @@ impl Connection {
     }
 
     /// Attaches this connection to its session.
-    fn attach(&mut self, control: Arc<ConnectionControl>) -> Attached {
+    fn attach(&mut self, control: Arc<ConnectionControl>) -> Option<Attached> {
         let generation = self.session.attach(
             AttachParams {
                 connection_id: self.connection_id,
@@ -416,15 +429,16 @@ impl Connection {
                 expiry_interval: self.expiry_interval,
             },
             control,
-        );
-        Attached {
+        )?;
+        Some(Attached {
             broker: Arc::clone(&self.broker),
             session: Arc::clone(&self.session),
             connection_id: self.connection_id,
             generation,
             will: self.will.take(),
+            new_expiry: None,
             finished: false,
-        }
+        })
     }
 
     /// Reads and handles packets until the connection must close.
@@ -463,12 +477,29 @@ impl Connection {
                 return Exit::Kicked(control.close_reason());
             }
             let budget = &self.broker.registry.context().budget;
-            if budget.is_over() {
+            let backlog = session.control_backlog(self.connection_id) > MAX_UNSENT_CONTROL_PACKETS;
+            if backlog || budget.is_over() {
                 // Back-pressure: stop reading (so TCP slows the client down)
-                // until writers have drained the broker under its budget.
-                // Time spent waiting does not count against keep alive.
+                // until writers have drained the broker under its budget, or
+                // until this client has read the replies it was sent. Keep
+                // alive keeps running: a client stuck for 1.5 x keep alive
+                // is closed, which also releases what it held.
+                let expired = async {
+                    match deadline {
+                        Some(d) => tokio::time::sleep_until(d).await,
+                        None => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
-                    () = budget.wait_until_below() => {}
+                    () = budget.wait_until_below(), if !backlog => {}
+                    () = control.drained.notified(), if backlog => {}
+                    () = expired => {
+                        Metrics::inc(&self.broker.metrics.keepalive_timeouts);
+                        return Exit::Error(
+                            ReasonCode::KeepAliveTimeout,
+                            "keep alive timed out while the connection was paused".into(),
+                        );
+                    }
                     () = control.wake_reader.notified() => {
                         if control.is_closing() {
                             return Exit::Kicked(control.close_reason());
@@ -477,9 +508,6 @@ impl Connection {
                     () = crate::server::shutdown_requested(shutdown) => {
                         return Exit::Kicked(Some(ReasonCode::ServerShuttingDown));
                     }
-                }
-                if let Some(k) = keep_alive {
-                    deadline = Some(Instant::now() + k);
                 }
                 continue;
             }

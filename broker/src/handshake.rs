@@ -116,6 +116,17 @@ pub fn check_connect(broker: &Broker, connect: &Connect) -> Option<ReasonCode> {
             _ => {}
         }
     }
+    if let Some(will) = &connect.will {
+        let topic = std::str::from_utf8(&will.topic).unwrap_or("");
+        if tern_router::validate_topic_name(topic).is_err() {
+            return Some(ReasonCode::TopicNameInvalid);
+        }
+        // `$` topics belong to the broker: a will may not publish there, as a
+        // PUBLISH may not.
+        if topic.starts_with('$') {
+            return Some(ReasonCode::NotAuthorized);
+        }
+    }
     if connect.protocol.is_v5() && broker.config.mqtt.server_reference.is_some() {
         return Some(if broker.config.mqtt.server_moved {
             ReasonCode::ServerMoved

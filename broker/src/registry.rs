@@ -140,6 +140,7 @@ impl SessionRegistry {
             // (MQTT-3.1.2-6; MQTT 5 3.1.4): a takeover ends it, even when the
             // new connection asks to resume.
             if !clean_start && !existing.is_ended() && existing.expiry_interval() != 0 {
+                existing.reserve();
                 return Opened {
                     session: Arc::clone(existing),
                     session_present: true,

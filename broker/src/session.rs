@@ -146,6 +146,8 @@ pub struct ConnectionControl {
     pub wake_writer: Notify,
     /// Woken when the connection must close.
     pub wake_reader: Notify,
+    /// Woken each time the writer takes the queue.
+    pub drained: Notify,
     /// Set once the connection is closing; the reason goes in the final
     /// DISCONNECT for MQTT 5 clients.
     closing: AtomicBool,
@@ -184,6 +186,8 @@ struct Link {
     outbound: VecDeque<Outbound>,
     /// Bytes of `outbound` charged to the broker's budget.
     charged: usize,
+    /// Items of `outbound` that are not PUBLISH (acks, PINGRESP ...).
+    controls: usize,
     budget: Arc<OutboundBudget>,
 }
 
@@ -199,6 +203,9 @@ impl Link {
     /// writer takes the whole queue each time it runs, so one wake-up per
     /// batch is enough (and a wake-up costs more than the push).
     fn push(&mut self, item: Outbound) {
+        if !matches!(item, Outbound::Publish(_)) {
+            self.controls += 1;
+        }
         let was_empty = self.outbound.is_empty();
         self.outbound.push_back(item);
         if was_empty {
@@ -215,6 +222,8 @@ impl Link {
             out.extend(self.outbound.drain(..));
         }
         self.budget.release(std::mem::take(&mut self.charged));
+        self.controls = 0;
+        self.control.drained.notify_one();
     }
 }
 
@@ -337,8 +346,19 @@ impl Session {
     /// retransmissions (DUP PUBLISH, PUBREL) and then whatever was pending.
     /// Cancels a pending will (the client came back in time). Returns the new
     /// generation.
-    pub fn attach(&self, params: AttachParams, control: Arc<ConnectionControl>) -> u64 {
+    ///
+    /// Returns `None` if the session has ended meanwhile (another connection
+    /// with clean start replaced it): the caller then closes its connection.
+    pub fn attach(&self, params: AttachParams, control: Arc<ConnectionControl>) -> Option<u64> {
         let mut st = self.state.lock();
+        if st.ended {
+            return None;
+        }
+        if let Some(previous) = st.link.take() {
+            // Two connections resumed the same session at once: the later
+            // attach wins, as a takeover would.
+            previous.control.close(Some(ReasonCode::SessionTakenOver));
+        }
         st.generation += 1;
         st.protocol = params.protocol;
         st.expiry_interval = params.expiry_interval;
@@ -368,6 +388,7 @@ impl Session {
             control,
             outbound: VecDeque::new(),
             charged: 0,
+            controls: 0,
             budget: Arc::clone(&self.budget),
         };
         for item in outbound {
@@ -381,16 +402,32 @@ impl Session {
         if let Some(link) = &st.link {
             link.control.wake_writer.notify_one();
         }
-        st.generation
+        Some(st.generation)
+    }
+
+    /// Claims the session for a connection about to attach: called by the
+    /// registry under its lock when the session is resumed, so that an expiry
+    /// or will-delay timer firing before the attach sees a new generation
+    /// and leaves the session (and its will) alone.
+    pub fn reserve(&self) {
+        let mut st = self.state.lock();
+        st.generation += 1;
+        st.pending_will = None;
     }
 
     /// Detaches `connection_id` if it is still the attached connection and
     /// returns true; false when another connection took the session over.
-    pub fn detach(&self, connection_id: u64) -> bool {
+    /// `new_expiry` (from the client's DISCONNECT) is applied in the same
+    /// step, so a late DISCONNECT cannot change a session another connection
+    /// has taken over.
+    pub fn detach(&self, connection_id: u64, new_expiry: Option<u32>) -> bool {
         let mut st = self.state.lock();
         match &st.link {
             Some(link) if link.connection_id == connection_id => {
                 st.link = None;
+                if let Some(secs) = new_expiry {
+                    st.expiry_interval = secs;
+                }
                 true
             }
             _ => false,
@@ -423,11 +460,6 @@ impl Session {
     /// The session expiry interval in seconds.
     pub fn expiry_interval(&self) -> u32 {
         self.state.lock().expiry_interval
-    }
-
-    /// Changes the session expiry interval (MQTT 5 DISCONNECT may do that).
-    pub fn set_expiry_interval(&self, secs: u32) {
-        self.state.lock().expiry_interval = secs;
     }
 
     /// Marks the session ended: nothing more is queued for it, and its
@@ -492,7 +524,7 @@ impl Session {
             }
             return;
         }
-        let window_open = st.link.is_some()
+        let window_open = self.link_has_room(&st)
             && st.pending.is_empty()
             && st.inflight.len() < usize::from(st.send_quota);
         if window_open {
@@ -504,42 +536,42 @@ impl Session {
         }
     }
 
-    /// Takes out the QoS 1/2 messages that came through shared subscriptions
-    /// and that the client has not acknowledged (sent and awaiting PUBACK or
-    /// PUBREC, or still queued), for redelivery to another member of their
-    /// group. Messages past PUBREC stay: the client already has them.
-    pub fn take_shared_unacknowledged(&self) -> Vec<Delivery> {
-        let mut st = self.state.lock();
-        let mut taken = Vec::new();
-        let mut kept = VecDeque::with_capacity(st.inflight.len());
-        for inflight in st.inflight.drain(..) {
-            if inflight.delivery.shared.is_some() && inflight.state == InflightState::AwaitingAck {
-                let mut d = inflight.delivery;
-                d.packet_id = None;
-                d.dup = false;
-                taken.push(d);
-            } else {
-                kept.push_back(inflight);
-            }
-        }
-        st.inflight = kept;
-        let (shared, own): (VecDeque<Delivery>, VecDeque<Delivery>) =
-            st.pending.drain(..).partition(|d| d.shared.is_some());
-        st.pending = own;
-        taken.extend(shared);
-        taken
+    /// The deliveries that came through shared subscriptions and may go to
+    /// another member of their group instead (MQTT 5 section 4.8.2): those
+    /// still queued (never sent), and QoS 1 ones sent but not acknowledged.
+    /// A QoS 2 message once sent stays with this client (MQTT-4.8.2-4, -5).
+    /// Returns copies; [`withdraw`](Self::withdraw) takes one out.
+    pub fn shared_candidates(&self) -> Vec<Delivery> {
+        let st = self.state.lock();
+        let sent = st.inflight.iter().filter(|i| {
+            i.delivery.shared.is_some()
+                && i.delivery.qos == QoS::AtLeastOnce
+                && i.state == InflightState::AwaitingAck
+        });
+        let queued = st.pending.iter().filter(|d| d.shared.is_some());
+        sent.map(|i| i.delivery.clone())
+            .chain(queued.cloned())
+            .collect()
     }
 
-    /// Puts back deliveries that found no other taker, ahead of what is
-    /// queued (they were published earlier).
-    pub fn requeue_front(&self, deliveries: Vec<Delivery>) {
+    /// Takes out a delivery returned by
+    /// [`shared_candidates`](Self::shared_candidates) if it is still here and
+    /// unacknowledged; false if it is gone (acknowledged meanwhile).
+    pub fn withdraw(&self, delivery: &Delivery) -> bool {
         let mut st = self.state.lock();
-        if st.ended {
-            return;
+        let same = |d: &Delivery| {
+            Arc::ptr_eq(&d.message, &delivery.message) && d.shared == delivery.shared
+        };
+        if let Some(packet_id) = delivery.packet_id {
+            let found = st.inflight.iter().position(|i| {
+                i.packet_id == packet_id
+                    && i.state == InflightState::AwaitingAck
+                    && same(&i.delivery)
+            });
+            return found.map(|i| st.inflight.remove(i)).is_some();
         }
-        for d in deliveries.into_iter().rev() {
-            st.pending.push_front(d);
-        }
+        let found = st.pending.iter().position(same);
+        found.map(|i| st.pending.remove(i)).is_some()
     }
 
     /// PUBACK received. Returns false if no QoS 1 message waited for it.
@@ -637,6 +669,9 @@ impl Session {
         match &mut st.link {
             Some(link) if link.connection_id == connection_id => {
                 link.drain_into(out);
+                // The queue is empty again: messages that waited for room
+                // in it may go now.
+                self.fill_window(&mut st, Instant::now());
                 true
             }
             _ => false,
@@ -650,6 +685,14 @@ impl Session {
         let mut st = self.state.lock();
         if let Some(link) = &mut st.link {
             link.drain_into(out);
+        }
+    }
+
+    /// Replies queued for `connection_id` and not yet taken by its writer.
+    pub fn control_backlog(&self, connection_id: u64) -> usize {
+        match &self.state.lock().link {
+            Some(link) if link.connection_id == connection_id => link.controls,
+            _ => 0,
         }
     }
 
@@ -672,12 +715,19 @@ impl Session {
         });
     }
 
+    /// True when a connection is attached and its unwritten bytes are under
+    /// `max_client_outbound_bytes`: QoS 1/2 messages beyond that wait in
+    /// `pending` (bounded by `max_queued`), so a client that stops reading
+    /// holds at most that much of the broker-wide budget.
+    fn link_has_room(&self, st: &SessionState) -> bool {
+        st.link
+            .as_ref()
+            .is_some_and(|l| l.charged < self.max_client_outbound_bytes)
+    }
+
     /// Moves pending messages into the in-flight window while it has room.
     fn fill_window(&self, st: &mut SessionState, now: Instant) {
-        if st.link.is_none() {
-            return;
-        }
-        while st.inflight.len() < usize::from(st.send_quota) {
+        while self.link_has_room(st) && st.inflight.len() < usize::from(st.send_quota) {
             let Some(delivery) = st.pending.pop_front() else {
                 break;
             };

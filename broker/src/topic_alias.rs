@@ -63,7 +63,9 @@ impl InboundAliases {
             if self.topics.len() <= slot {
                 self.topics.resize(slot + 1, None);
             }
-            self.topics[slot] = Some(topic.clone());
+            // A copy: a slice would keep the client's whole read buffer alive
+            // for as long as the alias is set.
+            self.topics[slot] = Some(Bytes::copy_from_slice(topic));
             Ok(topic.clone())
         }
     }

@@ -53,15 +53,18 @@ fn allocations_per_route(subscribers: usize) -> usize {
     for i in 0..subscribers {
         let opened = broker.registry.open(&format!("s{i}"), true, |_| {});
         let control = Arc::new(ConnectionControl::default());
-        opened.session.attach(
-            AttachParams {
-                connection_id: broker.registry.next_id(),
-                protocol: ProtocolVersion::V311,
-                send_quota: 16,
-                expiry_interval: 0,
-            },
-            control,
-        );
+        opened
+            .session
+            .attach(
+                AttachParams {
+                    connection_id: broker.registry.next_id(),
+                    protocol: ProtocolVersion::V311,
+                    send_quota: 16,
+                    expiry_interval: 0,
+                },
+                control,
+            )
+            .expect("a fresh session attaches");
         broker
             .router
             .subscribe(
