@@ -467,6 +467,11 @@ impl Session {
     pub fn end(&self) -> Option<PendingWill> {
         let mut st = self.state.lock();
         st.ended = true;
+        // A connection that attached after the registry decided to end the
+        // session (they do not share a lock) must not stay on a dead session.
+        if let Some(link) = &st.link {
+            link.control.close(Some(ReasonCode::SessionTakenOver));
+        }
         st.pending.clear();
         st.inflight.clear();
         st.pending_will.take()
@@ -694,6 +699,11 @@ impl Session {
             Some(link) if link.connection_id == connection_id => link.controls,
             _ => 0,
         }
+    }
+
+    /// Replies queued for whichever connection is attached (for inspection).
+    pub fn attached_control_backlog(&self) -> usize {
+        self.state.lock().link.as_ref().map_or(0, |l| l.controls)
     }
 
     /// Number of messages waiting in this session (pending + in flight).

@@ -138,3 +138,60 @@ async fn one_slow_subscriber_loses_only_its_own_qos0_messages() {
     drop(slow);
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_qos1_subscriber_cannot_freeze_the_broker() {
+    let server = start(|c| {
+        c.limits.max_outbound_bytes = 256 * 1024;
+        c.limits.max_client_outbound_bytes = 64 * 1024;
+        c.limits.max_queued_messages = 100;
+    })
+    .await;
+    let broker = std::sync::Arc::clone(server.broker());
+    let mut stuck = RawClient::connected(addr(&server), "stuck", ProtocolVersion::V311).await;
+    stuck.subscribe("big", QoS::AtLeastOnce).await;
+    let mut publisher = RawClient::connected(addr(&server), "pub", ProtocolVersion::V311).await;
+    for i in 0..300u16 {
+        publisher
+            .publish("big", &[9; 16 * 1024], QoS::AtLeastOnce, i + 1)
+            .await;
+    }
+    // The stuck client holds at most its own share of the budget...
+    let queued = broker.registry.context().budget.queued();
+    assert!(queued < 256 * 1024, "queued {queued}");
+    // ...so everyone else is still served.
+    let mut bystander =
+        RawClient::connected(addr(&server), "bystander", ProtocolVersion::V311).await;
+    for _ in 0..3 {
+        bystander.send(Packet::PingReq).await;
+        assert!(matches!(bystander.recv().await, Some(Packet::PingResp)));
+    }
+    drop(stuck);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_its_replies_is_paused_not_buffered() {
+    let server = start(|_| {}).await;
+    let broker = std::sync::Arc::clone(server.broker());
+    let mut flooder = RawClient::connected(addr(&server), "flooder", ProtocolVersion::V311).await;
+    // 2 MB of PINGREQ, never reading a PINGRESP.
+    let pings = [0xC0u8, 0x00].repeat(1024 * 1024);
+    let _ = tokio::time::timeout(Duration::from_secs(3), flooder.stream.write_all(&pings)).await;
+    let session = broker.registry.get("flooder").expect("session");
+    let mut backlog = 0;
+    for _ in 0..10 {
+        backlog = backlog.max(session.attached_control_backlog());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        backlog <= tern::connection::MAX_UNSENT_CONTROL_PACKETS + 4096,
+        // (+ what one read may add before the check)
+        "replies queued: {backlog}"
+    );
+    let mut other = RawClient::connected(addr(&server), "other", ProtocolVersion::V311).await;
+    other.send(Packet::PingReq).await;
+    assert!(matches!(other.recv().await, Some(Packet::PingResp)));
+    drop(flooder);
+    server.shutdown().await;
+}

@@ -616,3 +616,57 @@ async fn takeover_of_a_non_persistent_session_does_not_resume_it() {
         server.shutdown().await;
     }
 }
+
+#[tokio::test]
+async fn a_will_may_not_publish_under_dollar_topics() {
+    let server = start(|_| {}).await;
+    for protocol in [V311, V5] {
+        let mut connect = connect_packet("sneaky", protocol);
+        connect.will = Some(Will {
+            topic: Bytes::from_static(b"$SYS/broker/version"),
+            payload: Bytes::from_static(b"fake"),
+            qos: QoS::AtMostOnce,
+            retain: true,
+            properties: WillProperties::default(),
+        });
+        let (_c, ack) = RawClient::connect(addr(&server), connect).await;
+        assert_eq!(ack.code, ReasonCode::NotAuthorized, "{protocol:?}");
+    }
+    assert!(server.broker().retained.is_empty());
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_connects_with_one_client_id_leave_one_connection() {
+    let server = start(|_| {}).await;
+    let address = addr(&server);
+    for _round in 0..30 {
+        let mut tasks = Vec::new();
+        for i in 0..6 {
+            tasks.push(tokio::spawn(async move {
+                let mut connect = connect_packet("contended", V311);
+                connect.clean_start = i % 2 == 0;
+                let mut c = RawClient::open(address, V311).await;
+                c.try_send(Packet::Connect(Box::new(connect))).await;
+                // Keep the connection (if the broker does) for the check below.
+                let _ = c.recv_within(Duration::from_millis(500)).await;
+                c
+            }));
+        }
+        let mut clients = Vec::new();
+        for t in tasks {
+            clients.push(t.await.unwrap());
+        }
+        // Every connection but one is closed by the broker.
+        eventually("one connection per client id", || {
+            server.broker().registry.connection_count() == 1
+        })
+        .await;
+        drop(clients);
+        eventually("all gone", || {
+            server.broker().registry.connection_count() == 0
+        })
+        .await;
+    }
+    server.shutdown().await;
+}
