@@ -250,9 +250,12 @@ pub struct SessionContext {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum InflightState {
     /// QoS 1 sent, waiting for PUBACK; or QoS 2 sent, waiting for PUBREC.
-    AwaitingAck,
+    Sent,
+    /// Sent on an earlier connection and not acknowledged; to be sent again
+    /// (same packet id, DUP) as soon as the client's Receive Maximum allows.
+    Resend,
     /// QoS 2 PUBREL sent, waiting for PUBCOMP.
-    AwaitingComp,
+    Released,
 }
 
 #[derive(Debug)]
@@ -366,15 +369,30 @@ impl Session {
         st.pending_will = None;
         let mut outbound = VecDeque::new();
         let now = Instant::now();
+        // Unacknowledged PUBLISHes are sent again with their packet ids, but
+        // no more of them than the (possibly smaller) new Receive Maximum
+        // allows (MQTT-3.3.4-9); the rest follow as acknowledgements come.
+        let quota = usize::from(st.send_quota);
+        let mut resent = st
+            .inflight
+            .iter()
+            .filter(|i| i.state == InflightState::Released)
+            .count();
         for inflight in &mut st.inflight {
             match inflight.state {
-                InflightState::AwaitingAck => {
+                InflightState::Sent | InflightState::Resend if resent < quota => {
+                    resent += 1;
+                    inflight.state = InflightState::Sent;
                     let mut d = inflight.delivery.clone();
                     d.dup = true;
                     inflight.delivery.dup = true;
                     outbound.push_back(Outbound::Publish(d));
                 }
-                InflightState::AwaitingComp => {
+                InflightState::Sent | InflightState::Resend => {
+                    inflight.state = InflightState::Resend;
+                    inflight.delivery.dup = true;
+                }
+                InflightState::Released => {
                     outbound.push_back(Outbound::Ack(
                         AckKind::PubRel,
                         inflight.packet_id,
@@ -531,7 +549,8 @@ impl Session {
         }
         let window_open = self.link_has_room(&st)
             && st.pending.is_empty()
-            && st.inflight.len() < usize::from(st.send_quota);
+            && st.inflight.len() < usize::from(st.send_quota)
+            && window_used(&st) == st.inflight.len();
         if window_open {
             self.send_inflight(&mut st, delivery);
         } else if st.pending.len() < self.max_queued {
@@ -551,7 +570,7 @@ impl Session {
         let sent = st.inflight.iter().filter(|i| {
             i.delivery.shared.is_some()
                 && i.delivery.qos == QoS::AtLeastOnce
-                && i.state == InflightState::AwaitingAck
+                && i.state != InflightState::Released
         });
         let queued = st.pending.iter().filter(|d| d.shared.is_some());
         sent.map(|i| i.delivery.clone())
@@ -569,9 +588,7 @@ impl Session {
         };
         if let Some(packet_id) = delivery.packet_id {
             let found = st.inflight.iter().position(|i| {
-                i.packet_id == packet_id
-                    && i.state == InflightState::AwaitingAck
-                    && same(&i.delivery)
+                i.packet_id == packet_id && i.state == InflightState::Sent && same(&i.delivery)
             });
             return found.map(|i| st.inflight.remove(i)).is_some();
         }
@@ -607,9 +624,12 @@ impl Session {
         let mut st = self.state.lock();
         let index = position(&st.inflight, packet_id);
         match index {
-            Some(i) if st.inflight[i].delivery.qos == QoS::ExactlyOnce => {
+            Some(i)
+                if st.inflight[i].delivery.qos == QoS::ExactlyOnce
+                    && st.inflight[i].state != InflightState::Released =>
+            {
                 if code.is_success() {
-                    st.inflight[i].state = InflightState::AwaitingComp;
+                    st.inflight[i].state = InflightState::Released;
                     Some(Packet::PubRel(PubAck::new(packet_id)))
                 } else {
                     st.inflight.remove(i);
@@ -627,7 +647,7 @@ impl Session {
 
     /// PUBCOMP received. Returns false if no PUBREL waited for it.
     pub fn pubcomp(&self, packet_id: u16) -> bool {
-        self.complete(packet_id, |i| i.state == InflightState::AwaitingComp)
+        self.complete(packet_id, |i| i.state == InflightState::Released)
     }
 
     /// Forgets an in-flight message that will never be sent (it exceeded the
@@ -721,7 +741,7 @@ impl Session {
         st.inflight.push_back(Inflight {
             packet_id,
             delivery,
-            state: InflightState::AwaitingAck,
+            state: InflightState::Sent,
         });
     }
 
@@ -737,7 +757,20 @@ impl Session {
 
     /// Moves pending messages into the in-flight window while it has room.
     fn fill_window(&self, st: &mut SessionState, now: Instant) {
-        while self.link_has_room(st) && st.inflight.len() < usize::from(st.send_quota) {
+        while self.link_has_room(st) && window_used(st) < usize::from(st.send_quota) {
+            // Messages from an earlier connection go first, in order.
+            if let Some(i) = st
+                .inflight
+                .iter()
+                .position(|i| i.state == InflightState::Resend)
+            {
+                st.inflight[i].state = InflightState::Sent;
+                let delivery = st.inflight[i].delivery.clone();
+                if let Some(link) = &mut st.link {
+                    link.push_publish(delivery);
+                }
+                continue;
+            }
             let Some(delivery) = st.pending.pop_front() else {
                 break;
             };
@@ -748,6 +781,15 @@ impl Session {
             self.send_inflight(st, delivery);
         }
     }
+}
+
+/// In-flight messages that count against the client's Receive Maximum:
+/// everything sent on this connection and not yet acknowledged.
+fn window_used(st: &SessionState) -> usize {
+    st.inflight
+        .iter()
+        .filter(|i| i.state != InflightState::Resend)
+        .count()
 }
 
 fn position(inflight: &VecDeque<Inflight>, packet_id: u16) -> Option<usize> {

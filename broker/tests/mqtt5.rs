@@ -562,3 +562,54 @@ async fn topic_alias_zero_is_0x94() {
     p.expect_disconnect(ReasonCode::TopicAliasInvalid).await;
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn redelivery_on_reconnect_respects_the_new_receive_maximum() {
+    let server = start(|_| {}).await;
+    let mut connect = connect_packet("shrinking", V5);
+    connect.clean_start = false;
+    connect.properties.session_expiry_interval = Some(60);
+    let (mut sub, _) = RawClient::connect(addr(&server), connect.clone()).await;
+    sub.subscribe("rr", QoS::AtLeastOnce).await;
+    let mut p = RawClient::connected(addr(&server), "p", V5).await;
+    for i in 1..=5u16 {
+        p.publish("rr", &[i as u8], QoS::AtLeastOnce, i).await;
+    }
+    let mut first_ids = Vec::new();
+    for _ in 0..5 {
+        first_ids.push(sub.recv_publish().await.packet_id.unwrap());
+    }
+    drop(sub); // nothing acknowledged
+    eventually("offline", || {
+        !server
+            .broker()
+            .registry
+            .get("shrinking")
+            .unwrap()
+            .is_online()
+    })
+    .await;
+    connect.properties.receive_maximum = Some(2);
+    let (mut sub, ack) = RawClient::connect(addr(&server), connect).await;
+    assert!(ack.session_present);
+    let mut got = Vec::new();
+    for round in 0..5 {
+        let m = sub.recv_publish().await;
+        assert!(m.dup, "a redelivery carries DUP");
+        got.push((m.packet_id.unwrap(), m.payload[0]));
+        if round < 1 {
+            // Two may be outstanding: the second arrives without an ack.
+            continue;
+        }
+        if round < 4 {
+            sub.expect_silence(Duration::from_millis(150)).await;
+        }
+        sub.send(Packet::PubAck(PubAck::new(got[round - 1].0)))
+            .await;
+    }
+    let ids: Vec<u16> = got.iter().map(|g| g.0).collect();
+    assert_eq!(ids, first_ids, "the original packet identifiers, in order");
+    let payloads: Vec<u8> = got.iter().map(|g| g.1).collect();
+    assert_eq!(payloads, vec![1, 2, 3, 4, 5]);
+    server.shutdown().await;
+}
