@@ -294,6 +294,9 @@ impl Broker {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
+        // Timers hold the session until they fire; their handles are kept in
+        // the session so a reconnect (or the end of the session) cancels
+        // them instead of leaving one sleeping task per disconnect.
         if let Some(will) = will {
             if will_delay == 0 {
                 self.publish_will(&will, session.id);
@@ -303,32 +306,32 @@ impl Broker {
                     will,
                     publish_at: Instant::now() + delay,
                 });
-                let broker = Arc::clone(self);
-                let session = Arc::clone(session);
-                runtime.spawn(async move {
+                let (broker, owner) = (Arc::clone(self), Arc::clone(session));
+                let timer = runtime.spawn(async move {
                     tokio::time::sleep(delay).await;
-                    if let Some(pending) = session.take_pending_will(generation) {
-                        broker.publish_will(&pending.will, session.id);
+                    if let Some(pending) = owner.take_pending_will(generation) {
+                        broker.publish_will(&pending.will, owner.id);
                     }
                 });
+                session.add_timer(timer.abort_handle());
             }
         }
         if expiry != u32::MAX {
-            let broker = Arc::clone(self);
-            let session = Arc::clone(session);
-            runtime.spawn(async move {
+            let (broker, owner) = (Arc::clone(self), Arc::clone(session));
+            let timer = runtime.spawn(async move {
                 tokio::time::sleep(Duration::from_secs(u64::from(expiry))).await;
                 let ended = broker.registry.end_if(
-                    &session,
+                    &owner,
                     |s| !s.is_online() && s.generation() == generation,
                     |s| {
                         broker.router.remove_subscriber(&SessionRef(Arc::clone(s)));
                     },
                 );
                 if let Some(pending) = ended {
-                    broker.finish_session(pending, &session);
+                    broker.finish_session(pending, &owner);
                 }
             });
+            session.add_timer(timer.abort_handle());
         }
     }
 }

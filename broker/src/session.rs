@@ -295,6 +295,8 @@ struct SessionState {
     incoming_qos2: HashSet<u16>,
     next_packet_id: u16,
     pending_will: Option<PendingWill>,
+    /// Will-delay and expiry timers armed when the last connection closed.
+    timers: SmallVec<[tokio::task::AbortHandle; 2]>,
     ended: bool,
 }
 
@@ -340,6 +342,7 @@ impl Session {
                 incoming_qos2: HashSet::new(),
                 next_packet_id: 1,
                 pending_will: None,
+                timers: SmallVec::new(),
                 ended: false,
             }),
         }
@@ -363,6 +366,7 @@ impl Session {
             previous.control.close(Some(ReasonCode::SessionTakenOver));
         }
         st.generation += 1;
+        cancel_timers(&mut st);
         st.protocol = params.protocol;
         st.expiry_interval = params.expiry_interval;
         st.send_quota = params.send_quota.max(1);
@@ -431,6 +435,19 @@ impl Session {
         let mut st = self.state.lock();
         st.generation += 1;
         st.pending_will = None;
+        cancel_timers(&mut st);
+    }
+
+    /// Keeps a timer's handle so that a reconnect or the end of the session
+    /// cancels it.
+    pub fn add_timer(&self, timer: tokio::task::AbortHandle) {
+        let mut st = self.state.lock();
+        if st.ended || st.link.is_some() {
+            // Already moot: the session ended or a client is back.
+            timer.abort();
+        } else {
+            st.timers.push(timer);
+        }
     }
 
     /// Detaches `connection_id` if it is still the attached connection and
@@ -485,6 +502,7 @@ impl Session {
     pub fn end(&self) -> Option<PendingWill> {
         let mut st = self.state.lock();
         st.ended = true;
+        cancel_timers(&mut st);
         // A connection that attached after the registry decided to end the
         // session (they do not share a lock) must not stay on a dead session.
         if let Some(link) = &st.link {
@@ -780,6 +798,12 @@ impl Session {
             }
             self.send_inflight(st, delivery);
         }
+    }
+}
+
+fn cancel_timers(st: &mut SessionState) {
+    for timer in st.timers.drain(..) {
+        timer.abort();
     }
 }
 

@@ -613,3 +613,29 @@ async fn redelivery_on_reconnect_respects_the_new_receive_maximum() {
     assert_eq!(payloads, vec![1, 2, 3, 4, 5]);
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn reconnecting_cancels_the_previous_expiry_timer() {
+    let server = start(|_| {}).await;
+    let mut connect = connect_packet("cycler", V5);
+    connect.clean_start = false;
+    connect.properties.session_expiry_interval = Some(3600);
+    for _ in 0..50 {
+        let (c, _) = RawClient::connect(addr(&server), connect.clone()).await;
+        drop(c);
+        eventually("offline", || {
+            server
+                .broker()
+                .registry
+                .get("cycler")
+                .is_some_and(|s| !s.is_online())
+        })
+        .await;
+    }
+    // One sleeping expiry timer for the last disconnect, not fifty.
+    let tasks = tokio::runtime::Handle::current()
+        .metrics()
+        .num_alive_tasks();
+    assert!(tasks < 10, "{tasks} tasks alive");
+    server.shutdown().await;
+}
