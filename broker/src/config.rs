@@ -40,6 +40,10 @@ pub struct ListenersConfig {
     /// Whether the WebSocket listeners take the client address from the first
     /// entry of an `X-Forwarded-For` header (only behind a trusted proxy).
     pub ws_trust_forwarded_for: bool,
+    /// Whether every WebSocket connection starts with a PROXY protocol (v1
+    /// or v2) header giving the client's address (only behind a proxy that
+    /// sends one; a connection without it is closed).
+    pub ws_proxy_protocol: bool,
 }
 
 /// `[log]`.
@@ -114,6 +118,7 @@ impl Default for ListenersConfig {
             ws: vec![SocketAddr::from(([127, 0, 0, 1], 8083))],
             ws_path: "/mqtt".to_owned(),
             ws_trust_forwarded_for: false,
+            ws_proxy_protocol: false,
         }
     }
 }

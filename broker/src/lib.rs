@@ -10,6 +10,7 @@
 //!   connection   one task per client: read loop, keep alive, protocol
 //!   writer       drains the session's outbound queue with vectored writes
 //!   websocket    MQTT over WebSocket: the upgrade, then the same connection code
+//!   proxy_protocol  PROXY protocol v1/v2 header, when a listener is behind a proxy
 //! broker      shared state; publish = retained store + router match + fan-out
 //! registry    sessions by client id; the only count of connections
 //! session     per-client state: QoS 1/2 flows, in-flight window, queues
@@ -45,6 +46,7 @@ mod handshake;
 pub mod message;
 pub mod metrics;
 pub mod pool;
+pub mod proxy_protocol;
 pub mod registry;
 pub mod server;
 pub mod session;

@@ -105,8 +105,29 @@ const CLOSE_TOO_BIG: u16 = 1009;
 /// serves MQTT over it until it closes.
 // The handshake callback's `Result<Response, ErrorResponse>` is tungstenite's.
 #[allow(clippy::result_large_err)]
-pub async fn serve_ws(broker: Arc<Broker>, stream: TcpStream, tcp_peer: SocketAddr) {
+pub async fn serve_ws(broker: Arc<Broker>, mut stream: TcpStream, tcp_peer: SocketAddr) {
     let _ = stream.set_nodelay(true);
+    let tcp_peer = if broker.config.listeners.ws_proxy_protocol {
+        let header = tokio::time::timeout(
+            broker.config.connect_timeout(),
+            crate::proxy_protocol::read_header(&mut stream),
+        )
+        .await;
+        match header {
+            Ok(Ok(Some(client))) => client,
+            Ok(Ok(None)) => tcp_peer,
+            Ok(Err(e)) => {
+                tracing::info!(peer = %tcp_peer, error = %e, "connection refused");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(peer = %tcp_peer, "no PROXY protocol header in time");
+                return;
+            }
+        }
+    } else {
+        tcp_peer
+    };
     let (read, write) = stream.into_split();
     let out = Arc::new(Mutex::new(Out::new(write)));
     let transport = Transport {

@@ -610,3 +610,41 @@ async fn silent_websocket_client_hits_keep_alive() {
     .await;
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn proxy_protocol_header_when_configured() {
+    let server = start(|c| c.listeners.ws_proxy_protocol = true).await;
+    let addr = ws_addr(&server);
+    let request = || {
+        let mut r = format!("ws://{addr}/mqtt").into_client_request().unwrap();
+        r.headers_mut()
+            .insert("Sec-WebSocket-Protocol", "mqtt".parse().unwrap());
+        r
+    };
+    // With a v1 header in front, the upgrade and MQTT work as usual.
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut tcp, b"PROXY TCP4 192.0.2.7 127.0.0.1 51234 8083\r\n")
+        .await
+        .unwrap();
+    let (ws, _) = tokio_tungstenite::client_async(request(), tcp)
+        .await
+        .expect("upgrade");
+    let mut c = WsClient {
+        ws,
+        buf: BytesMut::new(),
+        protocol: ProtocolVersion::V311,
+        close: None,
+    };
+    c.send(&Packet::Connect(Box::new(connect_packet(
+        "proxied",
+        ProtocolVersion::V311,
+    ))))
+    .await;
+    assert!(matches!(c.recv().await, Some(Packet::ConnAck(a)) if a.code == ReasonCode::Success));
+    // Without one, the connection is refused.
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    assert!(tokio_tungstenite::client_async(request(), tcp)
+        .await
+        .is_err());
+    server.shutdown().await;
+}
