@@ -326,9 +326,7 @@ async fn retain_handling_options() {
 #[tokio::test]
 async fn message_expiry_while_queued_and_when_retained() {
     let server = start(|_| {}).await;
-    let mut connect = connect_packet("offline", V5);
-    connect.clean_start = false;
-    connect.properties.session_expiry_interval = Some(60);
+    let connect = persistent_connect("offline", 60);
     let (mut s, _) = RawClient::connect(addr(&server), connect.clone()).await;
     s.subscribe("exp/#", QoS::AtLeastOnce).await;
     drop(s);
@@ -490,9 +488,7 @@ async fn disconnect_may_change_session_expiry() {
 #[tokio::test]
 async fn shared_messages_of_a_departing_member_go_to_another_member() {
     let server = start(|_| {}).await;
-    let mut connect_a = connect_packet("member-a", V5);
-    connect_a.clean_start = false;
-    connect_a.properties.session_expiry_interval = Some(60);
+    let connect_a = persistent_connect("member-a", 60);
     let (mut a, _) = RawClient::connect(addr(&server), connect_a).await;
     let mut b = RawClient::connected(addr(&server), "member-b", V5).await;
     a.subscribe("$share/workers/tasks", QoS::AtLeastOnce).await;
@@ -566,9 +562,7 @@ async fn topic_alias_zero_is_0x94() {
 #[tokio::test]
 async fn redelivery_on_reconnect_respects_the_new_receive_maximum() {
     let server = start(|_| {}).await;
-    let mut connect = connect_packet("shrinking", V5);
-    connect.clean_start = false;
-    connect.properties.session_expiry_interval = Some(60);
+    let mut connect = persistent_connect("shrinking", 60);
     let (mut sub, _) = RawClient::connect(addr(&server), connect.clone()).await;
     sub.subscribe("rr", QoS::AtLeastOnce).await;
     let mut p = RawClient::connected(addr(&server), "p", V5).await;
@@ -617,9 +611,7 @@ async fn redelivery_on_reconnect_respects_the_new_receive_maximum() {
 #[tokio::test]
 async fn reconnecting_cancels_the_previous_expiry_timer() {
     let server = start(|_| {}).await;
-    let mut connect = connect_packet("cycler", V5);
-    connect.clean_start = false;
-    connect.properties.session_expiry_interval = Some(3600);
+    let connect = persistent_connect("cycler", 3600);
     for _ in 0..50 {
         let (c, _) = RawClient::connect(addr(&server), connect.clone()).await;
         drop(c);

@@ -488,9 +488,7 @@ async fn v5_will_delay_cancelled_by_reconnect() {
     let server = start(|_| {}).await;
     let mut watcher = RawClient::connected(addr(&server), "watcher", V5).await;
     watcher.subscribe("wills/#", QoS::AtMostOnce).await;
-    let mut connect = connect_packet("flaky", V5);
-    connect.clean_start = false;
-    connect.properties.session_expiry_interval = Some(60);
+    let mut connect = persistent_connect("flaky", 60);
     connect.will = Some(Will {
         topic: Bytes::from_static(b"wills/flaky"),
         payload: Bytes::from_static(b"gone"),

@@ -412,12 +412,7 @@ async fn subscriber(
             }
             at += f.len;
         }
-        buf.copy_within(at..len, 0);
-        len -= at;
-        if len == buf.len() {
-            // One frame larger than the buffer.
-            buf.resize(buf.len() * 2, 0);
-        }
+        len = wire::compact(&mut buf, at, len);
         if n > 0 {
             shared.received.fetch_add(n, Relaxed);
             shared.last_rx_ns.fetch_max(now_ns, Relaxed);
@@ -635,11 +630,7 @@ async fn ack_reader(
             }
             at += f.len;
         }
-        buf.copy_within(at..len, 0);
-        len -= at;
-        if len == buf.len() {
-            buf.resize(buf.len() * 2, 0);
-        }
+        len = wire::compact(&mut buf, at, len);
         if !rel.is_empty() {
             acks.pubrel
                 .lock()

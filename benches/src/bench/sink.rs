@@ -150,11 +150,7 @@ async fn connection(mut stream: TcpStream, counts: Arc<Counts>) {
             }
             at += f.len;
         }
-        buf.copy_within(at..len, 0);
-        len -= at;
-        if len == buf.len() {
-            buf.resize(buf.len() * 2, 0);
-        }
+        len = wire::compact(&mut buf, at, len);
         if n > 0 {
             counts.publishes.fetch_add(n, Relaxed);
         }

@@ -256,6 +256,17 @@ pub fn ack_packet_id(body: &[u8]) -> Result<u16, Malformed> {
     Ok(u16::from_be_bytes([id[0], id[1]]))
 }
 
+/// Moves the unconsumed bytes `buf[at..len]` to the front and returns the new
+/// length; doubles the buffer when one frame fills it entirely.
+pub fn compact(buf: &mut Vec<u8>, at: usize, len: usize) -> usize {
+    buf.copy_within(at..len, 0);
+    let len = len - at;
+    if len == buf.len() {
+        buf.resize(buf.len() * 2, 0);
+    }
+    len
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -60,6 +60,15 @@ pub fn connect_packet(client_id: &str, protocol: ProtocolVersion) -> Connect {
     }
 }
 
+/// An MQTT 5 CONNECT resuming (or creating) a session that outlives the
+/// connection by `expiry` seconds.
+pub fn persistent_connect(client_id: &str, expiry: u32) -> Connect {
+    let mut connect = connect_packet(client_id, ProtocolVersion::V5);
+    connect.clean_start = false;
+    connect.properties.session_expiry_interval = Some(expiry);
+    connect
+}
+
 /// A SUBSCRIBE for one filter.
 pub fn subscribe_packet(packet_id: u16, filter: &str, qos: QoS) -> Packet {
     Packet::Subscribe(Subscribe {
