@@ -222,6 +222,8 @@ async fn main() {
     config.listeners.ws = vec!["127.0.0.1:0".parse().unwrap()];
     // QoS 0 overflow is dropped by design; the queue must hold a whole run.
     config.limits.max_queued_messages = n + 1000;
+    // Transport comparison only: no store.
+    config.storage.durability = tern::config::DurabilityMode::Memory;
     config.log.level = "warn".into();
     let server = Server::start(config).await.unwrap();
     let (tcp_addr, ws_addr) = (server.tcp_addrs()[0], server.ws_addrs()[0]);

@@ -16,7 +16,10 @@
 //! - a shared group delivers to one member, preferring online members.
 //!
 //! Nothing here awaits: routing is synchronous bookkeeping so that it can run
-//! from any task, and from `Drop` (a will published when a task dies).
+//! from any task, and from `Drop` (a will published when a task dies). What
+//! must be durable (queue entries of durable sessions, retained messages) is
+//! written to the caller's [`Journal`]; the caller commits it and decides
+//! what waits for it (the PUBACK).
 
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
@@ -31,6 +34,7 @@ use crate::budget::OutboundBudget;
 use crate::config::Config;
 use crate::message::Message;
 use crate::metrics::Metrics;
+use crate::persistence::{Journal, Persistence};
 use crate::pool::BufferPool;
 use crate::registry::SessionRegistry;
 use crate::session::{
@@ -71,6 +75,8 @@ pub struct Broker {
     pub authenticator: Authenticator,
     /// Read buffers, lent to connections while they have bytes to decode.
     pub pool: BufferPool,
+    /// The durable store; `None` in memory mode.
+    pub persistence: Option<Arc<Persistence>>,
     shutdown: watch::Sender<bool>,
 }
 
@@ -81,9 +87,19 @@ impl std::fmt::Debug for Broker {
 }
 
 impl Broker {
-    /// A broker with no sessions, subscriptions or retained messages.
+    /// A broker with no sessions, subscriptions or retained messages, and
+    /// no store (memory mode).
     pub fn new(config: Config) -> Arc<Broker> {
-        let metrics = Arc::new(Metrics::default());
+        Broker::with_store(config, Arc::new(Metrics::default()), None)
+    }
+
+    /// A broker that keeps durable state in `persistence` (opened with the
+    /// same `metrics`). Recovery fills it before the listeners open.
+    pub fn with_store(
+        config: Config,
+        metrics: Arc<Metrics>,
+        persistence: Option<Arc<Persistence>>,
+    ) -> Arc<Broker> {
         let registry = SessionRegistry::new(
             config.limits.max_connections,
             SessionContext {
@@ -91,6 +107,7 @@ impl Broker {
                 max_client_outbound_bytes: config.limits.max_client_outbound_bytes,
                 metrics: Arc::clone(&metrics),
                 budget: Arc::new(OutboundBudget::new(config.limits.max_outbound_bytes)),
+                persistence: persistence.clone(),
             },
         );
         Arc::new(Broker {
@@ -101,6 +118,7 @@ impl Broker {
             retained: RetainedStore::new(),
             registry,
             metrics,
+            persistence,
             shutdown: watch::channel(false).0,
         })
     }
@@ -121,22 +139,51 @@ impl Broker {
     }
 
     /// Publishes a message: retained store first, then every matching
-    /// subscriber.
-    pub fn publish(&self, message: &Arc<Message>) {
+    /// subscriber. Durable changes go to `journal`.
+    pub fn publish(&self, message: &Arc<Message>, journal: &mut Journal) {
         Metrics::inc(&self.metrics.messages_received);
         if message.retain {
+            let topic = message.topic_str();
             if message.payload.is_empty() {
-                self.retained.remove(message.topic_str());
+                self.retained.remove(topic);
+                if self.persistence.is_some() {
+                    journal.push(tern_storage::Op::DeleteRetained {
+                        topic: topic.to_owned(),
+                    });
+                }
             } else {
-                self.retained
-                    .insert(message.topic_str(), Arc::clone(message));
+                self.retained.insert(topic, Arc::clone(message));
+                if let Some(p) = &self.persistence {
+                    let message_id = journal.reference(p, message);
+                    journal.push(tern_storage::Op::PutRetained(
+                        tern_storage::RetainedRecord {
+                            topic: topic.to_owned(),
+                            message_id,
+                        },
+                    ));
+                }
             }
         }
-        self.route(message);
+        self.route(message, journal);
+    }
+
+    /// Publishes a message the broker makes itself (a will) and commits its
+    /// durable changes; nobody waits for them.
+    pub fn publish_and_commit(&self, message: &Arc<Message>) {
+        let mut journal = Journal::new();
+        self.publish(message, &mut journal);
+        self.commit(journal);
+    }
+
+    /// Hands `journal` to the store, if there is one.
+    pub fn commit(&self, journal: Journal) {
+        if let Some(p) = &self.persistence {
+            p.commit(journal);
+        }
     }
 
     /// Delivers a message to the matching subscribers.
-    pub fn route(&self, message: &Arc<Message>) {
+    pub fn route(&self, message: &Arc<Message>, journal: &mut Journal) {
         let matches = self.router.matches(message.topic_str());
         let mut delivered = 0u64;
         for client in &matches.clients {
@@ -159,7 +206,7 @@ impl Broker {
                 client
                     .subscriber
                     .0
-                    .deliver(Delivery::new(message, qos, retain, ids));
+                    .deliver(Delivery::new(message, qos, retain, ids), journal);
                 delivered += 1;
             }
         }
@@ -168,7 +215,9 @@ impl Broker {
                 .pick(|s| s.0.is_online())
                 .or_else(|| group.pick(|_| true));
             if let Some((member, options)) = picked {
-                member.0.deliver(shared_delivery(message, group, options));
+                member
+                    .0
+                    .deliver(shared_delivery(message, group, options), journal);
                 delivered += 1;
             }
         }
@@ -180,6 +229,10 @@ impl Broker {
     /// shared message should not be lost because one member left). Those
     /// with no online member to go to stay where they are.
     fn redistribute_shared(&self, departing: &Arc<Session>) {
+        // One journal: the new member's entry and the departing member's
+        // deletion land together, so the stored message never has zero
+        // references in between.
+        let mut journal = Journal::new();
         for delivery in departing.shared_candidates() {
             let Some(origin) = &delivery.shared else {
                 continue;
@@ -199,13 +252,15 @@ impl Broker {
             };
             // Withdrawn only once a taker is known; what finds none stays, with
             // its packet id, for the member's return.
-            if departing.withdraw(&delivery) {
+            if departing.withdraw(&delivery, &mut journal) {
                 Metrics::inc(&self.metrics.shared_redeliveries);
-                member
-                    .0
-                    .deliver(shared_delivery(&delivery.message, group, options));
+                member.0.deliver(
+                    shared_delivery(&delivery.message, group, options),
+                    &mut journal,
+                );
             }
         }
+        self.commit(journal);
     }
 
     /// Publishes a will message now.
@@ -229,7 +284,7 @@ impl Broker {
             properties,
             origin,
         );
-        self.publish(&message);
+        self.publish_and_commit(&message);
     }
 
     /// Ends a session: removes its subscriptions (O(its own subscriptions))
@@ -291,35 +346,54 @@ impl Broker {
             }
             return;
         }
+        let will = will.and_then(|will| {
+            if will_delay == 0 {
+                self.publish_will(&will, session.id);
+                None
+            } else {
+                Some((will, Duration::from_secs(u64::from(will_delay.min(expiry)))))
+            }
+        });
+        let expiry = (expiry != u32::MAX).then(|| Duration::from_secs(u64::from(expiry)));
+        self.schedule_offline(session, will, expiry, generation);
+        session.record_offline();
+    }
+
+    /// Arms the timers of an offline session: its will after `will`'s delay
+    /// and its end after `expiry` (`None`: never), both cancelled if a client
+    /// attaches first (the session's `generation` changes).
+    ///
+    /// Timers hold the session until they fire; their handles are kept in
+    /// the session so a reconnect (or the end of the session) cancels them
+    /// instead of leaving one sleeping task per disconnect.
+    pub fn schedule_offline(
+        self: &Arc<Self>,
+        session: &Arc<Session>,
+        will: Option<(Will, Duration)>,
+        expiry: Option<Duration>,
+        generation: u64,
+    ) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        // Timers hold the session until they fire; their handles are kept in
-        // the session so a reconnect (or the end of the session) cancels
-        // them instead of leaving one sleeping task per disconnect.
-        if let Some(will) = will {
-            if will_delay == 0 {
-                self.publish_will(&will, session.id);
-            } else {
-                let delay = Duration::from_secs(u64::from(will_delay.min(expiry)));
-                session.set_pending_will(PendingWill {
-                    will,
-                    publish_at: Instant::now() + delay,
-                });
-                let (broker, owner) = (Arc::clone(self), Arc::clone(session));
-                let timer = runtime.spawn(async move {
-                    tokio::time::sleep(delay).await;
-                    if let Some(pending) = owner.take_pending_will(generation) {
-                        broker.publish_will(&pending.will, owner.id);
-                    }
-                });
-                session.add_timer(timer.abort_handle());
-            }
-        }
-        if expiry != u32::MAX {
+        if let Some((will, delay)) = will {
+            session.set_pending_will(PendingWill {
+                will,
+                publish_at: Instant::now() + delay,
+            });
             let (broker, owner) = (Arc::clone(self), Arc::clone(session));
             let timer = runtime.spawn(async move {
-                tokio::time::sleep(Duration::from_secs(u64::from(expiry))).await;
+                tokio::time::sleep(delay).await;
+                if let Some(pending) = owner.take_pending_will(generation) {
+                    broker.publish_will(&pending.will, owner.id);
+                }
+            });
+            session.add_timer(timer.abort_handle());
+        }
+        if let Some(expiry) = expiry {
+            let (broker, owner) = (Arc::clone(self), Arc::clone(session));
+            let timer = runtime.spawn(async move {
+                tokio::time::sleep(expiry).await;
                 let ended = broker.registry.end_if(
                     &owner,
                     |s| !s.is_online() && s.generation() == generation,

@@ -25,6 +25,90 @@ pub struct Config {
     pub auth: AuthConfig,
     /// Protocol behaviour where MQTT leaves the broker a choice.
     pub mqtt: MqttConfig,
+    /// Where and how durably sessions, queues and retained messages are kept.
+    pub storage: StorageConfig,
+    /// The read-only admin HTTP endpoint.
+    pub admin: AdminConfig,
+}
+
+/// How durable an acknowledgement is (`[storage] durability`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DurabilityMode {
+    /// PUBACK, PUBREC and SUBACK are sent after the state they acknowledge is
+    /// synced to disk (group commit shares one sync among all clients).
+    Fsync,
+    /// Acknowledge at once; sync every `sync_interval_ms`. A crash loses at
+    /// most that long's worth of acknowledged state.
+    Interval,
+    /// Keep nothing on disk: a restart loses every session, queue and
+    /// retained message.
+    Memory,
+}
+
+/// `[storage]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// The store's directory (created if missing); relative paths are
+    /// relative to the working directory.
+    pub data_dir: PathBuf,
+    pub durability: DurabilityMode,
+    /// `interval` mode: the longest an applied change waits for its sync.
+    pub sync_interval_ms: u64,
+    /// Most operations merged into one group commit.
+    pub batch_max_ops: usize,
+    /// Longest a group commit waits for more work after its first change.
+    pub batch_max_delay_us: u64,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            data_dir: PathBuf::from("data"),
+            durability: DurabilityMode::Fsync,
+            sync_interval_ms: 100,
+            batch_max_ops: tern_storage::DEFAULT_MAX_OPS,
+            batch_max_delay_us: 500,
+        }
+    }
+}
+
+impl StorageConfig {
+    /// The writer's settings; `None` in memory mode (no store at all).
+    pub fn writer_config(&self) -> Option<tern_storage::WriterConfig> {
+        let mode = match self.durability {
+            DurabilityMode::Fsync => tern_storage::Durability::Fsync,
+            DurabilityMode::Interval => {
+                tern_storage::Durability::Interval(Duration::from_millis(self.sync_interval_ms))
+            }
+            DurabilityMode::Memory => return None,
+        };
+        Some(tern_storage::WriterConfig {
+            max_ops: self.batch_max_ops,
+            max_delay: Duration::from_micros(self.batch_max_delay_us),
+            mode,
+        })
+    }
+}
+
+/// `[admin]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address of the read-only admin HTTP endpoint (`tern admin --url`);
+    /// must be a loopback address, the endpoint has no authentication.
+    /// Unset: no endpoint. It only runs when a store exists (not in memory
+    /// mode).
+    pub bind: Option<SocketAddr>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            bind: Some(SocketAddr::from(([127, 0, 0, 1], 8090))),
+        }
+    }
 }
 
 /// `[listeners]`.
@@ -296,6 +380,28 @@ impl Config {
                 "not a valid log filter (try `info` or `debug`)",
             );
         }
+        let st = &self.storage;
+        if st.data_dir.as_os_str().is_empty() {
+            return invalid("storage.data_dir", "must not be empty");
+        }
+        if st.sync_interval_ms == 0 {
+            return invalid("storage.sync_interval_ms", "must be at least 1");
+        }
+        if st.batch_max_ops == 0 {
+            return invalid("storage.batch_max_ops", "must be at least 1");
+        }
+        if st.batch_max_delay_us > 1_000_000 {
+            return invalid(
+                "storage.batch_max_delay_us",
+                "must be at most 1000000 (one second)",
+            );
+        }
+        if self.admin.bind.is_some_and(|a| !a.ip().is_loopback()) {
+            return invalid(
+                "admin.bind",
+                "must be a loopback address (the admin endpoint has no authentication)",
+            );
+        }
         for user in &self.auth.users {
             if user.name.is_empty() {
                 return invalid("auth.users.name", "must not be empty");
@@ -345,6 +451,27 @@ mod tests {
         assert!(c.listeners.ws_trust_forwarded_for);
         let e = Config::from_toml("[listeners]\nws_path = \"mqtt\"\n").unwrap_err();
         assert!(e.to_string().contains("listeners.ws_path"), "{e}");
+    }
+
+    #[test]
+    fn storage_and_admin_keys() {
+        let c = Config::default();
+        assert_eq!(c.storage.data_dir, PathBuf::from("data"));
+        assert_eq!(c.storage.durability, DurabilityMode::Fsync);
+        let c = Config::from_toml(
+            "[storage]\ndata_dir = \"/var/lib/tern\"\ndurability = \"interval\"\nsync_interval_ms = 20\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.storage.writer_config().unwrap().mode,
+            tern_storage::Durability::Interval(Duration::from_millis(20))
+        );
+        let c = Config::from_toml("[storage]\ndurability = \"memory\"\n").unwrap();
+        assert!(c.storage.writer_config().is_none());
+        let e = Config::from_toml("[storage]\ndurability = \"sometimes\"\n").unwrap_err();
+        assert!(e.to_string().contains("durability"), "{e}");
+        let e = Config::from_toml("[admin]\nbind = \"0.0.0.0:8090\"\n").unwrap_err();
+        assert!(e.to_string().contains("admin.bind"), "{e}");
     }
 
     #[test]

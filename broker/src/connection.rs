@@ -15,6 +15,7 @@
 //! session, publish the will when due and uncount the connection.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,10 +39,12 @@ use crate::handshake::{
 };
 use crate::message::Message;
 use crate::metrics::Metrics;
+use crate::persistence::Journal;
 use crate::session::{AttachParams, ConnectionControl, Delivery, Session};
 use crate::topic_alias::{AliasError, InboundAliases};
 use crate::transport::{read_pooled, TransportRead};
 use crate::writer::{write_loop, WriterContext};
+use tern_storage::{Op, StoreError, SubscriptionRecord};
 
 /// Replies (acks, PINGRESP ...) queued for a client and not yet written above
 /// which the broker stops reading from it: a client that sends without
@@ -316,6 +319,8 @@ struct Connection {
     auth_method: Option<Bytes>,
     /// A re-authentication in progress (AUTH 0x19 received).
     reauthentication: Option<Box<dyn AuthExchange>>,
+    /// Acknowledgements waiting for the store (see [`Connection::acknowledge`]).
+    deferred_acks: Arc<AtomicUsize>,
 }
 
 impl Connection {
@@ -416,6 +421,7 @@ impl Connection {
             disconnect_expiry: None,
             auth_method: authenticated.method,
             reauthentication: None,
+            deferred_acks: Arc::new(AtomicUsize::new(0)),
         }
     }
 
@@ -429,6 +435,7 @@ impl Connection {
                 expiry_interval: self.expiry_interval,
             },
             control,
+            self.will.as_deref(),
         )?;
         Some(Attached {
             broker: Arc::clone(&self.broker),
@@ -477,7 +484,9 @@ impl Connection {
                 return Exit::Kicked(control.close_reason());
             }
             let budget = &self.broker.registry.context().budget;
-            let backlog = session.control_backlog(self.connection_id) > MAX_UNSENT_CONTROL_PACKETS;
+            let unsent = session.control_backlog(self.connection_id)
+                + self.deferred_acks.load(Ordering::Acquire);
+            let backlog = unsent > MAX_UNSENT_CONTROL_PACKETS;
             if backlog || budget.is_over() {
                 // Back-pressure: stop reading (so TCP slows the client down)
                 // until writers have drained the broker under its budget, or
@@ -553,9 +562,7 @@ impl Connection {
                 Ok(())
             }
             Packet::PubRec(ack) => {
-                if let Some(pubrel) = session.pubrec(ack.packet_id, ack.code) {
-                    self.send(pubrel);
-                }
+                session.pubrec(self.connection_id, ack.packet_id, ack.code);
                 Ok(())
             }
             Packet::PubRel(ack) => {
@@ -565,11 +572,14 @@ impl Connection {
                 } else {
                     ReasonCode::PacketIdentifierNotFound
                 };
-                self.send(Packet::PubComp(PubAck {
-                    packet_id: ack.packet_id,
-                    code,
-                    ..PubAck::default()
-                }));
+                self.acknowledge(
+                    Packet::PubComp(PubAck {
+                        packet_id: ack.packet_id,
+                        code,
+                        ..PubAck::default()
+                    }),
+                    Journal::new(),
+                );
                 Ok(())
             }
             Packet::PubComp(ack) => {
@@ -602,6 +612,60 @@ impl Connection {
 
     fn send(&self, packet: Packet) {
         self.session.send_control(self.connection_id, packet);
+    }
+
+    /// Sends an acknowledgement once the state it acknowledges (in
+    /// `journal`) is durable; see [`acknowledge_then`](Self::acknowledge_then).
+    fn acknowledge(&self, packet: Packet, journal: Journal) {
+        self.acknowledge_then(packet, journal, |_| {});
+    }
+
+    /// Sends `packet` (PUBACK, PUBREC, PUBCOMP, SUBACK, UNSUBACK) once the
+    /// changes in `journal` are durable, then runs `then(stored)`.
+    ///
+    /// Acknowledgements leave in the order the packets arrived (MQTT 4.6):
+    /// while any waits for the store, later ones wait behind it even when
+    /// they store nothing (the writer completes in submission order). If the
+    /// store fails, the client is told: MQTT 5 acks carry "quota exceeded"
+    /// (disk full) or "implementation specific error"; MQTT 3.x PUBACK and
+    /// PUBREC have no error code, so the connection is closed instead and
+    /// the client sends the message again when it reconnects.
+    fn acknowledge_then(
+        &self,
+        packet: Packet,
+        mut journal: Journal,
+        then: impl FnOnce(bool) + Send + 'static,
+    ) {
+        let Some(persistence) = self.broker.persistence.as_ref() else {
+            self.send(packet);
+            then(true);
+            return;
+        };
+        if !journal.has_changes() && self.deferred_acks.load(Ordering::Acquire) == 0 {
+            self.send(packet);
+            then(true);
+            return;
+        }
+        self.deferred_acks.fetch_add(1, Ordering::AcqRel);
+        let session = Arc::clone(&self.session);
+        let (connection_id, v5) = (self.connection_id, self.protocol.is_v5());
+        let deferred = Arc::clone(&self.deferred_acks);
+        journal.after(move |result| {
+            let stored = result.is_ok();
+            let reply = match result {
+                Ok(()) => Some(packet),
+                Err(e) => refused_ack(packet, e, v5),
+            };
+            match reply {
+                Some(reply) => {
+                    session.send_control(connection_id, reply);
+                }
+                None => session.close_connection(connection_id, None),
+            }
+            deferred.fetch_sub(1, Ordering::AcqRel);
+            then(stored);
+        });
+        persistence.commit(journal);
     }
 
     fn on_publish(&mut self, session: &Arc<Session>, publish: Publish) -> Result<(), Exit> {
@@ -638,8 +702,8 @@ impl Connection {
                         "payload is not the UTF-8 its format indicator says".into(),
                     ))
                 }
-                QoS::AtLeastOnce => self.send(Packet::PubAck(ack)),
-                QoS::ExactlyOnce => self.send(Packet::PubRec(ack)),
+                QoS::AtLeastOnce => self.acknowledge(Packet::PubAck(ack), Journal::new()),
+                QoS::ExactlyOnce => self.acknowledge(Packet::PubRec(ack), Journal::new()),
             }
             return Ok(());
         }
@@ -649,7 +713,8 @@ impl Connection {
             Metrics::inc(&self.broker.metrics.publishes_denied);
             tracing::debug!(client_id = %session.client_id, topic = topic_str, "publish to a $ topic denied");
         }
-        let route = |this: &Self| {
+        let mut journal = Journal::new();
+        let route = |this: &Self, journal: &mut Journal| {
             if !denied {
                 let message = Message::new(
                     topic.clone(),
@@ -659,7 +724,7 @@ impl Connection {
                     publish.properties.clone(),
                     session.id,
                 );
-                this.broker.publish(&message);
+                this.broker.publish(&message, journal);
             }
         };
         let code = if denied {
@@ -668,21 +733,27 @@ impl Connection {
             ReasonCode::Success
         };
         match (publish.qos, publish.packet_id) {
-            (QoS::AtMostOnce, _) => route(self),
+            (QoS::AtMostOnce, _) => {
+                route(self, &mut journal);
+                // A retained message is stored; nobody waits for it.
+                self.broker.commit(journal);
+            }
             (QoS::AtLeastOnce, Some(packet_id)) => {
-                route(self);
-                self.send(Packet::PubAck(PubAck {
-                    packet_id,
-                    code,
-                    ..PubAck::default()
-                }));
+                route(self, &mut journal);
+                self.acknowledge(
+                    Packet::PubAck(PubAck {
+                        packet_id,
+                        code,
+                        ..PubAck::default()
+                    }),
+                    journal,
+                );
             }
             (QoS::ExactlyOnce, Some(packet_id)) => {
                 if !denied {
-                    match session
-                        .incoming_qos2(packet_id, self.broker.config.limits.receive_maximum)
-                    {
-                        Ok(true) => route(self),
+                    let limit = self.broker.config.limits.receive_maximum;
+                    match session.incoming_qos2(packet_id, limit, &mut journal) {
+                        Ok(true) => route(self, &mut journal),
                         Ok(false) => {}
                         Err(_) => {
                             Metrics::inc(&self.broker.metrics.protocol_errors);
@@ -693,11 +764,14 @@ impl Connection {
                         }
                     }
                 }
-                self.send(Packet::PubRec(PubAck {
-                    packet_id,
-                    code,
-                    ..PubAck::default()
-                }));
+                self.acknowledge(
+                    Packet::PubRec(PubAck {
+                        packet_id,
+                        code,
+                        ..PubAck::default()
+                    }),
+                    journal,
+                );
             }
             _ => return Err(self.protocol_error("QoS > 0 PUBLISH without a packet identifier")),
         }
@@ -724,6 +798,9 @@ impl Connection {
         let v5 = self.protocol.is_v5();
         let subscriber = SessionRef(Arc::clone(session));
         let subscription_id = subscribe.properties.subscription_identifier;
+        let durable = session.is_durable();
+        let mut journal = Journal::new();
+        let mut added = Vec::new();
         let mut codes = Vec::with_capacity(subscribe.filters.len());
         let mut retained = Vec::new();
         for request in &subscribe.filters {
@@ -743,6 +820,12 @@ impl Connection {
             match self.broker.router.subscribe(&subscriber, filter, options) {
                 Ok(outcome) => {
                     codes.push(ReasonCode::granted(request.qos));
+                    if durable {
+                        journal.push(Op::PutSubscription(subscription_record(
+                            session, filter, &options,
+                        )));
+                        added.push(filter.to_owned());
+                    }
                     let send_retained = match request.retain_handling {
                         tern_codec::RetainHandling::SendAtSubscribe => true,
                         tern_codec::RetainHandling::SendIfNew => outcome == SubscribeOutcome::New,
@@ -771,38 +854,50 @@ impl Connection {
         if session.is_ended() {
             self.broker.router.remove_subscriber(&subscriber);
         }
-        self.send(Packet::SubAck(SubAck {
+        let suback = Packet::SubAck(SubAck {
             packet_id: subscribe.packet_id,
             codes,
             properties: SubAckProperties::default(),
-        }));
-        let now = std::time::Instant::now();
-        for (message, options) in retained {
-            if message.is_expired(now) {
-                continue;
+        });
+        // Retained messages follow the SUBACK. If the subscriptions could
+        // not be stored the client was told so: they are removed again.
+        let (broker, session) = (Arc::clone(&self.broker), Arc::clone(session));
+        self.acknowledge_then(suback, journal, move |stored| {
+            if stored {
+                deliver_retained(&session, retained);
+            } else {
+                let subscriber = SessionRef(Arc::clone(&session));
+                for filter in added {
+                    broker.router.unsubscribe(&subscriber, &filter);
+                }
             }
-            let granted = QoS::from_u8(options.qos).unwrap_or(QoS::AtMostOnce);
-            let ids = options.subscription_id.into_iter().collect();
-            session.deliver(Delivery::new(&message, message.qos.min(granted), true, ids));
-        }
+        });
         Ok(())
     }
 
     fn on_unsubscribe(&mut self, session: &Arc<Session>, unsubscribe: Unsubscribe) {
         let subscriber = SessionRef(Arc::clone(session));
+        let durable = session.is_durable();
+        let mut journal = Journal::new();
         let codes = unsubscribe
             .filters
             .iter()
             .map(|filter| {
                 let filter = std::str::from_utf8(filter).unwrap_or("");
                 if self.broker.router.unsubscribe(&subscriber, filter) {
+                    if durable {
+                        journal.push(Op::DeleteSubscription {
+                            client_id: session.client_id.to_string(),
+                            filter: filter.to_owned(),
+                        });
+                    }
                     ReasonCode::Success
                 } else {
                     ReasonCode::NoSubscriptionExisted
                 }
             })
             .collect();
-        self.send(Packet::UnsubAck(UnsubAck {
+        let unsuback = Packet::UnsubAck(UnsubAck {
             packet_id: unsubscribe.packet_id,
             codes: if self.protocol.is_v5() {
                 codes
@@ -810,7 +905,8 @@ impl Connection {
                 Vec::new()
             },
             properties: UnsubAckProperties::default(),
-        }));
+        });
+        self.acknowledge(unsuback, journal);
     }
 
     /// Re-authentication (MQTT 5 section 4.12.1): AUTH 0x19 starts a new
@@ -867,6 +963,70 @@ impl Connection {
         Err(Exit::ClientDisconnect {
             with_will: disconnect.code == ReasonCode::DisconnectWithWillMessage,
         })
+    }
+}
+
+/// Sends the retained messages a SUBACK promised, after it.
+fn deliver_retained(session: &Arc<Session>, retained: Vec<(Arc<Message>, SubscriptionOptions)>) {
+    let now = std::time::Instant::now();
+    let mut journal = Journal::new();
+    for (message, options) in retained {
+        if message.is_expired(now) {
+            continue;
+        }
+        let granted = QoS::from_u8(options.qos).unwrap_or(QoS::AtMostOnce);
+        let ids = options.subscription_id.into_iter().collect();
+        let delivery = Delivery::new(&message, message.qos.min(granted), true, ids);
+        session.deliver(delivery, &mut journal);
+    }
+    session.commit(journal);
+}
+
+/// The durable record of a subscription.
+fn subscription_record(
+    session: &Session,
+    filter: &str,
+    options: &SubscriptionOptions,
+) -> SubscriptionRecord {
+    SubscriptionRecord {
+        client_id: session.client_id.to_string(),
+        filter: filter.to_owned(),
+        qos: options.qos,
+        no_local: options.no_local,
+        retain_as_published: options.retain_as_published,
+        retain_handling: options.retain_handling,
+        subscription_id: options.subscription_id,
+    }
+}
+
+/// What to send instead of `ack` when the state it acknowledges could not
+/// be stored; `None`: the packet has no way to say so (MQTT 3.x PUBACK,
+/// PUBREC, UNSUBACK), close the connection instead.
+fn refused_ack(ack: Packet, error: &StoreError, v5: bool) -> Option<Packet> {
+    let code = if error.is_disk_full() {
+        ReasonCode::QuotaExceeded
+    } else {
+        ReasonCode::ImplementationSpecificError
+    };
+    match ack {
+        Packet::PubAck(a) if v5 => Some(Packet::PubAck(PubAck { code, ..a })),
+        Packet::PubRec(a) if v5 => Some(Packet::PubRec(PubAck { code, ..a })),
+        Packet::SubAck(mut a) => {
+            let refused = if v5 {
+                code
+            } else {
+                ReasonCode::UnspecifiedError
+            };
+            a.codes.iter_mut().for_each(|c| *c = refused);
+            Some(Packet::SubAck(a))
+        }
+        Packet::UnsubAck(mut a) if v5 => {
+            a.codes.iter_mut().for_each(|c| *c = code);
+            Some(Packet::UnsubAck(a))
+        }
+        // PUBCOMP stores nothing; it only waited for its turn.
+        Packet::PubComp(a) => Some(Packet::PubComp(a)),
+        _ => None,
     }
 }
 

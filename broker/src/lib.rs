@@ -37,6 +37,7 @@
 //! - Bad input from a client never panics and never affects other clients: it
 //!   closes that connection with the reason code the specification names.
 
+pub mod admin;
 pub mod auth;
 pub mod broker;
 pub mod budget;
@@ -45,8 +46,10 @@ pub mod connection;
 mod handshake;
 pub mod message;
 pub mod metrics;
+pub mod persistence;
 pub mod pool;
 pub mod proxy_protocol;
+pub mod recovery;
 pub mod registry;
 pub mod server;
 pub mod session;

@@ -1,10 +1,12 @@
-//! The `tern` command: `tern serve` runs the broker.
+//! The `tern` command: `tern serve` runs the broker; `tern admin` inspects
+//! its durable store.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use tern::config::DurabilityMode;
 use tern::{Config, Server};
 use tracing_subscriber::EnvFilter;
 
@@ -19,42 +21,69 @@ struct Cli {
 enum Command {
     /// Run the broker. Without --config it uses the embedded defaults:
     /// MQTT/TCP on 127.0.0.1:1883, MQTT/WebSocket on ws://127.0.0.1:8083/mqtt,
-    /// anonymous clients allowed.
-    Serve {
-        /// TOML configuration file (see docs/configuration.md).
-        #[arg(long, short)]
-        config: Option<PathBuf>,
-        /// MQTT/TCP listen address; replaces the configured listeners. Repeatable.
-        #[arg(long = "bind")]
-        bind: Vec<SocketAddr>,
-        /// MQTT/WebSocket listen address; replaces the configured WebSocket
-        /// listeners. Repeatable.
-        #[arg(long = "ws-bind")]
-        ws_bind: Vec<SocketAddr>,
-        /// Log filter: error, warn, info, debug, trace (or a tracing directive).
-        #[arg(long)]
-        log_level: Option<String>,
-    },
+    /// anonymous clients allowed, durable state in ./data (fsync mode), the
+    /// admin endpoint on http://127.0.0.1:8090.
+    Serve(ServeArgs),
+    /// Inspect the durable store: of a stopped broker (--data-dir) or of a
+    /// running one through its read-only admin endpoint (--url).
+    Admin(tern::admin::AdminArgs),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// TOML configuration file (see docs/configuration.md).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// MQTT/TCP listen address; replaces the configured listeners. Repeatable.
+    #[arg(long = "bind")]
+    bind: Vec<SocketAddr>,
+    /// MQTT/WebSocket listen address; replaces the configured WebSocket
+    /// listeners. Repeatable.
+    #[arg(long = "ws-bind")]
+    ws_bind: Vec<SocketAddr>,
+    /// Log filter: error, warn, info, debug, trace (or a tracing directive).
+    #[arg(long)]
+    log_level: Option<String>,
+    /// Directory of the durable store (created if missing).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// When acknowledgements are sent: after the state is synced to
+    /// disk (fsync), at once with a sync every few ms (interval), or
+    /// without any store (memory).
+    #[arg(long, value_parser = parse_durability)]
+    durability: Option<DurabilityMode>,
+    /// Address of the read-only admin endpoint (loopback only).
+    #[arg(long)]
+    admin_bind: Option<SocketAddr>,
+}
+
+fn parse_durability(s: &str) -> Result<DurabilityMode, String> {
+    match s {
+        "fsync" => Ok(DurabilityMode::Fsync),
+        "interval" => Ok(DurabilityMode::Interval),
+        "memory" => Ok(DurabilityMode::Memory),
+        other => Err(format!("`{other}` is not one of fsync, interval, memory")),
+    }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve {
-            config,
-            bind,
-            ws_bind,
-            log_level,
-        } => serve(config, bind, ws_bind, log_level),
+        Command::Serve(args) => serve(args),
+        Command::Admin(args) => tern::admin::run(args),
     }
 }
 
-fn serve(
-    path: Option<PathBuf>,
-    bind: Vec<SocketAddr>,
-    ws_bind: Vec<SocketAddr>,
-    log_level: Option<String>,
-) -> ExitCode {
+fn serve(args: ServeArgs) -> ExitCode {
+    let ServeArgs {
+        config: path,
+        bind,
+        ws_bind,
+        log_level,
+        data_dir,
+        durability,
+        admin_bind,
+    } = args;
     let mut config = match &path {
         Some(path) => match Config::from_file(path) {
             Ok(config) => config,
@@ -73,6 +102,15 @@ fn serve(
     }
     if let Some(level) = log_level {
         config.log.level = level;
+    }
+    if let Some(dir) = data_dir {
+        config.storage.data_dir = dir;
+    }
+    if let Some(mode) = durability {
+        config.storage.durability = mode;
+    }
+    if let Some(addr) = admin_bind {
+        config.admin.bind = Some(addr);
     }
     if let Err(e) = config.validate() {
         eprintln!("tern: {e}");

@@ -35,6 +35,9 @@ pub struct Message {
     /// indexed by [`header_slot`]: encoded once per message, then copied (or
     /// shared) per delivery, with only the flags and packet id patched.
     headers: [OnceLock<Bytes>; 4],
+    /// The message's id in the durable store, once a durable session queued
+    /// it or it was retained (see `persistence::Journal::reference`).
+    pub store_id: OnceLock<u64>,
 }
 
 /// The slot of a cached header: MQTT 5 or 3.x, with or without a packet id.
@@ -66,6 +69,31 @@ impl Message {
             expires_at,
             origin,
             headers: Default::default(),
+            store_id: OnceLock::new(),
+        })
+    }
+
+    /// A message read back from the durable store after a restart: its
+    /// expiry deadline is the stored one, not recomputed from the interval.
+    pub fn restored(
+        topic: Bytes,
+        payload: Bytes,
+        qos: QoS,
+        retain: bool,
+        properties: PublishProperties,
+        expires_at: Option<Instant>,
+        store_id: u64,
+    ) -> Arc<Message> {
+        Arc::new(Message {
+            topic,
+            payload,
+            qos,
+            retain,
+            properties,
+            expires_at,
+            origin: 0,
+            headers: Default::default(),
+            store_id: OnceLock::from(store_id),
         })
     }
 

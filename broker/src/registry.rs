@@ -166,6 +166,19 @@ impl SessionRegistry {
         }
     }
 
+    /// Creates the offline session of `client_id` that recovery found in the
+    /// store (before any connection exists).
+    pub fn restore(&self, client_id: &str) -> Arc<Session> {
+        let client_id: Arc<str> = Arc::from(client_id);
+        let session = Arc::new(Session::new(
+            self.next_id(),
+            Arc::clone(&client_id),
+            &self.context,
+        ));
+        self.sessions.lock().insert(client_id, Arc::clone(&session));
+        session
+    }
+
     /// Ends `session` if it is still the registered one for its client id and
     /// `still_valid` agrees (checked under the registry lock, so a reconnect
     /// cannot slip in between). `on_end` runs under the lock for cleanup.

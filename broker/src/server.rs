@@ -1,11 +1,15 @@
-//! Listeners and the server's lifetime: bind, accept, shut down gracefully.
+//! Listeners and the server's lifetime: open the store, recover, bind,
+//! accept, shut down gracefully.
 //!
-//! [`Server::start`] binds every configured listener before it returns (so a
-//! caller, a test for instance, can read the real addresses when it asked for
-//! port 0) and spawns one accept loop per listener. [`Server::shutdown`] stops
-//! accepting, tells every connection to close (MQTT 5 clients receive
-//! DISCONNECT 0x8B "server shutting down"), and waits until the registry
-//! counts no connection, bounded by [`SHUTDOWN_GRACE`].
+//! [`Server::start`] opens the durable store (unless in memory mode) and
+//! restores its sessions, subscriptions, queues and retained messages
+//! **before** any listener opens; then it binds every configured listener
+//! (so a caller, a test for instance, can read the real addresses when it
+//! asked for port 0), spawns one accept loop per listener, and the read-only
+//! admin endpoint. [`Server::shutdown`] stops accepting, tells every
+//! connection to close (MQTT 5 clients receive DISCONNECT 0x8B "server
+//! shutting down"), waits until the registry counts no connection, bounded
+//! by [`SHUTDOWN_GRACE`], and syncs the store.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,6 +21,9 @@ use tokio::task::JoinHandle;
 use crate::broker::Broker;
 use crate::config::Config;
 use crate::connection;
+use crate::metrics::Metrics;
+use crate::persistence::Persistence;
+use crate::recovery;
 use crate::websocket;
 
 /// Longest a graceful shutdown waits for connections to flush and close.
@@ -34,6 +41,16 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot open the store in {}: {source}", dir.display())]
+    Store {
+        dir: std::path::PathBuf,
+        source: tern_storage::StoreError,
+    },
+    #[error("cannot restore the durable state from {}: {source}", dir.display())]
+    Recovery {
+        dir: std::path::PathBuf,
+        source: tern_storage::StoreError,
+    },
 }
 
 /// A running broker.
@@ -41,6 +58,7 @@ pub struct Server {
     broker: Arc<Broker>,
     tcp_addrs: Vec<SocketAddr>,
     ws_addrs: Vec<SocketAddr>,
+    admin_addr: Option<SocketAddr>,
     accept_tasks: Vec<JoinHandle<()>>,
 }
 
@@ -48,7 +66,42 @@ impl Server {
     /// Binds the listeners and starts accepting connections. Must be called
     /// inside a tokio runtime.
     pub async fn start(config: Config) -> Result<Server, StartError> {
-        let broker = Broker::new(config);
+        let metrics = Arc::new(Metrics::default());
+        let dir = config.storage.data_dir.clone();
+        let persistence = match config.storage.writer_config() {
+            None => None,
+            Some(writer) => {
+                let (d, m) = (dir.clone(), Arc::clone(&metrics));
+                let opened = tokio::task::spawn_blocking(move || Persistence::open(&d, writer, m))
+                    .await
+                    .unwrap_or_else(|e| Err(tern_storage::StoreError::Engine(e.to_string())));
+                Some(opened.map_err(|source| StartError::Store {
+                    dir: dir.clone(),
+                    source,
+                })?)
+            }
+        };
+        let broker = Broker::with_store(config, metrics, persistence);
+        if broker.persistence.is_some() {
+            let b = Arc::clone(&broker);
+            let report = tokio::task::spawn_blocking(move || recovery::recover(&b))
+                .await
+                .unwrap_or_else(|e| Err(tern_storage::StoreError::Engine(e.to_string())))
+                .map_err(|source| StartError::Recovery {
+                    dir: dir.clone(),
+                    source,
+                })?;
+            tracing::info!(
+                data_dir = %dir.display(),
+                durability = ?broker.config.storage.durability,
+                sessions = report.sessions,
+                subscriptions = report.subscriptions,
+                queued = report.queued,
+                retained = report.retained,
+                purged = report.purged,
+                "durable state restored"
+            );
+        }
         let mut tcp_addrs = Vec::new();
         let mut accept_tasks = Vec::new();
         for &addr in &broker.config.listeners.tcp {
@@ -82,12 +135,32 @@ impl Server {
                 Transport::WebSocket,
             )));
         }
+        let mut admin_addr = None;
+        if let (Some(persistence), Some(addr)) = (&broker.persistence, broker.config.admin.bind) {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Bind { addr, source })?;
+            let local = listener.local_addr().unwrap_or(addr);
+            tracing::info!(addr = %local, "admin endpoint ready (read-only)");
+            admin_addr = Some(local);
+            accept_tasks.push(tokio::spawn(crate::admin::serve_admin(
+                listener,
+                Arc::clone(persistence.store()),
+                broker.shutdown_signal(),
+            )));
+        }
         Ok(Server {
             broker,
             tcp_addrs,
             ws_addrs,
+            admin_addr,
             accept_tasks,
         })
+    }
+
+    /// The bound admin endpoint address, when one runs.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
     }
 
     /// The bound MQTT/TCP addresses, in configuration order.
@@ -122,6 +195,11 @@ impl Server {
                 connections = left,
                 "shutdown grace period over; closing anyway"
             );
+        }
+        if let Some(persistence) = &self.broker.persistence {
+            if let Err(e) = persistence.sync().await {
+                tracing::error!(error = %e, "final store sync failed");
+            }
         }
         tracing::info!("broker stopped");
     }

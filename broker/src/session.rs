@@ -22,6 +22,16 @@
 //! - Incoming QoS 2 packet identifiers are remembered until PUBREL, so a
 //!   retransmitted PUBLISH is acknowledged but not routed twice.
 //!
+//! # Durable sessions
+//!
+//! When the broker has a store and the session's expiry interval is not 0,
+//! the session is *durable*: every change above is also written to the
+//! [`Journal`] of the action that caused it (see `persistence.rs`). Each
+//! QoS 1/2 delivery then has a `seq`, its key in the stored queue. Two rules
+//! keep a crash from duplicating a QoS 2 message: a QoS 2 PUBLISH goes on
+//! the wire only once its packet id is durable (state `Persisting` until
+//! then), and a PUBREL only once the PUBREC that precedes it is.
+//!
 //! # Locking
 //!
 //! One `parking_lot::Mutex` per session guards all of its state. It is held
@@ -37,11 +47,13 @@ use std::time::Instant;
 use parking_lot::Mutex;
 use smallvec::SmallVec;
 use tern_codec::{Packet, ProtocolVersion, PubAck, QoS, ReasonCode, Will};
+use tern_storage::{DeliveryState, Op, QueueEntry, SessionRecord};
 use tokio::sync::Notify;
 
 use crate::budget::{OutboundBudget, HEADER_ALLOWANCE};
 use crate::message::Message;
 use crate::metrics::Metrics;
+use crate::persistence::{unix_secs, will_record, Journal, Persistence};
 
 /// Subscription identifiers carried by one delivery (usually none or one).
 pub type SubscriptionIds = SmallVec<[u32; 2]>;
@@ -58,6 +70,9 @@ pub struct Delivery {
     /// Set when the message reached this session through a shared
     /// subscription, so it can go to another member if this one leaves.
     pub shared: Option<SharedOrigin>,
+    /// The delivery's key in the durable queue of its session; 0 when it is
+    /// not stored (QoS 0, or a session that is not durable).
+    pub seq: u64,
 }
 
 /// The shared subscription a delivery came through.
@@ -83,6 +98,7 @@ impl Delivery {
             packet_id: None,
             subscription_ids,
             shared: None,
+            seq: 0,
         }
     }
 }
@@ -244,6 +260,8 @@ pub struct SessionContext {
     pub max_client_outbound_bytes: usize,
     pub metrics: Arc<Metrics>,
     pub budget: Arc<OutboundBudget>,
+    /// The durable store; `None` in memory mode.
+    pub persistence: Option<Arc<Persistence>>,
 }
 
 /// How a QoS 1/2 message waits for acknowledgement.
@@ -256,6 +274,9 @@ enum InflightState {
     Resend,
     /// QoS 2 PUBREL sent, waiting for PUBCOMP.
     Released,
+    /// QoS 2 with its packet id assigned, not yet on the wire: it is sent
+    /// once the queue entry holding the id is durable (durable sessions).
+    Persisting,
 }
 
 #[derive(Debug)]
@@ -298,6 +319,13 @@ struct SessionState {
     /// Will-delay and expiry timers armed when the last connection closed.
     timers: SmallVec<[tokio::task::AbortHandle; 2]>,
     ended: bool,
+    /// True while the session is kept in the store (a store exists and the
+    /// expiry interval is not 0).
+    durable: bool,
+    /// The next durable queue key (0 is never used: it means "not stored").
+    next_seq: u64,
+    /// Unix seconds the session was created (kept in its record).
+    created_at: u64,
 }
 
 /// One client's session. See the module documentation.
@@ -309,6 +337,7 @@ pub struct Session {
     max_client_outbound_bytes: usize,
     metrics: Arc<Metrics>,
     budget: Arc<OutboundBudget>,
+    persistence: Option<Arc<Persistence>>,
     state: Mutex<SessionState>,
 }
 
@@ -331,6 +360,7 @@ impl Session {
             max_client_outbound_bytes: context.max_client_outbound_bytes,
             metrics: Arc::clone(&context.metrics),
             budget: Arc::clone(&context.budget),
+            persistence: context.persistence.clone(),
             state: Mutex::new(SessionState {
                 link: None,
                 generation: 0,
@@ -344,6 +374,9 @@ impl Session {
                 pending_will: None,
                 timers: SmallVec::new(),
                 ended: false,
+                durable: false,
+                next_seq: 1,
+                created_at: unix_secs(),
             }),
         }
     }
@@ -355,7 +388,28 @@ impl Session {
     ///
     /// Returns `None` if the session has ended meanwhile (another connection
     /// with clean start replaced it): the caller then closes its connection.
-    pub fn attach(&self, params: AttachParams, control: Arc<ConnectionControl>) -> Option<u64> {
+    ///
+    /// A durable session's record is (re)written with `will`, the will of
+    /// the connection, kept in case the broker stops without a clean close.
+    pub fn attach(
+        self: &Arc<Self>,
+        params: AttachParams,
+        control: Arc<ConnectionControl>,
+        will: Option<&Will>,
+    ) -> Option<u64> {
+        let mut journal = Journal::new();
+        let generation = self.attach_locked(params, control, will, &mut journal)?;
+        self.commit(journal);
+        Some(generation)
+    }
+
+    fn attach_locked(
+        self: &Arc<Self>,
+        params: AttachParams,
+        control: Arc<ConnectionControl>,
+        will: Option<&Will>,
+        journal: &mut Journal,
+    ) -> Option<u64> {
         let mut st = self.state.lock();
         if st.ended {
             return None;
@@ -371,6 +425,7 @@ impl Session {
         st.expiry_interval = params.expiry_interval;
         st.send_quota = params.send_quota.max(1);
         st.pending_will = None;
+        self.update_durability(&mut st, will, journal);
         let mut outbound = VecDeque::new();
         let now = Instant::now();
         // Unacknowledged PUBLISHes are sent again with their packet ids, but
@@ -380,7 +435,7 @@ impl Session {
         let mut resent = st
             .inflight
             .iter()
-            .filter(|i| i.state == InflightState::Released)
+            .filter(|i| matches!(i.state, InflightState::Released | InflightState::Persisting))
             .count();
         for inflight in &mut st.inflight {
             match inflight.state {
@@ -403,6 +458,8 @@ impl Session {
                         ReasonCode::Success,
                     ));
                 }
+                // Sent by `release` once its packet id is durable.
+                InflightState::Persisting => {}
             }
         }
         let mut link = Link {
@@ -420,11 +477,71 @@ impl Session {
             }
         }
         st.link = Some(link);
-        self.fill_window(&mut st, now);
+        self.fill_window(&mut st, now, journal);
         if let Some(link) = &st.link {
             link.control.wake_writer.notify_one();
         }
         Some(st.generation)
+    }
+
+    /// Starts, keeps or stops storing this session after its expiry interval
+    /// was (re)set: durable when a store exists and the interval is not 0.
+    fn update_durability(&self, st: &mut SessionState, will: Option<&Will>, journal: &mut Journal) {
+        let durable = self.persistence.is_some() && st.expiry_interval != 0;
+        if durable {
+            journal.push(Op::PutSession(self.record(st, will)));
+        } else if st.durable {
+            journal.push(Op::DeleteSession {
+                client_id: self.client_id.to_string(),
+            });
+        }
+        st.durable = durable;
+    }
+
+    /// The session's durable record, last seen now.
+    fn record(&self, st: &SessionState, will: Option<&Will>) -> SessionRecord {
+        SessionRecord {
+            client_id: self.client_id.to_string(),
+            protocol_level: st.protocol.level(),
+            expiry_interval: st.expiry_interval,
+            will: will.map(will_record),
+            created_at: st.created_at,
+            last_seen: unix_secs(),
+        }
+    }
+
+    /// Writes the record of a durable session that just went offline: its
+    /// expiry (possibly changed by DISCONNECT) counts from now, and a will
+    /// still waiting for its delay is kept so a restart can publish it.
+    pub fn record_offline(&self) {
+        let mut journal = Journal::new();
+        {
+            let st = self.state.lock();
+            if !st.durable || st.ended || st.link.is_some() {
+                return;
+            }
+            let will = st.pending_will.as_ref().map(|p| &p.will);
+            journal.push(Op::PutSession(self.record(&st, will)));
+        }
+        self.commit(journal);
+    }
+
+    /// True while the session is kept in the store.
+    pub fn is_durable(&self) -> bool {
+        self.state.lock().durable
+    }
+
+    /// Hands `journal` to the store, if there is one. Must be called with
+    /// no session lock held: completions may take it.
+    pub fn commit(&self, journal: Journal) {
+        if let Some(p) = &self.persistence {
+            p.commit(journal);
+        }
+    }
+
+    /// The store, when the broker has one.
+    pub fn persistence(&self) -> Option<&Arc<Persistence>> {
+        self.persistence.as_ref()
     }
 
     /// Claims the session for a connection about to attach: called by the
@@ -500,17 +617,28 @@ impl Session {
     /// Marks the session ended: nothing more is queued for it, and its
     /// pending will (if any) is handed back to be published now.
     pub fn end(&self) -> Option<PendingWill> {
-        let mut st = self.state.lock();
-        st.ended = true;
-        cancel_timers(&mut st);
-        // A connection that attached after the registry decided to end the
-        // session (they do not share a lock) must not stay on a dead session.
-        if let Some(link) = &st.link {
-            link.control.close(Some(ReasonCode::SessionTakenOver));
+        let (will, durable) = {
+            let mut st = self.state.lock();
+            st.ended = true;
+            cancel_timers(&mut st);
+            // A connection that attached after the registry decided to end
+            // the session (they do not share a lock) must not stay on a dead
+            // session.
+            if let Some(link) = &st.link {
+                link.control.close(Some(ReasonCode::SessionTakenOver));
+            }
+            st.pending.clear();
+            st.inflight.clear();
+            (st.pending_will.take(), std::mem::take(&mut st.durable))
+        };
+        if durable {
+            let mut journal = Journal::new();
+            journal.push(Op::DeleteSession {
+                client_id: self.client_id.to_string(),
+            });
+            self.commit(journal);
         }
-        st.pending.clear();
-        st.inflight.clear();
-        st.pending_will.take()
+        will
     }
 
     /// True once [`end`](Self::end) ran.
@@ -547,9 +675,73 @@ impl Session {
         }
     }
 
+    /// Closes the connection `connection_id` if it is still attached.
+    pub fn close_connection(&self, connection_id: u64, reason: Option<ReasonCode>) {
+        let st = self.state.lock();
+        if let Some(link) = st
+            .link
+            .as_ref()
+            .filter(|l| l.connection_id == connection_id)
+        {
+            link.control.close(reason);
+        }
+    }
+
+    /// Sets what a restart restores of an offline durable session: its
+    /// protocol level, expiry interval, creation time and the next free
+    /// queue key. Deliveries follow with [`restore_delivery`](Self::restore_delivery).
+    pub fn restore(
+        &self,
+        protocol: ProtocolVersion,
+        expiry_interval: u32,
+        created_at: u64,
+        next_seq: u64,
+    ) {
+        let mut st = self.state.lock();
+        st.protocol = protocol;
+        st.expiry_interval = expiry_interval;
+        st.created_at = created_at;
+        st.next_seq = next_seq.max(1);
+        st.durable = self.persistence.is_some();
+    }
+
+    /// Puts back a stored delivery, in queue order: not yet sent ones wait
+    /// in `pending`; sent ones are sent again with DUP when the client is
+    /// back; those whose PUBREL was sent get their PUBREL again.
+    pub fn restore_delivery(&self, mut delivery: Delivery, state: DeliveryState) {
+        let mut st = self.state.lock();
+        let (packet_id, inflight_state) = match (state, delivery.packet_id) {
+            (DeliveryState::AwaitingAck, Some(id)) => (id, InflightState::Resend),
+            (DeliveryState::AwaitingComp, Some(id)) => (id, InflightState::Released),
+            _ => {
+                delivery.packet_id = None;
+                st.pending.push_back(delivery);
+                return;
+            }
+        };
+        if position(&st.inflight, packet_id).is_some() {
+            // Two stored entries with one packet id: send the later one anew.
+            delivery.packet_id = None;
+            st.pending.push_back(delivery);
+            return;
+        }
+        delivery.dup = true;
+        st.inflight.push_back(Inflight {
+            packet_id,
+            delivery,
+            state: inflight_state,
+        });
+    }
+
+    /// Puts back an incoming QoS 2 packet id awaiting PUBREL.
+    pub fn restore_incoming_qos2(&self, packet_id: u16) {
+        self.state.lock().incoming_qos2.insert(packet_id);
+    }
+
     /// Hands a message to this session (its QoS already downgraded to the
-    /// subscription's maximum).
-    pub fn deliver(&self, delivery: Delivery) {
+    /// subscription's maximum). A durable session records a QoS 1/2
+    /// delivery in `journal`.
+    pub fn deliver(self: &Arc<Self>, mut delivery: Delivery, journal: &mut Journal) {
         let mut st = self.state.lock();
         if st.ended {
             return;
@@ -569,12 +761,59 @@ impl Session {
             && st.pending.is_empty()
             && st.inflight.len() < usize::from(st.send_quota)
             && window_used(&st) == st.inflight.len();
-        if window_open {
-            self.send_inflight(&mut st, delivery);
-        } else if st.pending.len() < self.max_queued {
-            st.pending.push_back(delivery);
-        } else {
+        if !window_open && st.pending.len() >= self.max_queued {
             Metrics::inc(&self.metrics.messages_dropped_queue_full);
+            return;
+        }
+        if st.durable {
+            delivery.seq = st.next_seq;
+            st.next_seq += 1;
+        }
+        if window_open {
+            self.send_inflight(&mut st, delivery, journal, true);
+        } else {
+            if let Some(p) = self.persistence.as_ref().filter(|_| st.durable) {
+                let message_id = journal.reference(p, &delivery.message);
+                journal.push(Op::PutQueueEntry(self.queue_entry(
+                    &delivery,
+                    message_id,
+                    None,
+                    DeliveryState::Pending,
+                )));
+            }
+            st.pending.push_back(delivery);
+        }
+    }
+
+    /// The durable queue entry of a delivery.
+    fn queue_entry(
+        &self,
+        delivery: &Delivery,
+        message_id: u64,
+        packet_id: Option<u16>,
+        state: DeliveryState,
+    ) -> QueueEntry {
+        QueueEntry {
+            client_id: self.client_id.to_string(),
+            seq: delivery.seq,
+            message_id,
+            qos: delivery.qos as u8,
+            packet_id,
+            state,
+            dup: delivery.dup,
+            retain: delivery.retain,
+            subscription_ids: delivery.subscription_ids.to_vec(),
+        }
+    }
+
+    /// Records in `journal` that a stored delivery is gone (acknowledged,
+    /// expired, moved to another session).
+    fn forget(&self, st: &SessionState, delivery: &Delivery, journal: &mut Journal) {
+        if st.durable && delivery.seq != 0 {
+            journal.push(Op::DeleteQueueEntry {
+                client_id: self.client_id.to_string(),
+                seq: delivery.seq,
+            });
         }
     }
 
@@ -599,95 +838,182 @@ impl Session {
     /// Takes out a delivery returned by
     /// [`shared_candidates`](Self::shared_candidates) if it is still here and
     /// unacknowledged; false if it is gone (acknowledged meanwhile).
-    pub fn withdraw(&self, delivery: &Delivery) -> bool {
+    pub fn withdraw(&self, delivery: &Delivery, journal: &mut Journal) -> bool {
         let mut st = self.state.lock();
         let same = |d: &Delivery| {
             Arc::ptr_eq(&d.message, &delivery.message) && d.shared == delivery.shared
         };
-        if let Some(packet_id) = delivery.packet_id {
+        let removed = if let Some(packet_id) = delivery.packet_id {
             let found = st.inflight.iter().position(|i| {
                 i.packet_id == packet_id && i.state == InflightState::Sent && same(&i.delivery)
             });
-            return found.map(|i| st.inflight.remove(i)).is_some();
+            found
+                .and_then(|i| st.inflight.remove(i))
+                .map(|i| i.delivery)
+        } else {
+            let found = st.pending.iter().position(same);
+            found.and_then(|i| st.pending.remove(i))
+        };
+        match removed {
+            Some(d) => {
+                self.forget(&st, &d, journal);
+                true
+            }
+            None => false,
         }
-        let found = st.pending.iter().position(same);
-        found.map(|i| st.pending.remove(i)).is_some()
     }
 
     /// PUBACK received. Returns false if no QoS 1 message waited for it.
-    pub fn puback(&self, packet_id: u16) -> bool {
-        self.complete(packet_id, |i| i.delivery.qos == QoS::AtLeastOnce)
+    pub fn puback(self: &Arc<Self>, packet_id: u16) -> bool {
+        self.complete(packet_id, |i| {
+            i.delivery.qos == QoS::AtLeastOnce && i.state != InflightState::Persisting
+        })
     }
 
     /// Removes the in-flight message `packet_id` if `expected` holds for it,
     /// and lets the next pending message take its place in the window.
-    fn complete(&self, packet_id: u16, expected: impl Fn(&Inflight) -> bool) -> bool {
-        let mut st = self.state.lock();
-        let found = match position(&st.inflight, packet_id) {
-            Some(i) if expected(&st.inflight[i]) => {
-                st.inflight.remove(i);
-                true
+    fn complete(self: &Arc<Self>, packet_id: u16, expected: impl Fn(&Inflight) -> bool) -> bool {
+        let mut journal = Journal::new();
+        let found = {
+            let mut st = self.state.lock();
+            let removed = match position(&st.inflight, packet_id) {
+                Some(i) if expected(&st.inflight[i]) => st.inflight.remove(i),
+                _ => None,
+            };
+            if let Some(done) = &removed {
+                self.forget(&st, &done.delivery, &mut journal);
+                self.fill_window(&mut st, Instant::now(), &mut journal);
             }
-            _ => false,
+            removed.is_some()
         };
-        if found {
-            self.fill_window(&mut st, Instant::now());
-        }
+        self.commit(journal);
         found
     }
 
-    /// PUBREC received with this reason code. Returns the PUBREL to send, or
-    /// `None` when the PUBREC reported an error (the message is then done).
-    pub fn pubrec(&self, packet_id: u16, code: ReasonCode) -> Option<Packet> {
-        let mut st = self.state.lock();
-        let index = position(&st.inflight, packet_id);
-        match index {
-            Some(i)
-                if st.inflight[i].delivery.qos == QoS::ExactlyOnce
-                    && st.inflight[i].state != InflightState::Released =>
-            {
-                if code.is_success() {
+    /// PUBREC received with this reason code on `connection_id`. Queues
+    /// the PUBREL (for a durable session, once the new state is durable, so
+    /// a restart never sends the PUBLISH again after its PUBREL), or forgets
+    /// the message when the PUBREC reported an error. An unknown packet id
+    /// is answered with PUBREL 0x92.
+    pub fn pubrec(self: &Arc<Self>, connection_id: u64, packet_id: u16, code: ReasonCode) {
+        let mut journal = Journal::new();
+        {
+            let mut st = self.state.lock();
+            let index = position(&st.inflight, packet_id).filter(|&i| {
+                st.inflight[i].delivery.qos == QoS::ExactlyOnce
+                    && matches!(
+                        st.inflight[i].state,
+                        InflightState::Sent | InflightState::Resend
+                    )
+            });
+            match index {
+                Some(i) if code.is_success() => {
                     st.inflight[i].state = InflightState::Released;
-                    Some(Packet::PubRel(PubAck::new(packet_id)))
-                } else {
-                    st.inflight.remove(i);
-                    self.fill_window(&mut st, Instant::now());
-                    None
+                    let delivery = &st.inflight[i].delivery;
+                    let stored = delivery.message.store_id.get().copied();
+                    match stored.filter(|_| st.durable && delivery.seq != 0) {
+                        Some(message_id) => {
+                            journal.push(Op::PutQueueEntry(self.queue_entry(
+                                delivery,
+                                message_id,
+                                Some(packet_id),
+                                DeliveryState::AwaitingComp,
+                            )));
+                            let (session, generation) = (Arc::clone(self), st.generation);
+                            journal.after(move |_| session.send_pubrel(generation, packet_id));
+                        }
+                        None => push_to(
+                            &mut st,
+                            connection_id,
+                            pubrel(packet_id, ReasonCode::Success),
+                        ),
+                    }
                 }
+                Some(i) => {
+                    if let Some(done) = st.inflight.remove(i) {
+                        self.forget(&st, &done.delivery, &mut journal);
+                    }
+                    self.fill_window(&mut st, Instant::now(), &mut journal);
+                }
+                None => push_to(
+                    &mut st,
+                    connection_id,
+                    pubrel(packet_id, ReasonCode::PacketIdentifierNotFound),
+                ),
             }
-            _ => Some(Packet::PubRel(PubAck {
-                packet_id,
-                code: ReasonCode::PacketIdentifierNotFound,
-                ..Default::default()
-            })),
+        }
+        self.commit(journal);
+    }
+
+    /// Sends the PUBREL of `packet_id` once its state is durable, unless a
+    /// reconnect (which sends every pending PUBREL itself) came first.
+    fn send_pubrel(&self, generation: u64, packet_id: u16) {
+        let mut st = self.state.lock();
+        let waiting = position(&st.inflight, packet_id)
+            .is_some_and(|i| st.inflight[i].state == InflightState::Released);
+        if st.generation == generation && waiting {
+            if let Some(link) = &mut st.link {
+                link.push(pubrel(packet_id, ReasonCode::Success));
+            }
+        }
+    }
+
+    /// Puts a QoS 2 PUBLISH on the wire once its packet id is durable.
+    fn release(&self, packet_id: u16, seq: u64) {
+        let mut st = self.state.lock();
+        let Some(i) = st.inflight.iter().position(|i| {
+            i.packet_id == packet_id
+                && i.delivery.seq == seq
+                && i.state == InflightState::Persisting
+        }) else {
+            return;
+        };
+        if st.link.is_some() {
+            st.inflight[i].state = InflightState::Sent;
+            let delivery = st.inflight[i].delivery.clone();
+            if let Some(link) = &mut st.link {
+                link.push_publish(delivery);
+            }
+        } else {
+            // Offline meanwhile: the next attach sends it.
+            st.inflight[i].state = InflightState::Resend;
         }
     }
 
     /// PUBCOMP received. Returns false if no PUBREL waited for it.
-    pub fn pubcomp(&self, packet_id: u16) -> bool {
+    pub fn pubcomp(self: &Arc<Self>, packet_id: u16) -> bool {
         self.complete(packet_id, |i| i.state == InflightState::Released)
     }
 
     /// Forgets an in-flight message that will never be sent (it exceeded the
     /// client's Maximum Packet Size): the spec says to act as if it completed.
-    pub fn discard_inflight(&self, packet_id: Option<u16>) {
+    pub fn discard_inflight(self: &Arc<Self>, packet_id: Option<u16>) {
         let Some(packet_id) = packet_id else {
             return;
         };
-        let mut st = self.state.lock();
-        if let Some(i) = position(&st.inflight, packet_id) {
-            st.inflight.remove(i);
-            self.fill_window(&mut st, Instant::now());
+        let mut journal = Journal::new();
+        {
+            let mut st = self.state.lock();
+            if let Some(done) =
+                position(&st.inflight, packet_id).and_then(|i| st.inflight.remove(i))
+            {
+                self.forget(&st, &done.delivery, &mut journal);
+                self.fill_window(&mut st, Instant::now(), &mut journal);
+            }
         }
+        self.commit(journal);
     }
 
     /// An incoming QoS 2 PUBLISH: returns true the first time `packet_id` is
     /// seen (route it), false for a retransmission before PUBREL (do not).
     /// `limit` bounds the number of open QoS 2 flows; `Err` when exceeded.
+    /// A durable session records the id in `journal`, so that a restart
+    /// still recognises the retransmission.
     pub fn incoming_qos2(
         &self,
         packet_id: u16,
         limit: u16,
+        journal: &mut Journal,
     ) -> Result<bool, ReceiveMaximumExceeded> {
         let mut st = self.state.lock();
         if st.incoming_qos2.contains(&packet_id) {
@@ -697,28 +1023,56 @@ impl Session {
             return Err(ReceiveMaximumExceeded);
         }
         st.incoming_qos2.insert(packet_id);
+        if st.durable {
+            journal.push(Op::AddIncomingQos2 {
+                client_id: self.client_id.to_string(),
+                packet_id,
+            });
+        }
         Ok(true)
     }
 
     /// PUBREL received: forgets the packet id. Returns false if it was unknown.
     pub fn pubrel(&self, packet_id: u16) -> bool {
-        self.state.lock().incoming_qos2.remove(&packet_id)
+        let mut journal = Journal::new();
+        let known = {
+            let mut st = self.state.lock();
+            let known = st.incoming_qos2.remove(&packet_id);
+            if known && st.durable {
+                journal.push(Op::RemoveIncomingQos2 {
+                    client_id: self.client_id.to_string(),
+                    packet_id,
+                });
+            }
+            known
+        };
+        self.commit(journal);
+        known
     }
 
     /// Moves everything queued for `connection_id` into `out`. Returns false
     /// when that connection is no longer attached (taken over or detached).
-    pub fn drain_outbound(&self, connection_id: u64, out: &mut VecDeque<Outbound>) -> bool {
-        let mut st = self.state.lock();
-        match &mut st.link {
-            Some(link) if link.connection_id == connection_id => {
-                link.drain_into(out);
-                // The queue is empty again: messages that waited for room
-                // in it may go now.
-                self.fill_window(&mut st, Instant::now());
-                true
+    pub fn drain_outbound(
+        self: &Arc<Self>,
+        connection_id: u64,
+        out: &mut VecDeque<Outbound>,
+    ) -> bool {
+        let mut journal = Journal::new();
+        let attached = {
+            let mut st = self.state.lock();
+            match &mut st.link {
+                Some(link) if link.connection_id == connection_id => {
+                    link.drain_into(out);
+                    // The queue is empty again: messages that waited for
+                    // room in it may go now.
+                    self.fill_window(&mut st, Instant::now(), &mut journal);
+                    true
+                }
+                _ => false,
             }
-            _ => false,
-        }
+        };
+        self.commit(journal);
+        attached
     }
 
     /// Moves everything queued for whichever connection is attached into
@@ -750,16 +1104,53 @@ impl Session {
         (st.pending.len(), st.inflight.len())
     }
 
-    fn send_inflight(&self, st: &mut SessionState, mut delivery: Delivery) {
+    /// Gives `delivery` a packet id and a place in the in-flight window, and
+    /// sends it, except a durable QoS 2 delivery: that one waits until its
+    /// packet id is durable (see [`release`](Self::release)). `new_entry`:
+    /// the delivery has no stored queue entry yet.
+    fn send_inflight(
+        self: &Arc<Self>,
+        st: &mut SessionState,
+        mut delivery: Delivery,
+        journal: &mut Journal,
+        new_entry: bool,
+    ) {
         let packet_id = next_packet_id(st);
         delivery.packet_id = Some(packet_id);
-        if let Some(link) = &mut st.link {
-            link.push_publish(delivery.clone());
+        let mut state = InflightState::Sent;
+        if let Some(p) = self
+            .persistence
+            .as_ref()
+            .filter(|_| st.durable && delivery.seq != 0)
+        {
+            let message_id = if new_entry {
+                Some(journal.reference(p, &delivery.message))
+            } else {
+                delivery.message.store_id.get().copied()
+            };
+            if let Some(message_id) = message_id {
+                journal.push(Op::PutQueueEntry(self.queue_entry(
+                    &delivery,
+                    message_id,
+                    Some(packet_id),
+                    DeliveryState::AwaitingAck,
+                )));
+                if delivery.qos == QoS::ExactlyOnce {
+                    state = InflightState::Persisting;
+                    let (session, seq) = (Arc::clone(self), delivery.seq);
+                    journal.after(move |_| session.release(packet_id, seq));
+                }
+            }
+        }
+        if state == InflightState::Sent {
+            if let Some(link) = &mut st.link {
+                link.push_publish(delivery.clone());
+            }
         }
         st.inflight.push_back(Inflight {
             packet_id,
             delivery,
-            state: InflightState::Sent,
+            state,
         });
     }
 
@@ -774,7 +1165,7 @@ impl Session {
     }
 
     /// Moves pending messages into the in-flight window while it has room.
-    fn fill_window(&self, st: &mut SessionState, now: Instant) {
+    fn fill_window(self: &Arc<Self>, st: &mut SessionState, now: Instant, journal: &mut Journal) {
         while self.link_has_room(st) && window_used(st) < usize::from(st.send_quota) {
             // Messages from an earlier connection go first, in order.
             if let Some(i) = st
@@ -794,10 +1185,27 @@ impl Session {
             };
             if delivery.message.is_expired(now) {
                 Metrics::inc(&self.metrics.messages_expired);
+                self.forget(st, &delivery, journal);
                 continue;
             }
-            self.send_inflight(st, delivery);
+            self.send_inflight(st, delivery, journal, false);
         }
+    }
+}
+
+/// A PUBREL without properties.
+fn pubrel(packet_id: u16, code: ReasonCode) -> Outbound {
+    Outbound::Ack(AckKind::PubRel, packet_id, code)
+}
+
+/// Queues `item` for `connection_id` if it is still the attached connection.
+fn push_to(st: &mut SessionState, connection_id: u64, item: Outbound) {
+    if let Some(link) = st
+        .link
+        .as_mut()
+        .filter(|l| l.connection_id == connection_id)
+    {
+        link.push(item);
     }
 }
 

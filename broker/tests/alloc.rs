@@ -14,6 +14,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tern::broker::SessionRef;
 use tern::message::Message;
+use tern::persistence::Journal;
 use tern::session::{AttachParams, ConnectionControl, Outbound};
 use tern::{Broker, Config};
 use tern_codec::{ProtocolVersion, QoS};
@@ -63,6 +64,7 @@ fn allocations_per_route(subscribers: usize) -> usize {
                     expiry_interval: 0,
                 },
                 control,
+                None,
             )
             .expect("a fresh session attaches");
         broker
@@ -86,7 +88,10 @@ fn allocations_per_route(subscribers: usize) -> usize {
     let mut drained: VecDeque<Outbound> = VecDeque::with_capacity(64);
     let mut run = |count: bool| {
         COUNTING.store(count, Ordering::SeqCst);
-        broker.route(&message);
+        // Memory mode: the journal stays empty and allocates nothing.
+        let mut journal = Journal::new();
+        broker.route(&message, &mut journal);
+        assert!(!journal.has_changes());
         COUNTING.store(false, Ordering::SeqCst);
         // The writers would drain the queues; do it outside the count.
         for s in &sessions {

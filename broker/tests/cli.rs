@@ -59,8 +59,15 @@ fn bad_config_is_refused_naming_file_and_key() {
 
 #[test]
 fn serve_without_config_says_so_and_stops_on_sigterm() {
+    // The embedded default keeps its store in `data/` under the working
+    // directory: run in a directory of our own.
+    let cwd = std::env::temp_dir().join(format!("tern-cli-{}-serve", std::process::id()));
+    let _ = std::fs::remove_dir_all(&cwd);
+    std::fs::create_dir_all(&cwd).unwrap();
     let child = Command::new(TERN)
         .args(["serve", "--bind", "127.0.0.1:0", "--ws-bind", "127.0.0.1:0"])
+        .args(["--admin-bind", "127.0.0.1:0"])
+        .current_dir(&cwd)
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()
@@ -122,4 +129,10 @@ fn serve_without_config_says_so_and_stops_on_sigterm() {
     // The connection was closed by the broker.
     let mut rest = Vec::new();
     let _ = s.read_to_end(&mut rest);
+    assert!(
+        lines.iter().any(|l| l.contains("durable state restored")),
+        "{lines:#?}"
+    );
+    assert!(cwd.join("data").join("db").exists(), "no store in data/");
+    std::fs::remove_dir_all(&cwd).unwrap();
 }

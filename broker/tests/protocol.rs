@@ -296,7 +296,7 @@ async fn wildcards_do_not_match_dollar_topics() {
         Default::default(),
         0,
     );
-    broker.publish(&msg);
+    broker.publish_and_commit(&msg);
     sub.expect_silence(Duration::from_millis(200)).await;
     server.shutdown().await;
 }

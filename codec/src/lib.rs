@@ -46,4 +46,8 @@ pub use decode::decode_packet;
 pub use encode::{encode_packet, encode_publish_header, encoded_len};
 pub use error::{DecodeError, EncodeError};
 pub use packet::*;
+pub use property_codec::{
+    decode_publish_properties, decode_will_properties, encode_publish_properties,
+    encode_will_properties,
+};
 pub use reason::ReasonCode;

@@ -63,6 +63,33 @@ pub(crate) fn encode_properties<W: Sink, P: PropertySet>(
     props.encode_body(w)
 }
 
+/// A PUBLISH's properties as a self-contained property list (length, then
+/// the properties), for keeping a message outside a packet (the broker's
+/// durable store). [`decode_publish_properties`] reads it back.
+pub fn encode_publish_properties(props: &PublishProperties) -> Result<Bytes, EncodeError> {
+    let mut out = bytes::BytesMut::new();
+    encode_properties(&mut out, props)?;
+    Ok(out.freeze())
+}
+
+/// Reads what [`encode_publish_properties`] wrote, with the decoder's checks.
+pub fn decode_publish_properties(bytes: Bytes) -> Result<PublishProperties, DecodeError> {
+    decode_properties(&mut Reader::new(bytes))
+}
+
+/// A will's properties as a self-contained property list; see
+/// [`encode_publish_properties`].
+pub fn encode_will_properties(props: &WillProperties) -> Result<Bytes, EncodeError> {
+    let mut out = bytes::BytesMut::new();
+    encode_properties(&mut out, props)?;
+    Ok(out.freeze())
+}
+
+/// Reads what [`encode_will_properties`] wrote.
+pub fn decode_will_properties(bytes: Bytes) -> Result<WillProperties, DecodeError> {
+    decode_properties(&mut Reader::new(bytes))
+}
+
 fn set_once<T>(slot: &mut Option<T>, value: T) -> Result<(), DecodeError> {
     if slot.is_some() {
         return Err(DecodeError::Protocol("property included more than once"));

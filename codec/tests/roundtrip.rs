@@ -83,3 +83,38 @@ proptest! {
         check_prefixes(&p, ProtocolVersion::V311)?;
     }
 }
+
+#[test]
+fn stored_properties_round_trip() {
+    use tern_codec::properties::{PublishProperties, WillProperties};
+    let publish = PublishProperties {
+        payload_format_indicator: Some(1),
+        message_expiry_interval: Some(30),
+        content_type: Some(bytes::Bytes::from_static(b"text/plain")),
+        response_topic: Some(bytes::Bytes::from_static(b"reply/here")),
+        correlation_data: Some(bytes::Bytes::from_static(b"\x00\x01")),
+        user_properties: vec![
+            (
+                bytes::Bytes::from_static(b"k"),
+                bytes::Bytes::from_static(b"v1"),
+            ),
+            (
+                bytes::Bytes::from_static(b"k"),
+                bytes::Bytes::from_static(b"v2"),
+            ),
+        ],
+        ..PublishProperties::default()
+    };
+    let bytes = tern_codec::encode_publish_properties(&publish).unwrap();
+    assert_eq!(
+        tern_codec::decode_publish_properties(bytes).unwrap(),
+        publish
+    );
+    let will = WillProperties {
+        will_delay_interval: Some(5),
+        ..WillProperties::default()
+    };
+    let bytes = tern_codec::encode_will_properties(&will).unwrap();
+    assert_eq!(tern_codec::decode_will_properties(bytes).unwrap(), will);
+    assert!(tern_codec::decode_publish_properties(bytes::Bytes::from_static(b"\x05\x01")).is_err());
+}

@@ -234,7 +234,8 @@ pub(crate) fn encode_queue_entry(r: &QueueEntry) -> Vec<u8> {
         Some(p) => e.u8(1).u16(p),
         None => e.u8(0),
     };
-    e.u8(state_byte(r.state)).u8(u8::from(r.dup));
+    e.u8(state_byte(r.state))
+        .u8(u8::from(r.dup) | (u8::from(r.retain) << 1));
     e.u16(u16::try_from(r.subscription_ids.len()).unwrap_or(u16::MAX));
     for id in r.subscription_ids.iter().take(usize::from(u16::MAX)) {
         e.u32(*id);
@@ -258,7 +259,11 @@ pub(crate) fn decode_queue_entry(key: &[u8], v: &[u8]) -> Result<QueueEntry, Sto
         2 => DeliveryState::AwaitingComp,
         _ => return Err(StoreError::corrupt(key, "bad delivery state")),
     };
-    let dup = d.bool()?;
+    let flags = d.u8()?;
+    if flags > 0b11 {
+        return Err(StoreError::corrupt(key, "bad queue entry flags"));
+    }
+    let (dup, retain) = (flags & 1 != 0, flags & 2 != 0);
     let n = d.u16()?;
     let mut subscription_ids = Vec::with_capacity(usize::from(n));
     for _ in 0..n {
@@ -273,6 +278,7 @@ pub(crate) fn decode_queue_entry(key: &[u8], v: &[u8]) -> Result<QueueEntry, Sto
         packet_id,
         state,
         dup,
+        retain,
         subscription_ids,
     })
 }

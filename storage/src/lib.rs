@@ -69,8 +69,8 @@ pub use schema::SCHEMA_VERSION;
 pub use sled_store::{SledStore, SLED_CACHE_BYTES};
 pub use store::{RecordIter, SessionSummary, Store, StoreStats};
 pub use writer::{
-    Durability, StoreWriter, WriterConfig, WriterStats, DEFAULT_MAX_DELAY, DEFAULT_MAX_OPS,
-    DEFAULT_SYNC_INTERVAL,
+    Completion, Durability, StoreWriter, WriterConfig, WriterStats, DEFAULT_MAX_DELAY,
+    DEFAULT_MAX_OPS, DEFAULT_SYNC_INTERVAL,
 };
 
 /// Keys read per engine call by the recovery and admin iterators. Large

@@ -99,6 +99,9 @@ pub struct QueueEntry {
     pub packet_id: Option<u16>,
     pub state: DeliveryState,
     pub dup: bool,
+    /// RETAIN of this delivery (set only for Retain As Published
+    /// subscriptions and retained messages sent at subscribe).
+    pub retain: bool,
     /// Subscription identifiers to send with the delivery.
     pub subscription_ids: Vec<u32>,
 }

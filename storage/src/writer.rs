@@ -98,7 +98,26 @@ struct Counters {
     failed: AtomicU64,
 }
 
-type Reply = oneshot::Sender<Result<(), StoreError>>;
+/// What the writer calls when a submission is resolved.
+pub type Completion = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
+
+/// How a submission learns its outcome: a future, or a function the writer
+/// thread calls.
+enum Reply {
+    Future(oneshot::Sender<Result<(), StoreError>>),
+    Callback(Completion),
+}
+
+impl Reply {
+    fn send(self, result: Result<(), StoreError>) {
+        match self {
+            Reply::Future(tx) => {
+                let _ = tx.send(result);
+            }
+            Reply::Callback(f) => f(result),
+        }
+    }
+}
 
 struct Request {
     /// `None`: a sync barrier.
@@ -164,6 +183,23 @@ impl StoreWriter {
         self.request(None)
     }
 
+    /// Queues `batch` like [`submit`](Self::submit), and has the writer
+    /// thread call `done` with the outcome. Completions run in submission
+    /// order, on the writer thread, so they must be short and must not
+    /// block; they may take locks the submitter does not hold while calling
+    /// this. If the writer has stopped, `done` runs at once, on the calling
+    /// thread, with [`StoreError::WriterClosed`].
+    pub fn submit_then(&self, batch: Batch, done: Completion) {
+        self.counters.submitted.fetch_add(1, Ordering::Relaxed);
+        let request = Request {
+            batch: Some(batch),
+            reply: Reply::Callback(done),
+        };
+        if let Err(mpsc::SendError(request)) = self.tx.send(request) {
+            request.reply.send(Err(StoreError::WriterClosed));
+        }
+    }
+
     pub fn stats(&self) -> WriterStats {
         WriterStats {
             submitted: self.counters.submitted.load(Ordering::Relaxed),
@@ -178,7 +214,13 @@ impl StoreWriter {
         batch: Option<Batch>,
     ) -> impl Future<Output = Result<(), StoreError>> + Send + 'static {
         let (reply, rx) = oneshot::channel();
-        let sent = self.tx.send(Request { batch, reply }).is_ok();
+        let sent = self
+            .tx
+            .send(Request {
+                batch,
+                reply: Reply::Future(reply),
+            })
+            .is_ok();
         async move {
             if !sent {
                 return Err(StoreError::WriterClosed);
@@ -386,9 +428,7 @@ impl Worker {
     fn resolve(&self, replies: impl IntoIterator<Item = Reply>, result: &Result<(), StoreError>) {
         for reply in replies {
             match result {
-                Ok(()) => {
-                    let _ = reply.send(Ok(()));
-                }
+                Ok(()) => reply.send(Ok(())),
                 Err(e) => self.fail(reply, e.clone()),
             }
         }
@@ -396,7 +436,7 @@ impl Worker {
 
     fn fail(&self, reply: Reply, e: StoreError) {
         self.counters.failed.fetch_add(1, Ordering::Relaxed);
-        let _ = reply.send(Err(e));
+        reply.send(Err(e));
     }
 }
 

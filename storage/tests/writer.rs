@@ -273,3 +273,53 @@ impl<S: Store> Store for SlowSync<S> {
         self.inner.compact()
     }
 }
+
+#[test]
+fn completions_run_in_submission_order_after_the_sync() {
+    let store = Arc::new(FailingStore::new(MemoryStore::new()));
+    let writer = StoreWriter::spawn(
+        Arc::clone(&store) as Arc<dyn Store>,
+        config(Durability::Fsync),
+    )
+    .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    for id in 1..=200u64 {
+        let tx = tx.clone();
+        let store = Arc::clone(&store);
+        // An empty batch too: it orders its completion behind the others.
+        let batch = if id % 10 == 0 {
+            Batch::new()
+        } else {
+            publish(id)
+        };
+        writer.submit_then(
+            batch,
+            Box::new(move |result| {
+                let _ = tx.send((id, result.is_ok(), store.syncs()));
+            }),
+        );
+    }
+    drop(tx);
+    let seen: Vec<_> = rx.iter().collect();
+    assert_eq!(seen.len(), 200);
+    assert!(seen.iter().all(|&(_, ok, _)| ok));
+    let ids: Vec<u64> = seen.iter().map(|&(id, _, _)| id).collect();
+    assert_eq!(ids, (1..=200).collect::<Vec<_>>(), "completion order");
+    assert!(
+        seen.iter().all(|&(_, _, syncs)| syncs >= 1),
+        "ran before a sync"
+    );
+
+    // Memory mode resolves without a sync.
+    drop(writer);
+    let writer =
+        StoreWriter::spawn(Arc::new(MemoryStore::new()), config(Durability::Memory)).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    writer.submit_then(
+        publish(1),
+        Box::new(move |r| {
+            let _ = tx.send(r.is_ok());
+        }),
+    );
+    assert_eq!(rx.recv_timeout(Duration::from_secs(5)), Ok(true));
+}

@@ -21,11 +21,28 @@ use tokio::net::TcpStream;
 pub const WAIT: Duration = Duration::from_secs(5);
 
 /// Starts a broker on 127.0.0.1:0 with the defaults, adjusted by `adjust`.
+///
+/// The broker keeps its state in memory unless `TERN_TEST_DURABILITY` says
+/// `fsync` or `interval`: then every test runs against a fresh store in the
+/// system's temporary directory (the whole protocol suite over the durable
+/// path; the directories are left for inspection).
 pub async fn start(adjust: impl FnOnce(&mut Config)) -> Server {
     let mut config = Config::default();
     config.listeners.tcp = vec!["127.0.0.1:0".parse().unwrap()];
     // WebSocket is on by default at a fixed port; parallel tests must not collide.
     config.listeners.ws = vec!["127.0.0.1:0".parse().unwrap()];
+    config.admin.bind = Some("127.0.0.1:0".parse().unwrap());
+    config.storage.durability = match std::env::var("TERN_TEST_DURABILITY").as_deref() {
+        Ok("fsync") => tern::config::DurabilityMode::Fsync,
+        Ok("interval") => tern::config::DurabilityMode::Interval,
+        _ => tern::config::DurabilityMode::Memory,
+    };
+    static STORES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    config.storage.data_dir = std::env::temp_dir().join(format!(
+        "tern-test-{}-{}",
+        std::process::id(),
+        STORES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
     adjust(&mut config);
     Server::start(config).await.expect("broker starts")
 }

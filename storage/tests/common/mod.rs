@@ -58,6 +58,7 @@ pub fn entry(client_id: &str, seq: u64, message_id: u64) -> QueueEntry {
         packet_id: None,
         state: DeliveryState::Pending,
         dup: false,
+        retain: true,
         subscription_ids: vec![7, 9],
     }
 }

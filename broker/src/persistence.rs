@@ -1,0 +1,274 @@
+//! The bridge between the broker's in-memory state and its durable store.
+//!
+//! Sessions, queues and retained messages live in memory, where the hot path
+//! works on them; every change that must survive a crash is also described
+//! as store operations and handed to the group-commit writer of
+//! `tern-storage`. This module owns that hand-off:
+//!
+//! - [`Persistence`]: the open store, its writer and the message id counter.
+//! - [`Journal`]: the operations one broker action produces (a PUBLISH routed
+//!   to many sessions, an acknowledgement, a SUBSCRIBE), plus what to do once
+//!   they are durable (send the PUBACK, release a QoS 2 PUBLISH). One journal
+//!   is one atomic store batch.
+//! - The conversions between broker values (`Message`, `Will`, `Instant`)
+//!   and store records (Unix time, serialised properties).
+//!
+//! # Durability rule
+//!
+//! Whatever a client is told was accepted (PUBACK, PUBREC, SUBACK) is sent
+//! from a journal's completion, so in `fsync` mode it leaves only after the
+//! batch holding that state is synced. Changes nobody waits for (an
+//! acknowledgement from a subscriber, a session going offline) are committed
+//! without a completion; losing one in a crash only means a message is
+//! delivered again (QoS 1) or a PUBREL is sent again (QoS 2).
+//!
+//! Completions run on the writer thread, in submission order: they only
+//! queue packets and take session locks, never block.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use smallvec::SmallVec;
+use tern_codec::properties::PublishProperties;
+use tern_codec::{QoS, Will};
+use tern_storage::{
+    Batch, MessageRecord, Op, SledStore, Store, StoreError, StoreWriter, WillRecord, WriterConfig,
+};
+
+use crate::message::Message;
+use crate::metrics::Metrics;
+
+/// What runs once a journal's batch is durable (or failed).
+pub type AfterCommit = Box<dyn FnOnce(&Result<(), StoreError>) + Send>;
+
+/// The durable store of a running broker.
+pub struct Persistence {
+    store: Arc<dyn Store>,
+    writer: StoreWriter,
+    next_message_id: AtomicU64,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Persistence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Persistence")
+            .field("writer", &self.writer)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Persistence {
+    /// Opens (creating if needed) the sled store in `dir` and starts its
+    /// writer. Blocks on the disk: call it from a blocking context.
+    pub fn open(
+        dir: &std::path::Path,
+        config: WriterConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Persistence>, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|e| StoreError::Io(Arc::new(e)))?;
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir)?);
+        Persistence::with_store(store, config, metrics)
+    }
+
+    /// Runs over any store (tests use `MemoryStore` and `FailingStore`).
+    pub fn with_store(
+        store: Arc<dyn Store>,
+        config: WriterConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Persistence>, StoreError> {
+        let next = store.last_message_id()?.map_or(1, |id| id + 1);
+        let writer = StoreWriter::spawn(Arc::clone(&store), config)?;
+        Ok(Arc::new(Persistence {
+            store,
+            writer,
+            next_message_id: AtomicU64::new(next),
+            metrics,
+        }))
+    }
+
+    /// The store, for recovery and the admin endpoint (reads only; all
+    /// writes go through the writer).
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// Hands a journal to the writer. Its completions run once the batch is
+    /// durable (per the durability mode) or failed. Never blocks; callers
+    /// must not hold a lock that a completion takes (if the writer has
+    /// stopped, completions run at once on this thread).
+    pub fn commit(&self, journal: Journal) {
+        let Journal { batch, after, .. } = journal;
+        if batch.is_empty() && after.is_empty() {
+            return;
+        }
+        let metrics = Arc::clone(&self.metrics);
+        self.writer.submit_then(
+            batch,
+            Box::new(move |result| {
+                if result.is_err() {
+                    Metrics::inc(&metrics.store_failures);
+                }
+                for f in after {
+                    f(&result);
+                }
+            }),
+        );
+    }
+
+    /// Resolves once everything committed before is durable (shutdown).
+    pub async fn sync(&self) -> Result<(), StoreError> {
+        self.writer.sync().await
+    }
+
+    /// Writer counters (windows, syncs, failures).
+    pub fn writer_stats(&self) -> tern_storage::WriterStats {
+        self.writer.stats()
+    }
+
+    fn allocate_message_id(&self) -> u64 {
+        self.next_message_id.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// The store operations of one broker action and what follows their commit.
+/// See the module documentation.
+#[derive(Default)]
+pub struct Journal {
+    batch: Batch,
+    after: Vec<AfterCommit>,
+    /// Messages already put in this batch (a message is written once per
+    /// batch, however many queue entries reference it).
+    stored: SmallVec<[u64; 2]>,
+}
+
+impl Journal {
+    pub fn new() -> Journal {
+        Journal::default()
+    }
+
+    /// True when the journal changes nothing in the store.
+    pub fn has_changes(&self) -> bool {
+        !self.batch.is_empty()
+    }
+
+    pub fn push(&mut self, op: Op) {
+        self.batch.push(op);
+    }
+
+    /// Runs `f` once this journal's batch is durable or failed.
+    pub fn after(&mut self, f: impl FnOnce(&Result<(), StoreError>) + Send + 'static) {
+        self.after.push(Box::new(f));
+    }
+
+    /// The store id of `message`, putting the message in this batch unless
+    /// it already is. Call it for every *new* reference (queue entry,
+    /// retained record): the message may have been deleted from the store
+    /// since an earlier batch, when its last reference went.
+    pub fn reference(&mut self, persistence: &Persistence, message: &Message) -> u64 {
+        let id = *message
+            .store_id
+            .get_or_init(|| persistence.allocate_message_id());
+        if !self.stored.contains(&id) {
+            self.stored.push(id);
+            self.batch.push(Op::PutMessage(message_record(message, id)));
+        }
+        id
+    }
+}
+
+/// Now, in Unix seconds.
+pub fn unix_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Now, in Unix milliseconds.
+pub fn unix_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// An `Instant` deadline as Unix milliseconds (for a record).
+fn deadline_to_unix_millis(at: Instant) -> u64 {
+    let left = at.saturating_duration_since(Instant::now());
+    unix_millis().saturating_add(u64::try_from(left.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Unix milliseconds from a record as an `Instant` deadline (in the past if
+/// it already passed).
+pub fn unix_millis_to_deadline(at: u64) -> Instant {
+    let now = Instant::now();
+    let now_ms = unix_millis();
+    if at >= now_ms {
+        now + Duration::from_millis(at - now_ms)
+    } else {
+        now.checked_sub(Duration::from_millis(now_ms - at))
+            .unwrap_or(now)
+    }
+}
+
+/// The record of a message.
+pub fn message_record(message: &Message, id: u64) -> MessageRecord {
+    MessageRecord {
+        id,
+        topic: message.topic.clone(),
+        payload: message.payload.clone(),
+        qos: message.qos as u8,
+        retain: message.retain,
+        properties: tern_codec::encode_publish_properties(&message.properties).unwrap_or_default(),
+        expires_at: message.expires_at.map(deadline_to_unix_millis),
+    }
+}
+
+/// A message read back from the store. `None` when the record cannot be
+/// used (its properties do not decode, or its QoS is out of range).
+pub fn message_from_record(record: MessageRecord) -> Option<Arc<Message>> {
+    let properties = if record.properties.is_empty() {
+        PublishProperties::default()
+    } else {
+        tern_codec::decode_publish_properties(record.properties).ok()?
+    };
+    let qos = QoS::from_u8(record.qos)?;
+    let expires_at = record.expires_at.map(unix_millis_to_deadline);
+    let message = Message::restored(
+        record.topic,
+        record.payload,
+        qos,
+        record.retain,
+        properties,
+        expires_at,
+        record.id,
+    );
+    Some(message)
+}
+
+/// The record of a will.
+pub fn will_record(will: &Will) -> WillRecord {
+    WillRecord {
+        topic: will.topic.clone(),
+        payload: will.payload.clone(),
+        qos: will.qos as u8,
+        retain: will.retain,
+        delay_interval: will.properties.will_delay_interval.unwrap_or(0),
+        properties: tern_codec::encode_will_properties(&will.properties).unwrap_or_default(),
+    }
+}
+
+/// A will read back from the store.
+pub fn will_from_record(record: WillRecord) -> Option<Will> {
+    let properties = if record.properties.is_empty() {
+        Default::default()
+    } else {
+        tern_codec::decode_will_properties(record.properties).ok()?
+    };
+    Some(Will {
+        topic: record.topic,
+        payload: record.payload,
+        qos: QoS::from_u8(record.qos)?,
+        retain: record.retain,
+        properties,
+    })
+}

@@ -1,0 +1,198 @@
+//! Start-up recovery: the durable store back into the broker's memory.
+//!
+//! [`recover`] runs once, after the store is open and **before any listener
+//! opens**, so that the first client to connect already finds its session,
+//! its subscriptions routed and its queue in order (a restored session whose
+//! subscriptions are not in the router would silently lose every publish
+//! after a restart).
+//!
+//! What it restores, and what it purges instead:
+//!
+//! - retained messages, unless expired;
+//! - sessions, unless their expiry interval ran out while the broker was
+//!   down (counted from the record's `last_seen`); an expired session's will
+//!   is published, as it would have been at its end;
+//! - each session's subscriptions (into the router), its queue in `seq`
+//!   order (entries already sent come back as in-flight messages, sent again
+//!   with DUP when the client returns; entries whose PUBREL went out get
+//!   their PUBREL again), and its incoming QoS 2 packet ids;
+//! - a will still waiting for its delay, with what is left of the delay; a
+//!   session that was online when the broker stopped without a clean close
+//!   has lost its connection abnormally, so its will becomes due.
+//!
+//! Purges are committed as one batch at the end. A message shared by many
+//! queues is read once and shared again in memory.
+//!
+//! Store calls block: run it on a blocking thread.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tern_codec::{ProtocolVersion, QoS, Will};
+use tern_router::SubscriptionOptions;
+use tern_storage::{Op, StoreError};
+
+use crate::broker::{Broker, SessionRef};
+use crate::message::Message;
+use crate::metrics::Metrics;
+use crate::persistence::{message_from_record, unix_secs, will_from_record, Journal};
+use crate::session::Delivery;
+
+/// What [`recover`] found.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Recovered {
+    pub sessions: usize,
+    pub subscriptions: usize,
+    /// Queue entries restored (in flight included).
+    pub queued: usize,
+    pub retained: usize,
+    /// Expired sessions, queue entries and retained messages removed.
+    pub purged: usize,
+    /// Wills that became due while the broker was down, published now.
+    pub wills_published: usize,
+}
+
+/// Loads the durable state into `broker`. Does nothing without a store.
+pub fn recover(broker: &Arc<Broker>) -> Result<Recovered, StoreError> {
+    let Some(persistence) = broker.persistence.clone() else {
+        return Ok(Recovered::default());
+    };
+    let store = persistence.store();
+    let mut report = Recovered::default();
+    let mut purge = Journal::new();
+    let mut messages: HashMap<u64, Option<Arc<Message>>> = HashMap::new();
+    let now = Instant::now();
+    let mut load = |id: u64| -> Result<Option<Arc<Message>>, StoreError> {
+        if let Some(known) = messages.get(&id) {
+            return Ok(known.clone());
+        }
+        let message = store
+            .message(id)?
+            .and_then(message_from_record)
+            .filter(|m| !m.is_expired(now));
+        messages.insert(id, message.clone());
+        Ok(message)
+    };
+
+    for record in store.retained("") {
+        let record = record?;
+        match load(record.message_id)? {
+            Some(message) => {
+                broker.retained.insert(&record.topic, message);
+                report.retained += 1;
+            }
+            None => {
+                purge.push(Op::DeleteRetained {
+                    topic: record.topic,
+                });
+                report.purged += 1;
+            }
+        }
+    }
+
+    let now_secs = unix_secs();
+    let mut due_wills: Vec<Will> = Vec::new();
+    for record in store.sessions() {
+        let record = record?;
+        let client_id = record.client_id.clone();
+        let offline = now_secs.saturating_sub(record.last_seen);
+        let will = record.will.clone().and_then(will_from_record);
+        let protocol = match record.protocol_level {
+            3 => Some(ProtocolVersion::V31),
+            4 => Some(ProtocolVersion::V311),
+            5 => Some(ProtocolVersion::V5),
+            _ => None,
+        };
+        let expired =
+            record.expiry_interval != u32::MAX && offline >= u64::from(record.expiry_interval);
+        let Some(protocol) = protocol.filter(|_| !expired) else {
+            purge.push(Op::DeleteSession { client_id });
+            report.purged += 1;
+            due_wills.extend(will);
+            continue;
+        };
+
+        let session = broker.registry.restore(&client_id);
+        let next_seq = store.last_seq(&client_id)?.map_or(1, |s| s + 1);
+        session.restore(
+            protocol,
+            record.expiry_interval,
+            record.created_at,
+            next_seq,
+        );
+        let subscriber = SessionRef(Arc::clone(&session));
+        for sub in store.subscriptions(&client_id) {
+            let sub = sub?;
+            let options = SubscriptionOptions {
+                qos: sub.qos.min(2),
+                no_local: sub.no_local,
+                retain_as_published: sub.retain_as_published,
+                retain_handling: sub.retain_handling,
+                subscription_id: sub.subscription_id,
+            };
+            match broker.router.subscribe(&subscriber, &sub.filter, options) {
+                Ok(_) => report.subscriptions += 1,
+                Err(_) => {
+                    purge.push(Op::DeleteSubscription {
+                        client_id: client_id.clone(),
+                        filter: sub.filter,
+                    });
+                    report.purged += 1;
+                }
+            }
+        }
+        for entry in store.queue(&client_id, None) {
+            let entry = entry?;
+            let qos = QoS::from_u8(entry.qos).filter(|q| *q != QoS::AtMostOnce);
+            match (load(entry.message_id)?, qos) {
+                (Some(message), Some(qos)) => {
+                    let mut delivery = Delivery::new(
+                        &message,
+                        qos,
+                        entry.retain,
+                        entry.subscription_ids.iter().copied().collect(),
+                    );
+                    delivery.packet_id = entry.packet_id;
+                    delivery.dup = entry.dup;
+                    delivery.seq = entry.seq;
+                    session.restore_delivery(delivery, entry.state);
+                    report.queued += 1;
+                }
+                _ => {
+                    purge.push(Op::DeleteQueueEntry {
+                        client_id: client_id.clone(),
+                        seq: entry.seq,
+                    });
+                    report.purged += 1;
+                }
+            }
+        }
+        for packet_id in store.incoming_qos2(&client_id)? {
+            session.restore_incoming_qos2(packet_id);
+        }
+
+        let expiry = (record.expiry_interval != u32::MAX)
+            .then(|| Duration::from_secs(u64::from(record.expiry_interval) - offline));
+        let will = will.and_then(|will| {
+            let delay = u64::from(will.properties.will_delay_interval.unwrap_or(0));
+            if offline >= delay {
+                due_wills.push(will);
+                None
+            } else {
+                Some((will, Duration::from_secs(delay - offline)))
+            }
+        });
+        broker.schedule_offline(&session, will, expiry, session.generation());
+        report.sessions += 1;
+    }
+
+    // Published once every session is back, so durable subscribers get them.
+    for will in &due_wills {
+        broker.publish_will(will, 0);
+    }
+    report.wills_published = due_wills.len();
+    Metrics::add(&broker.metrics.recovery_purged, report.purged as u64);
+    broker.commit(purge);
+    Ok(report)
+}
