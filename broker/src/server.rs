@@ -81,6 +81,34 @@ impl Server {
                 })?)
             }
         };
+        Server::start_with(config, metrics, persistence).await
+    }
+
+    /// Like [`start`](Self::start), over a store the caller opened (tests
+    /// inject `MemoryStore` and `FailingStore`); in memory mode the
+    /// configuration's writer settings default to fsync.
+    pub async fn start_with_store(
+        config: Config,
+        store: Arc<dyn tern_storage::Store>,
+    ) -> Result<Server, StartError> {
+        let metrics = Arc::new(Metrics::default());
+        let writer = config.storage.writer_config().unwrap_or_default();
+        let persistence =
+            Persistence::with_store(store, writer, Arc::clone(&metrics)).map_err(|source| {
+                StartError::Store {
+                    dir: config.storage.data_dir.clone(),
+                    source,
+                }
+            })?;
+        Server::start_with(config, metrics, Some(persistence)).await
+    }
+
+    async fn start_with(
+        config: Config,
+        metrics: Arc<Metrics>,
+        persistence: Option<Arc<Persistence>>,
+    ) -> Result<Server, StartError> {
+        let dir = config.storage.data_dir.clone();
         let broker = Broker::with_store(config, metrics, persistence);
         if broker.persistence.is_some() {
             let b = Arc::clone(&broker);

@@ -276,6 +276,7 @@ enum InflightState {
     Released,
     /// QoS 2 with its packet id assigned, not yet on the wire: it is sent
     /// once the queue entry holding the id is durable (durable sessions).
+    /// A QoS 1 message sent after one waits too, to keep the order.
     Persisting,
 }
 
@@ -958,7 +959,8 @@ impl Session {
         }
     }
 
-    /// Puts a QoS 2 PUBLISH on the wire once its packet id is durable.
+    /// Puts a PUBLISH that waited in `Persisting` on the wire once its
+    /// packet id is durable.
     fn release(&self, packet_id: u16, seq: u64) {
         let mut st = self.state.lock();
         let Some(i) = st.inflight.iter().position(|i| {
@@ -1135,7 +1137,13 @@ impl Session {
                     Some(packet_id),
                     DeliveryState::AwaitingAck,
                 )));
-                if delivery.qos == QoS::ExactlyOnce {
+                // Later deliveries wait behind a waiting one: the order
+                // of a topic's messages holds across QoS levels.
+                let waiting = st
+                    .inflight
+                    .iter()
+                    .any(|i| i.state == InflightState::Persisting);
+                if delivery.qos == QoS::ExactlyOnce || waiting {
                     state = InflightState::Persisting;
                     let (session, seq) = (Arc::clone(self), delivery.seq);
                     journal.after(move |_| session.release(packet_id, seq));

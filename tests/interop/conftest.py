@@ -89,7 +89,9 @@ class Broker:
         if not binary.exists():
             pytest.fail(f"broker binary {binary} not found (set TERN_BIN)")
         self.tmpdir = tempfile.mkdtemp(prefix="tern-interop-")
+        # The default durability (fsync) with a store of its own per broker.
         args = [str(binary), "serve", "--bind", "127.0.0.1:0", "--ws-bind", "127.0.0.1:0",
+                "--admin-bind", "127.0.0.1:0", "--data-dir", str(Path(self.tmpdir) / "data"),
                 "--log-level", "info"]
         if config_text is not None:
             cfg = Path(self.tmpdir) / "tern.toml"

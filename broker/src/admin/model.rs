@@ -111,6 +111,8 @@ pub struct QueueRow {
     pub state: State,
     pub packet_id: Option<u16>,
     pub dup: bool,
+    /// RETAIN of this delivery.
+    pub retain: bool,
     pub subscription_ids: Vec<u32>,
     /// `None` when the referenced message is missing (a damaged store).
     pub message: Option<MessageSummary>,
@@ -376,6 +378,7 @@ fn queue_row(store: &dyn Store, e: QueueEntry) -> Result<QueueRow, StoreError> {
         state: e.state.into(),
         packet_id: e.packet_id,
         dup: e.dup,
+        retain: e.retain,
         subscription_ids: e.subscription_ids,
         message: message.as_ref().map(MessageSummary::from),
     })
@@ -490,6 +493,7 @@ struct ExportQueueEntry {
     packet_id: Option<u16>,
     state: State,
     dup: bool,
+    retain: bool,
     subscription_ids: Vec<u32>,
 }
 
@@ -541,6 +545,7 @@ impl From<QueueEntry> for ExportQueueEntry {
             packet_id: e.packet_id,
             state: e.state.into(),
             dup: e.dup,
+            retain: e.retain,
             subscription_ids: e.subscription_ids,
         }
     }
@@ -575,7 +580,7 @@ pub fn write_export(store: &dyn Store, out: &mut dyn Write) -> Result<(), AdminE
     )?;
     let mut first = true;
     for session in store.sessions() {
-        render::array_separator(out, &mut first)?;
+        render::array_separator(out, &mut first, "  ")?;
         write_export_session(store, session?, &mut referenced, out)?;
     }
     out.write_all(b"\n],\n\"retained\":[")?;
@@ -583,7 +588,7 @@ pub fn write_export(store: &dyn Store, out: &mut dyn Write) -> Result<(), AdminE
     for record in store.retained("") {
         let record = record?;
         referenced.insert(record.message_id);
-        render::array_separator(out, &mut first)?;
+        render::array_separator(out, &mut first, "  ")?;
         render::write_compact(
             out,
             &ExportRetained {
@@ -596,7 +601,7 @@ pub fn write_export(store: &dyn Store, out: &mut dyn Write) -> Result<(), AdminE
     let mut first = true;
     for id in referenced {
         if let Some(message) = store.message(id)? {
-            render::array_separator(out, &mut first)?;
+            render::array_separator(out, &mut first, "  ")?;
             render::write_compact(out, &ExportMessage::from(message))?;
         }
     }
@@ -627,7 +632,7 @@ fn write_export_session(
     for entry in store.queue(&client_id, None) {
         let entry = entry?;
         referenced.insert(entry.message_id);
-        render::array_separator(out, &mut first)?;
+        render::array_separator(out, &mut first, "    ")?;
         render::write_compact(out, &ExportQueueEntry::from(entry))?;
     }
     out.write_all(if first { b"]}" } else { b"\n  ]}" })?;

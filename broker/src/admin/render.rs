@@ -29,12 +29,14 @@ pub fn write_pretty<T: Serialize>(out: &mut dyn Write, value: &T) -> io::Result<
     out.write_all(b"\n")
 }
 
-/// Starts the next element of a JSON array: its line, and the comma before
-/// it unless it is the first.
-pub fn array_separator(out: &mut dyn Write, first: &mut bool) -> io::Result<()> {
-    let sep: &[u8] = if *first { b"\n  " } else { b",\n  " };
-    *first = false;
-    out.write_all(sep)
+/// Starts the next element of a JSON array: the comma before it unless it
+/// is the first, then a new line indented by `indent`.
+pub fn array_separator(out: &mut dyn Write, first: &mut bool, indent: &str) -> io::Result<()> {
+    if !std::mem::replace(first, false) {
+        out.write_all(b",")?;
+    }
+    out.write_all(b"\n")?;
+    out.write_all(indent.as_bytes())
 }
 
 /// Writes the rows as a JSON array, one element per line, as they arrive.
@@ -46,7 +48,7 @@ pub fn write_json_array<T: Serialize>(
     let mut first = true;
     for row in rows {
         let row = row?;
-        array_separator(out, &mut first)?;
+        array_separator(out, &mut first, "  ")?;
         write_compact(out, &row)?;
     }
     out.write_all(if first { b"]\n" } else { b"\n]\n" })?;
@@ -249,6 +251,7 @@ pub fn queue(out: &mut dyn Write, q: &QueueView, json: bool) -> Result<(), Admin
         ("STATE", Left),
         ("PACKET ID", Right),
         ("DUP", Left),
+        ("RETAIN", Left),
         ("SIZE", Right),
         ("TOPIC", Left),
     ]);
@@ -264,6 +267,7 @@ pub fn queue(out: &mut dyn Write, q: &QueueView, json: bool) -> Result<(), Admin
             state(e.state).to_owned(),
             e.packet_id.map_or_else(dash, |id| id.to_string()),
             yes_no(e.dup),
+            yes_no(e.retain),
             size,
             topic,
         ]);

@@ -1,0 +1,286 @@
+//! Durable state through the broker: acknowledgements wait for the store,
+//! a failing store is reported with the reason code the specification
+//! names, and a broker restarted on the same store carries on where the
+//! last one stopped (sessions, queues, in-flight QoS 2, retained messages).
+//!
+//! These run in-process over `MemoryStore` / `FailingStore` (the same
+//! engine as sled behind the same trait); SIGKILL crash tests of the real
+//! binary on sled are in `tests/interop/test_persistence.py`.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{addr, persistent_connect, publish_packet, RawClient};
+use tern::metrics::Metrics;
+use tern::{Config, Server};
+use tern_codec::{Packet, ProtocolVersion, PubAck, QoS, ReasonCode};
+use tern_storage::{FailingStore, MemoryStore, Store};
+
+fn durable(config: &mut Config) {
+    config.listeners.tcp = vec!["127.0.0.1:0".parse().unwrap()];
+    config.listeners.ws = vec![];
+    config.admin.bind = None;
+    config.storage.durability = tern::config::DurabilityMode::Fsync;
+}
+
+async fn start_on(store: Arc<dyn Store>) -> Server {
+    let mut config = Config::default();
+    durable(&mut config);
+    Server::start_with_store(config, store)
+        .await
+        .expect("broker starts")
+}
+
+/// An offline durable session subscribed to `filter`.
+async fn offline_subscriber(server: &Server, client_id: &str, filter: &str, qos: QoS) {
+    let (mut c, ack) = RawClient::connect(addr(server), persistent_connect(client_id, 3600)).await;
+    assert_eq!(ack.code, ReasonCode::Success);
+    assert_eq!(
+        c.subscribe(filter, qos).await,
+        vec![ReasonCode::granted(qos)]
+    );
+    c.send(Packet::Disconnect(Default::default())).await;
+    c.expect_closed().await;
+}
+
+async fn expect_ack(c: &mut RawClient) -> Packet {
+    c.recv().await.expect("an acknowledgement")
+}
+
+#[tokio::test]
+async fn a_full_disk_is_reported_and_nothing_is_acknowledged_as_stored() {
+    let store = Arc::new(FailingStore::new(MemoryStore::new()));
+    let server = start_on(Arc::clone(&store) as Arc<dyn Store>).await;
+    offline_subscriber(&server, "keeper", "t/#", QoS::AtLeastOnce).await;
+
+    let (mut v5, _) = RawClient::connect(
+        addr(&server),
+        common::connect_packet("pub5", ProtocolVersion::V5),
+    )
+    .await;
+    v5.send(publish_packet("t/1", b"one", QoS::AtLeastOnce, Some(1)))
+        .await;
+    assert!(
+        matches!(expect_ack(&mut v5).await, Packet::PubAck(a) if a.code == ReasonCode::Success)
+    );
+
+    store.disk_full(true);
+    // A message an offline durable session must keep: refused, 0x97.
+    v5.send(publish_packet("t/2", b"two", QoS::AtLeastOnce, Some(2)))
+        .await;
+    match expect_ack(&mut v5).await {
+        Packet::PubAck(a) => {
+            assert_eq!((a.packet_id, a.code), (2, ReasonCode::QuotaExceeded))
+        }
+        other => panic!("expected PUBACK 0x97, got {other:?}"),
+    }
+    // QoS 2: PUBREC 0x97.
+    v5.send(publish_packet("t/3", b"three", QoS::ExactlyOnce, Some(3)))
+        .await;
+    match expect_ack(&mut v5).await {
+        Packet::PubRec(a) => assert_eq!(a.code, ReasonCode::QuotaExceeded),
+        other => panic!("expected PUBREC 0x97, got {other:?}"),
+    }
+    // A message nobody durable wants touches no store: served as usual.
+    v5.send(publish_packet("elsewhere", b"x", QoS::AtLeastOnce, Some(4)))
+        .await;
+    assert!(
+        matches!(expect_ack(&mut v5).await, Packet::PubAck(a) if a.code == ReasonCode::Success)
+    );
+
+    // MQTT 3.1.1 has no error code in PUBACK: the connection is closed
+    // without one, so the client sends the message again later.
+    let (mut v3, _) = RawClient::connect(
+        addr(&server),
+        common::connect_packet("pub3", ProtocolVersion::V311),
+    )
+    .await;
+    v3.send(publish_packet("t/4", b"four", QoS::AtLeastOnce, Some(9)))
+        .await;
+    let seen = v3.expect_closed().await;
+    assert!(
+        !seen.iter().any(|p| matches!(p, Packet::PubAck(_))),
+        "{seen:?}"
+    );
+
+    // A durable session's SUBSCRIBE: SUBACK 0x97, and the subscription is
+    // not kept (nothing published to it arrives).
+    let (mut sub, _) = RawClient::connect(addr(&server), persistent_connect("late", 3600)).await;
+    assert_eq!(
+        sub.subscribe("late/#", QoS::AtLeastOnce).await,
+        vec![ReasonCode::QuotaExceeded]
+    );
+    store.disk_full(false);
+    v5.send(publish_packet("late/x", b"x", QoS::AtMostOnce, None))
+        .await;
+    sub.expect_silence(Duration::from_millis(200)).await;
+
+    // The disk has room again: acknowledged as stored, and the subscriber
+    // gets exactly the messages that were.
+    v5.send(publish_packet("t/5", b"five", QoS::AtLeastOnce, Some(5)))
+        .await;
+    assert!(
+        matches!(expect_ack(&mut v5).await, Packet::PubAck(a) if a.code == ReasonCode::Success)
+    );
+    assert!(Metrics::get(&server.broker().metrics.store_failures) >= 3);
+
+    let (mut keeper, ack) =
+        RawClient::connect(addr(&server), persistent_connect("keeper", 3600)).await;
+    assert!(ack.session_present);
+    let mut got = Vec::new();
+    while let Ok(Some(Packet::Publish(p))) = keeper.recv_within(Duration::from_millis(300)).await {
+        keeper
+            .send(Packet::PubAck(PubAck::new(p.packet_id.unwrap())))
+            .await;
+        got.push(p.payload);
+    }
+    // In memory the refused messages were still routed (the store failing
+    // never corrupts what is in memory); what was acknowledged as stored is
+    // there in any case.
+    assert!(got.contains(&bytes::Bytes::from_static(b"one")), "{got:?}");
+    assert!(got.contains(&bytes::Bytes::from_static(b"five")), "{got:?}");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_restarted_broker_resumes_sessions_queues_and_retained_messages() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let server = start_on(Arc::clone(&store)).await;
+    offline_subscriber(&server, "reader", "q/#", QoS::ExactlyOnce).await;
+
+    let (mut publisher, _) =
+        RawClient::connect(addr(&server), persistent_connect("writer", 3600)).await;
+    for i in 0..5u16 {
+        let qos = if i % 2 == 0 {
+            QoS::AtLeastOnce
+        } else {
+            QoS::ExactlyOnce
+        };
+        publisher
+            .publish("q/a", format!("m{i}").as_bytes(), qos, 100 + i)
+            .await;
+    }
+    let mut retained = publish_packet("ret/x", b"kept", QoS::AtLeastOnce, Some(200));
+    if let Packet::Publish(p) = &mut retained {
+        p.retain = true;
+    }
+    publisher.send(retained).await;
+    assert!(matches!(
+        expect_ack(&mut publisher).await,
+        Packet::PubAck(_)
+    ));
+    // An incoming QoS 2 message whose PUBREL has not come yet.
+    publisher
+        .send(publish_packet("q/b", b"once", QoS::ExactlyOnce, Some(7)))
+        .await;
+    assert!(matches!(expect_ack(&mut publisher).await, Packet::PubRec(a) if a.packet_id == 7));
+    drop(publisher);
+    server.shutdown().await;
+
+    let server = start_on(Arc::clone(&store)).await;
+    // The publisher resends the unfinished QoS 2 message (DUP): it is
+    // recognised, acknowledged, and not routed a second time.
+    let (mut publisher, ack) =
+        RawClient::connect(addr(&server), persistent_connect("writer", 3600)).await;
+    assert!(ack.session_present);
+    let mut again = publish_packet("q/b", b"once", QoS::ExactlyOnce, Some(7));
+    if let Packet::Publish(p) = &mut again {
+        p.dup = true;
+    }
+    publisher.send(again).await;
+    assert!(matches!(expect_ack(&mut publisher).await, Packet::PubRec(a) if a.packet_id == 7));
+    publisher.send(Packet::PubRel(PubAck::new(7))).await;
+    assert!(
+        matches!(expect_ack(&mut publisher).await, Packet::PubComp(a) if a.code == ReasonCode::Success)
+    );
+
+    let (mut reader, ack) =
+        RawClient::connect(addr(&server), persistent_connect("reader", 3600)).await;
+    assert!(ack.session_present, "the session survived the restart");
+    let mut got = Vec::new();
+    while let Ok(Some(packet)) = reader.recv_within(Duration::from_millis(300)).await {
+        match packet {
+            Packet::Publish(p) => {
+                let id = p.packet_id.unwrap();
+                match p.qos {
+                    QoS::AtLeastOnce => reader.send(Packet::PubAck(PubAck::new(id))).await,
+                    _ => reader.send(Packet::PubRec(PubAck::new(id))).await,
+                }
+                got.push(String::from_utf8(p.payload.to_vec()).unwrap());
+            }
+            Packet::PubRel(r) => reader.send(Packet::PubComp(PubAck::new(r.packet_id))).await,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(got, ["m0", "m1", "m2", "m3", "m4", "once"]);
+
+    // Retained messages came back too.
+    let (mut fresh, _) = RawClient::connect(
+        addr(&server),
+        common::connect_packet("fresh", ProtocolVersion::V5),
+    )
+    .await;
+    fresh
+        .send(common::subscribe_packet(1, "ret/#", QoS::AtMostOnce))
+        .await;
+    assert!(matches!(fresh.recv().await, Some(Packet::SubAck(_))));
+    let p = fresh.recv_publish().await;
+    assert_eq!(
+        (&p.topic[..], &p.payload[..], p.retain),
+        (&b"ret/x"[..], &b"kept"[..], true)
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn unfinished_outgoing_flows_resume_after_a_restart() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let server = start_on(Arc::clone(&store)).await;
+    let (mut reader, _) = RawClient::connect(addr(&server), persistent_connect("r", 3600)).await;
+    reader.subscribe("f/#", QoS::ExactlyOnce).await;
+    let (mut publisher, _) = RawClient::connect(
+        addr(&server),
+        common::connect_packet("p", ProtocolVersion::V5),
+    )
+    .await;
+    publisher.publish("f/1", b"two", QoS::ExactlyOnce, 1).await;
+    publisher.publish("f/2", b"one", QoS::AtLeastOnce, 2).await;
+
+    // QoS 2: PUBLISH, PUBREC, then the PUBREL (sent once its state is
+    // stored), left without PUBCOMP. QoS 1: received, never acknowledged.
+    let first = reader.recv_publish().await;
+    assert_eq!(first.qos, QoS::ExactlyOnce);
+    let second = reader.recv_publish().await;
+    assert_eq!(second.qos, QoS::AtLeastOnce);
+    let q2_id = first.packet_id.unwrap();
+    reader.send(Packet::PubRec(PubAck::new(q2_id))).await;
+    assert!(matches!(reader.recv().await, Some(Packet::PubRel(r)) if r.packet_id == q2_id));
+    drop(reader);
+    drop(publisher);
+    server.shutdown().await;
+
+    let server = start_on(Arc::clone(&store)).await;
+    let (mut reader, ack) = RawClient::connect(addr(&server), persistent_connect("r", 3600)).await;
+    assert!(ack.session_present);
+    let mut seen = Vec::new();
+    while let Ok(Some(packet)) = reader.recv_within(Duration::from_millis(300)).await {
+        seen.push(packet);
+    }
+    // The QoS 2 message is NOT sent again (that would be a duplicate): its
+    // PUBREL is. The unacknowledged QoS 1 message comes again with DUP and
+    // its packet id.
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert!(
+        seen.iter()
+            .any(|p| matches!(p, Packet::PubRel(r) if r.packet_id == q2_id)),
+        "{seen:?}"
+    );
+    assert!(
+        seen.iter().any(|p| matches!(p, Packet::Publish(p)
+            if p.dup && p.packet_id == second.packet_id && &p.payload[..] == b"one")),
+        "{seen:?}"
+    );
+    server.shutdown().await;
+}
