@@ -60,6 +60,11 @@ pub struct Args {
     /// fan-in: subscribe with `$share/g/...`.
     #[arg(long)]
     pub shared: bool,
+    /// Subscribers keep persistent sessions (3.1.1 clean session 0, MQTT 5
+    /// session expiry 1 h), so QoS 1/2 deliveries to them go through a
+    /// broker's durable store. The sessions stay behind after the run.
+    #[arg(long)]
+    pub persistent: bool,
     /// The broker's pid, to read its CPU time and RSS from /proc.
     #[arg(long = "broker-pid")]
     pub broker_pid: Option<u32>,

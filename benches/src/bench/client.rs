@@ -105,11 +105,12 @@ pub async fn open(
     version: ProtocolVersion,
     client_id: &str,
     keep_alive: u16,
+    persistent: bool,
     timeout: Duration,
 ) -> Result<Conn, OpenError> {
     match tokio::time::timeout(
         timeout,
-        open_inner(addr, source, version, client_id, keep_alive),
+        open_inner(addr, source, version, client_id, keep_alive, persistent),
     )
     .await
     {
@@ -127,6 +128,7 @@ async fn open_inner(
     version: ProtocolVersion,
     client_id: &str,
     keep_alive: u16,
+    persistent: bool,
 ) -> Result<Conn, OpenError> {
     let mut stream = tcp_connect(addr, source)
         .await
@@ -134,7 +136,7 @@ async fn open_inner(
     let _ = stream.set_nodelay(true);
     let refused = |e: io::Error| OpenError::Refused(e.to_string());
     stream
-        .write_all(&wire::connect(version, client_id, keep_alive))
+        .write_all(&wire::connect(version, client_id, keep_alive, persistent))
         .await
         .map_err(refused)?;
     let mut buf = BytesMut::with_capacity(64);

@@ -113,9 +113,10 @@ async fn open_all(
         let id = format!("tb{pid}-{role}{i}");
         let filter = filters.map(|f| f[i].clone());
         let (version, qos, keep_alive) = (plan.version, plan.qos, args.keep_alive);
+        let persistent = args.persistent && filter.is_some();
         handles.push(tokio::spawn(async move {
             let _permit = sem.acquire().await;
-            let mut conn = client::open(addr, source, version, &id, keep_alive, wait)
+            let mut conn = client::open(addr, source, version, &id, keep_alive, persistent, wait)
                 .await
                 .map_err(|e| format!("{id}: {e}"))?;
             if let Some(filter) = filter {
@@ -700,12 +701,12 @@ async fn run_conn(
             let source = client::source_for(addr, spawned, args.source_ips);
             tokio::spawn(async move {
                 let t = Instant::now();
-                let answer = match client::open(addr, source, version, &id, keep_alive, wait).await
-                {
-                    Ok(conn) => Answer::Connected(t.elapsed(), conn),
-                    Err(OpenError::Refused(_)) => Answer::Refused,
-                    Err(OpenError::Failed(e)) => Answer::Failed(e),
-                };
+                let answer =
+                    match client::open(addr, source, version, &id, keep_alive, false, wait).await {
+                        Ok(conn) => Answer::Connected(t.elapsed(), conn),
+                        Err(OpenError::Refused(_)) => Answer::Refused,
+                        Err(OpenError::Failed(e)) => Answer::Failed(e),
+                    };
                 drop(permit);
                 let _ = tx.send(answer);
             });

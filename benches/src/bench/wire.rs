@@ -22,18 +22,26 @@ pub const STAMP_LEN: usize = 8;
 /// Byte that fills the rest of every payload.
 pub const FILL: u8 = 0xA5;
 
-/// The bytes of CONNECT for a clean, anonymous session.
-pub fn connect(version: ProtocolVersion, client_id: &str, keep_alive: u16) -> Vec<u8> {
+/// The bytes of CONNECT for an anonymous session: clean, or `persistent`
+/// (3.1.1 clean session 0; MQTT 5 with a one-hour session expiry), which a
+/// broker with a store keeps on disk.
+pub fn connect(
+    version: ProtocolVersion,
+    client_id: &str,
+    keep_alive: u16,
+    persistent: bool,
+) -> Vec<u8> {
     let properties = ConnectProperties {
         // Let the broker send as many QoS 1/2 messages to us as it likes:
         // the generator must never be the one that throttles.
         receive_maximum: version.is_v5().then_some(u16::MAX),
+        session_expiry_interval: (persistent && version.is_v5()).then_some(3600),
         ..ConnectProperties::default()
     };
     encode(
         &Packet::Connect(Box::new(Connect {
             protocol: version,
-            clean_start: true,
+            clean_start: !persistent,
             keep_alive,
             client_id: Bytes::copy_from_slice(client_id.as_bytes()),
             will: None,
