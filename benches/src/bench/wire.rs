@@ -362,11 +362,18 @@ mod tests {
     #[test]
     fn control_packets_decode() {
         for version in [ProtocolVersion::V311, ProtocolVersion::V5] {
-            let Packet::Connect(c) = decode(&connect(version, "tb-1", 0), version) else {
+            let Packet::Connect(c) = decode(&connect(version, "tb-1", 0, false), version) else {
                 panic!()
             };
             assert_eq!(c.client_id_str(), "tb-1");
             assert_eq!(c.protocol, version);
+            assert!(c.clean_start);
+            let Packet::Connect(p) = decode(&connect(version, "tb-2", 0, true), version) else {
+                panic!()
+            };
+            assert!(!p.clean_start);
+            let expiry = version.is_v5().then_some(3600);
+            assert_eq!(p.properties.session_expiry_interval, expiry);
             let Packet::Subscribe(s) = decode(
                 &subscribe(version, 9, "$share/g/a/+", QoS::AtLeastOnce),
                 version,
