@@ -2,10 +2,10 @@
 //!
 //! This crate ties the others together. It owns the sockets and the tasks;
 //! the wire format belongs to `tern-codec`, topic matching and retained
-//! messages to `tern-router`.
+//! messages to `tern-router`, durable records to `tern-storage`.
 //!
 //! ```text
-//! server      accept loop per listener, graceful shutdown
+//! server      open the store, recover, accept loop per listener, shutdown
 //!   handshake    CONNECT, admission, enhanced authentication (AUTH)
 //!   connection   one task per client: read loop, keep alive, protocol
 //!   writer       drains the session's outbound queue with vectored writes
@@ -16,6 +16,9 @@
 //! session     per-client state: QoS 1/2 flows, in-flight window, queues
 //! topic_alias MQTT 5 topic aliases, inbound and outbound
 //! message     one Arc'd message per publish, shared by every delivery
+//! persistence the store, its group-commit writer, journals of durable changes
+//! recovery    the store back into memory before the listeners open
+//! admin       `tern admin` and the read-only admin HTTP endpoint
 //! budget      broker-wide bound on queued outbound bytes (back-pressure)
 //! pool        bounded pool of read buffers; idle connections hold none
 //! transport   what a byte stream must offer (readiness without a buffer)
@@ -34,6 +37,9 @@
 //!   flags.
 //! - Connection and session counts come from the [`registry`], released by
 //!   `Drop` on every exit path.
+//! - Nothing on the hot path waits for the disk: durable changes go to a
+//!   journal committed to the store writer's thread; acknowledgements that
+//!   promise durability are sent from its completions.
 //! - Bad input from a client never panics and never affects other clients: it
 //!   closes that connection with the reason code the specification names.
 
