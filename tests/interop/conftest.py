@@ -62,16 +62,18 @@ def _have_pytest_timeout() -> bool:
 
 
 @pytest.fixture(autouse=True)
-def _hard_timeout():
+def _hard_timeout(request):
     if _have_pytest_timeout() or threading.current_thread() is not threading.main_thread():
         yield
         return
+    # A module may set its own TEST_TIMEOUT (the crash tests need longer).
+    limit = getattr(request.module, "TEST_TIMEOUT", TEST_TIMEOUT)
 
     def on_alarm(signum, frame):
-        raise TimeoutError(f"test exceeded {TEST_TIMEOUT}s")
+        raise TimeoutError(f"test exceeded {limit}s")
 
     old = signal.signal(signal.SIGALRM, on_alarm)
-    signal.alarm(TEST_TIMEOUT)
+    signal.alarm(limit)
     try:
         yield
     finally:
