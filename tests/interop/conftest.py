@@ -146,13 +146,18 @@ class Broker:
     def stop(self):
         if self.proc.poll() is None:
             self.terminate(5)
-        self._reader.join(2)
-        if not self._reader.is_alive():
-            try:
-                self.proc.stderr.close()
-            except Exception:
-                pass
+        close_log_reader(self._reader, self.proc)
         shutil.rmtree(self.tmpdir, ignore_errors=True)
+
+
+def close_log_reader(reader: threading.Thread, proc: subprocess.Popen):
+    """Joins the thread reading a broker's stderr, then closes the pipe."""
+    reader.join(2)
+    if not reader.is_alive():
+        try:
+            proc.stderr.close()
+        except Exception:
+            pass
 
 
 @pytest.fixture

@@ -53,7 +53,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import READY_RE, WAIT, PahoClient, connect_props, mqtt, tern_bin
+from conftest import READY_RE, WAIT, PahoClient, close_log_reader, connect_props, mqtt, tern_bin
 
 V311 = mqtt.MQTTv311
 V5 = mqtt.MQTTv5
@@ -190,12 +190,7 @@ class DurableBroker:
 
     def _join_reader(self):
         if self._reader is not None:
-            self._reader.join(2)
-            if not self._reader.is_alive():
-                try:
-                    self.proc.stderr.close()
-                except Exception:
-                    pass
+            close_log_reader(self._reader, self.proc)
 
     def cleanup(self):
         self._hard_kill()
@@ -468,16 +463,20 @@ def crash_scenario(durable, client_id, version, topic, qos, properties=None):
     return b, sent, acked, got
 
 
+def assert_none_lost(b, sent, acked, received, what):
+    lost = sorted(acked - received)
+    assert not lost, (f"{len(lost)} {what} messages lost, first {lost[:20]}; "
+                      f"broker logs:\n" + b.all_logs())
+    assert received <= set(sent), f"received numbers never published: {sorted(received - set(sent))[:20]}"
+
+
 def test_qos1_acknowledged_messages_survive_sigkill(durable):
     b, sent, acked, got = crash_scenario(durable, "crash-sub-q1", V311, "crash/q1", 1)
     received = set(got)
     print(f"QoS 1: sent {len(sent)}, acknowledged {len(acked)}, received {len(got)} "
           f"({len(received)} distinct, {len(got) - len(received)} duplicates, "
           f"{len(received - acked)} unacknowledged that arrived anyway)")
-    lost = sorted(acked - received)
-    assert not lost, (f"{len(lost)} acknowledged QoS 1 messages lost, first {lost[:20]}; "
-                      f"broker logs:\n" + b.all_logs())
-    assert received <= set(sent), f"received numbers never published: {sorted(received - set(sent))[:20]}"
+    assert_none_lost(b, sent, acked, received, "acknowledged QoS 1")
 
 
 # --------------------------------------------------------------------------
@@ -494,11 +493,8 @@ def test_qos2_acknowledged_messages_survive_sigkill_without_duplicates(durable):
     print(f"QoS 2: sent {len(sent)}, completed {len(acked)}, received {len(got)} "
           f"({len(received)} distinct, {len(got) - len(received)} duplicates, "
           f"{len(received - acked)} not completed that arrived once)")
-    lost = sorted(acked - received)
-    assert not lost, (f"{len(lost)} PUBCOMP'd QoS 2 messages lost, first {lost[:20]}; "
-                      f"broker logs:\n" + b.all_logs())
     assert not dups, f"QoS 2 messages delivered more than once: {dups[:20]}"
-    assert received <= set(sent), f"received numbers never published: {sorted(received - set(sent))[:20]}"
+    assert_none_lost(b, sent, acked, received, "PUBCOMP'd QoS 2")
 
 
 # --------------------------------------------------------------------------
