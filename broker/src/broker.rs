@@ -104,6 +104,7 @@ impl Broker {
             config.limits.max_connections,
             SessionContext {
                 max_queued: config.limits.max_queued_messages,
+                max_queued_bytes: config.limits.max_queued_bytes,
                 max_client_outbound_bytes: config.limits.max_client_outbound_bytes,
                 metrics: Arc::clone(&metrics),
                 budget: Arc::new(OutboundBudget::new(config.limits.max_outbound_bytes)),

@@ -159,6 +159,10 @@ pub struct LimitsConfig {
     /// in-flight window, or for an offline client. See `docs/configuration.md`
     /// for the overflow policy.
     pub max_queued_messages: usize,
+    /// Bytes (topic + payload) of the messages a session's queue may hold
+    /// besides the in-flight window; with `max_queued_messages`, the bound of
+    /// an offline client's queue in memory and on disk.
+    pub max_queued_bytes: usize,
     /// Bytes waiting to be written to one connection above which a QoS 0
     /// delivery to it is dropped (a slow subscriber's bound).
     pub max_client_outbound_bytes: usize,
@@ -223,6 +227,7 @@ impl Default for LimitsConfig {
             max_inflight: 128,
             receive_maximum: 1024,
             max_queued_messages: 1000,
+            max_queued_bytes: 16 * 1024 * 1024,
             max_client_outbound_bytes: 4 * 1024 * 1024,
             max_outbound_bytes: 64 * 1024 * 1024,
             connect_timeout_secs: 10,
@@ -364,6 +369,9 @@ impl Config {
         }
         if l.max_queued_messages == 0 {
             return invalid("limits.max_queued_messages", "must be at least 1");
+        }
+        if l.max_queued_bytes < 1024 {
+            return invalid("limits.max_queued_bytes", "must be at least 1024");
         }
         if l.max_client_outbound_bytes < 1024 {
             return invalid("limits.max_client_outbound_bytes", "must be at least 1024");

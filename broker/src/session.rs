@@ -15,7 +15,8 @@
 //! - Outgoing QoS 1/2 takes a packet identifier and a place in the in-flight
 //!   window (the smaller of our `max_inflight` and the client's Receive
 //!   Maximum); when the window is full or the client is offline it waits in
-//!   `pending`, in order, bounded by `max_queued_messages`. Acknowledgements
+//!   `pending`, in order, bounded by `max_queued_messages` and
+//!   `max_queued_bytes` (topic + payload). Acknowledgements
 //!   free the window and pull the next pending message.
 //! - On reconnect with the session resumed, every unacknowledged PUBLISH is
 //!   sent again with DUP set and every PUBREL is sent again, before anything new.
@@ -255,6 +256,8 @@ impl Drop for Link {
 pub struct SessionContext {
     /// Bound of each session's QoS 1/2 queue, in messages.
     pub max_queued: usize,
+    /// Bound of each session's QoS 1/2 queue, in topic + payload bytes.
+    pub max_queued_bytes: usize,
     /// Bound of the bytes waiting to be written to one connection; a QoS 0
     /// delivery beyond it is dropped.
     pub max_client_outbound_bytes: usize,
@@ -314,6 +317,8 @@ struct SessionState {
     send_quota: u16,
     inflight: VecDeque<Inflight>,
     pending: VecDeque<Delivery>,
+    /// Topic + payload bytes of `pending`.
+    pending_bytes: usize,
     incoming_qos2: HashSet<u16>,
     next_packet_id: u16,
     pending_will: Option<PendingWill>,
@@ -335,6 +340,7 @@ pub struct Session {
     pub id: u64,
     pub client_id: Arc<str>,
     max_queued: usize,
+    max_queued_bytes: usize,
     max_client_outbound_bytes: usize,
     metrics: Arc<Metrics>,
     budget: Arc<OutboundBudget>,
@@ -358,6 +364,7 @@ impl Session {
             id,
             client_id,
             max_queued: context.max_queued,
+            max_queued_bytes: context.max_queued_bytes,
             max_client_outbound_bytes: context.max_client_outbound_bytes,
             metrics: Arc::clone(&context.metrics),
             budget: Arc::clone(&context.budget),
@@ -370,6 +377,7 @@ impl Session {
                 send_quota: 1,
                 inflight: VecDeque::new(),
                 pending: VecDeque::new(),
+                pending_bytes: 0,
                 incoming_qos2: HashSet::new(),
                 next_packet_id: 1,
                 pending_will: None,
@@ -629,6 +637,7 @@ impl Session {
                 link.control.close(Some(ReasonCode::SessionTakenOver));
             }
             st.pending.clear();
+            st.pending_bytes = 0;
             st.inflight.clear();
             (st.pending_will.take(), std::mem::take(&mut st.durable))
         };
@@ -716,14 +725,14 @@ impl Session {
             (DeliveryState::AwaitingComp, Some(id)) => (id, InflightState::Released),
             _ => {
                 delivery.packet_id = None;
-                st.pending.push_back(delivery);
+                push_pending(&mut st, delivery);
                 return;
             }
         };
         if position(&st.inflight, packet_id).is_some() {
             // Two stored entries with one packet id: send the later one anew.
             delivery.packet_id = None;
-            st.pending.push_back(delivery);
+            push_pending(&mut st, delivery);
             return;
         }
         delivery.dup = true;
@@ -762,7 +771,9 @@ impl Session {
             && st.pending.is_empty()
             && st.inflight.len() < usize::from(st.send_quota)
             && window_used(&st) == st.inflight.len();
-        if !window_open && st.pending.len() >= self.max_queued {
+        let queue_full = st.pending.len() >= self.max_queued
+            || st.pending_bytes + queued_size(&delivery) > self.max_queued_bytes;
+        if !window_open && queue_full {
             Metrics::inc(&self.metrics.messages_dropped_queue_full);
             return;
         }
@@ -782,7 +793,7 @@ impl Session {
                     DeliveryState::Pending,
                 )));
             }
-            st.pending.push_back(delivery);
+            push_pending(&mut st, delivery);
         }
     }
 
@@ -853,7 +864,7 @@ impl Session {
                 .map(|i| i.delivery)
         } else {
             let found = st.pending.iter().position(same);
-            found.and_then(|i| st.pending.remove(i))
+            found.and_then(|i| remove_pending(&mut st, i))
         };
         match removed {
             Some(d) => {
@@ -1188,7 +1199,7 @@ impl Session {
                 }
                 continue;
             }
-            let Some(delivery) = st.pending.pop_front() else {
+            let Some(delivery) = remove_pending(st, 0) else {
                 break;
             };
             if delivery.message.is_expired(now) {
@@ -1199,6 +1210,22 @@ impl Session {
             self.send_inflight(st, delivery, journal, false);
         }
     }
+}
+
+/// The bytes a queued delivery counts against `max_queued_bytes`.
+fn queued_size(delivery: &Delivery) -> usize {
+    delivery.message.topic.len() + delivery.message.payload.len()
+}
+
+fn push_pending(st: &mut SessionState, delivery: Delivery) {
+    st.pending_bytes += queued_size(&delivery);
+    st.pending.push_back(delivery);
+}
+
+fn remove_pending(st: &mut SessionState, index: usize) -> Option<Delivery> {
+    let delivery = st.pending.remove(index)?;
+    st.pending_bytes -= queued_size(&delivery);
+    Some(delivery)
 }
 
 /// A PUBREL without properties.

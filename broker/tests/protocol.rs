@@ -438,6 +438,40 @@ async fn inflight_window_and_queue_overflow() {
 }
 
 #[tokio::test]
+async fn an_offline_queue_is_bounded_in_bytes() {
+    let server = start(|c| c.limits.max_queued_bytes = 1024).await;
+    let (mut sub, _) = RawClient::connect(addr(&server), persistent_connect("bytes", 600)).await;
+    sub.subscribe("b/x", QoS::AtLeastOnce).await;
+    drop(sub);
+    eventually("the subscriber is offline", || {
+        server
+            .broker()
+            .registry
+            .get("bytes")
+            .is_some_and(|s| !s.is_online())
+    })
+    .await;
+    let mut p = RawClient::connected(addr(&server), "pub", V311).await;
+    // 3 + 300 bytes each: three fit in 1024, the fourth and fifth do not.
+    for i in 0..5u16 {
+        let payload = vec![b'0' + i as u8; 300];
+        p.publish("b/x", &payload, QoS::AtLeastOnce, i + 1).await;
+    }
+    let dropped = &server.broker().metrics.messages_dropped_queue_full;
+    assert_eq!(dropped.load(Ordering::Relaxed), 2);
+    let (mut sub, ack) = RawClient::connect(addr(&server), persistent_connect("bytes", 600)).await;
+    assert!(ack.session_present);
+    for i in 0..3u8 {
+        let m = sub.recv_publish().await;
+        assert_eq!(m.payload[0], b'0' + i);
+        sub.send(Packet::PubAck(PubAck::new(m.packet_id.unwrap())))
+            .await;
+    }
+    sub.expect_silence(Duration::from_millis(200)).await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn shared_subscription_round_robin() {
     let server = start(|_| {}).await;
     let mut a = RawClient::connected(addr(&server), "a", V5).await;
