@@ -136,3 +136,40 @@ fn serve_without_config_says_so_and_stops_on_sigterm() {
     assert!(cwd.join("data").join("db").exists(), "no store in data/");
     std::fs::remove_dir_all(&cwd).unwrap();
 }
+
+#[test]
+fn a_second_broker_on_the_same_data_dir_is_refused() {
+    let dir = std::env::temp_dir().join(format!("tern-cli-{}-locked", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let serve = |dir: &std::path::Path| {
+        let mut cmd = Command::new(TERN);
+        cmd.args(["serve", "--bind", "127.0.0.1:0", "--ws-bind", "127.0.0.1:0"])
+            .args(["--admin-bind", "127.0.0.1:0", "--data-dir"])
+            .arg(dir);
+        cmd
+    };
+    let first = serve(&dir)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut first = Running(first);
+    let stderr = first.0.stderr.take().unwrap();
+    let mut ready = false;
+    for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+        if line.contains("listener ready") {
+            ready = true;
+            break;
+        }
+    }
+    assert!(ready, "the first broker did not start");
+    let second = serve(&dir).output().unwrap();
+    assert_eq!(second.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        err.contains("cannot open the store") && err.contains("locked"),
+        "{err}"
+    );
+    drop(first);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
