@@ -58,7 +58,8 @@ pub struct StorageConfig {
     pub sync_interval_ms: u64,
     /// Most operations merged into one group commit.
     pub batch_max_ops: usize,
-    /// Longest a group commit waits for more work after its first change.
+    /// `fsync` mode: longest a group commit waits for more work after its
+    /// first change (the other modes never wait).
     pub batch_max_delay_us: u64,
 }
 

@@ -29,10 +29,11 @@ use crate::store::Store;
 /// is never split, that would break its atomicity).
 pub const DEFAULT_MAX_OPS: usize = 4096;
 
-/// Default longest wait for more batches once one has arrived. Group commit
-/// needs no wait under load (batches pile up while the previous window
-/// syncs); this short wait lets nearly-simultaneous publishers share one
-/// fsync at light load, at a cost far below an fsync's own.
+/// Default longest wait for more batches once one has arrived, in fsync
+/// mode (the other modes never wait: there is no sync to share). Group
+/// commit needs no wait under load (batches pile up while the previous
+/// window syncs); this short wait lets nearly-simultaneous publishers share
+/// one fsync at light load, at a cost far below an fsync's own.
 pub const DEFAULT_MAX_DELAY: Duration = Duration::from_micros(500);
 
 /// Default sync period of [`Durability::Interval`] for configurations that
@@ -62,7 +63,8 @@ pub enum Durability {
 pub struct WriterConfig {
     /// Most operations merged into one window (at least one batch per window).
     pub max_ops: usize,
-    /// Longest wait for more batches after the first of a window.
+    /// Longest wait for more batches after the first of a window (fsync
+    /// mode only: the other modes have no sync to share and never wait).
     pub max_delay: Duration,
     pub mode: Durability,
 }
@@ -293,7 +295,13 @@ impl Worker {
         let ops = |r: &Request| r.batch.as_ref().map_or(0, Batch::len);
         let mut total = ops(&first);
         let mut group = vec![first];
-        let deadline = Instant::now() + self.config.max_delay;
+        // Waiting for company only pays when a sync is shared: without
+        // fsync the window takes what is already queued and goes.
+        let wait = match self.config.mode {
+            Durability::Fsync => self.config.max_delay,
+            Durability::Interval(_) | Durability::Memory => Duration::ZERO,
+        };
+        let deadline = Instant::now() + wait;
         while total < self.config.max_ops {
             let next = match self.rx.try_recv() {
                 Ok(r) => r,
