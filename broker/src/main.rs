@@ -120,6 +120,11 @@ fn serve(args: ServeArgs) -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // A log destination that goes away (a closed terminal, a pipe whose
+        // reader exited) must not take the broker down: by default the
+        // subscriber reports a failed write with `eprintln!`, which panics
+        // when stderr itself is the broken pipe.
+        .log_internal_errors(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 

@@ -73,27 +73,13 @@ fn serve_without_config_says_so_and_stops_on_sigterm() {
         .spawn()
         .unwrap();
     let mut running = Running(child);
-    let stderr = running.0.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    let mut lines = Vec::new();
-    let mut port = None;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while port.is_none() && Instant::now() < deadline {
-        if let Ok(line) = rx.recv_timeout(Duration::from_millis(100)) {
-            if let Some(rest) = line.split("listener ready addr=127.0.0.1:").nth(1) {
-                port = rest.trim().parse::<u16>().ok();
-            }
-            lines.push(line);
-        }
-    }
-    let port = port.unwrap_or_else(|| panic!("no listener line in {lines:#?}"));
+    let log = drain(&mut running);
+    let lines = wait_for_line(&log, "MQTT/TCP listener ready addr=127.0.0.1:");
+    let port = lines
+        .last()
+        .and_then(|l| l.split("listener ready addr=127.0.0.1:").nth(1))
+        .and_then(|rest| rest.trim().parse::<u16>().ok())
+        .unwrap_or_else(|| panic!("no port in {lines:#?}"));
     assert!(
         lines
             .iter()
@@ -145,31 +131,124 @@ fn a_second_broker_on_the_same_data_dir_is_refused() {
         let mut cmd = Command::new(TERN);
         cmd.args(["serve", "--bind", "127.0.0.1:0", "--ws-bind", "127.0.0.1:0"])
             .args(["--admin-bind", "127.0.0.1:0", "--data-dir"])
-            .arg(dir);
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
         cmd
     };
-    let first = serve(&dir)
-        .stderr(Stdio::piped())
+    let mut first = Running(serve(&dir).spawn().unwrap());
+    // Keep reading the first broker's log while the test runs.
+    let first_log = drain(&mut first);
+    wait_for_line(&first_log, "listener ready");
+
+    // The second refuses at once; should it ever start, the guard kills it.
+    let mut second = Running(serve(&dir).spawn().unwrap());
+    let second_log = drain(&mut second);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = second.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the second broker did not refuse"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(1));
+    let err: Vec<String> = second_log.iter().collect();
+    assert!(
+        err.iter()
+            .any(|l| l.contains("cannot open the store") && l.contains("locked")),
+        "{err:#?}"
+    );
+    assert!(
+        first.0.try_wait().unwrap().is_none(),
+        "the first broker died"
+    );
+    drop(first);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Reads a child's stderr on a thread of its own, line by line, so the
+/// child never writes into a full or closed pipe.
+fn drain(child: &mut Running) -> std::sync::mpsc::Receiver<String> {
+    let stderr = child.0.stderr.take().expect("stderr is piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// Waits (10 s at most) for a log line containing `needle`; returns the
+/// lines read so far, that one included.
+fn wait_for_line(log: &std::sync::mpsc::Receiver<String>, needle: &str) -> Vec<String> {
+    let mut lines = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Ok(line) = log.recv_timeout(Duration::from_millis(100)) {
+            let found = line.contains(needle);
+            lines.push(line);
+            if found {
+                return lines;
+            }
+        }
+    }
+    panic!("no line with {needle:?} in {lines:#?}");
+}
+
+#[test]
+fn the_broker_outlives_its_log_reader() {
+    let dir = std::env::temp_dir().join(format!("tern-cli-{}-nolog", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let child = Command::new(TERN)
+        .args(["serve", "--bind", "127.0.0.1:0", "--ws-bind", "127.0.0.1:0"])
+        .args([
+            "--admin-bind",
+            "127.0.0.1:0",
+            "--log-level",
+            "debug",
+            "--data-dir",
+        ])
+        .arg(&dir)
         .stdout(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut first = Running(first);
-    let stderr = first.0.stderr.take().unwrap();
-    let mut ready = false;
+    let mut running = Running(child);
+    let stderr = running.0.stderr.take().unwrap();
+    let mut port = None;
     for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-        if line.contains("listener ready") {
-            ready = true;
+        if let Some(rest) = line.split("MQTT/TCP listener ready addr=127.0.0.1:").nth(1) {
+            port = rest.trim().parse::<u16>().ok();
             break;
         }
     }
-    assert!(ready, "the first broker did not start");
-    let second = serve(&dir).output().unwrap();
-    assert_eq!(second.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&second.stderr);
+    // The reader is gone (the pipe is closed); every log line from now on
+    // fails to be written. A connection logs at debug level.
+    let port = port.expect("a listener line");
+    use std::io::{Read, Write};
+    for _ in 0..3 {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(&[
+            0x10, 0x0D, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60, 0, 1, b'a',
+        ])
+        .unwrap();
+        let mut connack = [0u8; 4];
+        s.read_exact(&mut connack).unwrap();
+        assert_eq!(connack, [0x20, 0x02, 0x00, 0x00]);
+    }
+    std::thread::sleep(Duration::from_millis(200));
     assert!(
-        err.contains("cannot open the store") && err.contains("locked"),
-        "{err}"
+        running.0.try_wait().unwrap().is_none(),
+        "the broker exited when its log pipe closed"
     );
-    drop(first);
+    drop(running);
     std::fs::remove_dir_all(&dir).unwrap();
 }
