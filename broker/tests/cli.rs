@@ -87,16 +87,7 @@ fn serve_without_config_says_so_and_stops_on_sigterm() {
         "{lines:#?}"
     );
     // It serves MQTT: a CONNECT gets a CONNACK.
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(&[
-        0x10, 0x0D, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60, 0, 1, b'a',
-    ])
-    .unwrap();
-    let mut connack = [0u8; 4];
-    s.read_exact(&mut connack).unwrap();
-    assert_eq!(connack, [0x20, 0x02, 0x00, 0x00]);
+    let mut s = connect_and_expect_connack(port);
 
     let status = Command::new("kill")
         .args(["-TERM", &running.0.id().to_string()])
@@ -114,7 +105,7 @@ fn serve_without_config_says_so_and_stops_on_sigterm() {
     }
     // The connection was closed by the broker.
     let mut rest = Vec::new();
-    let _ = s.read_to_end(&mut rest);
+    let _ = std::io::Read::read_to_end(&mut s, &mut rest);
     assert!(
         lines.iter().any(|l| l.contains("durable state restored")),
         "{lines:#?}"
@@ -232,17 +223,8 @@ fn the_broker_outlives_its_log_reader() {
     // The reader is gone (the pipe is closed); every log line from now on
     // fails to be written. A connection logs at debug level.
     let port = port.expect("a listener line");
-    use std::io::{Read, Write};
     for _ in 0..3 {
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        s.write_all(&[
-            0x10, 0x0D, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60, 0, 1, b'a',
-        ])
-        .unwrap();
-        let mut connack = [0u8; 4];
-        s.read_exact(&mut connack).unwrap();
-        assert_eq!(connack, [0x20, 0x02, 0x00, 0x00]);
+        connect_and_expect_connack(port);
     }
     std::thread::sleep(Duration::from_millis(200));
     assert!(
@@ -251,4 +233,20 @@ fn the_broker_outlives_its_log_reader() {
     );
     drop(running);
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Sends an MQTT 3.1.1 CONNECT (client id "a") to 127.0.0.1:`port` and
+/// asserts the CONNACK accepts it; returns the open connection.
+fn connect_and_expect_connack(port: u16) -> std::net::TcpStream {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(&[
+        0x10, 0x0D, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60, 0, 1, b'a',
+    ])
+    .unwrap();
+    let mut connack = [0u8; 4];
+    s.read_exact(&mut connack).unwrap();
+    assert_eq!(connack, [0x20, 0x02, 0x00, 0x00]);
+    s
 }
