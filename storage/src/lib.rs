@@ -66,7 +66,7 @@ pub use records::{
     WillRecord,
 };
 pub use schema::SCHEMA_VERSION;
-pub use sled_store::{SledStore, SLED_CACHE_BYTES};
+pub use sled_store::{SledStore, LOCK_WAIT, SLED_CACHE_BYTES};
 pub use store::{RecordIter, SessionSummary, Store, StoreStats};
 pub use writer::{
     Completion, Durability, StoreWriter, WriterConfig, WriterStats, DEFAULT_MAX_DELAY,

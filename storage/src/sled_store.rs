@@ -19,6 +19,14 @@ use crate::error::StoreError;
 /// and reads the store only at recovery and for admin views.
 pub const SLED_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 
+/// How long [`SledStore::open`] keeps trying a locked directory before it
+/// reports [`StoreError::Locked`]. sled releases its file lock when the last
+/// of its background I/O threads lets go of the database, a moment after
+/// the `Db` is dropped; a reopen in the same process (tests, a restart)
+/// must not mistake that moment for another owner. A real owner (a running
+/// broker) is reported after this wait.
+pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// A [`Store`](crate::Store) in a sled database directory.
 pub struct SledStore {
     core: Core<SledEngine>,
@@ -26,8 +34,8 @@ pub struct SledStore {
 
 impl SledStore {
     /// Opens (or creates) the store in directory `path`, checking the schema
-    /// version. Fails with [`StoreError::Locked`] if another process has it
-    /// open.
+    /// version. Fails with [`StoreError::Locked`] if another owner (a
+    /// running broker) still has it open after [`LOCK_WAIT`].
     ///
     /// sled's own periodic flush is turned off: when data becomes durable is
     /// decided by whoever calls [`Store::sync`](crate::Store::sync) (the
@@ -35,18 +43,25 @@ impl SledStore {
     /// what they say. Dropping the store flushes it.
     pub fn open(path: impl AsRef<Path>) -> Result<SledStore, StoreError> {
         let path = path.as_ref().to_path_buf();
-        let db = sled::Config::new()
-            .path(&path)
-            .cache_capacity(SLED_CACHE_BYTES)
-            .mode(sled::Mode::LowSpace)
-            .flush_every_ms(None)
-            .open()
-            .map_err(|e| match e {
-                sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
-                    StoreError::Locked { path: path.clone() }
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        let db = loop {
+            let opened = sled::Config::new()
+                .path(&path)
+                .cache_capacity(SLED_CACHE_BYTES)
+                .mode(sled::Mode::LowSpace)
+                .flush_every_ms(None)
+                .open();
+            match opened {
+                Ok(db) => break db,
+                Err(sled::Error::Io(io)) if io.to_string().contains("could not acquire lock") => {
+                    if std::time::Instant::now() >= deadline {
+                        return Err(StoreError::Locked { path });
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(20));
                 }
-                other => StoreError::from(other),
-            })?;
+                Err(other) => return Err(StoreError::from(other)),
+            }
+        };
         Ok(SledStore {
             core: Core::open(SledEngine { db, path })?,
         })
