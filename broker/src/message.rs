@@ -52,25 +52,12 @@ impl Message {
         payload: Bytes,
         qos: QoS,
         retain: bool,
-        mut properties: PublishProperties,
+        properties: PublishProperties,
         origin: u64,
     ) -> Arc<Message> {
-        properties.topic_alias = None;
-        properties.subscription_identifiers.clear();
-        let expires_at = properties
-            .message_expiry_interval
-            .map(|secs| Instant::now() + Duration::from_secs(u64::from(secs)));
-        Arc::new(Message {
-            topic,
-            payload,
-            qos,
-            retain,
-            properties,
-            expires_at,
-            origin,
-            headers: Default::default(),
-            store_id: OnceLock::new(),
-        })
+        Arc::new(Message::unshared(
+            topic, payload, qos, retain, properties, origin,
+        ))
     }
 
     /// A message read back from the durable store after a restart: its
@@ -84,17 +71,36 @@ impl Message {
         expires_at: Option<Instant>,
         store_id: u64,
     ) -> Arc<Message> {
-        Arc::new(Message {
+        let mut message = Message::unshared(topic, payload, qos, retain, properties, 0);
+        message.expires_at = expires_at;
+        message.store_id = OnceLock::from(store_id);
+        Arc::new(message)
+    }
+
+    fn unshared(
+        topic: Bytes,
+        payload: Bytes,
+        qos: QoS,
+        retain: bool,
+        mut properties: PublishProperties,
+        origin: u64,
+    ) -> Message {
+        properties.topic_alias = None;
+        properties.subscription_identifiers.clear();
+        let expires_at = properties
+            .message_expiry_interval
+            .map(|secs| Instant::now() + Duration::from_secs(u64::from(secs)));
+        Message {
             topic,
             payload,
             qos,
             retain,
             properties,
             expires_at,
-            origin: 0,
+            origin,
             headers: Default::default(),
-            store_id: OnceLock::from(store_id),
-        })
+            store_id: OnceLock::new(),
+        }
     }
 
     /// The PUBLISH header (everything but the payload) for deliveries of this

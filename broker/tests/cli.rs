@@ -26,35 +26,27 @@ fn temp_file(name: &str, contents: &str) -> std::path::PathBuf {
 
 #[test]
 fn bad_config_is_refused_naming_file_and_key() {
-    let path = temp_file("bad.toml", "[limits]\nmax_packet_size = 3\n");
-    let out = Command::new(TERN)
-        .args(["serve", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused_config(&temp_file("bad.toml", "[limits]\nmax_packet_size = 3\n"));
     assert!(
         err.contains("bad.toml") && err.contains("limits.max_packet_size"),
         "{err}"
     );
+    let err = refused_config(&temp_file("typo.toml", "[limit]\nmax_packet_size = 3000\n"));
+    assert!(err.contains("typo.toml") && err.contains("limit"), "{err}");
+    let err = refused_config(std::path::Path::new("/nonexistent/tern.toml"));
+    assert!(err.contains("/nonexistent/tern.toml"), "{err}");
+}
 
-    let path = temp_file("typo.toml", "[limit]\nmax_packet_size = 3000\n");
+/// Runs `tern serve --config path`, asserts it exits with status 2, and
+/// returns what it printed on stderr.
+fn refused_config(path: &std::path::Path) -> String {
     let out = Command::new(TERN)
         .args(["serve", "--config"])
-        .arg(&path)
+        .arg(path)
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("typo.toml") && err.contains("limit"), "{err}");
-
-    let out = Command::new(TERN)
-        .args(["serve", "--config", "/nonexistent/tern.toml"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/tern.toml"));
+    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 #[test]
