@@ -58,8 +58,10 @@ pub struct StorageConfig {
     pub sync_interval_ms: u64,
     /// Most operations merged into one group commit.
     pub batch_max_ops: usize,
-    /// `fsync` mode: longest a group commit waits for more work after its
-    /// first change (the other modes never wait).
+    /// `fsync` mode: longest a change that sends a QoS 1 message to an online
+    /// persistent session waits for the subscriber's PUBACK, so that the
+    /// pair nets away without touching the disk (the other modes never
+    /// wait).
     pub batch_max_delay_us: u64,
 }
 
@@ -70,7 +72,7 @@ impl Default for StorageConfig {
             durability: DurabilityMode::Fsync,
             sync_interval_ms: 100,
             batch_max_ops: tern_storage::DEFAULT_MAX_OPS,
-            batch_max_delay_us: 500,
+            batch_max_delay_us: tern_storage::DEFAULT_MAX_DELAY.as_micros() as u64,
         }
     }
 }

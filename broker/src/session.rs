@@ -1142,12 +1142,12 @@ impl Session {
                 delivery.message.store_id.get().copied()
             };
             if let Some(message_id) = message_id {
-                journal.push(Op::PutQueueEntry(self.queue_entry(
+                let entry = self.queue_entry(
                     &delivery,
                     message_id,
                     Some(packet_id),
                     DeliveryState::AwaitingAck,
-                )));
+                );
                 // Later deliveries wait behind a waiting one: the order
                 // of a topic's messages holds across QoS levels.
                 let waiting = st
@@ -1159,6 +1159,14 @@ impl Session {
                     let (session, seq) = (Arc::clone(self), delivery.seq);
                     journal.after(move |_| session.release(packet_id, seq));
                 }
+                // A new entry whose PUBLISH leaves now is likely forgotten
+                // one round trip later: inserting it lets the writer net
+                // the pair away (tern-storage's `netting.rs`).
+                journal.push(if new_entry && state == InflightState::Sent {
+                    Op::InsertQueueEntry(entry)
+                } else {
+                    Op::PutQueueEntry(entry)
+                });
             }
         }
         if state == InflightState::Sent {

@@ -30,6 +30,12 @@ pub enum Op {
     /// entry takes a reference on its message; a replacement that keeps the
     /// message id (a state change) does not touch the count.
     PutQueueEntry(QueueEntry),
+    /// Insert a queue entry whose key does not exist yet (a new delivery;
+    /// the broker never reuses a session's seq). Applied like
+    /// [`PutQueueEntry`](Op::PutQueueEntry); the promise lets the writer net
+    /// an insertion and the deletion of the same entry within one window
+    /// away entirely (see `netting.rs`).
+    InsertQueueEntry(QueueEntry),
     /// Delete a queue entry (acknowledged or expired) and release its
     /// message reference; the message goes with its last reference. Deleting
     /// an absent entry does nothing.
@@ -116,6 +122,10 @@ impl Batch {
 
     pub fn put_queue_entry(&mut self, r: QueueEntry) -> &mut Self {
         self.push(Op::PutQueueEntry(r))
+    }
+
+    pub fn insert_queue_entry(&mut self, r: QueueEntry) -> &mut Self {
+        self.push(Op::InsertQueueEntry(r))
     }
 
     pub fn delete_queue_entry(&mut self, client_id: impl Into<String>, seq: u64) -> &mut Self {

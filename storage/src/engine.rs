@@ -408,7 +408,7 @@ impl<E: Engine> Tx<'_, E> {
                 self.put(keys::message(r.id).to_vec(), enc::encode_message(r));
                 self.touched.insert(r.id);
             }
-            Op::PutQueueEntry(r) => {
+            Op::PutQueueEntry(r) | Op::InsertQueueEntry(r) => {
                 let key = keys::queue(&r.client_id, r.seq)?;
                 let old = match self.get(&key)? {
                     Some(v) => Some(enc::queue_entry_message_id(&key, &v)?),

@@ -323,3 +323,90 @@ fn completions_run_in_submission_order_after_the_sync() {
     );
     assert_eq!(rx.recv_timeout(Duration::from_secs(5)), Ok(true));
 }
+
+/// A delivery on its way to an online subscriber: the message and an
+/// in-flight entry.
+fn inflight_publish(seq: u64) -> Batch {
+    let mut e = entry("sub", seq, seq);
+    e.state = tern_storage::DeliveryState::AwaitingAck;
+    e.packet_id = Some(seq as u16);
+    let mut b = Batch::new();
+    b.put_message(message(seq, 64)).insert_queue_entry(e);
+    b
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fsync_mode_holds_an_inflight_insertion_until_its_deletion_nets_it_away() {
+    let store = Arc::new(FailingStore::new(MemoryStore::new()));
+    let writer = StoreWriter::spawn(
+        Arc::clone(&store) as Arc<dyn Store>,
+        WriterConfig {
+            max_delay: Duration::from_secs(30),
+            ..config(Durability::Fsync)
+        },
+    )
+    .unwrap();
+    let published = writer.submit(inflight_publish(1));
+    let published = tokio::spawn(published);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!published.is_finished(), "held for the acknowledgement");
+    let mut ack = Batch::new();
+    ack.delete_queue_entry("sub", 1);
+    let started = Instant::now();
+    writer.submit(ack).await.unwrap();
+    published.await.unwrap().unwrap();
+    assert!(started.elapsed() < Duration::from_secs(5), "released early");
+    let stats = writer.stats();
+    assert_eq!(stats.netted, 3, "message, entry and deletion: {stats:?}");
+    assert_eq!(
+        store.syncs(),
+        0,
+        "nothing reached the engine, nothing to sync"
+    );
+    assert_eq!(store.inner().queue("sub", None).count(), 0);
+    assert_eq!(store.inner().message(1).unwrap(), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unacknowledged_insertion_is_written_after_the_hold() {
+    let store = Arc::new(FailingStore::new(MemoryStore::new()));
+    let writer = StoreWriter::spawn(
+        Arc::clone(&store) as Arc<dyn Store>,
+        WriterConfig {
+            max_delay: Duration::from_millis(50),
+            ..config(Durability::Fsync)
+        },
+    )
+    .unwrap();
+    let started = Instant::now();
+    writer.submit(inflight_publish(1)).await.unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(50));
+    assert_eq!(store.syncs(), 1);
+    assert_eq!(store.inner().queue("sub", None).count(), 1);
+    assert!(store.inner().message(1).unwrap().is_some());
+    // A later acknowledgement is written as a deletion.
+    let mut ack = Batch::new();
+    ack.delete_queue_entry("sub", 1);
+    writer.submit(ack).await.unwrap();
+    assert_eq!(store.inner().queue("sub", None).count(), 0);
+    assert_eq!(store.inner().message(1).unwrap(), None);
+    assert_eq!(writer.stats().netted, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interval_mode_never_holds() {
+    let store = Arc::new(MemoryStore::new());
+    let writer = StoreWriter::spawn(
+        Arc::clone(&store) as Arc<dyn Store>,
+        WriterConfig {
+            max_delay: Duration::from_secs(30),
+            ..config(Durability::Interval(Duration::from_millis(10)))
+        },
+    )
+    .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), writer.submit(inflight_publish(1)))
+        .await
+        .expect("not held")
+        .unwrap();
+    assert_eq!(store.queue("sub", None).count(), 1);
+}

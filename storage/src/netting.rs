@@ -1,0 +1,524 @@
+//! [`HeldQueue`]: the submissions the writer holds before writing them, and
+//! the netting that removes operations which cancel out.
+//!
+//! A QoS 1 message published to an online persistent subscriber is stored
+//! (its record and a new queue entry) and, one round trip later, forgotten
+//! again: the subscriber's PUBACK deletes the entry, and the message goes
+//! with its last reference. Written as they come, that is about six key
+//! writes and reads in the engine for a net change of nothing. So in fsync
+//! mode the writer holds a submission that inserts such an entry until the
+//! entry's deletion arrives or `max_delay` passes, whichever is first, and
+//! nets each submission against the held ones as it arrives:
+//!
+//! 1. A queue entry inserted with [`Op::InsertQueueEntry`] (a delivery on
+//!    its way to the client; the key did not exist before) and deleted by a
+//!    later held operation vanishes, together with every replacement of it
+//!    in between.
+//! 2. When a batch is written, a [`Op::PutMessage`] that no surviving
+//!    operation of the same batch references is left out. The broker puts
+//!    the message in every batch that adds a reference to it, so the put is
+//!    either a rewrite of an already stored, immutable record or a message
+//!    the store would drop at the end of the batch for want of references.
+//!
+//! A session deletion between an insertion and its deletion changes
+//! nothing: it would have deleted the entry as well.
+//!
+//! Netting never changes what the store holds once the held batches are
+//! written: the remaining operations leave it in the state all of them
+//! would have. A chain whose insertion was written can no longer cancel: a
+//! later deletion is written as usual.
+//!
+//! Submissions leave in the order they came (batches apply in submission
+//! order, and completions run in that order), so a held submission also
+//! holds back the younger ones behind it.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use fxhash::{FxHashMap, FxHasher};
+use smallvec::{smallvec, SmallVec};
+
+use crate::batch::{Batch, Op};
+
+/// A submission waiting to be written.
+pub(crate) struct Held<R> {
+    /// `None`: a sync barrier (never held).
+    pub batch: Option<Batch>,
+    pub reply: R,
+    /// When it was submitted.
+    pub at: Instant,
+    /// Indexes of its operations that cancelled out.
+    dead: SmallVec<[u32; 4]>,
+    /// Its insertions that may still cancel (their chain is open).
+    open_inserts: u32,
+}
+
+impl<R> Held<R> {
+    fn ops(&self) -> usize {
+        self.batch.as_ref().map_or(0, |b| b.len() - self.dead.len())
+    }
+}
+
+/// Where an operation sits: the submission's number and the op's index.
+type Position = (u64, u32);
+
+/// The FIFO of held submissions, netted as they arrive.
+pub(crate) struct HeldQueue<R> {
+    queue: VecDeque<Held<R>>,
+    /// Number of the submission at the front of `queue`.
+    front_no: u64,
+    /// Open chains by queue entry key (hash of the client id, seq): the
+    /// insertion first, then the replacements since. Keys are hashed to
+    /// avoid copying client ids; a match is confirmed on the operation.
+    chains: FxHashMap<(u64, u64), SmallVec<[Position; 2]>>,
+    /// Operations removed so far.
+    netted: u64,
+}
+
+impl<R> HeldQueue<R> {
+    pub(crate) fn new() -> HeldQueue<R> {
+        HeldQueue {
+            queue: VecDeque::new(),
+            front_no: 0,
+            chains: FxHashMap::default(),
+            netted: 0,
+        }
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    /// Operations removed by netting since the queue was created.
+    pub(crate) fn netted(&self) -> u64 {
+        self.netted
+    }
+
+    /// When the front submission's hold ends (`None` when empty).
+    pub(crate) fn front_hold_ends(&self, hold: Duration) -> Option<Instant> {
+        self.queue.front().map(|h| h.at + hold)
+    }
+
+    /// Adds a submission at the back, netting its operations against the
+    /// held ones (and each other).
+    pub(crate) fn push(&mut self, batch: Option<Batch>, reply: R, at: Instant) {
+        let no = self.front_no + self.queue.len() as u64;
+        self.queue.push_back(Held {
+            batch,
+            reply,
+            at,
+            dead: SmallVec::new(),
+            open_inserts: 0,
+        });
+        let n = self
+            .queue
+            .back()
+            .and_then(|h| h.batch.as_ref())
+            .map_or(0, Batch::len);
+        for i in 0..n {
+            self.net_op((no, i as u32));
+        }
+    }
+
+    fn held_mut(&mut self, no: u64) -> Option<&mut Held<R>> {
+        self.queue
+            .get_mut(usize::try_from(no.checked_sub(self.front_no)?).ok()?)
+    }
+
+    fn net_op(&mut self, at: Position) {
+        /// What an operation does to the chains.
+        enum Step {
+            Open((u64, u64)),
+            Extend((u64, u64)),
+            Close((u64, u64)),
+        }
+        let step = match op_at(&self.queue, self.front_no, at) {
+            Some(Op::InsertQueueEntry(e)) => Step::Open(entry_key(&e.client_id, e.seq)),
+            Some(Op::PutQueueEntry(e)) => {
+                let key = entry_key(&e.client_id, e.seq);
+                if !self.chain_matches(key, &e.client_id) {
+                    return;
+                }
+                Step::Extend(key)
+            }
+            Some(Op::DeleteQueueEntry { client_id, seq }) => {
+                let key = entry_key(client_id, *seq);
+                if !self.chain_matches(key, client_id) {
+                    return;
+                }
+                Step::Close(key)
+            }
+            _ => return,
+        };
+        match step {
+            Step::Open(key) => {
+                if let Some(old) = self.chains.insert(key, smallvec![at]) {
+                    // A hash collision (the broker never reuses a key):
+                    // the older chain just stops netting.
+                    self.release_head(old[0]);
+                }
+                if let Some(h) = self.held_mut(at.0) {
+                    h.open_inserts += 1;
+                }
+            }
+            Step::Extend(key) => {
+                if let Some(chain) = self.chains.get_mut(&key) {
+                    chain.push(at);
+                }
+            }
+            Step::Close(key) => {
+                let chain = self.chains.remove(&key).unwrap_or_default();
+                if let Some(&head) = chain.first() {
+                    self.release_head(head);
+                }
+                for p in chain.into_iter().chain([at]) {
+                    self.kill(p);
+                }
+            }
+        }
+    }
+
+    /// The chain headed by the insertion at `head` is closed.
+    fn release_head(&mut self, head: Position) {
+        if let Some(h) = self.held_mut(head.0) {
+            h.open_inserts = h.open_inserts.saturating_sub(1);
+        }
+    }
+
+    /// True when the open chain under `key` is really `client_id`'s (not a
+    /// hash collision).
+    fn chain_matches(&self, key: (u64, u64), client_id: &str) -> bool {
+        self.chains
+            .get(&key)
+            .and_then(|chain| op_at(&self.queue, self.front_no, chain[0]))
+            .is_some_and(|op| matches!(op, Op::InsertQueueEntry(e) if e.client_id == client_id))
+    }
+
+    fn kill(&mut self, (no, i): Position) {
+        if let Some(h) = self.held_mut(no) {
+            h.dead.push(i);
+            self.netted += 1;
+        }
+    }
+
+    /// How many of the oldest submissions form the next window: each one
+    /// whose hold is over (`hold` passed, or none of its insertions can
+    /// still cancel), all up to a sync barrier, or all when `flush`; at most
+    /// `max_ops` operations but at least one submission when one is due.
+    pub(crate) fn ready(&self, now: Instant, hold: Duration, max_ops: usize, flush: bool) -> usize {
+        let barrier = self.queue.iter().rposition(|h| h.batch.is_none());
+        let (mut n, mut ops) = (0, 0);
+        for (i, h) in self.queue.iter().enumerate() {
+            let due = flush
+                || barrier.is_some_and(|b| i <= b)
+                || h.open_inserts == 0
+                || h.at + hold <= now;
+            if !due || (n > 0 && ops + h.ops() > max_ops) {
+                break;
+            }
+            ops += h.ops();
+            n += 1;
+        }
+        n
+    }
+
+    /// Removes the `n` oldest submissions, their cancelled operations and
+    /// unreferenced message puts left out. Their open chains close: what
+    /// they inserted is about to be written.
+    pub(crate) fn take(&mut self, n: usize) -> Vec<(Option<Batch>, R)> {
+        let n = n.min(self.queue.len());
+        let last_no = self.front_no + n as u64;
+        self.chains.retain(|_, chain| chain[0].0 >= last_no);
+        self.front_no = last_no;
+        let mut out = Vec::with_capacity(n);
+        for held in self.queue.drain(..n) {
+            let Held {
+                batch, reply, dead, ..
+            } = held;
+            let batch = batch.map(|b| strip(b, &dead, &mut self.netted));
+            out.push((batch, reply));
+        }
+        out
+    }
+}
+
+/// The operation at a position, with the queue borrowed on its own.
+fn op_at<R>(queue: &VecDeque<Held<R>>, front_no: u64, (no, i): Position) -> Option<&Op> {
+    let held = queue.get(usize::try_from(no.checked_sub(front_no)?).ok()?)?;
+    held.batch.as_ref()?.ops.get(i as usize)
+}
+
+fn entry_key(client_id: &str, seq: u64) -> (u64, u64) {
+    use std::hash::{Hash, Hasher};
+    let mut h = FxHasher::default();
+    client_id.hash(&mut h);
+    (h.finish(), seq)
+}
+
+/// `batch` without its `dead` operations and without message puts that no
+/// surviving operation references (counted into `netted`).
+fn strip(mut batch: Batch, dead: &[u32], netted: &mut u64) -> Batch {
+    if dead.is_empty() {
+        return batch;
+    }
+    let mut i = 0;
+    batch.ops.retain(|_| {
+        let keep = !dead.contains(&i);
+        i += 1;
+        keep
+    });
+    let referenced: SmallVec<[u64; 4]> = batch
+        .ops
+        .iter()
+        .filter_map(|op| match op {
+            Op::InsertQueueEntry(e) | Op::PutQueueEntry(e) => Some(e.message_id),
+            Op::PutRetained(r) => Some(r.message_id),
+            _ => None,
+        })
+        .collect();
+    let before = batch.ops.len();
+    batch
+        .ops
+        .retain(|op| !matches!(op, Op::PutMessage(m) if !referenced.contains(&m.id)));
+    *netted += (before - batch.ops.len()) as u64;
+    batch
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::HeldQueue;
+    use crate::{
+        Batch, DeliveryState, MemoryStore, MessageRecord, Op, QueueEntry, RetainedRecord, Store,
+    };
+
+    fn message(id: u64) -> MessageRecord {
+        MessageRecord {
+            id,
+            topic: format!("t/{id}").into(),
+            payload: vec![7; 16].into(),
+            qos: 1,
+            retain: false,
+            properties: Default::default(),
+            expires_at: None,
+        }
+    }
+
+    fn entry(client: &str, seq: u64, message_id: u64, state: DeliveryState) -> QueueEntry {
+        QueueEntry {
+            client_id: client.into(),
+            seq,
+            message_id,
+            qos: 1,
+            packet_id: Some(seq as u16),
+            state,
+            dup: false,
+            retain: false,
+            subscription_ids: Vec::new(),
+        }
+    }
+
+    /// A publish to `client`'s online session: the message and an in-flight
+    /// entry.
+    fn publish(client: &str, seq: u64, id: u64) -> Batch {
+        let mut b = Batch::new();
+        b.put_message(message(id)).insert_queue_entry(entry(
+            client,
+            seq,
+            id,
+            DeliveryState::AwaitingAck,
+        ));
+        b
+    }
+
+    fn ack(client: &str, seq: u64) -> Batch {
+        let mut b = Batch::new();
+        b.delete_queue_entry(client, seq);
+        b
+    }
+
+    fn queue_of(batches: Vec<Batch>) -> HeldQueue<usize> {
+        let mut q = HeldQueue::new();
+        let at = Instant::now();
+        for (i, b) in batches.into_iter().enumerate() {
+            q.push(Some(b), i, at);
+        }
+        q
+    }
+
+    fn take_all(q: &mut HeldQueue<usize>) -> Vec<Batch> {
+        let n = q.queue.len();
+        q.take(n).into_iter().filter_map(|(b, _)| b).collect()
+    }
+
+    #[test]
+    fn an_insertion_and_its_deletion_cancel_with_the_message() {
+        let mut q = queue_of(vec![publish("a", 1, 10), ack("a", 1)]);
+        let out = take_all(&mut q);
+        assert!(out.iter().all(Batch::is_empty), "{out:?}");
+        assert_eq!(q.netted(), 3);
+    }
+
+    #[test]
+    fn replacements_between_cancel_too() {
+        let mut put = Batch::new();
+        put.put_queue_entry(entry("a", 1, 10, DeliveryState::AwaitingComp));
+        let mut q = queue_of(vec![publish("a", 1, 10), put, ack("a", 1)]);
+        assert!(take_all(&mut q).iter().all(Batch::is_empty));
+    }
+
+    #[test]
+    fn a_message_another_entry_references_is_kept() {
+        let mut b = publish("a", 1, 10);
+        b.insert_queue_entry(entry("b", 1, 10, DeliveryState::AwaitingAck));
+        let mut q = queue_of(vec![b, ack("a", 1)]);
+        let out = take_all(&mut q);
+        assert_eq!(out[0].ops.len(), 2, "{:?}", out[0]);
+        assert!(matches!(out[0].ops[0], Op::PutMessage(_)));
+        assert!(out[1].is_empty());
+    }
+
+    #[test]
+    fn a_written_insertion_no_longer_cancels() {
+        let mut q = queue_of(vec![publish("a", 1, 10)]);
+        let first = q.take(1);
+        assert_eq!(first[0].0.as_ref().unwrap().len(), 2);
+        q.push(Some(ack("a", 1)), 1, Instant::now());
+        let out = take_all(&mut q);
+        assert_eq!(out[0].len(), 1, "the deletion is written");
+    }
+
+    #[test]
+    fn a_session_deletion_in_between_leaves_only_itself() {
+        let mut del = Batch::new();
+        del.delete_session("a");
+        let mut q = queue_of(vec![publish("a", 1, 10), del, ack("a", 1)]);
+        let out = take_all(&mut q);
+        assert_eq!(out.iter().map(Batch::len).sum::<usize>(), 1, "{out:?}");
+    }
+
+    #[test]
+    fn a_held_insertion_is_due_once_deleted_or_after_the_hold() {
+        let hold = Duration::from_secs(60);
+        let now = Instant::now();
+        let mut q: HeldQueue<usize> = HeldQueue::new();
+        q.push(Some(publish("a", 1, 10)), 0, now);
+        let mut other = Batch::new();
+        other.add_incoming_qos2("b", 1);
+        q.push(Some(other), 1, now);
+        assert_eq!(q.ready(now, hold, 100, false), 0, "held for its ack");
+        assert_eq!(q.ready(now + hold, hold, 100, false), 2, "hold over");
+        assert_eq!(q.ready(now, hold, 100, true), 2, "flushing");
+        q.push(None, 2, now);
+        assert_eq!(q.ready(now, hold, 100, false), 3, "a barrier is not held");
+        let mut q: HeldQueue<usize> = HeldQueue::new();
+        q.push(Some(publish("a", 1, 10)), 0, now);
+        q.push(Some(ack("a", 1)), 1, now);
+        assert_eq!(q.ready(now, hold, 100, false), 2, "acknowledged");
+        let mut q: HeldQueue<usize> = HeldQueue::new();
+        q.push(Some(ack("a", 1)), 0, now);
+        q.push(Some(ack("a", 2)), 1, now);
+        assert_eq!(q.ready(now, hold, 1, false), 1, "max_ops bounds a window");
+    }
+
+    /// Whatever the operations, writing the held batches netted leaves the
+    /// store as writing them whole does.
+    #[test]
+    fn netting_never_changes_the_resulting_state() {
+        for round in 0..300u64 {
+            let mut rng = fastrand::Rng::with_seed(round);
+            let clients = ["a", "b", "c"];
+            let mut next_seq = [1u64; 3];
+            let mut live: Vec<(usize, u64, u64)> = Vec::new();
+            let mut next_id = 1u64;
+            let mut batches = Vec::new();
+            for _ in 0..rng.usize(1..40) {
+                let mut b = Batch::new();
+                for _ in 0..rng.usize(1..4) {
+                    let c = rng.usize(0..clients.len());
+                    match rng.u8(0..10) {
+                        0..=3 => {
+                            let id = next_id;
+                            next_id += 1;
+                            b.put_message(message(id));
+                            let seq = next_seq[c];
+                            next_seq[c] += 1;
+                            let state = DeliveryState::AwaitingAck;
+                            if rng.bool() {
+                                b.insert_queue_entry(entry(clients[c], seq, id, state));
+                            } else {
+                                b.put_queue_entry(entry(clients[c], seq, id, state));
+                            }
+                            live.push((c, seq, id));
+                            if rng.u8(0..4) == 0 {
+                                b.put_retained(RetainedRecord {
+                                    topic: format!("r/{}", rng.u8(0..3)),
+                                    message_id: id,
+                                });
+                            }
+                        }
+                        4..=6 if !live.is_empty() => {
+                            let (c, seq, _) = live.swap_remove(rng.usize(0..live.len()));
+                            b.delete_queue_entry(clients[c], seq);
+                        }
+                        7 if !live.is_empty() => {
+                            let (c, seq, id) = live[rng.usize(0..live.len())];
+                            b.put_queue_entry(entry(
+                                clients[c],
+                                seq,
+                                id,
+                                DeliveryState::AwaitingComp,
+                            ));
+                        }
+                        8 if rng.u8(0..4) == 0 => {
+                            b.delete_session(clients[c]);
+                            live.retain(|(lc, _, _)| *lc != c);
+                            // A new session starts its seqs again.
+                            next_seq[c] = 1;
+                        }
+                        _ => {
+                            b.delete_retained(format!("r/{}", rng.u8(0..3)));
+                        }
+                    }
+                }
+                batches.push(b);
+            }
+            let whole = MemoryStore::new();
+            let netted = MemoryStore::new();
+            for b in &batches {
+                whole.apply(b).unwrap();
+            }
+            // Netted, written in windows of random sizes.
+            let mut q = queue_of(batches);
+            while !q.is_empty() {
+                let n = rng.usize(1..=q.queue.len());
+                for (b, _) in q.take(n) {
+                    netted.apply(&b.unwrap()).unwrap();
+                }
+            }
+            assert_eq!(
+                dump(&whole, next_id),
+                dump(&netted, next_id),
+                "round {round}"
+            );
+        }
+    }
+
+    fn dump(store: &MemoryStore, ids: u64) -> String {
+        let mut out = String::new();
+        for c in ["a", "b", "c"] {
+            for e in store.queue(c, None) {
+                out += &format!("{:?}\n", e.unwrap());
+            }
+        }
+        for id in 1..ids {
+            let m = store.message(id).unwrap().map(|m| m.id);
+            out += &format!("{id}: {m:?} refs {}\n", store.message_refs(id).unwrap());
+        }
+        for r in store.retained("") {
+            out += &format!("{:?}\n", r.unwrap());
+        }
+        out
+    }
+}
