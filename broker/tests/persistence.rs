@@ -284,3 +284,107 @@ async fn unfinished_outgoing_flows_resume_after_a_restart() {
     );
     server.shutdown().await;
 }
+
+async fn start_holding(store: Arc<dyn Store>, hold: Duration) -> Server {
+    let mut config = Config::default();
+    durable(&mut config);
+    config.storage.batch_max_delay_us = hold.as_micros() as u64;
+    Server::start_with_store(config, store)
+        .await
+        .expect("broker starts")
+}
+
+/// An online durable session subscribed to `filter` at QoS 1 that
+/// acknowledges by hand.
+async fn online_subscriber(server: &Server, client_id: &str, filter: &str) -> RawClient {
+    let (mut c, ack) = RawClient::connect(addr(server), persistent_connect(client_id, 3600)).await;
+    assert_eq!(ack.code, ReasonCode::Success);
+    assert_eq!(
+        c.subscribe(filter, QoS::AtLeastOnce).await,
+        vec![ReasonCode::granted(QoS::AtLeastOnce)]
+    );
+    c
+}
+
+#[tokio::test]
+async fn a_delivery_acknowledged_before_it_is_written_never_reaches_the_disk() {
+    let store = Arc::new(FailingStore::new(MemoryStore::new()));
+    // A hold far longer than the test: the PUBACK can only come early.
+    let server = start_holding(
+        Arc::clone(&store) as Arc<dyn Store>,
+        Duration::from_secs(60),
+    )
+    .await;
+    let mut sub = online_subscriber(&server, "online", "n/#").await;
+    let (mut publisher, _) = RawClient::connect(
+        addr(&server),
+        common::connect_packet("pub", ProtocolVersion::V5),
+    )
+    .await;
+    let (applies, syncs) = (store.applies(), store.syncs());
+
+    publisher
+        .send(publish_packet("n/1", b"one", QoS::AtLeastOnce, Some(1)))
+        .await;
+    let delivered = sub.recv_publish().await;
+    assert_eq!(&delivered.payload[..], b"one");
+    // Neither durable nor acknowledged by the subscriber yet: no PUBACK.
+    publisher.expect_silence(Duration::from_millis(300)).await;
+
+    sub.send(Packet::PubAck(PubAck::new(
+        delivered.packet_id.expect("QoS 1 has an id"),
+    )))
+    .await;
+    match tokio::time::timeout(Duration::from_secs(10), publisher.recv()).await {
+        Ok(Some(Packet::PubAck(a))) => assert_eq!((a.packet_id, a.code), (1, ReasonCode::Success)),
+        other => panic!("expected the PUBACK once the subscriber acknowledged, got {other:?}"),
+    }
+    assert_eq!(
+        (store.applies(), store.syncs()),
+        (applies, syncs),
+        "the message, its queue entry and the entry's deletion netted away"
+    );
+    assert_eq!(store.inner().queue("online", None).count(), 0);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_delivery_not_acknowledged_within_the_hold_is_stored_before_the_puback() {
+    let store = Arc::new(FailingStore::new(MemoryStore::new()));
+    let server = start_holding(
+        Arc::clone(&store) as Arc<dyn Store>,
+        Duration::from_millis(100),
+    )
+    .await;
+    let mut sub = online_subscriber(&server, "slow", "s/#").await;
+    let (mut publisher, _) = RawClient::connect(
+        addr(&server),
+        common::connect_packet("pub", ProtocolVersion::V5),
+    )
+    .await;
+    publisher
+        .send(publish_packet("s/1", b"one", QoS::AtLeastOnce, Some(1)))
+        .await;
+    let delivered = sub.recv_publish().await;
+    // The subscriber sits on it: the PUBACK comes after the hold, once the
+    // delivery is durable.
+    match tokio::time::timeout(Duration::from_secs(10), publisher.recv()).await {
+        Ok(Some(Packet::PubAck(a))) => assert_eq!((a.packet_id, a.code), (1, ReasonCode::Success)),
+        other => panic!("expected the PUBACK after the hold, got {other:?}"),
+    }
+    let stored: Vec<_> = store
+        .inner()
+        .queue("slow", None)
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(stored.len(), 1, "{stored:?}");
+    assert_eq!(stored[0].packet_id, delivered.packet_id);
+    // Its acknowledgement is then written as a deletion.
+    sub.send(Packet::PubAck(PubAck::new(delivered.packet_id.unwrap())))
+        .await;
+    common::eventually("the entry is deleted", || {
+        store.inner().queue("slow", None).count() == 0
+    })
+    .await;
+    server.shutdown().await;
+}
