@@ -786,12 +786,15 @@ impl Session {
         } else {
             if let Some(p) = self.persistence.as_ref().filter(|_| st.durable) {
                 let message_id = journal.reference(p, &delivery.message);
-                journal.push(Op::PutQueueEntry(self.queue_entry(
-                    &delivery,
-                    message_id,
-                    None,
-                    DeliveryState::Pending,
-                )));
+                let entry = self.queue_entry(&delivery, message_id, None, DeliveryState::Pending);
+                // Queued behind a full window of a connected client, a QoS
+                // 1 delivery is usually sent and acknowledged within
+                // milliseconds: insert it so the writer may net it away.
+                journal.push(if st.link.is_some() && delivery.qos == QoS::AtLeastOnce {
+                    Op::InsertQueueEntry(entry)
+                } else {
+                    Op::PutQueueEntry(entry)
+                });
             }
             push_pending(&mut st, delivery);
         }
