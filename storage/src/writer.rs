@@ -51,6 +51,12 @@ pub const DEFAULT_MAX_DELAY: Duration = Duration::from_millis(10);
 /// waking the writer for every submission.
 const HOLD_POLL: Duration = Duration::from_micros(100);
 
+/// How long after the last submission an idle writer keeps polling (every
+/// [`HOLD_POLL`]) before it blocks on its channel. A blocked writer costs
+/// each submitter a wake-up system call; under load submissions come far
+/// more often than this, and when idle the writer blocks after this long.
+const BUSY_POLL_FOR: Duration = Duration::from_millis(2);
+
 /// Default sync period of [`Durability::Interval`] for configurations that
 /// give none: the loss window after a crash.
 pub const DEFAULT_SYNC_INTERVAL: Duration = Duration::from_millis(100);
@@ -270,10 +276,16 @@ impl Worker {
     fn run(&mut self) {
         let mut held: HeldQueue<Reply> = HeldQueue::new();
         let mut open = true;
+        // When a submission last arrived: for a while after, the writer
+        // polls rather than blocks (see `BUSY_POLL_FOR`).
+        let mut last_arrival = Instant::now();
         while open || !held.is_empty() {
             loop {
                 match self.rx.try_recv() {
-                    Ok(r) => held.push(r.batch, r.reply, r.at),
+                    Ok(r) => {
+                        last_arrival = r.at;
+                        held.push(r.batch, r.reply, r.at);
+                    }
                     Err(TryRecvError::Empty) => break,
                     Err(TryRecvError::Disconnected) => {
                         open = false;
@@ -304,6 +316,15 @@ impl Worker {
                     }
                     std::thread::sleep(until.saturating_duration_since(now));
                 }
+                // Busy lately: poll, so that submitters find the writer
+                // awake and never pay for waking it.
+                None if now < last_arrival + BUSY_POLL_FOR => {
+                    let mut until = now + HOLD_POLL;
+                    if let Some(due) = self.next_sync_due() {
+                        until = until.min(due);
+                    }
+                    std::thread::sleep(until.saturating_duration_since(now));
+                }
                 None => {
                     let next = match self.next_sync_due() {
                         Some(due) => match self.rx.recv_timeout(due.saturating_duration_since(now))
@@ -324,6 +345,7 @@ impl Worker {
                         },
                     };
                     if let Some(r) = next {
+                        last_arrival = r.at;
                         held.push(r.batch, r.reply, r.at);
                     }
                 }
