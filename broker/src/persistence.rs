@@ -48,6 +48,8 @@ pub struct Persistence {
     writer: StoreWriter,
     next_message_id: AtomicU64,
     metrics: Arc<Metrics>,
+    /// The runtime whose blocking pool runs store reads after start-up.
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 impl std::fmt::Debug for Persistence {
@@ -84,6 +86,7 @@ impl Persistence {
             writer,
             next_message_id: AtomicU64::new(next),
             metrics,
+            runtime: tokio::runtime::Handle::try_current().ok(),
         }))
     }
 
@@ -119,6 +122,19 @@ impl Persistence {
     /// Resolves once everything committed before is durable (shutdown).
     pub async fn sync(&self) -> Result<(), StoreError> {
         self.writer.sync().await
+    }
+
+    /// Runs a store read off the async threads: on the runtime's blocking
+    /// pool (or a thread of its own without a runtime).
+    pub fn spawn_read(&self, read: impl FnOnce() + Send + 'static) {
+        match &self.runtime {
+            Some(handle) => {
+                handle.spawn_blocking(read);
+            }
+            None => {
+                std::thread::spawn(read);
+            }
+        }
     }
 
     /// Writer counters (windows, syncs, failures).

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use tern_codec::{ProtocolVersion, QoS, Will};
 use tern_router::SubscriptionOptions;
-use tern_storage::{Op, StoreError};
+use tern_storage::{DeliveryState, Op, QueueEntry, Store, StoreError};
 
 use crate::broker::{Broker, SessionRef};
 use crate::message::Message;
@@ -44,8 +44,11 @@ use crate::session::Delivery;
 pub struct Recovered {
     pub sessions: usize,
     pub subscriptions: usize,
-    /// Queue entries restored (in flight included).
+    /// Deliveries restored into memory: those that were in flight.
     pub queued: usize,
+    /// Deliveries not sent yet, left in the store: each session reads them
+    /// a chunk at a time as its client drains its queue.
+    pub backlog: usize,
     pub retained: usize,
     /// Expired sessions, queue entries and retained messages removed.
     pub purged: usize,
@@ -142,22 +145,23 @@ pub fn recover(broker: &Arc<Broker>) -> Result<Recovered, StoreError> {
                 }
             }
         }
+        // Deliveries already sent come back into the in-flight window now;
+        // the others stay in the store until the client drains to them.
+        let mut backlog = 0;
         for entry in store.queue(&client_id, None) {
             let entry = entry?;
+            if entry.state == DeliveryState::Pending {
+                backlog += 1;
+                continue;
+            }
             let qos = QoS::from_u8(entry.qos).filter(|q| *q != QoS::AtMostOnce);
             match (load(entry.message_id)?, qos) {
-                (Some(message), Some(qos)) => {
-                    let mut delivery = Delivery::new(
-                        &message,
-                        qos,
-                        entry.retain,
-                        entry.subscription_ids.iter().copied().collect(),
-                    );
-                    delivery.packet_id = entry.packet_id;
-                    delivery.dup = entry.dup;
-                    delivery.seq = entry.seq;
-                    session.restore_delivery(delivery, entry.state);
-                    report.queued += 1;
+                (Some(message), Some(_)) => {
+                    let state = entry.state;
+                    if let Some(delivery) = delivery_from_entry(entry, &message) {
+                        session.restore_delivery(delivery, state);
+                        report.queued += 1;
+                    }
                 }
                 _ => {
                     purge.push(Op::DeleteQueueEntry {
@@ -167,6 +171,10 @@ pub fn recover(broker: &Arc<Broker>) -> Result<Recovered, StoreError> {
                     report.purged += 1;
                 }
             }
+        }
+        if backlog > 0 {
+            session.restore_backlog(backlog, next_seq);
+            report.backlog += backlog;
         }
         for packet_id in store.incoming_qos2(&client_id)? {
             session.restore_incoming_qos2(packet_id);
@@ -195,4 +203,72 @@ pub fn recover(broker: &Arc<Broker>) -> Result<Recovered, StoreError> {
     Metrics::add(&broker.metrics.recovery_purged, report.purged as u64);
     broker.commit(purge);
     Ok(report)
+}
+
+/// A stored queue entry as a delivery of `message`. `None` when its QoS is
+/// not 1 or 2 (an entry no broker writes).
+fn delivery_from_entry(entry: QueueEntry, message: &Arc<Message>) -> Option<Delivery> {
+    let qos = QoS::from_u8(entry.qos).filter(|q| *q != QoS::AtMostOnce)?;
+    let mut delivery = Delivery::new(
+        message,
+        qos,
+        entry.retain,
+        entry.subscription_ids.iter().copied().collect(),
+    );
+    delivery.packet_id = entry.packet_id;
+    delivery.dup = entry.dup;
+    delivery.seq = entry.seq;
+    Some(delivery)
+}
+
+/// Up to `limit` entries of a session's stored backlog, read after a
+/// restart as its client drains its queue (see `Session::restore_backlog`).
+#[derive(Debug, Default)]
+pub struct BacklogChunk {
+    /// Deliveries not sent yet, in queue order.
+    pub deliveries: Vec<Delivery>,
+    /// Seqs of entries whose message is gone or expired: to delete.
+    pub gone: Vec<u64>,
+    /// The greatest seq read (0 when none).
+    pub last_seq: u64,
+    /// True when no backlog entry is left after this chunk.
+    pub exhausted: bool,
+}
+
+/// Reads the next chunk of `client_id`'s backlog: pending entries with a
+/// seq above `after` and below `end`. Blocks on the store: call it off the
+/// async threads.
+pub fn read_backlog(
+    store: &dyn Store,
+    client_id: &str,
+    after: u64,
+    end: u64,
+    limit: usize,
+) -> Result<BacklogChunk, StoreError> {
+    let now = Instant::now();
+    let mut chunk = BacklogChunk::default();
+    for entry in store.queue(client_id, Some(after)) {
+        let entry = entry?;
+        if entry.seq >= end {
+            break;
+        }
+        chunk.last_seq = entry.seq;
+        if entry.state != DeliveryState::Pending {
+            continue;
+        }
+        let message = store
+            .message(entry.message_id)?
+            .and_then(message_from_record)
+            .filter(|m| !m.is_expired(now));
+        let seq = entry.seq;
+        match message.and_then(|m| delivery_from_entry(entry, &m)) {
+            Some(delivery) => chunk.deliveries.push(delivery),
+            None => chunk.gone.push(seq),
+        }
+        if chunk.deliveries.len() + chunk.gone.len() >= limit {
+            return Ok(chunk);
+        }
+    }
+    chunk.exhausted = true;
+    Ok(chunk)
 }

@@ -125,6 +125,7 @@ impl Server {
                 sessions = report.sessions,
                 subscriptions = report.subscriptions,
                 queued = report.queued,
+                backlog = report.backlog,
                 retained = report.retained,
                 purged = report.purged,
                 "durable state restored"

@@ -48,7 +48,7 @@ use std::time::Instant;
 use parking_lot::Mutex;
 use smallvec::SmallVec;
 use tern_codec::{Packet, ProtocolVersion, PubAck, QoS, ReasonCode, Will};
-use tern_storage::{DeliveryState, Op, QueueEntry, SessionRecord};
+use tern_storage::{DeliveryState, Op, QueueEntry, SessionRecord, StoreError};
 use tokio::sync::Notify;
 
 use crate::budget::{OutboundBudget, HEADER_ALLOWANCE};
@@ -332,7 +332,30 @@ struct SessionState {
     next_seq: u64,
     /// Unix seconds the session was created (kept in its record).
     created_at: u64,
+    /// After a restart: queued deliveries still only in the store.
+    backlog: Option<Backlog>,
 }
+
+/// Deliveries of a restored session that were queued but not sent: they
+/// stay in the store (pending entries with a seq in `after..end`) and are
+/// read [`BACKLOG_CHUNK`] at a time when the in-flight window drains to
+/// them, so a restart never loads every queued payload at once. Deliveries
+/// queued since the restart have seqs from `end` on and wait behind it.
+#[derive(Debug)]
+struct Backlog {
+    /// Every entry up to this seq was read.
+    after: u64,
+    end: u64,
+    /// Entries left in the store.
+    count: usize,
+    /// A read is under way.
+    reading: bool,
+}
+
+/// Backlog deliveries read from the store at a time: enough to refill an
+/// in-flight window several times over, small enough that a connected
+/// client with a large stored queue holds little of it in memory.
+pub const BACKLOG_CHUNK: usize = 256;
 
 /// One client's session. See the module documentation.
 pub struct Session {
@@ -386,6 +409,7 @@ impl Session {
                 durable: false,
                 next_seq: 1,
                 created_at: unix_secs(),
+                backlog: None,
             }),
         }
     }
@@ -638,6 +662,7 @@ impl Session {
             }
             st.pending.clear();
             st.pending_bytes = 0;
+            st.backlog = None;
             st.inflight.clear();
             (st.pending_will.take(), std::mem::take(&mut st.durable))
         };
@@ -748,6 +773,77 @@ impl Session {
         self.state.lock().incoming_qos2.insert(packet_id);
     }
 
+    /// Notes `count` queued, unsent deliveries left in the store, all with
+    /// seqs below `end` (see [`Backlog`]).
+    pub fn restore_backlog(&self, count: usize, end: u64) {
+        self.state.lock().backlog = Some(Backlog {
+            after: 0,
+            end,
+            count,
+            reading: false,
+        });
+    }
+
+    /// Starts reading the next chunk of the backlog off the async threads.
+    fn read_backlog(self: &Arc<Self>, after: u64, end: u64) {
+        let Some(p) = &self.persistence else { return };
+        let (session, store) = (Arc::clone(self), Arc::clone(p.store()));
+        p.spawn_read(move || {
+            let chunk = crate::recovery::read_backlog(
+                store.as_ref(),
+                &session.client_id,
+                after,
+                end,
+                BACKLOG_CHUNK,
+            );
+            session.backlog_read(chunk);
+        });
+    }
+
+    /// Puts a chunk read from the backlog at the head of the queue and
+    /// fills the window from it.
+    fn backlog_read(self: &Arc<Self>, chunk: Result<crate::recovery::BacklogChunk, StoreError>) {
+        let mut journal = Journal::new();
+        {
+            let mut st = self.state.lock();
+            if st.ended {
+                return;
+            }
+            let Some(backlog) = st.backlog.as_mut() else {
+                return;
+            };
+            backlog.reading = false;
+            let chunk = match chunk {
+                Ok(chunk) => chunk,
+                Err(e) => {
+                    // Read again at the next chance to fill the window.
+                    tracing::warn!(client_id = %self.client_id, error = %e, "reading a stored queue failed");
+                    return;
+                }
+            };
+            backlog.after = backlog.after.max(chunk.last_seq);
+            backlog.count = backlog
+                .count
+                .saturating_sub(chunk.deliveries.len() + chunk.gone.len());
+            if chunk.exhausted || backlog.count == 0 {
+                st.backlog = None;
+            }
+            for seq in chunk.gone {
+                Metrics::inc(&self.metrics.messages_expired);
+                journal.push(Op::DeleteQueueEntry {
+                    client_id: self.client_id.to_string(),
+                    seq,
+                });
+            }
+            for delivery in chunk.deliveries.into_iter().rev() {
+                st.pending_bytes += queued_size(&delivery);
+                st.pending.push_front(delivery);
+            }
+            self.fill_window(&mut st, Instant::now(), &mut journal);
+        }
+        self.commit(journal);
+    }
+
     /// Hands a message to this session (its QoS already downgraded to the
     /// subscription's maximum). A durable session records a QoS 1/2
     /// delivery in `journal`.
@@ -769,9 +865,11 @@ impl Session {
         }
         let window_open = self.link_has_room(&st)
             && st.pending.is_empty()
+            && st.backlog.is_none()
             && st.inflight.len() < usize::from(st.send_quota)
             && window_used(&st) == st.inflight.len();
-        let queue_full = st.pending.len() >= self.max_queued
+        let backlog = st.backlog.as_ref().map_or(0, |b| b.count);
+        let queue_full = st.pending.len() + backlog >= self.max_queued
             || st.pending_bytes + queued_size(&delivery) > self.max_queued_bytes;
         if !window_open && queue_full {
             Metrics::inc(&self.metrics.messages_dropped_queue_full);
@@ -1114,10 +1212,18 @@ impl Session {
         self.state.lock().link.as_ref().map_or(0, |l| l.controls)
     }
 
-    /// Number of messages waiting in this session (pending + in flight).
+    /// Number of messages waiting in this session: (queued, in flight).
+    /// Queued counts a stored backlog not read yet.
     pub fn queued_len(&self) -> (usize, usize) {
         let st = self.state.lock();
-        (st.pending.len(), st.inflight.len())
+        let backlog = st.backlog.as_ref().map_or(0, |b| b.count);
+        (st.pending.len() + backlog, st.inflight.len())
+    }
+
+    /// Queued deliveries still only in the store after a restart (for
+    /// inspection; see [`Backlog`]).
+    pub fn stored_backlog(&self) -> usize {
+        self.state.lock().backlog.as_ref().map_or(0, |b| b.count)
     }
 
     /// Gives `delivery` a packet id and a place in the in-flight window, and
@@ -1209,6 +1315,16 @@ impl Session {
                     link.push_publish(delivery);
                 }
                 continue;
+            }
+            if let Some(backlog) = st.backlog.as_mut() {
+                // The stored backlog goes before what was queued since.
+                if st.pending.front().is_none_or(|d| d.seq >= backlog.end) {
+                    if !backlog.reading {
+                        backlog.reading = true;
+                        self.read_backlog(backlog.after, backlog.end);
+                    }
+                    break;
+                }
             }
             let Some(delivery) = remove_pending(st, 0) else {
                 break;

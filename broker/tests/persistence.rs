@@ -388,3 +388,84 @@ async fn a_delivery_not_acknowledged_within_the_hold_is_stored_before_the_puback
     .await;
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_restart_leaves_queued_messages_in_the_store_until_the_client_drains_them() {
+    const STORED: usize = 700;
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let server = start_on(Arc::clone(&store)).await;
+    offline_subscriber(&server, "big", "b/#", QoS::AtLeastOnce).await;
+    let (mut publisher, _) = RawClient::connect(
+        addr(&server),
+        common::connect_packet("pub", ProtocolVersion::V311),
+    )
+    .await;
+    for i in 0..STORED {
+        publisher
+            .publish(
+                "b/x",
+                format!("m{i}").as_bytes(),
+                QoS::AtLeastOnce,
+                1 + (i % 60000) as u16,
+            )
+            .await;
+    }
+    drop(publisher);
+    server.shutdown().await;
+
+    let server = start_on(Arc::clone(&store)).await;
+    let session = server.broker().registry.get("big").expect("restored");
+    assert_eq!(
+        session.stored_backlog(),
+        STORED,
+        "no payload read at start-up"
+    );
+    assert_eq!(session.queued_len(), (STORED, 0));
+    // Queued after the restart: behind the stored ones.
+    let (mut publisher, _) = RawClient::connect(
+        addr(&server),
+        common::connect_packet("pub", ProtocolVersion::V311),
+    )
+    .await;
+    for i in 0..5u16 {
+        publisher
+            .publish("b/x", format!("n{i}").as_bytes(), QoS::AtLeastOnce, 1 + i)
+            .await;
+    }
+    assert_eq!(session.queued_len(), (STORED + 5, 0));
+
+    let (mut reader, ack) =
+        RawClient::connect(addr(&server), persistent_connect("big", 3600)).await;
+    assert!(ack.session_present);
+    let mut got = Vec::new();
+    let mut most_in_memory = 0;
+    while got.len() < STORED + 5 {
+        let p = match reader.recv_within(Duration::from_secs(10)).await {
+            Ok(Some(Packet::Publish(p))) => p,
+            other => panic!("after {} messages: {other:?}", got.len()),
+        };
+        let (queued, inflight) = session.queued_len();
+        most_in_memory = most_in_memory.max(queued - session.stored_backlog() + inflight);
+        reader
+            .send(Packet::PubAck(PubAck::new(p.packet_id.unwrap())))
+            .await;
+        got.push(String::from_utf8(p.payload.to_vec()).unwrap());
+    }
+    let expected: Vec<String> = (0..STORED)
+        .map(|i| format!("m{i}"))
+        .chain((0..5).map(|i| format!("n{i}")))
+        .collect();
+    assert_eq!(got, expected, "in order, each once");
+    reader.expect_silence(Duration::from_millis(200)).await;
+    // A chunk waiting, a window in flight, and the five queued since.
+    let window = usize::from(Config::default().limits.max_inflight);
+    assert!(
+        most_in_memory <= tern::session::BACKLOG_CHUNK + window + 5,
+        "at most a chunk and a window in memory at once: {most_in_memory}"
+    );
+    common::eventually("the stored queue is empty", || {
+        store.queue("big", None).count() == 0
+    })
+    .await;
+    server.shutdown().await;
+}
