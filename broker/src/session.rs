@@ -885,10 +885,15 @@ impl Session {
             if let Some(p) = self.persistence.as_ref().filter(|_| st.durable) {
                 let message_id = journal.reference(p, &delivery.message);
                 let entry = self.queue_entry(&delivery, message_id, None, DeliveryState::Pending);
-                // Queued behind a full window of a connected client, a QoS
-                // 1 delivery is usually sent and acknowledged within
-                // milliseconds: insert it so the writer may net it away.
-                journal.push(if st.link.is_some() && delivery.qos == QoS::AtLeastOnce {
+                // Queued behind a full window of a connected client that
+                // keeps up (less than a window waiting), a QoS 1 delivery
+                // is usually sent and acknowledged within milliseconds:
+                // insert it so the writer may hold it and net it away. A
+                // client that stalls does not hold up everybody's acks.
+                let soon = st.link.is_some()
+                    && delivery.qos == QoS::AtLeastOnce
+                    && st.pending.len() < usize::from(st.send_quota);
+                journal.push(if soon {
                     Op::InsertQueueEntry(entry)
                 } else {
                     Op::PutQueueEntry(entry)
