@@ -43,10 +43,10 @@ use crate::batch::{Batch, Op};
 /// A submission waiting to be written.
 pub(crate) struct Held<R> {
     /// `None`: a sync barrier (never held).
-    pub batch: Option<Batch>,
-    pub reply: R,
+    batch: Option<Batch>,
+    reply: R,
     /// When it was submitted.
-    pub at: Instant,
+    at: Instant,
     /// Indexes of its operations that cancelled out.
     dead: SmallVec<[u32; 4]>,
     /// Its insertions that may still cancel (their chain is open).
