@@ -43,7 +43,7 @@
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use smallvec::SmallVec;
@@ -356,6 +356,10 @@ struct Backlog {
 /// in-flight window several times over, small enough that a connected
 /// client with a large stored queue holds little of it in memory.
 pub const BACKLOG_CHUNK: usize = 256;
+
+/// Wait before reading a backlog chunk again after a failed read: the store
+/// is failing, so retry slowly rather than spin on the blocking pool.
+const BACKLOG_RETRY: Duration = Duration::from_secs(1);
 
 /// One client's session. See the module documentation.
 pub struct Session {
@@ -784,11 +788,13 @@ impl Session {
         });
     }
 
-    /// Starts reading the next chunk of the backlog off the async threads.
-    fn read_backlog(self: &Arc<Self>, after: u64, end: u64) {
+    /// Starts reading the next chunk of the backlog off the async threads,
+    /// after `delay` (a retry after a failed read).
+    fn read_backlog(self: &Arc<Self>, after: u64, end: u64, delay: Duration) {
         let Some(p) = &self.persistence else { return };
         let (session, store) = (Arc::clone(self), Arc::clone(p.store()));
         p.spawn_read(move || {
+            std::thread::sleep(delay);
             let chunk = crate::recovery::read_backlog(
                 store.as_ref(),
                 &session.client_id,
@@ -812,15 +818,19 @@ impl Session {
             let Some(backlog) = st.backlog.as_mut() else {
                 return;
             };
-            backlog.reading = false;
             let chunk = match chunk {
                 Ok(chunk) => chunk,
                 Err(e) => {
-                    // Read again at the next chance to fill the window.
-                    tracing::warn!(client_id = %self.client_id, error = %e, "reading a stored queue failed");
+                    // Still reading: the same chunk again, a moment later
+                    // (nothing else would wake a client whose window is
+                    // empty).
+                    tracing::warn!(client_id = %self.client_id, error = %e, "reading a stored queue failed; retrying");
+                    let (after, end) = (backlog.after, backlog.end);
+                    self.read_backlog(after, end, BACKLOG_RETRY);
                     return;
                 }
             };
+            backlog.reading = false;
             backlog.after = backlog.after.max(chunk.last_seq);
             backlog.count = backlog
                 .count
@@ -1326,7 +1336,7 @@ impl Session {
                 if st.pending.front().is_none_or(|d| d.seq >= backlog.end) {
                     if !backlog.reading {
                         backlog.reading = true;
-                        self.read_backlog(backlog.after, backlog.end);
+                        self.read_backlog(backlog.after, backlog.end, Duration::ZERO);
                     }
                     break;
                 }

@@ -42,7 +42,8 @@
 //! trait), `engine.rs` (the shared implementation over an ordered key-value
 //! engine), `keys.rs` and `encoding.rs` (the on-disk format), `schema.rs`
 //! (version and upgrade rule), `sled_store.rs`, `memory.rs`, `writer.rs`
-//! (group commit), `netting.rs` (what a window leaves out), `fault.rs` (failure injection for tests), `error.rs`.
+//! (group commit), `netting.rs` (what a window leaves out), `fault.rs`
+//! (failure injection for tests), `error.rs`.
 
 mod batch;
 mod encoding;

@@ -10,10 +10,10 @@
 //! entry's deletion arrives or `max_delay` passes, whichever is first, and
 //! nets each submission against the held ones as it arrives:
 //!
-//! 1. A queue entry inserted with [`Op::InsertQueueEntry`] (a delivery on
-//!    its way to the client; the key did not exist before) and deleted by a
-//!    later held operation vanishes, together with every replacement of it
-//!    in between.
+//! 1. A queue entry inserted with [`Op::InsertQueueEntry`] (a delivery the
+//!    broker expects to be acknowledged soon; the key did not exist before)
+//!    and deleted by a later held operation vanishes, together with every
+//!    replacement of it in between.
 //! 2. When a batch is written, a [`Op::PutMessage`] that no surviving
 //!    operation of the same batch references is left out. The broker puts
 //!    the message in every batch that adds a reference to it, so the put is
@@ -71,6 +71,9 @@ pub(crate) struct HeldQueue<R> {
     /// insertion first, then the replacements since. Keys are hashed to
     /// avoid copying client ids; a match is confirmed on the operation.
     chains: FxHashMap<(u64, u64), SmallVec<[Position; 2]>>,
+    /// Number of the youngest sync barrier held, if any: everything up to
+    /// it is due at once.
+    last_barrier: Option<u64>,
     /// Operations removed so far.
     netted: u64,
 }
@@ -81,6 +84,7 @@ impl<R> HeldQueue<R> {
             queue: VecDeque::new(),
             front_no: 0,
             chains: FxHashMap::default(),
+            last_barrier: None,
             netted: 0,
         }
     }
@@ -103,6 +107,9 @@ impl<R> HeldQueue<R> {
     /// held ones (and each other).
     pub(crate) fn push(&mut self, batch: Option<Batch>, reply: R, at: Instant) {
         let no = self.front_no + self.queue.len() as u64;
+        if batch.is_none() {
+            self.last_barrier = Some(no);
+        }
         self.queue.push_back(Held {
             batch,
             reply,
@@ -206,11 +213,11 @@ impl<R> HeldQueue<R> {
     /// still cancel), all up to a sync barrier, or all when `flush`; at most
     /// `max_ops` operations but at least one submission when one is due.
     pub(crate) fn ready(&self, now: Instant, hold: Duration, max_ops: usize, flush: bool) -> usize {
-        let barrier = self.queue.iter().rposition(|h| h.batch.is_none());
         let (mut n, mut ops) = (0, 0);
         for (i, h) in self.queue.iter().enumerate() {
+            let no = self.front_no + i as u64;
             let due = flush
-                || barrier.is_some_and(|b| i <= b)
+                || self.last_barrier.is_some_and(|b| no <= b)
                 || h.open_inserts == 0
                 || h.at + hold <= now;
             if !due || (n > 0 && ops + h.ops() > max_ops) {
