@@ -50,6 +50,7 @@ pub mod budget;
 pub mod config;
 pub mod connection;
 mod handshake;
+mod inflight;
 pub mod message;
 pub mod metrics;
 pub mod persistence;

@@ -52,6 +52,7 @@ use tern_storage::{DeliveryState, Op, QueueEntry, SessionRecord, StoreError};
 use tokio::sync::Notify;
 
 use crate::budget::{OutboundBudget, HEADER_ALLOWANCE};
+use crate::inflight::{Inflight, InflightState, InflightWindow};
 use crate::message::Message;
 use crate::metrics::Metrics;
 use crate::persistence::{unix_secs, will_record, Journal, Persistence};
@@ -267,29 +268,6 @@ pub struct SessionContext {
     pub persistence: Option<Arc<Persistence>>,
 }
 
-/// How a QoS 1/2 message waits for acknowledgement.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum InflightState {
-    /// QoS 1 sent, waiting for PUBACK; or QoS 2 sent, waiting for PUBREC.
-    Sent,
-    /// Sent on an earlier connection and not acknowledged; to be sent again
-    /// (same packet id, DUP) as soon as the client's Receive Maximum allows.
-    Resend,
-    /// QoS 2 PUBREL sent, waiting for PUBCOMP.
-    Released,
-    /// QoS 2 with its packet id assigned, not yet on the wire: it is sent
-    /// once the queue entry holding the id is durable (durable sessions).
-    /// A QoS 1 message sent after one waits too, to keep the order.
-    Persisting,
-}
-
-#[derive(Debug)]
-struct Inflight {
-    packet_id: u16,
-    delivery: Delivery,
-    state: InflightState,
-}
-
 /// A will waiting for its delay (or the end of its session) to pass.
 #[derive(Debug, Clone)]
 pub struct PendingWill {
@@ -315,12 +293,11 @@ struct SessionState {
     protocol: ProtocolVersion,
     expiry_interval: u32,
     send_quota: u16,
-    inflight: VecDeque<Inflight>,
+    inflight: InflightWindow,
     pending: VecDeque<Delivery>,
     /// Topic + payload bytes of `pending`.
     pending_bytes: usize,
     incoming_qos2: HashSet<u16>,
-    next_packet_id: u16,
     pending_will: Option<PendingWill>,
     /// Will-delay and expiry timers armed when the last connection closed.
     timers: SmallVec<[tokio::task::AbortHandle; 2]>,
@@ -402,11 +379,10 @@ impl Session {
                 protocol: ProtocolVersion::V311,
                 expiry_interval: 0,
                 send_quota: 1,
-                inflight: VecDeque::new(),
+                inflight: InflightWindow::default(),
                 pending: VecDeque::new(),
                 pending_bytes: 0,
                 incoming_qos2: HashSet::new(),
-                next_packet_id: 1,
                 pending_will: None,
                 timers: SmallVec::new(),
                 ended: false,
@@ -472,26 +448,30 @@ impl Session {
         let mut resent = st
             .inflight
             .iter()
-            .filter(|i| matches!(i.state, InflightState::Released | InflightState::Persisting))
+            .filter(|i| {
+                matches!(
+                    i.state(),
+                    InflightState::Released | InflightState::Persisting
+                )
+            })
             .count();
-        for inflight in &mut st.inflight {
-            match inflight.state {
+        for index in 0..st.inflight.len() {
+            match st.inflight.get(index).state() {
                 InflightState::Sent | InflightState::Resend if resent < quota => {
                     resent += 1;
-                    inflight.state = InflightState::Sent;
-                    let mut d = inflight.delivery.clone();
-                    d.dup = true;
-                    inflight.delivery.dup = true;
+                    st.inflight.set_state(index, InflightState::Sent);
+                    st.inflight.set_dup(index);
+                    let d = st.inflight.get(index).delivery.clone();
                     outbound.push_back(Outbound::Publish(d));
                 }
                 InflightState::Sent | InflightState::Resend => {
-                    inflight.state = InflightState::Resend;
-                    inflight.delivery.dup = true;
+                    st.inflight.set_state(index, InflightState::Resend);
+                    st.inflight.set_dup(index);
                 }
                 InflightState::Released => {
                     outbound.push_back(Outbound::Ack(
                         AckKind::PubRel,
-                        inflight.packet_id,
+                        st.inflight.get(index).packet_id,
                         ReasonCode::Success,
                     ));
                 }
@@ -758,18 +738,14 @@ impl Session {
                 return;
             }
         };
-        if position(&st.inflight, packet_id).is_some() {
+        if st.inflight.position(packet_id).is_some() {
             // Two stored entries with one packet id: send the later one anew.
             delivery.packet_id = None;
             push_pending(&mut st, delivery);
             return;
         }
         delivery.dup = true;
-        st.inflight.push_back(Inflight {
-            packet_id,
-            delivery,
-            state: inflight_state,
-        });
+        st.inflight.restore(packet_id, delivery, inflight_state);
     }
 
     /// Puts back an incoming QoS 2 packet id awaiting PUBREL.
@@ -877,7 +853,7 @@ impl Session {
             && st.pending.is_empty()
             && st.backlog.is_none()
             && st.inflight.len() < usize::from(st.send_quota)
-            && window_used(&st) == st.inflight.len();
+            && !st.inflight.has_resend();
         let backlog = st.backlog.as_ref().map_or(0, |b| b.count);
         let queue_full = st.pending.len() + backlog >= self.max_queued
             || st.pending_bytes + queued_size(&delivery) > self.max_queued_bytes;
@@ -955,7 +931,7 @@ impl Session {
         let sent = st.inflight.iter().filter(|i| {
             i.delivery.shared.is_some()
                 && i.delivery.qos == QoS::AtLeastOnce
-                && i.state != InflightState::Released
+                && i.state() != InflightState::Released
         });
         let queued = st.pending.iter().filter(|d| d.shared.is_some());
         sent.map(|i| i.delivery.clone())
@@ -972,8 +948,8 @@ impl Session {
             Arc::ptr_eq(&d.message, &delivery.message) && d.shared == delivery.shared
         };
         let removed = if let Some(packet_id) = delivery.packet_id {
-            let found = st.inflight.iter().position(|i| {
-                i.packet_id == packet_id && i.state == InflightState::Sent && same(&i.delivery)
+            let found = st.inflight.position_where(|i| {
+                i.packet_id == packet_id && i.state() == InflightState::Sent && same(&i.delivery)
             });
             found
                 .and_then(|i| st.inflight.remove(i))
@@ -994,7 +970,7 @@ impl Session {
     /// PUBACK received. Returns false if no QoS 1 message waited for it.
     pub fn puback(self: &Arc<Self>, packet_id: u16) -> bool {
         self.complete(packet_id, |i| {
-            i.delivery.qos == QoS::AtLeastOnce && i.state != InflightState::Persisting
+            i.delivery.qos == QoS::AtLeastOnce && i.state() != InflightState::Persisting
         })
     }
 
@@ -1004,8 +980,8 @@ impl Session {
         let mut journal = Journal::new();
         let found = {
             let mut st = self.state.lock();
-            let removed = match position(&st.inflight, packet_id) {
-                Some(i) if expected(&st.inflight[i]) => st.inflight.remove(i),
+            let removed = match st.inflight.position(packet_id) {
+                Some(i) if expected(st.inflight.get(i)) => st.inflight.remove(i),
                 _ => None,
             };
             if let Some(done) = &removed {
@@ -1027,17 +1003,17 @@ impl Session {
         let mut journal = Journal::new();
         {
             let mut st = self.state.lock();
-            let index = position(&st.inflight, packet_id).filter(|&i| {
-                st.inflight[i].delivery.qos == QoS::ExactlyOnce
+            let index = st.inflight.position(packet_id).filter(|&i| {
+                st.inflight.get(i).delivery.qos == QoS::ExactlyOnce
                     && matches!(
-                        st.inflight[i].state,
+                        st.inflight.get(i).state(),
                         InflightState::Sent | InflightState::Resend
                     )
             });
             match index {
                 Some(i) if code.is_success() => {
-                    st.inflight[i].state = InflightState::Released;
-                    let delivery = &st.inflight[i].delivery;
+                    st.inflight.set_state(i, InflightState::Released);
+                    let delivery = &st.inflight.get(i).delivery;
                     let stored = delivery.message.store_id.get().copied();
                     match stored.filter(|_| st.durable && delivery.seq != 0) {
                         Some(message_id) => {
@@ -1077,8 +1053,10 @@ impl Session {
     /// reconnect (which sends every pending PUBREL itself) came first.
     fn send_pubrel(&self, generation: u64, packet_id: u16) {
         let mut st = self.state.lock();
-        let waiting = position(&st.inflight, packet_id)
-            .is_some_and(|i| st.inflight[i].state == InflightState::Released);
+        let waiting = st
+            .inflight
+            .position(packet_id)
+            .is_some_and(|i| st.inflight.get(i).state() == InflightState::Released);
         if st.generation == generation && waiting {
             if let Some(link) = &mut st.link {
                 link.push(pubrel(packet_id, ReasonCode::Success));
@@ -1090,28 +1068,28 @@ impl Session {
     /// packet id is durable.
     fn release(&self, packet_id: u16, seq: u64) {
         let mut st = self.state.lock();
-        let Some(i) = st.inflight.iter().position(|i| {
+        let Some(i) = st.inflight.position_where(|i| {
             i.packet_id == packet_id
                 && i.delivery.seq == seq
-                && i.state == InflightState::Persisting
+                && i.state() == InflightState::Persisting
         }) else {
             return;
         };
         if st.link.is_some() {
-            st.inflight[i].state = InflightState::Sent;
-            let delivery = st.inflight[i].delivery.clone();
+            st.inflight.set_state(i, InflightState::Sent);
+            let delivery = st.inflight.get(i).delivery.clone();
             if let Some(link) = &mut st.link {
                 link.push_publish(delivery);
             }
         } else {
             // Offline meanwhile: the next attach sends it.
-            st.inflight[i].state = InflightState::Resend;
+            st.inflight.set_state(i, InflightState::Resend);
         }
     }
 
     /// PUBCOMP received. Returns false if no PUBREL waited for it.
     pub fn pubcomp(self: &Arc<Self>, packet_id: u16) -> bool {
-        self.complete(packet_id, |i| i.state == InflightState::Released)
+        self.complete(packet_id, |i| i.state() == InflightState::Released)
     }
 
     /// Forgets an in-flight message that will never be sent (it exceeded the
@@ -1123,8 +1101,10 @@ impl Session {
         let mut journal = Journal::new();
         {
             let mut st = self.state.lock();
-            if let Some(done) =
-                position(&st.inflight, packet_id).and_then(|i| st.inflight.remove(i))
+            if let Some(done) = st
+                .inflight
+                .position(packet_id)
+                .and_then(|i| st.inflight.remove(i))
             {
                 self.forget(&st, &done.delivery, &mut journal);
                 self.fill_window(&mut st, Instant::now(), &mut journal);
@@ -1248,61 +1228,66 @@ impl Session {
     fn send_inflight(
         self: &Arc<Self>,
         st: &mut SessionState,
-        mut delivery: Delivery,
+        delivery: Delivery,
         journal: &mut Journal,
         new_entry: bool,
     ) {
-        let packet_id = next_packet_id(st);
-        delivery.packet_id = Some(packet_id);
-        let mut state = InflightState::Sent;
-        if let Some(p) = self
+        let store = self
             .persistence
             .as_ref()
             .filter(|_| st.durable && delivery.seq != 0)
-        {
-            let message_id = if new_entry {
-                Some(journal.reference(p, &delivery.message))
-            } else {
-                delivery.message.store_id.get().copied()
-            };
-            if let Some(message_id) = message_id {
-                let entry = self.queue_entry(
-                    &delivery,
-                    message_id,
-                    Some(packet_id),
-                    DeliveryState::AwaitingAck,
-                );
-                // Later deliveries wait behind a waiting one: the order
-                // of a topic's messages holds across QoS levels.
-                let waiting = st
-                    .inflight
-                    .iter()
-                    .any(|i| i.state == InflightState::Persisting);
-                if delivery.qos == QoS::ExactlyOnce || waiting {
-                    state = InflightState::Persisting;
-                    let (session, seq) = (Arc::clone(self), delivery.seq);
-                    journal.after(move |_| session.release(packet_id, seq));
-                }
-                // A new entry whose PUBLISH leaves now is likely forgotten
-                // one round trip later: inserting it lets the writer net
-                // the pair away (tern-storage's `netting.rs`).
-                journal.push(if new_entry && state == InflightState::Sent {
-                    Op::InsertQueueEntry(entry)
-                } else {
-                    Op::PutQueueEntry(entry)
-                });
+            .filter(|_| new_entry || delivery.message.store_id.get().is_some());
+        // Later deliveries wait behind a waiting one: the order of a
+        // topic's messages holds across QoS levels.
+        let state = match store {
+            Some(_) if delivery.qos == QoS::ExactlyOnce || st.inflight.has_persisting() => {
+                InflightState::Persisting
             }
+            _ => InflightState::Sent,
+        };
+        let packet_id = match st.inflight.assign(delivery, state) {
+            Ok(packet_id) => packet_id,
+            Err(delivery) => {
+                // Every packet id is held (only when the client's window is
+                // all 65,535): it waits for one to come free.
+                st.pending_bytes += queued_size(&delivery);
+                st.pending.push_front(delivery);
+                return;
+            }
+        };
+        let Some(sent) = st.inflight.last() else {
+            return;
+        };
+        let message_id = store.and_then(|p| match new_entry {
+            true => Some(journal.reference(p, &sent.delivery.message)),
+            false => sent.delivery.message.store_id.get().copied(),
+        });
+        if let Some(message_id) = message_id {
+            let entry = self.queue_entry(
+                &sent.delivery,
+                message_id,
+                Some(packet_id),
+                DeliveryState::AwaitingAck,
+            );
+            if state == InflightState::Persisting {
+                let (session, seq) = (Arc::clone(self), sent.delivery.seq);
+                journal.after(move |_| session.release(packet_id, seq));
+            }
+            // A new entry whose PUBLISH leaves now is likely forgotten one
+            // round trip later: inserting it lets the writer net the pair
+            // away (tern-storage's `netting.rs`).
+            journal.push(if new_entry && state == InflightState::Sent {
+                Op::InsertQueueEntry(entry)
+            } else {
+                Op::PutQueueEntry(entry)
+            });
         }
         if state == InflightState::Sent {
+            let delivery = sent.delivery.clone();
             if let Some(link) = &mut st.link {
-                link.push_publish(delivery.clone());
+                link.push_publish(delivery);
             }
         }
-        st.inflight.push_back(Inflight {
-            packet_id,
-            delivery,
-            state,
-        });
     }
 
     /// True when a connection is attached and its unwritten bytes are under
@@ -1317,15 +1302,11 @@ impl Session {
 
     /// Moves pending messages into the in-flight window while it has room.
     fn fill_window(self: &Arc<Self>, st: &mut SessionState, now: Instant, journal: &mut Journal) {
-        while self.link_has_room(st) && window_used(st) < usize::from(st.send_quota) {
+        while self.link_has_room(st) && st.inflight.used() < usize::from(st.send_quota) {
             // Messages from an earlier connection go first, in order.
-            if let Some(i) = st
-                .inflight
-                .iter()
-                .position(|i| i.state == InflightState::Resend)
-            {
-                st.inflight[i].state = InflightState::Sent;
-                let delivery = st.inflight[i].delivery.clone();
+            if let Some(i) = st.inflight.first_resend() {
+                st.inflight.set_state(i, InflightState::Sent);
+                let delivery = st.inflight.get(i).delivery.clone();
                 if let Some(link) = &mut st.link {
                     link.push_publish(delivery);
                 }
@@ -1389,29 +1370,5 @@ fn push_to(st: &mut SessionState, connection_id: u64, item: Outbound) {
 fn cancel_timers(st: &mut SessionState) {
     for timer in st.timers.drain(..) {
         timer.abort();
-    }
-}
-
-/// In-flight messages that count against the client's Receive Maximum:
-/// everything sent on this connection and not yet acknowledged.
-fn window_used(st: &SessionState) -> usize {
-    st.inflight
-        .iter()
-        .filter(|i| i.state != InflightState::Resend)
-        .count()
-}
-
-fn position(inflight: &VecDeque<Inflight>, packet_id: u16) -> Option<usize> {
-    inflight.iter().position(|i| i.packet_id == packet_id)
-}
-
-/// The next packet identifier not in use by an in-flight message.
-fn next_packet_id(st: &mut SessionState) -> u16 {
-    loop {
-        let id = st.next_packet_id;
-        st.next_packet_id = st.next_packet_id.checked_add(1).unwrap_or(1);
-        if id != 0 && position(&st.inflight, id).is_none() {
-            return id;
-        }
     }
 }
