@@ -38,7 +38,7 @@ use crate::persistence::{Journal, Persistence};
 use crate::pool::BufferPool;
 use crate::registry::SessionRegistry;
 use crate::session::{
-    Delivery, PendingWill, Session, SessionContext, SharedOrigin, SubscriptionIds,
+    Admission, Delivery, PendingWill, Session, SessionContext, SharedOrigin, SubscriptionIds,
 };
 use tern_router::{RetainedStore, Router, SharedGroup, SubscriptionOptions};
 
@@ -105,6 +105,7 @@ impl Broker {
             SessionContext {
                 max_queued: config.limits.max_queued_messages,
                 max_queued_bytes: config.limits.max_queued_bytes,
+                queue_full_wait: Duration::from_millis(config.limits.queue_full_wait_ms),
                 max_client_outbound_bytes: config.limits.max_client_outbound_bytes,
                 metrics: Arc::clone(&metrics),
                 budget: Arc::new(OutboundBudget::new(config.limits.max_outbound_bytes)),
@@ -140,8 +141,10 @@ impl Broker {
     }
 
     /// Publishes a message: retained store first, then every matching
-    /// subscriber. Durable changes go to `journal`.
-    pub fn publish(&self, message: &Arc<Message>, journal: &mut Journal) {
+    /// subscriber. Durable changes go to `journal`. Returns a subscriber
+    /// whose full queue took the message beyond its bound, if any: the
+    /// publisher should wait for it ([`Session::wait_for_room`]).
+    pub fn publish(&self, message: &Arc<Message>, journal: &mut Journal) -> Option<Arc<Session>> {
         Metrics::inc(&self.metrics.messages_received);
         if message.retain {
             let topic = message.topic_str();
@@ -165,14 +168,14 @@ impl Broker {
                 }
             }
         }
-        self.route(message, journal);
+        self.route(message, journal)
     }
 
     /// Publishes a message the broker makes itself (a will) and commits its
-    /// durable changes; nobody waits for them.
+    /// durable changes; nobody waits for them, nor for a full queue.
     pub fn publish_and_commit(&self, message: &Arc<Message>) {
         let mut journal = Journal::new();
-        self.publish(message, &mut journal);
+        let _full = self.publish(message, &mut journal);
         self.commit(journal);
     }
 
@@ -183,10 +186,17 @@ impl Broker {
         }
     }
 
-    /// Delivers a message to the matching subscribers.
-    pub fn route(&self, message: &Arc<Message>, journal: &mut Journal) {
+    /// Delivers a message to the matching subscribers; returns one whose
+    /// queue took it beyond its bound (see [`publish`](Self::publish)).
+    pub fn route(&self, message: &Arc<Message>, journal: &mut Journal) -> Option<Arc<Session>> {
         let matches = self.router.matches(message.topic_str());
         let mut delivered = 0u64;
+        let mut full = None;
+        let mut note = |session: &Arc<Session>, admission: Admission| {
+            if admission == Admission::BeyondBound && full.is_none() {
+                full = Some(Arc::clone(session));
+            }
+        };
         for client in &matches.clients {
             let mut qos: Option<QoS> = None;
             let mut retain = false;
@@ -204,10 +214,11 @@ impl Broker {
                 }
             }
             if let Some(qos) = qos {
-                client
-                    .subscriber
-                    .0
-                    .deliver(Delivery::new(message, qos, retain, ids), journal);
+                let session = &client.subscriber.0;
+                note(
+                    session,
+                    session.deliver(Delivery::new(message, qos, retain, ids), journal),
+                );
                 delivered += 1;
             }
         }
@@ -216,13 +227,16 @@ impl Broker {
                 .pick(|s| s.0.is_online())
                 .or_else(|| group.pick(|_| true));
             if let Some((member, options)) = picked {
-                member
-                    .0
-                    .deliver(shared_delivery(message, group, options), journal);
+                let session = &member.0;
+                note(
+                    session,
+                    session.deliver(shared_delivery(message, group, options), journal),
+                );
                 delivered += 1;
             }
         }
         Metrics::add(&self.metrics.messages_delivered, delivered);
+        full
     }
 
     /// Moves the unacknowledged messages a departing member of shared groups
@@ -255,7 +269,8 @@ impl Broker {
             // its packet id, for the member's return.
             if departing.withdraw(&delivery, &mut journal) {
                 Metrics::inc(&self.metrics.shared_redeliveries);
-                member.0.deliver(
+                // Nobody publishes here, so nobody waits for a full queue.
+                let _ = member.0.deliver(
                     shared_delivery(&delivery.message, group, options),
                     &mut journal,
                 );

@@ -166,6 +166,10 @@ pub struct LimitsConfig {
     /// besides the in-flight window; with `max_queued_messages`, the bound of
     /// an offline client's queue in memory and on disk.
     pub max_queued_bytes: usize,
+    /// Milliseconds a connected client's full QoS 1/2 queue may make its
+    /// publishers wait (they are not read from) before the client counts as
+    /// slow and what overflows its queue is dropped; 0: drop at once.
+    pub queue_full_wait_ms: u64,
     /// Bytes waiting to be written to one connection above which a QoS 0
     /// delivery to it is dropped (a slow subscriber's bound).
     pub max_client_outbound_bytes: usize,
@@ -231,6 +235,7 @@ impl Default for LimitsConfig {
             receive_maximum: 1024,
             max_queued_messages: 1000,
             max_queued_bytes: 16 * 1024 * 1024,
+            queue_full_wait_ms: 1000,
             max_client_outbound_bytes: 4 * 1024 * 1024,
             max_outbound_bytes: 64 * 1024 * 1024,
             connect_timeout_secs: 10,
@@ -372,6 +377,9 @@ impl Config {
         }
         if l.max_queued_messages == 0 {
             return invalid("limits.max_queued_messages", "must be at least 1");
+        }
+        if l.queue_full_wait_ms > 60_000 {
+            return invalid("limits.queue_full_wait_ms", "must be at most 60000");
         }
         if l.max_queued_bytes < 1024 {
             return invalid("limits.max_queued_bytes", "must be at least 1024");

@@ -321,6 +321,9 @@ struct Connection {
     reauthentication: Option<Box<dyn AuthExchange>>,
     /// Acknowledgements waiting for the store (see [`Connection::acknowledge`]).
     deferred_acks: Arc<AtomicUsize>,
+    /// A subscriber whose full queue took this client's last publish beyond
+    /// its bound: the reader waits for it before reading on.
+    full_queue: Option<Arc<Session>>,
 }
 
 impl Connection {
@@ -422,6 +425,7 @@ impl Connection {
             auth_method: authenticated.method,
             reauthentication: None,
             deferred_acks: Arc::new(AtomicUsize::new(0)),
+            full_queue: None,
         }
     }
 
@@ -472,6 +476,9 @@ impl Connection {
                         if let Err(exit) = self.handle(session, packet) {
                             return exit;
                         }
+                        if self.full_queue.is_some() {
+                            break;
+                        }
                     }
                     Ok(None) => break,
                     Err(e) => {
@@ -487,12 +494,21 @@ impl Connection {
             let unsent = session.control_backlog(self.connection_id)
                 + self.deferred_acks.load(Ordering::Acquire);
             let backlog = unsent > MAX_UNSENT_CONTROL_PACKETS;
-            if backlog || budget.is_over() {
+            let full_queue = self.full_queue.take();
+            if backlog || full_queue.is_some() || budget.is_over() {
                 // Back-pressure: stop reading (so TCP slows the client down)
-                // until writers have drained the broker under its budget, or
-                // until this client has read the replies it was sent. Keep
-                // alive keeps running: a client stuck for 1.5 x keep alive
-                // is closed, which also releases what it held.
+                // until this client has read the replies it was sent, until
+                // a subscriber's full queue has room (bounded by
+                // `queue_full_wait_ms`), or until writers have drained the
+                // broker under its budget. Keep alive keeps running: a
+                // client stuck for 1.5 x keep alive is closed, which also
+                // releases what it held.
+                let room = async {
+                    match &full_queue {
+                        Some(full) => full.wait_for_room().await,
+                        None => std::future::pending().await,
+                    }
+                };
                 let expired = async {
                     match deadline {
                         Some(d) => tokio::time::sleep_until(d).await,
@@ -500,7 +516,8 @@ impl Connection {
                     }
                 };
                 tokio::select! {
-                    () = budget.wait_until_below(), if !backlog => {}
+                    () = budget.wait_until_below(), if !backlog && full_queue.is_none() => {}
+                    () = room, if !backlog => {}
                     () = control.drained.notified(), if backlog => {}
                     () = expired => {
                         Metrics::inc(&self.broker.metrics.keepalive_timeouts);
@@ -714,7 +731,7 @@ impl Connection {
             tracing::debug!(client_id = %session.client_id, topic = topic_str, "publish to a $ topic denied");
         }
         let mut journal = Journal::new();
-        let route = |this: &Self, journal: &mut Journal| {
+        let route = |this: &mut Self, journal: &mut Journal| {
             if !denied {
                 let message = Message::new(
                     topic.clone(),
@@ -724,7 +741,10 @@ impl Connection {
                     publish.properties.clone(),
                     session.id,
                 );
-                this.broker.publish(&message, journal);
+                let full = this.broker.publish(&message, journal);
+                // A client publishing to its own full queue would wait for
+                // its own acknowledgements, which it is not read for.
+                this.full_queue = full.filter(|s| !Arc::ptr_eq(s, session));
             }
         };
         let code = if denied {
@@ -977,7 +997,8 @@ fn deliver_retained(session: &Arc<Session>, retained: Vec<(Arc<Message>, Subscri
         let granted = QoS::from_u8(options.qos).unwrap_or(QoS::AtMostOnce);
         let ids = options.subscription_id.into_iter().collect();
         let delivery = Delivery::new(&message, message.qos.min(granted), true, ids);
-        session.deliver(delivery, &mut journal);
+        // The subscriber's own retained messages: nobody to slow down.
+        let _ = session.deliver(delivery, &mut journal);
     }
     session.commit(journal);
 }

@@ -77,6 +77,23 @@ pub struct Delivery {
     pub seq: u64,
 }
 
+/// What became of a delivery handed to [`Session::deliver`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use]
+pub enum Admission {
+    /// Sent, or queued within the session's bounds.
+    Taken,
+    /// Queued beyond the bound of a connected client's full queue: the
+    /// publisher should wait for room ([`Session::wait_for_room`]) before
+    /// sending more, so an acknowledged message is not dropped merely
+    /// because many publishers outrun one subscriber that keeps up.
+    BeyondBound,
+    /// Not queued: the session ended, a QoS 0 message for an offline client
+    /// or a slow connection, a full queue of an offline or slow client
+    /// (counted in the metrics).
+    Dropped,
+}
+
 /// The shared subscription a delivery came through.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SharedOrigin {
@@ -259,6 +276,10 @@ pub struct SessionContext {
     pub max_queued: usize,
     /// Bound of each session's QoS 1/2 queue, in topic + payload bytes.
     pub max_queued_bytes: usize,
+    /// How long a connected client's full queue makes its publishers wait
+    /// before the client counts as slow (see [`Session::wait_for_room`]);
+    /// zero: never wait, drop at once.
+    pub queue_full_wait: Duration,
     /// Bound of the bytes waiting to be written to one connection; a QoS 0
     /// delivery beyond it is dropped.
     pub max_client_outbound_bytes: usize,
@@ -311,6 +332,10 @@ struct SessionState {
     created_at: u64,
     /// After a restart: queued deliveries still only in the store.
     backlog: Option<Backlog>,
+    /// When the queue of the connected client last reached its bound and
+    /// took a delivery beyond it; cleared when it drains to half (or, once
+    /// the client counts as slow, to empty) or the client leaves.
+    full_since: Option<Instant>,
 }
 
 /// Deliveries of a restored session that were queued but not sent: they
@@ -345,11 +370,15 @@ pub struct Session {
     pub client_id: Arc<str>,
     max_queued: usize,
     max_queued_bytes: usize,
+    queue_full_wait: Duration,
     max_client_outbound_bytes: usize,
     metrics: Arc<Metrics>,
     budget: Arc<OutboundBudget>,
     persistence: Option<Arc<Persistence>>,
     state: Mutex<SessionState>,
+    /// Woken when a full queue has drained to half its bound, or the client
+    /// left: publishers waiting in [`wait_for_room`](Self::wait_for_room).
+    room: Notify,
 }
 
 impl std::fmt::Debug for Session {
@@ -369,6 +398,7 @@ impl Session {
             client_id,
             max_queued: context.max_queued,
             max_queued_bytes: context.max_queued_bytes,
+            queue_full_wait: context.queue_full_wait,
             max_client_outbound_bytes: context.max_client_outbound_bytes,
             metrics: Arc::clone(&context.metrics),
             budget: Arc::clone(&context.budget),
@@ -390,7 +420,9 @@ impl Session {
                 next_seq: 1,
                 created_at: unix_secs(),
                 backlog: None,
+                full_since: None,
             }),
+            room: Notify::new(),
         }
     }
 
@@ -594,6 +626,9 @@ impl Session {
         match &st.link {
             Some(link) if link.connection_id == connection_id => {
                 st.link = None;
+                if st.full_since.take().is_some() {
+                    self.room.notify_waiters();
+                }
                 if let Some(secs) = new_expiry {
                     st.expiry_interval = secs;
                 }
@@ -648,6 +683,9 @@ impl Session {
             st.pending_bytes = 0;
             st.backlog = None;
             st.inflight.clear();
+            if st.full_since.take().is_some() {
+                self.room.notify_waiters();
+            }
             (st.pending_will.take(), std::mem::take(&mut st.durable))
         };
         if durable {
@@ -833,21 +871,22 @@ impl Session {
     /// Hands a message to this session (its QoS already downgraded to the
     /// subscription's maximum). A durable session records a QoS 1/2
     /// delivery in `journal`.
-    pub fn deliver(self: &Arc<Self>, mut delivery: Delivery, journal: &mut Journal) {
+    pub fn deliver(self: &Arc<Self>, mut delivery: Delivery, journal: &mut Journal) -> Admission {
         let mut st = self.state.lock();
         if st.ended {
-            return;
+            return Admission::Dropped;
         }
         if delivery.qos == QoS::AtMostOnce {
             match &mut st.link {
                 Some(link) if link.charged < self.max_client_outbound_bytes => {
-                    link.push_publish(delivery)
+                    link.push_publish(delivery);
+                    return Admission::Taken;
                 }
-                // Offline clients do not get QoS 0 messages queued.
                 Some(_) => Metrics::inc(&self.metrics.messages_dropped_qos0),
+                // Offline clients do not get QoS 0 messages queued.
                 None => {}
             }
-            return;
+            return Admission::Dropped;
         }
         let window_open = self.link_has_room(&st)
             && st.pending.is_empty()
@@ -857,9 +896,10 @@ impl Session {
         let backlog = st.backlog.as_ref().map_or(0, |b| b.count);
         let queue_full = st.pending.len() + backlog >= self.max_queued
             || st.pending_bytes + queued_size(&delivery) > self.max_queued_bytes;
-        if !window_open && queue_full {
+        let over_bound = !window_open && queue_full;
+        if over_bound && !self.takes_beyond_bound(&mut st) {
             Metrics::inc(&self.metrics.messages_dropped_queue_full);
-            return;
+            return Admission::Dropped;
         }
         if st.durable {
             delivery.seq = st.next_seq;
@@ -886,6 +926,71 @@ impl Session {
                 });
             }
             push_pending(&mut st, delivery);
+        }
+        if over_bound {
+            Admission::BeyondBound
+        } else {
+            Admission::Taken
+        }
+    }
+
+    /// Whether a QoS 1/2 delivery that finds the queue at its bound is taken
+    /// anyway (and its publisher asked to wait): only for a connected client
+    /// whose queue has not been full for `queue_full_wait` already. A client
+    /// that is full for longer is slow; what it cannot take is dropped, so
+    /// it holds no publisher up for more than that once per episode.
+    fn takes_beyond_bound(&self, st: &mut SessionState) -> bool {
+        if st.link.is_none() || self.queue_full_wait.is_zero() {
+            return false;
+        }
+        let now = Instant::now();
+        let since = *st.full_since.get_or_insert(now);
+        now.duration_since(since) < self.queue_full_wait
+    }
+
+    /// Ends a full-queue episode once the queue has drained far enough:
+    /// to half its bound while publishers wait, to empty once the client
+    /// counted as slow. Wakes the waiting publishers.
+    fn note_drained(&self, st: &mut SessionState, now: Instant) {
+        let Some(since) = st.full_since else {
+            return;
+        };
+        let queued = st.pending.len() + st.backlog.as_ref().map_or(0, |b| b.count);
+        let drained = if now.duration_since(since) < self.queue_full_wait {
+            queued <= self.max_queued / 2 && st.pending_bytes <= self.max_queued_bytes / 2
+        } else {
+            queued == 0
+        };
+        if drained {
+            st.full_since = None;
+            self.room.notify_waiters();
+        }
+    }
+
+    /// Waits while this session's queue is beyond its bound after a
+    /// delivery from the caller (see [`Admission::BeyondBound`]): until it
+    /// has drained to half, the client left, or the queue has been full for
+    /// `queue_full_wait` (a slow client no longer holds anyone up). The
+    /// publisher's connection stops reading meanwhile, so TCP slows it down.
+    pub async fn wait_for_room(&self) {
+        loop {
+            let notified = self.room.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let deadline = {
+                let st = self.state.lock();
+                match st.full_since {
+                    Some(since) if st.link.is_some() && !st.ended => since + self.queue_full_wait,
+                    _ => return,
+                }
+            };
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::select! {
+                () = notified => {}
+                () = tokio::time::sleep_until(deadline.into()) => return,
+            }
         }
     }
 
@@ -1332,6 +1437,7 @@ impl Session {
             }
             self.send_inflight(st, delivery, journal, false);
         }
+        self.note_drained(st, now);
     }
 }
 

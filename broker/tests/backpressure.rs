@@ -195,3 +195,125 @@ async fn a_client_that_never_reads_its_replies_is_paused_not_buffered() {
     drop(flooder);
     server.shutdown().await;
 }
+
+/// Fan-in: many QoS 1 publishers outrun one subscriber that keeps up. Its
+/// queue fills, and instead of dropping messages already acknowledged to
+/// their publishers, the broker stops reading from those publishers until
+/// the queue has room: every acknowledged message arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishers_wait_for_a_full_queue_that_drains_and_nothing_acknowledged_is_lost() {
+    let server = start(|c| {
+        c.limits.max_inflight = 4;
+        c.limits.max_queued_messages = 10;
+    })
+    .await;
+    let port = addr(&server).port();
+    let mut options = rumqttc::MqttOptions::new("fan-in-sub", "127.0.0.1", port);
+    options.set_inflight(100);
+    let (sub, mut sub_rx) = run_rumqttc(options);
+    sub.subscribe("in/+", rumqttc::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    loop {
+        if let Some(rumqttc::Packet::SubAck(_)) = sub_rx.recv().await {
+            break;
+        }
+    }
+    const PUBLISHERS: usize = 4;
+    const EACH: usize = 500;
+    let mut acked = Vec::new();
+    for p in 0..PUBLISHERS {
+        let mut options = rumqttc::MqttOptions::new(format!("fan-in-pub-{p}"), "127.0.0.1", port);
+        options.set_inflight(100);
+        let (client, mut rx) = run_rumqttc(options);
+        tokio::spawn(async move {
+            for i in 0..EACH {
+                let payload = format!("{p}/{i}");
+                client
+                    .publish(format!("in/{p}"), rumqttc::QoS::AtLeastOnce, false, payload)
+                    .await
+                    .unwrap();
+            }
+            // Keep the client alive until the caller has counted.
+            std::future::pending::<()>().await;
+        });
+        acked.push(tokio::spawn(async move {
+            let mut n = 0;
+            while n < EACH {
+                match rx.recv().await {
+                    Some(rumqttc::Packet::PubAck(_)) => n += 1,
+                    Some(_) => {}
+                    None => break,
+                }
+            }
+            n
+        }));
+    }
+    let mut total_acked = 0;
+    for handle in acked {
+        total_acked += tokio::time::timeout(Duration::from_secs(60), handle)
+            .await
+            .expect("publishers acknowledged")
+            .unwrap();
+    }
+    assert_eq!(total_acked, PUBLISHERS * EACH);
+    let mut received = std::collections::HashSet::new();
+    while received.len() < PUBLISHERS * EACH {
+        match tokio::time::timeout(Duration::from_secs(10), sub_rx.recv()).await {
+            Ok(Some(rumqttc::Packet::Publish(p))) => {
+                received.insert(p.payload);
+            }
+            Ok(Some(_)) => {}
+            other => panic!("after {} messages: {other:?}", received.len()),
+        }
+    }
+    let metrics = &server.broker().metrics;
+    assert_eq!(
+        metrics
+            .messages_dropped_queue_full
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+    server.shutdown().await;
+}
+
+/// A subscriber that stops acknowledging holds its publishers up once, for
+/// `queue_full_wait_ms`; then it counts as slow, and what overflows its
+/// queue is dropped while the publisher runs on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_that_stops_draining_holds_publishers_only_once() {
+    let server = start(|c| {
+        c.limits.max_inflight = 2;
+        c.limits.max_queued_messages = 10;
+        c.limits.queue_full_wait_ms = 200;
+    })
+    .await;
+    let mut sub = RawClient::connected(addr(&server), "stalled", ProtocolVersion::V311).await;
+    sub.subscribe("s", QoS::AtLeastOnce).await;
+    let mut publisher = RawClient::connected(addr(&server), "pub", ProtocolVersion::V311).await;
+    // Every PUBACK arrives: the publisher is never stuck for good.
+    for i in 0..100u16 {
+        publisher
+            .publish("s", format!("{i}").as_bytes(), QoS::AtLeastOnce, i + 1)
+            .await;
+    }
+    // Two in flight, ten queued, one taken beyond the bound while the
+    // publisher waited; the other 87 dropped.
+    let dropped = server
+        .broker()
+        .metrics
+        .messages_dropped_queue_full
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(dropped, 87);
+    // What the subscriber gets is a prefix of what was published.
+    for i in 0..13u16 {
+        let m = sub.recv_publish().await;
+        assert_eq!(m.payload, format!("{i}").as_bytes());
+        sub.send(Packet::PubAck(tern_codec::PubAck::new(
+            m.packet_id.unwrap(),
+        )))
+        .await;
+    }
+    sub.expect_silence(Duration::from_millis(200)).await;
+    server.shutdown().await;
+}

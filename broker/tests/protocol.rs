@@ -398,6 +398,8 @@ async fn inflight_window_and_queue_overflow() {
     let server = start(|c| {
         c.limits.max_inflight = 2;
         c.limits.max_queued_messages = 3;
+        // Drop at once: no wait for the (never acknowledging) subscriber.
+        c.limits.queue_full_wait_ms = 0;
     })
     .await;
     let mut sub = RawClient::connected(addr(&server), "sub", V311).await;
