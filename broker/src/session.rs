@@ -877,16 +877,22 @@ impl Session {
             return Admission::Dropped;
         }
         if delivery.qos == QoS::AtMostOnce {
-            match &mut st.link {
-                Some(link) if link.charged < self.max_client_outbound_bytes => {
-                    link.push_publish(delivery);
-                    return Admission::Taken;
-                }
-                Some(_) => Metrics::inc(&self.metrics.messages_dropped_qos0),
-                // Offline clients do not get QoS 0 messages queued.
-                None => {}
+            // Offline clients do not get QoS 0 messages queued.
+            let Some(charged) = st.link.as_ref().map(|l| l.charged) else {
+                return Admission::Dropped;
+            };
+            let admission = if charged < self.max_client_outbound_bytes {
+                Admission::Taken
+            } else if self.takes_beyond_bound(&mut st) {
+                Admission::BeyondBound
+            } else {
+                Metrics::inc(&self.metrics.messages_dropped_qos0);
+                return Admission::Dropped;
+            };
+            if let Some(link) = &mut st.link {
+                link.push_publish(delivery);
             }
-            return Admission::Dropped;
+            return admission;
         }
         let window_open = self.link_has_room(&st)
             && st.pending.is_empty()
@@ -934,11 +940,12 @@ impl Session {
         }
     }
 
-    /// Whether a QoS 1/2 delivery that finds the queue at its bound is taken
-    /// anyway (and its publisher asked to wait): only for a connected client
-    /// whose queue has not been full for `queue_full_wait` already. A client
-    /// that is full for longer is slow; what it cannot take is dropped, so
-    /// it holds no publisher up for more than that once per episode.
+    /// Whether a delivery that finds its queue at the bound (the session
+    /// queue for QoS 1/2, the connection's outbound queue for QoS 0) is
+    /// taken anyway (and its publisher asked to wait): only for a connected
+    /// client whose queues have not been full for `queue_full_wait` already.
+    /// A client that is full for longer is slow; what it cannot take is
+    /// dropped, so it holds no publisher up for more than that per episode.
     fn takes_beyond_bound(&self, st: &mut SessionState) -> bool {
         if st.link.is_none() || self.queue_full_wait.is_zero() {
             return false;
@@ -948,18 +955,21 @@ impl Session {
         now.duration_since(since) < self.queue_full_wait
     }
 
-    /// Ends a full-queue episode once the queue has drained far enough:
-    /// to half its bound while publishers wait, to empty once the client
+    /// Ends a full-queue episode once the queues have drained far enough:
+    /// to half their bounds while publishers wait, to empty once the client
     /// counted as slow. Wakes the waiting publishers.
     fn note_drained(&self, st: &mut SessionState, now: Instant) {
         let Some(since) = st.full_since else {
             return;
         };
         let queued = st.pending.len() + st.backlog.as_ref().map_or(0, |b| b.count);
+        let unwritten = st.link.as_ref().map_or(0, |l| l.charged);
         let drained = if now.duration_since(since) < self.queue_full_wait {
-            queued <= self.max_queued / 2 && st.pending_bytes <= self.max_queued_bytes / 2
+            queued <= self.max_queued / 2
+                && st.pending_bytes <= self.max_queued_bytes / 2
+                && unwritten <= self.max_client_outbound_bytes / 2
         } else {
-            queued == 0
+            queued == 0 && unwritten == 0
         };
         if drained {
             st.full_since = None;

@@ -207,58 +207,88 @@ async fn publishers_wait_for_a_full_queue_that_drains_and_nothing_acknowledged_i
         c.limits.max_queued_messages = 10;
     })
     .await;
-    let port = addr(&server).port();
+    fan_in(&server, rumqttc::QoS::AtLeastOnce, 4, 500, b"m").await;
+    let dropped = &server.broker().metrics.messages_dropped_queue_full;
+    assert_eq!(dropped.load(std::sync::atomic::Ordering::Relaxed), 0);
+    server.shutdown().await;
+}
+
+/// The same for QoS 0 and the connection's outbound bound: a subscriber
+/// that keeps up slows its publishers down instead of losing messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos0_publishers_wait_for_a_subscriber_that_keeps_up() {
+    let server = start(|c| c.limits.max_client_outbound_bytes = 8 * 1024).await;
+    fan_in(&server, rumqttc::QoS::AtMostOnce, 4, 2000, &[7; 1024]).await;
+    let dropped = &server.broker().metrics.messages_dropped_qos0;
+    assert_eq!(dropped.load(std::sync::atomic::Ordering::Relaxed), 0);
+    server.shutdown().await;
+}
+
+/// `publishers` rumqttc clients publish `each` messages as fast as they can
+/// to one rumqttc subscriber of `in/+`, which must receive every one.
+async fn fan_in(
+    server: &tern::Server,
+    qos: rumqttc::QoS,
+    publishers: usize,
+    each: usize,
+    filler: &[u8],
+) {
+    let port = addr(server).port();
     let mut options = rumqttc::MqttOptions::new("fan-in-sub", "127.0.0.1", port);
     options.set_inflight(100);
     let (sub, mut sub_rx) = run_rumqttc(options);
-    sub.subscribe("in/+", rumqttc::QoS::AtLeastOnce)
-        .await
-        .unwrap();
+    sub.subscribe("in/+", qos).await.unwrap();
     loop {
         if let Some(rumqttc::Packet::SubAck(_)) = sub_rx.recv().await {
             break;
         }
     }
-    const PUBLISHERS: usize = 4;
-    const EACH: usize = 500;
-    let mut acked = Vec::new();
-    for p in 0..PUBLISHERS {
+    let mut done = Vec::new();
+    for p in 0..publishers {
         let mut options = rumqttc::MqttOptions::new(format!("fan-in-pub-{p}"), "127.0.0.1", port);
         options.set_inflight(100);
         let (client, mut rx) = run_rumqttc(options);
+        let filler = filler.to_vec();
         tokio::spawn(async move {
-            for i in 0..EACH {
-                let payload = format!("{p}/{i}");
+            for i in 0..each {
+                let mut payload = format!("{p}/{i}/").into_bytes();
+                payload.extend_from_slice(&filler);
                 client
-                    .publish(format!("in/{p}"), rumqttc::QoS::AtLeastOnce, false, payload)
+                    .publish(format!("in/{p}"), qos, false, payload)
                     .await
                     .unwrap();
             }
-            // Keep the client alive until the caller has counted.
+            // The event loop ends with the last handle: keep it until the
+            // subscriber has counted.
             std::future::pending::<()>().await;
         });
-        acked.push(tokio::spawn(async move {
+        // Reads the publisher's incoming packets (its event loop stops when
+        // nobody does) and counts the PUBACKs.
+        let acks = tokio::spawn(async move {
             let mut n = 0;
-            while n < EACH {
-                match rx.recv().await {
-                    Some(rumqttc::Packet::PubAck(_)) => n += 1,
-                    Some(_) => {}
-                    None => break,
+            while let Some(packet) = rx.recv().await {
+                if let rumqttc::Packet::PubAck(_) = packet {
+                    n += 1;
+                    if n == each {
+                        break;
+                    }
                 }
             }
             n
-        }));
+        });
+        if qos != rumqttc::QoS::AtMostOnce {
+            done.push(acks);
+        }
     }
-    let mut total_acked = 0;
-    for handle in acked {
-        total_acked += tokio::time::timeout(Duration::from_secs(60), handle)
+    for handle in done {
+        let acked = tokio::time::timeout(Duration::from_secs(60), handle)
             .await
-            .expect("publishers acknowledged")
+            .expect("every publish acknowledged")
             .unwrap();
+        assert_eq!(acked, each);
     }
-    assert_eq!(total_acked, PUBLISHERS * EACH);
     let mut received = std::collections::HashSet::new();
-    while received.len() < PUBLISHERS * EACH {
+    while received.len() < publishers * each {
         match tokio::time::timeout(Duration::from_secs(10), sub_rx.recv()).await {
             Ok(Some(rumqttc::Packet::Publish(p))) => {
                 received.insert(p.payload);
@@ -267,14 +297,6 @@ async fn publishers_wait_for_a_full_queue_that_drains_and_nothing_acknowledged_i
             other => panic!("after {} messages: {other:?}", received.len()),
         }
     }
-    let metrics = &server.broker().metrics;
-    assert_eq!(
-        metrics
-            .messages_dropped_queue_full
-            .load(std::sync::atomic::Ordering::Relaxed),
-        0
-    );
-    server.shutdown().await;
 }
 
 /// A subscriber that stops acknowledging holds its publishers up once, for
