@@ -9,15 +9,22 @@
 //!
 //! # Flows
 //!
-//! - Outgoing QoS 0 goes straight to the outbound queue (dropped and counted
-//!   when that queue already holds `max_client_outbound_bytes`, or when the
-//!   client is offline).
+//! - Outgoing QoS 0 goes straight to the outbound queue (not queued for an
+//!   offline client).
 //! - Outgoing QoS 1/2 takes a packet identifier and a place in the in-flight
-//!   window (the smaller of our `max_inflight` and the client's Receive
-//!   Maximum); when the window is full or the client is offline it waits in
-//!   `pending`, in order, bounded by `max_queued_messages` and
-//!   `max_queued_bytes` (topic + payload). Acknowledgements
-//!   free the window and pull the next pending message.
+//!   window (`inflight.rs`; the smaller of our `max_inflight` and the
+//!   client's Receive Maximum); when the window is full or the client is
+//!   offline it waits in `pending`, in order, bounded by
+//!   `max_queued_messages` and `max_queued_bytes` (topic + payload).
+//!   Acknowledgements free the window and pull the next pending message.
+//! - A delivery that finds its bound reached (`pending` for QoS 1/2, the
+//!   outbound queue's `max_client_outbound_bytes` for QoS 0) is taken anyway
+//!   while the client is connected and has been full for less than
+//!   `queue_full_wait`; [`deliver`](Session::deliver) then answers
+//!   [`Admission::BeyondBound`] and the publisher's reader waits in
+//!   [`wait_for_room`](Session::wait_for_room) until the queues have drained
+//!   to half. Otherwise (offline, or slow: full for longer) it is dropped
+//!   and counted.
 //! - On reconnect with the session resumed, every unacknowledged PUBLISH is
 //!   sent again with DUP set and every PUBREL is sent again, before anything new.
 //! - Incoming QoS 2 packet identifiers are remembered until PUBREL, so a
