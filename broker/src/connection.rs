@@ -503,9 +503,11 @@ impl Connection {
                 // broker under its budget. Keep alive keeps running: a
                 // client stuck for 1.5 x keep alive is closed, which also
                 // releases what it held.
+                // Boxed: the wait is rare, and inline its state would grow
+                // every idle connection's task.
                 let room = async {
                     match &full_queue {
-                        Some(full) => full.wait_for_room().await,
+                        Some(full) => Box::pin(full.wait_for_room()).await,
                         None => std::future::pending().await,
                     }
                 };
