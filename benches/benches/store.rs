@@ -29,7 +29,7 @@ fn publish(id: u64) -> Batch {
         expires_at: None,
     })
     .put_queue_entry(QueueEntry {
-        client_id: format!("sub{}", id % 100),
+        client_id: format!("sub{}", id % 100).into(),
         seq: id,
         message_id: id,
         qos: 1,

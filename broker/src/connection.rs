@@ -909,7 +909,7 @@ impl Connection {
                 if self.broker.router.unsubscribe(&subscriber, filter) {
                     if durable {
                         journal.push(Op::DeleteSubscription {
-                            client_id: session.client_id.to_string(),
+                            client_id: Arc::clone(&session.client_id),
                             filter: filter.to_owned(),
                         });
                     }
@@ -1012,7 +1012,7 @@ fn subscription_record(
     options: &SubscriptionOptions,
 ) -> SubscriptionRecord {
     SubscriptionRecord {
-        client_id: session.client_id.to_string(),
+        client_id: Arc::clone(&session.client_id),
         filter: filter.to_owned(),
         qos: options.qos,
         no_local: options.no_local,

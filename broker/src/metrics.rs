@@ -40,9 +40,6 @@ pub struct Metrics {
     pub publishes_denied: AtomicU64,
     /// Shared-subscription messages moved from a departing member to another.
     pub shared_redeliveries: AtomicU64,
-    /// Store submissions that failed (disk full, I/O error): the clients
-    /// concerned got an error code instead of an acknowledgement.
-    pub store_failures: AtomicU64,
     /// Queued messages and sessions found expired (and purged) at start-up.
     pub recovery_purged: AtomicU64,
 }

@@ -33,21 +33,17 @@ use smallvec::SmallVec;
 use tern_codec::properties::PublishProperties;
 use tern_codec::{QoS, Will};
 use tern_storage::{
-    Batch, MessageRecord, Op, SledStore, Store, StoreError, StoreWriter, WillRecord, WriterConfig,
+    Batch, Completion, MessageRecord, Op, SledStore, Store, StoreError, StoreWriter, WillRecord,
+    WriterConfig,
 };
 
 use crate::message::Message;
-use crate::metrics::Metrics;
-
-/// What runs once a journal's batch is durable (or failed).
-pub type AfterCommit = Box<dyn FnOnce(&Result<(), StoreError>) + Send>;
 
 /// The durable store of a running broker.
 pub struct Persistence {
     store: Arc<dyn Store>,
     writer: StoreWriter,
     next_message_id: AtomicU64,
-    metrics: Arc<Metrics>,
     /// The runtime whose blocking pool runs store reads after start-up.
     runtime: Option<tokio::runtime::Handle>,
 }
@@ -66,18 +62,16 @@ impl Persistence {
     pub fn open(
         dir: &std::path::Path,
         config: WriterConfig,
-        metrics: Arc<Metrics>,
     ) -> Result<Arc<Persistence>, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| StoreError::Io(Arc::new(e)))?;
         let store: Arc<dyn Store> = Arc::new(SledStore::open(dir)?);
-        Persistence::with_store(store, config, metrics)
+        Persistence::with_store(store, config)
     }
 
     /// Runs over any store (tests use `MemoryStore` and `FailingStore`).
     pub fn with_store(
         store: Arc<dyn Store>,
         config: WriterConfig,
-        metrics: Arc<Metrics>,
     ) -> Result<Arc<Persistence>, StoreError> {
         let next = store.last_message_id()?.map_or(1, |id| id + 1);
         let writer = StoreWriter::spawn(Arc::clone(&store), config)?;
@@ -85,7 +79,6 @@ impl Persistence {
             store,
             writer,
             next_message_id: AtomicU64::new(next),
-            metrics,
             runtime: tokio::runtime::Handle::try_current().ok(),
         }))
     }
@@ -101,22 +94,25 @@ impl Persistence {
     /// must not hold a lock that a completion takes (if the writer has
     /// stopped, completions run at once on this thread).
     pub fn commit(&self, journal: Journal) {
-        let Journal { batch, after, .. } = journal;
-        if batch.is_empty() && after.is_empty() {
-            return;
+        let Journal {
+            batch, mut after, ..
+        } = journal;
+        match after.len() {
+            0 if batch.is_empty() => {}
+            0 => self.writer.submit_detached(batch),
+            1 => {
+                let done = after.pop().expect("one completion");
+                self.writer.submit_then(batch, done);
+            }
+            _ => self.writer.submit_then(
+                batch,
+                Box::new(move |result| {
+                    for f in after {
+                        f(result.clone());
+                    }
+                }),
+            ),
         }
-        let metrics = Arc::clone(&self.metrics);
-        self.writer.submit_then(
-            batch,
-            Box::new(move |result| {
-                if result.is_err() {
-                    Metrics::inc(&metrics.store_failures);
-                }
-                for f in after {
-                    f(&result);
-                }
-            }),
-        );
     }
 
     /// Resolves once everything committed before is durable (shutdown).
@@ -137,7 +133,9 @@ impl Persistence {
         }
     }
 
-    /// Writer counters (windows, syncs, failures).
+    /// Writer counters (windows, syncs, and `failed`: the submissions that
+    /// failed, whose clients got an error code instead of an
+    /// acknowledgement).
     pub fn writer_stats(&self) -> tern_storage::WriterStats {
         self.writer.stats()
     }
@@ -152,7 +150,8 @@ impl Persistence {
 #[derive(Default)]
 pub struct Journal {
     batch: Batch,
-    after: Vec<AfterCommit>,
+    /// Usually none (nobody waits) or one (the acknowledgement): inline.
+    after: SmallVec<[Completion; 1]>,
     /// Messages already put in this batch (a message is written once per
     /// batch, however many queue entries reference it).
     stored: SmallVec<[u64; 2]>,
@@ -174,7 +173,7 @@ impl Journal {
 
     /// Runs `f` once this journal's batch is durable or failed.
     pub fn after(&mut self, f: impl FnOnce(&Result<(), StoreError>) + Send + 'static) {
-        self.after.push(Box::new(f));
+        self.after.push(Box::new(move |result| f(&result)));
     }
 
     /// The store id of `message`, putting the message in this batch unless

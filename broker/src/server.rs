@@ -71,8 +71,8 @@ impl Server {
         let persistence = match config.storage.writer_config() {
             None => None,
             Some(writer) => {
-                let (d, m) = (dir.clone(), Arc::clone(&metrics));
-                let opened = tokio::task::spawn_blocking(move || Persistence::open(&d, writer, m))
+                let d = dir.clone();
+                let opened = tokio::task::spawn_blocking(move || Persistence::open(&d, writer))
                     .await
                     .unwrap_or_else(|e| Err(tern_storage::StoreError::Engine(e.to_string())));
                 Some(opened.map_err(|source| StartError::Store {
@@ -94,11 +94,9 @@ impl Server {
         let metrics = Arc::new(Metrics::default());
         let writer = config.storage.writer_config().unwrap_or_default();
         let persistence =
-            Persistence::with_store(store, writer, Arc::clone(&metrics)).map_err(|source| {
-                StartError::Store {
-                    dir: config.storage.data_dir.clone(),
-                    source,
-                }
+            Persistence::with_store(store, writer).map_err(|source| StartError::Store {
+                dir: config.storage.data_dir.clone(),
+                source,
             })?;
         Server::start_with(config, metrics, Some(persistence)).await
     }
@@ -229,6 +227,15 @@ impl Server {
             if let Err(e) = persistence.sync().await {
                 tracing::error!(error = %e, "final store sync failed");
             }
+            let w = persistence.writer_stats();
+            tracing::info!(
+                submitted = w.submitted,
+                windows = w.windows,
+                syncs = w.syncs,
+                netted = w.netted,
+                failed = w.failed,
+                "store writer totals"
+            );
         }
         tracing::info!("broker stopped");
     }

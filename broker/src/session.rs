@@ -548,7 +548,7 @@ impl Session {
             journal.push(Op::PutSession(self.record(st, will)));
         } else if st.durable {
             journal.push(Op::DeleteSession {
-                client_id: self.client_id.to_string(),
+                client_id: Arc::clone(&self.client_id),
             });
         }
         st.durable = durable;
@@ -557,7 +557,7 @@ impl Session {
     /// The session's durable record, last seen now.
     fn record(&self, st: &SessionState, will: Option<&Will>) -> SessionRecord {
         SessionRecord {
-            client_id: self.client_id.to_string(),
+            client_id: Arc::clone(&self.client_id),
             protocol_level: st.protocol.level(),
             expiry_interval: st.expiry_interval,
             will: will.map(will_record),
@@ -698,7 +698,7 @@ impl Session {
         if durable {
             let mut journal = Journal::new();
             journal.push(Op::DeleteSession {
-                client_id: self.client_id.to_string(),
+                client_id: Arc::clone(&self.client_id),
             });
             self.commit(journal);
         }
@@ -862,7 +862,7 @@ impl Session {
             for seq in chunk.gone {
                 Metrics::inc(&self.metrics.messages_expired);
                 journal.push(Op::DeleteQueueEntry {
-                    client_id: self.client_id.to_string(),
+                    client_id: Arc::clone(&self.client_id),
                     seq,
                 });
             }
@@ -1020,7 +1020,7 @@ impl Session {
         state: DeliveryState,
     ) -> QueueEntry {
         QueueEntry {
-            client_id: self.client_id.to_string(),
+            client_id: Arc::clone(&self.client_id),
             seq: delivery.seq,
             message_id,
             qos: delivery.qos as u8,
@@ -1037,7 +1037,7 @@ impl Session {
     fn forget(&self, st: &SessionState, delivery: &Delivery, journal: &mut Journal) {
         if st.durable && delivery.seq != 0 {
             journal.push(Op::DeleteQueueEntry {
-                client_id: self.client_id.to_string(),
+                client_id: Arc::clone(&self.client_id),
                 seq: delivery.seq,
             });
         }
@@ -1256,7 +1256,7 @@ impl Session {
         st.incoming_qos2.insert(packet_id);
         if st.durable {
             journal.push(Op::AddIncomingQos2 {
-                client_id: self.client_id.to_string(),
+                client_id: Arc::clone(&self.client_id),
                 packet_id,
             });
         }
@@ -1271,7 +1271,7 @@ impl Session {
             let known = st.incoming_qos2.remove(&packet_id);
             if known && st.durable {
                 journal.push(Op::RemoveIncomingQos2 {
-                    client_id: self.client_id.to_string(),
+                    client_id: Arc::clone(&self.client_id),
                     packet_id,
                 });
             }

@@ -13,7 +13,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{addr, persistent_connect, publish_packet, RawClient};
-use tern::metrics::Metrics;
 use tern::{Config, Server};
 use tern_codec::{Packet, ProtocolVersion, PubAck, QoS, ReasonCode};
 use tern_storage::{FailingStore, MemoryStore, Store};
@@ -124,7 +123,8 @@ async fn a_full_disk_is_reported_and_nothing_is_acknowledged_as_stored() {
     assert!(
         matches!(expect_ack(&mut v5).await, Packet::PubAck(a) if a.code == ReasonCode::Success)
     );
-    assert!(Metrics::get(&server.broker().metrics.store_failures) >= 3);
+    let persistence = server.broker().persistence.as_ref().expect("a store");
+    assert!(persistence.writer_stats().failed >= 3);
 
     let (mut keeper, ack) =
         RawClient::connect(addr(&server), persistent_connect("keeper", 3600)).await;

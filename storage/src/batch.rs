@@ -1,5 +1,9 @@
 //! [`Batch`]: a list of operations applied atomically, in order.
 
+use std::sync::Arc;
+
+use smallvec::SmallVec;
+
 use crate::records::{
     MessageRecord, QueueEntry, RetainedRecord, SessionRecord, SubscriptionRecord,
 };
@@ -13,12 +17,12 @@ pub enum Op {
     /// Delete a session and everything it owns: subscriptions, queue entries
     /// (releasing their message references) and incoming QoS 2 ids.
     DeleteSession {
-        client_id: String,
+        client_id: Arc<str>,
     },
     /// Insert or replace a subscription (keyed by client id and filter).
     PutSubscription(SubscriptionRecord),
     DeleteSubscription {
-        client_id: String,
+        client_id: Arc<str>,
         filter: String,
     },
     /// Store a message. It starts with no references: unless a queue entry
@@ -40,16 +44,16 @@ pub enum Op {
     /// message reference; the message goes with its last reference. Deleting
     /// an absent entry does nothing.
     DeleteQueueEntry {
-        client_id: String,
+        client_id: Arc<str>,
         seq: u64,
     },
     /// Remember an incoming QoS 2 packet id until PUBREL.
     AddIncomingQos2 {
-        client_id: String,
+        client_id: Arc<str>,
         packet_id: u16,
     },
     RemoveIncomingQos2 {
-        client_id: String,
+        client_id: Arc<str>,
         packet_id: u16,
     },
     /// Set the retained message of a topic, taking a reference on it and
@@ -61,10 +65,17 @@ pub enum Op {
     },
 }
 
+/// How many operations a batch holds without a heap allocation: a QoS 1/2
+/// publish to one durable subscriber is two (the message and its queue
+/// entry), an acknowledgement one. Batches go from the broker's threads to
+/// the writer's, so an allocation here would be freed on another thread
+/// than it was made on, the expensive case for most allocators.
+pub const INLINE_OPS: usize = 2;
+
 /// Operations applied together: all of them or none.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Batch {
-    pub ops: Vec<Op>,
+    pub ops: SmallVec<[Op; INLINE_OPS]>,
 }
 
 impl Batch {
@@ -95,7 +106,7 @@ impl Batch {
         self.push(Op::PutSession(r))
     }
 
-    pub fn delete_session(&mut self, client_id: impl Into<String>) -> &mut Self {
+    pub fn delete_session(&mut self, client_id: impl Into<Arc<str>>) -> &mut Self {
         self.push(Op::DeleteSession {
             client_id: client_id.into(),
         })
@@ -107,7 +118,7 @@ impl Batch {
 
     pub fn delete_subscription(
         &mut self,
-        client_id: impl Into<String>,
+        client_id: impl Into<Arc<str>>,
         filter: impl Into<String>,
     ) -> &mut Self {
         self.push(Op::DeleteSubscription {
@@ -128,14 +139,18 @@ impl Batch {
         self.push(Op::InsertQueueEntry(r))
     }
 
-    pub fn delete_queue_entry(&mut self, client_id: impl Into<String>, seq: u64) -> &mut Self {
+    pub fn delete_queue_entry(&mut self, client_id: impl Into<Arc<str>>, seq: u64) -> &mut Self {
         self.push(Op::DeleteQueueEntry {
             client_id: client_id.into(),
             seq,
         })
     }
 
-    pub fn add_incoming_qos2(&mut self, client_id: impl Into<String>, packet_id: u16) -> &mut Self {
+    pub fn add_incoming_qos2(
+        &mut self,
+        client_id: impl Into<Arc<str>>,
+        packet_id: u16,
+    ) -> &mut Self {
         self.push(Op::AddIncomingQos2 {
             client_id: client_id.into(),
             packet_id,
@@ -144,7 +159,7 @@ impl Batch {
 
     pub fn remove_incoming_qos2(
         &mut self,
-        client_id: impl Into<String>,
+        client_id: impl Into<Arc<str>>,
         packet_id: u16,
     ) -> &mut Self {
         self.push(Op::RemoveIncomingQos2 {

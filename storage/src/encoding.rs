@@ -143,7 +143,7 @@ pub(crate) fn decode_session(key: &[u8], v: &[u8]) -> Result<SessionRecord, Stor
     };
     d.finish()?;
     Ok(SessionRecord {
-        client_id: keys::text_after(key, 1)?,
+        client_id: keys::text_after(key, 1)?.into(),
         protocol_level,
         expiry_interval,
         will,

@@ -18,6 +18,8 @@
 //! length-prefixed (`len16`) so that one client's prefix never matches
 //! another's ("a" vs "ab").
 
+use std::sync::Arc;
+
 use crate::error::StoreError;
 
 pub(crate) const SCHEMA: &[u8] = b"\x00schema";
@@ -95,7 +97,7 @@ pub(crate) fn text_after(key: &[u8], skip: usize) -> Result<String, StoreError> 
 }
 
 /// Splits a per-client key into (client id, rest).
-pub(crate) fn split_client(key: &[u8]) -> Result<(String, &[u8]), StoreError> {
+pub(crate) fn split_client(key: &[u8]) -> Result<(Arc<str>, &[u8]), StoreError> {
     let bad = || StoreError::corrupt(key, "truncated per-client key");
     let len = usize::from(u16::from_be_bytes(
         key.get(1..3)
@@ -104,9 +106,9 @@ pub(crate) fn split_client(key: &[u8]) -> Result<(String, &[u8]), StoreError> {
             .map_err(|_| bad())?,
     ));
     let id = key.get(3..3 + len).ok_or_else(bad)?;
-    let id = String::from_utf8(id.to_vec())
-        .map_err(|_| StoreError::corrupt(key, "client id is not UTF-8"))?;
-    Ok((id, &key[3 + len..]))
+    let id =
+        std::str::from_utf8(id).map_err(|_| StoreError::corrupt(key, "client id is not UTF-8"))?;
+    Ok((Arc::from(id), &key[3 + len..]))
 }
 
 /// The big-endian `u64` at the end of a key (message id, queue seq).

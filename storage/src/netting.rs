@@ -198,7 +198,7 @@ impl<R> HeldQueue<R> {
         self.chains
             .get(&key)
             .and_then(|chain| op_at(&self.queue, self.front_no, chain[0]))
-            .is_some_and(|op| matches!(op, Op::InsertQueueEntry(e) if e.client_id == client_id))
+            .is_some_and(|op| matches!(op, Op::InsertQueueEntry(e) if *e.client_id == *client_id))
     }
 
     fn kill(&mut self, (no, i): Position) {

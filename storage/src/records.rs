@@ -6,13 +6,15 @@
 //! for sessions, milliseconds for message expiry) so they survive a restart,
 //! unlike `Instant`.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 
 /// A persistent session (one whose expiry interval is non-zero, or an MQTT
 /// 3.1.1 session without clean session).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionRecord {
-    pub client_id: String,
+    pub client_id: Arc<str>,
     /// 3 (3.1), 4 (3.1.1) or 5.
     pub protocol_level: u8,
     /// Session Expiry Interval in seconds; `u32::MAX` never expires.
@@ -42,7 +44,7 @@ pub struct WillRecord {
 /// One subscription of a session, with its options.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SubscriptionRecord {
-    pub client_id: String,
+    pub client_id: Arc<str>,
     /// The filter as subscribed (including a `$share/group/` prefix).
     pub filter: String,
     /// Maximum QoS granted.
@@ -89,7 +91,7 @@ pub enum DeliveryState {
 /// alike), ordered by `seq`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueueEntry {
-    pub client_id: String,
+    pub client_id: Arc<str>,
     /// Position in the session's queue; the broker allocates it increasing
     /// (continue from [`Store::last_seq`](crate::Store::last_seq)).
     pub seq: u64,

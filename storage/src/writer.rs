@@ -24,6 +24,7 @@ use std::sync::mpsc::{self, RecvTimeoutError, TryRecvError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use smallvec::SmallVec;
 use tokio::sync::oneshot;
 
 use crate::batch::Batch;
@@ -129,11 +130,12 @@ struct Counters {
 /// What the writer calls when a submission is resolved.
 pub type Completion = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
 
-/// How a submission learns its outcome: a future, or a function the writer
-/// thread calls.
+/// How a submission learns its outcome: a future, a function the writer
+/// thread calls, or not at all (a failure is still counted and logged).
 enum Reply {
     Future(oneshot::Sender<Result<(), StoreError>>),
     Callback(Completion),
+    Detached,
 }
 
 impl Reply {
@@ -143,6 +145,7 @@ impl Reply {
                 let _ = tx.send(result);
             }
             Reply::Callback(f) => f(result),
+            Reply::Detached => {}
         }
     }
 }
@@ -220,13 +223,26 @@ impl StoreWriter {
     /// this. If the writer has stopped, `done` runs at once, on the calling
     /// thread, with [`StoreError::WriterClosed`].
     pub fn submit_then(&self, batch: Batch, done: Completion) {
+        self.enqueue(batch, Reply::Callback(done));
+    }
+
+    /// Queues `batch` like [`submit`](Self::submit) for a submitter that
+    /// waits for nothing: a change whose loss in a crash is harmless (an
+    /// acknowledgement from a subscriber). A failure is counted in
+    /// [`WriterStats::failed`] and logged like any other.
+    pub fn submit_detached(&self, batch: Batch) {
+        self.enqueue(batch, Reply::Detached);
+    }
+
+    fn enqueue(&self, batch: Batch, reply: Reply) {
         self.counters.submitted.fetch_add(1, Ordering::Relaxed);
         let request = Request {
             batch: Some(batch),
-            reply: Reply::Callback(done),
+            reply,
             at: Instant::now(),
         };
         if let Err(mpsc::SendError(request)) = self.tx.send(request) {
+            self.counters.failed.fetch_add(1, Ordering::Relaxed);
             request.reply.send(Err(StoreError::WriterClosed));
         }
     }
@@ -442,7 +458,7 @@ impl Worker {
             batches.pop().expect("one")
         } else {
             let mut merged = Batch {
-                ops: Vec::with_capacity(lens.iter().sum()),
+                ops: SmallVec::with_capacity(lens.iter().sum()),
             };
             for b in batches {
                 merged.ops.extend(b.ops);

@@ -370,12 +370,14 @@ fn a_directory_with_foreign_data_is_refused() {
 
 #[test]
 fn ops_are_plain_values() {
-    // Batches can be built from a Vec of ops and compared (for the broker's
+    // Batches can be built from a list of ops and compared (for the broker's
     // own tests).
     let b = Batch {
-        ops: vec![Op::DeleteSession {
+        ops: [Op::DeleteSession {
             client_id: "c".into(),
-        }],
+        }]
+        .into_iter()
+        .collect(),
     };
     let mut c = Batch::new();
     c.delete_session("c");

@@ -199,7 +199,7 @@ pub struct ErrorBody {
 impl From<SessionSummary> for SessionRow {
     fn from(s: SessionSummary) -> Self {
         SessionRow {
-            client_id: s.session.client_id,
+            client_id: s.session.client_id.to_string(),
             protocol_level: s.session.protocol_level,
             expiry_interval: s.session.expiry_interval,
             created_at: s.session.created_at,
@@ -216,7 +216,7 @@ impl From<SessionSummary> for SessionRow {
 impl From<SessionSummary> for SessionView {
     fn from(s: SessionSummary) -> Self {
         SessionView {
-            client_id: s.session.client_id,
+            client_id: s.session.client_id.to_string(),
             protocol_level: s.session.protocol_level,
             expiry_interval: s.session.expiry_interval,
             created_at: s.session.created_at,
@@ -525,7 +525,7 @@ impl ExportSession {
                 delay_interval: w.delay_interval,
                 properties: base64(&w.properties),
             }),
-            client_id: s.client_id,
+            client_id: s.client_id.to_string(),
             protocol_level: s.protocol_level,
             expiry_interval: s.expiry_interval,
             created_at: s.created_at,
