@@ -58,8 +58,8 @@ impl<E: Engine> Core<E> {
         })
     }
 
-    pub(crate) fn apply(&self, batch: &Batch) -> Result<(), StoreError> {
-        if batch.is_empty() {
+    pub(crate) fn apply_all(&self, batches: &[&Batch]) -> Result<(), StoreError> {
+        if batches.iter().all(|b| b.is_empty()) {
             return Ok(());
         }
         let _guard = self.apply_lock.lock();
@@ -68,7 +68,7 @@ impl<E: Engine> Core<E> {
             writes: Writes::new(),
             touched: BTreeSet::new(),
         };
-        for op in &batch.ops {
+        for op in batches.iter().flat_map(|b| &b.ops) {
             tx.op(op)?;
         }
         tx.release_unreferenced()?;
@@ -479,8 +479,8 @@ impl<E: Engine> Tx<'_, E> {
 macro_rules! store_via_core {
     ($ty:ty) => {
         impl $crate::Store for $ty {
-            fn apply(&self, batch: &$crate::Batch) -> Result<(), $crate::StoreError> {
-                self.core.apply(batch)
+            fn apply_all(&self, batches: &[&$crate::Batch]) -> Result<(), $crate::StoreError> {
+                self.core.apply_all(batches)
             }
             fn sync(&self) -> Result<(), $crate::StoreError> {
                 self.core.sync()

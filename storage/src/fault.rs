@@ -78,13 +78,13 @@ impl<S: Store> FailingStore<S> {
 }
 
 impl<S: Store> Store for FailingStore<S> {
-    fn apply(&self, batch: &Batch) -> Result<(), StoreError> {
+    fn apply_all(&self, batches: &[&Batch]) -> Result<(), StoreError> {
         self.applies.fetch_add(1, Ordering::SeqCst);
         self.full()?;
         if self.fail_apply.load(Ordering::SeqCst) {
             return Err(StoreError::Injected("apply"));
         }
-        self.inner.apply(batch)
+        self.inner.apply_all(batches)
     }
     fn sync(&self) -> Result<(), StoreError> {
         self.syncs.fetch_add(1, Ordering::SeqCst);

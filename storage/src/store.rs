@@ -26,12 +26,19 @@ pub type RecordIter<'a, T> = Box<dyn Iterator<Item = Result<T, StoreError>> + Se
 /// references and deletes the message, atomically with the batch, when the
 /// count reaches zero at the end of a batch.
 pub trait Store: Send + Sync {
-    /// Applies every operation of `batch`, in order, atomically: after a
-    /// crash either all of it is there or none of it. On `Err` nothing was
-    /// applied ([`StoreError::InvalidBatch`]) or, for I/O errors, the engine
-    /// may be unusable; it is never half-applied. The batch is borrowed so
-    /// a caller (the writer) can retry its parts after an invalid merge.
-    fn apply(&self, batch: &Batch) -> Result<(), StoreError>;
+    /// Applies every operation of `batches`, in order, as **one** atomic
+    /// batch: after a crash either all of it is there or none of it. On
+    /// `Err` nothing was applied ([`StoreError::InvalidBatch`]) or, for I/O
+    /// errors, the engine may be unusable; it is never half-applied. The
+    /// writer passes a whole window this way without merging the batches
+    /// into one; they are borrowed so that it can retry them one by one
+    /// after an invalid one failed the window.
+    fn apply_all(&self, batches: &[&Batch]) -> Result<(), StoreError>;
+
+    /// Applies one batch atomically (see [`apply_all`](Self::apply_all)).
+    fn apply(&self, batch: &Batch) -> Result<(), StoreError> {
+        self.apply_all(&[batch])
+    }
 
     /// Makes everything applied so far durable (fsync).
     fn sync(&self) -> Result<(), StoreError>;

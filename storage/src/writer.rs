@@ -24,7 +24,6 @@ use std::sync::mpsc::{self, RecvTimeoutError, TryRecvError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use smallvec::SmallVec;
 use tokio::sync::oneshot;
 
 use crate::batch::Batch;
@@ -146,6 +145,38 @@ impl Reply {
             }
             Reply::Callback(f) => f(result),
             Reply::Detached => {}
+        }
+    }
+}
+
+/// What became of a window's batches (see [`Worker::apply`]).
+enum Applied {
+    /// All applied; `wrote` is false when there was nothing to write.
+    All { wrote: bool },
+    /// None applied.
+    None(StoreError),
+    /// Applied one by one: the failure of each, by position in the window
+    /// (`None` for a sync barrier or a batch that was applied).
+    Each {
+        each: Vec<Option<StoreError>>,
+        wrote: bool,
+    },
+}
+
+impl Applied {
+    fn wrote(&self) -> bool {
+        match self {
+            Applied::All { wrote } | Applied::Each { wrote, .. } => *wrote,
+            Applied::None(_) => false,
+        }
+    }
+
+    /// The failure of the submission at `position` in the window.
+    fn failure(&self, position: usize) -> Option<&StoreError> {
+        match self {
+            Applied::All { .. } => None,
+            Applied::None(e) => Some(e),
+            Applied::Each { each, .. } => each.get(position)?.as_ref(),
         }
     }
 }
@@ -394,108 +425,101 @@ impl Worker {
         }
     }
 
-    /// Writes `group` (netted already) as one window.
+    /// Writes `group` (netted already) as one window and resolves it, in
+    /// submission order. The batches stay where they are: the store reads
+    /// them in place and they are dropped at the end.
     fn window(&mut self, group: Vec<(Option<Batch>, Reply)>) {
-        let mut batches = Vec::new();
-        let mut barriers = Vec::new();
-        for (batch, reply) in group {
-            match batch {
-                Some(b) => batches.push((b, reply)),
-                None => barriers.push(reply),
-            }
-        }
-        let (applied, wrote) = self.apply(batches);
-        if wrote && self.dirty_since.is_none() {
+        let applied = self.apply(&group);
+        if applied.wrote() && self.dirty_since.is_none() {
             self.dirty_since = Some(Instant::now());
         }
-        match self.config.mode {
+        let has_barrier = group.iter().any(|(batch, _)| batch.is_none());
+        // What the applied batches and the sync barriers resolve with.
+        let (batches, barriers) = match self.config.mode {
             Durability::Fsync => {
                 // A window that netted down to nothing has nothing to sync
                 // (every earlier window was synced, or failed and left
                 // `dirty_since` set).
-                if self.dirty_since.is_some() || !barriers.is_empty() {
+                if self.dirty_since.is_some() || has_barrier {
                     let result = self.sync();
-                    self.resolve(applied.into_iter().chain(barriers), &result);
+                    (result.clone(), result)
                 } else {
-                    self.resolve(applied, &Ok(()));
+                    (Ok(()), Ok(()))
                 }
             }
             Durability::Interval(every) => {
-                self.resolve(applied, &Ok(()));
-                let due = self.dirty_since.is_some_and(|s| s.elapsed() >= every);
-                if !barriers.is_empty() {
+                if has_barrier {
                     let result = self.sync();
                     if result.is_err() {
                         self.dirty_since = Some(Instant::now());
                     }
-                    self.resolve(barriers, &result);
-                } else if due {
-                    self.periodic_sync();
+                    (Ok(()), result)
+                } else {
+                    if self.dirty_since.is_some_and(|s| s.elapsed() >= every) {
+                        self.periodic_sync();
+                    }
+                    (Ok(()), Ok(()))
                 }
             }
             Durability::Memory => {
                 self.dirty_since = None;
-                self.resolve(applied.into_iter().chain(barriers), &Ok(()));
+                (Ok(()), Ok(()))
             }
+        };
+        for (i, (batch, reply)) in group.into_iter().enumerate() {
+            let result = match (batch, applied.failure(i)) {
+                (None, _) => barriers.clone(),
+                (Some(_), Some(e)) => Err(e.clone()),
+                (Some(_), None) => batches.clone(),
+            };
+            if result.is_err() {
+                self.counters.failed.fetch_add(1, Ordering::Relaxed);
+            }
+            reply.send(result);
         }
     }
 
-    /// Applies a window's (netted) batches as one store batch; returns
-    /// the replies of the batches that were applied (failed ones are
-    /// resolved here) and whether anything was written.
-    fn apply(&mut self, batches: Vec<(Batch, Reply)>) -> (Vec<Reply>, bool) {
+    /// Applies a window's (netted) batches as one store batch. After an
+    /// invalid batch failed the window, each batch is applied on its own so
+    /// that only the invalid one fails.
+    fn apply(&mut self, group: &[(Option<Batch>, Reply)]) -> Applied {
+        let batches: Vec<&Batch> = group.iter().filter_map(|(b, _)| b.as_ref()).collect();
         if batches.is_empty() {
-            return (Vec::new(), false);
+            return Applied::All { wrote: false };
         }
         self.counters.windows.fetch_add(1, Ordering::Relaxed);
-        let (mut batches, replies): (Vec<Batch>, Vec<Reply>) = batches.into_iter().unzip();
-        let lens: Vec<usize> = batches.iter().map(Batch::len).collect();
-        if lens.iter().all(|n| *n == 0) {
+        if batches.iter().all(|b| b.is_empty()) {
             // Netted down to nothing.
-            return (replies, false);
+            return Applied::All { wrote: false };
         }
-        let merged = if batches.len() == 1 {
-            batches.pop().expect("one")
-        } else {
-            let mut merged = Batch {
-                ops: SmallVec::with_capacity(lens.iter().sum()),
-            };
-            for b in batches {
-                merged.ops.extend(b.ops);
-            }
-            merged
-        };
-        match self.store.apply(&merged) {
+        match self.store.apply_all(&batches) {
             Ok(()) => {
                 self.errors.ok("apply");
-                (replies, true)
+                Applied::All { wrote: true }
             }
-            Err(e) if e.is_invalid_batch() && replies.len() > 1 => {
-                // One submission is at fault; apply them one by one so only
-                // it fails.
-                let mut ops = merged.ops.into_iter();
-                let mut applied = Vec::with_capacity(replies.len());
-                for (reply, n) in replies.into_iter().zip(lens) {
-                    let one = Batch {
-                        ops: ops.by_ref().take(n).collect(),
-                    };
-                    match self.store.apply(&one) {
-                        Ok(()) => applied.push(reply),
-                        Err(e) => {
-                            self.errors.failed("apply", &e);
-                            self.fail(reply, e);
+            Err(e) if e.is_invalid_batch() && batches.len() > 1 => {
+                let mut wrote = false;
+                let each = group
+                    .iter()
+                    .map(|(batch, _)| {
+                        let batch = batch.as_ref()?;
+                        match self.store.apply(batch) {
+                            Ok(()) => {
+                                wrote = true;
+                                None
+                            }
+                            Err(e) => {
+                                self.errors.failed("apply", &e);
+                                Some(e)
+                            }
                         }
-                    }
-                }
-                let wrote = !applied.is_empty();
-                (applied, wrote)
+                    })
+                    .collect();
+                Applied::Each { each, wrote }
             }
             Err(e) => {
                 self.errors.failed("apply", &e);
-                for reply in replies {
-                    self.fail(reply, e.clone());
-                }
-                (Vec::new(), false)
+                Applied::None(e)
             }
         }
     }
@@ -511,20 +535,6 @@ impl Worker {
             Err(e) => self.errors.failed("sync", e),
         }
         result
-    }
-
-    fn resolve(&self, replies: impl IntoIterator<Item = Reply>, result: &Result<(), StoreError>) {
-        for reply in replies {
-            match result {
-                Ok(()) => reply.send(Ok(())),
-                Err(e) => self.fail(reply, e.clone()),
-            }
-        }
-    }
-
-    fn fail(&self, reply: Reply, e: StoreError) {
-        self.counters.failed.fetch_add(1, Ordering::Relaxed);
-        reply.send(Err(e));
     }
 }
 

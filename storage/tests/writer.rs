@@ -219,8 +219,8 @@ struct SlowSync<S> {
 }
 
 impl<S: Store> Store for SlowSync<S> {
-    fn apply(&self, batch: &Batch) -> Result<(), StoreError> {
-        self.inner.apply(batch)
+    fn apply_all(&self, batches: &[&Batch]) -> Result<(), StoreError> {
+        self.inner.apply_all(batches)
     }
     fn sync(&self) -> Result<(), StoreError> {
         std::thread::sleep(self.delay);
