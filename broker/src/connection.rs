@@ -466,13 +466,12 @@ impl Connection {
         let keep_alive = (!self.keep_alive.is_zero()).then(|| self.keep_alive.mul_f64(1.5));
         let mut deadline = keep_alive.map(|k| Instant::now() + k);
         loop {
+            let mut decoded = false;
             loop {
                 match decode_packet(buf, self.protocol, max_packet) {
                     Ok(Some(packet)) => {
                         Metrics::inc(&self.broker.metrics.packets_received);
-                        if let Some(k) = keep_alive {
-                            deadline = Some(Instant::now() + k);
-                        }
+                        decoded = true;
                         if let Err(exit) = self.handle(session, packet) {
                             return exit;
                         }
@@ -486,6 +485,11 @@ impl Connection {
                         return Exit::Error(e.reason_code(), e.to_string());
                     }
                 }
+            }
+            // A complete packet moves the keep alive deadline; once per
+            // read rather than per packet (they arrived together).
+            if let (Some(k), true) = (keep_alive, decoded) {
+                deadline = Some(Instant::now() + k);
             }
             if control.is_closing() {
                 return Exit::Kicked(control.close_reason());

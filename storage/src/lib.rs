@@ -50,6 +50,7 @@ mod encoding;
 mod engine;
 mod error;
 mod fault;
+mod inbox;
 mod keys;
 mod memory;
 mod netting;

@@ -10,17 +10,16 @@
 //! Before a batch is written it is netted against the batches behind it
 //! (`netting.rs`): a queue entry inserted and deleted again never reaches
 //! the engine. In fsync mode a batch that inserts an in-flight entry is held
-//! for up to `max_delay` so that its deletion can arrive; it leaves as soon
-//! as every such entry is deleted.
+//! for up to `max_delay` (from when the writer takes it) so that its
+//! deletion can arrive; it leaves as soon as every such entry is deleted.
 //!
 //! The store is only ever called on the writer's own `std` thread: an async
 //! task never blocks on disk I/O, and no lock is held across an await.
-//! Batches apply in the order `submit` was called (the channel is FIFO and
-//! `submit` enqueues before returning its future).
+//! Batches apply in the order `submit` was called (the inbox, `inbox.rs`,
+//! is FIFO and `submit` enqueues before returning its future).
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, RecvTimeoutError, TryRecvError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,6 +27,7 @@ use tokio::sync::oneshot;
 
 use crate::batch::Batch;
 use crate::error::StoreError;
+use crate::inbox::{CloseOnExit, Inbox};
 use crate::netting::HeldQueue;
 use crate::store::Store;
 
@@ -185,17 +185,30 @@ struct Request {
     /// `None`: a sync barrier.
     batch: Option<Batch>,
     reply: Reply,
-    /// When it was submitted: it is written once `hold` has passed.
-    at: Instant,
 }
 
 /// A handle to the writer thread; clone it freely. The thread applies what
 /// is left, syncs (unless in memory mode) and exits when the last handle is
 /// dropped.
-#[derive(Clone)]
 pub struct StoreWriter {
-    tx: mpsc::Sender<Request>,
+    inbox: Arc<Inbox<Request>>,
     counters: Arc<Counters>,
+}
+
+impl Clone for StoreWriter {
+    fn clone(&self) -> Self {
+        self.inbox.add_sender();
+        StoreWriter {
+            inbox: Arc::clone(&self.inbox),
+            counters: Arc::clone(&self.counters),
+        }
+    }
+}
+
+impl Drop for StoreWriter {
+    fn drop(&mut self) {
+        self.inbox.remove_sender();
+    }
 }
 
 impl std::fmt::Debug for StoreWriter {
@@ -209,7 +222,7 @@ impl std::fmt::Debug for StoreWriter {
 impl StoreWriter {
     /// Starts the writer thread over `store`.
     pub fn spawn(store: Arc<dyn Store>, config: WriterConfig) -> Result<StoreWriter, StoreError> {
-        let (tx, rx) = mpsc::channel();
+        let inbox = Arc::new(Inbox::new());
         let counters = Arc::new(Counters::default());
         let mut worker = Worker {
             store,
@@ -217,7 +230,7 @@ impl StoreWriter {
                 max_ops: config.max_ops.max(1),
                 ..config
             },
-            rx,
+            inbox: Arc::clone(&inbox),
             counters: Arc::clone(&counters),
             dirty_since: None,
             errors: ErrorLog::default(),
@@ -225,7 +238,7 @@ impl StoreWriter {
         std::thread::Builder::new()
             .name("tern-store-writer".into())
             .spawn(move || worker.run())?;
-        Ok(StoreWriter { tx, counters })
+        Ok(StoreWriter { inbox, counters })
     }
 
     /// Queues `batch` and returns a future that resolves when it is applied
@@ -270,9 +283,8 @@ impl StoreWriter {
         let request = Request {
             batch: Some(batch),
             reply,
-            at: Instant::now(),
         };
-        if let Err(mpsc::SendError(request)) = self.tx.send(request) {
+        if let Err(request) = self.inbox.push(request) {
             self.counters.failed.fetch_add(1, Ordering::Relaxed);
             request.reply.send(Err(StoreError::WriterClosed));
         }
@@ -294,11 +306,10 @@ impl StoreWriter {
     ) -> impl Future<Output = Result<(), StoreError>> + Send + 'static {
         let (reply, rx) = oneshot::channel();
         let sent = self
-            .tx
-            .send(Request {
+            .inbox
+            .push(Request {
                 batch,
                 reply: Reply::Future(reply),
-                at: Instant::now(),
             })
             .is_ok();
         async move {
@@ -313,7 +324,7 @@ impl StoreWriter {
 struct Worker {
     store: Arc<dyn Store>,
     config: WriterConfig,
-    rx: mpsc::Receiver<Request>,
+    inbox: Arc<Inbox<Request>>,
     counters: Arc<Counters>,
     /// When the oldest applied-but-unsynced batch was applied.
     dirty_since: Option<Instant>,
@@ -322,26 +333,27 @@ struct Worker {
 
 impl Worker {
     fn run(&mut self) {
+        let _close = CloseOnExit(Arc::clone(&self.inbox));
         let mut held: HeldQueue<Reply> = HeldQueue::new();
+        // Kept between rounds: swapped with the inbox's vector (see
+        // `inbox.rs`), so arrivals cost no allocation.
+        let mut arrived = Vec::new();
         let mut open = true;
         // When a submission last arrived: for a while after, the writer
         // polls rather than blocks (see `BUSY_POLL_FOR`).
         let mut last_arrival = Instant::now();
         while open || !held.is_empty() {
-            loop {
-                match self.rx.try_recv() {
-                    Ok(r) => {
-                        last_arrival = r.at;
-                        held.push(r.batch, r.reply, r.at);
-                    }
-                    Err(TryRecvError::Empty) => break,
-                    Err(TryRecvError::Disconnected) => {
-                        open = false;
-                        break;
-                    }
-                }
-            }
+            open = self.inbox.take(&mut arrived);
+            // Arrivals are stamped here, once per round rather than once
+            // per submission: a hold counts from when the writer took the
+            // submission, at most one poll (or one window) after it came.
             let now = Instant::now();
+            if !arrived.is_empty() {
+                last_arrival = now;
+            }
+            for r in arrived.drain(..) {
+                held.push(r.batch, r.reply, now);
+            }
             let ready = held.ready(now, self.hold(), self.config.max_ops, !open);
             if ready > 0 {
                 let group = held.take(ready);
@@ -366,30 +378,8 @@ impl Worker {
                     let until = self.next_sync_due().map_or(until, |due| until.min(due));
                     std::thread::sleep(until.saturating_duration_since(now));
                 }
-                None => {
-                    let next = match self.next_sync_due() {
-                        Some(due) => match self.rx.recv_timeout(due.saturating_duration_since(now))
-                        {
-                            Ok(r) => Some(r),
-                            Err(RecvTimeoutError::Timeout) => None,
-                            Err(RecvTimeoutError::Disconnected) => {
-                                open = false;
-                                None
-                            }
-                        },
-                        None => match self.rx.recv() {
-                            Ok(r) => Some(r),
-                            Err(_) => {
-                                open = false;
-                                None
-                            }
-                        },
-                    };
-                    if let Some(r) = next {
-                        last_arrival = r.at;
-                        held.push(r.batch, r.reply, r.at);
-                    }
-                }
+                None if open => self.inbox.wait(self.next_sync_due()),
+                None => {}
             }
         }
         if self.dirty_since.is_some() && self.config.mode != Durability::Memory {
@@ -430,10 +420,10 @@ impl Worker {
     /// them in place and they are dropped at the end.
     fn window(&mut self, group: Vec<(Option<Batch>, Reply)>) {
         let applied = self.apply(&group);
+        let has_barrier = group.iter().any(|(batch, _)| batch.is_none());
         if applied.wrote() && self.dirty_since.is_none() {
             self.dirty_since = Some(Instant::now());
         }
-        let has_barrier = group.iter().any(|(batch, _)| batch.is_none());
         // What the applied batches and the sync barriers resolve with.
         let (batches, barriers) = match self.config.mode {
             Durability::Fsync => {
