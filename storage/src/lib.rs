@@ -60,7 +60,7 @@ mod sled_store;
 mod store;
 mod writer;
 
-pub use batch::{Batch, Op};
+pub use batch::{Batch, Op, INLINE_OPS};
 pub use error::StoreError;
 pub use fault::FailingStore;
 pub use memory::MemoryStore;
