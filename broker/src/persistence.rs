@@ -97,21 +97,19 @@ impl Persistence {
         let Journal {
             batch, mut after, ..
         } = journal;
-        match after.len() {
-            0 if batch.is_empty() => {}
-            0 => self.writer.submit_detached(batch),
-            1 => {
-                let done = after.pop().expect("one completion");
-                self.writer.submit_then(batch, done);
-            }
-            _ => self.writer.submit_then(
-                batch,
-                Box::new(move |result| {
-                    for f in after {
-                        f(result.clone());
-                    }
-                }),
-            ),
+        if after.len() > 1 {
+            let all: Completion = Box::new(move |result| {
+                for f in after {
+                    f(result.clone());
+                }
+            });
+            self.writer.submit_then(batch, all);
+            return;
+        }
+        match after.pop() {
+            Some(done) => self.writer.submit_then(batch, done),
+            None if batch.is_empty() => {}
+            None => self.writer.submit_detached(batch),
         }
     }
 
