@@ -40,7 +40,7 @@ use crate::registry::SessionRegistry;
 use crate::session::{
     Admission, Delivery, PendingWill, Session, SessionContext, SharedOrigin, SubscriptionIds,
 };
-use tern_router::{RetainedStore, Router, SharedGroup, SubscriptionOptions};
+use tern_router::{Matches, RecentMatch, RetainedStore, Router, SharedGroup, SubscriptionOptions};
 
 /// Idle read buffers kept for reuse: enough to absorb a burst of reconnects
 /// without allocating, small enough (16 MiB at 4 KiB each) not to matter.
@@ -145,30 +145,52 @@ impl Broker {
     /// whose full queue took the message beyond its bound, if any: the
     /// publisher should wait for it ([`Session::wait_for_room`]).
     pub fn publish(&self, message: &Arc<Message>, journal: &mut Journal) -> Option<Arc<Session>> {
+        self.retain(message, journal);
+        self.route(message, journal)
+    }
+
+    /// [`publish`](Self::publish) for a client's connection: `recent` is the
+    /// connection's last match result, reused while its topic and the
+    /// router's subscriptions are unchanged (see
+    /// [`Router::matches_recent`]).
+    pub fn publish_from_client(
+        &self,
+        message: &Arc<Message>,
+        journal: &mut Journal,
+        recent: &mut Option<RecentMatch<SessionRef>>,
+    ) -> Option<Arc<Session>> {
+        self.retain(message, journal);
+        let matches = self.router.matches_recent(message.topic_str(), recent);
+        self.deliver_to(matches, message, journal)
+    }
+
+    /// Counts a received message and, if it has the RETAIN flag, stores it
+    /// as (or removes) the topic's retained message.
+    fn retain(&self, message: &Arc<Message>, journal: &mut Journal) {
         Metrics::inc(&self.metrics.messages_received);
-        if message.retain {
-            let topic = message.topic_str();
-            if message.payload.is_empty() {
-                self.retained.remove(topic);
-                if self.persistence.is_some() {
-                    journal.push(tern_storage::Op::DeleteRetained {
+        if !message.retain {
+            return;
+        }
+        let topic = message.topic_str();
+        if message.payload.is_empty() {
+            self.retained.remove(topic);
+            if self.persistence.is_some() {
+                journal.push(tern_storage::Op::DeleteRetained {
+                    topic: topic.to_owned(),
+                });
+            }
+        } else {
+            self.retained.insert(topic, Arc::clone(message));
+            if let Some(p) = &self.persistence {
+                let message_id = journal.reference(p, message);
+                journal.push(tern_storage::Op::PutRetained(
+                    tern_storage::RetainedRecord {
                         topic: topic.to_owned(),
-                    });
-                }
-            } else {
-                self.retained.insert(topic, Arc::clone(message));
-                if let Some(p) = &self.persistence {
-                    let message_id = journal.reference(p, message);
-                    journal.push(tern_storage::Op::PutRetained(
-                        tern_storage::RetainedRecord {
-                            topic: topic.to_owned(),
-                            message_id,
-                        },
-                    ));
-                }
+                        message_id,
+                    },
+                ));
             }
         }
-        self.route(message, journal)
     }
 
     /// Publishes a message the broker makes itself (a will) and commits its
@@ -190,6 +212,17 @@ impl Broker {
     /// queue took it beyond its bound (see [`publish`](Self::publish)).
     pub fn route(&self, message: &Arc<Message>, journal: &mut Journal) -> Option<Arc<Session>> {
         let matches = self.router.matches(message.topic_str());
+        self.deliver_to(&matches, message, journal)
+    }
+
+    /// Delivers a message to `matches`, the router's subscribers of its
+    /// topic; returns one whose queue took it beyond its bound.
+    fn deliver_to(
+        &self,
+        matches: &Matches<SessionRef>,
+        message: &Arc<Message>,
+        journal: &mut Journal,
+    ) -> Option<Arc<Session>> {
         let mut delivered = 0u64;
         let mut full = None;
         let mut note = |session: &Arc<Session>, admission: Admission| {

@@ -26,7 +26,9 @@ use tern_codec::{
     ConnAck, Connect, Disconnect, Packet, ProtocolVersion, PubAck, Publish, QoS, ReasonCode,
     SubAck, Subscribe, UnsubAck, Unsubscribe, Will,
 };
-use tern_router::{parse_shared, validate_topic_name, SubscribeOutcome, SubscriptionOptions};
+use tern_router::{
+    parse_shared, validate_topic_name, RecentMatch, SubscribeOutcome, SubscriptionOptions,
+};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -43,6 +45,7 @@ use crate::persistence::Journal;
 use crate::session::{AttachParams, ConnectionControl, Delivery, Session};
 use crate::topic_alias::{AliasError, InboundAliases};
 use crate::transport::{read_pooled, TransportRead};
+use crate::wake_batch::WakeBatch;
 use crate::writer::{write_loop, WriterContext};
 use tern_storage::{Op, StoreError, SubscriptionRecord};
 
@@ -324,6 +327,12 @@ struct Connection {
     /// A subscriber whose full queue took this client's last publish beyond
     /// its bound: the reader waits for it before reading on.
     full_queue: Option<Arc<Session>>,
+    /// The subscribers of the topic this client last published to, reused
+    /// while nothing changes (see `Broker::publish_from_client`). Kept while
+    /// the client is idle: it pins one snapshot of the router at most (a
+    /// session that ended since holds no messages), replaced at the next
+    /// publish.
+    recent_route: Option<RecentMatch<SessionRef>>,
 }
 
 impl Connection {
@@ -426,6 +435,7 @@ impl Connection {
             reauthentication: None,
             deferred_acks: Arc::new(AtomicUsize::new(0)),
             full_queue: None,
+            recent_route: None,
         }
     }
 
@@ -467,22 +477,29 @@ impl Connection {
         let mut deadline = keep_alive.map(|k| Instant::now() + k);
         loop {
             let mut decoded = false;
-            loop {
-                match decode_packet(buf, self.protocol, max_packet) {
-                    Ok(Some(packet)) => {
-                        Metrics::inc(&self.broker.metrics.packets_received);
-                        decoded = true;
-                        if let Err(exit) = self.handle(session, packet) {
-                            return exit;
+            // Subscribers' writers are woken once for everything this read
+            // queued for them (see wake_batch.rs); dropped, and so flushed,
+            // before the next await.
+            {
+                let batch = WakeBatch::open();
+                loop {
+                    match decode_packet(buf, self.protocol, max_packet) {
+                        Ok(Some(packet)) => {
+                            Metrics::inc(&self.broker.metrics.packets_received);
+                            decoded = true;
+                            if let Err(exit) = self.handle(session, packet) {
+                                return exit;
+                            }
+                            if self.full_queue.is_some() {
+                                break;
+                            }
+                            batch.flush_if_due();
                         }
-                        if self.full_queue.is_some() {
-                            break;
+                        Ok(None) => break,
+                        Err(e) => {
+                            count_decode_error(&self.broker.metrics, &e);
+                            return Exit::Error(e.reason_code(), e.to_string());
                         }
-                    }
-                    Ok(None) => break,
-                    Err(e) => {
-                        count_decode_error(&self.broker.metrics, &e);
-                        return Exit::Error(e.reason_code(), e.to_string());
                     }
                 }
             }
@@ -691,12 +708,12 @@ impl Connection {
         persistence.commit(journal);
     }
 
-    fn on_publish(&mut self, session: &Arc<Session>, publish: Publish) -> Result<(), Exit> {
+    fn on_publish(&mut self, session: &Arc<Session>, mut publish: Publish) -> Result<(), Exit> {
         let v5 = self.protocol.is_v5();
         if v5 && !publish.properties.subscription_identifiers.is_empty() {
             return Err(self.protocol_error("PUBLISH from a client with a subscription identifier"));
         }
-        let topic = self.resolve_topic(&publish)?;
+        let topic = self.resolve_topic(&mut publish)?;
         let topic_str = std::str::from_utf8(&topic).unwrap_or("");
         if validate_topic_name(topic_str).is_err() {
             Metrics::inc(&self.broker.metrics.protocol_errors);
@@ -737,17 +754,22 @@ impl Connection {
             tracing::debug!(client_id = %session.client_id, topic = topic_str, "publish to a $ topic denied");
         }
         let mut journal = Journal::new();
-        let route = |this: &mut Self, journal: &mut Journal| {
+        let (qos, packet_id) = (publish.qos, publish.packet_id);
+        // Called at most once: topic, payload and properties move into the
+        // message (no reference count taken on the read buffer but theirs).
+        let route = move |this: &mut Self, journal: &mut Journal| {
             if !denied {
                 let message = Message::new(
-                    topic.clone(),
-                    publish.payload.clone(),
+                    topic,
+                    publish.payload,
                     publish.qos,
                     publish.retain,
-                    publish.properties.clone(),
+                    publish.properties,
                     session.id,
                 );
-                let full = this.broker.publish(&message, journal);
+                let full =
+                    this.broker
+                        .publish_from_client(&message, journal, &mut this.recent_route);
                 // A client publishing to its own full queue would wait for
                 // its own acknowledgements, which it is not read for.
                 this.full_queue = full.filter(|s| !Arc::ptr_eq(s, session));
@@ -758,7 +780,7 @@ impl Connection {
         } else {
             ReasonCode::Success
         };
-        match (publish.qos, publish.packet_id) {
+        match (qos, packet_id) {
             (QoS::AtMostOnce, _) => {
                 route(self, &mut journal);
                 // A retained message is stored; nobody waits for it.
@@ -805,9 +827,10 @@ impl Connection {
     }
 
     /// Resolves an MQTT 5 topic alias (MQTT-3.3.2-7 .. 3.3.2-12).
-    fn resolve_topic(&mut self, publish: &Publish) -> Result<Bytes, Exit> {
+    /// Takes the topic out of `publish`, or the one its alias stands for.
+    fn resolve_topic(&mut self, publish: &mut Publish) -> Result<Bytes, Exit> {
         let Some(alias) = publish.properties.topic_alias else {
-            return Ok(publish.topic.clone());
+            return Ok(std::mem::take(&mut publish.topic));
         };
         self.topic_aliases
             .resolve(alias, &publish.topic)

@@ -9,6 +9,7 @@
 //!   handshake    CONNECT, admission, enhanced authentication (AUTH)
 //!   connection   one task per client: read loop, keep alive, protocol
 //!   writer       drains the session's outbound queue with vectored writes
+//!   wake_batch   one writer wake-up per subscriber per read, not per message
 //!   websocket    MQTT over WebSocket: the upgrade, then the same connection code
 //!   proxy_protocol  PROXY protocol v1/v2 header, when a listener is behind a proxy
 //! broker      shared state; publish = retained store + router match + fan-out
@@ -62,6 +63,7 @@ pub mod server;
 pub mod session;
 pub mod topic_alias;
 pub mod transport;
+pub mod wake_batch;
 pub mod websocket;
 mod writer;
 

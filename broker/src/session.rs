@@ -243,16 +243,16 @@ impl Link {
 
     /// Queues an item, waking the writer only when the queue was empty: the
     /// writer takes the whole queue each time it runs, so one wake-up per
-    /// batch is enough (and a wake-up costs more than the push).
+    /// batch is enough (and a wake-up costs more than the push). Inside a
+    /// [`WakeBatch`](crate::wake_batch::WakeBatch) the wake-up waits for
+    /// the end of the publisher's read.
     fn push(&mut self, item: Outbound) {
         if !matches!(item, Outbound::Publish(_)) {
             self.controls += 1;
         }
         let was_empty = self.outbound.is_empty();
         self.outbound.push_back(item);
-        if was_empty {
-            self.control.wake_writer.notify_one();
-        }
+        crate::wake_batch::queued(&self.control, was_empty);
     }
 
     /// Hands the whole queue to the writer by swapping it with the writer's

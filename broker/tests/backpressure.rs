@@ -61,13 +61,7 @@ async fn publishers_are_slowed_when_the_budget_is_full_and_resume_after() {
         queued >= budget_limit && queued < budget_limit + 256 * 1024,
         "queued {queued}"
     );
-    assert_eq!(
-        broker
-            .metrics
-            .messages_dropped_qos0
-            .load(std::sync::atomic::Ordering::Relaxed),
-        0
-    );
+    assert_eq!(broker.metrics.messages_dropped_qos0.get(), 0);
 
     // The subscriber reads: everything written so far arrives, none dropped.
     let mut received = 0usize;
@@ -130,10 +124,7 @@ async fn one_slow_subscriber_loses_only_its_own_qos0_messages() {
         MESSAGES,
         "the fast subscriber got everything"
     );
-    let dropped = broker
-        .metrics
-        .messages_dropped_qos0
-        .load(std::sync::atomic::Ordering::Relaxed);
+    let dropped = broker.metrics.messages_dropped_qos0.get();
     assert!(dropped > 0, "the slow subscriber's queue is bounded");
     drop(slow);
     server.shutdown().await;
@@ -209,7 +200,7 @@ async fn publishers_wait_for_a_full_queue_that_drains_and_nothing_acknowledged_i
     .await;
     fan_in(&server, rumqttc::QoS::AtLeastOnce, 4, 500, b"m").await;
     let dropped = &server.broker().metrics.messages_dropped_queue_full;
-    assert_eq!(dropped.load(std::sync::atomic::Ordering::Relaxed), 0);
+    assert_eq!(dropped.get(), 0);
     server.shutdown().await;
 }
 
@@ -220,7 +211,7 @@ async fn qos0_publishers_wait_for_a_subscriber_that_keeps_up() {
     let server = start(|c| c.limits.max_client_outbound_bytes = 8 * 1024).await;
     fan_in(&server, rumqttc::QoS::AtMostOnce, 4, 2000, &[7; 1024]).await;
     let dropped = &server.broker().metrics.messages_dropped_qos0;
-    assert_eq!(dropped.load(std::sync::atomic::Ordering::Relaxed), 0);
+    assert_eq!(dropped.get(), 0);
     server.shutdown().await;
 }
 
@@ -321,11 +312,7 @@ async fn a_subscriber_that_stops_draining_holds_publishers_only_once() {
     }
     // Two in flight, ten queued, one taken beyond the bound while the
     // publisher waited; the other 87 dropped.
-    let dropped = server
-        .broker()
-        .metrics
-        .messages_dropped_queue_full
-        .load(std::sync::atomic::Ordering::Relaxed);
+    let dropped = server.broker().metrics.messages_dropped_queue_full.get();
     assert_eq!(dropped, 87);
     // What the subscriber gets is a prefix of what was published.
     for i in 0..13u16 {

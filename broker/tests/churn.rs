@@ -4,8 +4,6 @@
 
 mod common;
 
-use std::sync::atomic::Ordering;
-
 use common::*;
 use tern_codec::{Packet, ProtocolVersion, QoS};
 
@@ -83,7 +81,7 @@ async fn ten_thousand_cycles_leave_nothing_behind() {
     })
     .await;
     assert_eq!(broker.router.subscriber_count(), 0);
-    let accepted = broker.metrics.connections_accepted.load(Ordering::Relaxed);
+    let accepted = broker.metrics.connections_accepted.get();
     assert_eq!(accepted, (TASKS * CYCLES_PER_TASK) as u64);
     server.shutdown().await;
 }

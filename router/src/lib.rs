@@ -73,7 +73,7 @@ pub use cache::{
 pub use matches::{ClientMatch, Matches};
 pub use options::SubscriptionOptions;
 pub use retained::RetainedStore;
-pub use router::{Router, SubscribeOutcome};
+pub use router::{RecentMatch, Router, SubscribeOutcome};
 pub use shared::SharedGroup;
 pub use topic::{
     filter_matches, parse_shared, validate_filter, validate_topic_name, TopicError, MAX_TOPIC_LEN,
