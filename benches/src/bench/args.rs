@@ -80,6 +80,13 @@ pub struct Args {
     /// Bytes of PUBLISH packets per write (rounded to whole packets).
     #[arg(long = "batch-bytes", default_value_t = 64 * 1024)]
     pub batch_bytes: usize,
+    /// Send buffer of each publisher's socket (SO_SNDBUF; the kernel doubles
+    /// it); 0 = the kernel's autotuning. A publisher that a broker slows down
+    /// with TCP back-pressure would otherwise have up to `tcp_wmem`'s maximum
+    /// (4 MiB) written but not yet read by the broker: counted as sent, and
+    /// seconds of latency that no broker can drain (see docs/performance.md).
+    #[arg(long = "publisher-sndbuf", default_value_t = 64 * 1024)]
+    pub publisher_sndbuf: usize,
     /// Runtime worker threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,

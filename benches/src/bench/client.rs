@@ -21,6 +21,30 @@ pub struct Conn {
     pub receive_maximum: Option<u16>,
 }
 
+impl Conn {
+    /// Fixes the socket's send buffer at `bytes` (SO_SNDBUF, which turns
+    /// off the kernel's autotuning for this socket).
+    pub fn set_send_buffer(&self, bytes: usize) -> io::Result<()> {
+        let size = libc::c_int::try_from(bytes)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "send buffer too large"))?;
+        // SAFETY: a valid socket fd and a c_int option value of the right size.
+        let rc = unsafe {
+            libc::setsockopt(
+                self.stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_SNDBUF,
+                (&size as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+}
+
 /// Why a connection could not be opened.
 #[derive(Debug)]
 pub enum OpenError {

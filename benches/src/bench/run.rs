@@ -114,11 +114,20 @@ async fn open_all(
         let filter = filters.map(|f| f[i].clone());
         let (version, qos, keep_alive) = (plan.version, plan.qos, args.keep_alive);
         let persistent = args.persistent && filter.is_some();
+        let sndbuf = if filter.is_none() {
+            args.publisher_sndbuf
+        } else {
+            0
+        };
         handles.push(tokio::spawn(async move {
             let _permit = sem.acquire().await;
             let mut conn = client::open(addr, source, version, &id, keep_alive, persistent, wait)
                 .await
                 .map_err(|e| format!("{id}: {e}"))?;
+            if sndbuf > 0 {
+                conn.set_send_buffer(sndbuf)
+                    .map_err(|e| format!("{id}: SO_SNDBUF {sndbuf}: {e}"))?;
+            }
             if let Some(filter) = filter {
                 conn.subscribe(version, &filter, qos, wait)
                     .await
