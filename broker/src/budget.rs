@@ -8,7 +8,7 @@
 //! thereby slowed by TCP back-pressure instead of the broker queueing without
 //! bound or dropping what every subscriber could still take.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 
 use tokio::sync::Notify;
 
@@ -17,26 +17,38 @@ use tokio::sync::Notify;
 pub const HEADER_ALLOWANCE: usize = 8;
 
 /// Queued outbound bytes, against a limit.
+///
+/// Signed: a connection's reader charges what it queued once per read (see
+/// `wake_batch.rs`), so a writer that drained part of it in the meantime
+/// may release bytes before they are charged; the total is then briefly
+/// below the truth, never wrapped.
 #[derive(Debug)]
 pub struct OutboundBudget {
-    queued: AtomicUsize,
-    limit: usize,
+    queued: AtomicI64,
+    limit: i64,
     below: Notify,
+}
+
+/// `bytes` as a signed amount (queues never come near `i64::MAX`).
+fn signed(bytes: usize) -> i64 {
+    i64::try_from(bytes).unwrap_or(i64::MAX)
 }
 
 impl OutboundBudget {
     /// A budget of `limit` bytes.
     pub fn new(limit: usize) -> OutboundBudget {
         OutboundBudget {
-            queued: AtomicUsize::new(0),
-            limit,
+            queued: AtomicI64::new(0),
+            limit: signed(limit),
             below: Notify::new(),
         }
     }
 
     /// Records `bytes` more queued.
     pub fn charge(&self, bytes: usize) {
-        self.queued.fetch_add(bytes, Ordering::AcqRel);
+        if bytes > 0 {
+            self.queued.fetch_add(signed(bytes), Ordering::AcqRel);
+        }
     }
 
     /// Records `bytes` taken from a queue; wakes waiting readers when the
@@ -45,20 +57,21 @@ impl OutboundBudget {
         if bytes == 0 {
             return;
         }
+        let bytes = signed(bytes);
         let before = self.queued.fetch_sub(bytes, Ordering::AcqRel);
         if before >= self.limit && before - bytes < self.limit {
             self.below.notify_waiters();
         }
     }
 
-    /// Bytes queued now.
+    /// Bytes queued now (0 while releases are ahead of deferred charges).
     pub fn queued(&self) -> usize {
-        self.queued.load(Ordering::Acquire)
+        usize::try_from(self.queued.load(Ordering::Acquire)).unwrap_or(0)
     }
 
     /// True while the total is at or above the limit.
     pub fn is_over(&self) -> bool {
-        self.queued() >= self.limit
+        self.queued.load(Ordering::Acquire) >= self.limit
     }
 
     /// Waits until the total is under the limit.
@@ -99,5 +112,16 @@ mod tests {
             .expect("woken")
             .unwrap();
         assert_eq!(budget.queued(), 90);
+    }
+
+    #[test]
+    fn a_release_ahead_of_its_charge_does_not_wrap() {
+        let budget = OutboundBudget::new(100);
+        budget.release(40);
+        assert_eq!(budget.queued(), 0);
+        assert!(!budget.is_over());
+        budget.charge(140);
+        assert_eq!(budget.queued(), 100);
+        assert!(budget.is_over());
     }
 }

@@ -236,7 +236,7 @@ struct Link {
 impl Link {
     fn push_publish(&mut self, delivery: Delivery) {
         let size = delivery.message.topic.len() + delivery.message.payload.len() + HEADER_ALLOWANCE;
-        self.budget.charge(size);
+        crate::wake_batch::charge(&self.budget, size);
         self.charged += size;
         self.push(Outbound::Publish(delivery));
     }
