@@ -109,27 +109,33 @@ where
     let mut buf = broker.pool.take();
     let max_packet = broker.config.limits.max_packet_size as usize;
 
-    let handshake = tokio::time::timeout(broker.config.connect_timeout(), async {
-        let connect = read_connect(&mut reader, &mut buf, max_packet, &broker.metrics)
-            .await
-            .map_err(|failure| (None, failure))?;
-        if !permit.admitted {
-            Metrics::inc(&broker.metrics.connections_refused);
-            let busy = if connect.protocol.is_v5() {
-                ReasonCode::ServerBusy
-            } else {
-                ReasonCode::ServerUnavailable
-            };
-            return Err((Some(connect), HandshakeFailure::Refused(busy)));
-        }
-        if let Some(code) = check_connect(&broker, &connect) {
-            return Err((Some(connect), HandshakeFailure::Refused(code)));
-        }
-        match authenticate(&broker, &connect, &mut reader, &mut writer, &mut buf).await {
-            Ok(authenticated) => Ok((connect, authenticated)),
-            Err(failure) => Err((Some(connect), failure)),
-        }
-    })
+    // Boxed: the handshake's state (CONNECT, authentication exchanges, the
+    // timeout) is larger than the connection's steady state, and inline it
+    // would set the size of every connection's task for its whole life.
+    let handshake = Box::pin(tokio::time::timeout(
+        broker.config.connect_timeout(),
+        async {
+            let connect = read_connect(&mut reader, &mut buf, max_packet, &broker.metrics)
+                .await
+                .map_err(|failure| (None, failure))?;
+            if !permit.admitted {
+                Metrics::inc(&broker.metrics.connections_refused);
+                let busy = if connect.protocol.is_v5() {
+                    ReasonCode::ServerBusy
+                } else {
+                    ReasonCode::ServerUnavailable
+                };
+                return Err((Some(connect), HandshakeFailure::Refused(busy)));
+            }
+            if let Some(code) = check_connect(&broker, &connect) {
+                return Err((Some(connect), HandshakeFailure::Refused(code)));
+            }
+            match authenticate(&broker, &connect, &mut reader, &mut writer, &mut buf).await {
+                Ok(authenticated) => Ok((connect, authenticated)),
+                Err(failure) => Err((Some(connect), failure)),
+            }
+        },
+    ))
     .await;
     let (connect, authenticated) = match handshake {
         Err(_) => {
@@ -139,7 +145,15 @@ where
         }
         Ok(Ok(done)) => done,
         Ok(Err((connect, failure))) => {
-            refuse(&broker, &mut writer, peer, connect.as_deref(), failure).await;
+            // Boxed, like the handshake: only a refused connection needs it.
+            Box::pin(refuse(
+                &broker,
+                &mut writer,
+                peer,
+                connect.as_deref(),
+                failure,
+            ))
+            .await;
             return;
         }
     };
@@ -163,28 +177,30 @@ where
     drop(out);
     tracing::debug!(%peer, client_id = %attached.session.client_id, ?protocol, "client connected");
 
-    let writer_fut = write_loop(
-        WriterContext {
-            session: Arc::clone(&attached.session),
-            connection_id: permit.id,
-            control: Arc::clone(&control),
-            protocol,
-            client_max_packet: conn.client_max_packet,
-            client_topic_alias_max: conn.client_topic_alias_max,
-            metrics: Arc::clone(&broker.metrics),
-        },
-        writer,
-    );
     let mut shutdown = broker.shutdown_signal();
     let exit = {
-        let reader_fut = conn.read_loop(
+        // Pinned where they are made: a future moved into `tokio::pin!` would
+        // occupy the task twice (the moved-from slot is not reused), and the
+        // task's size is what every connection costs for its whole life.
+        let mut writer_fut = std::pin::pin!(write_loop(
+            WriterContext {
+                session: Arc::clone(&attached.session),
+                connection_id: permit.id,
+                control: Arc::clone(&control),
+                protocol,
+                client_max_packet: conn.client_max_packet,
+                client_topic_alias_max: conn.client_topic_alias_max,
+                metrics: Arc::clone(&broker.metrics),
+            },
+            writer,
+        ));
+        let mut reader_fut = std::pin::pin!(conn.read_loop(
             &attached.session,
             &mut reader,
             &mut buf,
             &control,
             &mut shutdown,
-        );
-        tokio::pin!(writer_fut, reader_fut);
+        ));
         let mut writer_done = false;
         let exit = tokio::select! {
             exit = &mut reader_fut => exit,
@@ -196,7 +212,9 @@ where
         };
         control.close(exit.disconnect_reason());
         if !writer_done {
-            let _ = tokio::time::timeout(CLOSE_GRACE, &mut writer_fut).await;
+            // Boxed: once per connection, and its timer would otherwise
+            // be part of the task's size for the connection's whole life.
+            let _ = Box::pin(tokio::time::timeout(CLOSE_GRACE, &mut writer_fut)).await;
         }
         exit
     };
@@ -213,6 +231,51 @@ where
         _ => None,
     };
     attached.finish(exit.publishes_will(), new_expiry);
+}
+
+/// Waits while the reader is paused (see `read_loop`): until the
+/// client has read its replies (`backlog`), until `full_queue` has room,
+/// or until the broker is under its outbound budget. Returns how the
+/// connection must end, if it must.
+async fn paused(
+    broker: &Broker,
+    backlog: bool,
+    full_queue: Option<Arc<Session>>,
+    deadline: Option<Instant>,
+    control: &ConnectionControl,
+    shutdown: &mut tokio::sync::watch::Receiver<bool>,
+) -> Option<Exit> {
+    let budget = &broker.registry.context().budget;
+    let room = async {
+        match &full_queue {
+            Some(full) => full.wait_for_room().await,
+            None => std::future::pending().await,
+        }
+    };
+    let expired = async {
+        match deadline {
+            Some(d) => tokio::time::sleep_until(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        () = budget.wait_until_below(), if !backlog && full_queue.is_none() => None,
+        () = room, if !backlog => None,
+        () = control.drained.notified(), if backlog => None,
+        () = expired => {
+            Metrics::inc(&broker.metrics.keepalive_timeouts);
+            Some(Exit::Error(
+                ReasonCode::KeepAliveTimeout,
+                "keep alive timed out while the connection was paused".into(),
+            ))
+        }
+        () = control.wake_reader.notified() => {
+            control.is_closing().then(|| Exit::Kicked(control.close_reason()))
+        }
+        () = crate::server::shutdown_requested(shutdown) => {
+            Some(Exit::Kicked(Some(ReasonCode::ServerShuttingDown)))
+        }
+    }
 }
 
 /// Answers a failed handshake: CONNACK with the reason (in the client's
@@ -526,37 +589,16 @@ impl Connection {
                 // releases what it held.
                 // Boxed: the wait is rare, and inline its state would grow
                 // every idle connection's task.
-                let room = async {
-                    match &full_queue {
-                        Some(full) => Box::pin(full.wait_for_room()).await,
-                        None => std::future::pending().await,
-                    }
-                };
-                let expired = async {
-                    match deadline {
-                        Some(d) => tokio::time::sleep_until(d).await,
-                        None => std::future::pending().await,
-                    }
-                };
-                tokio::select! {
-                    () = budget.wait_until_below(), if !backlog && full_queue.is_none() => {}
-                    () = room, if !backlog => {}
-                    () = control.drained.notified(), if backlog => {}
-                    () = expired => {
-                        Metrics::inc(&self.broker.metrics.keepalive_timeouts);
-                        return Exit::Error(
-                            ReasonCode::KeepAliveTimeout,
-                            "keep alive timed out while the connection was paused".into(),
-                        );
-                    }
-                    () = control.wake_reader.notified() => {
-                        if control.is_closing() {
-                            return Exit::Kicked(control.close_reason());
-                        }
-                    }
-                    () = crate::server::shutdown_requested(shutdown) => {
-                        return Exit::Kicked(Some(ReasonCode::ServerShuttingDown));
-                    }
+                let paused = paused(
+                    &self.broker,
+                    backlog,
+                    full_queue,
+                    deadline,
+                    control,
+                    shutdown,
+                );
+                if let Some(exit) = Box::pin(paused).await {
+                    return exit;
                 }
                 continue;
             }

@@ -50,7 +50,9 @@ pub async fn write_loop<W: AsyncWrite + Unpin>(ctx: WriterContext, mut socket: W
     // Grows on first use: an idle connection holds no write buffer.
     let mut scratch = BytesMut::new();
     let mut chunks: VecDeque<Bytes> = VecDeque::new();
-    let mut aliases = OutboundAliases::new(ctx.client_topic_alias_max);
+    // Boxed: most clients allow no topic aliases, and inline the table's
+    // state would be part of every connection's task.
+    let mut aliases = OutboundAliases::new(ctx.client_topic_alias_max).map(Box::new);
     loop {
         let attached = ctx.session.drain_outbound(ctx.connection_id, &mut items);
         if items.is_empty() {
@@ -85,8 +87,14 @@ pub async fn write_loop<W: AsyncWrite + Unpin>(ctx: WriterContext, mut socket: W
     }
     if ctx.protocol.is_v5() {
         if let Some(reason) = ctx.control.close_reason() {
-            let packet = Packet::Disconnect(tern_codec::Disconnect::new(reason));
-            if encode_packet(&packet, ctx.protocol, &mut scratch).is_ok() {
+            // The packet lives in its own scope, which ends before the
+            // await: held across it (even moved out), its 264 bytes would
+            // be part of every connection's task.
+            let encoded = {
+                let disconnect = Packet::Disconnect(tern_codec::Disconnect::new(reason));
+                encode_packet(&disconnect, ctx.protocol, &mut scratch).is_ok()
+            };
+            if encoded {
                 chunks.push_back(scratch.split().freeze());
                 let _ = write_chunks(&mut socket, &mut chunks, &ctx.metrics).await;
             }
@@ -100,7 +108,7 @@ pub async fn write_loop<W: AsyncWrite + Unpin>(ctx: WriterContext, mut socket: W
 /// Encodes one queued item; returns whether a packet was produced.
 fn encode_item(
     ctx: &WriterContext,
-    aliases: &mut Option<OutboundAliases>,
+    aliases: &mut Option<Box<OutboundAliases>>,
     item: Outbound,
     now: Instant,
     scratch: &mut BytesMut,
@@ -207,7 +215,7 @@ fn encode_shared(
 /// properties or a topic alias).
 fn encode_own(
     ctx: &WriterContext,
-    aliases: &mut Option<OutboundAliases>,
+    aliases: &mut Option<Box<OutboundAliases>>,
     delivery: &Delivery,
     now: Instant,
     scratch: &mut BytesMut,
