@@ -469,9 +469,9 @@ fn shared_delivery(
     let ids = options.subscription_id.into_iter().collect();
     let retain = options.retain_as_published && message.retain;
     let mut delivery = Delivery::new(message, message.qos.min(granted), retain, ids);
-    delivery.shared = Some(SharedOrigin {
+    delivery.shared = Some(Box::new(SharedOrigin {
         group: Arc::clone(&group.group),
         filter: Arc::clone(&group.filter),
-    });
+    }));
     delivery
 }

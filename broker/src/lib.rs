@@ -17,6 +17,7 @@
 //! session     per-client state: QoS 1/2 flows, in-flight window, queues
 //! topic_alias MQTT 5 topic aliases, inbound and outbound
 //! message     one Arc'd message per publish, shared by every delivery
+//! subscription_ids  the MQTT 5 subscription identifiers of one delivery (16 bytes)
 //! persistence the store, its group-commit writer, journals of durable changes
 //! recovery    the store back into memory before the listeners open
 //! admin       `tern admin` and the read-only admin HTTP endpoint
@@ -61,6 +62,7 @@ pub mod recovery;
 pub mod registry;
 pub mod server;
 pub mod session;
+mod subscription_ids;
 pub mod topic_alias;
 pub mod transport;
 pub mod wake_batch;
