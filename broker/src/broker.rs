@@ -40,7 +40,9 @@ use crate::registry::SessionRegistry;
 use crate::session::{
     Admission, Delivery, PendingWill, Session, SessionContext, SharedOrigin, SubscriptionIds,
 };
-use tern_router::{Matches, RecentMatch, RetainedStore, Router, SharedGroup, SubscriptionOptions};
+use tern_router::{
+    ClientMatch, Matches, RecentMatch, RetainedStore, Router, SharedGroup, SubscriptionOptions,
+};
 
 /// Idle read buffers kept for reuse: enough to absorb a burst of reconnects
 /// without allocating, small enough (16 MiB at 4 KiB each) not to matter.
@@ -153,15 +155,67 @@ impl Broker {
     /// connection's last match result, reused while its topic and the
     /// router's subscriptions are unchanged (see
     /// [`Router::matches_recent`]).
+    ///
+    /// A QoS 0 message (to no shared group) is not delivered at once but
+    /// added to `staged`, the connection's QoS 0 messages of this read to
+    /// the same subscribers; [`deliver_staged`](Self::deliver_staged) then
+    /// delivers them subscriber by subscriber, one lock per subscriber for
+    /// all of them. Anything else delivers what is staged first, so each
+    /// subscriber still gets this client's messages in order.
     pub fn publish_from_client(
         &self,
         message: &Arc<Message>,
         journal: &mut Journal,
         recent: &mut Option<RecentMatch<SessionRef>>,
+        staged: &mut StagedFanout,
     ) -> Option<Arc<Session>> {
         self.retain(message, journal);
         let matches = self.router.matches_recent(message.topic_str(), recent);
-        self.deliver_to(matches, message, journal)
+        let stageable = message.qos == QoS::AtMostOnce
+            && matches.shared.is_empty()
+            && !matches.clients.is_empty();
+        let same = staged
+            .matches
+            .as_ref()
+            .is_some_and(|m| Arc::ptr_eq(m, matches));
+        let full = if same && stageable {
+            None
+        } else {
+            self.deliver_staged(staged)
+        };
+        if stageable {
+            if staged.matches.is_none() {
+                staged.matches = Some(Arc::clone(matches));
+            }
+            staged.messages.push(Arc::clone(message));
+            return full;
+        }
+        let now = self.deliver_to(matches, message, journal);
+        full.or(now)
+    }
+
+    /// Delivers what `staged` holds (see
+    /// [`publish_from_client`](Self::publish_from_client)); returns a
+    /// subscriber whose queue took some of it beyond its bound.
+    pub fn deliver_staged(&self, staged: &mut StagedFanout) -> Option<Arc<Session>> {
+        let matches = staged.matches.take()?;
+        let mut delivered = 0u64;
+        let mut full = None;
+        for client in &matches.clients {
+            let session = &client.subscriber.0;
+            let deliveries = staged
+                .messages
+                .iter()
+                .filter_map(|m| client_delivery(client, m))
+                .inspect(|_| delivered += 1);
+            if session.deliver_at_most_once(deliveries) == Admission::BeyondBound && full.is_none()
+            {
+                full = Some(Arc::clone(session));
+            }
+        }
+        staged.messages.clear();
+        Metrics::add(&self.metrics.messages_delivered, delivered);
+        full
     }
 
     /// Counts a received message and, if it has the RETAIN flag, stores it
@@ -231,27 +285,9 @@ impl Broker {
             }
         };
         for client in &matches.clients {
-            let mut qos: Option<QoS> = None;
-            let mut retain = false;
-            let mut ids = SubscriptionIds::new();
-            for options in &client.subscriptions {
-                if options.no_local && client.subscriber.0.id == message.origin {
-                    continue;
-                }
-                let granted = QoS::from_u8(options.qos).unwrap_or(QoS::AtMostOnce);
-                let q = message.qos.min(granted);
-                qos = Some(qos.map_or(q, |prev| prev.max(q)));
-                retain |= options.retain_as_published && message.retain;
-                if let Some(id) = options.subscription_id {
-                    ids.push(id);
-                }
-            }
-            if let Some(qos) = qos {
+            if let Some(delivery) = client_delivery(client, message) {
                 let session = &client.subscriber.0;
-                note(
-                    session,
-                    session.deliver(Delivery::new(message, qos, retain, ids), journal),
-                );
+                note(session, session.deliver(delivery, journal));
                 delivered += 1;
             }
         }
@@ -457,6 +493,57 @@ impl Broker {
             session.add_timer(timer.abort_handle());
         }
     }
+}
+
+/// QoS 0 messages a connection published in one read to the same
+/// subscribers, not yet delivered (see [`Broker::publish_from_client`]).
+#[derive(Default)]
+pub struct StagedFanout {
+    matches: Option<Arc<Matches<SessionRef>>>,
+    messages: Vec<Arc<Message>>,
+}
+
+impl StagedFanout {
+    /// Messages staged before they are delivered anyway: bounds the delay
+    /// and what an idle connection keeps (the vector's capacity).
+    pub const MAX_MESSAGES: usize = 32;
+
+    /// Deliveries the staged messages stand for.
+    pub fn deliveries(&self) -> usize {
+        self.matches
+            .as_ref()
+            .map_or(0, |m| m.clients.len() * self.messages.len())
+    }
+
+    /// True when it is time to deliver: [`MAX_MESSAGES`](Self::MAX_MESSAGES)
+    /// messages, or as many deliveries as a wake batch defers.
+    pub fn is_due(&self) -> bool {
+        self.messages.len() >= Self::MAX_MESSAGES
+            || self.deliveries() >= crate::wake_batch::MAX_DEFERRED_DELIVERIES
+    }
+}
+
+/// The delivery of `message` to one matching client, combining its
+/// matching subscriptions (highest QoS, RETAIN if any asks for it as
+/// published, every subscription identifier); `None` when No Local leaves
+/// none of them.
+fn client_delivery(client: &ClientMatch<SessionRef>, message: &Arc<Message>) -> Option<Delivery> {
+    let mut qos: Option<QoS> = None;
+    let mut retain = false;
+    let mut ids = SubscriptionIds::new();
+    for options in &client.subscriptions {
+        if options.no_local && client.subscriber.0.id == message.origin {
+            continue;
+        }
+        let granted = QoS::from_u8(options.qos).unwrap_or(QoS::AtMostOnce);
+        let q = message.qos.min(granted);
+        qos = Some(qos.map_or(q, |prev| prev.max(q)));
+        retain |= options.retain_as_published && message.retain;
+        if let Some(id) = options.subscription_id {
+            ids.push(id);
+        }
+    }
+    qos.map(|qos| Delivery::new(message, qos, retain, ids))
 }
 
 /// The delivery of `message` to a member of a shared group.

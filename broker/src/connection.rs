@@ -34,7 +34,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::auth::{AuthExchange, AuthStep};
-use crate::broker::{Broker, SessionRef};
+use crate::broker::{Broker, SessionRef, StagedFanout};
 use crate::handshake::{
     auth_packet, authenticate, check_connect, count_decode_error, read_connect, Authenticated,
     HandshakeFailure,
@@ -396,6 +396,9 @@ struct Connection {
     /// session that ended since holds no messages), replaced at the next
     /// publish.
     recent_route: Option<RecentMatch<SessionRef>>,
+    /// QoS 0 messages of the current read, delivered subscriber by
+    /// subscriber at the end of the read (see `Broker::publish_from_client`).
+    staged: StagedFanout,
 }
 
 impl Connection {
@@ -499,6 +502,7 @@ impl Connection {
             deferred_acks: Arc::new(AtomicUsize::new(0)),
             full_queue: None,
             recent_route: None,
+            staged: StagedFanout::default(),
         }
     }
 
@@ -551,7 +555,12 @@ impl Connection {
                             Metrics::inc(&self.broker.metrics.packets_received);
                             decoded = true;
                             if let Err(exit) = self.handle(session, packet) {
+                                // What it published before is delivered.
+                                self.deliver_staged(session);
                                 return exit;
+                            }
+                            if self.staged.is_due() {
+                                self.deliver_staged(session);
                             }
                             if self.full_queue.is_some() {
                                 break;
@@ -560,11 +569,14 @@ impl Connection {
                         }
                         Ok(None) => break,
                         Err(e) => {
+                            self.deliver_staged(session);
                             count_decode_error(&self.broker.metrics, &e);
                             return Exit::Error(e.reason_code(), e.to_string());
                         }
                     }
                 }
+                // Before the batch wakes the writers it filled.
+                self.deliver_staged(session);
             }
             // A complete packet moves the keep alive deadline; once per
             // read rather than per packet (they arrived together).
@@ -635,8 +647,25 @@ impl Connection {
         }
     }
 
+    /// Delivers the QoS 0 messages staged during this read; a subscriber
+    /// whose queue took them beyond its bound pauses this reader.
+    fn deliver_staged(&mut self, session: &Arc<Session>) {
+        if let Some(full) = self.broker.deliver_staged(&mut self.staged) {
+            // A client publishing to its own full queue would wait for its
+            // own acknowledgements, which it is not read for.
+            if !Arc::ptr_eq(&full, session) && self.full_queue.is_none() {
+                self.full_queue = Some(full);
+            }
+        }
+    }
+
     /// Handles one packet from the client.
     fn handle(&mut self, session: &Arc<Session>, packet: Packet) -> Result<(), Exit> {
+        if !matches!(packet, Packet::Publish(_)) {
+            // Whatever answers this packet goes out after the deliveries of
+            // the publishes before it, as when they were not staged.
+            self.deliver_staged(session);
+        }
         match packet {
             Packet::Publish(publish) => self.on_publish(session, publish),
             Packet::PubAck(ack) => {
@@ -809,9 +838,12 @@ impl Connection {
                     publish.properties,
                     session.id,
                 );
-                let full =
-                    this.broker
-                        .publish_from_client(&message, journal, &mut this.recent_route);
+                let full = this.broker.publish_from_client(
+                    &message,
+                    journal,
+                    &mut this.recent_route,
+                    &mut this.staged,
+                );
                 // A client publishing to its own full queue would wait for
                 // its own acknowledgements, which it is not read for.
                 this.full_queue = full.filter(|s| !Arc::ptr_eq(s, session));

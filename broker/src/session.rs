@@ -884,22 +884,7 @@ impl Session {
             return Admission::Dropped;
         }
         if delivery.qos == QoS::AtMostOnce {
-            // Offline clients do not get QoS 0 messages queued.
-            let Some(charged) = st.link.as_ref().map(|l| l.charged) else {
-                return Admission::Dropped;
-            };
-            let admission = if charged < self.max_client_outbound_bytes {
-                Admission::Taken
-            } else if self.takes_beyond_bound(&mut st) {
-                Admission::BeyondBound
-            } else {
-                Metrics::inc(&self.metrics.messages_dropped_qos0);
-                return Admission::Dropped;
-            };
-            if let Some(link) = &mut st.link {
-                link.push_publish(delivery);
-            }
-            return admission;
+            return self.admit_at_most_once(&mut st, delivery);
         }
         let window_open = self.link_has_room(&st)
             && st.pending.is_empty()
@@ -945,6 +930,46 @@ impl Session {
         } else {
             Admission::Taken
         }
+    }
+
+    /// Delivers several QoS 0 deliveries under one lock, in order (see
+    /// `Broker::deliver_staged`); returns `BeyondBound` if any went beyond
+    /// the connection's bound.
+    pub fn deliver_at_most_once(&self, deliveries: impl Iterator<Item = Delivery>) -> Admission {
+        let mut st = self.state.lock();
+        let mut worst = Admission::Dropped;
+        for delivery in deliveries {
+            if st.ended {
+                break;
+            }
+            match (self.admit_at_most_once(&mut st, delivery), worst) {
+                (Admission::BeyondBound, _) => worst = Admission::BeyondBound,
+                (Admission::Taken, Admission::Dropped) => worst = Admission::Taken,
+                _ => {}
+            }
+        }
+        worst
+    }
+
+    /// A QoS 0 delivery: queued for the connection, or dropped (counted)
+    /// when the client is offline or its connection's queue is full.
+    fn admit_at_most_once(&self, st: &mut SessionState, delivery: Delivery) -> Admission {
+        // Offline clients do not get QoS 0 messages queued.
+        let Some(charged) = st.link.as_ref().map(|l| l.charged) else {
+            return Admission::Dropped;
+        };
+        let admission = if charged < self.max_client_outbound_bytes {
+            Admission::Taken
+        } else if self.takes_beyond_bound(st) {
+            Admission::BeyondBound
+        } else {
+            Metrics::inc(&self.metrics.messages_dropped_qos0);
+            return Admission::Dropped;
+        };
+        if let Some(link) = &mut st.link {
+            link.push_publish(delivery);
+        }
+        admission
     }
 
     /// Whether a delivery that finds its queue at the bound (the session

@@ -678,3 +678,48 @@ async fn concurrent_connects_with_one_client_id_leave_one_connection() {
     }
     server.shutdown().await;
 }
+
+/// The QoS 0 publishes of one read are delivered subscriber by subscriber
+/// at the end of the read; a QoS 1 publish in between, and the end of the
+/// read on a malformed packet, must not change what each subscriber gets
+/// or its order.
+#[tokio::test]
+async fn publishes_of_one_read_arrive_in_order_whatever_their_qos() {
+    let server = start(|_| {}).await;
+    let mut subs = Vec::new();
+    for i in 0..3 {
+        let mut s = RawClient::connected(addr(&server), &format!("order-sub{i}"), V311).await;
+        s.subscribe("order/t", QoS::AtLeastOnce).await;
+        subs.push(s);
+    }
+    let mut p = RawClient::connected(addr(&server), "order-pub", V311).await;
+    let mut bytes = bytes::BytesMut::new();
+    let sequence: [(&[u8], QoS, Option<u16>); 6] = [
+        (b"a", QoS::AtMostOnce, None),
+        (b"b", QoS::AtMostOnce, None),
+        (b"c", QoS::AtLeastOnce, Some(1)),
+        (b"d", QoS::AtMostOnce, None),
+        (b"e", QoS::AtLeastOnce, Some(2)),
+        (b"f", QoS::AtMostOnce, None),
+    ];
+    for (payload, qos, id) in sequence {
+        let packet = publish_packet("order/t", payload, qos, id);
+        tern_codec::encode_packet(&packet, V311, &mut bytes).unwrap();
+    }
+    // Then a packet type a client may not send: the connection closes,
+    // after what it published before.
+    bytes.extend_from_slice(&[0xF0, 0x00]);
+    p.send_bytes(&bytes).await;
+    for s in &mut subs {
+        let mut got = Vec::new();
+        for _ in 0..sequence.len() {
+            let m = s.recv_publish().await;
+            if let Some(id) = m.packet_id {
+                s.send(Packet::PubAck(PubAck::new(id))).await;
+            }
+            got.push(m.payload[0]);
+        }
+        assert_eq!(got, b"abcdef");
+    }
+    server.shutdown().await;
+}
