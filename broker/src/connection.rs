@@ -110,8 +110,8 @@ where
     let max_packet = broker.config.limits.max_packet_size as usize;
 
     // Boxed: the handshake's state (CONNECT, authentication exchanges, the
-    // timeout) is larger than the connection's steady state, and inline it
-    // would set the size of every connection's task for its whole life.
+    // timeout) is needed only until CONNACK; inline it would take room in
+    // every connection's task for the connection's whole life.
     let handshake = Box::pin(tokio::time::timeout(
         broker.config.connect_timeout(),
         async {
@@ -179,9 +179,8 @@ where
 
     let mut shutdown = broker.shutdown_signal();
     let exit = {
-        // Pinned where they are made: a future moved into `tokio::pin!` would
-        // occupy the task twice (the moved-from slot is not reused), and the
-        // task's size is what every connection costs for its whole life.
+        // Pinned in place: the reader and the writer run side by side in
+        // this one task, whose size every connection pays for its life.
         let mut writer_fut = std::pin::pin!(write_loop(
             WriterContext {
                 session: Arc::clone(&attached.session),
