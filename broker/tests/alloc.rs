@@ -1,8 +1,11 @@
 //! The publish hot path allocates nothing per subscriber.
 //!
-//! A counting global allocator measures `Broker::route` for one QoS 0
-//! message fanned out to many attached sessions, after a warm-up that lets
-//! queues reach their steady-state capacity and the router cache its match.
+//! A counting global allocator measures one QoS 0 message fanned out to
+//! many attached sessions, after a warm-up that lets queues reach their
+//! steady-state capacity and the router cache its match: through
+//! `Broker::route` (the broker's own messages) and through the path a
+//! client's connection takes (`Broker::publish_from_client`, the publisher's
+//! recent match, the read's staged deliveries).
 //! The count must not grow with the number of subscribers (lesson: the
 //! fan-out must not copy the subscriber list or the payload per delivery).
 
@@ -12,13 +15,13 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use tern::broker::SessionRef;
+use tern::broker::{SessionRef, StagedFanout};
 use tern::message::Message;
 use tern::persistence::Journal;
 use tern::session::{AttachParams, ConnectionControl, Outbound};
 use tern::{Broker, Config};
 use tern_codec::{ProtocolVersion, QoS};
-use tern_router::SubscriptionOptions;
+use tern_router::{RecentMatch, SubscriptionOptions};
 
 struct Counting;
 
@@ -46,9 +49,18 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
-/// Allocations made by one `route` call to `subscribers` sessions, measured
-/// in steady state.
-fn allocations_per_route(subscribers: usize) -> usize {
+/// How the message is published.
+#[derive(Clone, Copy)]
+enum Path {
+    /// `Broker::route`.
+    Route,
+    /// `Broker::publish_from_client`, then `Broker::deliver_staged`.
+    Client,
+}
+
+/// Allocations made by publishing one message to `subscribers` sessions,
+/// measured in steady state.
+fn allocations_per_publish(subscribers: usize, path: Path) -> usize {
     let broker = Broker::new(Config::default());
     let mut sessions = Vec::new();
     for i in 0..subscribers {
@@ -86,11 +98,22 @@ fn allocations_per_route(subscribers: usize) -> usize {
         0,
     );
     let mut drained: VecDeque<Outbound> = VecDeque::with_capacity(64);
+    let mut recent: Option<RecentMatch<SessionRef>> = None;
+    let mut staged = StagedFanout::default();
     let mut run = |count: bool| {
         COUNTING.store(count, Ordering::SeqCst);
         // Memory mode: the journal stays empty and allocates nothing.
         let mut journal = Journal::new();
-        broker.route(&message, &mut journal);
+        match path {
+            Path::Route => {
+                let _ = broker.route(&message, &mut journal);
+            }
+            Path::Client => {
+                let _ =
+                    broker.publish_from_client(&message, &mut journal, &mut recent, &mut staged);
+                let _ = broker.deliver_staged(&mut staged);
+            }
+        }
         assert!(!journal.has_changes());
         COUNTING.store(false, Ordering::SeqCst);
         // The writers would drain the queues; do it outside the count.
@@ -111,11 +134,13 @@ fn allocations_per_route(subscribers: usize) -> usize {
 
 #[test]
 fn qos0_fan_out_allocates_nothing_per_delivery() {
-    let few = allocations_per_route(10);
-    let many = allocations_per_route(1000);
-    assert_eq!(
-        few, many,
-        "allocations grew with subscribers: {few} for 10, {many} for 1000"
-    );
-    assert_eq!(many, 0, "a cached QoS 0 fan-out allocates nothing");
+    for path in [Path::Route, Path::Client] {
+        let few = allocations_per_publish(10, path);
+        let many = allocations_per_publish(1000, path);
+        assert_eq!(
+            few, many,
+            "allocations grew with subscribers: {few} for 10, {many} for 1000"
+        );
+        assert_eq!(many, 0, "a cached QoS 0 fan-out allocates nothing");
+    }
 }
