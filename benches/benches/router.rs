@@ -1,4 +1,4 @@
-//! Router matching: literal, `+` and `#` filters among 10k and 100k
+//! Router matching: literal, `+` and `#` filters among 10k, 100k and 1M
 //! subscriptions, cache hit and miss, and subscribe/unsubscribe churn.
 
 use std::hint::black_box;
@@ -23,7 +23,7 @@ fn populated(n: usize) -> Router<u64> {
 
 fn matching(c: &mut Criterion) {
     let mut group = c.benchmark_group("match");
-    for n in [10_000usize, 100_000] {
+    for n in [10_000usize, 100_000, 1_000_000] {
         let router = populated(n);
         group.bench_with_input(BenchmarkId::new("cache_hit", n), &router, |b, r| {
             b.iter(|| black_box(r.matches(black_box("site/42/dev4242/temp"))))
