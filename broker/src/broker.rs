@@ -234,7 +234,6 @@ impl Broker {
                 });
             }
         } else {
-            self.retained.insert(topic, Arc::clone(message));
             if let Some(p) = &self.persistence {
                 let message_id = journal.reference(p, message);
                 journal.push(tern_storage::Op::PutRetained(
@@ -244,6 +243,9 @@ impl Broker {
                     },
                 ));
             }
+            // Compacted (after `reference`, so the copy keeps the store id):
+            // the retained message outlives the read buffer it arrived in.
+            self.retained.insert(topic, message.compacted());
         }
     }
 

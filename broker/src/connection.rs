@@ -109,57 +109,60 @@ where
     let mut buf = broker.pool.take();
     let max_packet = broker.config.limits.max_packet_size as usize;
 
-    // Boxed: the handshake's state (CONNECT, authentication exchanges, the
-    // timeout) is needed only until CONNACK; inline it would take room in
-    // every connection's task for the connection's whole life.
-    let handshake = Box::pin(tokio::time::timeout(
-        broker.config.connect_timeout(),
-        async {
-            let connect = read_connect(&mut reader, &mut buf, max_packet, &broker.metrics)
-                .await
-                .map_err(|failure| (None, failure))?;
-            if !permit.admitted {
-                Metrics::inc(&broker.metrics.connections_refused);
-                let busy = if connect.protocol.is_v5() {
-                    ReasonCode::ServerBusy
-                } else {
-                    ReasonCode::ServerUnavailable
-                };
-                return Err((Some(connect), HandshakeFailure::Refused(busy)));
+    // Scoped, like everything the handshake leaves behind: a local that
+    // lives on in this task (even the emptied box of the CONNECT, freed only
+    // when its binding ends) costs every connection for its whole life.
+    let mut conn = {
+        // Boxed: the handshake's state (CONNECT, authentication exchanges,
+        // the timeout) is needed only until CONNACK.
+        let handshake = Box::pin(tokio::time::timeout(
+            broker.config.connect_timeout(),
+            async {
+                let connect = read_connect(&mut reader, &mut buf, max_packet, &broker.metrics)
+                    .await
+                    .map_err(|failure| (None, failure))?;
+                if !permit.admitted {
+                    Metrics::inc(&broker.metrics.connections_refused);
+                    let busy = if connect.protocol.is_v5() {
+                        ReasonCode::ServerBusy
+                    } else {
+                        ReasonCode::ServerUnavailable
+                    };
+                    return Err((Some(connect), HandshakeFailure::Refused(busy)));
+                }
+                if let Some(code) = check_connect(&broker, &connect) {
+                    return Err((Some(connect), HandshakeFailure::Refused(code)));
+                }
+                match authenticate(&broker, &connect, &mut reader, &mut writer, &mut buf).await {
+                    Ok(authenticated) => Ok((connect, authenticated)),
+                    Err(failure) => Err((Some(connect), failure)),
+                }
+            },
+        ))
+        .await;
+        let (connect, authenticated) = match handshake {
+            Err(_) => {
+                Metrics::inc(&broker.metrics.connect_timeouts);
+                tracing::debug!(%peer, "no CONNECT within the connect timeout");
+                return;
             }
-            if let Some(code) = check_connect(&broker, &connect) {
-                return Err((Some(connect), HandshakeFailure::Refused(code)));
+            Ok(Ok(done)) => done,
+            Ok(Err((connect, failure))) => {
+                // Boxed, like the handshake: only a refused connection needs it.
+                Box::pin(refuse(
+                    &broker,
+                    &mut writer,
+                    peer,
+                    connect.as_deref(),
+                    failure,
+                ))
+                .await;
+                return;
             }
-            match authenticate(&broker, &connect, &mut reader, &mut writer, &mut buf).await {
-                Ok(authenticated) => Ok((connect, authenticated)),
-                Err(failure) => Err((Some(connect), failure)),
-            }
-        },
-    ))
-    .await;
-    let (connect, authenticated) = match handshake {
-        Err(_) => {
-            Metrics::inc(&broker.metrics.connect_timeouts);
-            tracing::debug!(%peer, "no CONNECT within the connect timeout");
-            return;
-        }
-        Ok(Ok(done)) => done,
-        Ok(Err((connect, failure))) => {
-            // Boxed, like the handshake: only a refused connection needs it.
-            Box::pin(refuse(
-                &broker,
-                &mut writer,
-                peer,
-                connect.as_deref(),
-                failure,
-            ))
-            .await;
-            return;
-        }
+        };
+        Connection::accept(&broker, *connect, permit.id, authenticated)
     };
-    let protocol = connect.protocol;
-
-    let mut conn = Connection::accept(&broker, *connect, permit.id, authenticated);
+    let protocol = conn.protocol;
     // Attach before CONNACK so that every exit from here on (a failed CONNACK
     // write included) runs the close-down logic of `Attached`. Nothing else
     // writes to the socket until the writer starts, so CONNACK stays first.
@@ -493,10 +496,11 @@ impl Connection {
             } else {
                 0
             },
-            will: connect.will.map(Box::new),
+            will: connect.will.map(|w| Box::new(w.into_owned())),
             topic_aliases: InboundAliases::new(if v5 { limits.topic_alias_maximum } else { 0 }),
             disconnect_expiry: None,
-            auth_method: authenticated.method,
+            // A copy: a slice would keep the CONNECT's read buffer alive.
+            auth_method: authenticated.method.map(|m| Bytes::copy_from_slice(&m)),
             reauthentication: None,
             deferred_acks: Arc::new(AtomicUsize::new(0)),
             full_queue: None,

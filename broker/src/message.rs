@@ -77,6 +77,24 @@ impl Message {
         Arc::new(message)
     }
 
+    /// A copy whose bytes are its own. A decoded message's topic, payload
+    /// and properties are slices of the buffer it was read into, which is
+    /// right while it is delivered; a message kept for long (a retained one)
+    /// must not keep that whole buffer (kilobytes) alive for a few bytes.
+    pub fn compacted(&self) -> Arc<Message> {
+        Arc::new(Message {
+            topic: Bytes::copy_from_slice(&self.topic),
+            payload: Bytes::copy_from_slice(&self.payload),
+            qos: self.qos,
+            retain: self.retain,
+            properties: self.properties.owned_copy(),
+            expires_at: self.expires_at,
+            origin: self.origin,
+            headers: Default::default(),
+            store_id: self.store_id.clone(),
+        })
+    }
+
     fn unshared(
         topic: Bytes,
         payload: Bytes,
@@ -135,5 +153,44 @@ impl Message {
             let left = at.saturating_duration_since(now).as_secs_f64().ceil();
             (left as u32).max(1)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_compacted_message_owns_its_bytes_and_keeps_its_store_id() {
+        let read_buffer = Bytes::from(vec![b'a'; 4096]);
+        let properties = PublishProperties {
+            correlation_data: Some(read_buffer.slice(20..24)),
+            user_properties: vec![(read_buffer.slice(24..25), read_buffer.slice(25..26))],
+            ..PublishProperties::default()
+        };
+        let message = Message::new(
+            read_buffer.slice(0..10),
+            read_buffer.slice(10..20),
+            QoS::AtLeastOnce,
+            true,
+            properties,
+            7,
+        );
+        message.store_id.set(42).unwrap();
+        let copy = message.compacted();
+        assert_eq!(copy.topic, message.topic);
+        assert_eq!(copy.payload, message.payload);
+        assert_eq!(copy.properties, message.properties);
+        assert_eq!(
+            (copy.qos, copy.retain, copy.origin),
+            (QoS::AtLeastOnce, true, 7)
+        );
+        assert_eq!(copy.store_id.get(), Some(&42));
+        let range = read_buffer.as_ptr_range();
+        let outside = |b: &Bytes| !range.contains(&b.as_ptr());
+        assert!(outside(&copy.topic) && outside(&copy.payload));
+        assert!(outside(copy.properties.correlation_data.as_ref().unwrap()));
+        let (k, v) = &copy.properties.user_properties[0];
+        assert!(outside(k) && outside(v));
     }
 }

@@ -166,6 +166,30 @@ pub struct Will {
     pub properties: WillProperties,
 }
 
+impl Will {
+    /// The same will with bytes of its own. A decoded will shares the buffer
+    /// its CONNECT was read into; a broker keeps it for the connection's
+    /// whole life, and a few bytes of topic and payload must not hold a
+    /// whole read buffer (kilobytes, per client) with them.
+    pub fn into_owned(self) -> Will {
+        let own = |b: Bytes| Bytes::copy_from_slice(&b);
+        let p = self.properties;
+        Will {
+            topic: own(self.topic),
+            payload: own(self.payload),
+            qos: self.qos,
+            retain: self.retain,
+            properties: WillProperties {
+                content_type: p.content_type.map(own),
+                response_topic: p.response_topic.map(own),
+                correlation_data: p.correlation_data.map(own),
+                user_properties: crate::properties::owned_pairs(&p.user_properties),
+                ..p
+            },
+        }
+    }
+}
+
 /// CONNACK.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct ConnAck {
@@ -307,4 +331,34 @@ impl Disconnect {
 pub struct Auth {
     pub code: ReasonCode,
     pub properties: AuthProperties,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_owned_will_shares_nothing_with_the_buffer_it_was_decoded_from() {
+        let buffer = Bytes::from(vec![b'x'; 4096]);
+        let will = Will {
+            topic: buffer.slice(0..5),
+            payload: buffer.slice(5..9),
+            qos: QoS::AtLeastOnce,
+            retain: true,
+            properties: WillProperties {
+                will_delay_interval: Some(7),
+                content_type: Some(buffer.slice(9..12)),
+                user_properties: vec![(buffer.slice(12..13), buffer.slice(13..14))],
+                ..WillProperties::default()
+            },
+        };
+        let owned = will.clone().into_owned();
+        assert_eq!(owned, will);
+        let range = buffer.as_ptr_range();
+        let outside = |b: &Bytes| !range.contains(&b.as_ptr());
+        assert!(outside(&owned.topic) && outside(&owned.payload));
+        assert!(outside(owned.properties.content_type.as_ref().unwrap()));
+        let (k, v) = &owned.properties.user_properties[0];
+        assert!(outside(k) && outside(v));
+    }
 }

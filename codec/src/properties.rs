@@ -120,6 +120,27 @@ impl PublishProperties {
     pub fn is_empty(&self) -> bool {
         *self == PublishProperties::default()
     }
+
+    /// A copy with bytes of its own, sharing nothing with the buffer the
+    /// properties were decoded from (see [`crate::Will::into_owned`]).
+    pub fn owned_copy(&self) -> PublishProperties {
+        PublishProperties {
+            response_topic: self.response_topic.as_deref().map(Bytes::copy_from_slice),
+            correlation_data: self.correlation_data.as_deref().map(Bytes::copy_from_slice),
+            user_properties: owned_pairs(&self.user_properties),
+            subscription_identifiers: self.subscription_identifiers.clone(),
+            content_type: self.content_type.as_deref().map(Bytes::copy_from_slice),
+            ..*self
+        }
+    }
+}
+
+/// Copies of user properties that share nothing with their buffer.
+pub(crate) fn owned_pairs(pairs: &[UserProperty]) -> Vec<UserProperty> {
+    pairs
+        .iter()
+        .map(|(k, v)| (Bytes::copy_from_slice(k), Bytes::copy_from_slice(v)))
+        .collect()
 }
 
 /// PUBACK, PUBREC, PUBREL, PUBCOMP properties.
