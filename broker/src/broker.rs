@@ -26,12 +26,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tern_codec::properties::PublishProperties;
-use tern_codec::{QoS, Will};
+use tern_codec::{QoS, ReasonCode, Will};
 use tokio::sync::watch;
 
 use crate::auth::Authenticator;
 use crate::budget::OutboundBudget;
 use crate::config::Config;
+use crate::keep_alive::KeepAlive;
 use crate::message::Message;
 use crate::metrics::Metrics;
 use crate::persistence::{Journal, Persistence};
@@ -79,6 +80,8 @@ pub struct Broker {
     pub pool: BufferPool,
     /// The durable store; `None` in memory mode.
     pub persistence: Option<Arc<Persistence>>,
+    /// The keep alive clock and the connections it watches.
+    pub keep_alive: KeepAlive,
     shutdown: watch::Sender<bool>,
 }
 
@@ -123,6 +126,7 @@ impl Broker {
             registry,
             metrics,
             persistence,
+            keep_alive: KeepAlive::default(),
             shutdown: watch::channel(false).0,
         })
     }
@@ -132,9 +136,14 @@ impl Broker {
         self.shutdown.subscribe()
     }
 
-    /// Tells every connection and listener to stop.
+    /// Tells every connection and listener to stop. A connection that
+    /// attaches to its session after this looks at
+    /// [`is_shutting_down`](Self::is_shutting_down) and closes itself.
     pub fn begin_shutdown(&self) {
         self.shutdown.send_replace(true);
+        for session in self.registry.all() {
+            session.kick(ReasonCode::ServerShuttingDown);
+        }
     }
 
     /// True once shutdown has begun.
@@ -400,6 +409,7 @@ impl Broker {
         will: Option<Will>,
         new_expiry: Option<u32>,
     ) {
+        self.keep_alive.unwatch(connection_id);
         let still_attached = session.detach(connection_id, new_expiry);
         if still_attached {
             self.redistribute_shared(session);

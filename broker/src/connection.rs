@@ -14,6 +14,7 @@
 //! [`ConnectionPermit`](crate::registry::ConnectionPermit), which detach the
 //! session, publish the will when due and uncount the connection.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -31,7 +32,6 @@ use tern_router::{
 };
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::time::Instant;
 
 use crate::auth::{AuthExchange, AuthStep};
 use crate::broker::{Broker, SessionRef, StagedFanout};
@@ -42,6 +42,7 @@ use crate::handshake::{
 use crate::message::Message;
 use crate::metrics::Metrics;
 use crate::persistence::Journal;
+use crate::registry::ConnectionPermit;
 use crate::session::{AttachParams, ConnectionControl, Delivery, Session};
 use crate::topic_alias::{AliasError, InboundAliases};
 use crate::transport::{read_pooled, TransportRead};
@@ -65,7 +66,7 @@ enum Exit {
     /// The client closed the socket without DISCONNECT, or it failed.
     Closed,
     /// The broker closes the connection, with this reason for MQTT 5.
-    Error(ReasonCode, String),
+    Error(ReasonCode, Box<str>),
     /// Closed by the broker on purpose: takeover or shutdown.
     Kicked(Option<ReasonCode>),
 }
@@ -90,77 +91,174 @@ impl Exit {
 }
 
 /// Serves one TCP connection until it closes.
-pub async fn serve_tcp(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
-    let _ = stream.set_nodelay(true);
-    let (reader, writer) = stream.into_split();
-    serve(broker, reader, writer, peer).await;
+///
+/// This function and the others that build a connection's task return an
+/// `async move` block rather than being `async fn`s: an `async fn` keeps its
+/// arguments twice in its state (as captured and as moved into the body),
+/// and that state is every connection's memory for its whole life.
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn would keep its arguments twice"
+)]
+pub fn serve_tcp(
+    broker: Arc<Broker>,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+) -> impl Future<Output = ()> + Send {
+    async move {
+        let _ = stream.set_nodelay(true);
+        // Borrowed halves: both live in this task, so they need no `Arc`.
+        let (reader, writer) = stream.split();
+        serve(broker, reader, writer, &peer).await;
+    }
 }
 
 /// Serves one connection, whatever carries its bytes (TCP, WebSocket ...),
 /// until it closes. The transport only moves bytes: everything MQTT happens
 /// here, identically for every transport.
-pub async fn serve<R, W>(broker: Arc<Broker>, mut reader: R, mut writer: W, peer: SocketAddr)
+///
+/// `peer` (for logs) is borrowed: its owner, the transport's task, keeps it
+/// anyway, and a copy would be 32 more bytes of every connection.
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn would keep its arguments twice"
+)]
+pub fn serve<'p, R, W>(
+    broker: Arc<Broker>,
+    mut reader: R,
+    mut writer: W,
+    peer: &'p SocketAddr,
+) -> impl Future<Output = ()> + Send + use<'p, R, W>
 where
     R: TransportRead,
     W: AsyncWrite + Unpin + Send,
 {
-    let permit = broker.registry.admit();
-    Metrics::inc(&broker.metrics.connections_accepted);
-    let mut buf = broker.pool.take();
+    async move {
+        let permit = broker.registry.admit();
+        Metrics::inc(&broker.metrics.connections_accepted);
+        let mut buf = broker.pool.take();
+        // Boxed: what it takes to get to CONNACK (the CONNECT, the
+        // authentication exchanges, the connect timeout, a refusal) is needed
+        // once, and inline it would be part of every connection's task for
+        // the connection's whole life.
+        let Some((mut conn, attached, control)) = Box::pin(open(
+            &broker,
+            &mut reader,
+            &mut writer,
+            &mut buf,
+            &permit,
+            *peer,
+        ))
+        .await
+        else {
+            return;
+        };
+        let protocol = conn.protocol;
+        tracing::debug!(%peer, client_id = %attached.session.client_id, ?protocol, "client connected");
+
+        let exit = {
+            // Pinned in place: the reader and the writer run side by side in
+            // this one task, whose size every connection pays for its life.
+            let mut writer_fut = std::pin::pin!(write_loop(
+                WriterContext {
+                    session: Arc::clone(&attached.session),
+                    connection_id: permit.id,
+                    control: Arc::clone(&control),
+                    protocol,
+                    client_max_packet: conn.client_max_packet,
+                    client_topic_alias_max: conn.client_topic_alias_max,
+                    metrics: Arc::clone(&broker.metrics),
+                },
+                writer,
+            ));
+            let mut reader_fut =
+                std::pin::pin!(conn.read_loop(&attached.session, &mut reader, &mut buf, &control,));
+            let mut writer_done = false;
+            let exit = tokio::select! {
+                exit = &mut reader_fut => exit,
+                () = &mut writer_fut => {
+                    writer_done = true;
+                    control.close(None);
+                    (&mut reader_fut).await
+                }
+            };
+            control.close(exit.disconnect_reason());
+            if !writer_done {
+                // Boxed: once per connection, and its timer would otherwise
+                // be part of the task's size for the connection's whole life.
+                let _ = Box::pin(tokio::time::timeout(CLOSE_GRACE, &mut writer_fut)).await;
+            }
+            exit
+        };
+        match &exit {
+            Exit::Error(code, why) => {
+                tracing::warn!(%peer, client_id = %attached.session.client_id, ?code, "closing connection: {why}");
+            }
+            other => {
+                tracing::debug!(%peer, client_id = %attached.session.client_id, exit = ?other, "client disconnected");
+            }
+        }
+        let new_expiry = match exit {
+            Exit::ClientDisconnect { .. } => conn.disconnect_expiry,
+            _ => None,
+        };
+        attached.finish(exit.publishes_will(), new_expiry);
+    }
+}
+
+/// Everything up to CONNACK: the CONNECT (and authentication) within the
+/// connect timeout, the session opened and attached, CONNACK sent. `None`
+/// when the connection ends there (refused, timed out, closed, replaced).
+async fn open<R, W>(
+    broker: &Arc<Broker>,
+    reader: &mut R,
+    writer: &mut W,
+    buf: &mut BytesMut,
+    permit: &ConnectionPermit,
+    peer: SocketAddr,
+) -> Option<(Connection, Attached, Arc<ConnectionControl>)>
+where
+    R: TransportRead,
+    W: AsyncWrite + Unpin + Send,
+{
     let max_packet = broker.config.limits.max_packet_size as usize;
 
-    // Scoped, like everything the handshake leaves behind: a local that
-    // lives on in this task (even the emptied box of the CONNECT, freed only
-    // when its binding ends) costs every connection for its whole life.
     let mut conn = {
-        // Boxed: the handshake's state (CONNECT, authentication exchanges,
-        // the timeout) is needed only until CONNACK.
-        let handshake = Box::pin(tokio::time::timeout(
-            broker.config.connect_timeout(),
-            async {
-                let connect = read_connect(&mut reader, &mut buf, max_packet, &broker.metrics)
-                    .await
-                    .map_err(|failure| (None, failure))?;
-                if !permit.admitted {
-                    Metrics::inc(&broker.metrics.connections_refused);
-                    let busy = if connect.protocol.is_v5() {
-                        ReasonCode::ServerBusy
-                    } else {
-                        ReasonCode::ServerUnavailable
-                    };
-                    return Err((Some(connect), HandshakeFailure::Refused(busy)));
-                }
-                if let Some(code) = check_connect(&broker, &connect) {
-                    return Err((Some(connect), HandshakeFailure::Refused(code)));
-                }
-                match authenticate(&broker, &connect, &mut reader, &mut writer, &mut buf).await {
-                    Ok(authenticated) => Ok((connect, authenticated)),
-                    Err(failure) => Err((Some(connect), failure)),
-                }
-            },
-        ))
+        let handshake = tokio::time::timeout(broker.config.connect_timeout(), async {
+            let connect = read_connect(&mut *reader, &mut *buf, max_packet, &broker.metrics)
+                .await
+                .map_err(|failure| (None, failure))?;
+            if !permit.admitted {
+                Metrics::inc(&broker.metrics.connections_refused);
+                let busy = if connect.protocol.is_v5() {
+                    ReasonCode::ServerBusy
+                } else {
+                    ReasonCode::ServerUnavailable
+                };
+                return Err((Some(connect), HandshakeFailure::Refused(busy)));
+            }
+            if let Some(code) = check_connect(broker, &connect) {
+                return Err((Some(connect), HandshakeFailure::Refused(code)));
+            }
+            match authenticate(broker, &connect, &mut *reader, &mut *writer, &mut *buf).await {
+                Ok(authenticated) => Ok((connect, authenticated)),
+                Err(failure) => Err((Some(connect), failure)),
+            }
+        })
         .await;
         let (connect, authenticated) = match handshake {
             Err(_) => {
                 Metrics::inc(&broker.metrics.connect_timeouts);
                 tracing::debug!(%peer, "no CONNECT within the connect timeout");
-                return;
+                return None;
             }
             Ok(Ok(done)) => done,
             Ok(Err((connect, failure))) => {
-                // Boxed, like the handshake: only a refused connection needs it.
-                Box::pin(refuse(
-                    &broker,
-                    &mut writer,
-                    peer,
-                    connect.as_deref(),
-                    failure,
-                ))
-                .await;
-                return;
+                refuse(broker, writer, peer, connect.as_deref(), failure).await;
+                return None;
             }
         };
-        Connection::accept(&broker, *connect, permit.id, authenticated)
+        Connection::accept(broker, *connect, permit.id, authenticated)
     };
     let protocol = conn.protocol;
     // Attach before CONNACK so that every exit from here on (a failed CONNACK
@@ -169,70 +267,15 @@ where
     let control = Arc::new(ConnectionControl::default());
     let Some(attached) = conn.attach(Arc::clone(&control)) else {
         tracing::debug!(%peer, "session replaced before it could be attached");
-        return;
+        return None;
     };
-    let mut out = BytesMut::new();
-    let connack = conn.connack.take().map(|c| Packet::ConnAck(*c));
-    let encoded = connack.is_some_and(|c| encode_packet(&c, protocol, &mut out).is_ok());
-    if !encoded || writer.write_all(&out).await.is_err() {
-        return;
-    }
-    drop(out);
-    tracing::debug!(%peer, client_id = %attached.session.client_id, ?protocol, "client connected");
-
-    let mut shutdown = broker.shutdown_signal();
-    let exit = {
-        // Pinned in place: the reader and the writer run side by side in
-        // this one task, whose size every connection pays for its life.
-        let mut writer_fut = std::pin::pin!(write_loop(
-            WriterContext {
-                session: Arc::clone(&attached.session),
-                connection_id: permit.id,
-                control: Arc::clone(&control),
-                protocol,
-                client_max_packet: conn.client_max_packet,
-                client_topic_alias_max: conn.client_topic_alias_max,
-                metrics: Arc::clone(&broker.metrics),
-            },
-            writer,
-        ));
-        let mut reader_fut = std::pin::pin!(conn.read_loop(
-            &attached.session,
-            &mut reader,
-            &mut buf,
-            &control,
-            &mut shutdown,
-        ));
-        let mut writer_done = false;
-        let exit = tokio::select! {
-            exit = &mut reader_fut => exit,
-            () = &mut writer_fut => {
-                writer_done = true;
-                control.close(None);
-                (&mut reader_fut).await
-            }
-        };
-        control.close(exit.disconnect_reason());
-        if !writer_done {
-            // Boxed: once per connection, and its timer would otherwise
-            // be part of the task's size for the connection's whole life.
-            let _ = Box::pin(tokio::time::timeout(CLOSE_GRACE, &mut writer_fut)).await;
-        }
-        exit
+    let connack_sent = {
+        let mut out = BytesMut::new();
+        let connack = conn.connack.take().map(|c| Packet::ConnAck(*c));
+        let encoded = connack.is_some_and(|c| encode_packet(&c, protocol, &mut out).is_ok());
+        encoded && writer.write_all(&out).await.is_ok()
     };
-    match &exit {
-        Exit::Error(code, why) => {
-            tracing::warn!(%peer, client_id = %attached.session.client_id, ?code, "closing connection: {why}");
-        }
-        other => {
-            tracing::debug!(%peer, client_id = %attached.session.client_id, exit = ?other, "client disconnected");
-        }
-    }
-    let new_expiry = match exit {
-        Exit::ClientDisconnect { .. } => conn.disconnect_expiry,
-        _ => None,
-    };
-    attached.finish(exit.publishes_will(), new_expiry);
+    connack_sent.then_some((conn, attached, control))
 }
 
 /// Waits while the reader is paused (see `read_loop`): until the
@@ -243,9 +286,7 @@ async fn paused(
     broker: &Broker,
     backlog: bool,
     full_queue: Option<Arc<Session>>,
-    deadline: Option<Instant>,
     control: &ConnectionControl,
-    shutdown: &mut tokio::sync::watch::Receiver<bool>,
 ) -> Option<Exit> {
     let budget = &broker.registry.context().budget;
     let room = async {
@@ -254,29 +295,23 @@ async fn paused(
             None => std::future::pending().await,
         }
     };
-    let expired = async {
-        match deadline {
-            Some(d) => tokio::time::sleep_until(d).await,
-            None => std::future::pending().await,
-        }
-    };
     tokio::select! {
         () = budget.wait_until_below(), if !backlog && full_queue.is_none() => None,
         () = room, if !backlog => None,
         () = control.drained.notified(), if backlog => None,
-        () = expired => {
-            Metrics::inc(&broker.metrics.keepalive_timeouts);
-            Some(Exit::Error(
-                ReasonCode::KeepAliveTimeout,
-                "keep alive timed out while the connection was paused".into(),
-            ))
+        () = control.wake_reader.notified() => control.is_closing().then(|| closed_by_broker(control)),
+    }
+}
+
+/// How a connection the broker closed ends: a keep alive timeout (see
+/// keep_alive.rs) as an error, logged and publishing the will; a takeover or
+/// shutdown as a kick.
+fn closed_by_broker(control: &ConnectionControl) -> Exit {
+    match control.close_reason() {
+        Some(ReasonCode::KeepAliveTimeout) => {
+            Exit::Error(ReasonCode::KeepAliveTimeout, "keep alive timed out".into())
         }
-        () = control.wake_reader.notified() => {
-            control.is_closing().then(|| Exit::Kicked(control.close_reason()))
-        }
-        () = crate::server::shutdown_requested(shutdown) => {
-            Some(Exit::Kicked(Some(ReasonCode::ServerShuttingDown)))
-        }
+        reason => Exit::Kicked(reason),
     }
 }
 
@@ -366,6 +401,14 @@ impl Drop for Attached {
     }
 }
 
+/// The enhanced authentication (MQTT 5 section 4.12) of a connection.
+struct EnhancedAuth {
+    /// The method CONNECT chose; every AUTH must name it.
+    method: Bytes,
+    /// A re-authentication in progress (AUTH 0x19 received).
+    reauthentication: Option<Box<dyn AuthExchange>>,
+}
+
 /// Protocol state of one connection after CONNECT.
 struct Connection {
     broker: Arc<Broker>,
@@ -375,7 +418,8 @@ struct Connection {
     /// Taken (and freed) once sent.
     connack: Option<Box<ConnAck>>,
     expiry_interval: u32,
-    keep_alive: Duration,
+    /// In seconds; 0: none.
+    keep_alive: u16,
     send_quota: u16,
     client_max_packet: Option<u32>,
     client_topic_alias_max: u16,
@@ -383,10 +427,9 @@ struct Connection {
     topic_aliases: InboundAliases,
     /// A session expiry interval changed by the client's DISCONNECT.
     disconnect_expiry: Option<u32>,
-    /// The enhanced authentication method of CONNECT, if any.
-    auth_method: Option<Bytes>,
-    /// A re-authentication in progress (AUTH 0x19 received).
-    reauthentication: Option<Box<dyn AuthExchange>>,
+    /// Enhanced authentication, when CONNECT chose a method. Boxed: few
+    /// clients use it.
+    enhanced_auth: Option<Box<EnhancedAuth>>,
     /// Acknowledgements waiting for the store (see [`Connection::acknowledge`]).
     deferred_acks: Arc<AtomicUsize>,
     /// A subscriber whose full queue took this client's last publish beyond
@@ -488,7 +531,7 @@ impl Connection {
                 properties: props,
             })),
             expiry_interval,
-            keep_alive: Duration::from_secs(u64::from(keep_alive)),
+            keep_alive,
             send_quota,
             client_max_packet: connect.properties.maximum_packet_size,
             client_topic_alias_max: if v5 {
@@ -499,9 +542,13 @@ impl Connection {
             will: connect.will.map(|w| Box::new(w.into_owned())),
             topic_aliases: InboundAliases::new(if v5 { limits.topic_alias_maximum } else { 0 }),
             disconnect_expiry: None,
-            // A copy: a slice would keep the CONNECT's read buffer alive.
-            auth_method: authenticated.method.map(|m| Bytes::copy_from_slice(&m)),
-            reauthentication: None,
+            enhanced_auth: authenticated.method.map(|method| {
+                Box::new(EnhancedAuth {
+                    // A copy: a slice would keep the CONNECT's read buffer alive.
+                    method: Bytes::copy_from_slice(&method),
+                    reauthentication: None,
+                })
+            }),
             deferred_acks: Arc::new(AtomicUsize::new(0)),
             full_queue: None,
             recent_route: None,
@@ -518,9 +565,18 @@ impl Connection {
                 send_quota: self.send_quota,
                 expiry_interval: self.expiry_interval,
             },
-            control,
+            Arc::clone(&control),
             self.will.as_deref(),
         )?;
+        self.broker.keep_alive.watch(
+            self.connection_id,
+            &control,
+            Duration::from_secs(self.keep_alive.into()),
+        );
+        if self.broker.is_shutting_down() {
+            // Attached after shutdown kicked every attached session.
+            control.close(Some(ReasonCode::ServerShuttingDown));
+        }
         Some(Attached {
             broker: Arc::clone(&self.broker),
             session: Arc::clone(&self.session),
@@ -533,118 +589,103 @@ impl Connection {
     }
 
     /// Reads and handles packets until the connection must close.
-    async fn read_loop<R: TransportRead>(
-        &mut self,
-        session: &Arc<Session>,
-        reader: &mut R,
-        buf: &mut BytesMut,
-        control: &ConnectionControl,
-        shutdown: &mut tokio::sync::watch::Receiver<bool>,
-    ) -> Exit {
-        let max_packet = self.broker.config.limits.max_packet_size as usize;
-        // MQTT-3.1.2-24: one and a half keep alive periods without a packet.
-        let keep_alive = (!self.keep_alive.is_zero()).then(|| self.keep_alive.mul_f64(1.5));
-        let mut deadline = keep_alive.map(|k| Instant::now() + k);
-        loop {
-            let mut decoded = false;
-            // Subscribers' writers are woken once for everything this read
-            // queued for them (see wake_batch.rs); dropped, and so flushed,
-            // before the next await.
-            {
-                let batch = WakeBatch::open();
-                loop {
-                    match decode_packet(buf, self.protocol, max_packet) {
-                        Ok(Some(packet)) => {
-                            Metrics::inc(&self.broker.metrics.packets_received);
-                            decoded = true;
-                            if let Err(exit) = self.handle(session, packet) {
-                                // What it published before is delivered.
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an async fn would keep its arguments twice"
+    )]
+    fn read_loop<'a, R: TransportRead>(
+        &'a mut self,
+        session: &'a Arc<Session>,
+        reader: &'a mut R,
+        buf: &'a mut BytesMut,
+        control: &'a ConnectionControl,
+    ) -> impl Future<Output = Exit> + Send + 'a {
+        // An async block, not an async fn: see `serve_tcp`.
+        async move {
+            loop {
+                let mut decoded = false;
+                // Subscribers' writers are woken once for everything this read
+                // queued for them (see wake_batch.rs); dropped, and so flushed,
+                // before the next await.
+                {
+                    // Read here, not kept across the await below: every byte
+                    // held there is every connection's memory.
+                    let max_packet = self.broker.config.limits.max_packet_size as usize;
+                    let batch = WakeBatch::open();
+                    loop {
+                        match decode_packet(buf, self.protocol, max_packet) {
+                            Ok(Some(packet)) => {
+                                Metrics::inc(&self.broker.metrics.packets_received);
+                                decoded = true;
+                                if let Err(exit) = self.handle(session, packet) {
+                                    // What it published before is delivered.
+                                    self.deliver_staged(session);
+                                    return exit;
+                                }
+                                if self.staged.is_due() {
+                                    self.deliver_staged(session);
+                                }
+                                if self.full_queue.is_some() {
+                                    break;
+                                }
+                                batch.flush_if_due();
+                            }
+                            Ok(None) => break,
+                            Err(e) => {
                                 self.deliver_staged(session);
-                                return exit;
+                                count_decode_error(&self.broker.metrics, &e);
+                                return Exit::Error(e.reason_code(), e.to_string().into());
                             }
-                            if self.staged.is_due() {
-                                self.deliver_staged(session);
-                            }
-                            if self.full_queue.is_some() {
-                                break;
-                            }
-                            batch.flush_if_due();
-                        }
-                        Ok(None) => break,
-                        Err(e) => {
-                            self.deliver_staged(session);
-                            count_decode_error(&self.broker.metrics, &e);
-                            return Exit::Error(e.reason_code(), e.to_string());
                         }
                     }
+                    // Before the batch wakes the writers it filled.
+                    self.deliver_staged(session);
                 }
-                // Before the batch wakes the writers it filled.
-                self.deliver_staged(session);
-            }
-            // A complete packet moves the keep alive deadline; once per
-            // read rather than per packet (they arrived together).
-            if let (Some(k), true) = (keep_alive, decoded) {
-                deadline = Some(Instant::now() + k);
-            }
-            if control.is_closing() {
-                return Exit::Kicked(control.close_reason());
-            }
-            let budget = &self.broker.registry.context().budget;
-            let unsent = session.control_backlog(self.connection_id)
-                + self.deferred_acks.load(Ordering::Acquire);
-            let backlog = unsent > MAX_UNSENT_CONTROL_PACKETS;
-            let full_queue = self.full_queue.take();
-            if backlog || full_queue.is_some() || budget.is_over() {
-                // Back-pressure: stop reading (so TCP slows the client down)
-                // until this client has read the replies it was sent, until
-                // a subscriber's full queue has room (bounded by
-                // `queue_full_wait_ms`), or until writers have drained the
-                // broker under its budget. Keep alive keeps running: a
-                // client stuck for 1.5 x keep alive is closed, which also
-                // releases what it held.
-                // Boxed: the wait is rare, and inline its state would grow
-                // every idle connection's task.
-                let paused = paused(
-                    &self.broker,
-                    backlog,
-                    full_queue,
-                    deadline,
-                    control,
-                    shutdown,
-                );
-                if let Some(exit) = Box::pin(paused).await {
-                    return exit;
+                // A complete packet restarts the keep alive wait (see
+                // keep_alive.rs); once per read rather than per packet.
+                if decoded {
+                    control.packet_received(self.broker.keep_alive.now_ms());
                 }
-                continue;
-            }
-            if buf.is_empty() && buf.capacity() > 0 {
-                // Everything read has been handled: idle connections hold
-                // no read buffer.
-                self.broker.pool.give(std::mem::take(buf));
-            }
-            let sleep = async {
-                match deadline {
-                    Some(d) => tokio::time::sleep_until(d).await,
-                    None => std::future::pending().await,
+                if control.is_closing() {
+                    return closed_by_broker(control);
                 }
-            };
-            tokio::select! {
-                read = read_pooled(reader, buf, &self.broker.pool) => match read {
-                    Ok(0) => return Exit::Closed,
-                    Ok(n) => Metrics::add(&self.broker.metrics.bytes_received, n as u64),
-                    Err(_) => return Exit::Closed,
-                },
-                () = sleep => {
-                    Metrics::inc(&self.broker.metrics.keepalive_timeouts);
-                    return Exit::Error(ReasonCode::KeepAliveTimeout, "keep alive timed out".into());
-                }
-                () = control.wake_reader.notified() => {
-                    if control.is_closing() {
-                        return Exit::Kicked(control.close_reason());
+                let budget = &self.broker.registry.context().budget;
+                let unsent = session.control_backlog(self.connection_id)
+                    + self.deferred_acks.load(Ordering::Acquire);
+                let backlog = unsent > MAX_UNSENT_CONTROL_PACKETS;
+                let full_queue = self.full_queue.take();
+                if backlog || full_queue.is_some() || budget.is_over() {
+                    // Back-pressure: stop reading (so TCP slows the client down)
+                    // until this client has read the replies it was sent, until
+                    // a subscriber's full queue has room (bounded by
+                    // `queue_full_wait_ms`), or until writers have drained the
+                    // broker under its budget. Keep alive keeps running: a
+                    // client stuck for 1.5 x keep alive is closed, which also
+                    // releases what it held.
+                    // Boxed: the wait is rare, and inline its state would grow
+                    // every idle connection's task.
+                    let paused = paused(&self.broker, backlog, full_queue, control);
+                    if let Some(exit) = Box::pin(paused).await {
+                        return exit;
                     }
+                    continue;
                 }
-                () = crate::server::shutdown_requested(shutdown) => {
-                    return Exit::Kicked(Some(ReasonCode::ServerShuttingDown));
+                if buf.is_empty() && buf.capacity() > 0 {
+                    // Everything read has been handled: idle connections hold
+                    // no read buffer.
+                    self.broker.pool.give(std::mem::take(buf));
+                }
+                tokio::select! {
+                    read = read_pooled(reader, buf, &self.broker.pool) => match read {
+                        Ok(0) => return Exit::Closed,
+                        Ok(n) => Metrics::add(&self.broker.metrics.bytes_received, n as u64),
+                        Err(_) => return Exit::Closed,
+                    },
+                    () = control.wake_reader.notified() => {
+                        if control.is_closing() {
+                            return closed_by_broker(control);
+                        }
+                    }
                 }
             }
         }
@@ -721,7 +762,7 @@ impl Connection {
 
     fn protocol_error(&self, why: &str) -> Exit {
         Metrics::inc(&self.broker.metrics.protocol_errors);
-        Exit::Error(ReasonCode::ProtocolError, why.to_owned())
+        Exit::Error(ReasonCode::ProtocolError, why.into())
     }
 
     fn send(&self, packet: Packet) {
@@ -793,7 +834,7 @@ impl Connection {
             Metrics::inc(&self.broker.metrics.protocol_errors);
             return Err(Exit::Error(
                 ReasonCode::TopicNameInvalid,
-                format!("invalid topic name {topic_str:?}"),
+                format!("invalid topic name {topic_str:?}").into(),
             ));
         }
         if v5
@@ -914,7 +955,7 @@ impl Connection {
             .map_err(|e| match e {
                 AliasError::OutOfRange(_) => {
                     Metrics::inc(&self.broker.metrics.protocol_errors);
-                    Exit::Error(ReasonCode::TopicAliasInvalid, e.to_string())
+                    Exit::Error(ReasonCode::TopicAliasInvalid, e.to_string().into())
                 }
                 AliasError::Unknown(_) => self.protocol_error(&e.to_string()),
             })
@@ -1038,13 +1079,14 @@ impl Connection {
     /// Re-authentication (MQTT 5 section 4.12.1): AUTH 0x19 starts a new
     /// exchange with the CONNECT's method; 0x18 continues it.
     fn on_auth(&mut self, auth: tern_codec::Auth) -> Result<(), Exit> {
-        let Some(method) = self.auth_method.clone() else {
+        let Some(enhanced) = self.enhanced_auth.as_mut() else {
             return Err(self.protocol_error("AUTH without an authentication method in CONNECT"));
         };
+        let method = enhanced.method.clone();
         if auth.properties.authentication_method.as_ref() != Some(&method) {
             return Err(self.protocol_error("AUTH with a different authentication method"));
         }
-        let exchange = match (auth.code, self.reauthentication.take()) {
+        let exchange = match (auth.code, enhanced.reauthentication.take()) {
             (ReasonCode::ReAuthenticate, None) => self.broker.authenticator.start(&method),
             (ReasonCode::ContinueAuthentication, Some(exchange)) => Some(exchange),
             _ => None,
@@ -1059,7 +1101,9 @@ impl Connection {
                     &method,
                     data,
                 ));
-                self.reauthentication = Some(exchange);
+                if let Some(enhanced) = self.enhanced_auth.as_mut() {
+                    enhanced.reauthentication = Some(exchange);
+                }
                 Ok(())
             }
             AuthStep::Success { data, .. } => {

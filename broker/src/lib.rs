@@ -53,6 +53,7 @@ pub mod config;
 pub mod connection;
 mod handshake;
 mod inflight;
+pub mod keep_alive;
 pub mod message;
 pub mod metrics;
 pub mod persistence;

@@ -34,7 +34,7 @@ pub struct SessionRegistry {
     connections: Arc<AtomicUsize>,
     max_connections: usize,
     next_id: AtomicU64,
-    context: SessionContext,
+    context: Arc<SessionContext>,
     metrics: Arc<Metrics>,
 }
 
@@ -76,7 +76,7 @@ impl SessionRegistry {
             max_connections,
             next_id: AtomicU64::new(1),
             metrics: Arc::clone(&context.metrics),
-            context,
+            context: Arc::new(context),
         }
     }
 

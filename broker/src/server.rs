@@ -5,8 +5,8 @@
 //! restores its sessions, subscriptions, queues and retained messages
 //! **before** any listener opens; then it binds every configured listener
 //! (so a caller, a test for instance, can read the real addresses when it
-//! asked for port 0), spawns one accept loop per listener, and the read-only
-//! admin endpoint. [`Server::shutdown`] stops accepting, tells every
+//! asked for port 0), spawns one accept loop per listener, the keep alive
+//! sweep (keep_alive.rs) and the read-only admin endpoint. [`Server::shutdown`] stops accepting, tells every
 //! connection to close (MQTT 5 clients receive DISCONNECT 0x8B "server
 //! shutting down"), waits until the registry counts no connection, bounded
 //! by [`SHUTDOWN_GRACE`], and syncs the store.
@@ -59,7 +59,8 @@ pub struct Server {
     tcp_addrs: Vec<SocketAddr>,
     ws_addrs: Vec<SocketAddr>,
     admin_addr: Option<SocketAddr>,
-    accept_tasks: Vec<JoinHandle<()>>,
+    /// Accept loops, the keep alive sweep, the admin endpoint.
+    tasks: Vec<JoinHandle<()>>,
 }
 
 impl Server {
@@ -130,7 +131,7 @@ impl Server {
             );
         }
         let mut tcp_addrs = Vec::new();
-        let mut accept_tasks = Vec::new();
+        let mut tasks = vec![tokio::spawn(crate::keep_alive::run(Arc::clone(&broker)))];
         for &addr in &broker.config.listeners.tcp {
             let listener = TcpListener::bind(addr)
                 .await
@@ -138,7 +139,7 @@ impl Server {
             let local = listener.local_addr().unwrap_or(addr);
             tracing::info!(addr = %local, "MQTT/TCP listener ready");
             tcp_addrs.push(local);
-            accept_tasks.push(tokio::spawn(accept_loop(
+            tasks.push(tokio::spawn(accept_loop(
                 Arc::clone(&broker),
                 listener,
                 Transport::Tcp,
@@ -156,7 +157,7 @@ impl Server {
                 "MQTT/WebSocket listener ready"
             );
             ws_addrs.push(local);
-            accept_tasks.push(tokio::spawn(accept_loop(
+            tasks.push(tokio::spawn(accept_loop(
                 Arc::clone(&broker),
                 listener,
                 Transport::WebSocket,
@@ -170,7 +171,7 @@ impl Server {
             let local = listener.local_addr().unwrap_or(addr);
             tracing::info!(addr = %local, "admin endpoint ready (read-only)");
             admin_addr = Some(local);
-            accept_tasks.push(tokio::spawn(crate::admin::serve_admin(
+            tasks.push(tokio::spawn(crate::admin::serve_admin(
                 listener,
                 Arc::clone(persistence.store()),
                 broker.shutdown_signal(),
@@ -181,7 +182,7 @@ impl Server {
             tcp_addrs,
             ws_addrs,
             admin_addr,
-            accept_tasks,
+            tasks,
         })
     }
 
@@ -208,7 +209,7 @@ impl Server {
     /// Stops accepting, closes every connection, and waits for them to go.
     pub async fn shutdown(self) {
         self.broker.begin_shutdown();
-        for task in &self.accept_tasks {
+        for task in &self.tasks {
             task.abort();
         }
         let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;

@@ -48,7 +48,7 @@
 //! router or session; a session lock is always the innermost).
 
 use std::collections::{HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -194,6 +194,9 @@ pub struct ConnectionControl {
     /// DISCONNECT for MQTT 5 clients.
     closing: AtomicBool,
     close_reason: Mutex<Option<ReasonCode>>,
+    /// When a read last decoded a packet, on the keep alive clock (see
+    /// keep_alive.rs).
+    last_packet_ms: AtomicU64,
 }
 
 impl ConnectionControl {
@@ -217,6 +220,16 @@ impl ConnectionControl {
     /// The reason given to [`close`](Self::close).
     pub fn close_reason(&self) -> Option<ReasonCode> {
         *self.close_reason.lock()
+    }
+
+    /// Stamps the arrival of a packet (keep alive).
+    pub fn packet_received(&self, now_ms: u64) {
+        self.last_packet_ms.store(now_ms, Ordering::Relaxed);
+    }
+
+    /// The last stamp of [`packet_received`](Self::packet_received).
+    pub fn last_packet_ms(&self) -> u64 {
+        self.last_packet_ms.load(Ordering::Relaxed)
     }
 }
 
@@ -326,7 +339,9 @@ struct SessionState {
     /// Topic + payload bytes of `pending`.
     pending_bytes: usize,
     incoming_qos2: HashSet<u16>,
-    pending_will: Option<PendingWill>,
+    /// Boxed: few sessions have one, and inline it would be 232 bytes of
+    /// every session.
+    pending_will: Option<Box<PendingWill>>,
     /// Will-delay and expiry timers armed when the last connection closed.
     timers: SmallVec<[tokio::task::AbortHandle; 2]>,
     ended: bool,
@@ -375,13 +390,9 @@ pub struct Session {
     /// Unique per session object (a new clean session gets a new id).
     pub id: u64,
     pub client_id: Arc<str>,
-    max_queued: usize,
-    max_queued_bytes: usize,
-    queue_full_wait: Duration,
-    max_client_outbound_bytes: usize,
-    metrics: Arc<Metrics>,
-    budget: Arc<OutboundBudget>,
-    persistence: Option<Arc<Persistence>>,
+    /// Limits, counters and the store, shared by every session: one
+    /// pointer instead of a copy in each.
+    context: Arc<SessionContext>,
     state: Mutex<SessionState>,
     /// Woken when a full queue has drained to half its bound, or the client
     /// left: publishers waiting in [`wait_for_room`](Self::wait_for_room).
@@ -399,17 +410,11 @@ impl std::fmt::Debug for Session {
 
 impl Session {
     /// A new, unattached session.
-    pub fn new(id: u64, client_id: Arc<str>, context: &SessionContext) -> Session {
+    pub fn new(id: u64, client_id: Arc<str>, context: &Arc<SessionContext>) -> Session {
         Session {
             id,
             client_id,
-            max_queued: context.max_queued,
-            max_queued_bytes: context.max_queued_bytes,
-            queue_full_wait: context.queue_full_wait,
-            max_client_outbound_bytes: context.max_client_outbound_bytes,
-            metrics: Arc::clone(&context.metrics),
-            budget: Arc::clone(&context.budget),
-            persistence: context.persistence.clone(),
+            context: Arc::clone(context),
             state: Mutex::new(SessionState {
                 link: None,
                 generation: 0,
@@ -524,7 +529,7 @@ impl Session {
             outbound: VecDeque::new(),
             charged: 0,
             controls: 0,
-            budget: Arc::clone(&self.budget),
+            budget: Arc::clone(&self.context.budget),
         };
         for item in outbound {
             match item {
@@ -543,7 +548,7 @@ impl Session {
     /// Starts, keeps or stops storing this session after its expiry interval
     /// was (re)set: durable when a store exists and the interval is not 0.
     fn update_durability(&self, st: &mut SessionState, will: Option<&Will>, journal: &mut Journal) {
-        let durable = self.persistence.is_some() && st.expiry_interval != 0;
+        let durable = self.context.persistence.is_some() && st.expiry_interval != 0;
         if durable {
             journal.push(Op::PutSession(self.record(st, will)));
         } else if st.durable {
@@ -590,14 +595,14 @@ impl Session {
     /// Hands `journal` to the store, if there is one. Must be called with
     /// no session lock held: completions may take it.
     pub fn commit(&self, journal: Journal) {
-        if let Some(p) = &self.persistence {
+        if let Some(p) = &self.context.persistence {
             p.commit(journal);
         }
     }
 
     /// The store, when the broker has one.
     pub fn persistence(&self) -> Option<&Arc<Persistence>> {
-        self.persistence.as_ref()
+        self.context.persistence.as_ref()
     }
 
     /// Claims the session for a connection about to attach: called by the
@@ -693,7 +698,10 @@ impl Session {
             if st.full_since.take().is_some() {
                 self.room.notify_waiters();
             }
-            (st.pending_will.take(), std::mem::take(&mut st.durable))
+            (
+                st.pending_will.take().map(|w| *w),
+                std::mem::take(&mut st.durable),
+            )
         };
         if durable {
             let mut journal = Journal::new();
@@ -713,14 +721,14 @@ impl Session {
     /// Stores a will to publish later, unless the session is attached again
     /// before then.
     pub fn set_pending_will(&self, will: PendingWill) {
-        self.state.lock().pending_will = Some(will);
+        self.state.lock().pending_will = Some(Box::new(will));
     }
 
     /// Takes the pending will if `generation` is still current (no reconnect).
     pub fn take_pending_will(&self, generation: u64) -> Option<PendingWill> {
         let mut st = self.state.lock();
         if st.generation == generation && st.link.is_none() {
-            st.pending_will.take()
+            st.pending_will.take().map(|w| *w)
         } else {
             None
         }
@@ -766,7 +774,7 @@ impl Session {
         st.expiry_interval = expiry_interval;
         st.created_at = created_at;
         st.next_seq = next_seq.max(1);
-        st.durable = self.persistence.is_some();
+        st.durable = self.context.persistence.is_some();
     }
 
     /// Puts back a stored delivery, in queue order: not yet sent ones wait
@@ -812,7 +820,9 @@ impl Session {
     /// Starts reading the next chunk of the backlog off the async threads,
     /// after `delay` (a retry after a failed read).
     fn read_backlog(self: &Arc<Self>, after: u64, end: u64, delay: Duration) {
-        let Some(p) = &self.persistence else { return };
+        let Some(p) = &self.context.persistence else {
+            return;
+        };
         let (session, store) = (Arc::clone(self), Arc::clone(p.store()));
         p.spawn_read(move || {
             std::thread::sleep(delay);
@@ -860,7 +870,7 @@ impl Session {
                 st.backlog = None;
             }
             for seq in chunk.gone {
-                Metrics::inc(&self.metrics.messages_expired);
+                Metrics::inc(&self.context.metrics.messages_expired);
                 journal.push(Op::DeleteQueueEntry {
                     client_id: Arc::clone(&self.client_id),
                     seq,
@@ -892,11 +902,11 @@ impl Session {
             && st.inflight.len() < usize::from(st.send_quota)
             && !st.inflight.has_resend();
         let backlog = st.backlog.as_ref().map_or(0, |b| b.count);
-        let queue_full = st.pending.len() + backlog >= self.max_queued
-            || st.pending_bytes + queued_size(&delivery) > self.max_queued_bytes;
+        let queue_full = st.pending.len() + backlog >= self.context.max_queued
+            || st.pending_bytes + queued_size(&delivery) > self.context.max_queued_bytes;
         let over_bound = !window_open && queue_full;
         if over_bound && !self.takes_beyond_bound(&mut st) {
-            Metrics::inc(&self.metrics.messages_dropped_queue_full);
+            Metrics::inc(&self.context.metrics.messages_dropped_queue_full);
             return Admission::Dropped;
         }
         if st.durable {
@@ -906,7 +916,7 @@ impl Session {
         if window_open {
             self.send_inflight(&mut st, delivery, journal, true);
         } else {
-            if let Some(p) = self.persistence.as_ref().filter(|_| st.durable) {
+            if let Some(p) = self.context.persistence.as_ref().filter(|_| st.durable) {
                 let message_id = journal.reference(p, &delivery.message);
                 let entry = self.queue_entry(&delivery, message_id, None, DeliveryState::Pending);
                 // Queued behind a full window of a connected client that
@@ -958,12 +968,12 @@ impl Session {
         let Some(charged) = st.link.as_ref().map(|l| l.charged) else {
             return Admission::Dropped;
         };
-        let admission = if charged < self.max_client_outbound_bytes {
+        let admission = if charged < self.context.max_client_outbound_bytes {
             Admission::Taken
         } else if self.takes_beyond_bound(st) {
             Admission::BeyondBound
         } else {
-            Metrics::inc(&self.metrics.messages_dropped_qos0);
+            Metrics::inc(&self.context.metrics.messages_dropped_qos0);
             return Admission::Dropped;
         };
         if let Some(link) = &mut st.link {
@@ -979,12 +989,12 @@ impl Session {
     /// A client that is full for longer is slow; what it cannot take is
     /// dropped, so it holds no publisher up for more than that per episode.
     fn takes_beyond_bound(&self, st: &mut SessionState) -> bool {
-        if st.link.is_none() || self.queue_full_wait.is_zero() {
+        if st.link.is_none() || self.context.queue_full_wait.is_zero() {
             return false;
         }
         let now = Instant::now();
         let since = *st.full_since.get_or_insert(now);
-        now.duration_since(since) < self.queue_full_wait
+        now.duration_since(since) < self.context.queue_full_wait
     }
 
     /// Ends a full-queue episode once the queues have drained far enough:
@@ -996,10 +1006,10 @@ impl Session {
         };
         let queued = st.pending.len() + st.backlog.as_ref().map_or(0, |b| b.count);
         let unwritten = st.link.as_ref().map_or(0, |l| l.charged);
-        let drained = if now.duration_since(since) < self.queue_full_wait {
-            queued <= self.max_queued / 2
-                && st.pending_bytes <= self.max_queued_bytes / 2
-                && unwritten <= self.max_client_outbound_bytes / 2
+        let drained = if now.duration_since(since) < self.context.queue_full_wait {
+            queued <= self.context.max_queued / 2
+                && st.pending_bytes <= self.context.max_queued_bytes / 2
+                && unwritten <= self.context.max_client_outbound_bytes / 2
         } else {
             queued == 0 && unwritten == 0
         };
@@ -1022,7 +1032,9 @@ impl Session {
             let deadline = {
                 let st = self.state.lock();
                 match st.full_since {
-                    Some(since) if st.link.is_some() && !st.ended => since + self.queue_full_wait,
+                    Some(since) if st.link.is_some() && !st.ended => {
+                        since + self.context.queue_full_wait
+                    }
                     _ => return,
                 }
             };
@@ -1380,6 +1392,7 @@ impl Session {
         new_entry: bool,
     ) {
         let store = self
+            .context
             .persistence
             .as_ref()
             .filter(|_| st.durable && delivery.seq != 0)
@@ -1444,7 +1457,7 @@ impl Session {
     fn link_has_room(&self, st: &SessionState) -> bool {
         st.link
             .as_ref()
-            .is_some_and(|l| l.charged < self.max_client_outbound_bytes)
+            .is_some_and(|l| l.charged < self.context.max_client_outbound_bytes)
     }
 
     /// Moves pending messages into the in-flight window while it has room.
@@ -1473,7 +1486,7 @@ impl Session {
                 break;
             };
             if delivery.message.is_expired(now) {
-                Metrics::inc(&self.metrics.messages_expired);
+                Metrics::inc(&self.context.metrics.messages_expired);
                 self.forget(st, &delivery, journal);
                 continue;
             }

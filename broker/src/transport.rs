@@ -13,7 +13,7 @@ use std::task::{Context, Poll};
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt};
-use tokio::net::tcp::OwnedReadHalf;
+use tokio::net::tcp::ReadHalf;
 
 use crate::pool::{BufferPool, BUFFER_SIZE};
 
@@ -25,7 +25,7 @@ pub trait TransportRead: AsyncRead + Unpin + Send {
     }
 }
 
-impl TransportRead for OwnedReadHalf {
+impl TransportRead for ReadHalf<'_> {
     fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.as_ref().poll_read_ready(cx)
     }

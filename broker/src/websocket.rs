@@ -196,7 +196,7 @@ pub async fn serve_ws(broker: Arc<Broker>, mut stream: TcpStream, tcp_peer: Sock
     let writer = WsWriter {
         out: Arc::clone(&out),
     };
-    connection::serve(broker, reader, writer, peer).await;
+    connection::serve(broker, reader, writer, &peer).await;
     // The writer normally closed already; this covers connections that ended
     // before CONNACK (connect timeout, refused CONNECT, a text frame ...).
     close_quietly(&out).await;

@@ -9,6 +9,7 @@
 //! one small copy is cheaper than one more I/O vector.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::io::IoSlice;
 use std::sync::Arc;
 use std::time::Instant;
@@ -45,67 +46,102 @@ pub struct WriterContext {
 
 /// Runs until the connection closes: returns after the final flush, or at
 /// the first write error (after telling the reader to stop).
-pub async fn write_loop<W: AsyncWrite + Unpin>(ctx: WriterContext, mut socket: W) {
-    let mut items = VecDeque::new();
-    // Grows on first use: an idle connection holds no write buffer.
-    let mut scratch = BytesMut::new();
-    let mut chunks: VecDeque<Bytes> = VecDeque::new();
-    // Boxed: most clients allow no topic aliases, and inline the table's
-    // state would be part of every connection's task.
-    let mut aliases = OutboundAliases::new(ctx.client_topic_alias_max).map(Box::new);
-    loop {
-        let attached = ctx.session.drain_outbound(ctx.connection_id, &mut items);
-        if items.is_empty() {
-            if ctx.control.is_closing() || !attached {
-                break;
-            }
-            ctx.control.wake_writer.notified().await;
-            continue;
-        }
-        let now = Instant::now();
-        let mut packets = 0u64;
-        for item in items.drain(..) {
-            packets += u64::from(encode_item(
-                &ctx,
-                &mut aliases,
-                item,
-                now,
-                &mut scratch,
-                &mut chunks,
-            ));
-        }
-        Metrics::add(&ctx.metrics.packets_sent, packets);
-        if !scratch.is_empty() {
-            chunks.push_back(scratch.split().freeze());
-        }
-        if let Err(e) = write_chunks(&mut socket, &mut chunks, &ctx.metrics).await {
-            tracing::debug!(client_id = %ctx.session.client_id, error = %e, "write failed");
-            chunks.clear();
-            ctx.control.close(None);
-            return;
-        }
-    }
-    if ctx.protocol.is_v5() {
-        if let Some(reason) = ctx.control.close_reason() {
-            // The packet lives in its own scope, which ends before the
-            // await: held across it (even moved out), its 264 bytes would
-            // be part of every connection's task.
-            let encoded = {
-                let disconnect = Packet::Disconnect(tern_codec::Disconnect::new(reason));
-                encode_packet(&disconnect, ctx.protocol, &mut scratch).is_ok()
+///
+/// An async block, not an async fn, so that `ctx` and `socket` are kept
+/// once in the connection's task rather than twice (see
+/// `connection::serve_tcp`).
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn would keep its arguments twice"
+)]
+pub fn write_loop<W: AsyncWrite + Unpin>(
+    ctx: WriterContext,
+    mut socket: W,
+) -> impl Future<Output = ()> {
+    async move {
+        let mut buffers: Option<Box<WriteBuffers>> = None;
+        // Boxed: most clients allow no topic aliases, and inline the table's
+        // state would be part of every connection's task.
+        let mut aliases = OutboundAliases::new(ctx.client_topic_alias_max).map(Box::new);
+        loop {
+            let attached = match buffers.as_deref_mut() {
+                Some(b) => ctx.session.drain_outbound(ctx.connection_id, &mut b.items),
+                None => {
+                    let mut items = VecDeque::new();
+                    let attached = ctx.session.drain_outbound(ctx.connection_id, &mut items);
+                    if !items.is_empty() {
+                        buffers = Some(Box::new(WriteBuffers {
+                            items,
+                            ..WriteBuffers::default()
+                        }));
+                    }
+                    attached
+                }
             };
-            if encoded {
+            let Some(WriteBuffers {
+                items,
+                scratch,
+                chunks,
+            }) = buffers.as_deref_mut().filter(|b| !b.items.is_empty())
+            else {
+                if ctx.control.is_closing() || !attached {
+                    break;
+                }
+                ctx.control.wake_writer.notified().await;
+                continue;
+            };
+            let now = Instant::now();
+            let mut packets = 0u64;
+            for item in items.drain(..) {
+                packets += u64::from(encode_item(&ctx, &mut aliases, item, now, scratch, chunks));
+            }
+            Metrics::add(&ctx.metrics.packets_sent, packets);
+            if !scratch.is_empty() {
                 chunks.push_back(scratch.split().freeze());
-                let _ = write_chunks(&mut socket, &mut chunks, &ctx.metrics).await;
+            }
+            if let Err(e) = write_chunks(&mut socket, chunks, &ctx.metrics).await {
+                tracing::debug!(client_id = %ctx.session.client_id, error = %e, "write failed");
+                chunks.clear();
+                ctx.control.close(None);
+                return;
             }
         }
+        if ctx.protocol.is_v5() {
+            if let Some(reason) = ctx.control.close_reason() {
+                // The packet lives in its own scope, which ends before the
+                // await: held across it (even moved out), its 264 bytes would
+                // be part of every connection's task.
+                let WriteBuffers {
+                    scratch, chunks, ..
+                } = buffers.get_or_insert_with(Box::default).as_mut();
+                let encoded = {
+                    let disconnect = Packet::Disconnect(tern_codec::Disconnect::new(reason));
+                    encode_packet(&disconnect, ctx.protocol, scratch).is_ok()
+                };
+                if encoded {
+                    chunks.push_back(scratch.split().freeze());
+                    let _ = write_chunks(&mut socket, chunks, &ctx.metrics).await;
+                }
+            }
+        }
+        let _ = socket.shutdown().await;
     }
-    let _ = socket.shutdown().await;
+}
+
+/// What the writer keeps between wake-ups: the items it took from the
+/// queue, the bytes it encoded and the chunks not yet written. Boxed, and
+/// made at the first delivery: a connection that is sent nothing (most idle
+/// ones) does not carry it in its task.
+#[derive(Default)]
+struct WriteBuffers {
+    items: VecDeque<Outbound>,
+    scratch: BytesMut,
+    chunks: VecDeque<Bytes>,
 }
 
 /// Encodes one queued item, appending to `scratch` and, for large payloads,
 /// closing off `scratch` into a chunk followed by the payload chunk.
-/// Encodes one queued item; returns whether a packet was produced.
+/// Returns whether a packet was produced.
 fn encode_item(
     ctx: &WriterContext,
     aliases: &mut Option<Box<OutboundAliases>>,
