@@ -141,7 +141,7 @@ where
         // authentication exchanges, the connect timeout, a refusal) is needed
         // once, and inline it would be part of every connection's task for
         // the connection's whole life.
-        let Some((mut conn, attached, control)) = Box::pin(open(
+        let Some((mut conn, control)) = Box::pin(open(
             &broker,
             &mut reader,
             &mut writer,
@@ -154,14 +154,14 @@ where
             return;
         };
         let protocol = conn.protocol;
-        tracing::debug!(%peer, client_id = %attached.session.client_id, ?protocol, "client connected");
+        tracing::debug!(%peer, client_id = %conn.session.client_id, ?protocol, "client connected");
 
         let exit = {
             // Pinned in place: the reader and the writer run side by side in
             // this one task, whose size every connection pays for its life.
             let mut writer_fut = std::pin::pin!(write_loop(
                 WriterContext {
-                    session: Arc::clone(&attached.session),
+                    session: Arc::clone(&conn.session),
                     connection_id: permit.id,
                     control: Arc::clone(&control),
                     protocol,
@@ -171,15 +171,18 @@ where
                 },
                 writer,
             ));
-            let mut reader_fut =
-                std::pin::pin!(conn.read_loop(&attached.session, &mut reader, &mut buf, &control,));
+            let mut reader_fut = std::pin::pin!(conn.read_loop(&mut reader, &mut buf, &control));
             let mut writer_done = false;
-            let exit = tokio::select! {
-                exit = &mut reader_fut => exit,
-                () = &mut writer_fut => {
-                    writer_done = true;
-                    control.close(None);
-                    (&mut reader_fut).await
+            // One await for both halves, also after the writer is done (the
+            // reader then returns promptly): a second await point would add
+            // its own slots to the task's state.
+            let exit = loop {
+                tokio::select! {
+                    exit = &mut reader_fut => break exit,
+                    () = &mut writer_fut, if !writer_done => {
+                        writer_done = true;
+                        control.close(None);
+                    }
                 }
             };
             control.close(exit.disconnect_reason());
@@ -192,17 +195,17 @@ where
         };
         match &exit {
             Exit::Error(code, why) => {
-                tracing::warn!(%peer, client_id = %attached.session.client_id, ?code, "closing connection: {why}");
+                tracing::warn!(%peer, client_id = %conn.session.client_id, ?code, "closing connection: {why}");
             }
             other => {
-                tracing::debug!(%peer, client_id = %attached.session.client_id, exit = ?other, "client disconnected");
+                tracing::debug!(%peer, client_id = %conn.session.client_id, exit = ?other, "client disconnected");
             }
         }
         let new_expiry = match exit {
             Exit::ClientDisconnect { .. } => conn.disconnect_expiry,
             _ => None,
         };
-        attached.finish(exit.publishes_will(), new_expiry);
+        conn.finish(exit.publishes_will(), new_expiry);
     }
 }
 
@@ -216,14 +219,14 @@ async fn open<R, W>(
     buf: &mut BytesMut,
     permit: &ConnectionPermit,
     peer: SocketAddr,
-) -> Option<(Connection, Attached, Arc<ConnectionControl>)>
+) -> Option<(Connection, Arc<ConnectionControl>)>
 where
     R: TransportRead,
     W: AsyncWrite + Unpin + Send,
 {
     let max_packet = broker.config.limits.max_packet_size as usize;
 
-    let mut conn = {
+    let (mut conn, connack) = {
         let handshake = tokio::time::timeout(broker.config.connect_timeout(), async {
             let connect = read_connect(&mut *reader, &mut *buf, max_packet, &broker.metrics)
                 .await
@@ -262,20 +265,19 @@ where
     };
     let protocol = conn.protocol;
     // Attach before CONNACK so that every exit from here on (a failed CONNACK
-    // write included) runs the close-down logic of `Attached`. Nothing else
+    // write included) runs the close-down logic of `Connection`. Nothing else
     // writes to the socket until the writer starts, so CONNACK stays first.
     let control = Arc::new(ConnectionControl::default());
-    let Some(attached) = conn.attach(Arc::clone(&control)) else {
+    if !conn.attach(Arc::clone(&control)) {
         tracing::debug!(%peer, "session replaced before it could be attached");
         return None;
     };
     let connack_sent = {
         let mut out = BytesMut::new();
-        let connack = conn.connack.take().map(|c| Packet::ConnAck(*c));
-        let encoded = connack.is_some_and(|c| encode_packet(&c, protocol, &mut out).is_ok());
+        let encoded = encode_packet(&Packet::ConnAck(connack), protocol, &mut out).is_ok();
         encoded && writer.write_all(&out).await.is_ok()
     };
-    connack_sent.then_some((conn, attached, control))
+    connack_sent.then_some((conn, control))
 }
 
 /// Waits while the reader is paused (see `read_loop`): until the
@@ -298,8 +300,8 @@ async fn paused(
     tokio::select! {
         () = budget.wait_until_below(), if !backlog && full_queue.is_none() => None,
         () = room, if !backlog => None,
-        () = control.drained.notified(), if backlog => None,
-        () = control.wake_reader.notified() => control.is_closing().then(|| closed_by_broker(control)),
+        () = control.drained.wait(), if backlog => None,
+        () = control.wake_reader.wait() => control.is_closing().then(|| closed_by_broker(control)),
     }
 }
 
@@ -354,50 +356,9 @@ async fn refuse<W: AsyncWrite + Unpin>(
     }
 }
 
-/// A session attached to this connection. Dropping it (on any path, panics
-/// included) runs the close-down logic; [`Attached::finish`] does the same
-/// with the will decision made explicitly.
-struct Attached {
-    broker: Arc<Broker>,
-    session: Arc<Session>,
-    connection_id: u64,
-    generation: u64,
-    /// Boxed: most connections have none, and this lives as long as the task.
-    will: Option<Box<Will>>,
-    new_expiry: Option<u32>,
-    finished: bool,
-}
-
-impl Attached {
-    /// Closes down with the will decision made, and the session expiry the
-    /// client's DISCONNECT set (applied only if this connection still owns
-    /// the session).
-    fn finish(mut self, publish_will: bool, new_expiry: Option<u32>) {
-        if !publish_will {
-            self.will = None;
-        }
-        self.new_expiry = new_expiry;
-        self.close_down();
-    }
-
-    fn close_down(&mut self) {
-        if self.finished {
-            return;
-        }
-        self.finished = true;
-        self.broker.connection_closed(
-            &self.session,
-            self.connection_id,
-            self.generation,
-            self.will.take().map(|w| *w),
-            self.new_expiry,
-        );
-    }
-}
-
-impl Drop for Attached {
+impl Drop for Connection {
     fn drop(&mut self) {
-        self.close_down();
+        self.close_down(None);
     }
 }
 
@@ -415,16 +376,18 @@ struct Connection {
     connection_id: u64,
     protocol: ProtocolVersion,
     session: Arc<Session>,
-    /// Taken (and freed) once sent.
-    connack: Option<Box<ConnAck>>,
     expiry_interval: u32,
     /// In seconds; 0: none.
     keep_alive: u16,
     send_quota: u16,
     client_max_packet: Option<u32>,
     client_topic_alias_max: u16,
+    /// Boxed: most connections have none, and this lives as long as the task.
     will: Option<Box<Will>>,
-    topic_aliases: InboundAliases,
+    /// The session's attach generation while this connection is attached.
+    attached: Option<u64>,
+    /// Made at the first PUBLISH with an alias: most clients use none.
+    topic_aliases: Option<Box<InboundAliases>>,
     /// A session expiry interval changed by the client's DISCONNECT.
     disconnect_expiry: Option<u32>,
     /// Enhanced authentication, when CONNECT chose a method. Boxed: few
@@ -453,7 +416,7 @@ impl Connection {
         connect: Connect,
         connection_id: u64,
         authenticated: Authenticated,
-    ) -> Connection {
+    ) -> (Connection, ConnAck) {
         let limits = &broker.config.limits;
         let protocol = connect.protocol;
         let v5 = protocol.is_v5();
@@ -520,16 +483,11 @@ impl Connection {
             .receive_maximum
             .unwrap_or(u16::MAX)
             .min(limits.max_inflight);
-        Connection {
+        let connection = Connection {
             broker: Arc::clone(broker),
             connection_id,
             protocol,
             session: opened.session,
-            connack: Some(Box::new(ConnAck {
-                session_present,
-                code: ReasonCode::Success,
-                properties: props,
-            })),
             expiry_interval,
             keep_alive,
             send_quota,
@@ -540,7 +498,8 @@ impl Connection {
                 0
             },
             will: connect.will.map(|w| Box::new(w.into_owned())),
-            topic_aliases: InboundAliases::new(if v5 { limits.topic_alias_maximum } else { 0 }),
+            attached: None,
+            topic_aliases: None,
             disconnect_expiry: None,
             enhanced_auth: authenticated.method.map(|method| {
                 Box::new(EnhancedAuth {
@@ -553,12 +512,21 @@ impl Connection {
             full_queue: None,
             recent_route: None,
             staged: StagedFanout::default(),
-        }
+        };
+        let connack = ConnAck {
+            session_present,
+            code: ReasonCode::Success,
+            properties: props,
+        };
+        (connection, connack)
     }
 
-    /// Attaches this connection to its session.
-    fn attach(&mut self, control: Arc<ConnectionControl>) -> Option<Attached> {
-        let generation = self.session.attach(
+    /// Attaches this connection to its session. From then on, dropping the
+    /// connection (on any path, panics included) runs the close-down logic;
+    /// [`finish`](Self::finish) does the same with the will decision made.
+    /// False when the session was replaced before it could be attached.
+    fn attach(&mut self, control: Arc<ConnectionControl>) -> bool {
+        let Some(generation) = self.session.attach(
             AttachParams {
                 connection_id: self.connection_id,
                 protocol: self.protocol,
@@ -567,7 +535,10 @@ impl Connection {
             },
             Arc::clone(&control),
             self.will.as_deref(),
-        )?;
+        ) else {
+            return false;
+        };
+        self.attached = Some(generation);
         self.broker.keep_alive.watch(
             self.connection_id,
             &control,
@@ -577,15 +548,32 @@ impl Connection {
             // Attached after shutdown kicked every attached session.
             control.close(Some(ReasonCode::ServerShuttingDown));
         }
-        Some(Attached {
-            broker: Arc::clone(&self.broker),
-            session: Arc::clone(&self.session),
-            connection_id: self.connection_id,
+        true
+    }
+
+    /// Closes down with the will decision made, and the session expiry the
+    /// client's DISCONNECT set (applied only if this connection still owns
+    /// the session).
+    fn finish(mut self, publish_will: bool, new_expiry: Option<u32>) {
+        if !publish_will {
+            self.will = None;
+        }
+        self.close_down(new_expiry);
+    }
+
+    /// Detaches from the session (once): publishes the will when due and
+    /// lets the session expire or end.
+    fn close_down(&mut self, new_expiry: Option<u32>) {
+        let Some(generation) = self.attached.take() else {
+            return;
+        };
+        self.broker.connection_closed(
+            &self.session,
+            self.connection_id,
             generation,
-            will: self.will.take(),
-            new_expiry: None,
-            finished: false,
-        })
+            self.will.take().map(|w| *w),
+            new_expiry,
+        );
     }
 
     /// Reads and handles packets until the connection must close.
@@ -595,13 +583,13 @@ impl Connection {
     )]
     fn read_loop<'a, R: TransportRead>(
         &'a mut self,
-        session: &'a Arc<Session>,
         reader: &'a mut R,
         buf: &'a mut BytesMut,
         control: &'a ConnectionControl,
     ) -> impl Future<Output = Exit> + Send + 'a {
         // An async block, not an async fn: see `serve_tcp`.
         async move {
+            let session = &Arc::clone(&self.session);
             loop {
                 let mut decoded = false;
                 // Subscribers' writers are woken once for everything this read
@@ -681,7 +669,7 @@ impl Connection {
                         Ok(n) => Metrics::add(&self.broker.metrics.bytes_received, n as u64),
                         Err(_) => return Exit::Closed,
                     },
-                    () = control.wake_reader.notified() => {
+                    () = control.wake_reader.wait() => {
                         if control.is_closing() {
                             return closed_by_broker(control);
                         }
@@ -950,7 +938,13 @@ impl Connection {
         let Some(alias) = publish.properties.topic_alias else {
             return Ok(std::mem::take(&mut publish.topic));
         };
+        let maximum = if self.protocol.is_v5() {
+            self.broker.config.limits.topic_alias_maximum
+        } else {
+            0
+        };
         self.topic_aliases
+            .get_or_insert_with(|| Box::new(InboundAliases::new(maximum)))
             .resolve(alias, &publish.topic)
             .map_err(|e| match e {
                 AliasError::OutOfRange(_) => {

@@ -63,6 +63,7 @@ pub mod recovery;
 pub mod registry;
 pub mod server;
 pub mod session;
+pub mod signal;
 mod subscription_ids;
 pub mod topic_alias;
 pub mod transport;

@@ -63,6 +63,7 @@ use crate::inflight::{Inflight, InflightState, InflightWindow};
 use crate::message::Message;
 use crate::metrics::Metrics;
 use crate::persistence::{unix_secs, will_record, Journal, Persistence};
+use crate::signal::Signal;
 
 pub use crate::subscription_ids::SubscriptionIds;
 
@@ -185,11 +186,11 @@ pub struct ReceiveMaximumExceeded;
 #[derive(Debug, Default)]
 pub struct ConnectionControl {
     /// Woken when the outbound queue has something new.
-    pub wake_writer: Notify,
+    pub wake_writer: Signal,
     /// Woken when the connection must close.
-    pub wake_reader: Notify,
+    pub wake_reader: Signal,
     /// Woken each time the writer takes the queue.
-    pub drained: Notify,
+    pub drained: Signal,
     /// Set once the connection is closing; the reason goes in the final
     /// DISCONNECT for MQTT 5 clients.
     closing: AtomicBool,
@@ -208,8 +209,8 @@ impl ConnectionControl {
                 *r = reason;
             }
         }
-        self.wake_reader.notify_one();
-        self.wake_writer.notify_one();
+        self.wake_reader.raise();
+        self.wake_writer.raise();
     }
 
     /// True once [`close`](Self::close) was called.
@@ -278,7 +279,7 @@ impl Link {
         }
         self.budget.release(std::mem::take(&mut self.charged));
         self.controls = 0;
-        self.control.drained.notify_one();
+        self.control.drained.raise();
     }
 }
 
@@ -338,7 +339,13 @@ struct SessionState {
     pending: VecDeque<Delivery>,
     /// Topic + payload bytes of `pending`.
     pending_bytes: usize,
-    incoming_qos2: HashSet<u16>,
+    /// QoS 2 packet ids received and not yet released (PUBREL). Boxed and
+    /// made at the first one: most clients never publish with QoS 2.
+    #[expect(
+        clippy::box_collection,
+        reason = "inline, even an empty set is 48 bytes of every session"
+    )]
+    incoming_qos2: Option<Box<HashSet<u16>>>,
     /// Boxed: few sessions have one, and inline it would be 232 bytes of
     /// every session.
     pending_will: Option<Box<PendingWill>>,
@@ -352,8 +359,9 @@ struct SessionState {
     next_seq: u64,
     /// Unix seconds the session was created (kept in its record).
     created_at: u64,
-    /// After a restart: queued deliveries still only in the store.
-    backlog: Option<Backlog>,
+    /// After a restart: queued deliveries still only in the store. Boxed:
+    /// only restored sessions have one, until it is read.
+    backlog: Option<Box<Backlog>>,
     /// When the queue of the connected client last reached its bound and
     /// took a delivery beyond it; cleared when it drains to half (or, once
     /// the client counts as slow, to empty) or the client leaves.
@@ -424,7 +432,7 @@ impl Session {
                 inflight: InflightWindow::default(),
                 pending: VecDeque::new(),
                 pending_bytes: 0,
-                incoming_qos2: HashSet::new(),
+                incoming_qos2: None,
                 pending_will: None,
                 timers: SmallVec::new(),
                 ended: false,
@@ -540,7 +548,7 @@ impl Session {
         st.link = Some(link);
         self.fill_window(&mut st, now, journal);
         if let Some(link) = &st.link {
-            link.control.wake_writer.notify_one();
+            link.control.wake_writer.raise();
         }
         Some(st.generation)
     }
@@ -803,18 +811,22 @@ impl Session {
 
     /// Puts back an incoming QoS 2 packet id awaiting PUBREL.
     pub fn restore_incoming_qos2(&self, packet_id: u16) {
-        self.state.lock().incoming_qos2.insert(packet_id);
+        self.state
+            .lock()
+            .incoming_qos2
+            .get_or_insert_with(Box::default)
+            .insert(packet_id);
     }
 
     /// Notes `count` queued, unsent deliveries left in the store, all with
     /// seqs below `end` (see [`Backlog`]).
     pub fn restore_backlog(&self, count: usize, end: u64) {
-        self.state.lock().backlog = Some(Backlog {
+        self.state.lock().backlog = Some(Box::new(Backlog {
             after: 0,
             end,
             count,
             reading: false,
-        });
+        }));
     }
 
     /// Starts reading the next chunk of the backlog off the async threads,
@@ -1284,13 +1296,19 @@ impl Session {
         journal: &mut Journal,
     ) -> Result<bool, ReceiveMaximumExceeded> {
         let mut st = self.state.lock();
-        if st.incoming_qos2.contains(&packet_id) {
+        if st
+            .incoming_qos2
+            .as_ref()
+            .is_some_and(|ids| ids.contains(&packet_id))
+        {
             return Ok(false);
         }
-        if st.incoming_qos2.len() >= usize::from(limit) {
+        if st.incoming_qos2.as_ref().map_or(0, |ids| ids.len()) >= usize::from(limit) {
             return Err(ReceiveMaximumExceeded);
         }
-        st.incoming_qos2.insert(packet_id);
+        st.incoming_qos2
+            .get_or_insert_with(Box::default)
+            .insert(packet_id);
         if st.durable {
             journal.push(Op::AddIncomingQos2 {
                 client_id: Arc::clone(&self.client_id),
@@ -1305,7 +1323,10 @@ impl Session {
         let mut journal = Journal::new();
         let known = {
             let mut st = self.state.lock();
-            let known = st.incoming_qos2.remove(&packet_id);
+            let known = st
+                .incoming_qos2
+                .as_mut()
+                .is_some_and(|ids| ids.remove(&packet_id));
             if known && st.durable {
                 journal.push(Op::RemoveIncomingQos2 {
                     client_id: Arc::clone(&self.client_id),

@@ -8,6 +8,7 @@
 //! connection then waits inside `read_buf` with a buffer in hand, as any
 //! tokio reader would.
 
+use std::future::Future;
 use std::io;
 use std::task::{Context, Poll};
 
@@ -34,17 +35,23 @@ impl TransportRead for ReadHalf<'_> {
 /// Waits for bytes, then reads them into `buf`, taking a buffer from the
 /// pool first if `buf` has none. Cancel-safe: nothing is lost if the future
 /// is dropped before it completes.
-pub async fn read_pooled<R: TransportRead>(
-    reader: &mut R,
-    buf: &mut BytesMut,
-    pool: &BufferPool,
-) -> io::Result<usize> {
-    std::future::poll_fn(|cx| reader.poll_readable(cx)).await?;
-    if buf.capacity() == 0 {
-        *buf = pool.take();
-    }
-    if buf.capacity() - buf.len() < BUFFER_SIZE / 4 {
-        buf.reserve(BUFFER_SIZE);
-    }
-    reader.read_buf(buf).await
+///
+/// One `poll_fn` whose only state is its three references (it waits in
+/// every idle connection's task): the read itself is a fresh `read_buf` per
+/// poll, which keeps nothing between polls.
+pub fn read_pooled<'a, R: TransportRead>(
+    reader: &'a mut R,
+    buf: &'a mut BytesMut,
+    pool: &'a BufferPool,
+) -> impl Future<Output = io::Result<usize>> + 'a {
+    std::future::poll_fn(move |cx| {
+        std::task::ready!(reader.poll_readable(cx))?;
+        if buf.capacity() == 0 {
+            *buf = pool.take();
+        }
+        if buf.capacity() - buf.len() < BUFFER_SIZE / 4 {
+            buf.reserve(BUFFER_SIZE);
+        }
+        std::pin::pin!(reader.read_buf(&mut *buf)).poll(cx)
+    })
 }

@@ -101,7 +101,7 @@ impl WakeBatch {
             budget.charge(bytes);
         }
         for control in &writers {
-            control.wake_writer.notify_one();
+            control.wake_writer.raise();
         }
         // Give the (now empty) allocation back for the next batch.
         let mut writers = writers;
@@ -138,7 +138,7 @@ pub fn queued(control: &Arc<ConnectionControl>, was_empty: bool) {
         true
     });
     if !deferred && was_empty {
-        control.wake_writer.notify_one();
+        control.wake_writer.raise();
     }
 }
 
@@ -182,7 +182,7 @@ mod tests {
             .build()
             .unwrap();
         rt.block_on(async {
-            tokio::time::timeout(Duration::from_millis(20), control.wake_writer.notified())
+            tokio::time::timeout(Duration::from_millis(20), control.wake_writer.wait())
                 .await
                 .is_ok()
         })

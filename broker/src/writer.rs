@@ -11,7 +11,9 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::io::IoSlice;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Instant;
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -87,7 +89,7 @@ pub fn write_loop<W: AsyncWrite + Unpin>(
                 if ctx.control.is_closing() || !attached {
                     break;
                 }
-                ctx.control.wake_writer.notified().await;
+                ctx.control.wake_writer.wait().await;
                 continue;
             };
             let now = Instant::now();
@@ -346,41 +348,44 @@ fn to_publish(delivery: &Delivery, protocol: ProtocolVersion, now: Instant) -> P
 }
 
 /// Writes every chunk, using vectored writes, advancing past partial writes.
-async fn write_chunks<W: AsyncWrite + Unpin>(
-    socket: &mut W,
-    chunks: &mut VecDeque<Bytes>,
-    metrics: &Metrics,
-) -> std::io::Result<()> {
-    while !chunks.is_empty() {
-        // The I/O vectors are built inside each poll, on the poll's stack:
-        // held across the await they would make every connection's task
-        // MAX_IOVECS x 16 bytes larger.
-        let written = std::future::poll_fn(|cx| {
-            let slices: smallvec::SmallVec<[IoSlice<'_>; MAX_IOVECS]> = chunks
-                .iter()
-                .take(MAX_IOVECS)
-                .map(|c| IoSlice::new(c))
-                .collect();
-            std::pin::Pin::new(&mut *socket).poll_write_vectored(cx, &slices)
-        })
-        .await?;
-        if written == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        Metrics::add(&metrics.bytes_sent, written as u64);
-        let mut left = written;
-        while left > 0 {
-            let Some(front) = chunks.front_mut() else {
-                break;
+///
+/// One `poll_fn` whose only state is its three references: the I/O vectors
+/// are built inside each poll, on the poll's stack, because held across an
+/// await they (and an async fn's own copies of its arguments) would be part
+/// of every connection's task.
+fn write_chunks<'a, W: AsyncWrite + Unpin>(
+    socket: &'a mut W,
+    chunks: &'a mut VecDeque<Bytes>,
+    metrics: &'a Metrics,
+) -> impl Future<Output = std::io::Result<()>> + 'a {
+    std::future::poll_fn(move |cx| {
+        while !chunks.is_empty() {
+            let written = {
+                let slices: smallvec::SmallVec<[IoSlice<'_>; MAX_IOVECS]> = chunks
+                    .iter()
+                    .take(MAX_IOVECS)
+                    .map(|c| IoSlice::new(c))
+                    .collect();
+                std::task::ready!(Pin::new(&mut *socket).poll_write_vectored(cx, &slices))?
             };
-            if front.len() <= left {
-                left -= front.len();
-                chunks.pop_front();
-            } else {
-                front.advance(left);
-                left = 0;
+            if written == 0 {
+                return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+            }
+            Metrics::add(&metrics.bytes_sent, written as u64);
+            let mut left = written;
+            while left > 0 {
+                let Some(front) = chunks.front_mut() else {
+                    break;
+                };
+                if front.len() <= left {
+                    left -= front.len();
+                    chunks.pop_front();
+                } else {
+                    front.advance(left);
+                    left = 0;
+                }
             }
         }
-    }
-    Ok(())
+        Poll::Ready(Ok(()))
+    })
 }
