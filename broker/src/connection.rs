@@ -10,9 +10,13 @@
 //! the reason), then the socket is dropped.
 //!
 //! Every way out of [`serve`] (a protocol error, a timeout, a takeover, a
-//! panic unwinding through it) drops the [`Attached`] guard and the
-//! [`ConnectionPermit`](crate::registry::ConnectionPermit), which detach the
+//! panic unwinding through it) drops the attached `Connection` and the
+//! [`ConnectionPermit`], which detach the
 //! session, publish the will when due and uncount the connection.
+//!
+//! The task's state is every connection's memory for its whole life, so
+//! what this module keeps across an `.await` is chosen with care (see
+//! docs/ARCHITECTURE.md and `broker/tests/footprint.rs`).
 
 use std::future::Future;
 use std::net::SocketAddr;
