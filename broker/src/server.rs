@@ -234,6 +234,7 @@ impl Server {
                 windows = w.windows,
                 syncs = w.syncs,
                 netted = w.netted,
+                late_inserts = w.late_inserts,
                 failed = w.failed,
                 "store writer totals"
             );

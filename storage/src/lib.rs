@@ -42,7 +42,8 @@
 //! trait), `engine.rs` (the shared implementation over an ordered key-value
 //! engine), `keys.rs` and `encoding.rs` (the on-disk format), `schema.rs`
 //! (version and upgrade rule), `sled_store.rs`, `memory.rs`, `writer.rs`
-//! (group commit), `netting.rs` (what a window leaves out), `fault.rs`
+//! (group commit), `netting.rs` (what a window leaves out), `recent_deletes.rs` (deletions
+//! that overtook their insertion), `fault.rs`
 //! (failure injection for tests), `error.rs`.
 
 mod batch;
@@ -54,6 +55,7 @@ mod inbox;
 mod keys;
 mod memory;
 mod netting;
+mod recent_deletes;
 mod records;
 mod schema;
 mod sled_store;

@@ -20,25 +20,34 @@
 //!    either a rewrite of an already stored, immutable record or a message
 //!    the store would drop at the end of the batch for want of references.
 //!
-//! A session deletion between an insertion and its deletion changes
-//! nothing: it would have deleted the entry as well.
+//! A session deletion cancels the open chains of its client (it would have
+//! deleted their entries as well), so that a later session, whose seqs
+//! count from 1 again, never continues them.
 //!
 //! Netting never changes what the store holds once the held batches are
 //! written: the remaining operations leave it in the state all of them
 //! would have. A chain whose insertion was written can no longer cancel: a
 //! later deletion is written as usual.
 //!
+//! One exception to "never changes": a deletion can reach the writer before
+//! the insertion of the same entry (the subscriber acknowledged a delivery
+//! before its publisher's journal was submitted). Written in that order the
+//! entry would stay forever; the writer drops such a late insertion instead
+//! (`recent_deletes.rs`), which leaves the state the broker meant.
+//!
 //! Submissions leave in the order they came (batches apply in submission
 //! order, and completions run in that order), so a held submission also
 //! holds back the younger ones behind it.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fxhash::{FxHashMap, FxHasher};
 use smallvec::{smallvec, SmallVec};
 
 use crate::batch::{Batch, Op};
+use crate::recent_deletes::RecentDeletes;
 
 /// A submission waiting to be written.
 pub(crate) struct Held<R> {
@@ -74,8 +83,13 @@ pub(crate) struct HeldQueue<R> {
     /// Number of the youngest sync barrier held, if any: everything up to
     /// it is due at once.
     last_barrier: Option<u64>,
+    /// Deletions that matched no open chain, in case their insertion is
+    /// still to come (see `recent_deletes.rs`).
+    recent_deletes: RecentDeletes,
     /// Operations removed so far.
     netted: u64,
+    /// Insertions dropped because their deletion came first.
+    late_inserts: u64,
 }
 
 impl<R> HeldQueue<R> {
@@ -85,7 +99,9 @@ impl<R> HeldQueue<R> {
             front_no: 0,
             chains: FxHashMap::default(),
             last_barrier: None,
+            recent_deletes: RecentDeletes::default(),
             netted: 0,
+            late_inserts: 0,
         }
     }
 
@@ -96,6 +112,13 @@ impl<R> HeldQueue<R> {
     /// Operations removed by netting since the queue was created.
     pub(crate) fn netted(&self) -> u64 {
         self.netted
+    }
+
+    /// Insertions dropped since the queue was created because the deletion
+    /// of the same entry had come first (a delivery acknowledged before
+    /// its publisher's journal reached the writer).
+    pub(crate) fn late_inserts(&self) -> u64 {
+        self.late_inserts
     }
 
     /// When the front submission's hold ends (`None` when empty).
@@ -123,7 +146,7 @@ impl<R> HeldQueue<R> {
             .and_then(|h| h.batch.as_ref())
             .map_or(0, Batch::len);
         for i in 0..n {
-            self.net_op((no, i as u32));
+            self.net_op((no, i as u32), at);
         }
     }
 
@@ -132,15 +155,23 @@ impl<R> HeldQueue<R> {
             .get_mut(usize::try_from(no.checked_sub(self.front_no)?).ok()?)
     }
 
-    fn net_op(&mut self, at: Position) {
+    fn net_op(&mut self, at: Position, now: Instant) {
         /// What an operation does to the chains.
         enum Step {
             Open((u64, u64)),
             Extend((u64, u64)),
             Close((u64, u64)),
+            /// An insertion whose deletion came first (`recent_deletes.rs`).
+            Late,
         }
         let step = match op_at(&self.queue, self.front_no, at) {
-            Some(Op::InsertQueueEntry(e)) => Step::Open(entry_key(&e.client_id, e.seq)),
+            Some(Op::InsertQueueEntry(e)) => {
+                if self.recent_deletes.take(&e.client_id, e.seq) {
+                    Step::Late
+                } else {
+                    Step::Open(entry_key(&e.client_id, e.seq))
+                }
+            }
             Some(Op::PutQueueEntry(e)) => {
                 let key = entry_key(&e.client_id, e.seq);
                 if !self.chain_matches(key, &e.client_id) {
@@ -151,13 +182,24 @@ impl<R> HeldQueue<R> {
             Some(Op::DeleteQueueEntry { client_id, seq }) => {
                 let key = entry_key(client_id, *seq);
                 if !self.chain_matches(key, client_id) {
+                    self.recent_deletes.remember(client_id, *seq, now);
                     return;
                 }
                 Step::Close(key)
             }
+            Some(Op::DeleteSession { client_id }) => {
+                let client_id = Arc::clone(client_id);
+                self.recent_deletes.session_ended(&client_id, now);
+                self.end_chains_of(&client_id);
+                return;
+            }
             _ => return,
         };
         match step {
+            Step::Late => {
+                self.late_inserts += 1;
+                self.kill(at);
+            }
             Step::Open(key) => {
                 if let Some(old) = self.chains.insert(key, smallvec![at]) {
                     // A hash collision (the broker never reuses a key):
@@ -181,6 +223,34 @@ impl<R> HeldQueue<R> {
                 for p in chain.into_iter().chain([at]) {
                     self.kill(p);
                 }
+            }
+        }
+    }
+
+    /// A session deletion: the client's open chains vanish (the deletion
+    /// removes their entries anyway), so that a later session, whose seqs
+    /// count from 1 again, never continues them.
+    fn end_chains_of(&mut self, client_id: &str) {
+        if self.chains.is_empty() {
+            return;
+        }
+        let (hash, _) = entry_key(client_id, 0);
+        let mut ended: SmallVec<[SmallVec<[Position; 2]>; 4]> = SmallVec::new();
+        let (queue, front_no) = (&self.queue, self.front_no);
+        self.chains.retain(|&(h, _), chain| {
+            let ends = h == hash
+                && op_at(queue, front_no, chain[0]).is_some_and(
+                    |op| matches!(op, Op::InsertQueueEntry(e) if *e.client_id == *client_id),
+                );
+            if ends {
+                ended.push(std::mem::take(chain));
+            }
+            !ends
+        });
+        for chain in ended {
+            self.release_head(chain[0]);
+            for p in chain {
+                self.kill(p);
             }
         }
     }
@@ -402,7 +472,47 @@ mod tests {
         del.delete_session("a");
         let mut q = queue_of(vec![publish("a", 1, 10), del, ack("a", 1)]);
         let out = take_all(&mut q);
-        assert_eq!(out.iter().map(Batch::len).sum::<usize>(), 1, "{out:?}");
+        // The insertion went with the session; the deletion after it could
+        // belong to the next session, so it is written (and finds nothing).
+        assert!(out[0].is_empty(), "{out:?}");
+        assert_eq!(out[1].len() + out[2].len(), 2, "{out:?}");
+    }
+
+    #[test]
+    fn an_insertion_after_its_own_deletion_is_dropped() {
+        // The subscriber's PUBACK overtook the publisher's journal.
+        let mut q = queue_of(vec![ack("a", 1), publish("a", 1, 10)]);
+        let out = take_all(&mut q);
+        assert_eq!(
+            out[0].len(),
+            1,
+            "the deletion is written (it finds nothing)"
+        );
+        assert!(out[1].is_empty(), "no entry, no message: {:?}", out[1]);
+        assert_eq!(q.late_inserts(), 1);
+        // Not held: nothing waits for an acknowledgement.
+        let q = queue_of(vec![ack("a", 1), publish("a", 1, 10)]);
+        assert_eq!(
+            q.ready(Instant::now(), Duration::from_secs(60), 100, false),
+            2
+        );
+        // Also when the deletion was written in an earlier window.
+        let mut q = queue_of(vec![ack("a", 1)]);
+        q.take(1);
+        q.push(Some(publish("a", 1, 10)), 1, Instant::now());
+        assert!(take_all(&mut q)[0].is_empty());
+    }
+
+    #[test]
+    fn a_new_session_reuses_seqs_without_losing_entries() {
+        let mut del = Batch::new();
+        del.delete_session("a");
+        let mut q = queue_of(vec![ack("a", 1), del, publish("a", 1, 10)]);
+        let out = take_all(&mut q);
+        assert_eq!(out[2].len(), 2, "the new session's entry is kept: {out:?}");
+        assert_eq!(q.late_inserts(), 0);
+        let mut q = queue_of(vec![ack("b", 1), publish("a", 1, 10)]);
+        assert_eq!(take_all(&mut q)[1].len(), 2, "another client's entry");
     }
 
     #[test]
@@ -430,7 +540,8 @@ mod tests {
     }
 
     /// Whatever the operations, writing the held batches netted leaves the
-    /// store as writing them whole does.
+    /// store as writing them whole does, except that an insertion whose
+    /// deletion came first is not written.
     #[test]
     fn netting_never_changes_the_resulting_state() {
         for round in 0..300u64 {
@@ -440,11 +551,21 @@ mod tests {
             let mut live: Vec<(usize, u64, u64)> = Vec::new();
             let mut next_id = 1u64;
             let mut batches = Vec::new();
+            // What the broker meant: the same, without the insertions whose
+            // deletion was submitted first (see `recent_deletes.rs`).
+            let mut meant = Vec::new();
+            // Per client, a seq deleted before its insertion was submitted.
+            let mut early: [Option<u64>; 3] = [None; 3];
+            // Clients whose session ended (all batches share one instant,
+            // so their early deletions are never remembered).
+            let mut ended = [false; 3];
             for _ in 0..rng.usize(1..40) {
                 let mut b = Batch::new();
+                let mut m = Batch::new();
                 for _ in 0..rng.usize(1..4) {
                     let c = rng.usize(0..clients.len());
-                    match rng.u8(0..10) {
+                    let ops_before = b.len();
+                    match rng.u8(0..11) {
                         0..=3 => {
                             let id = next_id;
                             next_id += 1;
@@ -452,6 +573,14 @@ mod tests {
                             let seq = next_seq[c];
                             next_seq[c] += 1;
                             let state = DeliveryState::AwaitingAck;
+                            if early[c] == Some(seq) && !ended[c] {
+                                // The late insertion of an acknowledged
+                                // delivery: meant never to exist.
+                                early[c] = None;
+                                b.insert_queue_entry(entry(clients[c], seq, id, state));
+                                m.put_message(message(id));
+                                continue;
+                            }
                             if rng.bool() {
                                 b.insert_queue_entry(entry(clients[c], seq, id, state));
                             } else {
@@ -483,17 +612,29 @@ mod tests {
                             live.retain(|(lc, _, _)| *lc != c);
                             // A new session starts its seqs again.
                             next_seq[c] = 1;
+                            early[c] = None;
+                            ended[c] = true;
+                        }
+                        10 if early[c].is_none() => {
+                            // The acknowledgement of the next delivery,
+                            // submitted before the delivery's insertion.
+                            early[c] = Some(next_seq[c]);
+                            b.delete_queue_entry(clients[c], next_seq[c]);
                         }
                         _ => {
                             b.delete_retained(format!("r/{}", rng.u8(0..3)));
                         }
                     }
+                    for op in &b.ops[ops_before..] {
+                        m.push(op.clone());
+                    }
                 }
                 batches.push(b);
+                meant.push(m);
             }
             let whole = MemoryStore::new();
             let netted = MemoryStore::new();
-            for b in &batches {
+            for b in &meant {
                 whole.apply(b).unwrap();
             }
             // Netted, written in windows of random sizes.

@@ -115,6 +115,9 @@ pub struct WriterStats {
     /// Operations left out because others in the same window cancelled
     /// them (see `netting.rs`).
     pub netted: u64,
+    /// Insertions of queue entries dropped because the entry's deletion
+    /// reached the writer first (see `recent_deletes.rs`).
+    pub late_inserts: u64,
 }
 
 #[derive(Default)]
@@ -124,6 +127,7 @@ struct Counters {
     syncs: AtomicU64,
     failed: AtomicU64,
     netted: AtomicU64,
+    late_inserts: AtomicU64,
 }
 
 /// What the writer calls when a submission is resolved.
@@ -297,6 +301,7 @@ impl StoreWriter {
             syncs: self.counters.syncs.load(Ordering::Relaxed),
             failed: self.counters.failed.load(Ordering::Relaxed),
             netted: self.counters.netted.load(Ordering::Relaxed),
+            late_inserts: self.counters.late_inserts.load(Ordering::Relaxed),
         }
     }
 
@@ -358,6 +363,9 @@ impl Worker {
             if ready > 0 {
                 let group = held.take(ready);
                 self.counters.netted.store(held.netted(), Ordering::Relaxed);
+                self.counters
+                    .late_inserts
+                    .store(held.late_inserts(), Ordering::Relaxed);
                 self.window(group);
                 continue;
             }
