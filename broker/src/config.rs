@@ -58,10 +58,10 @@ pub struct StorageConfig {
     pub sync_interval_ms: u64,
     /// Most operations merged into one group commit.
     pub batch_max_ops: usize,
-    /// `fsync` mode: longest a change that sends a QoS 1 message to an online
-    /// persistent session waits for the subscriber's PUBACK, so that the
-    /// pair nets away without touching the disk (the other modes never
-    /// wait).
+    /// `fsync` and `interval` modes: longest a change that sends a QoS 1
+    /// message to an online persistent session waits for the subscriber's
+    /// PUBACK, so that the pair nets away without touching the disk
+    /// (`memory` mode never waits).
     pub batch_max_delay_us: u64,
 }
 

@@ -394,19 +394,29 @@ async fn an_unacknowledged_insertion_is_written_after_the_hold() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn interval_mode_never_holds() {
-    let store = Arc::new(MemoryStore::new());
+async fn interval_mode_holds_and_nets_without_syncing() {
+    let store = Arc::new(FailingStore::new(MemoryStore::new()));
     let writer = StoreWriter::spawn(
         Arc::clone(&store) as Arc<dyn Store>,
         WriterConfig {
-            max_delay: Duration::from_secs(30),
-            ..config(Durability::Interval(Duration::from_millis(10)))
+            max_delay: Duration::from_millis(50),
+            ..config(Durability::Interval(Duration::from_secs(3600)))
         },
     )
     .unwrap();
-    tokio::time::timeout(Duration::from_secs(5), writer.submit(inflight_publish(1)))
-        .await
-        .expect("not held")
-        .unwrap();
-    assert_eq!(store.queue("sub", None).count(), 1);
+    // Acknowledged within the hold: nothing reaches the engine.
+    let publish = writer.submit(inflight_publish(1));
+    let mut ack = Batch::new();
+    ack.delete_queue_entry("sub", 1);
+    let ack = writer.submit(ack);
+    publish.await.unwrap();
+    ack.await.unwrap();
+    assert_eq!(writer.stats().netted, 3);
+    // Not acknowledged: written once the hold is over, and resolved
+    // without a sync (the interval is an hour).
+    let started = Instant::now();
+    writer.submit(inflight_publish(2)).await.unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(50));
+    assert_eq!(store.inner().queue("sub", None).count(), 1);
+    assert_eq!(store.syncs(), 0);
 }
