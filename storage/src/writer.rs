@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use smallvec::SmallVec;
 use tokio::sync::oneshot;
 
 use crate::batch::Batch;
@@ -362,12 +363,12 @@ impl Worker {
             }
             let ready = held.ready(now, self.hold(), self.config.max_ops, !open);
             if ready > 0 {
-                let group = held.take(ready);
+                held.prepare(ready);
                 self.counters.netted.store(held.netted(), Ordering::Relaxed);
                 self.counters
                     .late_inserts
                     .store(held.late_inserts(), Ordering::Relaxed);
-                self.window(group);
+                self.window(&mut held, ready);
                 continue;
             }
             if self.next_sync_due().is_some_and(|due| due <= now) {
@@ -425,12 +426,15 @@ impl Worker {
         }
     }
 
-    /// Writes `group` (netted already) as one window and resolves it, in
-    /// submission order. The batches stay where they are: the store reads
-    /// them in place and they are dropped at the end.
-    fn window(&mut self, group: Vec<(Option<Batch>, Reply)>) {
-        let applied = self.apply(&group);
-        let has_barrier = group.iter().any(|(batch, _)| batch.is_none());
+    /// Writes the `n` oldest held submissions (prepared: netted already) as
+    /// one window and resolves them, in submission order. The batches stay
+    /// where they are: the store reads them in the held queue and they are
+    /// dropped as their replies are sent.
+    fn window(&mut self, held: &mut HeldQueue<Reply>, n: usize) {
+        let (applied, has_barrier) = {
+            let group: SmallVec<[Option<&Batch>; 64]> = held.front(n).collect();
+            (self.apply(&group), group.iter().any(Option::is_none))
+        };
         if applied.wrote() && self.dirty_since.is_none() {
             self.dirty_since = Some(Instant::now());
         }
@@ -466,11 +470,11 @@ impl Worker {
                 (Ok(()), Ok(()))
             }
         };
-        for (i, (batch, reply)) in group.into_iter().enumerate() {
-            let result = match (batch, applied.failure(i)) {
-                (None, _) => barriers.clone(),
-                (Some(_), Some(e)) => Err(e.clone()),
-                (Some(_), None) => batches.clone(),
+        for (i, (is_batch, reply)) in held.drain_front(n).enumerate() {
+            let result = match (is_batch, applied.failure(i)) {
+                (false, _) => barriers.clone(),
+                (true, Some(e)) => Err(e.clone()),
+                (true, None) => batches.clone(),
             };
             if result.is_err() {
                 self.counters.failed.fetch_add(1, Ordering::Relaxed);
@@ -482,8 +486,8 @@ impl Worker {
     /// Applies a window's (netted) batches as one store batch. After an
     /// invalid batch failed the window, each batch is applied on its own so
     /// that only the invalid one fails.
-    fn apply(&mut self, group: &[(Option<Batch>, Reply)]) -> Applied {
-        let batches: Vec<&Batch> = group.iter().filter_map(|(b, _)| b.as_ref()).collect();
+    fn apply(&mut self, group: &[Option<&Batch>]) -> Applied {
+        let batches: SmallVec<[&Batch; 64]> = group.iter().flatten().copied().collect();
         if batches.is_empty() {
             return Applied::All { wrote: false };
         }
@@ -501,8 +505,8 @@ impl Worker {
                 let mut wrote = false;
                 let each = group
                     .iter()
-                    .map(|(batch, _)| {
-                        let batch = batch.as_ref()?;
+                    .map(|batch| {
+                        let batch = (*batch)?;
                         match self.store.apply(batch) {
                             Ok(()) => {
                                 wrote = true;
