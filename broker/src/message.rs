@@ -38,6 +38,10 @@ pub struct Message {
     /// The message's id in the durable store, once a durable session queued
     /// it or it was retained (see `persistence::Journal::reference`).
     pub store_id: OnceLock<u64>,
+    /// The copy that owns its bytes, made by the first offline session that
+    /// queues the message and shared by the others (see
+    /// [`detached`](Message::detached)).
+    detached: OnceLock<Arc<Message>>,
 }
 
 /// The slot of a cached header: MQTT 5 or 3.x, with or without a packet id.
@@ -92,7 +96,20 @@ impl Message {
             origin: self.origin,
             headers: Default::default(),
             store_id: self.store_id.clone(),
+            detached: OnceLock::new(),
         })
+    }
+
+    /// The message for a queue that may wait long (an offline session's):
+    /// a compacted copy, made once and shared by every such queue, so that
+    /// queued deliveries never keep the read buffers their messages came in
+    /// alive (a trickle of one message per read would otherwise pin a
+    /// whole pooled buffer per queued message). The copy keeps the store id
+    /// the message had when it was made: take the id first (durable
+    /// sessions reference the message before they call this), so that the
+    /// copy and the message are one stored record.
+    pub fn detached(&self) -> Arc<Message> {
+        Arc::clone(self.detached.get_or_init(|| self.compacted()))
     }
 
     fn unshared(
@@ -118,6 +135,7 @@ impl Message {
             origin,
             headers: Default::default(),
             store_id: OnceLock::new(),
+            detached: OnceLock::new(),
         }
     }
 
@@ -192,5 +210,27 @@ mod tests {
         assert!(outside(copy.properties.correlation_data.as_ref().unwrap()));
         let (k, v) = &copy.properties.user_properties[0];
         assert!(outside(k) && outside(v));
+    }
+
+    #[test]
+    fn the_detached_copy_is_made_once_and_shared() {
+        let read_buffer = Bytes::from(vec![b'a'; 4096]);
+        let message = Message::new(
+            read_buffer.slice(0..10),
+            read_buffer.slice(10..20),
+            QoS::AtLeastOnce,
+            false,
+            PublishProperties::default(),
+            7,
+        );
+        message.store_id.set(42).unwrap();
+        let first = message.detached();
+        let second = message.detached();
+        assert!(Arc::ptr_eq(&first, &second), "one copy for every queue");
+        assert_eq!(first.store_id.get(), Some(&42), "one stored record");
+        assert_eq!(first.payload, message.payload);
+        assert!(!read_buffer.as_ptr_range().contains(&first.payload.as_ptr()));
+        drop(message);
+        assert_eq!(Arc::strong_count(&first), 2, "outlives the original");
     }
 }

@@ -945,6 +945,12 @@ impl Session {
                     Op::PutQueueEntry(entry)
                 });
             }
+            if st.link.is_none() {
+                // Waits for the client to come back, maybe for hours: not
+                // on the read buffer the message arrived in. (The store id
+                // was taken just above, so the copy shares it.)
+                delivery.message = delivery.message.detached();
+            }
             push_pending(&mut st, delivery);
         }
         if over_bound {
