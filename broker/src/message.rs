@@ -105,9 +105,9 @@ impl Message {
     /// queued deliveries never keep the read buffers their messages came in
     /// alive (a trickle of one message per read would otherwise pin a
     /// whole pooled buffer per queued message). The copy keeps the store id
-    /// the message had when it was made: take the id first (durable
-    /// sessions reference the message before they call this), so that the
-    /// copy and the message are one stored record.
+    /// the message had when it was made: give the message its id first
+    /// (`Persistence::store_id`), so that the copy and the message are one
+    /// stored record.
     pub fn detached(&self) -> Arc<Message> {
         Arc::clone(self.detached.get_or_init(|| self.compacted()))
     }
@@ -178,9 +178,9 @@ impl Message {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_compacted_message_owns_its_bytes_and_keeps_its_store_id() {
-        let read_buffer = Bytes::from(vec![b'a'; 4096]);
+    /// A message decoded from `read_buffer`: topic, payload and properties
+    /// are slices of it, and it has store id 42.
+    fn decoded(read_buffer: &Bytes) -> Arc<Message> {
         let properties = PublishProperties {
             correlation_data: Some(read_buffer.slice(20..24)),
             user_properties: vec![(read_buffer.slice(24..25), read_buffer.slice(25..26))],
@@ -195,6 +195,13 @@ mod tests {
             7,
         );
         message.store_id.set(42).unwrap();
+        message
+    }
+
+    #[test]
+    fn a_compacted_message_owns_its_bytes_and_keeps_its_store_id() {
+        let read_buffer = Bytes::from(vec![b'a'; 4096]);
+        let message = decoded(&read_buffer);
         let copy = message.compacted();
         assert_eq!(copy.topic, message.topic);
         assert_eq!(copy.payload, message.payload);
@@ -215,15 +222,7 @@ mod tests {
     #[test]
     fn the_detached_copy_is_made_once_and_shared() {
         let read_buffer = Bytes::from(vec![b'a'; 4096]);
-        let message = Message::new(
-            read_buffer.slice(0..10),
-            read_buffer.slice(10..20),
-            QoS::AtLeastOnce,
-            false,
-            PublishProperties::default(),
-            7,
-        );
-        message.store_id.set(42).unwrap();
+        let message = decoded(&read_buffer);
         let first = message.detached();
         let second = message.detached();
         assert!(Arc::ptr_eq(&first, &second), "one copy for every queue");

@@ -138,8 +138,13 @@ impl Persistence {
         self.writer.stats()
     }
 
-    fn allocate_message_id(&self) -> u64 {
-        self.next_message_id.fetch_add(1, Ordering::Relaxed)
+    /// The id `message` has in the store, given now if it has none yet.
+    /// Copies made afterwards (`Message::detached`) keep it, so that they
+    /// and the message are one stored record.
+    pub fn store_id(&self, message: &Message) -> u64 {
+        *message
+            .store_id
+            .get_or_init(|| self.next_message_id.fetch_add(1, Ordering::Relaxed))
     }
 }
 
@@ -179,9 +184,7 @@ impl Journal {
     /// retained record): the message may have been deleted from the store
     /// since an earlier batch, when its last reference went.
     pub fn reference(&mut self, persistence: &Persistence, message: &Message) -> u64 {
-        let id = *message
-            .store_id
-            .get_or_init(|| persistence.allocate_message_id());
+        let id = persistence.store_id(message);
         if !self.stored.contains(&id) {
             self.stored.push(id);
             self.batch.push(Op::PutMessage(message_record(message, id)));

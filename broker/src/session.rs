@@ -928,7 +928,19 @@ impl Session {
         if window_open {
             self.send_inflight(&mut st, delivery, journal, true);
         } else {
-            if let Some(p) = self.context.persistence.as_ref().filter(|_| st.durable) {
+            let persistence = self.context.persistence.as_ref().filter(|_| st.durable);
+            if st.link.is_none() {
+                // Waits for the client to come back, maybe for hours: not
+                // on the read buffer the message arrived in. The copy is
+                // made after the message has its store id, so that both
+                // are one stored record, and it is the copy that goes into
+                // the journal (the buffer is free once the read is done).
+                if let Some(p) = persistence {
+                    p.store_id(&delivery.message);
+                }
+                delivery.message = delivery.message.detached();
+            }
+            if let Some(p) = persistence {
                 let message_id = journal.reference(p, &delivery.message);
                 let entry = self.queue_entry(&delivery, message_id, None, DeliveryState::Pending);
                 // Queued behind a full window of a connected client that
@@ -944,12 +956,6 @@ impl Session {
                 } else {
                     Op::PutQueueEntry(entry)
                 });
-            }
-            if st.link.is_none() {
-                // Waits for the client to come back, maybe for hours: not
-                // on the read buffer the message arrived in. (The store id
-                // was taken just above, so the copy shares it.)
-                delivery.message = delivery.message.detached();
             }
             push_pending(&mut st, delivery);
         }

@@ -54,6 +54,50 @@ fn spawn_v5(
     (client, rx)
 }
 
+/// A rumqttc 3.1.1 client with a clean session, once its CONNACK came.
+async fn connected_v3(
+    client_id: &str,
+    port: u16,
+) -> (
+    rumqttc::AsyncClient,
+    mpsc::UnboundedReceiver<rumqttc::Packet>,
+) {
+    let (client, mut rx) = spawn_v3(client_id, port, |_| {});
+    next(&mut rx, |p| {
+        matches!(p, rumqttc::Packet::ConnAck(_)).then_some(p)
+    })
+    .await;
+    (client, rx)
+}
+
+/// Leaves a persistent rumqttc session `client_id` subscribed to `filter`
+/// at QoS 1 and offline.
+async fn leave_subscribed(server: &tern::Server, client_id: &str, filter: &str) {
+    let (sub, mut rx) = spawn_v3(client_id, addr(server).port(), |o| {
+        o.set_clean_session(false);
+    });
+    next(&mut rx, |p| {
+        matches!(p, rumqttc::Packet::ConnAck(_)).then_some(p)
+    })
+    .await;
+    sub.subscribe(filter, rumqttc::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    next(&mut rx, |p| {
+        matches!(p, rumqttc::Packet::SubAck(_)).then_some(p)
+    })
+    .await;
+    sub.disconnect().await.unwrap();
+    eventually("the subscriber is offline", || {
+        server
+            .broker()
+            .registry
+            .get(client_id)
+            .is_some_and(|s| !s.is_online())
+    })
+    .await;
+}
+
 async fn next<T>(rx: &mut mpsc::UnboundedReceiver<T>, mut pick: impl FnMut(T) -> Option<T>) -> T {
     tokio::time::timeout(WAIT, async {
         loop {
@@ -146,35 +190,8 @@ async fn rumqttc_v311_all_qos_levels() {
 async fn rumqttc_v311_persistent_session() {
     let server = start(|_| {}).await;
     let port = addr(&server).port();
-    let (sub, mut rx) = spawn_v3("keeper", port, |o| {
-        o.set_clean_session(false);
-    });
-    next(&mut rx, |p| {
-        matches!(p, rumqttc::Packet::ConnAck(_)).then_some(p)
-    })
-    .await;
-    sub.subscribe("jobs", rumqttc::QoS::AtLeastOnce)
-        .await
-        .unwrap();
-    next(&mut rx, |p| {
-        matches!(p, rumqttc::Packet::SubAck(_)).then_some(p)
-    })
-    .await;
-    sub.disconnect().await.unwrap();
-    eventually("keeper offline", || {
-        server
-            .broker()
-            .registry
-            .get("keeper")
-            .is_some_and(|s| !s.is_online())
-    })
-    .await;
-
-    let (publisher, mut pub_rx) = spawn_v3("producer", port, |_| {});
-    next(&mut pub_rx, |p| {
-        matches!(p, rumqttc::Packet::ConnAck(_)).then_some(p)
-    })
-    .await;
+    leave_subscribed(&server, "keeper", "jobs").await;
+    let (publisher, _pub_rx) = connected_v3("producer", port).await;
     for i in 0..5 {
         publisher
             .publish("jobs", rumqttc::QoS::AtLeastOnce, false, format!("job-{i}"))
@@ -207,6 +224,57 @@ async fn rumqttc_v311_persistent_session() {
     for i in 0..5 {
         let p = next_publish_v3(&mut rx).await;
         assert_eq!(&p.payload[..], format!("job-{i}").as_bytes());
+    }
+    server.shutdown().await;
+}
+
+/// Messages queued for an offline session own their bytes: a trickle of
+/// publishes, each in a read of its own, leaves the read buffers free to go
+/// back to the pool instead of pinning one per queued message.
+#[tokio::test]
+async fn an_offline_queue_keeps_no_read_buffers() {
+    const MESSAGES: usize = 100;
+    let server = start(|_| {}).await;
+    let port = addr(&server).port();
+    leave_subscribed(&server, "sleeper", "trickle").await;
+    let (publisher, mut pub_rx) = connected_v3("trickler", port).await;
+    let (_, misses_before) = server.broker().pool.stats();
+    for i in 0..MESSAGES {
+        publisher
+            .publish(
+                "trickle",
+                rumqttc::QoS::AtLeastOnce,
+                false,
+                format!("m-{i}"),
+            )
+            .await
+            .unwrap();
+        // One at a time: each PUBLISH arrives in a read of its own.
+        next(&mut pub_rx, |p| {
+            matches!(p, rumqttc::Packet::PubAck(_)).then_some(p)
+        })
+        .await;
+    }
+    let queued = server
+        .broker()
+        .registry
+        .get("sleeper")
+        .unwrap()
+        .queued_len()
+        .0;
+    assert_eq!(queued, MESSAGES);
+    // A buffer still shared with a queued message cannot go back to the
+    // pool, so every read would take a new one (a miss).
+    let (_, misses_after) = server.broker().pool.stats();
+    let misses = misses_after - misses_before;
+    assert!(misses < 10, "{misses} pool misses for {MESSAGES} reads");
+
+    let (_sub, mut rx) = spawn_v3("sleeper", port, |o| {
+        o.set_clean_session(false);
+    });
+    for i in 0..MESSAGES {
+        let p = next_publish_v3(&mut rx).await;
+        assert_eq!(&p.payload[..], format!("m-{i}").as_bytes());
     }
     server.shutdown().await;
 }

@@ -335,25 +335,40 @@ fn inflight_publish(seq: u64) -> Batch {
     b
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fsync_mode_holds_an_inflight_insertion_until_its_deletion_nets_it_away() {
+/// The subscriber's acknowledgement of `inflight_publish(seq)`.
+fn inflight_ack(seq: u64) -> Batch {
+    let mut b = Batch::new();
+    b.delete_queue_entry("sub", seq);
+    b
+}
+
+/// A writer in `mode` that holds in-flight insertions for `hold`, over a
+/// store that counts its syncs.
+fn holding_writer(
+    mode: Durability,
+    hold: Duration,
+) -> (Arc<FailingStore<MemoryStore>>, StoreWriter) {
     let store = Arc::new(FailingStore::new(MemoryStore::new()));
     let writer = StoreWriter::spawn(
         Arc::clone(&store) as Arc<dyn Store>,
         WriterConfig {
-            max_delay: Duration::from_secs(30),
-            ..config(Durability::Fsync)
+            max_delay: hold,
+            ..config(mode)
         },
     )
     .unwrap();
+    (store, writer)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fsync_mode_holds_an_inflight_insertion_until_its_deletion_nets_it_away() {
+    let (store, writer) = holding_writer(Durability::Fsync, Duration::from_secs(30));
     let published = writer.submit(inflight_publish(1));
     let published = tokio::spawn(published);
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(!published.is_finished(), "held for the acknowledgement");
-    let mut ack = Batch::new();
-    ack.delete_queue_entry("sub", 1);
     let started = Instant::now();
-    writer.submit(ack).await.unwrap();
+    writer.submit(inflight_ack(1)).await.unwrap();
     published.await.unwrap().unwrap();
     assert!(started.elapsed() < Duration::from_secs(5), "released early");
     let stats = writer.stats();
@@ -369,15 +384,7 @@ async fn fsync_mode_holds_an_inflight_insertion_until_its_deletion_nets_it_away(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unacknowledged_insertion_is_written_after_the_hold() {
-    let store = Arc::new(FailingStore::new(MemoryStore::new()));
-    let writer = StoreWriter::spawn(
-        Arc::clone(&store) as Arc<dyn Store>,
-        WriterConfig {
-            max_delay: Duration::from_millis(50),
-            ..config(Durability::Fsync)
-        },
-    )
-    .unwrap();
+    let (store, writer) = holding_writer(Durability::Fsync, Duration::from_millis(50));
     let started = Instant::now();
     writer.submit(inflight_publish(1)).await.unwrap();
     assert!(started.elapsed() >= Duration::from_millis(50));
@@ -385,9 +392,7 @@ async fn an_unacknowledged_insertion_is_written_after_the_hold() {
     assert_eq!(store.inner().queue("sub", None).count(), 1);
     assert!(store.inner().message(1).unwrap().is_some());
     // A later acknowledgement is written as a deletion.
-    let mut ack = Batch::new();
-    ack.delete_queue_entry("sub", 1);
-    writer.submit(ack).await.unwrap();
+    writer.submit(inflight_ack(1)).await.unwrap();
     assert_eq!(store.inner().queue("sub", None).count(), 0);
     assert_eq!(store.inner().message(1).unwrap(), None);
     assert_eq!(writer.stats().netted, 0);
@@ -395,20 +400,13 @@ async fn an_unacknowledged_insertion_is_written_after_the_hold() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn interval_mode_holds_and_nets_without_syncing() {
-    let store = Arc::new(FailingStore::new(MemoryStore::new()));
-    let writer = StoreWriter::spawn(
-        Arc::clone(&store) as Arc<dyn Store>,
-        WriterConfig {
-            max_delay: Duration::from_millis(50),
-            ..config(Durability::Interval(Duration::from_secs(3600)))
-        },
-    )
-    .unwrap();
+    let (store, writer) = holding_writer(
+        Durability::Interval(Duration::from_secs(3600)),
+        Duration::from_millis(50),
+    );
     // Acknowledged within the hold: nothing reaches the engine.
     let publish = writer.submit(inflight_publish(1));
-    let mut ack = Batch::new();
-    ack.delete_queue_entry("sub", 1);
-    let ack = writer.submit(ack);
+    let ack = writer.submit(inflight_ack(1));
     publish.await.unwrap();
     ack.await.unwrap();
     assert_eq!(writer.stats().netted, 3);
