@@ -110,6 +110,21 @@ pub struct Args {
     /// No progress line on stderr.
     #[arg(long)]
     pub quiet: bool,
+    /// `conn`: the transport of the connections: MQTT over TCP, or over
+    /// WebSocket (RFC 6455, subprotocol `mqtt`, at --ws-path on --port).
+    /// The other scenarios use TCP.
+    #[arg(long, value_enum, default_value_t = Transport::Tcp)]
+    pub transport: Transport,
+    /// `--transport ws`: the path of the broker's WebSocket endpoint.
+    #[arg(long = "ws-path", default_value = "/mqtt")]
+    pub ws_path: String,
+}
+
+/// How a `conn` connection reaches the broker.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Tcp,
+    Ws,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -176,6 +191,12 @@ impl Args {
         }
         if self.shared && self.scenario != Scenario::FanIn {
             return Err("--shared only applies to fan-in".into());
+        }
+        if self.transport == Transport::Ws && self.scenario != Scenario::Conn {
+            return Err("--transport ws only applies to conn".into());
+        }
+        if !self.ws_path.starts_with('/') {
+            return Err("--ws-path must start with /".into());
         }
         let rate = self.rate.unwrap_or(match self.scenario {
             Scenario::Latency => 1000.0,
@@ -354,5 +375,8 @@ mod tests {
         assert!(plan(&["fan-out", "--subscribers", "0"]).is_err());
         assert!(plan(&["fan-in", "--inflight", "0"]).is_err());
         assert!(plan(&["nonsense"]).is_err());
+        assert!(plan(&["p2p", "--transport", "ws"]).is_err());
+        assert!(plan(&["conn", "--transport", "ws"]).is_ok());
+        assert!(plan(&["conn", "--transport", "ws", "--ws-path", "mqtt"]).is_err());
     }
 }

@@ -1,14 +1,20 @@
-//! Opening MQTT connections: TCP connect, CONNECT/CONNACK, SUBSCRIBE/SUBACK.
+//! Opening MQTT connections: TCP connect, CONNECT/CONNACK, SUBSCRIBE/SUBACK;
+//! and, for `conn --transport ws`, the same handshake over WebSocket.
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use tern_codec::{decode_packet, Packet, ProtocolVersion, QoS};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
 
 use crate::wire;
 
@@ -42,6 +48,24 @@ impl Conn {
         } else {
             Err(io::Error::last_os_error())
         }
+    }
+}
+
+/// An open, accepted MQTT connection over WebSocket. The WebSocket side is
+/// tungstenite's client, so the broker's upgrade and framing are measured
+/// against an implementation that is not Tern's.
+pub struct WsConn {
+    ws: WebSocketStream<TcpStream>,
+}
+
+impl WsConn {
+    /// Sends DISCONNECT in a binary message if the socket takes it at once;
+    /// like `try_write` on TCP, never waits.
+    pub fn try_disconnect(&mut self) {
+        let _ = self
+            .ws
+            .send(Message::Binary(Bytes::from_static(&wire::DISCONNECT)))
+            .now_or_never();
     }
 }
 
@@ -179,6 +203,83 @@ async fn open_inner(
             other.packet_type()
         ))),
         None => Err(OpenError::Refused("closed before CONNACK".into())),
+    }
+}
+
+/// Like [`open`], over WebSocket: TCP connect, the HTTP upgrade to `path`
+/// offering subprotocol `mqtt`, then CONNECT and CONNACK in binary messages.
+pub async fn open_ws(
+    addr: SocketAddr,
+    source: Option<IpAddr>,
+    path: &str,
+    version: ProtocolVersion,
+    client_id: &str,
+    keep_alive: u16,
+    timeout: Duration,
+) -> Result<WsConn, OpenError> {
+    match tokio::time::timeout(
+        timeout,
+        open_ws_inner(addr, source, path, version, client_id, keep_alive),
+    )
+    .await
+    {
+        Ok(r) => r,
+        Err(_) => Err(OpenError::Failed(format!(
+            "no CONNACK within {:.1} s",
+            timeout.as_secs_f64()
+        ))),
+    }
+}
+
+async fn open_ws_inner(
+    addr: SocketAddr,
+    source: Option<IpAddr>,
+    path: &str,
+    version: ProtocolVersion,
+    client_id: &str,
+    keep_alive: u16,
+) -> Result<WsConn, OpenError> {
+    let stream = tcp_connect(addr, source)
+        .await
+        .map_err(|e| OpenError::Failed(e.to_string()))?;
+    let _ = stream.set_nodelay(true);
+    let refused = |e: String| OpenError::Refused(e);
+    let mut request = format!("ws://{addr}{path}")
+        .into_client_request()
+        .map_err(|e| refused(format!("bad WebSocket request: {e}")))?;
+    request
+        .headers_mut()
+        .insert("Sec-WebSocket-Protocol", HeaderValue::from_static("mqtt"));
+    let (mut ws, _response) = tokio_tungstenite::client_async(request, stream)
+        .await
+        .map_err(|e| refused(format!("WebSocket upgrade: {e}")))?;
+    let connect = wire::connect(version, client_id, keep_alive, false);
+    ws.send(Message::Binary(connect.into()))
+        .await
+        .map_err(|e| refused(e.to_string()))?;
+    let mut buf = BytesMut::new();
+    loop {
+        match decode_packet(&mut buf, version, usize::MAX) {
+            Ok(Some(Packet::ConnAck(ack))) if ack.code.is_success() => return Ok(WsConn { ws }),
+            Ok(Some(Packet::ConnAck(ack))) => {
+                return Err(refused(format!("CONNACK {:?}", ack.code)))
+            }
+            Ok(Some(other)) => {
+                return Err(refused(format!(
+                    "expected CONNACK, got {:?}",
+                    other.packet_type()
+                )))
+            }
+            Ok(None) => {}
+            Err(e) => return Err(refused(e.to_string())),
+        }
+        match ws.next().await {
+            Some(Ok(Message::Binary(data))) => buf.extend_from_slice(&data),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+            Some(Ok(other)) => return Err(refused(format!("unexpected WebSocket {other:?}"))),
+            Some(Err(e)) => return Err(refused(e.to_string())),
+            None => return Err(refused("closed before CONNACK".into())),
+        }
     }
 }
 

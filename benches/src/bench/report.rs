@@ -240,6 +240,8 @@ pub fn throughput_report(
 pub struct ConnReport {
     pub scenario: String,
     pub mqtt_version: String,
+    /// `tcp` or `ws` (MQTT over WebSocket).
+    pub transport: String,
     pub connections_target: usize,
     /// Target connections per second; 0 = as fast as possible.
     pub rate_target: f64,
@@ -398,10 +400,15 @@ impl ThroughputReport {
 impl ConnReport {
     pub fn text(&self) -> String {
         let mut s = format!(
-            "conn: {} connections at {}/s, MQTT {}\n  connected   {} of {} attempted; {} refused, {} failed\n  ramp        {:.2} s = {}/s\n",
+            "conn: {} connections at {}/s, MQTT {}{}\n  connected   {} of {} attempted; {} refused, {} failed\n  ramp        {:.2} s = {}/s\n",
             self.connections_target,
             si(self.rate_target),
             self.mqtt_version,
+            if self.transport == "ws" {
+                " over WebSocket"
+            } else {
+                ""
+            },
             self.connected,
             self.attempted,
             self.refused,

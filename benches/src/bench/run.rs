@@ -26,8 +26,8 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{watch, Notify, Semaphore};
 use tokio::time::{sleep, sleep_until, timeout, Instant};
 
-use crate::args::{Args, Plan, Scenario};
-use crate::client::{self, Conn, OpenError};
+use crate::args::{Args, Plan, Scenario, Transport};
+use crate::client::{self, Conn, OpenError, WsConn};
 use crate::procfs;
 use crate::report::{self, ConnBroker, ConnReport, GeneratorFigures, Percentiles, RunCounts};
 use crate::wire;
@@ -664,8 +664,12 @@ async fn run_conn(
     addr: SocketAddr,
     threads: usize,
 ) -> Result<ConnReport, String> {
+    enum Held {
+        Tcp(Conn),
+        Ws(WsConn),
+    }
     enum Answer {
-        Connected(Duration, Conn),
+        Connected(Duration, Held),
         Refused,
         Failed(String),
     }
@@ -708,14 +712,24 @@ async fn run_conn(
             let id = format!("tb{pid}-c{spawned}");
             let (version, keep_alive) = (plan.version, args.keep_alive);
             let source = client::source_for(addr, spawned, args.source_ips);
+            let ws_path = (args.transport == Transport::Ws).then(|| args.ws_path.clone());
             tokio::spawn(async move {
                 let t = Instant::now();
-                let answer =
-                    match client::open(addr, source, version, &id, keep_alive, false, wait).await {
-                        Ok(conn) => Answer::Connected(t.elapsed(), conn),
-                        Err(OpenError::Refused(_)) => Answer::Refused,
-                        Err(OpenError::Failed(e)) => Answer::Failed(e),
-                    };
+                let opened = match ws_path {
+                    None => client::open(addr, source, version, &id, keep_alive, false, wait)
+                        .await
+                        .map(Held::Tcp),
+                    Some(path) => {
+                        client::open_ws(addr, source, &path, version, &id, keep_alive, wait)
+                            .await
+                            .map(Held::Ws)
+                    }
+                };
+                let answer = match opened {
+                    Ok(held) => Answer::Connected(t.elapsed(), held),
+                    Err(OpenError::Refused(_)) => Answer::Refused,
+                    Err(OpenError::Failed(e)) => Answer::Failed(e),
+                };
                 drop(permit);
                 let _ = tx.send(answer);
             });
@@ -765,7 +779,12 @@ async fn run_conn(
     let generator_cpu_s = procfs::self_cpu_seconds() - cpu_before;
     let window_s = start.elapsed().as_secs_f64();
     for c in held {
-        let _ = c.stream.try_write(&wire::DISCONNECT);
+        match c {
+            Held::Tcp(c) => {
+                let _ = c.stream.try_write(&wire::DISCONNECT);
+            }
+            Held::Ws(mut c) => c.try_disconnect(),
+        }
     }
     let broker = match (args.broker_pid, broker_before, broker_after) {
         (Some(pid), Some(b), Some(a)) => Some(ConnBroker {
@@ -780,6 +799,11 @@ async fn run_conn(
     Ok(ConnReport {
         scenario: "conn".into(),
         mqtt_version: version_name(plan.version).into(),
+        transport: match args.transport {
+            Transport::Tcp => "tcp",
+            Transport::Ws => "ws",
+        }
+        .into(),
         connections_target: n,
         rate_target: plan.rate,
         attempted: spawned,
