@@ -664,9 +664,11 @@ async fn run_conn(
     addr: SocketAddr,
     threads: usize,
 ) -> Result<ConnReport, String> {
+    // Boxed: tungstenite's stream is ten times the size of a TCP one, and
+    // every held connection is one of these.
     enum Held {
         Tcp(Conn),
-        Ws(WsConn),
+        Ws(Box<WsConn>),
     }
     enum Answer {
         Connected(Duration, Held),
@@ -722,7 +724,7 @@ async fn run_conn(
                     Some(path) => {
                         client::open_ws(addr, source, &path, version, &id, keep_alive, wait)
                             .await
-                            .map(Held::Ws)
+                            .map(|c| Held::Ws(Box::new(c)))
                     }
                 };
                 let answer = match opened {
