@@ -2,11 +2,12 @@
 //! way to wait until bytes are there *without* lending it a buffer, so an
 //! idle connection holds no read buffer (see [`crate::pool`]).
 //!
-//! TCP answers with the socket's readiness; WebSocket takes the next message
-//! from tungstenite (whose buffer already holds it) and keeps it until the
-//! read. A transport that cannot tell uses the default, "ready now", and the
+//! TCP and WebSocket both answer with the socket's readiness (WebSocket
+//! frames are decoded in the read buffer itself, see `websocket/inbound.rs`).
+//! A transport that cannot tell uses the default, "ready now", and the
 //! connection then waits inside `read_buf` with a buffer in hand, as any
-//! tokio reader would.
+//! tokio reader would. A read that finds nothing for the caller after all
+//! gives the buffer back before it waits.
 
 use std::future::Future;
 use std::io;
@@ -52,6 +53,13 @@ pub fn read_pooled<'a, R: TransportRead>(
         if buf.capacity() - buf.len() < BUFFER_SIZE / 4 {
             buf.reserve(BUFFER_SIZE);
         }
-        std::pin::pin!(reader.read_buf(&mut *buf)).poll(cx)
+        let read = std::pin::pin!(reader.read_buf(&mut *buf)).poll(cx);
+        if read.is_pending() && buf.is_empty() {
+            // Readiness that brought no bytes for the caller (a spurious
+            // wake-up, or only a WebSocket control frame): wait without the
+            // buffer.
+            pool.give(std::mem::take(buf));
+        }
+        read
     })
 }
