@@ -29,12 +29,15 @@
 //! the first `X-Forwarded-For` address becomes the peer address in logs. The
 //! upgrade must complete within the connect timeout. Then tungstenite is
 //! done: the read half, and any frames that came with the request, go to
-//! [`WsReader`].
+//! [`WsReader`]. The upgrade is one boxed future, freed when it is done: it
+//! is needed once, and inline it would make every WebSocket connection's
+//! task as large as tungstenite's handshake for the connection's life.
 //!
 //! **Inbound** ([`inbound`]). The client's frames are decoded in place in
 //! the connection's pooled read buffer (unmasked, headers dropped), so an
 //! idle WebSocket connection holds no read buffer, like a TCP one. Pings
-//! are answered, a close frame is answered and ends the stream; a text
+//! are answered (and the reader stops reading while too many pongs wait to
+//! be written), a close frame is answered and ends the stream; a text
 //! message ends the connection with close code 1003, a frame or message
 //! larger than `limits.max_packet_size` with 1009, a protocol error with
 //! 1002.
