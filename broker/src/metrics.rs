@@ -89,6 +89,9 @@ pub struct Metrics {
     pub oversized_packets: Counter,
     pub keepalive_timeouts: Counter,
     pub connect_timeouts: Counter,
+    /// WebSocket upgrade requests refused (not an upgrade, wrong path or
+    /// subprotocol, a head too large).
+    pub websocket_upgrades_refused: Counter,
     pub session_takeovers: Counter,
     pub wills_published: Counter,
     pub publishes_denied: Counter,

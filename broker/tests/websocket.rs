@@ -377,6 +377,58 @@ async fn plain_http_request_gets_400() {
     server.shutdown().await;
 }
 
+/// Sends `request` on a new connection to the WebSocket listener and returns
+/// what the broker answered before it closed.
+async fn raw_upgrade(server: &Server, request: &[u8]) -> String {
+    let mut tcp = TcpStream::connect(ws_addr(server)).await.unwrap();
+    // The broker may stop reading (and close) before the request is all
+    // sent: a failed write is part of what is being tested.
+    let _ = tokio::io::AsyncWriteExt::write_all(&mut tcp, request).await;
+    let mut response = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(WAIT, tokio::io::AsyncReadExt::read(&mut tcp, &mut chunk))
+            .await
+            .expect("answered and closed")
+        {
+            Ok(0) | Err(_) => break,
+            Ok(n) => response.extend_from_slice(&chunk[..n]),
+        }
+    }
+    String::from_utf8_lossy(&response).into_owned()
+}
+
+#[tokio::test]
+async fn oversized_upgrade_requests_get_431() {
+    let server = start(|_| {}).await;
+    let upgrade = "GET /mqtt HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n\
+                   Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
+                   Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Protocol: mqtt\r\n";
+    // A head over 64 KiB (one huge cookie), and one with 200 header fields.
+    let huge = format!("{upgrade}Cookie: {}\r\n\r\n", "a".repeat(70_000));
+    let mut many = upgrade.to_owned();
+    for i in 0..200 {
+        many.push_str(&format!("X-Field-{i}: {i}\r\n"));
+    }
+    many.push_str("\r\n");
+    for request in [huge, many] {
+        let response = raw_upgrade(&server, request.as_bytes()).await;
+        assert!(
+            response.starts_with("HTTP/1.1 431 "),
+            "{}",
+            &response[..response.len().min(200)]
+        );
+    }
+    let refused = &server.broker().metrics.websocket_upgrades_refused;
+    assert_eq!(tern::metrics::Metrics::get(refused), 2);
+    // The listener still upgrades a normal client.
+    let mut ws = ws_open(ws_addr(&server), "/mqtt", Some("mqtt"))
+        .await
+        .expect("a normal upgrade");
+    drop(ws.close(None).await);
+    server.shutdown().await;
+}
+
 #[tokio::test]
 async fn wrong_path_is_refused_with_404() {
     let server = start(|_| {}).await;

@@ -71,6 +71,7 @@ use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -78,6 +79,7 @@ use tokio_tungstenite::tungstenite::Error as WsError;
 
 use crate::broker::Broker;
 use crate::connection;
+use crate::metrics::Metrics;
 use inbound::WsReader;
 use outbound::{Out, WsWriter};
 
@@ -92,6 +94,12 @@ pub const MAX_OUT_FRAME: usize = 1024 * 1024;
 
 /// Time the final close frame and flush get once a connection is over.
 const CLOSE_FLUSH: Duration = Duration::from_secs(2);
+
+/// tungstenite's limits on the upgrade request (fixed in tungstenite, not
+/// configurable): bytes of request head, and header fields. A request over
+/// either is answered 431 ([`unanswered_refusal`]).
+const MAX_UPGRADE_HEAD: usize = 65_536;
+const MAX_UPGRADE_HEADERS: usize = 124;
 
 /// WebSocket close codes (RFC 6455 section 7.4.1).
 const CLOSE_NORMAL: u16 = 1000;
@@ -208,14 +216,18 @@ async fn upgrade(broker: &Broker, mut stream: TcpStream, tcp_peer: SocketAddr) -
     .await;
     let mut ws = match handshake {
         Ok(Ok(ws)) => ws,
+        Ok(Err(e)) if gone_during_upgrade(&e) => {
+            // A health check's connect-and-close, a client that went away.
+            tracing::debug!(peer = %tcp_peer, error = %e, "closed during the WebSocket upgrade");
+            return None;
+        }
         Ok(Err(e)) => {
-            tracing::debug!(peer = %tcp_peer, error = %e, "WebSocket upgrade refused");
-            if let WsError::Protocol(why) = &e {
-                // Not a WebSocket upgrade at all (a plain GET, a missing
-                // key ...): tungstenite answers nothing, so say why here.
-                let body = format!("not a valid WebSocket upgrade: {why}\n");
+            Metrics::inc(&broker.metrics.websocket_upgrades_refused);
+            tracing::info!(peer = %tcp_peer, error = %e, "WebSocket upgrade refused");
+            if let Some((status, why)) = unanswered_refusal(&e) {
+                let body = format!("{why}\n");
                 let head = format!(
-                    "HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    "HTTP/1.1 {status}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
                     body.len()
                 );
                 let mut o = out.lock();
@@ -248,6 +260,42 @@ async fn upgrade(broker: &Broker, mut stream: TcpStream, tcp_peer: SocketAddr) -
         writer: WsWriter { out },
         peer,
     })
+}
+
+/// Whether the upgrade failed because the connection did (nothing to
+/// answer, nothing the client did wrong).
+fn gone_during_upgrade(e: &WsError) -> bool {
+    matches!(
+        e,
+        WsError::Io(_)
+            | WsError::ConnectionClosed
+            | WsError::AlreadyClosed
+            | WsError::Protocol(ProtocolError::HandshakeIncomplete)
+    )
+}
+
+/// The answer to an upgrade that tungstenite refused without answering:
+/// the status line and why, or `None` when there is nobody to answer (the
+/// connection failed) or tungstenite already answered (our callback's
+/// refusals, [`check_upgrade`]).
+fn unanswered_refusal(e: &WsError) -> Option<(&'static str, String)> {
+    match e {
+        // Not a WebSocket upgrade at all (a plain GET, a missing key ...).
+        WsError::Protocol(why) => Some((
+            "400 Bad Request",
+            format!("not a valid WebSocket upgrade: {why}"),
+        )),
+        // tungstenite reads at most 64 KiB of request head, in pieces of
+        // 128 bytes on average, with at most 124 header fields.
+        WsError::AttackAttempt | WsError::Capacity(_) => Some((
+            "431 Request Header Fields Too Large",
+            format!(
+                "the upgrade request's head is over {MAX_UPGRADE_HEAD} bytes, has over \
+                 {MAX_UPGRADE_HEADERS} header fields, or came in too many small pieces"
+            ),
+        )),
+        _ => None,
+    }
 }
 
 /// The handshake callback: path and subprotocol.
