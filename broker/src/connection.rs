@@ -94,6 +94,14 @@ impl Exit {
     }
 }
 
+/// How long a connection closed by a takeover still waits for bytes its
+/// client sent before connecting again. Packets of two connections can
+/// arrive out of order (even on loopback, under load), so a DISCONNECT sent
+/// just before the new CONNECT may still be on its way; waiting longer only
+/// delays a takeover of a silent connection (see
+/// `SessionRegistry::take_over`, which waits for this reader).
+const TAKEOVER_LAST_READ: Duration = Duration::from_millis(20);
+
 /// Serves one TCP connection until it closes.
 ///
 /// This function and the others that build a connection's task return an
@@ -189,6 +197,7 @@ where
                     }
                 }
             };
+            broker.registry.reader_finished(&control);
             control.close(exit.disconnect_reason());
             if !writer_done {
                 // Boxed: once per connection, and its timer would otherwise
@@ -265,6 +274,9 @@ where
                 return None;
             }
         };
+        if !connect.client_id.is_empty() {
+            broker.registry.take_over(connect.client_id_str()).await;
+        }
         Connection::accept(broker, *connect, permit.id, authenticated)
     };
     let protocol = conn.protocol;
@@ -281,6 +293,10 @@ where
         let encoded = encode_packet(&Packet::ConnAck(connack), protocol, &mut out).is_ok();
         encoded && writer.write_all(&out).await.is_ok()
     };
+    if !connack_sent {
+        // No reader will run: a takeover must not wait for one.
+        broker.registry.reader_finished(&control);
+    }
     connack_sent.then_some((conn, control))
 }
 
@@ -594,6 +610,8 @@ impl Connection {
         // An async block, not an async fn: see `serve_tcp`.
         async move {
             let session = &Arc::clone(&self.session);
+            // Whether the one read a takeover allows was made.
+            let mut last_read = false;
             loop {
                 let mut decoded = false;
                 // Subscribers' writers are woken once for everything this read
@@ -639,6 +657,24 @@ impl Connection {
                     control.packet_received(self.broker.keep_alive.now_ms());
                 }
                 if control.is_closing() {
+                    if !last_read && control.close_reason() == Some(ReasonCode::SessionTakenOver) {
+                        // Taken over: what the client sent before it
+                        // connected again (a DISCONNECT deciding its will and
+                        // session expiry) may arrive after the new
+                        // connection's CONNECT, or this reader may not have
+                        // run since. One more read, then close. Boxed: rare,
+                        // and inline its timer would grow every connection's
+                        // task.
+                        last_read = true;
+                        let read = Box::pin(tokio::time::timeout(
+                            TAKEOVER_LAST_READ,
+                            read_pooled(reader, buf, &self.broker.pool),
+                        ));
+                        if let Ok(Ok(n @ 1..)) = read.await {
+                            Metrics::add(&self.broker.metrics.bytes_received, n as u64);
+                            continue;
+                        }
+                    }
                     return closed_by_broker(control);
                 }
                 let budget = &self.broker.registry.context().budget;
@@ -667,17 +703,19 @@ impl Connection {
                     // no read buffer.
                     self.broker.pool.give(std::mem::take(buf));
                 }
+                // Reads first: a connection closed by a takeover still
+                // handles what it had received (a DISCONNECT sent just before
+                // the new CONNECT decides its will and session expiry);
+                // `is_closing` is checked after every read.
                 tokio::select! {
+                    biased;
                     read = read_pooled(reader, buf, &self.broker.pool) => match read {
                         Ok(0) => return Exit::Closed,
                         Ok(n) => Metrics::add(&self.broker.metrics.bytes_received, n as u64),
                         Err(_) => return Exit::Closed,
                     },
-                    () = control.wake_reader.wait() => {
-                        if control.is_closing() {
-                            return closed_by_broker(control);
-                        }
-                    }
+                    // Closing: handled at the top of the loop.
+                    () = control.wake_reader.wait() => {}
                 }
             }
         }
@@ -1125,11 +1163,15 @@ impl Connection {
             if self.expiry_interval == 0 && secs != 0 {
                 return Err(self.protocol_error("session expiry raised from 0 at DISCONNECT"));
             }
-            self.disconnect_expiry =
-                Some(secs.min(self.broker.config.limits.max_session_expiry_secs));
+            let secs = secs.min(self.broker.config.limits.max_session_expiry_secs);
+            self.disconnect_expiry = Some(secs);
+            self.session
+                .set_expiry_at_disconnect(self.connection_id, secs);
         }
+        // MQTT-3.14.4-3 and MQTT-3.1.2-8: only a normal disconnection (0x00)
+        // discards the will; 0x04 and every error code keep it.
         Err(Exit::ClientDisconnect {
-            with_will: disconnect.code == ReasonCode::DisconnectWithWillMessage,
+            with_will: disconnect.code != ReasonCode::Success,
         })
     }
 }

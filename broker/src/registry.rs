@@ -20,12 +20,20 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use parking_lot::Mutex;
 use tern_codec::ReasonCode;
+use tokio::sync::Notify;
 
 use crate::metrics::Metrics;
-use crate::session::{PendingWill, Session, SessionContext};
+use crate::session::{ConnectionControl, PendingWill, Session, SessionContext};
+
+/// How long a new connection waits for the reader of the connection it takes
+/// over to finish (see [`SessionRegistry::take_over`]). A reader that is told
+/// to close stops after the read it is in, within microseconds; the bound
+/// only matters for one that is stuck, and delays that takeover's CONNACK.
+pub const TAKEOVER_WAIT: Duration = Duration::from_millis(500);
 
 /// Sessions by client identifier, and the live connection count.
 #[derive(Debug)]
@@ -36,6 +44,8 @@ pub struct SessionRegistry {
     next_id: AtomicU64,
     context: Arc<SessionContext>,
     metrics: Arc<Metrics>,
+    /// Woken each time a connection's reader finishes (takeovers wait on it).
+    readers_finished: Notify,
 }
 
 /// Proof that a connection is counted. Dropping it uncounts the connection.
@@ -77,6 +87,7 @@ impl SessionRegistry {
             next_id: AtomicU64::new(1),
             metrics: Arc::clone(&context.metrics),
             context: Arc::new(context),
+            readers_finished: Notify::new(),
         }
     }
 
@@ -118,6 +129,43 @@ impl SessionRegistry {
     /// A fresh unique id (for sessions and connections).
     pub fn next_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Closes the connection attached to `client_id`'s session, if any, and
+    /// waits until its reader has handled what it had already received (at
+    /// most [`TAKEOVER_WAIT`]), before [`open`](Self::open) decides what the
+    /// new connection finds. A client that sends DISCONNECT and reconnects at
+    /// once has its DISCONNECT honoured: no will after reason 0x00
+    /// (MQTT-3.14.4-3), and a session expiry of 0 ends the session instead of
+    /// being resumed (MQTT 5 3.14.2.2.2), however the two connections' tasks
+    /// are scheduled.
+    pub async fn take_over(&self, client_id: &str) {
+        let Some(control) = self.get(client_id).and_then(|s| s.attached_control()) else {
+            return;
+        };
+        control.close(Some(ReasonCode::SessionTakenOver));
+        let finished = async {
+            loop {
+                let notified = self.readers_finished.notified();
+                let mut notified = std::pin::pin!(notified);
+                // Registered before the check, so a finish in between wakes it.
+                notified.as_mut().enable();
+                if control.is_reader_finished() {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        if tokio::time::timeout(TAKEOVER_WAIT, finished).await.is_err() {
+            tracing::debug!(%client_id, "taking over without waiting for the previous reader");
+        }
+    }
+
+    /// Records that the reader of `control`'s connection has stopped, and
+    /// wakes the takeovers waiting for one.
+    pub fn reader_finished(&self, control: &ConnectionControl) {
+        control.mark_reader_finished();
+        self.readers_finished.notify_waiters();
     }
 
     /// Finds or creates the session for `client_id`, closing any connection

@@ -195,6 +195,9 @@ pub struct ConnectionControl {
     /// DISCONNECT for MQTT 5 clients.
     closing: AtomicBool,
     close_reason: Mutex<Option<ReasonCode>>,
+    /// Set once the reader has stopped: everything it received has been
+    /// handled (a takeover waits for this, see `SessionRegistry::take_over`).
+    reader_finished: AtomicBool,
     /// When a read last decoded a packet, on the keep alive clock (see
     /// keep_alive.rs).
     last_packet_ms: AtomicU64,
@@ -231,6 +234,17 @@ impl ConnectionControl {
     /// The last stamp of [`packet_received`](Self::packet_received).
     pub fn last_packet_ms(&self) -> u64 {
         self.last_packet_ms.load(Ordering::Relaxed)
+    }
+
+    /// Records that the reader has stopped (see `SessionRegistry::reader_finished`,
+    /// which also wakes whoever waits for it).
+    pub fn mark_reader_finished(&self) {
+        self.reader_finished.store(true, Ordering::Release);
+    }
+
+    /// True once [`mark_reader_finished`](Self::mark_reader_finished) was called.
+    pub fn is_reader_finished(&self) -> bool {
+        self.reader_finished.load(Ordering::Acquire)
     }
 }
 
@@ -656,6 +670,27 @@ impl Session {
             }
             _ => false,
         }
+    }
+
+    /// Sets the session expiry interval that a DISCONNECT of the attached
+    /// connection `connection_id` asked for, at once rather than when the
+    /// connection is closed down: a client reconnecting right after its
+    /// DISCONNECT must find the session as that DISCONNECT left it (MQTT 5
+    /// 3.14.2.2.2). Ignored when another connection owns the session.
+    pub fn set_expiry_at_disconnect(&self, connection_id: u64, secs: u32) {
+        let mut st = self.state.lock();
+        if st.link.as_ref().map(|l| l.connection_id) == Some(connection_id) {
+            st.expiry_interval = secs;
+        }
+    }
+
+    /// The controls of the attached connection, if any.
+    pub fn attached_control(&self) -> Option<Arc<ConnectionControl>> {
+        self.state
+            .lock()
+            .link
+            .as_ref()
+            .map(|l| Arc::clone(&l.control))
     }
 
     /// Closes the attached connection, if any, with this reason.

@@ -181,6 +181,107 @@ async fn will_not_published_after_normal_disconnect() {
     server.shutdown().await;
 }
 
+/// A connection of `id` with a QoS 0 will on `wills/{id}`.
+fn connect_with_will(id: &str, protocol: ProtocolVersion) -> tern_codec::Connect {
+    let mut connect = connect_packet(id, protocol);
+    connect.will = Some(Will {
+        topic: Bytes::from(format!("wills/{id}")),
+        payload: Bytes::from_static(b"bye"),
+        qos: QoS::AtMostOnce,
+        retain: false,
+        properties: WillProperties::default(),
+    });
+    connect
+}
+
+#[tokio::test]
+async fn disconnect_with_an_error_code_keeps_the_will() {
+    // MQTT-3.1.2-8: only reason 0x00 deletes the will.
+    let server = start(|_| {}).await;
+    let mut watcher = RawClient::connected(addr(&server), "watcher", V5).await;
+    watcher.subscribe("wills/#", QoS::AtMostOnce).await;
+    for code in [
+        ReasonCode::DisconnectWithWillMessage,
+        ReasonCode::UnspecifiedError,
+        ReasonCode::ProtocolError,
+        ReasonCode::MessageRateTooHigh,
+    ] {
+        let id = format!("client-{:02x}", code as u8);
+        let (mut c, _) = RawClient::connect(addr(&server), connect_with_will(&id, V5)).await;
+        c.send(Packet::Disconnect(tern_codec::Disconnect::new(code)))
+            .await;
+        assert!(c.expect_closed().await.is_empty());
+        let will = watcher.recv_publish().await;
+        assert_eq!(will.topic, format!("wills/{id}").as_bytes(), "{code:?}");
+    }
+    server.shutdown().await;
+}
+
+/// Sends DISCONNECT on `c`, closes it and at once connects again as `next`,
+/// without waiting for the broker to see the close: a client library's
+/// `disconnect(); connect()`.
+async fn disconnect_and_reconnect(
+    server: &tern::Server,
+    mut c: RawClient,
+    disconnect: tern_codec::Disconnect,
+    next: tern_codec::Connect,
+) -> (RawClient, tern_codec::ConnAck) {
+    c.send(Packet::Disconnect(disconnect)).await;
+    drop(c);
+    RawClient::connect(addr(server), next).await
+}
+
+// Two worker threads: the old connection's reader and the new connection
+// run in parallel, as in a broker serving real clients.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disconnect_just_before_a_reconnect_discards_the_will() {
+    // MQTT-3.14.4-3: the DISCONNECT (0x00) reached the broker before the new
+    // CONNECT, so the old connection's will is discarded, even though the
+    // new connection takes over a connection the broker had not closed yet.
+    let server = start(|_| {}).await;
+    let mut watcher = RawClient::connected(addr(&server), "watcher", V5).await;
+    watcher.subscribe("wills/#", QoS::AtMostOnce).await;
+    for protocol in [V311, V5] {
+        let (mut c, _) =
+            RawClient::connect(addr(&server), connect_with_will("quick", protocol)).await;
+        for _ in 0..30 {
+            let next = connect_with_will("quick", protocol);
+            (c, _) = disconnect_and_reconnect(&server, c, Default::default(), next).await;
+        }
+        c.send(Packet::Disconnect(Default::default())).await;
+    }
+    watcher.expect_silence(Duration::from_millis(300)).await;
+    server.shutdown().await;
+}
+
+// Two worker threads: the old connection's reader and the new connection
+// run in parallel, as in a broker serving real clients.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_expiry_of_0_at_disconnect_holds_for_an_immediate_reconnect() {
+    // MQTT 5 3.14.2.2.2: DISCONNECT set the expiry to 0, so the session ends
+    // with that connection; the reconnect that follows at once finds none.
+    let server = start(|_| {}).await;
+    let (mut c, ack) = RawClient::connect(addr(&server), persistent_connect("brief", 300)).await;
+    assert!(!ack.session_present);
+    c.subscribe("brief/topic", QoS::AtLeastOnce).await;
+    for round in 0..30 {
+        let mut end_now = tern_codec::Disconnect::default();
+        end_now.properties.session_expiry_interval = Some(0);
+        let ack;
+        (c, ack) =
+            disconnect_and_reconnect(&server, c, end_now, persistent_connect("brief", 300)).await;
+        assert!(
+            !ack.session_present,
+            "round {round}: the session was resumed"
+        );
+    }
+    // And the session that did end took its subscription with it.
+    let mut p = RawClient::connected(addr(&server), "p", V5).await;
+    p.publish("brief/topic", b"x", QoS::AtLeastOnce, 1).await;
+    c.expect_silence(Duration::from_millis(300)).await;
+    server.shutdown().await;
+}
+
 #[tokio::test]
 async fn takeover_sends_0x8e_to_the_old_connection() {
     let server = start(|_| {}).await;
