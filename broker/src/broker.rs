@@ -483,6 +483,7 @@ impl Broker {
                 tokio::time::sleep(delay).await;
                 if let Some(pending) = owner.take_pending_will(generation) {
                     broker.publish_will(&pending.will, owner.id);
+                    owner.record_will_published();
                 }
             });
             session.add_timer(timer.abort_handle());

@@ -10,15 +10,17 @@
 //!
 //! - retained messages, unless expired;
 //! - sessions, unless their expiry interval ran out while the broker was
-//!   down (counted from the record's `last_seen`); an expired session's will
-//!   is published, as it would have been at its end;
+//!   down (counted from the record's `last_seen`, or from now for a session
+//!   whose client was connected when the broker stopped); an expired
+//!   session's will is published, as it would have been at its end;
 //! - each session's subscriptions (into the router), its queue in `seq`
 //!   order (entries already sent come back as in-flight messages, sent again
 //!   with DUP when the client returns; entries whose PUBREL went out get
 //!   their PUBREL again), and its incoming QoS 2 packet ids;
 //! - a will still waiting for its delay, with what is left of the delay; a
 //!   session that was online when the broker stopped without a clean close
-//!   has lost its connection abnormally, so its will becomes due.
+//!   has lost its connection abnormally, so its will becomes due: at once,
+//!   or after its delay counted from now.
 //!
 //! Purges are committed as one batch at the end. A message shared by many
 //! queues is read once and shared again in memory.
@@ -99,7 +101,16 @@ pub fn recover(broker: &Arc<Broker>) -> Result<Recovered, StoreError> {
     for record in store.sessions() {
         let record = record?;
         let client_id = record.client_id.clone();
-        let offline = now_secs.saturating_sub(record.last_seen);
+        // A session whose client was connected when the broker stopped lost
+        // its connection then, not at its CONNECT (`last_seen`): its expiry
+        // and will delay count from now (the stop's time is not known, and
+        // counting from the CONNECT would purge a long-lived connection's
+        // acknowledged messages).
+        let offline = if record.connected {
+            0
+        } else {
+            now_secs.saturating_sub(record.last_seen)
+        };
         let will = record.will.clone().and_then(will_from_record);
         let protocol = match record.protocol_level {
             3 => Some(ProtocolVersion::V31),
@@ -118,10 +129,16 @@ pub fn recover(broker: &Arc<Broker>) -> Result<Recovered, StoreError> {
 
         let session = broker.registry.restore(&client_id);
         let next_seq = store.last_seq(&client_id)?.map_or(1, |s| s + 1);
+        let offline_since = if record.connected {
+            now_secs
+        } else {
+            record.last_seen
+        };
         session.restore(
             protocol,
             record.expiry_interval,
             record.created_at,
+            offline_since,
             next_seq,
         );
         let subscriber = SessionRef(Arc::clone(&session));
@@ -182,15 +199,28 @@ pub fn recover(broker: &Arc<Broker>) -> Result<Recovered, StoreError> {
 
         let expiry = (record.expiry_interval != u32::MAX)
             .then(|| Duration::from_secs(u64::from(record.expiry_interval) - offline));
+        let mut will_published = false;
         let will = will.and_then(|will| {
             let delay = u64::from(will.properties.will_delay_interval.unwrap_or(0));
             if offline >= delay {
                 due_wills.push(will);
+                will_published = true;
                 None
             } else {
                 Some((will, Duration::from_secs(delay - offline)))
             }
         });
+        if record.connected || will_published {
+            // The record as this restart left it: offline since now (if it
+            // was connected), and without a will published now, which
+            // another restart must not publish again (MQTT-3.1.2-10).
+            purge.push(Op::PutSession(tern_storage::SessionRecord {
+                will: if will_published { None } else { record.will },
+                last_seen: offline_since,
+                connected: false,
+                ..record
+            }));
+        }
         broker.schedule_offline(&session, will, expiry, session.generation());
         report.sessions += 1;
     }

@@ -373,6 +373,9 @@ struct SessionState {
     next_seq: u64,
     /// Unix seconds the session was created (kept in its record).
     created_at: u64,
+    /// Unix seconds its last connection closed (the `last_seen` of its
+    /// offline record): the expiry interval counts from here.
+    offline_since: u64,
     /// After a restart: queued deliveries still only in the store. Boxed:
     /// only restored sessions have one, until it is read.
     backlog: Option<Box<Backlog>>,
@@ -453,6 +456,7 @@ impl Session {
                 durable: false,
                 next_seq: 1,
                 created_at: unix_secs(),
+                offline_since: 0,
                 backlog: None,
                 full_since: None,
             }),
@@ -567,12 +571,13 @@ impl Session {
         Some(st.generation)
     }
 
-    /// Starts, keeps or stops storing this session after its expiry interval
-    /// was (re)set: durable when a store exists and the interval is not 0.
+    /// Starts, keeps or stops storing this session after a connection
+    /// attached with its expiry interval: durable when a store exists and the
+    /// interval is not 0.
     fn update_durability(&self, st: &mut SessionState, will: Option<&Will>, journal: &mut Journal) {
         let durable = self.context.persistence.is_some() && st.expiry_interval != 0;
         if durable {
-            journal.push(Op::PutSession(self.record(st, will)));
+            journal.push(Op::PutSession(self.record(st, will, true)));
         } else if st.durable {
             journal.push(Op::DeleteSession {
                 client_id: Arc::clone(&self.client_id),
@@ -581,8 +586,9 @@ impl Session {
         st.durable = durable;
     }
 
-    /// The session's durable record, last seen now.
-    fn record(&self, st: &SessionState, will: Option<&Will>) -> SessionRecord {
+    /// The session's durable record, last seen now; `connected` while a
+    /// connection is attached (see `SessionRecord::connected`).
+    fn record(&self, st: &SessionState, will: Option<&Will>, connected: bool) -> SessionRecord {
         SessionRecord {
             client_id: Arc::clone(&self.client_id),
             protocol_level: st.protocol.level(),
@@ -590,6 +596,7 @@ impl Session {
             will: will.map(will_record),
             created_at: st.created_at,
             last_seen: unix_secs(),
+            connected,
         }
     }
 
@@ -599,12 +606,31 @@ impl Session {
     pub fn record_offline(&self) {
         let mut journal = Journal::new();
         {
-            let st = self.state.lock();
+            let mut st = self.state.lock();
             if !st.durable || st.ended || st.link.is_some() {
                 return;
             }
             let will = st.pending_will.as_ref().map(|p| &p.will);
-            journal.push(Op::PutSession(self.record(&st, will)));
+            let record = self.record(&st, will, false);
+            st.offline_since = record.last_seen;
+            journal.push(Op::PutSession(record));
+        }
+        self.commit(journal);
+    }
+
+    /// Rewrites the record of a durable offline session whose delayed will
+    /// was just published, without it: a restart must not publish it again
+    /// (MQTT-3.1.2-10). Its expiry still counts from when it went offline.
+    pub fn record_will_published(&self) {
+        let mut journal = Journal::new();
+        {
+            let st = self.state.lock();
+            if !st.durable || st.ended || st.link.is_some() || st.pending_will.is_some() {
+                return;
+            }
+            let mut record = self.record(&st, None, false);
+            record.last_seen = st.offline_since;
+            journal.push(Op::PutSession(record));
         }
         self.commit(journal);
     }
@@ -810,12 +836,14 @@ impl Session {
         protocol: ProtocolVersion,
         expiry_interval: u32,
         created_at: u64,
+        offline_since: u64,
         next_seq: u64,
     ) {
         let mut st = self.state.lock();
         st.protocol = protocol;
         st.expiry_interval = expiry_interval;
         st.created_at = created_at;
+        st.offline_since = offline_since;
         st.next_seq = next_seq.max(1);
         st.durable = self.context.persistence.is_some();
     }

@@ -28,6 +28,7 @@ fn session(client_id: &str, protocol_level: u8, expiry_interval: u32) -> Session
         will: None,
         created_at: 1_714_564_800,
         last_seen: 1_714_568_400,
+        connected: false,
     }
 }
 

@@ -120,6 +120,7 @@ pub(crate) fn encode_session(r: &SessionRecord) -> Vec<u8> {
                 .bytes(&w.properties);
         }
     }
+    e.u8(u8::from(r.connected));
     e.0
 }
 
@@ -141,6 +142,8 @@ pub(crate) fn decode_session(key: &[u8], v: &[u8]) -> Result<SessionRecord, Stor
     } else {
         None
     };
+    // Added in schema version 2; a version 1 record ends before it.
+    let connected = if d.buf.is_empty() { false } else { d.bool()? };
     d.finish()?;
     Ok(SessionRecord {
         client_id: keys::text_after(key, 1)?.into(),
@@ -149,6 +152,7 @@ pub(crate) fn decode_session(key: &[u8], v: &[u8]) -> Result<SessionRecord, Stor
         will,
         created_at,
         last_seen,
+        connected,
     })
 }
 

@@ -26,6 +26,13 @@ pub struct SessionRecord {
     /// Unix seconds of the last connect or disconnect; the expiry interval
     /// counts from here once the client is offline.
     pub last_seen: u64,
+    /// Written while a client was connected (at its CONNECT), not at a
+    /// disconnect. Found after a crash, it means the connection was lost
+    /// when the broker stopped, however long ago `last_seen` is: the expiry
+    /// interval and the will delay count from the restart, never from the
+    /// CONNECT. Records of schema version 1 have no such flag and read as
+    /// `false`.
+    pub connected: bool,
 }
 
 /// A will message as stored with its session.

@@ -17,9 +17,14 @@ use crate::engine::{Engine, Writes};
 use crate::error::StoreError;
 use crate::keys;
 
-/// The schema this build reads and writes. Version 1 is the first; there is
-/// nothing older to migrate from yet.
-pub const SCHEMA_VERSION: u32 = 1;
+/// The schema this build reads and writes.
+///
+/// - 1: the first.
+/// - 2: session records end with a `connected` flag (see
+///   `SessionRecord::connected`). Version 1 records are valid version 2
+///   records without it (read as not connected), so the upgrade only
+///   bumps the version key.
+pub const SCHEMA_VERSION: u32 = 2;
 
 pub(crate) fn check_or_init<E: Engine>(engine: &E) -> Result<(), StoreError> {
     match engine.get(keys::SCHEMA)? {
@@ -51,7 +56,15 @@ pub(crate) fn check_or_init<E: Engine>(engine: &E) -> Result<(), StoreError> {
 
 /// Upgrades the store from `from` to the next version and returns it. Each
 /// step writes its changes and the new version key in one atomic write.
-fn migrate<E: Engine>(_engine: &E, from: u32) -> Result<u32, StoreError> {
+fn migrate<E: Engine>(engine: &E, from: u32) -> Result<u32, StoreError> {
+    if from == 1 {
+        // Nothing to rewrite (see SCHEMA_VERSION).
+        let mut w = Writes::new();
+        w.insert(keys::SCHEMA.to_vec(), Some(enc::encode_u32(2)));
+        engine.write(w)?;
+        engine.sync()?;
+        return Ok(2);
+    }
     // No schema older than 1 ever existed: version 0 is not a valid store.
     Err(StoreError::Corrupt {
         key: keys::describe(keys::SCHEMA),

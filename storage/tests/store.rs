@@ -29,6 +29,7 @@ fn every_record_round_trips() {
         let mut no_will = session("bare");
         no_will.will = None;
         no_will.protocol_level = 4;
+        no_will.connected = true;
         let mut sub_plain = subscription("c1", "b/#");
         sub_plain.subscription_id = None;
         sub_plain.no_local = false;
@@ -327,6 +328,36 @@ fn a_second_open_of_the_same_directory_is_refused_as_locked() {
         Err(StoreError::Locked { path }) => assert_eq!(path, dir.path()),
         other => panic!("expected Locked, got {other:?}"),
     }
+}
+
+#[test]
+fn a_version_1_store_is_upgraded_and_its_sessions_read_as_not_connected() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let s = SledStore::open(dir.path()).unwrap();
+        apply(&s, |b| {
+            b.put_session(session("old"));
+        });
+    }
+    {
+        // What a version 1 broker wrote: no `connected` byte at the end of
+        // the session record, and schema version 1.
+        let db = sled::open(dir.path()).unwrap();
+        let value = db.get(b"Sold").unwrap().expect("session record");
+        assert_eq!(value.last(), Some(&0), "the connected flag");
+        db.insert(b"Sold", &value[..value.len() - 1]).unwrap();
+        db.insert(b"\x00schema", &1u32.to_be_bytes()).unwrap();
+        db.flush().unwrap();
+    }
+    {
+        let s = SledStore::open(dir.path()).unwrap();
+        assert_eq!(s.session("old").unwrap(), Some(session("old")));
+    }
+    let db = sled::open(dir.path()).unwrap();
+    assert_eq!(
+        db.get(b"\x00schema").unwrap().unwrap().as_ref(),
+        SCHEMA_VERSION.to_be_bytes()
+    );
 }
 
 #[test]

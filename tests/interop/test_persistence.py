@@ -25,7 +25,12 @@ directory:
   are queued for it, and a subscriber back first receives them live.
 * An MQTT 5 session whose Session Expiry Interval ran out while the broker
   was down is purged at restart (session present = 0, subscription gone),
-  while a longer-lived session is kept.
+  while a longer-lived session is kept; a session whose client was connected
+  (for longer than its interval) when the broker was killed is kept, with
+  the messages acknowledged to their publisher.
+* A will is published once: not again at later restarts, whether the
+  restart published it (its client was connected at the SIGKILL) or its
+  delay timer did.
 * `tern admin sessions --json` lists the persistent session both through the
   running broker's admin endpoint and from the stopped broker's directory.
 
@@ -53,7 +58,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import READY_RE, WAIT, PahoClient, close_log_reader, connect_props, mqtt, tern_bin
+from conftest import (READY_RE, WAIT, PacketTypes, PahoClient, close_log_reader, connect_props,
+                      mqtt, tern_bin, v5_props)
 
 V311 = mqtt.MQTTv311
 V5 = mqtt.MQTTv5
@@ -676,6 +682,75 @@ def test_expired_session_is_purged_at_restart(durable):
     pub.publish("expire/t", b"after", qos=1)
     assert long_.get().payload == b"after"
     short.assert_no_message()
+
+
+def test_a_session_connected_longer_than_its_expiry_survives_sigkill(durable):
+    # The expiry interval counts from when the connection closes (MQTT 5
+    # 3.1.2.11.2): a client connected for longer than its interval when the
+    # broker is killed keeps its session and the messages acknowledged to
+    # their publisher.
+    b = durable().start()
+    sub = client(durable, b, "long-lived", V5, clean=False,
+                 properties=connect_props(SessionExpiryInterval=2))
+    assert [rc.value for rc in sub.subscribe("lived/t", 1)] == [1]
+    time.sleep(3)
+    # Still connected, but no longer reading: what follows stays unacknowledged.
+    sub.stop_loop()
+    pub = client(durable, b, "lived-pub")
+    for i in range(5):
+        pub.publish("lived/t", str(i).encode(), qos=1)
+    b.kill9()
+    b.start()
+    print("restart:", b.restored_line)
+    flags = reconnect(sub)
+    assert flags.session_present, "the session of a client connected at the crash must be kept"
+    got = numbers(collect(sub, need={0, 1, 2, 3, 4}))
+    assert set(got) == {0, 1, 2, 3, 4}, f"acknowledged messages lost: got {got}"
+
+
+def test_a_published_will_is_not_published_again_after_a_restart(durable):
+    # MQTT-3.1.2-10: a will is removed from the session once published. One
+    # published at the restart after a SIGKILL (its client was connected), one
+    # published by its delay timer: each reaches the subscriber once, however
+    # often the broker restarts afterwards.
+    b = durable().start()
+    watcher = client(durable, b, "will-watcher", V311, clean=False)
+    assert [rc.value for rc in watcher.subscribe("gone/#", 1)] == [1]
+    watcher.disconnect()
+    settle()
+    kept = dict(protocol=V5, clean=False, properties=connect_props(SessionExpiryInterval=3600))
+    at_crash = PahoClient(b, "will-at-crash", will=dict(topic="gone/at-crash", payload=b"x", qos=1),
+                          connect=False, **kept)
+    durable.clients.append(at_crash)
+    at_crash.connect()
+    delayed = PahoClient(b, "will-delayed", connect=False, **kept,
+                         will=dict(topic="gone/delayed", payload=b"y", qos=1,
+                                   properties=v5_props(PacketTypes.WILLMESSAGE, WillDelayInterval=1)))
+    durable.clients.append(delayed)
+    delayed.connect()
+    # The delayed one's connection drops (no DISCONNECT): its will goes out
+    # after 1 s, while the broker runs.
+    delayed.stop_loop()
+    delayed.c.socket().close()
+    time.sleep(2.5)
+    b.kill9()
+    b.start()
+    reconnect(watcher)
+    got = sorted(m.topic for m in collect(watcher, silence=1.5, total=15))
+    assert got == ["gone/at-crash", "gone/delayed"], f"wills after the first restart: {got}"
+    watcher.disconnect()
+    settle()
+    for stop in ("sigterm", "sigkill"):
+        if stop == "sigterm":
+            assert b.stop() == 0
+        else:
+            b.kill9()
+        b.start()
+        reconnect(watcher)
+        again = [m.topic for m in collect(watcher, silence=1.5, total=10)]
+        assert again == [], f"wills published again after a {stop} restart: {again}"
+        watcher.disconnect()
+        settle()
 
 
 # --------------------------------------------------------------------------
