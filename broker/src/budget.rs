@@ -4,7 +4,11 @@
 //! (topic + payload + a small header allowance) and released when the writer
 //! takes it. One slow subscriber can only fill its own bounded queue; but when
 //! the total across all connections passes the limit, the broker stops
-//! reading from clients until writers have drained below it. Publishers are
+//! reading from clients until writers have drained below it. A queue that
+//! reached its connection's bound stops counting here until its writer takes
+//! it (see `Link::exempt` in session.rs): its bound limits it already, and
+//! subscribers that never read would otherwise hold the budget over its limit
+//! for as long as they stay connected, pausing every reader. Publishers are
 //! thereby slowed by TCP back-pressure instead of the broker queueing without
 //! bound or dropping what every subscriber could still take.
 

@@ -254,19 +254,45 @@ struct Link {
     connection_id: u64,
     control: Arc<ConnectionControl>,
     outbound: VecDeque<Outbound>,
-    /// Bytes of `outbound` charged to the broker's budget.
+    /// Bytes of PUBLISHes in `outbound` (the connection's bound applies to
+    /// them), charged to the broker's budget unless `exempt`.
     charged: usize,
+    /// Set once `charged` reached the connection's bound: its bytes no
+    /// longer count against the broker-wide budget, since the bound limits
+    /// them already. Otherwise a few subscribers that stop reading would
+    /// fill the budget with queues that never drain, and the broker would
+    /// stop reading from every client for as long as they stay connected.
+    /// Cleared when the writer takes the queue.
+    exempt: bool,
     /// Items of `outbound` that are not PUBLISH (acks, PINGRESP ...).
     controls: usize,
     budget: Arc<OutboundBudget>,
 }
 
 impl Link {
-    fn push_publish(&mut self, delivery: Delivery) {
+    /// Queues a PUBLISH; `bound` is the connection's outbound bound
+    /// (`max_client_outbound_bytes`).
+    fn push_publish(&mut self, delivery: Delivery, bound: usize) {
         let size = delivery.message.topic.len() + delivery.message.payload.len() + HEADER_ALLOWANCE;
-        crate::wake_batch::charge(&self.budget, size);
         self.charged += size;
+        if !self.exempt {
+            crate::wake_batch::charge(&self.budget, size);
+            if self.charged >= bound {
+                // Charges deferred to the end of the read are released here
+                // too: the budget is signed, the two cancel out.
+                self.exempt = true;
+                self.budget.release(self.charged);
+            }
+        }
         self.push(Outbound::Publish(delivery));
+    }
+
+    /// Releases what `charged` holds of the broker's budget.
+    fn release_charged(&mut self) {
+        let charged = std::mem::take(&mut self.charged);
+        if !std::mem::take(&mut self.exempt) {
+            self.budget.release(charged);
+        }
     }
 
     /// Queues an item, waking the writer only when the queue was empty: the
@@ -291,7 +317,7 @@ impl Link {
         } else {
             out.extend(self.outbound.drain(..));
         }
-        self.budget.release(std::mem::take(&mut self.charged));
+        self.release_charged();
         self.controls = 0;
         self.control.drained.raise();
     }
@@ -300,7 +326,7 @@ impl Link {
 impl Drop for Link {
     fn drop(&mut self) {
         // A detached or replaced connection's queue is dropped with it.
-        self.budget.release(self.charged);
+        self.release_charged();
     }
 }
 
@@ -554,12 +580,15 @@ impl Session {
             control,
             outbound: VecDeque::new(),
             charged: 0,
+            exempt: false,
             controls: 0,
             budget: Arc::clone(&self.context.budget),
         };
         for item in outbound {
             match item {
-                Outbound::Publish(d) => link.push_publish(d),
+                Outbound::Publish(d) => {
+                    link.push_publish(d, self.context.max_client_outbound_bytes)
+                }
                 other => link.push(other),
             }
         }
@@ -1064,7 +1093,7 @@ impl Session {
             return Admission::Dropped;
         };
         if let Some(link) = &mut st.link {
-            link.push_publish(delivery);
+            link.push_publish(delivery, self.context.max_client_outbound_bytes);
         }
         admission
     }
@@ -1325,7 +1354,7 @@ impl Session {
             st.inflight.set_state(i, InflightState::Sent);
             let delivery = st.inflight.get(i).delivery.clone();
             if let Some(link) = &mut st.link {
-                link.push_publish(delivery);
+                link.push_publish(delivery, self.context.max_client_outbound_bytes);
             }
         } else {
             // Offline meanwhile: the next attach sends it.
@@ -1541,7 +1570,7 @@ impl Session {
         if state == InflightState::Sent {
             let delivery = sent.delivery.clone();
             if let Some(link) = &mut st.link {
-                link.push_publish(delivery);
+                link.push_publish(delivery, self.context.max_client_outbound_bytes);
             }
         }
     }
@@ -1564,7 +1593,7 @@ impl Session {
                 st.inflight.set_state(i, InflightState::Sent);
                 let delivery = st.inflight.get(i).delivery.clone();
                 if let Some(link) = &mut st.link {
-                    link.push_publish(delivery);
+                    link.push_publish(delivery, self.context.max_client_outbound_bytes);
                 }
                 continue;
             }

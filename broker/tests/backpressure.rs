@@ -131,6 +131,74 @@ async fn one_slow_subscriber_loses_only_its_own_qos0_messages() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribers_stalled_at_their_bound_cannot_pause_the_broker() {
+    // Eight subscribers that never read, each bounded at 16 KiB of queued
+    // messages: together more than the broker-wide budget of 64 KiB. Each
+    // loses its own QoS 0 messages beyond its bound; the broker keeps
+    // reading from everyone else.
+    let server = start(|c| {
+        c.limits.max_outbound_bytes = 64 * 1024;
+        c.limits.max_client_outbound_bytes = 16 * 1024;
+        // No grace for a full queue (each one would hold the publisher up
+        // to a second, once): what is tested is the broker-wide budget.
+        c.limits.queue_full_wait_ms = 0;
+    })
+    .await;
+    let broker = std::sync::Arc::clone(server.broker());
+    let mut stalled = Vec::new();
+    for i in 0..8 {
+        let mut s = RawClient::connected(
+            addr(&server),
+            &format!("stalled-{i}"),
+            ProtocolVersion::V311,
+        )
+        .await;
+        s.subscribe("flood", QoS::AtMostOnce).await;
+        stalled.push(s);
+    }
+    let mut publisher = RawClient::connected(addr(&server), "pub", ProtocolVersion::V311).await;
+    let mut frame = bytes::BytesMut::new();
+    tern_codec::encode_packet(
+        &publish_packet("flood", &[7; 1024], QoS::AtMostOnce, None),
+        ProtocolVersion::V311,
+        &mut frame,
+    )
+    .unwrap();
+    // More than the sockets' kernel buffers take, so that every stalled
+    // subscriber's queue reaches its bound.
+    for i in 0..16_000 {
+        tokio::time::timeout(Duration::from_secs(5), publisher.stream.write_all(&frame))
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "the publisher was held up after {i} messages (budget {})",
+                    broker.registry.context().budget.queued()
+                )
+            })
+            .unwrap();
+    }
+    let mut bystander =
+        RawClient::connected(addr(&server), "bystander", ProtocolVersion::V311).await;
+    bystander.subscribe("other", QoS::AtMostOnce).await;
+    publisher
+        .send(publish_packet(
+            "other",
+            b"still served",
+            QoS::AtMostOnce,
+            None,
+        ))
+        .await;
+    assert_eq!(&bystander.recv_publish().await.payload[..], b"still served");
+    assert!(broker.metrics.messages_dropped_qos0.get() > 0);
+    drop(stalled);
+    eventually("budget released", || {
+        broker.registry.context().budget.queued() == 0
+    })
+    .await;
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stuck_qos1_subscriber_cannot_freeze_the_broker() {
     let server = start(|c| {
         c.limits.max_outbound_bytes = 256 * 1024;
