@@ -18,6 +18,7 @@
 //! what this module keeps across an `.await` is chosen with care (see
 //! docs/ARCHITECTURE.md and `broker/tests/footprint.rs`).
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -1005,7 +1006,12 @@ impl Connection {
         let mut journal = Journal::new();
         let mut added = Vec::new();
         let mut codes = Vec::with_capacity(subscribe.filters.len());
-        let mut retained = Vec::new();
+        let mut retained: Vec<(Arc<Message>, SubscriptionOptions)> = Vec::new();
+        let mut retained_filters: HashMap<&str, std::ops::Range<usize>> = HashMap::new();
+        // More than the session can hold would be dropped on delivery anyway:
+        // its queue and in-flight window (QoS 1/2), and as many QoS 0 ones.
+        let limits = &self.broker.config.limits;
+        let retained_cap = limits.max_queued_messages + usize::from(limits.max_inflight);
         for request in &subscribe.filters {
             let filter = request.filter_str();
             let shared = parse_shared(filter).is_some();
@@ -1035,9 +1041,24 @@ impl Connection {
                         tern_codec::RetainHandling::DoNotSend => false,
                     };
                     // Retained messages are not sent to shared subscriptions.
+                    // A filter repeated in this SUBSCRIBE gets them once,
+                    // with the options of its last occurrence (which replaced
+                    // the earlier ones).
                     if send_retained && !shared {
-                        for (_, message) in self.broker.retained.matching(filter) {
-                            retained.push((message, options));
+                        if let Some(range) = retained_filters.get(filter) {
+                            for entry in &mut retained[range.clone()] {
+                                entry.1 = options;
+                            }
+                        } else {
+                            let start = retained.len();
+                            collect_retained(
+                                &self.broker,
+                                filter,
+                                options,
+                                &mut retained,
+                                retained_cap,
+                            );
+                            retained_filters.insert(filter, start..retained.len());
                         }
                     }
                 }
@@ -1177,6 +1198,33 @@ impl Connection {
 }
 
 /// Sends the retained messages a SUBACK promised, after it.
+/// Adds the retained messages matching `filter` to `retained`, up to `cap`
+/// in all; those beyond it are counted as dropped (a SUBSCRIBE of many
+/// overlapping filters must not make the broker hold more than a session
+/// can take). A filter that finds the cap reached is not matched at all,
+/// and counts as one drop.
+fn collect_retained(
+    broker: &Broker,
+    filter: &str,
+    options: SubscriptionOptions,
+    retained: &mut Vec<(Arc<Message>, SubscriptionOptions)>,
+    cap: usize,
+) {
+    if retained.len() >= cap {
+        Metrics::inc(&broker.metrics.messages_dropped_queue_full);
+        return;
+    }
+    let mut dropped = 0u64;
+    for (_, message) in broker.retained.matching(filter) {
+        if retained.len() < cap {
+            retained.push((message, options));
+        } else {
+            dropped += 1;
+        }
+    }
+    Metrics::add(&broker.metrics.messages_dropped_queue_full, dropped);
+}
+
 fn deliver_retained(session: &Arc<Session>, retained: Vec<(Arc<Message>, SubscriptionOptions)>) {
     let now = std::time::Instant::now();
     let mut journal = Journal::new();
@@ -1187,8 +1235,9 @@ fn deliver_retained(session: &Arc<Session>, retained: Vec<(Arc<Message>, Subscri
         let granted = QoS::from_u8(options.qos).unwrap_or(QoS::AtMostOnce);
         let ids = options.subscription_id.into_iter().collect();
         let delivery = Delivery::new(&message, message.qos.min(granted), true, ids);
-        // The subscriber's own retained messages: nobody to slow down.
-        let _ = session.deliver(delivery, &mut journal);
+        // The subscriber's own retained messages: nobody to slow down, so
+        // what its queues cannot take is dropped (and counted).
+        let _ = session.deliver_retained(delivery, &mut journal);
     }
     session.commit(journal);
 }

@@ -992,13 +992,38 @@ impl Session {
     /// Hands a message to this session (its QoS already downgraded to the
     /// subscription's maximum). A durable session records a QoS 1/2
     /// delivery in `journal`.
-    pub fn deliver(self: &Arc<Self>, mut delivery: Delivery, journal: &mut Journal) -> Admission {
+    pub fn deliver(self: &Arc<Self>, delivery: Delivery, journal: &mut Journal) -> Admission {
+        self.deliver_with(delivery, journal, true)
+    }
+
+    /// Hands a retained message to this session after its SUBSCRIBE: as
+    /// [`deliver`](Self::deliver), but a queue at its bound drops it at once
+    /// (counted): there is no publisher to slow down, so no grace beyond
+    /// the bound, and a SUBSCRIBE matching many retained messages cannot
+    /// queue more than the session's bounds.
+    pub fn deliver_retained(
+        self: &Arc<Self>,
+        delivery: Delivery,
+        journal: &mut Journal,
+    ) -> Admission {
+        self.deliver_with(delivery, journal, false)
+    }
+
+    /// [`deliver`](Self::deliver); `grace`: a queue at its bound may take
+    /// the delivery anyway while the client is not yet slow (see
+    /// [`takes_beyond_bound`](Self::takes_beyond_bound)).
+    fn deliver_with(
+        self: &Arc<Self>,
+        mut delivery: Delivery,
+        journal: &mut Journal,
+        grace: bool,
+    ) -> Admission {
         let mut st = self.state.lock();
         if st.ended {
             return Admission::Dropped;
         }
         if delivery.qos == QoS::AtMostOnce {
-            return self.admit_at_most_once(&mut st, delivery);
+            return self.admit_at_most_once(&mut st, delivery, grace);
         }
         let window_open = self.link_has_room(&st)
             && st.pending.is_empty()
@@ -1009,7 +1034,7 @@ impl Session {
         let queue_full = st.pending.len() + backlog >= self.context.max_queued
             || st.pending_bytes + queued_size(&delivery) > self.context.max_queued_bytes;
         let over_bound = !window_open && queue_full;
-        if over_bound && !self.takes_beyond_bound(&mut st) {
+        if over_bound && !(grace && self.takes_beyond_bound(&mut st)) {
             Metrics::inc(&self.context.metrics.messages_dropped_queue_full);
             return Admission::Dropped;
         }
@@ -1068,7 +1093,7 @@ impl Session {
             if st.ended {
                 break;
             }
-            match (self.admit_at_most_once(&mut st, delivery), worst) {
+            match (self.admit_at_most_once(&mut st, delivery, true), worst) {
                 (Admission::BeyondBound, _) => worst = Admission::BeyondBound,
                 (Admission::Taken, Admission::Dropped) => worst = Admission::Taken,
                 _ => {}
@@ -1079,14 +1104,19 @@ impl Session {
 
     /// A QoS 0 delivery: queued for the connection, or dropped (counted)
     /// when the client is offline or its connection's queue is full.
-    fn admit_at_most_once(&self, st: &mut SessionState, delivery: Delivery) -> Admission {
+    fn admit_at_most_once(
+        &self,
+        st: &mut SessionState,
+        delivery: Delivery,
+        grace: bool,
+    ) -> Admission {
         // Offline clients do not get QoS 0 messages queued.
         let Some(charged) = st.link.as_ref().map(|l| l.charged) else {
             return Admission::Dropped;
         };
         let admission = if charged < self.context.max_client_outbound_bytes {
             Admission::Taken
-        } else if self.takes_beyond_bound(st) {
+        } else if grace && self.takes_beyond_bound(st) {
             Admission::BeyondBound
         } else {
             Metrics::inc(&self.context.metrics.messages_dropped_qos0);

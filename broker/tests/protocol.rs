@@ -282,6 +282,84 @@ async fn a_session_expiry_of_0_at_disconnect_holds_for_an_immediate_reconnect() 
     server.shutdown().await;
 }
 
+/// Stores `n` retained messages `ret/0` .. `ret/{n-1}` at `qos`.
+async fn store_retained(server: &tern::Server, n: u16, qos: QoS) {
+    let mut p = RawClient::connected(addr(server), "retainer", V5).await;
+    for i in 0..n {
+        let mut packet = publish_packet(&format!("ret/{i}"), b"kept", qos, Some(i + 1));
+        if let Packet::Publish(publish) = &mut packet {
+            publish.retain = true;
+            if qos == QoS::AtMostOnce {
+                publish.packet_id = None;
+            }
+        }
+        p.send(packet).await;
+        if qos != QoS::AtMostOnce {
+            assert!(matches!(p.recv().await, Some(Packet::PubAck(_))));
+        }
+    }
+    p.send(Packet::Disconnect(Default::default())).await;
+    p.expect_closed().await;
+}
+
+#[tokio::test]
+async fn a_filter_repeated_in_one_subscribe_gets_its_retained_messages_once() {
+    let server = start(|_| {}).await;
+    store_retained(&server, 3, QoS::AtMostOnce).await;
+    let mut c = RawClient::connected(addr(&server), "repeater", V5).await;
+    let mut subscribe = subscribe_packet(1, "ret/#", QoS::AtMostOnce);
+    if let Packet::Subscribe(s) = &mut subscribe {
+        let first = s.filters[0].clone();
+        s.filters.extend(std::iter::repeat_n(first, 99));
+    }
+    c.send(subscribe).await;
+    match c.recv().await {
+        Some(Packet::SubAck(ack)) => assert_eq!(ack.codes.len(), 100),
+        other => panic!("expected SUBACK, got {other:?}"),
+    }
+    let mut topics = Vec::new();
+    for _ in 0..3 {
+        topics.push(String::from_utf8(c.recv_publish().await.topic.to_vec()).unwrap());
+    }
+    topics.sort();
+    assert_eq!(topics, ["ret/0", "ret/1", "ret/2"]);
+    c.expect_silence(Duration::from_millis(300)).await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn retained_messages_beyond_the_session_bounds_are_dropped_and_counted() {
+    // A subscription matching more retained messages than the session can
+    // hold (in-flight window 5 + queue 10) gets those, not all of them.
+    let server = start(|c| {
+        c.limits.max_inflight = 5;
+        c.limits.max_queued_messages = 10;
+    })
+    .await;
+    store_retained(&server, 100, QoS::AtLeastOnce).await;
+    let mut c = RawClient::connected(addr(&server), "greedy", V5).await;
+    assert_eq!(
+        c.subscribe("ret/#", QoS::AtLeastOnce).await,
+        vec![ReasonCode::GrantedQoS1]
+    );
+    let mut got = 0;
+    while let Ok(Some(packet)) = c.recv_within(Duration::from_millis(300)).await {
+        let Packet::Publish(p) = packet else {
+            panic!("unexpected {packet:?}");
+        };
+        assert!(p.retain);
+        c.send(Packet::PubAck(PubAck::new(p.packet_id.unwrap())))
+            .await;
+        got += 1;
+    }
+    assert_eq!(got, 15);
+    assert_eq!(
+        server.broker().metrics.messages_dropped_queue_full.get(),
+        85
+    );
+    server.shutdown().await;
+}
+
 #[tokio::test]
 async fn takeover_sends_0x8e_to_the_old_connection() {
     let server = start(|_| {}).await;
