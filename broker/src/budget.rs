@@ -1,7 +1,8 @@
 //! The broker-wide budget for messages waiting to be written to clients.
 //!
 //! Every delivery placed in a connection's outbound queue is charged its size
-//! (topic + payload + a small header allowance) and released when the writer
+//! (`Message::weight`: topic, payload, properties, plus a small header
+//! allowance) and released when the writer
 //! takes it. One slow subscriber can only fill its own bounded queue; but when
 //! the total across all connections passes the limit, the broker stops
 //! reading from clients until writers have drained below it. A queue that

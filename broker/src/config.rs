@@ -162,7 +162,7 @@ pub struct LimitsConfig {
     /// in-flight window, or for an offline client. See `docs/configuration.md`
     /// for the overflow policy.
     pub max_queued_messages: usize,
-    /// Bytes (topic + payload) of the messages a session's queue may hold
+    /// Bytes (`Message::weight`: topic, payload, properties) of the messages a session's queue may hold
     /// besides the in-flight window; with `max_queued_messages`, the bound of
     /// an offline client's queue in memory and on disk.
     pub max_queued_bytes: usize,

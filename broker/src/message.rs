@@ -42,6 +42,24 @@ pub struct Message {
     /// queues the message and shared by the others (see
     /// [`detached`](Message::detached)).
     detached: OnceLock<Arc<Message>>,
+    /// What the message weighs against queue bounds and the outbound
+    /// budget (see [`weight`](Message::weight)).
+    weight: usize,
+}
+
+/// Bytes a message's properties weigh in queues: their contents, plus what
+/// each user property costs in memory beyond its bytes (its entry in the
+/// list). A PUBLISH of a million tiny user properties weighs what it holds,
+/// not the 4 bytes of its topic and payload.
+fn properties_weight(p: &PublishProperties) -> usize {
+    let len = |b: &Option<Bytes>| b.as_ref().map_or(0, Bytes::len);
+    len(&p.response_topic)
+        + len(&p.correlation_data)
+        + len(&p.content_type)
+        + p.user_properties
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + std::mem::size_of::<(Bytes, Bytes)>())
+            .sum::<usize>()
 }
 
 /// The slot of a cached header: MQTT 5 or 3.x, with or without a packet id.
@@ -97,6 +115,7 @@ impl Message {
             headers: Default::default(),
             store_id: self.store_id.clone(),
             detached: OnceLock::new(),
+            weight: self.weight,
         })
     }
 
@@ -125,6 +144,7 @@ impl Message {
         let expires_at = properties
             .message_expiry_interval
             .map(|secs| Instant::now() + Duration::from_secs(u64::from(secs)));
+        let weight = topic.len() + payload.len() + properties_weight(&properties);
         Message {
             topic,
             payload,
@@ -136,7 +156,15 @@ impl Message {
             headers: Default::default(),
             store_id: OnceLock::new(),
             detached: OnceLock::new(),
+            weight,
         }
+    }
+
+    /// Bytes the message counts for in a session's queue
+    /// (`max_queued_bytes`), a connection's outbound queue and the broker's
+    /// outbound budget: topic, payload and properties.
+    pub fn weight(&self) -> usize {
+        self.weight
     }
 
     /// The PUBLISH header (everything but the payload) for deliveries of this

@@ -15,7 +15,7 @@
 //!   window (`inflight.rs`; the smaller of our `max_inflight` and the
 //!   client's Receive Maximum); when the window is full or the client is
 //!   offline it waits in `pending`, in order, bounded by
-//!   `max_queued_messages` and `max_queued_bytes` (topic + payload).
+//!   `max_queued_messages` and `max_queued_bytes` (`Message::weight`).
 //!   Acknowledgements free the window and pull the next pending message.
 //! - A delivery that finds its bound reached (`pending` for QoS 1/2, the
 //!   outbound queue's `max_client_outbound_bytes` for QoS 0) is taken anyway
@@ -273,7 +273,7 @@ impl Link {
     /// Queues a PUBLISH; `bound` is the connection's outbound bound
     /// (`max_client_outbound_bytes`).
     fn push_publish(&mut self, delivery: Delivery, bound: usize) {
-        let size = delivery.message.topic.len() + delivery.message.payload.len() + HEADER_ALLOWANCE;
+        let size = delivery.message.weight() + HEADER_ALLOWANCE;
         self.charged += size;
         if !self.exempt {
             crate::wake_batch::charge(&self.budget, size);
@@ -335,7 +335,7 @@ impl Drop for Link {
 pub struct SessionContext {
     /// Bound of each session's QoS 1/2 queue, in messages.
     pub max_queued: usize,
-    /// Bound of each session's QoS 1/2 queue, in topic + payload bytes.
+    /// Bound of each session's QoS 1/2 queue, in bytes of `Message::weight`.
     pub max_queued_bytes: usize,
     /// How long a connected client's full queue makes its publishers wait
     /// before the client counts as slow (see [`Session::wait_for_room`]);
@@ -1653,7 +1653,7 @@ impl Session {
 
 /// The bytes a queued delivery counts against `max_queued_bytes`.
 fn queued_size(delivery: &Delivery) -> usize {
-    delivery.message.topic.len() + delivery.message.payload.len()
+    delivery.message.weight()
 }
 
 fn push_pending(st: &mut SessionState, delivery: Delivery) {

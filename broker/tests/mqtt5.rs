@@ -609,3 +609,41 @@ async fn reconnecting_cancels_the_previous_expiry_timer() {
     assert!(tasks < 10, "{tasks} tasks alive");
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn user_properties_count_against_the_queue_bound() {
+    // Messages of an empty payload and 1000 user properties each weigh what
+    // they hold (about 66 KB each in memory), so an offline session's queue
+    // bound of 256 KiB takes three of them, not all.
+    let server = start(|c| c.limits.max_queued_bytes = 256 * 1024).await;
+    let (mut sub, _) = RawClient::connect(addr(&server), persistent_connect("offline", 60)).await;
+    sub.subscribe("props", QoS::AtLeastOnce).await;
+    sub.send(Packet::Disconnect(Default::default())).await;
+    sub.expect_closed().await;
+
+    let mut publisher = RawClient::connected(addr(&server), "heavy", V5).await;
+    for i in 0..20u16 {
+        let mut packet = publish_packet("props", b"", QoS::AtLeastOnce, Some(i + 1));
+        if let Packet::Publish(p) = &mut packet {
+            p.properties = PublishProperties {
+                user_properties: (0..1000)
+                    .map(|_| (Bytes::from_static(b"k"), Bytes::from_static(b"v")))
+                    .collect(),
+                ..Default::default()
+            };
+        }
+        publisher.send(packet).await;
+        assert!(matches!(publisher.recv().await, Some(Packet::PubAck(_))));
+    }
+    assert_eq!(server.broker().metrics.messages_dropped_queue_full.get(), 17);
+    let (mut sub, ack) = RawClient::connect(addr(&server), persistent_connect("offline", 60)).await;
+    assert!(ack.session_present);
+    for _ in 0..3 {
+        let p = sub.recv_publish().await;
+        assert_eq!(p.properties.user_properties.len(), 1000);
+        sub.send(Packet::PubAck(PubAck::new(p.packet_id.unwrap())))
+            .await;
+    }
+    sub.expect_silence(Duration::from_millis(300)).await;
+    server.shutdown().await;
+}

@@ -135,11 +135,26 @@ impl PublishProperties {
     }
 }
 
-/// Copies of user properties that share nothing with their buffer.
+/// Copies of user properties that share nothing with their buffer: their
+/// bytes copied into one allocation, each pair a slice of it (one allocation
+/// for the lot, not two per pair).
 pub(crate) fn owned_pairs(pairs: &[UserProperty]) -> Vec<UserProperty> {
+    let total: usize = pairs.iter().map(|(k, v)| k.len() + v.len()).sum();
+    let mut all = bytes::BytesMut::with_capacity(total);
+    for (k, v) in pairs {
+        all.extend_from_slice(k);
+        all.extend_from_slice(v);
+    }
+    let all = all.freeze();
+    let mut at = 0;
     pairs
         .iter()
-        .map(|(k, v)| (Bytes::copy_from_slice(k), Bytes::copy_from_slice(v)))
+        .map(|(k, v)| {
+            let key = all.slice(at..at + k.len());
+            let value = all.slice(at + k.len()..at + k.len() + v.len());
+            at += k.len() + v.len();
+            (key, value)
+        })
         .collect()
 }
 
