@@ -11,7 +11,9 @@
 //!   filter ends at; and a per-subscriber index of that subscriber's filters.
 //! * **The match cache**: topic -> `Arc<Matches>`, bounded, kept under the same
 //!   lock as the trie and invalidated selectively (only the topics a changed
-//!   filter matches).
+//!   filter matches), unless finding those topics would cost more than
+//!   [`INVALIDATION_SCAN_BUDGET`]: then it is cleared, so no filter change
+//!   holds the lock long whatever the cached topics.
 //! * **Shared subscription groups** ([`SharedGroup`]): immutable snapshots,
 //!   rebuilt on membership change, with a round-robin cursor that survives
 //!   rebuilds.
@@ -68,7 +70,8 @@ pub mod topic;
 mod tree;
 
 pub use cache::{
-    BULK_INVALIDATION_LIMIT, DEFAULT_CACHE_CAPACITY, EVICTION_DIVISOR, MAX_CACHED_TOPIC_LEN,
+    BULK_INVALIDATION_LIMIT, DEFAULT_CACHE_CAPACITY, EVICTION_DIVISOR, INVALIDATION_SCAN_BUDGET,
+    MAX_CACHED_TOPIC_LEN, SCAN_BYTES_PER_UNIT,
 };
 pub use matches::{ClientMatch, Matches};
 pub use options::SubscriptionOptions;

@@ -6,6 +6,14 @@
 //! the write lock to cache it (the NATS sublist pattern); a generation
 //! counter stops it caching a result that a concurrent change made stale.
 //!
+//! Every change bounds what it does to the cache under the write lock: a
+//! literal filter removes one entry, a wildcard filter scans the cache only
+//! within [`INVALIDATION_SCAN_BUDGET`](crate::INVALIDATION_SCAN_BUDGET) units
+//! of work (about 0.35 ms), else clears it in O(1) and frees the old entries
+//! after releasing the lock. So no SUBSCRIBE, UNSUBSCRIBE or disconnect
+//! stalls other clients' matches for longer than that, whatever topics
+//! clients have made the cache hold.
+//!
 //! A publisher that keeps publishing to one topic need not take the lock at
 //! all: [`Router::matches_recent`] keeps the last result in the caller's
 //! [`RecentMatch`] and reuses it while the generation, readable without the
@@ -54,8 +62,10 @@ pub enum SubscribeOutcome {
 ///    the index, and no subscriber maps to an empty set of filters.
 /// 3. **Cache = trie.** Every cached result equals what the trie would
 ///    compute now: a change invalidates every cached topic that its filter
-///    matches before releasing the lock, and bumps `generation` so that a
-///    result computed under an earlier read lock is not cached afterwards.
+///    matches (or the whole cache, when finding them would cost more than
+///    the scan budget) before releasing the lock, and bumps `generation` so
+///    that a result computed under an earlier read lock is not cached
+///    afterwards.
 /// 4. No trie node other than the root is empty.
 pub struct Router<S> {
     state: RwLock<State<S>>,
@@ -119,7 +129,9 @@ impl<S: Clone + Eq + Hash + Send + Sync + 'static> Router<S> {
     ///
     /// `filter` may be a shared filter `$share/{group}/{filter}`; it is
     /// validated with [`validate_filter`]. Invalidates the cached topics the
-    /// filter matches, and only those.
+    /// filter matches, and only those, unless finding them would cost more
+    /// than [`INVALIDATION_SCAN_BUDGET`](crate::INVALIDATION_SCAN_BUDGET):
+    /// then the whole cache is cleared (see the module doc of the cache).
     pub fn subscribe(
         &self,
         subscriber: &S,
@@ -151,8 +163,10 @@ impl<S: Clone + Eq + Hash + Send + Sync + 'static> Router<S> {
         if !replaced {
             state.subscriptions += 1;
         }
-        state.cache.invalidate(inner);
+        let detached = state.cache.invalidate(inner);
         self.bump(state);
+        drop(guard);
+        drop(detached);
         Ok(if replaced {
             SubscribeOutcome::Replaced
         } else {
@@ -185,8 +199,10 @@ impl<S: Clone + Eq + Hash + Send + Sync + 'static> Router<S> {
                 filter
             }
         };
-        state.cache.invalidate(inner);
+        let detached = state.cache.invalidate(inner);
         self.bump(state);
+        drop(guard);
+        drop(detached);
         true
     }
 
@@ -208,10 +224,12 @@ impl<S: Clone + Eq + Hash + Send + Sync + 'static> Router<S> {
             };
         }
         state.subscriptions -= filters.len();
-        state
+        let detached = state
             .cache
             .invalidate_all_of(filters.keys().map(|filter| trie_filter(filter)));
         self.bump(state);
+        drop(guard);
+        drop(detached);
         filters.len()
     }
 
@@ -335,7 +353,13 @@ impl<S: Clone + Eq + Hash + Send + Sync + 'static> Default for Router<S> {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use proptest::prelude::*;
+
     use super::*;
+    use crate::cache::INVALIDATION_SCAN_BUDGET;
+    use crate::topic::filter_matches;
 
     fn opts(qos: u8, id: u32) -> SubscriptionOptions {
         SubscriptionOptions {
@@ -456,5 +480,328 @@ mod tests {
         );
         assert_eq!(router.remove_subscriber(&2), 1);
         assert!(router.matches_recent("a/b", &mut recent).clients.is_empty());
+    }
+
+    /// A match set in a comparable form: subscriber -> options of its
+    /// matching subscriptions, and (group, filter, members) per shared group.
+    type Normal = (
+        BTreeMap<u32, BTreeSet<(u8, Option<u32>)>>,
+        BTreeSet<(String, String, BTreeSet<(u32, Option<u32>)>)>,
+    );
+
+    fn normal(m: &Matches<u32>) -> Normal {
+        let clients = m
+            .clients
+            .iter()
+            .map(|c| {
+                let options = c
+                    .subscriptions
+                    .iter()
+                    .map(|o| (o.qos, o.subscription_id))
+                    .collect();
+                (c.subscriber, options)
+            })
+            .collect();
+        let shared = m
+            .shared
+            .iter()
+            .map(|g| {
+                let members = g
+                    .members
+                    .iter()
+                    .map(|(s, o)| (*s, o.subscription_id))
+                    .collect();
+                (g.group.to_string(), g.filter.to_string(), members)
+            })
+            .collect();
+        (clients, shared)
+    }
+
+    /// Invariant 3: every cached result is what the trie computes now.
+    fn assert_cache_fresh(router: &Router<u32>) {
+        let state = router.state.read();
+        state.cache.assert_totals();
+        for (topic, cached) in state.cache.iter() {
+            assert_eq!(
+                normal(cached),
+                normal(&state.tree.matches(topic)),
+                "stale cached result for {topic:?}"
+            );
+        }
+    }
+
+    /// Caches `topics`, then checks each one's result after `change`:
+    /// equal to the trie's, and listing `subscriber` iff `expect` says so.
+    fn check_after(
+        router: &Router<u32>,
+        topics: &[String],
+        change: impl FnOnce(),
+        expect: impl Fn(&str) -> bool,
+        subscriber: u32,
+    ) {
+        for topic in topics {
+            router.matches(topic);
+        }
+        change();
+        assert_cache_fresh(router);
+        for topic in topics {
+            let got = router.matches(topic);
+            let truth = router.state.read().tree.matches(topic);
+            assert_eq!(normal(&got), normal(&truth), "{topic:?}");
+            let listed = got.clients.iter().any(|c| c.subscriber == subscriber)
+                || got.shared.iter().any(|g| g.contains(&subscriber));
+            assert_eq!(listed, expect(topic), "{topic:?}");
+        }
+    }
+
+    /// Subscribe, replace, unsubscribe and remove a subscriber, with filters
+    /// of every kind, each after caching every topic: no cached result is
+    /// stale afterwards. `depth` extra levels on some topics decide whether
+    /// wildcard filters are invalidated by scanning or by clearing.
+    fn every_filter_kind_keeps_the_cache_fresh(extra: usize) -> InvalidationCounts {
+        let router = Router::new();
+        router.subscribe(&100, "a/#", opts(1, 100)).unwrap();
+        router.subscribe(&101, "+/b", opts(0, 101)).unwrap();
+        router
+            .subscribe(&102, "$share/g/a/+", opts(0, 102))
+            .unwrap();
+        let mut topics: Vec<String> = [
+            "a", "a/b", "a/b/c", "a/c", "b/b", "$SYS/a", "$SYS/a/b", "/", "a//b", "/b",
+        ]
+        .iter()
+        .map(|t| t.to_string())
+        .collect();
+        let mut deep = "a/b".to_string();
+        for _ in 0..extra {
+            deep.push_str("/d");
+        }
+        // Enough deep topics to push the cost of a deep wildcard filter's
+        // scan over the budget when `extra` is large.
+        topics.extend((0..128).map(|i| format!("{deep}/{i}")));
+        let mut filters: Vec<String> = [
+            "a/b",
+            "$SYS/a",
+            "/",
+            "a//b",
+            "+",
+            "+/b",
+            "a/+",
+            "+/+/+",
+            "#",
+            "a/#",
+            "$SYS/#",
+            "+/#",
+            "a/b/d/#",
+            "$share/g/a/+",
+            "$share/h/#",
+            "$share/h/$SYS/a",
+        ]
+        .iter()
+        .map(|f| f.to_string())
+        .collect();
+        // Deep filters of each kind, matching the deep topics.
+        filters.push(format!("{deep}/5"));
+        filters.push(format!("a/b{}/+", "/+".repeat(extra)));
+        filters.push(format!("+/+{}/#", "/d".repeat(extra)));
+        filters.push(format!("$share/g/+/b{}/7", "/+".repeat(extra)));
+        for (i, filter) in filters.iter().enumerate() {
+            let id = i as u32;
+            let inner = trie_filter(filter);
+            let matches = |t: &str| filter_matches(inner, t);
+            let subscribe = || {
+                router.subscribe(&id, filter, opts(0, id)).unwrap();
+            };
+            check_after(&router, &topics, subscribe, matches, id);
+            let replace = || {
+                router.subscribe(&id, filter, opts(2, id + 1000)).unwrap();
+            };
+            check_after(&router, &topics, replace, matches, id);
+            let unsubscribe = || assert!(router.unsubscribe(&id, filter));
+            check_after(&router, &topics, unsubscribe, |_| false, id);
+            router.subscribe(&id, filter, opts(1, id)).unwrap();
+        }
+        // Removing a subscriber with several filters (under the bulk limit).
+        let remove = || assert_eq!(router.remove_subscriber(&100), 1);
+        check_after(&router, &topics, remove, |_| false, 100);
+        for extra_filter in ["x/+", "a/b/c", "$share/g/+/c"] {
+            router.subscribe(&101, extra_filter, opts(0, 7)).unwrap();
+        }
+        let remove = || assert_eq!(router.remove_subscriber(&101), 4);
+        check_after(&router, &topics, remove, |_| false, 101);
+        let stats = router.state.read().cache.stats;
+        assert!(stats.max_scan_levels <= INVALIDATION_SCAN_BUDGET);
+        InvalidationCounts {
+            keyed: stats.keyed,
+            scans: stats.scans,
+            clears: stats.clears,
+        }
+    }
+
+    #[derive(Debug)]
+    struct InvalidationCounts {
+        keyed: usize,
+        scans: usize,
+        clears: usize,
+    }
+
+    #[test]
+    fn every_filter_kind_keeps_the_cache_fresh_by_scanning() {
+        let counts = every_filter_kind_keeps_the_cache_fresh(0);
+        assert!(counts.keyed > 0 && counts.scans > 0, "{counts:?}");
+        assert_eq!(counts.clears, 0);
+    }
+
+    #[test]
+    fn every_filter_kind_keeps_the_cache_fresh_by_clearing() {
+        // 128 topics of 500 levels: 64,000 cached levels, over budget for
+        // the deep wildcard filters.
+        let counts = every_filter_kind_keeps_the_cache_fresh(497);
+        assert!(counts.keyed > 0 && counts.clears > 0, "{counts:?}");
+    }
+
+    /// The reported attack through the public API: a full cache of
+    /// 500-level topics, then a SUBSCRIBE of 200 deep wildcard filters. The
+    /// first clears the cache, the others find it empty: no scan at all.
+    #[test]
+    fn deep_filters_against_a_full_cache_of_deep_topics_do_not_scan() {
+        let router = Router::new();
+        router.subscribe(&1u32, "t7/#", opts(0, 1)).unwrap();
+        let tail = "/a".repeat(499);
+        for i in 0..DEFAULT_CACHE_CAPACITY {
+            router.matches(&format!("t{i}{tail}"));
+        }
+        assert_eq!(router.cached_topics(), DEFAULT_CACHE_CAPACITY);
+        let deep_filter = format!("{}/nomatch/x", vec!["+"; 498].join("/"));
+        for i in 0..200 {
+            let filter = format!("{deep_filter}{i}");
+            router.subscribe(&2, &filter, opts(0, 2)).unwrap();
+        }
+        let stats = router.state.read().cache.stats;
+        assert_eq!(
+            (stats.clears, stats.scans, stats.max_scan_levels),
+            (1, 0, 0)
+        );
+        assert_eq!(router.cached_topics(), 0);
+        assert_eq!(subscribers(&router.matches(&format!("t7{tail}"))), vec![1]);
+        assert_cache_fresh(&router);
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Subscribe(u32, String),
+        Unsubscribe(u32, String),
+        UnsubscribeExisting(u32, usize),
+        Remove(u32),
+        Match(String),
+    }
+
+    fn level() -> impl Strategy<Value = &'static str> {
+        prop_oneof![Just("a"), Just("b"), Just("$x"), Just("")]
+    }
+
+    /// Short topics, and deep ones (hundreds of levels) that make some
+    /// invalidations exceed the scan budget.
+    fn topic() -> impl Strategy<Value = String> {
+        (
+            prop::collection::vec(level(), 1..4),
+            prop_oneof![2 => Just(0usize), 1 => 300..500usize],
+        )
+            .prop_map(|(levels, extra)| {
+                let mut topic = levels.join("/");
+                for _ in 0..extra {
+                    topic.push_str("/a");
+                }
+                topic
+            })
+    }
+
+    /// Literal, `+` and `#` filters, shared one time in four, some deep.
+    fn filter() -> impl Strategy<Value = String> {
+        let level = prop_oneof![level(), Just("+")];
+        (
+            prop::collection::vec(level, 1..4),
+            prop_oneof![3 => Just(0usize), 1 => 300..500usize],
+            any::<bool>(),
+            prop_oneof![3 => Just(false), 1 => Just(true)],
+        )
+            .prop_map(|(levels, extra, hash, shared)| {
+                let mut filter = levels.join("/");
+                for _ in 0..extra {
+                    filter.push_str("/+");
+                }
+                if hash {
+                    filter.push_str("/#");
+                }
+                if shared {
+                    filter = format!("$share/g/{filter}");
+                }
+                filter
+            })
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            3 => (0..4u32, filter()).prop_map(|(s, f)| Op::Subscribe(s, f)),
+            1 => (0..4u32, filter()).prop_map(|(s, f)| Op::Unsubscribe(s, f)),
+            2 => (0..4u32, any::<usize>()).prop_map(|(s, i)| Op::UnsubscribeExisting(s, i)),
+            1 => (0..4u32).prop_map(Op::Remove),
+            4 => topic().prop_map(Op::Match),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Through random subscribes, replaces, unsubscribes, removals and
+        /// matches over short and deep topics, every cached result stays
+        /// equal to the trie's, and no invalidation scans over budget.
+        #[test]
+        fn the_cache_never_holds_a_stale_result(
+            fill in prop_oneof![Just(0usize), Just(100)],
+            ops in prop::collection::vec(op(), 1..60),
+        ) {
+            let router = Router::with_cache_capacity(128);
+            // Sometimes 100 cached topics of 400 levels first, so that deep
+            // filters exceed the scan budget (and later inserts evict).
+            let tail = "/a".repeat(399);
+            for i in 0..fill {
+                router.matches(&format!("{}{tail}", ["a", "b", "$x", ""][i % 4]));
+                router.matches(&format!("f{i}{tail}"));
+            }
+            let mut seen: Vec<String> = Vec::new();
+            for op in ops {
+                match op {
+                    Op::Subscribe(s, f) => {
+                        let result = router.subscribe(&s, &f, opts(s as u8 % 3, s));
+                        prop_assert_eq!(result.is_ok(), validate_filter(&f).is_ok());
+                    }
+                    Op::Unsubscribe(s, f) => {
+                        router.unsubscribe(&s, &f);
+                    }
+                    Op::UnsubscribeExisting(s, i) => {
+                        let mine = router.subscriptions_of(&s);
+                        if !mine.is_empty() {
+                            prop_assert!(router.unsubscribe(&s, &mine[i % mine.len()].0));
+                        }
+                    }
+                    Op::Remove(s) => {
+                        router.remove_subscriber(&s);
+                    }
+                    Op::Match(t) => {
+                        let got = router.matches(&t);
+                        let truth = router.state.read().tree.matches(&t);
+                        prop_assert_eq!(normal(&got), normal(&truth));
+                        seen.push(t);
+                    }
+                }
+                assert_cache_fresh(&router);
+                let stats = router.state.read().cache.stats;
+                prop_assert!(stats.max_scan_levels <= INVALIDATION_SCAN_BUDGET);
+            }
+            for t in &seen {
+                let truth = router.state.read().tree.matches(t);
+                prop_assert_eq!(normal(&router.matches(t)), normal(&truth));
+            }
+        }
     }
 }
