@@ -1108,6 +1108,10 @@ impl Connection {
             .iter()
             .map(|filter| {
                 let filter = std::str::from_utf8(filter).unwrap_or("");
+                if tern_router::validate_filter(filter).is_err() {
+                    // As SUBSCRIBE answers it (no such subscription can exist).
+                    return ReasonCode::TopicFilterInvalid;
+                }
                 if self.broker.router.unsubscribe(&subscriber, filter) {
                     if durable {
                         journal.push(Op::DeleteSubscription {

@@ -635,7 +635,10 @@ async fn user_properties_count_against_the_queue_bound() {
         publisher.send(packet).await;
         assert!(matches!(publisher.recv().await, Some(Packet::PubAck(_))));
     }
-    assert_eq!(server.broker().metrics.messages_dropped_queue_full.get(), 17);
+    assert_eq!(
+        server.broker().metrics.messages_dropped_queue_full.get(),
+        17
+    );
     let (mut sub, ack) = RawClient::connect(addr(&server), persistent_connect("offline", 60)).await;
     assert!(ack.session_present);
     for _ in 0..3 {
@@ -645,5 +648,39 @@ async fn user_properties_count_against_the_queue_bound() {
             .await;
     }
     sub.expect_silence(Duration::from_millis(300)).await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn unsuback_reason_codes() {
+    // 0x00 for a subscription removed, 0x11 when none existed, 0x8F for a
+    // filter that is not valid (as SUBACK answers it).
+    let server = start(|_| {}).await;
+    let mut c = RawClient::connected(addr(&server), "unsub", V5).await;
+    c.subscribe("ok/t", QoS::AtMostOnce).await;
+    c.send(Packet::Unsubscribe(tern_codec::Unsubscribe {
+        packet_id: 9,
+        filters: ["a/#/b", "never/subscribed", "ok/t", "$share/g"]
+            .into_iter()
+            .map(|f| Bytes::from_static(f.as_bytes()))
+            .collect(),
+        properties: Default::default(),
+    }))
+    .await;
+    match c.recv().await {
+        Some(Packet::UnsubAck(ack)) => {
+            assert_eq!(ack.packet_id, 9);
+            assert_eq!(
+                ack.codes,
+                [
+                    ReasonCode::TopicFilterInvalid,
+                    ReasonCode::NoSubscriptionExisted,
+                    ReasonCode::Success,
+                    ReasonCode::TopicFilterInvalid
+                ]
+            );
+        }
+        other => panic!("expected UNSUBACK, got {other:?}"),
+    }
     server.shutdown().await;
 }

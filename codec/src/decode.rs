@@ -60,6 +60,11 @@ pub fn decode_packet(
                 "remaining length longer than 4 bytes",
             ))
         }
+        Err(VarintError::NotMinimal) => {
+            return Err(DecodeError::Malformed(
+                "remaining length not in its shortest form",
+            ))
+        }
     };
     let frame_len = 1 + len_len + remaining as usize;
     if frame_len > max_packet_size {

@@ -33,6 +33,9 @@ pub(crate) enum VarintError {
     Incomplete,
     /// A fifth byte would be needed: malformed.
     TooLong,
+    /// More bytes than the value needs (a last byte of 0 after the first,
+    /// e.g. `80 00` for 0): malformed, MQTT-1.5.5-1.
+    NotMinimal,
 }
 
 /// Reads a Variable Byte Integer from the start of `bytes`, which may be
@@ -46,6 +49,9 @@ pub(crate) fn peek_varint(bytes: &[u8]) -> Result<(u32, usize), VarintError> {
         };
         value |= u32::from(b & 0x7F) << (7 * i);
         if b & 0x80 == 0 {
+            if b == 0 && i > 0 {
+                return Err(VarintError::NotMinimal);
+            }
             return Ok((value, i + 1));
         }
     }
@@ -141,6 +147,9 @@ impl Reader {
             Err(VarintError::Incomplete) => Err(DecodeError::Malformed("packet ends too early")),
             Err(VarintError::TooLong) => Err(DecodeError::Malformed(
                 "variable byte integer longer than 4 bytes",
+            )),
+            Err(VarintError::NotMinimal) => Err(DecodeError::Malformed(
+                "variable byte integer not in its shortest form",
             )),
         }
     }
@@ -280,6 +289,21 @@ mod tests {
         assert!(r.varint().is_err());
         let mut r = Reader::new(Bytes::from_static(&[0xFF, 0xFF]));
         assert!(r.varint().is_err());
+    }
+
+    #[test]
+    fn varint_not_in_its_shortest_form_is_malformed() {
+        // MQTT-1.5.5-1: 0 as two bytes, 127 as two, 128 as three.
+        for bytes in [&[0x80, 0x00][..], &[0xFF, 0x00], &[0x80, 0x81, 0x00]] {
+            let mut r = Reader::new(Bytes::copy_from_slice(bytes));
+            assert_eq!(
+                r.varint(),
+                Err(DecodeError::Malformed(
+                    "variable byte integer not in its shortest form"
+                )),
+                "{bytes:02x?}"
+            );
+        }
     }
 
     #[test]

@@ -316,6 +316,15 @@ fn remaining_length_of_five_bytes() {
 }
 
 #[test]
+fn remaining_length_not_in_its_shortest_form() {
+    // MQTT-1.5.5-1: PINGREQ with a remaining length of 0 in two bytes.
+    malformed(b"\xC0\x80\x00", V311);
+    malformed(b"\xC0\x80\x00", V5);
+    // A property length of 0 in two bytes (DISCONNECT 0x00 with properties).
+    malformed(b"\xE0\x03\x00\x80\x00", V5);
+}
+
+#[test]
 fn trailing_and_missing_bytes() {
     malformed(b"\xC0\x01\x00", V5);
     malformed(b"\x40\x03\x00\x01\x00", V311);
