@@ -186,6 +186,9 @@ pub struct LimitsConfig {
     /// Upper bound for the session expiry interval a client may ask for, in
     /// seconds; `4294967295` means "never expires" is allowed.
     pub max_session_expiry_secs: u32,
+    /// Subscriptions one session may hold; a SUBSCRIBE filter beyond it is
+    /// refused (5.0: 0x97 quota exceeded, 3.x: 0x80).
+    pub max_subscriptions_per_client: usize,
 }
 
 /// `[auth]`.
@@ -242,6 +245,7 @@ impl Default for LimitsConfig {
             max_keepalive_secs: 0,
             topic_alias_maximum: 64,
             max_session_expiry_secs: u32::MAX,
+            max_subscriptions_per_client: 10_000,
         }
     }
 }
@@ -392,6 +396,9 @@ impl Config {
         }
         if l.connect_timeout_secs == 0 {
             return invalid("limits.connect_timeout_secs", "must be at least 1");
+        }
+        if l.max_subscriptions_per_client == 0 {
+            return invalid("limits.max_subscriptions_per_client", "must be at least 1");
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return invalid(

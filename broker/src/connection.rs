@@ -1012,12 +1012,25 @@ impl Connection {
         // its queue and in-flight window (QoS 1/2), and as many QoS 0 ones.
         let limits = &self.broker.config.limits;
         let retained_cap = limits.max_queued_messages + usize::from(limits.max_inflight);
+        let mut held = self.broker.router.subscription_count_of(&subscriber);
+        let mut over_quota = 0usize;
         for request in &subscribe.filters {
             let filter = request.filter_str();
             let shared = parse_shared(filter).is_some();
             if v5 && shared && request.no_local {
                 // MQTT-3.8.3-4.
                 return Err(self.protocol_error("No Local on a shared subscription"));
+            }
+            if held >= limits.max_subscriptions_per_client
+                && !self.broker.router.is_subscribed(&subscriber, filter)
+            {
+                over_quota += 1;
+                codes.push(if v5 {
+                    ReasonCode::QuotaExceeded
+                } else {
+                    ReasonCode::UnspecifiedError
+                });
+                continue;
             }
             let options = SubscriptionOptions {
                 qos: request.qos as u8,
@@ -1028,6 +1041,9 @@ impl Connection {
             };
             match self.broker.router.subscribe(&subscriber, filter, options) {
                 Ok(outcome) => {
+                    if outcome == SubscribeOutcome::New {
+                        held += 1;
+                    }
                     codes.push(ReasonCode::granted(request.qos));
                     if durable {
                         journal.push(Op::PutSubscription(subscription_record(
@@ -1071,6 +1087,14 @@ impl Connection {
                     });
                 }
             }
+        }
+        if over_quota > 0 {
+            tracing::info!(
+                client_id = %session.client_id,
+                refused = over_quota,
+                limit = limits.max_subscriptions_per_client,
+                "subscriptions refused: limits.max_subscriptions_per_client reached"
+            );
         }
         // A takeover with clean start may have ended this session while we
         // subscribed: its cleanup ran first, so undo ours (the session's

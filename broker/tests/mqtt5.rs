@@ -684,3 +684,60 @@ async fn unsuback_reason_codes() {
     }
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn subscriptions_beyond_the_per_client_limit_are_refused() {
+    let server = start(|c| c.limits.max_subscriptions_per_client = 3).await;
+    let mut c = RawClient::connected(addr(&server), "many", V5).await;
+    let filters = ["a", "b", "c", "d", "e"];
+    c.send(Packet::Subscribe(Subscribe {
+        packet_id: 1,
+        filters: filters
+            .iter()
+            .map(|f| SubscribeFilter {
+                filter: Bytes::from_static(f.as_bytes()),
+                qos: QoS::AtMostOnce,
+                no_local: false,
+                retain_as_published: false,
+                retain_handling: RetainHandling::SendAtSubscribe,
+            })
+            .collect(),
+        properties: Default::default(),
+    }))
+    .await;
+    match c.recv().await {
+        Some(Packet::SubAck(ack)) => assert_eq!(
+            ack.codes,
+            [
+                ReasonCode::Success,
+                ReasonCode::Success,
+                ReasonCode::Success,
+                ReasonCode::QuotaExceeded,
+                ReasonCode::QuotaExceeded
+            ]
+        ),
+        other => panic!("expected SUBACK, got {other:?}"),
+    }
+    // At the limit, a subscription held may still be replaced, and one
+    // removed makes room.
+    assert_eq!(
+        c.subscribe("a", QoS::AtLeastOnce).await,
+        [ReasonCode::GrantedQoS1]
+    );
+    assert_eq!(
+        c.subscribe("d", QoS::AtMostOnce).await,
+        [ReasonCode::QuotaExceeded]
+    );
+    c.send(Packet::Unsubscribe(tern_codec::Unsubscribe {
+        packet_id: 2,
+        filters: vec![Bytes::from_static(b"b")],
+        properties: Default::default(),
+    }))
+    .await;
+    assert!(matches!(c.recv().await, Some(Packet::UnsubAck(_))));
+    assert_eq!(
+        c.subscribe("d", QoS::AtMostOnce).await,
+        [ReasonCode::Success]
+    );
+    server.shutdown().await;
+}

@@ -233,6 +233,25 @@ impl<S: Clone + Eq + Hash + Send + Sync + 'static> Router<S> {
         filters.len()
     }
 
+    /// How many subscriptions `subscriber` holds.
+    pub fn subscription_count_of(&self, subscriber: &S) -> usize {
+        self.state
+            .read()
+            .index
+            .get(subscriber)
+            .map_or(0, HashMap::len)
+    }
+
+    /// Whether `subscriber` holds a subscription to exactly `filter` (as
+    /// given to `subscribe`).
+    pub fn is_subscribed(&self, subscriber: &S, filter: &str) -> bool {
+        self.state
+            .read()
+            .index
+            .get(subscriber)
+            .is_some_and(|filters| filters.contains_key(filter))
+    }
+
     /// The subscriptions of `subscriber`: filters exactly as given (including
     /// `$share/...`), sorted by filter.
     pub fn subscriptions_of(&self, subscriber: &S) -> Vec<(String, SubscriptionOptions)> {
