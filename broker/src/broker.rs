@@ -22,6 +22,7 @@
 //! what waits for it (the PUBACK).
 
 use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -73,6 +74,9 @@ pub struct Broker {
     pub config: Config,
     pub router: Router<SessionRef>,
     pub retained: RetainedStore<Arc<Message>>,
+    /// `Message::weight` of every retained message, against
+    /// `limits.max_retained_bytes`.
+    retained_bytes: AtomicUsize,
     pub registry: SessionRegistry,
     pub metrics: Arc<Metrics>,
     pub authenticator: Authenticator,
@@ -123,6 +127,7 @@ impl Broker {
             config,
             router: Router::new(),
             retained: RetainedStore::new(),
+            retained_bytes: AtomicUsize::new(0),
             registry,
             metrics,
             persistence,
@@ -235,8 +240,21 @@ impl Broker {
             return;
         }
         let topic = message.topic_str();
-        if message.payload.is_empty() {
-            self.retained.remove(topic);
+        let over_limit = !message.payload.is_empty() && !self.retained_fits(topic, message);
+        if over_limit {
+            Metrics::inc(&self.metrics.retained_refused);
+            tracing::debug!(
+                topic,
+                "not retained: limits.max_retained_messages or max_retained_bytes reached"
+            );
+        }
+        if message.payload.is_empty() || over_limit {
+            // Cleared, or (over a limit) not replaced by a newer value it
+            // could not store: an older value must not be served as current.
+            if let Some(old) = self.retained.remove(topic) {
+                self.retained_bytes
+                    .fetch_sub(old.weight(), Ordering::Relaxed);
+            }
             if self.persistence.is_some() {
                 journal.push(tern_storage::Op::DeleteRetained {
                     topic: topic.to_owned(),
@@ -254,8 +272,34 @@ impl Broker {
             }
             // Compacted (after `reference`, so the copy keeps the store id):
             // the retained message outlives the read buffer it arrived in.
-            self.retained.insert(topic, message.compacted());
+            self.insert_retained(topic, message.compacted());
         }
+    }
+
+    /// Stores `message` as the retained message of `topic`, keeping the
+    /// byte total (recovery uses it too, without the limits: a store holds
+    /// what an earlier configuration allowed).
+    pub fn insert_retained(&self, topic: &str, message: Arc<Message>) {
+        self.retained_bytes
+            .fetch_add(message.weight(), Ordering::Relaxed);
+        if let Some(old) = self.retained.insert(topic, message) {
+            self.retained_bytes
+                .fetch_sub(old.weight(), Ordering::Relaxed);
+        }
+    }
+
+    /// Whether `message` may become `topic`'s retained message within
+    /// `limits.max_retained_messages` and `max_retained_bytes` (checked
+    /// without a lock: concurrent publishers may pass them by a few).
+    fn retained_fits(&self, topic: &str, message: &Message) -> bool {
+        let limits = &self.config.limits;
+        let old = self.retained.get(topic);
+        let others = self
+            .retained_bytes
+            .load(Ordering::Relaxed)
+            .saturating_sub(old.as_ref().map_or(0, |m| m.weight()));
+        let count_ok = old.is_some() || self.retained.len() < limits.max_retained_messages;
+        count_ok && others + message.weight() <= limits.max_retained_bytes
     }
 
     /// Publishes a message the broker makes itself (a will) and commits its

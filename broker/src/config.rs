@@ -189,6 +189,12 @@ pub struct LimitsConfig {
     /// Subscriptions one session may hold; a SUBSCRIBE filter beyond it is
     /// refused (5.0: 0x97 quota exceeded, 3.x: 0x80).
     pub max_subscriptions_per_client: usize,
+    /// Topics with a retained message; a retained message for one more
+    /// topic is delivered but not stored.
+    pub max_retained_messages: usize,
+    /// Bytes (`Message::weight`) of all retained messages; a retained
+    /// message that would pass it is delivered but not stored.
+    pub max_retained_bytes: usize,
 }
 
 /// `[auth]`.
@@ -246,6 +252,8 @@ impl Default for LimitsConfig {
             topic_alias_maximum: 64,
             max_session_expiry_secs: u32::MAX,
             max_subscriptions_per_client: 10_000,
+            max_retained_messages: 1_000_000,
+            max_retained_bytes: 1024 * 1024 * 1024,
         }
     }
 }
@@ -399,6 +407,12 @@ impl Config {
         }
         if l.max_subscriptions_per_client == 0 {
             return invalid("limits.max_subscriptions_per_client", "must be at least 1");
+        }
+        if l.max_retained_messages == 0 {
+            return invalid("limits.max_retained_messages", "must be at least 1");
+        }
+        if l.max_retained_bytes < 1024 {
+            return invalid("limits.max_retained_bytes", "must be at least 1024");
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return invalid(

@@ -99,6 +99,9 @@ pub struct Metrics {
     pub shared_redeliveries: Counter,
     /// Queued messages and sessions found expired (and purged) at start-up.
     pub recovery_purged: Counter,
+    /// Retained messages not stored: `max_retained_messages` or
+    /// `max_retained_bytes` reached (the message was still delivered).
+    pub retained_refused: Counter,
 }
 
 impl Metrics {

@@ -84,7 +84,7 @@ pub fn recover(broker: &Arc<Broker>) -> Result<Recovered, StoreError> {
         let record = record?;
         match load(record.message_id)? {
             Some(message) => {
-                broker.retained.insert(&record.topic, message);
+                broker.insert_retained(&record.topic, message);
                 report.retained += 1;
             }
             None => {

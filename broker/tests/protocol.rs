@@ -902,3 +902,68 @@ async fn publishes_of_one_read_arrive_in_order_whatever_their_qos() {
     }
     server.shutdown().await;
 }
+
+/// The retained messages a new subscriber to `#` receives: (topic, payload).
+async fn retained_set(server: &tern::Server) -> Vec<(String, Vec<u8>)> {
+    let mut c = RawClient::connected(addr(server), "looker", V5).await;
+    c.subscribe("#", QoS::AtMostOnce).await;
+    let mut got = Vec::new();
+    while let Ok(Some(Packet::Publish(p))) = c.recv_within(Duration::from_millis(300)).await {
+        got.push((
+            String::from_utf8(p.topic.to_vec()).unwrap(),
+            p.payload.to_vec(),
+        ));
+    }
+    got.sort();
+    got
+}
+
+#[tokio::test]
+async fn retained_messages_beyond_the_limits_are_delivered_but_not_stored() {
+    let server = start(|c| {
+        c.limits.max_retained_messages = 2;
+        c.limits.max_retained_bytes = 1024;
+    })
+    .await;
+    let mut live = RawClient::connected(addr(&server), "live", V5).await;
+    live.subscribe("r/#", QoS::AtMostOnce).await;
+    let mut p = RawClient::connected(addr(&server), "p", V5).await;
+    let retain = |topic: &str, payload: &[u8]| {
+        let mut packet = publish_packet(topic, payload, QoS::AtMostOnce, None);
+        if let Packet::Publish(publish) = &mut packet {
+            publish.retain = true;
+        }
+        packet
+    };
+    p.send(retain("r/a", b"1")).await;
+    p.send(retain("r/b", b"2")).await;
+    // A third topic: over max_retained_messages.
+    p.send(retain("r/c", b"3")).await;
+    for want in ["r/a", "r/b", "r/c"] {
+        assert_eq!(
+            live.recv_publish().await.topic,
+            want.as_bytes(),
+            "delivered live"
+        );
+    }
+    let one = |t: &str, v: &[u8]| (t.to_owned(), v.to_vec());
+    assert_eq!(
+        retained_set(&server).await,
+        [one("r/a", b"1"), one("r/b", b"2")]
+    );
+    assert_eq!(server.broker().metrics.retained_refused.get(), 1);
+    // Replacing one stays within the count; clearing one makes room.
+    p.send(retain("r/a", b"1bis")).await;
+    p.send(retain("r/b", b"")).await;
+    p.send(retain("r/c", b"3")).await;
+    assert_eq!(
+        retained_set(&server).await,
+        [one("r/a", b"1bis"), one("r/c", b"3")]
+    );
+    // A value over max_retained_bytes does not replace the old one, and
+    // the old one is not kept as if current.
+    p.send(retain("r/a", &[b'x'; 1024])).await;
+    assert_eq!(retained_set(&server).await, [one("r/c", b"3")]);
+    assert_eq!(server.broker().metrics.retained_refused.get(), 2);
+    server.shutdown().await;
+}
