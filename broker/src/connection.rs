@@ -358,6 +358,20 @@ async fn refuse<W: AsyncWrite + Unpin>(
             tracing::debug!(%peer, reason, "connection closed during CONNECT");
             return;
         }
+        (HandshakeFailure::Invalid { why, code, v5 }, _) => {
+            tracing::info!(%peer, ?code, "refused: invalid CONNECT: {why}");
+            if v5 {
+                let connack = Packet::ConnAck(ConnAck {
+                    code,
+                    ..ConnAck::default()
+                });
+                let mut out = BytesMut::new();
+                if encode_packet(&connack, ProtocolVersion::V5, &mut out).is_ok() {
+                    let _ = writer.write_all(&out).await;
+                }
+            }
+            return;
+        }
         (HandshakeFailure::Refused(code), Some(connect)) => (code, connect),
         (HandshakeFailure::Refused(_), None) => return,
     };

@@ -30,6 +30,28 @@ pub enum HandshakeFailure {
     Refused(ReasonCode),
     /// The connection closed or broke the protocol; nothing more to send.
     Closed(String),
+    /// The CONNECT could not be decoded (malformed, a protocol error, too
+    /// large): `code` says why, answered in a CONNACK when the CONNECT is
+    /// recognisably an MQTT 5 one (`v5`; MQTT 5 3.1.4 allows 0x81, 0x82,
+    /// 0x95), otherwise the connection is only closed (3.x has no such code).
+    Invalid {
+        why: String,
+        code: ReasonCode,
+        v5: bool,
+    },
+}
+
+/// Whether `buf` starts with the fixed header and protocol name of an MQTT 5
+/// CONNECT (`10 <length> 00 04 "MQTT" 05`), however broken the rest.
+fn looks_like_v5_connect(buf: &[u8]) -> bool {
+    if buf.first() != Some(&0x10) {
+        return false;
+    }
+    // The remaining length: 1 to 4 bytes, the last without the high bit.
+    let Some(len_len) = buf.iter().skip(1).take(4).position(|b| b & 0x80 == 0) else {
+        return false;
+    };
+    buf.get(2 + len_len..9 + len_len) == Some(&[0, 4, b'M', b'Q', b'T', b'T', 5][..])
 }
 
 /// The outcome of enhanced authentication, for the CONNACK.
@@ -48,6 +70,8 @@ pub async fn read_packet<R: AsyncRead + Unpin>(
     metrics: &Metrics,
 ) -> Result<Packet, HandshakeFailure> {
     loop {
+        // Before decoding, which takes the frame out of `buf`.
+        let v5_connect = looks_like_v5_connect(buf);
         match decode_packet(buf, version, max_packet) {
             Ok(Some(packet)) => {
                 Metrics::inc(&metrics.packets_received);
@@ -60,7 +84,11 @@ pub async fn read_packet<R: AsyncRead + Unpin>(
             }
             Err(e) => {
                 count_decode_error(metrics, &e);
-                return Err(HandshakeFailure::Closed(e.to_string()));
+                return Err(HandshakeFailure::Invalid {
+                    why: e.to_string(),
+                    code: e.reason_code(),
+                    v5: v5_connect,
+                });
             }
         }
         buf.reserve(READ_CHUNK);

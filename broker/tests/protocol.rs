@@ -967,3 +967,41 @@ async fn retained_messages_beyond_the_limits_are_delivered_but_not_stored() {
     assert_eq!(server.broker().metrics.retained_refused.get(), 2);
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_invalid_v5_connect_gets_a_connack_with_the_reason() {
+    let server = start(|_| {}).await;
+    // MQTT 5 CONNECT with Receive Maximum 0 (a protocol error, MQTT 5
+    // 3.1.2.11.3), then one with a duplicate Session Expiry Interval.
+    for (props, code) in [
+        (&[0x21, 0x00, 0x00][..], 0x82),
+        (&[0x11, 0, 0, 0, 1, 0x11, 0, 0, 0, 2][..], 0x82),
+    ] {
+        let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 5, 0x02, 0, 60];
+        body.push(props.len() as u8);
+        body.extend_from_slice(props);
+        body.extend_from_slice(&[0, 1, b'a']);
+        let mut packet = vec![0x10, body.len() as u8];
+        packet.extend_from_slice(&body);
+        let mut c = RawClient::open(addr(&server), V5).await;
+        c.send_bytes(&packet).await;
+        let mut raw = Vec::new();
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio::io::AsyncReadExt::read_to_end(&mut c.stream, &mut raw),
+        )
+        .await
+        .expect("answered and closed")
+        .unwrap();
+        assert_eq!(raw, [0x20, 0x03, 0x00, code, 0x00], "{props:02x?}");
+    }
+    // The same broken CONNECT in 3.1.1 (a reserved flag bit set): closed
+    // without a CONNACK, which has no code for it.
+    let mut c = RawClient::open(addr(&server), V311).await;
+    c.send_bytes(&[
+        0x10, 0x0D, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x03, 0, 60, 0, 1, b'a',
+    ])
+    .await;
+    assert!(c.expect_closed().await.is_empty());
+    server.shutdown().await;
+}
