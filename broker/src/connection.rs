@@ -625,8 +625,6 @@ impl Connection {
         // An async block, not an async fn: see `serve_tcp`.
         async move {
             let session = &Arc::clone(&self.session);
-            // Whether the one read a takeover allows was made.
-            let mut last_read = false;
             loop {
                 let mut decoded = false;
                 // Subscribers' writers are woken once for everything this read
@@ -672,23 +670,10 @@ impl Connection {
                     control.packet_received(self.broker.keep_alive.now_ms());
                 }
                 if control.is_closing() {
-                    if !last_read && control.close_reason() == Some(ReasonCode::SessionTakenOver) {
-                        // Taken over: what the client sent before it
-                        // connected again (a DISCONNECT deciding its will and
-                        // session expiry) may arrive after the new
-                        // connection's CONNECT, or this reader may not have
-                        // run since. One more read, then close. Boxed: rare,
-                        // and inline its timer would grow every connection's
-                        // task.
-                        last_read = true;
-                        let read = Box::pin(tokio::time::timeout(
-                            TAKEOVER_LAST_READ,
-                            read_pooled(reader, buf, &self.broker.pool),
-                        ));
-                        if let Ok(Ok(n @ 1..)) = read.await {
-                            Metrics::add(&self.broker.metrics.bytes_received, n as u64);
-                            continue;
-                        }
+                    if control.close_reason() == Some(ReasonCode::SessionTakenOver) {
+                        // Boxed: rare, and inline its state would grow every
+                        // connection's task.
+                        return Box::pin(self.last_words(reader, buf, control)).await;
                     }
                     return closed_by_broker(control);
                 }
@@ -709,7 +694,11 @@ impl Connection {
                     // every idle connection's task.
                     let paused = paused(&self.broker, backlog, full_queue, control);
                     if let Some(exit) = Box::pin(paused).await {
-                        return exit;
+                        if control.close_reason() != Some(ReasonCode::SessionTakenOver) {
+                            return exit;
+                        }
+                        // Taken over while paused: its last words are read
+                        // at the top of the loop.
                     }
                     continue;
                 }
@@ -732,6 +721,49 @@ impl Connection {
                     // Closing: handled at the top of the loop.
                     () = control.wake_reader.wait() => {}
                 }
+            }
+        }
+    }
+
+    /// The end of a connection closed by a takeover. What its client sent
+    /// before it connected again counts, a DISCONNECT above all (its will,
+    /// its session expiry): it may be in `buf` behind packets a paused read
+    /// left undecoded, still unread behind them, or arrive after the new
+    /// connection's CONNECT (packets of two connections can arrive out of
+    /// order). So this reads on for up to [`TAKEOVER_LAST_READ`], skipping
+    /// every packet but a DISCONNECT, whose effect is returned. Skipped
+    /// packets are those of a client that has connected again: a QoS 1/2
+    /// one comes again on the new connection, a QoS 0 one is lost, as at
+    /// most once allows.
+    async fn last_words<R: TransportRead>(
+        &mut self,
+        reader: &mut R,
+        buf: &mut BytesMut,
+        control: &ConnectionControl,
+    ) -> Exit {
+        let max_packet = self.broker.config.limits.max_packet_size as usize;
+        let deadline = tokio::time::Instant::now() + TAKEOVER_LAST_READ;
+        loop {
+            loop {
+                match decode_packet(buf, self.protocol, max_packet) {
+                    Ok(Some(Packet::Disconnect(disconnect))) => {
+                        return match self.on_disconnect(disconnect) {
+                            Err(exit) => exit,
+                            Ok(()) => closed_by_broker(control),
+                        };
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) => break,
+                    Err(_) => return closed_by_broker(control),
+                }
+            }
+            let read =
+                tokio::time::timeout_at(deadline, read_pooled(reader, buf, &self.broker.pool));
+            match read.await {
+                Ok(Ok(n @ 1..)) => {
+                    Metrics::add(&self.broker.metrics.bytes_received, n as u64);
+                }
+                _ => return closed_by_broker(control),
             }
         }
     }

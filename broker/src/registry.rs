@@ -140,16 +140,18 @@ impl SessionRegistry {
     /// being resumed (MQTT 5 3.14.2.2.2), however the two connections' tasks
     /// are scheduled.
     pub async fn take_over(&self, client_id: &str) {
-        let Some(control) = self.get(client_id).and_then(|s| s.attached_control()) else {
-            return;
-        };
-        control.close(Some(ReasonCode::SessionTakenOver));
         let finished = async {
             loop {
                 let notified = self.readers_finished.notified();
                 let mut notified = std::pin::pin!(notified);
                 // Registered before the check, so a finish in between wakes it.
                 notified.as_mut().enable();
+                // Looked up each time: a connection that attached meanwhile
+                // (another takeover of the same client id) is waited for too.
+                let Some(control) = self.get(client_id).and_then(|s| s.attached_control()) else {
+                    return;
+                };
+                control.close(Some(ReasonCode::SessionTakenOver));
                 if control.is_reader_finished() {
                     return;
                 }

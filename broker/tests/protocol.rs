@@ -1005,3 +1005,49 @@ async fn an_invalid_v5_connect_gets_a_connack_with_the_reason() {
     assert!(c.expect_closed().await.is_empty());
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disconnect_behind_a_paused_read_still_counts_at_a_takeover() {
+    // A client's read held 40 QoS 0 publishes and a DISCONNECT; the
+    // publishes found their subscriber's queue full, so the reader paused
+    // with the DISCONNECT still undecoded in its buffer. The same client
+    // then connects again: the DISCONNECT is still honoured, so no will.
+    let server = start(|c| {
+        c.limits.max_client_outbound_bytes = 1024;
+        c.limits.queue_full_wait_ms = 10_000;
+    })
+    .await;
+    let mut watcher = RawClient::connected(addr(&server), "watcher", V5).await;
+    watcher.subscribe("wills/#", QoS::AtMostOnce).await;
+    let mut sleeper = RawClient::connected(addr(&server), "sleeper", V5).await;
+    sleeper.subscribe("busy", QoS::AtMostOnce).await;
+    let frames = |n: usize, disconnect: bool| {
+        let mut bytes = bytes::BytesMut::new();
+        for _ in 0..n {
+            let packet = publish_packet("busy", &[0; 512], QoS::AtMostOnce, None);
+            tern_codec::encode_packet(&packet, V5, &mut bytes).unwrap();
+        }
+        if disconnect {
+            let packet = Packet::Disconnect(Default::default());
+            tern_codec::encode_packet(&packet, V5, &mut bytes).unwrap();
+        }
+        bytes
+    };
+    // Another publisher fills the sleeper's socket buffers and its queue.
+    let mut filler = RawClient::connected(addr(&server), "filler", V5).await;
+    let fill = frames(20_000, false);
+    let filling = tokio::spawn(async move {
+        let _ = tokio::io::AsyncWriteExt::write_all(&mut filler.stream, &fill).await;
+        filler
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (mut c, _) = RawClient::connect(addr(&server), connect_with_will("paused", V5)).await;
+    c.send_bytes(&frames(40, true)).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (_again, ack) = RawClient::connect(addr(&server), connect_packet("paused", V5)).await;
+    assert_eq!(ack.code, ReasonCode::Success);
+    watcher.expect_silence(Duration::from_millis(500)).await;
+    filling.abort();
+    drop(sleeper);
+    server.shutdown().await;
+}
