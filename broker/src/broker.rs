@@ -22,7 +22,7 @@
 //! what waits for it (the PUBACK).
 
 use std::hash::{Hash, Hasher};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -69,6 +69,12 @@ impl Hash for SessionRef {
     }
 }
 
+/// Least time between two sweeps of expired retained messages (see
+/// `Broker::sweep_expired_retained`): a sweep visits every retained message
+/// (up to `max_retained_messages`) under the store's write lock, and only a
+/// store at its limits asks for one.
+const RETAINED_SWEEP_EVERY_MS: u64 = 1000;
+
 /// Shared broker state. One per server.
 pub struct Broker {
     pub config: Config,
@@ -77,6 +83,8 @@ pub struct Broker {
     /// `Message::weight` of every retained message, against
     /// `limits.max_retained_bytes`.
     retained_bytes: AtomicUsize,
+    /// When expired retained messages were last swept (keep alive clock).
+    last_retained_sweep_ms: AtomicU64,
     pub registry: SessionRegistry,
     pub metrics: Arc<Metrics>,
     pub authenticator: Authenticator,
@@ -128,6 +136,7 @@ impl Broker {
             router: Router::new(),
             retained: RetainedStore::new(),
             retained_bytes: AtomicUsize::new(0),
+            last_retained_sweep_ms: AtomicU64::new(0),
             registry,
             metrics,
             persistence,
@@ -240,7 +249,9 @@ impl Broker {
             return;
         }
         let topic = message.topic_str();
-        let over_limit = !message.payload.is_empty() && !self.retained_fits(topic, message);
+        let over_limit = !message.payload.is_empty()
+            && !self.retained_fits(topic, message)
+            && !(self.sweep_expired_retained(journal) && self.retained_fits(topic, message));
         if over_limit {
             Metrics::inc(&self.metrics.retained_refused);
             tracing::debug!(
@@ -286,6 +297,43 @@ impl Broker {
             self.retained_bytes
                 .fetch_sub(old.weight(), Ordering::Relaxed);
         }
+    }
+
+    /// Removes the expired retained messages (they are skipped on delivery
+    /// and would otherwise hold their place under the limits forever), at
+    /// most once per [`RETAINED_SWEEP_EVERY_MS`]: the sweep visits every
+    /// retained message under the store's write lock. Returns whether it
+    /// removed any.
+    fn sweep_expired_retained(&self, journal: &mut Journal) -> bool {
+        let now_ms = self.keep_alive.now_ms();
+        let last = self.last_retained_sweep_ms.load(Ordering::Relaxed);
+        if now_ms.saturating_sub(last) < RETAINED_SWEEP_EVERY_MS
+            || self
+                .last_retained_sweep_ms
+                .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return false;
+        }
+        let now = Instant::now();
+        let mut freed = 0;
+        let mut expired = Vec::new();
+        let removed = self.retained.retain(|topic, m| {
+            if m.is_expired(now) {
+                freed += m.weight();
+                expired.push(topic.to_owned());
+                false
+            } else {
+                true
+            }
+        });
+        self.retained_bytes.fetch_sub(freed, Ordering::Relaxed);
+        if self.persistence.is_some() {
+            for topic in expired {
+                journal.push(tern_storage::Op::DeleteRetained { topic });
+            }
+        }
+        removed > 0
     }
 
     /// Whether `message` may become `topic`'s retained message within

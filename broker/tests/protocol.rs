@@ -1051,3 +1051,27 @@ async fn a_disconnect_behind_a_paused_read_still_counts_at_a_takeover() {
     drop(sleeper);
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn expired_retained_messages_make_room_under_the_limits() {
+    let server = start(|c| c.limits.max_retained_messages = 2).await;
+    let mut p = RawClient::connected(addr(&server), "p", V5).await;
+    for topic in ["r/short-1", "r/short-2"] {
+        let mut packet = publish_packet(topic, b"brief", QoS::AtMostOnce, None);
+        if let Packet::Publish(publish) = &mut packet {
+            publish.retain = true;
+            publish.properties.message_expiry_interval = Some(1);
+        }
+        p.send(packet).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut packet = publish_packet("r/lasting", b"kept", QoS::AtMostOnce, None);
+    if let Packet::Publish(publish) = &mut packet {
+        publish.retain = true;
+    }
+    p.send(packet).await;
+    let one = |t: &str, v: &[u8]| (t.to_owned(), v.to_vec());
+    assert_eq!(retained_set(&server).await, [one("r/lasting", b"kept")]);
+    assert_eq!(server.broker().metrics.retained_refused.get(), 0);
+    server.shutdown().await;
+}
