@@ -249,9 +249,10 @@ impl Broker {
             return;
         }
         let topic = message.topic_str();
-        let over_limit = !message.payload.is_empty()
-            && !self.retained_fits(topic, message)
-            && !(self.sweep_expired_retained(journal) && self.retained_fits(topic, message));
+        let fits = message.payload.is_empty()
+            || self.retained_fits(topic, message)
+            || (self.sweep_expired_retained(journal) && self.retained_fits(topic, message));
+        let over_limit = !fits;
         if over_limit {
             Metrics::inc(&self.metrics.retained_refused);
             tracing::debug!(
