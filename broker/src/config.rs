@@ -189,6 +189,10 @@ pub struct LimitsConfig {
     /// Subscriptions one session may hold; a SUBSCRIBE filter beyond it is
     /// refused (5.0: 0x97 quota exceeded, 3.x: 0x80).
     pub max_subscriptions_per_client: usize,
+    /// Retained messages matched by a session's SUBSCRIBEs that may wait
+    /// for room in its queues (they are sent as the client reads); beyond
+    /// it they are dropped.
+    pub max_pending_retained: usize,
     /// Topics with a retained message; a retained message for one more
     /// topic is delivered but not stored.
     pub max_retained_messages: usize,
@@ -252,6 +256,7 @@ impl Default for LimitsConfig {
             topic_alias_maximum: 64,
             max_session_expiry_secs: u32::MAX,
             max_subscriptions_per_client: 10_000,
+            max_pending_retained: 100_000,
             max_retained_messages: 1_000_000,
             max_retained_bytes: 1024 * 1024 * 1024,
         }
@@ -407,6 +412,9 @@ impl Config {
         }
         if l.max_subscriptions_per_client == 0 {
             return invalid("limits.max_subscriptions_per_client", "must be at least 1");
+        }
+        if l.max_pending_retained == 0 {
+            return invalid("limits.max_pending_retained", "must be at least 1");
         }
         if l.max_retained_messages == 0 {
             return invalid("limits.max_retained_messages", "must be at least 1");

@@ -1054,10 +1054,9 @@ impl Connection {
         let mut codes = Vec::with_capacity(subscribe.filters.len());
         let mut retained: Vec<(Arc<Message>, SubscriptionOptions)> = Vec::new();
         let mut retained_filters: HashMap<&str, std::ops::Range<usize>> = HashMap::new();
-        // More than the session can hold would be dropped on delivery anyway:
-        // its queue and in-flight window (QoS 1/2), and as many QoS 0 ones.
+        // More than the session may hold waiting would be dropped anyway.
         let limits = &self.broker.config.limits;
-        let retained_cap = limits.max_queued_messages + usize::from(limits.max_inflight);
+        let retained_cap = limits.max_pending_retained;
         let mut held = self.broker.router.subscription_count_of(&subscriber);
         let mut over_quota = 0usize;
         for request in &subscribe.filters {

@@ -344,6 +344,8 @@ pub struct SessionContext {
     /// Bound of the bytes waiting to be written to one connection; a QoS 0
     /// delivery beyond it is dropped.
     pub max_client_outbound_bytes: usize,
+    /// Retained messages a session may hold waiting for room in its queues.
+    pub max_pending_retained: usize,
     pub metrics: Arc<Metrics>,
     pub budget: Arc<OutboundBudget>,
     /// The durable store; `None` in memory mode.
@@ -409,6 +411,15 @@ struct SessionState {
     /// took a delivery beyond it; cleared when it drains to half (or, once
     /// the client counts as slow, to empty) or the client leaves.
     full_since: Option<Instant>,
+    /// Retained messages its SUBSCRIBEs matched that its queues had no room
+    /// for yet (see [`Session::deliver_retained`]): they go in as the queues
+    /// drain. Boxed and made at the first; at most
+    /// `max_pending_retained`; dropped when the client leaves.
+    #[expect(
+        clippy::box_collection,
+        reason = "8 bytes in every session instead of 32: almost none has one"
+    )]
+    retained_backlog: Option<Box<VecDeque<Delivery>>>,
 }
 
 /// Deliveries of a restored session that were queued but not sent: they
@@ -485,6 +496,7 @@ impl Session {
                 offline_since: 0,
                 backlog: None,
                 full_since: None,
+                retained_backlog: None,
             }),
             room: Notify::new(),
         }
@@ -718,6 +730,14 @@ impl Session {
                 if st.full_since.take().is_some() {
                     self.room.notify_waiters();
                 }
+                if let Some(waiting) = st.retained_backlog.take() {
+                    // Retained messages are for the client that subscribed,
+                    // while it is there; a new SUBSCRIBE sends them again.
+                    Metrics::add(
+                        &self.context.metrics.messages_dropped_queue_full,
+                        waiting.len() as u64,
+                    );
+                }
                 if let Some(secs) = new_expiry {
                     st.expiry_interval = secs;
                 }
@@ -791,6 +811,7 @@ impl Session {
             }
             st.pending.clear();
             st.pending_bytes = 0;
+            st.retained_backlog = None;
             st.backlog = None;
             st.inflight.clear();
             if st.full_since.take().is_some() {
@@ -1006,7 +1027,64 @@ impl Session {
         delivery: Delivery,
         journal: &mut Journal,
     ) -> Admission {
-        self.deliver_with(delivery, journal, false)
+        let mut st = self.state.lock();
+        if st.ended || (delivery.qos == QoS::AtMostOnce && st.link.is_none()) {
+            return Admission::Dropped;
+        }
+        let waiting = st.retained_backlog.as_ref().map_or(0, |b| b.len());
+        if waiting == 0 && self.has_room_for(&st, &delivery) {
+            return self.deliver_locked(&mut st, delivery, journal, false);
+        }
+        if waiting >= self.context.max_pending_retained {
+            Metrics::inc(&self.context.metrics.messages_dropped_queue_full);
+            return Admission::Dropped;
+        }
+        st.retained_backlog
+            .get_or_insert_with(Default::default)
+            .push_back(delivery);
+        Admission::Taken
+    }
+
+    /// Whether `delivery` fits in the session's queues now, within their
+    /// bounds: the connection's outbound bound for QoS 0, the in-flight
+    /// window or the session queue for QoS 1/2.
+    fn has_room_for(&self, st: &SessionState, delivery: &Delivery) -> bool {
+        if delivery.qos == QoS::AtMostOnce {
+            return st
+                .link
+                .as_ref()
+                .is_some_and(|l| l.charged < self.context.max_client_outbound_bytes);
+        }
+        let window_open = self.link_has_room(st)
+            && st.pending.is_empty()
+            && st.backlog.is_none()
+            && st.inflight.len() < usize::from(st.send_quota)
+            && !st.inflight.has_resend();
+        let backlog = st.backlog.as_ref().map_or(0, |b| b.count);
+        window_open
+            || (st.pending.len() + backlog < self.context.max_queued
+                && st.pending_bytes + queued_size(delivery) <= self.context.max_queued_bytes)
+    }
+
+    /// Moves retained messages waiting for room (see
+    /// [`deliver_retained`](Self::deliver_retained)) into the queues while
+    /// they have room, in order.
+    fn refill_retained(self: &Arc<Self>, st: &mut SessionState, journal: &mut Journal) {
+        let Some(mut waiting) = st.retained_backlog.take() else {
+            return;
+        };
+        while let Some(delivery) = waiting.front() {
+            if !self.has_room_for(st, delivery) {
+                break;
+            }
+            if let Some(delivery) = waiting.pop_front() {
+                // There is room: taken (or, expired meanwhile, counted).
+                let _ = self.deliver_locked(st, delivery, journal, false);
+            }
+        }
+        if !waiting.is_empty() {
+            st.retained_backlog = Some(waiting);
+        }
     }
 
     /// [`deliver`](Self::deliver); `grace`: a queue at its bound may take
@@ -1014,7 +1092,7 @@ impl Session {
     /// [`takes_beyond_bound`](Self::takes_beyond_bound)).
     fn deliver_with(
         self: &Arc<Self>,
-        mut delivery: Delivery,
+        delivery: Delivery,
         journal: &mut Journal,
         grace: bool,
     ) -> Admission {
@@ -1022,10 +1100,21 @@ impl Session {
         if st.ended {
             return Admission::Dropped;
         }
+        self.deliver_locked(&mut st, delivery, journal, grace)
+    }
+
+    /// [`deliver_with`](Self::deliver_with) under the session's lock.
+    fn deliver_locked(
+        self: &Arc<Self>,
+        st: &mut SessionState,
+        mut delivery: Delivery,
+        journal: &mut Journal,
+        grace: bool,
+    ) -> Admission {
         if delivery.qos == QoS::AtMostOnce {
-            return self.admit_at_most_once(&mut st, delivery, grace);
+            return self.admit_at_most_once(st, delivery, grace);
         }
-        let window_open = self.link_has_room(&st)
+        let window_open = self.link_has_room(st)
             && st.pending.is_empty()
             && st.backlog.is_none()
             && st.inflight.len() < usize::from(st.send_quota)
@@ -1034,7 +1123,7 @@ impl Session {
         let queue_full = st.pending.len() + backlog >= self.context.max_queued
             || st.pending_bytes + queued_size(&delivery) > self.context.max_queued_bytes;
         let over_bound = !window_open && queue_full;
-        if over_bound && !(grace && self.takes_beyond_bound(&mut st)) {
+        if over_bound && !(grace && self.takes_beyond_bound(st)) {
             Metrics::inc(&self.context.metrics.messages_dropped_queue_full);
             return Admission::Dropped;
         }
@@ -1043,7 +1132,7 @@ impl Session {
             st.next_seq += 1;
         }
         if window_open {
-            self.send_inflight(&mut st, delivery, journal, true);
+            self.send_inflight(st, delivery, journal, true);
         } else {
             let persistence = self.context.persistence.as_ref().filter(|_| st.durable);
             if st.link.is_none() {
@@ -1074,7 +1163,7 @@ impl Session {
                     Op::PutQueueEntry(entry)
                 });
             }
-            push_pending(&mut st, delivery);
+            push_pending(st, delivery);
         }
         if over_bound {
             Admission::BeyondBound
@@ -1617,6 +1706,9 @@ impl Session {
 
     /// Moves pending messages into the in-flight window while it has room.
     fn fill_window(self: &Arc<Self>, st: &mut SessionState, now: Instant, journal: &mut Journal) {
+        if st.retained_backlog.is_some() {
+            self.refill_retained(st, journal);
+        }
         while self.link_has_room(st) && st.inflight.used() < usize::from(st.send_quota) {
             // Messages from an earlier connection go first, in order.
             if let Some(i) = st.inflight.first_resend() {

@@ -328,35 +328,69 @@ async fn a_filter_repeated_in_one_subscribe_gets_its_retained_messages_once() {
 }
 
 #[tokio::test]
-async fn retained_messages_beyond_the_session_bounds_are_dropped_and_counted() {
-    // A subscription matching more retained messages than the session can
-    // hold (in-flight window 5 + queue 10) gets those, not all of them.
+async fn retained_messages_beyond_the_session_bounds_wait_for_room() {
+    // A subscription matching more retained messages than the session's
+    // queues hold (in-flight window 5 + queue 10, QoS 1; 2 KiB of outbound
+    // bytes, QoS 0) gets them as it reads, up to max_pending_retained (60)
+    // per SUBSCRIBE; the rest are dropped and counted.
+    let server = start(|c| {
+        c.limits.max_inflight = 5;
+        c.limits.max_queued_messages = 10;
+        c.limits.max_client_outbound_bytes = 2048;
+        c.limits.max_pending_retained = 60;
+    })
+    .await;
+    store_retained(&server, 100, QoS::AtLeastOnce).await;
+    for (qos, granted) in [
+        (QoS::AtLeastOnce, ReasonCode::GrantedQoS1),
+        (QoS::AtMostOnce, ReasonCode::Success),
+    ] {
+        let before = server.broker().metrics.messages_dropped_queue_full.get();
+        let mut c = RawClient::connected(addr(&server), "greedy", V5).await;
+        assert_eq!(c.subscribe("ret/#", qos).await, vec![granted]);
+        let mut got = std::collections::BTreeSet::new();
+        while let Ok(Some(packet)) = c.recv_within(Duration::from_millis(300)).await {
+            let Packet::Publish(p) = packet else {
+                panic!("unexpected {packet:?}");
+            };
+            assert!(p.retain);
+            if let Some(id) = p.packet_id {
+                c.send(Packet::PubAck(PubAck::new(id))).await;
+            }
+            assert!(
+                got.insert(p.topic),
+                "{qos:?}: a retained message came twice"
+            );
+        }
+        let dropped = server.broker().metrics.messages_dropped_queue_full.get() - before;
+        assert_eq!((got.len(), dropped), (60, 40), "{qos:?}");
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn many_retained_messages_all_reach_a_client_that_reads() {
+    // Within max_pending_retained, nothing is dropped however small the
+    // session's queues are: 500 retained messages through a window of 5.
     let server = start(|c| {
         c.limits.max_inflight = 5;
         c.limits.max_queued_messages = 10;
     })
     .await;
-    store_retained(&server, 100, QoS::AtLeastOnce).await;
-    let mut c = RawClient::connected(addr(&server), "greedy", V5).await;
-    assert_eq!(
-        c.subscribe("ret/#", QoS::AtLeastOnce).await,
-        vec![ReasonCode::GrantedQoS1]
-    );
+    store_retained(&server, 500, QoS::AtLeastOnce).await;
+    let mut c = RawClient::connected(addr(&server), "reader", V5).await;
+    c.subscribe("ret/#", QoS::AtLeastOnce).await;
     let mut got = 0;
     while let Ok(Some(packet)) = c.recv_within(Duration::from_millis(300)).await {
         let Packet::Publish(p) = packet else {
             panic!("unexpected {packet:?}");
         };
-        assert!(p.retain);
         c.send(Packet::PubAck(PubAck::new(p.packet_id.unwrap())))
             .await;
         got += 1;
     }
-    assert_eq!(got, 15);
-    assert_eq!(
-        server.broker().metrics.messages_dropped_queue_full.get(),
-        85
-    );
+    assert_eq!(got, 500);
+    assert_eq!(server.broker().metrics.messages_dropped_queue_full.get(), 0);
     server.shutdown().await;
 }
 
