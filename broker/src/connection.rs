@@ -1067,6 +1067,7 @@ impl Connection {
                 return Err(self.protocol_error("No Local on a shared subscription"));
             }
             if held >= limits.max_subscriptions_per_client
+                && tern_router::validate_filter(filter).is_ok()
                 && !self.broker.router.is_subscribed(&subscriber, filter)
             {
                 over_quota += 1;

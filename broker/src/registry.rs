@@ -46,6 +46,9 @@ pub struct SessionRegistry {
     metrics: Arc<Metrics>,
     /// Woken each time a connection's reader finishes (takeovers wait on it).
     readers_finished: Notify,
+    /// Takeovers waiting on `readers_finished`: a reader that finishes while
+    /// none waits (nearly always) does not touch the `Notify`'s lock.
+    takeovers_waiting: AtomicUsize,
 }
 
 /// Proof that a connection is counted. Dropping it uncounts the connection.
@@ -88,6 +91,7 @@ impl SessionRegistry {
             metrics: Arc::clone(&context.metrics),
             context: Arc::new(context),
             readers_finished: Notify::new(),
+            takeovers_waiting: AtomicUsize::new(0),
         }
     }
 
@@ -158,7 +162,10 @@ impl SessionRegistry {
                 notified.await;
             }
         };
-        if tokio::time::timeout(TAKEOVER_WAIT, finished).await.is_err() {
+        self.takeovers_waiting.fetch_add(1, Ordering::SeqCst);
+        let waited = tokio::time::timeout(TAKEOVER_WAIT, finished).await;
+        self.takeovers_waiting.fetch_sub(1, Ordering::SeqCst);
+        if waited.is_err() {
             tracing::debug!(%client_id, "taking over without waiting for the previous reader");
         }
     }
@@ -167,7 +174,11 @@ impl SessionRegistry {
     /// wakes the takeovers waiting for one.
     pub fn reader_finished(&self, control: &ConnectionControl) {
         control.mark_reader_finished();
-        self.readers_finished.notify_waiters();
+        // SeqCst with the waiter's increment and its own flag check: either
+        // it sees the flag set, or this sees it counted.
+        if self.takeovers_waiting.load(Ordering::SeqCst) > 0 {
+            self.readers_finished.notify_waiters();
+        }
     }
 
     /// Finds or creates the session for `client_id`, closing any connection

@@ -239,12 +239,13 @@ impl ConnectionControl {
     /// Records that the reader has stopped (see `SessionRegistry::reader_finished`,
     /// which also wakes whoever waits for it).
     pub fn mark_reader_finished(&self) {
-        self.reader_finished.store(true, Ordering::Release);
+        // SeqCst: see `SessionRegistry::reader_finished`.
+        self.reader_finished.store(true, Ordering::SeqCst);
     }
 
     /// True once [`mark_reader_finished`](Self::mark_reader_finished) was called.
     pub fn is_reader_finished(&self) -> bool {
-        self.reader_finished.load(Ordering::Acquire)
+        self.reader_finished.load(Ordering::SeqCst)
     }
 }
 
