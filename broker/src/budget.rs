@@ -69,6 +69,15 @@ impl OutboundBudget {
         }
     }
 
+    /// The signed total: what was charged minus what was released. Briefly
+    /// negative while releases are ahead of deferred charges; once every
+    /// queue is empty and every read's charges are in, exactly 0 (tests
+    /// check it: an over-release would leave it negative, which
+    /// [`queued`](Self::queued) would hide as 0).
+    pub fn balance(&self) -> i64 {
+        self.queued.load(Ordering::Acquire)
+    }
+
     /// Bytes queued now (0 while releases are ahead of deferred charges).
     pub fn queued(&self) -> usize {
         usize::try_from(self.queued.load(Ordering::Acquire)).unwrap_or(0)
