@@ -85,6 +85,8 @@ pub struct Broker {
     retained_bytes: AtomicUsize,
     /// When expired retained messages were last swept (keep alive clock).
     last_retained_sweep_ms: AtomicU64,
+    /// When queues were last swept for stalled writers (keep alive clock).
+    last_stall_sweep_ms: AtomicU64,
     pub registry: SessionRegistry,
     pub metrics: Arc<Metrics>,
     pub authenticator: Authenticator,
@@ -138,6 +140,7 @@ impl Broker {
             retained: RetainedStore::new(),
             retained_bytes: AtomicUsize::new(0),
             last_retained_sweep_ms: AtomicU64::new(0),
+            last_stall_sweep_ms: AtomicU64::new(0),
             registry,
             metrics,
             persistence,
@@ -298,6 +301,39 @@ impl Broker {
         if let Some(old) = self.retained.insert(topic, message) {
             self.retained_bytes
                 .fetch_sub(old.weight(), Ordering::Relaxed);
+        }
+    }
+
+    /// While the outbound budget is over its limit, readers call this once
+    /// per `queue_full_wait_ms` (at most one sweep runs per half period,
+    /// whoever calls): each connection's queue is marked, and one still
+    /// marked (its writer took nothing since) stops counting towards the
+    /// budget (`Session::exempt_if_stalled`). O(sessions), only while the
+    /// broker is over its budget.
+    pub fn exempt_stalled_queues(&self) {
+        let now_ms = self.keep_alive.now_ms();
+        let half = self.config.limits.queue_full_wait_ms.max(100) / 2;
+        let last = self.last_stall_sweep_ms.load(Ordering::Relaxed);
+        if now_ms.saturating_sub(last) < half
+            || self
+                .last_stall_sweep_ms
+                .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        let exempted = self
+            .registry
+            .all()
+            .iter()
+            .filter(|s| s.exempt_if_stalled())
+            .count();
+        if exempted > 0 {
+            tracing::info!(
+                exempted,
+                "over the outbound budget: queues of connections that took nothing for {} ms no longer count towards it",
+                self.config.limits.queue_full_wait_ms.max(100)
+            );
         }
     }
 

@@ -9,7 +9,10 @@
 //! reached its connection's bound stops counting here until its writer takes
 //! it (see `Link::exempt` in session.rs): its bound limits it already, and
 //! subscribers that never read would otherwise hold the budget over its limit
-//! for as long as they stay connected, pausing every reader. Publishers are
+//! for as long as they stay connected, pausing every reader. For the same
+//! reason, while the budget is over, paused readers sweep the queues every
+//! `queue_full_wait_ms` (`Broker::exempt_stalled_queues`): one that no writer
+//! took between two sweeps stops counting too, even below its bound. Publishers are
 //! thereby slowed by TCP back-pressure instead of the broker queueing without
 //! bound or dropping what every subscriber could still take.
 

@@ -318,8 +318,20 @@ async fn paused(
             None => std::future::pending().await,
         }
     };
+    // Over the budget: a sweep every `queue_full_wait_ms` exempts the
+    // queues no writer has taken since the last one (stalled subscribers),
+    // so that they cannot keep every reader paused.
+    let below = async {
+        let every = Duration::from_millis(broker.config.limits.queue_full_wait_ms.max(100));
+        loop {
+            tokio::select! {
+                () = budget.wait_until_below() => return,
+                () = tokio::time::sleep(every) => broker.exempt_stalled_queues(),
+            }
+        }
+    };
     tokio::select! {
-        () = budget.wait_until_below(), if !backlog && full_queue.is_none() => None,
+        () = below, if !backlog && full_queue.is_none() => None,
         () = room, if !backlog => None,
         () = control.drained.wait(), if backlog => None,
         () = control.wake_reader.wait() => control.is_closing().then(|| closed_by_broker(control)),

@@ -265,6 +265,10 @@ struct Link {
     /// stop reading from every client for as long as they stay connected.
     /// Cleared when the writer takes the queue.
     exempt: bool,
+    /// Set by a sweep of a broker over its budget, cleared when the writer
+    /// takes the queue: a queue still marked at the next sweep has not been
+    /// drained for a whole sweep period (see [`Session::exempt_if_stalled`]).
+    stall_mark: bool,
     /// Items of `outbound` that are not PUBLISH (acks, PINGRESP ...).
     controls: usize,
     budget: Arc<OutboundBudget>,
@@ -313,6 +317,7 @@ impl Link {
     /// Hands the whole queue to the writer by swapping it with the writer's
     /// empty one (no copying; the two allocations take turns).
     fn drain_into(&mut self, out: &mut VecDeque<Outbound>) {
+        self.stall_mark = false;
         if out.is_empty() {
             std::mem::swap(&mut self.outbound, out);
         } else {
@@ -594,6 +599,7 @@ impl Session {
             outbound: VecDeque::new(),
             charged: 0,
             exempt: false,
+            stall_mark: false,
             controls: 0,
             budget: Arc::clone(&self.context.budget),
         };
@@ -757,6 +763,32 @@ impl Session {
         let mut st = self.state.lock();
         if st.link.as_ref().map(|l| l.connection_id) == Some(connection_id) {
             st.expiry_interval = secs;
+        }
+    }
+
+    /// One step of the sweep a broker over its budget makes (see
+    /// `Broker::exempt_stalled_queues`): a connection's queue that its
+    /// writer has not taken since the previous step stops counting towards
+    /// the budget, as a full one does (`Link::exempt`); the others are
+    /// marked for the next step. Subscribers that never read would
+    /// otherwise hold the budget over its limit, and every reader paused,
+    /// whenever they stall before reaching their own bound. Returns whether
+    /// it exempted this session's queue.
+    pub fn exempt_if_stalled(&self) -> bool {
+        let mut st = self.state.lock();
+        let Some(link) = st.link.as_mut() else {
+            return false;
+        };
+        if link.exempt || link.charged == 0 {
+            return false;
+        }
+        if link.stall_mark {
+            link.exempt = true;
+            link.budget.release(link.charged);
+            true
+        } else {
+            link.stall_mark = true;
+            false
         }
     }
 

@@ -199,6 +199,71 @@ async fn subscribers_stalled_at_their_bound_cannot_pause_the_broker() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribers_stalled_below_their_bound_pause_the_broker_only_briefly() {
+    // Four subscribers that never read fill the broker-wide budget (64 KiB)
+    // long before their own bound (1 MiB): every reader pauses. A sweep
+    // every queue_full_wait_ms (200) finds their queues untaken and stops
+    // counting them, so readers resume; the stalled ones then fill to their
+    // bound and lose their own QoS 0 messages.
+    let server = start(|c| {
+        c.limits.max_outbound_bytes = 64 * 1024;
+        c.limits.max_client_outbound_bytes = 1024 * 1024;
+        c.limits.queue_full_wait_ms = 200;
+    })
+    .await;
+    let broker = std::sync::Arc::clone(server.broker());
+    let mut stalled = Vec::new();
+    for i in 0..4 {
+        let mut s = RawClient::connected(
+            addr(&server),
+            &format!("stalled-{i}"),
+            ProtocolVersion::V311,
+        )
+        .await;
+        s.subscribe("flood", QoS::AtMostOnce).await;
+        stalled.push(s);
+    }
+    let mut publisher = RawClient::connected(addr(&server), "pub", ProtocolVersion::V311).await;
+    let mut frame = bytes::BytesMut::new();
+    tern_codec::encode_packet(
+        &publish_packet("flood", &[7; 1024], QoS::AtMostOnce, None),
+        ProtocolVersion::V311,
+        &mut frame,
+    )
+    .unwrap();
+    for i in 0..20_000 {
+        tokio::time::timeout(Duration::from_secs(5), publisher.stream.write_all(&frame))
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "the publisher was held up after {i} messages (budget {})",
+                    broker.registry.context().budget.queued()
+                )
+            })
+            .unwrap();
+    }
+    let mut bystander =
+        RawClient::connected(addr(&server), "bystander", ProtocolVersion::V311).await;
+    bystander.subscribe("other", QoS::AtMostOnce).await;
+    publisher
+        .send(publish_packet(
+            "other",
+            b"still served",
+            QoS::AtMostOnce,
+            None,
+        ))
+        .await;
+    assert_eq!(&bystander.recv_publish().await.payload[..], b"still served");
+    assert!(broker.metrics.messages_dropped_qos0.get() > 0);
+    drop(stalled);
+    eventually("budget released", || {
+        broker.registry.context().budget.balance() == 0
+    })
+    .await;
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stuck_qos1_subscriber_cannot_freeze_the_broker() {
     let server = start(|c| {
         c.limits.max_outbound_bytes = 256 * 1024;
