@@ -75,6 +75,18 @@ impl Hash for SessionRef {
 /// store at its limits asks for one.
 const RETAINED_SWEEP_EVERY_MS: u64 = 1000;
 
+/// Whether the caller may run a periodic chore now: at least `period_ms`
+/// since the last run recorded in `last_ms`, and no other thread claimed
+/// this turn first (the time is swapped in). Lets any of many callers run a
+/// sweep, at most once per period.
+fn claim_turn(last_ms: &AtomicU64, now_ms: u64, period_ms: u64) -> bool {
+    let last = last_ms.load(Ordering::Relaxed);
+    now_ms.saturating_sub(last) >= period_ms
+        && last_ms
+            .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+}
+
 /// Shared broker state. One per server.
 pub struct Broker {
     pub config: Config,
@@ -311,15 +323,8 @@ impl Broker {
     /// budget (`Session::exempt_if_stalled`). O(sessions), only while the
     /// broker is over its budget.
     pub fn exempt_stalled_queues(&self) {
-        let now_ms = self.keep_alive.now_ms();
         let half = self.config.limits.queue_full_wait_ms.max(100) / 2;
-        let last = self.last_stall_sweep_ms.load(Ordering::Relaxed);
-        if now_ms.saturating_sub(last) < half
-            || self
-                .last_stall_sweep_ms
-                .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
-                .is_err()
-        {
+        if !claim_turn(&self.last_stall_sweep_ms, self.keep_alive.now_ms(), half) {
             return;
         }
         let exempted = self
@@ -344,13 +349,11 @@ impl Broker {
     /// removed any.
     fn sweep_expired_retained(&self, journal: &mut Journal) -> bool {
         let now_ms = self.keep_alive.now_ms();
-        let last = self.last_retained_sweep_ms.load(Ordering::Relaxed);
-        if now_ms.saturating_sub(last) < RETAINED_SWEEP_EVERY_MS
-            || self
-                .last_retained_sweep_ms
-                .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
-                .is_err()
-        {
+        if !claim_turn(
+            &self.last_retained_sweep_ms,
+            now_ms,
+            RETAINED_SWEEP_EVERY_MS,
+        ) {
             return false;
         }
         let now = Instant::now();

@@ -1088,15 +1088,27 @@ impl Session {
                 .as_ref()
                 .is_some_and(|l| l.charged < self.context.max_client_outbound_bytes);
         }
-        let window_open = self.link_has_room(st)
+        self.window_open(st) || !self.queue_full(st, delivery)
+    }
+
+    /// Whether a QoS 1/2 delivery may go straight into the in-flight window:
+    /// the connection has room, nothing waits before it, the window has a
+    /// free place and no resend is due.
+    fn window_open(&self, st: &SessionState) -> bool {
+        self.link_has_room(st)
             && st.pending.is_empty()
             && st.backlog.is_none()
             && st.inflight.len() < usize::from(st.send_quota)
-            && !st.inflight.has_resend();
+            && !st.inflight.has_resend()
+    }
+
+    /// Whether the session queue is at its bound for `delivery`
+    /// (`max_queued_messages`, counting a stored backlog, or
+    /// `max_queued_bytes`).
+    fn queue_full(&self, st: &SessionState, delivery: &Delivery) -> bool {
         let backlog = st.backlog.as_ref().map_or(0, |b| b.count);
-        window_open
-            || (st.pending.len() + backlog < self.context.max_queued
-                && st.pending_bytes + queued_size(delivery) <= self.context.max_queued_bytes)
+        st.pending.len() + backlog >= self.context.max_queued
+            || st.pending_bytes + queued_size(delivery) > self.context.max_queued_bytes
     }
 
     /// Moves retained messages waiting for room (see
@@ -1147,15 +1159,8 @@ impl Session {
         if delivery.qos == QoS::AtMostOnce {
             return self.admit_at_most_once(st, delivery, grace);
         }
-        let window_open = self.link_has_room(st)
-            && st.pending.is_empty()
-            && st.backlog.is_none()
-            && st.inflight.len() < usize::from(st.send_quota)
-            && !st.inflight.has_resend();
-        let backlog = st.backlog.as_ref().map_or(0, |b| b.count);
-        let queue_full = st.pending.len() + backlog >= self.context.max_queued
-            || st.pending_bytes + queued_size(&delivery) > self.context.max_queued_bytes;
-        let over_bound = !window_open && queue_full;
+        let window_open = self.window_open(st);
+        let over_bound = !window_open && self.queue_full(st, &delivery);
         if over_bound && !(grace && self.takes_beyond_bound(st)) {
             Metrics::inc(&self.context.metrics.messages_dropped_queue_full);
             return Admission::Dropped;

@@ -130,31 +130,19 @@ async fn one_slow_subscriber_loses_only_its_own_qos0_messages() {
     server.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn subscribers_stalled_at_their_bound_cannot_pause_the_broker() {
-    // Eight subscribers that never read, each bounded at 16 KiB of queued
-    // messages: together more than the broker-wide budget of 64 KiB. Each
-    // loses its own QoS 0 messages beyond its bound; the broker keeps
-    // reading from everyone else.
-    let server = start(|c| {
-        c.limits.max_outbound_bytes = 64 * 1024;
-        c.limits.max_client_outbound_bytes = 16 * 1024;
-        // No grace for a full queue (each one would hold the publisher up
-        // to a second, once): what is tested is the broker-wide budget.
-        c.limits.queue_full_wait_ms = 0;
-    })
-    .await;
+/// `stalled` subscribers to `flood` that never read, one publisher writing
+/// `messages` QoS 0 messages of 1 KiB to it, each write bounded by 5 s (a
+/// publisher held up longer fails the test); then a bystander's round trip
+/// must work, the stalled subscribers must have lost messages, and once they
+/// are gone the budget must balance to exactly 0.
+async fn flood_past_stalled_subscribers(server: tern::Server, stalled: usize, messages: usize) {
     let broker = std::sync::Arc::clone(server.broker());
-    let mut stalled = Vec::new();
-    for i in 0..8 {
-        let mut s = RawClient::connected(
-            addr(&server),
-            &format!("stalled-{i}"),
-            ProtocolVersion::V311,
-        )
-        .await;
+    let mut subscribers = Vec::new();
+    for i in 0..stalled {
+        let id = format!("stalled-{i}");
+        let mut s = RawClient::connected(addr(&server), &id, ProtocolVersion::V311).await;
         s.subscribe("flood", QoS::AtMostOnce).await;
-        stalled.push(s);
+        subscribers.push(s);
     }
     let mut publisher = RawClient::connected(addr(&server), "pub", ProtocolVersion::V311).await;
     let mut frame = bytes::BytesMut::new();
@@ -164,9 +152,7 @@ async fn subscribers_stalled_at_their_bound_cannot_pause_the_broker() {
         &mut frame,
     )
     .unwrap();
-    // More than the sockets' kernel buffers take, so that every stalled
-    // subscriber's queue reaches its bound.
-    for i in 0..16_000 {
+    for i in 0..messages {
         tokio::time::timeout(Duration::from_secs(5), publisher.stream.write_all(&frame))
             .await
             .unwrap_or_else(|_| {
@@ -180,22 +166,34 @@ async fn subscribers_stalled_at_their_bound_cannot_pause_the_broker() {
     let mut bystander =
         RawClient::connected(addr(&server), "bystander", ProtocolVersion::V311).await;
     bystander.subscribe("other", QoS::AtMostOnce).await;
-    publisher
-        .send(publish_packet(
-            "other",
-            b"still served",
-            QoS::AtMostOnce,
-            None,
-        ))
-        .await;
+    let hello = publish_packet("other", b"still served", QoS::AtMostOnce, None);
+    publisher.send(hello).await;
     assert_eq!(&bystander.recv_publish().await.payload[..], b"still served");
     assert!(broker.metrics.messages_dropped_qos0.get() > 0);
-    drop(stalled);
+    drop(subscribers);
     eventually("budget released", || {
         broker.registry.context().budget.balance() == 0
     })
     .await;
     server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribers_stalled_at_their_bound_cannot_pause_the_broker() {
+    // Eight subscribers that never read, each bounded at 16 KiB of queued
+    // messages: together more than the broker-wide budget of 64 KiB. Each
+    // loses its own QoS 0 messages beyond its bound; the broker keeps
+    // reading from everyone else. 16,000 messages: more than the sockets'
+    // kernel buffers take, so every stalled queue reaches its bound.
+    let server = start(|c| {
+        c.limits.max_outbound_bytes = 64 * 1024;
+        c.limits.max_client_outbound_bytes = 16 * 1024;
+        // No grace for a full queue (each one would hold the publisher up
+        // to a second, once): what is tested is the broker-wide budget.
+        c.limits.queue_full_wait_ms = 0;
+    })
+    .await;
+    flood_past_stalled_subscribers(server, 8, 16_000).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -211,56 +209,7 @@ async fn subscribers_stalled_below_their_bound_pause_the_broker_only_briefly() {
         c.limits.queue_full_wait_ms = 200;
     })
     .await;
-    let broker = std::sync::Arc::clone(server.broker());
-    let mut stalled = Vec::new();
-    for i in 0..4 {
-        let mut s = RawClient::connected(
-            addr(&server),
-            &format!("stalled-{i}"),
-            ProtocolVersion::V311,
-        )
-        .await;
-        s.subscribe("flood", QoS::AtMostOnce).await;
-        stalled.push(s);
-    }
-    let mut publisher = RawClient::connected(addr(&server), "pub", ProtocolVersion::V311).await;
-    let mut frame = bytes::BytesMut::new();
-    tern_codec::encode_packet(
-        &publish_packet("flood", &[7; 1024], QoS::AtMostOnce, None),
-        ProtocolVersion::V311,
-        &mut frame,
-    )
-    .unwrap();
-    for i in 0..20_000 {
-        tokio::time::timeout(Duration::from_secs(5), publisher.stream.write_all(&frame))
-            .await
-            .unwrap_or_else(|_| {
-                panic!(
-                    "the publisher was held up after {i} messages (budget {})",
-                    broker.registry.context().budget.queued()
-                )
-            })
-            .unwrap();
-    }
-    let mut bystander =
-        RawClient::connected(addr(&server), "bystander", ProtocolVersion::V311).await;
-    bystander.subscribe("other", QoS::AtMostOnce).await;
-    publisher
-        .send(publish_packet(
-            "other",
-            b"still served",
-            QoS::AtMostOnce,
-            None,
-        ))
-        .await;
-    assert_eq!(&bystander.recv_publish().await.payload[..], b"still served");
-    assert!(broker.metrics.messages_dropped_qos0.get() > 0);
-    drop(stalled);
-    eventually("budget released", || {
-        broker.registry.context().budget.balance() == 0
-    })
-    .await;
-    server.shutdown().await;
+    flood_past_stalled_subscribers(server, 4, 20_000).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
