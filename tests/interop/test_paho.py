@@ -199,6 +199,47 @@ def test_v5_disconnect_with_will_message_reason_publishes_will(paho):
     assert (m.topic, m.payload) == ("will/dw", b"bye")
 
 
+@BOTH
+def test_no_will_when_the_client_reconnects_right_after_disconnecting(paho, proto):
+    # MQTT-3.14.4-3: a DISCONNECT with reason 0x00 discards the will, also
+    # when the same client id connects again at once. paho waits for its
+    # socket to close before the next connect, which leaves the broker time:
+    # this checks the rule with a real client; the race it can hide (a
+    # takeover of a connection whose DISCONNECT the broker has not read yet)
+    # is pinned down by broker/tests/protocol.rs with raw sockets.
+    watcher = paho("watcher", proto)
+    watcher.subscribe("will/#", 1)
+    for _ in range(15):
+        c = paho("quick", proto, will=dict(topic="will/quick", payload=b"gone", qos=1))
+        c.disconnect()
+    watcher.assert_no_message(wait=1.0)
+
+
+def test_v5_disconnect_with_an_error_reason_publishes_will(paho):
+    # MQTT-3.1.2-8: only reason 0x00 deletes the will; 0x80 keeps it.
+    watcher = paho("watcher", V5)
+    watcher.subscribe("will/#", 1)
+    c = paho("err", V5, will=dict(topic="will/err", payload=b"bye", qos=1))
+    c.disconnect(reasoncode=ReasonCode(PacketTypes.DISCONNECT, identifier=0x80))
+    m = watcher.get()
+    assert (m.topic, m.payload) == ("will/err", b"bye")
+
+
+def test_v5_session_expiry_0_at_disconnect_holds_for_an_immediate_reconnect(paho):
+    # MQTT 5 3.14.2.2.2: DISCONNECT may set the Session Expiry Interval to 0;
+    # the session then ends with that connection, so a client connecting
+    # again at once with clean start 0 finds none. (The race behind it is
+    # pinned down with raw sockets in broker/tests/protocol.rs.)
+    for _ in range(10):
+        c = paho("brief", V5, clean=False, properties=connect_props(SessionExpiryInterval=300))
+        c.subscribe("brief/t", 1)
+        c.disconnect(properties=v5_props(PacketTypes.DISCONNECT, SessionExpiryInterval=0))
+        again = paho("brief", V5, clean=False,
+                     properties=connect_props(SessionExpiryInterval=300))
+        assert not again.flags.session_present
+        again.disconnect(properties=v5_props(PacketTypes.DISCONNECT, SessionExpiryInterval=0))
+
+
 def test_v5_will_delay_interval(paho):
     # MQTT 5.0 3.1.3.2.2: the will is delayed by the Will Delay Interval (session must
     # outlive it, so use a session expiry longer than the delay).
