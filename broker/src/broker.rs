@@ -108,6 +108,8 @@ pub struct Broker {
     pub persistence: Option<Arc<Persistence>>,
     /// The keep alive clock and the connections it watches.
     pub keep_alive: KeepAlive,
+    /// When this broker was made (uptime, for `/metrics` and `$SYS`).
+    started: Instant,
     shutdown: watch::Sender<bool>,
 }
 
@@ -157,8 +159,19 @@ impl Broker {
             metrics,
             persistence,
             keep_alive: KeepAlive::default(),
+            started: Instant::now(),
             shutdown: watch::channel(false).0,
         })
+    }
+
+    /// Time since this broker was made.
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// `Message::weight` of all retained messages together.
+    pub fn retained_bytes(&self) -> usize {
+        self.retained_bytes.load(Ordering::Relaxed)
     }
 
     /// A receiver that turns `true` when the broker shuts down.

@@ -99,10 +99,10 @@ impl StorageConfig {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AdminConfig {
-    /// Address of the read-only admin HTTP endpoint (`tern admin --url`);
-    /// must be a loopback address, the endpoint has no authentication.
-    /// Unset: no endpoint. It only runs when a store exists (not in memory
-    /// mode).
+    /// Address of the read-only admin HTTP endpoint (`tern admin --url`,
+    /// `/metrics`, `/health`); must be a loopback address, the endpoint has
+    /// no authentication. Unset: no endpoint. In memory mode it serves
+    /// `/metrics` and `/health` only.
     pub bind: Option<SocketAddr>,
 }
 

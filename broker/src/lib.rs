@@ -21,12 +21,13 @@
 //! persistence the store, its group-commit writer, journals of durable changes
 //! recovery    the store back into memory before the listeners open
 //! admin       `tern admin` and the read-only admin HTTP endpoint
+//! prometheus  counters and gauges in the Prometheus text format (/metrics)
 //! budget      broker-wide bound on queued outbound bytes (back-pressure)
 //! pool        bounded pool of read buffers; idle connections hold none
 //! transport   what a byte stream must offer (readiness without a buffer)
 //! auth        MQTT 5 enhanced authentication (AUTH), SCRAM-SHA-256
 //! config      embedded defaults, TOML file, validation
-//! metrics     monotonic counters
+//! metrics     monotonic counters (every refusal and drop is counted here)
 //! ```
 //!
 //! # Invariants
@@ -58,6 +59,7 @@ pub mod message;
 pub mod metrics;
 pub mod persistence;
 pub mod pool;
+pub mod prometheus;
 pub mod proxy_protocol;
 pub mod recovery;
 pub mod registry;

@@ -62,46 +62,83 @@ impl std::fmt::Debug for Counter {
     }
 }
 
-/// Monotonic counters, shared by every connection.
-#[derive(Debug, Default)]
-pub struct Metrics {
-    pub connections_accepted: Counter,
-    pub connections_refused: Counter,
-    pub packets_received: Counter,
-    pub packets_sent: Counter,
-    pub bytes_received: Counter,
-    pub bytes_sent: Counter,
-    pub messages_received: Counter,
-    pub messages_delivered: Counter,
+/// Declares [`Metrics`]: one [`Counter`] per field, and
+/// [`Metrics::counters`], which lists them with their names and docs (the
+/// Prometheus endpoint's names and help texts; see prometheus.rs). One list,
+/// so a counter added here is exported without a second edit.
+macro_rules! counters {
+    ($( $(#[doc = $doc:literal])+ $name:ident, )+) => {
+        /// Monotonic counters, shared by every connection.
+        #[derive(Debug, Default)]
+        pub struct Metrics {
+            $( $(#[doc = $doc])+ pub $name: Counter, )+
+        }
+
+        impl Metrics {
+            /// Every counter: its field name, its doc comment (lines joined
+            /// by spaces) and its value now, in declaration order.
+            pub fn counters(&self) -> impl Iterator<Item = (&'static str, &'static str, u64)> + '_ {
+                [ $( (stringify!($name), concat!($($doc),+), &self.$name), )+ ]
+                    .into_iter()
+                    .map(|(name, doc, counter)| (name, doc.trim(), counter.get()))
+            }
+        }
+    };
+}
+
+counters! {
+    /// Connections accepted by a listener (before the CONNECT is read).
+    connections_accepted,
+    /// Connections refused because `limits.max_connections` was reached.
+    connections_refused,
+    /// MQTT packets decoded from clients.
+    packets_received,
+    /// MQTT packets written to clients.
+    packets_sent,
+    /// Bytes read from clients.
+    bytes_received,
+    /// Bytes written to clients.
+    bytes_sent,
+    /// PUBLISH messages received (from clients, and wills).
+    messages_received,
+    /// Deliveries queued to subscribers (one per subscriber per message).
+    messages_delivered,
     /// QoS 0 deliveries dropped because the subscriber's queue was full.
-    pub messages_dropped_qos0: Counter,
+    messages_dropped_qos0,
     /// QoS 1/2 messages dropped because a session's queue was full.
-    pub messages_dropped_queue_full: Counter,
+    messages_dropped_queue_full,
     /// Deliveries dropped because they exceeded the client's Maximum Packet Size.
-    pub messages_dropped_oversized: Counter,
+    messages_dropped_oversized,
     /// Messages not delivered because their expiry interval ran out.
-    pub messages_expired: Counter,
+    messages_expired,
     /// Packets that could not be decoded.
-    pub malformed_packets: Counter,
+    malformed_packets,
     /// Well-formed packets that broke a protocol rule.
-    pub protocol_errors: Counter,
+    protocol_errors,
     /// Packets larger than the maximum packet size.
-    pub oversized_packets: Counter,
-    pub keepalive_timeouts: Counter,
-    pub connect_timeouts: Counter,
+    oversized_packets,
+    /// Connections closed because no packet arrived within 1.5 times the
+    /// keep alive.
+    keepalive_timeouts,
+    /// Connections closed because no CONNECT arrived in time.
+    connect_timeouts,
     /// WebSocket upgrade requests refused (not an upgrade, wrong path or
     /// subprotocol, a head too large).
-    pub websocket_upgrades_refused: Counter,
-    pub session_takeovers: Counter,
-    pub wills_published: Counter,
-    pub publishes_denied: Counter,
+    websocket_upgrades_refused,
+    /// Connections closed because a new one took over their client id.
+    session_takeovers,
+    /// Will messages published.
+    wills_published,
+    /// PUBLISH packets refused: to a `$` topic, or a payload that is not the
+    /// UTF-8 its format indicator says.
+    publishes_denied,
     /// Shared-subscription messages moved from a departing member to another.
-    pub shared_redeliveries: Counter,
+    shared_redeliveries,
     /// Queued messages and sessions found expired (and purged) at start-up.
-    pub recovery_purged: Counter,
+    recovery_purged,
     /// Retained messages not stored: `max_retained_messages` or
     /// `max_retained_bytes` reached (the message was still delivered).
-    pub retained_refused: Counter,
+    retained_refused,
 }
 
 impl Metrics {

@@ -6,7 +6,8 @@
 //! **before** any listener opens; then it binds every configured listener
 //! (so a caller, a test for instance, can read the real addresses when it
 //! asked for port 0), spawns one accept loop per listener, the keep alive
-//! sweep (keep_alive.rs) and the read-only admin endpoint. [`Server::shutdown`] stops accepting, tells every
+//! sweep (keep_alive.rs) and the read-only admin endpoint (the store's
+//! views, `/metrics`, `/health`). [`Server::shutdown`] stops accepting, tells every
 //! connection to close (MQTT 5 clients receive DISCONNECT 0x8B "server
 //! shutting down"), waits until the registry counts no connection, bounded
 //! by [`SHUTDOWN_GRACE`], and syncs the store.
@@ -164,7 +165,7 @@ impl Server {
             )));
         }
         let mut admin_addr = None;
-        if let (Some(persistence), Some(addr)) = (&broker.persistence, broker.config.admin.bind) {
+        if let Some(addr) = broker.config.admin.bind {
             let listener = TcpListener::bind(addr)
                 .await
                 .map_err(|source| StartError::Bind { addr, source })?;
@@ -173,7 +174,7 @@ impl Server {
             admin_addr = Some(local);
             tasks.push(tokio::spawn(crate::admin::serve_admin(
                 listener,
-                Arc::clone(persistence.store()),
+                crate::admin::AdminSources::of_broker(&broker),
                 broker.shutdown_signal(),
             )));
         }

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use serde_json::Value;
-use tern::admin::{execute, serve_admin, AdminArgs, AdminError};
+use tern::admin::{execute, serve_admin, AdminArgs, AdminError, AdminSources};
 use tern_storage::{
     Batch, DeliveryState, MessageRecord, QueueEntry, RetainedRecord, SessionRecord, SledStore,
     Store, SubscriptionRecord, WillRecord,
@@ -370,7 +370,7 @@ impl Endpoint {
             .unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let (shutdown, rx) = tokio::sync::watch::channel(false);
-        let task = runtime.spawn(serve_admin(listener, store, rx));
+        let task = runtime.spawn(serve_admin(listener, AdminSources::of_store(store), rx));
         Endpoint {
             url,
             shutdown,

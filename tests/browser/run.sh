@@ -58,7 +58,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-NO_COLOR=1 "$TERN_BIN" serve --bind 127.0.0.1:0 --ws-bind 127.0.0.1:0 --log-level info --durability memory \
+NO_COLOR=1 "$TERN_BIN" serve --bind 127.0.0.1:0 --ws-bind 127.0.0.1:0 --admin-bind 127.0.0.1:0 --log-level info --durability memory \
     </dev/null >/dev/null 2>"$log" &
 broker_pid=$!
 

@@ -1,5 +1,7 @@
 //! The read-only admin endpoint of a running broker: HTTP/1.1, GET only,
-//! JSON bodies, one request per connection.
+//! one request per connection. The store's views are JSON; the broker's
+//! counters and gauges are Prometheus text (`/metrics`), its liveness a small
+//! JSON document (`/health`).
 //!
 //! Requests are parsed with `httparse`; the head is capped at
 //! [`MAX_HEAD`] bytes and must arrive within [`READ_TIMEOUT`]. Each
@@ -25,7 +27,12 @@
 //! GET /v1/retained/{topic}                  one retained message with its payload
 //! GET /v1/stats                             store statistics
 //! GET /v1/export                            everything, one JSON document, streamed
+//! GET /metrics                              counters and gauges, Prometheus text format
+//! GET /health                               200 while serving, 503 once shutting down
 //! ```
+//!
+//! In memory mode there is no store: the `/v1` routes answer 404 saying so,
+//! and `/metrics` and `/health` work as always.
 //!
 //! Path segments and query values are percent-decoded (`+` is not a space:
 //! it is the MQTT wildcard); the topic of `/v1/retained/{topic}` is the rest
@@ -46,6 +53,8 @@ use tokio::time::timeout;
 use super::error::AdminError;
 use super::model::{self, ErrorBody, StatsView};
 use super::render;
+use crate::broker::Broker;
+use crate::config::DurabilityMode;
 
 /// Largest request head (request line and headers) accepted.
 pub const MAX_HEAD: usize = 8 * 1024;
@@ -68,6 +77,38 @@ const LINGER: Duration = Duration::from_secs(1);
 /// Pause after a failed accept (out of file descriptors, say).
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
+/// `Content-Type` of the JSON answers.
+const JSON: &str = "application/json";
+
+/// What the endpoint reads.
+#[derive(Clone)]
+pub struct AdminSources {
+    /// The durable store the `/v1` routes read; `None` in memory mode (they
+    /// answer 404).
+    pub store: Option<Arc<dyn Store>>,
+    /// The running broker `/metrics` and `/health` describe; `None` when a
+    /// store is served on its own (they answer 404).
+    pub broker: Option<Arc<Broker>>,
+}
+
+impl AdminSources {
+    /// A running broker and its store, if it keeps one.
+    pub fn of_broker(broker: &Arc<Broker>) -> AdminSources {
+        AdminSources {
+            store: broker.persistence.as_ref().map(|p| Arc::clone(p.store())),
+            broker: Some(Arc::clone(broker)),
+        }
+    }
+
+    /// A store alone.
+    pub fn of_store(store: Arc<dyn Store>) -> AdminSources {
+        AdminSources {
+            store: Some(store),
+            broker: None,
+        }
+    }
+}
+
 /// Serves the read-only admin API on `listener` until `shutdown` turns true.
 ///
 /// Also returns when every sender of `shutdown` is gone. Connections still
@@ -75,7 +116,7 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// chunk.
 pub async fn serve_admin(
     listener: tokio::net::TcpListener,
-    store: std::sync::Arc<dyn tern_storage::Store>,
+    sources: AdminSources,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
@@ -87,7 +128,7 @@ pub async fn serve_admin(
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => match Arc::clone(&permits).try_acquire_owned() {
                     Ok(permit) => {
-                        tasks.spawn(connection(stream, Arc::clone(&store), permit));
+                        tasks.spawn(connection(stream, sources.clone(), permit));
                     }
                     Err(_) => {
                         tasks.spawn(busy(stream));
@@ -120,6 +161,8 @@ enum Route {
     RetainedShow(String),
     Stats,
     Export,
+    Metrics,
+    Health,
 }
 
 /// An answer, ready to write.
@@ -128,6 +171,7 @@ enum Reply {
     Fixed {
         status: u16,
         body: Vec<u8>,
+        content_type: &'static str,
         allow_get: bool,
     },
     /// A body produced on a blocking thread, sent chunked.
@@ -148,7 +192,21 @@ impl Reply {
         Reply::Fixed {
             status,
             body,
+            content_type: JSON,
             allow_get: status == 405,
+        }
+    }
+
+    /// A JSON document with `status`.
+    fn json(status: u16, value: &impl Serialize) -> Reply {
+        let mut body = Vec::new();
+        // Writing into a Vec cannot fail.
+        let _ = render::write_pretty(&mut body, value);
+        Reply::Fixed {
+            status,
+            body,
+            content_type: JSON,
+            allow_get: false,
         }
     }
 
@@ -162,13 +220,13 @@ impl Reply {
 }
 
 /// One connection: read a request, answer it, close.
-async fn connection(mut stream: TcpStream, store: Arc<dyn Store>, _permit: OwnedSemaphorePermit) {
+async fn connection(mut stream: TcpStream, sources: AdminSources, _permit: OwnedSemaphorePermit) {
     let reply = match timeout(READ_TIMEOUT, read_head(&mut stream)).await {
         Err(_) => Reply::failure(408, "the request head did not arrive in time"),
         Ok(Head::Closed) => return,
         Ok(Head::Invalid(reply)) => reply,
         Ok(Head::Request { method, target }) => match route(&method, &target) {
-            Ok(route) => answer(route, store).await,
+            Ok(route) => answer(route, &sources).await,
             Err(reply) => reply,
         },
     };
@@ -242,9 +300,15 @@ fn parse_target(target: &str) -> Result<Route, AdminError> {
     let not_found = || {
         AdminError::NotFound(format!(
             "no such route {path:?}; the routes are /v1/sessions, /v1/sessions/ID, \
-             /v1/sessions/ID/queue, /v1/retained, /v1/retained/TOPIC, /v1/stats, /v1/export"
+             /v1/sessions/ID/queue, /v1/retained, /v1/retained/TOPIC, /v1/stats, /v1/export, \
+             /metrics, /health"
         ))
     };
+    match path {
+        "/metrics" => return Ok(Route::Metrics),
+        "/health" => return Ok(Route::Health),
+        _ => {}
+    }
     let Some(rest) = path.strip_prefix("/v1/") else {
         return Err(not_found());
     };
@@ -333,8 +397,70 @@ fn hex(b: u8) -> Option<u8> {
         .and_then(|d| u8::try_from(d).ok())
 }
 
-/// Runs the route's store work on a blocking thread.
-async fn answer(route: Route, store: Arc<dyn Store>) -> Reply {
+/// The answer of `/health`.
+#[derive(Serialize)]
+struct HealthView {
+    /// `serving`, or `shutting_down` (with status 503).
+    status: &'static str,
+    uptime_secs: u64,
+    connections: usize,
+    sessions: usize,
+    /// `fsync`, `interval` or `memory`.
+    durability: &'static str,
+    /// Store submissions that failed since the start (absent in memory mode).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    store_failures: Option<u64>,
+}
+
+fn health(broker: &Broker) -> Reply {
+    let shutting_down = broker.is_shutting_down();
+    let view = HealthView {
+        status: if shutting_down {
+            "shutting_down"
+        } else {
+            "serving"
+        },
+        uptime_secs: broker.uptime().as_secs(),
+        connections: broker.registry.connection_count(),
+        sessions: broker.registry.session_count(),
+        durability: match broker.config.storage.durability {
+            DurabilityMode::Fsync => "fsync",
+            DurabilityMode::Interval => "interval",
+            DurabilityMode::Memory => "memory",
+        },
+        store_failures: broker.persistence.as_ref().map(|p| p.writer_stats().failed),
+    };
+    Reply::json(if shutting_down { 503 } else { 200 }, &view)
+}
+
+/// Answers a route: the broker's views at once, the store's on a blocking
+/// thread.
+async fn answer(route: Route, sources: &AdminSources) -> Reply {
+    let broker = sources.broker.as_deref();
+    match (route, broker) {
+        (Route::Metrics, Some(broker)) => Reply::Fixed {
+            status: 200,
+            body: crate::prometheus::render(broker).into_bytes(),
+            content_type: crate::prometheus::CONTENT_TYPE,
+            allow_get: false,
+        },
+        (Route::Health, Some(broker)) => health(broker),
+        (Route::Metrics | Route::Health, None) => {
+            Reply::failure(404, "no running broker is served here")
+        }
+        (route, _) => match sources.store.clone() {
+            Some(store) => answer_from_store(route, store).await,
+            None => Reply::failure(
+                404,
+                "this broker keeps no store (storage.durability = \"memory\"): \
+                 only /metrics and /health are served",
+            ),
+        },
+    }
+}
+
+/// Runs a store route's work on a blocking thread.
+async fn answer_from_store(route: Route, store: Arc<dyn Store>) -> Reply {
     match route {
         Route::Sessions => stream(store, |s, out| {
             render::write_json_array(out, model::session_rows(s))
@@ -349,6 +475,7 @@ async fn answer(route: Route, store: Arc<dyn Store>) -> Reply {
         Route::RetainedShow(topic) => fixed(store, move |s| model::retained_view(s, &topic)).await,
         Route::Stats => fixed(store, |s| Ok(StatsView::from(s.stats()?))).await,
         Route::Export => stream(store, model::write_export),
+        Route::Metrics | Route::Health => Reply::failure(404, "no running broker is served here"),
     }
 }
 
@@ -368,6 +495,7 @@ where
         Ok(Ok(body)) => Reply::Fixed {
             status: 200,
             body,
+            content_type: JSON,
             allow_get: false,
         },
         Ok(Err(e)) => Reply::error(&e),
@@ -432,8 +560,9 @@ async fn send(stream: &mut TcpStream, reply: Reply) -> io::Result<()> {
         Reply::Fixed {
             status,
             body,
+            content_type,
             allow_get,
-        } => send_fixed(stream, status, &body, allow_get).await,
+        } => send_fixed(stream, status, &body, content_type, allow_get).await,
         Reply::Stream { chunks, done } => send_stream(stream, chunks, done).await,
     }
 }
@@ -442,10 +571,12 @@ async fn send_fixed(
     stream: &mut TcpStream,
     status: u16,
     body: &[u8],
+    content_type: &str,
     allow_get: bool,
 ) -> io::Result<()> {
     let mut out = head(
         status,
+        content_type,
         allow_get,
         &format!("Content-Length: {}", body.len()),
     );
@@ -465,6 +596,7 @@ async fn send_stream(
             Ok(Ok(())) => Reply::Fixed {
                 status: 200,
                 body: Vec::new(),
+                content_type: JSON,
                 allow_get: false,
             },
             Ok(Err(e)) => Reply::error(&e),
@@ -472,7 +604,11 @@ async fn send_stream(
         };
         return Box::pin(send(stream, reply)).await;
     };
-    write_all(stream, &head(200, false, "Transfer-Encoding: chunked")).await?;
+    write_all(
+        stream,
+        &head(200, JSON, false, "Transfer-Encoding: chunked"),
+    )
+    .await?;
     write_chunk(stream, &first).await?;
     while let Some(chunk) = chunks.recv().await {
         write_chunk(stream, &chunk).await?;
@@ -487,10 +623,10 @@ async fn send_stream(
     }
 }
 
-fn head(status: u16, allow_get: bool, framing: &str) -> Vec<u8> {
+fn head(status: u16, content_type: &str, allow_get: bool, framing: &str) -> Vec<u8> {
     let allow = if allow_get { "Allow: GET\r\n" } else { "" };
     format!(
-        "HTTP/1.1 {status} {}\r\nContent-Type: application/json\r\nCache-Control: no-store\r\n\
+        "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\nCache-Control: no-store\r\n\
          Connection: close\r\n{allow}{framing}\r\n\r\n",
         reason(status)
     )
@@ -587,6 +723,8 @@ mod tests {
         assert_eq!(ok("/v1/retained//x"), Route::RetainedShow("/x".into()));
         assert_eq!(ok("/v1/stats"), Route::Stats);
         assert_eq!(ok("/v1/export?x=1"), Route::Export);
+        assert_eq!(ok("/metrics"), Route::Metrics);
+        assert_eq!(ok("/health"), Route::Health);
     }
 
     #[test]
@@ -599,6 +737,8 @@ mod tests {
             "/v2/sessions",
             "/v1/sessions/",
             "/v1/nope",
+            "/v1/metrics",
+            "/metrics/x",
             "*",
         ] {
             assert_eq!(status(t), 404, "{t}");

@@ -51,4 +51,4 @@ mod render;
 
 pub use cli::{execute, run, AdminArgs, AdminCommand};
 pub use error::AdminError;
-pub use http::serve_admin;
+pub use http::{serve_admin, AdminSources};

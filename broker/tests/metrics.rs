@@ -1,0 +1,159 @@
+//! What an operator reads from a running broker: `/metrics` (Prometheus text)
+//! and `/health` on the admin endpoint, in memory mode too, after traffic
+//! from rumqttc and a raw client that sends garbage.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::*;
+use tern_codec::{ProtocolVersion, QoS};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// One GET: (status, the Content-Type header, body).
+async fn get(addr: SocketAddr, path: &str) -> (u16, String, String) {
+    let mut stream = TcpStream::connect(addr).await.expect("admin endpoint");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: tern\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    tokio::time::timeout(WAIT, stream.read_to_string(&mut response))
+        .await
+        .expect("the endpoint answers")
+        .expect("a UTF-8 response");
+    let (head, body) = response.split_once("\r\n\r\n").expect("a head");
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("a status line");
+    let content_type = head
+        .lines()
+        .find_map(|l| l.strip_prefix("Content-Type: "))
+        .unwrap_or_default()
+        .to_owned();
+    (status, content_type, body.to_owned())
+}
+
+/// The value of sample `name` (a metric without labels).
+fn sample(text: &str, name: &str) -> u64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no sample {name} in:\n{text}"))
+        .parse::<f64>()
+        .expect("a number") as u64
+}
+
+#[tokio::test]
+async fn metrics_count_traffic_and_refusals_and_health_answers() {
+    let server = start(|c| {
+        c.storage.durability = tern::config::DurabilityMode::Memory;
+    })
+    .await;
+    let admin = server
+        .admin_addr()
+        .expect("the admin endpoint runs in memory mode");
+
+    let (status, content_type, text) = get(admin, "/metrics").await;
+    assert_eq!(status, 200);
+    assert_eq!(content_type, "text/plain; version=0.0.4; charset=utf-8");
+    assert_eq!(sample(&text, "tern_connections"), 0);
+    assert_eq!(sample(&text, "tern_messages_received_total"), 0);
+
+    // A rumqttc subscriber and publisher: 5 messages, each delivered once.
+    let mut options = rumqttc::MqttOptions::new("metrics-sub", "127.0.0.1", addr(&server).port());
+    options.set_keep_alive(Duration::from_secs(30));
+    let (sub, mut sub_rx) = run_rumqttc(options);
+    sub.subscribe("m/#", rumqttc::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let mut publisher =
+        RawClient::connected(addr(&server), "metrics-pub", ProtocolVersion::V311).await;
+    let mut subscribed = false;
+    while !subscribed {
+        let packet = tokio::time::timeout(WAIT, sub_rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        subscribed = matches!(packet, rumqttc::Packet::SubAck(_));
+    }
+    for i in 0..5u16 {
+        publisher
+            .publish("m/x", b"hello", QoS::AtLeastOnce, i + 1)
+            .await;
+    }
+    let mut got = 0;
+    while got < 5 {
+        let packet = tokio::time::timeout(WAIT, sub_rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        got += usize::from(matches!(packet, rumqttc::Packet::Publish(_)));
+    }
+
+    // Garbage: a packet type 0 is malformed; the connection is closed.
+    let mut garbage =
+        RawClient::connected(addr(&server), "metrics-bad", ProtocolVersion::V311).await;
+    garbage.send_bytes(&[0x00, 0x00]).await;
+    garbage.expect_closed().await;
+
+    let (_, _, text) = get(admin, "/metrics").await;
+    assert_eq!(sample(&text, "tern_messages_received_total"), 5);
+    assert_eq!(sample(&text, "tern_messages_delivered_total"), 5);
+    assert_eq!(sample(&text, "tern_malformed_packets_total"), 1);
+    assert_eq!(sample(&text, "tern_subscriptions"), 1);
+    assert_eq!(sample(&text, "tern_connections_accepted_total"), 3);
+    assert!(sample(&text, "tern_bytes_received_total") > 5 * 5);
+    eventually("the bad connection is gone from the gauge", || {
+        server.broker().registry.connection_count() == 2
+    })
+    .await;
+    let (_, _, text) = get(admin, "/metrics").await;
+    assert_eq!(sample(&text, "tern_connections"), 2);
+    assert_eq!(sample(&text, "tern_sessions"), 2);
+
+    let (status, content_type, body) = get(admin, "/health").await;
+    assert_eq!(status, 200);
+    assert_eq!(content_type, "application/json");
+    let health: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(health["status"], "serving");
+    assert_eq!(health["connections"], 2);
+    assert_eq!(health["durability"], "memory");
+    assert!(health.get("store_failures").is_none(), "{body}");
+
+    // No store in memory mode: the store's views say so.
+    let (status, _, body) = get(admin, "/v1/sessions").await;
+    assert_eq!(status, 404);
+    assert!(body.contains("keeps no store"), "{body}");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_broker_with_a_store_reports_its_writer() {
+    let dir = std::env::temp_dir().join(format!("tern-metrics-{}", std::process::id()));
+    let server = start(|c| {
+        c.storage.durability = tern::config::DurabilityMode::Fsync;
+        c.storage.data_dir = dir.clone();
+    })
+    .await;
+    let admin = server.admin_addr().expect("admin endpoint");
+    // A persistent session: its subscription is stored before the SUBACK.
+    let (mut client, _) =
+        RawClient::connect(addr(&server), persistent_connect("metrics-durable", 60)).await;
+    client.subscribe("d/#", QoS::AtLeastOnce).await;
+
+    let (_, _, text) = get(admin, "/metrics").await;
+    assert!(sample(&text, "tern_store_syncs_total") >= 1, "{text}");
+    assert_eq!(sample(&text, "tern_store_failures_total"), 0);
+    let (status, _, body) = get(admin, "/health").await;
+    assert_eq!(status, 200);
+    let health: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(health["durability"], "fsync");
+    assert_eq!(health["store_failures"], 0);
+    let (status, _, _) = get(admin, "/v1/sessions/metrics-durable").await;
+    assert_eq!(status, 200);
+    server.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
