@@ -104,12 +104,17 @@ pub struct AdminConfig {
     /// no authentication. Unset: no endpoint. In memory mode it serves
     /// `/metrics` and `/health` only.
     pub bind: Option<SocketAddr>,
+    /// Address of a second listener that serves only `/metrics` and
+    /// `/health` (no store views), for a Prometheus server or a load
+    /// balancer's health check on another host: any address. Unset: none.
+    pub metrics_bind: Option<SocketAddr>,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
         AdminConfig {
             bind: Some(SocketAddr::from(([127, 0, 0, 1], 8090))),
+            metrics_bind: None,
         }
     }
 }
@@ -520,6 +525,10 @@ mod tests {
         assert!(e.to_string().contains("durability"), "{e}");
         let e = Config::from_toml("[admin]\nbind = \"0.0.0.0:8090\"\n").unwrap_err();
         assert!(e.to_string().contains("admin.bind"), "{e}");
+        // Counts and liveness only: any address.
+        let c = Config::from_toml("[admin]\nmetrics_bind = \"0.0.0.0:9100\"\n").unwrap();
+        assert_eq!(c.admin.metrics_bind, Some("0.0.0.0:9100".parse().unwrap()));
+        assert_eq!(c.admin.bind, AdminConfig::default().bind);
     }
 
     #[test]

@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tern_codec::{
-    decode_packet, encode_packet,
+    decode_packet,
     properties::{ConnAckProperties, SubAckProperties, UnsubAckProperties},
     ConnAck, Connect, Disconnect, Packet, ProtocolVersion, PubAck, Publish, QoS, ReasonCode,
     SubAck, Subscribe, UnsubAck, Unsubscribe, Will,
@@ -35,14 +35,14 @@ use tern_codec::{
 use tern_router::{
     parse_shared, validate_topic_name, RecentMatch, SubscribeOutcome, SubscriptionOptions,
 };
-use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 
 use crate::auth::{AuthExchange, AuthStep};
 use crate::broker::{Broker, SessionRef, StagedFanout};
 use crate::handshake::{
-    auth_packet, authenticate, check_connect, count_decode_error, read_connect, Authenticated,
-    HandshakeFailure,
+    auth_packet, authenticate, check_connect, count_decode_error, read_connect, write_direct,
+    Authenticated, HandshakeFailure,
 };
 use crate::message::Message;
 use crate::metrics::Metrics;
@@ -289,11 +289,8 @@ where
         tracing::debug!(%peer, "session replaced before it could be attached");
         return None;
     };
-    let connack_sent = {
-        let mut out = BytesMut::new();
-        let encoded = encode_packet(&Packet::ConnAck(connack), protocol, &mut out).is_ok();
-        encoded && writer.write_all(&out).await.is_ok()
-    };
+    let connack_sent =
+        write_direct(writer, &Packet::ConnAck(connack), protocol, &broker.metrics).await;
     if !connack_sent {
         // No reader will run: a takeover must not wait for one.
         broker.registry.reader_finished(&control);
@@ -363,7 +360,13 @@ async fn refuse<W: AsyncWrite + Unpin>(
     let (code, connect) = match (failure, connect) {
         (HandshakeFailure::Unsupported(name, level), _) => {
             tracing::info!(%peer, name, level, "refused: unsupported protocol version");
-            let _ = writer.write_all(&[0x20, 0x02, 0x00, 0x01]).await;
+            // The 3.1.1 CONNACK "unacceptable protocol version" (0x01),
+            // whatever version the client spoke.
+            let connack = Packet::ConnAck(ConnAck {
+                code: ReasonCode::UnsupportedProtocolVersion,
+                ..ConnAck::default()
+            });
+            write_direct(writer, &connack, ProtocolVersion::V311, &broker.metrics).await;
             return;
         }
         (HandshakeFailure::Closed(reason), _) => {
@@ -377,10 +380,7 @@ async fn refuse<W: AsyncWrite + Unpin>(
                     code,
                     ..ConnAck::default()
                 });
-                let mut out = BytesMut::new();
-                if encode_packet(&connack, ProtocolVersion::V5, &mut out).is_ok() {
-                    let _ = writer.write_all(&out).await;
-                }
+                write_direct(writer, &connack, ProtocolVersion::V5, &broker.metrics).await;
             }
             return;
         }
@@ -397,10 +397,7 @@ async fn refuse<W: AsyncWrite + Unpin>(
         properties,
         ..ConnAck::default()
     });
-    let mut out = BytesMut::new();
-    if encode_packet(&connack, connect.protocol, &mut out).is_ok() {
-        let _ = writer.write_all(&out).await;
-    }
+    write_direct(writer, &connack, connect.protocol, &broker.metrics).await;
 }
 
 impl Drop for Connection {

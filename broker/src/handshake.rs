@@ -120,6 +120,23 @@ pub async fn read_connect<R: AsyncRead + Unpin>(
     }
 }
 
+/// Writes a packet of the handshake (CONNACK, AUTH) straight to the socket,
+/// before the connection's writer exists, and counts it as sent.
+pub async fn write_direct<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    packet: &Packet,
+    protocol: ProtocolVersion,
+    metrics: &Metrics,
+) -> bool {
+    let mut out = BytesMut::new();
+    if encode_packet(packet, protocol, &mut out).is_err() || writer.write_all(&out).await.is_err() {
+        return false;
+    }
+    Metrics::inc(&metrics.packets_sent);
+    Metrics::add(&metrics.bytes_sent, out.len() as u64);
+    true
+}
+
 /// Counts a decode error under the right metric.
 pub fn count_decode_error(metrics: &Metrics, e: &DecodeError) {
     match e {
@@ -222,10 +239,7 @@ where
             AuthStep::Failure => return Err(HandshakeFailure::Refused(ReasonCode::NotAuthorized)),
             AuthStep::Continue(server_data) => {
                 let auth = auth_packet(ReasonCode::ContinueAuthentication, &method, server_data);
-                let mut out = BytesMut::new();
-                if encode_packet(&auth, ProtocolVersion::V5, &mut out).is_err()
-                    || writer.write_all(&out).await.is_err()
-                {
+                if !write_direct(writer, &auth, ProtocolVersion::V5, &broker.metrics).await {
                     return Err(HandshakeFailure::Closed("cannot send AUTH".into()));
                 }
                 let packet = read_packet(

@@ -66,6 +66,9 @@ struct ServeArgs {
     /// Address of the read-only admin endpoint (loopback only).
     #[arg(long)]
     admin_bind: Option<SocketAddr>,
+    /// Address of a listener serving only /metrics and /health (any address).
+    #[arg(long)]
+    metrics_bind: Option<SocketAddr>,
 }
 
 fn parse_durability(s: &str) -> Result<DurabilityMode, String> {
@@ -94,6 +97,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         data_dir,
         durability,
         admin_bind,
+        metrics_bind,
     } = args;
     let mut config = match &path {
         Some(path) => match Config::from_file(path) {
@@ -122,6 +126,9 @@ fn serve(args: ServeArgs) -> ExitCode {
     }
     if let Some(addr) = admin_bind {
         config.admin.bind = Some(addr);
+    }
+    if let Some(addr) = metrics_bind {
+        config.admin.metrics_bind = Some(addr);
     }
     if let Err(e) = config.validate() {
         eprintln!("tern: {e}");

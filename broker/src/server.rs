@@ -60,6 +60,7 @@ pub struct Server {
     tcp_addrs: Vec<SocketAddr>,
     ws_addrs: Vec<SocketAddr>,
     admin_addr: Option<SocketAddr>,
+    metrics_addr: Option<SocketAddr>,
     /// Accept loops, the keep alive sweep, the admin endpoint.
     tasks: Vec<JoinHandle<()>>,
 }
@@ -178,11 +179,26 @@ impl Server {
                 broker.shutdown_signal(),
             )));
         }
+        let mut metrics_addr = None;
+        if let Some(addr) = broker.config.admin.metrics_bind {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Bind { addr, source })?;
+            let local = listener.local_addr().unwrap_or(addr);
+            tracing::info!(addr = %local, "metrics endpoint ready (/metrics, /health)");
+            metrics_addr = Some(local);
+            tasks.push(tokio::spawn(crate::admin::serve_admin(
+                listener,
+                crate::admin::AdminSources::of_broker_metrics(&broker),
+                broker.shutdown_signal(),
+            )));
+        }
         Ok(Server {
             broker,
             tcp_addrs,
             ws_addrs,
             admin_addr,
+            metrics_addr,
             tasks,
         })
     }
@@ -190,6 +206,11 @@ impl Server {
     /// The bound admin endpoint address, when one runs.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin_addr
+    }
+
+    /// The bound metrics listener address, when one runs.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// The bound MQTT/TCP addresses, in configuration order.

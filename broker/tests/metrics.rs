@@ -105,6 +105,9 @@ async fn metrics_count_traffic_and_refusals_and_health_answers() {
     assert_eq!(sample(&text, "tern_malformed_packets_total"), 1);
     assert_eq!(sample(&text, "tern_subscriptions"), 1);
     assert_eq!(sample(&text, "tern_connections_accepted_total"), 3);
+    // 3 CONNACKs (written before a connection's writer exists, counted too),
+    // 1 SUBACK, 5 PUBACKs, 5 deliveries.
+    assert_eq!(sample(&text, "tern_packets_sent_total"), 14);
     assert!(sample(&text, "tern_bytes_received_total") > 5 * 5);
     eventually("the bad connection is gone from the gauge", || {
         server.broker().registry.connection_count() == 2
@@ -126,7 +129,7 @@ async fn metrics_count_traffic_and_refusals_and_health_answers() {
     // No store in memory mode: the store's views say so.
     let (status, _, body) = get(admin, "/v1/sessions").await;
     assert_eq!(status, 404);
-    assert!(body.contains("keeps no store"), "{body}");
+    assert!(body.contains("no store is served here"), "{body}");
     server.shutdown().await;
 }
 
@@ -136,6 +139,7 @@ async fn a_broker_with_a_store_reports_its_writer() {
     let server = start(|c| {
         c.storage.durability = tern::config::DurabilityMode::Fsync;
         c.storage.data_dir = dir.clone();
+        c.admin.metrics_bind = Some("127.0.0.1:0".parse().unwrap());
     })
     .await;
     let admin = server.admin_addr().expect("admin endpoint");
@@ -154,6 +158,16 @@ async fn a_broker_with_a_store_reports_its_writer() {
     assert_eq!(health["store_failures"], 0);
     let (status, _, _) = get(admin, "/v1/sessions/metrics-durable").await;
     assert_eq!(status, 200);
+
+    // The metrics listener serves the counts, never the store.
+    let metrics = server.metrics_addr().expect("metrics listener");
+    let (status, _, text) = get(metrics, "/metrics").await;
+    assert_eq!(status, 200);
+    assert_eq!(sample(&text, "tern_sessions"), 1);
+    let (status, _, _) = get(metrics, "/health").await;
+    assert_eq!(status, 200);
+    let (status, _, body) = get(metrics, "/v1/sessions/metrics-durable").await;
+    assert_eq!(status, 404, "{body}");
     server.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -32,7 +32,8 @@
 //! ```
 //!
 //! In memory mode there is no store: the `/v1` routes answer 404 saying so,
-//! and `/metrics` and `/health` work as always.
+//! and `/metrics` and `/health` work as always. The metrics listener
+//! (`[admin] metrics_bind`) is the same server without the store.
 //!
 //! Path segments and query values are percent-decoded (`+` is not a space:
 //! it is the MQTT wildcard); the topic of `/v1/retained/{topic}` is the rest
@@ -96,6 +97,15 @@ impl AdminSources {
     pub fn of_broker(broker: &Arc<Broker>) -> AdminSources {
         AdminSources {
             store: broker.persistence.as_ref().map(|p| Arc::clone(p.store())),
+            broker: Some(Arc::clone(broker)),
+        }
+    }
+
+    /// A running broker's `/metrics` and `/health`, without its store (the
+    /// metrics listener, which may face other hosts).
+    pub fn of_broker_metrics(broker: &Arc<Broker>) -> AdminSources {
+        AdminSources {
+            store: None,
             broker: Some(Arc::clone(broker)),
         }
     }
@@ -452,8 +462,8 @@ async fn answer(route: Route, sources: &AdminSources) -> Reply {
             Some(store) => answer_from_store(route, store).await,
             None => Reply::failure(
                 404,
-                "this broker keeps no store (storage.durability = \"memory\"): \
-                 only /metrics and /health are served",
+                "no store is served here (memory mode, or the metrics listener): \
+                 only /metrics and /health",
             ),
         },
     }
