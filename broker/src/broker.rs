@@ -95,6 +95,8 @@ pub struct Broker {
     /// `Message::weight` of every retained message, against
     /// `limits.max_retained_bytes`.
     retained_bytes: AtomicUsize,
+    /// `$SYS` topics among the retained messages (outside the limits).
+    system_retained: AtomicUsize,
     /// When expired retained messages were last swept (keep alive clock).
     last_retained_sweep_ms: AtomicU64,
     /// When queues were last swept for stalled writers (keep alive clock).
@@ -153,6 +155,7 @@ impl Broker {
             router: Router::new(),
             retained: RetainedStore::new(),
             retained_bytes: AtomicUsize::new(0),
+            system_retained: AtomicUsize::new(0),
             last_retained_sweep_ms: AtomicU64::new(0),
             last_stall_sweep_ms: AtomicU64::new(0),
             registry,
@@ -169,7 +172,24 @@ impl Broker {
         self.started.elapsed()
     }
 
-    /// `Message::weight` of all retained messages together.
+    /// Retained messages held, the broker's own `$SYS` topics excluded.
+    pub fn retained_count(&self) -> usize {
+        self.retained
+            .len()
+            .saturating_sub(self.system_retained.load(Ordering::Relaxed))
+    }
+
+    /// Stores `message` as the retained message of a `$SYS` topic: in
+    /// memory only, and outside `max_retained_messages` and
+    /// `max_retained_bytes` (a fixed handful of topics, see sys_topics.rs).
+    pub fn retain_system(&self, topic: &str, message: Arc<Message>) {
+        debug_assert!(topic.starts_with("$SYS/"));
+        if self.retained.insert(topic, message).is_none() {
+            self.system_retained.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// `Message::weight` of all retained messages together (`$SYS` excluded).
     pub fn retained_bytes(&self) -> usize {
         self.retained_bytes.load(Ordering::Relaxed)
     }
@@ -400,7 +420,7 @@ impl Broker {
             .retained_bytes
             .load(Ordering::Relaxed)
             .saturating_sub(old.as_ref().map_or(0, |m| m.weight()));
-        let count_ok = old.is_some() || self.retained.len() < limits.max_retained_messages;
+        let count_ok = old.is_some() || self.retained_count() < limits.max_retained_messages;
         count_ok && others + message.weight() <= limits.max_retained_bytes
     }
 

@@ -294,6 +294,9 @@ pub struct MqttConfig {
     pub server_reference: Option<String>,
     /// Redirect permanently (0x9D) rather than temporarily (0x9C).
     pub server_moved: bool,
+    /// Seconds between two rounds of `$SYS/broker/...` figures (retained,
+    /// in memory only; see sys_topics.rs). 0: no `$SYS` topics.
+    pub sys_interval_secs: u64,
 }
 
 impl Default for MqttConfig {
@@ -303,6 +306,7 @@ impl Default for MqttConfig {
             check_payload_format: true,
             server_reference: None,
             server_moved: false,
+            sys_interval_secs: 10,
         }
     }
 }

@@ -27,6 +27,7 @@
 //! transport   what a byte stream must offer (readiness without a buffer)
 //! auth        MQTT 5 enhanced authentication (AUTH), SCRAM-SHA-256
 //! config      embedded defaults, TOML file, validation
+//! sys_topics  $SYS/broker/... figures, retained in memory, every sys_interval_secs
 //! metrics     monotonic counters (every refusal and drop is counted here)
 //! ```
 //!
@@ -67,6 +68,7 @@ pub mod server;
 pub mod session;
 pub mod signal;
 mod subscription_ids;
+pub mod sys_topics;
 pub mod topic_alias;
 pub mod transport;
 pub mod wake_batch;

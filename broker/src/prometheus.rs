@@ -85,10 +85,10 @@ pub fn render(broker: &Broker) -> String {
         m,
         "retained_messages",
         Kind::Gauge,
-        "Retained messages held.",
-        broker.retained.len(),
+        "Retained messages held (the broker's own $SYS topics excluded).",
+        broker.retained_count(),
     );
-    sample(m, "retained_bytes", Kind::Gauge, "Bytes of the retained messages (topic, payload and properties), against limits.max_retained_bytes.", broker.retained_bytes());
+    sample(m, "retained_bytes", Kind::Gauge, "Bytes of the retained messages (topic, payload and properties; $SYS excluded), against limits.max_retained_bytes.", broker.retained_bytes());
 
     let budget = &registry.context().budget;
     sample(

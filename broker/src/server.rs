@@ -133,7 +133,10 @@ impl Server {
             );
         }
         let mut tcp_addrs = Vec::new();
-        let mut tasks = vec![tokio::spawn(crate::keep_alive::run(Arc::clone(&broker)))];
+        let mut tasks = vec![
+            tokio::spawn(crate::keep_alive::run(Arc::clone(&broker))),
+            tokio::spawn(crate::sys_topics::run(Arc::clone(&broker))),
+        ];
         for &addr in &broker.config.listeners.tcp {
             let listener = TcpListener::bind(addr)
                 .await

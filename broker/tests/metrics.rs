@@ -171,3 +171,67 @@ async fn a_broker_with_a_store_reports_its_writer() {
     server.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn sys_topics_are_retained_updated_and_hidden_from_wildcards() {
+    let server = start(|c| c.mqtt.sys_interval_secs = 1).await;
+    let port = addr(&server).port();
+    eventually("the first $SYS round", || {
+        server
+            .broker()
+            .retained
+            .get("$SYS/broker/version")
+            .is_some()
+    })
+    .await;
+
+    // A rumqttc client subscribed to $SYS/# gets the retained figures at once.
+    let mut options = rumqttc::MqttOptions::new("sys-reader", "127.0.0.1", port);
+    options.set_keep_alive(Duration::from_secs(30));
+    let (reader, mut rx) = run_rumqttc(options);
+    reader
+        .subscribe("$SYS/#", rumqttc::QoS::AtMostOnce)
+        .await
+        .unwrap();
+    // A subscriber to # must never see them (MQTT-4.7.2-1).
+    let mut everything =
+        RawClient::connected(addr(&server), "sys-wild", ProtocolVersion::V311).await;
+    assert_eq!(
+        everything.subscribe("#", QoS::AtMostOnce).await,
+        vec![tern_codec::ReasonCode::Success]
+    );
+
+    let mut retained_version = None;
+    let mut connected = Vec::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut third = None;
+    // Wait for the version (retained) and for clients/connected to count
+    // the third connection made below.
+    while connected.last().map(String::as_str) != Some("3") {
+        let packet = tokio::time::timeout_at(deadline, rx.recv())
+            .await
+            .expect("$SYS updates arrive")
+            .unwrap();
+        let rumqttc::Packet::Publish(p) = packet else {
+            continue;
+        };
+        let text = String::from_utf8(p.payload.to_vec()).unwrap();
+        match p.topic.as_str() {
+            "$SYS/broker/version" => retained_version = Some((text, p.retain)),
+            "$SYS/broker/clients/connected" => {
+                connected.push(text);
+                if third.is_none() {
+                    third = Some(
+                        RawClient::connected(addr(&server), "sys-third", ProtocolVersion::V5).await,
+                    );
+                }
+            }
+            _ => {}
+        }
+    }
+    let (version, retain) = retained_version.expect("the version was sent");
+    assert_eq!(version, format!("tern {}", env!("CARGO_PKG_VERSION")));
+    assert!(retain, "sent as a retained message on subscription");
+    everything.expect_silence(Duration::from_millis(300)).await;
+    server.shutdown().await;
+}
