@@ -136,6 +136,14 @@ pub struct ListenersConfig {
     /// or v2) header giving the client's address (only behind a proxy that
     /// sends one; a connection without it is closed).
     pub ws_proxy_protocol: bool,
+    /// MQTT over TLS listen addresses (usually port 8883); empty: none.
+    /// They need `tls_cert` and `tls_key`.
+    pub tls: Vec<SocketAddr>,
+    /// The TLS listeners' certificate chain (PEM: the server's certificate
+    /// first, then any intermediates), relative to the working directory.
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of `tls_cert` (PEM: PKCS#8, PKCS#1 or SEC1).
+    pub tls_key: Option<PathBuf>,
 }
 
 /// `[log]`.
@@ -232,6 +240,9 @@ impl Default for ListenersConfig {
             ws_path: "/mqtt".to_owned(),
             ws_trust_forwarded_for: false,
             ws_proxy_protocol: false,
+            tls: Vec::new(),
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -453,6 +464,19 @@ impl Config {
                 "must be at most 1000000 (one second)",
             );
         }
+        let ls = &self.listeners;
+        if !ls.tls.is_empty() && ls.tls_cert.is_none() {
+            return invalid(
+                "listeners.tls_cert",
+                "must be set when listeners.tls has an address",
+            );
+        }
+        if !ls.tls.is_empty() && ls.tls_key.is_none() {
+            return invalid(
+                "listeners.tls_key",
+                "must be set when listeners.tls has an address",
+            );
+        }
         if self.admin.bind.is_some_and(|a| !a.ip().is_loopback()) {
             return invalid(
                 "admin.bind",
@@ -529,6 +553,12 @@ mod tests {
         assert!(e.to_string().contains("durability"), "{e}");
         let e = Config::from_toml("[admin]\nbind = \"0.0.0.0:8090\"\n").unwrap_err();
         assert!(e.to_string().contains("admin.bind"), "{e}");
+        let e = Config::from_toml("[listeners]\ntls = [\"127.0.0.1:8883\"]\n").unwrap_err();
+        assert!(e.to_string().contains("listeners.tls_cert"), "{e}");
+        let e =
+            Config::from_toml("[listeners]\ntls = [\"127.0.0.1:8883\"]\ntls_cert = \"c.pem\"\n")
+                .unwrap_err();
+        assert!(e.to_string().contains("listeners.tls_key"), "{e}");
         // Counts and liveness only: any address.
         let c = Config::from_toml("[admin]\nmetrics_bind = \"0.0.0.0:9100\"\n").unwrap();
         assert_eq!(c.admin.metrics_bind, Some("0.0.0.0:9100".parse().unwrap()));

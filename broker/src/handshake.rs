@@ -129,7 +129,10 @@ pub async fn write_direct<W: AsyncWrite + Unpin>(
     metrics: &Metrics,
 ) -> bool {
     let mut out = BytesMut::new();
-    if encode_packet(packet, protocol, &mut out).is_err() || writer.write_all(&out).await.is_err() {
+    if encode_packet(packet, protocol, &mut out).is_err()
+        || writer.write_all(&out).await.is_err()
+        || writer.flush().await.is_err()
+    {
         return false;
     }
     Metrics::inc(&metrics.packets_sent);

@@ -12,6 +12,7 @@
 //!   wake_batch   one writer wake-up per subscriber per read, not per message
 //!   websocket    MQTT over WebSocket: the upgrade, then the same connection code
 //!   proxy_protocol  PROXY protocol v1/v2 header, when a listener is behind a proxy
+//!   tls          MQTT over TLS: certificate loading, the handshake, then the same connection code
 //! broker      shared state; publish = retained store + router match + fan-out
 //! registry    sessions by client id; the only count of connections
 //! session     per-client state: QoS 1/2 flows, in-flight window, queues
@@ -69,6 +70,7 @@ pub mod session;
 pub mod signal;
 mod subscription_ids;
 pub mod sys_topics;
+pub mod tls;
 pub mod topic_alias;
 pub mod transport;
 pub mod wake_batch;

@@ -52,6 +52,16 @@ struct ServeArgs {
     /// listeners. Repeatable.
     #[arg(long = "ws-bind")]
     ws_bind: Vec<SocketAddr>,
+    /// MQTT/TLS listen address (with --tls-cert and --tls-key); replaces the
+    /// configured TLS listeners. Repeatable.
+    #[arg(long = "tls-bind")]
+    tls_bind: Vec<SocketAddr>,
+    /// PEM certificate chain of the TLS listeners.
+    #[arg(long)]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of the TLS listeners.
+    #[arg(long)]
+    tls_key: Option<PathBuf>,
     /// Log filter: error, warn, info, debug, trace (or a tracing directive).
     #[arg(long)]
     log_level: Option<String>,
@@ -93,6 +103,9 @@ fn serve(args: ServeArgs) -> ExitCode {
         config: path,
         bind,
         ws_bind,
+        tls_bind,
+        tls_cert,
+        tls_key,
         log_level,
         data_dir,
         durability,
@@ -114,6 +127,15 @@ fn serve(args: ServeArgs) -> ExitCode {
     }
     if !ws_bind.is_empty() {
         config.listeners.ws = ws_bind;
+    }
+    if !tls_bind.is_empty() {
+        config.listeners.tls = tls_bind;
+    }
+    if tls_cert.is_some() {
+        config.listeners.tls_cert = tls_cert;
+    }
+    if tls_key.is_some() {
+        config.listeners.tls_key = tls_key;
     }
     if let Some(level) = log_level {
         config.log.level = level;

@@ -125,6 +125,10 @@ counters! {
     /// WebSocket upgrade requests refused (not an upgrade, wrong path or
     /// subprotocol, a head too large).
     websocket_upgrades_refused,
+    /// TLS handshakes that failed or did not finish within the connect
+    /// timeout (not TLS, no common protocol version or cipher, a client
+    /// that refused the certificate ...).
+    tls_handshakes_failed,
     /// Connections closed because a new one took over their client id.
     session_takeovers,
     /// Will messages published.

@@ -47,6 +47,8 @@ pub enum StartError {
         dir: std::path::PathBuf,
         source: tern_storage::StoreError,
     },
+    #[error("cannot set up TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
     #[error("cannot restore the durable state from {}: {source}", dir.display())]
     Recovery {
         dir: std::path::PathBuf,
@@ -59,6 +61,7 @@ pub struct Server {
     broker: Arc<Broker>,
     tcp_addrs: Vec<SocketAddr>,
     ws_addrs: Vec<SocketAddr>,
+    tls_addrs: Vec<SocketAddr>,
     admin_addr: Option<SocketAddr>,
     metrics_addr: Option<SocketAddr>,
     /// Accept loops, the keep alive sweep, the admin endpoint.
@@ -150,6 +153,33 @@ impl Server {
                 Transport::Tcp,
             )));
         }
+        let mut tls_addrs = Vec::new();
+        if !broker.config.listeners.tls.is_empty() {
+            let listeners = &broker.config.listeners;
+            let unset = crate::tls::TlsError::Unset;
+            let cert = listeners
+                .tls_cert
+                .as_deref()
+                .ok_or(unset("listeners.tls_cert"))?;
+            let key = listeners
+                .tls_key
+                .as_deref()
+                .ok_or(unset("listeners.tls_key"))?;
+            let acceptor = crate::tls::load_acceptor(cert, key)?;
+            for &addr in &listeners.tls {
+                let listener = TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| StartError::Bind { addr, source })?;
+                let local = listener.local_addr().unwrap_or(addr);
+                tracing::info!(addr = %local, cert = %cert.display(), "MQTT/TLS listener ready");
+                tls_addrs.push(local);
+                tasks.push(tokio::spawn(accept_loop(
+                    Arc::clone(&broker),
+                    listener,
+                    Transport::Tls(acceptor.clone()),
+                )));
+            }
+        }
         let mut ws_addrs = Vec::new();
         for &addr in &broker.config.listeners.ws {
             let listener = TcpListener::bind(addr)
@@ -200,6 +230,7 @@ impl Server {
             broker,
             tcp_addrs,
             ws_addrs,
+            tls_addrs,
             admin_addr,
             metrics_addr,
             tasks,
@@ -219,6 +250,11 @@ impl Server {
     /// The bound MQTT/TCP addresses, in configuration order.
     pub fn tcp_addrs(&self) -> &[SocketAddr] {
         &self.tcp_addrs
+    }
+
+    /// The bound MQTT/TLS addresses, in configuration order.
+    pub fn tls_addrs(&self) -> &[SocketAddr] {
+        &self.tls_addrs
     }
 
     /// The bound MQTT/WebSocket addresses, in configuration order.
@@ -269,9 +305,11 @@ impl Server {
 }
 
 /// What a listener speaks.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 enum Transport {
     Tcp,
+    /// TLS, then MQTT; the acceptor is shared by every TLS listener.
+    Tls(tokio_rustls::TlsAcceptor),
     WebSocket,
 }
 
@@ -282,8 +320,9 @@ async fn accept_loop(broker: Arc<Broker>, listener: TcpListener, transport: Tran
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let broker = Arc::clone(&broker);
-                    match transport {
+                    match &transport {
                         Transport::Tcp => tokio::spawn(connection::serve_tcp(broker, stream, peer)),
+                        Transport::Tls(acceptor) => tokio::spawn(crate::tls::serve_tls(broker, stream, peer, acceptor.clone())),
                         Transport::WebSocket => tokio::spawn(websocket::serve_ws(broker, stream, peer)),
                     };
                 }

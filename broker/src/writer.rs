@@ -347,7 +347,8 @@ fn to_publish(delivery: &Delivery, protocol: ProtocolVersion, now: Instant) -> P
     }
 }
 
-/// Writes every chunk, using vectored writes, advancing past partial writes.
+/// Writes every chunk, using vectored writes, advancing past partial writes,
+/// then flushes.
 ///
 /// One `poll_fn` whose only state is its three references: the I/O vectors
 /// are built inside each poll, on the poll's stack, because held across an
@@ -386,6 +387,8 @@ fn write_chunks<'a, W: AsyncWrite + Unpin>(
                 }
             }
         }
-        Poll::Ready(Ok(()))
+        // A no-op on TCP; TLS (and WebSocket control frames) may hold bytes
+        // until flushed.
+        Pin::new(&mut *socket).poll_flush(cx)
     })
 }

@@ -1,0 +1,189 @@
+//! MQTT over TLS, with rumqttc's TLS client (rustls) against the test
+//! certificates in tests/certs, and the refusals a TLS listener owes to
+//! clients that do not speak TLS.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::*;
+use tern_codec::{ProtocolVersion, QoS};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+fn certs() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/certs")
+}
+
+/// A broker with one TLS listener on 127.0.0.1:0 besides its TCP one.
+async fn start_tls(adjust: impl FnOnce(&mut tern::Config)) -> tern::Server {
+    start(|c| {
+        c.listeners.tls = vec!["127.0.0.1:0".parse().unwrap()];
+        c.listeners.tls_cert = Some(certs().join("server.pem"));
+        c.listeners.tls_key = Some(certs().join("server.key"));
+        adjust(c);
+    })
+    .await
+}
+
+/// rumqttc over TLS, trusting the test CA.
+fn tls_client(
+    client_id: &str,
+    server: &tern::Server,
+) -> (
+    rumqttc::AsyncClient,
+    tokio::sync::mpsc::UnboundedReceiver<rumqttc::Packet>,
+) {
+    // rumqttc builds its rustls client from the process's default provider;
+    // this test binary links two, so it names one.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let port = server.tls_addrs()[0].port();
+    // The certificate is for 127.0.0.1 and localhost: the name is checked.
+    let mut options = rumqttc::MqttOptions::new(client_id, "localhost", port);
+    options.set_keep_alive(Duration::from_secs(30));
+    options.set_max_packet_size(1 << 20, 1 << 20);
+    let ca = std::fs::read(certs().join("ca.pem")).unwrap();
+    options.set_transport(rumqttc::Transport::tls(ca, None, None));
+    run_rumqttc(options)
+}
+
+async fn next_publish(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<rumqttc::Packet>,
+) -> rumqttc::Publish {
+    loop {
+        let packet = tokio::time::timeout(WAIT, rx.recv())
+            .await
+            .expect("a packet in time")
+            .expect("the client is running");
+        if let rumqttc::Packet::Publish(p) = packet {
+            return p;
+        }
+    }
+}
+
+#[tokio::test]
+async fn rumqttc_publishes_and_subscribes_over_tls() {
+    let server = start_tls(|_| {}).await;
+    let (sub, mut sub_rx) = tls_client("tls-sub", &server);
+    sub.subscribe("secure/#", rumqttc::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    loop {
+        let packet = tokio::time::timeout(WAIT, sub_rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        if matches!(packet, rumqttc::Packet::SubAck(_)) {
+            break;
+        }
+    }
+    // From a TLS publisher ...
+    let (publisher, _pub_rx) = tls_client("tls-pub", &server);
+    publisher
+        .publish(
+            "secure/a",
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            vec![7u8; 20_000],
+        )
+        .await
+        .unwrap();
+    let p = next_publish(&mut sub_rx).await;
+    assert_eq!(p.topic, "secure/a");
+    assert_eq!(
+        p.payload.len(),
+        20_000,
+        "a payload larger than one TLS record"
+    );
+    // ... and from a plain TCP one: one broker, whatever the transport.
+    let mut plain = RawClient::connected(addr(&server), "plain-pub", ProtocolVersion::V311).await;
+    plain
+        .publish("secure/b", b"over tcp", QoS::AtLeastOnce, 1)
+        .await;
+    let p = next_publish(&mut sub_rx).await;
+    assert_eq!(
+        (p.topic.as_str(), &p.payload[..]),
+        ("secure/b", &b"over tcp"[..])
+    );
+    assert_eq!(server.broker().registry.connection_count(), 3);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn plain_mqtt_on_the_tls_port_is_refused_and_counted() {
+    let server = start_tls(|_| {}).await;
+    let mut stream = TcpStream::connect(server.tls_addrs()[0]).await.unwrap();
+    // A 3.1.1 CONNECT where a TLS ClientHello should be.
+    stream
+        .write_all(&[0x10, 0x0c, 0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0, 30, 0, 0])
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(WAIT, stream.read_to_end(&mut answer)).await;
+    assert!(read.is_ok(), "the connection is closed");
+    assert!(
+        !answer.starts_with(&[0x20]),
+        "no CONNACK: the bytes were not taken as MQTT ({answer:?})"
+    );
+    eventually("the failed handshake is counted", || {
+        tern::metrics::Metrics::get(&server.broker().metrics.tls_handshakes_failed) == 1
+    })
+    .await;
+    assert_eq!(
+        tern::metrics::Metrics::get(&server.broker().metrics.connections_accepted),
+        0,
+        "no MQTT connection was started"
+    );
+    // The broker serves the next client.
+    let (client, mut rx) = tls_client("after", &server);
+    client
+        .subscribe("x", rumqttc::QoS::AtMostOnce)
+        .await
+        .unwrap();
+    loop {
+        let packet = tokio::time::timeout(WAIT, rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        if matches!(packet, rumqttc::Packet::SubAck(_)) {
+            break;
+        }
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_silent_tls_client_is_closed_at_the_connect_timeout() {
+    let server = start_tls(|c| c.limits.connect_timeout_secs = 1).await;
+    let mut stream = TcpStream::connect(server.tls_addrs()[0]).await.unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(4), stream.read_to_end(&mut answer)).await;
+    assert!(
+        read.is_ok(),
+        "closed by the broker, within the connect timeout and a margin"
+    );
+    assert!(answer.is_empty());
+    assert_eq!(
+        tern::metrics::Metrics::get(&server.broker().metrics.tls_handshakes_failed),
+        1
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_bad_certificate_path_stops_the_start_with_its_name() {
+    let mut config = tern::Config::default();
+    config.listeners.tcp = vec!["127.0.0.1:0".parse().unwrap()];
+    config.listeners.ws = Vec::new();
+    config.admin.bind = None;
+    config.storage.durability = tern::config::DurabilityMode::Memory;
+    config.listeners.tls = vec!["127.0.0.1:0".parse().unwrap()];
+    config.listeners.tls_cert = Some(certs().join("nope.pem"));
+    config.listeners.tls_key = Some(certs().join("server.key"));
+    let e = match tern::Server::start(config).await {
+        Ok(_) => panic!("the broker started without its certificate"),
+        Err(e) => e.to_string(),
+    };
+    assert!(e.contains("nope.pem"), "{e}");
+}

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Makes the test certificates (a CA and a server certificate for 127.0.0.1,
+# ::1 and localhost, valid for 100 years). They are for the TLS tests only:
+# the private keys are public, in this repository.
+#   tests/certs/make.sh   (writes ca.pem, server.pem, server.key here, and
+#   other.key, a key that belongs to no certificate)
+set -euo pipefail
+cd "$(dirname "$0")"
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+    -keyout "$tmp/ca.key" -out ca.pem -days 36500 -subj "/CN=Tern test CA" \
+    -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign"
+openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+    -keyout "$tmp/server.key" -out "$tmp/server.csr" -subj "/CN=localhost"
+cat >"$tmp/ext.cnf" <<'EXT'
+basicConstraints=critical,CA:FALSE
+keyUsage=critical,digitalSignature
+extendedKeyUsage=serverAuth
+subjectAltName=IP:127.0.0.1,IP:::1,DNS:localhost
+EXT
+openssl x509 -req -in "$tmp/server.csr" -CA ca.pem -CAkey "$tmp/ca.key" -CAcreateserial -CAserial "$tmp/ca.srl" \
+    -out server.pem -days 36500 -extfile "$tmp/ext.cnf"
+# PKCS#8, the form every TLS library reads.
+openssl pkcs8 -topk8 -nocrypt -in "$tmp/server.key" -out server.key
+openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:prime256v1 -out other.key
