@@ -1,0 +1,88 @@
+"""MQTT over TLS with real clients: paho-mqtt (Python's ssl, OpenSSL) and
+Debian's mosquitto_pub / mosquitto_sub (OpenSSL), verifying the broker's
+certificate against the test CA in tests/certs."""
+
+import re
+import ssl
+import subprocess
+import time
+import types
+
+import paho.mqtt.client as mqtt
+import pytest
+
+from conftest import REPO_ROOT, WAIT
+
+CERTS = REPO_ROOT / "tests" / "certs"
+CA = str(CERTS / "ca.pem")
+TLS_RE = re.compile(r"MQTT/TLS listener ready addr=([0-9.]+):(\d+)")
+
+
+@pytest.fixture
+def tls_broker(broker_factory):
+    b = broker_factory(
+        "[listeners]\n"
+        'tls = ["127.0.0.1:0"]\n'
+        f'tls_cert = "{CERTS / "server.pem"}"\n'
+        f'tls_key = "{CERTS / "server.key"}"\n'
+    )
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        for line in b.log_lines:
+            m = TLS_RE.search(line)
+            if m:
+                b.tls = types.SimpleNamespace(host=m.group(1), port=int(m.group(2)))
+                return b
+        time.sleep(0.02)
+    raise AssertionError("no TLS listener line in the log:\n" + b.log())
+
+
+def paho_tls(paho, broker, client_id, protocol=mqtt.MQTTv311, ca=CA):
+    """A paho client (stopped by the fixture) set up for TLS, not connected."""
+    c = paho(client_id, protocol, broker_=broker.tls, connect=False)
+    c.c.tls_set(ca_certs=ca, cert_reqs=ssl.CERT_REQUIRED)
+    return c
+
+
+@pytest.mark.parametrize("protocol", [mqtt.MQTTv311, mqtt.MQTTv5])
+def test_paho_over_tls_receives_from_mosquitto_pub_over_tls(tls_broker, mosq, paho, protocol):
+    sub = paho_tls(paho, tls_broker, "tls-paho", protocol)
+    sub.connect()
+    sub.subscribe("tls/#", 1)
+    mosq.pub("tls/t", "secret", qos=1, broker_=tls_broker.tls, extra=["--cafile", CA])
+    m = sub.get()
+    assert (m.topic, m.payload) == ("tls/t", b"secret")
+
+
+def test_mosquitto_sub_over_tls_receives_from_plain_tcp(tls_broker, mosq, paho):
+    sub = mosq.sub("mixed/#", qos=1, broker_=tls_broker.tls, extra=["--cafile", CA])
+    pub = paho("plain-pub", broker_=tls_broker)
+    pub.publish("mixed/x", b"from tcp", qos=1)
+    assert sub.get()["payload"] == b"from tcp"
+
+
+def test_plain_mqtt_to_the_tls_port_fails(tls_broker):
+    # mosquitto_pub without --cafile speaks plain MQTT to the TLS port.
+    r = subprocess.run(
+        ["mosquitto_pub", "-h", tls_broker.tls.host, "-p", str(tls_broker.tls.port),
+         "-t", "x", "-m", "y", "-q", "1"],
+        stdin=subprocess.DEVNULL, capture_output=True, timeout=WAIT + 5)
+    assert r.returncode != 0, r.stdout + r.stderr
+    assert _eventually_logged(tls_broker, "TLS handshake failed"), tls_broker.log()
+
+
+def test_a_client_that_does_not_trust_the_certificate_is_refused(tls_broker, paho):
+    # The server certificate itself as the only "CA": it is not a CA and did
+    # not sign itself, so verification fails on the client's side.
+    c = paho_tls(paho, tls_broker, "distrust", ca=str(CERTS / "server.pem"))
+    with pytest.raises(ssl.SSLError):
+        c.c.connect(tls_broker.tls.host, tls_broker.tls.port, 30)
+
+
+def _eventually_logged(broker, text):
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        if any(text in line for line in broker.log_lines):
+            return True
+        time.sleep(0.05)
+    return False
