@@ -112,6 +112,9 @@ pub struct Broker {
     pub keep_alive: KeepAlive,
     /// When this broker was made (uptime, for `/metrics` and `$SYS`).
     started: Instant,
+    /// The TLS listeners' certificate and key (MQTT over TLS and WebSocket
+    /// over TLS), set once at start when either is configured.
+    pub tls: std::sync::OnceLock<tokio_rustls::TlsAcceptor>,
     shutdown: watch::Sender<bool>,
 }
 
@@ -163,6 +166,7 @@ impl Broker {
             persistence,
             keep_alive: KeepAlive::default(),
             started: Instant::now(),
+            tls: std::sync::OnceLock::new(),
             shutdown: watch::channel(false).0,
         })
     }

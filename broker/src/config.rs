@@ -139,6 +139,9 @@ pub struct ListenersConfig {
     /// MQTT over TLS listen addresses (usually port 8883); empty: none.
     /// They need `tls_cert` and `tls_key`.
     pub tls: Vec<SocketAddr>,
+    /// MQTT over WebSocket over TLS (`wss://`) listen addresses, at
+    /// `ws_path`, with the same certificate; empty: none.
+    pub wss: Vec<SocketAddr>,
     /// The TLS listeners' certificate chain (PEM: the server's certificate
     /// first, then any intermediates), relative to the working directory.
     pub tls_cert: Option<PathBuf>,
@@ -241,6 +244,7 @@ impl Default for ListenersConfig {
             ws_trust_forwarded_for: false,
             ws_proxy_protocol: false,
             tls: Vec::new(),
+            wss: Vec::new(),
             tls_cert: None,
             tls_key: None,
         }
@@ -465,16 +469,17 @@ impl Config {
             );
         }
         let ls = &self.listeners;
-        if !ls.tls.is_empty() && ls.tls_cert.is_none() {
+        let secure = !ls.tls.is_empty() || !ls.wss.is_empty();
+        if secure && ls.tls_cert.is_none() {
             return invalid(
                 "listeners.tls_cert",
-                "must be set when listeners.tls has an address",
+                "must be set when listeners.tls or listeners.wss has an address",
             );
         }
-        if !ls.tls.is_empty() && ls.tls_key.is_none() {
+        if secure && ls.tls_key.is_none() {
             return invalid(
                 "listeners.tls_key",
-                "must be set when listeners.tls has an address",
+                "must be set when listeners.tls or listeners.wss has an address",
             );
         }
         if self.admin.bind.is_some_and(|a| !a.ip().is_loopback()) {

@@ -56,6 +56,10 @@ struct ServeArgs {
     /// configured TLS listeners. Repeatable.
     #[arg(long = "tls-bind")]
     tls_bind: Vec<SocketAddr>,
+    /// MQTT/WebSocket-over-TLS (wss://) listen address (with --tls-cert and
+    /// --tls-key); replaces the configured ones. Repeatable.
+    #[arg(long = "wss-bind")]
+    wss_bind: Vec<SocketAddr>,
     /// PEM certificate chain of the TLS listeners.
     #[arg(long)]
     tls_cert: Option<PathBuf>,
@@ -104,6 +108,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         bind,
         ws_bind,
         tls_bind,
+        wss_bind,
         tls_cert,
         tls_key,
         log_level,
@@ -130,6 +135,9 @@ fn serve(args: ServeArgs) -> ExitCode {
     }
     if !tls_bind.is_empty() {
         config.listeners.tls = tls_bind;
+    }
+    if !wss_bind.is_empty() {
+        config.listeners.wss = wss_bind;
     }
     if tls_cert.is_some() {
         config.listeners.tls_cert = tls_cert;

@@ -62,6 +62,7 @@ pub struct Server {
     tcp_addrs: Vec<SocketAddr>,
     ws_addrs: Vec<SocketAddr>,
     tls_addrs: Vec<SocketAddr>,
+    wss_addrs: Vec<SocketAddr>,
     admin_addr: Option<SocketAddr>,
     metrics_addr: Option<SocketAddr>,
     /// Accept loops, the keep alive sweep, the admin endpoint.
@@ -135,27 +136,12 @@ impl Server {
                 "durable state restored"
             );
         }
-        let mut tcp_addrs = Vec::new();
         let mut tasks = vec![
             tokio::spawn(crate::keep_alive::run(Arc::clone(&broker))),
             tokio::spawn(crate::sys_topics::run(Arc::clone(&broker))),
         ];
-        for &addr in &broker.config.listeners.tcp {
-            let listener = TcpListener::bind(addr)
-                .await
-                .map_err(|source| StartError::Bind { addr, source })?;
-            let local = listener.local_addr().unwrap_or(addr);
-            tracing::info!(addr = %local, "MQTT/TCP listener ready");
-            tcp_addrs.push(local);
-            tasks.push(tokio::spawn(accept_loop(
-                Arc::clone(&broker),
-                listener,
-                Transport::Tcp,
-            )));
-        }
-        let mut tls_addrs = Vec::new();
-        if !broker.config.listeners.tls.is_empty() {
-            let listeners = &broker.config.listeners;
+        let listeners = &broker.config.listeners;
+        if !listeners.tls.is_empty() || !listeners.wss.is_empty() {
             let unset = crate::tls::TlsError::Unset;
             let cert = listeners
                 .tls_cert
@@ -165,39 +151,18 @@ impl Server {
                 .tls_key
                 .as_deref()
                 .ok_or(unset("listeners.tls_key"))?;
-            let acceptor = crate::tls::load_acceptor(cert, key)?;
-            for &addr in &listeners.tls {
-                let listener = TcpListener::bind(addr)
-                    .await
-                    .map_err(|source| StartError::Bind { addr, source })?;
-                let local = listener.local_addr().unwrap_or(addr);
-                tracing::info!(addr = %local, cert = %cert.display(), "MQTT/TLS listener ready");
-                tls_addrs.push(local);
-                tasks.push(tokio::spawn(accept_loop(
-                    Arc::clone(&broker),
-                    listener,
-                    Transport::Tls(acceptor.clone()),
-                )));
-            }
+            let _ = broker.tls.set(crate::tls::load_acceptor(cert, key)?);
         }
-        let mut ws_addrs = Vec::new();
-        for &addr in &broker.config.listeners.ws {
-            let listener = TcpListener::bind(addr)
-                .await
-                .map_err(|source| StartError::Bind { addr, source })?;
-            let local = listener.local_addr().unwrap_or(addr);
-            tracing::info!(
-                addr = %local,
-                path = %broker.config.listeners.ws_path,
-                "MQTT/WebSocket listener ready"
-            );
-            ws_addrs.push(local);
-            tasks.push(tokio::spawn(accept_loop(
-                Arc::clone(&broker),
-                listener,
-                Transport::WebSocket,
-            )));
-        }
+        let tcp_addrs = listen_all(&broker, &listeners.tcp, Transport::Tcp, &mut tasks).await?;
+        let tls_addrs = listen_all(&broker, &listeners.tls, Transport::Tls, &mut tasks).await?;
+        let ws_addrs = listen_all(&broker, &listeners.ws, Transport::WebSocket, &mut tasks).await?;
+        let wss_addrs = listen_all(
+            &broker,
+            &listeners.wss,
+            Transport::SecureWebSocket,
+            &mut tasks,
+        )
+        .await?;
         let mut admin_addr = None;
         if let Some(addr) = broker.config.admin.bind {
             let listener = TcpListener::bind(addr)
@@ -231,6 +196,7 @@ impl Server {
             tcp_addrs,
             ws_addrs,
             tls_addrs,
+            wss_addrs,
             admin_addr,
             metrics_addr,
             tasks,
@@ -255,6 +221,11 @@ impl Server {
     /// The bound MQTT/TLS addresses, in configuration order.
     pub fn tls_addrs(&self) -> &[SocketAddr] {
         &self.tls_addrs
+    }
+
+    /// The bound MQTT/WebSocket-over-TLS addresses, in configuration order.
+    pub fn wss_addrs(&self) -> &[SocketAddr] {
+        &self.wss_addrs
     }
 
     /// The bound MQTT/WebSocket addresses, in configuration order.
@@ -305,12 +276,62 @@ impl Server {
 }
 
 /// What a listener speaks.
-#[derive(Clone)]
+#[derive(Clone, Copy)]
 enum Transport {
     Tcp,
-    /// TLS, then MQTT; the acceptor is shared by every TLS listener.
-    Tls(tokio_rustls::TlsAcceptor),
+    /// TLS (with `Broker::tls`), then MQTT.
+    Tls,
     WebSocket,
+    /// TLS, then WebSocket.
+    SecureWebSocket,
+}
+
+impl Transport {
+    /// How its listeners are announced in the log (scripts read these
+    /// lines for the ports: keep them stable).
+    fn ready_line(self) -> &'static str {
+        match self {
+            Transport::Tcp => "MQTT/TCP listener ready",
+            Transport::Tls => "MQTT/TLS listener ready",
+            Transport::WebSocket => "MQTT/WebSocket listener ready",
+            Transport::SecureWebSocket => "MQTT/WSS listener ready",
+        }
+    }
+}
+
+/// Binds every address of one kind of listener and spawns its accept loop;
+/// returns the bound addresses (a port 0 resolved), in order.
+async fn listen_all(
+    broker: &Arc<Broker>,
+    addrs: &[SocketAddr],
+    transport: Transport,
+    tasks: &mut Vec<JoinHandle<()>>,
+) -> Result<Vec<SocketAddr>, StartError> {
+    let mut bound = Vec::with_capacity(addrs.len());
+    for &addr in addrs {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Bind { addr, source })?;
+        let local = listener.local_addr().unwrap_or(addr);
+        match transport {
+            Transport::WebSocket | Transport::SecureWebSocket => tracing::info!(
+                addr = %local,
+                path = %broker.config.listeners.ws_path,
+                "{}",
+                transport.ready_line()
+            ),
+            Transport::Tcp | Transport::Tls => {
+                tracing::info!(addr = %local, "{}", transport.ready_line())
+            }
+        }
+        bound.push(local);
+        tasks.push(tokio::spawn(accept_loop(
+            Arc::clone(broker),
+            listener,
+            transport,
+        )));
+    }
+    Ok(bound)
 }
 
 async fn accept_loop(broker: Arc<Broker>, listener: TcpListener, transport: Transport) {
@@ -320,10 +341,11 @@ async fn accept_loop(broker: Arc<Broker>, listener: TcpListener, transport: Tran
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let broker = Arc::clone(&broker);
-                    match &transport {
+                    match transport {
                         Transport::Tcp => tokio::spawn(connection::serve_tcp(broker, stream, peer)),
-                        Transport::Tls(acceptor) => tokio::spawn(crate::tls::serve_tls(broker, stream, peer, acceptor.clone())),
+                        Transport::Tls => tokio::spawn(crate::tls::serve_tls(broker, stream, peer)),
                         Transport::WebSocket => tokio::spawn(websocket::serve_ws(broker, stream, peer)),
+                        Transport::SecureWebSocket => tokio::spawn(websocket::serve_wss(broker, stream, peer)),
                     };
                 }
                 Err(e) => {

@@ -3,9 +3,11 @@
 //!
 //! [`load_acceptor`] reads `listeners.tls_cert` and `listeners.tls_key`
 //! once, at start (a bad file stops the start with its path and the reason).
-//! [`serve_tls`] runs the TLS handshake, bounded by the connect timeout, and
-//! then hands the decrypted stream to `connection::serve`, which does not
-//! know it is encrypted: everything MQTT is identical on every transport.
+//! The acceptor is kept in `Broker::tls`. [`serve_tls`] runs the TLS
+//! handshake, bounded by the connect timeout, and then hands the decrypted
+//! stream to `connection::serve`, which does not know it is encrypted:
+//! everything MQTT is identical on every transport. WebSocket over TLS
+//! (`websocket::serve_wss`) runs the same [`handshake`] before its upgrade.
 //!
 //! TLS is rustls with the `ring` provider, TLS 1.2 and 1.3, the provider's
 //! safe defaults, no client certificates. Unlike TCP, a TLS connection
@@ -23,6 +25,7 @@ use std::sync::Arc;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
@@ -33,7 +36,7 @@ use crate::metrics::Metrics;
 /// Why the TLS listeners could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("{0} must be set when listeners.tls has an address")]
+    #[error("{0} must be set when listeners.tls or listeners.wss has an address")]
     Unset(&'static str),
     #[error("cannot read the TLS certificate {}: {reason}", path.display())]
     Certificate { path: PathBuf, reason: String },
@@ -78,7 +81,7 @@ pub fn load_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
 /// (see the module docs), so it takes `TransportRead`'s default.
 impl crate::transport::TransportRead for tokio::io::ReadHalf<TlsStream<TcpStream>> {}
 
-/// Serves one TLS connection: the handshake, then MQTT.
+/// Serves one MQTT/TLS connection: the handshake, then MQTT.
 #[expect(
     clippy::manual_async_fn,
     reason = "an async fn would keep its arguments twice"
@@ -87,12 +90,12 @@ pub fn serve_tls(
     broker: Arc<Broker>,
     stream: TcpStream,
     peer: SocketAddr,
-    acceptor: TlsAcceptor,
 ) -> impl Future<Output = ()> + Send {
     async move {
         // Boxed: the handshake is needed once, and inline its state would be
         // part of the connection's task for its whole life.
-        let Some(stream) = Box::pin(handshake(&broker, stream, peer, acceptor)).await else {
+        let deadline = Instant::now() + broker.config.connect_timeout();
+        let Some(stream) = Box::pin(handshake(&broker, stream, peer, deadline)).await else {
             return;
         };
         let (reader, writer) = tokio::io::split(stream);
@@ -100,16 +103,21 @@ pub fn serve_tls(
     }
 }
 
-/// The TLS handshake, within the connect timeout. `None` (logged and
-/// counted) when it fails or takes too long.
-async fn handshake(
+/// The TLS handshake with the broker's certificate, by `deadline` (the
+/// connect timeout). `None` (logged and counted) when it fails, takes too
+/// long, or the broker has no certificate.
+pub(crate) async fn handshake(
     broker: &Broker,
     stream: TcpStream,
     peer: SocketAddr,
-    acceptor: TlsAcceptor,
+    deadline: Instant,
 ) -> Option<TlsStream<TcpStream>> {
     let _ = stream.set_nodelay(true);
-    match tokio::time::timeout(broker.config.connect_timeout(), acceptor.accept(stream)).await {
+    let Some(acceptor) = broker.tls.get() else {
+        tracing::error!(%peer, "a TLS connection, but no TLS certificate is loaded");
+        return None;
+    };
+    match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
         Ok(Ok(stream)) => Some(stream),
         Ok(Err(e)) => {
             Metrics::inc(&broker.metrics.tls_handshakes_failed);

@@ -1,6 +1,6 @@
-//! MQTT over TLS, with rumqttc's TLS client (rustls) against the test
-//! certificates in tests/certs, and the refusals a TLS listener owes to
-//! clients that do not speak TLS.
+//! MQTT over TLS and over WebSocket over TLS (`wss://`), with rumqttc's
+//! TLS client (rustls) against the test certificates in tests/certs, and the
+//! refusals a TLS listener owes to clients that do not speak TLS.
 
 mod common;
 
@@ -20,6 +20,7 @@ fn certs() -> PathBuf {
 async fn start_tls(adjust: impl FnOnce(&mut tern::Config)) -> tern::Server {
     start(|c| {
         c.listeners.tls = vec!["127.0.0.1:0".parse().unwrap()];
+        c.listeners.wss = vec!["127.0.0.1:0".parse().unwrap()];
         c.listeners.tls_cert = Some(certs().join("server.pem"));
         c.listeners.tls_key = Some(certs().join("server.key"));
         adjust(c);
@@ -27,10 +28,11 @@ async fn start_tls(adjust: impl FnOnce(&mut tern::Config)) -> tern::Server {
     .await
 }
 
-/// rumqttc over TLS, trusting the test CA.
-fn tls_client(
+/// rumqttc over TLS (or over WebSocket over TLS), trusting the test CA.
+fn tls_client_over(
     client_id: &str,
     server: &tern::Server,
+    websocket: bool,
 ) -> (
     rumqttc::AsyncClient,
     tokio::sync::mpsc::UnboundedReceiver<rumqttc::Packet>,
@@ -38,14 +40,33 @@ fn tls_client(
     // rumqttc builds its rustls client from the process's default provider;
     // this test binary links two, so it names one.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let port = server.tls_addrs()[0].port();
+    let ca = std::fs::read(certs().join("ca.pem")).unwrap();
     // The certificate is for 127.0.0.1 and localhost: the name is checked.
-    let mut options = rumqttc::MqttOptions::new(client_id, "localhost", port);
+    let mut options = if websocket {
+        let port = server.wss_addrs()[0].port();
+        let mut o =
+            rumqttc::MqttOptions::new(client_id, format!("wss://localhost:{port}/mqtt"), port);
+        o.set_transport(rumqttc::Transport::wss(ca, None, None));
+        o
+    } else {
+        let port = server.tls_addrs()[0].port();
+        let mut o = rumqttc::MqttOptions::new(client_id, "localhost", port);
+        o.set_transport(rumqttc::Transport::tls(ca, None, None));
+        o
+    };
     options.set_keep_alive(Duration::from_secs(30));
     options.set_max_packet_size(1 << 20, 1 << 20);
-    let ca = std::fs::read(certs().join("ca.pem")).unwrap();
-    options.set_transport(rumqttc::Transport::tls(ca, None, None));
     run_rumqttc(options)
+}
+
+fn tls_client(
+    client_id: &str,
+    server: &tern::Server,
+) -> (
+    rumqttc::AsyncClient,
+    tokio::sync::mpsc::UnboundedReceiver<rumqttc::Packet>,
+) {
+    tls_client_over(client_id, server, false)
 }
 
 async fn next_publish(
@@ -107,6 +128,51 @@ async fn rumqttc_publishes_and_subscribes_over_tls() {
         ("secure/b", &b"over tcp"[..])
     );
     assert_eq!(server.broker().registry.connection_count(), 3);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn rumqttc_over_websocket_over_tls() {
+    let server = start_tls(|_| {}).await;
+    let (sub, mut sub_rx) = tls_client_over("wss-sub", &server, true);
+    sub.subscribe("wss/#", rumqttc::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    loop {
+        let packet = tokio::time::timeout(WAIT, sub_rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        if matches!(packet, rumqttc::Packet::SubAck(_)) {
+            break;
+        }
+    }
+    let (publisher, _pub_rx) = tls_client_over("wss-pub", &server, true);
+    // Larger than a TLS record and than one WebSocket frame's first read.
+    let payload: Vec<u8> = (0..100_000u32).map(|i| i as u8).collect();
+    publisher
+        .publish("wss/big", rumqttc::QoS::AtLeastOnce, false, payload.clone())
+        .await
+        .unwrap();
+    let p = next_publish(&mut sub_rx).await;
+    assert_eq!(p.topic, "wss/big");
+    assert_eq!(&p.payload[..], &payload[..]);
+    // A plain ws:// upgrade on the wss:// port is a failed TLS handshake.
+    let mut stream = TcpStream::connect(server.wss_addrs()[0]).await.unwrap();
+    stream
+        .write_all(b"GET /mqtt HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: mqtt\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(WAIT, stream.read_to_end(&mut answer)).await;
+    assert!(
+        !answer.starts_with(b"HTTP/1.1 101"),
+        "no upgrade without TLS"
+    );
+    eventually("the failed handshake is counted", || {
+        tern::metrics::Metrics::get(&server.broker().metrics.tls_handshakes_failed) == 1
+    })
+    .await;
     server.shutdown().await;
 }
 

@@ -1,8 +1,9 @@
 // End-to-end: a page in headless Chromium uses MQTT.js (its browser bundle)
-// to reach Tern at ws://127.0.0.1:<WS_PORT>/mqtt, subscribes, publishes, and
-// must receive its own message and one a TCP client (the node `mqtt`
-// package on TCP_PORT) sends. Run by run.sh, which starts and stops the
-// broker; every wait here is bounded.
+// to reach Tern at ws://127.0.0.1:<WS_PORT>/mqtt (or at BROKER_URL, which
+// run.sh sets to the wss:// listener for the second run), subscribes,
+// publishes, and must receive its own message and one a TCP client (the node
+// `mqtt` package on TCP_PORT) sends. Run by run.sh, which starts and stops
+// the broker; every wait here is bounded.
 import http from "node:http";
 import fs from "node:fs";
 import path from "node:path";
@@ -14,6 +15,9 @@ const here = path.dirname(fileURLToPath(import.meta.url));
 const TCP_PORT = Number(process.env.TCP_PORT);
 const WS_PORT = Number(process.env.WS_PORT);
 const WS_PATH = process.env.WS_PATH || "/mqtt";
+// wss:// with the test certificate: Chromium is told to accept it (the
+// certificate chain itself is verified by the TLS interop tests).
+const BROKER_URL = process.env.BROKER_URL || `ws://127.0.0.1:${WS_PORT}${WS_PATH}`;
 const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
 const WAIT_MS = 15000;
 if (!TCP_PORT || !WS_PORT) {
@@ -80,13 +84,15 @@ try {
       "--disable-background-networking",
       "--disable-component-update",
       "--disable-sync",
+      "--ignore-certificate-errors",
     ],
   });
-  const page = await browser.newPage();
+  const context = await browser.newContext({ ignoreHTTPSErrors: true });
+  const page = await context.newPage();
   const consoleLines = [];
   page.on("console", (m) => consoleLines.push(m.text()));
   page.on("pageerror", (e) => consoleLines.push("pageerror: " + e.message));
-  const brokerUrl = `ws://127.0.0.1:${WS_PORT}${WS_PATH}`;
+  const brokerUrl = BROKER_URL;
   await page.goto(
     `http://127.0.0.1:${httpPort}/index.html?broker=${encodeURIComponent(brokerUrl)}`,
     { timeout: WAIT_MS },
@@ -122,7 +128,7 @@ try {
     tcpGot.length === 1 && tcpGot[0].payload === "hello from the page",
     "the TCP client received the page's message, got " + JSON.stringify(tcpGot),
   );
-  console.log("browser test passed: MQTT.js in Chromium over ws:// talked to a TCP client");
+  console.log(`browser test passed: MQTT.js in Chromium over ${brokerUrl} talked to a TCP client`);
 } catch (e) {
   failed = true;
   console.error("browser test FAILED:", e && e.stack ? e.stack : e);

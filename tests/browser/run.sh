@@ -58,28 +58,35 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
+certs="$(cd .. && pwd)/certs"
 NO_COLOR=1 "$TERN_BIN" serve --bind 127.0.0.1:0 --ws-bind 127.0.0.1:0 --admin-bind 127.0.0.1:0 --log-level info --durability memory \
+    --wss-bind 127.0.0.1:0 --tls-cert "$certs/server.pem" --tls-key "$certs/server.key" \
     </dev/null >/dev/null 2>"$log" &
 broker_pid=$!
 
-tcp_port= ws_port= ws_path=
+tcp_port= ws_port= ws_path= wss_port=
 for _ in $(seq 100); do
     tcp_port=$(sed -n 's/.*MQTT\/TCP listener ready addr=127\.0\.0\.1:\([0-9]*\).*/\1/p' "$log" | head -n1)
     ws_port=$(sed -n 's/.*MQTT\/WebSocket listener ready addr=127\.0\.0\.1:\([0-9]*\).*/\1/p' "$log" | head -n1)
     ws_path=$(sed -n 's/.*MQTT\/WebSocket listener ready .* path=\([^ ]*\).*/\1/p' "$log" | head -n1)
-    [ -n "$tcp_port" ] && [ -n "$ws_port" ] && break
+    wss_port=$(sed -n 's/.*MQTT\/WSS listener ready addr=127\.0\.0\.1:\([0-9]*\).*/\1/p' "$log" | head -n1)
+    [ -n "$tcp_port" ] && [ -n "$ws_port" ] && [ -n "$wss_port" ] && break
     kill -0 "$broker_pid" 2>/dev/null || break
     sleep 0.1
 done
-if [ -z "$tcp_port" ] || [ -z "$ws_port" ]; then
-    echo "run.sh: the broker did not report its TCP and WebSocket listeners within 10 s; log:" >&2
+if [ -z "$tcp_port" ] || [ -z "$ws_port" ] || [ -z "$wss_port" ]; then
+    echo "run.sh: the broker did not report its TCP, WebSocket and WSS listeners within 10 s; log:" >&2
     cat "$log" >&2
     exit 1
 fi
-echo "==> browser test against tern (tcp :$tcp_port, ws :$ws_port$ws_path)"
+echo "==> browser test against tern (tcp :$tcp_port, ws :$ws_port$ws_path, wss :$wss_port)"
 status=0
 TCP_PORT="$tcp_port" WS_PORT="$ws_port" WS_PATH="${ws_path:-/mqtt}" \
     timeout 120 node browser-test.mjs || status=$?
+if [ "$status" = 0 ]; then
+    TCP_PORT="$tcp_port" WS_PORT="$ws_port" BROKER_URL="wss://localhost:$wss_port${ws_path:-/mqtt}" \
+        timeout 120 node browser-test.mjs || status=$?
+fi
 if [ "$status" != 0 ]; then
     echo "--- broker log ---" >&2
     cat "$log" >&2

@@ -191,7 +191,7 @@ class PahoClient:
 
     def __init__(self, broker, client_id="", protocol=mqtt.MQTTv311,
                  clean=True, properties=None, will=None, keepalive=30,
-                 connect=True, username=None, password=None):
+                 connect=True, username=None, password=None, transport="tcp"):
         self.broker = broker
         self.protocol = protocol
         self.messages = queue.Queue()
@@ -204,7 +204,7 @@ class PahoClient:
         self._cond = threading.Condition(self._lock)
         kwargs = dict(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
                       client_id=client_id, protocol=protocol,
-                      reconnect_on_failure=False)
+                      reconnect_on_failure=False, transport=transport)
         if protocol != mqtt.MQTTv5:
             kwargs["clean_session"] = clean
         self.clean = clean

@@ -16,6 +16,7 @@ from conftest import REPO_ROOT, WAIT
 CERTS = REPO_ROOT / "tests" / "certs"
 CA = str(CERTS / "ca.pem")
 TLS_RE = re.compile(r"MQTT/TLS listener ready addr=([0-9.]+):(\d+)")
+WSS_RE = re.compile(r"MQTT/WSS listener ready addr=([0-9.]+):(\d+)")
 
 
 @pytest.fixture
@@ -23,18 +24,24 @@ def tls_broker(broker_factory):
     b = broker_factory(
         "[listeners]\n"
         'tls = ["127.0.0.1:0"]\n'
+        'wss = ["127.0.0.1:0"]\n'
         f'tls_cert = "{CERTS / "server.pem"}"\n'
         f'tls_key = "{CERTS / "server.key"}"\n'
     )
+    b.tls = _listener(b, TLS_RE)
+    b.wss = _listener(b, WSS_RE)
+    return b
+
+
+def _listener(b, pattern):
     deadline = time.monotonic() + WAIT
     while time.monotonic() < deadline:
         for line in b.log_lines:
-            m = TLS_RE.search(line)
+            m = pattern.search(line)
             if m:
-                b.tls = types.SimpleNamespace(host=m.group(1), port=int(m.group(2)))
-                return b
+                return types.SimpleNamespace(host=m.group(1), port=int(m.group(2)))
         time.sleep(0.02)
-    raise AssertionError("no TLS listener line in the log:\n" + b.log())
+    raise AssertionError(f"no {pattern.pattern} line in the log:\n" + b.log())
 
 
 def paho_tls(paho, broker, client_id, protocol=mqtt.MQTTv311, ca=CA):
@@ -52,6 +59,25 @@ def test_paho_over_tls_receives_from_mosquitto_pub_over_tls(tls_broker, mosq, pa
     mosq.pub("tls/t", "secret", qos=1, broker_=tls_broker.tls, extra=["--cafile", CA])
     m = sub.get()
     assert (m.topic, m.payload) == ("tls/t", b"secret")
+
+
+@pytest.mark.parametrize("protocol", [mqtt.MQTTv311, mqtt.MQTTv5])
+def test_paho_over_secure_websocket(tls_broker, paho, protocol):
+    """wss:// with paho's WebSocket transport over Python's TLS."""
+    def client(client_id):
+        c = paho(client_id, protocol, broker_=tls_broker.wss, connect=False,
+                 transport="websockets")
+        c.c.ws_set_options(path="/mqtt")
+        c.c.tls_set(ca_certs=CA, cert_reqs=ssl.CERT_REQUIRED)
+        c.connect()
+        return c
+    sub = client("wss-sub")
+    sub.subscribe("wss/#", 1)
+    pub = client("wss-pub")
+    payload = bytes(range(256)) * 400   # 100 KiB: many TLS records and frames
+    pub.publish("wss/t", payload, qos=1)
+    m = sub.get()
+    assert (m.topic, m.payload) == ("wss/t", payload)
 
 
 def test_mosquitto_sub_over_tls_receives_from_plain_tcp(tls_broker, mosq, paho):

@@ -37,9 +37,9 @@ use std::task::{ready, Context, Poll};
 
 use parking_lot::Mutex;
 use tokio::io::{AsyncRead, ReadBuf};
-use tokio::net::tcp::OwnedReadHalf;
 
 use super::outbound::{frame_header, Out};
+use super::socket::SocketRead;
 use super::{CLOSE_INVALID_PAYLOAD, CLOSE_PROTOCOL_ERROR, CLOSE_TOO_BIG, CLOSE_UNSUPPORTED_DATA};
 
 /// Longest header of a client frame: 2 bytes, 8 of extended length, 4 of
@@ -404,7 +404,7 @@ fn unmask(data: &mut [u8], mask: [u8; 4], phase: u8) {
 /// The MQTT byte stream in: the socket read into the caller's buffer and
 /// decoded there.
 pub(super) struct WsReader {
-    read: OwnedReadHalf,
+    read: SocketRead,
     decoder: FrameDecoder,
     out: Arc<Mutex<Out>>,
     /// Bytes that arrived with the upgrade request (a client may send its
@@ -423,7 +423,7 @@ pub(super) struct WsReader {
 
 impl WsReader {
     pub(super) fn new(
-        read: OwnedReadHalf,
+        read: SocketRead,
         early: Vec<u8>,
         max_size: usize,
         out: Arc<Mutex<Out>>,
@@ -484,7 +484,7 @@ impl crate::transport::TransportRead for WsReader {
         if !self.early.is_empty() || self.done || self.failed.is_some() {
             return Poll::Ready(Ok(()));
         }
-        self.read.as_ref().poll_read_ready(cx)
+        self.read.poll_read_ready(cx)
     }
 }
 
@@ -764,7 +764,7 @@ mod tests {
             .await
             .unwrap();
         let (server, _) = listener.accept().await.unwrap();
-        let (read, write) = server.into_split();
+        let (read, write) = crate::websocket::socket::split_tcp(server);
         let out = Arc::new(Mutex::new(Out::new(write)));
         out.lock().upgraded = true;
         let mut reader = WsReader::new(read, Vec::new(), 1 << 20, Arc::clone(&out));

@@ -6,9 +6,9 @@
 //! across transports, wills, fan-out) runs exactly as it does over TCP.
 //!
 //! ```text
-//!                 TcpStream
+//!          TcpStream, or TLS over it (wss://, socket.rs)
 //!        ┌────────────┴─────────────┐
-//!   OwnedReadHalf               OwnedWriteHalf ◄── Out (Arc<Mutex>): control
+//!   SocketRead                  SocketWrite ◄───── Out (Arc<Mutex>): control
 //!        │                          ▲   ▲          frames, data frame state
 //!   UpgradeStream ── tungstenite ───┘   │ (the HTTP upgrade only)
 //!        │                              │
@@ -58,6 +58,7 @@
 
 mod inbound;
 mod outbound;
+mod socket;
 
 use std::future::Future;
 use std::io;
@@ -69,7 +70,6 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
@@ -82,6 +82,7 @@ use crate::connection;
 use crate::metrics::Metrics;
 use inbound::WsReader;
 use outbound::{Out, WsWriter};
+use socket::SocketRead;
 
 /// WebSocket subprotocols MQTT clients offer: `mqtt` (3.1.1 and 5.0) and
 /// `mqttv3.1` (MQTT 3.1).
@@ -110,6 +111,26 @@ const CLOSE_TOO_BIG: u16 = 1009;
 
 /// Accepts one TCP connection on a WebSocket listener: runs the upgrade, then
 /// serves MQTT over it until it closes.
+pub fn serve_ws(
+    broker: Arc<Broker>,
+    stream: TcpStream,
+    tcp_peer: SocketAddr,
+) -> impl Future<Output = ()> + Send {
+    serve_websocket::<false>(broker, stream, tcp_peer)
+}
+
+/// Accepts one TCP connection on a WebSocket-over-TLS (`wss://`) listener:
+/// the TLS handshake with `Broker::tls`, then as [`serve_ws`].
+pub fn serve_wss(
+    broker: Arc<Broker>,
+    stream: TcpStream,
+    tcp_peer: SocketAddr,
+) -> impl Future<Output = ()> + Send {
+    serve_websocket::<true>(broker, stream, tcp_peer)
+}
+
+/// [`serve_ws`] and [`serve_wss`]; `TLS` is a constant, so a plain
+/// WebSocket connection's task carries nothing for TLS.
 ///
 /// An `async move` block, not an `async fn`, for the reason given at
 /// [`connection::serve_tcp`]: this is the connection's task for its whole
@@ -118,7 +139,7 @@ const CLOSE_TOO_BIG: u16 = 1009;
     clippy::manual_async_fn,
     reason = "an async fn would keep its arguments twice"
 )]
-pub fn serve_ws(
+fn serve_websocket<const TLS: bool>(
     broker: Arc<Broker>,
     stream: TcpStream,
     tcp_peer: SocketAddr,
@@ -132,7 +153,7 @@ pub fn serve_ws(
             // Scoped, so that what the upgrade returned is not kept beside
             // the connection's future across its await (measured: 8 bytes
             // of the task; see broker/tests/footprint.rs).
-            let Some(upgraded) = Box::pin(upgrade(&broker, stream, tcp_peer)).await else {
+            let Some(upgraded) = Box::pin(upgrade(&broker, stream, tcp_peer, TLS)).await else {
                 return;
             };
             let Upgraded {
@@ -160,19 +181,26 @@ struct Upgraded {
     peer: SocketAddr,
 }
 
-/// The HTTP upgrade: an optional PROXY protocol header, then tungstenite's
-/// handshake with our checks. `None` when the connection is refused or
-/// closed before it completes (answered and logged here).
+/// The upgrade: an optional PROXY protocol header, the TLS handshake for
+/// `wss://`, then tungstenite's HTTP handshake with our checks, all within
+/// one connect timeout. `None` when the connection is refused or closed
+/// before it completes (answered and logged here).
 // The handshake callback's `Result<Response, ErrorResponse>` is tungstenite's.
 #[allow(clippy::result_large_err)]
-async fn upgrade(broker: &Broker, mut stream: TcpStream, tcp_peer: SocketAddr) -> Option<Upgraded> {
+async fn upgrade(
+    broker: &Broker,
+    mut stream: TcpStream,
+    tcp_peer: SocketAddr,
+    tls: bool,
+) -> Option<Upgraded> {
     let _ = stream.set_nodelay(true);
+    let deadline = tokio::time::Instant::now() + broker.config.connect_timeout();
+    // A proxy's PROXY header comes before TLS (HAProxy's send-proxy on a
+    // TLS pass-through).
     let tcp_peer = if broker.config.listeners.ws_proxy_protocol {
-        let header = tokio::time::timeout(
-            broker.config.connect_timeout(),
-            crate::proxy_protocol::read_header(&mut stream),
-        )
-        .await;
+        let header =
+            tokio::time::timeout_at(deadline, crate::proxy_protocol::read_header(&mut stream))
+                .await;
         match header {
             Ok(Ok(Some(client))) => client,
             Ok(Ok(None)) => tcp_peer,
@@ -188,7 +216,12 @@ async fn upgrade(broker: &Broker, mut stream: TcpStream, tcp_peer: SocketAddr) -
     } else {
         tcp_peer
     };
-    let (read, write) = stream.into_split();
+    let (read, write) = if tls {
+        let stream = crate::tls::handshake(broker, stream, tcp_peer, deadline).await?;
+        socket::split_tls(stream)
+    } else {
+        socket::split_tcp(stream)
+    };
     let out = Arc::new(Mutex::new(Out::new(write)));
     let transport = UpgradeStream {
         read: Some(read),
@@ -209,8 +242,8 @@ async fn upgrade(broker: &Broker, mut stream: TcpStream, tcp_peer: SocketAddr) -
         }
         answer
     };
-    let handshake = tokio::time::timeout(
-        broker.config.connect_timeout(),
+    let handshake = tokio::time::timeout_at(
+        deadline,
         tokio_tungstenite::accept_hdr_async_with_config(transport, callback, Some(config)),
     )
     .await;
@@ -381,7 +414,7 @@ async fn close_quietly(out: &Mutex<Out>) {
 /// response, or a refusal) is queued in [`Out`].
 struct UpgradeStream {
     /// `None` once taken for the reader.
-    read: Option<OwnedReadHalf>,
+    read: Option<SocketRead>,
     out: Arc<Mutex<Out>>,
     /// How much of the request's final `\r\n\r\n` has been seen (4: all).
     matched: u8,

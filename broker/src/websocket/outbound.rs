@@ -20,15 +20,15 @@ use std::task::{ready, Context, Poll, Waker};
 use bytes::{Buf, BytesMut};
 use parking_lot::Mutex;
 use tokio::io::AsyncWrite;
-use tokio::net::tcp::OwnedWriteHalf;
 
+use super::socket::SocketWrite;
 use super::{CLOSE_NORMAL, MAX_OUT_FRAME};
 
 /// The write side, shared by the reader (control frames: pongs, the close
 /// reply), tungstenite during the upgrade (its response) and [`WsWriter`]
 /// (data frames). Locked only inside `poll_*` calls, never across an await.
 pub(super) struct Out {
-    sock: OwnedWriteHalf,
+    sock: SocketWrite,
     /// Complete control frames (or the handshake response), waiting until no
     /// data frame is half written.
     pub(super) control: BytesMut,
@@ -55,7 +55,7 @@ pub(super) struct Out {
 }
 
 impl Out {
-    pub(super) fn new(sock: OwnedWriteHalf) -> Out {
+    pub(super) fn new(sock: SocketWrite) -> Out {
         Out {
             sock,
             control: BytesMut::new(),
@@ -84,27 +84,27 @@ impl Out {
         self.frame_left = len;
     }
 
-    /// Writes the queued control frames; `Pending` while a data frame is
-    /// half written (woken when it ends).
+    /// Writes the queued control frames, then flushes the socket (a no-op
+    /// on TCP; TLS holds records until flushed); `Pending` while a data
+    /// frame is half written (woken when it ends).
     pub(super) fn poll_flush_control(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if self.control.is_empty() {
-            return Poll::Ready(Ok(()));
-        }
-        if self.in_frame() {
-            self.control_waiter = Some(cx.waker().clone());
-            return Poll::Pending;
-        }
-        while !self.control.is_empty() {
-            let n = ready!(Pin::new(&mut self.sock).poll_write(cx, &self.control))?;
-            if n == 0 {
-                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+        if !self.control.is_empty() {
+            if self.in_frame() {
+                self.control_waiter = Some(cx.waker().clone());
+                return Poll::Pending;
             }
-            self.control.advance(n);
+            while !self.control.is_empty() {
+                let n = ready!(Pin::new(&mut self.sock).poll_write(cx, &self.control))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.control.advance(n);
+            }
+            // Control frames are rare (the upgrade response, a pong): an idle
+            // connection keeps no buffer for them.
+            self.control = BytesMut::new();
         }
-        // Control frames are rare (the upgrade response, a pong): an idle
-        // connection keeps no buffer for them.
-        self.control = BytesMut::new();
-        Poll::Ready(Ok(()))
+        Pin::new(&mut self.sock).poll_flush(cx)
     }
 
     /// The end of the connection: a close frame (unless one was sent or the
