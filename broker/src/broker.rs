@@ -295,13 +295,16 @@ impl Broker {
     }
 
     /// Counts a received message and, if it has the RETAIN flag, stores it
-    /// as (or removes) the topic's retained message.
+    /// as (or removes) the topic's retained message. Topics beginning with
+    /// `$` are the broker's own (`retain_system`): never retained here (no
+    /// client or will may publish there; this keeps the `$SYS` accounting
+    /// out of reach whatever calls it).
     fn retain(&self, message: &Arc<Message>, journal: &mut Journal) {
         Metrics::inc(&self.metrics.messages_received);
-        if !message.retain {
+        let topic = message.topic_str();
+        if !message.retain || topic.starts_with('$') {
             return;
         }
-        let topic = message.topic_str();
         let fits = message.payload.is_empty()
             || self.retained_fits(topic, message)
             || (self.sweep_expired_retained(journal) && self.retained_fits(topic, message));

@@ -147,6 +147,11 @@ pub struct ListenersConfig {
     pub tls_cert: Option<PathBuf>,
     /// The private key of `tls_cert` (PEM: PKCS#8, PKCS#1 or SEC1).
     pub tls_key: Option<PathBuf>,
+    /// CA certificates (PEM) that sign client certificates. When set, every
+    /// TLS and WSS client must present a certificate chained to one of
+    /// them, and is authenticated by it (`[auth]`'s user name and password
+    /// check does not apply to it). Unset: no client certificates.
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 /// `[log]`.
@@ -247,6 +252,7 @@ impl Default for ListenersConfig {
             wss: Vec::new(),
             tls_cert: None,
             tls_key: None,
+            tls_client_ca: None,
         }
     }
 }

@@ -254,7 +254,8 @@ where
                 };
                 return Err((Some(connect), HandshakeFailure::Refused(busy)));
             }
-            if let Some(code) = check_connect(broker, &connect) {
+            let certified = reader.client_certificate_verified();
+            if let Some(code) = check_connect(broker, &connect, certified) {
                 return Err((Some(connect), HandshakeFailure::Refused(code)));
             }
             match authenticate(broker, &connect, &mut *reader, &mut *writer, &mut *buf).await {

@@ -151,8 +151,9 @@ pub fn count_decode_error(metrics: &Metrics, e: &DecodeError) {
 
 /// Checks what must be refused before a session is opened: client id rules,
 /// redirection, user name and password. (Enhanced authentication is run by
-/// [`authenticate`].)
-pub fn check_connect(broker: &Broker, connect: &Connect) -> Option<ReasonCode> {
+/// [`authenticate`].) `certified`: the client presented a certificate the
+/// TLS handshake verified, which stands in for a user name and password.
+pub fn check_connect(broker: &Broker, connect: &Connect, certified: bool) -> Option<ReasonCode> {
     if connect.client_id.is_empty() {
         match connect.protocol {
             // 3.1 requires 1 to 23 characters; 3.1.1 requires clean session
@@ -182,7 +183,7 @@ pub fn check_connect(broker: &Broker, connect: &Connect) -> Option<ReasonCode> {
             ReasonCode::UseAnotherServer
         });
     }
-    if connect.properties.authentication_method.is_some() {
+    if connect.properties.authentication_method.is_some() || certified {
         return None;
     }
     let auth = &broker.config.auth;

@@ -29,6 +29,10 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "parsed once at start; boxing would only move it"
+)]
 enum Command {
     /// Run the broker. Without --config it uses the embedded defaults:
     /// MQTT/TCP on 127.0.0.1:1883, MQTT/WebSocket on ws://127.0.0.1:8083/mqtt,
@@ -66,6 +70,10 @@ struct ServeArgs {
     /// PEM private key of the TLS listeners.
     #[arg(long)]
     tls_key: Option<PathBuf>,
+    /// PEM CA certificates that sign client certificates: TLS and WSS clients
+    /// must then present one, which authenticates them.
+    #[arg(long)]
+    tls_client_ca: Option<PathBuf>,
     /// Log filter: error, warn, info, debug, trace (or a tracing directive).
     #[arg(long)]
     log_level: Option<String>,
@@ -111,6 +119,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         wss_bind,
         tls_cert,
         tls_key,
+        tls_client_ca,
         log_level,
         data_dir,
         durability,
@@ -144,6 +153,9 @@ fn serve(args: ServeArgs) -> ExitCode {
     }
     if tls_key.is_some() {
         config.listeners.tls_key = tls_key;
+    }
+    if tls_client_ca.is_some() {
+        config.listeners.tls_client_ca = tls_client_ca;
     }
     if let Some(level) = log_level {
         config.log.level = level;

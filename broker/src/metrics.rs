@@ -89,7 +89,9 @@ macro_rules! counters {
 counters! {
     /// Connections accepted by a listener (before the CONNECT is read).
     connections_accepted,
-    /// Connections refused because `limits.max_connections` was reached.
+    /// Connections refused because `limits.max_connections` was reached
+    /// (CONNACK "server unavailable" / "server busy"; a TLS connection is
+    /// closed before its handshake).
     connections_refused,
     /// MQTT packets decoded from clients.
     packets_received,

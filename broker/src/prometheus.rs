@@ -57,7 +57,7 @@ pub fn render(broker: &Broker) -> String {
         m,
         "connections",
         Kind::Gauge,
-        "Open client connections (TCP and WebSocket).",
+        "Open client connections (TCP, TLS, WebSocket).",
         registry.connection_count(),
     );
     sample(

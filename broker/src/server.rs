@@ -151,7 +151,10 @@ impl Server {
                 .tls_key
                 .as_deref()
                 .ok_or(unset("listeners.tls_key"))?;
-            let _ = broker.tls.set(crate::tls::load_acceptor(cert, key)?);
+            let client_ca = listeners.tls_client_ca.as_deref();
+            let _ = broker
+                .tls
+                .set(crate::tls::load_acceptor(cert, key, client_ca)?);
         }
         let tcp_addrs = listen_all(&broker, &listeners.tcp, Transport::Tcp, &mut tasks).await?;
         let tls_addrs = listen_all(&broker, &listeners.tls, Transport::Tls, &mut tasks).await?;

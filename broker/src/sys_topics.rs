@@ -5,8 +5,10 @@
 //! tools and dashboards read those), so a client that subscribes to
 //! `$SYS/#` sees the version, the uptime, connection and session counts,
 //! and the message and byte totals. Each figure is published only when its
-//! text changed since the last round: an idle broker publishes the uptime
-//! and nothing else.
+//! text changed since the last round: a broker nobody uses publishes the
+//! uptime and nothing else (the `$SYS` deliveries themselves count in
+//! `messages/sent` and `bytes/sent`, so those move while someone reads
+//! `$SYS/#`).
 //!
 //! Invariants:
 //! - `$SYS` messages live in memory only: they are retained (a new

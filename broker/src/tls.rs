@@ -10,20 +10,26 @@
 //! (`websocket::serve_wss`) runs the same [`handshake`] before its upgrade.
 //!
 //! TLS is rustls with the `ring` provider, TLS 1.2 and 1.3, the provider's
-//! safe defaults, no client certificates. Unlike TCP, a TLS connection
-//! cannot tell that bytes are waiting without reading them (rustls must
-//! decrypt a record first), so its reader uses `TransportRead`'s default:
-//! the connection takes a pooled buffer to read and gives it back when the
-//! read finds nothing, and rustls keeps its own buffers for the
-//! connection's life.
+//! safe defaults; client certificates are required, and stand in for a
+//! user name and password, when `listeners.tls_client_ca` is set. A broker
+//! at `limits.max_connections` closes a new TLS connection before its
+//! handshake. Unlike TCP, a TLS connection cannot tell that bytes are
+//! waiting without reading them (rustls must decrypt a record first):
+//! [`TlsRead`] remembers that its last read found nothing until the socket
+//! wakes it, so an idle connection holds no read buffer and takes none from
+//! the pool when its task wakes for its writer; rustls keeps its own
+//! buffers for the connection's life.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::io::{AsyncRead, ReadBuf, ReadHalf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_rustls::server::TlsStream;
@@ -32,6 +38,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::broker::Broker;
 use crate::connection;
 use crate::metrics::Metrics;
+use crate::signal::Signal;
 
 /// Why the TLS listeners could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -44,24 +51,37 @@ pub enum TlsError {
     NoCertificate { path: PathBuf },
     #[error("cannot read the TLS private key {}: {reason}", path.display())]
     Key { path: PathBuf, reason: String },
+    #[error("cannot use the client CA file {}: {reason}", path.display())]
+    ClientCa { path: PathBuf, reason: String },
     #[error("the TLS certificate and key do not make a valid configuration: {0}")]
     Config(#[from] rustls::Error),
 }
 
-/// Reads the certificate chain and key and makes the acceptor every TLS
-/// listener shares.
-pub fn load_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
-    let chain = CertificateDer::pem_file_iter(cert)
+/// Every certificate in a PEM file (none is an error naming the file).
+fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_file_iter(path)
         .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
         .map_err(|e| TlsError::Certificate {
-            path: cert.to_owned(),
+            path: path.to_owned(),
             reason: e.to_string(),
         })?;
-    if chain.is_empty() {
+    if certs.is_empty() {
         return Err(TlsError::NoCertificate {
-            path: cert.to_owned(),
+            path: path.to_owned(),
         });
     }
+    Ok(certs)
+}
+
+/// Reads the certificate chain and key (and, with `client_ca`, the CAs that
+/// sign client certificates, which then become required) and makes the
+/// acceptor every TLS listener shares.
+pub fn load_acceptor(
+    cert: &Path,
+    key: &Path,
+    client_ca: Option<&Path>,
+) -> Result<TlsAcceptor, TlsError> {
+    let chain = read_certificates(cert)?;
     let key = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::Key {
         path: key.to_owned(),
         reason: e.to_string(),
@@ -70,16 +90,134 @@ pub fn load_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
     // that links another provider too (a test client's) must not change
     // what the broker serves.
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(chain, key)?;
+    let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
+        .with_safe_default_protocol_versions()?;
+    let config = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(path) => {
+            let ca_error = |reason: String| TlsError::ClientCa {
+                path: path.to_owned(),
+                reason,
+            };
+            let mut roots = rustls::RootCertStore::empty();
+            for ca in read_certificates(path)? {
+                roots.add(ca).map_err(|e| ca_error(e.to_string()))?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .map_err(|e| ca_error(e.to_string()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    }
+    .with_single_cert(chain, key)?;
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
-/// The read half of a TLS connection: readiness is only known by reading
-/// (see the module docs), so it takes `TransportRead`'s default.
-impl crate::transport::TransportRead for tokio::io::ReadHalf<TlsStream<TcpStream>> {}
+/// Whether the client of a completed handshake presented a certificate (it
+/// was verified, or the handshake would have failed).
+pub(crate) fn client_certified(stream: &TlsStream<TcpStream>) -> bool {
+    stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .is_some_and(|chain| !chain.is_empty())
+}
+
+/// The read half of a TLS connection (MQTT/TLS, and under `wss://`).
+///
+/// Whether bytes wait cannot be asked of TLS without reading (rustls must
+/// decrypt a record), yet a connection must not take a read buffer from the
+/// pool each time its task wakes for another reason (its writer's queue): a
+/// fan-out to TLS subscribers would then lock the pool twice per delivery.
+/// So a read that finds nothing registers [`ReadWake`] with the socket
+/// instead of the task's waker: until the socket wakes it, the half is known
+/// to be idle and [`poll_readable`](TransportRead::poll_readable) says
+/// `Pending` without a read.
+pub struct TlsRead {
+    half: ReadHalf<TlsStream<TcpStream>>,
+    wake: Arc<ReadWake>,
+    /// The last read found nothing and `wake` has not been raised since.
+    idle: bool,
+    certified: bool,
+}
+
+/// The waker a TLS read registers with the socket: it raises a [`Signal`]
+/// that wakes the connection's task.
+#[derive(Default)]
+struct ReadWake(Signal);
+
+impl std::task::Wake for ReadWake {
+    fn wake(self: Arc<Self>) {
+        self.0.raise();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.raise();
+    }
+}
+
+impl TlsRead {
+    pub(crate) fn new(half: ReadHalf<TlsStream<TcpStream>>, certified: bool) -> TlsRead {
+        TlsRead {
+            half,
+            wake: Arc::default(),
+            idle: false,
+            certified,
+        }
+    }
+
+    /// Whether the client presented a certificate the handshake verified.
+    pub(crate) fn certified(&self) -> bool {
+        self.certified
+    }
+
+    /// Ready unless the last read found nothing and the socket has not
+    /// woken since.
+    pub(crate) fn poll_idle_over(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        if self.idle {
+            std::task::ready!(std::pin::pin!(self.wake.0.wait()).poll(cx));
+            self.idle = false;
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncRead for TlsRead {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let waker = Waker::from(Arc::clone(&this.wake));
+        loop {
+            let read = Pin::new(&mut this.half).poll_read(&mut Context::from_waker(&waker), buf);
+            if read.is_ready() {
+                this.idle = false;
+                return read;
+            }
+            this.idle = true;
+            // The task waits on the signal from now on; a raise since the
+            // read (the socket woke in between) means: read again.
+            if std::pin::pin!(this.wake.0.wait()).poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+        }
+    }
+}
+
+impl crate::transport::TransportRead for TlsRead {
+    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.poll_idle_over(cx)
+    }
+
+    fn client_certificate_verified(&self) -> bool {
+        self.certified
+    }
+}
 
 /// Serves one MQTT/TLS connection: the handshake, then MQTT.
 #[expect(
@@ -98,7 +236,9 @@ pub fn serve_tls(
         let Some(stream) = Box::pin(handshake(&broker, stream, peer, deadline)).await else {
             return;
         };
-        let (reader, writer) = tokio::io::split(stream);
+        let certified = client_certified(&stream);
+        let (half, writer) = tokio::io::split(stream);
+        let reader = TlsRead::new(half, certified);
         connection::serve(broker, reader, writer, &peer).await;
     }
 }
@@ -112,6 +252,13 @@ pub(crate) async fn handshake(
     peer: SocketAddr,
     deadline: Instant,
 ) -> Option<TlsStream<TcpStream>> {
+    // Refused before any cryptography: a broker at `limits.max_connections`
+    // does not pay for handshakes it would refuse after them.
+    if broker.registry.connection_count() >= broker.config.limits.max_connections {
+        Metrics::inc(&broker.metrics.connections_refused);
+        tracing::debug!(%peer, "TLS connection closed: limits.max_connections reached");
+        return None;
+    }
     let _ = stream.set_nodelay(true);
     let Some(acceptor) = broker.tls.get() else {
         tracing::error!(%peer, "a TLS connection, but no TLS certificate is loaded");
@@ -143,11 +290,17 @@ mod tests {
     #[test]
     fn the_test_certificate_loads() {
         let dir = certs();
-        load_acceptor(&dir.join("server.pem"), &dir.join("server.key")).unwrap();
+        load_acceptor(&dir.join("server.pem"), &dir.join("server.key"), None).unwrap();
+        load_acceptor(
+            &dir.join("server.pem"),
+            &dir.join("server.key"),
+            Some(&dir.join("ca.pem")),
+        )
+        .unwrap();
     }
 
     fn load_err(cert: &Path, key: &Path) -> TlsError {
-        match load_acceptor(cert, key) {
+        match load_acceptor(cert, key, None) {
             Ok(_) => panic!("{} and {} were accepted", cert.display(), key.display()),
             Err(e) => e,
         }
@@ -167,10 +320,16 @@ mod tests {
         assert!(matches!(e, TlsError::Key { .. }), "{e}");
         assert!(e.to_string().contains("ca.pem"), "{e}");
         // A key that is not the certificate's.
-        let e = load_acceptor(&dir.join("server.pem"), &dir.join("other.key"));
-        assert!(
-            e.is_err(),
-            "a key that does not match the certificate is refused"
-        );
+        let e = load_err(&dir.join("server.pem"), &dir.join("other.key"));
+        assert!(matches!(e, TlsError::Config(_)), "{e}");
+        // A client CA file without a certificate.
+        let Err(e) = load_acceptor(
+            &dir.join("server.pem"),
+            &dir.join("server.key"),
+            Some(&dir.join("server.key")),
+        ) else {
+            panic!("a client CA file without a certificate was accepted");
+        };
+        assert!(matches!(e, TlsError::NoCertificate { .. }), "{e}");
     }
 }

@@ -25,6 +25,12 @@ pub trait TransportRead: AsyncRead + Unpin + Send {
     fn poll_readable(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Poll::Ready(Ok(()))
     }
+
+    /// Whether the client proved who it is with a certificate the broker
+    /// verified during the TLS handshake (`listeners.tls_client_ca`).
+    fn client_certificate_verified(&self) -> bool {
+        false
+    }
 }
 
 impl TransportRead for ReadHalf<'_> {

@@ -253,3 +253,126 @@ async fn a_bad_certificate_path_stops_the_start_with_its_name() {
     };
     assert!(e.contains("nope.pem"), "{e}");
 }
+
+/// An idle TLS reader is known to be idle without a read: a subscriber
+/// whose task wakes for its writer (a delivery) takes no read buffer from
+/// the pool. (Before, every wake-up took one and gave it back: two locks of
+/// the shared pool per delivery.)
+#[tokio::test]
+async fn a_tls_subscriber_takes_no_read_buffer_per_delivery() {
+    let server = start_tls(|_| {}).await;
+    let (sub, mut sub_rx) = tls_client("tls-idle-sub", &server);
+    sub.subscribe("idle/t", rumqttc::QoS::AtMostOnce)
+        .await
+        .unwrap();
+    loop {
+        let packet = tokio::time::timeout(WAIT, sub_rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        if matches!(packet, rumqttc::Packet::SubAck(_)) {
+            break;
+        }
+    }
+    let mut publisher =
+        RawClient::connected(addr(&server), "idle-pub", ProtocolVersion::V311).await;
+    let takes = || {
+        let (hits, misses) = server.broker().pool.stats();
+        hits + misses
+    };
+    let before = takes();
+    const MESSAGES: u64 = 200;
+    for i in 0..MESSAGES {
+        // One at a time: each is its own read for the publisher and its own
+        // wake-up for the subscriber's writer.
+        publisher
+            .publish("idle/t", &i.to_be_bytes(), QoS::AtMostOnce, 0)
+            .await;
+        let p = next_publish(&mut sub_rx).await;
+        assert_eq!(&p.payload[..], &i.to_be_bytes());
+    }
+    let taken = takes() - before;
+    // The publisher's reads take one each; the subscriber's side none.
+    assert!(
+        taken <= MESSAGES + MESSAGES / 10,
+        "{taken} read buffers taken for {MESSAGES} messages"
+    );
+    server.shutdown().await;
+}
+
+/// rumqttc with a client certificate (or without one) on a broker that
+/// requires them and allows no anonymous clients.
+fn certified_client(
+    client_id: &str,
+    server: &tern::Server,
+    identity: Option<(&str, &str)>,
+) -> (
+    rumqttc::AsyncClient,
+    tokio::sync::mpsc::UnboundedReceiver<rumqttc::Packet>,
+) {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let ca = std::fs::read(certs().join("ca.pem")).unwrap();
+    let auth = identity.map(|(cert, key)| {
+        (
+            std::fs::read(certs().join(cert)).unwrap(),
+            std::fs::read(certs().join(key)).unwrap(),
+        )
+    });
+    let port = server.tls_addrs()[0].port();
+    let mut options = rumqttc::MqttOptions::new(client_id, "localhost", port);
+    options.set_keep_alive(Duration::from_secs(30));
+    options.set_transport(rumqttc::Transport::tls(ca, auth, None));
+    run_rumqttc(options)
+}
+
+/// The first thing the client's event loop reports: a CONNACK, or the end.
+async fn connack_of(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<rumqttc::Packet>,
+) -> Option<rumqttc::ConnAck> {
+    loop {
+        match tokio::time::timeout(WAIT, rx.recv())
+            .await
+            .expect("an outcome in time")
+        {
+            Some(rumqttc::Packet::ConnAck(ack)) => return Some(ack),
+            Some(_) => {}
+            None => return None,
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_client_certificate_authenticates_and_is_required() {
+    let server = start_tls(|c| {
+        c.listeners.tls_client_ca = Some(certs().join("ca.pem"));
+        c.auth.allow_anonymous = false;
+    })
+    .await;
+    // Signed by the CA: in, without a user name or password.
+    let (_ok, mut rx) = certified_client("sensor-1", &server, Some(("client.pem", "client.key")));
+    let ack = connack_of(&mut rx).await.expect("a CONNACK");
+    assert_eq!(ack.code, rumqttc::ConnectReturnCode::Success);
+    // No certificate, or one the CA did not sign: the handshake fails.
+    let (_none, mut rx) = certified_client("no-cert", &server, None);
+    assert!(
+        connack_of(&mut rx).await.is_none(),
+        "no certificate, no connection"
+    );
+    let (_rogue, mut rx) = certified_client("rogue", &server, Some(("rogue.pem", "rogue.key")));
+    assert!(
+        connack_of(&mut rx).await.is_none(),
+        "a certificate from another CA"
+    );
+    eventually("both failed handshakes are counted", || {
+        tern::metrics::Metrics::get(&server.broker().metrics.tls_handshakes_failed) == 2
+    })
+    .await;
+    // Plain TCP is not authenticated by anything: still no anonymous client.
+    let (_plain, ack) = RawClient::connect(
+        addr(&server),
+        connect_packet("anonymous", ProtocolVersion::V311),
+    )
+    .await;
+    assert_eq!(ack.code, tern_codec::ReasonCode::NotAuthorized);
+    server.shutdown().await;
+}

@@ -2,8 +2,10 @@
 # Makes the test certificates (a CA and a server certificate for 127.0.0.1,
 # ::1 and localhost, valid for 100 years). They are for the TLS tests only:
 # the private keys are public, in this repository.
-#   tests/certs/make.sh   (writes ca.pem, server.pem, server.key here, and
-#   other.key, a key that belongs to no certificate)
+#   tests/certs/make.sh   (writes here: ca.pem; server.pem and server.key;
+#   client.pem and client.key, a client certificate the CA signed;
+#   rogue.pem and rogue.key, a self-signed client certificate; other.key, a
+#   key that belongs to no certificate)
 set -euo pipefail
 cd "$(dirname "$0")"
 tmp=$(mktemp -d)
@@ -24,3 +26,18 @@ openssl x509 -req -in "$tmp/server.csr" -CA ca.pem -CAkey "$tmp/ca.key" -CAcreat
 # PKCS#8, the form every TLS library reads.
 openssl pkcs8 -topk8 -nocrypt -in "$tmp/server.key" -out server.key
 openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:prime256v1 -out other.key
+# A client certificate from the CA, and one from nobody.
+openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+    -keyout "$tmp/client.key" -out "$tmp/client.csr" -subj "/CN=sensor-1"
+cat >"$tmp/client.cnf" <<'EXT'
+basicConstraints=critical,CA:FALSE
+keyUsage=critical,digitalSignature
+extendedKeyUsage=clientAuth
+EXT
+openssl x509 -req -in "$tmp/client.csr" -CA ca.pem -CAkey "$tmp/ca.key" -CAcreateserial \
+    -CAserial "$tmp/ca.srl" -out client.pem -days 36500 -extfile "$tmp/client.cnf"
+openssl pkcs8 -topk8 -nocrypt -in "$tmp/client.key" -out client.key
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+    -keyout "$tmp/rogue.key" -out rogue.pem -days 36500 -subj "/CN=rogue" \
+    -addext "extendedKeyUsage=clientAuth"
+openssl pkcs8 -topk8 -nocrypt -in "$tmp/rogue.key" -out rogue.key

@@ -112,3 +112,42 @@ def _eventually_logged(broker, text):
             return True
         time.sleep(0.05)
     return False
+
+
+@pytest.fixture
+def mtls_broker(broker_factory):
+    """TLS listeners that require a client certificate from the test CA, and
+    no anonymous clients."""
+    b = broker_factory(
+        "[listeners]\n"
+        'tls = ["127.0.0.1:0"]\n'
+        f'tls_cert = "{CERTS / "server.pem"}"\n'
+        f'tls_key = "{CERTS / "server.key"}"\n'
+        f'tls_client_ca = "{CA}"\n'
+        "[auth]\n"
+        "allow_anonymous = false\n"
+    )
+    b.tls = _listener(b, TLS_RE)
+    return b
+
+
+def test_client_certificates_with_paho_and_mosquitto(mtls_broker, paho, mosq):
+    # paho with the CA-signed client certificate: authenticated by it alone.
+    sub = paho("cert-sub", broker_=mtls_broker.tls, connect=False)
+    sub.c.tls_set(ca_certs=CA, certfile=str(CERTS / "client.pem"),
+                  keyfile=str(CERTS / "client.key"), cert_reqs=ssl.CERT_REQUIRED)
+    sub.connect()
+    sub.subscribe("mtls/#", 1)
+    # mosquitto_pub with the same certificate.
+    mosq.pub("mtls/t", "signed", qos=1, broker_=mtls_broker.tls,
+             extra=["--cafile", CA, "--cert", str(CERTS / "client.pem"),
+                    "--key", str(CERTS / "client.key")])
+    m = sub.get()
+    assert (m.topic, m.payload) == ("mtls/t", b"signed")
+    # Without a certificate, or with one the CA did not sign: refused.
+    for extra in (["--cafile", CA],
+                  ["--cafile", CA, "--cert", str(CERTS / "rogue.pem"),
+                   "--key", str(CERTS / "rogue.key")]):
+        r = mosq.pub("mtls/t", "x", qos=1, broker_=mtls_broker.tls, extra=extra, check=False)
+        assert r.returncode != 0, (extra, r.stdout, r.stderr)
+    sub.assert_no_message()

@@ -6,7 +6,8 @@
 //! Requests are parsed with `httparse`; the head is capped at
 //! [`MAX_HEAD`] bytes and must arrive within [`READ_TIMEOUT`]. Each
 //! connection is one task, at most [`MAX_CONNECTIONS`] at a time (more are
-//! answered 503). Every store call runs on a blocking thread
+//! answered 429; [`MAX_LIVE_CONNECTIONS`] and [`LIVE_READ_TIMEOUT`] where
+//! only `/metrics` and `/health` are served). Every store call runs on a blocking thread
 //! (`spawn_blocking`): the store is synchronous and may touch the disk.
 //!
 //! Single records are answered with a `Content-Length` body. Lists that
@@ -61,10 +62,18 @@ use crate::config::DurabilityMode;
 pub const MAX_HEAD: usize = 8 * 1024;
 /// Time allowed for the whole request head to arrive.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// The same where only `/metrics` and `/health` are served (the metrics
+/// listener, memory mode): a scraper or health check sends its request at
+/// once, and a client that does not must not hold a place for long.
+pub const LIVE_READ_TIMEOUT: Duration = Duration::from_secs(1);
 /// Time allowed for one write of the response.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Connections served at once; more are answered 503.
+/// Connections served at once; more are answered 429. Store walks are
+/// heavy; the live routes are cheap, and a health check crowded out would
+/// look like a broker that is down, hence the larger bound where only they
+/// are served.
 pub const MAX_CONNECTIONS: usize = 16;
+pub const MAX_LIVE_CONNECTIONS: usize = 256;
 /// Bytes per chunk of a streamed body.
 const STREAM_CHUNK: usize = 64 * 1024;
 /// Chunks a streamed body may have in flight between the store walk and the
@@ -129,7 +138,13 @@ pub async fn serve_admin(
     sources: AdminSources,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
-    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let live_only = sources.store.is_none();
+    let (cap, head_timeout) = if live_only {
+        (MAX_LIVE_CONNECTIONS, LIVE_READ_TIMEOUT)
+    } else {
+        (MAX_CONNECTIONS, READ_TIMEOUT)
+    };
+    let permits = Arc::new(Semaphore::new(cap));
     let mut tasks = JoinSet::new();
     loop {
         tokio::select! {
@@ -138,7 +153,7 @@ pub async fn serve_admin(
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => match Arc::clone(&permits).try_acquire_owned() {
                     Ok(permit) => {
-                        tasks.spawn(connection(stream, sources.clone(), permit));
+                        tasks.spawn(connection(stream, sources.clone(), head_timeout, permit));
                     }
                     Err(_) => {
                         tasks.spawn(busy(stream));
@@ -230,8 +245,13 @@ impl Reply {
 }
 
 /// One connection: read a request, answer it, close.
-async fn connection(mut stream: TcpStream, sources: AdminSources, _permit: OwnedSemaphorePermit) {
-    let reply = match timeout(READ_TIMEOUT, read_head(&mut stream)).await {
+async fn connection(
+    mut stream: TcpStream,
+    sources: AdminSources,
+    head_timeout: Duration,
+    _permit: OwnedSemaphorePermit,
+) {
+    let reply = match timeout(head_timeout, read_head(&mut stream)).await {
         Err(_) => Reply::failure(408, "the request head did not arrive in time"),
         Ok(Head::Closed) => return,
         Ok(Head::Invalid(reply)) => reply,
@@ -248,7 +268,9 @@ async fn connection(mut stream: TcpStream, sources: AdminSources, _permit: Owned
 
 /// Answers a connection over the limit.
 async fn busy(mut stream: TcpStream) {
-    let reply = Reply::failure(503, "too many admin connections; retry shortly");
+    // 429, not 503: a health check must not read "too busy to answer you"
+    // as "the broker is shutting down".
+    let reply = Reply::failure(429, "too many admin connections; retry shortly");
     let _ = timeout(LINGER, send(&mut stream, reply)).await;
 }
 
@@ -650,6 +672,7 @@ fn reason(status: u16) -> &'static str {
         404 => "Not Found",
         405 => "Method Not Allowed",
         408 => "Request Timeout",
+        429 => "Too Many Requests",
         503 => "Service Unavailable",
         _ => "Internal Server Error",
     }

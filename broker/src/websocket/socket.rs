@@ -10,15 +10,18 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf, WriteHalf};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 
-/// The read half.
+use crate::tls::TlsRead;
+
+/// The read half. TLS is boxed: inline, its readiness state would make
+/// every WebSocket connection's task larger (see broker/tests/footprint.rs).
 pub(super) enum SocketRead {
     Tcp(OwnedReadHalf),
-    Tls(ReadHalf<TlsStream<TcpStream>>),
+    Tls(Box<TlsRead>),
 }
 
 /// The write half.
@@ -35,18 +38,28 @@ pub(super) fn split_tcp(stream: TcpStream) -> (SocketRead, SocketWrite) {
 
 /// Splits a TLS connection.
 pub(super) fn split_tls(stream: TlsStream<TcpStream>) -> (SocketRead, SocketWrite) {
+    let certified = crate::tls::client_certified(&stream);
     let (read, write) = tokio::io::split(stream);
-    (SocketRead::Tls(read), SocketWrite::Tls(write))
+    (
+        SocketRead::Tls(Box::new(TlsRead::new(read, certified))),
+        SocketWrite::Tls(write),
+    )
 }
 
 impl SocketRead {
-    /// Ready once a read would find bytes. TLS cannot tell without
-    /// decrypting a record, so it says "now" and the read itself waits (see
-    /// `transport.rs`).
-    pub(super) fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    /// Ready once a read may find bytes (see `tls::TlsRead` for TLS).
+    pub(super) fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self {
             SocketRead::Tcp(read) => read.as_ref().poll_read_ready(cx),
-            SocketRead::Tls(_) => Poll::Ready(Ok(())),
+            SocketRead::Tls(read) => read.poll_idle_over(cx),
+        }
+    }
+
+    /// Whether the client presented a certificate the handshake verified.
+    pub(super) fn client_certified(&self) -> bool {
+        match self {
+            SocketRead::Tcp(_) => false,
+            SocketRead::Tls(read) => read.certified(),
         }
     }
 }
@@ -59,7 +72,7 @@ impl AsyncRead for SocketRead {
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             SocketRead::Tcp(read) => Pin::new(read).poll_read(cx, buf),
-            SocketRead::Tls(read) => Pin::new(read).poll_read(cx, buf),
+            SocketRead::Tls(read) => Pin::new(&mut **read).poll_read(cx, buf),
         }
     }
 }
