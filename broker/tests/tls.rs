@@ -69,6 +69,25 @@ fn tls_client(
     tls_client_over(client_id, server, false)
 }
 
+/// Subscribes and waits for the SUBACK.
+async fn subscribed(
+    client: &rumqttc::AsyncClient,
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<rumqttc::Packet>,
+    filter: &str,
+    qos: rumqttc::QoS,
+) {
+    client.subscribe(filter, qos).await.unwrap();
+    loop {
+        let packet = tokio::time::timeout(WAIT, rx.recv())
+            .await
+            .expect("a SUBACK in time")
+            .expect("the client is running");
+        if matches!(packet, rumqttc::Packet::SubAck(_)) {
+            return;
+        }
+    }
+}
+
 async fn next_publish(
     rx: &mut tokio::sync::mpsc::UnboundedReceiver<rumqttc::Packet>,
 ) -> rumqttc::Publish {
@@ -87,18 +106,7 @@ async fn next_publish(
 async fn rumqttc_publishes_and_subscribes_over_tls() {
     let server = start_tls(|_| {}).await;
     let (sub, mut sub_rx) = tls_client("tls-sub", &server);
-    sub.subscribe("secure/#", rumqttc::QoS::AtLeastOnce)
-        .await
-        .unwrap();
-    loop {
-        let packet = tokio::time::timeout(WAIT, sub_rx.recv())
-            .await
-            .unwrap()
-            .unwrap();
-        if matches!(packet, rumqttc::Packet::SubAck(_)) {
-            break;
-        }
-    }
+    subscribed(&sub, &mut sub_rx, "secure/#", rumqttc::QoS::AtLeastOnce).await;
     // From a TLS publisher ...
     let (publisher, _pub_rx) = tls_client("tls-pub", &server);
     publisher
@@ -135,18 +143,7 @@ async fn rumqttc_publishes_and_subscribes_over_tls() {
 async fn rumqttc_over_websocket_over_tls() {
     let server = start_tls(|_| {}).await;
     let (sub, mut sub_rx) = tls_client_over("wss-sub", &server, true);
-    sub.subscribe("wss/#", rumqttc::QoS::AtLeastOnce)
-        .await
-        .unwrap();
-    loop {
-        let packet = tokio::time::timeout(WAIT, sub_rx.recv())
-            .await
-            .unwrap()
-            .unwrap();
-        if matches!(packet, rumqttc::Packet::SubAck(_)) {
-            break;
-        }
-    }
+    subscribed(&sub, &mut sub_rx, "wss/#", rumqttc::QoS::AtLeastOnce).await;
     let (publisher, _pub_rx) = tls_client_over("wss-pub", &server, true);
     // Larger than a TLS record and than one WebSocket frame's first read.
     let payload: Vec<u8> = (0..100_000u32).map(|i| i as u8).collect();
@@ -203,19 +200,7 @@ async fn plain_mqtt_on_the_tls_port_is_refused_and_counted() {
     );
     // The broker serves the next client.
     let (client, mut rx) = tls_client("after", &server);
-    client
-        .subscribe("x", rumqttc::QoS::AtMostOnce)
-        .await
-        .unwrap();
-    loop {
-        let packet = tokio::time::timeout(WAIT, rx.recv())
-            .await
-            .unwrap()
-            .unwrap();
-        if matches!(packet, rumqttc::Packet::SubAck(_)) {
-            break;
-        }
-    }
+    subscribed(&client, &mut rx, "x", rumqttc::QoS::AtMostOnce).await;
     server.shutdown().await;
 }
 
@@ -262,18 +247,7 @@ async fn a_bad_certificate_path_stops_the_start_with_its_name() {
 async fn a_tls_subscriber_takes_no_read_buffer_per_delivery() {
     let server = start_tls(|_| {}).await;
     let (sub, mut sub_rx) = tls_client("tls-idle-sub", &server);
-    sub.subscribe("idle/t", rumqttc::QoS::AtMostOnce)
-        .await
-        .unwrap();
-    loop {
-        let packet = tokio::time::timeout(WAIT, sub_rx.recv())
-            .await
-            .unwrap()
-            .unwrap();
-        if matches!(packet, rumqttc::Packet::SubAck(_)) {
-            break;
-        }
-    }
+    subscribed(&sub, &mut sub_rx, "idle/t", rumqttc::QoS::AtMostOnce).await;
     let mut publisher =
         RawClient::connected(addr(&server), "idle-pub", ProtocolVersion::V311).await;
     let takes = || {
