@@ -110,14 +110,21 @@ pub struct Args {
     /// No progress line on stderr.
     #[arg(long)]
     pub quiet: bool,
-    /// `conn`: the transport of the connections: MQTT over TCP, or over
-    /// WebSocket (RFC 6455, subprotocol `mqtt`, at --ws-path on --port).
-    /// The other scenarios use TCP.
+    /// `conn`: the transport of the connections: MQTT over TCP, over
+    /// WebSocket (RFC 6455, subprotocol `mqtt`, at --ws-path on --port), or
+    /// over TLS (--ca-file, --tls-name). The other scenarios use TCP.
     #[arg(long, value_enum, default_value_t = Transport::Tcp)]
     pub transport: Transport,
     /// `--transport ws`: the path of the broker's WebSocket endpoint.
     #[arg(long = "ws-path", default_value = "/mqtt")]
     pub ws_path: String,
+    /// `--transport tls`: PEM file of the CA that signed the broker's
+    /// certificate (verified, as any TLS client would).
+    #[arg(long = "ca-file")]
+    pub ca_file: Option<std::path::PathBuf>,
+    /// `--transport tls`: the name the broker's certificate must carry.
+    #[arg(long = "tls-name", default_value = "localhost")]
+    pub tls_name: String,
 }
 
 /// How a `conn` connection reaches the broker.
@@ -125,6 +132,8 @@ pub struct Args {
 pub enum Transport {
     Tcp,
     Ws,
+    /// MQTT over TLS (rustls).
+    Tls,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -192,8 +201,13 @@ impl Args {
         if self.shared && self.scenario != Scenario::FanIn {
             return Err("--shared only applies to fan-in".into());
         }
-        if self.transport == Transport::Ws && self.scenario != Scenario::Conn {
-            return Err("--transport ws only applies to conn".into());
+        if self.transport != Transport::Tcp && self.scenario != Scenario::Conn {
+            return Err("--transport ws and tls only apply to conn".into());
+        }
+        if self.transport == Transport::Tls && self.ca_file.is_none() {
+            return Err(
+                "--transport tls needs --ca-file (the CA of the broker's certificate)".into(),
+            );
         }
         if !self.ws_path.starts_with('/') {
             return Err("--ws-path must start with /".into());
@@ -378,5 +392,8 @@ mod tests {
         assert!(plan(&["p2p", "--transport", "ws"]).is_err());
         assert!(plan(&["conn", "--transport", "ws"]).is_ok());
         assert!(plan(&["conn", "--transport", "ws", "--ws-path", "mqtt"]).is_err());
+        assert!(plan(&["conn", "--transport", "tls"]).is_err());
+        assert!(plan(&["conn", "--transport", "tls", "--ca-file", "ca.pem"]).is_ok());
+        assert!(plan(&["p2p", "--transport", "tls", "--ca-file", "ca.pem"]).is_err());
     }
 }

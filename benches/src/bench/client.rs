@@ -1,15 +1,20 @@
 //! Opening MQTT connections: TCP connect, CONNECT/CONNACK, SUBSCRIBE/SUBACK;
-//! and, for `conn --transport ws`, the same handshake over WebSocket.
+//! and, for `conn --transport ws` and `tls`, the same handshake over
+//! WebSocket or over TLS (rustls, verifying the broker's certificate).
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::{FutureExt, SinkExt, StreamExt};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
 use tern_codec::{decode_packet, Packet, ProtocolVersion, QoS};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
@@ -89,8 +94,8 @@ impl std::fmt::Display for OpenError {
 }
 
 /// Reads until one whole control packet has arrived.
-async fn read_packet(
-    stream: &mut TcpStream,
+async fn read_packet<S: AsyncRead + Unpin>(
+    stream: &mut S,
     buf: &mut BytesMut,
     version: ProtocolVersion,
 ) -> io::Result<Option<Packet>> {
@@ -203,6 +208,92 @@ async fn open_inner(
             other.packet_type()
         ))),
         None => Err(OpenError::Refused("closed before CONNACK".into())),
+    }
+}
+
+/// An open, accepted MQTT connection over TLS.
+pub struct TlsConn {
+    stream: tokio_rustls::client::TlsStream<TcpStream>,
+}
+
+impl TlsConn {
+    /// Sends DISCONNECT if the socket takes it at once; never waits.
+    pub fn try_disconnect(&mut self) {
+        let _ = self.stream.write_all(&wire::DISCONNECT).now_or_never();
+    }
+}
+
+/// The TLS client of `conn --transport tls`: trusts the CAs in `ca_file`
+/// and nothing else (ring provider, TLS 1.2 and 1.3).
+pub fn tls_connector(ca_file: &Path) -> Result<tokio_rustls::TlsConnector, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    let certs = CertificateDer::pem_file_iter(ca_file)
+        .and_then(|c| c.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("--ca-file {}: {e}", ca_file.display()))?;
+    for cert in certs {
+        roots
+            .add(cert)
+            .map_err(|e| format!("--ca-file {}: {e}", ca_file.display()))?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+}
+
+/// Like [`open`], over TLS: TCP connect, the TLS handshake for `name`, then
+/// CONNECT and CONNACK.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the arguments of `open` and the TLS client's two"
+)]
+pub async fn open_tls(
+    addr: SocketAddr,
+    source: Option<IpAddr>,
+    connector: tokio_rustls::TlsConnector,
+    name: ServerName<'static>,
+    version: ProtocolVersion,
+    client_id: &str,
+    keep_alive: u16,
+    timeout: Duration,
+) -> Result<TlsConn, OpenError> {
+    let open = async {
+        let stream = tcp_connect(addr, source)
+            .await
+            .map_err(|e| OpenError::Failed(e.to_string()))?;
+        let _ = stream.set_nodelay(true);
+        let refused = |e: io::Error| OpenError::Refused(e.to_string());
+        let mut stream = connector
+            .connect(name, stream)
+            .await
+            .map_err(|e| OpenError::Failed(format!("TLS handshake: {e}")))?;
+        stream
+            .write_all(&wire::connect(version, client_id, keep_alive, false))
+            .await
+            .map_err(refused)?;
+        stream.flush().await.map_err(refused)?;
+        let mut buf = BytesMut::with_capacity(64);
+        match read_packet(&mut stream, &mut buf, version)
+            .await
+            .map_err(refused)?
+        {
+            Some(Packet::ConnAck(ack)) if ack.code.is_success() => Ok(TlsConn { stream }),
+            Some(Packet::ConnAck(ack)) => {
+                Err(OpenError::Refused(format!("CONNACK {:?}", ack.code)))
+            }
+            Some(_) => Err(OpenError::Refused("expected CONNACK".into())),
+            None => Err(OpenError::Refused("closed before CONNACK".into())),
+        }
+    };
+    match tokio::time::timeout(timeout, open).await {
+        Ok(r) => r,
+        Err(_) => Err(OpenError::Failed(format!(
+            "no CONNACK within {:.1} s",
+            timeout.as_secs_f64()
+        ))),
     }
 }
 

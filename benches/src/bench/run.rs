@@ -669,6 +669,7 @@ async fn run_conn(
     enum Held {
         Tcp(Conn),
         Ws(Box<WsConn>),
+        Tls(Box<client::TlsConn>),
     }
     enum Answer {
         Connected(Duration, Held),
@@ -690,6 +691,14 @@ async fn run_conn(
     } else {
         1024
     }));
+    let tls = match (args.transport, &args.ca_file) {
+        (Transport::Tls, Some(ca)) => {
+            let name = rustls::pki_types::ServerName::try_from(args.tls_name.clone())
+                .map_err(|e| format!("--tls-name {}: {e}", args.tls_name))?;
+            Some((client::tls_connector(ca)?, name))
+        }
+        _ => None,
+    };
     let pid = std::process::id();
     let start = Instant::now();
     let mut spawned = 0;
@@ -715,16 +724,24 @@ async fn run_conn(
             let (version, keep_alive) = (plan.version, args.keep_alive);
             let source = client::source_for(addr, spawned, args.source_ips);
             let ws_path = (args.transport == Transport::Ws).then(|| args.ws_path.clone());
+            let tls = tls.clone();
             tokio::spawn(async move {
                 let t = Instant::now();
-                let opened = match ws_path {
-                    None => client::open(addr, source, version, &id, keep_alive, false, wait)
-                        .await
-                        .map(Held::Tcp),
-                    Some(path) => {
+                let opened = match (ws_path, tls) {
+                    (Some(path), _) => {
                         client::open_ws(addr, source, &path, version, &id, keep_alive, wait)
                             .await
                             .map(|c| Held::Ws(Box::new(c)))
+                    }
+                    (None, Some((connector, name))) => client::open_tls(
+                        addr, source, connector, name, version, &id, keep_alive, wait,
+                    )
+                    .await
+                    .map(|c| Held::Tls(Box::new(c))),
+                    (None, None) => {
+                        client::open(addr, source, version, &id, keep_alive, false, wait)
+                            .await
+                            .map(Held::Tcp)
                     }
                 };
                 let answer = match opened {
@@ -786,6 +803,7 @@ async fn run_conn(
                 let _ = c.stream.try_write(&wire::DISCONNECT);
             }
             Held::Ws(mut c) => c.try_disconnect(),
+            Held::Tls(mut c) => c.try_disconnect(),
         }
     }
     let broker = match (args.broker_pid, broker_before, broker_after) {
@@ -804,6 +822,7 @@ async fn run_conn(
         transport: match args.transport {
             Transport::Tcp => "tcp",
             Transport::Ws => "ws",
+            Transport::Tls => "tls",
         }
         .into(),
         connections_target: n,
