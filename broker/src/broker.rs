@@ -113,8 +113,9 @@ pub struct Broker {
     /// When this broker was made (uptime, for `/metrics` and `$SYS`).
     started: Instant,
     /// The TLS listeners' certificate and key (MQTT over TLS and WebSocket
-    /// over TLS), set once at start when either is configured.
-    pub tls: std::sync::OnceLock<tokio_rustls::TlsAcceptor>,
+    /// over TLS), set at start when either is configured and replaced by a
+    /// reload (`tls::reload`). Read once per handshake.
+    pub tls: parking_lot::RwLock<Option<tokio_rustls::TlsAcceptor>>,
     shutdown: watch::Sender<bool>,
 }
 
@@ -166,7 +167,7 @@ impl Broker {
             persistence,
             keep_alive: KeepAlive::default(),
             started: Instant::now(),
-            tls: std::sync::OnceLock::new(),
+            tls: parking_lot::RwLock::new(None),
             shutdown: watch::channel(false).0,
         })
     }

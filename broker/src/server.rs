@@ -141,21 +141,7 @@ impl Server {
             tokio::spawn(crate::sys_topics::run(Arc::clone(&broker))),
         ];
         let listeners = &broker.config.listeners;
-        if !listeners.tls.is_empty() || !listeners.wss.is_empty() {
-            let unset = crate::tls::TlsError::Unset;
-            let cert = listeners
-                .tls_cert
-                .as_deref()
-                .ok_or(unset("listeners.tls_cert"))?;
-            let key = listeners
-                .tls_key
-                .as_deref()
-                .ok_or(unset("listeners.tls_key"))?;
-            let client_ca = listeners.tls_client_ca.as_deref();
-            let _ = broker
-                .tls
-                .set(crate::tls::load_acceptor(cert, key, client_ca)?);
-        }
+        *broker.tls.write() = crate::tls::load_configured(listeners)?;
         let tcp_addrs = listen_all(&broker, &listeners.tcp, Transport::Tcp, &mut tasks).await?;
         let tls_addrs = listen_all(&broker, &listeners.tls, Transport::Tls, &mut tasks).await?;
         let ws_addrs = listen_all(&broker, &listeners.ws, Transport::WebSocket, &mut tasks).await?;
@@ -204,6 +190,13 @@ impl Server {
             metrics_addr,
             tasks,
         })
+    }
+
+    /// Reads the TLS certificate, key and client CA files again and serves
+    /// new TLS connections with them (`tern serve` does this on SIGHUP).
+    /// On an error the files in use stay in use.
+    pub fn reload_tls(&self) -> Result<(), crate::tls::TlsError> {
+        crate::tls::reload(&self.broker)
     }
 
     /// The bound admin endpoint address, when one runs.

@@ -36,6 +36,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
 use crate::broker::Broker;
+use crate::config::ListenersConfig;
 use crate::connection;
 use crate::metrics::Metrics;
 use crate::signal::Signal;
@@ -114,6 +115,43 @@ pub fn load_acceptor(
     }
     .with_single_cert(chain, key)?;
     Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// The acceptor for the configured TLS listeners, or `None` when there are
+/// none.
+pub fn load_configured(listeners: &ListenersConfig) -> Result<Option<TlsAcceptor>, TlsError> {
+    if listeners.tls.is_empty() && listeners.wss.is_empty() {
+        return Ok(None);
+    }
+    let cert = listeners
+        .tls_cert
+        .as_deref()
+        .ok_or(TlsError::Unset("listeners.tls_cert"))?;
+    let key = listeners
+        .tls_key
+        .as_deref()
+        .ok_or(TlsError::Unset("listeners.tls_key"))?;
+    load_acceptor(cert, key, listeners.tls_client_ca.as_deref()).map(Some)
+}
+
+/// Reads the certificate files again and installs them for the handshakes
+/// that start from now on (connections already open keep their session).
+/// Certificates are renewed while a broker runs; this lets it pick up the
+/// new ones without a restart. On an error the broker keeps the files it
+/// had, and says why.
+pub fn reload(broker: &Broker) -> Result<(), TlsError> {
+    match load_configured(&broker.config.listeners) {
+        Ok(None) => Ok(()),
+        Ok(Some(acceptor)) => {
+            *broker.tls.write() = Some(acceptor);
+            tracing::info!("TLS certificate reloaded");
+            Ok(())
+        }
+        Err(e) => {
+            tracing::error!("TLS certificate not reloaded, the previous one stays: {e}");
+            Err(e)
+        }
+    }
 }
 
 /// Whether the client of a completed handshake presented a certificate (it
@@ -260,7 +298,7 @@ pub(crate) async fn handshake(
         return None;
     }
     let _ = stream.set_nodelay(true);
-    let Some(acceptor) = broker.tls.get() else {
+    let Some(acceptor) = broker.tls.read().clone() else {
         tracing::error!(%peer, "a TLS connection, but no TLS certificate is loaded");
         return None;
     };

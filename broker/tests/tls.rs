@@ -350,3 +350,77 @@ async fn a_client_certificate_authenticates_and_is_required() {
     assert_eq!(ack.code, tern_codec::ReasonCode::NotAuthorized);
     server.shutdown().await;
 }
+
+/// The certificate (DER) a TLS client is shown at `addr`.
+async fn presented_certificate(addr: std::net::SocketAddr) -> Vec<u8> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in rustls::pki_types::CertificateDer::pem_file_iter(certs().join("ca.pem")).unwrap() {
+        roots.add(ca.unwrap()).unwrap();
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let tls = tokio::time::timeout(WAIT, connector.connect(name, stream))
+        .await
+        .expect("a handshake in time")
+        .expect("the handshake succeeds");
+    tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}
+
+fn der_of(pem: &str) -> Vec<u8> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::from_pem_file(certs().join(pem))
+        .unwrap()
+        .to_vec()
+}
+
+#[tokio::test]
+async fn a_reload_serves_the_renewed_certificate_to_new_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::copy(certs().join("server.pem"), &cert).unwrap();
+    std::fs::copy(certs().join("server.key"), &key).unwrap();
+    let server = start(|c| {
+        c.listeners.tls = vec!["127.0.0.1:0".parse().unwrap()];
+        c.listeners.tls_cert = Some(cert.clone());
+        c.listeners.tls_key = Some(key.clone());
+    })
+    .await;
+    let tls_addr = server.tls_addrs()[0];
+    assert_eq!(presented_certificate(tls_addr).await, der_of("server.pem"));
+    // A client connected before the renewal.
+    let (sub, mut sub_rx) = tls_client("before-renewal", &server);
+    subscribed(&sub, &mut sub_rx, "renewed/#", rumqttc::QoS::AtMostOnce).await;
+
+    // The files are renewed, then the broker is told.
+    std::fs::copy(certs().join("server2.pem"), &cert).unwrap();
+    std::fs::copy(certs().join("server2.key"), &key).unwrap();
+    assert_eq!(
+        presented_certificate(tls_addr).await,
+        der_of("server.pem"),
+        "nothing changes before the reload"
+    );
+    server.reload_tls().expect("the renewed files load");
+    assert_eq!(presented_certificate(tls_addr).await, der_of("server2.pem"));
+
+    // A broken renewal is refused and the certificate in use stays.
+    std::fs::write(&key, "not a key").unwrap();
+    assert!(server.reload_tls().is_err());
+    assert_eq!(presented_certificate(tls_addr).await, der_of("server2.pem"));
+
+    // The connection from before the renewal still works.
+    let mut publisher =
+        RawClient::connected(addr(&server), "renewal-pub", ProtocolVersion::V311).await;
+    publisher
+        .publish("renewed/x", b"still here", QoS::AtMostOnce, 0)
+        .await;
+    assert_eq!(&next_publish(&mut sub_rx).await.payload[..], b"still here");
+    server.shutdown().await;
+}

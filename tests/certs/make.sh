@@ -2,7 +2,9 @@
 # Makes the test certificates (a CA and a server certificate for 127.0.0.1,
 # ::1 and localhost, valid for 100 years). They are for the TLS tests only:
 # the private keys are public, in this repository.
-#   tests/certs/make.sh   (writes here: ca.pem; server.pem and server.key;
+#   tests/certs/make.sh   (writes here: ca.pem; server.pem and server.key,
+#   and server2.pem and server2.key, a second one for the same names (the
+#   reload tests);
 #   client.pem and client.key, a client certificate the CA signed;
 #   rogue.pem and rogue.key, a self-signed client certificate; other.key, a
 #   key that belongs to no certificate)
@@ -25,6 +27,11 @@ openssl x509 -req -in "$tmp/server.csr" -CA ca.pem -CAkey "$tmp/ca.key" -CAcreat
     -out server.pem -days 36500 -extfile "$tmp/ext.cnf"
 # PKCS#8, the form every TLS library reads.
 openssl pkcs8 -topk8 -nocrypt -in "$tmp/server.key" -out server.key
+openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+    -keyout "$tmp/server2.key" -out "$tmp/server2.csr" -subj "/CN=localhost"
+openssl x509 -req -in "$tmp/server2.csr" -CA ca.pem -CAkey "$tmp/ca.key" -CAcreateserial \
+    -CAserial "$tmp/ca.srl" -out server2.pem -days 36500 -extfile "$tmp/ext.cnf"
+openssl pkcs8 -topk8 -nocrypt -in "$tmp/server2.key" -out server2.key
 openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:prime256v1 -out other.key
 # A client certificate from the CA, and one from nobody.
 openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \

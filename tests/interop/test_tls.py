@@ -3,6 +3,9 @@ Debian's mosquitto_pub / mosquitto_sub (OpenSSL), verifying the broker's
 certificate against the test CA in tests/certs."""
 
 import re
+import shutil
+import signal
+import socket
 import ssl
 import subprocess
 import time
@@ -151,3 +154,38 @@ def test_client_certificates_with_paho_and_mosquitto(mtls_broker, paho, mosq):
         r = mosq.pub("mtls/t", "x", qos=1, broker_=mtls_broker.tls, extra=extra, check=False)
         assert r.returncode != 0, (extra, r.stdout, r.stderr)
     sub.assert_no_message()
+
+
+def _presented(listener):
+    """The certificate (DER) an OpenSSL client is shown, verified against the test CA."""
+    ctx = ssl.create_default_context(cafile=CA)
+    with socket.create_connection((listener.host, listener.port), timeout=WAIT) as s:
+        with ctx.wrap_socket(s, server_hostname="localhost") as t:
+            return t.getpeercert(binary_form=True)
+
+
+def test_sighup_reloads_the_certificate(broker_factory, tmp_path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    shutil.copy(CERTS / "server.pem", cert)
+    shutil.copy(CERTS / "server.key", key)
+    b = broker_factory(
+        "[listeners]\n"
+        'tls = ["127.0.0.1:0"]\n'
+        f'tls_cert = "{cert}"\n'
+        f'tls_key = "{key}"\n'
+    )
+    tls = _listener(b, TLS_RE)
+    der = lambda name: ssl.PEM_cert_to_DER_cert((CERTS / name).read_text())  # noqa: E731
+    assert _presented(tls) == der("server.pem")
+    # Renewed files, then SIGHUP: new connections get the new certificate.
+    shutil.copy(CERTS / "server2.pem", cert)
+    shutil.copy(CERTS / "server2.key", key)
+    b.proc.send_signal(signal.SIGHUP)
+    assert _eventually_logged(b, "TLS certificate reloaded"), b.log()
+    assert _presented(tls) == der("server2.pem")
+    # A broken renewal: logged, and the certificate in use stays.
+    key.write_text("not a key")
+    b.proc.send_signal(signal.SIGHUP)
+    assert _eventually_logged(b, "TLS certificate not reloaded"), b.log()
+    assert _presented(tls) == der("server2.pem")
+    assert b.proc.poll() is None, "the broker keeps running"
