@@ -700,3 +700,48 @@ async fn proxy_protocol_header_when_configured() {
         .is_err());
     server.shutdown().await;
 }
+
+/// A client frame: FIN, binary, masked (as RFC 6455 requires of clients).
+fn masked_binary_frame(payload: &[u8]) -> Vec<u8> {
+    assert!(payload.len() < 126);
+    let mask = [0x12, 0x34, 0x56, 0x78];
+    let mut frame = vec![0x82, 0x80 | payload.len() as u8];
+    frame.extend_from_slice(&mask);
+    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    frame
+}
+
+#[tokio::test]
+async fn frames_sent_with_the_upgrade_request_are_read_first() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = start(|_| {}).await;
+    // A client that does not wait for the 101: the upgrade, a CONNECT and a
+    // PINGREQ in one write.
+    let mut bytes = b"GET /mqtt HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n\
+        Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
+        Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Protocol: mqtt\r\n\r\n"
+        .to_vec();
+    let connect = encode(
+        &Packet::Connect(Box::new(connect_packet("eager", ProtocolVersion::V311))),
+        ProtocolVersion::V311,
+    );
+    bytes.extend(masked_binary_frame(&connect));
+    bytes.extend(masked_binary_frame(&[0xC0, 0x00]));
+    let mut stream = TcpStream::connect(ws_addr(&server)).await.unwrap();
+    stream.write_all(&bytes).await.unwrap();
+    // The 101, then CONNACK and PINGRESP, each in a binary frame.
+    let mut got = Vec::new();
+    let expected_tail = [0x82, 0x04, 0x20, 0x02, 0x00, 0x00, 0x82, 0x02, 0xD0, 0x00];
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !got.ends_with(&expected_tail) {
+        let mut chunk = [0u8; 1024];
+        let n = tokio::time::timeout_at(deadline, stream.read(&mut chunk))
+            .await
+            .expect("CONNACK and PINGRESP in time")
+            .unwrap();
+        assert!(n > 0, "closed; got {:?}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&chunk[..n]);
+    }
+    assert!(got.starts_with(b"HTTP/1.1 101 "));
+    server.shutdown().await;
+}

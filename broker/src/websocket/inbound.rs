@@ -408,8 +408,14 @@ pub(super) struct WsReader {
     decoder: FrameDecoder,
     out: Arc<Mutex<Out>>,
     /// Bytes that arrived with the upgrade request (a client may send its
-    /// first frames without waiting for the response); read first.
-    early: Box<[u8]>,
+    /// first frames without waiting for the response); read first. Rare,
+    /// hence behind one thin pointer (a `Box<[u8]>` would be 16 bytes of
+    /// every WebSocket connection's task).
+    #[expect(
+        clippy::box_collection,
+        reason = "one thin pointer in every task, the Vec only for the rare client"
+    )]
+    early: Option<Box<Vec<u8>>>,
     /// Replies are queued in `out` but not yet written.
     replies_queued: bool,
     /// More than [`MAX_CONTROL_BACKLOG`] bytes of them: read nothing until
@@ -432,7 +438,7 @@ impl WsReader {
             read,
             decoder: FrameDecoder::new(max_size),
             out,
-            early: early.into_boxed_slice(),
+            early: (!early.is_empty()).then(|| Box::new(early)),
             replies_queued: false,
             backlogged: false,
             done: false,
@@ -481,7 +487,7 @@ impl crate::transport::TransportRead for WsReader {
                 return Poll::Pending;
             }
         }
-        if !self.early.is_empty() || self.done || self.failed.is_some() {
+        if self.early.is_some() || self.done || self.failed.is_some() {
             return Poll::Ready(Ok(()));
         }
         self.read.poll_read_ready(cx)
@@ -518,18 +524,19 @@ impl AsyncRead for WsReader {
                 }
             }
             let start = buf.filled().len();
-            if this.early.is_empty() {
+            if let Some(early) = this.early.as_mut() {
+                let n = early.len().min(buf.remaining());
+                buf.put_slice(&early[..n]);
+                early.drain(..n);
+                if early.is_empty() {
+                    this.early = None;
+                }
+            } else {
                 ready!(Pin::new(&mut this.read).poll_read(cx, buf))?;
                 if buf.filled().len() == start {
                     this.done = true;
                     return Poll::Ready(Ok(()));
                 }
-            } else {
-                let n = this.early.len().min(buf.remaining());
-                buf.put_slice(&this.early[..n]);
-                // Rare (a client that does not wait for the response) and
-                // small: a copy of the rest is fine.
-                this.early = this.early[n..].into();
             }
             let decoded = this.decoder.decode(&mut buf.filled_mut()[start..]);
             buf.set_filled(start + decoded.data);
