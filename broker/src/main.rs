@@ -226,25 +226,39 @@ async fn wait_for_signal(server: &Server) {
     {
         use tokio::signal::unix::{signal, SignalKind};
         // Streams made once: a signal that arrives between two turns of the
-        // loop is kept for the next.
-        match (
-            signal(SignalKind::interrupt()),
-            signal(SignalKind::terminate()),
-            signal(SignalKind::hangup()),
-        ) {
-            (Ok(mut int), Ok(mut term), Ok(mut hup)) => loop {
-                tokio::select! {
-                    _ = int.recv() => return,
-                    _ = term.recv() => return,
-                    _ = hup.recv() => {
-                        tracing::info!("SIGHUP: reloading the TLS certificate files");
-                        // Logged by reload_tls either way.
-                        let _ = server.reload_tls();
-                    }
+        // loop is kept for the next. One that cannot be listened to (it
+        // never happens on Linux) is only left out, never the others.
+        let listen = |kind: SignalKind| match signal(kind) {
+            Ok(stream) => Some(stream),
+            Err(e) => {
+                tracing::warn!(error = %e, ?kind, "cannot listen to a signal");
+                None
+            }
+        };
+        async fn next(stream: &mut Option<tokio::signal::unix::Signal>) {
+            match stream {
+                Some(s) => {
+                    s.recv().await;
                 }
-            },
-            _ => {
-                let _ = tokio::signal::ctrl_c().await;
+                None => std::future::pending().await,
+            }
+        }
+        let mut int = listen(SignalKind::interrupt());
+        let mut term = listen(SignalKind::terminate());
+        let mut hup = listen(SignalKind::hangup());
+        if int.is_none() && term.is_none() {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+        loop {
+            tokio::select! {
+                () = next(&mut int) => return,
+                () = next(&mut term) => return,
+                () = next(&mut hup) => {
+                    tracing::info!("SIGHUP: reloading the TLS certificate files");
+                    // Logged by reload_tls either way.
+                    let _ = server.reload_tls();
+                }
             }
         }
     }

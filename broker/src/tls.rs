@@ -7,7 +7,7 @@
 //! handshake, bounded by the connect timeout, and then hands the decrypted
 //! stream to `connection::serve`, which does not know it is encrypted:
 //! everything MQTT is identical on every transport. WebSocket over TLS
-//! (`websocket::serve_wss`) runs the same [`handshake`] before its upgrade.
+//! (`websocket::serve_wss`) runs the same `handshake` before its upgrade.
 //!
 //! TLS is rustls with the `ring` provider, TLS 1.2 and 1.3, the provider's
 //! safe defaults; client certificates are required, and stand in for a
@@ -170,7 +170,7 @@ pub(crate) fn client_certified(stream: &TlsStream<TcpStream>) -> bool {
 /// decrypt a record), yet a connection must not take a read buffer from the
 /// pool each time its task wakes for another reason (its writer's queue): a
 /// fan-out to TLS subscribers would then lock the pool twice per delivery.
-/// So a read that finds nothing registers [`ReadWake`] with the socket
+/// So a read that finds nothing registers `ReadWake` with the socket
 /// instead of the task's waker: until the socket wakes it, the half is known
 /// to be idle and [`poll_readable`](TransportRead::poll_readable) says
 /// `Pending` without a read.
@@ -207,11 +207,6 @@ impl TlsRead {
         }
     }
 
-    /// Whether the client presented a certificate the handshake verified.
-    pub(crate) fn certified(&self) -> bool {
-        self.certified
-    }
-
     /// Ready unless the last read found nothing and the socket has not
     /// woken since.
     pub(crate) fn poll_idle_over(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -231,7 +226,7 @@ impl AsyncRead for TlsRead {
     ) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
         let waker = Waker::from(Arc::clone(&this.wake));
-        loop {
+        for _ in 0..2 {
             let read = Pin::new(&mut this.half).poll_read(&mut Context::from_waker(&waker), buf);
             if read.is_ready() {
                 this.idle = false;
@@ -239,11 +234,17 @@ impl AsyncRead for TlsRead {
             }
             this.idle = true;
             // The task waits on the signal from now on; a raise since the
-            // read (the socket woke in between) means: read again.
+            // read (the socket woke in between) means: read again, once.
             if std::pin::pin!(this.wake.0.wait()).poll(cx).is_pending() {
                 return Poll::Pending;
             }
         }
+        // Raised again at once (an inner read that wakes before it returns
+        // Pending, as a cooperative-scheduling budget does): come back on
+        // the next turn of the scheduler rather than spin here.
+        this.idle = false;
+        cx.waker().wake_by_ref();
+        Poll::Pending
     }
 }
 

@@ -299,6 +299,28 @@ fn certified_client(
     run_rumqttc(options)
 }
 
+/// The same over `wss://`.
+fn certified_ws_client(
+    client_id: &str,
+    server: &tern::Server,
+) -> (
+    rumqttc::AsyncClient,
+    tokio::sync::mpsc::UnboundedReceiver<rumqttc::Packet>,
+) {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let read = |name: &str| std::fs::read(certs().join(name)).unwrap();
+    let port = server.wss_addrs()[0].port();
+    let url = format!("wss://localhost:{port}/mqtt");
+    let mut options = rumqttc::MqttOptions::new(client_id, url, port);
+    options.set_keep_alive(Duration::from_secs(30));
+    options.set_transport(rumqttc::Transport::wss(
+        read("ca.pem"),
+        Some((read("client.pem"), read("client.key"))),
+        None,
+    ));
+    run_rumqttc(options)
+}
+
 /// The first thing the client's event loop reports: a CONNACK, or the end.
 async fn connack_of(
     rx: &mut tokio::sync::mpsc::UnboundedReceiver<rumqttc::Packet>,
@@ -341,6 +363,26 @@ async fn a_client_certificate_authenticates_and_is_required() {
         tern::metrics::Metrics::get(&server.broker().metrics.tls_handshakes_failed) == 2
     })
     .await;
+    // Over wss:// the certificate is required but does not replace [auth]:
+    // a browser would present it to any page that opens a WebSocket.
+    let metrics = &server.broker().metrics;
+    let accepted = tern::metrics::Metrics::get(&metrics.connections_accepted);
+    let (_ws, mut rx) = certified_ws_client("sensor-ws", &server);
+    let ack = connack_of(&mut rx).await;
+    assert!(
+        ack.as_ref()
+            .is_none_or(|a| a.code != rumqttc::ConnectReturnCode::Success),
+        "a certificate alone does not let a wss client in: {ack:?}"
+    );
+    // Refused by [auth], after a TLS handshake and an upgrade that worked.
+    assert_eq!(
+        tern::metrics::Metrics::get(&metrics.tls_handshakes_failed),
+        2
+    );
+    assert_eq!(
+        tern::metrics::Metrics::get(&metrics.connections_accepted),
+        accepted + 1
+    );
     // Plain TCP is not authenticated by anything: still no anonymous client.
     let (_plain, ack) = RawClient::connect(
         addr(&server),

@@ -220,11 +220,13 @@ impl TlsConn {
     /// Sends DISCONNECT if the socket takes it at once; never waits.
     pub fn try_disconnect(&mut self) {
         let _ = self.stream.write_all(&wire::DISCONNECT).now_or_never();
+        let _ = self.stream.flush().now_or_never();
     }
 }
 
 /// The TLS client of `conn --transport tls`: trusts the CAs in `ca_file`
-/// and nothing else (ring provider, TLS 1.2 and 1.3).
+/// and nothing else (ring provider, TLS 1.2 and 1.3). Session resumption is
+/// off: every connection pays for a full handshake, as distinct devices do.
 pub fn tls_connector(ca_file: &Path) -> Result<tokio_rustls::TlsConnector, String> {
     let mut roots = rustls::RootCertStore::empty();
     let certs = CertificateDer::pem_file_iter(ca_file)
@@ -236,11 +238,12 @@ pub fn tls_connector(ca_file: &Path) -> Result<tokio_rustls::TlsConnector, Strin
             .map_err(|e| format!("--ca-file {}: {e}", ca_file.display()))?;
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
         .with_root_certificates(roots)
         .with_no_client_auth();
+    config.resumption = rustls::client::Resumption::disabled();
     Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
 }
 

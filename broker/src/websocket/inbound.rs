@@ -492,10 +492,6 @@ impl crate::transport::TransportRead for WsReader {
         }
         self.read.poll_read_ready(cx)
     }
-
-    fn client_certificate_verified(&self) -> bool {
-        self.read.client_certified()
-    }
 }
 
 impl AsyncRead for WsReader {

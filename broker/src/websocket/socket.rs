@@ -37,11 +37,17 @@ pub(super) fn split_tcp(stream: TcpStream) -> (SocketRead, SocketWrite) {
 }
 
 /// Splits a TLS connection.
+///
+/// A client certificate never stands in for `[auth]` here: a browser sends
+/// the certificate it picked for a host whatever page opens the WebSocket,
+/// so any site the user visits could connect as them (the upgrade's
+/// `Origin` is not checked). Over `wss://` the certificate is required (the
+/// listeners share the TLS settings) but the user name and password are
+/// checked as over `ws://`.
 pub(super) fn split_tls(stream: TlsStream<TcpStream>) -> (SocketRead, SocketWrite) {
-    let certified = crate::tls::client_certified(&stream);
     let (read, write) = tokio::io::split(stream);
     (
-        SocketRead::Tls(Box::new(TlsRead::new(read, certified))),
+        SocketRead::Tls(Box::new(TlsRead::new(read, false))),
         SocketWrite::Tls(write),
     )
 }
@@ -52,14 +58,6 @@ impl SocketRead {
         match self {
             SocketRead::Tcp(read) => read.as_ref().poll_read_ready(cx),
             SocketRead::Tls(read) => read.poll_idle_over(cx),
-        }
-    }
-
-    /// Whether the client presented a certificate the handshake verified.
-    pub(super) fn client_certified(&self) -> bool {
-        match self {
-            SocketRead::Tcp(_) => false,
-            SocketRead::Tls(read) => read.certified(),
         }
     }
 }
