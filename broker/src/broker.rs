@@ -104,6 +104,8 @@ pub struct Broker {
     pub registry: SessionRegistry,
     pub metrics: Arc<Metrics>,
     pub authenticator: Authenticator,
+    /// Topic permissions; `None` without `[[auth.acl]]` rules.
+    pub acl: Option<crate::acl::Acl>,
     /// Read buffers, lent to connections while they have bytes to decode.
     pub pool: BufferPool,
     /// The durable store; `None` in memory mode.
@@ -154,6 +156,7 @@ impl Broker {
         );
         Arc::new(Broker {
             authenticator: Authenticator::from_config(&config.auth),
+            acl: crate::acl::Acl::from_rules(&config.auth.acl),
             pool: BufferPool::new(READ_BUFFER_POOL_CAPACITY),
             config,
             router: Router::new(),

@@ -230,6 +230,9 @@ pub struct AuthConfig {
     pub allow_anonymous: bool,
     /// Static user list (name and password in plain text); empty by default.
     pub users: Vec<UserEntry>,
+    /// Topic permissions (`[[auth.acl]]`, see acl.rs); empty: everything is
+    /// allowed.
+    pub acl: Vec<crate::acl::AclRule>,
 }
 
 /// One `[[auth.users]]` entry.
@@ -294,6 +297,7 @@ impl Default for AuthConfig {
         AuthConfig {
             allow_anonymous: true,
             users: Vec::new(),
+            acl: Vec::new(),
         }
     }
 }
@@ -499,6 +503,11 @@ impl Config {
                 return invalid("auth.users.name", "must not be empty");
             }
         }
+        for rule in &self.auth.acl {
+            if let Some(problem) = rule.problem() {
+                return invalid("auth.acl.topic", &problem);
+            }
+        }
         Ok(())
     }
 
@@ -570,6 +579,18 @@ mod tests {
             Config::from_toml("[listeners]\ntls = [\"127.0.0.1:8883\"]\ntls_cert = \"c.pem\"\n")
                 .unwrap_err();
         assert!(e.to_string().contains("listeners.tls_key"), "{e}");
+        let c = Config::from_toml(
+            "[[auth.acl]]\nuser = \"ops\"\ntopic = \"devices/#\"\naccess = \"subscribe\"\n\
+             [[auth.acl]]\ntopic = \"devices/%c/#\"\naccess = \"publish\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.auth.acl.len(), 2);
+        assert_eq!(c.auth.acl[0].access, crate::acl::Access::Subscribe);
+        let e =
+            Config::from_toml("[[auth.acl]]\ntopic = \"a/#/b\"\naccess = \"all\"\n").unwrap_err();
+        assert!(e.to_string().contains("auth.acl.topic"), "{e}");
+        let e = Config::from_toml("[[auth.acl]]\ntopic = \"a\"\naccess = \"read\"\n").unwrap_err();
+        assert!(e.to_string().contains("access"), "{e}");
         // Counts and liveness only: any address.
         let c = Config::from_toml("[admin]\nmetrics_bind = \"0.0.0.0:9100\"\n").unwrap();
         assert_eq!(c.admin.metrics_bind, Some("0.0.0.0:9100".parse().unwrap()));

@@ -38,6 +38,7 @@ use tern_router::{
 use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 
+use crate::acl::ClientAcl;
 use crate::auth::{AuthExchange, AuthStep};
 use crate::broker::{Broker, SessionRef, StagedFanout};
 use crate::handshake::{
@@ -452,6 +453,9 @@ struct Connection {
     /// QoS 0 messages of the current read, delivered subscriber by
     /// subscriber at the end of the read (see `Broker::publish_from_client`).
     staged: StagedFanout,
+    /// What this client may publish and subscribe to, when the broker has
+    /// `[[auth.acl]]` rules (compiled at CONNECT, see acl.rs).
+    acl: Option<Box<ClientAcl>>,
 }
 
 impl Connection {
@@ -557,6 +561,13 @@ impl Connection {
             full_queue: None,
             recent_route: None,
             staged: StagedFanout::default(),
+            acl: broker.acl.as_ref().map(|acl| {
+                let user = connect
+                    .username
+                    .as_deref()
+                    .and_then(|u| std::str::from_utf8(u).ok());
+                Box::new(acl.for_client(user, &client_id))
+            }),
         };
         let connack = ConnAck {
             session_present,
@@ -949,11 +960,23 @@ impl Connection {
             }
             return Ok(());
         }
-        // Topics starting with '$' belong to the broker ($SYS, $share ...).
-        let denied = topic_str.starts_with('$');
-        if denied {
+        // Topics starting with '$' belong to the broker ($SYS, $share ...);
+        // the others to whom the ACL (if any) gives them.
+        let why = if topic_str.starts_with('$') {
+            Some("publish to a $ topic denied")
+        } else if self
+            .acl
+            .as_deref()
+            .is_some_and(|acl| !acl.may_publish(topic_str))
+        {
+            Some("publish denied by the ACL")
+        } else {
+            None
+        };
+        let denied = why.is_some();
+        if let Some(why) = why {
             Metrics::inc(&self.broker.metrics.publishes_denied);
-            tracing::debug!(client_id = %session.client_id, topic = topic_str, "publish to a $ topic denied");
+            tracing::debug!(client_id = %session.client_id, topic = topic_str, "{why}");
         }
         let mut journal = Journal::new();
         let (qos, packet_id) = (publish.qos, publish.packet_id);
@@ -1071,10 +1094,24 @@ impl Connection {
         let mut over_quota = 0usize;
         for request in &subscribe.filters {
             let filter = request.filter_str();
-            let shared = parse_shared(filter).is_some();
-            if v5 && shared && request.no_local {
+            let shared = parse_shared(filter);
+            if v5 && shared.is_some() && request.no_local {
                 // MQTT-3.8.3-4.
                 return Err(self.protocol_error("No Local on a shared subscription"));
+            }
+            let shared = shared.is_some();
+            let acl_filter = parse_shared(filter).map_or(filter, |(_, f)| f);
+            if self.acl.as_deref().is_some_and(|acl| {
+                tern_router::validate_filter(filter).is_ok() && !acl.may_subscribe(acl_filter)
+            }) {
+                Metrics::inc(&self.broker.metrics.subscriptions_denied);
+                tracing::debug!(client_id = %session.client_id, filter, "subscription denied by the ACL");
+                codes.push(if v5 {
+                    ReasonCode::NotAuthorized
+                } else {
+                    ReasonCode::UnspecifiedError
+                });
+                continue;
             }
             if held >= limits.max_subscriptions_per_client
                 && tern_router::validate_filter(filter).is_ok()

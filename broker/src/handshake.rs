@@ -171,9 +171,21 @@ pub fn check_connect(broker: &Broker, connect: &Connect, certified: bool) -> Opt
             return Some(ReasonCode::TopicNameInvalid);
         }
         // `$` topics belong to the broker: a will may not publish there, as a
-        // PUBLISH may not.
+        // PUBLISH may not; nor where the ACL does not let the client publish.
         if topic.starts_with('$') {
             return Some(ReasonCode::NotAuthorized);
+        }
+        if let Some(acl) = &broker.acl {
+            let user = connect
+                .username
+                .as_deref()
+                .and_then(|u| std::str::from_utf8(u).ok());
+            if !acl
+                .for_client(user, connect.client_id_str())
+                .may_publish(topic)
+            {
+                return Some(ReasonCode::NotAuthorized);
+            }
         }
     }
     if connect.protocol.is_v5() && broker.config.mqtt.server_reference.is_some() {

@@ -27,6 +27,7 @@
 //! pool        bounded pool of read buffers; idle connections hold none
 //! transport   what a byte stream must offer (readiness without a buffer)
 //! auth        MQTT 5 enhanced authentication (AUTH), SCRAM-SHA-256
+//! acl         topic permissions: who may publish and subscribe where
 //! config      embedded defaults, TOML file, validation
 //! sys_topics  $SYS/broker/... figures, retained in memory, every sys_interval_secs
 //! metrics     monotonic counters (every refusal and drop is counted here)
@@ -48,6 +49,7 @@
 //! - Bad input from a client never panics and never affects other clients: it
 //!   closes that connection with the reason code the specification names.
 
+pub mod acl;
 pub mod admin;
 pub mod auth;
 pub mod broker;

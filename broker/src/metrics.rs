@@ -135,9 +135,11 @@ counters! {
     session_takeovers,
     /// Will messages published.
     wills_published,
-    /// PUBLISH packets refused: to a `$` topic, or a payload that is not the
-    /// UTF-8 its format indicator says.
+    /// PUBLISH packets refused: to a `$` topic, not allowed by the ACL, or
+    /// with a payload that is not the UTF-8 its format indicator says.
     publishes_denied,
+    /// Subscriptions refused by the ACL (`[[auth.acl]]`).
+    subscriptions_denied,
     /// Shared-subscription messages moved from a departing member to another.
     shared_redeliveries,
     /// Queued messages and sessions found expired (and purged) at start-up.

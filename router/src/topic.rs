@@ -166,9 +166,82 @@ pub fn filter_matches(filter: &str, topic: &str) -> bool {
     }
 }
 
+/// Whether the filter `outer` matches every topic the filter `inner`
+/// matches (so a permission to subscribe to `outer` covers a subscription
+/// to `inner`): `a/#` covers `a/+/c` and `a`, `a/+` covers `a/b` but not
+/// `a/#` nor `a/+/c`, and a filter whose first level is a wildcard covers
+/// no filter that starts with `$`. Both are (non-shared) filters; the
+/// result for invalid ones is unspecified, and it never panics.
+pub fn filter_covers(outer: &str, inner: &str) -> bool {
+    if inner.starts_with('$') && (outer.starts_with('+') || outer.starts_with('#')) {
+        return false;
+    }
+    let mut outer_levels = outer.split('/');
+    let mut inner_levels = inner.split('/');
+    let mut first = true;
+    loop {
+        match (outer_levels.next(), inner_levels.next()) {
+            (Some("#"), _) => return true,
+            // `inner`'s `#` matches its parent level and any more levels;
+            // below the first level that parent is a topic `+/#` does not
+            // match, at the first level there is none (a topic has a level).
+            (Some(o), Some("#")) => {
+                return first && o == "+" && outer_levels.next() == Some("#");
+            }
+            (Some("+"), Some(_)) => {}
+            (Some(o), Some(i)) => {
+                // A literal covers only the same literal, not `+`.
+                if o != i || i == "+" {
+                    return false;
+                }
+            }
+            (None, None) => return true,
+            _ => return false,
+        }
+        first = false;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `filter_covers` against its definition, over every filter of up to
+    /// three levels and every topic of up to four from a small alphabet
+    /// (`z` stands for any level no filter names).
+    #[test]
+    fn covers_is_exactly_inclusion_of_matched_topics() {
+        fn all(parts: &[&str], max: usize) -> Vec<String> {
+            let mut out: Vec<String> = parts.iter().map(|p| p.to_string()).collect();
+            let mut last = out.clone();
+            for _ in 1..max {
+                let next: Vec<String> = last
+                    .iter()
+                    .flat_map(|s| parts.iter().map(move |p| format!("{s}/{p}")))
+                    .collect();
+                out.extend(next.iter().cloned());
+                last = next;
+            }
+            out
+        }
+        let filters: Vec<String> = all(&["a", "b", "+", "#", "$s"], 3)
+            .into_iter()
+            .filter(|f| validate_filter(f).is_ok())
+            .collect();
+        let topics = all(&["a", "b", "z", "$s", ""], 4);
+        for outer in &filters {
+            for inner in &filters {
+                let included = topics
+                    .iter()
+                    .all(|t| !filter_matches(inner, t) || filter_matches(outer, t));
+                assert_eq!(
+                    filter_covers(outer, inner),
+                    included,
+                    "{outer} covers {inner}?"
+                );
+            }
+        }
+    }
 
     #[test]
     fn topic_names() {

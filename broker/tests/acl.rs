@@ -1,0 +1,179 @@
+//! Topic permissions (`[[auth.acl]]`): what a client may publish and
+//! subscribe to, checked on the wire with a raw MQTT 5 client (reason
+//! codes) and rumqttc (MQTT 3.1.1, with a user name).
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use tern::acl::{Access, AclRule};
+use tern_codec::properties::WillProperties;
+use tern_codec::{Packet, ProtocolVersion, QoS, ReasonCode, Will};
+
+fn rule(user: Option<&str>, topic: &str, access: Access) -> AclRule {
+    AclRule {
+        user: user.map(str::to_owned),
+        client_id: None,
+        topic: topic.to_owned(),
+        access,
+    }
+}
+
+/// A broker where devices publish under their own client id, `ops` reads
+/// every device, and everyone shares `public/#`.
+async fn start_with_rules() -> tern::Server {
+    start(|c| {
+        c.auth.acl = vec![
+            rule(None, "public/#", Access::All),
+            rule(None, "devices/%c/#", Access::Publish),
+            rule(Some("ops"), "devices/#", Access::Subscribe),
+        ];
+    })
+    .await
+}
+
+/// rumqttc 3.1.1 as user `ops`.
+fn ops_client(
+    server: &tern::Server,
+) -> (
+    rumqttc::AsyncClient,
+    tokio::sync::mpsc::UnboundedReceiver<rumqttc::Packet>,
+) {
+    let mut options = rumqttc::MqttOptions::new("console", "127.0.0.1", addr(server).port());
+    options.set_keep_alive(Duration::from_secs(30));
+    options.set_credentials("ops", "");
+    run_rumqttc(options)
+}
+
+async fn next_packet(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<rumqttc::Packet>,
+) -> rumqttc::Packet {
+    loop {
+        let packet = tokio::time::timeout(WAIT, rx.recv())
+            .await
+            .expect("a packet in time")
+            .expect("the client runs");
+        eprintln!("DBG {packet:?}");
+        if !matches!(packet, rumqttc::Packet::ConnAck(_)) {
+            return packet;
+        }
+    }
+}
+
+#[tokio::test]
+async fn publish_and_subscribe_are_allowed_only_where_a_rule_says() {
+    let server = start_with_rules().await;
+    let (ops, mut ops_rx) = ops_client(&server);
+    ops.subscribe("devices/#", rumqttc::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    ops.subscribe("#", rumqttc::QoS::AtLeastOnce).await.unwrap();
+    ops.subscribe("public/#", rumqttc::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let mut granted = Vec::new();
+    while granted.len() < 3 {
+        if let rumqttc::Packet::SubAck(ack) = next_packet(&mut ops_rx).await {
+            granted.push(ack.return_codes[0]);
+        }
+    }
+    assert_eq!(
+        granted,
+        [
+            rumqttc::SubscribeReasonCode::Success(rumqttc::QoS::AtLeastOnce),
+            rumqttc::SubscribeReasonCode::Failure,
+            rumqttc::SubscribeReasonCode::Success(rumqttc::QoS::AtLeastOnce),
+        ],
+        "devices/# and public/# for ops, not # (3.1.1: 0x80)"
+    );
+
+    let mut device = RawClient::connected(addr(&server), "d1", ProtocolVersion::V5).await;
+    // Its own topics: yes, and ops receives them.
+    device
+        .send(publish_packet(
+            "devices/d1/temp",
+            b"21",
+            QoS::AtLeastOnce,
+            Some(1),
+        ))
+        .await;
+    match device.recv().await {
+        Some(Packet::PubAck(ack)) => assert_eq!(ack.code, ReasonCode::Success),
+        other => panic!("{other:?}"),
+    }
+    match next_packet(&mut ops_rx).await {
+        rumqttc::Packet::Publish(p) => assert_eq!(p.topic, "devices/d1/temp"),
+        other => panic!("{other:?}"),
+    }
+    // Another device's: PUBACK 0x87, and nobody receives it.
+    device
+        .send(publish_packet(
+            "devices/d2/temp",
+            b"99",
+            QoS::AtLeastOnce,
+            Some(2),
+        ))
+        .await;
+    match device.recv().await {
+        Some(Packet::PubAck(ack)) => assert_eq!(ack.code, ReasonCode::NotAuthorized),
+        other => panic!("{other:?}"),
+    }
+    // Subscriptions: public/+ yes; devices/#, and the same as a shared
+    // subscription, no (SUBACK 0x87).
+    assert_eq!(
+        device.subscribe("public/+", QoS::AtMostOnce).await,
+        [ReasonCode::Success]
+    );
+    assert_eq!(
+        device.subscribe("devices/#", QoS::AtMostOnce).await,
+        [ReasonCode::NotAuthorized]
+    );
+    assert_eq!(
+        device
+            .subscribe("$share/g/devices/#", QoS::AtMostOnce)
+            .await,
+        [ReasonCode::NotAuthorized]
+    );
+    // A public message reaches both, and is the next thing ops receives:
+    // d2's topic never reached it.
+    device
+        .send(publish_packet("public/news", b"hi", QoS::AtMostOnce, None))
+        .await;
+    assert_eq!(&device.recv_publish().await.payload[..], b"hi");
+    loop {
+        if let rumqttc::Packet::Publish(p) = next_packet(&mut ops_rx).await {
+            assert_eq!(p.topic, "public/news", "d2's message was never delivered");
+            break;
+        }
+    }
+    let metrics = &server.broker().metrics;
+    assert_eq!(tern::metrics::Metrics::get(&metrics.publishes_denied), 1);
+    assert_eq!(
+        tern::metrics::Metrics::get(&metrics.subscriptions_denied),
+        3
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_will_where_the_client_may_not_publish_is_refused_at_connect() {
+    let server = start_with_rules().await;
+    for (topic, expected) in [
+        ("devices/d1/status", ReasonCode::Success),
+        ("devices/d2/status", ReasonCode::NotAuthorized),
+    ] {
+        let mut connect = connect_packet("d1", ProtocolVersion::V5);
+        connect.will = Some(Will {
+            topic: Bytes::copy_from_slice(topic.as_bytes()),
+            payload: Bytes::from_static(b"offline"),
+            qos: QoS::AtMostOnce,
+            retain: false,
+            properties: WillProperties::default(),
+        });
+        let (_client, ack) = RawClient::connect(addr(&server), connect).await;
+        assert_eq!(ack.code, expected, "{topic}");
+    }
+    server.shutdown().await;
+}
