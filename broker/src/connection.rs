@@ -42,8 +42,8 @@ use crate::acl::ClientAcl;
 use crate::auth::{AuthExchange, AuthStep};
 use crate::broker::{Broker, SessionRef, StagedFanout};
 use crate::handshake::{
-    auth_packet, authenticate, check_connect, count_decode_error, read_connect, write_direct,
-    Authenticated, HandshakeFailure,
+    auth_packet, authenticate, check_connect, count_decode_error, read_connect, will_allowed,
+    write_direct, Authenticated, HandshakeFailure,
 };
 use crate::message::Message;
 use crate::metrics::Metrics;
@@ -260,6 +260,10 @@ where
                 return Err((Some(connect), HandshakeFailure::Refused(code)));
             }
             match authenticate(broker, &connect, &mut *reader, &mut *writer, &mut *buf).await {
+                Ok(authenticated) if !will_allowed(broker, &connect, &authenticated) => Err((
+                    Some(connect),
+                    HandshakeFailure::Refused(ReasonCode::NotAuthorized),
+                )),
                 Ok(authenticated) => Ok((connect, authenticated)),
                 Err(failure) => Err((Some(connect), failure)),
             }
@@ -478,6 +482,10 @@ impl Connection {
         } else {
             connect.client_id_str().to_owned()
         };
+        let acl = broker
+            .acl
+            .as_ref()
+            .map(|acl| Box::new(acl.for_client(authenticated.user(&connect), &client_id)));
 
         let requested_expiry = if v5 {
             connect.properties.session_expiry_interval.unwrap_or(0)
@@ -561,13 +569,7 @@ impl Connection {
             full_queue: None,
             recent_route: None,
             staged: StagedFanout::default(),
-            acl: broker.acl.as_ref().map(|acl| {
-                let user = connect
-                    .username
-                    .as_deref()
-                    .and_then(|u| std::str::from_utf8(u).ok());
-                Box::new(acl.for_client(user, &client_id))
-            }),
+            acl,
         };
         let connack = ConnAck {
             session_present,

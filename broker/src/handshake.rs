@@ -59,6 +59,32 @@ fn looks_like_v5_connect(buf: &[u8]) -> bool {
 pub struct Authenticated {
     pub method: Option<Bytes>,
     pub data: Option<Bytes>,
+    /// The user the exchange proved, when there was one.
+    pub user: Option<String>,
+}
+
+impl Authenticated {
+    /// Who the client is for the ACL: the user enhanced authentication
+    /// proved, else the CONNECT's user name (if UTF-8).
+    pub fn user<'a>(&'a self, connect: &'a Connect) -> Option<&'a str> {
+        self.user.as_deref().or_else(|| {
+            connect
+                .username
+                .as_deref()
+                .and_then(|u| std::str::from_utf8(u).ok())
+        })
+    }
+}
+
+/// Whether the ACL (if any) lets the client publish its will; checked once
+/// the client is authenticated.
+pub fn will_allowed(broker: &Broker, connect: &Connect, authenticated: &Authenticated) -> bool {
+    let (Some(acl), Some(will)) = (&broker.acl, &connect.will) else {
+        return true;
+    };
+    let topic = std::str::from_utf8(&will.topic).unwrap_or("");
+    acl.for_client(authenticated.user(connect), connect.client_id_str())
+        .may_publish(topic)
 }
 
 /// Reads the next whole packet. Protocol-level decode failures are counted.
@@ -171,21 +197,10 @@ pub fn check_connect(broker: &Broker, connect: &Connect, certified: bool) -> Opt
             return Some(ReasonCode::TopicNameInvalid);
         }
         // `$` topics belong to the broker: a will may not publish there, as a
-        // PUBLISH may not; nor where the ACL does not let the client publish.
+        // PUBLISH may not (the ACL is checked after authentication:
+        // `will_allowed`).
         if topic.starts_with('$') {
             return Some(ReasonCode::NotAuthorized);
-        }
-        if let Some(acl) = &broker.acl {
-            let user = connect
-                .username
-                .as_deref()
-                .and_then(|u| std::str::from_utf8(u).ok());
-            if !acl
-                .for_client(user, connect.client_id_str())
-                .may_publish(topic)
-            {
-                return Some(ReasonCode::NotAuthorized);
-            }
         }
     }
     if connect.protocol.is_v5() && broker.config.mqtt.server_reference.is_some() {
@@ -250,6 +265,7 @@ where
                 return Ok(Authenticated {
                     method: Some(method),
                     data,
+                    user: Some(user.to_owned()),
                 });
             }
             AuthStep::Failure => return Err(HandshakeFailure::Refused(ReasonCode::NotAuthorized)),

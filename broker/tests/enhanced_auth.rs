@@ -172,3 +172,35 @@ async fn auth_without_a_method_in_connect_is_a_protocol_error() {
     c.expect_disconnect(ReasonCode::ProtocolError).await;
     server.shutdown().await;
 }
+
+/// The ACL knows a SCRAM client by the user it proved, not by a CONNECT
+/// user name (it sent none).
+#[tokio::test]
+async fn the_acl_sees_the_user_scram_proved() {
+    use tern::acl::{Access, AclRule};
+    let server = start(|c| {
+        c.auth.users = vec![UserEntry {
+            name: "alice".into(),
+            password: "wonderland".into(),
+        }];
+        c.auth.acl = vec![AclRule {
+            user: None,
+            client_id: None,
+            topic: "home/%u/#".into(),
+            access: Access::All,
+        }];
+    })
+    .await;
+    let (mut c, ack) = scram_connect(&server, "alice", "wonderland").await;
+    assert_eq!(ack.code, ReasonCode::Success);
+    assert_eq!(
+        c.subscribe("home/alice/#", tern_codec::QoS::AtMostOnce)
+            .await,
+        vec![ReasonCode::Success]
+    );
+    assert_eq!(
+        c.subscribe("home/bob/#", tern_codec::QoS::AtMostOnce).await,
+        vec![ReasonCode::NotAuthorized]
+    );
+    server.shutdown().await;
+}
