@@ -13,10 +13,17 @@
 //!   receives topics its filter matches.
 //!
 //! A rule applies to a client when its `user` and `client_id` (each
-//! optional) are the client's. In its filter a level that is exactly `%u`
-//! or `%c` stands for the client's user name or client id; a rule whose
-//! `%u` has no user name, or whose substitution contains `/`, `+` or `#`
-//! (which would widen it), does not apply.
+//! optional) are the client's. The user is the one the client proved: by
+//! password (`[[auth.users]]`), or by enhanced authentication; a user name
+//! no password was checked against is no user here. In its filter a level
+//! that is exactly `%u` or `%c` stands for the client's user or client id;
+//! a rule whose `%u` has no user, or whose substitution contains `/`, `+`
+//! or `#` (which would widen it) or puts a `$` first, does not apply.
+//!
+//! A session resumed by a client the rules give less keeps only the
+//! subscriptions it may still make (the others are removed at CONNECT), and
+//! a client that re-authenticates (MQTT 5 AUTH) as another user is
+//! disconnected.
 //!
 //! The rules that apply to a client are compiled once at CONNECT into a
 //! [`ClientAcl`] (substitutions done), so a check is a walk over a few short
@@ -78,7 +85,13 @@ impl AclRule {
                 "%c" => client_id,
                 other => other,
             };
-            if level != value && (value.contains(['/', '+', '#']) || value.is_empty()) {
+            // A substitution must not widen the rule (`/`, `+`, `#`), nor
+            // reach the broker's own topics (`$` at the first level).
+            if level != value
+                && (value.contains(['/', '+', '#'])
+                    || value.is_empty()
+                    || (i == 0 && value.starts_with('$')))
+            {
                 return None;
             }
             filter.push_str(value);
@@ -101,9 +114,13 @@ impl Acl {
         })
     }
 
-    /// What the client `client_id` (with `user`, if it gave one) may do.
+    /// What the client `client_id` may do; `user` is who it proved to be
+    /// (see `handshake::Authenticated::user`), `None` if it proved nothing.
     pub fn for_client(&self, user: Option<&str>, client_id: &str) -> ClientAcl {
-        let mut acl = ClientAcl::default();
+        let mut acl = ClientAcl {
+            user: user.map(Box::from),
+            ..ClientAcl::default()
+        };
         for rule in &self.rules {
             let Some(filter) = rule.filter_for(user, client_id) else {
                 continue;
@@ -125,11 +142,18 @@ impl Acl {
 /// What one client may do: the filters of the rules that apply to it.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct ClientAcl {
+    /// The user they were compiled for.
+    user: Option<Box<str>>,
     publish: Vec<Box<str>>,
     subscribe: Vec<Box<str>>,
 }
 
 impl ClientAcl {
+    /// The user these permissions were compiled for.
+    pub fn user(&self) -> Option<&str> {
+        self.user.as_deref()
+    }
+
     /// Whether the client may publish to `topic`.
     pub fn may_publish(&self, topic: &str) -> bool {
         self.publish.iter().any(|f| filter_matches(f, topic))
@@ -185,6 +209,12 @@ mod tests {
     #[test]
     fn a_substitution_cannot_widen_a_rule() {
         let acl = Acl::from_rules(&[rule(None, None, "devices/%c/#", Access::Publish)]).unwrap();
+        let own = Acl::from_rules(&[rule(None, None, "%c/#", Access::All)]).unwrap();
+        assert!(own.for_client(None, "d1").may_subscribe("d1/x"));
+        assert!(
+            !own.for_client(None, "$SYS").may_subscribe("$SYS/#"),
+            "a client id cannot reach the broker's topics"
+        );
         for sneaky in ["a/b", "+", "#", ""] {
             let client = acl.for_client(None, sneaky);
             assert!(!client.may_publish("devices/a/b/x"), "{sneaky:?}");

@@ -260,11 +260,17 @@ where
                 return Err((Some(connect), HandshakeFailure::Refused(code)));
             }
             match authenticate(broker, &connect, &mut *reader, &mut *writer, &mut *buf).await {
-                Ok(authenticated) if !will_allowed(broker, &connect, &authenticated) => Err((
-                    Some(connect),
-                    HandshakeFailure::Refused(ReasonCode::NotAuthorized),
-                )),
-                Ok(authenticated) => Ok((connect, authenticated)),
+                Ok(authenticated) => {
+                    let authenticated = authenticated.proven(broker, &connect, certified);
+                    if will_allowed(broker, &connect, &authenticated) {
+                        Ok((connect, authenticated))
+                    } else {
+                        Err((
+                            Some(connect),
+                            HandshakeFailure::Refused(ReasonCode::NotAuthorized),
+                        ))
+                    }
+                }
                 Err(failure) => Err((Some(connect), failure)),
             }
         })
@@ -462,6 +468,37 @@ struct Connection {
     acl: Option<Box<ClientAcl>>,
 }
 
+/// A resumed session keeps only the subscriptions its new client may make:
+/// the ACL may give it less than the client that made them (another user
+/// under the same client id, or rules that changed).
+fn drop_forbidden_subscriptions(broker: &Broker, session: &Arc<Session>, acl: &ClientAcl) {
+    let subscriber = SessionRef(Arc::clone(session));
+    let mut journal = Journal::new();
+    let mut dropped = 0u64;
+    for (filter, _) in broker.router.subscriptions_of(&subscriber) {
+        let checked = parse_shared(&filter).map_or(filter.as_str(), |(_, f)| f);
+        if acl.may_subscribe(checked) || !broker.router.unsubscribe(&subscriber, &filter) {
+            continue;
+        }
+        dropped += 1;
+        if session.is_durable() {
+            journal.push(Op::DeleteSubscription {
+                client_id: Arc::clone(&session.client_id),
+                filter,
+            });
+        }
+    }
+    if dropped > 0 {
+        Metrics::add(&broker.metrics.subscriptions_denied, dropped);
+        tracing::info!(
+            client_id = %session.client_id,
+            dropped,
+            "subscriptions of the resumed session that the ACL does not allow this client removed"
+        );
+        broker.commit(journal);
+    }
+}
+
 impl Connection {
     /// Opens (or resumes) the session and prepares the CONNACK.
     fn accept(
@@ -485,7 +522,7 @@ impl Connection {
         let acl = broker
             .acl
             .as_ref()
-            .map(|acl| Box::new(acl.for_client(authenticated.user(&connect), &client_id)));
+            .map(|acl| Box::new(acl.for_client(authenticated.user.as_deref(), &client_id)));
 
         let requested_expiry = if v5 {
             connect.properties.session_expiry_interval.unwrap_or(0)
@@ -518,6 +555,9 @@ impl Connection {
             });
         if let Some((old, Some(pending))) = &opened.replaced {
             broker.publish_will(&pending.will, old.id);
+        }
+        if let (true, Some(acl)) = (opened.session_present, acl.as_deref()) {
+            drop_forbidden_subscriptions(broker, &opened.session, acl);
         }
 
         if v5 && connect.properties.request_response_information == Some(1) {
@@ -1286,7 +1326,18 @@ impl Connection {
                 }
                 Ok(())
             }
-            AuthStep::Success { data, .. } => {
+            AuthStep::Success { data, user } => {
+                // The ACL was compiled for the user proved at CONNECT.
+                if self
+                    .acl
+                    .as_deref()
+                    .is_some_and(|acl| acl.user() != Some(user.as_str()))
+                {
+                    return Err(Exit::Error(
+                        ReasonCode::NotAuthorized,
+                        "re-authenticated as another user".into(),
+                    ));
+                }
                 self.send(auth_packet(
                     ReasonCode::Success,
                     &method,

@@ -59,20 +59,28 @@ fn looks_like_v5_connect(buf: &[u8]) -> bool {
 pub struct Authenticated {
     pub method: Option<Bytes>,
     pub data: Option<Bytes>,
-    /// The user the exchange proved, when there was one.
+    /// Who the client proved to be (see [`Authenticated::proven`]).
     pub user: Option<String>,
 }
 
 impl Authenticated {
-    /// Who the client is for the ACL: the user enhanced authentication
-    /// proved, else the CONNECT's user name (if UTF-8).
-    pub fn user<'a>(&'a self, connect: &'a Connect) -> Option<&'a str> {
-        self.user.as_deref().or_else(|| {
-            connect
+    /// Settles who the client is, for the ACL: the user enhanced
+    /// authentication proved, else the CONNECT's user name when a password
+    /// was checked against `[[auth.users]]` for it. A user name nothing was
+    /// checked against (no users configured, or a client certificate took
+    /// the password's place) proves nothing.
+    pub fn proven(mut self, broker: &Broker, connect: &Connect, certified: bool) -> Authenticated {
+        let password_checked = !certified
+            && connect.properties.authentication_method.is_none()
+            && !broker.config.auth.users.is_empty();
+        if self.user.is_none() && password_checked {
+            self.user = connect
                 .username
                 .as_deref()
                 .and_then(|u| std::str::from_utf8(u).ok())
-        })
+                .map(str::to_owned);
+        }
+        self
     }
 }
 
@@ -83,7 +91,7 @@ pub fn will_allowed(broker: &Broker, connect: &Connect, authenticated: &Authenti
         return true;
     };
     let topic = std::str::from_utf8(&will.topic).unwrap_or("");
-    acl.for_client(authenticated.user(connect), connect.client_id_str())
+    acl.for_client(authenticated.user.as_deref(), connect.client_id_str())
         .may_publish(topic)
 }
 

@@ -9,6 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::*;
 use tern::acl::{Access, AclRule};
+use tern::config::UserEntry;
 use tern_codec::properties::WillProperties;
 use tern_codec::{Packet, ProtocolVersion, QoS, ReasonCode, Will};
 
@@ -21,10 +22,15 @@ fn rule(user: Option<&str>, topic: &str, access: Access) -> AclRule {
     }
 }
 
-/// A broker where devices publish under their own client id, `ops` reads
-/// every device, and everyone shares `public/#`.
+/// A broker where devices publish under their own client id, the user
+/// `ops` (password `secret`) reads every device, and everyone shares
+/// `public/#`. Anonymous clients are allowed.
 async fn start_with_rules() -> tern::Server {
     start(|c| {
+        c.auth.users = vec![UserEntry {
+            name: "ops".into(),
+            password: "secret".into(),
+        }];
         c.auth.acl = vec![
             rule(None, "public/#", Access::All),
             rule(None, "devices/%c/#", Access::Publish),
@@ -34,7 +40,7 @@ async fn start_with_rules() -> tern::Server {
     .await
 }
 
-/// rumqttc 3.1.1 as user `ops`.
+/// rumqttc 3.1.1 as user `ops`, client id `console`.
 fn ops_client(
     server: &tern::Server,
 ) -> (
@@ -43,7 +49,7 @@ fn ops_client(
 ) {
     let mut options = rumqttc::MqttOptions::new("console", "127.0.0.1", addr(server).port());
     options.set_keep_alive(Duration::from_secs(30));
-    options.set_credentials("ops", "");
+    options.set_credentials("ops", "secret");
     run_rumqttc(options)
 }
 
@@ -55,7 +61,6 @@ async fn next_packet(
             .await
             .expect("a packet in time")
             .expect("the client runs");
-        eprintln!("DBG {packet:?}");
         if !matches!(packet, rumqttc::Packet::ConnAck(_)) {
             return packet;
         }
@@ -175,5 +180,75 @@ async fn a_will_where_the_client_may_not_publish_is_refused_at_connect() {
         let (_client, ack) = RawClient::connect(addr(&server), connect).await;
         assert_eq!(ack.code, expected, "{topic}");
     }
+    server.shutdown().await;
+}
+
+/// A session resumed by a client the rules give less keeps only what that
+/// client may subscribe to: the subscriptions are the session's, the
+/// permissions the client's.
+#[tokio::test]
+async fn a_resumed_session_keeps_only_the_subscriptions_its_new_client_may_make() {
+    let server = start_with_rules().await;
+    // ops subscribes to every device in a persistent session, then leaves.
+    let mut connect = persistent_connect("console", 600);
+    connect.username = Some(Bytes::from_static(b"ops"));
+    connect.password = Some(Bytes::from_static(b"secret"));
+    let (mut ops, ack) = RawClient::connect(addr(&server), connect).await;
+    assert_eq!(ack.code, ReasonCode::Success);
+    assert_eq!(
+        ops.subscribe("devices/#", QoS::AtLeastOnce).await,
+        [ReasonCode::GrantedQoS1]
+    );
+    assert_eq!(
+        ops.subscribe("public/#", QoS::AtLeastOnce).await,
+        [ReasonCode::GrantedQoS1]
+    );
+    ops.send(Packet::Disconnect(tern_codec::Disconnect::new(
+        ReasonCode::Success,
+    )))
+    .await;
+    ops.expect_closed().await;
+
+    // Someone else resumes it under the same client id, without being ops.
+    let (mut other, ack) =
+        RawClient::connect(addr(&server), persistent_connect("console", 600)).await;
+    assert_eq!(ack.code, ReasonCode::Success);
+    assert!(ack.session_present, "the session is resumed");
+    let mut device = RawClient::connected(addr(&server), "d1", ProtocolVersion::V5).await;
+    device
+        .publish("devices/d1/temp", b"21", QoS::AtLeastOnce, 1)
+        .await;
+    device
+        .publish("public/news", b"hi", QoS::AtLeastOnce, 2)
+        .await;
+    // Only public/# is left: the device reading is not delivered to it.
+    let p = other.recv_publish().await;
+    assert_eq!(p.topic, Bytes::from_static(b"public/news"));
+    other.expect_silence(Duration::from_millis(200)).await;
+    let metrics = &server.broker().metrics;
+    assert_eq!(
+        tern::metrics::Metrics::get(&metrics.subscriptions_denied),
+        1
+    );
+    server.shutdown().await;
+}
+
+/// A user name no password was checked against proves nothing: `user` and
+/// `%u` rules do not apply to it.
+#[tokio::test]
+async fn a_user_name_without_a_checked_password_gets_no_user_rules() {
+    let server = start(|c| {
+        // No [[auth.users]]: any user name is accepted, and proves nothing.
+        c.auth.acl = vec![rule(Some("ops"), "devices/#", Access::Subscribe)];
+    })
+    .await;
+    let mut connect = connect_packet("claims-ops", ProtocolVersion::V5);
+    connect.username = Some(Bytes::from_static(b"ops"));
+    let (mut c, ack) = RawClient::connect(addr(&server), connect).await;
+    assert_eq!(ack.code, ReasonCode::Success);
+    assert_eq!(
+        c.subscribe("devices/#", QoS::AtMostOnce).await,
+        [ReasonCode::NotAuthorized]
+    );
     server.shutdown().await;
 }

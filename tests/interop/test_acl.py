@@ -7,6 +7,9 @@ import pytest
 V5 = mqtt.MQTTv5
 
 RULES = (
+    "[[auth.users]]\n"
+    'name = "ops"\n'
+    'password = "secret"\n'
     "[[auth.acl]]\n"
     'topic = "public/#"\n'
     'access = "all"\n'
@@ -26,7 +29,8 @@ def acl_broker(broker_factory):
 
 
 def test_v5_publish_outside_the_rules_gets_0x87(acl_broker, paho):
-    ops = paho("console", V5, broker_=acl_broker, connect=False, username="ops", password="")
+    ops = paho("console", V5, broker_=acl_broker, connect=False, username="ops",
+               password="secret")
     ops.connect()
     ops.subscribe("devices/#", 1)
     d1 = paho("d1", V5, broker_=acl_broker)
