@@ -20,16 +20,14 @@
 //! a rule whose `%u` has no user, or whose substitution contains `/`, `+`
 //! or `#` (which would widen it) or puts a `$` first, does not apply.
 //!
-//! A session resumed by a client the rules give less keeps only the
-//! subscriptions it may still make (the others are removed at CONNECT), and
-//! a client that re-authenticates (MQTT 5 AUTH) as another user is
-//! disconnected.
+//! A session that holds a subscription its new client may not make is not
+//! resumed (its subscriptions, and what they queued, were another
+//! client's), and a client that re-authenticates (MQTT 5 AUTH) as another
+//! user is disconnected.
 //!
 //! The rules that apply to a client are compiled once at CONNECT into a
 //! [`ClientAcl`] (substitutions done), so a check is a walk over a few short
-//! filters: no lock, no allocation. Subscriptions are checked when they are
-//! made: those of a persistent session made before the rules changed stay
-//! until the client unsubscribes or the session ends.
+//! filters: no lock, no allocation.
 
 use serde::Deserialize;
 use tern_router::{filter_covers, filter_matches, validate_filter};

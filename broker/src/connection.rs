@@ -468,35 +468,20 @@ struct Connection {
     acl: Option<Box<ClientAcl>>,
 }
 
-/// A resumed session keeps only the subscriptions its new client may make:
-/// the ACL may give it less than the client that made them (another user
-/// under the same client id, or rules that changed).
-fn drop_forbidden_subscriptions(broker: &Broker, session: &Arc<Session>, acl: &ClientAcl) {
-    let subscriber = SessionRef(Arc::clone(session));
-    let mut journal = Journal::new();
-    let mut dropped = 0u64;
-    for (filter, _) in broker.router.subscriptions_of(&subscriber) {
-        let checked = parse_shared(&filter).map_or(filter.as_str(), |(_, f)| f);
-        if acl.may_subscribe(checked) || !broker.router.unsubscribe(&subscriber, &filter) {
-            continue;
-        }
-        dropped += 1;
-        if session.is_durable() {
-            journal.push(Op::DeleteSubscription {
-                client_id: Arc::clone(&session.client_id),
-                filter,
-            });
-        }
-    }
-    if dropped > 0 {
-        Metrics::add(&broker.metrics.subscriptions_denied, dropped);
-        tracing::info!(
-            client_id = %session.client_id,
-            dropped,
-            "subscriptions of the resumed session that the ACL does not allow this client removed"
-        );
-        broker.commit(journal);
-    }
+/// Whether the session of `client_id` holds a subscription `acl` would not
+/// let this client make. Such a session is not resumed: its subscriptions,
+/// and the messages they queued while it was offline, were another
+/// client's (another user under the same client id, or rules that
+/// changed), and must not reach this one.
+fn holds_forbidden_subscriptions(broker: &Broker, client_id: &str, acl: &ClientAcl) -> bool {
+    let Some(session) = broker.registry.get(client_id) else {
+        return false;
+    };
+    broker
+        .router
+        .subscriptions_of(&SessionRef(session))
+        .iter()
+        .any(|(filter, _)| !acl.may_subscribe(parse_shared(filter).map_or(filter, |(_, f)| f)))
 }
 
 impl Connection {
@@ -546,18 +531,24 @@ impl Connection {
             }
         }
 
-        let opened = broker
-            .registry
-            .open(&client_id, connect.clean_start, |old| {
-                broker
-                    .router
-                    .remove_subscriber(&SessionRef(Arc::clone(old)));
-            });
+        let clean_start = connect.clean_start || acl.as_deref().is_some_and(|acl| {
+            let forbidden = holds_forbidden_subscriptions(broker, &client_id, acl);
+            if forbidden {
+                Metrics::inc(&broker.metrics.subscriptions_denied);
+                tracing::info!(
+                    %client_id,
+                    "session not resumed: it holds subscriptions the ACL does not allow this client"
+                );
+            }
+            forbidden
+        });
+        let opened = broker.registry.open(&client_id, clean_start, |old| {
+            broker
+                .router
+                .remove_subscriber(&SessionRef(Arc::clone(old)));
+        });
         if let Some((old, Some(pending))) = &opened.replaced {
             broker.publish_will(&pending.will, old.id);
-        }
-        if let (true, Some(acl)) = (opened.session_present, acl.as_deref()) {
-            drop_forbidden_subscriptions(broker, &opened.session, acl);
         }
 
         if v5 && connect.properties.request_response_information == Some(1) {
