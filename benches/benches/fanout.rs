@@ -30,12 +30,15 @@ fn subscribed(n: usize) -> (Arc<Broker>, Vec<Arc<Session>>) {
     let broker = Broker::new(Config::default());
     let sessions = (0..n)
         .map(|i| {
-            let opened = broker.registry.open(&format!("s{i}"), true, |_| {});
+            let opened = broker
+                .registry
+                .open(&format!("s{i}"), true, |_| true, |_| {});
             let params = AttachParams {
                 connection_id: broker.registry.next_id(),
                 protocol: ProtocolVersion::V311,
                 send_quota: 16,
                 expiry_interval: 0,
+                owner: None,
             };
             let control = Arc::new(ConnectionControl::default());
             opened

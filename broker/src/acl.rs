@@ -20,10 +20,10 @@
 //! a rule whose `%u` has no user, or whose substitution contains `/`, `+`
 //! or `#` (which would widen it) or puts a `$` first, does not apply.
 //!
-//! A session that holds a subscription its new client may not make is not
-//! resumed (its subscriptions, and what they queued, were another
-//! client's), and a client that re-authenticates (MQTT 5 AUTH) as another
-//! user is disconnected.
+//! A session belongs to the user that made it (`Session::owner`, kept in
+//! its record): it is resumed only by that user, and only while it holds no
+//! subscription the rules now refuse (`connection::may_resume`). A client
+//! that re-authenticates (MQTT 5 AUTH) as another user is disconnected.
 //!
 //! The rules that apply to a client are compiled once at CONNECT into a
 //! [`ClientAcl`] (substitutions done), so a check is a walk over a few short

@@ -468,20 +468,29 @@ struct Connection {
     acl: Option<Box<ClientAcl>>,
 }
 
-/// Whether the session of `client_id` holds a subscription `acl` would not
-/// let this client make. Such a session is not resumed: its subscriptions,
-/// and the messages they queued while it was offline, were another
-/// client's (another user under the same client id, or rules that
-/// changed), and must not reach this one.
-fn holds_forbidden_subscriptions(broker: &Broker, client_id: &str, acl: &ClientAcl) -> bool {
-    let Some(session) = broker.registry.get(client_id) else {
-        return false;
+/// Whether `session` may be resumed by a client with these permissions:
+/// only by the user that owns it (a session's subscriptions, and what they
+/// queued or sent while it was offline, are its owner's), and only while it
+/// holds no subscription these rules would refuse (rules can change). Runs
+/// under the registry's lock, so the session cannot change in between.
+fn may_resume(broker: &Broker, session: &Arc<Session>, acl: &ClientAcl) -> bool {
+    let owned = session.owner().as_deref() == acl.user();
+    let allowed = || {
+        broker
+            .router
+            .subscriptions_of(&SessionRef(Arc::clone(session)))
+            .iter()
+            .all(|(filter, _)| acl.may_subscribe(parse_shared(filter).map_or(filter, |(_, f)| f)))
     };
-    broker
-        .router
-        .subscriptions_of(&SessionRef(session))
-        .iter()
-        .any(|(filter, _)| !acl.may_subscribe(parse_shared(filter).map_or(filter, |(_, f)| f)))
+    if owned && allowed() {
+        return true;
+    }
+    Metrics::inc(&broker.metrics.sessions_not_resumed);
+    tracing::info!(
+        client_id = %session.client_id,
+        "session not resumed: another user's, or it holds subscriptions the ACL refuses this client"
+    );
+    false
 }
 
 impl Connection {
@@ -531,22 +540,17 @@ impl Connection {
             }
         }
 
-        let clean_start = connect.clean_start || acl.as_deref().is_some_and(|acl| {
-            let forbidden = holds_forbidden_subscriptions(broker, &client_id, acl);
-            if forbidden {
-                Metrics::inc(&broker.metrics.subscriptions_denied);
-                tracing::info!(
-                    %client_id,
-                    "session not resumed: it holds subscriptions the ACL does not allow this client"
-                );
-            }
-            forbidden
-        });
-        let opened = broker.registry.open(&client_id, clean_start, |old| {
-            broker
-                .router
-                .remove_subscriber(&SessionRef(Arc::clone(old)));
-        });
+        let resumable = |existing: &Arc<Session>| {
+            acl.as_deref()
+                .is_none_or(|acl| may_resume(broker, existing, acl))
+        };
+        let opened = broker
+            .registry
+            .open(&client_id, connect.clean_start, resumable, |old| {
+                broker
+                    .router
+                    .remove_subscriber(&SessionRef(Arc::clone(old)));
+            });
         if let Some((old, Some(pending))) = &opened.replaced {
             broker.publish_will(&pending.will, old.id);
         }
@@ -621,6 +625,7 @@ impl Connection {
                 protocol: self.protocol,
                 send_quota: self.send_quota,
                 expiry_interval: self.expiry_interval,
+                owner: self.acl.as_deref().and_then(ClientAcl::user).map(Arc::from),
             },
             Arc::clone(&control),
             self.will.as_deref(),

@@ -140,6 +140,9 @@ counters! {
     publishes_denied,
     /// Subscriptions refused by the ACL (`[[auth.acl]]`).
     subscriptions_denied,
+    /// Sessions a client asked to resume that the ACL gave it a fresh one
+    /// instead of: another user's, or holding subscriptions it may not make.
+    sessions_not_resumed,
     /// Shared-subscription messages moved from a departing member to another.
     shared_redeliveries,
     /// Queued messages and sessions found expired (and purged) at start-up.

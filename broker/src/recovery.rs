@@ -140,6 +140,7 @@ pub fn recover(broker: &Arc<Broker>) -> Result<Recovered, StoreError> {
             record.created_at,
             offline_since,
             next_seq,
+            record.owner.clone(),
         );
         let subscriber = SessionRef(Arc::clone(&session));
         for sub in store.subscriptions(&client_id) {

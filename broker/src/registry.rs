@@ -182,13 +182,17 @@ impl SessionRegistry {
     }
 
     /// Finds or creates the session for `client_id`, closing any connection
-    /// attached to an existing one. `on_replace` runs under the registry lock
-    /// for a session that is ended (so that removing its subscriptions cannot
-    /// race with a new session subscribing under the same id).
+    /// attached to an existing one. An existing session is resumed unless
+    /// `clean_start`, or `resumable` (asked under the registry lock, only
+    /// for a session that could be resumed) says no. `on_replace` runs
+    /// under the registry lock for a session that is ended (so that removing
+    /// its subscriptions cannot race with a new session subscribing under
+    /// the same id).
     pub fn open(
         &self,
         client_id: &str,
         clean_start: bool,
+        resumable: impl FnOnce(&Arc<Session>) -> bool,
         on_replace: impl FnOnce(&Arc<Session>),
     ) -> Opened {
         let mut sessions = self.sessions.lock();
@@ -200,7 +204,11 @@ impl SessionRegistry {
             // A session with expiry 0 lasts only as long as its connection
             // (MQTT-3.1.2-6; MQTT 5 3.1.4): a takeover ends it, even when the
             // new connection asks to resume.
-            if !clean_start && !existing.is_ended() && existing.expiry_interval() != 0 {
+            if !clean_start
+                && !existing.is_ended()
+                && existing.expiry_interval() != 0
+                && resumable(existing)
+            {
                 existing.reserve();
                 return Opened {
                     session: Arc::clone(existing),

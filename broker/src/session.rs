@@ -366,7 +366,7 @@ pub struct PendingWill {
 }
 
 /// Parameters of the connection being attached.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct AttachParams {
     pub connection_id: u64,
     pub protocol: ProtocolVersion,
@@ -374,6 +374,9 @@ pub struct AttachParams {
     pub send_quota: u16,
     /// Session expiry interval in seconds (0: ends with the connection).
     pub expiry_interval: u32,
+    /// The user the client proved (see `acl.rs`), kept as the session's
+    /// owner.
+    pub owner: Option<Arc<str>>,
 }
 
 struct SessionState {
@@ -407,6 +410,9 @@ struct SessionState {
     next_seq: u64,
     /// Unix seconds the session was created (kept in its record).
     created_at: u64,
+    /// The user its last client proved (kept in its record): with topic
+    /// permissions, only that user resumes it.
+    owner: Option<Arc<str>>,
     /// Unix seconds its last connection closed (the `last_seen` of its
     /// offline record): the expiry interval counts from here.
     offline_since: u64,
@@ -499,6 +505,7 @@ impl Session {
                 durable: false,
                 next_seq: 1,
                 created_at: unix_secs(),
+                owner: None,
                 offline_since: 0,
                 backlog: None,
                 full_since: None,
@@ -550,6 +557,7 @@ impl Session {
         cancel_timers(&mut st);
         st.protocol = params.protocol;
         st.expiry_interval = params.expiry_interval;
+        st.owner = params.owner;
         st.send_quota = params.send_quota.max(1);
         st.pending_will = None;
         self.update_durability(&mut st, will, journal);
@@ -645,6 +653,7 @@ impl Session {
             created_at: st.created_at,
             last_seen: unix_secs(),
             connected,
+            owner: st.owner.clone(),
         }
     }
 
@@ -829,6 +838,11 @@ impl Session {
         self.state.lock().expiry_interval
     }
 
+    /// The user its last client proved (see `acl.rs`).
+    pub fn owner(&self) -> Option<Arc<str>> {
+        self.state.lock().owner.clone()
+    }
+
     /// Marks the session ended: nothing more is queued for it, and its
     /// pending will (if any) is handed back to be published now.
     pub fn end(&self) -> Option<PendingWill> {
@@ -912,8 +926,8 @@ impl Session {
     }
 
     /// Sets what a restart restores of an offline durable session: its
-    /// protocol level, expiry interval, creation time and the next free
-    /// queue key. Deliveries follow with [`restore_delivery`](Self::restore_delivery).
+    /// protocol level, expiry interval, creation time, the next free queue
+    /// key and its owner. Deliveries follow with [`restore_delivery`](Self::restore_delivery).
     pub fn restore(
         &self,
         protocol: ProtocolVersion,
@@ -921,11 +935,13 @@ impl Session {
         created_at: u64,
         offline_since: u64,
         next_seq: u64,
+        owner: Option<Arc<str>>,
     ) {
         let mut st = self.state.lock();
         st.protocol = protocol;
         st.expiry_interval = expiry_interval;
         st.created_at = created_at;
+        st.owner = owner;
         st.offline_since = offline_since;
         st.next_seq = next_seq.max(1);
         st.durable = self.context.persistence.is_some();

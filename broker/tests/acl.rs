@@ -220,7 +220,7 @@ async fn a_session_with_subscriptions_the_new_client_may_not_make_is_not_resumed
     drop(other);
     let metrics = &server.broker().metrics;
     assert_eq!(
-        tern::metrics::Metrics::get(&metrics.subscriptions_denied),
+        tern::metrics::Metrics::get(&metrics.sessions_not_resumed),
         1
     );
 
@@ -279,6 +279,93 @@ async fn a_user_name_without_a_checked_password_gets_no_user_rules() {
     assert_eq!(
         c.subscribe("devices/#", QoS::AtMostOnce).await,
         [ReasonCode::NotAuthorized]
+    );
+    server.shutdown().await;
+}
+
+/// A session is its owner's even with no subscription left: what it still
+/// holds (a delivery never acknowledged, sent again on resume) must not
+/// reach another user that takes its client id.
+#[tokio::test]
+async fn another_user_cannot_resume_a_session_even_after_it_unsubscribed() {
+    let server = start_with_rules().await;
+    let (mut ops, ack) = RawClient::connect(addr(&server), ops_connect()).await;
+    assert_eq!(ack.code, ReasonCode::Success);
+    assert_eq!(
+        ops.subscribe("devices/#", QoS::AtLeastOnce).await,
+        [ReasonCode::GrantedQoS1]
+    );
+    let mut device = RawClient::connected(addr(&server), "d1", ProtocolVersion::V5).await;
+    device
+        .publish("devices/d1/secret", b"s3cr3t", QoS::AtLeastOnce, 1)
+        .await;
+    // Received, never acknowledged: in flight, sent again on resume.
+    assert_eq!(&ops.recv_publish().await.payload[..], b"s3cr3t");
+    ops.send(Packet::Unsubscribe(tern_codec::Unsubscribe {
+        packet_id: 9,
+        filters: vec![Bytes::from_static(b"devices/#")],
+        properties: Default::default(),
+    }))
+    .await;
+    assert!(matches!(ops.recv().await, Some(Packet::UnsubAck(_))));
+    drop(ops);
+
+    // Anonymous, same client id, asking to resume: a fresh session.
+    let (mut other, ack) =
+        RawClient::connect(addr(&server), persistent_connect("console", 600)).await;
+    assert!(!ack.session_present);
+    other.expect_silence(Duration::from_millis(300)).await;
+    server.shutdown().await;
+}
+
+/// The owner is kept in the session's record: after a restart, only ops
+/// resumes its session.
+#[tokio::test]
+async fn the_owner_of_a_session_survives_a_restart() {
+    let store: std::sync::Arc<dyn tern_storage::Store> =
+        std::sync::Arc::new(tern_storage::MemoryStore::new());
+    let start_on = |store: std::sync::Arc<dyn tern_storage::Store>| async move {
+        let mut config = tern::Config::default();
+        config.listeners.tcp = vec!["127.0.0.1:0".parse().unwrap()];
+        config.listeners.ws = vec![];
+        config.admin.bind = None;
+        config.storage.durability = tern::config::DurabilityMode::Fsync;
+        config.auth.users = vec![UserEntry {
+            name: "ops".into(),
+            password: "secret".into(),
+        }];
+        config.auth.acl = vec![rule(Some("ops"), "devices/#", Access::Subscribe)];
+        tern::Server::start_with_store(config, store).await.unwrap()
+    };
+    let server = start_on(store.clone()).await;
+    let (mut ops, _) = RawClient::connect(addr(&server), ops_connect()).await;
+    assert_eq!(
+        ops.subscribe("devices/#", QoS::AtLeastOnce).await,
+        [ReasonCode::GrantedQoS1]
+    );
+    drop(ops);
+    server.shutdown().await;
+
+    let server = start_on(store.clone()).await;
+    let (_other, ack) = RawClient::connect(addr(&server), persistent_connect("console", 600)).await;
+    assert!(!ack.session_present, "not another user's after a restart");
+    server.shutdown().await;
+
+    // The refused resume replaced the session: ops starts afresh too, and
+    // keeps what it makes now across the next restart.
+    let server = start_on(store.clone()).await;
+    let (mut ops, _) = RawClient::connect(addr(&server), ops_connect()).await;
+    assert_eq!(
+        ops.subscribe("devices/#", QoS::AtLeastOnce).await,
+        [ReasonCode::GrantedQoS1]
+    );
+    drop(ops);
+    server.shutdown().await;
+    let server = start_on(store).await;
+    let (_ops, ack) = RawClient::connect(addr(&server), ops_connect()).await;
+    assert!(
+        ack.session_present,
+        "ops resumes its own session after a restart"
     );
     server.shutdown().await;
 }

@@ -29,6 +29,7 @@ fn session(client_id: &str, protocol_level: u8, expiry_interval: u32) -> Session
         created_at: 1_714_564_800,
         last_seen: 1_714_568_400,
         connected: false,
+        owner: None,
     }
 }
 

@@ -64,7 +64,9 @@ fn allocations_per_publish(subscribers: usize, path: Path) -> usize {
     let broker = Broker::new(Config::default());
     let mut sessions = Vec::new();
     for i in 0..subscribers {
-        let opened = broker.registry.open(&format!("s{i}"), true, |_| {});
+        let opened = broker
+            .registry
+            .open(&format!("s{i}"), true, |_| true, |_| {});
         let control = Arc::new(ConnectionControl::default());
         opened
             .session
@@ -74,6 +76,7 @@ fn allocations_per_publish(subscribers: usize, path: Path) -> usize {
                     protocol: ProtocolVersion::V311,
                     send_quota: 16,
                     expiry_interval: 0,
+                    owner: None,
                 },
                 control,
                 None,

@@ -121,6 +121,14 @@ pub(crate) fn encode_session(r: &SessionRecord) -> Vec<u8> {
         }
     }
     e.u8(u8::from(r.connected));
+    match &r.owner {
+        None => {
+            e.u8(0);
+        }
+        Some(owner) => {
+            e.u8(1).bytes(owner.as_bytes());
+        }
+    }
     e.0
 }
 
@@ -144,6 +152,20 @@ pub(crate) fn decode_session(key: &[u8], v: &[u8]) -> Result<SessionRecord, Stor
     };
     // Added in schema version 2; a version 1 record ends before it.
     let connected = if d.buf.is_empty() { false } else { d.bool()? };
+    // Added in schema version 3; older records end before it.
+    let owner = if d.buf.is_empty() || !d.bool()? {
+        None
+    } else {
+        let raw = d.bytes()?;
+        Some(
+            std::str::from_utf8(&raw)
+                .map_err(|_| StoreError::Corrupt {
+                    key: keys::describe(key),
+                    reason: "session owner is not UTF-8",
+                })?
+                .into(),
+        )
+    };
     d.finish()?;
     Ok(SessionRecord {
         client_id: keys::text_after(key, 1)?.into(),
@@ -153,6 +175,7 @@ pub(crate) fn decode_session(key: &[u8], v: &[u8]) -> Result<SessionRecord, Stor
         created_at,
         last_seen,
         connected,
+        owner,
     })
 }
 

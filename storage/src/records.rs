@@ -33,6 +33,11 @@ pub struct SessionRecord {
     /// CONNECT. Records of schema version 1 have no such flag and read as
     /// `false`.
     pub connected: bool,
+    /// The user the session's last client proved (the broker's topic
+    /// permissions resume a session only for the same user); `None` for a
+    /// client that proved none, and for records of schema version 2 or
+    /// older.
+    pub owner: Option<Arc<str>>,
 }
 
 /// A will message as stored with its session.

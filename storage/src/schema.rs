@@ -24,7 +24,10 @@ use crate::keys;
 ///   `SessionRecord::connected`). Version 1 records are valid version 2
 ///   records without it (read as not connected), so the upgrade only
 ///   bumps the version key.
-pub const SCHEMA_VERSION: u32 = 2;
+/// - 3: session records end with their owner (see `SessionRecord::owner`).
+///   Version 2 records are valid version 3 records without one (read as
+///   none): again only the version key changes.
+pub const SCHEMA_VERSION: u32 = 3;
 
 pub(crate) fn check_or_init<E: Engine>(engine: &E) -> Result<(), StoreError> {
     match engine.get(keys::SCHEMA)? {
@@ -57,13 +60,13 @@ pub(crate) fn check_or_init<E: Engine>(engine: &E) -> Result<(), StoreError> {
 /// Upgrades the store from `from` to the next version and returns it. Each
 /// step writes its changes and the new version key in one atomic write.
 fn migrate<E: Engine>(engine: &E, from: u32) -> Result<u32, StoreError> {
-    if from == 1 {
+    if from == 1 || from == 2 {
         // Nothing to rewrite (see SCHEMA_VERSION).
         let mut w = Writes::new();
-        w.insert(keys::SCHEMA.to_vec(), Some(enc::encode_u32(2)));
+        w.insert(keys::SCHEMA.to_vec(), Some(enc::encode_u32(from + 1)));
         engine.write(w)?;
         engine.sync()?;
-        return Ok(2);
+        return Ok(from + 1);
     }
     // No schema older than 1 ever existed: version 0 is not a valid store.
     Err(StoreError::Corrupt {

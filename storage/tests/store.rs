@@ -7,7 +7,8 @@ mod common;
 use bytes::Bytes;
 use common::{entry, message, retained, session, subscription};
 use tern_storage::{
-    Batch, DeliveryState, MemoryStore, Op, SledStore, Store, StoreError, SCHEMA_VERSION,
+    Batch, DeliveryState, MemoryStore, Op, SessionRecord, SledStore, Store, StoreError,
+    SCHEMA_VERSION,
 };
 
 /// Runs `f` against a fresh memory store and a fresh sled store.
@@ -333,25 +334,30 @@ fn a_second_open_of_the_same_directory_is_refused_as_locked() {
 #[test]
 fn a_version_1_store_is_upgraded_and_its_sessions_read_as_not_connected() {
     let dir = tempfile::tempdir().unwrap();
+    let ownerless = || SessionRecord {
+        owner: None,
+        ..session("old")
+    };
     {
         let s = SledStore::open(dir.path()).unwrap();
         apply(&s, |b| {
-            b.put_session(session("old"));
+            b.put_session(ownerless());
         });
     }
     {
-        // What a version 1 broker wrote: no `connected` byte at the end of
-        // the session record, and schema version 1.
+        // What a version 1 broker wrote: neither the `connected` byte nor
+        // the owner (version 3) at the end of the session record, and
+        // schema version 1.
         let db = sled::open(dir.path()).unwrap();
         let value = db.get(b"Sold").unwrap().expect("session record");
-        assert_eq!(value.last(), Some(&0), "the connected flag");
-        db.insert(b"Sold", &value[..value.len() - 1]).unwrap();
+        assert_eq!(&value[value.len() - 2..], [0, 0], "not connected, no owner");
+        db.insert(b"Sold", &value[..value.len() - 2]).unwrap();
         db.insert(b"\x00schema", &1u32.to_be_bytes()).unwrap();
         db.flush().unwrap();
     }
     {
         let s = SledStore::open(dir.path()).unwrap();
-        assert_eq!(s.session("old").unwrap(), Some(session("old")));
+        assert_eq!(s.session("old").unwrap(), Some(ownerless()));
     }
     let db = sled::open(dir.path()).unwrap();
     assert_eq!(

@@ -23,6 +23,7 @@ pub fn session(client_id: &str) -> SessionRecord {
         created_at: 1_700_000_000,
         last_seen: 1_700_000_100,
         connected: false,
+        owner: Some("ops".into()),
     }
 }
 
