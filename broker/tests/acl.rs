@@ -96,35 +96,19 @@ async fn publish_and_subscribe_are_allowed_only_where_a_rule_says() {
 
     let mut device = RawClient::connected(addr(&server), "d1", ProtocolVersion::V5).await;
     // Its own topics: yes, and ops receives them.
-    device
-        .send(publish_packet(
-            "devices/d1/temp",
-            b"21",
-            QoS::AtLeastOnce,
-            Some(1),
-        ))
-        .await;
-    match device.recv().await {
-        Some(Packet::PubAck(ack)) => assert_eq!(ack.code, ReasonCode::Success),
-        other => panic!("{other:?}"),
-    }
+    assert_eq!(
+        puback_code(&mut device, "devices/d1/temp", 1).await,
+        ReasonCode::Success
+    );
     match next_packet(&mut ops_rx).await {
         rumqttc::Packet::Publish(p) => assert_eq!(p.topic, "devices/d1/temp"),
         other => panic!("{other:?}"),
     }
     // Another device's: PUBACK 0x87, and nobody receives it.
-    device
-        .send(publish_packet(
-            "devices/d2/temp",
-            b"99",
-            QoS::AtLeastOnce,
-            Some(2),
-        ))
-        .await;
-    match device.recv().await {
-        Some(Packet::PubAck(ack)) => assert_eq!(ack.code, ReasonCode::NotAuthorized),
-        other => panic!("{other:?}"),
-    }
+    assert_eq!(
+        puback_code(&mut device, "devices/d2/temp", 2).await,
+        ReasonCode::NotAuthorized
+    );
     // Subscriptions: public/+ yes; devices/#, and the same as a shared
     // subscription, no (SUBACK 0x87).
     assert_eq!(
@@ -190,12 +174,7 @@ async fn a_will_where_the_client_may_not_publish_is_refused_at_connect() {
 async fn a_session_with_subscriptions_the_new_client_may_not_make_is_not_resumed() {
     let server = start_with_rules().await;
     // ops subscribes to every device in a persistent session, then leaves.
-    let (mut ops, ack) = RawClient::connect(addr(&server), ops_connect()).await;
-    assert_eq!(ack.code, ReasonCode::Success);
-    assert_eq!(
-        ops.subscribe("devices/#", QoS::AtLeastOnce).await,
-        [ReasonCode::GrantedQoS1]
-    );
+    let mut ops = ops_reading_devices(&server).await;
     ops.send(Packet::Disconnect(tern_codec::Disconnect::new(
         ReasonCode::Success,
     )))
@@ -226,12 +205,7 @@ async fn a_session_with_subscriptions_the_new_client_may_not_make_is_not_resumed
 
     // ops itself resumes what it may hold (the session above was replaced,
     // so it starts a new one here; its own subscription then works).
-    let (mut ops, ack) = RawClient::connect(addr(&server), ops_connect()).await;
-    assert_eq!(ack.code, ReasonCode::Success);
-    assert_eq!(
-        ops.subscribe("devices/#", QoS::AtLeastOnce).await,
-        [ReasonCode::GrantedQoS1]
-    );
+    let mut ops = ops_reading_devices(&server).await;
     device
         .publish("devices/d1/temp", b"23", QoS::AtLeastOnce, 3)
         .await;
@@ -253,6 +227,33 @@ async fn a_session_with_subscriptions_the_new_client_may_not_make_is_not_resumed
     assert_eq!((&again.payload[..], again.dup), (&b"23"[..], true));
     assert_eq!(&ops.recv_publish().await.payload[..], b"24");
     server.shutdown().await;
+}
+
+/// Publishes at QoS 1 and returns the PUBACK's reason code.
+async fn puback_code(client: &mut RawClient, topic: &str, packet_id: u16) -> ReasonCode {
+    client
+        .send(publish_packet(
+            topic,
+            b"x",
+            QoS::AtLeastOnce,
+            Some(packet_id),
+        ))
+        .await;
+    match client.recv().await {
+        Some(Packet::PubAck(ack)) => ack.code,
+        other => panic!("expected PUBACK, got {other:?}"),
+    }
+}
+
+/// ops, connected in its persistent session and subscribed to `devices/#`.
+async fn ops_reading_devices(server: &tern::Server) -> RawClient {
+    let (mut ops, ack) = RawClient::connect(addr(server), ops_connect()).await;
+    assert_eq!(ack.code, ReasonCode::Success);
+    assert_eq!(
+        ops.subscribe("devices/#", QoS::AtLeastOnce).await,
+        [ReasonCode::GrantedQoS1]
+    );
+    ops
 }
 
 /// ops's persistent CONNECT, client id `console`.
@@ -289,12 +290,7 @@ async fn a_user_name_without_a_checked_password_gets_no_user_rules() {
 #[tokio::test]
 async fn another_user_cannot_resume_a_session_even_after_it_unsubscribed() {
     let server = start_with_rules().await;
-    let (mut ops, ack) = RawClient::connect(addr(&server), ops_connect()).await;
-    assert_eq!(ack.code, ReasonCode::Success);
-    assert_eq!(
-        ops.subscribe("devices/#", QoS::AtLeastOnce).await,
-        [ReasonCode::GrantedQoS1]
-    );
+    let mut ops = ops_reading_devices(&server).await;
     let mut device = RawClient::connected(addr(&server), "d1", ProtocolVersion::V5).await;
     device
         .publish("devices/d1/secret", b"s3cr3t", QoS::AtLeastOnce, 1)
@@ -338,12 +334,7 @@ async fn the_owner_of_a_session_survives_a_restart() {
         tern::Server::start_with_store(config, store).await.unwrap()
     };
     let server = start_on(store.clone()).await;
-    let (mut ops, _) = RawClient::connect(addr(&server), ops_connect()).await;
-    assert_eq!(
-        ops.subscribe("devices/#", QoS::AtLeastOnce).await,
-        [ReasonCode::GrantedQoS1]
-    );
-    drop(ops);
+    drop(ops_reading_devices(&server).await);
     server.shutdown().await;
 
     let server = start_on(store.clone()).await;
@@ -354,12 +345,7 @@ async fn the_owner_of_a_session_survives_a_restart() {
     // The refused resume replaced the session: ops starts afresh too, and
     // keeps what it makes now across the next restart.
     let server = start_on(store.clone()).await;
-    let (mut ops, _) = RawClient::connect(addr(&server), ops_connect()).await;
-    assert_eq!(
-        ops.subscribe("devices/#", QoS::AtLeastOnce).await,
-        [ReasonCode::GrantedQoS1]
-    );
-    drop(ops);
+    drop(ops_reading_devices(&server).await);
     server.shutdown().await;
     let server = start_on(store).await;
     let (_ops, ack) = RawClient::connect(addr(&server), ops_connect()).await;
