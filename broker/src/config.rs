@@ -152,6 +152,26 @@ pub struct ListenersConfig {
     /// them, and is authenticated by it (`[auth]`'s user name and password
     /// check does not apply to it). Unset: no client certificates.
     pub tls_client_ca: Option<PathBuf>,
+    /// What a client certificate on an MQTT/TLS listener says about who
+    /// the client is, for the ACL's `user` and `%u` and for who owns its
+    /// session. Needs `tls_client_ca`. Not used on `wss://` (see
+    /// `tls_client_ca`).
+    pub tls_client_identity: CertificateIdentity,
+}
+
+/// `[listeners] tls_client_identity`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CertificateIdentity {
+    /// The certificate stands in for a password and names no user: the
+    /// client gets the ACL rules without `user` (a claimed user name proves
+    /// nothing).
+    #[default]
+    None,
+    /// The subject's common name (CN) is the client's user; the CONNECT's
+    /// user name is ignored. A certificate without one, or with a CN that is
+    /// not UTF-8, is refused (CONNACK "not authorized").
+    CommonName,
 }
 
 /// `[log]`.
@@ -256,6 +276,7 @@ impl Default for ListenersConfig {
             tls_cert: None,
             tls_key: None,
             tls_client_ca: None,
+            tls_client_identity: CertificateIdentity::None,
         }
     }
 }
@@ -492,6 +513,12 @@ impl Config {
                 "must be set when listeners.tls or listeners.wss has an address",
             );
         }
+        if ls.tls_client_identity != CertificateIdentity::None && ls.tls_client_ca.is_none() {
+            return invalid(
+                "listeners.tls_client_identity",
+                "needs listeners.tls_client_ca (no client certificates without it)",
+            );
+        }
         if self.admin.bind.is_some_and(|a| !a.ip().is_loopback()) {
             return invalid(
                 "admin.bind",
@@ -579,6 +606,19 @@ mod tests {
             Config::from_toml("[listeners]\ntls = [\"127.0.0.1:8883\"]\ntls_cert = \"c.pem\"\n")
                 .unwrap_err();
         assert!(e.to_string().contains("listeners.tls_key"), "{e}");
+        let e =
+            Config::from_toml("[listeners]\ntls_client_identity = \"common_name\"\n").unwrap_err();
+        assert!(e.to_string().contains("tls_client_ca"), "{e}");
+        let c = Config::from_toml(
+            "[listeners]\ntls_client_ca = \"ca.pem\"\ntls_client_identity = \"common_name\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.listeners.tls_client_identity,
+            CertificateIdentity::CommonName
+        );
+        let e = Config::from_toml("[listeners]\ntls_client_identity = \"subject\"\n").unwrap_err();
+        assert!(e.to_string().contains("tls_client_identity"), "{e}");
         let c = Config::from_toml(
             "[[auth.acl]]\nuser = \"ops\"\ntopic = \"devices/#\"\naccess = \"subscribe\"\n\
              [[auth.acl]]\ntopic = \"devices/%c/#\"\naccess = \"publish\"\n",

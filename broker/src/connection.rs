@@ -255,13 +255,13 @@ where
                 };
                 return Err((Some(connect), HandshakeFailure::Refused(busy)));
             }
-            let certified = reader.client_certificate_verified();
-            if let Some(code) = check_connect(broker, &connect, certified) {
+            if let Some(code) = check_connect(broker, &connect, reader.client_certificate()) {
                 return Err((Some(connect), HandshakeFailure::Refused(code)));
             }
             match authenticate(broker, &connect, &mut *reader, &mut *writer, &mut *buf).await {
                 Ok(authenticated) => {
-                    let authenticated = authenticated.proven(broker, &connect, certified);
+                    let authenticated =
+                        authenticated.proven(broker, &connect, reader.client_certificate());
                     if will_allowed(broker, &connect, &authenticated) {
                         Ok((connect, authenticated))
                     } else {

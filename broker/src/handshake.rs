@@ -15,7 +15,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::auth::AuthStep;
 use crate::broker::Broker;
+use crate::config::CertificateIdentity;
 use crate::metrics::Metrics;
+use crate::transport::ClientCertificate;
 
 /// A read buffer grows by at least this much when it is full; small enough
 /// that an idle connection holds little, large enough for typical packets.
@@ -64,13 +66,24 @@ pub struct Authenticated {
 }
 
 impl Authenticated {
-    /// Settles who the client is, for the ACL: the user enhanced
+    /// Settles who the client is, for the ACL and the session's owner: the
+    /// identity its client certificate carries
+    /// (`listeners.tls_client_identity`), else the user enhanced
     /// authentication proved, else the CONNECT's user name when a password
     /// was checked against `[[auth.users]]` for it. A user name nothing was
     /// checked against (no users configured, or a client certificate took
     /// the password's place) proves nothing.
-    pub fn proven(mut self, broker: &Broker, connect: &Connect, certified: bool) -> Authenticated {
-        let password_checked = !certified
+    pub fn proven(
+        mut self,
+        broker: &Broker,
+        connect: &Connect,
+        certificate: Option<&ClientCertificate>,
+    ) -> Authenticated {
+        if let Some(identity) = certificate.and_then(|c| c.identity.as_deref()) {
+            self.user = Some(identity.to_owned());
+            return self;
+        }
+        let password_checked = certificate.is_none()
             && connect.properties.authentication_method.is_none()
             && !broker.config.auth.users.is_empty();
         if self.user.is_none() && password_checked {
@@ -185,9 +198,14 @@ pub fn count_decode_error(metrics: &Metrics, e: &DecodeError) {
 
 /// Checks what must be refused before a session is opened: client id rules,
 /// redirection, user name and password. (Enhanced authentication is run by
-/// [`authenticate`].) `certified`: the client presented a certificate the
-/// TLS handshake verified, which stands in for a user name and password.
-pub fn check_connect(broker: &Broker, connect: &Connect, certified: bool) -> Option<ReasonCode> {
+/// [`authenticate`].) `certificate`: the one the TLS handshake verified,
+/// which stands in for a user name and password, provided it names the
+/// identity `listeners.tls_client_identity` asks for.
+pub fn check_connect(
+    broker: &Broker,
+    connect: &Connect,
+    certificate: Option<&ClientCertificate>,
+) -> Option<ReasonCode> {
     if connect.client_id.is_empty() {
         match connect.protocol {
             // 3.1 requires 1 to 23 characters; 3.1.1 requires clean session
@@ -218,7 +236,14 @@ pub fn check_connect(broker: &Broker, connect: &Connect, certified: bool) -> Opt
             ReasonCode::UseAnotherServer
         });
     }
-    if connect.properties.authentication_method.is_some() || certified {
+    if let Some(certificate) = certificate {
+        let wanted = broker.config.listeners.tls_client_identity != CertificateIdentity::None;
+        if wanted && certificate.identity.is_none() {
+            return Some(ReasonCode::NotAuthorized);
+        }
+        return None;
+    }
+    if connect.properties.authentication_method.is_some() {
         return None;
     }
     let auth = &broker.config.auth;

@@ -11,7 +11,9 @@
 //!
 //! TLS is rustls with the `ring` provider, TLS 1.2 and 1.3, the provider's
 //! safe defaults; client certificates are required, and stand in for a
-//! user name and password, when `listeners.tls_client_ca` is set. A broker
+//! user name and password, when `listeners.tls_client_ca` is set (their
+//! subject's common name is the user with `listeners.tls_client_identity`:
+//! [`client_certificate`]). A broker
 //! at `limits.max_connections` closes a new TLS connection before its
 //! handshake. Unlike TCP, a TLS connection cannot tell that bytes are
 //! waiting without reading them (rustls must decrypt a record first):
@@ -36,10 +38,11 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
 use crate::broker::Broker;
-use crate::config::ListenersConfig;
+use crate::config::{CertificateIdentity, ListenersConfig};
 use crate::connection;
 use crate::metrics::Metrics;
 use crate::signal::Signal;
+use crate::transport::ClientCertificate;
 
 /// Why the TLS listeners could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -154,14 +157,31 @@ pub fn reload(broker: &Broker) -> Result<(), TlsError> {
     }
 }
 
-/// Whether the client of a completed handshake presented a certificate (it
-/// was verified, or the handshake would have failed).
-pub(crate) fn client_certified(stream: &TlsStream<TcpStream>) -> bool {
-    stream
-        .get_ref()
-        .1
-        .peer_certificates()
-        .is_some_and(|chain| !chain.is_empty())
+/// The certificate the client of a completed handshake presented (it was
+/// verified, or the handshake would have failed), with the identity
+/// `listeners.tls_client_identity` asks for.
+pub(crate) fn client_certificate(
+    stream: &TlsStream<TcpStream>,
+    identity: CertificateIdentity,
+) -> Option<ClientCertificate> {
+    let leaf = stream.get_ref().1.peer_certificates()?.first()?;
+    let identity = match identity {
+        CertificateIdentity::None => None,
+        CertificateIdentity::CommonName => common_name(leaf),
+    };
+    Some(ClientCertificate { identity })
+}
+
+/// The subject's common name of a DER certificate: `None` unless there is
+/// exactly one, non-empty and UTF-8 (two would make the identity a guess).
+fn common_name(der: &[u8]) -> Option<Box<str>> {
+    let (_, certificate) = x509_parser::parse_x509_certificate(der).ok()?;
+    let mut names = certificate.subject().iter_common_name();
+    let name = names.next()?.as_str().ok()?;
+    if names.next().is_some() || name.is_empty() {
+        return None;
+    }
+    Some(name.into())
 }
 
 /// The read half of a TLS connection (MQTT/TLS, and under `wss://`).
@@ -179,7 +199,7 @@ pub struct TlsRead {
     wake: Arc<ReadWake>,
     /// The last read found nothing and `wake` has not been raised since.
     idle: bool,
-    certified: bool,
+    certificate: Option<ClientCertificate>,
 }
 
 /// The waker a TLS read registers with the socket: it raises a [`Signal`]
@@ -198,12 +218,15 @@ impl std::task::Wake for ReadWake {
 }
 
 impl TlsRead {
-    pub(crate) fn new(half: ReadHalf<TlsStream<TcpStream>>, certified: bool) -> TlsRead {
+    pub(crate) fn new(
+        half: ReadHalf<TlsStream<TcpStream>>,
+        certificate: Option<ClientCertificate>,
+    ) -> TlsRead {
         TlsRead {
             half,
             wake: Arc::default(),
             idle: false,
-            certified,
+            certificate,
         }
     }
 
@@ -253,8 +276,8 @@ impl crate::transport::TransportRead for TlsRead {
         self.poll_idle_over(cx)
     }
 
-    fn client_certificate_verified(&self) -> bool {
-        self.certified
+    fn client_certificate(&self) -> Option<&ClientCertificate> {
+        self.certificate.as_ref()
     }
 }
 
@@ -275,9 +298,9 @@ pub fn serve_tls(
         let Some(stream) = Box::pin(handshake(&broker, stream, peer, deadline)).await else {
             return;
         };
-        let certified = client_certified(&stream);
+        let certificate = client_certificate(&stream, broker.config.listeners.tls_client_identity);
         let (half, writer) = tokio::io::split(stream);
-        let reader = TlsRead::new(half, certified);
+        let reader = TlsRead::new(half, certificate);
         connection::serve(broker, reader, writer, &peer).await;
     }
 }
@@ -370,5 +393,18 @@ mod tests {
             panic!("a client CA file without a certificate was accepted");
         };
         assert!(matches!(e, TlsError::NoCertificate { .. }), "{e}");
+    }
+
+    #[test]
+    fn a_certificate_names_a_user_only_with_exactly_one_common_name() {
+        let name_of = |file: &str| {
+            let der = CertificateDer::from_pem_file(certs().join(file)).unwrap();
+            common_name(&der)
+        };
+        assert_eq!(name_of("client.pem").as_deref(), Some("sensor-1"));
+        assert_eq!(name_of("ca.pem").as_deref(), Some("Tern test CA"));
+        assert_eq!(name_of("nameless.pem"), None);
+        assert_eq!(name_of("twonames.pem"), None);
+        assert_eq!(common_name(b"not a certificate"), None);
     }
 }

@@ -26,11 +26,21 @@ pub trait TransportRead: AsyncRead + Unpin + Send {
         Poll::Ready(Ok(()))
     }
 
-    /// Whether the client proved who it is with a certificate the broker
-    /// verified during the TLS handshake (`listeners.tls_client_ca`).
-    fn client_certificate_verified(&self) -> bool {
-        false
+    /// The certificate the client proved itself with during the TLS
+    /// handshake (`listeners.tls_client_ca`), if it did.
+    fn client_certificate(&self) -> Option<&ClientCertificate> {
+        None
     }
+}
+
+/// A client certificate the TLS handshake verified against
+/// `listeners.tls_client_ca`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientCertificate {
+    /// The user it names, per `listeners.tls_client_identity`: `None` when
+    /// that asks for none, or when the certificate does not name exactly
+    /// one.
+    pub identity: Option<Box<str>>,
 }
 
 impl TransportRead for ReadHalf<'_> {

@@ -37,8 +37,8 @@ fn tls_client_over(
     rumqttc::AsyncClient,
     tokio::sync::mpsc::UnboundedReceiver<rumqttc::Packet>,
 ) {
-    // rumqttc builds its rustls client from the process's default provider;
-    // this test binary links two, so it names one.
+    // rumqttc builds its rustls client from the process's default provider,
+    // which it does not pick itself: the broker's, ring.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let ca = std::fs::read(certs().join("ca.pem")).unwrap();
     // The certificate is for 127.0.0.1 and localhost: the name is checked.
@@ -276,14 +276,13 @@ async fn a_tls_subscriber_takes_no_read_buffer_per_delivery() {
 
 /// rumqttc with a client certificate (or without one) on a broker that
 /// requires them and allows no anonymous clients.
-fn certified_client(
+/// rumqttc options for the TLS listener, trusting the test CA, with a
+/// client certificate and key from tests/certs if given.
+fn certified_options(
     client_id: &str,
     server: &tern::Server,
     identity: Option<(&str, &str)>,
-) -> (
-    rumqttc::AsyncClient,
-    tokio::sync::mpsc::UnboundedReceiver<rumqttc::Packet>,
-) {
+) -> rumqttc::MqttOptions {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let ca = std::fs::read(certs().join("ca.pem")).unwrap();
     let auth = identity.map(|(cert, key)| {
@@ -296,7 +295,18 @@ fn certified_client(
     let mut options = rumqttc::MqttOptions::new(client_id, "localhost", port);
     options.set_keep_alive(Duration::from_secs(30));
     options.set_transport(rumqttc::Transport::tls(ca, auth, None));
-    run_rumqttc(options)
+    options
+}
+
+fn certified_client(
+    client_id: &str,
+    server: &tern::Server,
+    identity: Option<(&str, &str)>,
+) -> (
+    rumqttc::AsyncClient,
+    tokio::sync::mpsc::UnboundedReceiver<rumqttc::Packet>,
+) {
+    run_rumqttc(certified_options(client_id, server, identity))
 }
 
 /// The same over `wss://`.
@@ -390,6 +400,105 @@ async fn a_client_certificate_authenticates_and_is_required() {
     )
     .await;
     assert_eq!(ack.code, tern_codec::ReasonCode::NotAuthorized);
+    server.shutdown().await;
+}
+
+/// The SUBACK's code for one filter.
+async fn granted(
+    client: &rumqttc::AsyncClient,
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<rumqttc::Packet>,
+    filter: &str,
+) -> rumqttc::SubscribeReasonCode {
+    client
+        .subscribe(filter, rumqttc::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    loop {
+        let packet = tokio::time::timeout(WAIT, rx.recv())
+            .await
+            .expect("a SUBACK in time")
+            .expect("the client is running");
+        if let rumqttc::Packet::SubAck(ack) = packet {
+            return ack.return_codes[0];
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_certificate_common_name_is_the_acl_user_when_configured() {
+    use tern::acl::{Access, AclRule};
+    use tern::config::CertificateIdentity;
+    let rules = || {
+        vec![AclRule {
+            user: Some("sensor-1".into()),
+            client_id: None,
+            topic: "devices/%u/#".into(),
+            access: Access::All,
+        }]
+    };
+    let server = start_tls(|c| {
+        c.listeners.tls_client_ca = Some(certs().join("ca.pem"));
+        c.listeners.tls_client_identity = CertificateIdentity::CommonName;
+        c.auth.acl = rules();
+    })
+    .await;
+    let ok = rumqttc::SubscribeReasonCode::Success(rumqttc::QoS::AtLeastOnce);
+    // client.pem names sensor-1: its topics, whatever user name the CONNECT
+    // claims.
+    let identity = Some(("client.pem", "client.key"));
+    let mut options = certified_options("c1", &server, identity);
+    options.set_credentials("sensor-2", "anything");
+    let (client, mut rx) = run_rumqttc(options);
+    assert_eq!(granted(&client, &mut rx, "devices/sensor-1/#").await, ok);
+    assert_eq!(
+        granted(&client, &mut rx, "devices/sensor-2/#").await,
+        rumqttc::SubscribeReasonCode::Failure,
+        "the claimed user name is not the identity"
+    );
+    client
+        .publish(
+            "devices/sensor-1/t",
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            "21.5",
+        )
+        .await
+        .unwrap();
+    assert_eq!(next_publish(&mut rx).await.payload, "21.5");
+    // A certificate from the CA that names no user, or two: refused.
+    for file in ["nameless", "twonames"] {
+        let (key, cert) = (format!("{file}.key"), format!("{file}.pem"));
+        let options = certified_options(file, &server, Some((&cert, &key)));
+        let (_client, mut eventloop) = rumqttc::AsyncClient::new(options, 10);
+        let refusal = tokio::time::timeout(WAIT, eventloop.poll())
+            .await
+            .expect("an outcome in time");
+        assert!(
+            matches!(
+                refusal,
+                Err(rumqttc::ConnectionError::ConnectionRefused(
+                    rumqttc::ConnectReturnCode::NotAuthorized
+                ))
+            ),
+            "{file}: {refusal:?}"
+        );
+    }
+    server.shutdown().await;
+
+    // Without tls_client_identity the certificate names no user.
+    let server = start_tls(|c| {
+        c.listeners.tls_client_ca = Some(certs().join("ca.pem"));
+        c.auth.acl = rules();
+    })
+    .await;
+    let (client, mut rx) = certified_client("c1", &server, Some(("client.pem", "client.key")));
+    assert_eq!(
+        granted(&client, &mut rx, "devices/sensor-1/#").await,
+        rumqttc::SubscribeReasonCode::Failure
+    );
+    let (_c, mut rx) = certified_client("c2", &server, Some(("nameless.pem", "nameless.key")));
+    let ack = connack_of(&mut rx).await.expect("a CONNACK");
+    assert_eq!(ack.code, rumqttc::ConnectReturnCode::Success);
     server.shutdown().await;
 }
 

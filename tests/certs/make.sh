@@ -7,7 +7,9 @@
 #   reload tests);
 #   client.pem and client.key, a client certificate the CA signed;
 #   rogue.pem and rogue.key, a self-signed client certificate; other.key, a
-#   key that belongs to no certificate)
+#   key that belongs to no certificate; nameless.pem and nameless.key, a
+#   client certificate from the CA without a common name, and twonames.pem
+#   and twonames.key, one with two)
 set -euo pipefail
 cd "$(dirname "$0")"
 tmp=$(mktemp -d)
@@ -48,3 +50,12 @@ openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
     -keyout "$tmp/rogue.key" -out rogue.pem -days 36500 -subj "/CN=rogue" \
     -addext "extendedKeyUsage=clientAuth"
 openssl pkcs8 -topk8 -nocrypt -in "$tmp/rogue.key" -out rogue.key
+# Client certificates from the CA that name no user, or two.
+for subject in "nameless:/O=Tern test" "twonames:/CN=sensor-1/CN=sensor-2"; do
+    name=${subject%%:*}
+    openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+        -keyout "$tmp/$name.key" -out "$tmp/$name.csr" -subj "${subject#*:}"
+    openssl x509 -req -in "$tmp/$name.csr" -CA ca.pem -CAkey "$tmp/ca.key" -CAcreateserial \
+        -CAserial "$tmp/ca.srl" -out "$name.pem" -days 36500 -extfile "$tmp/client.cnf"
+    openssl pkcs8 -topk8 -nocrypt -in "$tmp/$name.key" -out "$name.key"
+done

@@ -156,6 +156,45 @@ def test_client_certificates_with_paho_and_mosquitto(mtls_broker, paho, mosq):
     sub.assert_no_message()
 
 
+def test_a_certificate_common_name_is_the_acl_user(broker_factory, paho, mosq):
+    """With tls_client_identity = "common_name", client.pem (CN sensor-1) is
+    the user sensor-1 for the ACL: its own topics and no one else's; a
+    certificate from the CA that names no one is refused."""
+    b = broker_factory(
+        "[listeners]\n"
+        'tls = ["127.0.0.1:0"]\n'
+        f'tls_cert = "{CERTS / "server.pem"}"\n'
+        f'tls_key = "{CERTS / "server.key"}"\n'
+        f'tls_client_ca = "{CA}"\n'
+        'tls_client_identity = "common_name"\n'
+        "[[auth.acl]]\n"
+        'user = "sensor-1"\n'
+        'topic = "devices/%u/#"\n'
+        'access = "all"\n'
+    )
+    b.tls = _listener(b, TLS_RE)
+    cert = ["--cafile", CA, "--cert", str(CERTS / "client.pem"),
+            "--key", str(CERTS / "client.key")]
+    sub = paho("cn-sub", mqtt.MQTTv5, broker_=b.tls, connect=False)
+    sub.c.tls_set(ca_certs=CA, certfile=str(CERTS / "client.pem"),
+                  keyfile=str(CERTS / "client.key"), cert_reqs=ssl.CERT_REQUIRED)
+    sub.connect()
+    # devices/# covers more than devices/sensor-1/#: not authorized (0x87).
+    assert [rc.value for rc in sub.subscribe("devices/#", 1)] == [0x87]
+    assert [rc.value for rc in sub.subscribe("devices/sensor-1/#", 1)] == [1]
+    mosq.pub("devices/sensor-2/t", "not mine", qos=1, version="mqttv5", broker_=b.tls,
+             extra=cert, check=False)
+    mosq.pub("devices/sensor-1/t", "mine", qos=1, version="mqttv5", broker_=b.tls, extra=cert)
+    m = sub.get()
+    assert (m.topic, m.payload) == ("devices/sensor-1/t", b"mine")
+    sub.assert_no_message()
+    nameless = ["--cafile", CA, "--cert", str(CERTS / "nameless.pem"),
+                "--key", str(CERTS / "nameless.key")]
+    r = mosq.pub("devices/x", "x", qos=1, version="mqttv5", broker_=b.tls, extra=nameless,
+                 check=False)
+    assert r.returncode != 0, (r.stdout, r.stderr)
+
+
 def _presented(listener):
     """The certificate (DER) an OpenSSL client is shown, verified against the test CA."""
     ctx = ssl.create_default_context(cafile=CA)

@@ -47,7 +47,7 @@ pub(super) fn split_tcp(stream: TcpStream) -> (SocketRead, SocketWrite) {
 pub(super) fn split_tls(stream: TlsStream<TcpStream>) -> (SocketRead, SocketWrite) {
     let (read, write) = tokio::io::split(stream);
     (
-        SocketRead::Tls(Box::new(TlsRead::new(read, false))),
+        SocketRead::Tls(Box::new(TlsRead::new(read, None))),
         SocketWrite::Tls(write),
     )
 }
