@@ -152,6 +152,12 @@ pub struct ListenersConfig {
     /// them, and is authenticated by it (`[auth]`'s user name and password
     /// check does not apply to it). Unset: no client certificates.
     pub tls_client_ca: Option<PathBuf>,
+    /// Certificate revocation lists (PEM `X509 CRL` blocks) of the CAs in
+    /// `tls_client_ca`: a client certificate one of them revokes is refused
+    /// at the handshake, and so is one whose issuer has no list here. Read
+    /// with the certificates, at start and on `SIGHUP`. Needs
+    /// `tls_client_ca`. Unset: no revocation check.
+    pub tls_client_crl: Option<PathBuf>,
     /// What a client certificate on an MQTT/TLS listener says about who
     /// the client is, for the ACL's `user` and `%u` and for who owns its
     /// session. Needs `tls_client_ca`. Not used on `wss://` (see
@@ -276,6 +282,7 @@ impl Default for ListenersConfig {
             tls_cert: None,
             tls_key: None,
             tls_client_ca: None,
+            tls_client_crl: None,
             tls_client_identity: CertificateIdentity::None,
         }
     }
@@ -519,6 +526,12 @@ impl Config {
                 "needs listeners.tls_client_ca (no client certificates without it)",
             );
         }
+        if ls.tls_client_crl.is_some() && ls.tls_client_ca.is_none() {
+            return invalid(
+                "listeners.tls_client_crl",
+                "needs listeners.tls_client_ca (no client certificates without it)",
+            );
+        }
         if self.admin.bind.is_some_and(|a| !a.ip().is_loopback()) {
             return invalid(
                 "admin.bind",
@@ -609,6 +622,8 @@ mod tests {
         let e =
             Config::from_toml("[listeners]\ntls_client_identity = \"common_name\"\n").unwrap_err();
         assert!(e.to_string().contains("tls_client_ca"), "{e}");
+        let e = Config::from_toml("[listeners]\ntls_client_crl = \"crl.pem\"\n").unwrap_err();
+        assert!(e.to_string().contains("listeners.tls_client_crl"), "{e}");
         let c = Config::from_toml(
             "[listeners]\ntls_client_ca = \"ca.pem\"\ntls_client_identity = \"common_name\"\n",
         )

@@ -74,6 +74,10 @@ struct ServeArgs {
     /// must then present one, which authenticates them.
     #[arg(long)]
     tls_client_ca: Option<PathBuf>,
+    /// PEM revocation lists (CRLs) of the client CAs: a revoked client
+    /// certificate is refused (needs --tls-client-ca).
+    #[arg(long)]
+    tls_client_crl: Option<PathBuf>,
     /// Log filter: error, warn, info, debug, trace (or a tracing directive).
     #[arg(long)]
     log_level: Option<String>,
@@ -120,6 +124,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         tls_cert,
         tls_key,
         tls_client_ca,
+        tls_client_crl,
         log_level,
         data_dir,
         durability,
@@ -156,6 +161,9 @@ fn serve(args: ServeArgs) -> ExitCode {
     }
     if tls_client_ca.is_some() {
         config.listeners.tls_client_ca = tls_client_ca;
+    }
+    if tls_client_crl.is_some() {
+        config.listeners.tls_client_crl = tls_client_crl;
     }
     if let Some(level) = log_level {
         config.log.level = level;

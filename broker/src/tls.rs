@@ -30,7 +30,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, ReadBuf, ReadHalf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -57,6 +57,8 @@ pub enum TlsError {
     Key { path: PathBuf, reason: String },
     #[error("cannot use the client CA file {}: {reason}", path.display())]
     ClientCa { path: PathBuf, reason: String },
+    #[error("cannot use the client revocation list file {}: {reason}", path.display())]
+    ClientCrl { path: PathBuf, reason: String },
     #[error("the TLS certificate and key do not make a valid configuration: {0}")]
     Config(#[from] rustls::Error),
 }
@@ -77,13 +79,21 @@ fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsErr
     Ok(certs)
 }
 
-/// Reads the certificate chain and key (and, with `client_ca`, the CAs that
-/// sign client certificates, which then become required) and makes the
-/// acceptor every TLS listener shares.
+/// Which client certificates a TLS listener accepts: those chained to a CA
+/// in `ca` that no revocation list in `crl` revokes.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientCaFiles<'a> {
+    pub ca: &'a Path,
+    pub crl: Option<&'a Path>,
+}
+
+/// Reads the certificate chain and key (and, with `clients`, the CAs that
+/// sign client certificates, which then become required, and their
+/// revocation lists) and makes the acceptor every TLS listener shares.
 pub fn load_acceptor(
     cert: &Path,
     key: &Path,
-    client_ca: Option<&Path>,
+    clients: Option<ClientCaFiles<'_>>,
 ) -> Result<TlsAcceptor, TlsError> {
     let chain = read_certificates(cert)?;
     let key = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::Key {
@@ -96,28 +106,59 @@ pub fn load_acceptor(
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
         .with_safe_default_protocol_versions()?;
-    let config = match client_ca {
+    let config = match clients {
         None => builder.with_no_client_auth(),
-        Some(path) => {
-            let ca_error = |reason: String| TlsError::ClientCa {
-                path: path.to_owned(),
-                reason,
-            };
-            let mut roots = rustls::RootCertStore::empty();
-            for ca in read_certificates(path)? {
-                roots.add(ca).map_err(|e| ca_error(e.to_string()))?;
-            }
-            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-                Arc::new(roots),
-                provider,
-            )
-            .build()
-            .map_err(|e| ca_error(e.to_string()))?;
-            builder.with_client_cert_verifier(verifier)
-        }
+        Some(clients) => builder.with_client_cert_verifier(client_verifier(clients, provider)?),
     }
     .with_single_cert(chain, key)?;
     Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// The verifier of client certificates: chained to a CA of `clients.ca`,
+/// and, with `clients.crl`, not revoked. Only the client's own certificate
+/// is checked against the lists (as OpenSSL's CRL check does), and a
+/// certificate whose issuer has no list there is refused: a list that
+/// silently covered only some CAs would let a revoked certificate in.
+fn client_verifier(
+    clients: ClientCaFiles<'_>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, TlsError> {
+    let ca_error = |reason: String| TlsError::ClientCa {
+        path: clients.ca.to_owned(),
+        reason,
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in read_certificates(clients.ca)? {
+        roots.add(ca).map_err(|e| ca_error(e.to_string()))?;
+    }
+    let mut verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+    if let Some(path) = clients.crl {
+        let crl_error = |reason: String| TlsError::ClientCrl {
+            path: path.to_owned(),
+            reason,
+        };
+        let crls = CertificateRevocationListDer::pem_file_iter(path)
+            .and_then(|crls| crls.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| crl_error(e.to_string()))?;
+        if crls.is_empty() {
+            return Err(crl_error(
+                "no revocation list in it (expected PEM \"BEGIN X509 CRL\" blocks)".into(),
+            ));
+        }
+        verifier = verifier.with_crls(crls).only_check_end_entity_revocation();
+    }
+    // A list that does not parse is refused here; its signature is checked
+    // against the CAs at each handshake.
+    verifier.build().map_err(|e| match clients.crl {
+        Some(path) if matches!(e, rustls::server::VerifierBuilderError::InvalidCrl(_)) => {
+            TlsError::ClientCrl {
+                path: path.to_owned(),
+                reason: e.to_string(),
+            }
+        }
+        _ => ca_error(e.to_string()),
+    })
 }
 
 /// The acceptor for the configured TLS listeners, or `None` when there are
@@ -134,7 +175,11 @@ pub fn load_configured(listeners: &ListenersConfig) -> Result<Option<TlsAcceptor
         .tls_key
         .as_deref()
         .ok_or(TlsError::Unset("listeners.tls_key"))?;
-    load_acceptor(cert, key, listeners.tls_client_ca.as_deref()).map(Some)
+    let clients = listeners.tls_client_ca.as_deref().map(|ca| ClientCaFiles {
+        ca,
+        crl: listeners.tls_client_crl.as_deref(),
+    });
+    load_acceptor(cert, key, clients).map(Some)
 }
 
 /// Reads the certificate files again and installs them for the handshakes
@@ -353,10 +398,14 @@ mod tests {
     fn the_test_certificate_loads() {
         let dir = certs();
         load_acceptor(&dir.join("server.pem"), &dir.join("server.key"), None).unwrap();
+        let clients = ClientCaFiles {
+            ca: &dir.join("ca.pem"),
+            crl: Some(&dir.join("crl.pem")),
+        };
         load_acceptor(
             &dir.join("server.pem"),
             &dir.join("server.key"),
-            Some(&dir.join("ca.pem")),
+            Some(clients),
         )
         .unwrap();
     }
@@ -385,14 +434,30 @@ mod tests {
         let e = load_err(&dir.join("server.pem"), &dir.join("other.key"));
         assert!(matches!(e, TlsError::Config(_)), "{e}");
         // A client CA file without a certificate.
-        let Err(e) = load_acceptor(
-            &dir.join("server.pem"),
-            &dir.join("server.key"),
-            Some(&dir.join("server.key")),
-        ) else {
-            panic!("a client CA file without a certificate was accepted");
+        let clients_err = |ca: &str, crl: Option<&str>| {
+            let crl = crl.map(|crl| dir.join(crl));
+            let clients = ClientCaFiles {
+                ca: &dir.join(ca),
+                crl: crl.as_deref(),
+            };
+            match load_acceptor(
+                &dir.join("server.pem"),
+                &dir.join("server.key"),
+                Some(clients),
+            ) {
+                Ok(_) => panic!("client CA {ca} with revocation list {crl:?} was accepted"),
+                Err(e) => e,
+            }
         };
+        let e = clients_err("server.key", None);
         assert!(matches!(e, TlsError::NoCertificate { .. }), "{e}");
+        // A revocation list file without one, or missing.
+        let e = clients_err("ca.pem", Some("ca.pem"));
+        assert!(matches!(e, TlsError::ClientCrl { .. }), "{e}");
+        assert!(e.to_string().contains("ca.pem"), "{e}");
+        let e = clients_err("ca.pem", Some("missing-crl.pem"));
+        assert!(matches!(e, TlsError::ClientCrl { .. }), "{e}");
+        assert!(e.to_string().contains("missing-crl.pem"), "{e}");
     }
 
     #[test]

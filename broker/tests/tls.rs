@@ -575,3 +575,80 @@ async fn a_reload_serves_the_renewed_certificate_to_new_connections() {
     assert_eq!(&next_publish(&mut sub_rx).await.payload[..], b"still here");
     server.shutdown().await;
 }
+
+/// Whether a client with certificate `name`.pem gets a CONNACK (it is
+/// refused at the handshake otherwise).
+async fn admitted(server: &tern::Server, name: &str) -> bool {
+    let (cert, key) = (format!("{name}.pem"), format!("{name}.key"));
+    let (_client, mut rx) = certified_client(name, server, Some((&cert, &key)));
+    connack_of(&mut rx).await.is_some()
+}
+
+#[tokio::test]
+async fn a_revoked_client_certificate_is_refused_from_the_reload_that_lists_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let crl = dir.path().join("crl.pem");
+    std::fs::copy(certs().join("crl-none.pem"), &crl).unwrap();
+    let server = start_tls(|c| {
+        c.listeners.tls_client_ca = Some(certs().join("ca.pem"));
+        c.listeners.tls_client_crl = Some(crl.clone());
+    })
+    .await;
+    assert!(admitted(&server, "revoked").await, "not revoked yet");
+    // A client connected before the revocation.
+    let (sub, mut sub_rx) =
+        certified_client("sensor-9", &server, Some(("revoked.pem", "revoked.key")));
+    subscribed(&sub, &mut sub_rx, "revocation/#", rumqttc::QoS::AtMostOnce).await;
+
+    std::fs::copy(certs().join("crl.pem"), &crl).unwrap();
+    server.reload_tls().expect("the new list loads");
+    let failed = tern::metrics::Metrics::get(&server.broker().metrics.tls_handshakes_failed);
+    assert!(!admitted(&server, "revoked").await, "revoked");
+    assert!(
+        admitted(&server, "client").await,
+        "another certificate of the CA"
+    );
+    assert_eq!(
+        tern::metrics::Metrics::get(&server.broker().metrics.tls_handshakes_failed),
+        failed + 1
+    );
+
+    // A broken list is refused and the one in use stays.
+    std::fs::write(&crl, "not a list").unwrap();
+    assert!(server.reload_tls().is_err());
+    assert!(!admitted(&server, "revoked").await);
+
+    // The connection from before stays, as with a renewed certificate.
+    let mut publisher =
+        RawClient::connected(addr(&server), "revocation-pub", ProtocolVersion::V311).await;
+    publisher
+        .publish("revocation/x", b"still here", QoS::AtMostOnce, 0)
+        .await;
+    assert_eq!(&next_publish(&mut sub_rx).await.payload[..], b"still here");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_certificate_whose_issuer_has_no_revocation_list_is_refused() {
+    // Two CAs trusted, the list is only the first one's.
+    let dir = tempfile::tempdir().unwrap();
+    let cas = dir.path().join("cas.pem");
+    let mut both = std::fs::read(certs().join("ca.pem")).unwrap();
+    both.extend(std::fs::read(certs().join("ca2.pem")).unwrap());
+    std::fs::write(&cas, both).unwrap();
+    for crl in [None, Some(certs().join("crl.pem"))] {
+        let with_crl = crl.is_some();
+        let server = start_tls(|c| {
+            c.listeners.tls_client_ca = Some(cas.clone());
+            c.listeners.tls_client_crl = crl;
+        })
+        .await;
+        assert!(admitted(&server, "client").await);
+        assert_eq!(
+            admitted(&server, "ca2-client").await,
+            !with_crl,
+            "with a list: {with_crl}"
+        );
+        server.shutdown().await;
+    }
+}

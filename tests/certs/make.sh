@@ -9,7 +9,10 @@
 #   rogue.pem and rogue.key, a self-signed client certificate; other.key, a
 #   key that belongs to no certificate; nameless.pem and nameless.key, a
 #   client certificate from the CA without a common name, and twonames.pem
-#   and twonames.key, one with two)
+#   and twonames.key, one with two; revoked.pem and revoked.key, a client
+#   certificate from the CA that crl.pem, the CA's revocation list, revokes;
+#   crl-none.pem, the same list before it did; ca2.pem, a second CA, and
+#   ca2-client.pem and ca2-client.key, a client certificate from it)
 set -euo pipefail
 cd "$(dirname "$0")"
 tmp=$(mktemp -d)
@@ -51,7 +54,7 @@ openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
     -addext "extendedKeyUsage=clientAuth"
 openssl pkcs8 -topk8 -nocrypt -in "$tmp/rogue.key" -out rogue.key
 # Client certificates from the CA that name no user, or two.
-for subject in "nameless:/O=Tern test" "twonames:/CN=sensor-1/CN=sensor-2"; do
+for subject in "nameless:/O=Tern test" "twonames:/CN=sensor-1/CN=sensor-2" "revoked:/CN=sensor-9"; do
     name=${subject%%:*}
     openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
         -keyout "$tmp/$name.key" -out "$tmp/$name.csr" -subj "${subject#*:}"
@@ -59,3 +62,27 @@ for subject in "nameless:/O=Tern test" "twonames:/CN=sensor-1/CN=sensor-2"; do
         -CAserial "$tmp/ca.srl" -out "$name.pem" -days 36500 -extfile "$tmp/client.cnf"
     openssl pkcs8 -topk8 -nocrypt -in "$tmp/$name.key" -out "$name.key"
 done
+# The CA's revocation lists: revoking nothing, then revoked.pem only.
+cat >"$tmp/ca.cnf" <<CNF
+[ca]
+default_ca = test_ca
+[test_ca]
+database = $tmp/index.txt
+crlnumber = $tmp/crlnumber
+default_md = sha256
+default_crl_days = 36500
+CNF
+touch "$tmp/index.txt"
+echo 01 >"$tmp/crlnumber"
+openssl ca -config "$tmp/ca.cnf" -keyfile "$tmp/ca.key" -cert ca.pem -gencrl -out crl-none.pem
+openssl ca -config "$tmp/ca.cnf" -keyfile "$tmp/ca.key" -cert ca.pem -revoke revoked.pem
+openssl ca -config "$tmp/ca.cnf" -keyfile "$tmp/ca.key" -cert ca.pem -gencrl -out crl.pem
+# A second CA with a client certificate of its own (and no revocation list).
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+    -keyout "$tmp/ca2.key" -out ca2.pem -days 36500 -subj "/CN=Tern test CA 2" \
+    -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign"
+openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+    -keyout "$tmp/ca2-client.key" -out "$tmp/ca2-client.csr" -subj "/CN=sensor-2"
+openssl x509 -req -in "$tmp/ca2-client.csr" -CA ca2.pem -CAkey "$tmp/ca2.key" -CAcreateserial \
+    -CAserial "$tmp/ca2.srl" -out ca2-client.pem -days 36500 -extfile "$tmp/client.cnf"
+openssl pkcs8 -topk8 -nocrypt -in "$tmp/ca2-client.key" -out ca2-client.key

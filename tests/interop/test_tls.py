@@ -195,6 +195,33 @@ def test_a_certificate_common_name_is_the_acl_user(broker_factory, paho, mosq):
     assert r.returncode != 0, (r.stdout, r.stderr)
 
 
+def test_a_revoked_client_certificate_is_refused(broker_factory, mosq, paho):
+    """tls_client_crl: mosquitto_pub with the certificate crl.pem revokes
+    cannot connect; with another from the same CA it can."""
+    b = broker_factory(
+        "[listeners]\n"
+        'tls = ["127.0.0.1:0"]\n'
+        f'tls_cert = "{CERTS / "server.pem"}"\n'
+        f'tls_key = "{CERTS / "server.key"}"\n'
+        f'tls_client_ca = "{CA}"\n'
+        f'tls_client_crl = "{CERTS / "crl.pem"}"\n'
+    )
+    b.tls = _listener(b, TLS_RE)
+    sub = paho("crl-sub", broker_=b)
+    sub.subscribe("crl/#", 1)
+
+    def pub(name, check=True):
+        return mosq.pub("crl/t", name, qos=1, broker_=b.tls, check=check,
+                        extra=["--cafile", CA, "--cert", str(CERTS / f"{name}.pem"),
+                               "--key", str(CERTS / f"{name}.key")])
+    r = pub("revoked", check=False)
+    assert r.returncode != 0, (r.stdout, r.stderr)
+    pub("client")
+    m = sub.get()
+    assert (m.topic, m.payload) == ("crl/t", b"client")
+    sub.assert_no_message()
+
+
 def _presented(listener):
     """The certificate (DER) an OpenSSL client is shown, verified against the test CA."""
     ctx = ssl.create_default_context(cafile=CA)
