@@ -1,12 +1,14 @@
 //! Opening MQTT connections: TCP connect, CONNECT/CONNACK, SUBSCRIBE/SUBACK;
-//! and, for `conn --transport ws` and `tls`, the same handshake over
-//! WebSocket or over TLS (rustls, verifying the broker's certificate).
+//! the same over TLS (`--transport tls`: rustls, verifying the broker's
+//! certificate), and, for `conn --transport ws`, over WebSocket.
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -14,8 +16,10 @@ use futures_util::{FutureExt, SinkExt, StreamExt};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use tern_codec::{decode_packet, Packet, ProtocolVersion, QoS};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpSocket, TcpStream};
+use tokio_rustls::client::TlsStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::Message;
@@ -25,12 +29,108 @@ use crate::wire;
 
 /// An open, accepted MQTT connection.
 pub struct Conn {
-    pub stream: TcpStream,
+    pub stream: Stream,
     /// Bytes read after the last packet handled during setup.
     pub leftover: BytesMut,
     /// MQTT 5: the broker's Receive Maximum from CONNACK.
     pub receive_maximum: Option<u16>,
 }
+
+/// The byte stream under a connection: TCP, or TLS over TCP (boxed: rustls
+/// keeps its buffers inline, and `conn` holds thousands of these).
+pub enum Stream {
+    Tcp(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+/// The read half of a [`Stream`]: TCP's own halves need no lock.
+pub enum ReadHalf {
+    Tcp(OwnedReadHalf),
+    Tls(tokio::io::ReadHalf<TlsStream<TcpStream>>),
+}
+
+/// The write half of a [`Stream`].
+pub enum WriteHalf {
+    Tcp(OwnedWriteHalf),
+    Tls(tokio::io::WriteHalf<TlsStream<TcpStream>>),
+}
+
+impl Stream {
+    pub fn into_split(self) -> (ReadHalf, WriteHalf) {
+        match self {
+            Stream::Tcp(s) => {
+                let (r, w) = s.into_split();
+                (ReadHalf::Tcp(r), WriteHalf::Tcp(w))
+            }
+            Stream::Tls(s) => {
+                let (r, w) = tokio::io::split(*s);
+                (ReadHalf::Tls(r), WriteHalf::Tls(w))
+            }
+        }
+    }
+
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Stream::Tcp(s) => s,
+            Stream::Tls(s) => s.get_ref().0,
+        }
+    }
+}
+
+/// Delegates the `AsyncRead` of each variant.
+macro_rules! delegate_read {
+    ($type:ident) => {
+        impl AsyncRead for $type {
+            fn poll_read(
+                self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                buf: &mut ReadBuf<'_>,
+            ) -> Poll<io::Result<()>> {
+                match self.get_mut() {
+                    $type::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+                    $type::Tls(s) => Pin::new(s).poll_read(cx, buf),
+                }
+            }
+        }
+    };
+}
+
+/// Delegates the `AsyncWrite` of each variant.
+macro_rules! delegate_write {
+    ($type:ident) => {
+        impl AsyncWrite for $type {
+            fn poll_write(
+                self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                buf: &[u8],
+            ) -> Poll<io::Result<usize>> {
+                match self.get_mut() {
+                    $type::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+                    $type::Tls(s) => Pin::new(s).poll_write(cx, buf),
+                }
+            }
+
+            fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                match self.get_mut() {
+                    $type::Tcp(s) => Pin::new(s).poll_flush(cx),
+                    $type::Tls(s) => Pin::new(s).poll_flush(cx),
+                }
+            }
+
+            fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                match self.get_mut() {
+                    $type::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+                    $type::Tls(s) => Pin::new(s).poll_shutdown(cx),
+                }
+            }
+        }
+    };
+}
+
+delegate_read!(Stream);
+delegate_write!(Stream);
+delegate_read!(ReadHalf);
+delegate_write!(WriteHalf);
 
 impl Conn {
     /// Fixes the socket's send buffer at `bytes` (SO_SNDBUF, which turns
@@ -41,7 +141,7 @@ impl Conn {
         // SAFETY: a valid socket fd and a c_int option value of the right size.
         let rc = unsafe {
             libc::setsockopt(
-                self.stream.as_raw_fd(),
+                self.stream.tcp().as_raw_fd(),
                 libc::SOL_SOCKET,
                 libc::SO_SNDBUF,
                 (&size as *const libc::c_int).cast(),
@@ -52,6 +152,19 @@ impl Conn {
             Ok(())
         } else {
             Err(io::Error::last_os_error())
+        }
+    }
+
+    /// Sends DISCONNECT if the socket takes it at once; never waits.
+    pub fn try_disconnect(&mut self) {
+        match &mut self.stream {
+            Stream::Tcp(s) => {
+                let _ = s.try_write(&wire::DISCONNECT);
+            }
+            Stream::Tls(s) => {
+                let _ = s.write_all(&wire::DISCONNECT).now_or_never();
+                let _ = s.flush().now_or_never();
+            }
         }
     }
 }
@@ -198,7 +311,7 @@ async fn open_inner(
         .map_err(refused)?
     {
         Some(Packet::ConnAck(ack)) if ack.code.is_success() => Ok(Conn {
-            stream,
+            stream: Stream::Tcp(stream),
             leftover: buf,
             receive_maximum: ack.properties.receive_maximum,
         }),
@@ -211,20 +324,7 @@ async fn open_inner(
     }
 }
 
-/// An open, accepted MQTT connection over TLS.
-pub struct TlsConn {
-    stream: tokio_rustls::client::TlsStream<TcpStream>,
-}
-
-impl TlsConn {
-    /// Sends DISCONNECT if the socket takes it at once; never waits.
-    pub fn try_disconnect(&mut self) {
-        let _ = self.stream.write_all(&wire::DISCONNECT).now_or_never();
-        let _ = self.stream.flush().now_or_never();
-    }
-}
-
-/// The TLS client of `conn --transport tls`: trusts the CAs in `ca_file`
+/// The TLS client of `--transport tls`: trusts the CAs in `ca_file`
 /// and nothing else (ring provider, TLS 1.2 and 1.3). Session resumption is
 /// off: every connection pays for a full handshake, as distinct devices do.
 pub fn tls_connector(ca_file: &Path) -> Result<tokio_rustls::TlsConnector, String> {
@@ -247,34 +347,43 @@ pub fn tls_connector(ca_file: &Path) -> Result<tokio_rustls::TlsConnector, Strin
     Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
 }
 
-/// Like [`open`], over TLS: TCP connect, the TLS handshake for `name`, then
-/// CONNECT and CONNACK.
+/// The TLS client's settings: its connector and the name the broker's
+/// certificate must carry.
+#[derive(Clone)]
+pub struct TlsClient {
+    pub connector: tokio_rustls::TlsConnector,
+    pub name: ServerName<'static>,
+}
+
+/// Like [`open`], over TLS: TCP connect, the TLS handshake, then CONNECT
+/// and CONNACK.
 #[expect(
     clippy::too_many_arguments,
-    reason = "the arguments of `open` and the TLS client's two"
+    reason = "the arguments of `open` and the TLS client"
 )]
 pub async fn open_tls(
     addr: SocketAddr,
     source: Option<IpAddr>,
-    connector: tokio_rustls::TlsConnector,
-    name: ServerName<'static>,
+    tls: TlsClient,
     version: ProtocolVersion,
     client_id: &str,
     keep_alive: u16,
+    persistent: bool,
     timeout: Duration,
-) -> Result<TlsConn, OpenError> {
+) -> Result<Conn, OpenError> {
     let open = async {
         let stream = tcp_connect(addr, source)
             .await
             .map_err(|e| OpenError::Failed(e.to_string()))?;
         let _ = stream.set_nodelay(true);
         let refused = |e: io::Error| OpenError::Refused(e.to_string());
-        let mut stream = connector
-            .connect(name, stream)
+        let mut stream = tls
+            .connector
+            .connect(tls.name, stream)
             .await
             .map_err(|e| OpenError::Failed(format!("TLS handshake: {e}")))?;
         stream
-            .write_all(&wire::connect(version, client_id, keep_alive, false))
+            .write_all(&wire::connect(version, client_id, keep_alive, persistent))
             .await
             .map_err(refused)?;
         stream.flush().await.map_err(refused)?;
@@ -283,7 +392,11 @@ pub async fn open_tls(
             .await
             .map_err(refused)?
         {
-            Some(Packet::ConnAck(ack)) if ack.code.is_success() => Ok(TlsConn { stream }),
+            Some(Packet::ConnAck(ack)) if ack.code.is_success() => Ok(Conn {
+                stream: Stream::Tls(Box::new(stream)),
+                leftover: buf,
+                receive_maximum: ack.properties.receive_maximum,
+            }),
             Some(Packet::ConnAck(ack)) => {
                 Err(OpenError::Refused(format!("CONNACK {:?}", ack.code)))
             }
@@ -389,6 +502,7 @@ impl Conn {
         self.stream
             .write_all(&wire::subscribe(version, 1, filter, qos))
             .await?;
+        self.stream.flush().await?;
         let wait = async {
             loop {
                 match read_packet(&mut self.stream, &mut self.leftover, version).await? {

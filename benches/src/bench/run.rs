@@ -21,8 +21,7 @@ use std::time::Duration;
 
 use hdrhistogram::Histogram;
 use tern_codec::{ProtocolVersion, QoS};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{watch, Notify, Semaphore};
 use tokio::time::{sleep, sleep_until, timeout, Instant};
 
@@ -102,6 +101,7 @@ async fn open_all(
     count: usize,
 ) -> Result<Vec<Conn>, String> {
     let sem = Arc::new(Semaphore::new(SETUP_PARALLEL));
+    let tls = tls_client(args)?;
     let mut handles = Vec::with_capacity(count);
     let pid = std::process::id();
     let wait = Duration::from_secs_f64(args.connect_timeout);
@@ -119,11 +119,21 @@ async fn open_all(
         } else {
             0
         };
+        let tls = tls.clone();
         handles.push(tokio::spawn(async move {
             let _permit = sem.acquire().await;
-            let mut conn = client::open(addr, source, version, &id, keep_alive, persistent, wait)
-                .await
-                .map_err(|e| format!("{id}: {e}"))?;
+            let opened = match tls {
+                Some(tls) => {
+                    client::open_tls(
+                        addr, source, tls, version, &id, keep_alive, persistent, wait,
+                    )
+                    .await
+                }
+                None => {
+                    client::open(addr, source, version, &id, keep_alive, persistent, wait).await
+                }
+            };
+            let mut conn = opened.map_err(|e| format!("{id}: {e}"))?;
             if sndbuf > 0 {
                 conn.set_send_buffer(sndbuf)
                     .map_err(|e| format!("{id}: SO_SNDBUF {sndbuf}: {e}"))?;
@@ -141,6 +151,21 @@ async fn open_all(
         conns.push(h.await.map_err(|e| e.to_string())??);
     }
     Ok(conns)
+}
+
+/// The TLS client of `--transport tls`, or `None` for plain TCP.
+fn tls_client(args: &Args) -> Result<Option<client::TlsClient>, String> {
+    match (args.transport, &args.ca_file) {
+        (Transport::Tls, Some(ca)) => {
+            let name = rustls::pki_types::ServerName::try_from(args.tls_name.clone())
+                .map_err(|e| format!("--tls-name {}: {e}", args.tls_name))?;
+            Ok(Some(client::TlsClient {
+                connector: client::tls_connector(ca)?,
+                name,
+            }))
+        }
+        _ => Ok(None),
+    }
 }
 
 async fn run_throughput(
@@ -428,7 +453,7 @@ async fn subscriber(
             shared.last_rx_ns.fetch_max(now_ns, Relaxed);
         }
         if !acks.is_empty() {
-            if stream.write_all(&acks).await.is_err() {
+            if write_flushed(&mut stream, &acks).await.is_err() {
                 lost = true;
                 break;
             }
@@ -445,7 +470,7 @@ async fn subscriber(
             },
             _ = quit.changed() => break,
             _ = &mut ping => {
-                if stream.write_all(&wire::PINGREQ).await.is_err() {
+                if write_flushed(&mut stream, &wire::PINGREQ).await.is_err() {
                     lost = true;
                     break;
                 }
@@ -458,10 +483,17 @@ async fn subscriber(
     }
     let _ = timeout(
         Duration::from_millis(200),
-        stream.write_all(&wire::DISCONNECT),
+        write_flushed(&mut stream, &wire::DISCONNECT),
     )
     .await;
     hist
+}
+
+/// Writes all of `bytes` and flushes them (a no-op on TCP; TLS may hold the
+/// last record until flushed).
+async fn write_flushed<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> std::io::Result<()> {
+    w.write_all(bytes).await?;
+    w.flush().await
 }
 
 struct PubParams {
@@ -568,13 +600,16 @@ async fn publisher(
                     // Time is up in the middle of a batch: finish the packet
                     // being written so the stream stays well-formed.
                     let end = pos.div_ceil(len) * len;
-                    if end > pos {
-                        let _ = timeout(p.tail_timeout, wr.write_all(&batch[pos..end])).await;
-                    }
+                    let _ = timeout(p.tail_timeout, write_flushed(&mut wr, &batch[pos..end])).await;
                     shared.sent.fetch_add((end / len) as u64, Relaxed);
                     break 'run;
                 }
             }
+        }
+        if wr.flush().await.is_err() {
+            shared.connections_lost.fetch_add(1, Relaxed);
+            shared.sent.fetch_add(n as u64, Relaxed);
+            break;
         }
         sent += n as u64;
         shared.sent.fetch_add(n as u64, Relaxed);
@@ -597,18 +632,22 @@ async fn publisher(
         let mut quit = quit.clone();
         let _ = quit.wait_for(|q| *q).await;
     }
-    let _ = timeout(Duration::from_millis(200), wr.write_all(&wire::DISCONNECT)).await;
+    let _ = timeout(
+        Duration::from_millis(200),
+        write_flushed(&mut wr, &wire::DISCONNECT),
+    )
+    .await;
     let _ = reader.await;
 }
 
-async fn send_pubrels(wr: &mut OwnedWriteHalf, acks: &AckState) -> bool {
+async fn send_pubrels(wr: &mut client::WriteHalf, acks: &AckState) -> bool {
     let pending = std::mem::take(&mut *acks.pubrel.lock().expect("not poisoned"));
-    pending.is_empty() || wr.write_all(&pending).await.is_ok()
+    pending.is_empty() || write_flushed(wr, &pending).await.is_ok()
 }
 
 /// Counts PUBACKs / PUBCOMPs and queues PUBRELs for PUBRECs.
 async fn ack_reader(
-    mut rd: OwnedReadHalf,
+    mut rd: client::ReadHalf,
     acks: Arc<AckState>,
     shared: Arc<Shared>,
     mut quit: watch::Receiver<bool>,
@@ -667,9 +706,8 @@ async fn run_conn(
     // Boxed: tungstenite's stream is ten times the size of a TCP one, and
     // every held connection is one of these.
     enum Held {
-        Tcp(Conn),
+        Mqtt(Conn),
         Ws(Box<WsConn>),
-        Tls(Box<client::TlsConn>),
     }
     enum Answer {
         Connected(Duration, Held),
@@ -691,14 +729,7 @@ async fn run_conn(
     } else {
         1024
     }));
-    let tls = match (args.transport, &args.ca_file) {
-        (Transport::Tls, Some(ca)) => {
-            let name = rustls::pki_types::ServerName::try_from(args.tls_name.clone())
-                .map_err(|e| format!("--tls-name {}: {e}", args.tls_name))?;
-            Some((client::tls_connector(ca)?, name))
-        }
-        _ => None,
-    };
+    let tls = tls_client(args)?;
     let pid = std::process::id();
     let start = Instant::now();
     let mut spawned = 0;
@@ -733,15 +764,15 @@ async fn run_conn(
                             .await
                             .map(|c| Held::Ws(Box::new(c)))
                     }
-                    (None, Some((connector, name))) => client::open_tls(
-                        addr, source, connector, name, version, &id, keep_alive, wait,
-                    )
-                    .await
-                    .map(|c| Held::Tls(Box::new(c))),
+                    (None, Some(tls)) => {
+                        client::open_tls(addr, source, tls, version, &id, keep_alive, false, wait)
+                            .await
+                            .map(Held::Mqtt)
+                    }
                     (None, None) => {
                         client::open(addr, source, version, &id, keep_alive, false, wait)
                             .await
-                            .map(Held::Tcp)
+                            .map(Held::Mqtt)
                     }
                 };
                 let answer = match opened {
@@ -799,11 +830,8 @@ async fn run_conn(
     let window_s = start.elapsed().as_secs_f64();
     for c in held {
         match c {
-            Held::Tcp(c) => {
-                let _ = c.stream.try_write(&wire::DISCONNECT);
-            }
+            Held::Mqtt(mut c) => c.try_disconnect(),
             Held::Ws(mut c) => c.try_disconnect(),
-            Held::Tls(mut c) => c.try_disconnect(),
         }
     }
     let broker = match (args.broker_pid, broker_before, broker_after) {
