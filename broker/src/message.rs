@@ -7,6 +7,7 @@
 //! subscriber (QoS, packet id, DUP, RETAIN, subscription identifiers) lives in
 //! the delivery, not here.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -24,8 +25,10 @@ pub struct Message {
     /// The RETAIN flag as published.
     pub retain: bool,
     /// MQTT 5 properties forwarded to subscribers (topic alias and
-    /// subscription identifiers removed; they are per hop).
-    pub properties: PublishProperties,
+    /// subscription identifiers removed; they are per hop); `None` when
+    /// there are none, as for most messages: boxed, they cost a pointer
+    /// instead of 160 bytes per message (see [`properties`](Self::properties)).
+    properties: Option<Box<PublishProperties>>,
     /// When the Message Expiry Interval runs out, if one was set.
     pub expires_at: Option<Instant>,
     /// The session that published it (for No Local); 0 for wills published
@@ -45,7 +48,19 @@ pub struct Message {
     /// What the message weighs against queue bounds and the outbound
     /// budget (see [`weight`](Message::weight)).
     weight: usize,
+    /// Set once a delivery carries [`MESSAGE_COST`] (see
+    /// [`claim_cost`](Message::claim_cost)).
+    cost_claimed: AtomicBool,
 }
+
+/// What a message costs in memory beside its bytes: the shared `Message`
+/// and its `Arc` counts. An outbound queue counts it with the first
+/// delivery of the message it takes ([`Message::claim_cost`]): a message
+/// sent to one subscriber (a device's own topic) costs several times its
+/// bytes, and counting only the bytes would let a queue of small messages
+/// hold five times its bound; a message sent to many is counted once, not
+/// once per subscriber.
+pub const MESSAGE_COST: usize = std::mem::size_of::<Message>() + 2 * std::mem::size_of::<usize>();
 
 /// Bytes a message's properties weigh in queues: their contents, plus what
 /// each user property costs in memory beyond its bytes (its entry in the
@@ -109,13 +124,14 @@ impl Message {
             payload: Bytes::copy_from_slice(&self.payload),
             qos: self.qos,
             retain: self.retain,
-            properties: self.properties.owned_copy(),
+            properties: self.properties.as_deref().map(|p| Box::new(p.owned_copy())),
             expires_at: self.expires_at,
             origin: self.origin,
             headers: Default::default(),
             store_id: self.store_id.clone(),
             detached: OnceLock::new(),
             weight: self.weight,
+            cost_claimed: AtomicBool::new(false),
         })
     }
 
@@ -150,14 +166,38 @@ impl Message {
             payload,
             qos,
             retain,
-            properties,
+            properties: (!properties.is_empty()).then(|| Box::new(properties)),
             expires_at,
             origin,
             headers: Default::default(),
             store_id: OnceLock::new(),
             detached: OnceLock::new(),
             weight,
+            cost_claimed: AtomicBool::new(false),
         }
+    }
+
+    /// True for the first caller only: the delivery that will carry
+    /// [`MESSAGE_COST`] in its queue. A load first, so that a fan-out's
+    /// other deliveries do not each write the shared cache line.
+    pub fn claim_cost(&self) -> bool {
+        !self.cost_claimed.load(Ordering::Relaxed)
+            && !self.cost_claimed.swap(true, Ordering::Relaxed)
+    }
+
+    /// The MQTT 5 properties forwarded to subscribers (empty for most).
+    pub fn properties(&self) -> &PublishProperties {
+        static NONE: PublishProperties = PublishProperties {
+            payload_format_indicator: None,
+            message_expiry_interval: None,
+            topic_alias: None,
+            response_topic: None,
+            correlation_data: None,
+            user_properties: Vec::new(),
+            subscription_identifiers: Vec::new(),
+            content_type: None,
+        };
+        self.properties.as_deref().unwrap_or(&NONE)
     }
 
     /// Bytes the message counts for in a session's queue
@@ -206,6 +246,14 @@ impl Message {
 mod tests {
     use super::*;
 
+    /// Every message that waits in a queue costs this much beside its bytes
+    /// (456 before the properties were boxed); docs/configuration.md quotes
+    /// it for `max_client_outbound_bytes`.
+    #[test]
+    fn a_message_costs_at_most_320_bytes_beside_its_bytes() {
+        assert!(MESSAGE_COST <= 320, "{MESSAGE_COST}");
+    }
+
     /// A message decoded from `read_buffer`: topic, payload and properties
     /// are slices of it, and it has store id 42.
     fn decoded(read_buffer: &Bytes) -> Arc<Message> {
@@ -233,7 +281,7 @@ mod tests {
         let copy = message.compacted();
         assert_eq!(copy.topic, message.topic);
         assert_eq!(copy.payload, message.payload);
-        assert_eq!(copy.properties, message.properties);
+        assert_eq!(copy.properties(), message.properties());
         assert_eq!(
             (copy.qos, copy.retain, copy.origin),
             (QoS::AtLeastOnce, true, 7)
@@ -242,8 +290,10 @@ mod tests {
         let range = read_buffer.as_ptr_range();
         let outside = |b: &Bytes| !range.contains(&b.as_ptr());
         assert!(outside(&copy.topic) && outside(&copy.payload));
-        assert!(outside(copy.properties.correlation_data.as_ref().unwrap()));
-        let (k, v) = &copy.properties.user_properties[0];
+        assert!(outside(
+            copy.properties().correlation_data.as_ref().unwrap()
+        ));
+        let (k, v) = &copy.properties().user_properties[0];
         assert!(outside(k) && outside(v));
     }
 

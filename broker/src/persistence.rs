@@ -234,7 +234,7 @@ pub fn message_record(message: &Message, id: u64) -> MessageRecord {
         payload: message.payload.clone(),
         qos: message.qos as u8,
         retain: message.retain,
-        properties: tern_codec::encode_publish_properties(&message.properties).unwrap_or_default(),
+        properties: tern_codec::encode_publish_properties(message.properties()).unwrap_or_default(),
         expires_at: message.expires_at.map(deadline_to_unix_millis),
     }
 }

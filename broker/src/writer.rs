@@ -218,7 +218,7 @@ fn encode_shared(
             topic: message.topic.clone(),
             packet_id: with_packet_id.then_some(1),
             properties: if v5 {
-                message.properties.clone()
+                message.properties().clone()
             } else {
                 Default::default()
             },
@@ -329,7 +329,7 @@ fn encode_control(ctx: &WriterContext, packet: &Packet, scratch: &mut BytesMut) 
 fn to_publish(delivery: &Delivery, protocol: ProtocolVersion, now: Instant) -> Publish {
     let message = &delivery.message;
     let properties = if protocol.is_v5() {
-        let mut p = message.properties.clone();
+        let mut p = message.properties().clone();
         p.message_expiry_interval = message.remaining_expiry(now);
         p.subscription_identifiers = delivery.subscription_ids.to_vec();
         p

@@ -1,0 +1,182 @@
+//! What an outbound queue counts against its connection's bound
+//! (`limits.max_client_outbound_bytes`) and the broker's budget
+//! (`limits.max_outbound_bytes`) is what its deliveries hold in memory: the
+//! message's bytes, its queue slot, and the shared message itself, counted
+//! once per message rather than once per subscriber. Checked in process, on
+//! sessions whose writer never runs, through `Broker::route`.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tern::broker::SessionRef;
+use tern::message::{Message, MESSAGE_COST};
+use tern::metrics::Metrics;
+use tern::persistence::Journal;
+use tern::session::{AttachParams, ConnectionControl, Outbound, Session, WRITE_BATCH_BYTES};
+use tern::{Broker, Config};
+use tern_codec::{ProtocolVersion, QoS};
+use tern_router::SubscriptionOptions;
+
+const BOUND: usize = 64 * 1024;
+
+/// A broker whose connections may hold `BOUND` bytes, dropping QoS 0 at the
+/// bound at once, with `subscribers` attached sessions subscribed to `t`.
+fn broker_with(subscribers: usize) -> (Arc<Broker>, Vec<Arc<Session>>) {
+    broker_bounded(subscribers, BOUND)
+}
+
+fn broker_bounded(subscribers: usize, bound: usize) -> (Arc<Broker>, Vec<Arc<Session>>) {
+    let mut config = Config::default();
+    config.limits.max_client_outbound_bytes = bound;
+    config.limits.max_outbound_bytes = 4 * bound;
+    config.limits.queue_full_wait_ms = 0;
+    let broker = Broker::new(config);
+    let sessions = (0..subscribers)
+        .map(|i| {
+            let opened = broker
+                .registry
+                .open(&format!("s{i}"), true, |_| true, |_| {});
+            opened
+                .session
+                .attach(
+                    AttachParams {
+                        connection_id: broker.registry.next_id(),
+                        protocol: ProtocolVersion::V311,
+                        send_quota: 16,
+                        expiry_interval: 0,
+                        owner: None,
+                    },
+                    Arc::new(ConnectionControl::default()),
+                    None,
+                )
+                .expect("a fresh session attaches");
+            broker
+                .router
+                .subscribe(
+                    &SessionRef(Arc::clone(&opened.session)),
+                    "t",
+                    SubscriptionOptions::default(),
+                )
+                .unwrap();
+            opened.session
+        })
+        .collect();
+    (broker, sessions)
+}
+
+fn small_message() -> Arc<Message> {
+    Message::new(
+        Bytes::from_static(b"t"),
+        Bytes::from_static(&[7; 16]),
+        QoS::AtMostOnce,
+        false,
+        Default::default(),
+        0,
+    )
+}
+
+fn route(broker: &Broker, message: &Arc<Message>) {
+    let mut journal = Journal::new();
+    let _ = broker.route(message, &mut journal);
+}
+
+#[test]
+fn a_queue_of_small_messages_holds_about_its_bound_in_memory() {
+    let (broker, sessions) = broker_with(1);
+    let dropped = || Metrics::get(&broker.metrics.messages_dropped_qos0);
+    let mut taken = 0;
+    while dropped() == 0 {
+        route(&broker, &small_message());
+        taken += 1;
+        assert!(taken < 10_000, "never dropped");
+    }
+    taken -= 1;
+    // Each queued delivery holds its slot and a message of its own.
+    let held = std::mem::size_of::<Outbound>() + MESSAGE_COST;
+    assert!(
+        taken * held <= BOUND + held,
+        "{taken} deliveries of {held} bytes each were queued under a bound of {BOUND}"
+    );
+    assert!(
+        taken * held >= BOUND / 2,
+        "{taken} deliveries: the bound is overcounted"
+    );
+    // All of it is released when the writer takes the queue.
+    let mut drained = VecDeque::new();
+    sessions[0].drain_outbound_any(&mut drained);
+    assert_eq!(drained.len(), taken);
+    assert_eq!(broker.registry.context().budget.balance(), 0);
+}
+
+#[test]
+fn a_message_sent_to_many_counts_its_shared_part_once() {
+    let subscribers = 10;
+    let (broker, sessions) = broker_with(subscribers);
+    let message = small_message();
+    route(&broker, &message);
+    let per_delivery = message.weight() + std::mem::size_of::<Outbound>();
+    let queued = broker.registry.context().budget.queued();
+    // Each delivery: its bytes and slot (plus a small header allowance);
+    // the message itself once.
+    assert!(
+        queued >= subscribers * per_delivery + MESSAGE_COST,
+        "{queued} bytes counted"
+    );
+    assert!(
+        queued < subscribers * (per_delivery + 16) + MESSAGE_COST,
+        "{queued} bytes counted: the message once per subscriber?"
+    );
+    let mut drained = VecDeque::new();
+    for s in &sessions {
+        s.drain_outbound_any(&mut drained);
+    }
+    assert_eq!(drained.len(), subscribers);
+    assert_eq!(broker.registry.context().budget.balance(), 0);
+}
+
+#[test]
+fn a_writer_takes_at_most_a_batch_and_what_it_leaves_still_counts() {
+    let (broker, sessions) = broker_bounded(1, 4 * WRITE_BATCH_BYTES);
+    let budget = &broker.registry.context().budget;
+    let message = Message::new(
+        Bytes::from_static(b"t"),
+        Bytes::from(vec![7u8; 1024]),
+        QoS::AtMostOnce,
+        false,
+        Default::default(),
+        0,
+    );
+    let per_delivery = message.weight() + std::mem::size_of::<Outbound>();
+    let count = 3 * WRITE_BATCH_BYTES / per_delivery;
+    for _ in 0..count {
+        route(&broker, &message);
+    }
+    let queued = budget.queued();
+    assert!(queued >= count * per_delivery, "{queued}");
+    let mut batch = VecDeque::new();
+    sessions[0].drain_outbound_any(&mut batch);
+    let took = batch.len();
+    assert!(
+        took < count && took * per_delivery <= WRITE_BATCH_BYTES + per_delivery + MESSAGE_COST,
+        "took {took} of {count}"
+    );
+    assert!(
+        budget.queued() >= (count - took) * per_delivery,
+        "what is left still counts: {}",
+        budget.queued()
+    );
+    // The rest, a batch at a time, in order.
+    let mut batches = 1;
+    loop {
+        batch.clear();
+        sessions[0].drain_outbound_any(&mut batch);
+        if batch.is_empty() {
+            break;
+        }
+        batches += 1;
+    }
+    // Three batches' worth of bytes, and a few header allowances over.
+    assert!((3..=4).contains(&batches), "{batches} batches");
+    assert_eq!(budget.balance(), 0);
+}
