@@ -280,8 +280,12 @@ struct Link {
     /// them already. Otherwise a few subscribers that stop reading would
     /// fill the budget with queues that never drain, and the broker would
     /// stop reading from every client for as long as they stay connected.
-    /// Cleared when the writer takes the queue.
+    /// Cleared once the writer has taken all of the queue.
     exempt: bool,
+    /// Budget bytes of the batch the writer took last: it may still be
+    /// writing them. Released when it comes back for the next batch (having
+    /// written this one), when a sweep finds it stalled, or with the link.
+    writing: usize,
     /// Set by a sweep of a broker over its budget, cleared when the writer
     /// takes the queue: a queue still marked at the next sweep has not been
     /// drained for a whole sweep period (see [`Session::exempt_if_stalled`]).
@@ -335,19 +339,21 @@ impl Link {
     /// Hands the queue to the writer, at most [`WRITE_BATCH_BYTES`] of
     /// PUBLISHes at a time: by swapping it with the writer's empty one when
     /// it all fits (no copying; the two allocations take turns), else item
-    /// by item. What the writer took stops counting; what it left still
-    /// counts, so the bytes a connection holds (queued here, or taken and
-    /// being written) stay within its bound plus one batch.
+    /// by item. What the writer took stops counting against the
+    /// connection's bound but stays charged to the broker's budget, as
+    /// `writing`, until the writer comes back for more (it has written the
+    /// batch then) or the link ends. What it left still counts.
     fn drain_into(&mut self, out: &mut VecDeque<Outbound>) {
         self.stall_mark = false;
-        if self.charged <= WRITE_BATCH_BYTES {
+        self.budget.release(std::mem::take(&mut self.writing));
+        let taken = if self.charged <= WRITE_BATCH_BYTES {
             if out.is_empty() {
                 std::mem::swap(&mut self.outbound, out);
             } else {
                 out.extend(self.outbound.drain(..));
             }
-            self.release_charged();
             self.controls = 0;
+            self.charged
         } else {
             let mut taken = 0;
             while taken < WRITE_BATCH_BYTES {
@@ -360,12 +366,13 @@ impl Link {
                 }
                 out.push_back(item);
             }
-            self.charged -= taken;
-            if !self.exempt {
-                self.budget.release(taken);
-            } else if self.charged == 0 {
-                self.exempt = false;
-            }
+            taken
+        };
+        self.charged -= taken;
+        if !self.exempt {
+            self.writing = taken;
+        } else if self.charged == 0 {
+            self.exempt = false;
         }
         self.control.drained.raise();
     }
@@ -373,8 +380,10 @@ impl Link {
 
 impl Drop for Link {
     fn drop(&mut self) {
-        // A detached or replaced connection's queue is dropped with it.
+        // A detached or replaced connection's queue is dropped with it, and
+        // its writer's batch with its task.
         self.release_charged();
+        self.budget.release(self.writing);
     }
 }
 
@@ -658,6 +667,7 @@ impl Session {
             outbound: VecDeque::new(),
             charged: 0,
             exempt: false,
+            writing: 0,
             stall_mark: false,
             controls: 0,
             budget: Arc::clone(&self.context.budget),
@@ -839,12 +849,17 @@ impl Session {
         let Some(link) = st.link.as_mut() else {
             return false;
         };
-        if link.exempt || link.charged == 0 {
+        let counted = if link.exempt { 0 } else { link.charged } + link.writing;
+        if counted == 0 {
             return false;
         }
         if link.stall_mark {
+            // Neither queued nor being written counts any more: a writer
+            // stuck in a write to a client that stopped reading holds its
+            // batch as long as the client does.
             link.exempt = true;
-            link.budget.release(link.charged);
+            link.writing = 0;
+            link.budget.release(counted);
             true
         } else {
             link.stall_mark = true;
@@ -1667,8 +1682,11 @@ impl Session {
         known
     }
 
-    /// Moves everything queued for `connection_id` into `out`. Returns false
-    /// when that connection is no longer attached (taken over or detached).
+    /// Moves what is queued for `connection_id` into `out`, a batch of at
+    /// most [`WRITE_BATCH_BYTES`] of PUBLISHes, which count against the
+    /// broker's budget until the writer calls again (see `Link::writing`).
+    /// Returns false when that connection is no longer attached (taken over
+    /// or detached).
     pub fn drain_outbound(
         self: &Arc<Self>,
         connection_id: u64,
@@ -1680,8 +1698,8 @@ impl Session {
             match &mut st.link {
                 Some(link) if link.connection_id == connection_id => {
                     link.drain_into(out);
-                    // The queue is empty again: messages that waited for
-                    // room in it may go now.
+                    // The queue has room again: messages that waited for
+                    // it may go now.
                     self.fill_window(&mut st, Instant::now(), &mut journal);
                     true
                 }
@@ -1692,13 +1710,14 @@ impl Session {
         attached
     }
 
-    /// Moves everything queued for whichever connection is attached into
-    /// `out` (for inspection and tests; the writer uses
-    /// [`drain_outbound`](Self::drain_outbound)).
+    /// Moves a batch queued for whichever connection is attached into
+    /// `out`, as if written at once (for inspection and tests; the writer
+    /// uses [`drain_outbound`](Self::drain_outbound)).
     pub fn drain_outbound_any(&self, out: &mut VecDeque<Outbound>) {
         let mut st = self.state.lock();
         if let Some(link) = &mut st.link {
             link.drain_into(out);
+            link.budget.release(std::mem::take(&mut link.writing));
         }
     }
 
