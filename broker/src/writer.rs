@@ -30,6 +30,10 @@ use crate::topic_alias::OutboundAliases;
 /// given their own I/O vector.
 pub const INLINE_PAYLOAD_MAX: usize = 512;
 
+/// Queue items whose room a writer keeps between batches (48 KiB): more was
+/// a backlog's, and is given back once written.
+const ITEMS_KEPT: usize = 1024;
+
 /// I/O vectors passed to one `writev` (well under the usual IOV_MAX of 1024).
 const MAX_IOVECS: usize = 64;
 
@@ -96,6 +100,12 @@ pub fn write_loop<W: AsyncWrite + Unpin>(
             let mut packets = 0u64;
             for item in items.drain(..) {
                 packets += u64::from(encode_item(&ctx, &mut aliases, item, now, scratch, chunks));
+            }
+            if items.capacity() > ITEMS_KEPT {
+                // A backlog grew the allocation (it takes turns with the
+                // session's queue, see `Session::drain_outbound`): give it
+                // back rather than keep it for the connection's life.
+                *items = VecDeque::new();
             }
             Metrics::add(&ctx.metrics.packets_sent, packets);
             if !scratch.is_empty() {
