@@ -95,7 +95,7 @@ pub fn render(broker: &Broker) -> String {
         m,
         "outbound_queued_bytes",
         Kind::Gauge,
-        "Bytes queued for subscribers that count towards the outbound budget.",
+        "Bytes queued for subscribers, or taken by their writers and not yet written, that count towards the outbound budget (what they hold in memory).",
         budget.queued(),
     );
     sample(
