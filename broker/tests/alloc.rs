@@ -9,19 +9,21 @@
 //! The count must not grow with the number of subscribers (lesson: the
 //! fan-out must not copy the subscriber list or the payload per delivery).
 
+mod common;
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
 
 use bytes::Bytes;
+use common::attached_subscriber;
 use tern::broker::{SessionRef, StagedFanout};
 use tern::message::Message;
 use tern::persistence::Journal;
-use tern::session::{AttachParams, ConnectionControl, Outbound};
+use tern::session::Outbound;
 use tern::{Broker, Config};
-use tern_codec::{ProtocolVersion, QoS};
-use tern_router::{RecentMatch, SubscriptionOptions};
+use tern_codec::QoS;
+use tern_router::RecentMatch;
 
 struct Counting;
 
@@ -64,33 +66,7 @@ fn allocations_per_publish(subscribers: usize, path: Path) -> usize {
     let broker = Broker::new(Config::default());
     let mut sessions = Vec::new();
     for i in 0..subscribers {
-        let opened = broker
-            .registry
-            .open(&format!("s{i}"), true, |_| true, |_| {});
-        let control = Arc::new(ConnectionControl::default());
-        opened
-            .session
-            .attach(
-                AttachParams {
-                    connection_id: broker.registry.next_id(),
-                    protocol: ProtocolVersion::V311,
-                    send_quota: 16,
-                    expiry_interval: 0,
-                    owner: None,
-                },
-                control,
-                None,
-            )
-            .expect("a fresh session attaches");
-        broker
-            .router
-            .subscribe(
-                &SessionRef(Arc::clone(&opened.session)),
-                "fan/out",
-                SubscriptionOptions::default(),
-            )
-            .unwrap();
-        sessions.push(opened.session);
+        sessions.push(attached_subscriber(&broker, &format!("s{i}"), "fan/out").0);
     }
     let message = Message::new(
         Bytes::from_static(b"fan/out"),

@@ -5,18 +5,19 @@
 //! once per message rather than once per subscriber. Checked in process, on
 //! sessions whose writer never runs, through `Broker::route`.
 
+mod common;
+
 use std::collections::VecDeque;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use tern::broker::SessionRef;
+use common::attached_subscriber;
 use tern::message::{Message, MESSAGE_COST};
 use tern::metrics::Metrics;
 use tern::persistence::Journal;
-use tern::session::{AttachParams, ConnectionControl, Outbound, Session, WRITE_BATCH_BYTES};
+use tern::session::{Outbound, Session, WRITE_BATCH_BYTES};
 use tern::{Broker, Config};
-use tern_codec::{ProtocolVersion, QoS};
-use tern_router::SubscriptionOptions;
+use tern_codec::QoS;
 
 const BOUND: usize = 64 * 1024;
 
@@ -39,35 +40,7 @@ fn broker_attached(subscribers: usize, bound: usize) -> (Arc<Broker>, Vec<(Arc<S
     config.limits.queue_full_wait_ms = 0;
     let broker = Broker::new(config);
     let sessions = (0..subscribers)
-        .map(|i| {
-            let opened = broker
-                .registry
-                .open(&format!("s{i}"), true, |_| true, |_| {});
-            let connection_id = broker.registry.next_id();
-            opened
-                .session
-                .attach(
-                    AttachParams {
-                        connection_id,
-                        protocol: ProtocolVersion::V311,
-                        send_quota: 16,
-                        expiry_interval: 0,
-                        owner: None,
-                    },
-                    Arc::new(ConnectionControl::default()),
-                    None,
-                )
-                .expect("a fresh session attaches");
-            broker
-                .router
-                .subscribe(
-                    &SessionRef(Arc::clone(&opened.session)),
-                    "t",
-                    SubscriptionOptions::default(),
-                )
-                .unwrap();
-            (opened.session, connection_id)
-        })
+        .map(|i| attached_subscriber(&broker, &format!("s{i}"), "t"))
         .collect();
     (broker, sessions)
 }

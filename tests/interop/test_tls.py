@@ -117,21 +117,26 @@ def _eventually_logged(broker, text):
     return False
 
 
-@pytest.fixture
-def mtls_broker(broker_factory):
-    """TLS listeners that require a client certificate from the test CA, and
-    no anonymous clients."""
+def _mtls_broker(broker_factory, listeners="", rest=""):
+    """A broker with a TLS listener that requires a client certificate from
+    the test CA; `listeners` adds lines to [listeners], `rest` tables after
+    it."""
     b = broker_factory(
         "[listeners]\n"
         'tls = ["127.0.0.1:0"]\n'
         f'tls_cert = "{CERTS / "server.pem"}"\n'
         f'tls_key = "{CERTS / "server.key"}"\n'
-        f'tls_client_ca = "{CA}"\n'
-        "[auth]\n"
-        "allow_anonymous = false\n"
+        f'tls_client_ca = "{CA}"\n' + listeners + rest
     )
     b.tls = _listener(b, TLS_RE)
     return b
+
+
+@pytest.fixture
+def mtls_broker(broker_factory):
+    """TLS listeners that require a client certificate from the test CA, and
+    no anonymous clients."""
+    return _mtls_broker(broker_factory, rest="[auth]\nallow_anonymous = false\n")
 
 
 def test_client_certificates_with_paho_and_mosquitto(mtls_broker, paho, mosq):
@@ -160,19 +165,11 @@ def test_a_certificate_common_name_is_the_acl_user(broker_factory, paho, mosq):
     """With tls_client_identity = "common_name", client.pem (CN sensor-1) is
     the user sensor-1 for the ACL: its own topics and no one else's; a
     certificate from the CA that names no one is refused."""
-    b = broker_factory(
-        "[listeners]\n"
-        'tls = ["127.0.0.1:0"]\n'
-        f'tls_cert = "{CERTS / "server.pem"}"\n'
-        f'tls_key = "{CERTS / "server.key"}"\n'
-        f'tls_client_ca = "{CA}"\n'
-        'tls_client_identity = "common_name"\n'
-        "[[auth.acl]]\n"
-        'user = "sensor-1"\n'
-        'topic = "devices/%u/#"\n'
-        'access = "all"\n'
+    b = _mtls_broker(
+        broker_factory,
+        listeners='tls_client_identity = "common_name"\n',
+        rest='[[auth.acl]]\nuser = "sensor-1"\ntopic = "devices/%u/#"\naccess = "all"\n',
     )
-    b.tls = _listener(b, TLS_RE)
     cert = ["--cafile", CA, "--cert", str(CERTS / "client.pem"),
             "--key", str(CERTS / "client.key")]
     sub = paho("cn-sub", mqtt.MQTTv5, broker_=b.tls, connect=False)
@@ -198,15 +195,7 @@ def test_a_certificate_common_name_is_the_acl_user(broker_factory, paho, mosq):
 def test_a_revoked_client_certificate_is_refused(broker_factory, mosq, paho):
     """tls_client_crl: mosquitto_pub with the certificate crl.pem revokes
     cannot connect; with another from the same CA it can."""
-    b = broker_factory(
-        "[listeners]\n"
-        'tls = ["127.0.0.1:0"]\n'
-        f'tls_cert = "{CERTS / "server.pem"}"\n'
-        f'tls_key = "{CERTS / "server.key"}"\n'
-        f'tls_client_ca = "{CA}"\n'
-        f'tls_client_crl = "{CERTS / "crl.pem"}"\n'
-    )
-    b.tls = _listener(b, TLS_RE)
+    b = _mtls_broker(broker_factory, listeners=f'tls_client_crl = "{CERTS / "crl.pem"}"\n')
     sub = paho("crl-sub", broker_=b)
     sub.subscribe("crl/#", 1)
 

@@ -291,3 +291,40 @@ pub fn run_rumqttc(
     });
     (client, rx)
 }
+
+/// A session of `broker` for `client_id` with a connection attached (whose
+/// writer never runs: the test drains the queue itself), subscribed to
+/// `filter`, and the id of that connection. For in-process tests of the
+/// publish path.
+pub fn attached_subscriber(
+    broker: &tern::Broker,
+    client_id: &str,
+    filter: &str,
+) -> (std::sync::Arc<tern::session::Session>, u64) {
+    use std::sync::Arc;
+    let opened = broker.registry.open(client_id, true, |_| true, |_| {});
+    let connection_id = broker.registry.next_id();
+    opened
+        .session
+        .attach(
+            tern::session::AttachParams {
+                connection_id,
+                protocol: ProtocolVersion::V311,
+                send_quota: 16,
+                expiry_interval: 0,
+                owner: None,
+            },
+            Arc::new(tern::session::ConnectionControl::default()),
+            None,
+        )
+        .expect("a fresh session attaches");
+    broker
+        .router
+        .subscribe(
+            &tern::broker::SessionRef(Arc::clone(&opened.session)),
+            filter,
+            tern_router::SubscriptionOptions::default(),
+        )
+        .unwrap();
+    (opened.session, connection_id)
+}
