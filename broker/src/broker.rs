@@ -118,8 +118,6 @@ pub struct Broker {
     /// over TLS), set at start when either is configured and replaced by a
     /// reload (`tls::reload`). Read once per handshake.
     pub tls: parking_lot::RwLock<Option<tokio_rustls::TlsAcceptor>>,
-    /// Permits for TLS handshakes in progress (`limits.max_tls_handshakes`).
-    pub tls_handshakes: tokio::sync::Semaphore,
     shutdown: watch::Sender<bool>,
 }
 
@@ -160,7 +158,6 @@ impl Broker {
             authenticator: Authenticator::from_config(&config.auth),
             acl: crate::acl::Acl::from_rules(&config.auth.acl),
             pool: BufferPool::new(READ_BUFFER_POOL_CAPACITY),
-            tls_handshakes: tokio::sync::Semaphore::new(config.limits.max_tls_handshakes),
             config,
             router: Router::new(),
             retained: RetainedStore::new(),

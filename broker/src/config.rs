@@ -196,11 +196,6 @@ pub struct LimitsConfig {
     /// Connections accepted at once; one more is refused with CONNACK
     /// "server unavailable" (3.x) / "server busy" (5.0).
     pub max_connections: usize,
-    /// TLS handshakes (MQTT/TLS and WSS) in progress at once. A connection
-    /// beyond it waits, holding only its socket, until one finishes or its
-    /// connect timeout runs out: a flood of connections that start a
-    /// handshake and stall cannot make the broker hold TLS state for each.
-    pub max_tls_handshakes: usize,
     /// Largest packet accepted, in bytes, fixed header included. Larger
     /// packets close the connection (5.0: DISCONNECT 0x95).
     pub max_packet_size: u32,
@@ -305,7 +300,6 @@ impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
             max_connections: 100_000,
-            max_tls_handshakes: 1024,
             max_packet_size: 1024 * 1024,
             max_inflight: 128,
             receive_maximum: 1024,
@@ -442,9 +436,6 @@ impl Config {
         }
         if l.max_connections == 0 {
             return invalid("limits.max_connections", "must be at least 1");
-        }
-        if l.max_tls_handshakes == 0 {
-            return invalid("limits.max_tls_handshakes", "must be at least 1");
         }
         // The smallest packet that can carry anything useful plus headroom.
         if l.max_packet_size < 64 {

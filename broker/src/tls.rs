@@ -13,12 +13,10 @@
 //! safe defaults; client certificates are required, and stand in for a
 //! user name and password, when `listeners.tls_client_ca` is set (their
 //! subject's common name is the user with `listeners.tls_client_identity`:
-//! [`client_certificate`]; revocation lists: `listeners.tls_client_crl`).
-//! A broker at `limits.max_connections` closes a new TLS connection before
-//! its handshake, and at most `limits.max_tls_handshakes` run at once
-//! (`Broker::tls_handshakes`; the others wait, holding only their socket).
-//! Unlike TCP, a TLS connection cannot tell that bytes are waiting without
-//! reading them (rustls must decrypt a record first):
+//! [`client_certificate`]). A broker
+//! at `limits.max_connections` closes a new TLS connection before its
+//! handshake. Unlike TCP, a TLS connection cannot tell that bytes are
+//! waiting without reading them (rustls must decrypt a record first):
 //! [`TlsRead`] remembers that its last read found nothing until the socket
 //! wakes it, so an idle connection holds no read buffer and takes none from
 //! the pool when its task wakes for its writer; rustls keeps its own
@@ -369,14 +367,6 @@ pub(crate) async fn handshake(
         return None;
     }
     let _ = stream.set_nodelay(true);
-    // Waiting for a permit holds only the socket; the TLS state is made
-    // once one is free (`limits.max_tls_handshakes`).
-    let Ok(Ok(_permit)) = tokio::time::timeout_at(deadline, broker.tls_handshakes.acquire()).await
-    else {
-        Metrics::inc(&broker.metrics.tls_handshakes_failed);
-        tracing::info!(%peer, "TLS handshake not started within the connect timeout: limits.max_tls_handshakes in progress");
-        return None;
-    };
     let Some(acceptor) = broker.tls.read().clone() else {
         tracing::error!(%peer, "a TLS connection, but no TLS certificate is loaded");
         return None;

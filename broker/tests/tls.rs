@@ -652,38 +652,3 @@ async fn a_certificate_whose_issuer_has_no_revocation_list_is_refused() {
         server.shutdown().await;
     }
 }
-
-#[tokio::test]
-async fn tls_handshakes_beyond_the_limit_wait_for_one_to_finish() {
-    let server = start_tls(|c| {
-        c.limits.max_tls_handshakes = 1;
-        c.limits.connect_timeout_secs = 30;
-    })
-    .await;
-    let permits = || server.broker().tls_handshakes.available_permits();
-    // A client that opens a TLS connection and says nothing holds the one
-    // handshake allowed.
-    let silent = TcpStream::connect(server.tls_addrs()[0]).await.unwrap();
-    eventually("the silent connection's handshake has begun", || {
-        permits() == 0
-    })
-    .await;
-    // Another client's handshake waits meanwhile...
-    let (_client, mut rx) = tls_client("waits", &server);
-    assert!(
-        tokio::time::timeout(Duration::from_millis(500), rx.recv())
-            .await
-            .is_err(),
-        "a second handshake went ahead"
-    );
-    // ...and goes ahead once the first one ends.
-    drop(silent);
-    let ack = connack_of(&mut rx).await.expect("a CONNACK");
-    assert_eq!(ack.code, rumqttc::ConnectReturnCode::Success);
-    assert_eq!(
-        tern::metrics::Metrics::get(&server.broker().metrics.tls_handshakes_failed),
-        1,
-        "the silent one"
-    );
-    server.shutdown().await;
-}
