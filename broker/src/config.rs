@@ -152,9 +152,10 @@ pub struct ListenersConfig {
     /// them, and is authenticated by it (`[auth]`'s user name and password
     /// check does not apply to it). Unset: no client certificates.
     pub tls_client_ca: Option<PathBuf>,
-    /// Certificate revocation lists (PEM `X509 CRL` blocks) of the CAs in
-    /// `tls_client_ca`: a client certificate one of them revokes is refused
-    /// at the handshake, and so is one whose issuer has no list here. Read
+    /// Certificate revocation lists (PEM `X509 CRL` blocks), one per CA
+    /// that issues client certificates: a client certificate one of them
+    /// revokes is refused at the handshake, and so is one whose issuer has
+    /// no list here (only the client's own certificate is checked). Read
     /// with the certificates, at start and on `SIGHUP`. Needs
     /// `tls_client_ca`. Unset: no revocation check.
     pub tls_client_crl: Option<PathBuf>,

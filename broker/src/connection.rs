@@ -260,15 +260,14 @@ where
             }
             match authenticate(broker, &connect, &mut *reader, &mut *writer, &mut *buf).await {
                 Ok(authenticated) => {
-                    let authenticated =
-                        authenticated.proven(broker, &connect, reader.client_certificate());
-                    if will_allowed(broker, &connect, &authenticated) {
-                        Ok((connect, authenticated))
-                    } else {
-                        Err((
+                    match authenticated.proven(broker, &connect, reader.client_certificate()) {
+                        Some(authenticated) if will_allowed(broker, &connect, &authenticated) => {
+                            Ok((connect, authenticated))
+                        }
+                        _ => Err((
                             Some(connect),
                             HandshakeFailure::Refused(ReasonCode::NotAuthorized),
-                        ))
+                        )),
                     }
                 }
                 Err(failure) => Err((Some(connect), failure)),

@@ -73,15 +73,22 @@ impl Authenticated {
     /// was checked against `[[auth.users]]` for it. A user name nothing was
     /// checked against (no users configured, or a client certificate took
     /// the password's place) proves nothing.
+    ///
+    /// `None` when a certificate's identity and the user enhanced
+    /// authentication proved differ: one connection is one user (a
+    /// re-authentication as another user would end it anyway).
     pub fn proven(
         mut self,
         broker: &Broker,
         connect: &Connect,
         certificate: Option<&ClientCertificate>,
-    ) -> Authenticated {
+    ) -> Option<Authenticated> {
         if let Some(identity) = certificate.and_then(|c| c.identity.as_deref()) {
+            if self.user.as_deref().is_some_and(|user| user != identity) {
+                return None;
+            }
             self.user = Some(identity.to_owned());
-            return self;
+            return Some(self);
         }
         let password_checked = certificate.is_none()
             && connect.properties.authentication_method.is_none()
@@ -93,7 +100,7 @@ impl Authenticated {
                 .and_then(|u| std::str::from_utf8(u).ok())
                 .map(str::to_owned);
         }
-        self
+        Some(self)
     }
 }
 
@@ -344,4 +351,61 @@ pub fn auth_packet(code: ReasonCode, method: &Bytes, data: Bytes) -> Packet {
             ..AuthProperties::default()
         },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn connect(username: Option<&str>) -> Connect {
+        Connect {
+            protocol: ProtocolVersion::V5,
+            clean_start: true,
+            keep_alive: 60,
+            client_id: Bytes::from_static(b"c1"),
+            will: None,
+            username: username.map(|u| Bytes::copy_from_slice(u.as_bytes())),
+            password: None,
+            properties: Default::default(),
+        }
+    }
+
+    fn proven_user(
+        scram_user: Option<&str>,
+        claimed: Option<&str>,
+        identity: Option<&str>,
+    ) -> Option<Option<String>> {
+        let broker = Broker::new(Config::default());
+        let certificate = ClientCertificate {
+            identity: identity.map(Into::into),
+        };
+        Authenticated {
+            user: scram_user.map(str::to_owned),
+            ..Authenticated::default()
+        }
+        .proven(&broker, &connect(claimed), Some(&certificate))
+        .map(|a| a.user)
+    }
+
+    #[test]
+    fn a_certificate_identity_is_the_user_and_must_agree_with_enhanced_authentication() {
+        // The claimed user name never counts next to a certificate.
+        assert_eq!(
+            proven_user(None, Some("ops"), Some("sensor-1")),
+            Some(Some("sensor-1".into()))
+        );
+        assert_eq!(proven_user(None, Some("ops"), None), Some(None));
+        // Enhanced authentication proving the same user, or another one.
+        assert_eq!(
+            proven_user(Some("sensor-1"), None, Some("sensor-1")),
+            Some(Some("sensor-1".into()))
+        );
+        assert_eq!(proven_user(Some("alice"), None, Some("sensor-1")), None);
+        // Without an identity from the certificate, the SCRAM user stands.
+        assert_eq!(
+            proven_user(Some("alice"), None, None),
+            Some(Some("alice".into()))
+        );
+    }
 }

@@ -13,9 +13,9 @@
 //! safe defaults; client certificates are required, and stand in for a
 //! user name and password, when `listeners.tls_client_ca` is set (their
 //! subject's common name is the user with `listeners.tls_client_identity`:
-//! [`client_certificate`]). A broker
-//! at `limits.max_connections` closes a new TLS connection before its
-//! handshake. Unlike TCP, a TLS connection cannot tell that bytes are
+//! [`client_certificate`]; revocation lists: `listeners.tls_client_crl`).
+//! A broker at `limits.max_connections` closes a new TLS connection before
+//! its handshake. Unlike TCP, a TLS connection cannot tell that bytes are
 //! waiting without reading them (rustls must decrypt a record first):
 //! [`TlsRead`] remembers that its last read found nothing until the socket
 //! wakes it, so an idle connection holds no read buffer and takes none from
@@ -145,6 +145,20 @@ fn client_verifier(
             return Err(crl_error(
                 "no revocation list in it (expected PEM \"BEGIN X509 CRL\" blocks)".into(),
             ));
+        }
+        // The verifier uses the first list of a certificate's issuer: with
+        // an old list before the current one, what only the current one
+        // revokes would get in.
+        let mut issuers = std::collections::HashSet::new();
+        for crl in &crls {
+            let (_, list) = x509_parser::parse_x509_crl(crl)
+                .map_err(|e| crl_error(format!("a revocation list does not parse: {e}")))?;
+            if !issuers.insert(list.issuer().as_raw().to_vec()) {
+                return Err(crl_error(format!(
+                    "two revocation lists from the same CA ({}): keep only the current one",
+                    list.issuer()
+                )));
+            }
         }
         verifier = verifier.with_crls(crls).only_check_end_entity_revocation();
     }
@@ -455,6 +469,14 @@ mod tests {
         let e = clients_err("ca.pem", Some("ca.pem"));
         assert!(matches!(e, TlsError::ClientCrl { .. }), "{e}");
         assert!(e.to_string().contains("ca.pem"), "{e}");
+        // Two lists of one CA: the verifier would use the first, old one.
+        let dir2 = tempfile::tempdir().unwrap();
+        let both = dir2.path().join("both.pem");
+        let mut lists = std::fs::read(dir.join("crl-none.pem")).unwrap();
+        lists.extend(std::fs::read(dir.join("crl.pem")).unwrap());
+        std::fs::write(&both, lists).unwrap();
+        let e = clients_err("ca.pem", Some(both.to_str().unwrap()));
+        assert!(e.to_string().contains("same CA"), "{e}");
         let e = clients_err("ca.pem", Some("missing-crl.pem"));
         assert!(matches!(e, TlsError::ClientCrl { .. }), "{e}");
         assert!(e.to_string().contains("missing-crl.pem"), "{e}");
