@@ -1,13 +1,13 @@
 //! The broker-wide budget for messages waiting to be written to clients.
 //!
-//! Every delivery placed in a connection's outbound queue is charged its size
-//! (`Message::weight`: topic, payload, properties, plus a small header
-//! allowance) and released when the writer
-//! takes it. One slow subscriber can only fill its own bounded queue; but when
+//! Every delivery placed in a connection's outbound queue is charged what it
+//! holds in memory (session.rs's `queued_cost`: topic, payload, properties,
+//! a header allowance, its queue slot, and the shared message once) and
+//! released once the writer has written it (`Link::writing`). One slow subscriber can only fill its own bounded queue; but when
 //! the total across all connections passes the limit, the broker stops
 //! reading from clients until writers have drained below it. A queue that
 //! reached its connection's bound stops counting here until its writer takes
-//! it (see `Link::exempt` in session.rs): its bound limits it already, and
+//! from it (see `Link::exempt` in session.rs): its bound limits it already, and
 //! subscribers that never read would otherwise hold the budget over its limit
 //! for as long as they stay connected, pausing every reader. For the same
 //! reason, while the budget is over, paused readers sweep the queues every

@@ -280,7 +280,8 @@ struct Link {
     /// them already. Otherwise a few subscribers that stop reading would
     /// fill the budget with queues that never drain, and the broker would
     /// stop reading from every client for as long as they stay connected.
-    /// Cleared once the writer has taken all of the queue.
+    /// Cleared when the writer takes from the queue (what is left then
+    /// counts again).
     exempt: bool,
     /// Budget bytes of the batch the writer took last: it may still be
     /// writing them. Released when it comes back for the next batch (having
@@ -369,10 +370,14 @@ impl Link {
             taken
         };
         self.charged -= taken;
-        if !self.exempt {
-            self.writing = taken;
-        } else if self.charged == 0 {
+        if self.exempt {
+            // The writer takes from it again: not stalled, and what is left
+            // counts again (a queue back at its bound is exempted by its
+            // next push). What it took was released when it was exempted.
             self.exempt = false;
+            self.budget.charge(self.charged);
+        } else {
+            self.writing = taken;
         }
         self.control.drained.raise();
     }
@@ -380,8 +385,9 @@ impl Link {
 
 impl Drop for Link {
     fn drop(&mut self) {
-        // A detached or replaced connection's queue is dropped with it, and
-        // its writer's batch with its task.
+        // A detached or replaced connection's queue is dropped with it. Its
+        // writer's batch stops counting now, though the writer may hold it
+        // until its last write ends (at most the close grace).
         self.release_charged();
         self.budget.release(self.writing);
     }
