@@ -56,15 +56,10 @@ fn ops_client(
 async fn next_packet(
     rx: &mut tokio::sync::mpsc::UnboundedReceiver<rumqttc::Packet>,
 ) -> rumqttc::Packet {
-    loop {
-        let packet = tokio::time::timeout(WAIT, rx.recv())
-            .await
-            .expect("a packet in time")
-            .expect("the client runs");
-        if !matches!(packet, rumqttc::Packet::ConnAck(_)) {
-            return packet;
-        }
-    }
+    next_rumqttc(rx, "a packet after CONNACK", |p| {
+        (!matches!(p, rumqttc::Packet::ConnAck(_))).then_some(p)
+    })
+    .await
 }
 
 #[tokio::test]

@@ -71,26 +71,20 @@ async fn metrics_count_traffic_and_refusals_and_health_answers() {
         .unwrap();
     let mut publisher =
         RawClient::connected(addr(&server), "metrics-pub", ProtocolVersion::V311).await;
-    let mut subscribed = false;
-    while !subscribed {
-        let packet = tokio::time::timeout(WAIT, sub_rx.recv())
-            .await
-            .unwrap()
-            .unwrap();
-        subscribed = matches!(packet, rumqttc::Packet::SubAck(_));
-    }
+    next_rumqttc(&mut sub_rx, "a SUBACK", |p| {
+        matches!(p, rumqttc::Packet::SubAck(_)).then_some(())
+    })
+    .await;
     for i in 0..5u16 {
         publisher
             .publish("m/x", b"hello", QoS::AtLeastOnce, i + 1)
             .await;
     }
-    let mut got = 0;
-    while got < 5 {
-        let packet = tokio::time::timeout(WAIT, sub_rx.recv())
-            .await
-            .unwrap()
-            .unwrap();
-        got += usize::from(matches!(packet, rumqttc::Packet::Publish(_)));
+    for _ in 0..5 {
+        next_rumqttc(&mut sub_rx, "a PUBLISH", |p| {
+            matches!(p, rumqttc::Packet::Publish(_)).then_some(())
+        })
+        .await;
     }
 
     // Garbage: a packet type 0 is malformed; the connection is closed.

@@ -77,29 +77,20 @@ async fn subscribed(
     qos: rumqttc::QoS,
 ) {
     client.subscribe(filter, qos).await.unwrap();
-    loop {
-        let packet = tokio::time::timeout(WAIT, rx.recv())
-            .await
-            .expect("a SUBACK in time")
-            .expect("the client is running");
-        if matches!(packet, rumqttc::Packet::SubAck(_)) {
-            return;
-        }
-    }
+    next_rumqttc(rx, "a SUBACK", |p| {
+        matches!(p, rumqttc::Packet::SubAck(_)).then_some(())
+    })
+    .await;
 }
 
 async fn next_publish(
     rx: &mut tokio::sync::mpsc::UnboundedReceiver<rumqttc::Packet>,
 ) -> rumqttc::Publish {
-    loop {
-        let packet = tokio::time::timeout(WAIT, rx.recv())
-            .await
-            .expect("a packet in time")
-            .expect("the client is running");
-        if let rumqttc::Packet::Publish(p) = packet {
-            return p;
-        }
-    }
+    next_rumqttc(rx, "a PUBLISH", |p| match p {
+        rumqttc::Packet::Publish(p) => Some(p),
+        _ => None,
+    })
+    .await
 }
 
 #[tokio::test]
@@ -413,15 +404,11 @@ async fn granted(
         .subscribe(filter, rumqttc::QoS::AtLeastOnce)
         .await
         .unwrap();
-    loop {
-        let packet = tokio::time::timeout(WAIT, rx.recv())
-            .await
-            .expect("a SUBACK in time")
-            .expect("the client is running");
-        if let rumqttc::Packet::SubAck(ack) = packet {
-            return ack.return_codes[0];
-        }
-    }
+    next_rumqttc(rx, "a SUBACK", |p| match p {
+        rumqttc::Packet::SubAck(ack) => Some(ack.return_codes[0]),
+        _ => None,
+    })
+    .await
 }
 
 #[tokio::test]

@@ -266,6 +266,25 @@ impl RawClient {
     }
 }
 
+/// The first packet from `run_rumqttc`'s channel that `pick` takes (it
+/// returns `Some`), skipping the others; panics, naming `what`, when none
+/// comes within [`WAIT`] or the client stops.
+pub async fn next_rumqttc<T>(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<rumqttc::Packet>,
+    what: &str,
+    mut pick: impl FnMut(rumqttc::Packet) -> Option<T>,
+) -> T {
+    loop {
+        let packet = tokio::time::timeout(WAIT, rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("no {what} within {WAIT:?}"))
+            .unwrap_or_else(|| panic!("the client stopped before {what}"));
+        if let Some(picked) = pick(packet) {
+            return picked;
+        }
+    }
+}
+
 /// Runs a rumqttc 3.1.1 client's event loop in the background, forwarding
 /// every incoming packet.
 pub fn run_rumqttc(
