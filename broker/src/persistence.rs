@@ -180,9 +180,19 @@ impl Journal {
     }
 
     /// The store id of `message`, putting the message in this batch unless
-    /// it already is. Call it for every *new* reference (queue entry,
-    /// retained record): the message may have been deleted from the store
-    /// since an earlier batch, when its last reference went.
+    /// it already is. Call it for every queue entry and retained record the
+    /// batch writes, new or replaced:
+    /// - a new reference: the message may have been deleted from the store
+    ///   since an earlier batch, when its last reference went;
+    /// - a replaced entry: its insertion may not have reached the store
+    ///   yet. The publisher's connection submits it after the read that
+    ///   routed the message, while the subscriber's connection may already
+    ///   have sent the message and submitted the replacement (the PUBLISH
+    ///   sent from the queue, or its PUBREC). Such a replacement then
+    ///   creates the entry, and the late insertion is dropped
+    ///   (tern-storage's `recent_deletes.rs`). Where the entry is already
+    ///   stored, the put rewrites the same immutable record, or nets away
+    ///   with the entry.
     pub fn reference(&mut self, persistence: &Persistence, message: &Message) -> u64 {
         let id = persistence.store_id(message);
         if !self.stored.contains(&id) {

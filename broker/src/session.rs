@@ -1534,8 +1534,10 @@ impl Session {
                 Some(i) if code.is_success() => {
                     st.inflight.set_state(i, InflightState::Released);
                     let delivery = &st.inflight.get(i).delivery;
-                    let stored = delivery.message.store_id.get().copied();
-                    match stored.filter(|_| st.durable && delivery.seq != 0) {
+                    let store = self.context.persistence.as_ref().filter(|_| {
+                        st.durable && delivery.seq != 0 && delivery.message.store_id.get().is_some()
+                    });
+                    match store.map(|p| journal.reference(p, &delivery.message)) {
                         Some(message_id) => {
                             journal.push(Op::PutQueueEntry(self.queue_entry(
                                 delivery,
@@ -1792,10 +1794,9 @@ impl Session {
         let Some(sent) = st.inflight.last() else {
             return;
         };
-        let message_id = store.and_then(|p| match new_entry {
-            true => Some(journal.reference(p, &sent.delivery.message)),
-            false => sent.delivery.message.store_id.get().copied(),
-        });
+        // Also for an entry that exists: the message goes with the
+        // replacement (see `Journal::reference`).
+        let message_id = store.map(|p| journal.reference(p, &sent.delivery.message));
         if let Some(message_id) = message_id {
             let entry = self.queue_entry(
                 &sent.delivery,

@@ -29,10 +29,12 @@
 //! would have. A chain whose insertion was written can no longer cancel: a
 //! later deletion is written as usual.
 //!
-//! One exception to "never changes": a deletion can reach the writer before
-//! the insertion of the same entry (the subscriber acknowledged a delivery
-//! before its publisher's journal was submitted). Written in that order the
-//! entry would stay forever; the writer drops such a late insertion instead
+//! One exception to "never changes": a deletion or a replacement can reach
+//! the writer before the insertion of the same entry (the subscriber was
+//! sent the delivery, or even acknowledged it, before its publisher's
+//! journal was submitted). Written in that order, a deleted entry would
+//! come back and stay forever, and a replaced one would go back to its
+//! first state; the writer drops such a late insertion instead
 //! (`recent_deletes.rs`), which leaves the state the broker meant.
 //!
 //! Submissions leave in the order they came (batches apply in submission
@@ -83,12 +85,13 @@ pub(crate) struct HeldQueue<R> {
     /// Number of the youngest sync barrier held, if any: everything up to
     /// it is due at once.
     last_barrier: Option<u64>,
-    /// Deletions that matched no open chain, in case their insertion is
-    /// still to come (see `recent_deletes.rs`).
+    /// Deletions and replacements that matched no open chain, in case
+    /// their insertion is still to come (see `recent_deletes.rs`).
     recent_deletes: RecentDeletes,
     /// Operations removed so far.
     netted: u64,
-    /// Insertions dropped because their deletion came first.
+    /// Insertions dropped because their deletion or a replacement came
+    /// first.
     late_inserts: u64,
 }
 
@@ -175,6 +178,13 @@ impl<R> HeldQueue<R> {
             Some(Op::PutQueueEntry(e)) => {
                 let key = entry_key(&e.client_id, e.seq);
                 if !self.chain_matches(key, &e.client_id) {
+                    // Either the entry is stored already, or this
+                    // replacement overtook the entry's insertion and
+                    // creates it (it carries the message): a late
+                    // insertion would overwrite it with older state, and
+                    // open a chain the entry's deletion would then cancel,
+                    // leaving this replacement's entry behind.
+                    self.recent_deletes.remember(&e.client_id, e.seq, now);
                     return;
                 }
                 Step::Extend(key)
@@ -529,6 +539,52 @@ mod tests {
         assert!(take_all(&mut q)[0].is_empty());
     }
 
+    /// The subscriber's connection sent the delivery from its queue (or
+    /// got its PUBREC) and submitted the entry's new state, with the
+    /// message, before the publisher's journal inserted it.
+    fn replace(client: &str, seq: u64, id: u64) -> Batch {
+        let mut b = Batch::new();
+        b.put_message(message(id)).put_queue_entry(entry(
+            client,
+            seq,
+            id,
+            DeliveryState::AwaitingComp,
+        ));
+        b
+    }
+
+    #[test]
+    fn an_insertion_after_a_replacement_of_it_is_dropped() {
+        let store = MemoryStore::new();
+        let mut q = queue_of(vec![replace("a", 1, 10), publish("a", 1, 10)]);
+        for b in take_all(&mut q) {
+            store.apply(&b).unwrap();
+        }
+        let entries: Vec<_> = store.queue("a", None).map(Result::unwrap).collect();
+        assert_eq!(entries.len(), 1);
+        assert_eq!(
+            entries[0].state,
+            DeliveryState::AwaitingComp,
+            "the newer state stays"
+        );
+        assert_eq!(store.message_refs(10).unwrap(), 1);
+        assert_eq!(q.late_inserts(), 1);
+
+        // Then acknowledged: nothing is left, neither entry nor message.
+        let store = MemoryStore::new();
+        let mut q = queue_of(vec![replace("a", 1, 10), publish("a", 1, 10), ack("a", 1)]);
+        for b in take_all(&mut q) {
+            store.apply(&b).unwrap();
+        }
+        assert_eq!(store.queue("a", None).count(), 0);
+        assert!(store.message(10).unwrap().is_none());
+
+        // A replacement that follows its insertion still nets away with it.
+        let mut q = queue_of(vec![publish("a", 1, 10), replace("a", 1, 10), ack("a", 1)]);
+        assert!(take_all(&mut q).iter().all(Batch::is_empty));
+        assert_eq!(q.late_inserts(), 0);
+    }
+
     #[test]
     fn a_new_session_reuses_seqs_without_losing_entries() {
         let mut del = Batch::new();
@@ -582,6 +638,9 @@ mod tests {
             let mut meant = Vec::new();
             // Per client, a seq deleted before its insertion was submitted.
             let mut early: [Option<u64>; 3] = [None; 3];
+            // Per client, a seq (and message id) replaced before its
+            // insertion was submitted.
+            let mut early_put: [Option<(u64, u64)>; 3] = [None; 3];
             // Clients whose session ended (all batches share one instant,
             // so their early deletions are never remembered).
             let mut ended = [false; 3];
@@ -593,12 +652,25 @@ mod tests {
                     let ops_before = b.len();
                     match rng.u8(0..11) {
                         0..=3 => {
+                            let seq = next_seq[c];
+                            let state = DeliveryState::AwaitingAck;
+                            if let Some((early_seq, id)) = early_put[c] {
+                                if early_seq == seq {
+                                    // The late insertion of an entry
+                                    // replaced first: dropped, the message
+                                    // with it.
+                                    early_put[c] = None;
+                                    next_seq[c] += 1;
+                                    b.put_message(message(id));
+                                    b.insert_queue_entry(entry(clients[c], seq, id, state));
+                                    m.put_message(message(id));
+                                    continue;
+                                }
+                            }
                             let id = next_id;
                             next_id += 1;
                             b.put_message(message(id));
-                            let seq = next_seq[c];
                             next_seq[c] += 1;
-                            let state = DeliveryState::AwaitingAck;
                             if early[c] == Some(seq) && !ended[c] {
                                 // The late insertion of an acknowledged
                                 // delivery: meant never to exist.
@@ -639,9 +711,28 @@ mod tests {
                             // A new session starts its seqs again.
                             next_seq[c] = 1;
                             early[c] = None;
+                            early_put[c] = None;
                             ended[c] = true;
                         }
-                        10 if early[c].is_none() => {
+                        9 if early[c].is_none() && early_put[c].is_none() && !ended[c] => {
+                            // The next delivery sent (or its PUBREC
+                            // received) before its insertion was submitted:
+                            // the replacement carries the message. (Not
+                            // after a session end: remembered, it could
+                            // cancel a new session's entry.)
+                            let (seq, id) = (next_seq[c], next_id);
+                            next_id += 1;
+                            early_put[c] = Some((seq, id));
+                            b.put_message(message(id));
+                            b.put_queue_entry(entry(
+                                clients[c],
+                                seq,
+                                id,
+                                DeliveryState::AwaitingComp,
+                            ));
+                            live.push((c, seq, id));
+                        }
+                        10 if early[c].is_none() && early_put[c].is_none() => {
                             // The acknowledgement of the next delivery,
                             // submitted before the delivery's insertion.
                             early[c] = Some(next_seq[c]);

@@ -1,33 +1,43 @@
-//! [`RecentDeletes`]: queue entry deletions that arrived before their
-//! insertion, remembered for a moment so that the late insertion is dropped.
+//! [`RecentDeletes`]: queue entry deletions (and replacements) that arrived
+//! before their insertion, remembered for a moment so that the late
+//! insertion is dropped.
 //!
-//! The broker hands a QoS 1 delivery to a connected subscriber under the
-//! session's lock, but the delivery's [`Op::InsertQueueEntry`] reaches the
-//! writer only when the publisher's connection submits its journal, a little
-//! later. If the subscriber's writer was already running, the PUBLISH can be
-//! on the wire, acknowledged, and its [`Op::DeleteQueueEntry`] submitted
-//! before the insertion. Applied in submission order, the deletion finds
-//! nothing and the insertion then leaves an entry nobody will delete: the
-//! message would be sent again (with DUP) after the next restart, and it
-//! would occupy the store until then.
+//! The broker hands a QoS 1 or 2 delivery to a connected subscriber under
+//! the session's lock, but the delivery's [`Op::InsertQueueEntry`] reaches
+//! the writer only when the publisher's connection submits its journal, a
+//! little later. If the subscriber's writer was already running, the PUBLISH
+//! can be on the wire, acknowledged, and its [`Op::DeleteQueueEntry`]
+//! submitted before the insertion. Applied in submission order, the
+//! deletion finds nothing and the insertion then leaves an entry nobody will
+//! delete: the message would be sent again (with DUP) after the next
+//! restart, and it would occupy the store until then.
 //!
-//! So the writer remembers each deletion that matched nothing it holds, by
-//! client and seq, for [`REMEMBER_FOR`] (at most [`MAX_REMEMBERED`] of
-//! them). An insertion of a remembered key is the late half of such a pair:
-//! it is dropped, and the deletion is forgotten.
+//! A replacement ([`Op::PutQueueEntry`]) can overtake the insertion the same
+//! way: the subscriber's connection sends a delivery that waited in its
+//! queue, or receives the PUBREC of a QoS 2 one, and submits the entry's new
+//! state first. The broker puts the message in every batch that writes an
+//! entry, so the replacement creates the entry; the late insertion would
+//! turn it back to its first state, and if held, open a chain that the
+//! entry's deletion would cancel, leaving the replacement's entry behind.
+//!
+//! So the writer remembers each deletion and each replacement that matched
+//! nothing it holds, by client and seq, for [`REMEMBER_FOR`] (at most
+//! [`MAX_REMEMBERED`] of them). An insertion of a remembered key is the late
+//! half of such a pair: it is dropped, and the key is forgotten.
 //!
 //! Why this is safe: the broker never inserts a key again within a session
-//! (seqs only grow), so an insertion of a key already deleted can only be
-//! the late insertion of that same delivery. A session deletion
+//! (seqs only grow), so an insertion of a key already deleted or replaced
+//! can only be the late insertion of that same delivery. A session deletion
 //! ([`Op::DeleteSession`]) starts a new session whose seqs count from 1
-//! again: it forgets every remembered deletion of that client, and for
-//! [`REMEMBER_FOR`] after it no deletion of that client is remembered (one
-//! could be the old session's, racing its end, and must not cancel the new
-//! session's entry of the same seq). In that second the rare stale entry
-//! can still happen; a lost one cannot.
+//! again: it forgets every remembered key of that client, and for
+//! [`REMEMBER_FOR`] after it remembers none of that client (one could be
+//! the old session's, racing its end, and must not cancel the new session's
+//! entry of the same seq). In that second the rare stale entry can still
+//! happen; a lost one cannot.
 //!
 //! [`Op::InsertQueueEntry`]: crate::Op::InsertQueueEntry
 //! [`Op::DeleteQueueEntry`]: crate::Op::DeleteQueueEntry
+//! [`Op::PutQueueEntry`]: crate::Op::PutQueueEntry
 //! [`Op::DeleteSession`]: crate::Op::DeleteSession
 
 use std::collections::VecDeque;
