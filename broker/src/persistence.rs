@@ -180,19 +180,18 @@ impl Journal {
     }
 
     /// The store id of `message`, putting the message in this batch unless
-    /// it already is. Call it for every queue entry and retained record the
-    /// batch writes, new or replaced:
-    /// - a new reference: the message may have been deleted from the store
-    ///   since an earlier batch, when its last reference went;
-    /// - a replaced entry: its insertion may not have reached the store
-    ///   yet. The publisher's connection submits it after the read that
-    ///   routed the message, while the subscriber's connection may already
-    ///   have sent the message and submitted the replacement (the PUBLISH
-    ///   sent from the queue, or its PUBREC). Such a replacement then
-    ///   creates the entry, and the late insertion is dropped
-    ///   (tern-storage's `recent_deletes.rs`). Where the entry is already
-    ///   stored, the put rewrites the same immutable record, or nets away
-    ///   with the entry.
+    /// it already is. Call it for every new reference (queue entry,
+    /// retained record): the message may have been deleted from the store
+    /// since an earlier batch, when its last reference went. Call it too
+    /// for an entry that may not be stored yet: a QoS 1 delivery sent from
+    /// a subscriber's queue. Its insertion is submitted by the publisher's
+    /// connection after the read that routed it, while the subscriber's
+    /// connection may already have sent it and submitted the replacement;
+    /// the replacement then creates the entry, and the late insertion is
+    /// dropped (tern-storage's `recent_deletes.rs`). Where the entry is
+    /// stored, the put rewrites the same immutable record, or nets away
+    /// with the entry. (A QoS 2 delivery to a durable session is sent only
+    /// once its entry is durable, so its PUBREC never overtakes it.)
     pub fn reference(&mut self, persistence: &Persistence, message: &Message) -> u64 {
         let id = persistence.store_id(message);
         if !self.stored.contains(&id) {

@@ -1534,10 +1534,8 @@ impl Session {
                 Some(i) if code.is_success() => {
                     st.inflight.set_state(i, InflightState::Released);
                     let delivery = &st.inflight.get(i).delivery;
-                    let store = self.context.persistence.as_ref().filter(|_| {
-                        st.durable && delivery.seq != 0 && delivery.message.store_id.get().is_some()
-                    });
-                    match store.map(|p| journal.reference(p, &delivery.message)) {
+                    let stored = delivery.message.store_id.get().copied();
+                    match stored.filter(|_| st.durable && delivery.seq != 0) {
                         Some(message_id) => {
                             journal.push(Op::PutQueueEntry(self.queue_entry(
                                 delivery,

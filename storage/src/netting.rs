@@ -49,7 +49,8 @@ use fxhash::{FxHashMap, FxHasher};
 use smallvec::{smallvec, SmallVec};
 
 use crate::batch::{Batch, Op};
-use crate::recent_deletes::RecentDeletes;
+use crate::recent_deletes::{RecentDeletes, Settled};
+use crate::records::DeliveryState;
 
 /// A submission waiting to be written.
 pub(crate) struct Held<R> {
@@ -91,7 +92,7 @@ pub(crate) struct HeldQueue<R> {
     /// Operations removed so far.
     netted: u64,
     /// Insertions dropped because their deletion or a replacement came
-    /// first.
+    /// first, and replacements dropped because their deletion did.
     late_inserts: u64,
 }
 
@@ -164,7 +165,8 @@ impl<R> HeldQueue<R> {
             Open((u64, u64)),
             Extend((u64, u64)),
             Close((u64, u64)),
-            /// An insertion whose deletion came first (`recent_deletes.rs`).
+            /// An insertion whose deletion or replacement came first, or a
+            /// replacement whose deletion did (`recent_deletes.rs`).
             Late,
         }
         let step = match op_at(&self.queue, self.front_no, at) {
@@ -177,22 +179,33 @@ impl<R> HeldQueue<R> {
             }
             Some(Op::PutQueueEntry(e)) => {
                 let key = entry_key(&e.client_id, e.seq);
-                if !self.chain_matches(key, &e.client_id) {
+                if self.chain_matches(key, &e.client_id) {
+                    Step::Extend(key)
+                } else if self.recent_deletes.was_deleted(&e.client_id, e.seq) {
+                    // Built before the entry's deletion, submitted after
+                    // it: written, it would bring the entry back.
+                    Step::Late
+                } else {
                     // Either the entry is stored already, or this
                     // replacement overtook the entry's insertion and
                     // creates it (it carries the message): a late
                     // insertion would overwrite it with older state, and
                     // open a chain the entry's deletion would then cancel,
-                    // leaving this replacement's entry behind.
-                    self.recent_deletes.remember(&e.client_id, e.seq, now);
+                    // leaving this replacement's entry behind. A first
+                    // write of a queued delivery (pending) is no such
+                    // replacement: not remembered.
+                    if e.state != DeliveryState::Pending {
+                        self.recent_deletes
+                            .remember(&e.client_id, e.seq, Settled::Replaced, now);
+                    }
                     return;
                 }
-                Step::Extend(key)
             }
             Some(Op::DeleteQueueEntry { client_id, seq }) => {
                 let key = entry_key(client_id, *seq);
                 if !self.chain_matches(key, client_id) {
-                    self.recent_deletes.remember(client_id, *seq, now);
+                    self.recent_deletes
+                        .remember(client_id, *seq, Settled::Deleted, now);
                     return;
                 }
                 Step::Close(key)
@@ -578,6 +591,26 @@ mod tests {
         }
         assert_eq!(store.queue("a", None).count(), 0);
         assert!(store.message(10).unwrap().is_none());
+
+        // A replacement built before the entry's deletion and submitted
+        // after it is dropped too: it would bring the entry back.
+        let store = MemoryStore::new();
+        store.apply(&publish("a", 1, 10)).unwrap();
+        let mut q = queue_of(vec![ack("a", 1), replace("a", 1, 10)]);
+        for b in take_all(&mut q) {
+            store.apply(&b).unwrap();
+        }
+        assert_eq!(store.queue("a", None).count(), 0);
+        assert!(store.message(10).unwrap().is_none());
+
+        // A first write of a queued delivery (pending) is not remembered.
+        let mut pending = Batch::new();
+        pending
+            .put_message(message(11))
+            .put_queue_entry(entry("a", 2, 11, DeliveryState::Pending));
+        let mut q = queue_of(vec![pending]);
+        take_all(&mut q);
+        assert_eq!(q.recent_deletes.len(), 0);
 
         // A replacement that follows its insertion still nets away with it.
         let mut q = queue_of(vec![publish("a", 1, 10), replace("a", 1, 10), ack("a", 1)]);

@@ -65,7 +65,7 @@ pub const MAX_REMEMBERED: usize = 65_536;
 pub(crate) struct RecentDeletes {
     /// By (hash of the client id, seq): the client id, to confirm a match,
     /// and when it was remembered.
-    deleted: FxHashMap<(u64, u64), (Arc<str>, Instant)>,
+    deleted: FxHashMap<(u64, u64), (Arc<str>, Instant, Settled)>,
     /// How many of `deleted` each client hash has (a session's end looks
     /// through `deleted` only when its client has some).
     per_client: FxHashMap<u64, u32>,
@@ -76,10 +76,20 @@ pub(crate) struct RecentDeletes {
     ended: FxHashMap<u64, Instant>,
 }
 
+/// What reached the writer before an entry's insertion.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Settled {
+    /// Its deletion: the entry is gone for good (keys are not reused
+    /// within a session), so a later replacement of it is stale too.
+    Deleted,
+    /// A replacement, which created the entry.
+    Replaced,
+}
+
 impl RecentDeletes {
-    /// Remembers that `client_id`'s entry `seq` was deleted at `now`,
-    /// forgetting what is too old first.
-    pub(crate) fn remember(&mut self, client_id: &Arc<str>, seq: u64, now: Instant) {
+    /// Remembers that `client_id`'s entry `seq` was deleted or replaced at
+    /// `now`, forgetting what is too old first. A deletion stays a deletion.
+    pub(crate) fn remember(&mut self, client_id: &Arc<str>, seq: u64, how: Settled, now: Instant) {
         self.expire(now);
         let hash = client_hash(client_id);
         if let Some(&at) = self.ended.get(&hash) {
@@ -88,9 +98,12 @@ impl RecentDeletes {
             }
             self.ended.remove(&hash);
         }
-        let old = self
-            .deleted
-            .insert((hash, seq), (Arc::clone(client_id), now));
+        let key = (hash, seq);
+        let how = match self.deleted.get(&key) {
+            Some((c, _, Settled::Deleted)) if **c == **client_id => Settled::Deleted,
+            _ => how,
+        };
+        let old = self.deleted.insert(key, (Arc::clone(client_id), now, how));
         if old.is_none() {
             *self.per_client.entry(hash).or_default() += 1;
         }
@@ -100,8 +113,19 @@ impl RecentDeletes {
         }
     }
 
-    /// True (and forgotten) when `client_id`'s entry `seq` was deleted
-    /// before this insertion of it.
+    /// True when `client_id`'s entry `seq` was deleted a moment ago: a
+    /// replacement of it now is stale (built before the deletion, submitted
+    /// after it) and would bring the entry back.
+    pub(crate) fn was_deleted(&self, client_id: &str, seq: u64) -> bool {
+        !self.deleted.is_empty()
+            && self
+                .deleted
+                .get(&(client_hash(client_id), seq))
+                .is_some_and(|(c, _, how)| **c == *client_id && *how == Settled::Deleted)
+    }
+
+    /// True (and forgotten) when `client_id`'s entry `seq` was deleted or
+    /// replaced before this insertion of it.
     pub(crate) fn take(&mut self, client_id: &str, seq: u64) -> bool {
         if self.deleted.is_empty() {
             return false;
@@ -110,7 +134,7 @@ impl RecentDeletes {
         if self
             .deleted
             .get(&key)
-            .is_none_or(|(c, _)| **c != *client_id)
+            .is_none_or(|(c, _, _)| **c != *client_id)
         {
             return false;
         }
@@ -133,7 +157,7 @@ impl RecentDeletes {
         }
         let before = self.deleted.len();
         self.deleted
-            .retain(|&(h, _), (c, _)| h != hash || **c != *client_id);
+            .retain(|&(h, _), (c, _, _)| h != hash || **c != *client_id);
         let removed = (before - self.deleted.len()) as u32;
         if let Some(n) = self.per_client.get_mut(&hash) {
             *n -= removed.min(*n);
@@ -168,7 +192,7 @@ impl RecentDeletes {
         if self
             .deleted
             .get(&(hash, seq))
-            .is_some_and(|&(_, when)| when == at)
+            .is_some_and(|&(_, when, _)| when == at)
         {
             self.remove((hash, seq));
         }
@@ -201,7 +225,7 @@ mod tests {
     fn a_remembered_deletion_is_taken_once() {
         let mut d = RecentDeletes::default();
         let now = Instant::now();
-        d.remember(&"a".into(), 1, now);
+        d.remember(&"a".into(), 1, Settled::Deleted, now);
         assert!(!d.take("a", 2));
         assert!(!d.take("b", 1));
         assert!(d.take("a", 1));
@@ -213,15 +237,15 @@ mod tests {
     fn a_session_deletion_forgets_the_client() {
         let mut d = RecentDeletes::default();
         let now = Instant::now();
-        d.remember(&"a".into(), 1, now);
-        d.remember(&"b".into(), 1, now);
+        d.remember(&"a".into(), 1, Settled::Deleted, now);
+        d.remember(&"b".into(), 1, Settled::Deleted, now);
         d.session_ended("a", now);
         assert!(!d.take("a", 1));
         assert!(d.take("b", 1));
         // A deletion racing the session's end is not remembered.
-        d.remember(&"a".into(), 2, now + REMEMBER_FOR / 2);
+        d.remember(&"a".into(), 2, Settled::Deleted, now + REMEMBER_FOR / 2);
         assert!(!d.take("a", 2));
-        d.remember(&"a".into(), 3, now + REMEMBER_FOR);
+        d.remember(&"a".into(), 3, Settled::Deleted, now + REMEMBER_FOR);
         assert!(d.take("a", 3), "remembered again after a second");
     }
 
@@ -229,9 +253,9 @@ mod tests {
     fn old_deletions_are_forgotten() {
         let mut d = RecentDeletes::default();
         let now = Instant::now();
-        d.remember(&"a".into(), 1, now);
-        d.remember(&"a".into(), 2, now + REMEMBER_FOR / 2);
-        d.remember(&"a".into(), 3, now + REMEMBER_FOR);
+        d.remember(&"a".into(), 1, Settled::Deleted, now);
+        d.remember(&"a".into(), 2, Settled::Deleted, now + REMEMBER_FOR / 2);
+        d.remember(&"a".into(), 3, Settled::Deleted, now + REMEMBER_FOR);
         assert!(!d.take("a", 1), "a second old");
         assert!(d.take("a", 2));
         assert!(d.take("a", 3));
@@ -243,7 +267,7 @@ mod tests {
         let now = Instant::now();
         let a: Arc<str> = "a".into();
         for seq in 0..MAX_REMEMBERED as u64 + 10 {
-            d.remember(&a, seq, now);
+            d.remember(&a, seq, Settled::Deleted, now);
         }
         assert_eq!(d.len(), MAX_REMEMBERED);
         assert!(!d.take("a", 9), "the oldest went first");
