@@ -183,8 +183,8 @@ impl Journal {
     /// it already is. Call it for every new reference (queue entry,
     /// retained record): the message may have been deleted from the store
     /// since an earlier batch, when its last reference went. Call it too
-    /// for an entry that may not be stored yet: a QoS 1 delivery sent from
-    /// a subscriber's queue. Its insertion is submitted by the publisher's
+    /// for an entry that may not be stored yet: a delivery sent from a
+    /// subscriber's queue (for QoS 1 the race below is real). Its insertion is submitted by the publisher's
     /// connection after the read that routed it, while the subscriber's
     /// connection may already have sent it and submitted the replacement;
     /// the replacement then creates the entry, and the late insertion is
