@@ -2,15 +2,24 @@
 //! topics, and subscribe to which filters.
 //!
 //! Without rules every client may do everything (and nothing here runs).
-//! With rules, everything not allowed by one is refused:
+//! With rules, everything not allowed by one is refused, and a rule with
+//! `permission = "deny"` takes back what allow rules give, whatever the
+//! order of the rules (as Mosquitto's `deny` lines do):
 //!
-//! - a PUBLISH to topic T needs a rule with `publish` (or `all`) access
-//!   whose filter matches T (a will's topic is checked at CONNECT);
-//! - a SUBSCRIBE to filter F (the filter of `$share/{group}/F`) needs a rule
-//!   with `subscribe` (or `all`) access whose filter *covers* F: matches
-//!   every topic F can match (`a/#` covers `a/+/c`; `a/+` does not cover
-//!   `a/#`). Deliveries then need no check: a subscription only ever
-//!   receives topics its filter matches.
+//! - a PUBLISH to topic T needs an allow rule with `publish` (or `all`)
+//!   access whose filter matches T, and no such deny rule matching T (a
+//!   will's topic is checked at CONNECT);
+//! - a SUBSCRIBE to filter F (the filter of `$share/{group}/F`) needs an
+//!   allow rule with `subscribe` (or `all`) access whose filter *covers* F:
+//!   matches every topic F can match (`a/#` covers `a/+/c`; `a/+` does not
+//!   cover `a/#`); and no such deny rule that covers F (F would receive
+//!   nothing).
+//! - A deny rule that only overlaps F (`a/secret` against `a/#`) leaves
+//!   the subscription allowed and is checked per delivery: the session
+//!   keeps its client's [`DeniedTopics`] and the broker skips a message
+//!   whose topic one of them matches. Without deny rules for a client
+//!   deliveries need no check: a subscription only ever receives topics
+//!   its filter matches.
 //!
 //! A rule applies to a client when its `user` and `client_id` (each
 //! optional) are the client's. The user is the one the client proved: by
@@ -42,6 +51,16 @@ pub enum Access {
     All,
 }
 
+/// Whether a rule gives or takes back access.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Permission {
+    #[default]
+    Allow,
+    /// Takes back what allow rules give, whatever their order.
+    Deny,
+}
+
 /// One `[[auth.acl]]` entry.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -55,6 +74,9 @@ pub struct AclRule {
     /// client id.
     pub topic: String,
     pub access: Access,
+    /// Allow (the default) or deny.
+    #[serde(default)]
+    pub permission: Permission,
 }
 
 impl AclRule {
@@ -68,6 +90,15 @@ impl AclRule {
     /// The rule's filter for this client, or `None` if the rule does not
     /// apply to it.
     fn filter_for(&self, user: Option<&str>, client_id: &str) -> Option<String> {
+        match self.permission {
+            Permission::Allow => self.allow_filter_for(user, client_id),
+            Permission::Deny => self.deny_filter_for(user, client_id),
+        }
+    }
+
+    /// An allow rule's filter for this client. A substitution that would
+    /// widen the rule makes it not apply: it would give more than it says.
+    fn allow_filter_for(&self, user: Option<&str>, client_id: &str) -> Option<String> {
         if self.user.as_deref().is_some_and(|u| Some(u) != user)
             || self.client_id.as_deref().is_some_and(|c| c != client_id)
         {
@@ -93,6 +124,46 @@ impl AclRule {
                 return None;
             }
             filter.push_str(value);
+        }
+        Some(filter)
+    }
+
+    /// A deny rule's filter for this client: the substitution is literal
+    /// (a client id `a/b` in `devices/%c/#` denies `devices/a/b/#`, a `+`
+    /// in it denies more), and where it leaves no valid filter the rule
+    /// widens to `#` from the first broken level on. A deny rule must never
+    /// deny less than it says. A `%u` with no user does not apply: such a
+    /// client has no user's topics to keep it from.
+    fn deny_filter_for(&self, user: Option<&str>, client_id: &str) -> Option<String> {
+        if self.user.as_deref().is_some_and(|u| Some(u) != user)
+            || self.client_id.as_deref().is_some_and(|c| c != client_id)
+        {
+            return None;
+        }
+        let mut substituted = String::with_capacity(self.topic.len());
+        for (i, level) in self.topic.split('/').enumerate() {
+            if i > 0 {
+                substituted.push('/');
+            }
+            substituted.push_str(match level {
+                "%u" => user?,
+                "%c" => client_id,
+                other => other,
+            });
+        }
+        let mut filter = String::with_capacity(substituted.len());
+        for (i, level) in substituted.split('/').enumerate() {
+            if i > 0 {
+                filter.push('/');
+            }
+            if level == "#" || (level != "+" && level.contains(['+', '#'])) {
+                filter.push('#');
+                break;
+            }
+            filter.push_str(level);
+        }
+        if filter.is_empty() {
+            filter.push('#');
         }
         Some(filter)
     }
@@ -124,16 +195,26 @@ impl Acl {
                 continue;
             };
             let filter: Box<str> = filter.into();
+            let (publish, subscribe) = match rule.permission {
+                Permission::Allow => (&mut acl.publish, &mut acl.subscribe),
+                Permission::Deny => (&mut acl.deny_publish, &mut acl.deny_subscribe),
+            };
             match rule.access {
-                Access::Publish => acl.publish.push(filter),
-                Access::Subscribe => acl.subscribe.push(filter),
+                Access::Publish => publish.push(filter),
+                Access::Subscribe => subscribe.push(filter),
                 Access::All => {
-                    acl.publish.push(filter.clone());
-                    acl.subscribe.push(filter);
+                    publish.push(filter.clone());
+                    subscribe.push(filter);
                 }
             }
         }
         acl
+    }
+
+    /// What a session owned by `user` may not receive (see
+    /// [`ClientAcl::denied_topics`]), for a session restored from the store.
+    pub fn denied_topics(&self, user: Option<&str>, client_id: &str) -> Option<Box<DeniedTopics>> {
+        self.for_client(user, client_id).denied_topics()
     }
 }
 
@@ -144,6 +225,8 @@ pub struct ClientAcl {
     user: Option<Box<str>>,
     publish: Vec<Box<str>>,
     subscribe: Vec<Box<str>>,
+    deny_publish: Vec<Box<str>>,
+    deny_subscribe: Vec<Box<str>>,
 }
 
 impl ClientAcl {
@@ -154,13 +237,48 @@ impl ClientAcl {
 
     /// Whether the client may publish to `topic`.
     pub fn may_publish(&self, topic: &str) -> bool {
-        self.publish.iter().any(|f| filter_matches(f, topic))
+        !self.deny_publish.iter().any(|f| filter_matches(f, topic))
+            && self.publish.iter().any(|f| filter_matches(f, topic))
     }
 
     /// Whether the client may subscribe to `filter` (not shared: pass the
-    /// filter of a `$share/{group}/{filter}`).
+    /// filter of a `$share/{group}/{filter}`). A deny rule that covers it
+    /// refuses it; one that only overlaps it is left to the deliveries
+    /// ([`denied_topics`](Self::denied_topics)).
     pub fn may_subscribe(&self, filter: &str) -> bool {
-        self.subscribe.iter().any(|f| filter_covers(f, filter))
+        !self.deny_subscribe.iter().any(|f| filter_covers(f, filter))
+            && self.subscribe.iter().any(|f| filter_covers(f, filter))
+    }
+
+    /// The topics this client may not receive, for its session to keep:
+    /// `None` when no deny rule with `subscribe` access applies to it (the
+    /// usual case, which costs deliveries nothing).
+    pub fn denied_topics(&self) -> Option<Box<DeniedTopics>> {
+        (!self.deny_subscribe.is_empty()).then(|| {
+            Box::new(DeniedTopics {
+                filters: self.deny_subscribe.clone().into_boxed_slice(),
+            })
+        })
+    }
+}
+
+/// The filters of the deny rules with `subscribe` access that apply to one
+/// session's client: a message whose topic one of them matches is not
+/// delivered to it, whatever its subscriptions (see the module doc). Fixed
+/// for the session's life: it is resumed only by the user it was made for,
+/// and the rules change only with a restart, which computes it again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeniedTopics {
+    filters: Box<[Box<str>]>,
+}
+
+impl DeniedTopics {
+    /// Whether a message published to `topic` may not be delivered. Out of
+    /// line and cold: the delivery path only tests whether there is a list.
+    #[cold]
+    #[inline(never)]
+    pub fn contains(&self, topic: &str) -> bool {
+        self.filters.iter().any(|f| filter_matches(f, topic))
     }
 }
 
@@ -174,6 +292,14 @@ mod tests {
             client_id: client_id.map(str::to_owned),
             topic: topic.to_owned(),
             access,
+            permission: Permission::Allow,
+        }
+    }
+
+    fn deny(user: Option<&str>, client_id: Option<&str>, topic: &str, access: Access) -> AclRule {
+        AclRule {
+            permission: Permission::Deny,
+            ..rule(user, client_id, topic, access)
         }
     }
 
@@ -218,6 +344,84 @@ mod tests {
             assert!(!client.may_publish("devices/a/b/x"), "{sneaky:?}");
             assert!(!client.may_publish("devices/x/y"), "{sneaky:?}");
         }
+    }
+
+    #[test]
+    fn a_deny_rule_takes_back_what_allow_rules_give_whatever_the_order() {
+        let acl = Acl::from_rules(&[
+            rule(None, None, "#", Access::All),
+            deny(None, None, "test/nosubscribe", Access::Subscribe),
+            deny(None, None, "secret/#", Access::All),
+            deny(Some("guest"), None, "devices/+/cmd", Access::Publish),
+            rule(None, None, "$SYS/#", Access::Subscribe),
+        ])
+        .unwrap();
+        let anyone = acl.for_client(None, "c1");
+        assert!(!anyone.may_subscribe("test/nosubscribe"));
+        assert!(anyone.may_publish("test/nosubscribe"), "subscribe only");
+        assert!(
+            anyone.may_subscribe("test/+"),
+            "overlaps: left to deliveries"
+        );
+        assert!(anyone.may_subscribe("#"));
+        assert!(!anyone.may_subscribe("secret/#"));
+        assert!(!anyone.may_subscribe("secret/a/+"), "covered");
+        assert!(!anyone.may_publish("secret/a"));
+        assert!(anyone.may_publish("devices/d1/cmd"), "the deny is guest's");
+        assert!(
+            anyone.may_subscribe("$SYS/broker/uptime"),
+            "`#` rules never reach `$`"
+        );
+        let denied = anyone
+            .denied_topics()
+            .expect("deny rules with subscribe access");
+        assert!(denied.contains("test/nosubscribe"));
+        assert!(denied.contains("secret/a/b"));
+        assert!(!denied.contains("test/other"));
+        assert!(!denied.contains("devices/d1/cmd"));
+        let guest = acl.for_client(Some("guest"), "c2");
+        assert!(!guest.may_publish("devices/d1/cmd"));
+        assert!(guest.may_subscribe("devices/d1/cmd"), "publish only");
+
+        let only_deny = Acl::from_rules(&[deny(None, None, "a", Access::All)]).unwrap();
+        let client = only_deny.for_client(None, "c");
+        assert!(
+            !client.may_publish("b"),
+            "with rules, nothing allowed is refused"
+        );
+        let allow_only = Acl::from_rules(&[rule(None, None, "#", Access::All)]).unwrap();
+        assert!(allow_only.for_client(None, "c").denied_topics().is_none());
+    }
+
+    #[test]
+    fn a_deny_substitution_never_denies_less_than_it_says() {
+        let acl = Acl::from_rules(&[
+            rule(None, None, "#", Access::All),
+            deny(None, None, "devices/%c/admin", Access::All),
+            deny(None, None, "users/%u/#", Access::Subscribe),
+        ])
+        .unwrap();
+        let denied = |user: Option<&str>, client_id: &str| {
+            acl.for_client(user, client_id)
+                .deny_subscribe
+                .iter()
+                .map(|f| f.to_string())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(denied(Some("u"), "d1"), ["devices/d1/admin", "users/u/#"]);
+        // Literal: a `/` in the id denies exactly its own (deeper) topic.
+        assert_eq!(denied(None, "a/b"), ["devices/a/b/admin"]);
+        // A wildcard in the id denies more, never less.
+        assert_eq!(denied(None, "+"), ["devices/+/admin"]);
+        assert_eq!(denied(None, "x#"), ["devices/#"]);
+        assert_eq!(denied(None, "#"), ["devices/#"]);
+        assert_eq!(denied(Some("a+b"), "d"), ["devices/d/admin", "users/#"]);
+        // No user: no user's topics to keep it from.
+        assert_eq!(denied(None, "d1"), ["devices/d1/admin"]);
+        let own = Acl::from_rules(&[deny(None, None, "%c/#", Access::All)]).unwrap();
+        let sys = own.for_client(None, "$SYS");
+        assert!(!sys.may_subscribe("$SYS/#"));
+        assert!(sys.denied_topics().unwrap().contains("$SYS/broker/uptime"));
     }
 
     #[test]

@@ -480,9 +480,10 @@ impl Broker {
             }
         }
         for group in &matches.shared {
+            // A member an ACL deny rule keeps from the topic is passed over.
             let picked = group
-                .pick(|s| s.0.is_online())
-                .or_else(|| group.pick(|_| true));
+                .pick(|s| s.0.is_online() && !s.0.denies(message))
+                .or_else(|| group.pick(|s| !s.0.denies(message)));
             if let Some((member, options)) = picked {
                 let session = &member.0;
                 note(
@@ -517,9 +518,9 @@ impl Broker {
             else {
                 continue;
             };
-            let Some((member, options)) =
-                group.pick(|s| !Arc::ptr_eq(&s.0, departing) && s.0.is_online())
-            else {
+            let Some((member, options)) = group.pick(|s| {
+                !Arc::ptr_eq(&s.0, departing) && s.0.is_online() && !s.0.denies(&delivery.message)
+            }) else {
                 continue;
             };
             // Withdrawn only once a taker is known; what finds none stays, with
@@ -716,8 +717,11 @@ impl StagedFanout {
 /// The delivery of `message` to one matching client, combining its
 /// matching subscriptions (highest QoS, RETAIN if any asks for it as
 /// published, every subscription identifier); `None` when No Local leaves
-/// none of them.
+/// none of them, or an ACL deny rule keeps the client from the topic.
 fn client_delivery(client: &ClientMatch<SessionRef>, message: &Arc<Message>) -> Option<Delivery> {
+    if client.subscriber.0.denies(message) {
+        return None;
+    }
     let mut qos: Option<QoS> = None;
     let mut retain = false;
     let mut ids = SubscriptionIds::new();

@@ -642,6 +642,17 @@ mod tests {
         .unwrap();
         assert_eq!(c.auth.acl.len(), 2);
         assert_eq!(c.auth.acl[0].access, crate::acl::Access::Subscribe);
+        assert_eq!(c.auth.acl[0].permission, crate::acl::Permission::Allow);
+        let c = Config::from_toml(
+            "[[auth.acl]]\ntopic = \"secret/#\"\naccess = \"all\"\npermission = \"deny\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.auth.acl[0].permission, crate::acl::Permission::Deny);
+        let e = Config::from_toml(
+            "[[auth.acl]]\ntopic = \"a\"\naccess = \"all\"\npermission = \"refuse\"\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("permission"), "{e}");
         let e =
             Config::from_toml("[[auth.acl]]\ntopic = \"a/#/b\"\naccess = \"all\"\n").unwrap_err();
         assert!(e.to_string().contains("auth.acl.topic"), "{e}");

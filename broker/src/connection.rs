@@ -539,17 +539,19 @@ impl Connection {
             }
         }
 
+        let denied = acl.as_deref().and_then(ClientAcl::denied_topics);
         let resumable = |existing: &Arc<Session>| {
             acl.as_deref()
                 .is_none_or(|acl| may_resume(broker, existing, acl))
         };
-        let opened = broker
-            .registry
-            .open(&client_id, connect.clean_start, resumable, |old| {
-                broker
-                    .router
-                    .remove_subscriber(&SessionRef(Arc::clone(old)));
-            });
+        let opened =
+            broker
+                .registry
+                .open(&client_id, connect.clean_start, denied, resumable, |old| {
+                    broker
+                        .router
+                        .remove_subscriber(&SessionRef(Arc::clone(old)));
+                });
         if let Some((old, Some(pending))) = &opened.replaced {
             broker.publish_will(&pending.will, old.id);
         }
@@ -1398,7 +1400,7 @@ fn deliver_retained(session: &Arc<Session>, retained: Vec<(Arc<Message>, Subscri
     let now = std::time::Instant::now();
     let mut journal = Journal::new();
     for (message, options) in retained {
-        if message.is_expired(now) {
+        if message.is_expired(now) || session.denies(&message) {
             continue;
         }
         let granted = QoS::from_u8(options.qos).unwrap_or(QoS::AtMostOnce);

@@ -39,7 +39,7 @@ use crate::broker::{Broker, SessionRef};
 use crate::message::Message;
 use crate::metrics::Metrics;
 use crate::persistence::{message_from_record, unix_secs, will_from_record, Journal};
-use crate::session::Delivery;
+use crate::session::{Delivery, Session};
 
 /// What [`recover`] found.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -127,7 +127,12 @@ pub fn recover(broker: &Arc<Broker>) -> Result<Recovered, StoreError> {
             continue;
         };
 
-        let session = broker.registry.restore(&client_id);
+        // What its owner may not receive, under the rules of this start.
+        let denied = broker
+            .acl
+            .as_ref()
+            .and_then(|acl| acl.denied_topics(record.owner.as_deref(), &client_id));
+        let session = broker.registry.restore(&client_id, denied);
         let next_seq = store.last_seq(&client_id)?.map_or(1, |s| s + 1);
         let offline_since = if record.connected {
             now_secs
@@ -266,19 +271,22 @@ pub struct BacklogChunk {
     pub exhausted: bool,
 }
 
-/// Reads the next chunk of `client_id`'s backlog: pending entries with a
-/// seq above `after` and below `end`. Blocks on the store: call it off the
-/// async threads.
+/// Reads the next chunk of `session`'s backlog: pending entries with a
+/// seq above `after` and below `end`. One whose topic the session's client
+/// may no longer receive (an ACL deny rule added since it was queued) is
+/// gone like an expired one; those already sent are not checked again (the
+/// client has them). Blocks on the store: call it off the async
+/// threads.
 pub fn read_backlog(
     store: &dyn Store,
-    client_id: &str,
+    session: &Session,
     after: u64,
     end: u64,
     limit: usize,
 ) -> Result<BacklogChunk, StoreError> {
     let now = Instant::now();
     let mut chunk = BacklogChunk::default();
-    for entry in store.queue(client_id, Some(after)) {
+    for entry in store.queue(&session.client_id, Some(after)) {
         let entry = entry?;
         if entry.seq >= end {
             break;
@@ -290,7 +298,7 @@ pub fn read_backlog(
         let message = store
             .message(entry.message_id)?
             .and_then(message_from_record)
-            .filter(|m| !m.is_expired(now));
+            .filter(|m| !m.is_expired(now) && !session.denies(m));
         let seq = entry.seq;
         match message.and_then(|m| delivery_from_entry(entry, &m)) {
             Some(delivery) => chunk.deliveries.push(delivery),

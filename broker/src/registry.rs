@@ -26,6 +26,7 @@ use parking_lot::Mutex;
 use tern_codec::ReasonCode;
 use tokio::sync::Notify;
 
+use crate::acl::DeniedTopics;
 use crate::metrics::Metrics;
 use crate::session::{ConnectionControl, PendingWill, Session, SessionContext};
 
@@ -187,11 +188,14 @@ impl SessionRegistry {
     /// for a session that could be resumed) says no. `on_replace` runs
     /// under the registry lock for a session that is ended (so that removing
     /// its subscriptions cannot race with a new session subscribing under
-    /// the same id).
+    /// the same id). `denied` is what a new session's client may not
+    /// receive (a resumed one has it already: it is resumed only by the
+    /// user it was made for).
     pub fn open(
         &self,
         client_id: &str,
         clean_start: bool,
+        denied: Option<Box<DeniedTopics>>,
         resumable: impl FnOnce(&Arc<Session>) -> bool,
         on_replace: impl FnOnce(&Arc<Session>),
     ) -> Opened {
@@ -221,6 +225,7 @@ impl SessionRegistry {
         let session = Arc::new(Session::new(
             self.next_id(),
             Arc::clone(&client_id),
+            denied,
             &self.context,
         ));
         let replaced = sessions.insert(client_id, Arc::clone(&session)).map(|old| {
@@ -236,12 +241,14 @@ impl SessionRegistry {
     }
 
     /// Creates the offline session of `client_id` that recovery found in the
-    /// store (before any connection exists).
-    pub fn restore(&self, client_id: &str) -> Arc<Session> {
+    /// store (before any connection exists); `denied` as for
+    /// [`open`](Self::open), from the rules of this start.
+    pub fn restore(&self, client_id: &str, denied: Option<Box<DeniedTopics>>) -> Arc<Session> {
         let client_id: Arc<str> = Arc::from(client_id);
         let session = Arc::new(Session::new(
             self.next_id(),
             Arc::clone(&client_id),
+            denied,
             &self.context,
         ));
         self.sessions.lock().insert(client_id, Arc::clone(&session));

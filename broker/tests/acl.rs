@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
-use tern::acl::{Access, AclRule};
+use tern::acl::{Access, AclRule, Permission};
 use tern::config::UserEntry;
 use tern_codec::properties::WillProperties;
 use tern_codec::{Packet, ProtocolVersion, QoS, ReasonCode, Will};
@@ -19,6 +19,7 @@ fn rule(user: Option<&str>, topic: &str, access: Access) -> AclRule {
         client_id: None,
         topic: topic.to_owned(),
         access,
+        permission: Permission::Allow,
     }
 }
 
@@ -348,5 +349,211 @@ async fn the_owner_of_a_session_survives_a_restart() {
         ack.session_present,
         "ops resumes its own session after a restart"
     );
+    server.shutdown().await;
+}
+
+fn deny(client_id: Option<&str>, topic: &str, access: Access) -> AclRule {
+    AclRule {
+        client_id: client_id.map(str::to_owned),
+        permission: Permission::Deny,
+        ..rule(None, topic, access)
+    }
+}
+
+/// Everything is allowed but what deny rules take back: nobody receives
+/// `test/nosubscribe` (the rule Paho's interoperability suite asks for) or
+/// touches `secret/#`, and the client `m1` never receives `jobs/private`.
+fn allow_all_but(c: &mut tern::Config) {
+    c.auth.acl = vec![
+        deny(None, "test/nosubscribe", Access::Subscribe),
+        rule(None, "#", Access::All),
+        deny(None, "secret/#", Access::All),
+        deny(Some("m1"), "jobs/private", Access::Subscribe),
+    ];
+}
+
+#[tokio::test]
+async fn a_deny_rule_refuses_what_it_covers_and_withholds_what_it_overlaps() {
+    let server = start(allow_all_but).await;
+    // rumqttc (3.1.1) subscribes to everything, then to the denied topic.
+    let mut options = rumqttc::MqttOptions::new("reader", "127.0.0.1", addr(&server).port());
+    options.set_keep_alive(Duration::from_secs(30));
+    let (reader, mut reader_rx) = run_rumqttc(options);
+    reader
+        .subscribe("#", rumqttc::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    reader
+        .subscribe("test/nosubscribe", rumqttc::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let mut granted = Vec::new();
+    while granted.len() < 2 {
+        if let rumqttc::Packet::SubAck(ack) = next_packet(&mut reader_rx).await {
+            granted.push(ack.return_codes[0]);
+        }
+    }
+    assert_eq!(
+        granted,
+        [
+            rumqttc::SubscribeReasonCode::Success(rumqttc::QoS::AtLeastOnce),
+            rumqttc::SubscribeReasonCode::Failure,
+        ],
+        "# is allowed; the denied topic itself is refused (3.1.1: 0x80)"
+    );
+
+    let mut client = RawClient::connected(addr(&server), "watcher", ProtocolVersion::V5).await;
+    for (filter, code) in [
+        ("test/nosubscribe", ReasonCode::NotAuthorized),
+        ("$share/g/test/nosubscribe", ReasonCode::NotAuthorized),
+        ("secret/+/x", ReasonCode::NotAuthorized),
+        ("test/+", ReasonCode::Success),
+    ] {
+        assert_eq!(
+            client.subscribe(filter, QoS::AtMostOnce).await,
+            [code],
+            "{filter}"
+        );
+    }
+    // Publishing to the subscribe-denied topic is allowed; to secret/ not.
+    let mut writer = RawClient::connected(addr(&server), "writer", ProtocolVersion::V5).await;
+    assert_eq!(
+        puback_code(&mut writer, "test/nosubscribe", 1).await,
+        ReasonCode::Success
+    );
+    assert_eq!(
+        puback_code(&mut writer, "secret/plans", 2).await,
+        ReasonCode::NotAuthorized
+    );
+    assert_eq!(
+        puback_code(&mut writer, "test/open", 3).await,
+        ReasonCode::Success
+    );
+    // Neither `#` nor `test/+` receives the denied topic: the next message
+    // each gets is test/open.
+    assert_eq!(client.recv_publish().await.topic, "test/open");
+    loop {
+        if let rumqttc::Packet::Publish(p) = next_packet(&mut reader_rx).await {
+            assert_eq!(p.topic, "test/open", "test/nosubscribe was withheld");
+            break;
+        }
+    }
+
+    // Retained messages: the denied one is withheld from a new subscriber.
+    writer
+        .send(retained_publish("test/nosubscribe", b"kept"))
+        .await;
+    writer.send(retained_publish("test/r", b"kept")).await;
+    let mut late = RawClient::connected(addr(&server), "late", ProtocolVersion::V5).await;
+    assert_eq!(
+        late.subscribe("test/#", QoS::AtMostOnce).await,
+        [ReasonCode::Success]
+    );
+    assert_eq!(late.recv_publish().await.topic, "test/r");
+    late.expect_silence(Duration::from_millis(200)).await;
+    server.shutdown().await;
+}
+
+fn retained_publish(topic: &str, payload: &[u8]) -> Packet {
+    let mut packet = publish_packet(topic, payload, QoS::AtMostOnce, None);
+    if let Packet::Publish(p) = &mut packet {
+        p.retain = true;
+    }
+    packet
+}
+
+#[tokio::test]
+async fn a_shared_group_passes_over_a_member_denied_the_topic() {
+    let server = start(allow_all_but).await;
+    let mut m1 = RawClient::connected(addr(&server), "m1", ProtocolVersion::V5).await;
+    let mut m2 = RawClient::connected(addr(&server), "m2", ProtocolVersion::V5).await;
+    for m in [&mut m1, &mut m2] {
+        assert_eq!(
+            m.subscribe("$share/g/jobs/+", QoS::AtLeastOnce).await,
+            [ReasonCode::GrantedQoS1]
+        );
+    }
+    let mut publisher = RawClient::connected(addr(&server), "p", ProtocolVersion::V5).await;
+    for id in 1..=4 {
+        publisher
+            .publish("jobs/private", &[id as u8], QoS::AtLeastOnce, id)
+            .await;
+    }
+    // All four reach m2, none is lost on m1's turns.
+    for id in 1..=4u8 {
+        let p = m2.recv_publish().await;
+        assert_eq!(
+            (&p.topic[..], &p.payload[..]),
+            (&b"jobs/private"[..], &[id][..])
+        );
+        m2.send(Packet::PubAck(tern_codec::PubAck::new(
+            p.packet_id.unwrap(),
+        )))
+        .await;
+    }
+    m1.expect_silence(Duration::from_millis(200)).await;
+    // Other topics still alternate between both.
+    for id in 5..=6 {
+        publisher
+            .publish("jobs/open", &[id as u8], QoS::AtLeastOnce, id)
+            .await;
+    }
+    assert_eq!(m1.recv_publish().await.topic, "jobs/open");
+    assert_eq!(m2.recv_publish().await.topic, "jobs/open");
+    server.shutdown().await;
+}
+
+/// Rules change with a restart: a deny rule added then withholds what a
+/// stored session queued before it, and what is published after.
+#[tokio::test]
+async fn a_deny_rule_added_at_a_restart_withholds_what_was_queued_before() {
+    let store: std::sync::Arc<dyn tern_storage::Store> =
+        std::sync::Arc::new(tern_storage::MemoryStore::new());
+    let start_on = |store: std::sync::Arc<dyn tern_storage::Store>, rules: Vec<AclRule>| async move {
+        let mut config = tern::Config::default();
+        config.listeners.tcp = vec!["127.0.0.1:0".parse().unwrap()];
+        config.listeners.ws = vec![];
+        config.admin.bind = None;
+        config.storage.durability = tern::config::DurabilityMode::Fsync;
+        config.auth.acl = rules;
+        tern::Server::start_with_store(config, store).await.unwrap()
+    };
+    let server = start_on(store.clone(), vec![rule(None, "#", Access::All)]).await;
+    let (mut worker, _) = RawClient::connect(addr(&server), persistent_connect("w", 600)).await;
+    assert_eq!(
+        worker.subscribe("jobs/#", QoS::AtLeastOnce).await,
+        [ReasonCode::GrantedQoS1]
+    );
+    drop(worker);
+    let mut publisher = RawClient::connected(addr(&server), "p", ProtocolVersion::V5).await;
+    for (id, topic) in [(1, "jobs/a"), (2, "jobs/private"), (3, "jobs/b")] {
+        publisher.publish(topic, b"x", QoS::AtLeastOnce, id).await;
+    }
+    server.shutdown().await;
+
+    let rules = vec![
+        rule(None, "#", Access::All),
+        deny(None, "jobs/private", Access::Subscribe),
+    ];
+    let server = start_on(store, rules).await;
+    let mut publisher = RawClient::connected(addr(&server), "p", ProtocolVersion::V5).await;
+    publisher
+        .publish("jobs/private", b"x", QoS::AtLeastOnce, 4)
+        .await;
+    publisher.publish("jobs/c", b"x", QoS::AtLeastOnce, 5).await;
+    let (mut worker, ack) = RawClient::connect(addr(&server), persistent_connect("w", 600)).await;
+    assert!(ack.session_present, "jobs/# is still allowed");
+    let mut topics = Vec::new();
+    for _ in 0..3 {
+        let p = worker.recv_publish().await;
+        topics.push(p.topic.clone());
+        worker
+            .send(Packet::PubAck(tern_codec::PubAck::new(
+                p.packet_id.unwrap(),
+            )))
+            .await;
+    }
+    assert_eq!(topics, ["jobs/a", "jobs/b", "jobs/c"]);
+    worker.expect_silence(Duration::from_millis(200)).await;
     server.shutdown().await;
 }

@@ -177,7 +177,7 @@ async fn auth_without_a_method_in_connect_is_a_protocol_error() {
 /// user name (it sent none).
 #[tokio::test]
 async fn the_acl_sees_the_user_scram_proved() {
-    use tern::acl::{Access, AclRule};
+    use tern::acl::{Access, AclRule, Permission};
     let server = start(|c| {
         c.auth.users = vec![UserEntry {
             name: "alice".into(),
@@ -188,6 +188,7 @@ async fn the_acl_sees_the_user_scram_proved() {
             client_id: None,
             topic: "home/%u/#".into(),
             access: Access::All,
+            permission: Permission::Allow,
         }];
     })
     .await;

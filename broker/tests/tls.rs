@@ -413,7 +413,7 @@ async fn granted(
 
 #[tokio::test]
 async fn a_certificate_common_name_is_the_acl_user_when_configured() {
-    use tern::acl::{Access, AclRule};
+    use tern::acl::{Access, AclRule, Permission};
     use tern::config::CertificateIdentity;
     let rules = || {
         vec![AclRule {
@@ -421,6 +421,7 @@ async fn a_certificate_common_name_is_the_acl_user_when_configured() {
             client_id: None,
             topic: "devices/%u/#".into(),
             access: Access::All,
+            permission: Permission::Allow,
         }]
     };
     let server = start_tls(|c| {

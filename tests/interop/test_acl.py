@@ -51,3 +51,35 @@ def test_subscriptions_outside_the_rules_are_refused(acl_broker, paho, mosq):
     # MQTT 3.1.1 has one failure code: 0x80.
     sub = mosq.sub("devices/#", broker_=acl_broker, client_id="d9")
     assert sub.granted == [128], sub.lines
+
+
+DENY_RULES = (
+    "[[auth.acl]]\n"
+    'topic = "#"\n'
+    'access = "all"\n'
+    "[[auth.acl]]\n"
+    'topic = "test/nosubscribe"\n'
+    'access = "subscribe"\n'
+    'permission = "deny"\n'
+)
+
+
+def test_a_deny_rule_refuses_its_topic_and_withholds_it_from_wildcards(broker_factory, paho, mosq):
+    # The rule Eclipse Paho's interoperability suite asks of a broker for its
+    # subscribe-failure test, with everything else allowed.
+    b = broker_factory(DENY_RULES)
+    v311 = paho("sub311", broker_=b)
+    assert [c.value for c in v311.subscribe("test/nosubscribe", 2)] == [0x80]
+    v5 = paho("sub5", V5, broker_=b)
+    assert [c.value for c in v5.subscribe("test/nosubscribe", 2)] == [0x87]
+    assert [c.value for c in v5.subscribe("test/#", 1)] == [1]
+    every = mosq.sub("#", broker_=b, client_id="every", qos=1)
+    assert every.granted == [1], every.lines
+    pub = paho("pub", V5, broker_=b)
+    assert pub.publish("test/nosubscribe", b"hidden", qos=1).value == 0x00
+    assert pub.publish("test/open", b"seen", qos=1).value == 0x00
+    m = v5.get()
+    assert (m.topic, m.payload) == ("test/open", b"seen")
+    assert every.get()["topic"] == "test/open"
+    v5.assert_no_message()
+    every.assert_no_message()

@@ -321,7 +321,9 @@ pub fn attached_subscriber(
     filter: &str,
 ) -> (std::sync::Arc<tern::session::Session>, u64) {
     use std::sync::Arc;
-    let opened = broker.registry.open(client_id, true, |_| true, |_| {});
+    let opened = broker
+        .registry
+        .open(client_id, true, None, |_| true, |_| {});
     let connection_id = broker.registry.next_id();
     opened
         .session
