@@ -229,6 +229,10 @@ pub struct LimitsConfig {
     /// Largest keep alive (seconds) a client may use; 0 means no limit. An MQTT 5
     /// client asking for more (or for 0) is told this value as Server Keep Alive.
     pub max_keepalive_secs: u16,
+    /// Seconds a client without keep alive may leave a packet incomplete
+    /// (since its last complete packet) before it is closed; 0: for ever.
+    /// With a keep alive, 1.5 x keep alive bounds it already.
+    pub incomplete_packet_timeout_secs: u64,
     /// Topic aliases an MQTT 5 client may use towards the broker.
     pub topic_alias_maximum: u16,
     /// Upper bound for the session expiry interval a client may ask for, in
@@ -311,6 +315,7 @@ impl Default for LimitsConfig {
             max_outbound_bytes: 64 * 1024 * 1024,
             connect_timeout_secs: 10,
             max_keepalive_secs: 0,
+            incomplete_packet_timeout_secs: 120,
             topic_alias_maximum: 64,
             max_session_expiry_secs: u32::MAX,
             max_subscriptions_per_client: 10_000,

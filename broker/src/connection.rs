@@ -434,6 +434,10 @@ struct Connection {
     expiry_interval: u32,
     /// In seconds; 0: none.
     keep_alive: u16,
+    /// What the last read left ends in an incomplete packet (the reader's
+    /// copy of `ConnectionControl::is_incomplete`; kept up to date only
+    /// without keep alive).
+    incomplete: bool,
     send_quota: u16,
     client_max_packet: Option<u32>,
     client_topic_alias_max: u16,
@@ -583,6 +587,7 @@ impl Connection {
             session: opened.session,
             expiry_interval,
             keep_alive,
+            incomplete: false,
             send_quota,
             client_max_packet: connect.properties.maximum_packet_size,
             client_topic_alias_max: if v5 {
@@ -638,6 +643,7 @@ impl Connection {
             self.connection_id,
             &control,
             Duration::from_secs(self.keep_alive.into()),
+            Duration::from_secs(self.broker.config.limits.incomplete_packet_timeout_secs),
         );
         if self.broker.is_shutting_down() {
             // Attached after shutdown kicked every attached session.
@@ -680,7 +686,7 @@ impl Connection {
         &'a mut self,
         reader: &'a mut R,
         buf: &'a mut BytesMut,
-        control: &'a ConnectionControl,
+        control: &'a Arc<ConnectionControl>,
     ) -> impl Future<Output = Exit> + Send + 'a {
         // An async block, not an async fn: see `serve_tcp`.
         async move {
@@ -728,6 +734,12 @@ impl Connection {
                 // keep_alive.rs); once per read rather than per packet.
                 if decoded {
                     control.packet_received(self.broker.keep_alive.now_ms());
+                }
+                // Without keep alive, an incomplete packet is timed instead
+                // (see keep_alive.rs); a store only when that changes.
+                if self.keep_alive == 0 && buf.is_empty() == self.incomplete {
+                    self.incomplete = !buf.is_empty();
+                    control.set_incomplete(self.incomplete, self.broker.keep_alive.now_ms());
                 }
                 if control.is_closing() {
                     if control.close_reason() == Some(ReasonCode::SessionTakenOver) {

@@ -16,7 +16,14 @@
 //!   with reason 0x8D (Keep Alive timeout) for MQTT 5 clients.
 //!
 //! A silent client is therefore closed between 1.5 x keep alive and that
-//! plus two intervals, never before. A paused reader (back-pressure) reads
+//! plus two intervals, never before.
+//!
+//! A client without keep alive is closed the same way only while it holds
+//! an incomplete packet, `limits.incomplete_packet_timeout_secs` after its
+//! last complete one (or after the incomplete one began, if later; see
+//! [`ConnectionControl::set_incomplete`]): otherwise it could hold a read
+//! buffer of up to the largest packet size for ever by sending all of a
+//! packet but its last byte. A paused reader (back-pressure) reads
 //! nothing and so stamps nothing: a client stuck for that long is closed too,
 //! which releases what it held.
 //!
@@ -54,8 +61,10 @@ pub struct KeepAlive {
 #[derive(Debug)]
 struct Watched {
     control: Arc<ConnectionControl>,
-    /// 1.5 x keep alive, in milliseconds.
+    /// 1.5 x keep alive, or the incomplete packet timeout, in milliseconds.
     limit_ms: u64,
+    /// No keep alive: expired only while it holds an incomplete packet.
+    incomplete_only: bool,
 }
 
 impl Default for KeepAlive {
@@ -74,22 +83,29 @@ impl KeepAlive {
         self.now_ms.load(Ordering::Relaxed)
     }
 
-    /// Starts watching a connection that asked for `keep_alive` (nothing to
-    /// watch when it is zero). Its stamp starts now.
+    /// Starts watching a connection that asked for `keep_alive`. Its stamp
+    /// starts now. Without keep alive, it is watched only for packets it
+    /// leaves incomplete for longer than `incomplete_limit` (zero: not at
+    /// all; see [`ConnectionControl::set_incomplete`]).
     pub fn watch(
         &self,
         connection_id: u64,
         control: &Arc<ConnectionControl>,
         keep_alive: Duration,
+        incomplete_limit: Duration,
     ) {
-        if keep_alive.is_zero() {
-            return;
-        }
         control.packet_received(self.now_ms());
-        let limit_ms = keep_alive.as_millis() as u64 * 3 / 2;
+        let (limit, incomplete_only) = if !keep_alive.is_zero() {
+            (keep_alive * 3 / 2, false)
+        } else if !incomplete_limit.is_zero() {
+            (incomplete_limit, true)
+        } else {
+            return;
+        };
         let watched = Watched {
             control: Arc::clone(control),
-            limit_ms,
+            limit_ms: limit.as_millis() as u64,
+            incomplete_only,
         };
         self.watched.lock().insert(connection_id, watched);
     }
@@ -118,7 +134,9 @@ impl KeepAlive {
             .values()
             .filter(|w| {
                 let silent = now_ms.saturating_sub(w.control.last_packet_ms());
-                silent > w.limit_ms + SWEEP_INTERVAL_MS && !w.control.is_closing()
+                silent > w.limit_ms + SWEEP_INTERVAL_MS
+                    && !w.control.is_closing()
+                    && (!w.incomplete_only || w.control.is_incomplete())
             })
             .map(|w| Arc::clone(&w.control))
             .collect()
@@ -146,7 +164,7 @@ mod tests {
     fn a_connection_expires_only_after_its_limit_and_one_interval() {
         let keep_alive = KeepAlive::default();
         let control = Arc::new(ConnectionControl::default());
-        keep_alive.watch(1, &control, Duration::from_secs(2));
+        keep_alive.watch(1, &control, Duration::from_secs(2), Duration::ZERO);
         assert_eq!(keep_alive.watched(), 1);
         // Limit: 3,000 ms, plus one sweep interval.
         assert!(keep_alive.expired_at(3_000 + SWEEP_INTERVAL_MS).is_empty());
@@ -159,7 +177,7 @@ mod tests {
     fn a_packet_restarts_the_wait() {
         let keep_alive = KeepAlive::default();
         let control = Arc::new(ConnectionControl::default());
-        keep_alive.watch(1, &control, Duration::from_secs(1));
+        keep_alive.watch(1, &control, Duration::from_secs(1), Duration::ZERO);
         control.packet_received(10_000);
         assert!(keep_alive.expired_at(11_000).is_empty());
         assert_eq!(keep_alive.expired_at(12_000).len(), 1);
@@ -169,14 +187,41 @@ mod tests {
     fn closing_zero_and_unwatched_connections_are_not_expired() {
         let keep_alive = KeepAlive::default();
         let closing = Arc::new(ConnectionControl::default());
-        keep_alive.watch(1, &closing, Duration::from_secs(1));
+        keep_alive.watch(1, &closing, Duration::from_secs(1), Duration::ZERO);
         closing.close(Some(ReasonCode::KeepAliveTimeout));
         let none = Arc::new(ConnectionControl::default());
-        keep_alive.watch(2, &none, Duration::ZERO);
+        keep_alive.watch(2, &none, Duration::ZERO, Duration::ZERO);
         let gone = Arc::new(ConnectionControl::default());
-        keep_alive.watch(3, &gone, Duration::from_secs(1));
+        keep_alive.watch(3, &gone, Duration::from_secs(1), Duration::ZERO);
         keep_alive.unwatch(3);
         assert_eq!(keep_alive.watched(), 1);
         assert!(keep_alive.expired_at(u64::MAX / 2).is_empty());
+    }
+
+    #[test]
+    fn without_keep_alive_only_an_incomplete_packet_is_timed() {
+        let keep_alive = KeepAlive::default();
+        let control = Arc::new(ConnectionControl::default());
+        keep_alive.watch(1, &control, Duration::ZERO, Duration::from_secs(10));
+        assert_eq!(keep_alive.watched(), 1);
+        // Idle for ages on a packet boundary: never expired.
+        assert!(keep_alive.expired_at(1_000_000).is_empty());
+        // An incomplete packet from 1,000,000 ms on: timed from there, not
+        // from the CONNECT long before.
+        control.set_incomplete(true, 1_000_000);
+        assert!(keep_alive
+            .expired_at(1_010_000 + SWEEP_INTERVAL_MS)
+            .is_empty());
+        assert_eq!(
+            keep_alive.expired_at(1_010_001 + SWEEP_INTERVAL_MS).len(),
+            1
+        );
+        // Completed meanwhile: not expired.
+        control.set_incomplete(false, 1_005_000);
+        assert!(keep_alive.expired_at(2_000_000).is_empty());
+        // Without a limit, not watched at all.
+        let unlimited = Arc::new(ConnectionControl::default());
+        keep_alive.watch(2, &unlimited, Duration::ZERO, Duration::ZERO);
+        assert_eq!(keep_alive.watched(), 1);
     }
 }

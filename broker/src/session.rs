@@ -218,6 +218,8 @@ pub struct ConnectionControl {
     /// When a read last decoded a packet, on the keep alive clock (see
     /// keep_alive.rs).
     last_packet_ms: AtomicU64,
+    /// The reader holds an incomplete packet (see keep_alive.rs).
+    incomplete: AtomicBool,
 }
 
 impl ConnectionControl {
@@ -246,6 +248,21 @@ impl ConnectionControl {
     /// Stamps the arrival of a packet (keep alive).
     pub fn packet_received(&self, now_ms: u64) {
         self.last_packet_ms.store(now_ms, Ordering::Relaxed);
+    }
+
+    /// Records whether what the reader has read ends in an incomplete
+    /// packet. A stretch of incomplete reads is timed from its start at the
+    /// latest, not from a packet the client sent long before.
+    pub fn set_incomplete(&self, incomplete: bool, now_ms: u64) {
+        if incomplete {
+            self.packet_received(now_ms);
+        }
+        self.incomplete.store(incomplete, Ordering::Relaxed);
+    }
+
+    /// See [`set_incomplete`](Self::set_incomplete).
+    pub fn is_incomplete(&self) -> bool {
+        self.incomplete.load(Ordering::Relaxed)
     }
 
     /// The last stamp of [`packet_received`](Self::packet_received).

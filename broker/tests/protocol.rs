@@ -5,10 +5,10 @@ mod common;
 
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use common::*;
 use tern_codec::properties::{ConnectProperties, WillProperties};
-use tern_codec::{Packet, ProtocolVersion, PubAck, QoS, ReasonCode, Will};
+use tern_codec::{encode_packet, Packet, ProtocolVersion, PubAck, QoS, ReasonCode, Will};
 
 const V5: ProtocolVersion = ProtocolVersion::V5;
 const V311: ProtocolVersion = ProtocolVersion::V311;
@@ -149,6 +149,47 @@ async fn keep_alive_timeout_publishes_will() {
     assert_eq!(&will.topic[..], b"wills/sleepy");
     assert_eq!(&will.payload[..], b"gone");
     assert!(sleepy.expect_closed().await.is_empty());
+    assert_eq!(server.broker().metrics.keepalive_timeouts.get(), 1);
+    server.shutdown().await;
+}
+
+/// Keep alive 0 turns the keep alive off, but a client without it cannot
+/// hold an incomplete packet (and the read buffer under it) for ever.
+#[tokio::test]
+async fn without_keep_alive_an_incomplete_packet_is_timed_out() {
+    let server = start(|c| c.limits.incomplete_packet_timeout_secs = 1).await;
+    let connect = |id: &str| {
+        let mut connect = connect_packet(id, V5);
+        connect.keep_alive = 0;
+        connect
+    };
+    let (mut stalled, _) = RawClient::connect(addr(&server), connect("stalled")).await;
+    let (mut idle, _) = RawClient::connect(addr(&server), connect("idle")).await;
+    let (mut late, _) = RawClient::connect(addr(&server), connect("late")).await;
+    // All of a QoS 1 PUBLISH but its last byte.
+    let mut publish = BytesMut::new();
+    let packet = publish_packet("t", b"payload", QoS::AtLeastOnce, Some(1));
+    encode_packet(&packet, V5, &mut publish).unwrap();
+    let (head, last) = publish.split_at(publish.len() - 1);
+    stalled.send_bytes(head).await;
+    let started = std::time::Instant::now();
+    stalled
+        .expect_disconnect(ReasonCode::KeepAliveTimeout)
+        .await;
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_secs(1), "{waited:?}");
+    assert_eq!(server.broker().metrics.keepalive_timeouts.get(), 1);
+
+    // Silent on a packet boundary for longer than the timeout: still served.
+    idle.send(Packet::PingReq).await;
+    assert!(matches!(idle.recv().await, Some(Packet::PingResp)));
+    // An incomplete packet begun after a long silence is timed from its
+    // start, not from the client's last packet: completed within the
+    // timeout, it is handled.
+    late.send_bytes(head).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    late.send_bytes(last).await;
+    assert!(matches!(late.recv().await, Some(Packet::PubAck(_))));
     assert_eq!(server.broker().metrics.keepalive_timeouts.get(), 1);
     server.shutdown().await;
 }
