@@ -548,14 +548,18 @@ impl Connection {
             acl.as_deref()
                 .is_none_or(|acl| may_resume(broker, existing, acl))
         };
-        let opened =
+        let on_replace = |old: &Arc<Session>| {
             broker
-                .registry
-                .open(&client_id, connect.clean_start, denied, resumable, |old| {
-                    broker
-                        .router
-                        .remove_subscriber(&SessionRef(Arc::clone(old)));
-                });
+                .router
+                .remove_subscriber(&SessionRef(Arc::clone(old)));
+        };
+        let opened = broker.registry.open(
+            &client_id,
+            connect.clean_start,
+            denied,
+            resumable,
+            on_replace,
+        );
         if let Some((old, Some(pending))) = &opened.replaced {
             broker.publish_will(&pending.will, old.id);
         }
