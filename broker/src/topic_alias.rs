@@ -94,6 +94,12 @@ impl OutboundAliases {
         })
     }
 
+    /// Whether `topic` has an alias the client already knows: what
+    /// [`assign`](Self::assign) would say, without assigning.
+    pub fn is_known(&self, topic: &Bytes) -> bool {
+        self.by_topic.contains_key(topic)
+    }
+
     /// The alias to send with `topic`, and whether the client already knows
     /// it (then the topic name may be left out).
     pub fn assign(&mut self, topic: &Bytes) -> (u16, bool) {

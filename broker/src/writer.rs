@@ -271,8 +271,17 @@ fn encode_own(
 ) -> bool {
     let mut publish = to_publish(delivery, ctx.protocol, now);
     if ctx.client_max_packet.is_some() {
-        let size = tern_codec::encoded_len(&Packet::Publish(publish.clone()), ctx.protocol)
-            .unwrap_or(usize::MAX);
+        // Measured as it will be sent: with its Topic Alias property, and
+        // without the topic when the client knows the alias already.
+        let mut sent = publish.clone();
+        if let Some(aliases) = aliases {
+            sent.properties.topic_alias = Some(1);
+            if aliases.is_known(&sent.topic) {
+                sent.topic = Bytes::new();
+            }
+        }
+        let size =
+            tern_codec::encoded_len(&Packet::Publish(sent), ctx.protocol).unwrap_or(usize::MAX);
         if too_large(ctx, delivery, size) {
             return false;
         }

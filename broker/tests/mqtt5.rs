@@ -446,6 +446,32 @@ async fn deliveries_larger_than_the_client_maximum_are_dropped() {
     server.shutdown().await;
 }
 
+/// MQTT-3.1.2-24 counts the whole packet as sent: a Topic Alias the broker
+/// adds (3 bytes) can take a PUBLISH that fits without it over the limit.
+#[tokio::test]
+async fn a_topic_alias_counts_towards_the_client_maximum_packet_size() {
+    let server = start(|_| {}).await;
+    let mut connect = connect_packet("small", V5);
+    connect.properties.maximum_packet_size = Some(100);
+    connect.properties.topic_alias_maximum = Some(10);
+    let (mut sub, _) = RawClient::connect(addr(&server), connect).await;
+    sub.subscribe("t/#", QoS::AtMostOnce).await;
+    let mut p = RawClient::connected(addr(&server), "p", V5).await;
+    // 100 bytes as published (8 bytes of header for "t/x"), 103 with an alias.
+    let exact = publish_packet("t/x", &[b'P'; 92], QoS::AtMostOnce, None);
+    assert_eq!(tern_codec::encoded_len(&exact, V5).unwrap(), 100);
+    p.send(exact).await;
+    p.send(publish_packet("t/x", b"fits", QoS::AtMostOnce, None))
+        .await;
+    let got = sub.recv_publish().await;
+    assert_eq!(&got.payload[..], b"fits");
+    assert!(got.properties.topic_alias.is_some());
+    let size = tern_codec::encoded_len(&Packet::Publish(got), V5).unwrap();
+    assert!(size <= 100, "{size}");
+    assert_eq!(server.broker().metrics.messages_dropped_oversized.get(), 1);
+    server.shutdown().await;
+}
+
 #[tokio::test]
 async fn disconnect_may_change_session_expiry() {
     let server = start(|_| {}).await;
