@@ -727,7 +727,16 @@ impl Connection {
                             Err(e) => {
                                 self.deliver_staged(session);
                                 count_decode_error(&self.broker.metrics, &e);
-                                return Exit::Error(e.reason_code(), e.to_string().into());
+                                // Only a CONNECT names a protocol: a second one
+                                // is a Protocol Error whatever it names
+                                // (MQTT-3.1.0-2; 0x84 is no DISCONNECT code).
+                                let code = match e {
+                                    tern_codec::DecodeError::UnsupportedProtocolVersion {
+                                        ..
+                                    } => ReasonCode::ProtocolError,
+                                    _ => e.reason_code(),
+                                };
+                                return Exit::Error(code, e.to_string().into());
                             }
                         }
                     }

@@ -153,6 +153,26 @@ async fn keep_alive_timeout_publishes_will() {
     server.shutdown().await;
 }
 
+/// A second CONNECT is a Protocol Error (MQTT-3.1.0-2), one naming a
+/// protocol level the broker does not speak too: an MQTT 5 client is told
+/// so with DISCONNECT 0x82 before the close.
+#[tokio::test]
+async fn a_second_connect_is_a_protocol_error_whatever_protocol_it_names() {
+    let server = start(|_| {}).await;
+    let mut again = RawClient::connected(addr(&server), "again", V5).await;
+    again
+        .send(Packet::Connect(Box::new(connect_packet("again", V5))))
+        .await;
+    again.expect_disconnect(ReasonCode::ProtocolError).await;
+    let mut other = RawClient::connected(addr(&server), "other", V5).await;
+    // CONNECT, protocol "MQTT" level 6, clean start, keep alive 60.
+    other
+        .send_bytes(b"\x10\x12\x00\x04MQTT\x06\x02\x00\x3c\x00\x00\x05other")
+        .await;
+    other.expect_disconnect(ReasonCode::ProtocolError).await;
+    server.shutdown().await;
+}
+
 /// Keep alive 0 turns the keep alive off, but a client without it cannot
 /// hold an incomplete packet (and the read buffer under it) for ever.
 #[tokio::test]

@@ -386,7 +386,8 @@ fn subscribe(r: &mut Reader, version: ProtocolVersion) -> Result<Subscribe, Deco
             0 => RetainHandling::SendAtSubscribe,
             1 => RetainHandling::SendIfNew,
             2 => RetainHandling::DoNotSend,
-            _ => return Err(DecodeError::Malformed("retain handling 3")),
+            // MQTT 5 3.8.3.1 names it a Protocol Error, unlike QoS 3.
+            _ => return Err(DecodeError::Protocol("retain handling 3")),
         };
         filters.push(SubscribeFilter {
             filter,

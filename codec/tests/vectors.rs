@@ -407,7 +407,7 @@ fn subscribe_rules() {
     protocol(b"\xA2\x02\x00\x01", V311);
     malformed(b"\x82\x05\x00\x01\x00\x00\x00", V311); // empty filter
     malformed(b"\x82\x06\x00\x01\x00\x01a\x03", V311); // QoS 3
-    malformed(b"\x82\x07\x00\x01\x00\x00\x01a\x30", V5); // retain handling 3
+    protocol(b"\x82\x07\x00\x01\x00\x00\x01a\x30", V5); // retain handling 3 (MQTT 5 3.8.3.1)
     malformed(b"\x82\x07\x00\x01\x00\x00\x01a\x40", V5); // reserved bit 6
     malformed(b"\x82\x06\x00\x01\x00\x01a\x04", V311); // no local does not exist in 3.x
     decode_one(b"\x82\x07\x00\x01\x00\x00\x01a\x04", V5).unwrap();
