@@ -225,6 +225,9 @@ fn serve(args: ServeArgs) -> ExitCode {
                 "starting Tern with the embedded default configuration (no config file): anonymous clients allowed"
             ),
         }
+        // Listened to before the listeners open: a SIGTERM that comes as
+        // soon as a client could connect still shuts down cleanly.
+        let mut signals = Signals::listen();
         let server = match Server::start(config).await {
             Ok(server) => server,
             Err(e) => {
@@ -232,59 +235,83 @@ fn serve(args: ServeArgs) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        wait_for_signal(&server).await;
+        signals.wait(&server).await;
         tracing::info!("shutdown requested; disconnecting clients");
         server.shutdown().await;
         ExitCode::SUCCESS
     })
 }
 
-/// Resolves on SIGINT or SIGTERM. On SIGHUP, reloads the TLS certificate
-/// files and goes on waiting.
-async fn wait_for_signal(server: &Server) {
+/// The signals the broker answers: SIGINT and SIGTERM stop it, SIGHUP
+/// reloads the TLS certificate files. Streams made once, before the server
+/// starts: a signal that arrives before [`wait`](Signals::wait) or between
+/// two turns of its loop is kept for it.
+struct Signals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        // Streams made once: a signal that arrives between two turns of the
-        // loop is kept for the next. One that cannot be listened to (it
-        // never happens on Linux) is only left out, never the others.
-        let listen = |kind: SignalKind| match signal(kind) {
-            Ok(stream) => Some(stream),
-            Err(e) => {
-                tracing::warn!(error = %e, ?kind, "cannot listen to a signal");
-                None
-            }
-        };
-        async fn next(stream: &mut Option<tokio::signal::unix::Signal>) {
-            match stream {
-                Some(s) => {
-                    s.recv().await;
+    int: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    term: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    hup: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    /// Starts listening. One that cannot be listened to (it never happens on
+    /// Linux) is only left out, never the others.
+    fn listen() -> Signals {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            let listen = |kind: SignalKind| match signal(kind) {
+                Ok(stream) => Some(stream),
+                Err(e) => {
+                    tracing::warn!(error = %e, ?kind, "cannot listen to a signal");
+                    None
                 }
-                None => std::future::pending().await,
+            };
+            Signals {
+                int: listen(SignalKind::interrupt()),
+                term: listen(SignalKind::terminate()),
+                hup: listen(SignalKind::hangup()),
             }
         }
-        let mut int = listen(SignalKind::interrupt());
-        let mut term = listen(SignalKind::terminate());
-        let mut hup = listen(SignalKind::hangup());
-        if int.is_none() && term.is_none() {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-        loop {
-            tokio::select! {
-                () = next(&mut int) => return,
-                () = next(&mut term) => return,
-                () = next(&mut hup) => {
-                    tracing::info!("SIGHUP: reloading the TLS certificate files");
-                    // Logged by reload_tls either way.
-                    let _ = server.reload_tls();
-                }
-            }
-        }
+        #[cfg(not(unix))]
+        Signals {}
     }
-    #[cfg(not(unix))]
-    {
-        let _ = server;
-        let _ = tokio::signal::ctrl_c().await;
+
+    /// Resolves on SIGINT or SIGTERM; on SIGHUP, reloads the TLS
+    /// certificate files and goes on waiting.
+    async fn wait(&mut self, server: &Server) {
+        #[cfg(unix)]
+        {
+            async fn next(stream: &mut Option<tokio::signal::unix::Signal>) {
+                match stream {
+                    Some(s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending().await,
+                }
+            }
+            if self.int.is_none() && self.term.is_none() {
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+            loop {
+                tokio::select! {
+                    () = next(&mut self.int) => return,
+                    () = next(&mut self.term) => return,
+                    () = next(&mut self.hup) => {
+                        tracing::info!("SIGHUP: reloading the TLS certificate files");
+                        // Logged by reload_tls either way.
+                        let _ = server.reload_tls();
+                    }
+                }
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = server;
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }

@@ -185,6 +185,46 @@ fn wait_for_line(log: &std::sync::mpsc::Receiver<String>, needle: &str) -> Vec<S
     panic!("no line with {needle:?} in {lines:#?}");
 }
 
+/// A SIGTERM that comes as soon as the listeners are ready (a supervisor
+/// stopping a broker it has just started) still shuts down cleanly: the
+/// signal handlers are in place before any listener opens.
+#[test]
+fn a_sigterm_right_after_start_is_a_clean_shutdown() {
+    let cwd = std::env::temp_dir().join(format!("tern-cli-{}-early", std::process::id()));
+    for _ in 0..5 {
+        let _ = std::fs::remove_dir_all(&cwd);
+        std::fs::create_dir_all(&cwd).unwrap();
+        let child = Command::new(TERN)
+            .args(["serve", "--bind", "127.0.0.1:0", "--ws-bind", "127.0.0.1:0"])
+            .args(["--admin-bind", "127.0.0.1:0"])
+            .current_dir(&cwd)
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut running = Running(child);
+        let log = drain(&mut running);
+        wait_for_line(&log, "MQTT/TCP listener ready");
+        let pid = libc::pid_t::try_from(running.0.id()).unwrap();
+        // SAFETY: kill(2) takes plain integers; `pid` is our own child, not
+        // yet reaped (`running` waits for it below or on drop).
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(status) = running.0.try_wait().unwrap() {
+                break status;
+            }
+            assert!(Instant::now() < deadline, "broker did not stop on SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(
+            status.success(),
+            "exit status {status}: killed, not shut down"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&cwd);
+}
+
 #[test]
 fn the_broker_outlives_its_log_reader() {
     let dir = std::env::temp_dir().join(format!("tern-cli-{}-nolog", std::process::id()));
