@@ -90,30 +90,26 @@ impl AclRule {
     /// The rule's filter for this client, or `None` if the rule does not
     /// apply to it.
     fn filter_for(&self, user: Option<&str>, client_id: &str) -> Option<String> {
-        match self.permission {
-            Permission::Allow => self.allow_filter_for(user, client_id),
-            Permission::Deny => self.deny_filter_for(user, client_id),
-        }
-    }
-
-    /// An allow rule's filter for this client. A substitution that would
-    /// widen the rule makes it not apply: it would give more than it says.
-    fn allow_filter_for(&self, user: Option<&str>, client_id: &str) -> Option<String> {
         if self.user.as_deref().is_some_and(|u| Some(u) != user)
             || self.client_id.as_deref().is_some_and(|c| c != client_id)
         {
             return None;
         }
+        match self.permission {
+            Permission::Allow => self.allow_filter(user, client_id),
+            Permission::Deny => self.deny_filter(user, client_id),
+        }
+    }
+
+    /// An allow rule's filter. A substitution that would widen the rule
+    /// makes it not apply: it would give more than it says.
+    fn allow_filter(&self, user: Option<&str>, client_id: &str) -> Option<String> {
         let mut filter = String::with_capacity(self.topic.len());
         for (i, level) in self.topic.split('/').enumerate() {
             if i > 0 {
                 filter.push('/');
             }
-            let value = match level {
-                "%u" => user?,
-                "%c" => client_id,
-                other => other,
-            };
+            let value = substitute(level, user, client_id)?;
             // A substitution must not widen the rule (`/`, `+`, `#`), nor
             // reach the broker's own topics (`$` at the first level).
             if level != value
@@ -128,28 +124,19 @@ impl AclRule {
         Some(filter)
     }
 
-    /// A deny rule's filter for this client: the substitution is literal
-    /// (a client id `a/b` in `devices/%c/#` denies `devices/a/b/#`, a `+`
-    /// in it denies more), and where it leaves no valid filter the rule
-    /// widens to `#` from the first broken level on. A deny rule must never
-    /// deny less than it says. A `%u` with no user does not apply: such a
-    /// client has no user's topics to keep it from.
-    fn deny_filter_for(&self, user: Option<&str>, client_id: &str) -> Option<String> {
-        if self.user.as_deref().is_some_and(|u| Some(u) != user)
-            || self.client_id.as_deref().is_some_and(|c| c != client_id)
-        {
-            return None;
-        }
+    /// A deny rule's filter: the substitution is literal (a client id `a/b`
+    /// in `devices/%c/#` denies `devices/a/b/#`, a `+` in it denies more),
+    /// and where it leaves no valid filter the rule widens to `#` from the
+    /// first broken level on. A deny rule must never deny less than it
+    /// says. A `%u` with no user does not apply: such a client has no
+    /// user's topics to keep it from.
+    fn deny_filter(&self, user: Option<&str>, client_id: &str) -> Option<String> {
         let mut substituted = String::with_capacity(self.topic.len());
         for (i, level) in self.topic.split('/').enumerate() {
             if i > 0 {
                 substituted.push('/');
             }
-            substituted.push_str(match level {
-                "%u" => user?,
-                "%c" => client_id,
-                other => other,
-            });
+            substituted.push_str(substitute(level, user, client_id)?);
         }
         let mut filter = String::with_capacity(substituted.len());
         for (i, level) in substituted.split('/').enumerate() {
@@ -166,6 +153,16 @@ impl AclRule {
             filter.push('#');
         }
         Some(filter)
+    }
+}
+
+/// What a rule's filter level stands for: `%u` the user (`None` without
+/// one), `%c` the client id, anything else itself.
+fn substitute<'a>(level: &'a str, user: Option<&'a str>, client_id: &'a str) -> Option<&'a str> {
+    match level {
+        "%u" => user,
+        "%c" => Some(client_id),
+        other => Some(other),
     }
 }
 

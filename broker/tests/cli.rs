@@ -56,16 +56,7 @@ fn serve_without_config_says_so_and_stops_on_sigterm() {
     let cwd = std::env::temp_dir().join(format!("tern-cli-{}-serve", std::process::id()));
     let _ = std::fs::remove_dir_all(&cwd);
     std::fs::create_dir_all(&cwd).unwrap();
-    let child = Command::new(TERN)
-        .args(["serve", "--bind", "127.0.0.1:0", "--ws-bind", "127.0.0.1:0"])
-        .args(["--admin-bind", "127.0.0.1:0"])
-        .current_dir(&cwd)
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut running = Running(child);
-    let log = drain(&mut running);
+    let (mut running, log) = serve_in(&cwd);
     let lines = wait_for_line(&log, "MQTT/TCP listener ready addr=127.0.0.1:");
     let port = lines
         .last()
@@ -86,15 +77,8 @@ fn serve_without_config_says_so_and_stops_on_sigterm() {
         .status()
         .unwrap();
     assert!(status.success());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(status) = running.0.try_wait().unwrap() {
-            assert!(status.success(), "exit status {status}");
-            break;
-        }
-        assert!(Instant::now() < deadline, "broker did not stop on SIGTERM");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let status = exit_status(&mut running);
+    assert!(status.success(), "exit status {status}");
     // The connection was closed by the broker.
     let mut rest = Vec::new();
     let _ = std::io::Read::read_to_end(&mut s, &mut rest);
@@ -153,6 +137,34 @@ fn a_second_broker_on_the_same_data_dir_is_refused() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// Starts `tern serve` with the embedded default in `cwd`, on ports of
+/// its own choosing; returns it with its log lines.
+fn serve_in(cwd: &std::path::Path) -> (Running, std::sync::mpsc::Receiver<String>) {
+    let child = Command::new(TERN)
+        .args(["serve", "--bind", "127.0.0.1:0", "--ws-bind", "127.0.0.1:0"])
+        .args(["--admin-bind", "127.0.0.1:0"])
+        .current_dir(cwd)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut running = Running(child);
+    let log = drain(&mut running);
+    (running, log)
+}
+
+/// Waits (10 s at most) for the broker to exit after a signal.
+fn exit_status(running: &mut Running) -> std::process::ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = running.0.try_wait().unwrap() {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "broker did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Reads a child's stderr on a thread of its own, line by line, so the
 /// child never writes into a full or closed pipe.
 fn drain(child: &mut Running) -> std::sync::mpsc::Receiver<String> {
@@ -194,29 +206,13 @@ fn a_sigterm_right_after_start_is_a_clean_shutdown() {
     for _ in 0..5 {
         let _ = std::fs::remove_dir_all(&cwd);
         std::fs::create_dir_all(&cwd).unwrap();
-        let child = Command::new(TERN)
-            .args(["serve", "--bind", "127.0.0.1:0", "--ws-bind", "127.0.0.1:0"])
-            .args(["--admin-bind", "127.0.0.1:0"])
-            .current_dir(&cwd)
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut running = Running(child);
-        let log = drain(&mut running);
+        let (mut running, log) = serve_in(&cwd);
         wait_for_line(&log, "MQTT/TCP listener ready");
         let pid = libc::pid_t::try_from(running.0.id()).unwrap();
         // SAFETY: kill(2) takes plain integers; `pid` is our own child, not
         // yet reaped (`running` waits for it below or on drop).
         assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let status = loop {
-            if let Some(status) = running.0.try_wait().unwrap() {
-                break status;
-            }
-            assert!(Instant::now() < deadline, "broker did not stop on SIGTERM");
-            std::thread::sleep(Duration::from_millis(20));
-        };
+        let status = exit_status(&mut running);
         assert!(
             status.success(),
             "exit status {status}: killed, not shut down"
