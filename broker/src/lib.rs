@@ -16,6 +16,7 @@
 //! broker      shared state; publish = retained store + router match + fan-out
 //! registry    sessions by client id; the only count of connections
 //! session     per-client state: QoS 1/2 flows, in-flight window, queues
+//! overflow    a full queue: whether its client is outpaced (publishers wait) or slow
 //! topic_alias MQTT 5 topic aliases, inbound and outbound
 //! message     one Arc'd message per publish, shared by every delivery
 //! subscription_ids  the MQTT 5 subscription identifiers of one delivery (16 bytes)
@@ -61,6 +62,7 @@ mod inflight;
 pub mod keep_alive;
 pub mod message;
 pub mod metrics;
+mod overflow;
 pub mod persistence;
 pub mod pool;
 pub mod prometheus;

@@ -19,12 +19,12 @@
 //!   Acknowledgements free the window and pull the next pending message.
 //! - A delivery that finds its bound reached (`pending` for QoS 1/2, the
 //!   outbound queue's `max_client_outbound_bytes` for QoS 0) is taken anyway
-//!   while the client is connected and has been full for less than
-//!   `queue_full_wait`; [`deliver`](Session::deliver) then answers
-//!   [`Admission::BeyondBound`] and the publisher's reader waits in
+//!   while the client is connected and outpaced, not slow (overflow.rs:
+//!   full for less than `queue_full_wait`, and still taking something);
+//!   [`deliver`](Session::deliver) then answers [`Admission::BeyondBound`]
+//!   and the publisher's reader waits in
 //!   [`wait_for_room`](Session::wait_for_room) until the queues have drained
-//!   to half. Otherwise (offline, or slow: full for longer) it is dropped
-//!   and counted.
+//!   to half. Otherwise (offline, or slow) it is dropped and counted.
 //! - On reconnect with the session resumed, every unacknowledged PUBLISH is
 //!   sent again with DUP set and every PUBREL is sent again, before anything new.
 //! - Incoming QoS 2 packet identifiers are remembered until PUBREL, so a
@@ -63,6 +63,7 @@ use crate::budget::{OutboundBudget, HEADER_ALLOWANCE};
 use crate::inflight::{Inflight, InflightState, InflightWindow};
 use crate::message::Message;
 use crate::metrics::Metrics;
+use crate::overflow::Overflow;
 use crate::persistence::{unix_secs, will_record, Journal, Persistence};
 use crate::signal::Signal;
 
@@ -494,10 +495,11 @@ struct SessionState {
     /// After a restart: queued deliveries still only in the store. Boxed:
     /// only restored sessions have one, until it is read.
     backlog: Option<Box<Backlog>>,
-    /// When the queue of the connected client last reached its bound and
-    /// took a delivery beyond it; cleared when it drains to half (or, once
-    /// the client counts as slow, to empty) or the client leaves.
-    full_since: Option<Instant>,
+    /// The episode since the queue of the connected client last reached
+    /// its bound and took a delivery beyond it (overflow.rs); ended when it
+    /// drains to half (or, once the client counts as slow, to empty) or the
+    /// client leaves.
+    overflow: Option<Overflow>,
     /// Retained messages its SUBSCRIBEs matched that its queues had no room
     /// for yet (see [`Session::deliver_retained`]): they go in as the queues
     /// drain. Boxed and made at the first; at most
@@ -602,7 +604,7 @@ impl Session {
                 owner: None,
                 offline_since: 0,
                 backlog: None,
-                full_since: None,
+                overflow: None,
                 retained_backlog: None,
             }),
             room: Notify::new(),
@@ -838,7 +840,7 @@ impl Session {
         match &st.link {
             Some(link) if link.connection_id == connection_id => {
                 st.link = None;
-                if st.full_since.take().is_some() {
+                if st.overflow.take().is_some() {
                     self.room.notify_waiters();
                 }
                 if let Some(waiting) = st.retained_backlog.take() {
@@ -972,7 +974,7 @@ impl Session {
             st.retained_backlog = None;
             st.backlog = None;
             st.inflight.clear();
-            if st.full_since.take().is_some() {
+            if st.overflow.take().is_some() {
                 self.room.notify_waiters();
             }
             (
@@ -1380,28 +1382,33 @@ impl Session {
     /// Whether a delivery that finds its queue at the bound (the session
     /// queue for QoS 1/2, the connection's outbound queue for QoS 0) is
     /// taken anyway (and its publisher asked to wait): only for a connected
-    /// client whose queues have not been full for `queue_full_wait` already.
-    /// A client that is full for longer is slow; what it cannot take is
-    /// dropped, so it holds no publisher up for more than that per episode.
+    /// client that is outpaced, not slow (overflow.rs: full for less than
+    /// `queue_full_wait`, and taking something at least every
+    /// [`STALL_WINDOW`](crate::overflow::STALL_WINDOW)). What a slow client
+    /// cannot take is dropped, so it holds no publisher up for longer than
+    /// that per episode.
     fn takes_beyond_bound(&self, st: &mut SessionState) -> bool {
         if st.link.is_none() || self.context.queue_full_wait.is_zero() {
             return false;
         }
         let now = Instant::now();
-        let since = *st.full_since.get_or_insert(now);
-        now.duration_since(since) < self.context.queue_full_wait
+        st.overflow
+            .get_or_insert_with(|| Overflow::begin(now))
+            .outpaced(now, self.context.queue_full_wait)
     }
 
     /// Ends a full-queue episode once the queues have drained far enough:
     /// to half their bounds while publishers wait, to empty once the client
     /// counted as slow. Wakes the waiting publishers.
     fn note_drained(&self, st: &mut SessionState, now: Instant) {
-        let Some(since) = st.full_since else {
+        let wait = self.context.queue_full_wait;
+        let Some(overflow) = st.overflow.as_mut() else {
             return;
         };
+        let outpaced = overflow.outpaced(now, wait);
         let queued = st.pending.len() + st.backlog.as_ref().map_or(0, |b| b.count);
         let unwritten = st.link.as_ref().map_or(0, |l| l.charged);
-        let drained = if now.duration_since(since) < self.context.queue_full_wait {
+        let drained = if outpaced {
             queued <= self.context.max_queued / 2
                 && st.pending_bytes <= self.context.max_queued_bytes / 2
                 && unwritten <= self.context.max_client_outbound_bytes / 2
@@ -1409,36 +1416,42 @@ impl Session {
             queued == 0 && unwritten == 0
         };
         if drained {
-            st.full_since = None;
+            st.overflow = None;
             self.room.notify_waiters();
         }
     }
 
     /// Waits while this session's queue is beyond its bound after a
     /// delivery from the caller (see [`Admission::BeyondBound`]): until it
-    /// has drained to half, the client left, or the queue has been full for
-    /// `queue_full_wait` (a slow client no longer holds anyone up). The
-    /// publisher's connection stops reading meanwhile, so TCP slows it down.
+    /// has drained to half, the client left, or it counts as slow (full for
+    /// `queue_full_wait`, or taking nothing for
+    /// [`STALL_WINDOW`](crate::overflow::STALL_WINDOW): a slow client no
+    /// longer holds anyone up). The publisher's connection stops reading
+    /// meanwhile, so TCP slows it down.
     pub async fn wait_for_room(&self) {
+        let wait = self.context.queue_full_wait;
         loop {
             let notified = self.room.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             let deadline = {
-                let st = self.state.lock();
-                match st.full_since {
-                    Some(since) if st.link.is_some() && !st.ended => {
-                        since + self.context.queue_full_wait
-                    }
-                    _ => return,
+                let mut st = self.state.lock();
+                if st.link.is_none() || st.ended {
+                    return;
                 }
+                let Some(overflow) = st.overflow.as_mut() else {
+                    return;
+                };
+                if !overflow.outpaced(Instant::now(), wait) {
+                    return;
+                }
+                overflow.deadline(wait)
             };
-            if Instant::now() >= deadline {
-                return;
-            }
+            // At the deadline, the loop looks again: progress since may
+            // have moved it on.
             tokio::select! {
                 () = notified => {}
-                () = tokio::time::sleep_until(deadline.into()) => return,
+                () = tokio::time::sleep_until(deadline.into()) => {}
             }
         }
     }
@@ -1868,7 +1881,14 @@ impl Session {
     }
 
     /// Moves pending messages into the in-flight window while it has room.
+    /// Its callers are the client taking something (its writer a batch, or
+    /// an acknowledgement), a new connection, and a stored backlog chunk
+    /// read because the window drained to it: each is progress for a
+    /// full-queue episode (overflow.rs).
     fn fill_window(self: &Arc<Self>, st: &mut SessionState, now: Instant, journal: &mut Journal) {
+        if let Some(overflow) = st.overflow.as_mut() {
+            overflow.progress(now);
+        }
         if st.retained_backlog.is_some() {
             self.refill_retained(st, journal);
         }

@@ -408,3 +408,91 @@ async fn a_subscriber_that_stops_draining_holds_publishers_only_once() {
     sub.expect_silence(Duration::from_millis(200)).await;
     server.shutdown().await;
 }
+
+/// However long `queue_full_wait_ms` is, a subscriber that takes nothing
+/// (here: never acknowledges) holds its publishers up only for the stall
+/// window (250 ms) per full-queue episode, not for the whole wait: a client
+/// that subscribes widely and stops reading cannot freeze every publisher
+/// of its topics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_that_takes_nothing_holds_publishers_only_briefly() {
+    let server = start(|c| {
+        c.limits.max_inflight = 2;
+        c.limits.max_queued_messages = 10;
+        c.limits.queue_full_wait_ms = 60_000;
+    })
+    .await;
+    let mut sub = RawClient::connected(addr(&server), "stalled", ProtocolVersion::V5).await;
+    sub.subscribe("#", QoS::AtLeastOnce).await;
+    let mut publisher = RawClient::connected(addr(&server), "pub", ProtocolVersion::V5).await;
+    let dropped = &server.broker().metrics.messages_dropped_queue_full;
+    for round in 0..2u16 {
+        // Well under the 60 s the queue could make it wait.
+        tokio::time::timeout(Duration::from_secs(20), async {
+            for i in 0..100u16 {
+                let id = round * 100 + i + 1;
+                publisher
+                    .publish("a/b", format!("{id}").as_bytes(), QoS::AtLeastOnce, id)
+                    .await;
+            }
+        })
+        .await
+        .expect("the publisher is not held for queue_full_wait_ms");
+        if round == 0 {
+            // Two in flight, ten queued, one taken beyond the bound while
+            // the publisher waited; the other 87 dropped.
+            assert_eq!(dropped.get(), 87);
+            // The subscriber takes its 13 and empties its queues: the
+            // episode ends, and the next one is judged afresh.
+            for _ in 0..13 {
+                let m = sub.recv_publish().await;
+                sub.send(Packet::PubAck(tern_codec::PubAck::new(
+                    m.packet_id.unwrap(),
+                )))
+                .await;
+            }
+            sub.expect_silence(Duration::from_millis(100)).await;
+        }
+    }
+    assert_eq!(dropped.get(), 2 * 87);
+    server.shutdown().await;
+}
+
+/// A subscriber that keeps acknowledging, if slower than its publisher,
+/// is outpaced, not stalled: the publisher waits for it beyond the stall
+/// window, for as long as it makes progress, and nothing is dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_that_keeps_taking_holds_publishers_past_the_stall_window() {
+    let server = start(|c| {
+        c.limits.max_inflight = 2;
+        c.limits.max_queued_messages = 10;
+        c.limits.queue_full_wait_ms = 60_000;
+    })
+    .await;
+    let mut sub = RawClient::connected(addr(&server), "steady", ProtocolVersion::V311).await;
+    sub.subscribe("s", QoS::AtLeastOnce).await;
+    let mut publisher = RawClient::connected(addr(&server), "pub", ProtocolVersion::V311).await;
+    const MESSAGES: u16 = 40;
+    let publishing = tokio::spawn(async move {
+        for i in 1..=MESSAGES {
+            publisher
+                .publish("s", format!("{i}").as_bytes(), QoS::AtLeastOnce, i)
+                .await;
+        }
+        publisher
+    });
+    // An acknowledgement every 50 ms: draining a full queue to half takes
+    // about 300 ms, longer than the stall window.
+    for i in 1..=MESSAGES {
+        let m = sub.recv_publish().await;
+        assert_eq!(m.payload, format!("{i}").as_bytes());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        sub.send(Packet::PubAck(tern_codec::PubAck::new(
+            m.packet_id.unwrap(),
+        )))
+        .await;
+    }
+    publishing.await.unwrap();
+    assert_eq!(server.broker().metrics.messages_dropped_queue_full.get(), 0);
+    server.shutdown().await;
+}
