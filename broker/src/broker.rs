@@ -70,10 +70,28 @@ impl Hash for SessionRef {
 }
 
 /// Least time between two sweeps of expired retained messages (see
-/// `Broker::sweep_expired_retained`): a sweep visits every retained message
-/// (up to `max_retained_messages`) under the store's write lock, and only a
-/// store at its limits asks for one.
-const RETAINED_SWEEP_EVERY_MS: u64 = 1000;
+/// `Broker::expire_retained`): a sweep visits every retained message (up to
+/// `max_retained_messages`, under the store's read lock), so it runs only
+/// when one is due, or when the store is at its limits.
+pub const RETAINED_SWEEP_EVERY_MS: u64 = 1000;
+
+/// Retained messages a periodic sweep may visit per second, on average: the
+/// least time between two sweeps grows with the store (1M retained
+/// messages, one sweep per 10 s at most), so that messages expiring at
+/// every moment cannot keep a core busy scanning. An expired message is
+/// never delivered; the sweep only frees its place.
+const RETAINED_SWEEP_VISITS_PER_S: u64 = 100_000;
+
+/// Removes expired retained messages as they fall due (see
+/// [`Broker::expire_retained`]), until the task is aborted (at shutdown).
+pub async fn expire_retained_when_due(broker: Arc<Broker>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(RETAINED_SWEEP_EVERY_MS));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        broker.expire_retained();
+    }
+}
 
 /// Whether the caller may run a periodic chore now: at least `period_ms`
 /// since the last run recorded in `last_ms`, and no other thread claimed
@@ -99,6 +117,9 @@ pub struct Broker {
     system_retained: AtomicUsize,
     /// When expired retained messages were last swept (keep alive clock).
     last_retained_sweep_ms: AtomicU64,
+    /// The earliest expiry among the retained messages since the last sweep
+    /// (`None`: none of them expires): when the next sweep is due.
+    retained_expiry: parking_lot::Mutex<Option<Instant>>,
     /// When queues were last swept for stalled writers (keep alive clock).
     last_stall_sweep_ms: AtomicU64,
     pub registry: SessionRegistry,
@@ -164,6 +185,7 @@ impl Broker {
             retained_bytes: AtomicUsize::new(0),
             system_retained: AtomicUsize::new(0),
             last_retained_sweep_ms: AtomicU64::new(0),
+            retained_expiry: parking_lot::Mutex::new(None),
             last_stall_sweep_ms: AtomicU64::new(0),
             registry,
             metrics,
@@ -352,6 +374,9 @@ impl Broker {
     /// byte total (recovery uses it too, without the limits: a store holds
     /// what an earlier configuration allowed).
     pub fn insert_retained(&self, topic: &str, message: Arc<Message>) {
+        if let Some(at) = message.expires_at {
+            self.note_retained_expiry(at);
+        }
         self.retained_bytes
             .fetch_add(message.weight(), Ordering::Relaxed);
         if let Some(old) = self.retained.insert(topic, message) {
@@ -386,11 +411,37 @@ impl Broker {
         }
     }
 
-    /// Removes the expired retained messages (they are skipped on delivery
-    /// and would otherwise hold their place under the limits forever), at
-    /// most once per [`RETAINED_SWEEP_EVERY_MS`]: the sweep visits every
-    /// retained message under the store's write lock. Returns whether it
-    /// removed any.
+    /// Removes the expired retained messages if one is due to expire (they
+    /// are never delivered, but hold their place under the limits and in
+    /// the store until removed). Called every [`RETAINED_SWEEP_EVERY_MS`];
+    /// sweeps at most once per that, or per [`RETAINED_SWEEP_VISITS_PER_S`]
+    /// of retained messages if longer. Returns how many it removed.
+    pub fn expire_retained(&self) -> usize {
+        let due = *self.retained_expiry.lock();
+        if due.is_none_or(|at| Instant::now() < at) {
+            return 0;
+        }
+        let count = self.retained.len() as u64;
+        let period_ms = RETAINED_SWEEP_EVERY_MS.max(count * 1000 / RETAINED_SWEEP_VISITS_PER_S);
+        if !claim_turn(
+            &self.last_retained_sweep_ms,
+            self.keep_alive.now_ms(),
+            period_ms,
+        ) {
+            return 0;
+        }
+        let mut journal = Journal::new();
+        let removed = self.remove_expired_retained(&mut journal);
+        self.commit(journal);
+        if removed > 0 {
+            tracing::debug!(removed, "expired retained messages removed");
+        }
+        removed
+    }
+
+    /// Removes the expired retained messages for a retained message that
+    /// finds the store at its limits, at most once per
+    /// [`RETAINED_SWEEP_EVERY_MS`]. Returns whether it removed any.
     fn sweep_expired_retained(&self, journal: &mut Journal) -> bool {
         let now_ms = self.keep_alive.now_ms();
         if !claim_turn(
@@ -400,25 +451,44 @@ impl Broker {
         ) {
             return false;
         }
+        self.remove_expired_retained(journal) > 0
+    }
+
+    /// The sweep: removes every expired retained message (and, with a
+    /// store, its record), and notes when the next one expires.
+    fn remove_expired_retained(&self, journal: &mut Journal) -> usize {
         let now = Instant::now();
-        let mut freed = 0;
-        let mut expired = Vec::new();
-        let removed = self.retained.retain(|topic, m| {
-            if m.is_expired(now) {
-                freed += m.weight();
-                expired.push(topic.to_owned());
-                false
-            } else {
+        // Taken before the scan: a message retained during it either is
+        // seen by it or notes its own expiry after this.
+        self.retained_expiry.lock().take();
+        let mut next: Option<Instant> = None;
+        let removed = self.retained.retain(|_, m| match m.expires_at {
+            Some(at) if now >= at => false,
+            Some(at) => {
+                next = Some(next.map_or(at, |n| n.min(at)));
                 true
             }
+            None => true,
         });
+        if let Some(at) = next {
+            self.note_retained_expiry(at);
+        }
+        let freed: usize = removed.iter().map(|(_, m)| m.weight()).sum();
         self.retained_bytes.fetch_sub(freed, Ordering::Relaxed);
         if self.persistence.is_some() {
-            for topic in expired {
-                journal.push(tern_storage::Op::DeleteRetained { topic });
+            for (topic, _) in &removed {
+                journal.push(tern_storage::Op::DeleteRetained {
+                    topic: topic.to_string(),
+                });
             }
         }
-        removed > 0
+        removed.len()
+    }
+
+    /// A retained message expires at `at`: the next sweep is due by then.
+    fn note_retained_expiry(&self, at: Instant) {
+        let mut due = self.retained_expiry.lock();
+        *due = Some(due.map_or(at, |d| d.min(at)));
     }
 
     /// Whether `message` may become `topic`'s retained message within

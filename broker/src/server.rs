@@ -139,6 +139,7 @@ impl Server {
         let mut tasks = vec![
             tokio::spawn(crate::keep_alive::run(Arc::clone(&broker))),
             tokio::spawn(crate::sys_topics::run(Arc::clone(&broker))),
+            tokio::spawn(crate::broker::expire_retained_when_due(Arc::clone(&broker))),
         ];
         let listeners = &broker.config.listeners;
         *broker.tls.write() = crate::tls::load_configured(listeners)?;

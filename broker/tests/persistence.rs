@@ -469,3 +469,34 @@ async fn a_restart_leaves_queued_messages_in_the_store_until_the_client_drains_t
     .await;
     server.shutdown().await;
 }
+
+/// A retained message whose Message Expiry Interval has passed is removed
+/// by itself, from memory and from the store, without a publish to make
+/// it happen; one without an expiry stays.
+#[tokio::test]
+async fn an_expired_retained_message_leaves_memory_and_the_store() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let server = start_on(Arc::clone(&store)).await;
+    let mut p = RawClient::connected(addr(&server), "p", ProtocolVersion::V5).await;
+    for (id, topic, expiry) in [(1, "r/brief", Some(1)), (2, "r/lasting", None)] {
+        let mut packet = publish_packet(topic, b"v", QoS::AtLeastOnce, Some(id));
+        if let Packet::Publish(publish) = &mut packet {
+            publish.retain = true;
+            publish.properties.message_expiry_interval = expiry;
+        }
+        p.send(packet).await;
+        assert!(matches!(expect_ack(&mut p).await, Packet::PubAck(_)));
+    }
+    let stored = || -> Vec<String> {
+        let records = store.retained("").map(|r| r.unwrap().topic);
+        records.collect()
+    };
+    assert_eq!(stored().len(), 2);
+    let broker = server.broker();
+    common::eventually("the expired retained message removed", || {
+        broker.retained_count() == 1 && stored().len() == 1
+    })
+    .await;
+    assert_eq!(stored(), ["r/lasting"]);
+    server.shutdown().await;
+}

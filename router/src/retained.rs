@@ -203,23 +203,42 @@ impl<M: Clone> RetainedStore<M> {
     }
 
     /// Removes every entry for which `keep` returns false (e.g. expired
-    /// messages); returns how many were removed.
-    pub fn retain(&self, mut keep: impl FnMut(&str, &M) -> bool) -> usize {
-        let mut guard = self.state.write();
+    /// messages) and returns them. The entries are judged under the read
+    /// lock, so lookups and inserts wait only for the removals: the write
+    /// lock is taken once, for the entries judged doomed, and each is asked
+    /// again there (one replaced in between is judged as it is now). `keep`
+    /// may thus be called twice for an entry.
+    pub fn retain(&self, mut keep: impl FnMut(&str, &M) -> bool) -> Vec<(Arc<str>, M)> {
         let mut doomed: Vec<Arc<str>> = Vec::new();
-        let mut stack = vec![&guard.root];
-        while let Some(node) = stack.pop() {
-            if let Some((topic, message)) = &node.message {
-                if !keep(topic, message) {
-                    doomed.push(Arc::clone(topic));
+        {
+            let state = self.state.read();
+            let mut stack = vec![&state.root];
+            while let Some(node) = stack.pop() {
+                if let Some((topic, message)) = &node.message {
+                    if !keep(topic, message) {
+                        doomed.push(Arc::clone(topic));
+                    }
+                }
+                stack.extend(node.children.values());
+            }
+        }
+        if doomed.is_empty() {
+            return Vec::new();
+        }
+        let mut state = self.state.write();
+        let mut removed = Vec::with_capacity(doomed.len());
+        for topic in doomed {
+            let still_doomed = state
+                .node(&topic)
+                .and_then(|node| node.message.as_ref())
+                .is_some_and(|(_, message)| !keep(&topic, message));
+            if still_doomed {
+                if let Some(message) = state.take(&topic) {
+                    removed.push((topic, message));
                 }
             }
-            stack.extend(node.children.values());
         }
-        for topic in &doomed {
-            guard.take(topic);
-        }
-        doomed.len()
+        removed
     }
 
     /// Number of retained messages.
@@ -321,10 +340,31 @@ mod tests {
         for i in 0..10u32 {
             store.insert(&format!("t/{i}/x"), i);
         }
-        assert_eq!(store.retain(|_, m| m % 2 == 0), 5);
+        assert_eq!(store.retain(|_, m| m % 2 == 0).len(), 5);
         assert_eq!(store.len(), 5);
         assert_eq!(store.node_count(), 1 + 5 * 2);
-        assert_eq!(store.retain(|topic, _| topic.starts_with('x')), 5);
+        assert_eq!(store.retain(|topic, _| topic.starts_with('x')).len(), 5);
         assert_eq!(store.node_count(), 0);
+    }
+
+    #[test]
+    fn retain_returns_what_it_removed_and_judges_it_again_before() {
+        let store = RetainedStore::new();
+        for i in 0..4u32 {
+            store.insert(&format!("t/{i}"), i);
+        }
+        let mut removed = store.retain(|_, m| *m < 2);
+        removed.sort();
+        assert_eq!(removed, [(Arc::from("t/2"), 2), (Arc::from("t/3"), 3)]);
+        // A verdict that changed by the time of the removal keeps the entry.
+        let mut asked = std::collections::HashMap::new();
+        let removed = store.retain(|topic, _| {
+            let n = asked.entry(topic.to_string()).or_insert(0);
+            *n += 1;
+            topic == "t/0" || *n > 1
+        });
+        assert!(removed.is_empty());
+        assert_eq!(asked["t/1"], 2);
+        assert_eq!(store.len(), 2);
     }
 }

@@ -253,7 +253,7 @@ proptest! {
                 _ => {
                     let before = model.len();
                     model.retain(|_, m| *m % 3 != 0);
-                    prop_assert_eq!(store.retain(|_, m| *m % 3 != 0), before - model.len());
+                    prop_assert_eq!(store.retain(|_, m| *m % 3 != 0).len(), before - model.len());
                 }
             }
             prop_assert_eq!(store.get(&t), model.get(&t).copied());
@@ -273,7 +273,7 @@ proptest! {
                 .collect();
             prop_assert_eq!(got, want, "filter {}", f);
         }
-        prop_assert_eq!(store.retain(|_, _| false), model.len());
+        prop_assert_eq!(store.retain(|_, _| false).len(), model.len());
         prop_assert!(store.is_empty());
         prop_assert_eq!(store.node_count(), 0);
     }
