@@ -17,6 +17,7 @@
 //! registry    sessions by client id; the only count of connections
 //! session     per-client state: QoS 1/2 flows, in-flight window, queues
 //! overflow    a full queue: whether its client is outpaced (publishers wait) or slow
+//! incoming_qos2  a client's open QoS 2 flows, and which count against Receive Maximum
 //! topic_alias MQTT 5 topic aliases, inbound and outbound
 //! message     one Arc'd message per publish, shared by every delivery
 //! subscription_ids  the MQTT 5 subscription identifiers of one delivery (16 bytes)
@@ -58,6 +59,7 @@ pub mod budget;
 pub mod config;
 pub mod connection;
 mod handshake;
+mod incoming_qos2;
 mod inflight;
 pub mod keep_alive;
 pub mod message;

@@ -47,7 +47,7 @@
 //! while taking the registry or router locks (lock order: registry, then
 //! router or session; a session lock is always the innermost).
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -60,6 +60,7 @@ use tokio::sync::Notify;
 
 use crate::acl::DeniedTopics;
 use crate::budget::{OutboundBudget, HEADER_ALLOWANCE};
+use crate::incoming_qos2::{IncomingQos2, Opened};
 use crate::inflight::{Inflight, InflightState, InflightWindow};
 use crate::message::Message;
 use crate::metrics::Metrics;
@@ -466,13 +467,10 @@ struct SessionState {
     pending: VecDeque<Delivery>,
     /// Topic + payload bytes of `pending`.
     pending_bytes: usize,
-    /// QoS 2 packet ids received and not yet released (PUBREL). Boxed and
+    /// QoS 2 packet ids received and not yet released (PUBREL), and which
+    /// of them the current connection opened (incoming_qos2.rs). Boxed and
     /// made at the first one: most clients never publish with QoS 2.
-    #[expect(
-        clippy::box_collection,
-        reason = "inline, even an empty set is 48 bytes of every session"
-    )]
-    incoming_qos2: Option<Box<HashSet<u16>>>,
+    incoming_qos2: Option<Box<IncomingQos2>>,
     /// Boxed: few sessions have one, and inline it would be 232 bytes of
     /// every session.
     pending_will: Option<Box<PendingWill>>,
@@ -651,6 +649,10 @@ impl Session {
         }
         st.generation += 1;
         cancel_timers(&mut st);
+        if let Some(flows) = st.incoming_qos2.as_mut() {
+            // Their PUBRELs come again, outside the new connection's quota.
+            flows.carry_over();
+        }
         st.protocol = params.protocol;
         st.expiry_interval = params.expiry_interval;
         st.owner = params.owner;
@@ -1090,7 +1092,7 @@ impl Session {
             .lock()
             .incoming_qos2
             .get_or_insert_with(Box::default)
-            .insert(packet_id);
+            .restore(packet_id);
     }
 
     /// Notes `count` queued, unsent deliveries left in the store, all with
@@ -1682,9 +1684,11 @@ impl Session {
 
     /// An incoming QoS 2 PUBLISH: returns true the first time `packet_id` is
     /// seen (route it), false for a retransmission before PUBREL (do not).
-    /// `limit` bounds the number of open QoS 2 flows; `Err` when exceeded.
-    /// A durable session records the id in `journal`, so that a restart
-    /// still recognises the retransmission.
+    /// `limit` bounds the number of QoS 2 flows the current connection has
+    /// open (flows carried from an earlier one do not count, see
+    /// incoming_qos2.rs); `Err` when exceeded. A durable session records the
+    /// id in `journal`, so that a restart still recognises the
+    /// retransmission.
     pub fn incoming_qos2(
         &self,
         packet_id: u16,
@@ -1692,19 +1696,15 @@ impl Session {
         journal: &mut Journal,
     ) -> Result<bool, ReceiveMaximumExceeded> {
         let mut st = self.state.lock();
-        if st
+        match st
             .incoming_qos2
-            .as_ref()
-            .is_some_and(|ids| ids.contains(&packet_id))
-        {
-            return Ok(false);
-        }
-        if st.incoming_qos2.as_ref().map_or(0, |ids| ids.len()) >= usize::from(limit) {
-            return Err(ReceiveMaximumExceeded);
-        }
-        st.incoming_qos2
             .get_or_insert_with(Box::default)
-            .insert(packet_id);
+            .open(packet_id, limit)
+        {
+            Opened::New => {}
+            Opened::Retransmission => return Ok(false),
+            Opened::OverLimit => return Err(ReceiveMaximumExceeded),
+        }
         if st.durable {
             journal.push(Op::AddIncomingQos2 {
                 client_id: Arc::clone(&self.client_id),
@@ -1722,7 +1722,7 @@ impl Session {
             let known = st
                 .incoming_qos2
                 .as_mut()
-                .is_some_and(|ids| ids.remove(&packet_id));
+                .is_some_and(|flows| flows.release(packet_id));
             if known && st.durable {
                 journal.push(Op::RemoveIncomingQos2 {
                     client_id: Arc::clone(&self.client_id),

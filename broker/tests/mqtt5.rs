@@ -430,6 +430,42 @@ async fn exceeding_our_receive_maximum_is_0x93() {
     server.shutdown().await;
 }
 
+/// QoS 2 flows left open by an earlier connection (PUBREC received,
+/// PUBREL not yet sent) do not count against the resumed connection's
+/// Receive Maximum: the client's send quota starts afresh (MQTT 5 4.9) and
+/// the PUBRELs it sends again take none of it. Its own flows still do.
+#[tokio::test]
+async fn flows_carried_over_a_reconnect_leave_the_receive_maximum_to_the_new_connection() {
+    let server = start(|c| c.limits.receive_maximum = 2).await;
+    let (mut first, _) = RawClient::connect(addr(&server), persistent_connect("carrier", 60)).await;
+    for id in 1..=2u16 {
+        first
+            .send(publish_packet("q2", b"x", QoS::ExactlyOnce, Some(id)))
+            .await;
+        assert!(matches!(first.recv().await, Some(Packet::PubRec(a)) if a.packet_id == id));
+    }
+    drop(first);
+    let (mut again, ack) =
+        RawClient::connect(addr(&server), persistent_connect("carrier", 60)).await;
+    assert!(ack.session_present);
+    for id in 3..=4u16 {
+        again
+            .send(publish_packet("q2", b"x", QoS::ExactlyOnce, Some(id)))
+            .await;
+        assert!(matches!(again.recv().await, Some(Packet::PubRec(a)) if a.packet_id == id));
+    }
+    // Releasing a carried flow frees nothing of the new connection's quota.
+    again.send(Packet::PubRel(PubAck::new(1))).await;
+    assert!(matches!(again.recv().await, Some(Packet::PubComp(a)) if a.packet_id == 1));
+    again
+        .send(publish_packet("q2", b"x", QoS::ExactlyOnce, Some(5)))
+        .await;
+    again
+        .expect_disconnect(ReasonCode::ReceiveMaximumExceeded)
+        .await;
+    server.shutdown().await;
+}
+
 #[tokio::test]
 async fn deliveries_larger_than_the_client_maximum_are_dropped() {
     let server = start(|_| {}).await;
