@@ -84,12 +84,19 @@ const RETAINED_SWEEP_VISITS_PER_S: u64 = 100_000;
 
 /// Removes expired retained messages as they fall due (see
 /// [`Broker::expire_retained`]), until the task is aborted (at shutdown).
+/// The sweep visits every retained message: it runs on the blocking pool,
+/// not on a worker that connections need.
 pub async fn expire_retained_when_due(broker: Arc<Broker>) {
     let mut tick = tokio::time::interval(Duration::from_millis(RETAINED_SWEEP_EVERY_MS));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        broker.expire_retained();
+        if broker.retained_expiry_due() {
+            let broker = Arc::clone(&broker);
+            // A sweep that panicked is logged by the runtime; the next tick
+            // tries again.
+            let _ = tokio::task::spawn_blocking(move || broker.expire_retained()).await;
+        }
     }
 }
 
@@ -374,14 +381,17 @@ impl Broker {
     /// byte total (recovery uses it too, without the limits: a store holds
     /// what an earlier configuration allowed).
     pub fn insert_retained(&self, topic: &str, message: Arc<Message>) {
-        if let Some(at) = message.expires_at {
-            self.note_retained_expiry(at);
-        }
+        let expires_at = message.expires_at;
         self.retained_bytes
             .fetch_add(message.weight(), Ordering::Relaxed);
         if let Some(old) = self.retained.insert(topic, message) {
             self.retained_bytes
                 .fetch_sub(old.weight(), Ordering::Relaxed);
+        }
+        // After the insert: a sweep that began before it either sees the
+        // message or reset the due time before this note.
+        if let Some(at) = expires_at {
+            self.note_retained_expiry(at);
         }
     }
 
@@ -417,8 +427,7 @@ impl Broker {
     /// sweeps at most once per that, or per [`RETAINED_SWEEP_VISITS_PER_S`]
     /// of retained messages if longer. Returns how many it removed.
     pub fn expire_retained(&self) -> usize {
-        let due = *self.retained_expiry.lock();
-        if due.is_none_or(|at| Instant::now() < at) {
+        if !self.retained_expiry_due() {
             return 0;
         }
         let count = self.retained.len() as u64;
@@ -476,13 +485,25 @@ impl Broker {
         let freed: usize = removed.iter().map(|(_, m)| m.weight()).sum();
         self.retained_bytes.fetch_sub(freed, Ordering::Relaxed);
         if self.persistence.is_some() {
-            for (topic, _) in &removed {
-                journal.push(tern_storage::Op::DeleteRetained {
-                    topic: topic.to_string(),
-                });
+            for (topic, m) in &removed {
+                // Only the record of this message: a newer one the topic's
+                // publisher submitted before this journal must stay.
+                if let Some(&message_id) = m.store_id.get() {
+                    journal.push(tern_storage::Op::ExpireRetained {
+                        topic: topic.to_string(),
+                        message_id,
+                    });
+                }
             }
         }
         removed.len()
+    }
+
+    /// Whether a retained message has expired since the last sweep.
+    pub fn retained_expiry_due(&self) -> bool {
+        self.retained_expiry
+            .lock()
+            .is_some_and(|at| Instant::now() >= at)
     }
 
     /// A retained message expires at `at`: the next sweep is due by then.

@@ -12,6 +12,13 @@
 
 use std::collections::HashSet;
 
+/// A session may hold this many times Receive Maximum of open flows, carried
+/// and new together. A client resends every PUBREL first thing after a
+/// reconnect (MQTT-4.4.0-1), so the carried flows close at once; one that
+/// instead reconnects and opens new flows again and again would otherwise
+/// grow its session (and its stored record) up to all 65,535 packet ids.
+pub const CARRIED_LIMITS: usize = 2;
+
 /// Open incoming QoS 2 flows of one session. See the module documentation.
 #[derive(Debug, Default)]
 pub struct IncomingQos2 {
@@ -35,12 +42,15 @@ pub enum Opened {
 
 impl IncomingQos2 {
     /// A PUBLISH with `packet_id` on the current connection, which may have
-    /// at most `limit` flows of its own open.
+    /// at most `limit` flows of its own open, and the session at most
+    /// [`CARRIED_LIMITS`] x `limit` in all.
     pub fn open(&mut self, packet_id: u16, limit: u16) -> Opened {
         if self.ids.contains(&packet_id) {
             return Opened::Retransmission;
         }
-        if self.ids.len() - self.carried.len() >= usize::from(limit) {
+        let limit = usize::from(limit);
+        if self.ids.len() - self.carried.len() >= limit || self.ids.len() >= CARRIED_LIMITS * limit
+        {
             return Opened::OverLimit;
         }
         self.ids.insert(packet_id);
@@ -91,6 +101,23 @@ mod tests {
         assert!(flows.release(3));
         assert_eq!(flows.open(5, 2), Opened::New);
         assert!(!flows.release(1));
+    }
+
+    #[test]
+    fn carried_and_new_flows_together_are_bounded() {
+        let mut flows = IncomingQos2::default();
+        let mut id = 0;
+        for _ in 0..2 {
+            for _ in 0..2 {
+                id += 1;
+                assert_eq!(flows.open(id, 2), Opened::New);
+            }
+            flows.carry_over();
+        }
+        // Four open, none released: a new connection may open none.
+        assert_eq!(flows.open(id + 1, 2), Opened::OverLimit);
+        assert!(flows.release(1));
+        assert_eq!(flows.open(id + 1, 2), Opened::New);
     }
 
     #[test]

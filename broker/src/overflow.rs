@@ -16,8 +16,9 @@
 //! `Session::note_drained`). The client counts as slow once either:
 //!
 //! - the episode has lasted `queue_full_wait_ms`, whatever the client did;
-//! - the client has made no progress for [`STALL_WINDOW`]: its writer took
-//!   nothing from its queue and it acknowledged nothing.
+//! - the client has made no progress for [`STALL_WINDOW`]: its writer came
+//!   back for no PUBLISH (it is still writing the last batch, or has none)
+//!   and it acknowledged no delivery (PUBACK, PUBREC, PUBCOMP).
 //!
 //! The verdict sticks for the rest of the episode. The second rule is what
 //! keeps a subscriber that stops reading from holding every publisher of
@@ -58,8 +59,10 @@ impl Overflow {
     }
 
     /// The client took something at `now` (its writer took a batch, or it
-    /// acknowledged a message).
-    pub fn progress(&mut self, now: Instant) {
+    /// acknowledged a message). A client already silent past its deadline
+    /// was stalled, whether or not anyone looked: it stays slow.
+    pub fn progress(&mut self, now: Instant, wait: Duration) {
+        self.outpaced(now, wait);
         self.progress_at = self.progress_at.max(now);
     }
 
@@ -102,7 +105,7 @@ mod tests {
         let mut now = t0;
         while now + step < t0 + WAIT {
             now += step;
-            episode.progress(now);
+            episode.progress(now, WAIT);
             assert!(episode.outpaced(now, WAIT));
         }
         assert_eq!(episode.deadline(WAIT), t0 + WAIT);
@@ -117,15 +120,23 @@ mod tests {
         // Taking again does not make its publishers wait again: the
         // episode ends only when the queue is empty.
         let later = t0 + STALL_WINDOW + Duration::from_millis(1);
-        episode.progress(later);
+        episode.progress(later, WAIT);
         assert!(!episode.outpaced(later, WAIT));
+    }
+
+    #[test]
+    fn taking_again_after_a_silence_nobody_looked_at_is_still_slow() {
+        let t0 = Instant::now();
+        let mut episode = Overflow::begin(t0);
+        episode.progress(t0 + STALL_WINDOW * 2, WAIT);
+        assert!(!episode.outpaced(t0 + STALL_WINDOW * 2, WAIT));
     }
 
     #[test]
     fn a_progress_stamp_never_goes_back() {
         let t0 = Instant::now();
         let mut episode = Overflow::begin(t0 + STALL_WINDOW);
-        episode.progress(t0);
+        episode.progress(t0, WAIT);
         assert_eq!(episode.deadline(WAIT), t0 + 2 * STALL_WINDOW);
     }
 }

@@ -364,7 +364,8 @@ impl Link {
     /// connection's bound but stays charged to the broker's budget, as
     /// `writing`, until the writer comes back for more (it has written the
     /// batch then) or the link ends. What it left still counts.
-    fn drain_into(&mut self, out: &mut VecDeque<Outbound>) {
+    /// Returns the bytes of PUBLISHes it took.
+    fn drain_into(&mut self, out: &mut VecDeque<Outbound>) -> usize {
         self.stall_mark = false;
         self.budget.release(std::mem::take(&mut self.writing));
         let taken = if self.charged <= WRITE_BATCH_BYTES {
@@ -400,6 +401,7 @@ impl Link {
             self.writing = taken;
         }
         self.control.drained.raise();
+        taken
     }
 }
 
@@ -649,6 +651,10 @@ impl Session {
         }
         st.generation += 1;
         cancel_timers(&mut st);
+        if st.overflow.take().is_some() {
+            // A new connection starts with no verdict of the old one.
+            self.room.notify_waiters();
+        }
         if let Some(flows) = st.incoming_qos2.as_mut() {
             // Their PUBRELs come again, outside the new connection's quota.
             flows.carry_over();
@@ -1399,6 +1405,15 @@ impl Session {
             .outpaced(now, self.context.queue_full_wait)
     }
 
+    /// The client took something at `now` (a PUBACK, PUBREC or PUBCOMP for
+    /// a delivery, or its writer came back for PUBLISHes): progress for a
+    /// full-queue episode (overflow.rs).
+    fn note_progress(&self, st: &mut SessionState, now: Instant) {
+        if let Some(overflow) = st.overflow.as_mut() {
+            overflow.progress(now, self.context.queue_full_wait);
+        }
+    }
+
     /// Ends a full-queue episode once the queues have drained far enough:
     /// to half their bounds while publishers wait, to empty once the client
     /// counted as slow. Wakes the waiting publishers.
@@ -1554,8 +1569,10 @@ impl Session {
                 _ => None,
             };
             if let Some(done) = &removed {
+                let now = Instant::now();
+                self.note_progress(&mut st, now);
                 self.forget(&st, &done.delivery, &mut journal);
-                self.fill_window(&mut st, Instant::now(), &mut journal);
+                self.fill_window(&mut st, now, &mut journal);
             }
             removed.is_some()
         };
@@ -1579,6 +1596,9 @@ impl Session {
                         InflightState::Sent | InflightState::Resend
                     )
             });
+            if index.is_some() && st.overflow.is_some() {
+                self.note_progress(&mut st, Instant::now());
+            }
             match index {
                 Some(i) if code.is_success() => {
                     st.inflight.set_state(i, InflightState::Released);
@@ -1750,10 +1770,15 @@ impl Session {
             let mut st = self.state.lock();
             match &mut st.link {
                 Some(link) if link.connection_id == connection_id => {
-                    link.drain_into(out);
+                    let now = Instant::now();
+                    if link.drain_into(out) > 0 {
+                        // The writer wrote its last batch and came back for
+                        // PUBLISHes: the client is reading.
+                        self.note_progress(&mut st, now);
+                    }
                     // The queue has room again: messages that waited for
                     // it may go now.
-                    self.fill_window(&mut st, Instant::now(), &mut journal);
+                    self.fill_window(&mut st, now, &mut journal);
                     true
                 }
                 _ => false,
@@ -1881,14 +1906,7 @@ impl Session {
     }
 
     /// Moves pending messages into the in-flight window while it has room.
-    /// Its callers are the client taking something (its writer a batch, or
-    /// an acknowledgement), a new connection, and a stored backlog chunk
-    /// read because the window drained to it: each is progress for a
-    /// full-queue episode (overflow.rs).
     fn fill_window(self: &Arc<Self>, st: &mut SessionState, now: Instant, journal: &mut Journal) {
-        if let Some(overflow) = st.overflow.as_mut() {
-            overflow.progress(now);
-        }
         if st.retained_backlog.is_some() {
             self.refill_retained(st, journal);
         }

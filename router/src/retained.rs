@@ -204,10 +204,12 @@ impl<M: Clone> RetainedStore<M> {
 
     /// Removes every entry for which `keep` returns false (e.g. expired
     /// messages) and returns them. The entries are judged under the read
-    /// lock, so lookups and inserts wait only for the removals: the write
-    /// lock is taken once, for the entries judged doomed, and each is asked
-    /// again there (one replaced in between is judged as it is now). `keep`
-    /// may thus be called twice for an entry.
+    /// lock, so lookups run beside the scan (until an insert queues for the
+    /// write lock: the lock is fair) and only the removals exclude them:
+    /// the write lock is taken once, for the entries judged doomed, and each
+    /// is asked again there (one replaced in between is judged as it is
+    /// now). `keep` may thus be called twice for an entry. Visits every
+    /// entry: call it off the async workers when the store is large.
     pub fn retain(&self, mut keep: impl FnMut(&str, &M) -> bool) -> Vec<(Arc<str>, M)> {
         let mut doomed: Vec<Arc<str>> = Vec::new();
         {

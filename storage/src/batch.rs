@@ -63,6 +63,14 @@ pub enum Op {
     DeleteRetained {
         topic: String,
     },
+    /// Clear the retained message of a topic only if it is still
+    /// `message_id`, releasing its reference: an expired message swept out
+    /// of memory must not take with it a newer one whose batch reached the
+    /// store first.
+    ExpireRetained {
+        topic: String,
+        message_id: u64,
+    },
 }
 
 /// How many operations a batch holds without a heap allocation: a QoS 1/2

@@ -459,6 +459,15 @@ impl<E: Engine> Tx<'_, E> {
                     self.delete(key);
                 }
             }
+            Op::ExpireRetained { topic, message_id } => {
+                let key = keys::retained(topic);
+                if let Some(v) = self.get(&key)? {
+                    if enc::decode_u64(&key, &v)? == *message_id {
+                        self.release(*message_id)?;
+                        self.delete(key);
+                    }
+                }
+            }
         }
         Ok(())
     }

@@ -176,6 +176,40 @@ fn retained_references_and_replacement() {
 }
 
 #[test]
+fn expiring_a_retained_message_clears_only_that_message() {
+    both(|s| {
+        apply(s, |b| {
+            b.put_message(message(1, 10))
+                .put_retained(retained("t", 1))
+                .put_message(message(2, 10))
+                .put_retained(retained("u", 2));
+        });
+        // "t" was replaced by message 3 before the sweep of message 1
+        // reached the store: the sweep leaves message 3 alone.
+        apply(s, |b| {
+            b.put_message(message(3, 10)).put_retained(retained("t", 3));
+        });
+        apply(s, |b| {
+            b.push(Op::ExpireRetained {
+                topic: "t".into(),
+                message_id: 1,
+            })
+            .push(Op::ExpireRetained {
+                topic: "u".into(),
+                message_id: 2,
+            });
+        });
+        let left: Vec<(String, u64)> = s
+            .retained("")
+            .map(|r| r.map(|r| (r.topic, r.message_id)).unwrap())
+            .collect();
+        assert_eq!(left, vec![("t".to_string(), 3)]);
+        assert_eq!(s.message(2).unwrap(), None, "its last reference released");
+        assert_eq!(s.message_refs(3).unwrap(), 1);
+    });
+}
+
+#[test]
 fn an_unreferenced_message_is_not_kept() {
     both(|s| {
         apply(s, |b| {
