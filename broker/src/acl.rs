@@ -263,7 +263,8 @@ impl ClientAcl {
 /// session's client: a message whose topic one of them matches is not
 /// delivered to it, whatever its subscriptions (see the module doc). Fixed
 /// for the session's life: it is resumed only by the user it was made for,
-/// and the rules change only with a restart, which computes it again.
+/// and only by a client whose rules give the same list (a restart or a
+/// reload of `[auth]` may change them; see auth_rules.rs).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeniedTopics {
     filters: Box<[Box<str>]>,

@@ -30,9 +30,9 @@ use tern_codec::properties::PublishProperties;
 use tern_codec::{QoS, ReasonCode, Will};
 use tokio::sync::watch;
 
-use crate::auth::Authenticator;
+use crate::auth_rules::{AuthRules, Login};
 use crate::budget::OutboundBudget;
-use crate::config::Config;
+use crate::config::{AuthConfig, Config};
 use crate::keep_alive::KeepAlive;
 use crate::message::Message;
 use crate::metrics::Metrics;
@@ -131,9 +131,10 @@ pub struct Broker {
     last_stall_sweep_ms: AtomicU64,
     pub registry: SessionRegistry,
     pub metrics: Arc<Metrics>,
-    pub authenticator: Authenticator,
-    /// Topic permissions; `None` without `[[auth.acl]]` rules.
-    pub acl: Option<crate::acl::Acl>,
+    /// The `[auth]` rules in force: users, anonymous, enhanced
+    /// authentication, ACL (auth_rules.rs). Swapped whole by `reload_auth`;
+    /// read once per CONNECT.
+    auth_rules: parking_lot::RwLock<Arc<AuthRules>>,
     /// Read buffers, lent to connections while they have bytes to decode.
     pub pool: BufferPool,
     /// The durable store; `None` in memory mode.
@@ -183,8 +184,7 @@ impl Broker {
             },
         );
         Arc::new(Broker {
-            authenticator: Authenticator::from_config(&config.auth),
-            acl: crate::acl::Acl::from_rules(&config.auth.acl),
+            auth_rules: parking_lot::RwLock::new(Arc::new(AuthRules::new(&config.auth))),
             pool: BufferPool::new(READ_BUFFER_POOL_CAPACITY),
             config,
             router: Router::new(),
@@ -393,6 +393,41 @@ impl Broker {
         if let Some(at) = expires_at {
             self.note_retained_expiry(at);
         }
+    }
+
+    /// The `[auth]` rules in force.
+    pub fn auth_rules(&self) -> Arc<AuthRules> {
+        Arc::clone(&self.auth_rules.read())
+    }
+
+    /// Puts `auth` in force (on SIGHUP, see auth_rules.rs): new connections
+    /// use it at once, and every connected client it would not let in with
+    /// the same credentials, or would give other permissions, is
+    /// disconnected (0x87) to reconnect under it. Returns how many were.
+    pub fn reload_auth(&self, auth: &AuthConfig) -> usize {
+        let next = Arc::new(AuthRules::new(auth));
+        let previous = std::mem::replace(&mut *self.auth_rules.write(), Arc::clone(&next));
+        let mut closed = 0;
+        for session in self.registry.all() {
+            let Some(control) = session.attached_control() else {
+                continue;
+            };
+            if let Some(why) = previous.revoked_by(&next, control.login(), &session.client_id) {
+                tracing::info!(client_id = %session.client_id, "disconnected by the reloaded [auth]: {why}");
+                control.close(Some(ReasonCode::NotAuthorized));
+                closed += 1;
+            }
+        }
+        closed
+    }
+
+    /// Whether a connection let in under `used` as `login` must close
+    /// because the rules were reloaded meanwhile (a handshake that ran
+    /// beside [`reload_auth`](Self::reload_auth) and attached after
+    /// its sweep of the connected clients).
+    pub fn revoked_since(&self, used: &Arc<AuthRules>, login: &Login, client_id: &str) -> bool {
+        let now = self.auth_rules();
+        !Arc::ptr_eq(used, &now) && used.revoked_by(&now, login, client_id).is_some()
     }
 
     /// While the outbound budget is over its limit, readers call this once

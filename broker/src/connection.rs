@@ -40,6 +40,7 @@ use tokio::net::TcpStream;
 
 use crate::acl::ClientAcl;
 use crate::auth::{AuthExchange, AuthStep};
+use crate::auth_rules::AuthRules;
 use crate::broker::{Broker, SessionRef, StagedFanout};
 use crate::handshake::{
     auth_packet, authenticate, check_connect, count_decode_error, read_connect, will_allowed,
@@ -240,8 +241,10 @@ where
     W: AsyncWrite + Unpin + Send,
 {
     let max_packet = broker.config.limits.max_packet_size as usize;
+    // One set of `[auth]` rules decides the whole handshake (auth_rules.rs).
+    let rules = broker.auth_rules();
 
-    let (mut conn, connack) = {
+    let (mut conn, connack, login) = {
         let handshake = tokio::time::timeout(broker.config.connect_timeout(), async {
             let connect = read_connect(&mut *reader, &mut *buf, max_packet, &broker.metrics)
                 .await
@@ -255,13 +258,23 @@ where
                 };
                 return Err((Some(connect), HandshakeFailure::Refused(busy)));
             }
-            if let Some(code) = check_connect(broker, &connect, reader.client_certificate()) {
+            let certificate = reader.client_certificate();
+            if let Some(code) = check_connect(broker, &rules, &connect, certificate) {
                 return Err((Some(connect), HandshakeFailure::Refused(code)));
             }
-            match authenticate(broker, &connect, &mut *reader, &mut *writer, &mut *buf).await {
+            match authenticate(
+                broker,
+                &rules,
+                &connect,
+                &mut *reader,
+                &mut *writer,
+                &mut *buf,
+            )
+            .await
+            {
                 Ok(authenticated) => {
-                    match authenticated.proven(broker, &connect, reader.client_certificate()) {
-                        Some(authenticated) if will_allowed(broker, &connect, &authenticated) => {
+                    match authenticated.proven(&rules, &connect, reader.client_certificate()) {
+                        Some(authenticated) if will_allowed(&rules, &connect, &authenticated) => {
                             Ok((connect, authenticated))
                         }
                         _ => Err((
@@ -289,17 +302,25 @@ where
         if !connect.client_id.is_empty() {
             broker.registry.take_over(connect.client_id_str()).await;
         }
-        Connection::accept(broker, *connect, permit.id, authenticated)
+        let login = authenticated.login();
+        let (conn, connack) =
+            Connection::accept(broker, &rules, *connect, permit.id, authenticated);
+        (conn, connack, login)
     };
     let protocol = conn.protocol;
     // Attach before CONNACK so that every exit from here on (a failed CONNACK
     // write included) runs the close-down logic of `Connection`. Nothing else
     // writes to the socket until the writer starts, so CONNACK stays first.
-    let control = Arc::new(ConnectionControl::default());
+    let control = Arc::new(ConnectionControl::new(login));
     if !conn.attach(Arc::clone(&control)) {
         tracing::debug!(%peer, "session replaced before it could be attached");
         return None;
     };
+    if broker.revoked_since(&rules, control.login(), &conn.session.client_id) {
+        // `[auth]` was reloaded during the handshake, after its sweep of the
+        // connected clients: judged as they were.
+        control.close(Some(ReasonCode::NotAuthorized));
+    }
     let connack_sent =
         write_direct(writer, &Packet::ConnAck(connack), protocol, &broker.metrics).await;
     if !connack_sent {
@@ -500,6 +521,7 @@ impl Connection {
     /// Opens (or resumes) the session and prepares the CONNACK.
     fn accept(
         broker: &Arc<Broker>,
+        rules: &AuthRules,
         connect: Connect,
         connection_id: u64,
         authenticated: Authenticated,
@@ -516,10 +538,9 @@ impl Connection {
         } else {
             connect.client_id_str().to_owned()
         };
-        let acl = broker
-            .acl
-            .as_ref()
-            .map(|acl| Box::new(acl.for_client(authenticated.user.as_deref(), &client_id)));
+        let acl = rules
+            .client_acl(authenticated.user.as_deref(), &client_id)
+            .map(Box::new);
 
         let requested_expiry = if v5 {
             connect.properties.session_expiry_interval.unwrap_or(0)
@@ -544,9 +565,24 @@ impl Connection {
         }
 
         let denied = acl.as_deref().and_then(ClientAcl::denied_topics);
+        // Compared with a resumed session's (a copy: only with deny rules).
+        let wanted = denied.clone();
         let resumable = |existing: &Arc<Session>| {
-            acl.as_deref()
-                .is_none_or(|acl| may_resume(broker, existing, acl))
+            // A session withholds what its rules denied when it was made: one
+            // made under other deny rules (`[auth]` was reloaded since) is
+            // not resumed, so nothing it holds slips past the rules now.
+            let same_denial = existing.denied_topics() == wanted.as_deref();
+            if !same_denial {
+                Metrics::inc(&broker.metrics.sessions_not_resumed);
+                tracing::info!(
+                    client_id = %existing.client_id,
+                    "session not resumed: made under other ACL deny rules"
+                );
+            }
+            same_denial
+                && acl
+                    .as_deref()
+                    .is_none_or(|acl| may_resume(broker, existing, acl))
         };
         let on_replace = |old: &Arc<Session>| {
             broker
@@ -1329,7 +1365,9 @@ impl Connection {
             return Err(self.protocol_error("AUTH with a different authentication method"));
         }
         let exchange = match (auth.code, enhanced.reauthentication.take()) {
-            (ReasonCode::ReAuthenticate, None) => self.broker.authenticator.start(&method),
+            (ReasonCode::ReAuthenticate, None) => {
+                self.broker.auth_rules().authenticator.start(&method)
+            }
             (ReasonCode::ContinueAuthentication, Some(exchange)) => Some(exchange),
             _ => None,
         };

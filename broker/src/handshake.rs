@@ -6,6 +6,8 @@
 //! only what the client sent, and answers refusals with the CONNACK reason
 //! code the specification names.
 
+use std::sync::Arc;
+
 use bytes::{Bytes, BytesMut};
 use tern_codec::properties::AuthProperties;
 use tern_codec::{
@@ -14,6 +16,7 @@ use tern_codec::{
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::auth::AuthStep;
+use crate::auth_rules::{AuthRules, Credential, Login};
 use crate::broker::Broker;
 use crate::config::CertificateIdentity;
 use crate::metrics::Metrics;
@@ -63,6 +66,8 @@ pub struct Authenticated {
     pub data: Option<Bytes>,
     /// Who the client proved to be (see [`Authenticated::proven`]).
     pub user: Option<String>,
+    /// What its admission rested on (set by [`Authenticated::proven`]).
+    pub by: Credential,
 }
 
 impl Authenticated {
@@ -79,7 +84,7 @@ impl Authenticated {
     /// re-authentication as another user would end it anyway).
     pub fn proven(
         mut self,
-        broker: &Broker,
+        rules: &AuthRules,
         connect: &Connect,
         certificate: Option<&ClientCertificate>,
     ) -> Option<Authenticated> {
@@ -88,11 +93,12 @@ impl Authenticated {
                 return None;
             }
             self.user = Some(identity.to_owned());
+            self.by = Credential::Certificate;
             return Some(self);
         }
         let password_checked = certificate.is_none()
             && connect.properties.authentication_method.is_none()
-            && !broker.config.auth.users.is_empty();
+            && !rules.config.users.is_empty();
         if self.user.is_none() && password_checked {
             self.user = connect
                 .username
@@ -100,14 +106,33 @@ impl Authenticated {
                 .and_then(|u| std::str::from_utf8(u).ok())
                 .map(str::to_owned);
         }
+        self.by = if self.method.is_some() {
+            Credential::Enhanced
+        } else if certificate.is_some() {
+            Credential::Certificate
+        } else if connect.username.is_none() {
+            Credential::Anonymous
+        } else if password_checked {
+            Credential::Password
+        } else {
+            Credential::Unchecked
+        };
         Some(self)
+    }
+
+    /// How the client was let in, for its connection (auth_rules.rs).
+    pub fn login(&self) -> Login {
+        Login {
+            user: self.user.as_deref().map(Arc::from),
+            by: self.by,
+        }
     }
 }
 
 /// Whether the ACL (if any) lets the client publish its will; checked once
 /// the client is authenticated.
-pub fn will_allowed(broker: &Broker, connect: &Connect, authenticated: &Authenticated) -> bool {
-    let (Some(acl), Some(will)) = (&broker.acl, &connect.will) else {
+pub fn will_allowed(rules: &AuthRules, connect: &Connect, authenticated: &Authenticated) -> bool {
+    let (Some(acl), Some(will)) = (&rules.acl, &connect.will) else {
         return true;
     };
     let topic = std::str::from_utf8(&will.topic).unwrap_or("");
@@ -210,6 +235,7 @@ pub fn count_decode_error(metrics: &Metrics, e: &DecodeError) {
 /// identity `listeners.tls_client_identity` asks for.
 pub fn check_connect(
     broker: &Broker,
+    rules: &AuthRules,
     connect: &Connect,
     certificate: Option<&ClientCertificate>,
 ) -> Option<ReasonCode> {
@@ -253,7 +279,7 @@ pub fn check_connect(
     if connect.properties.authentication_method.is_some() {
         return None;
     }
-    let auth = &broker.config.auth;
+    let auth = &rules.config;
     match &connect.username {
         None if !auth.allow_anonymous => Some(ReasonCode::NotAuthorized),
         None => None,
@@ -279,6 +305,7 @@ pub fn check_connect(
 /// section 4.12), trading AUTH packets on the raw socket before CONNACK.
 pub async fn authenticate<R, W>(
     broker: &Broker,
+    rules: &AuthRules,
     connect: &Connect,
     reader: &mut R,
     writer: &mut W,
@@ -291,7 +318,7 @@ where
     let Some(method) = connect.properties.authentication_method.clone() else {
         return Ok(Authenticated::default());
     };
-    let Some(mut exchange) = broker.authenticator.start(&method) else {
+    let Some(mut exchange) = rules.authenticator.start(&method) else {
         return Err(HandshakeFailure::Refused(
             ReasonCode::BadAuthenticationMethod,
         ));
@@ -306,6 +333,7 @@ where
                     method: Some(method),
                     data,
                     user: Some(user.to_owned()),
+                    by: Credential::Enhanced,
                 });
             }
             AuthStep::Failure => return Err(HandshakeFailure::Refused(ReasonCode::NotAuthorized)),
@@ -376,7 +404,7 @@ mod tests {
         claimed: Option<&str>,
         identity: Option<&str>,
     ) -> Option<Option<String>> {
-        let broker = Broker::new(Config::default());
+        let rules = AuthRules::new(&Config::default().auth);
         let certificate = ClientCertificate {
             identity: identity.map(Into::into),
         };
@@ -384,7 +412,7 @@ mod tests {
             user: scram_user.map(str::to_owned),
             ..Authenticated::default()
         }
-        .proven(&broker, &connect(claimed), Some(&certificate))
+        .proven(&rules, &connect(claimed), Some(&certificate))
         .map(|a| a.user)
     }
 

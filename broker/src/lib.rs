@@ -29,6 +29,7 @@
 //! pool        bounded pool of read buffers; idle connections hold none
 //! transport   what a byte stream must offer (readiness without a buffer)
 //! auth        MQTT 5 enhanced authentication (AUTH), SCRAM-SHA-256
+//! auth_rules  the [auth] rules in force, swapped whole on reload; how each client got in
 //! acl         topic permissions: who may publish and subscribe where
 //! config      embedded defaults, TOML file, validation
 //! sys_topics  $SYS/broker/... figures, retained in memory, every sys_interval_secs
@@ -54,6 +55,7 @@
 pub mod acl;
 pub mod admin;
 pub mod auth;
+pub mod auth_rules;
 pub mod broker;
 pub mod budget;
 pub mod config;

@@ -153,6 +153,12 @@ fn serve(args: ServeArgs) -> ExitCode {
         },
         None => Config::default(),
     };
+    // What SIGHUP reloads from, and the file as it was read (before the
+    // command line's overrides), to tell which changes need a restart.
+    let reload = path.clone().map(|path| ConfigFile {
+        path,
+        at_start: config.clone(),
+    });
     if !bind.is_empty() {
         config.listeners.tcp = bind;
     }
@@ -235,15 +241,48 @@ fn serve(args: ServeArgs) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        signals.wait(&server).await;
+        signals.wait(&server, reload.as_ref()).await;
         tracing::info!("shutdown requested; disconnecting clients");
         server.shutdown().await;
         ExitCode::SUCCESS
     })
 }
 
+/// The configuration file `tern serve` was started with, for SIGHUP.
+struct ConfigFile {
+    path: PathBuf,
+    at_start: Config,
+}
+
+impl ConfigFile {
+    /// Reads the file again and puts its `[auth]` in force; an unreadable
+    /// or invalid file changes nothing. Changes elsewhere in it are only
+    /// reported: they take effect at the next start.
+    fn reload_auth(&self, server: &Server) {
+        let path = self.path.display();
+        let now = match Config::from_file(&self.path) {
+            Ok(config) => config,
+            Err(e) => {
+                tracing::error!("SIGHUP: [auth] not reloaded, the rules in force stay: {e}");
+                return;
+            }
+        };
+        let disconnected = server.reload_auth(&now.auth);
+        tracing::info!(config = %path, disconnected, "SIGHUP: [auth] reloaded");
+        let mut unchanged = self.at_start.clone();
+        unchanged.auth = now.auth.clone();
+        if unchanged != now {
+            tracing::warn!(
+                config = %path,
+                "SIGHUP: only [auth] and the TLS files are reloaded; the file's other changes take effect at the next start"
+            );
+        }
+    }
+}
+
 /// The signals the broker answers: SIGINT and SIGTERM stop it, SIGHUP
-/// reloads the TLS certificate files. Streams made once, before the server
+/// reloads `[auth]` from the configuration file (if one was given) and the
+/// TLS certificate files. Streams made once, before the server
 /// starts: a signal that arrives before [`wait`](Signals::wait) or between
 /// two turns of its loop is kept for it.
 struct Signals {
@@ -279,9 +318,9 @@ impl Signals {
         Signals {}
     }
 
-    /// Resolves on SIGINT or SIGTERM; on SIGHUP, reloads the TLS
-    /// certificate files and goes on waiting.
-    async fn wait(&mut self, server: &Server) {
+    /// Resolves on SIGINT or SIGTERM; on SIGHUP, reloads `[auth]` and the
+    /// TLS certificate files and goes on waiting.
+    async fn wait(&mut self, server: &Server, config: Option<&ConfigFile>) {
         #[cfg(unix)]
         {
             async fn next(stream: &mut Option<tokio::signal::unix::Signal>) {
@@ -301,6 +340,9 @@ impl Signals {
                     () = next(&mut self.int) => return,
                     () = next(&mut self.term) => return,
                     () = next(&mut self.hup) => {
+                        if let Some(config) = config {
+                            config.reload_auth(server);
+                        }
                         tracing::info!("SIGHUP: reloading the TLS certificate files");
                         // Logged by reload_tls either way.
                         let _ = server.reload_tls();
@@ -310,7 +352,7 @@ impl Signals {
         }
         #[cfg(not(unix))]
         {
-            let _ = server;
+            let _ = (server, config);
             let _ = tokio::signal::ctrl_c().await;
         }
     }

@@ -129,6 +129,7 @@ pub fn recover(broker: &Arc<Broker>) -> Result<Recovered, StoreError> {
 
         // What its owner may not receive, under the rules of this start.
         let denied = broker
+            .auth_rules()
             .acl
             .as_ref()
             .and_then(|acl| acl.denied_topics(record.owner.as_deref(), &client_id));

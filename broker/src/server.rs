@@ -200,6 +200,14 @@ impl Server {
         crate::tls::reload(&self.broker)
     }
 
+    /// Puts `auth` in force (users, anonymous, ACL; `tern serve` does this
+    /// on SIGHUP): new connections use it, and connected clients it would
+    /// not let in or would give other permissions are disconnected (see
+    /// auth_rules.rs). Returns how many were.
+    pub fn reload_auth(&self, auth: &crate::config::AuthConfig) -> usize {
+        self.broker.reload_auth(auth)
+    }
+
     /// The bound admin endpoint address, when one runs.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin_addr

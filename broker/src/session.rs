@@ -59,6 +59,7 @@ use tern_storage::{DeliveryState, Op, QueueEntry, SessionRecord, StoreError};
 use tokio::sync::Notify;
 
 use crate::acl::DeniedTopics;
+use crate::auth_rules::Login;
 use crate::budget::{OutboundBudget, HEADER_ALLOWANCE};
 use crate::incoming_qos2::{IncomingQos2, Opened};
 use crate::inflight::{Inflight, InflightState, InflightWindow};
@@ -222,9 +223,24 @@ pub struct ConnectionControl {
     last_packet_ms: AtomicU64,
     /// The reader holds an incomplete packet (see keep_alive.rs).
     incomplete: AtomicBool,
+    /// How its client was let in, for a reload of `[auth]` (auth_rules.rs).
+    login: Login,
 }
 
 impl ConnectionControl {
+    /// The controls of a connection whose client was let in as `login`.
+    pub fn new(login: Login) -> ConnectionControl {
+        ConnectionControl {
+            login,
+            ..ConnectionControl::default()
+        }
+    }
+
+    /// How its client was let in.
+    pub fn login(&self) -> &Login {
+        &self.login
+    }
+
     /// Asks the connection to close; the first reason given wins.
     pub fn close(&self, reason: Option<ReasonCode>) {
         {
@@ -957,6 +973,11 @@ impl Session {
             None => false,
             Some(denied) => denied.contains(message.topic_str()),
         }
+    }
+
+    /// What its client may not receive (fixed for the session's life).
+    pub fn denied_topics(&self) -> Option<&DeniedTopics> {
+        self.denied.as_deref()
     }
 
     /// The user its last client proved (see `acl.rs`).

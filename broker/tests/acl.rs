@@ -557,3 +557,61 @@ async fn a_deny_rule_added_at_a_restart_withholds_what_was_queued_before() {
     worker.expect_silence(Duration::from_millis(200)).await;
     server.shutdown().await;
 }
+
+/// Reloading `[auth]` (what `tern serve` does on SIGHUP): new connections
+/// get the new rules at once; a connected client is disconnected (0x87)
+/// only if the new rules would not let it in with its credentials or would
+/// give it other permissions; and a session made under other deny rules is
+/// not resumed, so nothing it holds slips past the new ones.
+#[tokio::test]
+async fn a_reload_of_auth_disconnects_only_the_clients_it_changes() {
+    let server = start_with_rules().await;
+    let mut ops = ops_reading_devices(&server).await;
+    let mut device = RawClient::connected(addr(&server), "d1", ProtocolVersion::V5).await;
+    let mut auth = server.broker().config.auth.clone();
+
+    // ops's password changes; the anonymous device's standing does not.
+    auth.users[0].password = "renewed".into();
+    assert_eq!(server.reload_auth(&auth), 1);
+    ops.expect_disconnect(ReasonCode::NotAuthorized).await;
+    assert_eq!(
+        puback_code(&mut device, "devices/d1/temp", 1).await,
+        ReasonCode::Success
+    );
+    let (_, refused) = RawClient::connect(addr(&server), ops_connect()).await;
+    assert_eq!(refused.code, ReasonCode::BadUserNameOrPassword);
+    let mut renewed = ops_connect();
+    renewed.password = Some(Bytes::from_static(b"renewed"));
+    let (mut ops, ack) = RawClient::connect(addr(&server), renewed.clone()).await;
+    assert_eq!(ack.code, ReasonCode::Success);
+    assert!(ack.session_present, "same permissions: the session resumes");
+    assert_eq!(&ops.recv_publish().await.payload[..], b"x");
+
+    // A deny rule for everyone changes everyone's permissions.
+    auth.acl.push(deny(None, "devices/+/secret", Access::All));
+    assert_eq!(server.reload_auth(&auth), 2);
+    ops.expect_disconnect(ReasonCode::NotAuthorized).await;
+    device.expect_disconnect(ReasonCode::NotAuthorized).await;
+    let (mut ops, ack) = RawClient::connect(addr(&server), renewed).await;
+    assert_eq!(ack.code, ReasonCode::Success);
+    assert!(
+        !ack.session_present,
+        "made under other deny rules: not resumed"
+    );
+    assert_eq!(
+        ops.subscribe("devices/#", QoS::AtLeastOnce).await,
+        [ReasonCode::GrantedQoS1]
+    );
+    let mut device = RawClient::connected(addr(&server), "d1", ProtocolVersion::V5).await;
+    assert_eq!(
+        puback_code(&mut device, "devices/d1/secret", 2).await,
+        ReasonCode::NotAuthorized
+    );
+    assert_eq!(
+        puback_code(&mut device, "devices/d1/temp", 3).await,
+        ReasonCode::Success
+    );
+    assert_eq!(&ops.recv_publish().await.payload[..], b"x");
+    ops.expect_silence(Duration::from_millis(200)).await;
+    server.shutdown().await;
+}

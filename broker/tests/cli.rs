@@ -278,3 +278,94 @@ fn connect_and_expect_connack(port: u16) -> std::net::TcpStream {
     assert_eq!(connack, [0x20, 0x02, 0x00, 0x00]);
     s
 }
+
+/// An MQTT 3.1.1 CONNECT with a user name and password; returns the open
+/// connection and the CONNACK's return code.
+fn connect_as(port: u16, user: &str, password: &str) -> (std::net::TcpStream, u8) {
+    use std::io::{Read, Write};
+    let field = |s: &str| {
+        let mut f = u16::try_from(s.len()).unwrap().to_be_bytes().to_vec();
+        f.extend_from_slice(s.as_bytes());
+        f
+    };
+    let mut body = field("MQTT");
+    body.extend_from_slice(&[4, 0xC2, 0, 60]);
+    for part in ["reloader", user, password] {
+        body.extend(field(part));
+    }
+    let mut packet = vec![0x10, u8::try_from(body.len()).unwrap()];
+    packet.extend(body);
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(&packet).unwrap();
+    let mut connack = [0u8; 4];
+    s.read_exact(&mut connack).unwrap();
+    assert_eq!(connack[..2], [0x20, 0x02]);
+    (s, connack[3])
+}
+
+fn send_signal(running: &Running, signal: libc::c_int) {
+    let pid = libc::pid_t::try_from(running.0.id()).unwrap();
+    // SAFETY: kill(2) takes plain integers; `pid` is our own child, not
+    // yet reaped (`running` waits for it on drop).
+    assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
+}
+
+/// SIGHUP puts the config file's `[auth]` in force: a client whose password
+/// changed is disconnected and new connections need the new password; a
+/// file that no longer loads changes nothing.
+#[test]
+fn sighup_reloads_auth_from_the_config_file() {
+    use std::io::Read;
+    let users = |password: &str| {
+        format!("[auth]\nallow_anonymous = false\n[[auth.users]]\nname = \"u\"\npassword = \"{password}\"\n")
+    };
+    let config = temp_file("reload.toml", &users("old"));
+    let data = config.with_file_name("reload-data");
+    let child = Command::new(TERN)
+        .arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .args(["--bind", "127.0.0.1:0", "--ws-bind", "127.0.0.1:0"])
+        .args(["--admin-bind", "127.0.0.1:0", "--durability", "memory"])
+        .arg("--data-dir")
+        .arg(&data)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut running = Running(child);
+    let log = drain(&mut running);
+    let ready = wait_for_line(&log, "MQTT/TCP listener ready");
+    let port: u16 = ready
+        .last()
+        .and_then(|l| l.split("addr=127.0.0.1:").nth(1))
+        .and_then(|rest| rest.trim().parse().ok())
+        .expect("the listener's port");
+
+    let (mut before, code) = connect_as(port, "u", "old");
+    assert_eq!(code, 0);
+    std::fs::write(&config, users("new")).unwrap();
+    send_signal(&running, libc::SIGHUP);
+    wait_for_line(&log, "[auth] reloaded");
+    let mut rest = Vec::new();
+    assert!(
+        before.read_to_end(&mut rest).is_ok(),
+        "the old password's connection is closed"
+    );
+    assert_eq!(
+        connect_as(port, "u", "old").1,
+        4,
+        "bad user name or password"
+    );
+    assert_eq!(connect_as(port, "u", "new").1, 0);
+
+    std::fs::write(&config, "[auth]\nallow_anonymous = 3\n").unwrap();
+    send_signal(&running, libc::SIGHUP);
+    wait_for_line(&log, "[auth] not reloaded");
+    assert_eq!(connect_as(port, "u", "new").1, 0, "the rules in force stay");
+
+    send_signal(&running, libc::SIGTERM);
+    assert!(exit_status(&mut running).success());
+    let _ = std::fs::remove_dir_all(config.parent().unwrap());
+}
