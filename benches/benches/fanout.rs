@@ -39,6 +39,7 @@ fn subscribed(n: usize) -> (Arc<Broker>, Vec<Arc<Session>>) {
                 send_quota: 16,
                 expiry_interval: 0,
                 owner: None,
+                login: Default::default(),
             };
             let control = Arc::new(ConnectionControl::default());
             opened

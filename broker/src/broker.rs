@@ -409,10 +409,10 @@ impl Broker {
         let previous = std::mem::replace(&mut *self.auth_rules.write(), Arc::clone(&next));
         let mut closed = 0;
         for session in self.registry.all() {
-            let Some(control) = session.attached_control() else {
+            let Some((login, control)) = session.attached_login() else {
                 continue;
             };
-            if let Some(why) = previous.revoked_by(&next, control.login(), &session.client_id) {
+            if let Some(why) = previous.revoked_by(&next, &login, &session.client_id) {
                 tracing::info!(client_id = %session.client_id, "disconnected by the reloaded [auth]: {why}");
                 control.close(Some(ReasonCode::NotAuthorized));
                 closed += 1;

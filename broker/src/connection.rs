@@ -40,7 +40,7 @@ use tokio::net::TcpStream;
 
 use crate::acl::ClientAcl;
 use crate::auth::{AuthExchange, AuthStep};
-use crate::auth_rules::AuthRules;
+use crate::auth_rules::{AuthRules, Login};
 use crate::broker::{Broker, SessionRef, StagedFanout};
 use crate::handshake::{
     auth_packet, authenticate, check_connect, count_decode_error, read_connect, will_allowed,
@@ -311,12 +311,12 @@ where
     // Attach before CONNACK so that every exit from here on (a failed CONNACK
     // write included) runs the close-down logic of `Connection`. Nothing else
     // writes to the socket until the writer starts, so CONNACK stays first.
-    let control = Arc::new(ConnectionControl::new(login));
-    if !conn.attach(Arc::clone(&control)) {
+    let control = Arc::new(ConnectionControl::default());
+    if !conn.attach(Arc::clone(&control), login.clone()) {
         tracing::debug!(%peer, "session replaced before it could be attached");
         return None;
     };
-    if broker.revoked_since(&rules, control.login(), &conn.session.client_id) {
+    if broker.revoked_since(&rules, &login, &conn.session.client_id) {
         // `[auth]` was reloaded during the handshake, after its sweep of the
         // connected clients: judged as they were.
         control.close(Some(ReasonCode::NotAuthorized));
@@ -664,7 +664,7 @@ impl Connection {
     /// connection (on any path, panics included) runs the close-down logic;
     /// [`finish`](Self::finish) does the same with the will decision made.
     /// False when the session was replaced before it could be attached.
-    fn attach(&mut self, control: Arc<ConnectionControl>) -> bool {
+    fn attach(&mut self, control: Arc<ConnectionControl>, login: Login) -> bool {
         let Some(generation) = self.session.attach(
             AttachParams {
                 connection_id: self.connection_id,
@@ -672,6 +672,7 @@ impl Connection {
                 send_quota: self.send_quota,
                 expiry_interval: self.expiry_interval,
                 owner: self.acl.as_deref().and_then(ClientAcl::user).map(Arc::from),
+                login,
             },
             Arc::clone(&control),
             self.will.as_deref(),

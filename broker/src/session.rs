@@ -223,24 +223,9 @@ pub struct ConnectionControl {
     last_packet_ms: AtomicU64,
     /// The reader holds an incomplete packet (see keep_alive.rs).
     incomplete: AtomicBool,
-    /// How its client was let in, for a reload of `[auth]` (auth_rules.rs).
-    login: Login,
 }
 
 impl ConnectionControl {
-    /// The controls of a connection whose client was let in as `login`.
-    pub fn new(login: Login) -> ConnectionControl {
-        ConnectionControl {
-            login,
-            ..ConnectionControl::default()
-        }
-    }
-
-    /// How its client was let in.
-    pub fn login(&self) -> &Login {
-        &self.login
-    }
-
     /// Asks the connection to close; the first reason given wins.
     pub fn close(&self, reason: Option<ReasonCode>) {
         {
@@ -330,6 +315,8 @@ struct Link {
     /// Items of `outbound` that are not PUBLISH (acks, PINGRESP ...).
     controls: usize,
     budget: Arc<OutboundBudget>,
+    /// How its client was let in (`AttachParams::login`).
+    login: Login,
 }
 
 impl Link {
@@ -472,6 +459,8 @@ pub struct AttachParams {
     /// The user the client proved (see `acl.rs`), kept as the session's
     /// owner.
     pub owner: Option<Arc<str>>,
+    /// How the client was let in, for a reload of `[auth]` (auth_rules.rs).
+    pub login: Login,
 }
 
 struct SessionState {
@@ -515,7 +504,9 @@ struct SessionState {
     /// its bound and took a delivery beyond it (overflow.rs); ended when it
     /// drains to half (or, once the client counts as slow, to empty) or the
     /// client leaves.
-    overflow: Option<Overflow>,
+    /// Boxed: made per episode, and inline it would be 40 bytes of every
+    /// session.
+    overflow: Option<Box<Overflow>>,
     /// Retained messages its SUBSCRIBEs matched that its queues had no room
     /// for yet (see [`Session::deliver_retained`]): they go in as the queues
     /// drain. Boxed and made at the first; at most
@@ -731,6 +722,7 @@ impl Session {
             stall_mark: false,
             controls: 0,
             budget: Arc::clone(&self.context.budget),
+            login: params.login,
         };
         for item in outbound {
             match item {
@@ -925,6 +917,13 @@ impl Session {
             link.stall_mark = true;
             false
         }
+    }
+
+    /// How the attached connection's client was let in, with its controls.
+    pub fn attached_login(&self) -> Option<(Login, Arc<ConnectionControl>)> {
+        let st = self.state.lock();
+        let link = st.link.as_ref()?;
+        Some((link.login.clone(), Arc::clone(&link.control)))
     }
 
     /// The controls of the attached connection, if any.
@@ -1422,7 +1421,7 @@ impl Session {
         }
         let now = Instant::now();
         st.overflow
-            .get_or_insert_with(|| Overflow::begin(now))
+            .get_or_insert_with(|| Box::new(Overflow::begin(now)))
             .outpaced(now, self.context.queue_full_wait)
     }
 

@@ -334,6 +334,7 @@ pub fn attached_subscriber(
                 send_quota: 16,
                 expiry_interval: 0,
                 owner: None,
+                login: Default::default(),
             },
             Arc::new(tern::session::ConnectionControl::default()),
             None,
