@@ -205,6 +205,19 @@ impl Acl {
                 }
             }
         }
+        // Order and repetition mean nothing (a deny rule wins wherever it
+        // stands): in a canonical form, two rule sets that say the same
+        // compile equal, and a reload that only reorders rules changes no
+        // client's permissions (auth_rules.rs).
+        for list in [
+            &mut acl.publish,
+            &mut acl.subscribe,
+            &mut acl.deny_publish,
+            &mut acl.deny_subscribe,
+        ] {
+            list.sort_unstable();
+            list.dedup();
+        }
         acl
     }
 

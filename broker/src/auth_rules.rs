@@ -12,9 +12,11 @@
 //! running if the new rules would let it in with the same credentials and
 //! give it the same permissions (its compiled [`ClientAcl`] is equal), and
 //! is disconnected (MQTT 5: 0x87 Not authorized) otherwise, so that it
-//! reconnects under the new rules. The broker does not keep passwords, so
-//! it judges the credentials by the user's entry: a user whose entry is
-//! gone or whose password changed is disconnected.
+//! reconnects under the new rules. The broker does not keep the passwords
+//! clients sent, so it judges their credentials by the user's entry: a user
+//! whose entry is gone or whose password changed is disconnected. A will
+//! is checked against the rules in force when it is published
+//! (`Broker::publish_will_of`).
 
 use std::sync::Arc;
 
@@ -180,5 +182,12 @@ mod tests {
         // everybody's.
         let open = rules(USERS);
         assert!(open.revoked_by(&before, &a, "c").is_some());
+        // The same rules in another order, one repeated: nobody's change.
+        let reordered = rules(&format!(
+            "{USERS}[[auth.acl]]\nuser = \"b\"\ntopic = \"b/#\"\naccess = \"all\"\n\
+             [[auth.acl]]\nuser = \"a\"\ntopic = \"a/#\"\naccess = \"all\"\n\
+             [[auth.acl]]\nuser = \"b\"\ntopic = \"b/#\"\naccess = \"all\"\n"
+        ));
+        assert_eq!(after.revoked_by(&reordered, &b, "c"), None);
     }
 }

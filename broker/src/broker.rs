@@ -135,6 +135,9 @@ pub struct Broker {
     /// authentication, ACL (auth_rules.rs). Swapped whole by `reload_auth`;
     /// read once per CONNECT.
     auth_rules: parking_lot::RwLock<Arc<AuthRules>>,
+    /// Held by a reload for its swap and sweep: two reloads at once would
+    /// judge clients against the wrong pair of rules.
+    auth_reload: parking_lot::Mutex<()>,
     /// Read buffers, lent to connections while they have bytes to decode.
     pub pool: BufferPool,
     /// The durable store; `None` in memory mode.
@@ -185,6 +188,7 @@ impl Broker {
         );
         Arc::new(Broker {
             auth_rules: parking_lot::RwLock::new(Arc::new(AuthRules::new(&config.auth))),
+            auth_reload: parking_lot::Mutex::new(()),
             pool: BufferPool::new(READ_BUFFER_POOL_CAPACITY),
             config,
             router: Router::new(),
@@ -405,6 +409,7 @@ impl Broker {
     /// the same credentials, or would give other permissions, is
     /// disconnected (0x87) to reconnect under it. Returns how many were.
     pub fn reload_auth(&self, auth: &AuthConfig) -> usize {
+        let _one_at_a_time = self.auth_reload.lock();
         let next = Arc::new(AuthRules::new(auth));
         let previous = std::mem::replace(&mut *self.auth_rules.write(), Arc::clone(&next));
         let mut closed = 0;
@@ -664,7 +669,30 @@ impl Broker {
     }
 
     /// Publishes a will message now.
-    pub fn publish_will(&self, will: &Will, origin: u64) {
+    pub fn publish_will(&self, will: &Will, session: &Session) {
+        let owner = session.owner();
+        self.publish_will_of(will, session.id, &session.client_id, owner.as_deref());
+    }
+
+    /// Publishes the will of the client `client_id` whose session (`origin`,
+    /// 0 for one that ended before a restart) belonged to `owner`, if the
+    /// rules in force still let that client publish there: they may have
+    /// been reloaded since its CONNECT.
+    pub fn publish_will_of(&self, will: &Will, origin: u64, client_id: &str, owner: Option<&str>) {
+        let topic = std::str::from_utf8(&will.topic).unwrap_or("");
+        let allowed = self
+            .auth_rules()
+            .client_acl(owner, client_id)
+            .is_none_or(|acl| acl.may_publish(topic));
+        if !allowed {
+            Metrics::inc(&self.metrics.publishes_denied);
+            tracing::info!(
+                client_id,
+                topic,
+                "will not published: the rules in force deny its topic"
+            );
+            return;
+        }
         Metrics::inc(&self.metrics.wills_published);
         let p = &will.properties;
         let properties = PublishProperties {
@@ -691,7 +719,7 @@ impl Broker {
     /// and publishes its pending will. Used when its expiry ran out.
     fn finish_session(&self, will: Option<PendingWill>, session: &Arc<Session>) {
         if let Some(pending) = will {
-            self.publish_will(&pending.will, session.id);
+            self.publish_will(&pending.will, session);
         }
     }
 
@@ -725,7 +753,7 @@ impl Broker {
         if !still_attached {
             if let Some(will) = will {
                 if will_delay == 0 || session.is_ended() {
-                    self.publish_will(&will, session.id);
+                    self.publish_will(&will, session);
                 }
             }
             return;
@@ -743,13 +771,13 @@ impl Broker {
                 self.finish_session(pending, session);
             }
             if let Some(will) = will {
-                self.publish_will(&will, session.id);
+                self.publish_will(&will, session);
             }
             return;
         }
         let will = will.and_then(|will| {
             if will_delay == 0 {
-                self.publish_will(&will, session.id);
+                self.publish_will(&will, session);
                 None
             } else {
                 Some((will, Duration::from_secs(u64::from(will_delay.min(expiry)))))
@@ -786,7 +814,7 @@ impl Broker {
             let timer = runtime.spawn(async move {
                 tokio::time::sleep(delay).await;
                 if let Some(pending) = owner.take_pending_will(generation) {
-                    broker.publish_will(&pending.will, owner.id);
+                    broker.publish_will(&pending.will, &owner);
                     owner.record_will_published();
                 }
             });

@@ -241,10 +241,8 @@ where
     W: AsyncWrite + Unpin + Send,
 {
     let max_packet = broker.config.limits.max_packet_size as usize;
-    // One set of `[auth]` rules decides the whole handshake (auth_rules.rs).
-    let rules = broker.auth_rules();
 
-    let (mut conn, connack, login) = {
+    let (mut conn, connack, login, rules) = {
         let handshake = tokio::time::timeout(broker.config.connect_timeout(), async {
             let connect = read_connect(&mut *reader, &mut *buf, max_packet, &broker.metrics)
                 .await
@@ -258,6 +256,9 @@ where
                 };
                 return Err((Some(connect), HandshakeFailure::Refused(busy)));
             }
+            // One set of `[auth]` rules decides the whole handshake
+            // (auth_rules.rs), taken once the CONNECT is in.
+            let rules = broker.auth_rules();
             let certificate = reader.client_certificate();
             if let Some(code) = check_connect(broker, &rules, &connect, certificate) {
                 return Err((Some(connect), HandshakeFailure::Refused(code)));
@@ -275,7 +276,7 @@ where
                 Ok(authenticated) => {
                     match authenticated.proven(&rules, &connect, reader.client_certificate()) {
                         Some(authenticated) if will_allowed(&rules, &connect, &authenticated) => {
-                            Ok((connect, authenticated))
+                            Ok((connect, authenticated, rules))
                         }
                         _ => Err((
                             Some(connect),
@@ -287,7 +288,7 @@ where
             }
         })
         .await;
-        let (connect, authenticated) = match handshake {
+        let (connect, authenticated, rules) = match handshake {
             Err(_) => {
                 Metrics::inc(&broker.metrics.connect_timeouts);
                 tracing::debug!(%peer, "no CONNECT within the connect timeout");
@@ -299,13 +300,27 @@ where
                 return None;
             }
         };
+        // `[auth]` reloaded since the rules were taken (during an AUTH
+        // exchange, or the takeover's wait): judged as connected clients
+        // are, before the client can take over or open anything.
+        let login = authenticated.login();
+        let revoked = || broker.revoked_since(&rules, &login, connect.client_id_str());
+        if revoked() {
+            let failure = HandshakeFailure::Refused(ReasonCode::NotAuthorized);
+            refuse(broker, writer, peer, Some(&connect), failure).await;
+            return None;
+        }
         if !connect.client_id.is_empty() {
             broker.registry.take_over(connect.client_id_str()).await;
+            if revoked() {
+                let failure = HandshakeFailure::Refused(ReasonCode::NotAuthorized);
+                refuse(broker, writer, peer, Some(&connect), failure).await;
+                return None;
+            }
         }
-        let login = authenticated.login();
         let (conn, connack) =
             Connection::accept(broker, &rules, *connect, permit.id, authenticated);
-        (conn, connack, login)
+        (conn, connack, login, rules)
     };
     let protocol = conn.protocol;
     // Attach before CONNACK so that every exit from here on (a failed CONNACK
@@ -317,9 +332,17 @@ where
         return None;
     };
     if broker.revoked_since(&rules, &login, &conn.session.client_id) {
-        // `[auth]` was reloaded during the handshake, after its sweep of the
-        // connected clients: judged as they were.
-        control.close(Some(ReasonCode::NotAuthorized));
+        // Reloaded between the last check and the attach, and its sweep of
+        // the connected clients did not see this one: refused after all,
+        // its will withheld.
+        let refusal = ConnAck {
+            code: ReasonCode::NotAuthorized,
+            ..ConnAck::default()
+        };
+        write_direct(writer, &Packet::ConnAck(refusal), protocol, &broker.metrics).await;
+        broker.registry.reader_finished(&control);
+        conn.finish(false, None);
+        return None;
     }
     let connack_sent =
         write_direct(writer, &Packet::ConnAck(connack), protocol, &broker.metrics).await;
@@ -576,7 +599,7 @@ impl Connection {
                 Metrics::inc(&broker.metrics.sessions_not_resumed);
                 tracing::info!(
                     client_id = %existing.client_id,
-                    "session not resumed: made under other ACL deny rules"
+                    "session not resumed: made under other ACL deny rules (or for another user)"
                 );
             }
             same_denial
@@ -597,7 +620,7 @@ impl Connection {
             on_replace,
         );
         if let Some((old, Some(pending))) = &opened.replaced {
-            broker.publish_will(&pending.will, old.id);
+            broker.publish_will(&pending.will, old);
         }
 
         if v5 && connect.properties.request_response_information == Some(1) {
@@ -1388,12 +1411,13 @@ impl Connection {
                 Ok(())
             }
             AuthStep::Success { data, user } => {
-                // The ACL was compiled for the user proved at CONNECT.
-                if self
-                    .acl
-                    .as_deref()
-                    .is_some_and(|acl| acl.user() != Some(user.as_str()))
-                {
+                // One connection is one user: its ACL was compiled for, and
+                // a reload of `[auth]` judges, the user proved at CONNECT.
+                let proved = self
+                    .session
+                    .attached_login()
+                    .and_then(|(login, _)| login.user);
+                if proved.as_deref() != Some(user.as_str()) {
                     return Err(Exit::Error(
                         ReasonCode::NotAuthorized,
                         "re-authenticated as another user".into(),

@@ -97,7 +97,8 @@ pub fn recover(broker: &Arc<Broker>) -> Result<Recovered, StoreError> {
     }
 
     let now_secs = unix_secs();
-    let mut due_wills: Vec<Will> = Vec::new();
+    // Each with its client id and owner: checked against this start's rules.
+    let mut due_wills: Vec<(Will, Arc<str>, Option<Arc<str>>)> = Vec::new();
     for record in store.sessions() {
         let record = record?;
         let client_id = record.client_id.clone();
@@ -121,9 +122,11 @@ pub fn recover(broker: &Arc<Broker>) -> Result<Recovered, StoreError> {
         let expired =
             record.expiry_interval != u32::MAX && offline >= u64::from(record.expiry_interval);
         let Some(protocol) = protocol.filter(|_| !expired) else {
+            if let Some(will) = will {
+                due_wills.push((will, client_id.clone(), record.owner.clone()));
+            }
             purge.push(Op::DeleteSession { client_id });
             report.purged += 1;
-            due_wills.extend(will);
             continue;
         };
 
@@ -210,7 +213,7 @@ pub fn recover(broker: &Arc<Broker>) -> Result<Recovered, StoreError> {
         let will = will.and_then(|will| {
             let delay = u64::from(will.properties.will_delay_interval.unwrap_or(0));
             if offline >= delay {
-                due_wills.push(will);
+                due_wills.push((will, client_id.clone(), record.owner.clone()));
                 will_published = true;
                 None
             } else {
@@ -233,8 +236,8 @@ pub fn recover(broker: &Arc<Broker>) -> Result<Recovered, StoreError> {
     }
 
     // Published once every session is back, so durable subscribers get them.
-    for will in &due_wills {
-        broker.publish_will(will, 0);
+    for (will, client_id, owner) in &due_wills {
+        broker.publish_will_of(will, 0, client_id, owner.as_deref());
     }
     report.wills_published = due_wills.len();
     Metrics::add(&broker.metrics.recovery_purged, report.purged as u64);

@@ -615,3 +615,38 @@ async fn a_reload_of_auth_disconnects_only_the_clients_it_changes() {
     ops.expect_silence(Duration::from_millis(200)).await;
     server.shutdown().await;
 }
+
+/// A will is checked against the rules in force when it is published: a
+/// client disconnected by a reload that denies its will's topic leaves no
+/// will behind.
+#[tokio::test]
+async fn a_will_the_reloaded_rules_deny_is_not_published() {
+    let server = start_with_rules().await;
+    let mut ops = ops_reading_devices(&server).await;
+    let mut connect = connect_packet("d1", ProtocolVersion::V5);
+    connect.will = Some(Will {
+        topic: Bytes::from_static(b"devices/d1/status"),
+        payload: Bytes::from_static(b"offline"),
+        qos: QoS::AtMostOnce,
+        retain: true,
+        properties: WillProperties::default(),
+    });
+    let (mut device, ack) = RawClient::connect(addr(&server), connect).await;
+    assert_eq!(ack.code, ReasonCode::Success);
+
+    let mut auth = server.broker().config.auth.clone();
+    auth.acl
+        .push(deny(Some("d1"), "devices/+/status", Access::Publish));
+    let metrics = &server.broker().metrics;
+    let denied_before = tern::metrics::Metrics::get(&metrics.publishes_denied);
+    // The device's permissions changed (ops's did not).
+    assert_eq!(server.reload_auth(&auth), 1);
+    device.expect_disconnect(ReasonCode::NotAuthorized).await;
+    ops.expect_silence(Duration::from_millis(300)).await;
+    assert_eq!(
+        tern::metrics::Metrics::get(&metrics.publishes_denied),
+        denied_before + 1
+    );
+    assert_eq!(server.broker().retained_count(), 0, "no retained will");
+    server.shutdown().await;
+}

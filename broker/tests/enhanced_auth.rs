@@ -13,10 +13,16 @@ const METHOD: &str = "SCRAM-SHA-256";
 
 async fn server() -> tern::Server {
     start(|c| {
-        c.auth.users = vec![UserEntry {
-            name: "alice".into(),
-            password: "wonderland".into(),
-        }]
+        c.auth.users = vec![
+            UserEntry {
+                name: "alice".into(),
+                password: "wonderland".into(),
+            },
+            UserEntry {
+                name: "bob".into(),
+                password: "builder".into(),
+            },
+        ]
     })
     .await
 }
@@ -160,6 +166,72 @@ async fn reauthentication_after_connect() {
     c.send(auth(ReasonCode::ContinueAuthentication, &last))
         .await;
     c.expect_disconnect(ReasonCode::NotAuthorized).await;
+    server.shutdown().await;
+}
+
+/// One connection is one user, with or without topic permissions: a
+/// re-authentication that proves another user ends the connection (0x87).
+#[tokio::test]
+async fn reauthentication_as_another_user_is_refused() {
+    let server = server().await;
+    let (mut c, ack) = scram_connect(&server, "alice", "wonderland").await;
+    assert_eq!(ack.code, ReasonCode::Success);
+    let client = scram::ScramClient::new("bob", "builder", None);
+    let (state, first) = client.client_first();
+    c.send(auth(ReasonCode::ReAuthenticate, &first)).await;
+    let server_first = match c.recv().await {
+        Some(Packet::Auth(a)) => data_of(&a.properties),
+        other => panic!("{other:?}"),
+    };
+    let (_, last) = state
+        .handle_server_first(&server_first)
+        .unwrap()
+        .client_final();
+    c.send(auth(ReasonCode::ContinueAuthentication, &last))
+        .await;
+    c.expect_disconnect(ReasonCode::NotAuthorized).await;
+    server.shutdown().await;
+}
+
+/// A handshake under way when `[auth]` is reloaded is judged by the new
+/// rules before it opens anything: a user removed while its SCRAM exchange
+/// ran gets CONNACK 0x87, though the exchange itself succeeded.
+#[tokio::test]
+async fn a_user_removed_during_its_exchange_is_refused() {
+    let server = server().await;
+    let client = scram::ScramClient::new("bob", "builder", None);
+    let (state, client_first) = client.client_first();
+    let mut connect = connect_packet("straddler", ProtocolVersion::V5);
+    connect.properties.authentication_method = Some(Bytes::from_static(METHOD.as_bytes()));
+    connect.properties.authentication_data = Some(Bytes::from(client_first));
+    let mut c = RawClient::open(addr(&server), ProtocolVersion::V5).await;
+    c.send(Packet::Connect(Box::new(connect))).await;
+    let server_first = match c.recv().await {
+        Some(Packet::Auth(a)) => data_of(&a.properties),
+        other => panic!("expected AUTH, got {other:?}"),
+    };
+    let mut auth_config = server.broker().config.auth.clone();
+    auth_config.users.retain(|u| u.name != "bob");
+    assert_eq!(
+        server.reload_auth(&auth_config),
+        0,
+        "bob was not connected yet"
+    );
+    let (_, client_final) = state
+        .handle_server_first(&server_first)
+        .unwrap()
+        .client_final();
+    c.send(auth(ReasonCode::ContinueAuthentication, &client_final))
+        .await;
+    match c.recv().await {
+        Some(Packet::ConnAck(ack)) => assert_eq!(ack.code, ReasonCode::NotAuthorized),
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+    assert_eq!(
+        server.broker().registry.session_count(),
+        0,
+        "nothing opened"
+    );
     server.shutdown().await;
 }
 
