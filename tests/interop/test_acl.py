@@ -83,3 +83,43 @@ def test_a_deny_rule_refuses_its_topic_and_withholds_it_from_wildcards(broker_fa
     assert every.get()["topic"] == "test/open"
     v5.assert_no_message()
     every.assert_no_message()
+
+
+def wait_for_log(broker, needle, timeout=10.0):
+    import time
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if any(needle in line for line in broker.log_lines):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no log line with {needle!r}:\n" + broker.log())
+
+
+def test_sighup_reloads_auth_and_disconnects_only_the_changed(broker_factory, paho):
+    import signal
+    b = broker_factory(RULES)
+    ops = paho("console", V5, broker_=b, connect=False, username="ops", password="secret")
+    ops.connect()
+    ops.subscribe("devices/#", 1)
+    d1 = paho("d1", V5, broker_=b)
+    assert d1.publish("devices/d1/temp", b"21", qos=1).value == 0x00
+    assert ops.get().payload == b"21"
+
+    # ops's password changes; the rules of anonymous clients like d1 do not.
+    config = b.tmpdir + "/tern.toml"
+    with open(config, "w") as f:
+        f.write(RULES.replace('password = "secret"', 'password = "renewed"'))
+    b.proc.send_signal(signal.SIGHUP)
+    rc, _ = ops.wait_disconnect()
+    assert rc.value == 0x87, f"DISCONNECT 0x87 expected, got {rc}"
+    wait_for_log(b, "[auth] reloaded")
+    assert d1.publish("devices/d1/temp", b"22", qos=1).value == 0x00
+
+    old = paho("console", V5, broker_=b, connect=False, username="ops", password="secret")
+    old.connect(expect_success=False)
+    assert old.connack_rc.value == 0x86, old.connack_rc
+    new = paho("console", V5, broker_=b, connect=False, username="ops", password="renewed")
+    new.connect()
+    new.subscribe("devices/#", 1)
+    assert d1.publish("devices/d1/temp", b"23", qos=1).value == 0x00
+    assert new.get().payload == b"23"
