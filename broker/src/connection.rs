@@ -694,7 +694,7 @@ impl Connection {
                 protocol: self.protocol,
                 send_quota: self.send_quota,
                 expiry_interval: self.expiry_interval,
-                owner: self.acl.as_deref().and_then(ClientAcl::user).map(Arc::from),
+                owner: login.user.clone(),
                 login,
             },
             Arc::clone(&control),

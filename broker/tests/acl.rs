@@ -650,3 +650,55 @@ async fn a_will_the_reloaded_rules_deny_is_not_published() {
     assert_eq!(server.broker().retained_count(), 0, "no retained will");
     server.shutdown().await;
 }
+
+/// A session belongs to the user its client proved even where no rules
+/// were in force: once rules come (a reload or a restart), its user resumes
+/// it and another user does not.
+#[tokio::test]
+async fn a_session_made_before_any_rule_still_belongs_to_its_user() {
+    let server = start(|c| {
+        c.auth.users = vec![
+            UserEntry {
+                name: "alice".into(),
+                password: "a".into(),
+            },
+            UserEntry {
+                name: "bob".into(),
+                password: "b".into(),
+            },
+        ];
+    })
+    .await;
+    let as_user = |user: &'static str, password: &'static str| {
+        let mut connect = persistent_connect("shared-id", 600);
+        connect.username = Some(Bytes::from_static(user.as_bytes()));
+        connect.password = Some(Bytes::from_static(password.as_bytes()));
+        connect
+    };
+    let (mut alice, _) = RawClient::connect(addr(&server), as_user("alice", "a")).await;
+    assert_eq!(
+        alice.subscribe("public/#", QoS::AtLeastOnce).await,
+        [ReasonCode::GrantedQoS1]
+    );
+    alice
+        .send(Packet::Disconnect(tern_codec::Disconnect::new(
+            ReasonCode::Success,
+        )))
+        .await;
+    alice.expect_closed().await;
+
+    let mut auth = server.broker().config.auth.clone();
+    auth.acl = vec![rule(None, "public/#", Access::All)];
+    server.reload_auth(&auth);
+    let (mut alice, ack) = RawClient::connect(addr(&server), as_user("alice", "a")).await;
+    assert!(ack.session_present, "her own session, under the rules");
+    alice
+        .send(Packet::Disconnect(tern_codec::Disconnect::new(
+            ReasonCode::Success,
+        )))
+        .await;
+    alice.expect_closed().await;
+    let (_bob, ack) = RawClient::connect(addr(&server), as_user("bob", "b")).await;
+    assert!(!ack.session_present, "alice's session is not bob's");
+    server.shutdown().await;
+}
