@@ -7,7 +7,9 @@
 //! (so a caller, a test for instance, can read the real addresses when it
 //! asked for port 0), spawns one accept loop per listener, the keep alive
 //! sweep (keep_alive.rs) and the read-only admin endpoint (the store's
-//! views, `/metrics`, `/health`). [`Server::shutdown`] stops accepting, tells every
+//! views, `/metrics`, `/health`); a start that fails part-way stops what it
+//! had started and releases the store (`StartedTasks`).
+//! [`Server::shutdown`] stops accepting, tells every
 //! connection to close (MQTT 5 clients receive DISCONNECT 0x8B "server
 //! shutting down"), waits until the registry counts no connection, bounded
 //! by [`SHUTDOWN_GRACE`], and syncs the store.
@@ -136,23 +138,20 @@ impl Server {
                 "durable state restored"
             );
         }
-        let mut tasks = vec![
-            tokio::spawn(crate::keep_alive::run(Arc::clone(&broker))),
-            tokio::spawn(crate::sys_topics::run(Arc::clone(&broker))),
-            tokio::spawn(crate::broker::expire_retained_when_due(Arc::clone(&broker))),
-        ];
+        let mut started = StartedTasks::new(&broker);
+        let tasks = &mut started.tasks;
+        tasks.push(tokio::spawn(crate::keep_alive::run(Arc::clone(&broker))));
+        tasks.push(tokio::spawn(crate::sys_topics::run(Arc::clone(&broker))));
+        tasks.push(tokio::spawn(crate::broker::expire_retained_when_due(
+            Arc::clone(&broker),
+        )));
         let listeners = &broker.config.listeners;
         *broker.tls.write() = crate::tls::load_configured(listeners)?;
-        let tcp_addrs = listen_all(&broker, &listeners.tcp, Transport::Tcp, &mut tasks).await?;
-        let tls_addrs = listen_all(&broker, &listeners.tls, Transport::Tls, &mut tasks).await?;
-        let ws_addrs = listen_all(&broker, &listeners.ws, Transport::WebSocket, &mut tasks).await?;
-        let wss_addrs = listen_all(
-            &broker,
-            &listeners.wss,
-            Transport::SecureWebSocket,
-            &mut tasks,
-        )
-        .await?;
+        let tcp_addrs = listen_all(&broker, &listeners.tcp, Transport::Tcp, tasks).await?;
+        let tls_addrs = listen_all(&broker, &listeners.tls, Transport::Tls, tasks).await?;
+        let ws_addrs = listen_all(&broker, &listeners.ws, Transport::WebSocket, tasks).await?;
+        let wss_addrs =
+            listen_all(&broker, &listeners.wss, Transport::SecureWebSocket, tasks).await?;
         let mut admin_addr = None;
         if let Some(addr) = broker.config.admin.bind {
             let listener = TcpListener::bind(addr)
@@ -189,7 +188,7 @@ impl Server {
             wss_addrs,
             admin_addr,
             metrics_addr,
-            tasks,
+            tasks: started.keep(),
         })
     }
 
@@ -277,6 +276,43 @@ impl Server {
             );
         }
         tracing::info!("broker stopped");
+    }
+}
+
+/// The tasks a start has spawned so far. If the start fails part-way (a
+/// listener's address is taken, a certificate cannot be read), dropping
+/// this stops them all and begins the broker's shutdown: nothing keeps
+/// accepting on a listener bound before the failure, and with the last task
+/// holding it the broker, and so its store, is released, so that the caller
+/// can start again on the same data directory.
+struct StartedTasks {
+    broker: Arc<Broker>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl StartedTasks {
+    fn new(broker: &Arc<Broker>) -> Self {
+        StartedTasks {
+            broker: Arc::clone(broker),
+            tasks: Vec::new(),
+        }
+    }
+
+    /// The start succeeded: the tasks are the server's to stop.
+    fn keep(mut self) -> Vec<JoinHandle<()>> {
+        std::mem::take(&mut self.tasks)
+    }
+}
+
+impl Drop for StartedTasks {
+    fn drop(&mut self) {
+        if self.tasks.is_empty() {
+            return;
+        }
+        self.broker.begin_shutdown();
+        for task in &self.tasks {
+            task.abort();
+        }
     }
 }
 

@@ -500,3 +500,26 @@ async fn an_expired_retained_message_leaves_memory_and_the_store() {
     assert_eq!(stored(), ["r/lasting"]);
     server.shutdown().await;
 }
+
+/// A start that fails part-way (here the admin endpoint's address is taken,
+/// after the MQTT listener and the background tasks have started) lets go
+/// of everything it started: nothing keeps accepting on the listener it
+/// bound, and the store is released, so a caller can fix the configuration
+/// and start again on the same data directory.
+#[tokio::test]
+async fn a_start_that_fails_part_way_lets_go_of_its_store_and_listeners() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let store = Arc::new(MemoryStore::new());
+    let mut config = Config::default();
+    durable(&mut config);
+    config.admin.bind = Some(taken.local_addr().unwrap());
+    let shared: Arc<dyn Store> = Arc::clone(&store) as Arc<dyn Store>;
+    match Server::start_with_store(config, shared).await {
+        Ok(_) => panic!("the broker started on a taken admin address"),
+        Err(e) => assert!(e.to_string().contains("cannot listen on"), "{e}"),
+    }
+    common::eventually("the failed start released the store", || {
+        Arc::strong_count(&store) == 1
+    })
+    .await;
+}
