@@ -14,7 +14,9 @@
 //! is disconnected (MQTT 5: 0x87 Not authorized) otherwise, so that it
 //! reconnects under the new rules. The broker does not keep the passwords
 //! clients sent, so it judges their credentials by the user's entry: a user
-//! whose entry is gone or whose password changed is disconnected. A will
+//! whose entry is gone or whose password changed is disconnected, and sent
+//! nothing more than its DISCONNECT (a client whose permissions changed is
+//! first written what was already queued for it). A will
 //! is checked against the rules in force when it is published
 //! (`Broker::publish_will_of`).
 
@@ -83,7 +85,7 @@ impl AuthRules {
         next: &AuthRules,
         login: &Login,
         client_id: &str,
-    ) -> Option<&'static str> {
+    ) -> Option<Revocation> {
         let user = login.user.as_deref();
         let admitted = match login.by {
             Credential::Anonymous => next.config.allow_anonymous,
@@ -104,12 +106,33 @@ impl AuthRules {
             Credential::Certificate => true,
         };
         if !admitted {
-            return Some("its credentials are no longer accepted");
+            return Some(Revocation::Credentials);
         }
         if self.client_acl(user, client_id) != next.client_acl(user, client_id) {
-            return Some("its permissions changed");
+            return Some(Revocation::Permissions);
         }
         None
+    }
+}
+
+/// Why a reload disconnects a connected client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Revocation {
+    /// The new rules would not let it in: it is sent nothing more but its
+    /// DISCONNECT (what was queued for it stays with its session, see
+    /// `ConnectionControl::close_withholding`).
+    Credentials,
+    /// It would get other permissions: it reconnects under them, after
+    /// what was already queued for it is written.
+    Permissions,
+}
+
+impl std::fmt::Display for Revocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Revocation::Credentials => "its credentials are no longer accepted",
+            Revocation::Permissions => "its permissions changed",
+        })
     }
 }
 
@@ -144,9 +167,15 @@ mod tests {
         let a = login(Some("a"), Credential::Password);
         assert_eq!(before.revoked_by(&after, &a, "c"), None);
         let b = login(Some("b"), Credential::Enhanced);
-        assert!(before.revoked_by(&after, &b, "c").is_some());
+        assert_eq!(
+            before.revoked_by(&after, &b, "c"),
+            Some(Revocation::Credentials)
+        );
         let anonymous = login(None, Credential::Anonymous);
-        assert!(before.revoked_by(&after, &anonymous, "c").is_some());
+        assert_eq!(
+            before.revoked_by(&after, &anonymous, "c"),
+            Some(Revocation::Credentials)
+        );
         assert_eq!(before.revoked_by(&before, &anonymous, "c"), None);
         let gone = rules("[auth]\nallow_anonymous = true\n");
         assert!(before.revoked_by(&gone, &a, "c").is_some());
@@ -176,7 +205,7 @@ mod tests {
         assert_eq!(before.revoked_by(&after, &a, "c"), None);
         assert_eq!(
             before.revoked_by(&after, &b, "c"),
-            Some("its permissions changed")
+            Some(Revocation::Permissions)
         );
         // Rules where there were none (or none where there were) change
         // everybody's.

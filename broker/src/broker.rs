@@ -30,7 +30,7 @@ use tern_codec::properties::PublishProperties;
 use tern_codec::{QoS, ReasonCode, Will};
 use tokio::sync::watch;
 
-use crate::auth_rules::{AuthRules, Login};
+use crate::auth_rules::{AuthRules, Login, Revocation};
 use crate::budget::OutboundBudget;
 use crate::config::{AuthConfig, Config};
 use crate::keep_alive::KeepAlive;
@@ -417,11 +417,15 @@ impl Broker {
             let Some((login, control)) = session.attached_login() else {
                 continue;
             };
-            if let Some(why) = previous.revoked_by(&next, &login, &session.client_id) {
-                tracing::info!(client_id = %session.client_id, "disconnected by the reloaded [auth]: {why}");
-                control.close(Some(ReasonCode::NotAuthorized));
-                closed += 1;
+            let Some(why) = previous.revoked_by(&next, &login, &session.client_id) else {
+                continue;
+            };
+            tracing::info!(client_id = %session.client_id, "disconnected by the reloaded [auth]: {why}");
+            match why {
+                Revocation::Credentials => control.close_withholding(ReasonCode::NotAuthorized),
+                Revocation::Permissions => control.close(Some(ReasonCode::NotAuthorized)),
             }
+            closed += 1;
         }
         closed
     }

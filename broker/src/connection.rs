@@ -87,6 +87,14 @@ impl Exit {
         }
     }
 
+    /// Whether the client is sent nothing more but the DISCONNECT
+    /// (`ConnectionControl::close_withholding`): its credentials no longer
+    /// hold. The reader ends a connection with 0x87 only then: a
+    /// re-authentication that failed or proved another user.
+    fn withholds(&self) -> bool {
+        matches!(self, Exit::Error(ReasonCode::NotAuthorized, _))
+    }
+
     fn publishes_will(&self) -> bool {
         match self {
             Exit::ClientDisconnect { with_will } => *with_will,
@@ -201,7 +209,10 @@ where
                 }
             };
             broker.registry.reader_finished(&control);
-            control.close(exit.disconnect_reason());
+            match exit.disconnect_reason() {
+                Some(code) if exit.withholds() => control.close_withholding(code),
+                reason => control.close(reason),
+            }
             if !writer_done {
                 // Boxed: once per connection, and its timer would otherwise
                 // be part of the task's size for the connection's whole life.

@@ -215,6 +215,9 @@ pub struct ConnectionControl {
     /// DISCONNECT for MQTT 5 clients.
     closing: AtomicBool,
     close_reason: Mutex<Option<ReasonCode>>,
+    /// Set with `closing` when the client is sent nothing more but its
+    /// DISCONNECT (see [`close_withholding`](Self::close_withholding)).
+    withholding: AtomicBool,
     /// Set once the reader has stopped: everything it received has been
     /// handled (a takeover waits for this, see `SessionRegistry::take_over`).
     reader_finished: AtomicBool,
@@ -236,6 +239,22 @@ impl ConnectionControl {
         }
         self.wake_reader.raise();
         self.wake_writer.raise();
+    }
+
+    /// Closes the connection of a client whose credentials are no longer
+    /// accepted: its writer stops taking what is queued for it and sends
+    /// only the DISCONNECT (MQTT 5). What was queued stays with the session
+    /// (QoS 1 and 2 go out again if its user resumes it; QoS 0 is dropped
+    /// with the connection). A batch the writer is in the middle of writing
+    /// is finished. Takes effect whatever reason a close gave before.
+    pub fn close_withholding(&self, reason: ReasonCode) {
+        self.withholding.store(true, Ordering::Release);
+        self.close(Some(reason));
+    }
+
+    /// True once [`close_withholding`](Self::close_withholding) was called.
+    pub fn is_withholding(&self) -> bool {
+        self.withholding.load(Ordering::Acquire)
     }
 
     /// True once [`close`](Self::close) was called.

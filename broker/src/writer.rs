@@ -70,6 +70,9 @@ pub fn write_loop<W: AsyncWrite + Unpin>(
         // state would be part of every connection's task.
         let mut aliases = OutboundAliases::new(ctx.client_topic_alias_max).map(Box::new);
         loop {
+            if ctx.control.is_withholding() {
+                break;
+            }
             let attached = match buffers.as_deref_mut() {
                 Some(b) => ctx.session.drain_outbound(ctx.connection_id, &mut b.items),
                 None => {

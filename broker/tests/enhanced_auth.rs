@@ -277,3 +277,59 @@ async fn the_acl_sees_the_user_scram_proved() {
     );
     server.shutdown().await;
 }
+
+/// A re-authentication that fails ends the connection with nothing more
+/// written to it than the DISCONNECT: deliveries queued for it and not yet
+/// written stay with the session (the client that failed to prove itself
+/// is not sent them during the close).
+#[tokio::test]
+async fn a_failed_reauthentication_is_sent_nothing_it_had_queued() {
+    // 20 MiB in flight to a client that does not read: more than the
+    // sockets' buffers hold, so most of it is still queued in the broker.
+    const MESSAGES: u16 = 640;
+    let payload = vec![7u8; 32 * 1024];
+    let server = start(|c| {
+        c.auth.users = vec![UserEntry {
+            name: "alice".into(),
+            password: "wonderland".into(),
+        }];
+        c.limits.max_inflight = 1000;
+    })
+    .await;
+    let (mut c, ack) = scram_connect(&server, "alice", "wonderland").await;
+    assert_eq!(ack.code, ReasonCode::Success);
+    assert_eq!(
+        c.subscribe("feed", tern_codec::QoS::AtLeastOnce).await,
+        [ReasonCode::GrantedQoS1]
+    );
+    let client = scram::ScramClient::new("alice", "wrong", None);
+    let (state, first) = client.client_first();
+    c.send(auth(ReasonCode::ReAuthenticate, &first)).await;
+    let server_first = match c.recv().await {
+        Some(Packet::Auth(a)) => data_of(&a.properties),
+        other => panic!("{other:?}"),
+    };
+    let mut publisher = RawClient::connected(addr(&server), "feeder", ProtocolVersion::V5).await;
+    for id in 1..=MESSAGES {
+        publisher
+            .publish("feed", &payload, tern_codec::QoS::AtLeastOnce, id)
+            .await;
+    }
+    let (_, last) = state
+        .handle_server_first(&server_first)
+        .unwrap()
+        .client_final();
+    c.send(auth(ReasonCode::ContinueAuthentication, &last))
+        .await;
+    let seen = c.expect_closed().await;
+    assert!(
+        matches!(seen.last(), Some(Packet::Disconnect(d)) if d.code == ReasonCode::NotAuthorized),
+        "ends with DISCONNECT 0x87"
+    );
+    let sent = seen.len() - 1;
+    assert!(
+        sent < usize::from(MESSAGES),
+        "only what had left the broker before the failure: {sent} of {MESSAGES}"
+    );
+    server.shutdown().await;
+}
