@@ -338,8 +338,11 @@ impl Broker {
     /// out of reach whatever calls it).
     fn retain(&self, message: &Arc<Message>, journal: &mut Journal) {
         Metrics::inc(&self.metrics.messages_received);
+        if !message.retain {
+            return;
+        }
         let topic = message.topic_str();
-        if !message.retain || topic.starts_with('$') {
+        if topic.starts_with('$') {
             return;
         }
         let fits = message.payload.is_empty()

@@ -209,7 +209,10 @@ fn encode_item(
 }
 
 /// Encodes a delivery from the message's shared header: a copy of a few
-/// bytes and two patches instead of a full encode.
+/// bytes and two patches instead of a full encode. A delivery that holds the
+/// message's last reference (its only subscriber, as in a fan-in or pairs)
+/// encodes the header in place instead: no other delivery would reuse it,
+/// and caching it would cost a once-cell and an allocation per message.
 fn encode_shared(
     ctx: &WriterContext,
     delivery: &Delivery,
@@ -219,7 +222,8 @@ fn encode_shared(
     let message = &delivery.message;
     let v5 = ctx.protocol.is_v5();
     let with_packet_id = delivery.packet_id.is_some();
-    let header = message.shared_header(v5, with_packet_id, || {
+    // With a placeholder packet id and flags, patched below per delivery.
+    let encode_header = |out: &mut BytesMut| {
         let template = Publish {
             dup: false,
             qos: if with_packet_id {
@@ -237,25 +241,39 @@ fn encode_shared(
             },
             payload: message.payload.clone(),
         };
-        let mut out = BytesMut::new();
-        encode_publish_header(&template, ctx.protocol, &mut out).ok()?;
-        Some(out.freeze())
-    });
-    let Some(header) = header else {
-        tracing::warn!(client_id = %ctx.session.client_id, "cannot encode publish");
-        return false;
+        encode_publish_header(&template, ctx.protocol, out).is_ok()
     };
-    if too_large(ctx, delivery, header.len() + message.payload.len()) {
-        return false;
-    }
     let start = scratch.len();
-    scratch.extend_from_slice(header);
+    // Nobody else holds the message, so nobody can start to share it.
+    if Arc::strong_count(message) == 1 {
+        if !encode_header(scratch) {
+            tracing::warn!(client_id = %ctx.session.client_id, "cannot encode publish");
+            return false;
+        }
+        if too_large(ctx, delivery, scratch.len() - start + message.payload.len()) {
+            scratch.truncate(start);
+            return false;
+        }
+    } else {
+        let header = message.shared_header(v5, with_packet_id, || {
+            let mut out = BytesMut::new();
+            encode_header(&mut out).then(|| out.freeze())
+        });
+        let Some(header) = header else {
+            tracing::warn!(client_id = %ctx.session.client_id, "cannot encode publish");
+            return false;
+        };
+        if too_large(ctx, delivery, header.len() + message.payload.len()) {
+            return false;
+        }
+        scratch.extend_from_slice(header);
+    }
     scratch[start] = 0x30
         | (u8::from(delivery.dup) << 3)
         | ((delivery.qos as u8) << 1)
         | u8::from(delivery.retain);
     if let Some(packet_id) = delivery.packet_id {
-        let at = start + packet_id_offset(header, message.topic.len());
+        let at = start + packet_id_offset(&scratch[start..], message.topic.len());
         scratch[at..at + 2].copy_from_slice(&packet_id.to_be_bytes());
     }
     push_payload(&message.payload, scratch, chunks);
