@@ -350,3 +350,37 @@ pub fn attached_subscriber(
         .unwrap();
     (opened.session, connection_id)
 }
+
+/// Deliveries put in flight by [`publish_unread_backlog`]: 640 of 32 KiB,
+/// 20 MiB in all, more than the sockets' buffers hold, so most of it stays
+/// queued in the broker while its subscriber does not read. The broker needs
+/// `limits.max_inflight` of at least this.
+pub const UNREAD_BACKLOG: u16 = 640;
+
+/// Publishes [`UNREAD_BACKLOG`] QoS 1 messages to `topic`, each acknowledged
+/// by the broker, from a publisher of its own.
+pub async fn publish_unread_backlog(server: &Server, topic: &str) {
+    let payload = vec![7u8; 32 * 1024];
+    let mut publisher =
+        RawClient::connected(addr(server), "backlog-feeder", ProtocolVersion::V5).await;
+    for id in 1..=UNREAD_BACKLOG {
+        publisher
+            .publish(topic, &payload, QoS::AtLeastOnce, id)
+            .await;
+    }
+}
+
+/// Asserts that a connection's close (`seen`, as [`RawClient::expect_closed`]
+/// returns it) ended with DISCONNECT `code` and that not all of the
+/// [`UNREAD_BACKLOG`] was written before it: only what had left the broker.
+pub fn assert_backlog_withheld(seen: &[Packet], code: tern_codec::ReasonCode) {
+    assert!(
+        matches!(seen.last(), Some(Packet::Disconnect(d)) if d.code == code),
+        "expected a close with DISCONNECT {code:?}"
+    );
+    let sent = seen.len() - 1;
+    assert!(
+        sent < usize::from(UNREAD_BACKLOG),
+        "only what had left the broker: {sent} of {UNREAD_BACKLOG}"
+    );
+}
