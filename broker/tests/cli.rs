@@ -57,12 +57,7 @@ fn serve_without_config_says_so_and_stops_on_sigterm() {
     let _ = std::fs::remove_dir_all(&cwd);
     std::fs::create_dir_all(&cwd).unwrap();
     let (mut running, log) = serve_in(&cwd);
-    let lines = wait_for_line(&log, "MQTT/TCP listener ready addr=127.0.0.1:");
-    let port = lines
-        .last()
-        .and_then(|l| l.split("listener ready addr=127.0.0.1:").nth(1))
-        .and_then(|rest| rest.trim().parse::<u16>().ok())
-        .unwrap_or_else(|| panic!("no port in {lines:#?}"));
+    let (port, lines) = tcp_port(&log);
     assert!(
         lines
             .iter()
@@ -140,9 +135,19 @@ fn a_second_broker_on_the_same_data_dir_is_refused() {
 /// Starts `tern serve` with the embedded default in `cwd`, on ports of
 /// its own choosing; returns it with its log lines.
 fn serve_in(cwd: &std::path::Path) -> (Running, std::sync::mpsc::Receiver<String>) {
+    serve_with(cwd, &[])
+}
+
+/// Starts `tern serve` in `cwd` with `args` added, on ports of its own
+/// choosing; returns it with its log lines.
+fn serve_with(
+    cwd: &std::path::Path,
+    args: &[&std::ffi::OsStr],
+) -> (Running, std::sync::mpsc::Receiver<String>) {
     let child = Command::new(TERN)
         .args(["serve", "--bind", "127.0.0.1:0", "--ws-bind", "127.0.0.1:0"])
         .args(["--admin-bind", "127.0.0.1:0"])
+        .args(args)
         .current_dir(cwd)
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
@@ -151,6 +156,18 @@ fn serve_in(cwd: &std::path::Path) -> (Running, std::sync::mpsc::Receiver<String
     let mut running = Running(child);
     let log = drain(&mut running);
     (running, log)
+}
+
+/// Waits for the MQTT/TCP listener's line in `log`; returns its port and
+/// the lines logged until then.
+fn tcp_port(log: &std::sync::mpsc::Receiver<String>) -> (u16, Vec<String>) {
+    let lines = wait_for_line(log, "MQTT/TCP listener ready addr=127.0.0.1:");
+    let port = lines
+        .last()
+        .and_then(|l| l.split("listener ready addr=127.0.0.1:").nth(1))
+        .and_then(|rest| rest.trim().parse::<u16>().ok())
+        .unwrap_or_else(|| panic!("no port in {lines:#?}"));
+    (port, lines)
 }
 
 /// Waits (10 s at most) for the broker to exit after a signal.
@@ -322,26 +339,18 @@ fn sighup_reloads_auth_from_the_config_file() {
     };
     let config = temp_file("reload.toml", &users("old"));
     let data = config.with_file_name("reload-data");
-    let child = Command::new(TERN)
-        .arg("serve")
-        .arg("--config")
-        .arg(&config)
-        .args(["--bind", "127.0.0.1:0", "--ws-bind", "127.0.0.1:0"])
-        .args(["--admin-bind", "127.0.0.1:0", "--durability", "memory"])
-        .arg("--data-dir")
-        .arg(&data)
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut running = Running(child);
-    let log = drain(&mut running);
-    let ready = wait_for_line(&log, "MQTT/TCP listener ready");
-    let port: u16 = ready
-        .last()
-        .and_then(|l| l.split("addr=127.0.0.1:").nth(1))
-        .and_then(|rest| rest.trim().parse().ok())
-        .expect("the listener's port");
+    let (mut running, log) = serve_with(
+        config.parent().unwrap(),
+        &[
+            "--config".as_ref(),
+            config.as_os_str(),
+            "--durability".as_ref(),
+            "memory".as_ref(),
+            "--data-dir".as_ref(),
+            data.as_os_str(),
+        ],
+    );
+    let (port, _) = tcp_port(&log);
 
     let (mut before, code) = connect_as(port, "u", "old");
     assert_eq!(code, 0);
