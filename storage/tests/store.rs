@@ -7,7 +7,7 @@ mod common;
 use bytes::Bytes;
 use common::{entry, message, retained, session, subscription};
 use tern_storage::{
-    Batch, DeliveryState, MemoryStore, Op, SessionRecord, SledStore, Store, StoreError,
+    Batch, DeliveryState, MemoryStore, Op, SessionRecord, SledStore, Store, StoreError, LOCK_WAIT,
     SCHEMA_VERSION,
 };
 
@@ -16,6 +16,28 @@ fn both(f: impl Fn(&dyn Store)) {
     f(&MemoryStore::new());
     let dir = tempfile::tempdir().unwrap();
     f(&SledStore::open(dir.path()).unwrap());
+}
+
+/// Opens the store's directory with sled itself, to write what another
+/// version of Tern would have written or to read what this one left.
+///
+/// sled lets go of a directory's file lock a moment after the last `Db` on
+/// it is dropped (its I/O threads hold it), so an open straight after a
+/// store was dropped waits for the lock, as [`SledStore::open`] does.
+fn raw_sled(path: &std::path::Path) -> sled::Db {
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        match sled::open(path) {
+            Ok(db) => return db,
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => panic!("opening {} with sled: {e}", path.display()),
+        }
+    }
 }
 
 fn apply(store: &dyn Store, f: impl FnOnce(&mut Batch)) {
@@ -382,7 +404,7 @@ fn a_version_1_store_is_upgraded_and_its_sessions_read_as_not_connected() {
         // What a version 1 broker wrote: neither the `connected` byte nor
         // the owner (version 3) at the end of the session record, and
         // schema version 1.
-        let db = sled::open(dir.path()).unwrap();
+        let db = raw_sled(dir.path());
         let value = db.get(b"Sold").unwrap().expect("session record");
         assert_eq!(&value[value.len() - 2..], [0, 0], "not connected, no owner");
         db.insert(b"Sold", &value[..value.len() - 2]).unwrap();
@@ -393,7 +415,7 @@ fn a_version_1_store_is_upgraded_and_its_sessions_read_as_not_connected() {
         let s = SledStore::open(dir.path()).unwrap();
         assert_eq!(s.session("old").unwrap(), Some(ownerless()));
     }
-    let db = sled::open(dir.path()).unwrap();
+    let db = raw_sled(dir.path());
     assert_eq!(
         db.get(b"\x00schema").unwrap().unwrap().as_ref(),
         SCHEMA_VERSION.to_be_bytes()
@@ -405,7 +427,7 @@ fn a_newer_schema_is_refused_and_left_untouched() {
     let dir = tempfile::tempdir().unwrap();
     drop(SledStore::open(dir.path()).unwrap());
     {
-        let db = sled::open(dir.path()).unwrap();
+        let db = raw_sled(dir.path());
         db.insert(b"\x00schema", &(SCHEMA_VERSION + 1).to_be_bytes())
             .unwrap();
         db.flush().unwrap();
@@ -418,7 +440,7 @@ fn a_newer_schema_is_refused_and_left_untouched() {
         other => panic!("expected NewerSchema, got {other:?}"),
     }
     assert!(err.to_string().contains("upgrade Tern"), "{err}");
-    let db = sled::open(dir.path()).unwrap();
+    let db = raw_sled(dir.path());
     assert_eq!(
         db.get(b"\x00schema").unwrap().unwrap().as_ref(),
         (SCHEMA_VERSION + 1).to_be_bytes()
@@ -429,7 +451,7 @@ fn a_newer_schema_is_refused_and_left_untouched() {
 fn a_directory_with_foreign_data_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     {
-        let db = sled::open(dir.path()).unwrap();
+        let db = raw_sled(dir.path());
         db.insert(b"hello", b"world").unwrap();
         db.flush().unwrap();
     }
