@@ -954,7 +954,8 @@ impl Connection {
                 Ok(())
             }
             Packet::PubRel(ack) => {
-                let known = session.pubrel(ack.packet_id);
+                let mut journal = Journal::new();
+                let known = session.pubrel(ack.packet_id, &mut journal);
                 let code = if known || !self.protocol.is_v5() {
                     ReasonCode::Success
                 } else {
@@ -966,7 +967,7 @@ impl Connection {
                         code,
                         ..PubAck::default()
                     }),
-                    Journal::new(),
+                    journal,
                 );
                 Ok(())
             }
@@ -1005,23 +1006,26 @@ impl Connection {
     /// Sends an acknowledgement once the state it acknowledges (in
     /// `journal`) is durable; see [`acknowledge_then`](Self::acknowledge_then).
     fn acknowledge(&self, packet: Packet, journal: Journal) {
-        self.acknowledge_then(packet, journal, |_| {});
+        self.acknowledge_then(packet, journal, || true, |_| {});
     }
 
     /// Sends `packet` (PUBACK, PUBREC, PUBCOMP, SUBACK, UNSUBACK) once the
-    /// changes in `journal` are durable, then runs `then(stored)`.
+    /// changes in `journal` are durable and `holds()` says that what it
+    /// acknowledges is still so, then runs `then(true)`.
     ///
     /// Acknowledgements leave in the order the packets arrived (MQTT 4.6):
     /// while any waits for the store, later ones wait behind it even when
     /// they store nothing (the writer completes in submission order). If the
-    /// store fails, the client is told: MQTT 5 acks carry "quota exceeded"
-    /// (disk full) or "implementation specific error"; MQTT 3.x PUBACK and
-    /// PUBREC have no error code, so the connection is closed instead and
-    /// the client sends the message again when it reconnects.
+    /// store fails, `then(false)` undoes what the packet would have
+    /// acknowledged, before the client is told: MQTT 5 acks carry "quota
+    /// exceeded" (disk full) or "implementation specific error"; MQTT 3.x
+    /// PUBACK and PUBREC have no error code, so the connection is closed
+    /// instead and the client sends the message again when it reconnects.
     fn acknowledge_then(
         &self,
         packet: Packet,
         mut journal: Journal,
+        holds: impl FnOnce() -> bool + Send + 'static,
         then: impl FnOnce(bool) + Send + 'static,
     ) {
         let Some(persistence) = self.broker.persistence.as_ref() else {
@@ -1029,7 +1033,7 @@ impl Connection {
             then(true);
             return;
         };
-        if !journal.has_changes() && self.deferred_acks.load(Ordering::Acquire) == 0 {
+        if !journal.must_wait() && self.deferred_acks.load(Ordering::Acquire) == 0 {
             self.send(packet);
             then(true);
             return;
@@ -1039,19 +1043,26 @@ impl Connection {
         let (connection_id, v5) = (self.connection_id, self.protocol.is_v5());
         let deferred = Arc::clone(&self.deferred_acks);
         journal.after(move |result| {
-            let stored = result.is_ok();
-            let reply = match result {
-                Ok(()) => Some(packet),
-                Err(e) => refused_ack(packet, e, v5),
-            };
-            match reply {
-                Some(reply) => {
-                    session.send_control(connection_id, reply);
+            match result {
+                Ok(()) if holds() => {
+                    session.send_control(connection_id, packet);
+                    deferred.fetch_sub(1, Ordering::AcqRel);
+                    then(true);
                 }
-                None => session.close_connection(connection_id, None),
+                _ => {
+                    // Undone first: a client told of the failure may act on
+                    // it at once (an MQTT 5 client reuses the packet id).
+                    then(false);
+                    let disk_full = result.as_ref().is_err_and(StoreError::is_disk_full);
+                    match refused_ack(packet, disk_full, v5) {
+                        Some(reply) => {
+                            session.send_control(connection_id, reply);
+                        }
+                        None => session.close_connection(connection_id, None),
+                    }
+                    deferred.fetch_sub(1, Ordering::AcqRel);
+                }
             }
-            deferred.fetch_sub(1, Ordering::AcqRel);
-            then(stored);
         });
         persistence.commit(journal);
     }
@@ -1161,11 +1172,18 @@ impl Connection {
                 );
             }
             (QoS::ExactlyOnce, Some(packet_id)) => {
+                let mut opened = false;
                 if !denied {
                     let limit = self.broker.config.limits.receive_maximum;
                     match session.incoming_qos2(packet_id, limit, &mut journal) {
-                        Ok(true) => route(self, &mut journal),
-                        Ok(false) => {}
+                        Ok(true) => {
+                            opened = true;
+                            route(self, &mut journal);
+                        }
+                        // Sent again: acknowledged once the first copy's
+                        // batch, perhaps committed by an earlier connection
+                        // and still being written, is durable.
+                        Ok(false) => journal.after_earlier(),
                         Err(_) => {
                             Metrics::inc(&self.broker.metrics.protocol_errors);
                             return Err(Exit::Error(
@@ -1175,13 +1193,26 @@ impl Connection {
                         }
                     }
                 }
-                self.acknowledge(
-                    Packet::PubRec(PubAck {
-                        packet_id,
-                        code,
-                        ..PubAck::default()
-                    }),
+                let pubrec = Packet::PubRec(PubAck {
+                    packet_id,
+                    code,
+                    ..PubAck::default()
+                });
+                // A copy sent again is acknowledged only if the first one
+                // was stored: a failure abandoned its flow meanwhile.
+                let first = (!opened && !denied).then(|| Arc::clone(session));
+                let session = Arc::clone(session);
+                self.acknowledge_then(
+                    pubrec,
                     journal,
+                    move || first.is_none_or(|s| s.has_incoming_qos2(packet_id)),
+                    move |stored| {
+                        // The flow this PUBLISH opened ends with the
+                        // failure; see `Session::abandon_incoming_qos2`.
+                        if opened && !stored {
+                            session.abandon_incoming_qos2(packet_id);
+                        }
+                    },
                 );
             }
             _ => return Err(self.protocol_error("QoS > 0 PUBLISH without a packet identifier")),
@@ -1338,16 +1369,21 @@ impl Connection {
         // Retained messages follow the SUBACK. If the subscriptions could
         // not be stored the client was told so: they are removed again.
         let (broker, session) = (Arc::clone(&self.broker), Arc::clone(session));
-        self.acknowledge_then(suback, journal, move |stored| {
-            if stored {
-                deliver_retained(&session, retained);
-            } else {
-                let subscriber = SessionRef(Arc::clone(&session));
-                for filter in added {
-                    broker.router.unsubscribe(&subscriber, &filter);
+        self.acknowledge_then(
+            suback,
+            journal,
+            || true,
+            move |stored| {
+                if stored {
+                    deliver_retained(&session, retained);
+                } else {
+                    let subscriber = SessionRef(Arc::clone(&session));
+                    for filter in added {
+                        broker.router.unsubscribe(&subscriber, &filter);
+                    }
                 }
-            }
-        });
+            },
+        );
         Ok(())
     }
 
@@ -1532,8 +1568,8 @@ fn subscription_record(
 /// What to send instead of `ack` when the state it acknowledges could not
 /// be stored; `None`: the packet has no way to say so (MQTT 3.x PUBACK,
 /// PUBREC, UNSUBACK), close the connection instead.
-fn refused_ack(ack: Packet, error: &StoreError, v5: bool) -> Option<Packet> {
-    let code = if error.is_disk_full() {
+fn refused_ack(ack: Packet, disk_full: bool, v5: bool) -> Option<Packet> {
+    let code = if disk_full {
         ReasonCode::QuotaExceeded
     } else {
         ReasonCode::ImplementationSpecificError
@@ -1551,10 +1587,14 @@ fn refused_ack(ack: Packet, error: &StoreError, v5: bool) -> Option<Packet> {
             Some(Packet::SubAck(a))
         }
         Packet::UnsubAck(mut a) if v5 => {
-            a.codes.iter_mut().for_each(|c| *c = code);
+            // UNSUBACK has no "quota exceeded" (MQTT 5 3.11.3).
+            a.codes
+                .iter_mut()
+                .for_each(|c| *c = ReasonCode::ImplementationSpecificError);
             Some(Packet::UnsubAck(a))
         }
-        // PUBCOMP stores nothing; it only waited for its turn.
+        // The flow is over in memory either way, and PUBCOMP has no error
+        // code: the client must be able to finish it.
         Packet::PubComp(a) => Some(Packet::PubComp(a)),
         _ => None,
     }

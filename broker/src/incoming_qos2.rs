@@ -57,6 +57,11 @@ impl IncomingQos2 {
         Opened::New
     }
 
+    /// Whether `packet_id` is open.
+    pub fn is_open(&self, packet_id: u16) -> bool {
+        self.ids.contains(&packet_id)
+    }
+
     /// A flow opened before a restart, from the store.
     pub fn restore(&mut self, packet_id: u16) {
         self.ids.insert(packet_id);

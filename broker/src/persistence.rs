@@ -15,9 +15,10 @@
 //!
 //! # Durability rule
 //!
-//! Whatever a client is told was accepted (PUBACK, PUBREC, SUBACK) is sent
-//! from a journal's completion, so in `fsync` mode it leaves only after the
-//! batch holding that state is synced. Changes nobody waits for (an
+//! Whatever a client is told was accepted or finished (PUBACK, PUBREC,
+//! PUBCOMP, SUBACK, UNSUBACK) is sent from a journal's completion, so in
+//! `fsync` mode it leaves only after the batch holding that state is
+//! synced. Changes nobody waits for (an
 //! acknowledgement from a subscriber, a session going offline) are committed
 //! without a completion; losing one in a crash only means a message is
 //! delivered again (QoS 1) or a PUBREL is sent again (QoS 2).
@@ -158,6 +159,9 @@ pub struct Journal {
     /// Messages already put in this batch (a message is written once per
     /// batch, however many queue entries reference it).
     stored: SmallVec<[u64; 2]>,
+    /// Completes only after every journal committed before it, even with
+    /// an empty batch; see [`Journal::after_earlier`].
+    after_earlier: bool,
 }
 
 impl Journal {
@@ -168,6 +172,22 @@ impl Journal {
     /// True when the journal changes nothing in the store.
     pub fn has_changes(&self) -> bool {
         !self.batch.is_empty()
+    }
+
+    /// Whether an acknowledgement of this journal must go through the
+    /// store writer: it changes something, or it must wait for earlier
+    /// journals ([`after_earlier`](Self::after_earlier)).
+    pub fn must_wait(&self) -> bool {
+        self.has_changes() || self.after_earlier
+    }
+
+    /// Its completions wait for every journal committed before it (the
+    /// writer resolves submissions in order), even if this one changes
+    /// nothing: for an acknowledgement of state that another connection's
+    /// journal stored, such as a QoS 2 PUBLISH sent again on a new
+    /// connection while the first copy's batch is still being written.
+    pub fn after_earlier(&mut self) {
+        self.after_earlier = true;
     }
 
     pub fn push(&mut self, op: Op) {

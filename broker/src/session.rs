@@ -1773,25 +1773,47 @@ impl Session {
         Ok(true)
     }
 
-    /// PUBREL received: forgets the packet id. Returns false if it was unknown.
-    pub fn pubrel(&self, packet_id: u16) -> bool {
-        let mut journal = Journal::new();
-        let known = {
-            let mut st = self.state.lock();
-            let known = st
-                .incoming_qos2
-                .as_mut()
-                .is_some_and(|flows| flows.release(packet_id));
-            if known && st.durable {
-                journal.push(Op::RemoveIncomingQos2 {
-                    client_id: Arc::clone(&self.client_id),
-                    packet_id,
-                });
-            }
-            known
-        };
-        self.commit(journal);
+    /// PUBREL received: forgets the packet id, recording that in `journal`
+    /// for a durable session. Returns false if it was unknown.
+    ///
+    /// The PUBCOMP must wait for that journal: once the client has it, it
+    /// may use the id for a new message, and a restart that still found
+    /// the id open would take that message for a retransmission and drop
+    /// it.
+    pub fn pubrel(&self, packet_id: u16, journal: &mut Journal) -> bool {
+        let mut st = self.state.lock();
+        let known = st
+            .incoming_qos2
+            .as_mut()
+            .is_some_and(|flows| flows.release(packet_id));
+        if known && st.durable {
+            journal.push(Op::RemoveIncomingQos2 {
+                client_id: Arc::clone(&self.client_id),
+                packet_id,
+            });
+        }
         known
+    }
+
+    /// Ends the QoS 2 flow `packet_id` opened by a PUBLISH whose batch
+    /// could not be stored: its PUBREC carries an error (MQTT 5: the flow
+    /// is over, and the client may use the id again) or the connection
+    /// closes (MQTT 3.x: the client sends the PUBLISH again, and it must be
+    /// stored then, not taken for a retransmission). Nothing was stored, so
+    /// nothing is removed from the store.
+    pub fn abandon_incoming_qos2(&self, packet_id: u16) {
+        if let Some(flows) = self.state.lock().incoming_qos2.as_mut() {
+            flows.release(packet_id);
+        }
+    }
+
+    /// Whether the QoS 2 flow `packet_id` is open.
+    pub fn has_incoming_qos2(&self, packet_id: u16) -> bool {
+        self.state
+            .lock()
+            .incoming_qos2
+            .as_ref()
+            .is_some_and(|flows| flows.is_open(packet_id))
     }
 
     /// Moves what is queued for `connection_id` into `out`, a batch of at

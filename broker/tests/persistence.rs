@@ -523,3 +523,213 @@ async fn a_start_that_fails_part_way_lets_go_of_its_store_and_listeners() {
     })
     .await;
 }
+
+/// Waits until everything submitted so far is written, so that a fault
+/// injected next hits what the test does after.
+async fn settle(server: &Server) {
+    let persistence = server.broker().persistence.as_ref().expect("a store");
+    persistence.sync().await.expect("the store syncs");
+}
+
+/// A durable publisher's QoS 2 PUBLISH with `packet_id`, answered PUBREC.
+async fn open_qos2_flow(publisher: &mut RawClient, topic: &str, payload: &[u8], packet_id: u16) {
+    publisher
+        .send(publish_packet(
+            topic,
+            payload,
+            QoS::ExactlyOnce,
+            Some(packet_id),
+        ))
+        .await;
+    match expect_ack(publisher).await {
+        Packet::PubRec(a) => assert_eq!((a.packet_id, a.code), (packet_id, ReasonCode::Success)),
+        other => panic!("expected PUBREC, got {other:?}"),
+    }
+}
+
+/// The payloads a durable session `client_id` is sent on reconnecting,
+/// each acknowledged, until it has been quiet for 300 ms.
+async fn drain_session(server: &Server, client_id: &str) -> Vec<String> {
+    let (mut c, ack) = RawClient::connect(addr(server), persistent_connect(client_id, 3600)).await;
+    assert!(ack.session_present, "{client_id} kept its session");
+    let mut got = Vec::new();
+    while let Ok(Some(packet)) = c.recv_within(Duration::from_millis(300)).await {
+        match packet {
+            Packet::Publish(p) => {
+                let id = p.packet_id.expect("QoS 1 or 2");
+                match p.qos {
+                    QoS::AtLeastOnce => c.send(Packet::PubAck(PubAck::new(id))).await,
+                    _ => c.send(Packet::PubRec(PubAck::new(id))).await,
+                }
+                got.push(String::from_utf8(p.payload.to_vec()).unwrap());
+            }
+            Packet::PubRel(r) => c.send(Packet::PubComp(PubAck::new(r.packet_id))).await,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    got
+}
+
+#[tokio::test]
+async fn a_pubcomp_leaves_only_once_the_end_of_the_flow_is_stored() {
+    // Once it has the PUBCOMP, a client may use the packet id for a new
+    // message. Were the flow still open in the store, a crash would bring
+    // it back, and that new message would be taken for a retransmission
+    // and dropped.
+    let store = Arc::new(FailingStore::new(MemoryStore::new()));
+    let server = start_on(Arc::clone(&store) as Arc<dyn Store>).await;
+    let (mut publisher, _) =
+        RawClient::connect(addr(&server), persistent_connect("closer", 3600)).await;
+    open_qos2_flow(&mut publisher, "x/1", b"one", 7).await;
+    assert_eq!(store.inner().incoming_qos2("closer").unwrap(), [7]);
+
+    store.stall(true);
+    publisher.send(Packet::PubRel(PubAck::new(7))).await;
+    let early = publisher.recv_within(Duration::from_millis(300)).await;
+    store.stall(false);
+    assert!(early.is_err(), "answered while the store lagged: {early:?}");
+    match expect_ack(&mut publisher).await {
+        Packet::PubComp(a) => assert_eq!((a.packet_id, a.code), (7, ReasonCode::Success)),
+        other => panic!("expected PUBCOMP, got {other:?}"),
+    }
+    assert!(store.inner().incoming_qos2("closer").unwrap().is_empty());
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_qos2_publish_the_store_refused_is_stored_when_sent_again() {
+    let store = Arc::new(FailingStore::new(MemoryStore::new()));
+    let server = start_on(Arc::clone(&store) as Arc<dyn Store>).await;
+    offline_subscriber(&server, "keeper", "t/#", QoS::ExactlyOnce).await;
+    let (mut v5, _) = RawClient::connect(addr(&server), persistent_connect("pub5", 3600)).await;
+    let mut v3_connect = common::connect_packet("pub3", ProtocolVersion::V311);
+    v3_connect.clean_start = false;
+    let (mut v3, _) = RawClient::connect(addr(&server), v3_connect.clone()).await;
+    assert_eq!(
+        v5.subscribe("mine/#", QoS::AtMostOnce).await,
+        [ReasonCode::Success]
+    );
+
+    store.disk_full(true);
+    v5.send(publish_packet("t/a", b"refused", QoS::ExactlyOnce, Some(3)))
+        .await;
+    match expect_ack(&mut v5).await {
+        Packet::PubRec(a) => assert_eq!((a.packet_id, a.code), (3, ReasonCode::QuotaExceeded)),
+        other => panic!("expected PUBREC 0x97, got {other:?}"),
+    }
+    // MQTT 3.1.1 has no way to say so: the connection is closed.
+    v3.send(publish_packet("t/b", b"b", QoS::ExactlyOnce, Some(4)))
+        .await;
+    v3.expect_closed().await;
+    // UNSUBACK has no "quota exceeded": 0x83, but an answer.
+    v5.send(Packet::Unsubscribe(tern_codec::Unsubscribe {
+        packet_id: 6,
+        filters: vec![bytes::Bytes::from_static(b"mine/#")],
+        properties: Default::default(),
+    }))
+    .await;
+    match expect_ack(&mut v5).await {
+        Packet::UnsubAck(a) => assert_eq!(
+            (a.packet_id, a.codes),
+            (6, vec![ReasonCode::ImplementationSpecificError])
+        ),
+        other => panic!("expected UNSUBACK, got {other:?}"),
+    }
+    store.disk_full(false);
+
+    // MQTT 5: the refused flow is over, and the id is free for a new
+    // message. MQTT 3.1.1: the client sends the same PUBLISH again.
+    open_qos2_flow(&mut v5, "t/a", b"reused", 3).await;
+    let (mut v3, ack) = RawClient::connect(addr(&server), v3_connect).await;
+    assert!(ack.session_present);
+    let mut again = publish_packet("t/b", b"b", QoS::ExactlyOnce, Some(4));
+    if let Packet::Publish(p) = &mut again {
+        p.dup = true;
+    }
+    v3.send(again).await;
+    assert!(matches!(expect_ack(&mut v3).await, Packet::PubRec(a) if a.packet_id == 4));
+    drop((v5, v3));
+
+    // What the store kept is what was acknowledged as stored.
+    server.shutdown().await;
+    let server = start_on(Arc::clone(&store) as Arc<dyn Store>).await;
+    assert_eq!(drain_session(&server, "keeper").await, ["reused", "b"]);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_qos2_publish_sent_again_on_a_new_connection_waits_for_the_first_copy() {
+    let store = Arc::new(FailingStore::new(MemoryStore::new()));
+    let server = start_on(Arc::clone(&store) as Arc<dyn Store>).await;
+    offline_subscriber(&server, "keeper", "t/#", QoS::ExactlyOnce).await;
+    let (mut publisher, _) =
+        RawClient::connect(addr(&server), persistent_connect("resender", 3600)).await;
+
+    // The first copy's batch waits for a lagging disk; the client gives up
+    // on the connection and sends the PUBLISH again on a new one.
+    settle(&server).await;
+    store.stall(true);
+    publisher
+        .send(publish_packet("t/1", b"once", QoS::ExactlyOnce, Some(9)))
+        .await;
+    publisher.expect_silence(Duration::from_millis(100)).await;
+    drop(publisher);
+    let (mut publisher, ack) =
+        RawClient::connect(addr(&server), persistent_connect("resender", 3600)).await;
+    assert!(ack.session_present);
+    let mut again = publish_packet("t/1", b"once", QoS::ExactlyOnce, Some(9));
+    if let Packet::Publish(p) = &mut again {
+        p.dup = true;
+    }
+    publisher.send(again).await;
+    let early = publisher.recv_within(Duration::from_millis(300)).await;
+    store.stall(false);
+    assert!(
+        early.is_err(),
+        "acknowledged before it was stored: {early:?}"
+    );
+    assert!(matches!(expect_ack(&mut publisher).await, Packet::PubRec(a) if a.packet_id == 9));
+    assert_eq!(store.inner().incoming_qos2("resender").unwrap(), [9]);
+    assert_eq!(store.inner().queue("keeper", None).count(), 1);
+    drop(publisher);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_qos2_publish_sent_again_is_refused_when_the_first_copy_was() {
+    let store = Arc::new(FailingStore::new(MemoryStore::new()));
+    let server = start_on(Arc::clone(&store) as Arc<dyn Store>).await;
+    offline_subscriber(&server, "keeper", "t/#", QoS::ExactlyOnce).await;
+    let (mut publisher, _) =
+        RawClient::connect(addr(&server), persistent_connect("unlucky", 3600)).await;
+
+    // The first copy waits for the disk, which then fails to write it, and
+    // only it (after what the connections wrote before).
+    settle(&server).await;
+    store.stall(true);
+    store.fail_next_applies(1);
+    publisher
+        .send(publish_packet("t/1", b"lost", QoS::ExactlyOnce, Some(9)))
+        .await;
+    publisher.expect_silence(Duration::from_millis(100)).await;
+    drop(publisher);
+    let (mut publisher, _) =
+        RawClient::connect(addr(&server), persistent_connect("unlucky", 3600)).await;
+    let mut again = publish_packet("t/1", b"lost", QoS::ExactlyOnce, Some(9));
+    if let Packet::Publish(p) = &mut again {
+        p.dup = true;
+    }
+    publisher.send(again).await;
+    publisher.expect_silence(Duration::from_millis(100)).await;
+    store.stall(false);
+    // Its own batch is empty, and written: only the first copy failed.
+    match expect_ack(&mut publisher).await {
+        Packet::PubRec(a) => {
+            assert_eq!(a.packet_id, 9);
+            assert!(a.code.as_u8() >= 0x80, "{:?}", a.code);
+        }
+        other => panic!("expected a refusing PUBREC, got {other:?}"),
+    }
+    drop(publisher);
+    server.shutdown().await;
+}

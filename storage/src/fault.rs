@@ -1,7 +1,9 @@
 //! [`FailingStore`]: a wrapper that makes `apply` or `sync` fail on demand,
-//! to test what the writer and the broker do when the disk fails or fills.
+//! or wait as a slow disk does, to test what the writer and the broker do
+//! when the disk fails, fills or lags.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex, PoisonError};
 
 use crate::batch::Batch;
 use crate::error::StoreError;
@@ -12,13 +14,19 @@ use crate::store::{RecordIter, SessionSummary, Store, StoreStats};
 
 /// Wraps a store; while a switch is on, the matching call fails with
 /// [`StoreError::Injected`] (or a disk-full I/O error) without touching the
-/// inner store. Counts calls so tests can see how the writer batches.
+/// inner store, or waits ([`stall`](Self::stall)). Counts calls so tests
+/// can see how the writer batches.
 #[derive(Debug, Default)]
 pub struct FailingStore<S> {
     inner: S,
     fail_apply: AtomicBool,
+    /// Calls of `apply` still to fail, after which it writes again.
+    fail_next_applies: AtomicU64,
     fail_sync: AtomicBool,
     disk_full: AtomicBool,
+    /// While true, `apply` waits on `unstalled`.
+    stalled: Mutex<bool>,
+    unstalled: Condvar,
     applies: AtomicU64,
     syncs: AtomicU64,
 }
@@ -28,8 +36,11 @@ impl<S: Store> FailingStore<S> {
         FailingStore {
             inner,
             fail_apply: AtomicBool::new(false),
+            fail_next_applies: AtomicU64::new(0),
             fail_sync: AtomicBool::new(false),
             disk_full: AtomicBool::new(false),
+            stalled: Mutex::new(false),
+            unstalled: Condvar::new(),
             applies: AtomicU64::new(0),
             syncs: AtomicU64::new(0),
         }
@@ -44,6 +55,12 @@ impl<S: Store> FailingStore<S> {
         self.fail_apply.store(on, Ordering::SeqCst);
     }
 
+    /// The next `n` calls of `apply` fail with [`StoreError::Injected`]; the
+    /// ones after write again.
+    pub fn fail_next_applies(&self, n: u64) {
+        self.fail_next_applies.store(n, Ordering::SeqCst);
+    }
+
     /// While on, `sync` fails with [`StoreError::Injected`].
     pub fn fail_sync(&self, on: bool) {
         self.fail_sync.store(on, Ordering::SeqCst);
@@ -53,6 +70,16 @@ impl<S: Store> FailingStore<S> {
     /// (`io::ErrorKind::StorageFull`).
     pub fn disk_full(&self, on: bool) {
         self.disk_full.store(on, Ordering::SeqCst);
+    }
+
+    /// While on, `apply` waits until it is turned off (a disk that lags),
+    /// and then writes. Turn it off before the store is dropped: the
+    /// writer's thread waits in it.
+    pub fn stall(&self, on: bool) {
+        *self.stalled.lock().unwrap_or_else(PoisonError::into_inner) = on;
+        if !on {
+            self.unstalled.notify_all();
+        }
     }
 
     /// Calls of `apply` so far (failed ones included).
@@ -80,8 +107,18 @@ impl<S: Store> FailingStore<S> {
 impl<S: Store> Store for FailingStore<S> {
     fn apply_all(&self, batches: &[&Batch]) -> Result<(), StoreError> {
         self.applies.fetch_add(1, Ordering::SeqCst);
+        let stalled = self.stalled.lock().unwrap_or_else(PoisonError::into_inner);
+        drop(
+            self.unstalled
+                .wait_while(stalled, |on| *on)
+                .unwrap_or_else(PoisonError::into_inner),
+        );
         self.full()?;
-        if self.fail_apply.load(Ordering::SeqCst) {
+        let fail_next = self
+            .fail_next_applies
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if fail_next || self.fail_apply.load(Ordering::SeqCst) {
             return Err(StoreError::Injected("apply"));
         }
         self.inner.apply_all(batches)
