@@ -813,10 +813,14 @@ impl Broker {
             return;
         };
         if let Some((will, delay)) = will {
-            session.set_pending_will(PendingWill {
+            let pending = PendingWill {
                 will,
                 publish_at: Instant::now() + delay,
-            });
+            };
+            if let Err(ended) = session.set_pending_will(pending) {
+                self.publish_will(&ended.will, session);
+                return;
+            }
             let (broker, owner) = (Arc::clone(self), Arc::clone(session));
             let timer = runtime.spawn(async move {
                 tokio::time::sleep(delay).await;

@@ -1045,9 +1045,17 @@ impl Session {
     }
 
     /// Stores a will to publish later, unless the session is attached again
-    /// before then.
-    pub fn set_pending_will(&self, will: PendingWill) {
-        self.state.lock().pending_will = Some(Box::new(will));
+    /// before then. A session that has ended already (a takeover with clean
+    /// start while the connection was still closing) keeps nothing: the
+    /// will comes back, to be published now (MQTT-3.1.2-8: the will goes
+    /// when the delay has passed or the session has ended).
+    pub fn set_pending_will(&self, will: PendingWill) -> Result<(), PendingWill> {
+        let mut st = self.state.lock();
+        if st.ended {
+            return Err(will);
+        }
+        st.pending_will = Some(Box::new(will));
+        Ok(())
     }
 
     /// Takes the pending will if `generation` is still current (no reconnect).

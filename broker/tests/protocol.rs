@@ -798,6 +798,43 @@ async fn v5_will_delay_cancelled_by_reconnect() {
     server.shutdown().await;
 }
 
+/// The old connection is still closing (its writer is stuck on a backlog
+/// its client does not read) when a new one with clean start ends the
+/// session: the session is over, so its will goes now, not after the delay
+/// (MQTT-3.1.2-8).
+#[tokio::test]
+async fn v5_delayed_will_goes_when_a_clean_start_takeover_ends_the_session() {
+    let server = start(|c| c.limits.max_inflight = UNREAD_BACKLOG).await;
+    let mut watcher = RawClient::connected(addr(&server), "watcher", V5).await;
+    watcher.subscribe("wills/#", QoS::AtMostOnce).await;
+    let mut connect = persistent_connect("replaced", 60);
+    connect.will = Some(Will {
+        topic: Bytes::from_static(b"wills/replaced"),
+        payload: Bytes::from_static(b"gone"),
+        qos: QoS::AtMostOnce,
+        retain: false,
+        properties: WillProperties {
+            will_delay_interval: Some(30),
+            ..Default::default()
+        },
+    });
+    let (mut old, _) = RawClient::connect(addr(&server), connect.clone()).await;
+    old.subscribe("feed", QoS::AtLeastOnce).await;
+    publish_unread_backlog(&server, "feed").await;
+
+    let mut fresh = connect;
+    fresh.clean_start = true;
+    fresh.will = None;
+    let (_new, ack) = RawClient::connect(addr(&server), fresh).await;
+    assert!(!ack.session_present);
+    match watcher.recv_within(Duration::from_secs(5)).await {
+        Ok(Some(Packet::Publish(p))) => assert_eq!(&p.payload[..], b"gone"),
+        other => panic!("expected the will long before its delay, got {other:?}"),
+    }
+    drop(old);
+    server.shutdown().await;
+}
+
 #[tokio::test]
 async fn v5_zero_session_expiry_sends_will_at_disconnect_despite_delay() {
     let server = start(|_| {}).await;
