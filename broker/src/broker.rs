@@ -639,11 +639,18 @@ impl Broker {
     /// holds to other online members of the same groups (MQTT 5 4.8.2: a
     /// shared message should not be lost because one member left). Those
     /// with no online member to go to stay where they are.
+    ///
+    /// In the store, a move is two journals: the new members' entries, and
+    /// once those are durable, the departing member's deletions. Within
+    /// one journal, a deletion would cancel the departing entry's insertion
+    /// if the writer still held it (`tern-storage`'s netting takes a
+    /// deletion for an acknowledgement), and the publisher's PUBACK would
+    /// leave while the new entry still waited to be written. In two, the
+    /// stored message never has zero references in between either; a crash
+    /// between them leaves both entries, a duplicate that QoS 1 allows.
     fn redistribute_shared(&self, departing: &Arc<Session>) {
-        // One journal: the new member's entry and the departing member's
-        // deletion land together, so the stored message never has zero
-        // references in between.
-        let mut journal = Journal::new();
+        let mut moved_in = Journal::new();
+        let mut moved_out = Journal::new();
         for delivery in departing.shared_candidates() {
             let Some(origin) = &delivery.shared else {
                 continue;
@@ -663,16 +670,30 @@ impl Broker {
             };
             // Withdrawn only once a taker is known; what finds none stays, with
             // its packet id, for the member's return.
-            if departing.withdraw(&delivery, &mut journal) {
+            if departing.withdraw(&delivery, &mut moved_out) {
                 Metrics::inc(&self.metrics.shared_redeliveries);
                 // Nobody publishes here, so nobody waits for a full queue.
                 let _ = member.0.deliver(
                     shared_delivery(&delivery.message, group, options),
-                    &mut journal,
+                    &mut moved_in,
                 );
             }
         }
-        self.commit(journal);
+        let Some(persistence) = &self.persistence else {
+            return;
+        };
+        if moved_out.has_changes() {
+            // If the new entries could not be stored, the departing ones
+            // stay: the message goes to the departing member again after a
+            // restart rather than to nobody.
+            let then = Arc::clone(persistence);
+            moved_in.after(move |stored| {
+                if stored.is_ok() {
+                    then.commit(moved_out);
+                }
+            });
+        }
+        persistence.commit(moved_in);
     }
 
     /// Publishes a will message now.
@@ -813,10 +834,10 @@ impl Broker {
             return;
         };
         if let Some((will, delay)) = will {
-            let pending = PendingWill {
+            let pending = Box::new(PendingWill {
                 will,
                 publish_at: Instant::now() + delay,
-            };
+            });
             if let Err(ended) = session.set_pending_will(pending) {
                 self.publish_will(&ended.will, session);
                 return;

@@ -1049,12 +1049,12 @@ impl Session {
     /// start while the connection was still closing) keeps nothing: the
     /// will comes back, to be published now (MQTT-3.1.2-8: the will goes
     /// when the delay has passed or the session has ended).
-    pub fn set_pending_will(&self, will: PendingWill) -> Result<(), PendingWill> {
+    pub fn set_pending_will(&self, will: Box<PendingWill>) -> Result<(), Box<PendingWill>> {
         let mut st = self.state.lock();
         if st.ended {
             return Err(will);
         }
-        st.pending_will = Some(Box::new(will));
+        st.pending_will = Some(will);
         Ok(())
     }
 

@@ -733,3 +733,48 @@ async fn a_qos2_publish_sent_again_is_refused_when_the_first_copy_was() {
     drop(publisher);
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_shared_delivery_moved_to_another_member_is_stored_before_the_puback() {
+    // The member that got the message leaves before acknowledging it; it
+    // goes to the other member. The publisher's PUBACK must not leave
+    // before one of the two entries is durable: moving the delivery may
+    // not cancel the first entry while the writer still holds it (for its
+    // deletion) and leave the second one waiting.
+    let store = Arc::new(FailingStore::new(MemoryStore::new()));
+    let server = start_holding(
+        Arc::clone(&store) as Arc<dyn Store>,
+        Duration::from_millis(800),
+    )
+    .await;
+    let mut first = online_subscriber(&server, "first", "$share/g/jobs").await;
+    let mut second = online_subscriber(&server, "second", "$share/g/jobs").await;
+    let (mut publisher, _) = RawClient::connect(
+        addr(&server),
+        common::connect_packet("pub", ProtocolVersion::V5),
+    )
+    .await;
+    publisher
+        .send(publish_packet("jobs", b"job", QoS::AtLeastOnce, Some(1)))
+        .await;
+    // The group's first pick is its first member.
+    assert_eq!(&first.recv_publish().await.payload[..], b"job");
+    first.send(Packet::Disconnect(Default::default())).await;
+    first.expect_closed().await;
+    assert_eq!(&second.recv_publish().await.payload[..], b"job");
+
+    match tokio::time::timeout(Duration::from_secs(10), publisher.recv()).await {
+        Ok(Some(Packet::PubAck(a))) => assert_eq!((a.packet_id, a.code), (1, ReasonCode::Success)),
+        other => panic!("expected the PUBACK, got {other:?}"),
+    }
+    let stored = |id: &str| store.inner().queue(id, None).count();
+    assert!(
+        stored("first") + stored("second") > 0,
+        "acknowledged while stored for no member"
+    );
+    common::eventually("the delivery moved in the store", || {
+        (stored("first"), stored("second")) == (0, 1)
+    })
+    .await;
+    server.shutdown().await;
+}
