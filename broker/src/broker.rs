@@ -39,6 +39,7 @@ use crate::metrics::Metrics;
 use crate::persistence::{Journal, Persistence};
 use crate::pool::BufferPool;
 use crate::registry::SessionRegistry;
+use crate::retained_order::RetainedOrder;
 use crate::session::{
     Admission, Delivery, PendingWill, Session, SessionContext, SharedOrigin, SubscriptionIds,
 };
@@ -122,6 +123,8 @@ pub struct Broker {
     retained_bytes: AtomicUsize,
     /// `$SYS` topics among the retained messages (outside the limits).
     system_retained: AtomicUsize,
+    /// Orders each topic's retained changes in the store as in memory.
+    retained_order: RetainedOrder,
     /// When expired retained messages were last swept (keep alive clock).
     last_retained_sweep_ms: AtomicU64,
     /// The earliest expiry among the retained messages since the last sweep
@@ -195,6 +198,7 @@ impl Broker {
             retained: RetainedStore::new(),
             retained_bytes: AtomicUsize::new(0),
             system_retained: AtomicUsize::new(0),
+            retained_order: RetainedOrder::new(),
             last_retained_sweep_ms: AtomicU64::new(0),
             retained_expiry: parking_lot::Mutex::new(None),
             last_stall_sweep_ms: AtomicU64::new(0),
@@ -356,6 +360,11 @@ impl Broker {
                 "not retained: limits.max_retained_messages or max_retained_bytes reached"
             );
         }
+        // The change in memory and in the store, in one step per topic
+        // (retained_order.rs); `journal`, the publisher's, reports a failure
+        // to store it.
+        let _in_order = self.retained_order.lock(topic);
+        let mut change = Journal::new();
         if message.payload.is_empty() || over_limit {
             // Cleared, or (over a limit) not replaced by a newer value it
             // could not store: an older value must not be served as current.
@@ -364,14 +373,14 @@ impl Broker {
                     .fetch_sub(old.weight(), Ordering::Relaxed);
             }
             if self.persistence.is_some() {
-                journal.push(tern_storage::Op::DeleteRetained {
+                change.push(tern_storage::Op::DeleteRetained {
                     topic: topic.to_owned(),
                 });
             }
         } else {
             if let Some(p) = &self.persistence {
-                let message_id = journal.reference(p, message);
-                journal.push(tern_storage::Op::PutRetained(
+                let message_id = change.reference(p, message);
+                change.push(tern_storage::Op::PutRetained(
                     tern_storage::RetainedRecord {
                         topic: topic.to_owned(),
                         message_id,
@@ -381,6 +390,9 @@ impl Broker {
             // Compacted (after `reference`, so the copy keeps the store id):
             // the retained message outlives the read buffer it arrived in.
             self.insert_retained(topic, message.compacted());
+        }
+        if let Some(p) = &self.persistence {
+            journal.depend_on(p.commit_tracked(change));
         }
     }
 

@@ -73,6 +73,7 @@ pub mod prometheus;
 pub mod proxy_protocol;
 pub mod recovery;
 pub mod registry;
+pub mod retained_order;
 pub mod server;
 pub mod session;
 pub mod signal;

@@ -96,8 +96,23 @@ impl Persistence {
     /// stopped, completions run at once on this thread).
     pub fn commit(&self, journal: Journal) {
         let Journal {
-            batch, mut after, ..
+            batch,
+            mut after,
+            depends_on,
+            ..
         } = journal;
+        if let Some(earlier) = depends_on.filter(|_| !after.is_empty()) {
+            let own = std::mem::take(&mut after);
+            after.push(Box::new(move |result| {
+                let result = match earlier.failure() {
+                    Some(e) => Err(e.clone()),
+                    None => result,
+                };
+                for f in own {
+                    f(result.clone());
+                }
+            }));
+        }
         if after.len() > 1 {
             let all: Completion = Box::new(move |result| {
                 for f in after {
@@ -112,6 +127,21 @@ impl Persistence {
             None if batch.is_empty() => {}
             None => self.writer.submit_detached(batch),
         }
+    }
+
+    /// Commits `journal` like [`commit`](Self::commit), and returns what
+    /// becomes of it, for a journal committed later to
+    /// [`depend_on`](Journal::depend_on).
+    pub fn commit_tracked(&self, mut journal: Journal) -> Arc<Outcome> {
+        let outcome = Arc::new(Outcome::default());
+        let record = Arc::clone(&outcome);
+        journal.after(move |result| {
+            if let Err(e) = result {
+                let _ = record.0.set(e.clone());
+            }
+        });
+        self.commit(journal);
+        outcome
     }
 
     /// Resolves once everything committed before is durable (shutdown).
@@ -162,6 +192,20 @@ pub struct Journal {
     /// Completes only after every journal committed before it, even with
     /// an empty batch; see [`Journal::after_earlier`].
     after_earlier: bool,
+    /// A journal committed before this one whose failure is this one's
+    /// too; see [`Journal::depend_on`].
+    depends_on: Option<Arc<Outcome>>,
+}
+
+/// What became of a journal committed with [`Persistence::commit_tracked`]:
+/// its error once it failed; empty while pending or once stored.
+#[derive(Debug, Default)]
+pub struct Outcome(std::sync::OnceLock<StoreError>);
+
+impl Outcome {
+    fn failure(&self) -> Option<&StoreError> {
+        self.0.get()
+    }
 }
 
 impl Journal {
@@ -178,7 +222,16 @@ impl Journal {
     /// store writer: it changes something, or it must wait for earlier
     /// journals ([`after_earlier`](Self::after_earlier)).
     pub fn must_wait(&self) -> bool {
-        self.has_changes() || self.after_earlier
+        self.has_changes() || self.after_earlier || self.depends_on.is_some()
+    }
+
+    /// Part of what this journal's completions acknowledge was committed
+    /// before it, in a journal of its own (`outcome`, from
+    /// [`Persistence::commit_tracked`]): if that one failed, they are told
+    /// so. It was resolved first (the writer resolves in submission
+    /// order), so this journal waits for it as well.
+    pub fn depend_on(&mut self, outcome: Arc<Outcome>) {
+        self.depends_on = Some(outcome);
     }
 
     /// Its completions wait for every journal committed before it (the

@@ -89,6 +89,20 @@ async fn a_full_disk_is_reported_and_nothing_is_acknowledged_as_stored() {
         matches!(expect_ack(&mut v5).await, Packet::PubAck(a) if a.code == ReasonCode::Success)
     );
 
+    // A retained message is stored in a journal of its own, ahead of the
+    // publisher's: its failure is reported all the same.
+    let mut retained = publish_packet("elsewhere", b"kept", QoS::AtLeastOnce, Some(6));
+    if let Packet::Publish(p) = &mut retained {
+        p.retain = true;
+    }
+    v5.send(retained).await;
+    match expect_ack(&mut v5).await {
+        Packet::PubAck(a) => {
+            assert_eq!((a.packet_id, a.code), (6, ReasonCode::QuotaExceeded))
+        }
+        other => panic!("expected PUBACK 0x97, got {other:?}"),
+    }
+
     // MQTT 3.1.1 has no error code in PUBACK: the connection is closed
     // without one, so the client sends the message again later.
     let (mut v3, _) = RawClient::connect(
@@ -776,5 +790,49 @@ async fn a_shared_delivery_moved_to_another_member_is_stored_before_the_puback()
         (stored("first"), stored("second")) == (0, 1)
     })
     .await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_store_keeps_the_retained_message_memory_has_whatever_order_publishers_commit_in() {
+    // Two publishers of one topic: the first replaces the retained message
+    // first but, slower to route, commits its journal last. A restart must
+    // serve what the broker served before it: the second message.
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let server = start_on(Arc::clone(&store)).await;
+    let broker = server.broker();
+    let retained = |payload: &'static [u8]| {
+        tern::message::Message::new(
+            bytes::Bytes::from_static(b"state/door"),
+            bytes::Bytes::from_static(payload),
+            QoS::AtLeastOnce,
+            true,
+            Default::default(),
+            0,
+        )
+    };
+    let (first, second) = (retained(b"open"), retained(b"closed"));
+    let (mut slow, mut fast) = (
+        tern::persistence::Journal::new(),
+        tern::persistence::Journal::new(),
+    );
+    let _ = broker.publish(&first, &mut slow);
+    let _ = broker.publish(&second, &mut fast);
+    broker.commit(fast);
+    broker.commit(slow);
+    settle(&server).await;
+    server.shutdown().await;
+
+    let server = start_on(Arc::clone(&store)).await;
+    let (mut fresh, _) = RawClient::connect(
+        addr(&server),
+        common::connect_packet("fresh", ProtocolVersion::V5),
+    )
+    .await;
+    fresh
+        .send(common::subscribe_packet(1, "state/#", QoS::AtMostOnce))
+        .await;
+    assert!(matches!(fresh.recv().await, Some(Packet::SubAck(_))));
+    assert_eq!(&fresh.recv_publish().await.payload[..], b"closed");
     server.shutdown().await;
 }
