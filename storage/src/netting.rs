@@ -181,6 +181,19 @@ impl<R> HeldQueue<R> {
                 let key = entry_key(&e.client_id, e.seq);
                 if self.chain_matches(key, &e.client_id) {
                     Step::Extend(key)
+                } else if e.state == DeliveryState::Pending {
+                    // A delivery's first write (queued behind a full
+                    // window). Replaced or deleted already, the entry was
+                    // sent (or even acknowledged) by the subscriber's
+                    // connection before the publisher's batch came: written
+                    // now, it would turn a QoS 2 delivery whose packet id is
+                    // stored back to "not sent", and a restart would send it
+                    // again as a new message.
+                    if self.recent_deletes.take(&e.client_id, e.seq) {
+                        Step::Late
+                    } else {
+                        return;
+                    }
                 } else if self.recent_deletes.was_deleted(&e.client_id, e.seq) {
                     // Built before the entry's deletion, submitted after
                     // it: written, it would bring the entry back.
@@ -191,13 +204,9 @@ impl<R> HeldQueue<R> {
                     // creates it (it carries the message): a late
                     // insertion would overwrite it with older state, and
                     // open a chain the entry's deletion would then cancel,
-                    // leaving this replacement's entry behind. A first
-                    // write of a queued delivery (pending) is no such
-                    // replacement: not remembered.
-                    if e.state != DeliveryState::Pending {
-                        self.recent_deletes
-                            .remember(&e.client_id, e.seq, Settled::Replaced, now);
-                    }
+                    // leaving this replacement's entry behind.
+                    self.recent_deletes
+                        .remember(&e.client_id, e.seq, Settled::Replaced, now);
                     return;
                 }
             }
@@ -616,6 +625,36 @@ mod tests {
         let mut q = queue_of(vec![publish("a", 1, 10), replace("a", 1, 10), ack("a", 1)]);
         assert!(take_all(&mut q).iter().all(Batch::is_empty));
         assert_eq!(q.late_inserts(), 0);
+    }
+
+    #[test]
+    fn a_first_write_after_the_entry_was_sent_is_dropped() {
+        // The subscriber's connection sent a queued QoS 2 delivery and
+        // stored its packet id before the publisher's batch with the
+        // delivery's first (pending) write came: that write is dropped, and
+        // the entry keeps its packet id.
+        let store = MemoryStore::new();
+        let mut sent = Batch::new();
+        sent.put_message(message(10)).put_queue_entry(entry(
+            "a",
+            1,
+            10,
+            DeliveryState::AwaitingAck,
+        ));
+        let mut first = Batch::new();
+        first
+            .put_message(message(10))
+            .put_queue_entry(entry("a", 1, 10, DeliveryState::Pending));
+        let mut q = queue_of(vec![sent, first]);
+        for b in take_all(&mut q) {
+            store.apply(&b).unwrap();
+        }
+        assert_eq!(q.late_inserts(), 1);
+        let kept: Vec<_> = store.queue("a", None).map(Result::unwrap).collect();
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept[0].state, DeliveryState::AwaitingAck);
+        assert_eq!(kept[0].packet_id, Some(1));
+        assert_eq!(q.recent_deletes.len(), 0, "the key is forgotten");
     }
 
     #[test]
