@@ -1256,16 +1256,21 @@ impl Connection {
         // More than the session may hold waiting would be dropped anyway.
         let limits = &self.broker.config.limits;
         let retained_cap = limits.max_pending_retained;
+        // MQTT-3.8.3-4, checked before any filter is applied: the packet is
+        // refused whole, not after some of its filters took effect.
+        if v5
+            && subscribe
+                .filters
+                .iter()
+                .any(|r| r.no_local && parse_shared(r.filter_str()).is_some())
+        {
+            return Err(self.protocol_error("No Local on a shared subscription"));
+        }
         let mut held = self.broker.router.subscription_count_of(&subscriber);
         let mut over_quota = 0usize;
         for request in &subscribe.filters {
             let filter = request.filter_str();
-            let shared = parse_shared(filter);
-            if v5 && shared.is_some() && request.no_local {
-                // MQTT-3.8.3-4.
-                return Err(self.protocol_error("No Local on a shared subscription"));
-            }
-            let shared = shared.is_some();
+            let shared = parse_shared(filter).is_some();
             let acl_filter = parse_shared(filter).map_or(filter, |(_, f)| f);
             if self.acl.as_deref().is_some_and(|acl| {
                 tern_router::validate_filter(filter).is_ok() && !acl.may_subscribe(acl_filter)

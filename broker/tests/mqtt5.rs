@@ -803,3 +803,23 @@ async fn subscriptions_beyond_the_per_client_limit_are_refused() {
     );
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn no_local_on_a_shared_subscription_refuses_the_whole_subscribe() {
+    // MQTT-3.8.3-4: a Protocol Error. The filters before the offending one
+    // in the same packet must not stay subscribed either: the client never
+    // got a SUBACK for them.
+    let server = start(|_| {}).await;
+    let (mut c, _) = RawClient::connect(addr(&server), persistent_connect("mixed", 60)).await;
+    let mut shared = sub_filter("$share/g/jobs", QoS::AtLeastOnce);
+    shared.no_local = true;
+    c.send(Packet::Subscribe(Subscribe {
+        packet_id: 1,
+        filters: vec![sub_filter("plain/#", QoS::AtLeastOnce), shared],
+        properties: Default::default(),
+    }))
+    .await;
+    c.expect_disconnect(ReasonCode::ProtocolError).await;
+    assert_eq!(server.broker().router.subscription_count(), 0);
+    server.shutdown().await;
+}
