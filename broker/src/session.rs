@@ -647,6 +647,11 @@ impl Session {
     ///
     /// A durable session's record is (re)written with `will`, the will of
     /// the connection, kept in case the broker stops without a clean close.
+    /// Nobody waits for it, but if it cannot be stored the connection is
+    /// closed (0x97 on a full disk, else 0x83): what it would go on to have
+    /// acknowledged (subscriptions, messages queued for it) would belong
+    /// to a session a restart does not know. Its close writes the record
+    /// again.
     pub fn attach(
         self: &Arc<Self>,
         params: AttachParams,
@@ -654,7 +659,18 @@ impl Session {
         will: Option<&Will>,
     ) -> Option<u64> {
         let mut journal = Journal::new();
-        let generation = self.attach_locked(params, control, will, &mut journal)?;
+        let generation = self.attach_locked(params, Arc::clone(&control), will, &mut journal)?;
+        if journal.has_changes() {
+            journal.after(move |result| {
+                if let Err(e) = result {
+                    control.close(Some(if e.is_disk_full() {
+                        ReasonCode::QuotaExceeded
+                    } else {
+                        ReasonCode::ImplementationSpecificError
+                    }));
+                }
+            });
+        }
         self.commit(journal);
         Some(generation)
     }

@@ -65,6 +65,9 @@ async fn a_full_disk_is_reported_and_nothing_is_acknowledged_as_stored() {
         matches!(expect_ack(&mut v5).await, Packet::PubAck(a) if a.code == ReasonCode::Success)
     );
 
+    let (mut sub, _) = RawClient::connect(addr(&server), persistent_connect("late", 3600)).await;
+    settle(&server).await;
+
     store.disk_full(true);
     // A message an offline durable session must keep: refused, 0x97.
     v5.send(publish_packet("t/2", b"two", QoS::AtLeastOnce, Some(2)))
@@ -120,7 +123,6 @@ async fn a_full_disk_is_reported_and_nothing_is_acknowledged_as_stored() {
 
     // A durable session's SUBSCRIBE: SUBACK 0x97, and the subscription is
     // not kept (nothing published to it arrives).
-    let (mut sub, _) = RawClient::connect(addr(&server), persistent_connect("late", 3600)).await;
     assert_eq!(
         sub.subscribe("late/#", QoS::AtLeastOnce).await,
         vec![ReasonCode::QuotaExceeded]
@@ -834,5 +836,27 @@ async fn the_store_keeps_the_retained_message_memory_has_whatever_order_publishe
         .await;
     assert!(matches!(fresh.recv().await, Some(Packet::SubAck(_))));
     assert_eq!(&fresh.recv_publish().await.payload[..], b"closed");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_durable_session_whose_record_cannot_be_stored_is_disconnected() {
+    // Whatever the connection went on to have acknowledged would belong to
+    // a session a restart does not know: it is closed instead, and its
+    // record is written when the client is back and the disk has room.
+    let store = Arc::new(FailingStore::new(MemoryStore::new()));
+    let server = start_on(Arc::clone(&store) as Arc<dyn Store>).await;
+    store.disk_full(true);
+    let (mut c, ack) =
+        RawClient::connect(addr(&server), persistent_connect("unstored", 3600)).await;
+    assert_eq!(ack.code, ReasonCode::Success);
+    c.expect_disconnect(ReasonCode::QuotaExceeded).await;
+    assert!(store.inner().session("unstored").unwrap().is_none());
+
+    store.disk_full(false);
+    let (_c, ack) = RawClient::connect(addr(&server), persistent_connect("unstored", 3600)).await;
+    assert_eq!(ack.code, ReasonCode::Success);
+    settle(&server).await;
+    assert!(store.inner().session("unstored").unwrap().is_some());
     server.shutdown().await;
 }
