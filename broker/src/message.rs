@@ -238,9 +238,24 @@ impl Message {
         self.expires_at.is_some_and(|at| now >= at)
     }
 
+    /// True for a Message Expiry Interval of 0: a lifetime that ends on
+    /// arrival. The message reaches the subscribers whose onward delivery
+    /// starts at once (a connected client, handed the copy as it is routed,
+    /// with room in its window for QoS 1 and 2) and waits for nobody (not
+    /// queued, not retained); it is forwarded with an interval of 0.
+    pub fn expires_on_arrival(&self) -> bool {
+        self.properties
+            .as_ref()
+            .is_some_and(|p| p.message_expiry_interval == Some(0))
+    }
+
     /// The Message Expiry Interval to send now: the original interval less the
-    /// time the message has waited in the broker (MQTT-3.3.2-6), at least 1.
+    /// time the message has waited in the broker (MQTT-3.3.2-6), at least 1
+    /// unless it was 0.
     pub fn remaining_expiry(&self, now: Instant) -> Option<u32> {
+        if self.expires_on_arrival() {
+            return Some(0);
+        }
         self.expires_at.map(|at| {
             let left = at.saturating_duration_since(now).as_secs_f64().ceil();
             (left as u32).max(1)

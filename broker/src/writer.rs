@@ -183,7 +183,13 @@ fn encode_item(
         Outbound::PingResp => encode_control(ctx, &Packet::PingResp, scratch),
         Outbound::Control(packet) => encode_control(ctx, &packet, scratch),
         Outbound::Publish(delivery) => {
-            if delivery.qos == QoS::AtMostOnce && delivery.message.is_expired(now) {
+            // A QoS 0 copy that outlived its message in this queue is not
+            // sent. One that had no lifetime at all was handed over as the
+            // message arrived: its delivery started then.
+            if delivery.qos == QoS::AtMostOnce
+                && delivery.message.is_expired(now)
+                && !delivery.message.expires_on_arrival()
+            {
                 Metrics::inc(&ctx.metrics.messages_expired);
                 return false;
             }

@@ -395,6 +395,65 @@ async fn message_expiry_while_queued_and_when_retained() {
     server.shutdown().await;
 }
 
+/// A Message Expiry Interval of 0 is a lifetime that ends on arrival: the
+/// message reaches the subscribers it can be handed to at once, at any QoS,
+/// forwarded with an interval of 0, and waits for nobody.
+#[tokio::test]
+async fn a_message_expiry_interval_of_0_reaches_connected_subscribers_only() {
+    let server = start(|_| {}).await;
+    let connect = persistent_connect("away", 60);
+    let (mut s, _) = RawClient::connect(addr(&server), connect.clone()).await;
+    s.subscribe("now/#", QoS::AtLeastOnce).await;
+    drop(s);
+    eventually("offline", || {
+        !server.broker().registry.get("away").unwrap().is_online()
+    })
+    .await;
+    let mut here = RawClient::connected(addr(&server), "here", V5).await;
+    here.subscribe("now/#", QoS::AtLeastOnce).await;
+
+    let mut p = RawClient::connected(addr(&server), "p", V5).await;
+    let zero = PublishProperties {
+        message_expiry_interval: Some(0),
+        ..Default::default()
+    };
+    p.send(publish_with(
+        "now/0",
+        b"q0",
+        QoS::AtMostOnce,
+        None,
+        zero.clone(),
+        false,
+    ))
+    .await;
+    p.send(publish_with(
+        "now/1",
+        b"q1",
+        QoS::AtLeastOnce,
+        Some(1),
+        zero,
+        true,
+    ))
+    .await;
+    assert!(matches!(p.recv().await, Some(Packet::PubAck(_))));
+    for expected in [&b"q0"[..], b"q1"] {
+        let got = here.recv_publish().await;
+        assert_eq!(&got.payload[..], expected);
+        assert_eq!(got.properties.message_expiry_interval, Some(0));
+        if let Some(id) = got.packet_id {
+            here.send(Packet::PubAck(PubAck::new(id))).await;
+        }
+    }
+
+    let (mut s, ack) = RawClient::connect(addr(&server), connect).await;
+    assert!(ack.session_present);
+    s.expect_silence(Duration::from_millis(200)).await;
+    let mut late = RawClient::connected(addr(&server), "late", V5).await;
+    late.subscribe("now/#", QoS::AtMostOnce).await;
+    late.expect_silence(Duration::from_millis(200)).await;
+    server.shutdown().await;
+}
+
 #[tokio::test]
 async fn client_receive_maximum_limits_inflight() {
     let server = start(|_| {}).await;
