@@ -697,11 +697,12 @@ impl Broker {
         if moved_out.has_changes() {
             // If the new entries could not be stored, the departing ones
             // stay: the message goes to the departing member again after a
-            // restart rather than to nobody.
-            let then = Arc::clone(persistence);
+            // restart rather than to nobody. If the departing session ended
+            // meanwhile, its end deleted them.
+            let departing = Arc::clone(departing);
             moved_in.after(move |stored| {
                 if stored.is_ok() {
-                    then.commit(moved_out);
+                    departing.commit_unless_ended(moved_out);
                 }
             });
         }

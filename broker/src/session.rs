@@ -1355,6 +1355,11 @@ impl Session {
             return self.admit_at_most_once(st, delivery, grace);
         }
         let window_open = self.window_open(st);
+        if !window_open && delivery.message.expires_on_arrival() {
+            // Its lifetime ended as it arrived: it waits for nobody.
+            Metrics::inc(&self.context.metrics.messages_expired);
+            return Admission::Dropped;
+        }
         let over_bound = !window_open && self.queue_full(st, &delivery);
         if over_bound && !(grace && self.takes_beyond_bound(st)) {
             Metrics::inc(&self.context.metrics.messages_dropped_queue_full);
@@ -1823,11 +1828,42 @@ impl Session {
     /// could not be stored: its PUBREC carries an error (MQTT 5: the flow
     /// is over, and the client may use the id again) or the connection
     /// closes (MQTT 3.x: the client sends the PUBLISH again, and it must be
-    /// stored then, not taken for a retransmission). Nothing was stored, so
-    /// nothing is removed from the store.
+    /// stored then, not taken for a retransmission).
+    ///
+    /// The id is removed from the store as well: the failure may have been
+    /// another batch the acknowledgement depended on (the retained
+    /// message's, see `Journal::depend_on`) while the one that opened the
+    /// flow was written. Called from that batch's completion, the removal
+    /// is submitted after it.
     pub fn abandon_incoming_qos2(&self, packet_id: u16) {
-        if let Some(flows) = self.state.lock().incoming_qos2.as_mut() {
-            flows.release(packet_id);
+        let mut journal = Journal::new();
+        {
+            let mut st = self.state.lock();
+            let open = st
+                .incoming_qos2
+                .as_mut()
+                .is_some_and(|flows| flows.release(packet_id));
+            if open && st.durable {
+                journal.push(Op::RemoveIncomingQos2 {
+                    client_id: Arc::clone(&self.client_id),
+                    packet_id,
+                });
+            }
+        }
+        self.commit(journal);
+    }
+
+    /// Commits `journal` unless the session has ended, under the session's
+    /// lock: a journal that changes this session's entries then reaches the
+    /// store before the deletion of the session by an end that comes after
+    /// it, never after (a new session of the same client numbers its
+    /// entries from 1 again, and a late deletion could remove one of
+    /// those). `journal` must have no completions (they could run at once,
+    /// on this thread, under the lock).
+    pub fn commit_unless_ended(&self, journal: Journal) {
+        let st = self.state.lock();
+        if !st.ended {
+            self.commit(journal);
         }
     }
 

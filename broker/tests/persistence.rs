@@ -860,3 +860,110 @@ async fn a_durable_session_whose_record_cannot_be_stored_is_disconnected() {
     assert!(store.inner().session("unstored").unwrap().is_some());
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_qos2_flow_refused_for_its_retained_copy_is_not_left_open_in_the_store() {
+    // The PUBREC of a retained QoS 2 message depends on two batches: the
+    // retained message's and the publisher's own, which opens the flow.
+    // When only the first fails, the flow ends (the client is told, and may
+    // use the id again), in the store as well: a restart must not take a
+    // new message with that id for a retransmission.
+    let store = Arc::new(FailingStore::new(MemoryStore::new()));
+    let mut config = Config::default();
+    durable(&mut config);
+    // One batch per write: the two fail or succeed on their own.
+    config.storage.batch_max_ops = 1;
+    let server = Server::start_with_store(config, Arc::clone(&store) as Arc<dyn Store>)
+        .await
+        .expect("broker starts");
+    let (mut publisher, _) =
+        RawClient::connect(addr(&server), persistent_connect("retainer", 3600)).await;
+    settle(&server).await;
+
+    store.fail_next_applies(1);
+    let mut state = publish_packet("state/x", b"on", QoS::ExactlyOnce, Some(5));
+    if let Packet::Publish(p) = &mut state {
+        p.retain = true;
+    }
+    publisher.send(state).await;
+    match expect_ack(&mut publisher).await {
+        Packet::PubRec(a) => assert_eq!(
+            (a.packet_id, a.code),
+            (5, ReasonCode::ImplementationSpecificError)
+        ),
+        other => panic!("expected a refusing PUBREC, got {other:?}"),
+    }
+    settle(&server).await;
+    assert!(store.inner().incoming_qos2("retainer").unwrap().is_empty());
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_moved_shared_delivery_never_deletes_an_entry_of_the_next_session() {
+    // The departing member's deletion goes to the store only once the new
+    // member's entry is stored. If the departing session ended meanwhile
+    // (DISCONNECT with expiry 0) and its client came back with a new
+    // session, whose entries count from 1 again, that deletion must not be
+    // sent: it would remove the new session's first entry.
+    let store = Arc::new(FailingStore::new(MemoryStore::new()));
+    let server = start_holding(
+        Arc::clone(&store) as Arc<dyn Store>,
+        Duration::from_millis(200),
+    )
+    .await;
+    let mut first = online_subscriber(&server, "first", "$share/g/jobs").await;
+    let _second = online_subscriber(&server, "second", "$share/g/jobs").await;
+    let (mut publisher, _) = RawClient::connect(
+        addr(&server),
+        common::connect_packet("pub", ProtocolVersion::V5),
+    )
+    .await;
+    publisher
+        .send(publish_packet("jobs", b"job", QoS::AtLeastOnce, Some(1)))
+        .await;
+    assert_eq!(&first.recv_publish().await.payload[..], b"job");
+    assert!(matches!(
+        expect_ack(&mut publisher).await,
+        Packet::PubAck(_)
+    ));
+    settle(&server).await;
+
+    // The move waits for a lagging disk while the session ends and its
+    // client comes back, subscribes and is sent its first message.
+    store.stall(true);
+    let mut bye = tern_codec::Disconnect::default();
+    bye.properties.session_expiry_interval = Some(0);
+    first.send(Packet::Disconnect(bye)).await;
+    first.expect_closed().await;
+    let (mut again, ack) =
+        RawClient::connect(addr(&server), persistent_connect("first", 3600)).await;
+    assert!(!ack.session_present);
+    again
+        .send(common::subscribe_packet(1, "direct", QoS::AtLeastOnce))
+        .await;
+    common::eventually("subscribed", || {
+        server.broker().router.subscription_count() == 2
+    })
+    .await;
+    publisher
+        .send(publish_packet("direct", b"mine", QoS::AtLeastOnce, Some(2)))
+        .await;
+    store.stall(false);
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        match expect_ack(&mut again).await {
+            Packet::SubAck(_) => got.push("suback".to_owned()),
+            Packet::Publish(p) => got.push(String::from_utf8(p.payload.to_vec()).unwrap()),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(got.contains(&"mine".to_owned()), "{got:?}");
+    assert!(matches!(expect_ack(&mut publisher).await, Packet::PubAck(a) if a.packet_id == 2));
+    settle(&server).await;
+    assert_eq!(
+        store.inner().queue("first", None).count(),
+        1,
+        "the new session's unacknowledged entry is stored"
+    );
+    server.shutdown().await;
+}
