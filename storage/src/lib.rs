@@ -50,6 +50,7 @@ mod batch;
 mod encoding;
 mod engine;
 mod error;
+mod error_log;
 mod fault;
 mod inbox;
 mod keys;

@@ -29,6 +29,7 @@ use tokio::sync::oneshot;
 
 use crate::batch::Batch;
 use crate::error::StoreError;
+use crate::error_log::ErrorLog;
 use crate::inbox::{CloseOnExit, Inbox};
 use crate::netting::HeldQueue;
 use crate::store::Store;
@@ -498,7 +499,7 @@ impl Worker {
         }
         match self.store.apply_all(&batches) {
             Ok(()) => {
-                self.errors.ok("apply");
+                self.errors.ok("apply", Instant::now());
                 Applied::All { wrote: true }
             }
             Err(e) if e.is_invalid_batch() && batches.len() > 1 => {
@@ -513,7 +514,7 @@ impl Worker {
                                 None
                             }
                             Err(e) => {
-                                self.errors.failed("apply", &e);
+                                self.errors.failed("apply", &e, Instant::now());
                                 Some(e)
                             }
                         }
@@ -522,7 +523,7 @@ impl Worker {
                 Applied::Each { each, wrote }
             }
             Err(e) => {
-                self.errors.failed("apply", &e);
+                self.errors.failed("apply", &e, Instant::now());
                 Applied::None(e)
             }
         }
@@ -534,45 +535,10 @@ impl Worker {
         match &result {
             Ok(()) => {
                 self.dirty_since = None;
-                self.errors.ok("sync");
+                self.errors.ok("sync", Instant::now());
             }
-            Err(e) => self.errors.failed("sync", e),
+            Err(e) => self.errors.failed("sync", e, Instant::now()),
         }
         result
-    }
-}
-
-/// Logs a failure once per cause (operation and error kind) and once more
-/// when the operation succeeds again, with the count of repeats in between.
-#[derive(Default)]
-struct ErrorLog {
-    current: Option<(String, u64)>,
-}
-
-impl ErrorLog {
-    fn failed(&mut self, op: &'static str, e: &StoreError) {
-        let cause = format!("{op}: {}", cause_of(e));
-        match &mut self.current {
-            Some((c, n)) if *c == cause => *n += 1,
-            _ => {
-                tracing::error!(op, error = %e, "store {op} failed; affected submissions get the error");
-                self.current = Some((cause, 0));
-            }
-        }
-    }
-
-    fn ok(&mut self, op: &'static str) {
-        if let Some((cause, repeats)) = self.current.take() {
-            tracing::info!(op, previous = %cause, repeats, "store {op} succeeds again");
-        }
-    }
-}
-
-/// The part of an error that names its cause, without per-batch details.
-fn cause_of(e: &StoreError) -> String {
-    match e {
-        StoreError::Io(io) => format!("io {:?}", io.kind()),
-        StoreError::InvalidBatch(_) => "invalid batch".into(),
-        other => other.to_string(),
     }
 }
