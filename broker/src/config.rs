@@ -241,6 +241,12 @@ pub struct LimitsConfig {
     /// Subscriptions one session may hold; a SUBSCRIBE filter beyond it is
     /// refused (5.0: 0x97 quota exceeded, 3.x: 0x80).
     pub max_subscriptions_per_client: usize,
+    /// Levels (the parts between `/`) a topic name or filter may have: each
+    /// level of a subscription or a retained message's topic is a node of
+    /// the broker's trees, a few hundred bytes, so a 64 KiB topic of slashes
+    /// would cost tens of MB. More is refused: a PUBLISH or will topic as
+    /// invalid (0x90), a SUBSCRIBE filter in SUBACK (5.0: 0x8F, 3.x: 0x80).
+    pub max_topic_levels: usize,
     /// Retained messages matched by a session's SUBSCRIBEs that may wait
     /// for room in its queues (they are sent as the client reads); beyond
     /// it they are dropped.
@@ -301,6 +307,17 @@ impl Default for LogConfig {
     }
 }
 
+impl LimitsConfig {
+    /// Whether `topic` (a name, or a filter without its share prefix) has
+    /// more than `max_topic_levels` levels. Scans only a topic long enough
+    /// to have that many slashes, so the common short topic costs a
+    /// comparison.
+    pub fn too_many_levels(&self, topic: &str) -> bool {
+        topic.len() >= self.max_topic_levels
+            && tern_router::topic_levels(topic) > self.max_topic_levels
+    }
+}
+
 impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
@@ -319,6 +336,7 @@ impl Default for LimitsConfig {
             topic_alias_maximum: 64,
             max_session_expiry_secs: u32::MAX,
             max_subscriptions_per_client: 10_000,
+            max_topic_levels: 128,
             max_pending_retained: 100_000,
             max_retained_messages: 1_000_000,
             max_retained_bytes: 1024 * 1024 * 1024,
@@ -480,6 +498,9 @@ impl Config {
         }
         if l.max_subscriptions_per_client == 0 {
             return invalid("limits.max_subscriptions_per_client", "must be at least 1");
+        }
+        if l.max_topic_levels == 0 {
+            return invalid("limits.max_topic_levels", "must be at least 1");
         }
         if l.max_pending_retained == 0 {
             return invalid("limits.max_pending_retained", "must be at least 1");

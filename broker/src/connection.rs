@@ -1081,6 +1081,13 @@ impl Connection {
                 format!("invalid topic name {topic_str:?}").into(),
             ));
         }
+        if self.broker.config.limits.too_many_levels(topic_str) {
+            Metrics::inc(&self.broker.metrics.protocol_errors);
+            return Err(Exit::Error(
+                ReasonCode::TopicNameInvalid,
+                "topic name with more than limits.max_topic_levels levels".into(),
+            ));
+        }
         if v5
             && publish.properties.payload_format_indicator == Some(1)
             && self.broker.config.mqtt.check_payload_format
@@ -1272,6 +1279,15 @@ impl Connection {
             let filter = request.filter_str();
             let shared = parse_shared(filter).is_some();
             let acl_filter = parse_shared(filter).map_or(filter, |(_, f)| f);
+            if limits.too_many_levels(acl_filter) {
+                Metrics::inc(&self.broker.metrics.subscriptions_refused);
+                codes.push(if v5 {
+                    ReasonCode::TopicFilterInvalid
+                } else {
+                    ReasonCode::UnspecifiedError
+                });
+                continue;
+            }
             if self.acl.as_deref().is_some_and(|acl| {
                 tern_router::validate_filter(filter).is_ok() && !acl.may_subscribe(acl_filter)
             }) {
@@ -1289,6 +1305,7 @@ impl Connection {
                 && !self.broker.router.is_subscribed(&subscriber, filter)
             {
                 over_quota += 1;
+                Metrics::inc(&self.broker.metrics.subscriptions_refused);
                 codes.push(if v5 {
                     ReasonCode::QuotaExceeded
                 } else {
@@ -1343,6 +1360,7 @@ impl Connection {
                     }
                 }
                 Err(e) => {
+                    Metrics::inc(&self.broker.metrics.subscriptions_refused);
                     tracing::debug!(client_id = %session.client_id, filter, error = %e, "subscription refused");
                     codes.push(if v5 {
                         ReasonCode::TopicFilterInvalid

@@ -252,7 +252,9 @@ pub fn check_connect(
     }
     if let Some(will) = &connect.will {
         let topic = std::str::from_utf8(&will.topic).unwrap_or("");
-        if tern_router::validate_topic_name(topic).is_err() {
+        if tern_router::validate_topic_name(topic).is_err()
+            || broker.config.limits.too_many_levels(topic)
+        {
             return Some(ReasonCode::TopicNameInvalid);
         }
         // `$` topics belong to the broker: a will may not publish there, as a

@@ -882,3 +882,65 @@ async fn no_local_on_a_shared_subscription_refuses_the_whole_subscribe() {
     assert_eq!(server.broker().router.subscription_count(), 0);
     server.shutdown().await;
 }
+
+/// Every level of a subscription or a retained topic is a node of the
+/// broker's trees: a filter of 65,535 slashes would cost tens of MB for
+/// 64 KiB on the wire. More than `limits.max_topic_levels` is refused.
+#[tokio::test]
+async fn topics_and_filters_deeper_than_the_limit_are_refused() {
+    let server = start(|_| {}).await;
+    let deep = |levels: usize| vec!["l"; levels].join("/");
+    let limit = server.broker().config.limits.max_topic_levels;
+    assert_eq!(limit, 128, "the default");
+
+    let mut c = RawClient::connected(addr(&server), "deep", V5).await;
+    c.send(Packet::Subscribe(Subscribe {
+        packet_id: 1,
+        filters: vec![
+            sub_filter(&deep(limit), QoS::AtMostOnce),
+            sub_filter(&deep(limit + 1), QoS::AtMostOnce),
+            sub_filter(&format!("$share/g/{}", deep(limit)), QoS::AtMostOnce),
+            sub_filter(&format!("{}/#", deep(limit)), QoS::AtMostOnce),
+        ],
+        properties: Default::default(),
+    }))
+    .await;
+    match c.recv().await {
+        Some(Packet::SubAck(ack)) => assert_eq!(
+            ack.codes,
+            [
+                ReasonCode::Success,
+                ReasonCode::TopicFilterInvalid,
+                ReasonCode::Success,
+                ReasonCode::TopicFilterInvalid,
+            ]
+        ),
+        other => panic!("expected SUBACK, got {other:?}"),
+    }
+    assert_eq!(server.broker().metrics.subscriptions_refused.get(), 2);
+    assert_eq!(server.broker().router.subscription_count(), 2);
+
+    c.send(publish_packet(&deep(limit), b"fits", QoS::AtMostOnce, None))
+        .await;
+    assert_eq!(&c.recv_publish().await.payload[..], b"fits");
+    c.send(publish_packet(
+        &deep(limit + 1),
+        b"deep",
+        QoS::AtMostOnce,
+        None,
+    ))
+    .await;
+    c.expect_disconnect(ReasonCode::TopicNameInvalid).await;
+
+    let mut connect = connect_packet("will", V5);
+    connect.will = Some(tern_codec::Will {
+        topic: Bytes::from(deep(limit + 1)),
+        payload: Bytes::from_static(b"gone"),
+        qos: QoS::AtMostOnce,
+        retain: false,
+        properties: Default::default(),
+    });
+    let (_w, ack) = RawClient::connect(addr(&server), connect).await;
+    assert_eq!(ack.code, ReasonCode::TopicNameInvalid);
+    server.shutdown().await;
+}

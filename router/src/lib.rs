@@ -79,6 +79,6 @@ pub use retained::RetainedStore;
 pub use router::{RecentMatch, Router, SubscribeOutcome};
 pub use shared::SharedGroup;
 pub use topic::{
-    filter_covers, filter_matches, parse_shared, validate_filter, validate_topic_name, TopicError,
-    MAX_TOPIC_LEN, SHARE_PREFIX,
+    filter_covers, filter_matches, parse_shared, topic_levels, validate_filter,
+    validate_topic_name, TopicError, MAX_TOPIC_LEN, SHARE_PREFIX,
 };

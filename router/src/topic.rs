@@ -80,6 +80,13 @@ pub fn validate_topic_name(topic: &str) -> Result<(), TopicError> {
     Ok(())
 }
 
+/// The levels of a topic name or filter: its parts between `/` (`a//b` has
+/// three). A shared filter's are those of the filter after its group.
+pub fn topic_levels(topic: &str) -> usize {
+    let filter = parse_shared(topic).map_or(topic, |(_, f)| f);
+    filter.bytes().filter(|&b| b == b'/').count() + 1
+}
+
 /// Validates the level structure of a non-shared filter (already known to be
 /// non-empty and free of U+0000).
 fn check_filter_levels(filter: &str) -> Result<(), TopicError> {
