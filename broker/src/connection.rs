@@ -1262,7 +1262,9 @@ impl Connection {
         let mut retained_filters: HashMap<&str, std::ops::Range<usize>> = HashMap::new();
         // More than the session may hold waiting would be dropped anyway.
         let limits = &self.broker.config.limits;
-        let retained_cap = limits.max_pending_retained;
+        let retained_cap = limits
+            .max_pending_retained
+            .saturating_sub(session.retained_waiting());
         // MQTT-3.8.3-4, checked before any filter is applied: the packet is
         // refused whole, not after some of its filters took effect.
         if v5
@@ -1543,15 +1545,13 @@ fn collect_retained(
         Metrics::inc(&broker.metrics.messages_dropped_queue_full);
         return;
     }
-    let mut dropped = 0u64;
-    for (_, message) in broker.retained.matching(filter) {
-        if retained.len() < cap {
-            retained.push((message, options));
-        } else {
-            dropped += 1;
-        }
-    }
-    Metrics::add(&broker.metrics.messages_dropped_queue_full, dropped);
+    // Only as many as there is room for are collected; the rest are
+    // counted as dropped.
+    let (found, beyond) = broker
+        .retained
+        .matching_at_most(filter, cap - retained.len());
+    retained.extend(found.into_iter().map(|(_, message)| (message, options)));
+    Metrics::add(&broker.metrics.messages_dropped_queue_full, beyond as u64);
 }
 
 fn deliver_retained(session: &Arc<Session>, retained: Vec<(Arc<Message>, SubscriptionOptions)>) {

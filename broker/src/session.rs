@@ -1273,6 +1273,17 @@ impl Session {
         Admission::Taken
     }
 
+    /// Retained messages waiting for room in the session's queues (at most
+    /// `limits.max_pending_retained`): a SUBSCRIBE collects no more than
+    /// the rest of that bound.
+    pub fn retained_waiting(&self) -> usize {
+        self.state
+            .lock()
+            .retained_backlog
+            .as_ref()
+            .map_or(0, |b| b.len())
+    }
+
     /// Whether `delivery` fits in the session's queues now, within their
     /// bounds: the connection's outbound bound for QoS 0, the in-flight
     /// window or the session queue for QoS 1/2.

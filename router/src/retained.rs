@@ -162,19 +162,38 @@ impl<M: Clone> RetainedStore<M> {
     /// Every retained message whose topic matches `filter` (a valid
     /// non-shared filter), with the `$` rule applied. Order unspecified.
     pub fn matching(&self, filter: &str) -> Vec<(Arc<str>, M)> {
+        self.matching_at_most(filter, usize::MAX).0
+    }
+
+    /// At most `limit` of the retained messages [`matching`](Self::matching)
+    /// `filter`, and how many more matched. Only those are cloned and
+    /// collected: a subscriber that can take only so many does not make the
+    /// store clone a million messages (an atomic each) into a vector of
+    /// tens of MB under its read lock.
+    pub fn matching_at_most(&self, filter: &str, limit: usize) -> (Vec<(Arc<str>, M)>, usize) {
         let levels: SmallVec<[&str; 16]> = filter.split('/').collect();
         let state = self.state.read();
         let mut found = Vec::new();
+        let mut beyond = 0;
+        let mut take = |node: &Node<M>| {
+            if let Some(entry) = &node.message {
+                if found.len() < limit {
+                    found.push(entry.clone());
+                } else {
+                    beyond += 1;
+                }
+            }
+        };
         let mut stack: Vec<(&Node<M>, usize)> = vec![(&state.root, 0)];
         // A wildcard first level must not enter top-level '$' topics.
         let visible = |depth: usize, key: &str| depth > 0 || !key.starts_with('$');
         while let Some((node, depth)) = stack.pop() {
             match levels.get(depth).copied() {
-                None => found.extend(node.message.iter().cloned()),
+                None => take(node),
                 Some("#") => {
                     // The parent level itself ("sport/#" matches "sport"),
                     // then the whole subtree.
-                    found.extend(node.message.iter().cloned());
+                    take(node);
                     let mut subtree: Vec<&Node<M>> = node
                         .children
                         .iter()
@@ -182,7 +201,7 @@ impl<M: Clone> RetainedStore<M> {
                         .map(|(_, child)| child)
                         .collect();
                     while let Some(node) = subtree.pop() {
-                        found.extend(node.message.iter().cloned());
+                        take(node);
                         subtree.extend(node.children.values());
                     }
                 }
@@ -199,7 +218,7 @@ impl<M: Clone> RetainedStore<M> {
                 }
             }
         }
-        found
+        (found, beyond)
     }
 
     /// Removes every entry for which `keep` returns false (e.g. expired
@@ -334,6 +353,13 @@ mod tests {
         assert!(store.matching("+/x").is_empty());
         assert_eq!(sorted(store.matching("/+")), [("/finance".to_string(), 3)]);
         assert!(store.matching("+").len() == 1);
+
+        // A bounded lookup collects up to the limit and counts the rest.
+        let (some, beyond) = store.matching_at_most("#", 1);
+        assert_eq!((some.len(), beyond), (1, 3));
+        let (all, beyond) = store.matching_at_most("#", 4);
+        assert_eq!((all.len(), beyond), (4, 0));
+        assert_eq!(store.matching_at_most("#", 0), (Vec::new(), 4));
     }
 
     #[test]
