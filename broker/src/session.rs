@@ -93,15 +93,20 @@ pub struct Delivery {
 }
 
 /// What a delivery counts for in an outbound queue (`Link::charged`): the
-/// message's bytes, the header it needs, its queue slot, and, for the
-/// delivery that claimed it, the message itself.
+/// message's bytes, its subscription identifiers beyond one, the header it
+/// needs, its queue slot, and, for the delivery that claimed it, the
+/// message itself.
 fn queued_cost(delivery: &Delivery) -> usize {
     let message = if delivery.carries_message_cost {
         crate::message::MESSAGE_COST
     } else {
         0
     };
-    delivery.message.weight() + HEADER_ALLOWANCE + std::mem::size_of::<Outbound>() + message
+    delivery.message.weight()
+        + delivery.subscription_ids.heap_bytes()
+        + HEADER_ALLOWANCE
+        + std::mem::size_of::<Outbound>()
+        + message
 }
 
 /// What became of a delivery handed to [`Session::deliver`].
@@ -2078,7 +2083,7 @@ impl Session {
 
 /// The bytes a queued delivery counts against `max_queued_bytes`.
 fn queued_size(delivery: &Delivery) -> usize {
-    delivery.message.weight()
+    delivery.message.weight() + delivery.subscription_ids.heap_bytes()
 }
 
 fn push_pending(st: &mut SessionState, delivery: Delivery) {

@@ -63,6 +63,17 @@ impl SubscriptionIds {
     pub fn to_vec(&self) -> Vec<u32> {
         self.as_slice().to_vec()
     }
+
+    /// Bytes held on the heap: none for zero or one identifier. A queue
+    /// counts them with the delivery: one SUBSCRIBE of thousands of
+    /// overlapping filters puts thousands of identifiers on every delivery
+    /// of a topic they all match.
+    pub fn heap_bytes(&self) -> usize {
+        match &self.0 {
+            Repr::None | Repr::One(_) => 0,
+            Repr::Many(ids) => std::mem::size_of::<Vec<u32>>() + ids.capacity() * 4,
+        }
+    }
 }
 
 impl FromIterator<u32> for SubscriptionIds {
@@ -92,6 +103,14 @@ mod tests {
         assert_eq!(ids.to_vec(), vec![7, 3, 268_435_455]);
         let collected: SubscriptionIds = [5, 0, 6].into_iter().collect();
         assert_eq!(collected.as_slice(), &[5, 6], "0 is not an identifier");
+    }
+
+    #[test]
+    fn many_identifiers_are_counted_by_what_they_hold() {
+        assert_eq!(SubscriptionIds::new().heap_bytes(), 0);
+        assert_eq!([1].into_iter().collect::<SubscriptionIds>().heap_bytes(), 0);
+        let many: SubscriptionIds = (1..=1000).collect();
+        assert!(many.heap_bytes() >= 4000, "{}", many.heap_bytes());
     }
 
     #[test]
