@@ -32,7 +32,8 @@ fn subscribed(n: usize) -> (Arc<Broker>, Vec<Arc<Session>>) {
         .map(|i| {
             let opened = broker
                 .registry
-                .open(&format!("s{i}"), true, None, |_| true, |_| {});
+                .open(&format!("s{i}"), true, None, |_| true, |_| {})
+                .expect("within limits.max_sessions");
             let params = AttachParams {
                 connection_id: broker.registry.next_id(),
                 protocol: ProtocolVersion::V311,

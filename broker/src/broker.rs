@@ -178,6 +178,7 @@ impl Broker {
     ) -> Arc<Broker> {
         let registry = SessionRegistry::new(
             config.limits.max_connections,
+            config.limits.max_sessions,
             SessionContext {
                 max_queued: config.limits.max_queued_messages,
                 max_queued_bytes: config.limits.max_queued_bytes,

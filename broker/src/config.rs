@@ -197,6 +197,13 @@ pub struct LimitsConfig {
     /// Connections accepted at once; one more is refused with CONNACK
     /// "server unavailable" (3.x) / "server busy" (5.0).
     pub max_connections: usize,
+    /// Sessions the broker holds, connected or not. A CONNECT that would
+    /// create one more is refused (5.0: CONNACK 0x97 quota exceeded, 3.x:
+    /// 0x03 server unavailable); resuming or replacing a session is not.
+    /// Without it, a client that connects again and again with new client
+    /// ids and a long session expiry grows memory and the store without
+    /// end.
+    pub max_sessions: usize,
     /// Largest packet accepted, in bytes, fixed header included. Larger
     /// packets close the connection (5.0: DISCONNECT 0x95).
     pub max_packet_size: u32,
@@ -322,6 +329,7 @@ impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
             max_connections: 100_000,
+            max_sessions: 1_000_000,
             max_packet_size: 1024 * 1024,
             max_inflight: 128,
             receive_maximum: 1024,
@@ -498,6 +506,9 @@ impl Config {
         }
         if l.max_subscriptions_per_client == 0 {
             return invalid("limits.max_subscriptions_per_client", "must be at least 1");
+        }
+        if l.max_sessions == 0 {
+            return invalid("limits.max_sessions", "must be at least 1");
         }
         if l.max_topic_levels == 0 {
             return invalid("limits.max_topic_levels", "must be at least 1");

@@ -329,8 +329,17 @@ where
                 return None;
             }
         }
-        let (conn, connack) =
-            Connection::accept(broker, &rules, *connect, permit.id, authenticated);
+        let accepted = Connection::accept(broker, &rules, *connect, permit.id, authenticated);
+        let (conn, connack) = match accepted {
+            Ok(accepted) => accepted,
+            Err(connect) => {
+                // A new session beyond `limits.max_sessions`.
+                Metrics::inc(&broker.metrics.connections_refused);
+                let failure = HandshakeFailure::Refused(ReasonCode::QuotaExceeded);
+                refuse(broker, writer, peer, Some(&connect), failure).await;
+                return None;
+            }
+        };
         (conn, connack, login, rules)
     };
     let protocol = conn.protocol;
@@ -552,14 +561,16 @@ fn may_resume(broker: &Broker, session: &Arc<Session>, acl: &ClientAcl) -> bool 
 }
 
 impl Connection {
-    /// Opens (or resumes) the session and prepares the CONNACK.
+    /// Opens (or resumes) the session and prepares the CONNACK. Gives the
+    /// CONNECT back when the client would need a new session and the broker
+    /// holds `limits.max_sessions`.
     fn accept(
         broker: &Arc<Broker>,
         rules: &AuthRules,
         connect: Connect,
         connection_id: u64,
         authenticated: Authenticated,
-    ) -> (Connection, ConnAck) {
+    ) -> Result<(Connection, ConnAck), Box<Connect>> {
         let limits = &broker.config.limits;
         let protocol = connect.protocol;
         let v5 = protocol.is_v5();
@@ -623,13 +634,15 @@ impl Connection {
                 .router
                 .remove_subscriber(&SessionRef(Arc::clone(old)));
         };
-        let opened = broker.registry.open(
+        let Ok(opened) = broker.registry.open(
             &client_id,
             connect.clean_start,
             denied,
             resumable,
             on_replace,
-        );
+        ) else {
+            return Err(Box::new(connect));
+        };
         if let Some((old, Some(pending))) = &opened.replaced {
             broker.publish_will(&pending.will, old);
         }
@@ -691,7 +704,7 @@ impl Connection {
             code: ReasonCode::Success,
             properties: props,
         };
-        (connection, connack)
+        Ok((connection, connack))
     }
 
     /// Attaches this connection to its session. From then on, dropping the

@@ -42,6 +42,9 @@ pub struct SessionRegistry {
     sessions: Mutex<HashMap<Arc<str>, Arc<Session>>>,
     connections: Arc<AtomicUsize>,
     max_connections: usize,
+    /// `limits.max_sessions`: a client id without a session gets none once
+    /// the registry holds this many.
+    max_sessions: usize,
     next_id: AtomicU64,
     context: Arc<SessionContext>,
     metrics: Arc<Metrics>,
@@ -51,6 +54,12 @@ pub struct SessionRegistry {
     /// none waits (nearly always) does not touch the `Notify`'s lock.
     takeovers_waiting: AtomicUsize,
 }
+
+/// [`SessionRegistry::open`] found `limits.max_sessions` sessions and none
+/// for the client id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("limits.max_sessions reached")]
+pub struct SessionLimitReached;
 
 /// Proof that a connection is counted. Dropping it uncounts the connection.
 #[derive(Debug)]
@@ -83,11 +92,12 @@ pub struct Opened {
 
 impl SessionRegistry {
     /// An empty registry.
-    pub fn new(max_connections: usize, context: SessionContext) -> Self {
+    pub fn new(max_connections: usize, max_sessions: usize, context: SessionContext) -> Self {
         SessionRegistry {
             sessions: Mutex::new(HashMap::new()),
             connections: Arc::new(AtomicUsize::new(0)),
             max_connections,
+            max_sessions,
             next_id: AtomicU64::new(1),
             metrics: Arc::clone(&context.metrics),
             context: Arc::new(context),
@@ -190,7 +200,8 @@ impl SessionRegistry {
     /// its subscriptions cannot race with a new session subscribing under
     /// the same id). `denied` is what a new session's client may not
     /// receive (a resumed one has it already: it is resumed only by the
-    /// user it was made for).
+    /// user it was made for). Fails when the client id has no session and
+    /// the registry holds `limits.max_sessions` already.
     pub fn open(
         &self,
         client_id: &str,
@@ -198,29 +209,44 @@ impl SessionRegistry {
         denied: Option<Box<DeniedTopics>>,
         resumable: impl FnOnce(&Arc<Session>) -> bool,
         on_replace: impl FnOnce(&Arc<Session>),
-    ) -> Opened {
+    ) -> Result<Opened, SessionLimitReached> {
         let mut sessions = self.sessions.lock();
-        if let Some(existing) = sessions.get(client_id) {
-            if existing.is_online() {
-                Metrics::inc(&self.metrics.session_takeovers);
-                existing.kick(ReasonCode::SessionTakenOver);
+        let Some(existing) = sessions.get(client_id) else {
+            if sessions.len() >= self.max_sessions {
+                return Err(SessionLimitReached);
             }
-            // A session with expiry 0 lasts only as long as its connection
-            // (MQTT-3.1.2-6; MQTT 5 3.1.4): a takeover ends it, even when the
-            // new connection asks to resume.
-            if !clean_start
-                && !existing.is_ended()
-                && existing.expiry_interval() != 0
-                && resumable(existing)
-            {
-                existing.reserve();
-                return Opened {
-                    session: Arc::clone(existing),
-                    session_present: true,
-                    replaced: None,
-                };
-            }
+            return Ok(self.insert_new(&mut sessions, client_id, denied, on_replace));
+        };
+        if existing.is_online() {
+            Metrics::inc(&self.metrics.session_takeovers);
+            existing.kick(ReasonCode::SessionTakenOver);
         }
+        // A session with expiry 0 lasts only as long as its connection
+        // (MQTT-3.1.2-6; MQTT 5 3.1.4): a takeover ends it, even when the
+        // new connection asks to resume.
+        if !clean_start
+            && !existing.is_ended()
+            && existing.expiry_interval() != 0
+            && resumable(existing)
+        {
+            existing.reserve();
+            return Ok(Opened {
+                session: Arc::clone(existing),
+                session_present: true,
+                replaced: None,
+            });
+        }
+        Ok(self.insert_new(&mut sessions, client_id, denied, on_replace))
+    }
+
+    /// A new session for `client_id`, replacing (and ending) the one it had.
+    fn insert_new(
+        &self,
+        sessions: &mut HashMap<Arc<str>, Arc<Session>>,
+        client_id: &str,
+        denied: Option<Box<DeniedTopics>>,
+        on_replace: impl FnOnce(&Arc<Session>),
+    ) -> Opened {
         let client_id: Arc<str> = Arc::from(client_id);
         let session = Arc::new(Session::new(
             self.next_id(),

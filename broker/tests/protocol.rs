@@ -862,6 +862,34 @@ async fn v5_zero_session_expiry_sends_will_at_disconnect_despite_delay() {
 }
 
 #[tokio::test]
+async fn a_new_session_beyond_max_sessions_is_refused_and_resuming_is_not() {
+    // Offline sessions count: a client that connects again and again with
+    // new client ids would otherwise grow the broker without end.
+    let server = start(|c| c.limits.max_sessions = 2).await;
+    let (_a, ack) = RawClient::connect(addr(&server), persistent_connect("a", 60)).await;
+    assert_eq!(ack.code, ReasonCode::Success);
+    let (b, ack) = RawClient::connect(addr(&server), persistent_connect("b", 60)).await;
+    assert_eq!(ack.code, ReasonCode::Success);
+    drop(b);
+    eventually("b offline", || {
+        !server.broker().registry.get("b").unwrap().is_online()
+    })
+    .await;
+
+    let (mut c, ack) = RawClient::connect(addr(&server), persistent_connect("c", 60)).await;
+    assert_eq!(ack.code, ReasonCode::QuotaExceeded);
+    assert!(c.expect_closed().await.is_empty());
+    let (_c3, ack) = RawClient::connect(addr(&server), connect_packet("c3", V311)).await;
+    assert_eq!(ack.code, ReasonCode::ServerUnavailable, "3.x: 0x03");
+    assert_eq!(server.broker().registry.session_count(), 2);
+
+    let (_b, ack) = RawClient::connect(addr(&server), persistent_connect("b", 60)).await;
+    assert_eq!(ack.code, ReasonCode::Success);
+    assert!(ack.session_present, "resuming is not limited");
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn max_connections_refuses_with_connack() {
     let server = start(|c| c.limits.max_connections = 1).await;
     let _first = RawClient::connected(addr(&server), "one", V5).await;

@@ -323,7 +323,8 @@ pub fn attached_subscriber(
     use std::sync::Arc;
     let opened = broker
         .registry
-        .open(client_id, true, None, |_| true, |_| {});
+        .open(client_id, true, None, |_| true, |_| {})
+        .expect("within limits.max_sessions");
     let connection_id = broker.registry.next_id();
     opened
         .session
