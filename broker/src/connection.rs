@@ -1288,19 +1288,24 @@ impl Connection {
         {
             return Err(self.protocol_error("No Local on a shared subscription"));
         }
+        // A refused filter's SUBACK code: MQTT 3.x has only 0x80.
+        let refused = |code| {
+            if v5 {
+                code
+            } else {
+                ReasonCode::UnspecifiedError
+            }
+        };
         let mut held = self.broker.router.subscription_count_of(&subscriber);
         let mut over_quota = 0usize;
         for request in &subscribe.filters {
             let filter = request.filter_str();
-            let shared = parse_shared(filter).is_some();
-            let acl_filter = parse_shared(filter).map_or(filter, |(_, f)| f);
+            let parsed = parse_shared(filter);
+            let shared = parsed.is_some();
+            let acl_filter = parsed.map_or(filter, |(_, f)| f);
             if limits.too_many_levels(acl_filter) {
                 Metrics::inc(&self.broker.metrics.subscriptions_refused);
-                codes.push(if v5 {
-                    ReasonCode::TopicFilterInvalid
-                } else {
-                    ReasonCode::UnspecifiedError
-                });
+                codes.push(refused(ReasonCode::TopicFilterInvalid));
                 continue;
             }
             if self.acl.as_deref().is_some_and(|acl| {
@@ -1308,11 +1313,7 @@ impl Connection {
             }) {
                 Metrics::inc(&self.broker.metrics.subscriptions_denied);
                 tracing::debug!(client_id = %session.client_id, filter, "subscription denied by the ACL");
-                codes.push(if v5 {
-                    ReasonCode::NotAuthorized
-                } else {
-                    ReasonCode::UnspecifiedError
-                });
+                codes.push(refused(ReasonCode::NotAuthorized));
                 continue;
             }
             if held >= limits.max_subscriptions_per_client
@@ -1321,11 +1322,7 @@ impl Connection {
             {
                 over_quota += 1;
                 Metrics::inc(&self.broker.metrics.subscriptions_refused);
-                codes.push(if v5 {
-                    ReasonCode::QuotaExceeded
-                } else {
-                    ReasonCode::UnspecifiedError
-                });
+                codes.push(refused(ReasonCode::QuotaExceeded));
                 continue;
             }
             let options = SubscriptionOptions {
@@ -1377,11 +1374,7 @@ impl Connection {
                 Err(e) => {
                     Metrics::inc(&self.broker.metrics.subscriptions_refused);
                     tracing::debug!(client_id = %session.client_id, filter, error = %e, "subscription refused");
-                    codes.push(if v5 {
-                        ReasonCode::TopicFilterInvalid
-                    } else {
-                        ReasonCode::UnspecifiedError
-                    });
+                    codes.push(refused(ReasonCode::TopicFilterInvalid));
                 }
             }
         }

@@ -1852,20 +1852,9 @@ impl Session {
     /// flow was written. Called from that batch's completion, the removal
     /// is submitted after it.
     pub fn abandon_incoming_qos2(&self, packet_id: u16) {
+        // What a PUBREL does, with nobody to answer.
         let mut journal = Journal::new();
-        {
-            let mut st = self.state.lock();
-            let open = st
-                .incoming_qos2
-                .as_mut()
-                .is_some_and(|flows| flows.release(packet_id));
-            if open && st.durable {
-                journal.push(Op::RemoveIncomingQos2 {
-                    client_id: Arc::clone(&self.client_id),
-                    packet_id,
-                });
-            }
-        }
+        self.pubrel(packet_id, &mut journal);
         self.commit(journal);
     }
 

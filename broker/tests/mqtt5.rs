@@ -325,14 +325,7 @@ async fn retain_handling_options() {
 #[tokio::test]
 async fn message_expiry_while_queued_and_when_retained() {
     let server = start(|_| {}).await;
-    let connect = persistent_connect("offline", 60);
-    let (mut s, _) = RawClient::connect(addr(&server), connect.clone()).await;
-    s.subscribe("exp/#", QoS::AtLeastOnce).await;
-    drop(s);
-    eventually("offline", || {
-        !server.broker().registry.get("offline").unwrap().is_online()
-    })
-    .await;
+    offline_subscriber(&server, "offline", "exp/#", QoS::AtLeastOnce).await;
     let mut p = RawClient::connected(addr(&server), "p", V5).await;
     let short = PublishProperties {
         message_expiry_interval: Some(1),
@@ -372,7 +365,7 @@ async fn message_expiry_while_queued_and_when_retained() {
     ))
     .await;
     tokio::time::sleep(Duration::from_millis(1300)).await;
-    let (mut s, ack) = RawClient::connect(addr(&server), connect).await;
+    let (mut s, ack) = RawClient::connect(addr(&server), persistent_connect("offline", 60)).await;
     assert!(ack.session_present);
     let got = s.recv_publish().await;
     assert_eq!(
@@ -401,14 +394,7 @@ async fn message_expiry_while_queued_and_when_retained() {
 #[tokio::test]
 async fn a_message_expiry_interval_of_0_reaches_connected_subscribers_only() {
     let server = start(|_| {}).await;
-    let connect = persistent_connect("away", 60);
-    let (mut s, _) = RawClient::connect(addr(&server), connect.clone()).await;
-    s.subscribe("now/#", QoS::AtLeastOnce).await;
-    drop(s);
-    eventually("offline", || {
-        !server.broker().registry.get("away").unwrap().is_online()
-    })
-    .await;
+    offline_subscriber(&server, "away", "now/#", QoS::AtLeastOnce).await;
     let mut here = RawClient::connected(addr(&server), "here", V5).await;
     here.subscribe("now/#", QoS::AtLeastOnce).await;
 
@@ -445,7 +431,7 @@ async fn a_message_expiry_interval_of_0_reaches_connected_subscribers_only() {
         }
     }
 
-    let (mut s, ack) = RawClient::connect(addr(&server), connect).await;
+    let (mut s, ack) = RawClient::connect(addr(&server), persistent_connect("away", 60)).await;
     assert!(ack.session_present);
     s.expect_silence(Duration::from_millis(200)).await;
     let mut late = RawClient::connected(addr(&server), "late", V5).await;

@@ -12,7 +12,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{addr, persistent_connect, publish_packet, RawClient};
+use common::{addr, offline_subscriber, persistent_connect, publish_packet, RawClient};
 use tern::{Config, Server};
 use tern_codec::{Packet, ProtocolVersion, PubAck, QoS, ReasonCode};
 use tern_storage::{FailingStore, MemoryStore, Store};
@@ -32,16 +32,32 @@ async fn start_on(store: Arc<dyn Store>) -> Server {
         .expect("broker starts")
 }
 
-/// An offline durable session subscribed to `filter`.
-async fn offline_subscriber(server: &Server, client_id: &str, filter: &str, qos: QoS) {
-    let (mut c, ack) = RawClient::connect(addr(server), persistent_connect(client_id, 3600)).await;
-    assert_eq!(ack.code, ReasonCode::Success);
-    assert_eq!(
-        c.subscribe(filter, qos).await,
-        vec![ReasonCode::granted(qos)]
-    );
-    c.send(Packet::Disconnect(Default::default())).await;
-    c.expect_closed().await;
+/// A broker over a `FailingStore`, its writer holding a queue entry's
+/// insertion for its deletion for `hold` (`None`: the default).
+async fn start_failing(hold: Option<Duration>) -> (Arc<FailingStore<MemoryStore>>, Server) {
+    let store = Arc::new(FailingStore::new(MemoryStore::new()));
+    let shared = Arc::clone(&store) as Arc<dyn Store>;
+    let server = match hold {
+        Some(hold) => start_holding(shared, hold).await,
+        None => start_on(shared).await,
+    };
+    (store, server)
+}
+
+/// `publish` (a PUBLISH) as a client sends it again: DUP set.
+fn sent_again(mut publish: Packet) -> Packet {
+    if let Packet::Publish(p) = &mut publish {
+        p.dup = true;
+    }
+    publish
+}
+
+/// `publish` (a PUBLISH) with RETAIN set.
+fn retained(mut publish: Packet) -> Packet {
+    if let Packet::Publish(p) = &mut publish {
+        p.retain = true;
+    }
+    publish
 }
 
 async fn expect_ack(c: &mut RawClient) -> Packet {
@@ -50,15 +66,10 @@ async fn expect_ack(c: &mut RawClient) -> Packet {
 
 #[tokio::test]
 async fn a_full_disk_is_reported_and_nothing_is_acknowledged_as_stored() {
-    let store = Arc::new(FailingStore::new(MemoryStore::new()));
-    let server = start_on(Arc::clone(&store) as Arc<dyn Store>).await;
+    let (store, server) = start_failing(None).await;
     offline_subscriber(&server, "keeper", "t/#", QoS::AtLeastOnce).await;
 
-    let (mut v5, _) = RawClient::connect(
-        addr(&server),
-        common::connect_packet("pub5", ProtocolVersion::V5),
-    )
-    .await;
+    let mut v5 = RawClient::connected(addr(&server), "pub5", ProtocolVersion::V5).await;
     v5.send(publish_packet("t/1", b"one", QoS::AtLeastOnce, Some(1)))
         .await;
     assert!(
@@ -94,10 +105,12 @@ async fn a_full_disk_is_reported_and_nothing_is_acknowledged_as_stored() {
 
     // A retained message is stored in a journal of its own, ahead of the
     // publisher's: its failure is reported all the same.
-    let mut retained = publish_packet("elsewhere", b"kept", QoS::AtLeastOnce, Some(6));
-    if let Packet::Publish(p) = &mut retained {
-        p.retain = true;
-    }
+    let retained = retained(publish_packet(
+        "elsewhere",
+        b"kept",
+        QoS::AtLeastOnce,
+        Some(6),
+    ));
     v5.send(retained).await;
     match expect_ack(&mut v5).await {
         Packet::PubAck(a) => {
@@ -108,11 +121,7 @@ async fn a_full_disk_is_reported_and_nothing_is_acknowledged_as_stored() {
 
     // MQTT 3.1.1 has no error code in PUBACK: the connection is closed
     // without one, so the client sends the message again later.
-    let (mut v3, _) = RawClient::connect(
-        addr(&server),
-        common::connect_packet("pub3", ProtocolVersion::V311),
-    )
-    .await;
+    let mut v3 = RawClient::connected(addr(&server), "pub3", ProtocolVersion::V311).await;
     v3.send(publish_packet("t/4", b"four", QoS::AtLeastOnce, Some(9)))
         .await;
     let seen = v3.expect_closed().await;
@@ -178,10 +187,12 @@ async fn a_restarted_broker_resumes_sessions_queues_and_retained_messages() {
             .publish("q/a", format!("m{i}").as_bytes(), qos, 100 + i)
             .await;
     }
-    let mut retained = publish_packet("ret/x", b"kept", QoS::AtLeastOnce, Some(200));
-    if let Packet::Publish(p) = &mut retained {
-        p.retain = true;
-    }
+    let retained = retained(publish_packet(
+        "ret/x",
+        b"kept",
+        QoS::AtLeastOnce,
+        Some(200),
+    ));
     publisher.send(retained).await;
     assert!(matches!(
         expect_ack(&mut publisher).await,
@@ -201,10 +212,7 @@ async fn a_restarted_broker_resumes_sessions_queues_and_retained_messages() {
     let (mut publisher, ack) =
         RawClient::connect(addr(&server), persistent_connect("writer", 3600)).await;
     assert!(ack.session_present);
-    let mut again = publish_packet("q/b", b"once", QoS::ExactlyOnce, Some(7));
-    if let Packet::Publish(p) = &mut again {
-        p.dup = true;
-    }
+    let again = sent_again(publish_packet("q/b", b"once", QoS::ExactlyOnce, Some(7)));
     publisher.send(again).await;
     assert!(matches!(expect_ack(&mut publisher).await, Packet::PubRec(a) if a.packet_id == 7));
     publisher.send(Packet::PubRel(PubAck::new(7))).await;
@@ -233,11 +241,7 @@ async fn a_restarted_broker_resumes_sessions_queues_and_retained_messages() {
     assert_eq!(got, ["m0", "m1", "m2", "m3", "m4", "once"]);
 
     // Retained messages came back too.
-    let (mut fresh, _) = RawClient::connect(
-        addr(&server),
-        common::connect_packet("fresh", ProtocolVersion::V5),
-    )
-    .await;
+    let mut fresh = RawClient::connected(addr(&server), "fresh", ProtocolVersion::V5).await;
     fresh
         .send(common::subscribe_packet(1, "ret/#", QoS::AtMostOnce))
         .await;
@@ -256,11 +260,7 @@ async fn unfinished_outgoing_flows_resume_after_a_restart() {
     let server = start_on(Arc::clone(&store)).await;
     let (mut reader, _) = RawClient::connect(addr(&server), persistent_connect("r", 3600)).await;
     reader.subscribe("f/#", QoS::ExactlyOnce).await;
-    let (mut publisher, _) = RawClient::connect(
-        addr(&server),
-        common::connect_packet("p", ProtocolVersion::V5),
-    )
-    .await;
+    let mut publisher = RawClient::connected(addr(&server), "p", ProtocolVersion::V5).await;
     publisher.publish("f/1", b"two", QoS::ExactlyOnce, 1).await;
     publisher.publish("f/2", b"one", QoS::AtLeastOnce, 2).await;
 
@@ -324,19 +324,10 @@ async fn online_subscriber(server: &Server, client_id: &str, filter: &str) -> Ra
 
 #[tokio::test]
 async fn a_delivery_acknowledged_before_it_is_written_never_reaches_the_disk() {
-    let store = Arc::new(FailingStore::new(MemoryStore::new()));
     // A hold far longer than the test: the PUBACK can only come early.
-    let server = start_holding(
-        Arc::clone(&store) as Arc<dyn Store>,
-        Duration::from_secs(60),
-    )
-    .await;
+    let (store, server) = start_failing(Some(Duration::from_secs(60))).await;
     let mut sub = online_subscriber(&server, "online", "n/#").await;
-    let (mut publisher, _) = RawClient::connect(
-        addr(&server),
-        common::connect_packet("pub", ProtocolVersion::V5),
-    )
-    .await;
+    let mut publisher = RawClient::connected(addr(&server), "pub", ProtocolVersion::V5).await;
     let (applies, syncs) = (store.applies(), store.syncs());
 
     publisher
@@ -366,18 +357,9 @@ async fn a_delivery_acknowledged_before_it_is_written_never_reaches_the_disk() {
 
 #[tokio::test]
 async fn a_delivery_not_acknowledged_within_the_hold_is_stored_before_the_puback() {
-    let store = Arc::new(FailingStore::new(MemoryStore::new()));
-    let server = start_holding(
-        Arc::clone(&store) as Arc<dyn Store>,
-        Duration::from_millis(100),
-    )
-    .await;
+    let (store, server) = start_failing(Some(Duration::from_millis(100))).await;
     let mut sub = online_subscriber(&server, "slow", "s/#").await;
-    let (mut publisher, _) = RawClient::connect(
-        addr(&server),
-        common::connect_packet("pub", ProtocolVersion::V5),
-    )
-    .await;
+    let mut publisher = RawClient::connected(addr(&server), "pub", ProtocolVersion::V5).await;
     publisher
         .send(publish_packet("s/1", b"one", QoS::AtLeastOnce, Some(1)))
         .await;
@@ -411,11 +393,7 @@ async fn a_restart_leaves_queued_messages_in_the_store_until_the_client_drains_t
     let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
     let server = start_on(Arc::clone(&store)).await;
     offline_subscriber(&server, "big", "b/#", QoS::AtLeastOnce).await;
-    let (mut publisher, _) = RawClient::connect(
-        addr(&server),
-        common::connect_packet("pub", ProtocolVersion::V311),
-    )
-    .await;
+    let mut publisher = RawClient::connected(addr(&server), "pub", ProtocolVersion::V311).await;
     for i in 0..STORED {
         publisher
             .publish(
@@ -438,11 +416,7 @@ async fn a_restart_leaves_queued_messages_in_the_store_until_the_client_drains_t
     );
     assert_eq!(session.queued_len(), (STORED, 0));
     // Queued after the restart: behind the stored ones.
-    let (mut publisher, _) = RawClient::connect(
-        addr(&server),
-        common::connect_packet("pub", ProtocolVersion::V311),
-    )
-    .await;
+    let mut publisher = RawClient::connected(addr(&server), "pub", ProtocolVersion::V311).await;
     for i in 0..5u16 {
         publisher
             .publish("b/x", format!("n{i}").as_bytes(), QoS::AtLeastOnce, 1 + i)
@@ -592,8 +566,7 @@ async fn a_pubcomp_leaves_only_once_the_end_of_the_flow_is_stored() {
     // message. Were the flow still open in the store, a crash would bring
     // it back, and that new message would be taken for a retransmission
     // and dropped.
-    let store = Arc::new(FailingStore::new(MemoryStore::new()));
-    let server = start_on(Arc::clone(&store) as Arc<dyn Store>).await;
+    let (store, server) = start_failing(None).await;
     let (mut publisher, _) =
         RawClient::connect(addr(&server), persistent_connect("closer", 3600)).await;
     open_qos2_flow(&mut publisher, "x/1", b"one", 7).await;
@@ -614,8 +587,7 @@ async fn a_pubcomp_leaves_only_once_the_end_of_the_flow_is_stored() {
 
 #[tokio::test]
 async fn a_qos2_publish_the_store_refused_is_stored_when_sent_again() {
-    let store = Arc::new(FailingStore::new(MemoryStore::new()));
-    let server = start_on(Arc::clone(&store) as Arc<dyn Store>).await;
+    let (store, server) = start_failing(None).await;
     offline_subscriber(&server, "keeper", "t/#", QoS::ExactlyOnce).await;
     let (mut v5, _) = RawClient::connect(addr(&server), persistent_connect("pub5", 3600)).await;
     let mut v3_connect = common::connect_packet("pub3", ProtocolVersion::V311);
@@ -658,10 +630,7 @@ async fn a_qos2_publish_the_store_refused_is_stored_when_sent_again() {
     open_qos2_flow(&mut v5, "t/a", b"reused", 3).await;
     let (mut v3, ack) = RawClient::connect(addr(&server), v3_connect).await;
     assert!(ack.session_present);
-    let mut again = publish_packet("t/b", b"b", QoS::ExactlyOnce, Some(4));
-    if let Packet::Publish(p) = &mut again {
-        p.dup = true;
-    }
+    let again = sent_again(publish_packet("t/b", b"b", QoS::ExactlyOnce, Some(4)));
     v3.send(again).await;
     assert!(matches!(expect_ack(&mut v3).await, Packet::PubRec(a) if a.packet_id == 4));
     drop((v5, v3));
@@ -675,8 +644,7 @@ async fn a_qos2_publish_the_store_refused_is_stored_when_sent_again() {
 
 #[tokio::test]
 async fn a_qos2_publish_sent_again_on_a_new_connection_waits_for_the_first_copy() {
-    let store = Arc::new(FailingStore::new(MemoryStore::new()));
-    let server = start_on(Arc::clone(&store) as Arc<dyn Store>).await;
+    let (store, server) = start_failing(None).await;
     offline_subscriber(&server, "keeper", "t/#", QoS::ExactlyOnce).await;
     let (mut publisher, _) =
         RawClient::connect(addr(&server), persistent_connect("resender", 3600)).await;
@@ -693,10 +661,7 @@ async fn a_qos2_publish_sent_again_on_a_new_connection_waits_for_the_first_copy(
     let (mut publisher, ack) =
         RawClient::connect(addr(&server), persistent_connect("resender", 3600)).await;
     assert!(ack.session_present);
-    let mut again = publish_packet("t/1", b"once", QoS::ExactlyOnce, Some(9));
-    if let Packet::Publish(p) = &mut again {
-        p.dup = true;
-    }
+    let again = sent_again(publish_packet("t/1", b"once", QoS::ExactlyOnce, Some(9)));
     publisher.send(again).await;
     let early = publisher.recv_within(Duration::from_millis(300)).await;
     store.stall(false);
@@ -713,8 +678,7 @@ async fn a_qos2_publish_sent_again_on_a_new_connection_waits_for_the_first_copy(
 
 #[tokio::test]
 async fn a_qos2_publish_sent_again_is_refused_when_the_first_copy_was() {
-    let store = Arc::new(FailingStore::new(MemoryStore::new()));
-    let server = start_on(Arc::clone(&store) as Arc<dyn Store>).await;
+    let (store, server) = start_failing(None).await;
     offline_subscriber(&server, "keeper", "t/#", QoS::ExactlyOnce).await;
     let (mut publisher, _) =
         RawClient::connect(addr(&server), persistent_connect("unlucky", 3600)).await;
@@ -731,10 +695,7 @@ async fn a_qos2_publish_sent_again_is_refused_when_the_first_copy_was() {
     drop(publisher);
     let (mut publisher, _) =
         RawClient::connect(addr(&server), persistent_connect("unlucky", 3600)).await;
-    let mut again = publish_packet("t/1", b"lost", QoS::ExactlyOnce, Some(9));
-    if let Packet::Publish(p) = &mut again {
-        p.dup = true;
-    }
+    let again = sent_again(publish_packet("t/1", b"lost", QoS::ExactlyOnce, Some(9)));
     publisher.send(again).await;
     publisher.expect_silence(Duration::from_millis(100)).await;
     store.stall(false);
@@ -757,19 +718,10 @@ async fn a_shared_delivery_moved_to_another_member_is_stored_before_the_puback()
     // before one of the two entries is durable: moving the delivery may
     // not cancel the first entry while the writer still holds it (for its
     // deletion) and leave the second one waiting.
-    let store = Arc::new(FailingStore::new(MemoryStore::new()));
-    let server = start_holding(
-        Arc::clone(&store) as Arc<dyn Store>,
-        Duration::from_millis(800),
-    )
-    .await;
+    let (store, server) = start_failing(Some(Duration::from_millis(800))).await;
     let mut first = online_subscriber(&server, "first", "$share/g/jobs").await;
     let mut second = online_subscriber(&server, "second", "$share/g/jobs").await;
-    let (mut publisher, _) = RawClient::connect(
-        addr(&server),
-        common::connect_packet("pub", ProtocolVersion::V5),
-    )
-    .await;
+    let mut publisher = RawClient::connected(addr(&server), "pub", ProtocolVersion::V5).await;
     publisher
         .send(publish_packet("jobs", b"job", QoS::AtLeastOnce, Some(1)))
         .await;
@@ -826,11 +778,7 @@ async fn the_store_keeps_the_retained_message_memory_has_whatever_order_publishe
     server.shutdown().await;
 
     let server = start_on(Arc::clone(&store)).await;
-    let (mut fresh, _) = RawClient::connect(
-        addr(&server),
-        common::connect_packet("fresh", ProtocolVersion::V5),
-    )
-    .await;
+    let mut fresh = RawClient::connected(addr(&server), "fresh", ProtocolVersion::V5).await;
     fresh
         .send(common::subscribe_packet(1, "state/#", QoS::AtMostOnce))
         .await;
@@ -844,8 +792,7 @@ async fn a_durable_session_whose_record_cannot_be_stored_is_disconnected() {
     // Whatever the connection went on to have acknowledged would belong to
     // a session a restart does not know: it is closed instead, and its
     // record is written when the client is back and the disk has room.
-    let store = Arc::new(FailingStore::new(MemoryStore::new()));
-    let server = start_on(Arc::clone(&store) as Arc<dyn Store>).await;
+    let (store, server) = start_failing(None).await;
     store.disk_full(true);
     let (mut c, ack) =
         RawClient::connect(addr(&server), persistent_connect("unstored", 3600)).await;
@@ -881,10 +828,7 @@ async fn a_qos2_flow_refused_for_its_retained_copy_is_not_left_open_in_the_store
     settle(&server).await;
 
     store.fail_next_applies(1);
-    let mut state = publish_packet("state/x", b"on", QoS::ExactlyOnce, Some(5));
-    if let Packet::Publish(p) = &mut state {
-        p.retain = true;
-    }
+    let state = retained(publish_packet("state/x", b"on", QoS::ExactlyOnce, Some(5)));
     publisher.send(state).await;
     match expect_ack(&mut publisher).await {
         Packet::PubRec(a) => assert_eq!(
@@ -905,19 +849,10 @@ async fn a_moved_shared_delivery_never_deletes_an_entry_of_the_next_session() {
     // (DISCONNECT with expiry 0) and its client came back with a new
     // session, whose entries count from 1 again, that deletion must not be
     // sent: it would remove the new session's first entry.
-    let store = Arc::new(FailingStore::new(MemoryStore::new()));
-    let server = start_holding(
-        Arc::clone(&store) as Arc<dyn Store>,
-        Duration::from_millis(200),
-    )
-    .await;
+    let (store, server) = start_failing(Some(Duration::from_millis(200))).await;
     let mut first = online_subscriber(&server, "first", "$share/g/jobs").await;
     let _second = online_subscriber(&server, "second", "$share/g/jobs").await;
-    let (mut publisher, _) = RawClient::connect(
-        addr(&server),
-        common::connect_packet("pub", ProtocolVersion::V5),
-    )
-    .await;
+    let mut publisher = RawClient::connected(addr(&server), "pub", ProtocolVersion::V5).await;
     publisher
         .send(publish_packet("jobs", b"job", QoS::AtLeastOnce, Some(1)))
         .await;

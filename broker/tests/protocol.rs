@@ -244,14 +244,28 @@ async fn will_not_published_after_normal_disconnect() {
 
 /// A connection of `id` with a QoS 0 will on `wills/{id}`.
 fn connect_with_will(id: &str, protocol: ProtocolVersion) -> tern_codec::Connect {
-    let mut connect = connect_packet(id, protocol);
+    with_will(connect_packet(id, protocol))
+}
+
+/// `connect` with a QoS 0 will ("bye") on `wills/{client id}`.
+fn with_will(mut connect: tern_codec::Connect) -> tern_codec::Connect {
     connect.will = Some(Will {
-        topic: Bytes::from(format!("wills/{id}")),
+        topic: Bytes::from(format!("wills/{}", connect.client_id_str())),
         payload: Bytes::from_static(b"bye"),
         qos: QoS::AtMostOnce,
         retain: false,
         properties: WillProperties::default(),
     });
+    connect
+}
+
+/// [`with_will`], the will published `delay` seconds after the connection
+/// is lost.
+fn with_delayed_will(connect: tern_codec::Connect, delay: u32) -> tern_codec::Connect {
+    let mut connect = with_will(connect);
+    if let Some(will) = &mut connect.will {
+        will.properties.will_delay_interval = Some(delay);
+    }
     connect
 }
 
@@ -774,17 +788,7 @@ async fn v5_will_delay_cancelled_by_reconnect() {
     let server = start(|_| {}).await;
     let mut watcher = RawClient::connected(addr(&server), "watcher", V5).await;
     watcher.subscribe("wills/#", QoS::AtMostOnce).await;
-    let mut connect = persistent_connect("flaky", 60);
-    connect.will = Some(Will {
-        topic: Bytes::from_static(b"wills/flaky"),
-        payload: Bytes::from_static(b"gone"),
-        qos: QoS::AtMostOnce,
-        retain: false,
-        properties: WillProperties {
-            will_delay_interval: Some(1),
-            ..Default::default()
-        },
-    });
+    let connect = with_delayed_will(persistent_connect("flaky", 60), 1);
     let (c, _) = RawClient::connect(addr(&server), connect.clone()).await;
     drop(c);
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -794,7 +798,7 @@ async fn v5_will_delay_cancelled_by_reconnect() {
     // Now go away for longer than the delay: the will fires.
     drop(c);
     let will = watcher.recv_publish().await;
-    assert_eq!(&will.payload[..], b"gone");
+    assert_eq!(&will.payload[..], b"bye");
     server.shutdown().await;
 }
 
@@ -807,17 +811,7 @@ async fn v5_delayed_will_goes_when_a_clean_start_takeover_ends_the_session() {
     let server = start(|c| c.limits.max_inflight = UNREAD_BACKLOG).await;
     let mut watcher = RawClient::connected(addr(&server), "watcher", V5).await;
     watcher.subscribe("wills/#", QoS::AtMostOnce).await;
-    let mut connect = persistent_connect("replaced", 60);
-    connect.will = Some(Will {
-        topic: Bytes::from_static(b"wills/replaced"),
-        payload: Bytes::from_static(b"gone"),
-        qos: QoS::AtMostOnce,
-        retain: false,
-        properties: WillProperties {
-            will_delay_interval: Some(30),
-            ..Default::default()
-        },
-    });
+    let connect = with_delayed_will(persistent_connect("replaced", 60), 30);
     let (mut old, _) = RawClient::connect(addr(&server), connect.clone()).await;
     old.subscribe("feed", QoS::AtLeastOnce).await;
     publish_unread_backlog(&server, "feed").await;
@@ -828,7 +822,7 @@ async fn v5_delayed_will_goes_when_a_clean_start_takeover_ends_the_session() {
     let (_new, ack) = RawClient::connect(addr(&server), fresh).await;
     assert!(!ack.session_present);
     match watcher.recv_within(Duration::from_secs(5)).await {
-        Ok(Some(Packet::Publish(p))) => assert_eq!(&p.payload[..], b"gone"),
+        Ok(Some(Packet::Publish(p))) => assert_eq!(&p.payload[..], b"bye"),
         other => panic!("expected the will long before its delay, got {other:?}"),
     }
     drop(old);
@@ -840,17 +834,7 @@ async fn v5_zero_session_expiry_sends_will_at_disconnect_despite_delay() {
     let server = start(|_| {}).await;
     let mut watcher = RawClient::connected(addr(&server), "watcher", V5).await;
     watcher.subscribe("wills/#", QoS::AtMostOnce).await;
-    let mut connect = connect_packet("eph", V5);
-    connect.will = Some(Will {
-        topic: Bytes::from_static(b"wills/eph"),
-        payload: Bytes::from_static(b"gone"),
-        qos: QoS::AtMostOnce,
-        retain: false,
-        properties: WillProperties {
-            will_delay_interval: Some(30),
-            ..Default::default()
-        },
-    });
+    let connect = with_delayed_will(connect_packet("eph", V5), 30);
     let (c, _) = RawClient::connect(addr(&server), connect).await;
     drop(c);
     let will = watcher

@@ -86,6 +86,27 @@ pub fn persistent_connect(client_id: &str, expiry: u32) -> Connect {
     connect
 }
 
+/// Leaves behind an offline durable session `client_id` (session expiry
+/// one hour) subscribed to `filter` at `qos`.
+pub async fn offline_subscriber(server: &Server, client_id: &str, filter: &str, qos: QoS) {
+    let (mut c, ack) = RawClient::connect(addr(server), persistent_connect(client_id, 3600)).await;
+    assert_eq!(ack.code, tern_codec::ReasonCode::Success);
+    assert_eq!(
+        c.subscribe(filter, qos).await,
+        vec![tern_codec::ReasonCode::granted(qos)]
+    );
+    c.send(Packet::Disconnect(Default::default())).await;
+    c.expect_closed().await;
+    eventually("the session offline", || {
+        server
+            .broker()
+            .registry
+            .get(client_id)
+            .is_some_and(|s| !s.is_online())
+    })
+    .await;
+}
+
 /// A SUBSCRIBE for one filter.
 pub fn subscribe_packet(packet_id: u16, filter: &str, qos: QoS) -> Packet {
     Packet::Subscribe(Subscribe {
