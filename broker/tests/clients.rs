@@ -88,14 +88,7 @@ async fn leave_subscribed(server: &tern::Server, client_id: &str, filter: &str) 
     })
     .await;
     sub.disconnect().await.unwrap();
-    eventually("the subscriber is offline", || {
-        server
-            .broker()
-            .registry
-            .get(client_id)
-            .is_some_and(|s| !s.is_online())
-    })
-    .await;
+    until_offline(server, client_id).await;
 }
 
 async fn next<T>(rx: &mut mpsc::UnboundedReceiver<T>, mut pick: impl FnMut(T) -> Option<T>) -> T {

@@ -659,15 +659,7 @@ async fn redelivery_on_reconnect_respects_the_new_receive_maximum() {
         first_ids.push(sub.recv_publish().await.packet_id.unwrap());
     }
     drop(sub); // nothing acknowledged
-    eventually("offline", || {
-        !server
-            .broker()
-            .registry
-            .get("shrinking")
-            .unwrap()
-            .is_online()
-    })
-    .await;
+    until_offline(&server, "shrinking").await;
     connect.properties.receive_maximum = Some(2);
     let (mut sub, ack) = RawClient::connect(addr(&server), connect).await;
     assert!(ack.session_present);
@@ -700,14 +692,7 @@ async fn reconnecting_cancels_the_previous_expiry_timer() {
     for _ in 0..50 {
         let (c, _) = RawClient::connect(addr(&server), connect.clone()).await;
         drop(c);
-        eventually("offline", || {
-            server
-                .broker()
-                .registry
-                .get("cycler")
-                .is_some_and(|s| !s.is_online())
-        })
-        .await;
+        until_offline(&server, "cycler").await;
     }
     // One sleeping expiry timer for the last disconnect, not fifty.
     let tasks = tokio::runtime::Handle::current()

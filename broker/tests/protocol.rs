@@ -619,10 +619,7 @@ async fn persistent_session_queues_and_redelivers_with_dup() {
     let first = s.recv_publish().await;
     assert!(!first.dup);
     drop(s); // never acknowledged
-    eventually("offline", || {
-        !server.broker().registry.get("durable").unwrap().is_online()
-    })
-    .await;
+    until_offline(&server, "durable").await;
     p.publish("d/2", b"m2", QoS::ExactlyOnce, 2).await;
     p.publish("d/3", b"m3", QoS::AtMostOnce, 0).await; // QoS 0 is not queued offline
 
@@ -709,14 +706,7 @@ async fn an_offline_queue_is_bounded_in_bytes() {
     let (mut sub, _) = RawClient::connect(addr(&server), persistent_connect("bytes", 600)).await;
     sub.subscribe("b/x", QoS::AtLeastOnce).await;
     drop(sub);
-    eventually("the subscriber is offline", || {
-        server
-            .broker()
-            .registry
-            .get("bytes")
-            .is_some_and(|s| !s.is_online())
-    })
-    .await;
+    until_offline(&server, "bytes").await;
     let mut p = RawClient::connected(addr(&server), "pub", V311).await;
     // 3 + 300 bytes each: three fit in 1024, the fourth and fifth do not.
     for i in 0..5u16 {
@@ -855,10 +845,7 @@ async fn a_new_session_beyond_max_sessions_is_refused_and_resuming_is_not() {
     let (b, ack) = RawClient::connect(addr(&server), persistent_connect("b", 60)).await;
     assert_eq!(ack.code, ReasonCode::Success);
     drop(b);
-    eventually("b offline", || {
-        !server.broker().registry.get("b").unwrap().is_online()
-    })
-    .await;
+    until_offline(&server, "b").await;
 
     let (mut c, ack) = RawClient::connect(addr(&server), persistent_connect("c", 60)).await;
     assert_eq!(ack.code, ReasonCode::QuotaExceeded);

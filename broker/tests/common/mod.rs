@@ -97,7 +97,13 @@ pub async fn offline_subscriber(server: &Server, client_id: &str, filter: &str, 
     );
     c.send(Packet::Disconnect(Default::default())).await;
     c.expect_closed().await;
-    eventually("the session offline", || {
+    until_offline(server, client_id).await;
+}
+
+/// Waits until `client_id`'s session is offline (its connection closed
+/// and detached).
+pub async fn until_offline(server: &Server, client_id: &str) {
+    eventually(&format!("{client_id} offline"), || {
         server
             .broker()
             .registry
