@@ -496,3 +496,41 @@ async fn a_subscriber_that_keeps_taking_holds_publishers_past_the_stall_window()
     assert_eq!(server.broker().metrics.messages_dropped_queue_full.get(), 0);
     server.shutdown().await;
 }
+
+/// Messages queued for a subscriber that stopped reading keep their own
+/// bytes, not the read buffers they came in. A publisher that sends one
+/// small message per read gets its pooled buffer back after each read
+/// (`transport::SMALL_READ`); before, each queued 64-byte message pinned a
+/// 4 KiB buffer, and each read had to allocate a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_queued_for_a_stalled_subscriber_do_not_pin_read_buffers() {
+    let server = start(|c| c.limits.max_inflight = UNREAD_BACKLOG).await;
+    let mut sleeper = RawClient::connected(addr(&server), "sleeper", ProtocolVersion::V5).await;
+    sleeper.subscribe("feed", QoS::AtLeastOnce).await;
+    // Its socket buffers and in-flight window full: what follows is queued.
+    publish_unread_backlog(&server, "feed").await;
+
+    let mut publisher = RawClient::connected(addr(&server), "trickle", ProtocolVersion::V5).await;
+    let (_, misses_before) = server.broker().pool.stats();
+    // One message per read: each waits for its PUBACK.
+    for id in 1..=500 {
+        publisher
+            .publish("feed", &[9; 64], QoS::AtLeastOnce, id)
+            .await;
+    }
+    let (_, misses) = server.broker().pool.stats();
+    assert!(
+        misses - misses_before < 50,
+        "{} reads of 500 found no free read buffer",
+        misses - misses_before
+    );
+    let (queued, _) = server
+        .broker()
+        .registry
+        .get("sleeper")
+        .unwrap()
+        .queued_len();
+    assert!(queued >= 500, "{queued} queued");
+    drop(sleeper);
+    server.shutdown().await;
+}
