@@ -101,6 +101,19 @@ pub async fn expire_retained_when_due(broker: Arc<Broker>) {
     }
 }
 
+/// Writes again, every [`STORE_RETRY`](crate::session::STORE_RETRY), the
+/// in-flight states the store refused (`session::StoreRetries`), until the
+/// task is aborted (at shutdown). Nothing to do without a store, or while
+/// the store takes every write.
+pub async fn store_refused_states_again(broker: Arc<Broker>) {
+    let mut tick = tokio::time::interval(crate::session::STORE_RETRY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        broker.registry.context().store_retries.retry();
+    }
+}
+
 /// Whether the caller may run a periodic chore now: at least `period_ms`
 /// since the last run recorded in `last_ms`, and no other thread claimed
 /// this turn first (the time is swapped in). Lets any of many callers run a
@@ -188,6 +201,7 @@ impl Broker {
                 metrics: Arc::clone(&metrics),
                 budget: Arc::new(OutboundBudget::new(config.limits.max_outbound_bytes)),
                 persistence: persistence.clone(),
+                store_retries: Default::default(),
             },
         );
         Arc::new(Broker {

@@ -42,6 +42,11 @@ pub(crate) enum InflightState {
     Resend,
     /// QoS 2 PUBREL sent, waiting for PUBCOMP.
     Released,
+    /// QoS 2 PUBREC received; the PUBREL waits until the queue entry that
+    /// records it is durable (durable sessions). A restart that found the
+    /// entry still awaiting PUBREC would send the PUBLISH again, which a
+    /// client that had its PUBREL takes for a new message.
+    Releasing,
     /// QoS 2 with its packet id assigned, not yet on the wire: it is sent
     /// once the queue entry holding the id is durable (durable sessions).
     /// A QoS 1 message sent after one waits too, to keep the order.
@@ -212,7 +217,7 @@ impl InflightWindow {
         match state {
             InflightState::Resend => self.resend += 1,
             InflightState::Persisting => self.persisting += 1,
-            InflightState::Sent | InflightState::Released => {}
+            InflightState::Sent | InflightState::Released | InflightState::Releasing => {}
         }
     }
 
@@ -220,7 +225,7 @@ impl InflightWindow {
         match state {
             InflightState::Resend => self.resend -= 1,
             InflightState::Persisting => self.persisting -= 1,
-            InflightState::Sent | InflightState::Released => {}
+            InflightState::Sent | InflightState::Released | InflightState::Releasing => {}
         }
     }
 

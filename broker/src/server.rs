@@ -142,6 +142,11 @@ impl Server {
         let tasks = &mut started.tasks;
         tasks.push(tokio::spawn(crate::keep_alive::run(Arc::clone(&broker))));
         tasks.push(tokio::spawn(crate::sys_topics::run(Arc::clone(&broker))));
+        if broker.persistence.is_some() {
+            tasks.push(tokio::spawn(crate::broker::store_refused_states_again(
+                Arc::clone(&broker),
+            )));
+        }
         tasks.push(tokio::spawn(crate::broker::expire_retained_when_due(
             Arc::clone(&broker),
         )));

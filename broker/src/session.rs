@@ -38,7 +38,10 @@
 //! QoS 1/2 delivery then has a `seq`, its key in the stored queue. Two rules
 //! keep a crash from duplicating a QoS 2 message: a QoS 2 PUBLISH goes on
 //! the wire only once its packet id is durable (state `Persisting` until
-//! then), and a PUBREL only once the PUBREC that precedes it is.
+//! then), and a PUBREL only once the PUBREC that precedes it is (state
+//! `Releasing`). When the store refuses such a state (a full disk), the
+//! PUBLISH or PUBREL waits: the session is put on [`StoreRetries`], and
+//! the state is written again every [`STORE_RETRY`] until it is stored.
 //!
 //! # Locking
 //!
@@ -49,7 +52,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -462,6 +465,51 @@ pub struct SessionContext {
     pub budget: Arc<OutboundBudget>,
     /// The durable store; `None` in memory mode.
     pub persistence: Option<Arc<Persistence>>,
+    pub store_retries: StoreRetries,
+}
+
+/// How often an in-flight state the store refused is written again (see
+/// [`StoreRetries`]): a full disk is not freed in milliseconds, and each
+/// try writes the message again.
+pub const STORE_RETRY: Duration = Duration::from_secs(1);
+
+/// Sessions with an in-flight state the store refused: a QoS 2 PUBLISH
+/// whose packet id, or a PUBREL whose PUBREC, is not durable. Sending
+/// either before it is would let a crash bring back an earlier state, and
+/// the client would get the message twice. The broker's maintenance task
+/// calls [`retry`](Self::retry) every [`STORE_RETRY`].
+#[derive(Debug, Default)]
+pub struct StoreRetries(Mutex<Vec<Weak<Session>>>);
+
+impl StoreRetries {
+    fn add(&self, session: &Arc<Session>) {
+        let mut waiting = self.0.lock();
+        if !waiting
+            .iter()
+            .any(|w| std::ptr::eq(w.as_ptr(), Arc::as_ptr(session)))
+        {
+            waiting.push(Arc::downgrade(session));
+        }
+    }
+
+    /// Writes the refused states again; each session whose write fails
+    /// again is put back by its completion.
+    pub fn retry(&self) {
+        let waiting = std::mem::take(&mut *self.0.lock());
+        for session in waiting.iter().filter_map(Weak::upgrade) {
+            session.store_inflight_again();
+        }
+    }
+
+    /// Sessions waiting for a retry.
+    pub fn len(&self) -> usize {
+        self.0.lock().len()
+    }
+
+    /// True when no session waits for a retry.
+    pub fn is_empty(&self) -> bool {
+        self.0.lock().is_empty()
+    }
 }
 
 /// A will waiting for its delay (or the end of its session) to pass.
@@ -724,7 +772,7 @@ impl Session {
             .filter(|i| {
                 matches!(
                     i.state(),
-                    InflightState::Released | InflightState::Persisting
+                    InflightState::Released | InflightState::Persisting | InflightState::Releasing
                 )
             })
             .count();
@@ -748,8 +796,9 @@ impl Session {
                         ReasonCode::Success,
                     ));
                 }
-                // Sent by `release` once its packet id is durable.
-                InflightState::Persisting => {}
+                // Sent by `release` once its packet id is durable, and by
+                // `send_pubrel` once its PUBREC is.
+                InflightState::Persisting | InflightState::Releasing => {}
             }
         }
         let mut link = Link {
@@ -1685,25 +1734,18 @@ impl Session {
             }
             match index {
                 Some(i) if code.is_success() => {
-                    st.inflight.set_state(i, InflightState::Released);
                     let delivery = &st.inflight.get(i).delivery;
                     let stored = delivery.message.store_id.get().copied();
-                    match stored.filter(|_| st.durable && delivery.seq != 0) {
-                        Some(message_id) => {
-                            journal.push(Op::PutQueueEntry(self.queue_entry(
-                                delivery,
-                                message_id,
-                                Some(packet_id),
-                                DeliveryState::AwaitingComp,
-                            )));
-                            let (session, generation) = (Arc::clone(self), st.generation);
-                            journal.after(move |_| session.send_pubrel(generation, packet_id));
-                        }
-                        None => push_to(
+                    if let Some(message_id) = stored.filter(|_| st.durable && delivery.seq != 0) {
+                        st.inflight.set_state(i, InflightState::Releasing);
+                        self.store_releasing(st.inflight.get(i), message_id, &mut journal);
+                    } else {
+                        st.inflight.set_state(i, InflightState::Released);
+                        push_to(
                             &mut st,
                             connection_id,
                             pubrel(packet_id, ReasonCode::Success),
-                        ),
+                        );
                     }
                 }
                 Some(i) => {
@@ -1722,18 +1764,84 @@ impl Session {
         self.commit(journal);
     }
 
-    /// Sends the PUBREL of `packet_id` once its state is durable, unless a
-    /// reconnect (which sends every pending PUBREL itself) came first.
-    fn send_pubrel(&self, generation: u64, packet_id: u16) {
+    /// Records in `journal` that the PUBREC of `sent` (in `Releasing`) came,
+    /// and has its PUBREL sent once that is durable.
+    fn store_releasing(self: &Arc<Self>, sent: &Inflight, message_id: u64, journal: &mut Journal) {
+        journal.push(Op::PutQueueEntry(self.queue_entry(
+            &sent.delivery,
+            message_id,
+            Some(sent.packet_id),
+            DeliveryState::AwaitingComp,
+        )));
+        let (session, packet_id) = (Arc::clone(self), sent.packet_id);
+        journal.after(move |stored| match stored {
+            Ok(()) => session.send_pubrel(packet_id),
+            Err(_) => session.context.store_retries.add(&session),
+        });
+    }
+
+    /// Records in `journal` the packet id of `sent` (in `Persisting`), and
+    /// has it sent once that is durable.
+    fn store_persisting(self: &Arc<Self>, sent: &Inflight, message_id: u64, journal: &mut Journal) {
+        journal.push(Op::PutQueueEntry(self.queue_entry(
+            &sent.delivery,
+            message_id,
+            Some(sent.packet_id),
+            DeliveryState::AwaitingAck,
+        )));
+        let (session, packet_id, seq) = (Arc::clone(self), sent.packet_id, sent.delivery.seq);
+        journal.after(move |stored| match stored {
+            Ok(()) => session.release(packet_id, seq),
+            Err(_) => session.context.store_retries.add(&session),
+        });
+    }
+
+    /// Writes again the in-flight states the store refused (see
+    /// [`StoreRetries`]): packet ids of PUBLISHes not sent yet, PUBRECs
+    /// whose PUBREL waits.
+    fn store_inflight_again(self: &Arc<Self>) {
+        let Some(p) = &self.context.persistence else {
+            return;
+        };
+        let mut journal = Journal::new();
+        {
+            let st = self.state.lock();
+            if st.ended || !st.durable {
+                return;
+            }
+            for sent in st.inflight.iter() {
+                // The message again too: the refused batch may have been
+                // the one that stored it.
+                match sent.state() {
+                    InflightState::Persisting => {
+                        let message_id = journal.reference(p, &sent.delivery.message);
+                        self.store_persisting(sent, message_id, &mut journal);
+                    }
+                    InflightState::Releasing => {
+                        let message_id = journal.reference(p, &sent.delivery.message);
+                        self.store_releasing(sent, message_id, &mut journal);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        self.commit(journal);
+    }
+
+    /// Sends the PUBREL of `packet_id` once its PUBREC is durable; offline
+    /// meanwhile, the next attach sends it.
+    fn send_pubrel(&self, packet_id: u16) {
         let mut st = self.state.lock();
-        let waiting = st
+        let Some(i) = st
             .inflight
             .position(packet_id)
-            .is_some_and(|i| st.inflight.get(i).state() == InflightState::Released);
-        if st.generation == generation && waiting {
-            if let Some(link) = &mut st.link {
-                link.push(pubrel(packet_id, ReasonCode::Success));
-            }
+            .filter(|&i| st.inflight.get(i).state() == InflightState::Releasing)
+        else {
+            return;
+        };
+        st.inflight.set_state(i, InflightState::Released);
+        if let Some(link) = &mut st.link {
+            link.push(pubrel(packet_id, ReasonCode::Success));
         }
     }
 
@@ -1994,24 +2102,24 @@ impl Session {
         // replacement (see `Journal::reference`).
         let message_id = store.map(|p| journal.reference(p, &sent.delivery.message));
         if let Some(message_id) = message_id {
-            let entry = self.queue_entry(
-                &sent.delivery,
-                message_id,
-                Some(packet_id),
-                DeliveryState::AwaitingAck,
-            );
             if state == InflightState::Persisting {
-                let (session, seq) = (Arc::clone(self), sent.delivery.seq);
-                journal.after(move |_| session.release(packet_id, seq));
-            }
-            // A new entry whose PUBLISH leaves now is likely forgotten one
-            // round trip later: inserting it lets the writer net the pair
-            // away (tern-storage's `netting.rs`).
-            journal.push(if new_entry && state == InflightState::Sent {
-                Op::InsertQueueEntry(entry)
+                self.store_persisting(sent, message_id, journal);
             } else {
-                Op::PutQueueEntry(entry)
-            });
+                // A new entry whose PUBLISH leaves now is likely forgotten
+                // one round trip later: inserting it lets the writer net the
+                // pair away (tern-storage's `netting.rs`).
+                let entry = self.queue_entry(
+                    &sent.delivery,
+                    message_id,
+                    Some(packet_id),
+                    DeliveryState::AwaitingAck,
+                );
+                journal.push(if new_entry {
+                    Op::InsertQueueEntry(entry)
+                } else {
+                    Op::PutQueueEntry(entry)
+                });
+            }
         }
         if state == InflightState::Sent {
             let delivery = sent.delivery.clone();

@@ -902,3 +902,120 @@ async fn a_moved_shared_delivery_never_deletes_an_entry_of_the_next_session() {
     );
     server.shutdown().await;
 }
+
+/// The stored queue entries of `client_id`: (packet id, state).
+fn stored_states(
+    store: &FailingStore<MemoryStore>,
+    client_id: &str,
+) -> Vec<(Option<u16>, tern_storage::DeliveryState)> {
+    store
+        .inner()
+        .queue(client_id, None)
+        .map(Result::unwrap)
+        .map(|e| (e.packet_id, e.state))
+        .collect()
+}
+
+/// A durable session subscribed to `filter` at QoS 2.
+async fn qos2_subscriber(server: &Server, client_id: &str, filter: &str) -> RawClient {
+    let (mut c, _) = RawClient::connect(addr(server), persistent_connect(client_id, 3600)).await;
+    assert_eq!(
+        c.subscribe(filter, QoS::ExactlyOnce).await,
+        vec![ReasonCode::granted(QoS::ExactlyOnce)]
+    );
+    c
+}
+
+#[tokio::test]
+async fn a_pubrel_the_store_refused_waits_until_a_retry_stores_it() {
+    // A PUBREL sent while the store still says "awaiting PUBREC" lets a
+    // crash bring the PUBLISH back, and the client, which released the
+    // packet id when it had the PUBREL, takes it for a new message.
+    let (store, server) = start_failing(None).await;
+    let mut sub = qos2_subscriber(&server, "receiver", "q/#").await;
+    let mut publisher = RawClient::connected(addr(&server), "sender", ProtocolVersion::V5).await;
+    publisher.publish("q/1", b"once", QoS::ExactlyOnce, 1).await;
+    let packet_id = match sub.recv().await {
+        Some(Packet::Publish(p)) => p.packet_id.unwrap(),
+        other => panic!("expected PUBLISH, got {other:?}"),
+    };
+
+    store.disk_full(true);
+    sub.send(Packet::PubRec(PubAck::new(packet_id))).await;
+    let early = sub.recv_within(Duration::from_millis(1500)).await;
+    assert!(
+        early.is_err(),
+        "PUBREL while the store refused it: {early:?}"
+    );
+    store.disk_full(false);
+    match tokio::time::timeout(Duration::from_secs(5), sub.recv()).await {
+        Ok(Some(Packet::PubRel(r))) => assert_eq!(r.packet_id, packet_id),
+        other => panic!("expected the PUBREL once stored, got {other:?}"),
+    }
+    assert_eq!(
+        stored_states(&store, "receiver"),
+        [(Some(packet_id), tern_storage::DeliveryState::AwaitingComp)]
+    );
+    sub.send(Packet::PubComp(PubAck::new(packet_id))).await;
+    common::eventually("the flow's entry is deleted", || {
+        stored_states(&store, "receiver").is_empty()
+    })
+    .await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_qos2_publish_whose_packet_id_the_store_refused_waits_until_a_retry_stores_it() {
+    // The second message waits in the queue behind a window of one; the
+    // PUBCOMP of the first gives it a packet id, and the store refuses
+    // that. Sent anyway, a crash would bring it back from the store as a
+    // new message: the client would get it twice.
+    let (store, server) = start_failing(None).await;
+    let mut connect = persistent_connect("receiver", 3600);
+    connect.properties.receive_maximum = Some(1);
+    let (mut sub, _) = RawClient::connect(addr(&server), connect).await;
+    assert_eq!(
+        sub.subscribe("q/#", QoS::ExactlyOnce).await,
+        vec![ReasonCode::granted(QoS::ExactlyOnce)]
+    );
+    let mut publisher = RawClient::connected(addr(&server), "sender", ProtocolVersion::V5).await;
+    publisher
+        .publish("q/1", b"first", QoS::ExactlyOnce, 1)
+        .await;
+    publisher
+        .publish("q/2", b"second", QoS::ExactlyOnce, 2)
+        .await;
+    let first = match sub.recv().await {
+        Some(Packet::Publish(p)) => p.packet_id.unwrap(),
+        other => panic!("expected PUBLISH, got {other:?}"),
+    };
+    sub.send(Packet::PubRec(PubAck::new(first))).await;
+    match sub.recv().await {
+        Some(Packet::PubRel(r)) => assert_eq!(r.packet_id, first),
+        other => panic!("expected PUBREL, got {other:?}"),
+    }
+
+    store.disk_full(true);
+    sub.send(Packet::PubComp(PubAck::new(first))).await;
+    let early = sub.recv_within(Duration::from_millis(1500)).await;
+    assert!(
+        early.is_err(),
+        "sent before its packet id was stored: {early:?}"
+    );
+    store.disk_full(false);
+    let second = match tokio::time::timeout(Duration::from_secs(5), sub.recv()).await {
+        Ok(Some(Packet::Publish(p))) => {
+            assert_eq!(&p.payload[..], b"second");
+            p.packet_id.unwrap()
+        }
+        other => panic!("expected the PUBLISH once stored, got {other:?}"),
+    };
+    // On the wire only with its packet id in the store: a restart sends it
+    // again with that id (DUP), never as a new message.
+    let stored = stored_states(&store, "receiver");
+    assert!(
+        stored.contains(&(Some(second), tern_storage::DeliveryState::AwaitingAck)),
+        "{stored:?}"
+    );
+    server.shutdown().await;
+}
