@@ -50,7 +50,7 @@
 //! while taking the registry or router locks (lock order: registry, then
 //! router or session; a session lock is always the innermost).
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -478,37 +478,28 @@ pub const STORE_RETRY: Duration = Duration::from_secs(1);
 /// either before it is would let a crash bring back an earlier state, and
 /// the client would get the message twice. The broker's maintenance task
 /// calls [`retry`](Self::retry) every [`STORE_RETRY`].
+///
+/// Keyed by the session's address, which its `Weak` keeps from being
+/// reused while it waits here.
 #[derive(Debug, Default)]
-pub struct StoreRetries(Mutex<Vec<Weak<Session>>>);
+pub struct StoreRetries(Mutex<HashMap<usize, Weak<Session>>>);
 
 impl StoreRetries {
     fn add(&self, session: &Arc<Session>) {
-        let mut waiting = self.0.lock();
-        if !waiting
-            .iter()
-            .any(|w| std::ptr::eq(w.as_ptr(), Arc::as_ptr(session)))
-        {
-            waiting.push(Arc::downgrade(session));
-        }
+        let key = Arc::as_ptr(session) as usize;
+        self.0
+            .lock()
+            .entry(key)
+            .or_insert_with(|| Arc::downgrade(session));
     }
 
     /// Writes the refused states again; each session whose write fails
     /// again is put back by its completion.
     pub fn retry(&self) {
         let waiting = std::mem::take(&mut *self.0.lock());
-        for session in waiting.iter().filter_map(Weak::upgrade) {
+        for session in waiting.values().filter_map(Weak::upgrade) {
             session.store_inflight_again();
         }
-    }
-
-    /// Sessions waiting for a retry.
-    pub fn len(&self) -> usize {
-        self.0.lock().len()
-    }
-
-    /// True when no session waits for a retry.
-    pub fn is_empty(&self) -> bool {
-        self.0.lock().is_empty()
     }
 }
 
