@@ -1729,7 +1729,7 @@ impl Session {
                     let stored = delivery.message.store_id.get().copied();
                     if let Some(message_id) = stored.filter(|_| st.durable && delivery.seq != 0) {
                         st.inflight.set_state(i, InflightState::Releasing);
-                        self.store_releasing(st.inflight.get(i), message_id, &mut journal);
+                        self.store_before_sending(st.inflight.get(i), message_id, &mut journal);
                     } else {
                         st.inflight.set_state(i, InflightState::Released);
                         push_to(
@@ -1755,33 +1755,30 @@ impl Session {
         self.commit(journal);
     }
 
-    /// Records in `journal` that the PUBREC of `sent` (in `Releasing`) came,
-    /// and has its PUBREL sent once that is durable.
-    fn store_releasing(self: &Arc<Self>, sent: &Inflight, message_id: u64, journal: &mut Journal) {
+    /// Records in `journal` what `sent` waits for to be durable before it
+    /// goes on the wire: its packet id (`Persisting`, then the PUBLISH is
+    /// sent) or its PUBREC (`Releasing`, then the PUBREL). A refused write
+    /// puts the session on [`StoreRetries`].
+    fn store_before_sending(
+        self: &Arc<Self>,
+        sent: &Inflight,
+        message_id: u64,
+        journal: &mut Journal,
+    ) {
+        let releasing = sent.state() == InflightState::Releasing;
         journal.push(Op::PutQueueEntry(self.queue_entry(
             &sent.delivery,
             message_id,
             Some(sent.packet_id),
-            DeliveryState::AwaitingComp,
-        )));
-        let (session, packet_id) = (Arc::clone(self), sent.packet_id);
-        journal.after(move |stored| match stored {
-            Ok(()) => session.send_pubrel(packet_id),
-            Err(_) => session.context.store_retries.add(&session),
-        });
-    }
-
-    /// Records in `journal` the packet id of `sent` (in `Persisting`), and
-    /// has it sent once that is durable.
-    fn store_persisting(self: &Arc<Self>, sent: &Inflight, message_id: u64, journal: &mut Journal) {
-        journal.push(Op::PutQueueEntry(self.queue_entry(
-            &sent.delivery,
-            message_id,
-            Some(sent.packet_id),
-            DeliveryState::AwaitingAck,
+            if releasing {
+                DeliveryState::AwaitingComp
+            } else {
+                DeliveryState::AwaitingAck
+            },
         )));
         let (session, packet_id, seq) = (Arc::clone(self), sent.packet_id, sent.delivery.seq);
         journal.after(move |stored| match stored {
+            Ok(()) if releasing => session.send_pubrel(packet_id),
             Ok(()) => session.release(packet_id, seq),
             Err(_) => session.context.store_retries.add(&session),
         });
@@ -1803,16 +1800,12 @@ impl Session {
             for sent in st.inflight.iter() {
                 // The message again too: the refused batch may have been
                 // the one that stored it.
-                match sent.state() {
-                    InflightState::Persisting => {
-                        let message_id = journal.reference(p, &sent.delivery.message);
-                        self.store_persisting(sent, message_id, &mut journal);
-                    }
-                    InflightState::Releasing => {
-                        let message_id = journal.reference(p, &sent.delivery.message);
-                        self.store_releasing(sent, message_id, &mut journal);
-                    }
-                    _ => {}
+                if matches!(
+                    sent.state(),
+                    InflightState::Persisting | InflightState::Releasing
+                ) {
+                    let message_id = journal.reference(p, &sent.delivery.message);
+                    self.store_before_sending(sent, message_id, &mut journal);
                 }
             }
         }
@@ -2094,7 +2087,7 @@ impl Session {
         let message_id = store.map(|p| journal.reference(p, &sent.delivery.message));
         if let Some(message_id) = message_id {
             if state == InflightState::Persisting {
-                self.store_persisting(sent, message_id, journal);
+                self.store_before_sending(sent, message_id, journal);
             } else {
                 // A new entry whose PUBLISH leaves now is likely forgotten
                 // one round trip later: inserting it lets the writer net the

@@ -104,6 +104,13 @@ mod tests {
 
     impl TransportRead for DuplexStream {}
 
+    /// A pool, the two ends of a connection, and the server end's read
+    /// buffer, empty.
+    fn connection() -> (BufferPool, DuplexStream, DuplexStream, BytesMut) {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        (BufferPool::new(4), client, server, BytesMut::new())
+    }
+
     /// Splits `len` bytes off `buf` as decoding a frame does.
     fn frame(buf: &mut BytesMut, len: usize) -> bytes::Bytes {
         buf.split_to(len).freeze()
@@ -111,9 +118,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_small_read_leaves_the_pooled_buffer_free_for_the_next() {
-        let pool = BufferPool::new(4);
-        let (mut client, mut server) = tokio::io::duplex(64 * 1024);
-        let mut buf = BytesMut::new();
+        let (pool, mut client, mut server, mut buf) = connection();
         client.write_all(&[7; 70]).await.unwrap();
         assert_eq!(read_pooled(&mut server, &mut buf, &pool).await.unwrap(), 70);
         let small = frame(&mut buf, 70);
@@ -141,9 +146,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_small_read_after_an_incomplete_packet_stays_with_it() {
-        let pool = BufferPool::new(4);
-        let (mut client, mut server) = tokio::io::duplex(64 * 1024);
-        let mut buf = BytesMut::new();
+        let (pool, mut client, mut server, mut buf) = connection();
         client.write_all(&[1; 10]).await.unwrap();
         read_pooled(&mut server, &mut buf, &pool).await.unwrap();
         client.write_all(&[2; 10]).await.unwrap();

@@ -916,6 +916,25 @@ fn stored_states(
         .collect()
 }
 
+/// Sends `packet` while the store refuses every write, checks that nothing
+/// answers it then (for longer than a retry takes), frees the store, and
+/// returns what comes next.
+async fn sent_while_the_disk_is_full(
+    store: &FailingStore<MemoryStore>,
+    client: &mut RawClient,
+    packet: Packet,
+) -> Option<Packet> {
+    store.disk_full(true);
+    client.send(packet).await;
+    let early = client.recv_within(Duration::from_millis(1500)).await;
+    assert!(early.is_err(), "answered before it was stored: {early:?}");
+    store.disk_full(false);
+    match tokio::time::timeout(Duration::from_secs(5), client.recv()).await {
+        Ok(next) => next,
+        Err(_) => panic!("nothing once the store took writes again"),
+    }
+}
+
 /// A durable session subscribed to `filter` at QoS 2.
 async fn qos2_subscriber(server: &Server, client_id: &str, filter: &str) -> RawClient {
     let (mut c, _) = RawClient::connect(addr(server), persistent_connect(client_id, 3600)).await;
@@ -940,16 +959,10 @@ async fn a_pubrel_the_store_refused_waits_until_a_retry_stores_it() {
         other => panic!("expected PUBLISH, got {other:?}"),
     };
 
-    store.disk_full(true);
-    sub.send(Packet::PubRec(PubAck::new(packet_id))).await;
-    let early = sub.recv_within(Duration::from_millis(1500)).await;
-    assert!(
-        early.is_err(),
-        "PUBREL while the store refused it: {early:?}"
-    );
-    store.disk_full(false);
-    match tokio::time::timeout(Duration::from_secs(5), sub.recv()).await {
-        Ok(Some(Packet::PubRel(r))) => assert_eq!(r.packet_id, packet_id),
+    let answer =
+        sent_while_the_disk_is_full(&store, &mut sub, Packet::PubRec(PubAck::new(packet_id))).await;
+    match answer {
+        Some(Packet::PubRel(r)) => assert_eq!(r.packet_id, packet_id),
         other => panic!("expected the PUBREL once stored, got {other:?}"),
     }
     assert_eq!(
@@ -995,16 +1008,10 @@ async fn a_qos2_publish_whose_packet_id_the_store_refused_waits_until_a_retry_st
         other => panic!("expected PUBREL, got {other:?}"),
     }
 
-    store.disk_full(true);
-    sub.send(Packet::PubComp(PubAck::new(first))).await;
-    let early = sub.recv_within(Duration::from_millis(1500)).await;
-    assert!(
-        early.is_err(),
-        "sent before its packet id was stored: {early:?}"
-    );
-    store.disk_full(false);
-    let second = match tokio::time::timeout(Duration::from_secs(5), sub.recv()).await {
-        Ok(Some(Packet::Publish(p))) => {
+    let answer =
+        sent_while_the_disk_is_full(&store, &mut sub, Packet::PubComp(PubAck::new(first))).await;
+    let second = match answer {
+        Some(Packet::Publish(p)) => {
             assert_eq!(&p.payload[..], b"second");
             p.packet_id.unwrap()
         }
