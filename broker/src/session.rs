@@ -1792,21 +1792,37 @@ impl Session {
             return;
         };
         let mut journal = Journal::new();
+        let mut unstored = Vec::new();
         {
             let st = self.state.lock();
-            if st.ended || !st.durable {
+            if st.ended {
                 return;
             }
-            for sent in st.inflight.iter() {
-                // The message again too: the refused batch may have been
-                // the one that stored it.
-                if matches!(
+            let waiting = st.inflight.iter().filter(|sent| {
+                matches!(
                     sent.state(),
                     InflightState::Persisting | InflightState::Releasing
-                ) {
+                )
+            });
+            for sent in waiting {
+                if st.durable {
+                    // The message again too: the refused batch may have
+                    // been the one that stored it.
                     let message_id = journal.reference(p, &sent.delivery.message);
                     self.store_before_sending(sent, message_id, &mut journal);
+                } else {
+                    // Resumed with expiry 0 meanwhile: nothing is kept in
+                    // the store any more, so nothing is waited for.
+                    let releasing = sent.state() == InflightState::Releasing;
+                    unstored.push((sent.packet_id, sent.delivery.seq, releasing));
                 }
+            }
+        }
+        for (packet_id, seq, releasing) in unstored {
+            if releasing {
+                self.send_pubrel(packet_id);
+            } else {
+                self.release(packet_id, seq);
             }
         }
         self.commit(journal);

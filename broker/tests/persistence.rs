@@ -1026,3 +1026,32 @@ async fn a_qos2_publish_whose_packet_id_the_store_refused_waits_until_a_retry_st
     );
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_pubrel_waiting_for_the_store_goes_once_the_session_is_no_longer_stored() {
+    // Resumed with session expiry 0, the session is no longer kept in the
+    // store: its PUBREL waits for nothing any more.
+    let (store, server) = start_failing(None).await;
+    let mut sub = qos2_subscriber(&server, "receiver", "q/#").await;
+    let mut publisher = RawClient::connected(addr(&server), "sender", ProtocolVersion::V5).await;
+    publisher.publish("q/1", b"once", QoS::ExactlyOnce, 1).await;
+    let packet_id = match sub.recv().await {
+        Some(Packet::Publish(p)) => p.packet_id.unwrap(),
+        other => panic!("expected PUBLISH, got {other:?}"),
+    };
+    store.fail_apply(true);
+    sub.send(Packet::PubRec(PubAck::new(packet_id))).await;
+    sub.expect_silence(Duration::from_millis(300)).await;
+    drop(sub);
+    common::until_offline(&server, "receiver").await;
+
+    store.fail_apply(false);
+    let (mut again, ack) =
+        RawClient::connect(addr(&server), persistent_connect("receiver", 0)).await;
+    assert!(ack.session_present);
+    match tokio::time::timeout(Duration::from_secs(5), again.recv()).await {
+        Ok(Some(Packet::PubRel(r))) => assert_eq!(r.packet_id, packet_id),
+        other => panic!("expected the PUBREL, got {other:?}"),
+    }
+    server.shutdown().await;
+}
