@@ -205,7 +205,8 @@ pub struct LimitsConfig {
     /// end.
     pub max_sessions: usize,
     /// Largest packet accepted, in bytes, fixed header included. Larger
-    /// packets close the connection (5.0: DISCONNECT 0x95).
+    /// packets close the connection (5.0: DISCONNECT 0x95). Also the most
+    /// memory a will may hold for its connection's life (CONNACK 0x95).
     pub max_packet_size: u32,
     /// Outgoing QoS 1/2 messages awaiting acknowledgement per client (an MQTT 5
     /// client's smaller Receive Maximum wins).

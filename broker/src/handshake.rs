@@ -12,6 +12,7 @@ use bytes::{Bytes, BytesMut};
 use tern_codec::properties::AuthProperties;
 use tern_codec::{
     decode_packet, encode_packet, Auth, Connect, DecodeError, Packet, ProtocolVersion, ReasonCode,
+    Will,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -233,6 +234,12 @@ pub fn count_decode_error(metrics: &Metrics, e: &DecodeError) {
 /// [`authenticate`].) `certificate`: the one the TLS handshake verified,
 /// which stands in for a user name and password, provided it names the
 /// identity `listeners.tls_client_identity` asks for.
+///
+/// A will is refused (0x95) when it would take more memory than the largest
+/// packet a client may send (`limits.max_packet_size`): it is kept for the
+/// connection's whole life, and each user property is a pair of handles
+/// (64 bytes) for as few as 5 bytes on the wire, so a CONNECT of empty
+/// pairs would hold 13 times its size.
 pub fn check_connect(
     broker: &Broker,
     rules: &AuthRules,
@@ -256,6 +263,9 @@ pub fn check_connect(
             || broker.config.limits.too_many_levels(topic)
         {
             return Some(ReasonCode::TopicNameInvalid);
+        }
+        if will_footprint(will) > broker.config.limits.max_packet_size as usize {
+            return Some(ReasonCode::PacketTooLarge);
         }
         // `$` topics belong to the broker: a will may not publish there, as a
         // PUBLISH may not (the ACL is checked after authentication:
@@ -438,4 +448,24 @@ mod tests {
             Some(Some("alice".into()))
         );
     }
+}
+
+/// Bytes a will holds in memory: its topic, payload and properties, each
+/// user property with the pair that holds it.
+fn will_footprint(will: &Will) -> usize {
+    let p = &will.properties;
+    let len = |b: &Option<Bytes>| b.as_ref().map_or(0, Bytes::len);
+    let pairs: usize = p
+        .user_properties
+        .iter()
+        .map(|(k, v)| {
+            k.len() + v.len() + std::mem::size_of::<tern_codec::properties::UserProperty>()
+        })
+        .sum();
+    will.topic.len()
+        + will.payload.len()
+        + len(&p.content_type)
+        + len(&p.response_topic)
+        + len(&p.correlation_data)
+        + pairs
 }

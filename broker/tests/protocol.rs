@@ -1209,3 +1209,25 @@ async fn expired_retained_messages_make_room_under_the_limits() {
     assert_eq!(server.broker().metrics.retained_refused.get(), 0);
     server.shutdown().await;
 }
+
+/// A will is kept for the connection's whole life, and each of its user
+/// properties takes 64 bytes of memory for as few as 5 on the wire: one
+/// that would hold more than `limits.max_packet_size` is refused (0x95),
+/// though its CONNECT was within that size.
+#[tokio::test]
+async fn a_will_that_would_take_more_memory_than_a_packet_may_is_refused() {
+    let server = start(|_| {}).await;
+    let empty_pairs = |n: usize| {
+        let mut connect = with_will(connect_packet("heavy", ProtocolVersion::V5));
+        if let Some(will) = &mut connect.will {
+            will.properties.user_properties = vec![(Bytes::new(), Bytes::new()); n];
+        }
+        connect
+    };
+    // 30,000 pairs: 150 KB on the wire, about 1.9 MB in memory.
+    let (_refused, ack) = RawClient::connect(addr(&server), empty_pairs(30_000)).await;
+    assert_eq!(ack.code, ReasonCode::PacketTooLarge);
+    let (_accepted, ack) = RawClient::connect(addr(&server), empty_pairs(100)).await;
+    assert_eq!(ack.code, ReasonCode::Success);
+    server.shutdown().await;
+}
