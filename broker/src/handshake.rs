@@ -393,6 +393,26 @@ pub fn auth_packet(code: ReasonCode, method: &Bytes, data: Bytes) -> Packet {
     })
 }
 
+/// Bytes a will holds in memory: its topic, payload and properties, each
+/// user property with the pair that holds it.
+fn will_footprint(will: &Will) -> usize {
+    let p = &will.properties;
+    let len = |b: &Option<Bytes>| b.as_ref().map_or(0, Bytes::len);
+    let pairs: usize = p
+        .user_properties
+        .iter()
+        .map(|(k, v)| {
+            k.len() + v.len() + std::mem::size_of::<tern_codec::properties::UserProperty>()
+        })
+        .sum();
+    will.topic.len()
+        + will.payload.len()
+        + len(&p.content_type)
+        + len(&p.response_topic)
+        + len(&p.correlation_data)
+        + pairs
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -448,24 +468,4 @@ mod tests {
             Some(Some("alice".into()))
         );
     }
-}
-
-/// Bytes a will holds in memory: its topic, payload and properties, each
-/// user property with the pair that holds it.
-fn will_footprint(will: &Will) -> usize {
-    let p = &will.properties;
-    let len = |b: &Option<Bytes>| b.as_ref().map_or(0, Bytes::len);
-    let pairs: usize = p
-        .user_properties
-        .iter()
-        .map(|(k, v)| {
-            k.len() + v.len() + std::mem::size_of::<tern_codec::properties::UserProperty>()
-        })
-        .sum();
-    will.topic.len()
-        + will.payload.len()
-        + len(&p.content_type)
-        + len(&p.response_topic)
-        + len(&p.correlation_data)
-        + pairs
 }
