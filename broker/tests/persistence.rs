@@ -945,11 +945,10 @@ async fn qos2_subscriber(server: &Server, client_id: &str, filter: &str) -> RawC
     c
 }
 
-#[tokio::test]
-async fn a_pubrel_the_store_refused_waits_until_a_retry_stores_it() {
-    // A PUBREL sent while the store still says "awaiting PUBREC" lets a
-    // crash bring the PUBLISH back, and the client, which released the
-    // packet id when it had the PUBREL, takes it for a new message.
+/// A broker on a failing store, and a durable session "receiver" that was
+/// sent one QoS 2 message it has not answered yet: the store, the broker,
+/// the receiver and the message's packet id.
+async fn one_qos2_delivery() -> (Arc<FailingStore<MemoryStore>>, Server, RawClient, u16) {
     let (store, server) = start_failing(None).await;
     let mut sub = qos2_subscriber(&server, "receiver", "q/#").await;
     let mut publisher = RawClient::connected(addr(&server), "sender", ProtocolVersion::V5).await;
@@ -958,6 +957,15 @@ async fn a_pubrel_the_store_refused_waits_until_a_retry_stores_it() {
         Some(Packet::Publish(p)) => p.packet_id.unwrap(),
         other => panic!("expected PUBLISH, got {other:?}"),
     };
+    (store, server, sub, packet_id)
+}
+
+#[tokio::test]
+async fn a_pubrel_the_store_refused_waits_until_a_retry_stores_it() {
+    // A PUBREL sent while the store still says "awaiting PUBREC" lets a
+    // crash bring the PUBLISH back, and the client, which released the
+    // packet id when it had the PUBREL, takes it for a new message.
+    let (store, server, mut sub, packet_id) = one_qos2_delivery().await;
 
     let answer =
         sent_while_the_disk_is_full(&store, &mut sub, Packet::PubRec(PubAck::new(packet_id))).await;
@@ -1031,14 +1039,7 @@ async fn a_qos2_publish_whose_packet_id_the_store_refused_waits_until_a_retry_st
 async fn a_pubrel_waiting_for_the_store_goes_once_the_session_is_no_longer_stored() {
     // Resumed with session expiry 0, the session is no longer kept in the
     // store: its PUBREL waits for nothing any more.
-    let (store, server) = start_failing(None).await;
-    let mut sub = qos2_subscriber(&server, "receiver", "q/#").await;
-    let mut publisher = RawClient::connected(addr(&server), "sender", ProtocolVersion::V5).await;
-    publisher.publish("q/1", b"once", QoS::ExactlyOnce, 1).await;
-    let packet_id = match sub.recv().await {
-        Some(Packet::Publish(p)) => p.packet_id.unwrap(),
-        other => panic!("expected PUBLISH, got {other:?}"),
-    };
+    let (store, server, mut sub, packet_id) = one_qos2_delivery().await;
     store.fail_apply(true);
     sub.send(Packet::PubRec(PubAck::new(packet_id))).await;
     sub.expect_silence(Duration::from_millis(300)).await;
