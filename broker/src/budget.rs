@@ -35,6 +35,10 @@ pub struct OutboundBudget {
     queued: AtomicI64,
     limit: i64,
     below: Notify,
+    /// Bytes of queues that no longer count towards the limit (see
+    /// `Link::exempt` in session.rs): not part of the budget, but memory
+    /// all the same, reported beside it.
+    exempt: AtomicI64,
 }
 
 /// `bytes` as a signed amount (queues never come near `i64::MAX`).
@@ -49,6 +53,7 @@ impl OutboundBudget {
             queued: AtomicI64::new(0),
             limit: signed(limit),
             below: Notify::new(),
+            exempt: AtomicI64::new(0),
         }
     }
 
@@ -70,6 +75,22 @@ impl OutboundBudget {
         if before >= self.limit && before - bytes < self.limit {
             self.below.notify_waiters();
         }
+    }
+
+    /// Records `bytes` more in queues exempted from the budget.
+    pub fn add_exempt(&self, bytes: usize) {
+        self.exempt.fetch_add(signed(bytes), Ordering::Relaxed);
+    }
+
+    /// Records `bytes` fewer in queues exempted from the budget.
+    pub fn remove_exempt(&self, bytes: usize) {
+        self.exempt.fetch_sub(signed(bytes), Ordering::Relaxed);
+    }
+
+    /// Bytes in queues exempted from the budget (a queue at its
+    /// connection's bound, or one no writer took from for a sweep period).
+    pub fn exempt_queued(&self) -> usize {
+        usize::try_from(self.exempt.load(Ordering::Relaxed)).unwrap_or(0)
     }
 
     /// The signed total: what was charged minus what was released. Briefly

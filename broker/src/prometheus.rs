@@ -100,6 +100,13 @@ pub fn render(broker: &Broker) -> String {
     );
     sample(
         m,
+        "outbound_exempt_bytes",
+        Kind::Gauge,
+        "Bytes queued for subscribers that no longer count towards the outbound budget: queues at their connection's bound (limits.max_client_outbound_bytes), or not taken from for limits.queue_full_wait_ms while the budget was over. Memory all the same.",
+        budget.exempt_queued(),
+    );
+    sample(
+        m,
         "outbound_budget_bytes",
         Kind::Gauge,
         "limits.max_outbound_bytes: above it, publishers are no longer read.",

@@ -353,13 +353,16 @@ impl Link {
         delivery.carries_message_cost = delivery.message.claim_cost();
         let size = queued_cost(&delivery);
         self.charged += size;
-        if !self.exempt {
+        if self.exempt {
+            self.budget.add_exempt(size);
+        } else {
             crate::wake_batch::charge(&self.budget, size);
             if self.charged >= bound {
                 // Charges deferred to the end of the read are released here
                 // too: the budget is signed, the two cancel out.
                 self.exempt = true;
                 self.budget.release(self.charged);
+                self.budget.add_exempt(self.charged);
             }
         }
         self.push(Outbound::Publish(delivery));
@@ -368,7 +371,9 @@ impl Link {
     /// Releases what `charged` holds of the broker's budget.
     fn release_charged(&mut self) {
         let charged = std::mem::take(&mut self.charged);
-        if !std::mem::take(&mut self.exempt) {
+        if std::mem::take(&mut self.exempt) {
+            self.budget.remove_exempt(charged);
+        } else {
             self.budget.release(charged);
         }
     }
@@ -422,6 +427,7 @@ impl Link {
         };
         self.charged -= taken;
         if self.exempt {
+            self.budget.remove_exempt(self.charged + taken);
             // The writer takes from it again: not stalled, and what is left
             // counts again (a queue back at its bound is exempted by its
             // next push). What it took was released when it was exempted.
@@ -989,6 +995,9 @@ impl Session {
             // Neither queued nor being written counts any more: a writer
             // stuck in a write to a client that stopped reading holds its
             // batch as long as the client does.
+            if !link.exempt {
+                link.budget.add_exempt(link.charged);
+            }
             link.exempt = true;
             link.writing = 0;
             link.budget.release(counted);

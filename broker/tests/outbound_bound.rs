@@ -167,3 +167,40 @@ fn a_writer_takes_at_most_a_batch_and_everything_counts_until_written() {
     assert!((3..=4).contains(&batches), "{batches} batches");
     assert_eq!(budget.balance(), 0);
 }
+
+/// Fills the queue of `session` to its bound; the budget lets go of it, and
+/// `tern_outbound_exempt_bytes` reports it instead.
+fn fill_to_the_bound(broker: &Broker) {
+    let dropped = || Metrics::get(&broker.metrics.messages_dropped_qos0);
+    let before = dropped();
+    while dropped() == before {
+        route(broker, &small_message());
+    }
+    let budget = &broker.registry.context().budget;
+    assert_eq!(budget.queued(), 0, "an exempt queue counts in the budget");
+    let exempt = budget.exempt_queued();
+    assert!(
+        (BOUND..BOUND + 1024).contains(&exempt),
+        "{exempt} bytes reported for a queue at its {BOUND}-byte bound"
+    );
+}
+
+#[test]
+fn a_queue_exempt_from_the_budget_is_still_reported_until_it_is_taken_or_dropped() {
+    let (broker, attached) = broker_attached(1, BOUND);
+    let (session, connection_id) = &attached[0];
+    let budget = &broker.registry.context().budget;
+
+    fill_to_the_bound(&broker);
+    // Taken by its writer: counted in the budget again, what is left.
+    let mut drained = VecDeque::new();
+    session.drain_outbound_any(&mut drained);
+    assert_eq!(budget.exempt_queued(), 0);
+    assert_eq!(budget.balance(), 0);
+
+    // Dropped with its connection.
+    fill_to_the_bound(&broker);
+    assert!(session.detach(*connection_id, None));
+    assert_eq!(budget.exempt_queued(), 0);
+    assert_eq!(budget.balance(), 0);
+}
