@@ -34,6 +34,20 @@ async fn subscribe_with(c: &mut RawClient, filters: Vec<SubscribeFilter>, id: Op
     assert!(matches!(c.recv().await, Some(Packet::SubAck(_))));
 }
 
+/// Sends one SUBSCRIBE of `filters` and returns its SUBACK's codes.
+async fn suback_codes(c: &mut RawClient, filters: Vec<SubscribeFilter>) -> Vec<ReasonCode> {
+    c.send(Packet::Subscribe(Subscribe {
+        packet_id: 1,
+        filters,
+        properties: Default::default(),
+    }))
+    .await;
+    match c.recv().await {
+        Some(Packet::SubAck(ack)) => ack.codes,
+        other => panic!("expected SUBACK, got {other:?}"),
+    }
+}
+
 fn publish_with(
     topic: &str,
     payload: &[u8],
@@ -782,34 +796,20 @@ async fn subscriptions_beyond_the_per_client_limit_are_refused() {
     let server = start(|c| c.limits.max_subscriptions_per_client = 3).await;
     let mut c = RawClient::connected(addr(&server), "many", V5).await;
     let filters = ["a", "b", "c", "d", "e"];
-    c.send(Packet::Subscribe(Subscribe {
-        packet_id: 1,
-        filters: filters
-            .iter()
-            .map(|f| SubscribeFilter {
-                filter: Bytes::from_static(f.as_bytes()),
-                qos: QoS::AtMostOnce,
-                no_local: false,
-                retain_as_published: false,
-                retain_handling: RetainHandling::SendAtSubscribe,
-            })
-            .collect(),
-        properties: Default::default(),
-    }))
-    .await;
-    match c.recv().await {
-        Some(Packet::SubAck(ack)) => assert_eq!(
-            ack.codes,
-            [
-                ReasonCode::Success,
-                ReasonCode::Success,
-                ReasonCode::Success,
-                ReasonCode::QuotaExceeded,
-                ReasonCode::QuotaExceeded
-            ]
-        ),
-        other => panic!("expected SUBACK, got {other:?}"),
-    }
+    let all = filters
+        .iter()
+        .map(|f| sub_filter(f, QoS::AtMostOnce))
+        .collect();
+    assert_eq!(
+        suback_codes(&mut c, all).await,
+        [
+            ReasonCode::Success,
+            ReasonCode::Success,
+            ReasonCode::Success,
+            ReasonCode::QuotaExceeded,
+            ReasonCode::QuotaExceeded
+        ]
+    );
     // At the limit, a subscription held may still be replaced, and one
     // removed makes room.
     assert_eq!(
@@ -865,29 +865,21 @@ async fn topics_and_filters_deeper_than_the_limit_are_refused() {
     assert_eq!(limit, 128, "the default");
 
     let mut c = RawClient::connected(addr(&server), "deep", V5).await;
-    c.send(Packet::Subscribe(Subscribe {
-        packet_id: 1,
-        filters: vec![
-            sub_filter(&deep(limit), QoS::AtMostOnce),
-            sub_filter(&deep(limit + 1), QoS::AtMostOnce),
-            sub_filter(&format!("$share/g/{}", deep(limit)), QoS::AtMostOnce),
-            sub_filter(&format!("{}/#", deep(limit)), QoS::AtMostOnce),
-        ],
-        properties: Default::default(),
-    }))
-    .await;
-    match c.recv().await {
-        Some(Packet::SubAck(ack)) => assert_eq!(
-            ack.codes,
-            [
-                ReasonCode::Success,
-                ReasonCode::TopicFilterInvalid,
-                ReasonCode::Success,
-                ReasonCode::TopicFilterInvalid,
-            ]
-        ),
-        other => panic!("expected SUBACK, got {other:?}"),
-    }
+    let filters = vec![
+        sub_filter(&deep(limit), QoS::AtMostOnce),
+        sub_filter(&deep(limit + 1), QoS::AtMostOnce),
+        sub_filter(&format!("$share/g/{}", deep(limit)), QoS::AtMostOnce),
+        sub_filter(&format!("{}/#", deep(limit)), QoS::AtMostOnce),
+    ];
+    assert_eq!(
+        suback_codes(&mut c, filters).await,
+        [
+            ReasonCode::Success,
+            ReasonCode::TopicFilterInvalid,
+            ReasonCode::Success,
+            ReasonCode::TopicFilterInvalid,
+        ]
+    );
     assert_eq!(server.broker().metrics.subscriptions_refused.get(), 2);
     assert_eq!(server.broker().router.subscription_count(), 2);
 
