@@ -189,6 +189,7 @@ impl Broker {
         metrics: Arc<Metrics>,
         persistence: Option<Arc<Persistence>>,
     ) -> Arc<Broker> {
+        let keep_alive = KeepAlive::default();
         let registry = SessionRegistry::new(
             config.limits.max_connections,
             config.limits.max_sessions,
@@ -202,6 +203,7 @@ impl Broker {
                 budget: Arc::new(OutboundBudget::new(config.limits.max_outbound_bytes)),
                 persistence: persistence.clone(),
                 store_retries: Default::default(),
+                clock: Arc::clone(keep_alive.clock()),
             },
         );
         Arc::new(Broker {
@@ -220,7 +222,7 @@ impl Broker {
             registry,
             metrics,
             persistence,
-            keep_alive: KeepAlive::default(),
+            keep_alive,
             started: Instant::now(),
             tls: parking_lot::RwLock::new(None),
             shutdown: watch::channel(false).0,

@@ -119,6 +119,17 @@ impl InflightWindow {
         self.entries.iter()
     }
 
+    /// Every entry's delivery, to change what it carries (not its packet id
+    /// or state, which the counters follow).
+    pub fn deliveries_mut(&mut self) -> impl Iterator<Item = &mut Delivery> {
+        self.entries.iter_mut().map(|entry| &mut entry.delivery)
+    }
+
+    /// One entry's delivery, as [`deliveries_mut`](Self::deliveries_mut).
+    pub fn delivery_mut(&mut self, index: usize) -> &mut Delivery {
+        &mut self.entries[index].delivery
+    }
+
     pub fn get(&self, index: usize) -> &Inflight {
         &self.entries[index]
     }

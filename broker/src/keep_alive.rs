@@ -5,9 +5,9 @@
 //! in every connection's task (112 bytes of its idle memory) and re-arm it
 //! on every read. Instead:
 //!
-//! - [`KeepAlive`] keeps a millisecond clock that the sweep advances, so
-//!   reading it is one relaxed load, and the connections it watches (those
-//!   with a keep alive, by connection id).
+//! - [`KeepAlive`] keeps the broker's [`CoarseClock`], which the sweep
+//!   advances, so reading it is one relaxed load, and the connections it
+//!   watches (those with a keep alive, by connection id).
 //! - A connection stamps its [`ConnectionControl`] with that clock whenever
 //!   a read decodes a packet.
 //! - [`run`] wakes every [`SWEEP_INTERVAL`], advances the clock and closes
@@ -31,14 +31,14 @@
 //! expired connections; connections are closed after it is released.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use parking_lot::Mutex;
 use tern_codec::ReasonCode;
 
 use crate::broker::Broker;
+use crate::clock::CoarseClock;
 use crate::metrics::Metrics;
 use crate::session::ConnectionControl;
 
@@ -49,12 +49,11 @@ pub const SWEEP_INTERVAL: Duration = Duration::from_millis(250);
 
 const SWEEP_INTERVAL_MS: u64 = SWEEP_INTERVAL.as_millis() as u64;
 
-/// The broker's keep alive clock and the connections it watches.
-#[derive(Debug)]
+/// The broker's coarse clock and the connections keep alive watches.
+#[derive(Debug, Default)]
 pub struct KeepAlive {
-    origin: Instant,
-    /// Milliseconds since `origin` at the last sweep.
-    now_ms: AtomicU64,
+    /// Advanced by each sweep; shared with the sessions (`SessionContext`).
+    clock: Arc<CoarseClock>,
     watched: Mutex<HashMap<u64, Watched>>,
 }
 
@@ -67,20 +66,15 @@ struct Watched {
     incomplete_only: bool,
 }
 
-impl Default for KeepAlive {
-    fn default() -> Self {
-        KeepAlive {
-            origin: Instant::now(),
-            now_ms: AtomicU64::new(0),
-            watched: Mutex::new(HashMap::new()),
-        }
-    }
-}
-
 impl KeepAlive {
     /// The clock as of the last sweep, in milliseconds.
     pub fn now_ms(&self) -> u64 {
-        self.now_ms.load(Ordering::Relaxed)
+        self.clock.now_ms()
+    }
+
+    /// The clock the sweep advances.
+    pub fn clock(&self) -> &Arc<CoarseClock> {
+        &self.clock
     }
 
     /// Starts watching a connection that asked for `keep_alive`. Its stamp
@@ -123,8 +117,7 @@ impl KeepAlive {
     /// Advances the clock and returns the connections that have just run
     /// out of time (not those already closing).
     pub fn expired(&self) -> Vec<Arc<ConnectionControl>> {
-        let now = self.origin.elapsed().as_millis() as u64;
-        self.now_ms.store(now, Ordering::Relaxed);
+        let now = self.clock.advance();
         self.expired_at(now)
     }
 

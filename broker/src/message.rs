@@ -51,6 +51,10 @@ pub struct Message {
     /// Set once a delivery carries [`MESSAGE_COST`] (see
     /// [`claim_cost`](Message::claim_cost)).
     cost_claimed: AtomicBool,
+    /// Topic, payload and properties are allocations of their own (a copy,
+    /// or read back from the store), not slices of a read buffer: there is
+    /// nothing to detach.
+    owns_bytes: bool,
 }
 
 /// What a message costs in memory beside its bytes: the shared `Message`
@@ -117,6 +121,7 @@ impl Message {
         let mut message = Message::unshared(topic, payload, qos, retain, properties, 0);
         message.expires_at = expires_at;
         message.store_id = OnceLock::from(store_id);
+        message.owns_bytes = true;
         Arc::new(message)
     }
 
@@ -138,18 +143,23 @@ impl Message {
             detached: OnceLock::new(),
             weight: self.weight,
             cost_claimed: AtomicBool::new(false),
+            owns_bytes: true,
         })
     }
 
-    /// The message for a queue that may wait long (an offline session's):
-    /// a compacted copy, made once and shared by every such queue, so that
-    /// queued deliveries never keep the read buffers their messages came in
-    /// alive (a trickle of one message per read would otherwise pin a
-    /// whole pooled buffer per queued message). The copy keeps the store id
-    /// the message had when it was made: give the message its id first
-    /// (`Persistence::store_id`), so that the copy and the message are one
-    /// stored record.
-    pub fn detached(&self) -> Arc<Message> {
+    /// The message for a queue that may wait long (an offline session's, or
+    /// one its client stopped taking from: stall.rs): a compacted copy,
+    /// made once and shared by every such queue, so that queued deliveries
+    /// never keep the read buffers their messages came in alive (a trickle
+    /// of one message per read would otherwise pin a whole pooled buffer
+    /// per queued message). A message that owns its bytes already is its
+    /// own. The copy keeps the store id the message had when it was made:
+    /// give the message its id first (`Persistence::store_id`), so that the
+    /// copy and the message are one stored record.
+    pub fn detached(self: &Arc<Self>) -> Arc<Message> {
+        if self.owns_bytes {
+            return Arc::clone(self);
+        }
         Arc::clone(self.detached.get_or_init(|| self.compacted()))
     }
 
@@ -180,6 +190,7 @@ impl Message {
             detached: OnceLock::new(),
             weight,
             cost_claimed: AtomicBool::new(false),
+            owns_bytes: false,
         }
     }
 
@@ -322,5 +333,22 @@ mod tests {
         assert!(!read_buffer.as_ptr_range().contains(&first.payload.as_ptr()));
         drop(message);
         assert_eq!(Arc::strong_count(&first), 2, "outlives the original");
+    }
+
+    #[test]
+    fn a_message_that_owns_its_bytes_is_not_copied_again() {
+        let read_buffer = Bytes::from(vec![b'a'; 4096]);
+        let copy = decoded(&read_buffer).detached();
+        assert!(Arc::ptr_eq(&copy.detached(), &copy));
+        let restored = Message::restored(
+            Bytes::from_static(b"t"),
+            Bytes::from_static(b"p"),
+            QoS::AtLeastOnce,
+            false,
+            PublishProperties::default(),
+            None,
+            9,
+        );
+        assert!(Arc::ptr_eq(&restored.detached(), &restored));
     }
 }

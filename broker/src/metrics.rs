@@ -113,6 +113,10 @@ counters! {
     messages_dropped_oversized,
     /// Messages not delivered because their expiry interval ran out.
     messages_expired,
+    /// Queues of connected clients found stalled: holding messages their
+    /// client took nothing of for a quarter of a second or more. What they
+    /// hold is then copied out of the read buffers it arrived in.
+    queues_stalled,
     /// Packets that could not be decoded.
     malformed_packets,
     /// Well-formed packets that broke a protocol rule.

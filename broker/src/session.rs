@@ -64,6 +64,7 @@ use tokio::sync::Notify;
 use crate::acl::DeniedTopics;
 use crate::auth_rules::Login;
 use crate::budget::{OutboundBudget, HEADER_ALLOWANCE};
+use crate::clock::CoarseClock;
 use crate::incoming_qos2::{IncomingQos2, Opened};
 use crate::inflight::{Inflight, InflightState, InflightWindow};
 use crate::message::Message;
@@ -71,6 +72,7 @@ use crate::metrics::Metrics;
 use crate::overflow::Overflow;
 use crate::persistence::{unix_secs, will_record, Journal, Persistence};
 use crate::signal::Signal;
+use crate::stall::{StallWatch, Waiting};
 
 pub use crate::subscription_ids::SubscriptionIds;
 
@@ -341,6 +343,8 @@ struct Link {
     stall_mark: bool,
     /// Items of `outbound` that are not PUBLISH (acks, PINGRESP ...).
     controls: usize,
+    /// Whether the writer still takes the PUBLISHes queued (stall.rs).
+    stall: StallWatch,
     budget: Arc<OutboundBudget>,
     /// How its client was let in (`AttachParams::login`).
     login: Login,
@@ -378,6 +382,14 @@ impl Link {
         }
     }
 
+    /// What a PUBLISH queued now waits behind (stall.rs): acks and
+    /// PINGRESPs pin no read buffer, so only PUBLISHes count.
+    #[inline]
+    fn publish_waits(&mut self, clock: &CoarseClock) -> Waiting {
+        let ahead = self.outbound.len() - self.controls;
+        self.stall.queued(ahead, || clock.now_ms())
+    }
+
     /// Queues an item, waking the writer only when the queue was empty: the
     /// writer takes the whole queue each time it runs, so one wake-up per
     /// batch is enough (and a wake-up costs more than the push). Inside a
@@ -400,8 +412,9 @@ impl Link {
     /// `writing`, until the writer comes back for more (it has written the
     /// batch then) or the link ends. What it left still counts.
     /// Returns the bytes of PUBLISHes it took.
-    fn drain_into(&mut self, out: &mut VecDeque<Outbound>) -> usize {
+    fn drain_into(&mut self, out: &mut VecDeque<Outbound>, now_ms: u64) -> usize {
         self.stall_mark = false;
+        self.stall.taken(now_ms);
         self.budget.release(std::mem::take(&mut self.writing));
         let taken = if self.charged <= WRITE_BATCH_BYTES {
             if out.is_empty() {
@@ -472,6 +485,8 @@ pub struct SessionContext {
     /// The durable store; `None` in memory mode.
     pub persistence: Option<Arc<Persistence>>,
     pub store_retries: StoreRetries,
+    /// The broker's coarse clock (stall.rs reads it per queued message).
+    pub clock: Arc<CoarseClock>,
 }
 
 /// How often an in-flight state the store refused is written again (see
@@ -543,6 +558,9 @@ struct SessionState {
     pending: VecDeque<Delivery>,
     /// Topic + payload bytes of `pending`.
     pending_bytes: usize,
+    /// Whether the connected client still makes room for `pending` (by
+    /// acknowledging, or reading what its connection queued), stall.rs.
+    pending_stall: StallWatch,
     /// QoS 2 packet ids received and not yet released (PUBREL), and which
     /// of them the current connection opened (incoming_qos2.rs). Boxed and
     /// made at the first one: most clients never publish with QoS 2.
@@ -670,6 +688,7 @@ impl Session {
                 inflight: InflightWindow::default(),
                 pending: VecDeque::new(),
                 pending_bytes: 0,
+                pending_stall: StallWatch::default(),
                 incoming_qos2: None,
                 pending_will: None,
                 timers: SmallVec::new(),
@@ -798,6 +817,8 @@ impl Session {
                 InflightState::Persisting | InflightState::Releasing => {}
             }
         }
+        let now_ms = self.context.clock.now_ms();
+        st.pending_stall.taken(now_ms);
         let mut link = Link {
             connection_id: params.connection_id,
             control,
@@ -807,6 +828,7 @@ impl Session {
             writing: 0,
             stall_mark: false,
             controls: 0,
+            stall: StallWatch::new(now_ms),
             budget: Arc::clone(&self.context.budget),
             login: params.login,
         };
@@ -1466,6 +1488,16 @@ impl Session {
                     Op::PutQueueEntry(entry)
                 });
             }
+            if st.link.is_some() {
+                let clock = &self.context.clock;
+                let waiting = st.pending_stall.queued(st.pending.len(), || clock.now_ms());
+                if waiting == Waiting::NewlyStalled {
+                    self.detach_held(st);
+                }
+                if waiting != Waiting::Briefly {
+                    delivery.message = self.detached(&delivery.message);
+                }
+            }
             push_pending(st, delivery);
         }
         if over_bound {
@@ -1514,9 +1546,7 @@ impl Session {
             Metrics::inc(&self.context.metrics.messages_dropped_qos0);
             return Admission::Dropped;
         };
-        if let Some(link) = &mut st.link {
-            link.push_publish(delivery, self.context.max_client_outbound_bytes);
-        }
+        self.push_to_link(st, delivery, None);
         admission
     }
 
@@ -1867,10 +1897,7 @@ impl Session {
         };
         if st.link.is_some() {
             st.inflight.set_state(i, InflightState::Sent);
-            let delivery = st.inflight.get(i).delivery.clone();
-            if let Some(link) = &mut st.link {
-                link.push_publish(delivery, self.context.max_client_outbound_bytes);
-            }
+            self.push_inflight_to_link(&mut st, i);
         } else {
             // Offline meanwhile: the next attach sends it.
             st.inflight.set_state(i, InflightState::Resend);
@@ -2014,7 +2041,7 @@ impl Session {
             match &mut st.link {
                 Some(link) if link.connection_id == connection_id => {
                     let now = Instant::now();
-                    if link.drain_into(out) > 0 {
+                    if link.drain_into(out, self.context.clock.now_ms()) > 0 {
                         // The writer wrote its last batch and came back for
                         // PUBLISHes: the client is reading.
                         self.note_progress(&mut st, now);
@@ -2037,7 +2064,7 @@ impl Session {
     pub fn drain_outbound_any(&self, out: &mut VecDeque<Outbound>) {
         let mut st = self.state.lock();
         if let Some(link) = &mut st.link {
-            link.drain_into(out);
+            link.drain_into(out, self.context.clock.now_ms());
             link.budget.release(std::mem::take(&mut link.writing));
         }
     }
@@ -2130,12 +2157,84 @@ impl Session {
                 });
             }
         }
-        if state == InflightState::Sent {
-            let delivery = sent.delivery.clone();
-            if let Some(link) = &mut st.link {
-                link.push_publish(delivery, self.context.max_client_outbound_bytes);
+        if state == InflightState::Sent && st.link.is_some() {
+            let index = st.inflight.len() - 1;
+            self.push_inflight_to_link(st, index);
+        }
+    }
+
+    /// Queues the PUBLISH of in-flight entry `index` for the attached
+    /// connection (see [`push_to_link`](Self::push_to_link)).
+    fn push_inflight_to_link(&self, st: &mut SessionState, index: usize) {
+        let delivery = st.inflight.get(index).delivery.clone();
+        self.push_to_link(st, delivery, Some(index));
+    }
+
+    /// Queues a PUBLISH for the attached connection. If the connection's
+    /// queue is stalled (stall.rs), the message is detached from its read
+    /// buffer first, with the in-flight entry `inflight` the delivery is a
+    /// copy of; the first time, so is everything else held for the client.
+    #[inline]
+    fn push_to_link(&self, st: &mut SessionState, delivery: Delivery, inflight: Option<usize>) {
+        let Some(link) = st.link.as_mut() else {
+            return;
+        };
+        match link.publish_waits(&self.context.clock) {
+            Waiting::Briefly => link.push_publish(delivery, self.context.max_client_outbound_bytes),
+            waiting => self.push_detached_to_link(st, delivery, inflight, waiting),
+        }
+    }
+
+    /// [`push_to_link`](Self::push_to_link) for a stalled queue.
+    #[cold]
+    fn push_detached_to_link(
+        &self,
+        st: &mut SessionState,
+        mut delivery: Delivery,
+        inflight: Option<usize>,
+        waiting: Waiting,
+    ) {
+        if waiting == Waiting::NewlyStalled {
+            self.detach_held(st);
+        }
+        let message = self.detached(&delivery.message);
+        if let Some(index) = inflight {
+            st.inflight.delivery_mut(index).message = Arc::clone(&message);
+        }
+        delivery.message = message;
+        if let Some(link) = st.link.as_mut() {
+            link.push_publish(delivery, self.context.max_client_outbound_bytes);
+        }
+    }
+
+    /// `message`, detached from its read buffer (`Message::detached`), once
+    /// it has its store id when there is a store: the copy then stays one
+    /// stored record with it, whichever session copies it first.
+    fn detached(&self, message: &Arc<Message>) -> Arc<Message> {
+        if let Some(p) = &self.context.persistence {
+            p.store_id(message);
+        }
+        message.detached()
+    }
+
+    /// A queue of the connected client is found stalled (stall.rs): every
+    /// message held for it (its connection's queue, the in-flight window,
+    /// the QoS 1/2 queue) is replaced by its detached copy, so what the
+    /// client does not take keeps no read buffer alive.
+    fn detach_held(&self, st: &mut SessionState) {
+        Metrics::inc(&self.context.metrics.queues_stalled);
+        let mut detach = |delivery: &mut Delivery| {
+            delivery.message = self.detached(&delivery.message);
+        };
+        if let Some(link) = st.link.as_mut() {
+            for item in &mut link.outbound {
+                if let Outbound::Publish(delivery) = item {
+                    detach(delivery);
+                }
             }
         }
+        st.inflight.deliveries_mut().for_each(&mut detach);
+        st.pending.iter_mut().for_each(&mut detach);
     }
 
     /// True when a connection is attached and its unwritten bytes are under
@@ -2157,10 +2256,7 @@ impl Session {
             // Messages from an earlier connection go first, in order.
             if let Some(i) = st.inflight.first_resend() {
                 st.inflight.set_state(i, InflightState::Sent);
-                let delivery = st.inflight.get(i).delivery.clone();
-                if let Some(link) = &mut st.link {
-                    link.push_publish(delivery, self.context.max_client_outbound_bytes);
-                }
+                self.push_inflight_to_link(st, i);
                 continue;
             }
             if let Some(backlog) = st.backlog.as_mut() {
@@ -2176,6 +2272,7 @@ impl Session {
             let Some(delivery) = remove_pending(st, 0) else {
                 break;
             };
+            st.pending_stall.taken(self.context.clock.now_ms());
             if delivery.message.is_expired(now) {
                 Metrics::inc(&self.context.metrics.messages_expired);
                 self.forget(st, &delivery, journal);

@@ -534,3 +534,67 @@ async fn messages_queued_for_a_stalled_subscriber_do_not_pin_read_buffers() {
     drop(sleeper);
     server.shutdown().await;
 }
+
+/// A subscriber of one topic among many that stops reading: each read of
+/// the publisher's stream carries one message for it among 31 for nobody.
+/// Once its queue is found stalled (its writer took nothing for a quarter
+/// of a second), what it holds, and what is queued for it after, is copied
+/// out of the read buffers, so each read's buffer goes back to the pool.
+/// Before, each queued message kept its whole buffer alive, and every read
+/// had to allocate a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_held_for_a_stalled_subscriber_leave_the_read_buffers_they_came_in() {
+    const TOPICS: usize = 32;
+    const READS: u64 = 200;
+    let server = start(|c| {
+        c.limits.max_inflight = UNREAD_BACKLOG;
+        c.limits.max_client_outbound_bytes = 64 * 1024 * 1024;
+        c.limits.max_outbound_bytes = 256 * 1024 * 1024;
+    })
+    .await;
+    let broker = std::sync::Arc::clone(server.broker());
+    let mut sleeper = RawClient::connected(addr(&server), "sleeper", ProtocolVersion::V5).await;
+    sleeper.subscribe("feed/0", QoS::AtLeastOnce).await;
+    // Its socket buffers full, its writer stuck, and its queue far from its
+    // bound: what follows is queued.
+    publish_unread_backlog(&server, "feed/0").await;
+
+    // One write (and read) of 32 messages of 64 bytes, 2.5 KiB: more than
+    // `SMALL_READ`, so the messages are slices of the pooled buffer.
+    let mut stream = bytes::BytesMut::new();
+    for topic in 0..TOPICS {
+        let publish = publish_packet(&format!("feed/{topic}"), &[5; 64], QoS::AtMostOnce, None);
+        tern_codec::encode_packet(&publish, ProtocolVersion::V5, &mut stream).unwrap();
+    }
+    let mut publisher = RawClient::connected(addr(&server), "stream", ProtocolVersion::V5).await;
+    async fn send_read(publisher: &mut RawClient, stream: &[u8]) {
+        publisher.send_bytes(stream).await;
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let stalled = || broker.metrics.queues_stalled.get();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while stalled() == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never found stalled"
+        );
+        send_read(&mut publisher, &stream).await;
+    }
+
+    let (_, misses_before) = broker.pool.stats();
+    for _ in 0..READS {
+        send_read(&mut publisher, &stream).await;
+    }
+    // A PINGRESP: every read before it was handled.
+    publisher.send(Packet::PingReq).await;
+    assert!(matches!(publisher.recv().await, Some(Packet::PingResp)));
+    let (_, misses) = broker.pool.stats();
+    assert!(
+        misses - misses_before < READS / 4,
+        "{} reads of {READS} found no free read buffer",
+        misses - misses_before
+    );
+    assert_eq!(stalled(), 1, "found stalled once, until it takes again");
+    drop(sleeper);
+    server.shutdown().await;
+}
