@@ -523,11 +523,8 @@ impl Config {
         if l.max_retained_bytes < 1024 {
             return invalid("limits.max_retained_bytes", "must be at least 1024");
         }
-        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
-            return invalid(
-                "log.level",
-                "not a valid log filter (try `info` or `debug`)",
-            );
+        if let Some(problem) = log_filter_problem(&self.log.level) {
+            return invalid("log.level", &problem);
         }
         let st = &self.storage;
         if st.data_dir.as_os_str().is_empty() {
@@ -596,9 +593,55 @@ impl Config {
     }
 }
 
+/// Why `filter` is not a log filter Tern accepts, if it is not: a level
+/// (`error`, `warn`, `info`, `debug`, `trace`, `off`) or `tracing`
+/// directives of the form `target=level`, comma-separated. `tracing` reads a
+/// bare word as a target to log at every level, so a mistyped level
+/// (`"wran"`) would switch every other log line off, errors included: a
+/// bare word must be a level.
+fn log_filter_problem(filter: &str) -> Option<String> {
+    const LEVELS: [&str; 6] = ["error", "warn", "info", "debug", "trace", "off"];
+    for directive in filter.split(',').map(str::trim) {
+        if directive.is_empty() {
+            return Some("an empty directive (try `info` or `tern=debug,info`)".to_owned());
+        }
+        if !directive.contains('=') && !LEVELS.iter().any(|l| directive.eq_ignore_ascii_case(l)) {
+            return Some(format!(
+                "`{directive}` is not a level: one of error, warn, info, debug, trace, off, \
+                 or a directive such as `tern=debug`"
+            ));
+        }
+    }
+    tracing_subscriber::EnvFilter::try_new(filter)
+        .err()
+        .map(|e| format!("not a valid log filter ({e}); try `info` or `tern=debug,info`"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_log_level_must_be_a_level_or_a_directive() {
+        for good in ["info", "WARN", "off", "tern=debug,info", "tern=trace, warn"] {
+            assert_eq!(log_filter_problem(good), None, "{good}");
+        }
+        for bad in [
+            "loud",
+            "wran",
+            "errror",
+            "warnings",
+            "",
+            "info,",
+            "tern=bogus",
+        ] {
+            let problem = log_filter_problem(bad);
+            assert!(problem.is_some(), "{bad:?} accepted");
+        }
+        let e = Config::from_toml("[log]\nlevel = \"wran\"\n").unwrap_err();
+        assert!(e.to_string().contains("log.level"), "{e}");
+        assert!(e.to_string().contains("`wran` is not a level"), "{e}");
+    }
 
     #[test]
     fn empty_file_is_the_embedded_default() {
