@@ -502,6 +502,10 @@ struct Connection {
     /// copy of `ConnectionControl::is_incomplete`; kept up to date only
     /// without keep alive).
     incomplete: bool,
+    /// The CONNECT asked for a session expiry of 0 (or none): its DISCONNECT
+    /// may not raise it (MQTT-3.14.2-2). `expiry_interval` may be 0 for
+    /// another reason, `limits.max_session_expiry_secs`.
+    connect_expiry_zero: bool,
     send_quota: u16,
     client_max_packet: Option<u32>,
     client_topic_alias_max: u16,
@@ -675,6 +679,7 @@ impl Connection {
             expiry_interval,
             keep_alive,
             incomplete: false,
+            connect_expiry_zero: requested_expiry == 0,
             send_quota,
             client_max_packet: connect.properties.maximum_packet_size,
             client_topic_alias_max: if v5 {
@@ -1518,7 +1523,7 @@ impl Connection {
     fn on_disconnect(&mut self, disconnect: Disconnect) -> Result<(), Exit> {
         if let Some(secs) = disconnect.properties.session_expiry_interval {
             // MQTT-3.14.2-2: an expiry of 0 at CONNECT cannot be raised now.
-            if self.expiry_interval == 0 && secs != 0 {
+            if self.connect_expiry_zero && secs != 0 {
                 return Err(self.protocol_error("session expiry raised from 0 at DISCONNECT"));
             }
             let secs = secs.min(self.broker.config.limits.max_session_expiry_secs);

@@ -591,6 +591,39 @@ async fn disconnect_may_change_session_expiry() {
     server.shutdown().await;
 }
 
+/// MQTT-3.14.2-2 is about the CONNECT's value: a client that asked for an
+/// expiry the broker capped to 0 has not broken the rule by asking again at
+/// DISCONNECT. Its normal disconnection stands (no will), and the cap still
+/// holds (the session ends).
+#[tokio::test]
+async fn an_expiry_the_broker_capped_to_0_may_be_asked_for_again_at_disconnect() {
+    let server = start(|c| c.limits.max_session_expiry_secs = 0).await;
+    let mut watcher = RawClient::connected(addr(&server), "watcher", V5).await;
+    watcher.subscribe("wills/#", QoS::AtMostOnce).await;
+    let mut connect = connect_packet("capped", V5);
+    connect.properties.session_expiry_interval = Some(100);
+    connect.will = Some(tern_codec::Will {
+        topic: Bytes::from_static(b"wills/capped"),
+        payload: Bytes::from_static(b"gone"),
+        qos: QoS::AtMostOnce,
+        retain: false,
+        properties: Default::default(),
+    });
+    let (mut c, connack) = RawClient::connect(addr(&server), connect).await;
+    assert_eq!(connack.properties.session_expiry_interval, Some(0));
+    let mut d = tern_codec::Disconnect::default();
+    d.properties.session_expiry_interval = Some(10);
+    c.send(Packet::Disconnect(d)).await;
+    let seen = c.expect_closed().await;
+    assert!(seen.is_empty(), "closed without a DISCONNECT: {seen:?}");
+    eventually("session gone", || {
+        server.broker().registry.session_count() == 1
+    })
+    .await;
+    watcher.expect_silence(Duration::from_millis(300)).await;
+    server.shutdown().await;
+}
+
 #[tokio::test]
 async fn shared_messages_of_a_departing_member_go_to_another_member() {
     let server = start(|_| {}).await;
