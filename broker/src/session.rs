@@ -1784,11 +1784,23 @@ impl Session {
                     }
                     self.fill_window(&mut st, Instant::now(), &mut journal);
                 }
-                None => push_to(
-                    &mut st,
-                    connection_id,
-                    pubrel(packet_id, ReasonCode::PacketIdentifierNotFound),
-                ),
+                None => {
+                    // A PUBREC again for a message already released: its
+                    // PUBREL goes again (MQTT 5 4.3.3), or is on its way
+                    // once the store has the PUBREC (`Releasing`).
+                    let released = st
+                        .inflight
+                        .position(packet_id)
+                        .map(|i| st.inflight.get(i).state());
+                    let code = match released {
+                        Some(InflightState::Released) => Some(ReasonCode::Success),
+                        Some(InflightState::Releasing) => None,
+                        _ => Some(ReasonCode::PacketIdentifierNotFound),
+                    };
+                    if let Some(code) = code {
+                        push_to(&mut st, connection_id, pubrel(packet_id, code));
+                    }
+                }
             }
         }
         self.commit(journal);

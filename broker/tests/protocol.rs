@@ -498,6 +498,34 @@ async fn overlapping_subscriptions_deliver_one_copy_at_highest_qos() {
     server.shutdown().await;
 }
 
+/// A PUBREC repeated for a message whose PUBREL was sent (the client lost
+/// track of it) is answered with that PUBREL again, Success: the packet id is
+/// still in use, waiting for PUBCOMP (MQTT 5 4.3.3). An id the broker holds
+/// nothing for gets 0x92.
+#[tokio::test]
+async fn a_repeated_pubrec_gets_the_pubrel_again() {
+    let server = start(|_| {}).await;
+    let mut sub = RawClient::connected(addr(&server), "sub", V5).await;
+    sub.subscribe("twice", QoS::ExactlyOnce).await;
+    let mut publisher = RawClient::connected(addr(&server), "pub", V5).await;
+    publisher.publish("twice", b"x", QoS::ExactlyOnce, 1).await;
+    let id = sub.recv_publish().await.packet_id.unwrap();
+    for _ in 0..2 {
+        sub.send(Packet::PubRec(PubAck::new(id))).await;
+        match sub.recv().await {
+            Some(Packet::PubRel(r)) => assert_eq!((r.packet_id, r.code), (id, ReasonCode::Success)),
+            other => panic!("expected PUBREL, got {other:?}"),
+        }
+    }
+    sub.send(Packet::PubComp(PubAck::new(id))).await;
+    sub.send(Packet::PubRec(PubAck::new(id))).await;
+    match sub.recv().await {
+        Some(Packet::PubRel(r)) => assert_eq!(r.code, ReasonCode::PacketIdentifierNotFound),
+        other => panic!("expected PUBREL, got {other:?}"),
+    }
+    server.shutdown().await;
+}
+
 #[tokio::test]
 async fn qos_is_downgraded_to_the_subscription_maximum() {
     let server = start(|_| {}).await;
