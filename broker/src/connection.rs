@@ -21,7 +21,6 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -346,8 +345,8 @@ where
     // Attach before CONNACK so that every exit from here on (a failed CONNACK
     // write included) runs the close-down logic of `Connection`. Nothing else
     // writes to the socket until the writer starts, so CONNACK stays first.
-    let control = Arc::new(ConnectionControl::default());
-    if !conn.attach(Arc::clone(&control), login.clone()) {
+    let control = Arc::clone(&conn.control);
+    if !conn.attach(login.clone()) {
         tracing::debug!(%peer, "session replaced before it could be attached");
         return None;
     };
@@ -520,8 +519,10 @@ struct Connection {
     /// Enhanced authentication, when CONNECT chose a method. Boxed: few
     /// clients use it.
     enhanced_auth: Option<Box<EnhancedAuth>>,
-    /// Acknowledgements waiting for the store (see [`Connection::acknowledge`]).
-    deferred_acks: Arc<AtomicUsize>,
+    /// The connection's shared signals and flags; also counts the
+    /// acknowledgements waiting for the store (see
+    /// [`Connection::acknowledge_then`]).
+    control: Arc<ConnectionControl>,
     /// A subscriber whose full queue took this client's last publish beyond
     /// its bound: the reader waits for it before reading on.
     full_queue: Option<Arc<Session>>,
@@ -698,7 +699,7 @@ impl Connection {
                     reauthentication: None,
                 })
             }),
-            deferred_acks: Arc::new(AtomicUsize::new(0)),
+            control: Arc::new(ConnectionControl::default()),
             full_queue: None,
             recent_route: None,
             staged: StagedFanout::default(),
@@ -716,7 +717,7 @@ impl Connection {
     /// connection (on any path, panics included) runs the close-down logic;
     /// [`finish`](Self::finish) does the same with the will decision made.
     /// False when the session was replaced before it could be attached.
-    fn attach(&mut self, control: Arc<ConnectionControl>, login: Login) -> bool {
+    fn attach(&mut self, login: Login) -> bool {
         let Some(generation) = self.session.attach(
             AttachParams {
                 connection_id: self.connection_id,
@@ -726,7 +727,7 @@ impl Connection {
                 owner: login.user.clone(),
                 login,
             },
-            Arc::clone(&control),
+            Arc::clone(&self.control),
             self.will.as_deref(),
         ) else {
             return false;
@@ -734,13 +735,13 @@ impl Connection {
         self.attached = Some(generation);
         self.broker.keep_alive.watch(
             self.connection_id,
-            &control,
+            &self.control,
             Duration::from_secs(self.keep_alive.into()),
             Duration::from_secs(self.broker.config.limits.incomplete_packet_timeout_secs),
         );
         if self.broker.is_shutting_down() {
             // Attached after shutdown kicked every attached session.
-            control.close(Some(ReasonCode::ServerShuttingDown));
+            self.control.close(Some(ReasonCode::ServerShuttingDown));
         }
         true
     }
@@ -853,7 +854,7 @@ impl Connection {
                 }
                 let budget = &self.broker.registry.context().budget;
                 let unsent = session.control_backlog(self.connection_id)
-                    + self.deferred_acks.load(Ordering::Acquire);
+                    + self.control.acks_awaiting_store();
                 let backlog = unsent > MAX_UNSENT_CONTROL_PACKETS;
                 let full_queue = self.full_queue.take();
                 if backlog || full_queue.is_some() || budget.is_over() {
@@ -1051,20 +1052,20 @@ impl Connection {
             then(true);
             return;
         };
-        if !journal.must_wait() && self.deferred_acks.load(Ordering::Acquire) == 0 {
+        if !journal.must_wait() && self.control.acks_awaiting_store() == 0 {
             self.send(packet);
             then(true);
             return;
         }
-        self.deferred_acks.fetch_add(1, Ordering::AcqRel);
+        self.control.ack_awaits_store();
         let session = Arc::clone(&self.session);
         let (connection_id, v5) = (self.connection_id, self.protocol.is_v5());
-        let deferred = Arc::clone(&self.deferred_acks);
+        let deferred = Arc::clone(&self.control);
         journal.after(move |result| {
             match result {
                 Ok(()) if holds() => {
                     session.send_control(connection_id, packet);
-                    deferred.fetch_sub(1, Ordering::AcqRel);
+                    deferred.ack_released();
                     then(true);
                 }
                 _ => {
@@ -1078,7 +1079,7 @@ impl Connection {
                         }
                         None => session.close_connection(connection_id, None),
                     }
-                    deferred.fetch_sub(1, Ordering::AcqRel);
+                    deferred.ack_released();
                 }
             }
         });

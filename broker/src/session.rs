@@ -51,7 +51,7 @@
 //! router or session; a session lock is always the innermost).
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -236,9 +236,33 @@ pub struct ConnectionControl {
     last_packet_ms: AtomicU64,
     /// The reader holds an incomplete packet (see keep_alive.rs).
     incomplete: AtomicBool,
+    /// Acknowledgements the reader has decided that wait for the store
+    /// (`Connection::acknowledge_then`). A closing writer waits for them
+    /// (within the close grace): a PUBACK or PUBCOMP whose effect is
+    /// durable must reach the client, or after a restart it is told 0x92
+    /// for a flow the broker completed.
+    acks_awaiting_store: AtomicUsize,
 }
 
 impl ConnectionControl {
+    /// An acknowledgement now waits for the store.
+    pub fn ack_awaits_store(&self) {
+        self.acks_awaiting_store.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// An acknowledgement that waited for the store was queued (or its
+    /// refusal was): after the last, a closing writer may finish.
+    pub fn ack_released(&self) {
+        if self.acks_awaiting_store.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.wake_writer.raise();
+        }
+    }
+
+    /// Acknowledgements waiting for the store now.
+    pub fn acks_awaiting_store(&self) -> usize {
+        self.acks_awaiting_store.load(Ordering::Acquire)
+    }
+
     /// Asks the connection to close; the first reason given wins.
     pub fn close(&self, reason: Option<ReasonCode>) {
         {

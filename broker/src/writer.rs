@@ -93,7 +93,10 @@ pub fn write_loop<W: AsyncWrite + Unpin>(
                 chunks,
             }) = buffers.as_deref_mut().filter(|b| !b.items.is_empty())
             else {
-                if ctx.control.is_closing() || !attached {
+                // A closing connection still writes the acknowledgements
+                // that wait for the store: what they acknowledge is done.
+                let closed = ctx.control.is_closing() && ctx.control.acks_awaiting_store() == 0;
+                if closed || !attached {
                     break;
                 }
                 ctx.control.wake_writer.wait().await;

@@ -12,7 +12,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{addr, offline_subscriber, persistent_connect, publish_packet, RawClient};
+use common::{addr, eventually, offline_subscriber, persistent_connect, publish_packet, RawClient};
 use tern::{Config, Server};
 use tern_codec::{Packet, ProtocolVersion, PubAck, QoS, ReasonCode};
 use tern_storage::{FailingStore, MemoryStore, Store};
@@ -583,6 +583,40 @@ async fn a_pubcomp_leaves_only_once_the_end_of_the_flow_is_stored() {
     }
     assert!(store.inner().incoming_qos2("closer").unwrap().is_empty());
     server.shutdown().await;
+}
+
+/// A shutdown that begins while a PUBCOMP waits for the store still sends
+/// it before the DISCONNECT: the flow's end is stored, and a client left
+/// without its PUBCOMP sends the PUBREL again after the restart and is told
+/// 0x92 (packet identifier not found) for a message it delivered.
+#[tokio::test]
+async fn a_shutdown_still_sends_the_pubcomp_that_waited_for_the_store() {
+    let (store, server) = start_failing(None).await;
+    let (mut publisher, _) =
+        RawClient::connect(addr(&server), persistent_connect("leaver", 3600)).await;
+    open_qos2_flow(&mut publisher, "x/1", b"one", 7).await;
+
+    store.stall(true);
+    let applies = store.applies();
+    publisher.send(Packet::PubRel(PubAck::new(7))).await;
+    eventually("the end of the flow is being written", || {
+        store.applies() > applies
+    })
+    .await;
+    let shutdown = tokio::spawn(server.shutdown());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    store.stall(false);
+    let seen = publisher.expect_closed().await;
+    shutdown.await.unwrap();
+    assert!(
+        matches!(seen.first(), Some(Packet::PubComp(a)) if (a.packet_id, a.code) == (7, ReasonCode::Success)),
+        "{seen:?}"
+    );
+    assert!(
+        matches!(seen.last(), Some(Packet::Disconnect(d)) if d.code == ReasonCode::ServerShuttingDown),
+        "{seen:?}"
+    );
+    assert!(store.inner().incoming_qos2("leaver").unwrap().is_empty());
 }
 
 #[tokio::test]
