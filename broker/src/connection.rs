@@ -94,11 +94,15 @@ impl Exit {
         matches!(self, Exit::Error(ReasonCode::NotAuthorized, _))
     }
 
+    /// Whether the will goes out (at once, or after its delay): unless the
+    /// client ended with DISCONNECT 0x00 (MQTT-3.1.2-8). A shutdown closes
+    /// the connection without one too: its wills go to the durable
+    /// sessions and the retained store, and a delayed one is kept with its
+    /// session, to go out after the restart unless the client is back
+    /// first, as after a crash.
     fn publishes_will(&self) -> bool {
         match self {
             Exit::ClientDisconnect { with_will } => *with_will,
-            // On shutdown the broker goes away; its wills would reach no one.
-            Exit::Kicked(Some(ReasonCode::ServerShuttingDown)) => false,
             _ => true,
         }
     }

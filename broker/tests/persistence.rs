@@ -1090,3 +1090,62 @@ async fn a_pubrel_waiting_for_the_store_goes_once_the_session_is_no_longer_store
     }
     server.shutdown().await;
 }
+
+/// A will with `delay` seconds of Will Delay Interval, to `topic`, QoS 1,
+/// retained.
+fn will_to(topic: &'static str, delay: Option<u32>) -> tern_codec::Will {
+    let mut properties = tern_codec::properties::WillProperties::default();
+    properties.will_delay_interval = delay;
+    tern_codec::Will {
+        topic: bytes::Bytes::from_static(topic.as_bytes()),
+        payload: bytes::Bytes::from_static(b"gone"),
+        qos: QoS::AtLeastOnce,
+        retain: true,
+        properties,
+    }
+}
+
+/// A shutdown closes its clients' connections without their DISCONNECT, so
+/// their wills go out (MQTT-3.1.2-8), as after a crash: at once to the
+/// durable sessions and the retained store, which outlive the restart; a
+/// delayed one after the restart, unless its client is back within the
+/// delay.
+#[tokio::test]
+async fn a_shutdown_publishes_the_wills_of_the_clients_it_disconnects() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let server = start_on(Arc::clone(&store)).await;
+    offline_subscriber(&server, "keeper", "wills/#", QoS::AtLeastOnce).await;
+    let mut at_once = common::connect_packet("at-once", ProtocolVersion::V5);
+    at_once.will = Some(will_to("wills/at-once", None));
+    let mut delayed = persistent_connect("delayed", 3600);
+    delayed.will = Some(will_to("wills/delayed", Some(1)));
+    let mut back_in_time = persistent_connect("back-in-time", 3600);
+    back_in_time.will = Some(will_to("wills/back-in-time", Some(30)));
+    let mut clients = Vec::new();
+    for connect in [at_once, delayed, back_in_time.clone()] {
+        clients.push(RawClient::connect(addr(&server), connect).await.0);
+    }
+    server.shutdown().await;
+    for mut c in clients {
+        c.expect_disconnect(ReasonCode::ServerShuttingDown).await;
+    }
+
+    let server = start_on(Arc::clone(&store)).await;
+    let (_back, ack) = RawClient::connect(addr(&server), back_in_time).await;
+    assert!(ack.session_present);
+    let (mut keeper, ack) =
+        RawClient::connect(addr(&server), persistent_connect("keeper", 3600)).await;
+    assert!(ack.session_present);
+    let mut got = Vec::new();
+    while let Ok(Some(Packet::Publish(p))) = keeper.recv_within(Duration::from_millis(2500)).await {
+        got.push(String::from_utf8_lossy(&p.topic).into_owned());
+        if let Some(id) = p.packet_id {
+            keeper.send(Packet::PubAck(PubAck::new(id))).await;
+        }
+    }
+    assert_eq!(got, ["wills/at-once", "wills/delayed"]);
+    let mut late = RawClient::connected(addr(&server), "late", ProtocolVersion::V5).await;
+    late.subscribe("wills/at-once", QoS::AtLeastOnce).await;
+    assert_eq!(&late.recv_publish().await.payload[..], b"gone", "retained");
+    server.shutdown().await;
+}
