@@ -598,3 +598,66 @@ async fn messages_held_for_a_stalled_subscriber_leave_the_read_buffers_they_came
     drop(sleeper);
     server.shutdown().await;
 }
+
+/// The same for a QoS 1 subscriber that reads but acknowledges nothing:
+/// its in-flight window full, what follows waits in its session queue,
+/// which it no longer makes room in. Once that queue is found stalled, its
+/// messages are copied out of the read buffers too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_queue_its_client_stopped_acknowledging_leaves_the_read_buffers() {
+    const TOPICS: usize = 32;
+    const READS: u64 = 200;
+    let server = start(|c| c.limits.max_queued_messages = 10_000).await;
+    let broker = std::sync::Arc::clone(server.broker());
+    let mut connect = connect_packet("silent", ProtocolVersion::V5);
+    connect.properties.receive_maximum = Some(1);
+    let (mut silent, _) = RawClient::connect(addr(&server), connect).await;
+    silent.subscribe("feed/0", QoS::AtLeastOnce).await;
+
+    let mut publisher = RawClient::connected(addr(&server), "stream", ProtocolVersion::V5).await;
+    let mut next_id = 0u16;
+    // One write of 32 QoS 1 messages, one for the subscriber.
+    let mut read = || {
+        let mut stream = bytes::BytesMut::new();
+        for topic in 0..TOPICS {
+            next_id = next_id % 60_000 + 1;
+            let publish = publish_packet(
+                &format!("feed/{topic}"),
+                &[5; 64],
+                QoS::AtLeastOnce,
+                Some(next_id),
+            );
+            tern_codec::encode_packet(&publish, ProtocolVersion::V5, &mut stream).unwrap();
+        }
+        stream
+    };
+    async fn send_read(publisher: &mut RawClient, stream: &[u8]) {
+        publisher.send_bytes(stream).await;
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let stalled = || broker.metrics.queues_stalled.get();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while stalled() == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never found stalled"
+        );
+        send_read(&mut publisher, &read()).await;
+    }
+
+    let (_, misses_before) = broker.pool.stats();
+    for _ in 0..READS {
+        send_read(&mut publisher, &read()).await;
+    }
+    let (_, misses) = broker.pool.stats();
+    assert!(
+        misses - misses_before < READS / 4,
+        "{} reads of {READS} found no free read buffer",
+        misses - misses_before
+    );
+    let (queued, inflight) = broker.registry.get("silent").unwrap().queued_len();
+    assert_eq!(inflight, 1);
+    assert!(queued as u64 >= READS, "{queued} queued");
+    drop(silent);
+    server.shutdown().await;
+}
