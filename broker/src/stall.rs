@@ -55,11 +55,16 @@ pub enum Waiting {
 
 /// When one queue's client last took from it. The owning session's lock is
 /// held for every call.
+///
+/// Eight bytes, in every session and every connection's queue: the clock
+/// is kept as its low 32 bits, and spans are taken modulo 2^32 ms (49
+/// days), which only a queue untouched for that long could misread, as
+/// briefly waiting.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct StallWatch {
-    /// Coarse-clock milliseconds of the client's last take, or of the item
-    /// that found the queue empty, whichever is later.
-    since_ms: u64,
+    /// Coarse-clock milliseconds (low 32 bits) of the client's last take, or
+    /// of the item that found the queue empty, whichever is later.
+    since_ms: u32,
     stalled: bool,
 }
 
@@ -67,14 +72,14 @@ impl StallWatch {
     /// A watch whose wait starts at `now_ms` (a new connection's queue).
     pub fn new(now_ms: u64) -> StallWatch {
         StallWatch {
-            since_ms: now_ms,
+            since_ms: now_ms as u32,
             stalled: false,
         }
     }
 
     /// The client took from the queue at `now_ms`.
     pub fn taken(&mut self, now_ms: u64) {
-        self.since_ms = now_ms;
+        self.since_ms = now_ms as u32;
         self.stalled = false;
     }
 
@@ -89,9 +94,9 @@ impl StallWatch {
         } else if ahead == 0 {
             self.taken(now_ms());
             Waiting::Briefly
-        } else if ahead % CHECK_EVERY != 0 {
+        } else if !ahead.is_multiple_of(CHECK_EVERY) {
             Waiting::Briefly
-        } else if now_ms().saturating_sub(self.since_ms) >= STALLED_AFTER_MS {
+        } else if u64::from((now_ms() as u32).wrapping_sub(self.since_ms)) >= STALLED_AFTER_MS {
             self.stalled = true;
             Waiting::NewlyStalled
         } else {
@@ -163,6 +168,17 @@ mod tests {
         assert_eq!(
             queue(&mut watch, &mut ahead, 1_000, 3_600_000),
             Waiting::Briefly
+        );
+    }
+
+    #[test]
+    fn a_span_across_the_32_bit_wrap_is_measured() {
+        let start = u64::from(u32::MAX) - 100;
+        let mut watch = StallWatch::new(start);
+        assert_eq!(watch.queued(CHECK_EVERY, || start + 200), Waiting::Briefly);
+        assert_eq!(
+            watch.queued(CHECK_EVERY, || start + STALLED_AFTER_MS),
+            Waiting::NewlyStalled
         );
     }
 
