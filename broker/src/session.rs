@@ -1486,14 +1486,11 @@ impl Session {
             let persistence = self.context.persistence.as_ref().filter(|_| st.durable);
             if st.link.is_none() {
                 // Waits for the client to come back, maybe for hours: not
-                // on the read buffer the message arrived in. The copy is
-                // made after the message has its store id, so that both
-                // are one stored record, and it is the copy that goes into
-                // the journal (the buffer is free once the read is done).
-                if let Some(p) = persistence {
-                    p.store_id(&delivery.message);
-                }
-                delivery.message = delivery.message.detached();
+                // on the read buffer the message arrived in. The copy has
+                // the message's store id (see `detached`), so both are one
+                // stored record, and it is the copy that goes into the
+                // journal (the buffer is free once the read is done).
+                delivery.message = self.detached(&delivery.message);
             }
             if let Some(p) = persistence {
                 let message_id = journal.reference(p, &delivery.message);
@@ -2245,7 +2242,10 @@ impl Session {
 
     /// `message`, detached from its read buffer (`Message::detached`), once
     /// it has its store id when there is a store: the copy then stays one
-    /// stored record with it, whichever session copies it first.
+    /// stored record with it, whichever session copies it first, durable
+    /// or not (a copy made without the id would be shared, without it, by
+    /// a durable session that detaches the message later). Every detach of
+    /// a queued delivery goes through here.
     fn detached(&self, message: &Arc<Message>) -> Arc<Message> {
         if let Some(p) = &self.context.persistence {
             p.store_id(message);

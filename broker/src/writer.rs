@@ -14,7 +14,7 @@ use std::io::IoSlice;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::Poll;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use tern_codec::{
@@ -36,6 +36,13 @@ const ITEMS_KEPT: usize = 1024;
 
 /// I/O vectors passed to one `writev` (well under the usual IOV_MAX of 1024).
 const MAX_IOVECS: usize = 64;
+
+/// How long a closing writer waits, with nothing new to write, for the
+/// acknowledgements still waiting for the store before it writes the
+/// DISCONNECT anyway. A store answers in milliseconds; one that lags longer
+/// must not cost an MQTT 5 client its DISCONNECT reason, which the
+/// connection's close grace (`connection::CLOSE_GRACE`, 2 s) would.
+const CLOSING_ACK_WAIT: Duration = Duration::from_secs(1);
 
 /// What the writer needs to know about its connection.
 pub struct WriterContext {
@@ -73,6 +80,10 @@ pub fn write_loop<W: AsyncWrite + Unpin>(
             if ctx.control.is_withholding() {
                 break;
             }
+            // Read before the queue is taken: an acknowledgement released
+            // after this was queued before it, so the drain below finds it
+            // (or its wake-up is still pending).
+            let acks_waiting = ctx.control.acks_awaiting_store();
             let attached = match buffers.as_deref_mut() {
                 Some(b) => ctx.session.drain_outbound(ctx.connection_id, &mut b.items),
                 None => {
@@ -93,11 +104,25 @@ pub fn write_loop<W: AsyncWrite + Unpin>(
                 chunks,
             }) = buffers.as_deref_mut().filter(|b| !b.items.is_empty())
             else {
-                // A closing connection still writes the acknowledgements
-                // that wait for the store: what they acknowledge is done.
-                let closed = ctx.control.is_closing() && ctx.control.acks_awaiting_store() == 0;
-                if closed || !attached {
+                if !attached {
                     break;
+                }
+                if ctx.control.is_closing() {
+                    // A closing connection still writes the acknowledgements
+                    // that wait for the store (what they acknowledge is
+                    // done), those of its reader's last packets included:
+                    // their count is final once the reader has stopped.
+                    if ctx.control.is_reader_finished() && acks_waiting == 0 {
+                        break;
+                    }
+                    // Boxed: only while closing; inline, its timer would be
+                    // part of every connection's task.
+                    let wait =
+                        tokio::time::timeout(CLOSING_ACK_WAIT, ctx.control.wake_writer.wait());
+                    if Box::pin(wait).await.is_err() {
+                        break;
+                    }
+                    continue;
                 }
                 ctx.control.wake_writer.wait().await;
                 continue;

@@ -1091,6 +1091,39 @@ async fn a_pubrel_waiting_for_the_store_goes_once_the_session_is_no_longer_store
     server.shutdown().await;
 }
 
+/// The same for a PUBREL that arrives as the shutdown begins: whether its
+/// reader handles it before the close, after it (while the writer is
+/// already told to close: the writer waits for the reader's last
+/// acknowledgements), or not at all, the client has its PUBCOMP exactly
+/// when the store no longer holds the flow; otherwise it sends the PUBREL
+/// again after the restart. The timing is left to chance, so the case runs
+/// several times.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pubrel_arriving_as_the_shutdown_begins_is_acknowledged_exactly_when_stored() {
+    for run in 0..8 {
+        let store = Arc::new(MemoryStore::new());
+        let server = start_on(Arc::clone(&store) as Arc<dyn Store>).await;
+        let (mut publisher, _) =
+            RawClient::connect(addr(&server), persistent_connect("leaver", 3600)).await;
+        open_qos2_flow(&mut publisher, "x/1", b"one", 7).await;
+        publisher.send(Packet::PubRel(PubAck::new(7))).await;
+        let shutdown = tokio::spawn(server.shutdown());
+        let seen = publisher.expect_closed().await;
+        shutdown.await.unwrap();
+        let completed = matches!(seen.first(), Some(Packet::PubComp(a)) if a.packet_id == 7);
+        let stored = store.incoming_qos2("leaver").unwrap();
+        assert_eq!(
+            completed,
+            stored.is_empty(),
+            "run {run}: {seen:?}, stored {stored:?}"
+        );
+        assert!(
+            matches!(seen.last(), Some(Packet::Disconnect(d)) if d.code == ReasonCode::ServerShuttingDown),
+            "run {run}: {seen:?}"
+        );
+    }
+}
+
 /// A will with `delay` seconds of Will Delay Interval, to `topic`, QoS 1,
 /// retained.
 fn will_to(topic: &'static str, delay: Option<u32>) -> tern_codec::Will {
