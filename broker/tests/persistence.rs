@@ -1127,8 +1127,10 @@ async fn a_pubrel_arriving_as_the_shutdown_begins_is_acknowledged_exactly_when_s
 /// A will with `delay` seconds of Will Delay Interval, to `topic`, QoS 1,
 /// retained.
 fn will_to(topic: &'static str, delay: Option<u32>) -> tern_codec::Will {
-    let mut properties = tern_codec::properties::WillProperties::default();
-    properties.will_delay_interval = delay;
+    let properties = tern_codec::properties::WillProperties {
+        will_delay_interval: delay,
+        ..Default::default()
+    };
     tern_codec::Will {
         topic: bytes::Bytes::from_static(topic.as_bytes()),
         payload: bytes::Bytes::from_static(b"gone"),
