@@ -51,7 +51,7 @@ use crate::persistence::Journal;
 use crate::registry::ConnectionPermit;
 use crate::session::{AttachParams, ConnectionControl, Delivery, Session};
 use crate::topic_alias::{AliasError, InboundAliases};
-use crate::transport::{read_pooled, TransportRead};
+use crate::transport::{linger, read_pooled, TransportRead};
 use crate::wake_batch::WakeBatch;
 use crate::writer::{write_loop, WriterContext};
 use tern_storage::{Op, StoreError, SubscriptionRecord};
@@ -94,6 +94,12 @@ impl Exit {
         matches!(self, Exit::Error(ReasonCode::NotAuthorized, _))
     }
 
+    /// The broker ended the connection (a protocol error, a takeover, a
+    /// shutdown, a keep alive timeout): the client may still be sending.
+    fn ended_by_broker(&self) -> bool {
+        matches!(self, Exit::Error(..) | Exit::Kicked(_))
+    }
+
     /// Whether the will goes out (at once, or after its delay): unless the
     /// client ended with DISCONNECT 0x00 (MQTT-3.1.2-8). A shutdown closes
     /// the connection without one too: its wills go to the durable
@@ -134,8 +140,12 @@ pub fn serve_tcp(
     async move {
         let _ = stream.set_nodelay(true);
         // Borrowed halves: both live in this task, so they need no `Arc`.
-        let (reader, writer) = stream.split();
-        serve(broker, reader, writer, &peer).await;
+        let (mut reader, writer) = stream.split();
+        if serve(broker, &mut reader, writer, &peer).await {
+            // Boxed: once per connection, and inline its buffer would be part
+            // of every connection's task.
+            Box::pin(linger(&mut reader)).await;
+        }
     }
 }
 
@@ -145,6 +155,10 @@ pub fn serve_tcp(
 ///
 /// `peer` (for logs) is borrowed: its owner, the transport's task, keeps it
 /// anyway, and a copy would be 32 more bytes of every connection.
+///
+/// Returns true when the broker ended the connection after its CONNACK: the
+/// caller then lets the client's last bytes in (`transport::linger`) before
+/// it drops the socket.
 #[expect(
     clippy::manual_async_fn,
     reason = "an async fn would keep its arguments twice"
@@ -154,7 +168,7 @@ pub fn serve<'p, R, W>(
     mut reader: R,
     mut writer: W,
     peer: &'p SocketAddr,
-) -> impl Future<Output = ()> + Send + use<'p, R, W>
+) -> impl Future<Output = bool> + Send + use<'p, R, W>
 where
     R: TransportRead,
     W: AsyncWrite + Unpin + Send,
@@ -177,7 +191,7 @@ where
         ))
         .await
         else {
-            return;
+            return false;
         };
         let protocol = conn.protocol;
         tracing::debug!(%peer, client_id = %conn.session.client_id, ?protocol, "client connected");
@@ -236,6 +250,7 @@ where
             _ => None,
         };
         conn.finish(exit.publishes_will(), new_expiry);
+        exit.ended_by_broker()
     }
 }
 

@@ -359,8 +359,11 @@ pub fn serve_tls(
         };
         let certificate = client_certificate(&stream, broker.config.listeners.tls_client_identity);
         let (half, writer) = tokio::io::split(stream);
-        let reader = TlsRead::new(half, certificate);
-        connection::serve(broker, reader, writer, &peer).await;
+        let mut reader = TlsRead::new(half, certificate);
+        if connection::serve(broker, &mut reader, writer, &peer).await {
+            // Boxed: once per connection (see `connection::serve_tcp`).
+            Box::pin(crate::transport::linger(&mut reader)).await;
+        }
     }
 }
 

@@ -8,10 +8,14 @@
 //! connection then waits inside `read_buf` with a buffer in hand, as any
 //! tokio reader would. A read that finds nothing for the caller after all
 //! gives the buffer back before it waits.
+//!
+//! Also here: how a connection the broker ends lets its client's last bytes
+//! in ([`linger`]).
 
 use std::future::Future;
 use std::io;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt};
@@ -41,6 +45,18 @@ pub struct ClientCertificate {
     /// that asks for none, or when the certificate does not name exactly
     /// one.
     pub identity: Option<Box<str>>,
+}
+
+/// A borrowed reader reads as its owner does: a caller that needs the
+/// reader after `connection::serve` (to [`linger`]) lends it.
+impl<T: TransportRead + ?Sized> TransportRead for &mut T {
+    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        (**self).poll_readable(cx)
+    }
+
+    fn client_certificate(&self) -> Option<&ClientCertificate> {
+        (**self).client_certificate()
+    }
 }
 
 impl TransportRead for ReadHalf<'_> {
@@ -84,6 +100,24 @@ pub fn read_pooled<'a, R: TransportRead>(
         }
         read
     })
+}
+
+/// How long a connection the broker ended keeps reading, and discarding,
+/// what its client still sends after the final DISCONNECT. Closing a
+/// socket that holds unread bytes makes TCP reset the connection, and a
+/// client still sending (acknowledgements of what it was just sent, the
+/// rest of a pipeline) then fails to write, or loses the DISCONNECT and its
+/// reason code before it reads it. A client that reads the DISCONNECT
+/// closes at once, which ends the wait.
+pub const LINGER: Duration = Duration::from_millis(500);
+
+/// Reads and discards until the client closes its side, a read fails, or
+/// [`LINGER`] has passed. Reads into a small buffer of its own: nothing
+/// read is kept.
+pub async fn linger<R: TransportRead>(reader: &mut R) {
+    let mut scratch = [0u8; 512];
+    let drain = async { while let Ok(1..) = reader.read(&mut scratch).await {} };
+    let _ = tokio::time::timeout(LINGER, drain).await;
 }
 
 /// Largest read whose bytes are moved out of the pooled buffer they were

@@ -489,6 +489,50 @@ async fn exceeding_our_receive_maximum_is_0x93() {
     server.shutdown().await;
 }
 
+/// A client that keeps sending after the broker ended its connection (here
+/// it releases each QoS 2 flow it was answered, as the Paho test of this
+/// case does) can still write for a moment and reads the DISCONNECT: the
+/// broker keeps reading, and discarding, after its DISCONNECT
+/// (`transport::LINGER`). Closed with those bytes unread, the socket was
+/// reset, and the client's next write failed before it read why.
+#[tokio::test]
+async fn a_client_still_sending_after_the_broker_ended_it_reads_the_disconnect() {
+    let server = start(|c| c.limits.receive_maximum = 2).await;
+    let (mut p, _) = RawClient::connect(addr(&server), connect_packet("flood", V5)).await;
+    let mut flood = bytes::BytesMut::new();
+    for id in 1..=3u16 {
+        let publish = publish_packet("q2", b"x", QoS::ExactlyOnce, Some(id));
+        tern_codec::encode_packet(&publish, V5, &mut flood).unwrap();
+    }
+    p.send_bytes(&flood).await;
+    let mut seen = Vec::new();
+    loop {
+        match p.recv().await {
+            Some(Packet::PubRec(a)) => {
+                // Each released after the broker has closed its side.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let sent = p.try_send(Packet::PubRel(PubAck::new(a.packet_id))).await;
+                assert!(
+                    sent,
+                    "could not send PUBREL {} (seen {seen:?})",
+                    a.packet_id
+                );
+                seen.push(Packet::PubRec(a));
+            }
+            Some(other) => {
+                seen.push(other);
+                break;
+            }
+            None => break,
+        }
+    }
+    assert!(
+        matches!(seen.last(), Some(Packet::Disconnect(d)) if d.code == ReasonCode::ReceiveMaximumExceeded),
+        "{seen:?}"
+    );
+    server.shutdown().await;
+}
+
 /// QoS 2 flows left open by an earlier connection (PUBREC received,
 /// PUBREL not yet sent) do not count against the resumed connection's
 /// Receive Maximum: the client's send quota starts afresh (MQTT 5 4.9) and
