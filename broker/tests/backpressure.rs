@@ -535,6 +535,65 @@ async fn messages_queued_for_a_stalled_subscriber_do_not_pin_read_buffers() {
     server.shutdown().await;
 }
 
+/// Topics of each read in the stalled-queue tests: one for the stalled
+/// subscriber (`feed/0`), the others for nobody.
+const STREAM_TOPICS: usize = 32;
+
+/// Reads measured once a queue is found stalled.
+const READS_AFTER_STALL: u64 = 200;
+
+/// One write (and read) of [`STREAM_TOPICS`] messages of 64 bytes to
+/// `feed/0` ... `feed/31`, 2.5 KiB: more than `SMALL_READ`, so the messages
+/// are slices of the pooled buffer. QoS 1 with packet ids from `next_id`.
+fn stream_read(qos: QoS, next_id: &mut u16) -> bytes::BytesMut {
+    let mut stream = bytes::BytesMut::new();
+    for topic in 0..STREAM_TOPICS {
+        let packet_id = (qos != QoS::AtMostOnce).then(|| {
+            *next_id = *next_id % 60_000 + 1;
+            *next_id
+        });
+        let publish = publish_packet(&format!("feed/{topic}"), &[5; 64], qos, packet_id);
+        tern_codec::encode_packet(&publish, ProtocolVersion::V5, &mut stream).unwrap();
+    }
+    stream
+}
+
+/// Publishes [`stream_read`]s, one write each, until the broker has found a
+/// queue stalled, then [`READS_AFTER_STALL`] more; returns how many of those
+/// found no free read buffer in the pool.
+async fn pool_misses_once_stalled(server: &tern::Server, qos: QoS) -> u64 {
+    let broker = server.broker();
+    let mut publisher = RawClient::connected(addr(server), "stream", ProtocolVersion::V5).await;
+    let mut next_id = 0;
+    let mut send_read = async |publisher: &mut RawClient| {
+        publisher.send_bytes(&stream_read(qos, &mut next_id)).await;
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while broker.metrics.queues_stalled.get() == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never found stalled"
+        );
+        send_read(&mut publisher).await;
+    }
+    let (_, misses_before) = broker.pool.stats();
+    for _ in 0..READS_AFTER_STALL {
+        send_read(&mut publisher).await;
+    }
+    // A PINGRESP: every read before it was handled.
+    publisher.send(Packet::PingReq).await;
+    loop {
+        match publisher.recv().await {
+            Some(Packet::PingResp) => break,
+            Some(_) => {}
+            None => panic!("the publisher's connection closed"),
+        }
+    }
+    let (_, misses) = broker.pool.stats();
+    misses - misses_before
+}
+
 /// A subscriber of one topic among many that stops reading: each read of
 /// the publisher's stream carries one message for it among 31 for nobody.
 /// Once its queue is found stalled (its writer took nothing for a quarter
@@ -544,57 +603,25 @@ async fn messages_queued_for_a_stalled_subscriber_do_not_pin_read_buffers() {
 /// had to allocate a new one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_held_for_a_stalled_subscriber_leave_the_read_buffers_they_came_in() {
-    const TOPICS: usize = 32;
-    const READS: u64 = 200;
     let server = start(|c| {
         c.limits.max_inflight = UNREAD_BACKLOG;
         c.limits.max_client_outbound_bytes = 64 * 1024 * 1024;
         c.limits.max_outbound_bytes = 256 * 1024 * 1024;
     })
     .await;
-    let broker = std::sync::Arc::clone(server.broker());
     let mut sleeper = RawClient::connected(addr(&server), "sleeper", ProtocolVersion::V5).await;
     sleeper.subscribe("feed/0", QoS::AtLeastOnce).await;
     // Its socket buffers full, its writer stuck, and its queue far from its
     // bound: what follows is queued.
     publish_unread_backlog(&server, "feed/0").await;
 
-    // One write (and read) of 32 messages of 64 bytes, 2.5 KiB: more than
-    // `SMALL_READ`, so the messages are slices of the pooled buffer.
-    let mut stream = bytes::BytesMut::new();
-    for topic in 0..TOPICS {
-        let publish = publish_packet(&format!("feed/{topic}"), &[5; 64], QoS::AtMostOnce, None);
-        tern_codec::encode_packet(&publish, ProtocolVersion::V5, &mut stream).unwrap();
-    }
-    let mut publisher = RawClient::connected(addr(&server), "stream", ProtocolVersion::V5).await;
-    async fn send_read(publisher: &mut RawClient, stream: &[u8]) {
-        publisher.send_bytes(stream).await;
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    let stalled = || broker.metrics.queues_stalled.get();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while stalled() == 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never found stalled"
-        );
-        send_read(&mut publisher, &stream).await;
-    }
-
-    let (_, misses_before) = broker.pool.stats();
-    for _ in 0..READS {
-        send_read(&mut publisher, &stream).await;
-    }
-    // A PINGRESP: every read before it was handled.
-    publisher.send(Packet::PingReq).await;
-    assert!(matches!(publisher.recv().await, Some(Packet::PingResp)));
-    let (_, misses) = broker.pool.stats();
+    let misses = pool_misses_once_stalled(&server, QoS::AtMostOnce).await;
     assert!(
-        misses - misses_before < READS / 4,
-        "{} reads of {READS} found no free read buffer",
-        misses - misses_before
+        misses < READS_AFTER_STALL / 4,
+        "{misses} reads of {READS_AFTER_STALL} found no free read buffer"
     );
-    assert_eq!(stalled(), 1, "found stalled once, until it takes again");
+    let stalled = server.broker().metrics.queues_stalled.get();
+    assert_eq!(stalled, 1, "found stalled once, until it takes again");
     drop(sleeper);
     server.shutdown().await;
 }
@@ -605,59 +632,20 @@ async fn messages_held_for_a_stalled_subscriber_leave_the_read_buffers_they_came
 /// messages are copied out of the read buffers too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_queue_its_client_stopped_acknowledging_leaves_the_read_buffers() {
-    const TOPICS: usize = 32;
-    const READS: u64 = 200;
     let server = start(|c| c.limits.max_queued_messages = 10_000).await;
-    let broker = std::sync::Arc::clone(server.broker());
     let mut connect = connect_packet("silent", ProtocolVersion::V5);
     connect.properties.receive_maximum = Some(1);
     let (mut silent, _) = RawClient::connect(addr(&server), connect).await;
     silent.subscribe("feed/0", QoS::AtLeastOnce).await;
 
-    let mut publisher = RawClient::connected(addr(&server), "stream", ProtocolVersion::V5).await;
-    let mut next_id = 0u16;
-    // One write of 32 QoS 1 messages, one for the subscriber.
-    let mut read = || {
-        let mut stream = bytes::BytesMut::new();
-        for topic in 0..TOPICS {
-            next_id = next_id % 60_000 + 1;
-            let publish = publish_packet(
-                &format!("feed/{topic}"),
-                &[5; 64],
-                QoS::AtLeastOnce,
-                Some(next_id),
-            );
-            tern_codec::encode_packet(&publish, ProtocolVersion::V5, &mut stream).unwrap();
-        }
-        stream
-    };
-    async fn send_read(publisher: &mut RawClient, stream: &[u8]) {
-        publisher.send_bytes(stream).await;
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    let stalled = || broker.metrics.queues_stalled.get();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while stalled() == 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never found stalled"
-        );
-        send_read(&mut publisher, &read()).await;
-    }
-
-    let (_, misses_before) = broker.pool.stats();
-    for _ in 0..READS {
-        send_read(&mut publisher, &read()).await;
-    }
-    let (_, misses) = broker.pool.stats();
+    let misses = pool_misses_once_stalled(&server, QoS::AtLeastOnce).await;
     assert!(
-        misses - misses_before < READS / 4,
-        "{} reads of {READS} found no free read buffer",
-        misses - misses_before
+        misses < READS_AFTER_STALL / 4,
+        "{misses} reads of {READS_AFTER_STALL} found no free read buffer"
     );
-    let (queued, inflight) = broker.registry.get("silent").unwrap().queued_len();
+    let (queued, inflight) = server.broker().registry.get("silent").unwrap().queued_len();
     assert_eq!(inflight, 1);
-    assert!(queued as u64 >= READS, "{queued} queued");
+    assert!(queued as u64 >= READS_AFTER_STALL, "{queued} queued");
     drop(silent);
     server.shutdown().await;
 }
