@@ -359,12 +359,16 @@ struct Link {
     exempt: bool,
     /// Budget bytes of the batch the writer took last: it may still be
     /// writing them. Released when it comes back for the next batch (having
-    /// written this one), when a sweep finds it stalled, or with the link.
+    /// written this one) or with the link; exempted from the budget, like
+    /// the queue, when a sweep finds it stalled (`writing_exempt`).
     writing: usize,
     /// Set by a sweep of a broker over its budget, cleared when the writer
     /// takes the queue: a queue still marked at the next sweep has not been
     /// drained for a whole sweep period (see [`Session::exempt_if_stalled`]).
     stall_mark: bool,
+    /// `writing` no longer counts against the budget but among the exempt
+    /// bytes: a sweep found the writer stuck with it.
+    writing_exempt: bool,
     /// Items of `outbound` that are not PUBLISH (acks, PINGRESP ...).
     controls: usize,
     /// Whether the writer still takes the PUBLISHes queued (stall.rs).
@@ -394,6 +398,17 @@ impl Link {
             }
         }
         self.push(Outbound::Publish(delivery));
+    }
+
+    /// Releases the batch the writer took last (see `writing`): written, or
+    /// gone with the link.
+    fn release_writing(&mut self) {
+        let writing = std::mem::take(&mut self.writing);
+        if std::mem::take(&mut self.writing_exempt) {
+            self.budget.remove_exempt(writing);
+        } else {
+            self.budget.release(writing);
+        }
     }
 
     /// Releases what `charged` holds of the broker's budget.
@@ -439,7 +454,7 @@ impl Link {
     fn drain_into(&mut self, out: &mut VecDeque<Outbound>, now_ms: u64) -> usize {
         self.stall_mark = false;
         self.stall.taken(now_ms);
-        self.budget.release(std::mem::take(&mut self.writing));
+        self.release_writing();
         let taken = if self.charged <= WRITE_BATCH_BYTES {
             if out.is_empty() {
                 std::mem::swap(&mut self.outbound, out);
@@ -484,7 +499,7 @@ impl Drop for Link {
         // writer's batch stops counting now, though the writer may hold it
         // until its last write ends (at most the close grace).
         self.release_charged();
-        self.budget.release(self.writing);
+        self.release_writing();
     }
 }
 
@@ -851,6 +866,7 @@ impl Session {
             exempt: false,
             writing: 0,
             stall_mark: false,
+            writing_exempt: false,
             controls: 0,
             stall: StallWatch::new(now_ms),
             budget: Arc::clone(&self.context.budget),
@@ -1033,20 +1049,20 @@ impl Session {
         let Some(link) = st.link.as_mut() else {
             return false;
         };
-        let counted = if link.exempt { 0 } else { link.charged } + link.writing;
-        if counted == 0 {
+        let queued = if link.exempt { 0 } else { link.charged };
+        let writing = if link.writing_exempt { 0 } else { link.writing };
+        if queued + writing == 0 {
             return false;
         }
         if link.stall_mark {
             // Neither queued nor being written counts any more: a writer
             // stuck in a write to a client that stopped reading holds its
-            // batch as long as the client does.
-            if !link.exempt {
-                link.budget.add_exempt(link.charged);
-            }
+            // batch as long as the client does. Both stay in the exempt
+            // bytes until the writer or the link lets go of them.
+            link.budget.add_exempt(queued + writing);
             link.exempt = true;
-            link.writing = 0;
-            link.budget.release(counted);
+            link.writing_exempt = true;
+            link.budget.release(queued + writing);
             true
         } else {
             link.stall_mark = true;
@@ -2098,7 +2114,7 @@ impl Session {
         let mut st = self.state.lock();
         if let Some(link) = &mut st.link {
             link.drain_into(out, self.context.clock.now_ms());
-            link.budget.release(std::mem::take(&mut link.writing));
+            link.release_writing();
         }
     }
 

@@ -204,3 +204,46 @@ fn a_queue_exempt_from_the_budget_is_still_reported_until_it_is_taken_or_dropped
     assert_eq!(budget.exempt_queued(), 0);
     assert_eq!(budget.balance(), 0);
 }
+
+/// A queue a sweep of a broker over its budget finds stalled stops counting
+/// towards the budget with the batch its writer is stuck writing, and both
+/// are reported among the exempt bytes until the writer comes back for more
+/// (it has written the batch) or the connection goes.
+#[test]
+fn a_stalled_writer_s_batch_is_reported_as_exempt_until_written_or_dropped() {
+    let (broker, attached) = broker_attached(1, BOUND);
+    let (session, connection_id) = &attached[0];
+    let budget = &broker.registry.context().budget;
+    let stall = || {
+        for _ in 0..10 {
+            route(&broker, &small_message());
+        }
+        let mut batch = VecDeque::new();
+        assert!(session.drain_outbound(*connection_id, &mut batch));
+        assert!(!batch.is_empty());
+        for _ in 0..10 {
+            route(&broker, &small_message());
+        }
+        let held = budget.queued();
+        assert!(held > 0);
+        // Marked, then exempted: the writer took nothing in between.
+        assert!(!session.exempt_if_stalled());
+        assert!(session.exempt_if_stalled());
+        assert_eq!(budget.queued(), 0);
+        assert_eq!(budget.exempt_queued(), held, "the queue and the batch");
+    };
+
+    stall();
+    let mut batch = VecDeque::new();
+    assert!(session.drain_outbound(*connection_id, &mut batch));
+    assert_eq!(batch.len(), 10, "what was queued behind the batch");
+    assert_eq!(budget.exempt_queued(), 0);
+    batch.clear();
+    assert!(session.drain_outbound(*connection_id, &mut batch));
+    assert_eq!(budget.balance(), 0);
+
+    stall();
+    assert!(session.detach(*connection_id, None));
+    assert_eq!(budget.exempt_queued(), 0);
+    assert_eq!(budget.balance(), 0);
+}
