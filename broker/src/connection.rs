@@ -141,12 +141,23 @@ pub fn serve_tcp(
         let _ = stream.set_nodelay(true);
         // Borrowed halves: both live in this task, so they need no `Arc`.
         let (mut reader, writer) = stream.split();
-        if serve(broker, &mut reader, writer, &peer).await {
-            // Boxed: once per connection, and inline its buffer would be part
-            // of every connection's task.
-            Box::pin(linger(&mut reader)).await;
+        // Boxed, the permit moved in within a closure: once per connection,
+        // and a permit bound here would be part of every connection's task.
+        let lingering = serve(broker, &mut reader, writer, &peer)
+            .await
+            .map(|permit| Box::pin(linger_counted(&mut reader, permit)));
+        if let Some(lingering) = lingering {
+            lingering.await;
         }
     }
+}
+
+/// [`linger`]s on a connection the broker ended, then lets its permit go:
+/// the socket counts as a connection (against `limits.max_connections`, and
+/// for a shutdown, which waits for it) until it is closed.
+pub(crate) async fn linger_counted<R: TransportRead>(reader: &mut R, permit: ConnectionPermit) {
+    linger(reader).await;
+    drop(permit);
 }
 
 /// Serves one connection, whatever carries its bytes (TCP, WebSocket ...),
@@ -156,9 +167,11 @@ pub fn serve_tcp(
 /// `peer` (for logs) is borrowed: its owner, the transport's task, keeps it
 /// anyway, and a copy would be 32 more bytes of every connection.
 ///
-/// Returns true when the broker ended the connection after its CONNACK: the
-/// caller then lets the client's last bytes in (`transport::linger`) before
-/// it drops the socket.
+/// Returns the connection's permit when the broker ended the connection
+/// after its CONNACK: the caller then lets the client's last bytes in
+/// (`transport::linger`) before it drops the socket, and the permit after
+/// it, so that the socket is counted (and a shutdown waits for it) until
+/// then.
 #[expect(
     clippy::manual_async_fn,
     reason = "an async fn would keep its arguments twice"
@@ -168,7 +181,7 @@ pub fn serve<'p, R, W>(
     mut reader: R,
     mut writer: W,
     peer: &'p SocketAddr,
-) -> impl Future<Output = bool> + Send + use<'p, R, W>
+) -> impl Future<Output = Option<ConnectionPermit>> + Send + use<'p, R, W>
 where
     R: TransportRead,
     W: AsyncWrite + Unpin + Send,
@@ -181,7 +194,7 @@ where
         // authentication exchanges, the connect timeout, a refusal) is needed
         // once, and inline it would be part of every connection's task for
         // the connection's whole life.
-        let Some((mut conn, control)) = Box::pin(open(
+        let (mut conn, control) = Box::pin(open(
             &broker,
             &mut reader,
             &mut writer,
@@ -189,10 +202,7 @@ where
             &permit,
             *peer,
         ))
-        .await
-        else {
-            return false;
-        };
+        .await?;
         let protocol = conn.protocol;
         tracing::debug!(%peer, client_id = %conn.session.client_id, ?protocol, "client connected");
 
@@ -250,7 +260,7 @@ where
             _ => None,
         };
         conn.finish(exit.publishes_will(), new_expiry);
-        exit.ended_by_broker()
+        exit.ended_by_broker().then_some(permit)
     }
 }
 

@@ -478,15 +478,16 @@ impl Link {
             taken
         };
         self.charged -= taken;
+        self.writing = taken;
         if self.exempt {
-            self.budget.remove_exempt(self.charged + taken);
+            self.budget.remove_exempt(self.charged);
             // The writer takes from it again: not stalled, and what is left
             // counts again (a queue back at its bound is exempted by its
-            // next push). What it took was released when it was exempted.
+            // next push). What it took was released from the budget when it
+            // was exempted: it stays among the exempt bytes until written.
             self.exempt = false;
+            self.writing_exempt = true;
             self.budget.charge(self.charged);
-        } else {
-            self.writing = taken;
         }
         self.control.drained.raise();
         taken

@@ -360,9 +360,12 @@ pub fn serve_tls(
         let certificate = client_certificate(&stream, broker.config.listeners.tls_client_identity);
         let (half, writer) = tokio::io::split(stream);
         let mut reader = TlsRead::new(half, certificate);
-        if connection::serve(broker, &mut reader, writer, &peer).await {
-            // Boxed: once per connection (see `connection::serve_tcp`).
-            Box::pin(crate::transport::linger(&mut reader)).await;
+        // Boxed, as in `connection::serve_tcp`.
+        let lingering = connection::serve(broker, &mut reader, writer, &peer)
+            .await
+            .map(|permit| Box::pin(connection::linger_counted(&mut reader, permit)));
+        if let Some(lingering) = lingering {
+            lingering.await;
         }
     }
 }

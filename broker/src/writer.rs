@@ -37,9 +37,8 @@ const ITEMS_KEPT: usize = 1024;
 /// I/O vectors passed to one `writev` (well under the usual IOV_MAX of 1024).
 const MAX_IOVECS: usize = 64;
 
-/// How long a closing writer waits, with nothing new to write, for the
-/// acknowledgements still waiting for the store before it writes the
-/// DISCONNECT anyway. A store answers in milliseconds; one that lags longer
+/// How long in all a closing writer waits for the acknowledgements still
+/// waiting for the store before it writes the DISCONNECT anyway. A store answers in milliseconds; one that lags longer
 /// must not cost an MQTT 5 client its DISCONNECT reason, which the
 /// connection's close grace (`connection::CLOSE_GRACE`, 2 s) would.
 const CLOSING_ACK_WAIT: Duration = Duration::from_secs(1);
@@ -102,6 +101,7 @@ pub fn write_loop<W: AsyncWrite + Unpin>(
                 items,
                 scratch,
                 chunks,
+                ..
             }) = buffers.as_deref_mut().filter(|b| !b.items.is_empty())
             else {
                 if !attached {
@@ -115,10 +115,15 @@ pub fn write_loop<W: AsyncWrite + Unpin>(
                     if ctx.control.is_reader_finished() && acks_waiting == 0 {
                         break;
                     }
-                    // Boxed: only while closing; inline, its timer would be
-                    // part of every connection's task.
-                    let wait =
-                        tokio::time::timeout(CLOSING_ACK_WAIT, ctx.control.wake_writer.wait());
+                    // One deadline for the whole wait, however often
+                    // deliveries wake the writer meanwhile; kept in the
+                    // boxed buffers and the wait boxed: inline, either
+                    // would be part of every connection's task.
+                    let deadline = *buffers
+                        .get_or_insert_with(Box::default)
+                        .closing_deadline
+                        .get_or_insert_with(|| tokio::time::Instant::now() + CLOSING_ACK_WAIT);
+                    let wait = tokio::time::timeout_at(deadline, ctx.control.wake_writer.wait());
                     if Box::pin(wait).await.is_err() {
                         break;
                     }
@@ -180,6 +185,9 @@ struct WriteBuffers {
     items: VecDeque<Outbound>,
     scratch: BytesMut,
     chunks: VecDeque<Bytes>,
+    /// Once the connection is closing with acknowledgements still waiting
+    /// for the store: when the writer stops waiting for them.
+    closing_deadline: Option<tokio::time::Instant>,
 }
 
 /// Encodes one queued item, appending to `scratch` and, for large payloads,

@@ -489,6 +489,23 @@ async fn exceeding_our_receive_maximum_is_0x93() {
     server.shutdown().await;
 }
 
+/// While the broker lingers on a connection it ended (`transport::LINGER`),
+/// the socket still counts as a connection: against `max_connections`, and
+/// for a shutdown, which waits for it. It stops counting once the linger
+/// is over.
+#[tokio::test]
+async fn a_connection_the_broker_ended_counts_until_its_socket_is_closed() {
+    let server = start(|_| {}).await;
+    let count = || server.broker().registry.connection_count();
+    let mut c = RawClient::connected(addr(&server), "erring", V5).await;
+    c.send(Packet::PingResp).await;
+    c.expect_disconnect(ReasonCode::ProtocolError).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(count(), 1, "still lingering on the client's socket");
+    eventually("the linger over", || count() == 0).await;
+    server.shutdown().await;
+}
+
 /// A client that keeps sending after the broker ended its connection (here
 /// it releases each QoS 2 flow it was answered, as the Paho test of this
 /// case does) can still write for a moment and reads the DISCONNECT: the

@@ -1124,6 +1124,44 @@ async fn a_pubrel_arriving_as_the_shutdown_begins_is_acknowledged_exactly_when_s
     }
 }
 
+/// A closing connection waits for the acknowledgements still waiting for
+/// the store for one second in all, then sends its DISCONNECT: deliveries
+/// that keep waking its writer meanwhile do not extend the wait past the
+/// connection's close grace, which would lose the DISCONNECT.
+#[tokio::test]
+async fn a_lagging_store_delays_the_disconnect_by_a_second_at_most() {
+    let (store, server) = start_failing(None).await;
+    let (mut client, _) =
+        RawClient::connect(addr(&server), persistent_connect("stuck", 3600)).await;
+    client.subscribe("feed", QoS::AtMostOnce).await;
+    open_qos2_flow(&mut client, "x/1", b"one", 7).await;
+
+    store.stall(true);
+    let applies = store.applies();
+    client.send(Packet::PubRel(PubAck::new(7))).await;
+    eventually("the end of the flow is being written", || {
+        store.applies() > applies
+    })
+    .await;
+    let mut feeder = RawClient::connected(addr(&server), "feeder", ProtocolVersion::V5).await;
+    let feeding = tokio::spawn(async move {
+        loop {
+            feeder.publish("feed", b"tick", QoS::AtMostOnce, 0).await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    });
+    // A protocol error: the broker closes the connection.
+    client.send(Packet::PingResp).await;
+    let seen = client.expect_closed().await;
+    feeding.abort();
+    store.stall(false);
+    assert!(
+        matches!(seen.last(), Some(Packet::Disconnect(d)) if d.code == ReasonCode::ProtocolError),
+        "{seen:?}"
+    );
+    server.shutdown().await;
+}
+
 /// A will with `delay` seconds of Will Delay Interval, to `topic`, QoS 1,
 /// retained.
 fn will_to(topic: &'static str, delay: Option<u32>) -> tern_codec::Will {
