@@ -403,22 +403,12 @@ impl Link {
     /// Releases the batch the writer took last (see `writing`): written, or
     /// gone with the link.
     fn release_writing(&mut self) {
-        let writing = std::mem::take(&mut self.writing);
-        if std::mem::take(&mut self.writing_exempt) {
-            self.budget.remove_exempt(writing);
-        } else {
-            self.budget.release(writing);
-        }
+        release(&self.budget, &mut self.writing, &mut self.writing_exempt);
     }
 
     /// Releases what `charged` holds of the broker's budget.
     fn release_charged(&mut self) {
-        let charged = std::mem::take(&mut self.charged);
-        if std::mem::take(&mut self.exempt) {
-            self.budget.remove_exempt(charged);
-        } else {
-            self.budget.release(charged);
-        }
+        release(&self.budget, &mut self.charged, &mut self.exempt);
     }
 
     /// What a PUBLISH queued now waits behind (stall.rs): acks and
@@ -491,6 +481,17 @@ impl Link {
         }
         self.control.drained.raise();
         taken
+    }
+}
+
+/// Takes `bytes` out of the broker's budget, or out of its exempt bytes if
+/// `exempt`, and clears both.
+fn release(budget: &OutboundBudget, bytes: &mut usize, exempt: &mut bool) {
+    let bytes = std::mem::take(bytes);
+    if std::mem::take(exempt) {
+        budget.remove_exempt(bytes);
+    } else {
+        budget.release(bytes);
     }
 }
 

@@ -585,6 +585,23 @@ async fn a_pubcomp_leaves_only_once_the_end_of_the_flow_is_stored() {
     server.shutdown().await;
 }
 
+/// Stalls `store`, sends PUBREL `packet_id`, and returns once the end of
+/// the flow is being written: its PUBCOMP waits until the store is
+/// unstalled.
+async fn release_while_the_store_lags(
+    store: &FailingStore<MemoryStore>,
+    client: &mut RawClient,
+    packet_id: u16,
+) {
+    store.stall(true);
+    let applies = store.applies();
+    client.send(Packet::PubRel(PubAck::new(packet_id))).await;
+    eventually("the end of the flow is being written", || {
+        store.applies() > applies
+    })
+    .await;
+}
+
 /// A shutdown that begins while a PUBCOMP waits for the store still sends
 /// it before the DISCONNECT: the flow's end is stored, and a client left
 /// without its PUBCOMP sends the PUBREL again after the restart and is told
@@ -596,13 +613,7 @@ async fn a_shutdown_still_sends_the_pubcomp_that_waited_for_the_store() {
         RawClient::connect(addr(&server), persistent_connect("leaver", 3600)).await;
     open_qos2_flow(&mut publisher, "x/1", b"one", 7).await;
 
-    store.stall(true);
-    let applies = store.applies();
-    publisher.send(Packet::PubRel(PubAck::new(7))).await;
-    eventually("the end of the flow is being written", || {
-        store.applies() > applies
-    })
-    .await;
+    release_while_the_store_lags(&store, &mut publisher, 7).await;
     let shutdown = tokio::spawn(server.shutdown());
     tokio::time::sleep(Duration::from_millis(200)).await;
     store.stall(false);
@@ -1136,13 +1147,7 @@ async fn a_lagging_store_delays_the_disconnect_by_a_second_at_most() {
     client.subscribe("feed", QoS::AtMostOnce).await;
     open_qos2_flow(&mut client, "x/1", b"one", 7).await;
 
-    store.stall(true);
-    let applies = store.applies();
-    client.send(Packet::PubRel(PubAck::new(7))).await;
-    eventually("the end of the flow is being written", || {
-        store.applies() > applies
-    })
-    .await;
+    release_while_the_store_lags(&store, &mut client, 7).await;
     let mut feeder = RawClient::connected(addr(&server), "feeder", ProtocolVersion::V5).await;
     let feeding = tokio::spawn(async move {
         loop {
