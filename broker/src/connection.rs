@@ -1089,12 +1089,12 @@ impl Connection {
         self.control.ack_awaits_store();
         let session = Arc::clone(&self.session);
         let (connection_id, v5) = (self.connection_id, self.protocol.is_v5());
-        let deferred = Arc::clone(&self.control);
+        let control = Arc::clone(&self.control);
         journal.after(move |result| {
             match result {
                 Ok(()) if holds() => {
                     session.send_control(connection_id, packet);
-                    deferred.ack_released();
+                    control.ack_released();
                     then(true);
                 }
                 _ => {
@@ -1108,7 +1108,7 @@ impl Connection {
                         }
                         None => session.close_connection(connection_id, None),
                     }
-                    deferred.ack_released();
+                    control.ack_released();
                 }
             }
         });

@@ -1530,11 +1530,8 @@ impl Session {
             if st.link.is_some() {
                 let clock = &self.context.clock;
                 let waiting = st.pending_stall.queued(st.pending.len(), || clock.now_ms());
-                if waiting == Waiting::NewlyStalled {
-                    self.detach_held(st);
-                }
                 if waiting != Waiting::Briefly {
-                    delivery.message = self.detached(&delivery.message);
+                    delivery.message = self.detached_for_stalled(st, &delivery.message, waiting);
                 }
             }
             push_pending(st, delivery);
@@ -2245,10 +2242,7 @@ impl Session {
         inflight: Option<usize>,
         waiting: Waiting,
     ) {
-        if waiting == Waiting::NewlyStalled {
-            self.detach_held(st);
-        }
-        let message = self.detached(&delivery.message);
+        let message = self.detached_for_stalled(st, &delivery.message, waiting);
         if let Some(index) = inflight {
             st.inflight.delivery_mut(index).message = Arc::clone(&message);
         }
@@ -2256,6 +2250,20 @@ impl Session {
         if let Some(link) = st.link.as_mut() {
             link.push_publish(delivery, self.context.max_client_outbound_bytes);
         }
+    }
+
+    /// The copy of `message` a stalled queue takes (stall.rs); a queue found
+    /// stalled just now first has everything held for its client detached.
+    fn detached_for_stalled(
+        &self,
+        st: &mut SessionState,
+        message: &Arc<Message>,
+        waiting: Waiting,
+    ) -> Arc<Message> {
+        if waiting == Waiting::NewlyStalled {
+            self.detach_held(st);
+        }
+        self.detached(message)
     }
 
     /// `message`, detached from its read buffer (`Message::detached`), once

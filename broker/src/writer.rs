@@ -38,9 +38,10 @@ const ITEMS_KEPT: usize = 1024;
 const MAX_IOVECS: usize = 64;
 
 /// How long in all a closing writer waits for the acknowledgements still
-/// waiting for the store before it writes the DISCONNECT anyway. A store answers in milliseconds; one that lags longer
-/// must not cost an MQTT 5 client its DISCONNECT reason, which the
-/// connection's close grace (`connection::CLOSE_GRACE`, 2 s) would.
+/// waiting for the store before it writes the DISCONNECT anyway. A store
+/// answers in milliseconds; one that lags longer must not cost an MQTT 5
+/// client its DISCONNECT reason, which the connection's close grace
+/// (`connection::CLOSE_GRACE`, 2 s) would.
 const CLOSING_ACK_WAIT: Duration = Duration::from_secs(1);
 
 /// What the writer needs to know about its connection.
