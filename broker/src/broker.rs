@@ -34,6 +34,7 @@ use crate::auth_rules::{AuthRules, Login, Revocation};
 use crate::budget::OutboundBudget;
 use crate::config::{AuthConfig, Config};
 use crate::keep_alive::KeepAlive;
+use crate::log_throttle::throttled;
 use crate::message::Message;
 use crate::metrics::Metrics;
 use crate::persistence::{Journal, Persistence};
@@ -744,7 +745,8 @@ impl Broker {
             .is_none_or(|acl| acl.may_publish(topic));
         if !allowed {
             Metrics::inc(&self.metrics.publishes_denied);
-            tracing::info!(
+            throttled!(
+                INFO,
                 client_id,
                 topic,
                 "will not published: the rules in force deny its topic"

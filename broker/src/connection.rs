@@ -45,6 +45,7 @@ use crate::handshake::{
     auth_packet, authenticate, check_connect, count_decode_error, read_connect, will_allowed,
     write_direct, Authenticated, HandshakeFailure,
 };
+use crate::log_throttle::throttled;
 use crate::message::Message;
 use crate::metrics::Metrics;
 use crate::persistence::Journal;
@@ -249,7 +250,7 @@ where
         };
         match &exit {
             Exit::Error(code, why) => {
-                tracing::warn!(%peer, client_id = %conn.session.client_id, ?code, "closing connection: {why}");
+                throttled!(WARN, %peer, client_id = %conn.session.client_id, ?code, "closing connection: {why}");
             }
             other => {
                 tracing::debug!(%peer, client_id = %conn.session.client_id, exit = ?other, "client disconnected");
@@ -462,7 +463,7 @@ async fn refuse<W: AsyncWrite + Unpin>(
 ) {
     let (code, connect) = match (failure, connect) {
         (HandshakeFailure::Unsupported(name, level), _) => {
-            tracing::info!(%peer, name, level, "refused: unsupported protocol version");
+            throttled!(INFO, %peer, name, level, "refused: unsupported protocol version");
             // The 3.1.1 CONNACK "unacceptable protocol version" (0x01),
             // whatever version the client spoke.
             let connack = Packet::ConnAck(ConnAck {
@@ -477,7 +478,7 @@ async fn refuse<W: AsyncWrite + Unpin>(
             return;
         }
         (HandshakeFailure::Invalid { why, code, v5 }, _) => {
-            tracing::info!(%peer, ?code, "refused: invalid CONNECT: {why}");
+            throttled!(INFO, %peer, ?code, "refused: invalid CONNECT: {why}");
             if v5 {
                 let connack = Packet::ConnAck(ConnAck {
                     code,
@@ -490,7 +491,7 @@ async fn refuse<W: AsyncWrite + Unpin>(
         (HandshakeFailure::Refused(code), Some(connect)) => (code, connect),
         (HandshakeFailure::Refused(_), None) => return,
     };
-    tracing::info!(%peer, client_id = connect.client_id_str(), ?code, "connection refused");
+    throttled!(INFO, %peer, client_id = connect.client_id_str(), ?code, "connection refused");
     let mut properties = ConnAckProperties::default();
     if matches!(code, ReasonCode::UseAnotherServer | ReasonCode::ServerMoved) {
         properties.server_reference = broker.config.mqtt.server_reference.clone().map(Bytes::from);
@@ -587,7 +588,7 @@ fn may_resume(broker: &Broker, session: &Arc<Session>, acl: &ClientAcl) -> bool 
         return true;
     }
     Metrics::inc(&broker.metrics.sessions_not_resumed);
-    tracing::info!(
+    throttled!(INFO,
         client_id = %session.client_id,
         "session not resumed: another user's, or it holds subscriptions the ACL refuses this client"
     );
@@ -653,7 +654,7 @@ impl Connection {
             let same_denial = existing.denied_topics() == wanted.as_deref();
             if !same_denial {
                 Metrics::inc(&broker.metrics.sessions_not_resumed);
-                tracing::info!(
+                throttled!(INFO,
                     client_id = %existing.client_id,
                     "session not resumed: made under other ACL deny rules (or for another user)"
                 );
@@ -1414,7 +1415,7 @@ impl Connection {
             }
         }
         if over_quota > 0 {
-            tracing::info!(
+            throttled!(INFO,
                 client_id = %session.client_id,
                 refused = over_quota,
                 limit = limits.max_subscriptions_per_client,

@@ -34,6 +34,7 @@
 //! config      embedded defaults, TOML file, validation
 //! sys_topics  $SYS/broker/... figures, retained in memory, every sys_interval_secs
 //! metrics     monotonic counters (every refusal and drop is counted here)
+//! log_throttle  lines a client can cause: at most 20 a second per call site
 //! ```
 //!
 //! # Invariants
@@ -65,6 +66,7 @@ mod handshake;
 mod incoming_qos2;
 mod inflight;
 pub mod keep_alive;
+mod log_throttle;
 pub mod message;
 pub mod metrics;
 mod overflow;

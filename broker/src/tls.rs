@@ -40,6 +40,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::broker::Broker;
 use crate::config::{CertificateIdentity, ListenersConfig};
 use crate::connection;
+use crate::log_throttle::throttled;
 use crate::metrics::Metrics;
 use crate::signal::Signal;
 use crate::transport::ClientCertificate;
@@ -395,12 +396,12 @@ pub(crate) async fn handshake(
         Ok(Ok(stream)) => Some(stream),
         Ok(Err(e)) => {
             Metrics::inc(&broker.metrics.tls_handshakes_failed);
-            tracing::info!(%peer, error = %e, "TLS handshake failed");
+            throttled!(INFO, %peer, error = %e, "TLS handshake failed");
             None
         }
         Err(_) => {
             Metrics::inc(&broker.metrics.tls_handshakes_failed);
-            tracing::info!(%peer, "TLS handshake not completed within the connect timeout");
+            throttled!(INFO, %peer, "TLS handshake not completed within the connect timeout");
             None
         }
     }

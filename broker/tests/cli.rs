@@ -378,3 +378,67 @@ fn sighup_reloads_auth_from_the_config_file() {
     assert!(exit_status(&mut running).success());
     let _ = std::fs::remove_dir_all(config.parent().unwrap());
 }
+
+/// A client repeating a mistake cannot flood the log: each kind of refusal
+/// is logged at most 20 times a second, and the next line after a burst
+/// says how many it left out, so the lines and the `suppressed` counts
+/// still add up to every refusal.
+#[test]
+fn a_flood_of_refused_connections_is_logged_in_a_few_lines() {
+    use std::io::{Read, Write};
+    const ATTEMPTS: usize = 500;
+    const LINE: &str = "refused: unsupported protocol version";
+    let dir = temp_file("flood", "").parent().unwrap().to_path_buf();
+    let (mut running, log) = serve_in(&dir);
+    let (port, _) = tcp_port(&log);
+    // Protocol level 9: refused with the 3.1.1 CONNACK 0x01.
+    let refused = || {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(&[
+            0x10, 0x0D, 0, 4, b'M', b'Q', b'T', b'T', 9, 0x02, 0, 60, 0, 1, b'a',
+        ])
+        .unwrap();
+        let mut connack = [0u8; 4];
+        s.read_exact(&mut connack).unwrap();
+        assert_eq!(connack, [0x20, 0x02, 0x00, 0x01]);
+    };
+    let started = Instant::now();
+    for _ in 0..ATTEMPTS {
+        refused();
+    }
+    let elapsed = started.elapsed();
+    // One more in a later window: its line reports those left out.
+    std::thread::sleep(Duration::from_millis(1100));
+    refused();
+    // Every refusal logged its line before its CONNACK; the log's reader
+    // may lag a little.
+    let mut lines = Vec::new();
+    while let Ok(line) = log.recv_timeout(Duration::from_millis(500)) {
+        lines.push(line);
+    }
+    let refusals: Vec<&String> = lines.iter().filter(|l| l.contains(LINE)).collect();
+    let windows = usize::try_from(elapsed.as_secs()).unwrap() + 2;
+    assert!(
+        refusals.len() <= 20 * windows,
+        "{} lines for {ATTEMPTS} refusals in {elapsed:?}",
+        refusals.len()
+    );
+    let suppressed: usize = refusals
+        .iter()
+        .filter_map(|l| l.split("suppressed=").nth(1))
+        .map(|rest| {
+            rest.split_whitespace()
+                .next()
+                .unwrap()
+                .parse::<usize>()
+                .unwrap()
+        })
+        .sum();
+    assert_eq!(refusals.len() + suppressed, ATTEMPTS + 1, "{refusals:#?}");
+    assert!(refusals.last().unwrap().contains("suppressed="));
+
+    send_signal(&running, libc::SIGTERM);
+    assert!(exit_status(&mut running).success());
+    let _ = std::fs::remove_dir_all(dir);
+}

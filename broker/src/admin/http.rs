@@ -57,6 +57,7 @@ use super::model::{self, ErrorBody, StatsView};
 use super::render;
 use crate::broker::Broker;
 use crate::config::DurabilityMode;
+use crate::log_throttle::throttled;
 
 /// Largest request head (request line and headers) accepted.
 pub const MAX_HEAD: usize = 8 * 1024;
@@ -238,7 +239,7 @@ impl Reply {
     fn error(e: &AdminError) -> Reply {
         let status = e.http_status();
         if status >= 500 {
-            tracing::warn!(error = %e, "admin endpoint: request failed");
+            throttled!(WARN, error = %e, "admin endpoint: request failed");
         }
         Reply::failure(status, e.to_string())
     }

@@ -79,6 +79,7 @@ use tokio_tungstenite::tungstenite::Error as WsError;
 
 use crate::broker::Broker;
 use crate::connection;
+use crate::log_throttle::throttled;
 use crate::metrics::Metrics;
 use inbound::WsReader;
 use outbound::{Out, WsWriter};
@@ -205,7 +206,7 @@ async fn upgrade(
             Ok(Ok(Some(client))) => client,
             Ok(Ok(None)) => tcp_peer,
             Ok(Err(e)) => {
-                tracing::info!(peer = %tcp_peer, error = %e, "connection refused");
+                throttled!(INFO, peer = %tcp_peer, error = %e, "connection refused");
                 return None;
             }
             Err(_) => {
@@ -256,7 +257,7 @@ async fn upgrade(
         }
         Ok(Err(e)) => {
             Metrics::inc(&broker.metrics.websocket_upgrades_refused);
-            tracing::info!(peer = %tcp_peer, error = %e, "WebSocket upgrade refused");
+            throttled!(INFO, peer = %tcp_peer, error = %e, "WebSocket upgrade refused");
             if let Some((status, why)) = unanswered_refusal(&e) {
                 let body = format!("{why}\n");
                 let head = format!(

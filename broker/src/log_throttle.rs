@@ -1,0 +1,178 @@
+//! Log lines that a client can cause, limited per line of code.
+//!
+//! Every refused connection, protocol error and refused subscription is
+//! counted in [`metrics`](crate::metrics) and logged. The count is exact and
+//! cheap; a log line is neither. A client that repeats a mistake thousands
+//! of times a second (reconnecting with a bad password, a malformed CONNECT,
+//! a SUBSCRIBE over its quota) must not fill the disk with the same line, or
+//! cost the broker the formatting and the write of each.
+//!
+//! So each such call site ([`throttled!`]) logs at most
+//! [`LINES_PER_WINDOW`] lines per [`WINDOW_SECS`]; the others are only
+//! counted here, and the next line that the site does log carries
+//! `suppressed = N`: the lines it left out since its previous one. Nothing
+//! is lost from the metrics, and a reader of the log still sees the first
+//! lines of every burst and how large it was.
+//!
+//! The state is one atomic word per call site (the window's start and the
+//! lines logged in it) and one counter of suppressed lines; nothing is
+//! locked and nothing allocates.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::time::Instant;
+
+/// Lines one call site may log per window. Enough to show the variety in a
+/// burst (a few peers, a few client ids), few enough that a flood from one
+/// client costs a few kilobytes of log a second.
+pub const LINES_PER_WINDOW: u32 = 20;
+
+/// The window's length. A second: a person reading a live log sees a
+/// persistent fault within one, and a burst is summarised as soon as the
+/// next line after it is logged.
+pub const WINDOW_SECS: u64 = 1;
+
+/// The limit of one call site. See the module documentation.
+#[derive(Debug)]
+pub struct LogThrottle {
+    /// The current window's number (high 32 bits) and the lines logged in
+    /// it (low 32 bits).
+    window_and_lines: AtomicU64,
+    /// Lines left out since a line was last logged.
+    suppressed: AtomicU64,
+}
+
+impl Default for LogThrottle {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl LogThrottle {
+    /// A call site that has logged nothing yet.
+    pub const fn new() -> Self {
+        LogThrottle {
+            window_and_lines: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether a line may be logged now: `Some(n)`, with `n` the lines left
+    /// out since the previous one, or `None` when this one is left out (and
+    /// counted).
+    pub fn admit(&self) -> Option<u64> {
+        self.admit_in(current_window())
+    }
+
+    /// [`admit`](Self::admit) in the given window (its number counts
+    /// windows since the process started).
+    fn admit_in(&self, window: u32) -> Option<u64> {
+        let mut seen = self.window_and_lines.load(Ordering::Relaxed);
+        loop {
+            let (seen_window, lines) = ((seen >> 32) as u32, seen as u32);
+            let next = if seen_window != window {
+                (u64::from(window) << 32) | 1
+            } else if lines < LINES_PER_WINDOW {
+                seen + 1
+            } else {
+                self.suppressed.fetch_add(1, Ordering::Relaxed);
+                return None;
+            };
+            match self.window_and_lines.compare_exchange_weak(
+                seen,
+                next,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                // Every suppressed line is reported once: by the first line
+                // admitted after it (the swap takes what others added).
+                Ok(_) => return Some(self.suppressed.swap(0, Ordering::Relaxed)),
+                Err(now) => seen = now,
+            }
+        }
+    }
+}
+
+/// The number of the current window since the process started (it wraps
+/// after 136 years of uptime, and a wrap only starts a window early).
+fn current_window() -> u32 {
+    static ORIGIN: OnceLock<Instant> = OnceLock::new();
+    let elapsed = ORIGIN.get_or_init(Instant::now).elapsed().as_secs();
+    (elapsed / WINDOW_SECS) as u32
+}
+
+/// `tracing::event!` at `Level::$level` for a line a client can cause: at
+/// most [`LINES_PER_WINDOW`] per window from this call site, the next one
+/// logged after a gap saying how many were left out (`suppressed = N`).
+/// A level that is not enabled costs no budget.
+///
+/// ```ignore
+/// throttled!(INFO, %peer, ?code, "connection refused");
+/// ```
+macro_rules! throttled {
+    ($level:ident, $($arg:tt)+) => {{
+        static THROTTLE: $crate::log_throttle::LogThrottle =
+            $crate::log_throttle::LogThrottle::new();
+        if tracing::enabled!(tracing::Level::$level) {
+            match THROTTLE.admit() {
+                Some(0) => tracing::event!(tracing::Level::$level, $($arg)+),
+                Some(suppressed) => tracing::event!(tracing::Level::$level, suppressed, $($arg)+),
+                None => {}
+            }
+        }
+    }};
+}
+pub(crate) use throttled;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_window_logs_its_quota_then_counts_the_rest() {
+        let throttle = LogThrottle::new();
+        for _ in 0..LINES_PER_WINDOW {
+            assert_eq!(throttle.admit_in(7), Some(0));
+        }
+        for _ in 0..5 {
+            assert_eq!(throttle.admit_in(7), None);
+        }
+        // The first line of the next window reports the five left out, and
+        // only it does.
+        assert_eq!(throttle.admit_in(8), Some(5));
+        assert_eq!(throttle.admit_in(8), Some(0));
+    }
+
+    #[test]
+    fn a_quiet_site_logs_every_line() {
+        let throttle = LogThrottle::new();
+        for window in 0..100 {
+            assert_eq!(throttle.admit_in(window), Some(0));
+        }
+    }
+
+    #[test]
+    fn lines_left_out_by_racing_threads_are_all_reported() {
+        let throttle = LogThrottle::new();
+        let admitted = std::sync::atomic::AtomicU64::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    for _ in 0..1000 {
+                        if throttle.admit_in(3).is_some() {
+                            admitted.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        assert_eq!(
+            admitted.load(Ordering::Relaxed),
+            u64::from(LINES_PER_WINDOW)
+        );
+        assert_eq!(
+            throttle.admit_in(4),
+            Some(4000 - u64::from(LINES_PER_WINDOW))
+        );
+    }
+}
