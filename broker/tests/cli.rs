@@ -283,17 +283,24 @@ fn the_broker_outlives_its_log_reader() {
 /// Sends an MQTT 3.1.1 CONNECT (client id "a") to 127.0.0.1:`port` and
 /// asserts the CONNACK accepts it; returns the open connection.
 fn connect_and_expect_connack(port: u16) -> std::net::TcpStream {
+    let (s, connack) = connect_speaking(port, 4);
+    assert_eq!(connack, [0x20, 0x02, 0x00, 0x00]);
+    s
+}
+
+/// A clean-session CONNECT of client `a` at protocol `level`; returns the
+/// connection and the 4-byte CONNACK it got.
+fn connect_speaking(port: u16, level: u8) -> (std::net::TcpStream, [u8; 4]) {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     s.write_all(&[
-        0x10, 0x0D, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60, 0, 1, b'a',
+        0x10, 0x0D, 0, 4, b'M', b'Q', b'T', b'T', level, 0x02, 0, 60, 0, 1, b'a',
     ])
     .unwrap();
     let mut connack = [0u8; 4];
     s.read_exact(&mut connack).unwrap();
-    assert_eq!(connack, [0x20, 0x02, 0x00, 0x00]);
-    s
+    (s, connack)
 }
 
 /// An MQTT 3.1.1 CONNECT with a user name and password; returns the open
@@ -385,24 +392,13 @@ fn sighup_reloads_auth_from_the_config_file() {
 /// still add up to every refusal.
 #[test]
 fn a_flood_of_refused_connections_is_logged_in_a_few_lines() {
-    use std::io::{Read, Write};
     const ATTEMPTS: usize = 500;
     const LINE: &str = "refused: unsupported protocol version";
     let dir = temp_file("flood", "").parent().unwrap().to_path_buf();
     let (mut running, log) = serve_in(&dir);
     let (port, _) = tcp_port(&log);
     // Protocol level 9: refused with the 3.1.1 CONNACK 0x01.
-    let refused = || {
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        s.write_all(&[
-            0x10, 0x0D, 0, 4, b'M', b'Q', b'T', b'T', 9, 0x02, 0, 60, 0, 1, b'a',
-        ])
-        .unwrap();
-        let mut connack = [0u8; 4];
-        s.read_exact(&mut connack).unwrap();
-        assert_eq!(connack, [0x20, 0x02, 0x00, 0x01]);
-    };
+    let refused = || assert_eq!(connect_speaking(port, 9).1, [0x20, 0x02, 0x00, 0x01]);
     let started = Instant::now();
     for _ in 0..ATTEMPTS {
         refused();
