@@ -42,8 +42,8 @@ use crate::auth::{AuthExchange, AuthStep};
 use crate::auth_rules::{AuthRules, Login};
 use crate::broker::{Broker, SessionRef, StagedFanout};
 use crate::handshake::{
-    auth_packet, authenticate, check_connect, count_decode_error, read_connect, will_allowed,
-    write_direct, Authenticated, HandshakeFailure,
+    auth_packet, authenticate, check_connect, count_decode_error, misstates_utf8, read_connect,
+    will_allowed, write_direct, Authenticated, HandshakeFailure,
 };
 use crate::log_throttle::throttled;
 use crate::message::Message;
@@ -1138,9 +1138,11 @@ impl Connection {
             ));
         }
         if v5
-            && publish.properties.payload_format_indicator == Some(1)
             && self.broker.config.mqtt.check_payload_format
-            && std::str::from_utf8(&publish.payload).is_err()
+            && misstates_utf8(
+                publish.properties.payload_format_indicator,
+                &publish.payload,
+            )
         {
             // MQTT-3.3.2-4 allows refusing it: an ack with 0x99, or for QoS 0
             // (which has no ack) closing with 0x99.

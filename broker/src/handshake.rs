@@ -267,6 +267,13 @@ pub fn check_connect(
         if will_footprint(will) > broker.config.limits.max_packet_size as usize {
             return Some(ReasonCode::PacketTooLarge);
         }
+        // As a PUBLISH would be (MQTT 5 3.1.3.2.3 allows the check): its
+        // subscribers trust the indicator the will carries.
+        if broker.config.mqtt.check_payload_format
+            && misstates_utf8(will.properties.payload_format_indicator, &will.payload)
+        {
+            return Some(ReasonCode::PayloadFormatInvalid);
+        }
         // `$` topics belong to the broker: a will may not publish there, as a
         // PUBLISH may not (the ACL is checked after authentication:
         // `will_allowed`).
@@ -391,6 +398,11 @@ pub fn auth_packet(code: ReasonCode, method: &Bytes, data: Bytes) -> Packet {
             ..AuthProperties::default()
         },
     })
+}
+
+/// Whether a payload said to be UTF-8 (Payload Format Indicator 1) is not.
+pub(crate) fn misstates_utf8(format_indicator: Option<u8>, payload: &[u8]) -> bool {
+    format_indicator == Some(1) && std::str::from_utf8(payload).is_err()
 }
 
 /// Bytes a will holds in memory: its topic, payload and properties, each

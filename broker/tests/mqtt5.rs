@@ -207,6 +207,42 @@ async fn invalid_utf8_with_format_indicator_is_refused() {
     server.shutdown().await;
 }
 
+/// A will is checked as a PUBLISH is: one whose payload its indicator says
+/// is UTF-8, and is not, is refused at CONNECT (0x99) and never published;
+/// with the check off it is accepted.
+#[tokio::test]
+async fn a_will_whose_payload_is_not_the_utf8_it_claims_is_refused() {
+    let mislabelled = |client_id: &str| {
+        let mut connect = connect_packet(client_id, V5);
+        connect.will = Some(tern_codec::Will {
+            topic: Bytes::from_static(b"wills/x"),
+            payload: Bytes::from_static(&[0xC3, 0x28]),
+            qos: QoS::AtMostOnce,
+            retain: false,
+            properties: tern_codec::properties::WillProperties {
+                payload_format_indicator: Some(1),
+                ..Default::default()
+            },
+        });
+        connect
+    };
+    let server = start(|_| {}).await;
+    let (_c, ack) = RawClient::connect(addr(&server), mislabelled("checked")).await;
+    assert_eq!(ack.code, ReasonCode::PayloadFormatInvalid);
+    let mut plain = mislabelled("plain");
+    if let Some(will) = plain.will.as_mut() {
+        will.properties.payload_format_indicator = None;
+    }
+    let (_c, ack) = RawClient::connect(addr(&server), plain).await;
+    assert_eq!(ack.code, ReasonCode::Success, "no indicator, no check");
+    server.shutdown().await;
+
+    let server = start(|c| c.mqtt.check_payload_format = false).await;
+    let (_c, ack) = RawClient::connect(addr(&server), mislabelled("unchecked")).await;
+    assert_eq!(ack.code, ReasonCode::Success);
+    server.shutdown().await;
+}
+
 #[tokio::test]
 async fn server_reference_redirects_v5_clients_only() {
     let server = start(|c| c.mqtt.server_reference = Some("other.example:1883".into())).await;
