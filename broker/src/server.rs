@@ -18,7 +18,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::task::JoinHandle;
 
 use crate::broker::Broker;
@@ -35,6 +35,15 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Pause after an accept error (for example, out of file descriptors) so a
 /// persistent error does not spin the accept loop.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
+
+/// Connections the kernel holds for a listener until its accept loop takes
+/// them. `TcpListener::bind` asks for 1024, and a burst of connections
+/// (the clients of a restarted broker all coming back, a load generator
+/// opening thousands at once) overflows that: each dropped SYN costs its
+/// client a retransmit 1 s later. The kernel caps the request at
+/// `net.core.somaxconn` (4096 by default on Linux since 5.4), so this asks
+/// for the most it allows.
+const LISTEN_BACKLOG: u32 = 65_535;
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -159,9 +168,7 @@ impl Server {
             listen_all(&broker, &listeners.wss, Transport::SecureWebSocket, tasks).await?;
         let mut admin_addr = None;
         if let Some(addr) = broker.config.admin.bind {
-            let listener = TcpListener::bind(addr)
-                .await
-                .map_err(|source| StartError::Bind { addr, source })?;
+            let listener = bind(addr).map_err(|source| StartError::Bind { addr, source })?;
             let local = listener.local_addr().unwrap_or(addr);
             tracing::info!(addr = %local, "admin endpoint ready (read-only)");
             admin_addr = Some(local);
@@ -173,9 +180,7 @@ impl Server {
         }
         let mut metrics_addr = None;
         if let Some(addr) = broker.config.admin.metrics_bind {
-            let listener = TcpListener::bind(addr)
-                .await
-                .map_err(|source| StartError::Bind { addr, source })?;
+            let listener = bind(addr).map_err(|source| StartError::Bind { addr, source })?;
             let local = listener.local_addr().unwrap_or(addr);
             tracing::info!(addr = %local, "metrics endpoint ready (/metrics, /health)");
             metrics_addr = Some(local);
@@ -345,6 +350,20 @@ impl Transport {
     }
 }
 
+/// A listening socket on `addr` with a [`LISTEN_BACKLOG`] queue; like
+/// `TcpListener::bind`, with `SO_REUSEADDR`, so that a restarted broker can
+/// bind while its old connections are in `TIME_WAIT`.
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Binds every address of one kind of listener and spawns its accept loop;
 /// returns the bound addresses (a port 0 resolved), in order.
 async fn listen_all(
@@ -355,9 +374,7 @@ async fn listen_all(
 ) -> Result<Vec<SocketAddr>, StartError> {
     let mut bound = Vec::with_capacity(addrs.len());
     for &addr in addrs {
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| StartError::Bind { addr, source })?;
+        let listener = bind(addr).map_err(|source| StartError::Bind { addr, source })?;
         let local = listener.local_addr().unwrap_or(addr);
         match transport {
             Transport::WebSocket | Transport::SecureWebSocket => tracing::info!(
@@ -413,5 +430,41 @@ pub(crate) async fn shutdown_requested(signal: &mut tokio::sync::watch::Receiver
         if signal.changed().await.is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A listener holds a burst of connections beyond tokio's default
+    /// backlog (1024) until it accepts them: none of them has to retransmit
+    /// its SYN. Nothing is accepted here, so every connection must fit in
+    /// the queue (up to what `net.core.somaxconn` allows).
+    #[tokio::test]
+    async fn a_listener_queues_a_burst_of_connections_beyond_1024() {
+        let somaxconn: usize = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(4096);
+        let burst = somaxconn.min(2000);
+        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut connects = tokio::task::JoinSet::new();
+        for _ in 0..burst {
+            connects.spawn(tokio::net::TcpStream::connect(addr));
+        }
+        // A connection the queue dropped would wait 1 s, then 3 s, for its
+        // SYN to be sent again, and never complete: nothing accepts.
+        let all = tokio::time::timeout(Duration::from_secs(10), async {
+            let mut open = Vec::with_capacity(burst);
+            while let Some(connected) = connects.join_next().await {
+                open.push(connected.unwrap().unwrap());
+            }
+            open
+        })
+        .await;
+        let open = all.unwrap_or_else(|_| panic!("a burst of {burst} connections overflowed"));
+        assert_eq!(open.len(), burst);
     }
 }
