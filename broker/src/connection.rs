@@ -464,13 +464,20 @@ async fn refuse<W: AsyncWrite + Unpin>(
     let (code, connect) = match (failure, connect) {
         (HandshakeFailure::Unsupported(name, level), _) => {
             throttled!(INFO, %peer, name, level, "refused: unsupported protocol version");
-            // The 3.1.1 CONNACK "unacceptable protocol version" (0x01),
-            // whatever version the client spoke.
+            // A client that said level 5 (under another protocol name)
+            // reads a 5.0 CONNACK, 0x84 "unsupported protocol version";
+            // any other the 3.1.1 one, 0x01 "unacceptable protocol
+            // version", whose format every version before 5 shares.
+            let format = if level == 5 {
+                ProtocolVersion::V5
+            } else {
+                ProtocolVersion::V311
+            };
             let connack = Packet::ConnAck(ConnAck {
                 code: ReasonCode::UnsupportedProtocolVersion,
                 ..ConnAck::default()
             });
-            write_direct(writer, &connack, ProtocolVersion::V311, &broker.metrics).await;
+            write_direct(writer, &connack, format, &broker.metrics).await;
             return;
         }
         (HandshakeFailure::Closed(reason), _) => {
@@ -1025,10 +1032,7 @@ impl Connection {
                 Ok(())
             }
             Packet::Subscribe(subscribe) => self.on_subscribe(session, subscribe),
-            Packet::Unsubscribe(unsubscribe) => {
-                self.on_unsubscribe(session, unsubscribe);
-                Ok(())
-            }
+            Packet::Unsubscribe(unsubscribe) => self.on_unsubscribe(session, unsubscribe),
             Packet::PingReq => {
                 self.send(Packet::PingResp);
                 Ok(())
@@ -1326,6 +1330,13 @@ impl Connection {
         {
             return Err(self.protocol_error("No Local on a shared subscription"));
         }
+        // MQTT 3.x: a filter that breaks the syntax rules (MQTT-4.7.1-2/3,
+        // MQTT-4.7.3-1) is a protocol violation, and the connection closes
+        // (MQTT-4.8.0-1), before any filter of the packet took effect. 5.0
+        // refuses it alone in SUBACK (0x8F).
+        if !v5 && any_invalid_filter(subscribe.filters.iter().map(|r| r.filter_str())) {
+            return Err(self.invalid_filter_3x());
+        }
         // A refused filter's SUBACK code: MQTT 3.x has only 0x80.
         let refused = |code| {
             if v5 {
@@ -1456,7 +1467,18 @@ impl Connection {
         Ok(())
     }
 
-    fn on_unsubscribe(&mut self, session: &Arc<Session>, unsubscribe: Unsubscribe) {
+    fn on_unsubscribe(
+        &mut self,
+        session: &Arc<Session>,
+        unsubscribe: Unsubscribe,
+    ) -> Result<(), Exit> {
+        // As in SUBSCRIBE: MQTT 3.x has no code to refuse one filter with.
+        let filters = unsubscribe.filters.iter();
+        if !self.protocol.is_v5()
+            && any_invalid_filter(filters.map(|f| std::str::from_utf8(f).unwrap_or("")))
+        {
+            return Err(self.invalid_filter_3x());
+        }
         let subscriber = SessionRef(Arc::clone(session));
         let durable = session.is_durable();
         let mut journal = Journal::new();
@@ -1492,6 +1514,18 @@ impl Connection {
             properties: UnsubAckProperties::default(),
         });
         self.acknowledge(unsuback, journal);
+        Ok(())
+    }
+
+    /// An MQTT 3.x SUBSCRIBE or UNSUBSCRIBE with an invalid filter: the
+    /// connection closes (3.x has no DISCONNECT to say why).
+    fn invalid_filter_3x(&self) -> Exit {
+        Metrics::inc(&self.broker.metrics.subscriptions_refused);
+        Metrics::inc(&self.broker.metrics.protocol_errors);
+        Exit::Error(
+            ReasonCode::TopicFilterInvalid,
+            "invalid topic filter (an MQTT 3.x protocol violation)".into(),
+        )
     }
 
     /// Re-authentication (MQTT 5 section 4.12.1): AUTH 0x19 starts a new
@@ -1635,6 +1669,13 @@ fn subscription_record(
 /// What to send instead of `ack` when the state it acknowledges could not
 /// be stored; `None`: the packet has no way to say so (MQTT 3.x PUBACK,
 /// PUBREC, UNSUBACK), close the connection instead.
+/// Whether any of `filters` breaks the topic filter syntax (an empty
+/// filter, `#` not last or not alone in its level, `+` not alone in its
+/// level, a malformed shared subscription).
+fn any_invalid_filter<'f>(mut filters: impl Iterator<Item = &'f str>) -> bool {
+    filters.any(|filter| tern_router::validate_filter(filter).is_err())
+}
+
 fn refused_ack(ack: Packet, disk_full: bool, v5: bool) -> Option<Packet> {
     let code = if disk_full {
         ReasonCode::QuotaExceeded

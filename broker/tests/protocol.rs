@@ -71,6 +71,22 @@ async fn unsupported_protocol_level_gets_connack_1() {
     server.shutdown().await;
 }
 
+/// A client that says level 5 under another protocol name reads the
+/// refusal in the format it expects: a 5.0 CONNACK with 0x84.
+#[tokio::test]
+async fn a_level_5_connect_with_another_protocol_name_gets_connack_0x84() {
+    let server = start(|_| {}).await;
+    let mut c = RawClient::open(addr(&server), V5).await;
+    c.send_bytes(&[0x10, 0x0C, 0, 2, b'h', b'j', 5, 0x02, 0, 60, 0, 0, 1, b'a'])
+        .await;
+    let mut raw = Vec::new();
+    tokio::io::AsyncReadExt::read_to_end(&mut c.stream, &mut raw)
+        .await
+        .unwrap();
+    assert_eq!(raw, vec![0x20, 0x03, 0x00, 0x84, 0x00]);
+    server.shutdown().await;
+}
+
 #[tokio::test]
 async fn first_packet_must_be_connect() {
     let server = start(|_| {}).await;
@@ -538,25 +554,61 @@ async fn qos_is_downgraded_to_the_subscription_maximum() {
     server.shutdown().await;
 }
 
+/// MQTT 5 refuses an invalid filter alone, in SUBACK (0x8F), and the
+/// connection stays.
 #[tokio::test]
 async fn invalid_filter_refused_in_suback_connection_stays() {
     let server = start(|_| {}).await;
-    let mut c3 = RawClient::connected(addr(&server), "c3", V311).await;
-    assert_eq!(
-        c3.subscribe("a/#/b", QoS::AtMostOnce).await,
-        vec![ReasonCode::UnspecifiedError]
-    );
-    assert_eq!(
-        c3.subscribe("ok/#", QoS::AtMostOnce).await,
-        vec![ReasonCode::Success]
-    );
     let mut c5 = RawClient::connected(addr(&server), "c5", V5).await;
     assert_eq!(
         c5.subscribe("a+", QoS::AtMostOnce).await,
         vec![ReasonCode::TopicFilterInvalid]
     );
-    c5.publish("ok/x", b"hi", QoS::AtLeastOnce, 3).await;
-    assert_eq!(&c3.recv_publish().await.payload[..], b"hi");
+    assert_eq!(
+        c5.subscribe("ok/#", QoS::AtMostOnce).await,
+        vec![ReasonCode::Success]
+    );
+    let mut p = RawClient::connected(addr(&server), "p", V5).await;
+    p.publish("ok/x", b"hi", QoS::AtLeastOnce, 3).await;
+    assert_eq!(&c5.recv_publish().await.payload[..], b"hi");
+    server.shutdown().await;
+}
+
+/// MQTT 3.1.1 has no code for an invalid filter: it is a protocol
+/// violation (MQTT-4.7.1-2, MQTT-4.8.0-1), so a SUBSCRIBE or UNSUBSCRIBE
+/// carrying one closes the connection without an answer, and none of the
+/// SUBSCRIBE's filters takes effect, not even the valid one before it.
+#[tokio::test]
+async fn an_invalid_filter_closes_an_mqtt_3_connection() {
+    let server = start(|_| {}).await;
+    let session = || {
+        let mut connect = connect_packet("c3", V311);
+        connect.clean_start = false;
+        connect
+    };
+    let (mut c3, _) = RawClient::connect(addr(&server), session()).await;
+    let Packet::Subscribe(mut subscribe) = subscribe_packet(1, "ok/#", QoS::AtMostOnce) else {
+        unreachable!()
+    };
+    let mut invalid = subscribe.filters[0].clone();
+    invalid.filter = Bytes::from_static(b"a/#/b");
+    subscribe.filters.push(invalid);
+    c3.send(Packet::Subscribe(subscribe)).await;
+    assert!(c3.expect_closed().await.is_empty(), "no SUBACK");
+
+    let (mut c3, ack) = RawClient::connect(addr(&server), session()).await;
+    assert!(ack.session_present);
+    let mut p = RawClient::connected(addr(&server), "p", V311).await;
+    p.publish("ok/x", b"hi", QoS::AtLeastOnce, 3).await;
+    c3.expect_silence(Duration::from_millis(200)).await;
+
+    c3.send(Packet::Unsubscribe(tern_codec::Unsubscribe {
+        packet_id: 2,
+        filters: vec![Bytes::from_static(b"a+")],
+        properties: Default::default(),
+    }))
+    .await;
+    assert!(c3.expect_closed().await.is_empty(), "no UNSUBACK");
     server.shutdown().await;
 }
 

@@ -463,22 +463,32 @@ def test_redelivery_on_reconnect(raw, v5):
 
 # ---- test_subscribe_failure ------------------------------------------------
 
-@pytest.mark.parametrize("v5", [False, True], ids=["v311", "v5"])
-def test_subscribe_failure_invalid_filter(raw, v5):
+def test_subscribe_failure_invalid_filter_v5(raw):
     """paho test_subscribe_failure (the suite refuses "test/nosubscribe" by broker
     configuration; Tern has no such ACL, so the equivalent is a filter the broker must
-    refuse): SUBACK 0x80 (3.1.1 3.9.3) / 0x8F (5.0 3.9.3), the connection stays open."""
+    refuse): MQTT 5 refuses it alone, SUBACK 0x8F (3.9.3), and the connection stays."""
     c = raw()
-    c.send(connect_packet_5("myclientid") if v5 else connect_packet_311("myclientid"))
-    read_connack(c, v5)
-    c.send(subscribe_packet(7, [("test/#/nosubscribe", 2), ("TopicA", 2)], v5))
+    c.send(connect_packet_5("myclientid"))
+    read_connack(c, True)
+    c.send(subscribe_packet(7, [("test/#/nosubscribe", 2), ("TopicA", 2)], True))
     first, body = c.read_packet()
     assert first == 0x90
     assert int.from_bytes(body[:2], "big") == 7
     codes = list(body[-2:])
-    assert codes == ([0x8F, 2] if v5 else [0x80, 2]), [hex(x) for x in codes]
+    assert codes == [0x8F, 2], [hex(x) for x in codes]
     c.send(packet(0xC0, b""))                                    # PINGREQ
     assert c.read_packet()[0] == 0xD0
+
+
+def test_invalid_filter_closes_a_v311_connection(raw):
+    """MQTT 3.1.1 has no code for an invalid filter: it breaks MQTT-4.7.1-2, a protocol
+    violation, so the connection closes without a SUBACK (MQTT-4.8.0-1)."""
+    c = raw()
+    c.send(connect_packet_311("myclientid"))
+    read_connack(c, False)
+    c.send(subscribe_packet(7, [("TopicA", 2), ("test/#/nosubscribe", 2)], False))
+    got = read_until_closed(c)
+    assert got == [], f"closed without an answer, got {got}"
 
 
 # ---- test_dollar_topics ----------------------------------------------------
