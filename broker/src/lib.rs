@@ -32,6 +32,7 @@
 //! auth_rules  the [auth] rules in force, swapped whole on reload; how each client got in
 //! acl         topic permissions: who may publish and subscribe where
 //! config      embedded defaults, TOML file, validation
+//! runtime     the binary's tokio runtime: the LIFO slot off, so clients are served in arrival order
 //! sys_topics  $SYS/broker/... figures, retained in memory, every sys_interval_secs
 //! metrics     monotonic counters (every refusal and drop is counted here)
 //! log_throttle  lines a client can cause: at most 20 a second per call site
@@ -77,6 +78,7 @@ pub mod proxy_protocol;
 pub mod recovery;
 pub mod registry;
 pub mod retained_order;
+pub mod runtime;
 pub mod server;
 pub mod session;
 pub mod signal;

@@ -214,10 +214,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tern::runtime::builder().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("tern: cannot start the runtime: {e}");
