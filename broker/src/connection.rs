@@ -702,6 +702,13 @@ impl Connection {
             props.receive_maximum = Some(limits.receive_maximum);
             props.maximum_packet_size = Some(limits.max_packet_size);
             props.topic_alias_maximum = Some(limits.topic_alias_maximum);
+            // Absent, each of these means "available" too (MQTT 5
+            // 3.2.2.3.5, .11-.13); said outright, for clients that look
+            // for them before they use the feature.
+            props.retain_available = Some(1);
+            props.wildcard_subscription_available = Some(1);
+            props.subscription_identifiers_available = Some(1);
+            props.shared_subscription_available = Some(1);
         }
         let session_present = opened.session_present && protocol != ProtocolVersion::V31;
         let send_quota = connect

@@ -35,6 +35,17 @@ async fn connack_bytes_for_311_and_assigned_id_for_v5() {
         .assigned_client_identifier
         .expect("assigned id");
     assert!(!assigned.is_empty());
+    // Every optional feature is said to be available, not left implied.
+    let p = &ack.properties;
+    assert_eq!(
+        [
+            p.retain_available,
+            p.wildcard_subscription_available,
+            p.subscription_identifiers_available,
+            p.shared_subscription_available,
+        ],
+        [Some(1); 4]
+    );
     server.shutdown().await;
 }
 
