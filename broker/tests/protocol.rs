@@ -33,6 +33,7 @@ async fn connack_bytes_for_311_and_assigned_id_for_v5() {
     let assigned = ack
         .properties
         .assigned_client_identifier
+        .as_ref()
         .expect("assigned id");
     assert!(!assigned.is_empty());
     // Every optional feature is said to be available, not left implied.
