@@ -934,7 +934,7 @@ impl StagedFanout {
 
 /// The delivery of `message` to one matching client, combining its
 /// matching subscriptions (highest QoS, RETAIN if any asks for it as
-/// published, every subscription identifier); `None` when No Local leaves
+/// published, each subscription identifier once); `None` when No Local leaves
 /// none of them, or an ACL deny rule keeps the client from the topic.
 fn client_delivery(client: &ClientMatch<SessionRef>, message: &Arc<Message>) -> Option<Delivery> {
     if client.subscriber.0.denies(message) {
@@ -955,6 +955,7 @@ fn client_delivery(client: &ClientMatch<SessionRef>, message: &Arc<Message>) -> 
             ids.push(id);
         }
     }
+    ids.dedup();
     qos.map(|qos| Delivery::new(message, qos, retain, ids))
 }
 

@@ -45,6 +45,22 @@ impl SubscriptionIds {
         };
     }
 
+    /// Keeps one of each identifier. Two subscriptions that matched with
+    /// the same identifier tell the client nothing twice, and a client that
+    /// dispatches by identifier would hand the message to the same handler
+    /// twice. The order changes (MQTT-3.3.4-4: it is not significant); one
+    /// sort, so a delivery matched by thousands of subscriptions costs
+    /// `n log n`, not `n²`.
+    pub fn dedup(&mut self) {
+        if let Repr::Many(ids) = &mut self.0 {
+            ids.sort_unstable();
+            ids.dedup();
+            if let [only] = ids[..] {
+                self.0 = Repr::One(only);
+            }
+        }
+    }
+
     /// True when there are none.
     pub fn is_empty(&self) -> bool {
         matches!(self.0, Repr::None)
@@ -103,6 +119,17 @@ mod tests {
         assert_eq!(ids.to_vec(), vec![7, 3, 268_435_455]);
         let collected: SubscriptionIds = [5, 0, 6].into_iter().collect();
         assert_eq!(collected.as_slice(), &[5, 6], "0 is not an identifier");
+    }
+
+    #[test]
+    fn dedup_keeps_one_of_each() {
+        let mut ids: SubscriptionIds = [7, 3, 7, 3, 9].into_iter().collect();
+        ids.dedup();
+        assert_eq!(ids.as_slice(), [3, 7, 9]);
+        let mut twice: SubscriptionIds = [2333, 2333].into_iter().collect();
+        twice.dedup();
+        assert_eq!(twice, SubscriptionIds(Repr::One(2333)));
+        assert_eq!(twice.heap_bytes(), 0);
     }
 
     #[test]

@@ -268,9 +268,13 @@ async fn one_copy_carries_every_matching_subscription_identifier() {
         Some(1),
     )
     .await;
+    // Two more, under one identifier: it is carried once.
     subscribe_with(
         &mut sub,
-        vec![sub_filter("ids/#", QoS::AtLeastOnce)],
+        vec![
+            sub_filter("ids/#", QoS::AtLeastOnce),
+            sub_filter("+/x", QoS::AtMostOnce),
+        ],
         Some(2),
     )
     .await;
