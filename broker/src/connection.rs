@@ -52,7 +52,7 @@ use crate::persistence::Journal;
 use crate::registry::ConnectionPermit;
 use crate::session::{AttachParams, ConnectionControl, Delivery, Session};
 use crate::topic_alias::{AliasError, InboundAliases};
-use crate::transport::{linger, read_pooled, TransportRead};
+use crate::transport::{linger, read_pooled, TransportRead, TransportWrite};
 use crate::wake_batch::WakeBatch;
 use crate::writer::{write_loop, WriterContext};
 use tern_storage::{Op, StoreError, SubscriptionRecord};
@@ -185,7 +185,7 @@ pub fn serve<'p, R, W>(
 ) -> impl Future<Output = Option<ConnectionPermit>> + Send + use<'p, R, W>
 where
     R: TransportRead,
-    W: AsyncWrite + Unpin + Send,
+    W: TransportWrite,
 {
     async move {
         let permit = broker.registry.admit();

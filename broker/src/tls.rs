@@ -341,6 +341,9 @@ impl crate::transport::TransportRead for TlsRead {
     }
 }
 
+/// Shuts down with its `close_notify` (`poll_shutdown`), at once.
+impl crate::transport::TransportWrite for tokio::io::WriteHalf<TlsStream<TcpStream>> {}
+
 /// Serves one MQTT/TLS connection: the handshake, then MQTT.
 #[expect(
     clippy::manual_async_fn,

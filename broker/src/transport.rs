@@ -18,7 +18,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::tcp::ReadHalf;
 
 use crate::pool::{BufferPool, BUFFER_SIZE};
@@ -35,6 +35,24 @@ pub trait TransportRead: AsyncRead + Unpin + Send {
     fn client_certificate(&self) -> Option<&ClientCertificate> {
         None
     }
+}
+
+/// The write side of a client connection.
+pub trait TransportWrite: AsyncWrite + Unpin + Send {
+    /// Whether an MQTT 5 connection the broker ends with a DISCONNECT is
+    /// left open, without its FIN, while the broker [`linger`]s, and closed
+    /// when the client closes or the linger ends. The client then reads the
+    /// DISCONNECT and closes first, as MQTT 5 expects of it: an end of
+    /// stream right behind the DISCONNECT can reach a client still in the
+    /// middle of reading it (one whose threads share the socket, such as
+    /// the Paho test client, then loops on the end of stream for ever).
+    /// Plain TCP only: TLS must send its `close_notify` as it shuts down,
+    /// and a WebSocket its close frame.
+    const CLOSES_AFTER_LINGER: bool = false;
+}
+
+impl TransportWrite for tokio::net::tcp::WriteHalf<'_> {
+    const CLOSES_AFTER_LINGER: bool = true;
 }
 
 /// A client certificate the TLS handshake verified against
@@ -108,8 +126,11 @@ pub fn read_pooled<'a, R: TransportRead>(
 /// client still sending (acknowledgements of what it was just sent, the
 /// rest of a pipeline) then fails to write, or loses the DISCONNECT and its
 /// reason code before it reads it. A client that reads the DISCONNECT
-/// closes at once, which ends the wait.
-pub const LINGER: Duration = Duration::from_millis(500);
+/// closes at once, which ends the wait. Over plain TCP an MQTT 5 client
+/// gets its end of stream only then ([`TransportWrite`]), so this is also
+/// how long it has to read the DISCONNECT and close first: a second, far
+/// more than a client on a working link needs.
+pub const LINGER: Duration = Duration::from_secs(1);
 
 /// Reads and discards until the client closes its side, a read fails, or
 /// [`LINGER`] has passed. Reads into a small buffer of its own: nothing

@@ -22,6 +22,8 @@ use tern_codec::{
 };
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
+use crate::transport::TransportWrite;
+
 use crate::metrics::Metrics;
 use crate::session::{AckKind, ConnectionControl, Delivery, Outbound, Session};
 use crate::topic_alias::OutboundAliases;
@@ -67,7 +69,7 @@ pub struct WriterContext {
     clippy::manual_async_fn,
     reason = "an async fn would keep its arguments twice"
 )]
-pub fn write_loop<W: AsyncWrite + Unpin>(
+pub fn write_loop<W: TransportWrite>(
     ctx: WriterContext,
     mut socket: W,
 ) -> impl Future<Output = ()> {
@@ -170,6 +172,9 @@ pub fn write_loop<W: AsyncWrite + Unpin>(
                 if encoded {
                     chunks.push_back(scratch.split().freeze());
                     let _ = write_chunks(&mut socket, chunks, &ctx.metrics).await;
+                    if W::CLOSES_AFTER_LINGER {
+                        return;
+                    }
                 }
             }
         }

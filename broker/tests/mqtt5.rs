@@ -539,10 +539,39 @@ async fn a_connection_the_broker_ended_counts_until_its_socket_is_closed() {
     let count = || server.broker().registry.connection_count();
     let mut c = RawClient::connected(addr(&server), "erring", V5).await;
     c.send(Packet::PingResp).await;
-    c.expect_disconnect(ReasonCode::ProtocolError).await;
+    match c.recv().await {
+        Some(Packet::Disconnect(d)) => assert_eq!(d.code, ReasonCode::ProtocolError),
+        other => panic!("expected DISCONNECT, got {other:?}"),
+    }
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(count(), 1, "still lingering on the client's socket");
     eventually("the linger over", || count() == 0).await;
+    assert!(c.expect_closed().await.is_empty());
+    server.shutdown().await;
+}
+
+/// Over TCP, an MQTT 5 client the broker ended reads the DISCONNECT and
+/// closes first: the broker sends no end of stream behind the DISCONNECT
+/// (a client still reading it, in two threads, might take one for the
+/// middle of a packet), and lets the socket go as soon as the client has
+/// closed it.
+#[tokio::test]
+async fn an_mqtt5_client_the_broker_ended_closes_first() {
+    let server = start(|_| {}).await;
+    let count = || server.broker().registry.connection_count();
+    let mut c = RawClient::connected(addr(&server), "erring", V5).await;
+    c.send(Packet::PingResp).await;
+    match c.recv().await {
+        Some(Packet::Disconnect(d)) => assert_eq!(d.code, ReasonCode::ProtocolError),
+        other => panic!("expected DISCONNECT, got {other:?}"),
+    }
+    assert_eq!(
+        c.recv_within(Duration::from_millis(300)).await,
+        Err(()),
+        "no end of stream behind the DISCONNECT"
+    );
+    drop(c);
+    eventually("the socket let go", || count() == 0).await;
     server.shutdown().await;
 }
 

@@ -154,6 +154,9 @@ pub(super) struct WsWriter {
     pub(super) out: Arc<Mutex<Out>>,
 }
 
+/// Shuts down with its close frame (`poll_shutdown`), at once.
+impl crate::transport::TransportWrite for WsWriter {}
+
 impl AsyncWrite for WsWriter {
     fn poll_write(
         self: Pin<&mut Self>,
