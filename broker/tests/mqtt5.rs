@@ -529,6 +529,18 @@ async fn exceeding_our_receive_maximum_is_0x93() {
     server.shutdown().await;
 }
 
+/// A client the broker ended (a PINGRESP from a client is a protocol
+/// error), once it has read the DISCONNECT.
+async fn ended_by_a_protocol_error(server: &tern::Server) -> RawClient {
+    let mut c = RawClient::connected(addr(server), "erring", V5).await;
+    c.send(Packet::PingResp).await;
+    match c.recv().await {
+        Some(Packet::Disconnect(d)) => assert_eq!(d.code, ReasonCode::ProtocolError),
+        other => panic!("expected DISCONNECT, got {other:?}"),
+    }
+    c
+}
+
 /// While the broker lingers on a connection it ended (`transport::LINGER`),
 /// the socket still counts as a connection: against `max_connections`, and
 /// for a shutdown, which waits for it. It stops counting once the linger
@@ -537,12 +549,7 @@ async fn exceeding_our_receive_maximum_is_0x93() {
 async fn a_connection_the_broker_ended_counts_until_its_socket_is_closed() {
     let server = start(|_| {}).await;
     let count = || server.broker().registry.connection_count();
-    let mut c = RawClient::connected(addr(&server), "erring", V5).await;
-    c.send(Packet::PingResp).await;
-    match c.recv().await {
-        Some(Packet::Disconnect(d)) => assert_eq!(d.code, ReasonCode::ProtocolError),
-        other => panic!("expected DISCONNECT, got {other:?}"),
-    }
+    let mut c = ended_by_a_protocol_error(&server).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(count(), 1, "still lingering on the client's socket");
     eventually("the linger over", || count() == 0).await;
@@ -559,12 +566,7 @@ async fn a_connection_the_broker_ended_counts_until_its_socket_is_closed() {
 async fn an_mqtt5_client_the_broker_ended_closes_first() {
     let server = start(|_| {}).await;
     let count = || server.broker().registry.connection_count();
-    let mut c = RawClient::connected(addr(&server), "erring", V5).await;
-    c.send(Packet::PingResp).await;
-    match c.recv().await {
-        Some(Packet::Disconnect(d)) => assert_eq!(d.code, ReasonCode::ProtocolError),
-        other => panic!("expected DISCONNECT, got {other:?}"),
-    }
+    let mut c = ended_by_a_protocol_error(&server).await;
     assert_eq!(
         c.recv_within(Duration::from_millis(300)).await,
         Err(()),
