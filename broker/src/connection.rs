@@ -595,7 +595,8 @@ fn may_resume(broker: &Broker, session: &Arc<Session>, acl: &ClientAcl) -> bool 
         return true;
     }
     Metrics::inc(&broker.metrics.sessions_not_resumed);
-    throttled!(INFO,
+    throttled!(
+        INFO,
         client_id = %session.client_id,
         "session not resumed: another user's, or it holds subscriptions the ACL refuses this client"
     );
@@ -661,7 +662,8 @@ impl Connection {
             let same_denial = existing.denied_topics() == wanted.as_deref();
             if !same_denial {
                 Metrics::inc(&broker.metrics.sessions_not_resumed);
-                throttled!(INFO,
+                throttled!(
+                    INFO,
                     client_id = %existing.client_id,
                     "session not resumed: made under other ACL deny rules (or for another user)"
                 );
@@ -1435,7 +1437,8 @@ impl Connection {
             }
         }
         if over_quota > 0 {
-            throttled!(INFO,
+            throttled!(
+                INFO,
                 client_id = %session.client_id,
                 refused = over_quota,
                 limit = limits.max_subscriptions_per_client,
@@ -1673,9 +1676,6 @@ fn subscription_record(
     }
 }
 
-/// What to send instead of `ack` when the state it acknowledges could not
-/// be stored; `None`: the packet has no way to say so (MQTT 3.x PUBACK,
-/// PUBREC, UNSUBACK), close the connection instead.
 /// Whether any of `filters` breaks the topic filter syntax (an empty
 /// filter, `#` not last or not alone in its level, `+` not alone in its
 /// level, a malformed shared subscription).
@@ -1683,6 +1683,9 @@ fn any_invalid_filter<'f>(mut filters: impl Iterator<Item = &'f str>) -> bool {
     filters.any(|filter| tern_router::validate_filter(filter).is_err())
 }
 
+/// What to send instead of `ack` when the state it acknowledges could not
+/// be stored; `None`: the packet has no way to say so (MQTT 3.x PUBACK,
+/// PUBREC, UNSUBACK), close the connection instead.
 fn refused_ack(ack: Packet, disk_full: bool, v5: bool) -> Option<Packet> {
     let code = if disk_full {
         ReasonCode::QuotaExceeded

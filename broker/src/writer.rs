@@ -22,11 +22,10 @@ use tern_codec::{
 };
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
-use crate::transport::TransportWrite;
-
 use crate::metrics::Metrics;
 use crate::session::{AckKind, ConnectionControl, Delivery, Outbound, Session};
 use crate::topic_alias::OutboundAliases;
+use crate::transport::TransportWrite;
 
 /// Payloads up to this size are copied next to their header rather than
 /// given their own I/O vector.
