@@ -42,8 +42,8 @@ use crate::auth::{AuthExchange, AuthStep};
 use crate::auth_rules::{AuthRules, Login};
 use crate::broker::{Broker, SessionRef, StagedFanout};
 use crate::handshake::{
-    auth_packet, authenticate, check_connect, count_decode_error, misstates_utf8, read_connect,
-    will_allowed, write_direct, Authenticated, HandshakeFailure,
+    auth_packet, authenticate, check_connect, count_decode_error, fit_connack, misstates_utf8,
+    read_connect, will_allowed, write_direct, Authenticated, HandshakeFailure,
 };
 use crate::log_throttle::throttled;
 use crate::message::Message;
@@ -751,11 +751,14 @@ impl Connection {
             staged: StagedFanout::default(),
             acl,
         };
-        let connack = ConnAck {
+        let mut connack = ConnAck {
             session_present,
             code: ReasonCode::Success,
             properties: props,
         };
+        if v5 {
+            fit_connack(&mut connack, connection.client_max_packet);
+        }
         Ok((connection, connack))
     }
 

@@ -11,8 +11,8 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use tern_codec::properties::AuthProperties;
 use tern_codec::{
-    decode_packet, encode_packet, Auth, Connect, DecodeError, Packet, ProtocolVersion, ReasonCode,
-    Will,
+    decode_packet, encode_packet, encoded_len, Auth, ConnAck, Connect, DecodeError, Packet,
+    ProtocolVersion, ReasonCode, Will,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -197,6 +197,45 @@ pub async fn read_connect<R: AsyncRead + Unpin>(
                 other.packet_type()
             )))
         }
+    }
+}
+
+/// Keeps a successful MQTT 5 CONNACK within the client's Maximum Packet Size
+/// (MQTT-3.1.2-24). What goes first are the properties whose absence means
+/// the same (an availability of 1, a Receive Maximum of 65,535, a Topic
+/// Alias Maximum of 0), then the Response Information the server may always
+/// leave out. What a client needs to go on (its assigned identifier, a
+/// shortened keep alive or session expiry, the server's own limits) stays,
+/// even when the packet is still too large: a client that cannot take 30
+/// bytes can take no PUBLISH either.
+pub fn fit_connack(connack: &mut ConnAck, client_max: Option<u32>) {
+    let Some(max) = client_max else { return };
+    let fits = |connack: &ConnAck| {
+        encoded_len(&Packet::ConnAck(connack.clone()), ProtocolVersion::V5)
+            .is_ok_and(|len| len <= max as usize)
+    };
+    if fits(connack) {
+        return;
+    }
+    let p = &mut connack.properties;
+    for flag in [
+        &mut p.retain_available,
+        &mut p.wildcard_subscription_available,
+        &mut p.subscription_identifiers_available,
+        &mut p.shared_subscription_available,
+    ] {
+        if *flag == Some(1) {
+            *flag = None;
+        }
+    }
+    if p.receive_maximum == Some(u16::MAX) {
+        p.receive_maximum = None;
+    }
+    if p.topic_alias_maximum == Some(0) {
+        p.topic_alias_maximum = None;
+    }
+    if !fits(connack) {
+        connack.properties.response_information = None;
     }
 }
 

@@ -673,6 +673,53 @@ async fn deliveries_larger_than_the_client_maximum_are_dropped() {
     server.shutdown().await;
 }
 
+/// MQTT-3.1.2-24 covers the CONNACK too: for a client that takes only small
+/// packets, the broker leaves out what it may (availabilities that default to
+/// 1, the Response Information asked for) and keeps the assigned identifier.
+#[tokio::test]
+async fn a_connack_fits_the_client_maximum_packet_size() {
+    let server = start(|_| {}).await;
+    let small = |max| {
+        let mut connect = connect_packet("", V5);
+        connect.properties.maximum_packet_size = Some(max);
+        connect.properties.request_response_information = Some(1);
+        connect
+    };
+    let (_roomy, full) = RawClient::connect(addr(&server), small(1024)).await;
+    let full_len = tern_codec::encoded_len(&Packet::ConnAck(full.clone()), V5).unwrap();
+    assert!(full.properties.response_information.is_some());
+    assert_eq!(full.properties.retain_available, Some(1));
+
+    let max = 50;
+    assert!(full_len > max as usize, "{full_len}");
+    let (mut c, ack) = RawClient::connect(addr(&server), small(max)).await;
+    assert_eq!(ack.code, ReasonCode::Success);
+    let len = tern_codec::encoded_len(&Packet::ConnAck(ack.clone()), V5).unwrap();
+    assert!(
+        len <= max as usize,
+        "CONNACK of {len} bytes, client maximum {max}"
+    );
+    let assigned = ack
+        .properties
+        .assigned_client_identifier
+        .expect("assigned id");
+    assert_eq!(
+        assigned.len(),
+        full.properties.assigned_client_identifier.unwrap().len()
+    );
+    assert_eq!(
+        ack.properties.maximum_packet_size,
+        full.properties.maximum_packet_size
+    );
+    assert_eq!(ack.properties.retain_available, None);
+    // The connection goes on as any other.
+    assert_eq!(
+        c.subscribe("s", QoS::AtMostOnce).await,
+        vec![ReasonCode::Success]
+    );
+    server.shutdown().await;
+}
+
 /// MQTT-3.1.2-24 counts the whole packet as sent: a Topic Alias the broker
 /// adds (3 bytes) can take a PUBLISH that fits without it over the limit.
 #[tokio::test]
