@@ -521,6 +521,51 @@ async fn client_vanishing_without_close_frame_publishes_will() {
     server.shutdown().await;
 }
 
+/// As over TCP (`mqtt5.rs::a_client_still_sending_after_the_broker_ended_it_reads_the_disconnect`):
+/// a client that goes on sending after the broker ended its connection
+/// still reads the DISCONNECT and the close frame, and its writes succeed
+/// until it has: the broker reads (and drops) what it sends until its close
+/// frame comes back, rather than resetting the connection under it.
+#[tokio::test]
+async fn a_websocket_client_still_sending_after_the_broker_ended_it_reads_the_disconnect() {
+    let server = start(|c| c.limits.receive_maximum = 2).await;
+    let mut c = WsClient::connected(ws_addr(&server), "ws-flood", ProtocolVersion::V5).await;
+    let mut flood = Vec::new();
+    for id in 1..=3u16 {
+        let publish = publish_packet("q2", b"x", QoS::ExactlyOnce, Some(id));
+        flood.extend(encode(&publish, ProtocolVersion::V5));
+    }
+    c.send_binary(flood).await;
+    let mut seen = Vec::new();
+    while let Some(packet) = c.recv().await {
+        if let Packet::PubRec(a) = &packet {
+            // Each released after the broker has closed its side.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let pubrel = encode(
+                &Packet::PubRel(tern_codec::PubAck::new(a.packet_id)),
+                ProtocolVersion::V5,
+            );
+            let sent = c.ws.send(Message::Binary(pubrel.into())).await;
+            assert!(
+                sent.is_ok(),
+                "could not send PUBREL {}: {sent:?}",
+                a.packet_id
+            );
+        }
+        seen.push(packet);
+    }
+    assert!(
+        matches!(seen.last(), Some(Packet::Disconnect(d)) if d.code == ReasonCode::ReceiveMaximumExceeded),
+        "{seen:?}"
+    );
+    assert!(c.close.is_some(), "no close frame after {seen:?}");
+    eventually("connection released", || {
+        server.broker().registry.connection_count() == 0
+    })
+    .await;
+    server.shutdown().await;
+}
+
 #[tokio::test]
 async fn close_handshake_and_ping() {
     let server = start(|_| {}).await;

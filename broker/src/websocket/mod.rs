@@ -149,7 +149,7 @@ fn serve_websocket<const TLS: bool>(
         // Boxed: the upgrade (a PROXY header, tungstenite's handshake) is
         // needed once, and inline it would be part of every WebSocket
         // connection's task for the connection's whole life.
-        let (peer, out);
+        let (peer, out, mut reader);
         let serving = {
             // Scoped, so that what the upgrade returned is not kept beside
             // the connection's future across its await (measured: 8 bytes
@@ -158,15 +158,25 @@ fn serve_websocket<const TLS: bool>(
                 return;
             };
             let Upgraded {
-                reader,
+                reader: ws_reader,
                 writer,
                 peer: client,
             } = upgraded;
             peer = client;
+            reader = ws_reader;
             out = Arc::clone(&writer.out);
-            connection::serve(broker, reader, writer, &peer)
+            connection::serve(broker, &mut reader, writer, &peer)
         };
-        serving.await;
+        // As over TCP (`connection::serve_tcp`): a connection the broker
+        // ended reads what its client still sends (its close frame ends
+        // that) before the socket is dropped, so that unread bytes do not
+        // make TCP reset it under the DISCONNECT and the close frame.
+        let lingering = serving
+            .await
+            .map(|permit| Box::pin(connection::linger_counted(&mut reader, permit)));
+        if let Some(lingering) = lingering {
+            lingering.await;
+        }
         // The writer normally closed already; this covers connections that
         // ended before CONNACK (connect timeout, refused CONNECT, a text
         // frame ...).
