@@ -39,10 +39,15 @@ use crate::budget::OutboundBudget;
 use crate::session::ConnectionControl;
 
 /// Deliveries queued under one batch before it wakes its writers anyway.
-/// At about 50-100 ns to queue a delivery, 8192 bound the added delay to
-/// well under a millisecond, while a 1 -> 1000 fan-out still hands each
-/// writer several messages per wake-up.
-pub const MAX_DEFERRED_DELIVERIES: usize = 8192;
+/// A publisher's thread queues a delivery in about 60 ns (a 1 -> 1000
+/// fan-out delivered 17M a second on 2 cores), so this bounds what the
+/// first subscribers of a burst wait for to about 2 ms; a single message
+/// to fewer subscribers than this is never split. Smaller, each writer of
+/// a 1 -> 1000 fan-out is woken for a few messages at a time, and the
+/// wake-ups cost more than the deliveries: 8192 (8 messages per wake-up)
+/// delivered 30% fewer messages per CPU-second on 2 cores than 32,768,
+/// 16,384 half-way; 65,536 no more than 32,768 (docs/performance.md).
+pub const MAX_DEFERRED_DELIVERIES: usize = 32_768;
 
 /// The thread's open batch: writers to wake, how much was queued, and the
 /// bytes not yet charged to the budget they belong to.
