@@ -914,8 +914,11 @@ pub struct StagedFanout {
 
 impl StagedFanout {
     /// Messages staged before they are delivered anyway: bounds the delay
-    /// and what an idle connection keeps (the vector's capacity).
-    pub const MAX_MESSAGES: usize = 32;
+    /// and what an idle connection keeps (the vector's capacity, 512 bytes
+    /// for a publisher that sent a burst). 64 covers a whole 4 KiB read of
+    /// small messages: against 32, a 1 -> 100 fan-out delivered 5% more per
+    /// broker CPU-second (docs/performance.md).
+    pub const MAX_MESSAGES: usize = 64;
 
     /// Deliveries the staged messages stand for.
     pub fn deliveries(&self) -> usize {
