@@ -26,6 +26,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use smallvec::SmallVec;
 use tern_codec::properties::PublishProperties;
 use tern_codec::{QoS, ReasonCode, Will};
 use tokio::sync::watch;
@@ -35,7 +36,7 @@ use crate::budget::OutboundBudget;
 use crate::config::{AuthConfig, Config};
 use crate::keep_alive::KeepAlive;
 use crate::log_throttle::throttled;
-use crate::message::Message;
+use crate::message::{Message, ReservedReferences};
 use crate::metrics::Metrics;
 use crate::persistence::{Journal, Persistence};
 use crate::pool::BufferPool;
@@ -336,12 +337,24 @@ impl Broker {
         let matches = staged.matches.take()?;
         let mut delivered = 0u64;
         let mut full = None;
+        // Each message's references, counted before the first delivery
+        // (see `ReservedReferences`); those No Local or an ACL leaves
+        // unused are given back when this ends.
+        let mut references: SmallVec<[ReservedReferences; StagedFanout::MAX_MESSAGES]> = staged
+            .messages
+            .iter()
+            .map(|m| ReservedReferences::new(m, matches.clients.len()))
+            .collect();
         for client in &matches.clients {
             let session = &client.subscriber.0;
             let deliveries = staged
                 .messages
                 .iter()
-                .filter_map(|m| client_delivery(client, m))
+                .zip(references.iter_mut())
+                .filter_map(|(message, reserved)| {
+                    let (qos, retain, ids) = client_delivery_options(client, message)?;
+                    Some(Delivery::with_reference(reserved.take()?, qos, retain, ids))
+                })
                 .inspect(|_| delivered += 1);
             if session.deliver_at_most_once(deliveries) == Admission::BeyondBound && full.is_none()
             {
@@ -940,6 +953,16 @@ impl StagedFanout {
 /// published, each subscription identifier once); `None` when No Local leaves
 /// none of them, or an ACL deny rule keeps the client from the topic.
 fn client_delivery(client: &ClientMatch<SessionRef>, message: &Arc<Message>) -> Option<Delivery> {
+    let (qos, retain, ids) = client_delivery_options(client, message)?;
+    Some(Delivery::new(message, qos, retain, ids))
+}
+
+/// What [`client_delivery`] decides: the QoS, the RETAIN flag and the
+/// subscription identifiers of the delivery.
+fn client_delivery_options(
+    client: &ClientMatch<SessionRef>,
+    message: &Message,
+) -> Option<(QoS, bool, SubscriptionIds)> {
     if client.subscriber.0.denies(message) {
         return None;
     }
@@ -959,7 +982,7 @@ fn client_delivery(client: &ClientMatch<SessionRef>, message: &Arc<Message>) -> 
         }
     }
     ids.dedup();
-    qos.map(|qos| Delivery::new(message, qos, retain, ids))
+    qos.map(|qos| (qos, retain, ids))
 }
 
 /// The delivery of `message` to a member of a shared group.

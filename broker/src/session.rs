@@ -146,8 +146,18 @@ impl Delivery {
         retain: bool,
         subscription_ids: SubscriptionIds,
     ) -> Delivery {
+        Delivery::with_reference(Arc::clone(message), qos, retain, subscription_ids)
+    }
+
+    /// [`new`](Self::new) with a reference to the message already made.
+    pub fn with_reference(
+        message: Arc<Message>,
+        qos: QoS,
+        retain: bool,
+        subscription_ids: SubscriptionIds,
+    ) -> Delivery {
         Delivery {
-            message: Arc::clone(message),
+            message,
             qos,
             retain,
             dup: false,
