@@ -131,6 +131,16 @@ class Broker:
     def log(self) -> str:
         return "\n".join(self.log_lines)
 
+    def wait_for_log(self, needle, timeout=10.0):
+        """Waits until a line of the broker's log contains `needle` (the log is
+        read in the background, so a line can lag what a client saw)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(needle in line for line in self.log_lines):
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"no log line with {needle!r}:\n" + self.log())
+
     def terminate(self, timeout=10.0):
         """SIGTERM and wait; returns the exit code (None if it had to be killed)."""
         if self.proc.poll() is not None:

@@ -85,16 +85,6 @@ def test_a_deny_rule_refuses_its_topic_and_withholds_it_from_wildcards(broker_fa
     every.assert_no_message()
 
 
-def wait_for_log(broker, needle, timeout=10.0):
-    import time
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if any(needle in line for line in broker.log_lines):
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"no log line with {needle!r}:\n" + broker.log())
-
-
 def test_sighup_reloads_auth_and_disconnects_only_the_changed(broker_factory, paho):
     import signal
     b = broker_factory(RULES)
@@ -112,7 +102,7 @@ def test_sighup_reloads_auth_and_disconnects_only_the_changed(broker_factory, pa
     b.proc.send_signal(signal.SIGHUP)
     rc, _ = ops.wait_disconnect()
     assert rc.value == 0x87, f"DISCONNECT 0x87 expected, got {rc}"
-    wait_for_log(b, "[auth] reloaded")
+    b.wait_for_log("[auth] reloaded")
     assert d1.publish("devices/d1/temp", b"22", qos=1).value == 0x00
 
     old = paho("console", V5, broker_=b, connect=False, username="ops", password="secret")

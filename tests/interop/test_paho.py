@@ -520,15 +520,18 @@ def test_invalid_filter_refused_in_suback_v5(paho, bad):
 
 
 @pytest.mark.parametrize("bad", INVALID_FILTERS)
-def test_invalid_filter_closes_a_v311_connection(paho, bad):
+def test_invalid_filter_closes_a_v311_connection(paho, broker, bad):
     """MQTT 3.1.1 has no SUBACK code for a filter that breaks the syntax: it is a
     protocol violation (MQTT-4.7.1-2/3, MQTT-4.8.0-1) and the connection closes."""
     sub = paho("sub", V311)
     sub.c._filter_wildcard_len_check = lambda topic: mqtt.MQTT_ERR_SUCCESS
-    result, _mid = sub.c.subscribe([("inv/ok", 1), (bad, 1)])
-    assert result == mqtt.MQTT_ERR_SUCCESS
+    # Not asserted: when the close comes back at once, paho can report
+    # MQTT_ERR_NO_CONN for a SUBSCRIBE it did send. The broker's log says
+    # that it got it, and why it closed.
+    sub.c.subscribe([("inv/ok", 1), (bad, 1)])
     sub.wait_disconnect()
     assert not sub.subacks, "no SUBACK before the close"
+    broker.wait_for_log("invalid topic filter (an MQTT 3.x protocol violation)")
 
 
 def test_v5_publish_to_dollar_topic_denied(paho):
