@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use tern_codec::{
-    encode_packet, encode_publish_header, Packet, ProtocolVersion, PubAck, Publish, QoS,
+    encode_packet, encode_publish_header, encode_publish_header_of, Packet, ProtocolVersion,
+    PubAck, Publish, PublishHeader, QoS,
 };
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
@@ -342,9 +343,12 @@ fn encode_shared(
     let message = &delivery.message;
     let v5 = ctx.protocol.is_v5();
     let with_packet_id = delivery.packet_id.is_some();
-    // With a placeholder packet id and flags, patched below per delivery.
+    // With a placeholder packet id and flags, patched below per delivery;
+    // borrowed, so the message's topic and payload (slices of the buffer
+    // they were read into, one reference count for both) are not cloned
+    // and dropped again for it.
     let encode_header = |out: &mut BytesMut| {
-        let template = Publish {
+        let template = PublishHeader {
             dup: false,
             qos: if with_packet_id {
                 QoS::AtLeastOnce
@@ -352,16 +356,12 @@ fn encode_shared(
                 QoS::AtMostOnce
             },
             retain: false,
-            topic: message.topic.clone(),
+            topic: &message.topic,
             packet_id: with_packet_id.then_some(1),
-            properties: if v5 {
-                message.properties().clone()
-            } else {
-                Default::default()
-            },
-            payload: message.payload.clone(),
+            properties: message.properties(),
+            payload_len: message.payload.len(),
         };
-        encode_publish_header(&template, ctx.protocol, out).is_ok()
+        encode_publish_header_of(&template, ctx.protocol, out).is_ok()
     };
     let start = scratch.len();
     // Nobody else holds the message, so nobody can start to share it.

@@ -24,6 +24,7 @@ use bytes::BytesMut;
 use crate::error::EncodeError;
 use crate::packet::*;
 use crate::primitives::{measure, put_binary, put_varint, varint_len, Sink, VARINT_MAX};
+use crate::properties::PublishProperties;
 use crate::property_codec::{encode_properties, is_empty, PropertySet};
 use crate::reason::ReasonCode;
 
@@ -55,12 +56,51 @@ pub fn encode_publish_header(
     version: ProtocolVersion,
     out: &mut BytesMut,
 ) -> Result<(), EncodeError> {
-    let header_len = measure(|c| publish_header(publish, version, c))?;
-    let remaining = remaining_length(header_len + publish.payload.len())?;
+    encode_publish_header_of(&PublishHeader::of(publish), version, out)
+}
+
+/// What the header of a PUBLISH is made of, borrowed: a caller that holds
+/// a message's topic, properties and payload length elsewhere encodes its
+/// header without building a [`Publish`] (whose `Bytes` it would have to
+/// clone, and drop again).
+#[derive(Debug, Clone, Copy)]
+pub struct PublishHeader<'a> {
+    pub dup: bool,
+    pub qos: QoS,
+    pub retain: bool,
+    pub topic: &'a [u8],
+    pub packet_id: Option<u16>,
+    pub properties: &'a PublishProperties,
+    pub payload_len: usize,
+}
+
+impl<'a> PublishHeader<'a> {
+    /// The header of `publish`.
+    pub fn of(publish: &'a Publish) -> PublishHeader<'a> {
+        PublishHeader {
+            dup: publish.dup,
+            qos: publish.qos,
+            retain: publish.retain,
+            topic: &publish.topic,
+            packet_id: publish.packet_id,
+            properties: &publish.properties,
+            payload_len: publish.payload.len(),
+        }
+    }
+}
+
+/// [`encode_publish_header`] from borrowed parts.
+pub fn encode_publish_header_of(
+    header: &PublishHeader<'_>,
+    version: ProtocolVersion,
+    out: &mut BytesMut,
+) -> Result<(), EncodeError> {
+    let header_len = measure(|c| publish_header(header, version, c))?;
+    let remaining = remaining_length(header_len + header.payload_len)?;
     out.reserve(1 + varint_len(remaining as u32) + header_len);
-    out.put_u8(publish_first_byte(publish));
+    out.put_u8(publish_first_byte(header.dup, header.qos, header.retain));
     put_varint(out, remaining, "remaining length")?;
-    publish_header(publish, version, out)
+    publish_header(header, version, out)
 }
 
 /// Size in bytes of the whole encoded packet (fixed header, body and
@@ -80,15 +120,15 @@ fn remaining_length(len: usize) -> Result<usize, EncodeError> {
     Ok(len)
 }
 
-fn publish_first_byte(p: &Publish) -> u8 {
+fn publish_first_byte(dup: bool, qos: QoS, retain: bool) -> u8 {
     // DUP is meaningless for QoS 0 and must then be 0 (MQTT-3.3.1-2).
-    let dup = p.dup && p.qos != QoS::AtMostOnce;
-    0x30 | (u8::from(dup) << 3) | ((p.qos as u8) << 1) | u8::from(p.retain)
+    let dup = dup && qos != QoS::AtMostOnce;
+    0x30 | (u8::from(dup) << 3) | ((qos as u8) << 1) | u8::from(retain)
 }
 
 fn first_byte(packet: &Packet) -> u8 {
     match packet {
-        Packet::Publish(p) => publish_first_byte(p),
+        Packet::Publish(p) => publish_first_byte(p.dup, p.qos, p.retain),
         Packet::PubRel(_) | Packet::Subscribe(_) | Packet::Unsubscribe(_) => {
             ((packet.packet_type() as u8) << 4) | 0b0010
         }
@@ -101,7 +141,7 @@ fn body<W: Sink>(packet: &Packet, version: ProtocolVersion, w: &mut W) -> Result
         Packet::Connect(c) => connect(c, w),
         Packet::ConnAck(c) => connack(c, version, w),
         Packet::Publish(p) => {
-            publish_header(p, version, w)?;
+            publish_header(&PublishHeader::of(p), version, w)?;
             w.put_slice(&p.payload);
             Ok(())
         }
@@ -241,7 +281,7 @@ fn connack<W: Sink>(c: &ConnAck, version: ProtocolVersion, w: &mut W) -> Result<
 }
 
 fn publish_header<W: Sink>(
-    p: &Publish,
+    p: &PublishHeader<'_>,
     version: ProtocolVersion,
     w: &mut W,
 ) -> Result<(), EncodeError> {
@@ -250,14 +290,14 @@ fn publish_header<W: Sink>(
             "empty topic name without a topic alias",
         ));
     }
-    put_binary(w, &p.topic, "topic name")?;
+    put_binary(w, p.topic, "topic name")?;
     if p.qos != QoS::AtMostOnce {
         let id = p.packet_id.ok_or(EncodeError::NotAllowed(
             "QoS 1 or 2 PUBLISH without a packet identifier",
         ))?;
         packet_id(id, w)?;
     }
-    properties(&p.properties, version, w)
+    properties(p.properties, version, w)
 }
 
 fn puback<W: Sink>(

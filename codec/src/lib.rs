@@ -43,7 +43,9 @@ mod property_codec;
 mod reason;
 
 pub use decode::decode_packet;
-pub use encode::{encode_packet, encode_publish_header, encoded_len};
+pub use encode::{
+    encode_packet, encode_publish_header, encode_publish_header_of, encoded_len, PublishHeader,
+};
 pub use error::{DecodeError, EncodeError};
 pub use packet::*;
 pub use property_codec::{
