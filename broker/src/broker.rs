@@ -26,7 +26,6 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use smallvec::SmallVec;
 use tern_codec::properties::PublishProperties;
 use tern_codec::{QoS, ReasonCode, Will};
 use tokio::sync::watch;
@@ -37,6 +36,7 @@ use crate::config::{AuthConfig, Config};
 use crate::keep_alive::KeepAlive;
 use crate::log_throttle::throttled;
 use crate::message::{Message, ReservedReferences};
+use crate::message_batch::{BatchDelivery, MessageBatch};
 use crate::metrics::Metrics;
 use crate::persistence::{Journal, Persistence};
 use crate::pool::BufferPool;
@@ -308,12 +308,20 @@ impl Broker {
         self.retain(message, journal);
         let matches = self.router.matches_recent(message.topic_str(), recent);
         let stageable = message.qos == QoS::AtMostOnce
+            && message.weight() <= StagedFanout::MAX_MESSAGE_BYTES
             && matches.shared.is_empty()
             && !matches.clients.is_empty();
+        // The same match result is that of the same topic; the topics are
+        // compared too, because a batch's messages must share theirs
+        // (message_batch.rs).
         let same = staged
             .matches
             .as_ref()
-            .is_some_and(|m| Arc::ptr_eq(m, matches));
+            .is_some_and(|m| Arc::ptr_eq(m, matches))
+            && staged
+                .messages
+                .first()
+                .is_some_and(|first| first.topic == message.topic);
         let full = if same && stageable {
             None
         } else {
@@ -333,37 +341,93 @@ impl Broker {
     /// Delivers what `staged` holds (see
     /// [`publish_from_client`](Self::publish_from_client)); returns a
     /// subscriber whose queue took some of it beyond its bound.
+    ///
+    /// Several messages go to each subscriber as one batch
+    /// (message_batch.rs): one queue entry and one reference for all of
+    /// them. A single message goes as a delivery of its own, which costs no
+    /// allocation.
     pub fn deliver_staged(&self, staged: &mut StagedFanout) -> Option<Arc<Session>> {
         let matches = staged.matches.take()?;
+        let (delivered, full) = if staged.messages.len() == 1 {
+            self.deliver_staged_message(&matches, &mut staged.messages)
+        } else {
+            self.deliver_staged_batch(&matches, &mut staged.messages)
+        };
+        Metrics::add(&self.metrics.messages_delivered, delivered);
+        full
+    }
+
+    /// [`deliver_staged`](Self::deliver_staged) of one message; returns the
+    /// deliveries made and a subscriber whose queue went beyond its bound.
+    fn deliver_staged_message(
+        &self,
+        matches: &Matches<SessionRef>,
+        messages: &mut Vec<Arc<Message>>,
+    ) -> (u64, Option<Arc<Session>>) {
+        let Some(message) = messages.pop() else {
+            return (0, None);
+        };
         let mut delivered = 0u64;
         let mut full = None;
-        // Each message's references, counted before the first delivery
-        // (see `ReservedReferences`); those No Local or an ACL leaves
-        // unused are given back when this ends.
-        let mut references: SmallVec<[ReservedReferences; StagedFanout::MAX_MESSAGES]> = staged
-            .messages
-            .iter()
-            .map(|m| ReservedReferences::new(m, matches.clients.len()))
-            .collect();
+        // The message's references, counted before the first delivery (see
+        // `ReservedReferences`); those No Local or an ACL leaves unused are
+        // given back when this ends.
+        let mut references = ReservedReferences::new(&message, matches.clients.len());
         for client in &matches.clients {
+            let Some(delivery) = client_delivery_options(client, &message).and_then(
+                |(qos, retain_as_published, ids)| {
+                    let retain = retain_as_published && message.retain;
+                    Some(Delivery::with_reference(
+                        references.take()?,
+                        qos,
+                        retain,
+                        ids,
+                    ))
+                },
+            ) else {
+                continue;
+            };
+            delivered += 1;
             let session = &client.subscriber.0;
-            let deliveries = staged
-                .messages
-                .iter()
-                .zip(references.iter_mut())
-                .filter_map(|(message, reserved)| {
-                    let (qos, retain, ids) = client_delivery_options(client, message)?;
-                    Some(Delivery::with_reference(reserved.take()?, qos, retain, ids))
-                })
-                .inspect(|_| delivered += 1);
-            if session.deliver_at_most_once(deliveries) == Admission::BeyondBound && full.is_none()
+            if session.deliver_at_most_once(std::iter::once(delivery)) == Admission::BeyondBound
+                && full.is_none()
             {
                 full = Some(Arc::clone(session));
             }
         }
-        staged.messages.clear();
-        Metrics::add(&self.metrics.messages_delivered, delivered);
-        full
+        (delivered, full)
+    }
+
+    /// [`deliver_staged`](Self::deliver_staged) of several messages to one
+    /// topic: a batch each subscriber takes whole.
+    fn deliver_staged_batch(
+        &self,
+        matches: &Matches<SessionRef>,
+        messages: &mut Vec<Arc<Message>>,
+    ) -> (u64, Option<Arc<Session>>) {
+        let Some(first) = messages.first().map(Arc::clone) else {
+            return (0, None);
+        };
+        let batch = MessageBatch::new(std::mem::take(messages));
+        let mut delivered = 0u64;
+        let mut full = None;
+        let mut references = ReservedReferences::new(&batch, matches.clients.len());
+        for client in &matches.clients {
+            let Some(delivery) = client_delivery_options(client, &first).and_then(
+                |(_, retain_as_published, ids)| {
+                    let batch = references.take()?;
+                    Some(BatchDelivery::new(batch, retain_as_published, ids))
+                },
+            ) else {
+                continue;
+            };
+            delivered += batch.len() as u64;
+            let session = &client.subscriber.0;
+            if session.deliver_batch(delivery) == Admission::BeyondBound && full.is_none() {
+                full = Some(Arc::clone(session));
+            }
+        }
+        (delivered, full)
     }
 
     /// Counts a received message and, if it has the RETAIN flag, stores it
@@ -933,6 +997,14 @@ impl StagedFanout {
     /// broker CPU-second (docs/performance.md).
     pub const MAX_MESSAGES: usize = 64;
 
+    /// The largest message staged ([`Message::weight`]); larger ones are
+    /// delivered at once. Staged messages reach each subscriber as one
+    /// batch, taken or dropped whole (message_batch.rs), so this and
+    /// [`MAX_MESSAGES`](Self::MAX_MESSAGES) bound how far a batch takes a
+    /// queue past its bound: 64 KiB. Batching saves a fixed cost per
+    /// delivery, which matters for small messages.
+    pub const MAX_MESSAGE_BYTES: usize = 1024;
+
     /// Deliveries the staged messages stand for.
     pub fn deliveries(&self) -> usize {
         self.matches
@@ -953,12 +1025,19 @@ impl StagedFanout {
 /// published, each subscription identifier once); `None` when No Local leaves
 /// none of them, or an ACL deny rule keeps the client from the topic.
 fn client_delivery(client: &ClientMatch<SessionRef>, message: &Arc<Message>) -> Option<Delivery> {
-    let (qos, retain, ids) = client_delivery_options(client, message)?;
-    Some(Delivery::new(message, qos, retain, ids))
+    let (qos, retain_as_published, ids) = client_delivery_options(client, message)?;
+    Some(Delivery::new(
+        message,
+        qos,
+        retain_as_published && message.retain,
+        ids,
+    ))
 }
 
-/// What [`client_delivery`] decides: the QoS, the RETAIN flag and the
-/// subscription identifiers of the delivery.
+/// What [`client_delivery`] decides: the QoS, whether a subscription asks
+/// for RETAIN as published, and the subscription identifiers of the
+/// delivery. It depends on the message's topic, publisher and QoS only (a
+/// batch's deliveries share it, message_batch.rs).
 fn client_delivery_options(
     client: &ClientMatch<SessionRef>,
     message: &Message,
@@ -967,7 +1046,7 @@ fn client_delivery_options(
         return None;
     }
     let mut qos: Option<QoS> = None;
-    let mut retain = false;
+    let mut retain_as_published = false;
     let mut ids = SubscriptionIds::new();
     for options in &client.subscriptions {
         if options.no_local && client.subscriber.0.id == message.origin {
@@ -976,13 +1055,13 @@ fn client_delivery_options(
         let granted = QoS::from_u8(options.qos).unwrap_or(QoS::AtMostOnce);
         let q = message.qos.min(granted);
         qos = Some(qos.map_or(q, |prev| prev.max(q)));
-        retain |= options.retain_as_published && message.retain;
+        retain_as_published |= options.retain_as_published;
         if let Some(id) = options.subscription_id {
             ids.push(id);
         }
     }
     ids.dedup();
-    qos.map(|qos| (qos, retain, ids))
+    qos.map(|qos| (qos, retain_as_published, ids))
 }
 
 /// The delivery of `message` to a member of a shared group.

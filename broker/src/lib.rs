@@ -69,6 +69,7 @@ mod inflight;
 pub mod keep_alive;
 mod log_throttle;
 pub mod message;
+pub mod message_batch;
 pub mod metrics;
 mod overflow;
 pub mod persistence;

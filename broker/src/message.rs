@@ -274,38 +274,39 @@ impl Message {
     }
 }
 
-/// References to one message counted in advance, one per delivery a
-/// fan-out is about to make, and handed out one by one ([`take`](Self::take)).
+/// References to one shared value (a message, or a batch of messages)
+/// counted in advance, one per delivery a fan-out is about to make, and
+/// handed out one by one ([`take`](Self::take)).
 ///
-/// Every delivery owns an `Arc<Message>`, so a message fanned out to 1,000
-/// subscribers has its reference count raised 1,000 times. Staged
-/// deliveries (`Broker::deliver_staged`) go subscriber by subscriber, each
-/// taking several messages, so those raises were spread over the whole
-/// fan-out, while the writers of subscribers already served were dropping
-/// their references on other cores: every raise then fetched the count's
-/// cache line from another core. Raised here in one run per message, the
-/// line stays on the publisher's core while it does (1 -> 1000 fan-out on 2
-/// cores: 10% more deliveries per broker CPU-second).
+/// Every delivery owns an `Arc<Message>` (or an `Arc<MessageBatch>`), so a
+/// message fanned out to 1,000 subscribers has its reference count raised
+/// 1,000 times. Staged deliveries (`Broker::deliver_staged`) go subscriber
+/// by subscriber, so those raises were spread over the whole fan-out, while
+/// the writers of subscribers already served were dropping their references
+/// on other cores: every raise then fetched the count's cache line from
+/// another core. Raised here in one run, the line stays on the publisher's
+/// core while it does (1 -> 1000 fan-out on 2 cores: 10% more deliveries
+/// per broker CPU-second).
 ///
-/// Invariant: `message` came from [`Arc::into_raw`], and this value owns
+/// Invariant: `shared` came from [`Arc::into_raw`], and this value owns
 /// exactly `left` of its strong references; it hands each one to an `Arc`
 /// in `take`, and gives back those it still owns when dropped.
-pub struct ReservedReferences {
-    message: *const Message,
+pub struct ReservedReferences<T> {
+    shared: *const T,
     left: usize,
 }
 
-impl ReservedReferences {
-    /// `count` references to `message`.
-    pub fn new(message: &Arc<Message>, count: usize) -> ReservedReferences {
-        let raw = Arc::into_raw(Arc::clone(message));
+impl<T> ReservedReferences<T> {
+    /// `count` references to `shared`.
+    pub fn new(shared: &Arc<T>, count: usize) -> ReservedReferences<T> {
+        let raw = Arc::into_raw(Arc::clone(shared));
         for _ in 1..count {
             // SAFETY: `raw` came from `Arc::into_raw`, and the reference it
             // was made with is still owned here, so the count is at least 1.
             unsafe { Arc::increment_strong_count(raw) };
         }
         let reserved = ReservedReferences {
-            message: raw,
+            shared: raw,
             left: count,
         };
         if count == 0 {
@@ -317,18 +318,18 @@ impl ReservedReferences {
     }
 
     /// One of the references, as an `Arc`; `None` once all were taken.
-    pub fn take(&mut self) -> Option<Arc<Message>> {
+    pub fn take(&mut self) -> Option<Arc<T>> {
         if self.left == 0 {
             return None;
         }
         self.left -= 1;
         // SAFETY: one of the references this value owned (the invariant),
         // now owned by the returned `Arc` alone.
-        Some(unsafe { Arc::from_raw(self.message) })
+        Some(unsafe { Arc::from_raw(self.shared) })
     }
 }
 
-impl Drop for ReservedReferences {
+impl<T> Drop for ReservedReferences<T> {
     fn drop(&mut self) {
         while self.take().is_some() {}
     }

@@ -68,6 +68,7 @@ use crate::clock::CoarseClock;
 use crate::incoming_qos2::{IncomingQos2, Opened};
 use crate::inflight::{Inflight, InflightState, InflightWindow};
 use crate::message::Message;
+use crate::message_batch::BatchDelivery;
 use crate::metrics::Metrics;
 use crate::overflow::Overflow;
 use crate::persistence::{unix_secs, will_record, Journal, Persistence};
@@ -112,6 +113,21 @@ fn queued_cost(delivery: &Delivery) -> usize {
         + HEADER_ALLOWANCE
         + std::mem::size_of::<Outbound>()
         + message
+}
+
+/// [`queued_cost`] for a batch: its messages' weights and headers, its
+/// subscription identifiers, its queue slot, and, for the queue that claimed
+/// it, the batch's memory.
+fn queued_batch_cost(delivery: &BatchDelivery) -> usize {
+    let batch = if delivery.carries_cost {
+        delivery.batch.cost()
+    } else {
+        0
+    };
+    delivery.batch.weight()
+        + delivery.subscription_ids.heap_bytes()
+        + std::mem::size_of::<Outbound>()
+        + batch
 }
 
 /// What became of a delivery handed to [`Session::deliver`].
@@ -177,6 +193,8 @@ impl Delivery {
 pub enum Outbound {
     /// A PUBLISH (the payload is written from the shared message).
     Publish(Delivery),
+    /// A PUBLISH of each message of a batch (message_batch.rs).
+    Batch(BatchDelivery),
     /// PUBACK, PUBREC, PUBREL or PUBCOMP without properties.
     Ack(AckKind, u16, ReasonCode),
     /// PINGRESP.
@@ -195,6 +213,16 @@ pub enum AckKind {
 }
 
 impl Outbound {
+    /// What a PUBLISH or a batch counts for in its queue (see
+    /// [`queued_cost`]); `None` for the other items.
+    fn publish_cost(&self) -> Option<usize> {
+        match self {
+            Outbound::Publish(d) => Some(queued_cost(d)),
+            Outbound::Batch(b) => Some(queued_batch_cost(b)),
+            _ => None,
+        }
+    }
+
     /// The queue item for a packet, using the compact forms where they fit.
     pub fn from_packet(packet: Packet) -> Outbound {
         let ack = |kind, a: &PubAck| {
@@ -394,6 +422,19 @@ impl Link {
     fn push_publish(&mut self, mut delivery: Delivery, bound: usize) {
         delivery.carries_message_cost = delivery.message.claim_cost();
         let size = queued_cost(&delivery);
+        self.push_charged(Outbound::Publish(delivery), size, bound);
+    }
+
+    /// [`push_publish`](Self::push_publish) for a batch.
+    fn push_batch(&mut self, mut delivery: BatchDelivery, bound: usize) {
+        delivery.carries_cost = delivery.batch.claim_cost();
+        let size = queued_batch_cost(&delivery);
+        self.push_charged(Outbound::Batch(delivery), size, bound);
+    }
+
+    /// Queues a PUBLISH or a batch that counts `size` bytes against the
+    /// connection's `bound` and the broker's budget.
+    fn push_charged(&mut self, item: Outbound, size: usize, bound: usize) {
         self.charged += size;
         if self.exempt {
             self.budget.add_exempt(size);
@@ -407,7 +448,7 @@ impl Link {
                 self.budget.add_exempt(self.charged);
             }
         }
-        self.push(Outbound::Publish(delivery));
+        self.push(item);
     }
 
     /// Releases the batch the writer took last (see `writing`): written, or
@@ -435,7 +476,7 @@ impl Link {
     /// [`WakeBatch`](crate::wake_batch::WakeBatch) the wake-up waits for
     /// the end of the publisher's read.
     fn push(&mut self, item: Outbound) {
-        if !matches!(item, Outbound::Publish(_)) {
+        if !matches!(item, Outbound::Publish(_) | Outbound::Batch(_)) {
             self.controls += 1;
         }
         let was_empty = self.outbound.is_empty();
@@ -469,9 +510,9 @@ impl Link {
                 let Some(item) = self.outbound.pop_front() else {
                     break;
                 };
-                match &item {
-                    Outbound::Publish(d) => taken += queued_cost(d),
-                    _ => self.controls -= 1,
+                match item.publish_cost() {
+                    Some(cost) => taken += cost,
+                    None => self.controls -= 1,
                 }
                 out.push_back(item);
             }
@@ -1572,6 +1613,57 @@ impl Session {
         worst
     }
 
+    /// Delivers a batch of QoS 0 messages (message_batch.rs) as
+    /// [`deliver_at_most_once`](Self::deliver_at_most_once) would deliver
+    /// each of them, but taken or dropped whole: the connection's bound is
+    /// checked once, before it, as it would have been before the first.
+    pub fn deliver_batch(&self, delivery: BatchDelivery) -> Admission {
+        let mut st = self.state.lock();
+        if st.ended {
+            return Admission::Dropped;
+        }
+        let Some(charged) = st.link.as_ref().map(|l| l.charged) else {
+            return Admission::Dropped;
+        };
+        let admission = if charged < self.context.max_client_outbound_bytes {
+            Admission::Taken
+        } else if self.takes_beyond_bound(&mut st) {
+            Admission::BeyondBound
+        } else {
+            Metrics::add(
+                &self.context.metrics.messages_dropped_qos0,
+                delivery.batch.len() as u64,
+            );
+            return Admission::Dropped;
+        };
+        let Some(link) = st.link.as_mut() else {
+            return Admission::Dropped;
+        };
+        match link.publish_waits(&self.context.clock) {
+            Waiting::Briefly => link.push_batch(delivery, self.context.max_client_outbound_bytes),
+            waiting => self.push_detached_batch(&mut st, delivery, waiting),
+        }
+        admission
+    }
+
+    /// [`deliver_batch`](Self::deliver_batch) to a stalled queue: the batch
+    /// is copied for it (see [`detach_held`](Self::detach_held)).
+    #[cold]
+    fn push_detached_batch(
+        &self,
+        st: &mut SessionState,
+        mut delivery: BatchDelivery,
+        waiting: Waiting,
+    ) {
+        if waiting == Waiting::NewlyStalled {
+            self.detach_held(st);
+        }
+        delivery.batch = delivery.batch.copied(|m| self.detached(m));
+        if let Some(link) = st.link.as_mut() {
+            link.push_batch(delivery, self.context.max_client_outbound_bytes);
+        }
+    }
+
     /// A QoS 0 delivery: queued for the connection, or dropped (counted)
     /// when the client is offline or its connection's queue is full.
     fn admit_at_most_once(
@@ -2300,8 +2392,12 @@ impl Session {
         };
         if let Some(link) = st.link.as_mut() {
             for item in &mut link.outbound {
-                if let Outbound::Publish(delivery) = item {
-                    detach(delivery);
+                match item {
+                    Outbound::Publish(delivery) => detach(delivery),
+                    Outbound::Batch(delivery) => {
+                        delivery.batch = delivery.batch.copied(|m| self.detached(m));
+                    }
+                    _ => {}
                 }
             }
         }

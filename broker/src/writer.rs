@@ -23,8 +23,9 @@ use tern_codec::{
 };
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
+use crate::message::Message;
 use crate::metrics::Metrics;
-use crate::session::{AckKind, ConnectionControl, Delivery, Outbound, Session};
+use crate::session::{AckKind, ConnectionControl, Outbound, Session, SubscriptionIds};
 use crate::topic_alias::OutboundAliases;
 use crate::transport::TransportWrite;
 
@@ -261,7 +262,7 @@ fn encode_slice(ctx: &WriterContext, batch: &mut WriteBuffers) {
         let Some(item) = items.pop_front() else {
             break;
         };
-        packets += u64::from(encode_item(ctx, aliases, item, now, scratch, chunks));
+        packets += encode_item(ctx, aliases, item, now, scratch, chunks);
     }
     Metrics::add(&ctx.metrics.packets_sent, packets);
     if !scratch.is_empty() {
@@ -271,7 +272,7 @@ fn encode_slice(ctx: &WriterContext, batch: &mut WriteBuffers) {
 
 /// Encodes one queued item, appending to `scratch` and, for large payloads,
 /// closing off `scratch` into a chunk followed by the payload chunk.
-/// Returns whether a packet was produced.
+/// Returns the number of packets produced.
 fn encode_item(
     ctx: &WriterContext,
     aliases: &mut Option<Box<OutboundAliases>>,
@@ -279,7 +280,7 @@ fn encode_item(
     now: Instant,
     scratch: &mut BytesMut,
     chunks: &mut VecDeque<Bytes>,
-) -> bool {
+) -> u64 {
     match item {
         Outbound::Ack(kind, packet_id, code) => {
             let ack = PubAck {
@@ -294,39 +295,97 @@ fn encode_item(
                 AckKind::PubComp => Packet::PubComp(ack),
             };
             encode_control(ctx, &packet, scratch);
+            1
         }
-        Outbound::PingResp => encode_control(ctx, &Packet::PingResp, scratch),
-        Outbound::Control(packet) => encode_control(ctx, &packet, scratch),
+        Outbound::PingResp => {
+            encode_control(ctx, &Packet::PingResp, scratch);
+            1
+        }
+        Outbound::Control(packet) => {
+            encode_control(ctx, &packet, scratch);
+            1
+        }
         Outbound::Publish(delivery) => {
-            // A QoS 0 copy that outlived its message in this queue is not
-            // sent. One that had no lifetime at all was handed over as the
-            // message arrived: its delivery started then.
-            if delivery.qos == QoS::AtMostOnce
-                && delivery.message.is_expired(now)
-                && !delivery.message.expires_on_arrival()
-            {
-                Metrics::inc(&ctx.metrics.messages_expired);
-                return false;
-            }
-            // Most deliveries share the message's encoded header; MQTT 5
-            // deliveries that carry per-delivery properties (subscription
-            // identifiers, a decreasing expiry, a topic alias) are encoded
-            // on their own.
-            let shared = !ctx.protocol.is_v5()
-                || (delivery.subscription_ids.is_empty()
-                    && delivery.message.expires_at.is_none()
-                    && aliases.is_none());
-            let written = if shared {
-                encode_shared(ctx, &delivery, scratch, chunks)
-            } else {
-                encode_own(ctx, aliases, &delivery, now, scratch, chunks)
+            let outgoing = Outgoing {
+                message: &delivery.message,
+                qos: delivery.qos,
+                dup: delivery.dup,
+                retain: delivery.retain,
+                packet_id: delivery.packet_id,
+                subscription_ids: &delivery.subscription_ids,
+                sole: Arc::strong_count(&delivery.message) == 1,
             };
-            if !written {
-                return false;
+            u64::from(encode_publish(
+                ctx, aliases, &outgoing, now, scratch, chunks,
+            ))
+        }
+        Outbound::Batch(delivery) => {
+            // The batch's messages are held by the batch alone, and the
+            // batch by every subscriber it went to.
+            let sole_batch = Arc::strong_count(&delivery.batch) == 1;
+            let mut packets = 0;
+            for message in delivery.batch.messages() {
+                let outgoing = Outgoing {
+                    message,
+                    qos: QoS::AtMostOnce,
+                    dup: false,
+                    retain: delivery.retain(message),
+                    packet_id: None,
+                    subscription_ids: &delivery.subscription_ids,
+                    sole: sole_batch && Arc::strong_count(message) == 1,
+                };
+                packets += u64::from(encode_publish(
+                    ctx, aliases, &outgoing, now, scratch, chunks,
+                ));
             }
+            packets
         }
     }
-    true
+}
+
+/// One PUBLISH to encode: a queued delivery, or one message of a batch.
+struct Outgoing<'a> {
+    message: &'a Message,
+    qos: QoS,
+    dup: bool,
+    retain: bool,
+    packet_id: Option<u16>,
+    subscription_ids: &'a SubscriptionIds,
+    /// Nothing but this delivery holds the message, so no other delivery
+    /// can reuse its encoded header.
+    sole: bool,
+}
+
+/// Encodes one PUBLISH; returns whether it was (it may have expired, or be
+/// too large for the client).
+fn encode_publish(
+    ctx: &WriterContext,
+    aliases: &mut Option<Box<OutboundAliases>>,
+    outgoing: &Outgoing<'_>,
+    now: Instant,
+    scratch: &mut BytesMut,
+    chunks: &mut VecDeque<Bytes>,
+) -> bool {
+    let message = outgoing.message;
+    // A QoS 0 copy that outlived its message in this queue is not sent. One
+    // that had no lifetime at all was handed over as the message arrived:
+    // its delivery started then.
+    if outgoing.qos == QoS::AtMostOnce && message.is_expired(now) && !message.expires_on_arrival() {
+        Metrics::inc(&ctx.metrics.messages_expired);
+        return false;
+    }
+    // Most deliveries share the message's encoded header; MQTT 5 deliveries
+    // that carry per-delivery properties (subscription identifiers, a
+    // decreasing expiry, a topic alias) are encoded on their own.
+    let shared = !ctx.protocol.is_v5()
+        || (outgoing.subscription_ids.is_empty()
+            && message.expires_at.is_none()
+            && aliases.is_none());
+    if shared {
+        encode_shared(ctx, outgoing, scratch, chunks)
+    } else {
+        encode_own(ctx, aliases, outgoing, now, scratch, chunks)
+    }
 }
 
 /// Encodes a delivery from the message's shared header: a copy of a few
@@ -336,11 +395,11 @@ fn encode_item(
 /// and caching it would cost a once-cell and an allocation per message.
 fn encode_shared(
     ctx: &WriterContext,
-    delivery: &Delivery,
+    delivery: &Outgoing<'_>,
     scratch: &mut BytesMut,
     chunks: &mut VecDeque<Bytes>,
 ) -> bool {
-    let message = &delivery.message;
+    let message = delivery.message;
     let v5 = ctx.protocol.is_v5();
     let with_packet_id = delivery.packet_id.is_some();
     // With a placeholder packet id and flags, patched below per delivery;
@@ -365,12 +424,16 @@ fn encode_shared(
     };
     let start = scratch.len();
     // Nobody else holds the message, so nobody can start to share it.
-    if Arc::strong_count(message) == 1 {
+    if delivery.sole {
         if !encode_header(scratch) {
             tracing::warn!(client_id = %ctx.session.client_id, "cannot encode publish");
             return false;
         }
-        if too_large(ctx, delivery, scratch.len() - start + message.payload.len()) {
+        if too_large(
+            ctx,
+            delivery.packet_id,
+            scratch.len() - start + message.payload.len(),
+        ) {
             scratch.truncate(start);
             return false;
         }
@@ -383,7 +446,11 @@ fn encode_shared(
             tracing::warn!(client_id = %ctx.session.client_id, "cannot encode publish");
             return false;
         };
-        if too_large(ctx, delivery, header.len() + message.payload.len()) {
+        if too_large(
+            ctx,
+            delivery.packet_id,
+            header.len() + message.payload.len(),
+        ) {
             return false;
         }
         scratch.extend_from_slice(header);
@@ -405,7 +472,7 @@ fn encode_shared(
 fn encode_own(
     ctx: &WriterContext,
     aliases: &mut Option<Box<OutboundAliases>>,
-    delivery: &Delivery,
+    delivery: &Outgoing<'_>,
     now: Instant,
     scratch: &mut BytesMut,
     chunks: &mut VecDeque<Bytes>,
@@ -423,7 +490,7 @@ fn encode_own(
         }
         let size =
             tern_codec::encoded_len(&Packet::Publish(sent), ctx.protocol).unwrap_or(usize::MAX);
-        if too_large(ctx, delivery, size) {
+        if too_large(ctx, delivery.packet_id, size) {
             return false;
         }
     }
@@ -457,10 +524,10 @@ fn push_payload(payload: &Bytes, scratch: &mut BytesMut, chunks: &mut VecDeque<B
 
 /// MQTT-3.1.2-25: a packet larger than the client's Maximum Packet Size is
 /// not sent; a QoS 1/2 one is treated as delivered.
-fn too_large(ctx: &WriterContext, delivery: &Delivery, size: usize) -> bool {
+fn too_large(ctx: &WriterContext, packet_id: Option<u16>, size: usize) -> bool {
     match ctx.client_max_packet {
         Some(max) if size > max as usize => {
-            ctx.session.discard_inflight(delivery.packet_id);
+            ctx.session.discard_inflight(packet_id);
             Metrics::inc(&ctx.metrics.messages_dropped_oversized);
             true
         }
@@ -486,8 +553,8 @@ fn encode_control(ctx: &WriterContext, packet: &Packet, scratch: &mut BytesMut) 
 }
 
 /// The PUBLISH packet for one delivery. Topic and payload are shared slices.
-fn to_publish(delivery: &Delivery, protocol: ProtocolVersion, now: Instant) -> Publish {
-    let message = &delivery.message;
+fn to_publish(delivery: &Outgoing<'_>, protocol: ProtocolVersion, now: Instant) -> Publish {
+    let message = delivery.message;
     let properties = if protocol.is_v5() {
         let mut p = message.properties().clone();
         p.message_expiry_interval = message.remaining_expiry(now);
@@ -564,8 +631,8 @@ fn poll_write_chunks<W: AsyncWrite + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::message::Message;
-    use crate::subscription_ids::SubscriptionIds;
+    use crate::message_batch::{BatchDelivery, MessageBatch};
+    use crate::session::Delivery;
     use crate::{Broker, Config};
 
     /// A socket that takes everything at once and keeps what each write
@@ -613,6 +680,56 @@ mod tests {
         }
     }
 
+    /// A writer for a fresh session of `protocol`.
+    fn writer_context(broker: &Broker, protocol: ProtocolVersion) -> WriterContext {
+        let opened = broker
+            .registry
+            .open("writer", true, None, |_| true, |_| {})
+            .unwrap();
+        WriterContext {
+            session: opened.session,
+            connection_id: 1,
+            control: Arc::new(ConnectionControl::default()),
+            protocol,
+            client_max_packet: None,
+            client_topic_alias_max: 0,
+            metrics: Arc::clone(&broker.metrics),
+        }
+    }
+
+    /// A batch shared with another subscriber is written as its messages,
+    /// in order, each with its own RETAIN flag as published, and counted as
+    /// that many packets.
+    #[tokio::test]
+    async fn a_batch_is_written_as_its_messages() {
+        let broker = Broker::new(Config::default());
+        let ctx = writer_context(&broker, ProtocolVersion::V311);
+        let messages = (0..3u8)
+            .map(|i| {
+                Message::new(
+                    Bytes::from_static(b"b"),
+                    Bytes::from(vec![b'0' + i]),
+                    QoS::AtMostOnce,
+                    i == 1,
+                    Default::default(),
+                    0,
+                )
+            })
+            .collect();
+        let batch = MessageBatch::new(messages);
+        let _other_subscriber = BatchDelivery::new(Arc::clone(&batch), false, Default::default());
+        let mut buffers = WriteBuffers::new(&ctx);
+        let delivery = BatchDelivery::new(batch, true, Default::default());
+        buffers.items.push_back(Outbound::Batch(delivery));
+        let mut socket = Recorder::default();
+        write_batch(&mut socket, &ctx, &mut buffers).await.unwrap();
+
+        let packet = |flags: u8, payload: u8| [0x30 | flags, 4, 0, 1, b'b', payload];
+        let expected: Vec<u8> = [packet(0, b'0'), packet(1, b'1'), packet(0, b'2')].concat();
+        assert_eq!(socket.bytes, expected);
+        assert_eq!(broker.metrics.packets_sent.get(), 3);
+    }
+
     /// A subscriber far behind a fan-out: 20,000 small deliveries of one
     /// message. They are written in slices, not encoded all at once (which
     /// held 1.5 MB here, and as much again for every such subscriber), and
@@ -620,19 +737,7 @@ mod tests {
     #[tokio::test]
     async fn a_backlog_is_encoded_and_written_a_slice_at_a_time() {
         let broker = Broker::new(Config::default());
-        let opened = broker
-            .registry
-            .open("behind", true, None, |_| true, |_| {})
-            .unwrap();
-        let ctx = WriterContext {
-            session: opened.session,
-            connection_id: 1,
-            control: Arc::new(ConnectionControl::default()),
-            protocol: ProtocolVersion::V311,
-            client_max_packet: None,
-            client_topic_alias_max: 0,
-            metrics: Arc::clone(&broker.metrics),
-        };
+        let ctx = writer_context(&broker, ProtocolVersion::V311);
         let message = Message::new(
             Bytes::from_static(b"fan/out"),
             Bytes::from(vec![7u8; 64]),

@@ -14,6 +14,7 @@ mod common;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 use bytes::Bytes;
 use common::attached_subscriber;
@@ -28,6 +29,9 @@ use tern_router::RecentMatch;
 struct Counting;
 
 static COUNTING: AtomicBool = AtomicBool::new(false);
+/// Held by each test while it counts: the count is process-wide, and the
+/// tests run in parallel.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
 
 unsafe impl GlobalAlloc for Counting {
@@ -58,7 +62,13 @@ enum Path {
     Route,
     /// `Broker::publish_from_client`, then `Broker::deliver_staged`.
     Client,
+    /// [`Client`](Path::Client) with [`READ`] messages staged, as one read of
+    /// a fast publisher brings them: they go to each subscriber as a batch.
+    ClientRead,
 }
+
+/// Messages in one read for [`Path::ClientRead`].
+const READ: usize = 8;
 
 /// Allocations made by publishing one message to `subscribers` sessions,
 /// measured in steady state.
@@ -92,6 +102,17 @@ fn allocations_per_publish(subscribers: usize, path: Path) -> usize {
                     broker.publish_from_client(&message, &mut journal, &mut recent, &mut staged);
                 let _ = broker.deliver_staged(&mut staged);
             }
+            Path::ClientRead => {
+                for _ in 0..READ {
+                    let _ = broker.publish_from_client(
+                        &message,
+                        &mut journal,
+                        &mut recent,
+                        &mut staged,
+                    );
+                }
+                let _ = broker.deliver_staged(&mut staged);
+            }
         }
         assert!(!journal.has_changes());
         COUNTING.store(false, Ordering::SeqCst);
@@ -113,6 +134,7 @@ fn allocations_per_publish(subscribers: usize, path: Path) -> usize {
 
 #[test]
 fn qos0_fan_out_allocates_nothing_per_delivery() {
+    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     for path in [Path::Route, Path::Client] {
         let few = allocations_per_publish(10, path);
         let many = allocations_per_publish(1000, path);
@@ -122,4 +144,21 @@ fn qos0_fan_out_allocates_nothing_per_delivery() {
         );
         assert_eq!(many, 0, "a cached QoS 0 fan-out allocates nothing");
     }
+}
+
+/// A read of several messages allocates the batch its subscribers share
+/// (and the staging room it took), however many subscribers there are.
+#[test]
+fn a_read_s_batch_is_allocated_once_for_all_subscribers() {
+    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let few = allocations_per_publish(10, Path::ClientRead);
+    let many = allocations_per_publish(1000, Path::ClientRead);
+    assert_eq!(
+        few, many,
+        "allocations grew with subscribers: {few} for 10, {many} for 1000"
+    );
+    assert!(
+        many <= 2,
+        "{many} allocations for a read of {READ} messages"
+    );
 }

@@ -338,6 +338,53 @@ async fn no_local_and_retain_as_published() {
     server.shutdown().await;
 }
 
+/// Several QoS 0 messages in one read reach each subscriber together (one
+/// queue entry for all of them), yet each is still sent as it would be
+/// alone: its own RETAIN flag for Retain As Published, the subscriber's
+/// subscription identifier on every one, none back to a No Local publisher,
+/// in order.
+#[tokio::test]
+async fn messages_of_one_read_keep_their_own_flags_and_options() {
+    let server = start(|_| {}).await;
+    let mut publisher = RawClient::connected(addr(&server), "burst-p", V5).await;
+    let mut own = sub_filter("burst/t", QoS::AtMostOnce);
+    own.no_local = true;
+    subscribe_with(&mut publisher, vec![own], None).await;
+    let mut rap = RawClient::connected(addr(&server), "burst-rap", V5).await;
+    let mut f = sub_filter("burst/t", QoS::AtMostOnce);
+    f.retain_as_published = true;
+    subscribe_with(&mut rap, vec![f], Some(9)).await;
+    let mut plain = RawClient::connected(addr(&server), "burst-plain", ProtocolVersion::V311).await;
+    plain.subscribe("burst/t", QoS::AtMostOnce).await;
+
+    // Eight publishes written at once, so read at once.
+    let mut bytes = bytes::BytesMut::new();
+    let sent: Vec<(Vec<u8>, bool)> = (0..8u8).map(|i| (vec![b'0' + i], i % 3 == 0)).collect();
+    for (payload, retain) in &sent {
+        let packet = publish_with(
+            "burst/t",
+            payload,
+            QoS::AtMostOnce,
+            None,
+            Default::default(),
+            *retain,
+        );
+        tern_codec::encode_packet(&packet, V5, &mut bytes).unwrap();
+    }
+    publisher.send_bytes(&bytes).await;
+
+    for (payload, retain) in &sent {
+        let got = rap.recv_publish().await;
+        assert_eq!((&got.payload[..], got.retain), (&payload[..], *retain));
+        assert_eq!(got.properties.subscription_identifiers, vec![9]);
+        let got = plain.recv_publish().await;
+        assert_eq!((&got.payload[..], got.retain), (&payload[..], false));
+    }
+    publisher.expect_silence(Duration::from_millis(200)).await;
+    rap.expect_silence(Duration::from_millis(100)).await;
+    server.shutdown().await;
+}
+
 #[tokio::test]
 async fn retain_handling_options() {
     let server = start(|_| {}).await;

@@ -12,6 +12,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use common::attached_subscriber;
+use tern::broker::StagedFanout;
+use tern::budget::HEADER_ALLOWANCE;
 use tern::message::{Message, MESSAGE_COST};
 use tern::metrics::Metrics;
 use tern::persistence::Journal;
@@ -112,6 +114,67 @@ fn a_message_sent_to_many_counts_its_shared_part_once() {
         s.drain_outbound_any(&mut drained);
     }
     assert_eq!(drained.len(), subscribers);
+    assert_eq!(broker.registry.context().budget.balance(), 0);
+}
+
+/// Publishes `messages` as one read of a client's connection does: staged,
+/// then delivered together.
+fn publish_one_read(broker: &Broker, messages: &[Arc<Message>]) {
+    let mut journal = Journal::new();
+    let mut recent = None;
+    let mut staged = StagedFanout::default();
+    for m in messages {
+        let _ = broker.publish_from_client(m, &mut journal, &mut recent, &mut staged);
+    }
+    let _ = broker.deliver_staged(&mut staged);
+}
+
+#[test]
+fn a_read_s_messages_take_one_entry_per_subscriber_and_count_their_shared_part_once() {
+    let subscribers = 10;
+    let (broker, sessions) = broker_with(subscribers);
+    let messages: Vec<_> = (0..8).map(|_| small_message()).collect();
+    publish_one_read(&broker, &messages);
+    let weight = messages[0].weight() + HEADER_ALLOWANCE;
+    let per_subscriber = 8 * weight + std::mem::size_of::<Outbound>();
+    let queued = broker.registry.context().budget.queued();
+    // Each subscriber: the messages' bytes and headers, one slot; the
+    // messages themselves (and the batch that holds them) once.
+    assert!(
+        queued >= subscribers * per_subscriber + 8 * MESSAGE_COST,
+        "{queued} bytes counted"
+    );
+    assert!(
+        queued < subscribers * (per_subscriber + 16) + 8 * (MESSAGE_COST + 16) + 128,
+        "{queued} bytes counted: the messages once per subscriber?"
+    );
+    for s in &sessions {
+        let mut drained = VecDeque::new();
+        s.drain_outbound_any(&mut drained);
+        let [Outbound::Batch(delivery)] = drained.make_contiguous() else {
+            panic!("not one batch: {drained:?}");
+        };
+        let batch = delivery.batch.messages();
+        assert_eq!(batch.len(), messages.len());
+        assert!(batch.iter().zip(&messages).all(|(a, b)| Arc::ptr_eq(a, b)));
+    }
+    assert_eq!(broker.registry.context().budget.balance(), 0);
+}
+
+#[test]
+fn a_full_queue_drops_a_read_s_messages_and_counts_each() {
+    let (broker, sessions) = broker_with(1);
+    fill_to_the_bound(&broker);
+    let dropped = || Metrics::get(&broker.metrics.messages_dropped_qos0);
+    let before = dropped();
+    let queued = broker.registry.context().budget.queued();
+    let messages: Vec<_> = (0..8).map(|_| small_message()).collect();
+    publish_one_read(&broker, &messages);
+    assert_eq!(dropped(), before + 8);
+    assert_eq!(broker.registry.context().budget.queued(), queued);
+    let mut drained = VecDeque::new();
+    sessions[0].drain_outbound_any(&mut drained);
+    assert!(drained.iter().all(|d| matches!(d, Outbound::Publish(_))));
     assert_eq!(broker.registry.context().budget.balance(), 0);
 }
 
