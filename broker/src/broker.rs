@@ -308,7 +308,6 @@ impl Broker {
         self.retain(message, journal);
         let matches = self.router.matches_recent(message.topic_str(), recent);
         let stageable = message.qos == QoS::AtMostOnce
-            && message.weight() <= StagedFanout::MAX_MESSAGE_BYTES
             && matches.shared.is_empty()
             && !matches.clients.is_empty();
         // The same match result is that of the same topic; the topics are
@@ -344,15 +343,31 @@ impl Broker {
     ///
     /// Several messages go to each subscriber as one batch
     /// (message_batch.rs): one queue entry and one reference for all of
-    /// them. A single message goes as a delivery of its own, which costs no
-    /// allocation.
+    /// them, at most [`StagedFanout::MAX_BATCH_BYTES`] of them. A message
+    /// alone goes as a delivery of its own, which costs no allocation.
     pub fn deliver_staged(&self, staged: &mut StagedFanout) -> Option<Arc<Session>> {
         let matches = staged.matches.take()?;
-        let (delivered, full) = if staged.messages.len() == 1 {
-            self.deliver_staged_message(&matches, &mut staged.messages)
-        } else {
-            self.deliver_staged_batch(&matches, &mut staged.messages)
-        };
+        let mut delivered = 0;
+        let mut full = None;
+        let mut start = 0;
+        while start < staged.messages.len() {
+            let run = StagedFanout::batch_len(&staged.messages[start..]);
+            let (count, beyond) = if run == 1 {
+                self.deliver_staged_message(&matches, &staged.messages[start])
+            } else if run == staged.messages.len() {
+                // All of them: moved, not counted again; the staging
+                // vector keeps its room for the next read.
+                let messages = staged.messages.drain(..).collect();
+                self.deliver_staged_batch(&matches, messages)
+            } else {
+                let messages = staged.messages[start..start + run].into();
+                self.deliver_staged_batch(&matches, messages)
+            };
+            start += run;
+            delivered += count;
+            full = full.or(beyond);
+        }
+        staged.messages.clear();
         Metrics::add(&self.metrics.messages_delivered, delivered);
         full
     }
@@ -362,19 +377,16 @@ impl Broker {
     fn deliver_staged_message(
         &self,
         matches: &Matches<SessionRef>,
-        messages: &mut Vec<Arc<Message>>,
+        message: &Arc<Message>,
     ) -> (u64, Option<Arc<Session>>) {
-        let Some(message) = messages.pop() else {
-            return (0, None);
-        };
         let mut delivered = 0u64;
         let mut full = None;
         // The message's references, counted before the first delivery (see
         // `ReservedReferences`); those No Local or an ACL leaves unused are
         // given back when this ends.
-        let mut references = ReservedReferences::new(&message, matches.clients.len());
+        let mut references = ReservedReferences::new(message, matches.clients.len());
         for client in &matches.clients {
-            let Some(delivery) = client_delivery_options(client, &message).and_then(
+            let Some(delivery) = client_delivery_options(client, message).and_then(
                 |(qos, retain_as_published, ids)| {
                     let retain = retain_as_published && message.retain;
                     Some(Delivery::with_reference(
@@ -403,12 +415,12 @@ impl Broker {
     fn deliver_staged_batch(
         &self,
         matches: &Matches<SessionRef>,
-        messages: &mut Vec<Arc<Message>>,
+        messages: Box<[Arc<Message>]>,
     ) -> (u64, Option<Arc<Session>>) {
         let Some(first) = messages.first().map(Arc::clone) else {
             return (0, None);
         };
-        let batch = MessageBatch::new(std::mem::take(messages));
+        let batch = MessageBatch::new(messages);
         let mut delivered = 0u64;
         let mut full = None;
         let mut references = ReservedReferences::new(&batch, matches.clients.len());
@@ -997,13 +1009,27 @@ impl StagedFanout {
     /// broker CPU-second (docs/performance.md).
     pub const MAX_MESSAGES: usize = 64;
 
-    /// The largest message staged ([`Message::weight`]); larger ones are
-    /// delivered at once. Staged messages reach each subscriber as one
-    /// batch, taken or dropped whole (message_batch.rs), so this and
-    /// [`MAX_MESSAGES`](Self::MAX_MESSAGES) bound how far a batch takes a
-    /// queue past its bound: 64 KiB. Batching saves a fixed cost per
-    /// delivery, which matters for small messages.
-    pub const MAX_MESSAGE_BYTES: usize = 1024;
+    /// The most a batch of staged messages weighs ([`Message::weight`]):
+    /// a batch reaches each subscriber whole, taken or dropped at once
+    /// (message_batch.rs), so this bounds how far it takes a queue past its
+    /// bound. A message this large goes alone. Batching saves a fixed cost
+    /// per delivery, which matters for small messages: 64 KiB holds a whole
+    /// read of them.
+    pub const MAX_BATCH_BYTES: usize = 64 * 1024;
+
+    /// How many of `messages`, from the first, go in one batch: those
+    /// within [`MAX_BATCH_BYTES`](Self::MAX_BATCH_BYTES), and at least one.
+    fn batch_len(messages: &[Arc<Message>]) -> usize {
+        let mut bytes = 0;
+        messages
+            .iter()
+            .take_while(|m| {
+                bytes += m.weight();
+                bytes <= Self::MAX_BATCH_BYTES
+            })
+            .count()
+            .max(1)
+    }
 
     /// Deliveries the staged messages stand for.
     pub fn deliveries(&self) -> usize {

@@ -29,7 +29,7 @@ use crate::subscription_ids::SubscriptionIds;
 /// subscriber's queue.
 #[derive(Debug)]
 pub struct MessageBatch {
-    messages: Vec<Arc<Message>>,
+    messages: Box<[Arc<Message>]>,
     /// What the batch weighs in a queue beside its memory: each message's
     /// weight and the header it needs.
     weight: usize,
@@ -41,7 +41,7 @@ pub struct MessageBatch {
 impl MessageBatch {
     /// A batch of `messages`, all QoS 0 to one topic (see the module's
     /// documentation).
-    pub fn new(messages: Vec<Arc<Message>>) -> Arc<MessageBatch> {
+    pub fn new(messages: Box<[Arc<Message>]>) -> Arc<MessageBatch> {
         debug_assert!(messages.windows(2).all(|m| m[0].topic == m[1].topic));
         let weight = messages.iter().map(|m| m.weight() + HEADER_ALLOWANCE).sum();
         Arc::new(MessageBatch {
@@ -154,7 +154,7 @@ mod tests {
     fn a_batch_weighs_its_messages_and_its_cost_is_claimed_once() {
         let messages = vec![message(b"abc", false), message(b"defgh", true)];
         let weights: usize = messages.iter().map(|m| m.weight()).sum();
-        let batch = MessageBatch::new(messages);
+        let batch = MessageBatch::new(messages.into());
         assert_eq!(batch.len(), 2);
         assert_eq!(batch.weight(), weights + 2 * HEADER_ALLOWANCE);
         assert!(batch.cost() >= 2 * MESSAGE_COST);

@@ -162,6 +162,51 @@ fn a_read_s_messages_take_one_entry_per_subscriber_and_count_their_shared_part_o
 }
 
 #[test]
+fn a_read_s_large_messages_go_in_batches_of_at_most_64_kib() {
+    let (broker, sessions) = broker_bounded(1, 1 << 20);
+    let messages: Vec<_> = (0..8)
+        .map(|_| {
+            Message::new(
+                Bytes::from_static(b"t"),
+                Bytes::from(vec![7u8; 20 * 1024]),
+                QoS::AtMostOnce,
+                false,
+                Default::default(),
+                0,
+            )
+        })
+        .collect();
+    let huge = Message::new(
+        Bytes::from_static(b"t"),
+        Bytes::from(vec![7u8; StagedFanout::MAX_BATCH_BYTES]),
+        QoS::AtMostOnce,
+        false,
+        Default::default(),
+        0,
+    );
+    let mut read = messages.clone();
+    read.push(huge);
+    publish_one_read(&broker, &read);
+    let mut drained = VecDeque::new();
+    sessions[0].drain_outbound_any(&mut drained);
+    let sizes: Vec<usize> = drained
+        .iter()
+        .map(|item| match item {
+            Outbound::Batch(d) => d.batch.len(),
+            Outbound::Publish(_) => 1,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    // Three messages of 20 KiB fit in a batch, the fourth would not; the
+    // last, as large as a batch, goes alone.
+    assert_eq!(sizes, [3, 3, 2, 1]);
+    let Some(Outbound::Publish(last)) = drained.back() else {
+        panic!("the last message is not alone");
+    };
+    assert!(Arc::ptr_eq(&last.message, &read[8]));
+}
+
+#[test]
 fn a_full_queue_drops_a_read_s_messages_and_counts_each() {
     let (broker, sessions) = broker_with(1);
     fill_to_the_bound(&broker);
