@@ -11,6 +11,12 @@
 //! [`BatchDelivery`]: one reference, one slot, one admission for all of
 //! them. The writer encodes the messages one by one, as it would have.
 //!
+//! The batch also keeps its messages' PUBLISH packets, encoded once per
+//! shape ([`frames`](MessageBatch::frames): protocol, and whether RETAIN is
+//! kept) by the first writer that needs them: every other subscriber's
+//! writer then sends the same bytes, one I/O vector for the whole batch,
+//! copying and encoding nothing.
+//!
 //! Everything that differs between the deliveries of one subscriber is
 //! decided once per batch, which is sound because the messages share all
 //! the inputs of that decision: they have one topic (so one set of
@@ -19,7 +25,9 @@
 //! delivery keeps whether the subscriber wants it as published.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+
+use bytes::Bytes;
 
 use crate::budget::HEADER_ALLOWANCE;
 use crate::message::{Message, MESSAGE_COST};
@@ -36,6 +44,28 @@ pub struct MessageBatch {
     /// Set once a queue counts the batch's memory (see
     /// [`claim_cost`](Self::claim_cost)).
     cost_claimed: AtomicBool,
+    /// The largest payload of its messages.
+    largest_payload: usize,
+    /// Whether any message has a RETAIN flag, a Message Expiry Interval.
+    any_retained: bool,
+    any_expiry: bool,
+    /// The encoded packets, by [`frames_slot`]: made by the first writer
+    /// that sends the batch in that shape, then shared.
+    frames: [OnceLock<Frames>; 4],
+}
+
+/// A batch's PUBLISH packets, one after the other, as written to a
+/// subscriber.
+#[derive(Debug, Default)]
+pub struct Frames {
+    pub bytes: Bytes,
+    /// The size of the largest packet (for a client's Maximum Packet Size).
+    pub largest: usize,
+}
+
+/// Where the frames of a shape are kept in [`MessageBatch::frames`].
+fn frames_slot(v5: bool, retain: bool) -> usize {
+    usize::from(v5) * 2 + usize::from(retain)
 }
 
 impl MessageBatch {
@@ -44,11 +74,47 @@ impl MessageBatch {
     pub fn new(messages: Box<[Arc<Message>]>) -> Arc<MessageBatch> {
         debug_assert!(messages.windows(2).all(|m| m[0].topic == m[1].topic));
         let weight = messages.iter().map(|m| m.weight() + HEADER_ALLOWANCE).sum();
+        let largest_payload = messages.iter().map(|m| m.payload.len()).max();
         Arc::new(MessageBatch {
-            messages,
             weight,
             cost_claimed: AtomicBool::new(false),
+            largest_payload: largest_payload.unwrap_or(0),
+            any_retained: messages.iter().any(|m| m.retain),
+            any_expiry: messages.iter().any(|m| m.expires_at.is_some()),
+            frames: Default::default(),
+            messages,
         })
+    }
+
+    /// The largest payload of its messages.
+    pub fn largest_payload(&self) -> usize {
+        self.largest_payload
+    }
+
+    /// Whether any of its messages has a Message Expiry Interval (whose
+    /// remaining time each delivery states: no shared frames then).
+    pub fn any_expiry(&self) -> bool {
+        self.any_expiry
+    }
+
+    /// Whether its messages are sent with their RETAIN flags to `delivery`'s
+    /// subscriber: the shape of the frames it takes.
+    pub fn keeps_retain(&self, delivery: &BatchDelivery) -> bool {
+        delivery.retain_as_published && self.any_retained
+    }
+
+    /// The batch's packets for MQTT 5 (`v5`) or 3.x clients, with RETAIN
+    /// flags kept (`retain`) or cleared, encoding them with `encode` the
+    /// first time. `None` if encoding failed.
+    pub fn frames(
+        &self,
+        v5: bool,
+        retain: bool,
+        encode: impl FnOnce() -> Option<Frames>,
+    ) -> Option<&Frames> {
+        let frames =
+            self.frames[frames_slot(v5, retain)].get_or_init(|| encode().unwrap_or_default());
+        (!frames.bytes.is_empty()).then_some(frames)
     }
 
     /// The messages, in the order they were published.

@@ -24,6 +24,7 @@ use tern_codec::{
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use crate::message::Message;
+use crate::message_batch::{BatchDelivery, Frames, MessageBatch};
 use crate::metrics::Metrics;
 use crate::session::{AckKind, ConnectionControl, Outbound, Session, SubscriptionIds};
 use crate::topic_alias::OutboundAliases;
@@ -323,6 +324,15 @@ fn encode_item(
             // The batch's messages are held by the batch alone, and the
             // batch by every subscriber it went to.
             let sole_batch = Arc::strong_count(&delivery.batch) == 1;
+            if !sole_batch {
+                if let Some(frames) = shared_frames(ctx, aliases, &delivery) {
+                    if !scratch.is_empty() {
+                        chunks.push_back(scratch.split().freeze());
+                    }
+                    chunks.push_back(frames.bytes.clone());
+                    return delivery.batch.len() as u64;
+                }
+            }
             let mut packets = 0;
             for message in delivery.batch.messages() {
                 let outgoing = Outgoing {
@@ -341,6 +351,63 @@ fn encode_item(
             packets
         }
     }
+}
+
+/// The packets of a batch as every subscriber of this shape gets them
+/// (`MessageBatch::frames`), encoded by the first writer that asks; `None`
+/// when this delivery needs packets of its own: MQTT 5 subscription
+/// identifiers or topic aliases, a message with an expiry interval (its
+/// remaining time is stated per delivery), a payload large enough to be
+/// written from the message rather than copied, a packet larger than the
+/// client takes (dropped one by one, and counted, by the other path).
+fn shared_frames<'a>(
+    ctx: &WriterContext,
+    aliases: &Option<Box<OutboundAliases>>,
+    delivery: &'a BatchDelivery,
+) -> Option<&'a Frames> {
+    let batch = &delivery.batch;
+    let v5 = ctx.protocol.is_v5();
+    if (v5 && (!delivery.subscription_ids.is_empty() || aliases.is_some()))
+        || batch.any_expiry()
+        || batch.largest_payload() > INLINE_PAYLOAD_MAX
+    {
+        return None;
+    }
+    let retain = batch.keeps_retain(delivery);
+    let frames = batch.frames(v5, retain, || encode_frames(ctx, batch, retain))?;
+    match ctx.client_max_packet {
+        Some(max) if frames.largest > max as usize => None,
+        _ => Some(frames),
+    }
+}
+
+/// The packets of `batch` for this connection's protocol, one after the
+/// other, RETAIN kept as published if `retain`.
+fn encode_frames(ctx: &WriterContext, batch: &MessageBatch, retain: bool) -> Option<Frames> {
+    let mut out = BytesMut::with_capacity(batch.weight());
+    let mut largest = 0;
+    for message in batch.messages() {
+        let start = out.len();
+        let header = PublishHeader {
+            dup: false,
+            qos: QoS::AtMostOnce,
+            retain: retain && message.retain,
+            topic: &message.topic,
+            packet_id: None,
+            properties: message.properties(),
+            payload_len: message.payload.len(),
+        };
+        if let Err(e) = encode_publish_header_of(&header, ctx.protocol, &mut out) {
+            tracing::warn!(client_id = %ctx.session.client_id, error = %e, "cannot encode publish");
+            return None;
+        }
+        out.extend_from_slice(&message.payload);
+        largest = largest.max(out.len() - start);
+    }
+    Some(Frames {
+        bytes: out.freeze(),
+        largest,
+    })
 }
 
 /// One PUBLISH to encode: a queued delivery, or one message of a batch.
@@ -631,7 +698,6 @@ fn poll_write_chunks<W: AsyncWrite + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::message_batch::{BatchDelivery, MessageBatch};
     use crate::session::Delivery;
     use crate::{Broker, Config};
 
@@ -697,18 +763,16 @@ mod tests {
         }
     }
 
-    /// A batch shared with another subscriber is written as its messages,
-    /// in order, each with its own RETAIN flag as published, and counted as
-    /// that many packets.
-    #[tokio::test]
-    async fn a_batch_is_written_as_its_messages() {
-        let broker = Broker::new(Config::default());
-        let ctx = writer_context(&broker, ProtocolVersion::V311);
-        let messages = (0..3u8)
-            .map(|i| {
+    /// A batch of messages to topic `b` with these payloads, the second
+    /// one retained.
+    fn batch_of(payloads: &[&[u8]]) -> Arc<MessageBatch> {
+        let messages = payloads
+            .iter()
+            .enumerate()
+            .map(|(i, payload)| {
                 Message::new(
                     Bytes::from_static(b"b"),
-                    Bytes::from(vec![b'0' + i]),
+                    Bytes::copy_from_slice(payload),
                     QoS::AtMostOnce,
                     i == 1,
                     Default::default(),
@@ -716,18 +780,65 @@ mod tests {
                 )
             })
             .collect();
-        let batch = MessageBatch::new(messages);
-        let _other_subscriber = BatchDelivery::new(Arc::clone(&batch), false, Default::default());
-        let mut buffers = WriteBuffers::new(&ctx);
-        let delivery = BatchDelivery::new(batch, true, Default::default());
-        buffers.items.push_back(Outbound::Batch(delivery));
-        let mut socket = Recorder::default();
-        write_batch(&mut socket, &ctx, &mut buffers).await.unwrap();
+        MessageBatch::new(messages)
+    }
 
+    /// What the writer of `ctx` writes for `items`.
+    async fn written(ctx: &WriterContext, items: Vec<Outbound>) -> Vec<u8> {
+        let mut buffers = WriteBuffers::new(ctx);
+        buffers.items.extend(items);
+        let mut socket = Recorder::default();
+        write_batch(&mut socket, ctx, &mut buffers).await.unwrap();
+        socket.bytes
+    }
+
+    /// A batch is written as its messages, in order, each with its own
+    /// RETAIN flag as published, and counted as that many packets: alike
+    /// from the frames its subscribers share and, for its only subscriber,
+    /// encoded message by message.
+    #[tokio::test]
+    async fn a_batch_is_written_as_its_messages() {
         let packet = |flags: u8, payload: u8| [0x30 | flags, 4, 0, 1, b'b', payload];
-        let expected: Vec<u8> = [packet(0, b'0'), packet(1, b'1'), packet(0, b'2')].concat();
-        assert_eq!(socket.bytes, expected);
-        assert_eq!(broker.metrics.packets_sent.get(), 3);
+        let kept: Vec<u8> = [packet(0, b'0'), packet(1, b'1'), packet(0, b'2')].concat();
+        let cleared: Vec<u8> = [packet(0, b'0'), packet(0, b'1'), packet(0, b'2')].concat();
+        for shared in [true, false] {
+            let broker = Broker::new(Config::default());
+            let ctx = writer_context(&broker, ProtocolVersion::V311);
+            let batch = batch_of(&[b"0", b"1", b"2"]);
+            let delivery = |rap| BatchDelivery::new(Arc::clone(&batch), rap, Default::default());
+            let mut items = vec![Outbound::Batch(delivery(true))];
+            if shared {
+                // The same batch to another subscriber, in the other shape.
+                items.push(Outbound::Batch(delivery(false)));
+            }
+            drop(batch);
+            let expected = if shared {
+                [kept.clone(), cleared.clone()].concat()
+            } else {
+                kept.clone()
+            };
+            assert_eq!(written(&ctx, items).await, expected, "shared: {shared}");
+            let packets = if shared { 6 } else { 3 };
+            assert_eq!(broker.metrics.packets_sent.get(), packets);
+        }
+    }
+
+    /// A packet larger than the client's Maximum Packet Size is left out of
+    /// a batch shared with others, and counted; the others are sent.
+    #[tokio::test]
+    async fn a_batch_leaves_out_what_the_client_cannot_take() {
+        let broker = Broker::new(Config::default());
+        let mut ctx = writer_context(&broker, ProtocolVersion::V5);
+        ctx.client_max_packet = Some(7);
+        let batch = batch_of(&[b"0", b"too large", b"2"]);
+        let _other_subscriber = BatchDelivery::new(Arc::clone(&batch), false, Default::default());
+        let delivery = BatchDelivery::new(batch, false, Default::default());
+        let bytes = written(&ctx, vec![Outbound::Batch(delivery)]).await;
+        // MQTT 5: an empty property length after the topic.
+        let packet = |payload: u8| [0x30, 5, 0, 1, b'b', 0, payload];
+        assert_eq!(bytes, [packet(b'0'), packet(b'2')].concat());
+        assert_eq!(broker.metrics.packets_sent.get(), 2);
+        assert_eq!(broker.metrics.messages_dropped_oversized.get(), 1);
     }
 
     /// A subscriber far behind a fan-out: 20,000 small deliveries of one
