@@ -8,6 +8,9 @@
 //! cost of one delivery. `fanout_qos0/N` varies the subscribers (64-byte
 //! payload); `fanout_payload/BYTES` varies the payload for 100 subscribers,
 //! and must stay flat: the payload is shared, never copied per subscriber.
+//! `fanout_read/N` publishes a read of [`READ`] messages at a time, as a
+//! fast publisher's connection does: they reach each subscriber as one
+//! batch (message_batch.rs).
 
 use std::collections::VecDeque;
 use std::hint::black_box;
@@ -24,6 +27,9 @@ use tern_codec::{ProtocolVersion, QoS};
 use tern_router::{RecentMatch, SubscriptionOptions};
 
 const TOPIC: &str = "fan/out";
+
+/// Messages per read in `fanout_read`.
+const READ: usize = 16;
 
 /// A broker with `n` attached sessions subscribed to [`TOPIC`].
 fn subscribed(n: usize) -> (Arc<Broker>, Vec<Arc<Session>>) {
@@ -81,14 +87,21 @@ impl Publisher {
     }
 
     fn publish(&mut self, message: &Arc<Message>) {
+        self.publish_read(message, 1);
+    }
+
+    /// Publishes `message` `count` times in one read.
+    fn publish_read(&mut self, message: &Arc<Message>, count: usize) {
         let mut journal = Journal::new();
-        let full = self.broker.publish_from_client(
-            message,
-            &mut journal,
-            &mut self.recent,
-            &mut self.staged,
-        );
-        black_box(full);
+        for _ in 0..count {
+            let full = self.broker.publish_from_client(
+                message,
+                &mut journal,
+                &mut self.recent,
+                &mut self.staged,
+            );
+            black_box(full);
+        }
         black_box(self.broker.deliver_staged(&mut self.staged));
         for s in &self.sessions {
             self.taken.clear();
@@ -132,5 +145,18 @@ fn by_payload(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, by_subscribers, by_payload);
+fn by_read(c: &mut Criterion) {
+    let mut group = c.benchmark_group("fanout_read");
+    let m = message(64);
+    for n in [10usize, 100, 1_000] {
+        let mut p = Publisher::new(n);
+        group.throughput(Throughput::Elements((n * READ) as u64));
+        group.bench_function(BenchmarkId::from_parameter(n), |b| {
+            b.iter(|| p.publish_read(&m, READ))
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, by_subscribers, by_payload, by_read);
 criterion_main!(benches);
