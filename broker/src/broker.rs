@@ -1012,9 +1012,10 @@ impl StagedFanout {
     /// The most a batch of staged messages weighs ([`Message::weight`]):
     /// a batch reaches each subscriber whole, taken or dropped at once
     /// (message_batch.rs), so this bounds how far it takes a queue past its
-    /// bound. A message this large goes alone. Batching saves a fixed cost
-    /// per delivery, which matters for small messages: 64 KiB holds a whole
-    /// read of them.
+    /// bound (with the per-message overhead a queue counts, about 85 KiB
+    /// for 64 small messages). A message this large goes alone. Batching
+    /// saves a fixed cost per delivery, which matters for small messages:
+    /// 64 KiB holds a whole read of them.
     pub const MAX_BATCH_BYTES: usize = 64 * 1024;
 
     /// How many of `messages`, from the first, go in one batch: those
