@@ -21,7 +21,7 @@
 //! field running past the end, make the packet malformed. Any error means the
 //! connection must be closed (the buffer's contents are then unspecified).
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 
 use crate::error::DecodeError;
 use crate::packet::*;
@@ -78,8 +78,9 @@ pub fn decode_packet(
     }
     // From here on the frame is consumed whatever the outcome: an error
     // closes the connection, so the buffer no longer matters.
-    let frame = buf.split_to(frame_len).freeze();
-    let mut r = Reader::new(frame.slice(1 + len_len..));
+    let mut frame = buf.split_to(frame_len).freeze();
+    frame.advance(1 + len_len);
+    let mut r = Reader::new(frame);
     let flags = first & 0x0F;
     let packet = match packet_type {
         PacketType::Connect => Packet::Connect(Box::new(connect(&mut r)?)),

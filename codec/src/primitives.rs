@@ -16,7 +16,7 @@
 //! goes in a header is computed by the very code that writes the bytes it
 //! measures and the two can never disagree.
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use crate::error::{DecodeError, EncodeError};
 
@@ -119,29 +119,46 @@ impl Reader {
         std::mem::take(&mut self.buf)
     }
 
+    // The integers are read in place and skipped with `advance`, which moves
+    // a pointer: a slice of the frame (`take`, `slice`) costs an atomic
+    // increment of the read buffer's count and its drop a decrement, and
+    // the writer dropping the message on another core contends for that
+    // same count.
+
     pub(crate) fn u8(&mut self) -> Result<u8, DecodeError> {
         let b = *self
             .buf
             .first()
             .ok_or(DecodeError::Malformed("packet ends too early"))?;
-        self.buf = self.buf.slice(1..);
+        self.buf.advance(1);
         Ok(b)
     }
 
     pub(crate) fn u16(&mut self) -> Result<u16, DecodeError> {
-        let b = self.take(2)?;
-        Ok(u16::from_be_bytes([b[0], b[1]]))
+        Ok(u16::from_be_bytes(self.array()?))
     }
 
     pub(crate) fn u32(&mut self) -> Result<u32, DecodeError> {
-        let b = self.take(4)?;
-        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+        Ok(u32::from_be_bytes(self.array()?))
+    }
+
+    /// The next `N` bytes, copied out.
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], DecodeError> {
+        let bytes: [u8; N] =
+            self.buf
+                .get(..N)
+                .and_then(|b| b.try_into().ok())
+                .ok_or(DecodeError::Malformed(
+                    "field runs past the end of the packet",
+                ))?;
+        self.buf.advance(N);
+        Ok(bytes)
     }
 
     pub(crate) fn varint(&mut self) -> Result<u32, DecodeError> {
         match peek_varint(&self.buf) {
             Ok((value, len)) => {
-                self.buf = self.buf.slice(len..);
+                self.buf.advance(len);
                 Ok(value)
             }
             Err(VarintError::Incomplete) => Err(DecodeError::Malformed("packet ends too early")),
