@@ -1032,18 +1032,13 @@ impl StagedFanout {
             .max(1)
     }
 
-    /// Deliveries the staged messages stand for.
-    pub fn deliveries(&self) -> usize {
-        self.matches
-            .as_ref()
-            .map_or(0, |m| m.clients.len() * self.messages.len())
-    }
-
     /// True when it is time to deliver: [`MAX_MESSAGES`](Self::MAX_MESSAGES)
-    /// messages, or as many deliveries as a wake batch defers.
+    /// messages. Not sooner for many subscribers: the staged messages reach
+    /// each of them as one queue entry (message_batch.rs), so what
+    /// delivering them costs, and what the wake batch counts, grows with
+    /// the subscribers and not with the messages.
     pub fn is_due(&self) -> bool {
         self.messages.len() >= Self::MAX_MESSAGES
-            || self.deliveries() >= crate::wake_batch::MAX_DEFERRED_DELIVERIES
     }
 }
 
