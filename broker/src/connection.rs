@@ -1139,14 +1139,20 @@ impl Connection {
         }
         let topic = self.resolve_topic(&mut publish)?;
         let topic_str = std::str::from_utf8(&topic).unwrap_or("");
-        if validate_topic_name(topic_str).is_err() {
+        // The topic this connection last routed to passed the checks below
+        // then; a client publishing to one topic is not checked again.
+        let checked = self
+            .recent_route
+            .as_ref()
+            .is_some_and(|recent| recent.topic() == topic_str);
+        if !checked && validate_topic_name(topic_str).is_err() {
             Metrics::inc(&self.broker.metrics.protocol_errors);
             return Err(Exit::Error(
                 ReasonCode::TopicNameInvalid,
                 format!("invalid topic name {topic_str:?}").into(),
             ));
         }
-        if self.broker.config.limits.too_many_levels(topic_str) {
+        if !checked && self.broker.config.limits.too_many_levels(topic_str) {
             Metrics::inc(&self.broker.metrics.protocol_errors);
             return Err(Exit::Error(
                 ReasonCode::TopicNameInvalid,

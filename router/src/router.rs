@@ -84,6 +84,13 @@ pub struct RecentMatch<S> {
     matches: Arc<Matches<S>>,
 }
 
+impl<S> RecentMatch<S> {
+    /// The topic this is the result for.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+}
+
 /// Everything guarded by the router's lock.
 struct State<S> {
     tree: Tree<S>,
