@@ -1012,7 +1012,7 @@ impl StagedFanout {
     /// The most a batch of staged messages weighs ([`Message::weight`]):
     /// a batch reaches each subscriber whole, taken or dropped at once
     /// (message_batch.rs), so this bounds how far it takes a queue past its
-    /// bound (with the per-message overhead a queue counts, about 85 KiB
+    /// bound (with the per-message overhead a queue counts, about 76 KiB
     /// for 64 small messages). A message this large goes alone. Batching
     /// saves a fixed cost per delivery, which matters for small messages:
     /// 64 KiB holds a whole read of them.

@@ -37,7 +37,10 @@ pub struct Message {
     /// Encoded PUBLISH headers shared by every delivery of the same shape,
     /// indexed by [`header_slot`]: encoded once per message, then copied (or
     /// shared) per delivery, with only the flags and packet id patched.
-    headers: [OnceLock<Bytes>; 4],
+    /// Boxed, and made with the first: a message with one subscriber (a
+    /// fan-in's, a pair's) or sent in a batch's frames never has one, and
+    /// inline the four slots were half of every message.
+    headers: OnceLock<Box<[OnceLock<Bytes>; 4]>>,
     /// The message's id in the durable store, once a durable session queued
     /// it or it was retained (see `persistence::Journal::reference`).
     pub store_id: OnceLock<u64>,
@@ -67,10 +70,11 @@ pub struct Message {
 pub const MESSAGE_COST: usize = std::mem::size_of::<Message>() + 2 * std::mem::size_of::<usize>();
 
 // Every message that waits in a queue costs this much beside its bytes (456
-// before the properties were boxed); docs/configuration.md quotes it for
-// `max_client_outbound_bytes`. A field that grows `Message` must come out of
-// somewhere else, or the docs change with it.
-const _: () = assert!(MESSAGE_COST <= 320);
+// before the properties were boxed, 320 before the shared headers were);
+// docs/configuration.md quotes it for `max_client_outbound_bytes`. A field
+// that grows `Message` must come out of somewhere else, or the docs change
+// with it.
+const _: () = assert!(MESSAGE_COST <= 176);
 
 /// Bytes a message's properties weigh in queues: their contents, plus what
 /// each user property costs in memory beyond its bytes (its entry in the
@@ -138,7 +142,7 @@ impl Message {
             properties: self.properties.as_deref().map(|p| Box::new(p.owned_copy())),
             expires_at: self.expires_at,
             origin: self.origin,
-            headers: Default::default(),
+            headers: OnceLock::new(),
             store_id: self.store_id.clone(),
             detached: OnceLock::new(),
             weight: self.weight,
@@ -185,7 +189,7 @@ impl Message {
             properties: (!properties.is_empty()).then(|| Box::new(properties)),
             expires_at,
             origin,
-            headers: Default::default(),
+            headers: OnceLock::new(),
             store_id: OnceLock::new(),
             detached: OnceLock::new(),
             weight,
@@ -234,8 +238,9 @@ impl Message {
         with_packet_id: bool,
         encode: impl FnOnce() -> Option<Bytes>,
     ) -> Option<&Bytes> {
-        let header = self.headers[header_slot(v5, with_packet_id)]
-            .get_or_init(|| encode().unwrap_or_default());
+        let headers = self.headers.get_or_init(Default::default);
+        let header =
+            headers[header_slot(v5, with_packet_id)].get_or_init(|| encode().unwrap_or_default());
         (!header.is_empty()).then_some(header)
     }
 
