@@ -379,35 +379,16 @@ impl Broker {
         matches: &Matches<SessionRef>,
         message: &Arc<Message>,
     ) -> (u64, Option<Arc<Session>>) {
-        let mut delivered = 0u64;
-        let mut full = None;
-        // The message's references, counted before the first delivery (see
-        // `ReservedReferences`); those No Local or an ACL leaves unused are
-        // given back when this ends.
-        let mut references = ReservedReferences::new(message, matches.clients.len());
-        for client in &matches.clients {
-            let Some(delivery) = client_delivery_options(client, message).and_then(
-                |(qos, retain_as_published, ids)| {
-                    let retain = retain_as_published && message.retain;
-                    Some(Delivery::with_reference(
-                        references.take()?,
-                        qos,
-                        retain,
-                        ids,
-                    ))
-                },
-            ) else {
-                continue;
-            };
-            delivered += 1;
-            let session = &client.subscriber.0;
-            if session.deliver_at_most_once(std::iter::once(delivery)) == Admission::BeyondBound
-                && full.is_none()
-            {
-                full = Some(Arc::clone(session));
-            }
-        }
-        (delivered, full)
+        deliver_reserved(matches, message, |client, references| {
+            let (qos, retain_as_published, ids) = client_delivery_options(client, message)?;
+            let retain = retain_as_published && message.retain;
+            let delivery = Delivery::with_reference(references.take()?, qos, retain, ids);
+            let admission = client
+                .subscriber
+                .0
+                .deliver_at_most_once(std::iter::once(delivery));
+            Some((1, admission))
+        })
     }
 
     /// [`deliver_staged`](Self::deliver_staged) of several messages to one
@@ -417,29 +398,17 @@ impl Broker {
         matches: &Matches<SessionRef>,
         messages: Box<[Arc<Message>]>,
     ) -> (u64, Option<Arc<Session>>) {
-        let Some(first) = messages.first().map(Arc::clone) else {
+        let batch = MessageBatch::new(messages);
+        let Some(first) = batch.messages().first() else {
             return (0, None);
         };
-        let batch = MessageBatch::new(messages);
-        let mut delivered = 0u64;
-        let mut full = None;
-        let mut references = ReservedReferences::new(&batch, matches.clients.len());
-        for client in &matches.clients {
-            let Some(delivery) = client_delivery_options(client, &first).and_then(
-                |(_, retain_as_published, ids)| {
-                    let batch = references.take()?;
-                    Some(BatchDelivery::new(batch, retain_as_published, ids))
-                },
-            ) else {
-                continue;
-            };
-            delivered += batch.len() as u64;
-            let session = &client.subscriber.0;
-            if session.deliver_batch(delivery) == Admission::BeyondBound && full.is_none() {
-                full = Some(Arc::clone(session));
-            }
-        }
-        (delivered, full)
+        deliver_reserved(matches, &batch, |client, references| {
+            // The same for every message of the batch (message_batch.rs).
+            let (_, retain_as_published, ids) = client_delivery_options(client, first)?;
+            let delivery = BatchDelivery::new(references.take()?, retain_as_published, ids);
+            let admission = client.subscriber.0.deliver_batch(delivery);
+            Some((batch.len() as u64, admission))
+        })
     }
 
     /// Counts a received message and, if it has the RETAIN flag, stores it
@@ -1040,6 +1009,36 @@ impl StagedFanout {
     pub fn is_due(&self) -> bool {
         self.messages.len() >= Self::MAX_MESSAGES
     }
+}
+
+/// Hands `shared` (a message or a batch) to each client of `matches`:
+/// `deliver` queues one client's delivery with one of the references
+/// counted before the first (see `ReservedReferences`; those No Local or an
+/// ACL leaves unused are given back at the end), and returns the messages
+/// it delivered and how they were admitted, or `None` for a client that
+/// gets none. Returns the messages delivered and a subscriber whose queue
+/// took some beyond its bound.
+fn deliver_reserved<T>(
+    matches: &Matches<SessionRef>,
+    shared: &Arc<T>,
+    mut deliver: impl FnMut(
+        &ClientMatch<SessionRef>,
+        &mut ReservedReferences<T>,
+    ) -> Option<(u64, Admission)>,
+) -> (u64, Option<Arc<Session>>) {
+    let mut references = ReservedReferences::new(shared, matches.clients.len());
+    let mut delivered = 0;
+    let mut full = None;
+    for client in &matches.clients {
+        let Some((count, admission)) = deliver(client, &mut references) else {
+            continue;
+        };
+        delivered += count;
+        if admission == Admission::BeyondBound && full.is_none() {
+            full = Some(Arc::clone(&client.subscriber.0));
+        }
+    }
+    (delivered, full)
 }
 
 /// The delivery of `message` to one matching client, combining its

@@ -388,15 +388,7 @@ fn encode_frames(ctx: &WriterContext, batch: &MessageBatch, retain: bool) -> Opt
     let mut largest = 0;
     for message in batch.messages() {
         let start = out.len();
-        let header = PublishHeader {
-            dup: false,
-            qos: QoS::AtMostOnce,
-            retain: retain && message.retain,
-            topic: &message.topic,
-            packet_id: None,
-            properties: message.properties(),
-            payload_len: message.payload.len(),
-        };
+        let header = header_of(message, QoS::AtMostOnce, retain && message.retain, None);
         if let Err(e) = encode_publish_header_of(&header, ctx.protocol, &mut out) {
             tracing::warn!(client_id = %ctx.session.client_id, error = %e, "cannot encode publish");
             return None;
@@ -408,6 +400,24 @@ fn encode_frames(ctx: &WriterContext, batch: &MessageBatch, retain: bool) -> Opt
         bytes: out.freeze(),
         largest,
     })
+}
+
+/// The header of a PUBLISH of `message`, borrowed from it (DUP clear).
+fn header_of(
+    message: &Message,
+    qos: QoS,
+    retain: bool,
+    packet_id: Option<u16>,
+) -> PublishHeader<'_> {
+    PublishHeader {
+        dup: false,
+        qos,
+        retain,
+        topic: &message.topic,
+        packet_id,
+        properties: message.properties(),
+        payload_len: message.payload.len(),
+    }
 }
 
 /// One PUBLISH to encode: a queued delivery, or one message of a batch.
@@ -474,19 +484,12 @@ fn encode_shared(
     // they were read into, one reference count for both) are not cloned
     // and dropped again for it.
     let encode_header = |out: &mut BytesMut| {
-        let template = PublishHeader {
-            dup: false,
-            qos: if with_packet_id {
-                QoS::AtLeastOnce
-            } else {
-                QoS::AtMostOnce
-            },
-            retain: false,
-            topic: &message.topic,
-            packet_id: with_packet_id.then_some(1),
-            properties: message.properties(),
-            payload_len: message.payload.len(),
+        let qos = if with_packet_id {
+            QoS::AtLeastOnce
+        } else {
+            QoS::AtMostOnce
         };
+        let template = header_of(message, qos, false, with_packet_id.then_some(1));
         encode_publish_header_of(&template, ctx.protocol, out).is_ok()
     };
     let start = scratch.len();
