@@ -78,6 +78,36 @@ def test_many_qos1_messages_in_order(paho, proto):
     assert [int(m.payload) for m in got] == list(range(n))
 
 
+def test_a_qos0_burst_reaches_every_kind_of_subscriber_whole_and_in_order(paho, mosq):
+    """A fast QoS 0 publisher's messages arrive at the broker several per read and go to
+    each subscriber together, encoded once for subscribers of the same kind. Each
+    subscriber still gets every message, in order (4.6), as it would alone: a v5 one with
+    Retain As Published each message's own RETAIN flag (MQTT-3.3.1-12), with its
+    subscription identifier on every one (MQTT-3.3.4-3) or without; 3.1.1 and v5 ones without it no
+    RETAIN flag (MQTT-3.3.1-9); the publisher, subscribed with No Local, none of its own
+    (MQTT-3.8.3-3)."""
+    n = 2000
+    rap = paho("burst-rap", V5)
+    rap.subscribe("burst/t", options=SubscribeOptions(qos=0, retainAsPublished=True),
+                  properties=v5_props(PacketTypes.SUBSCRIBE, SubscriptionIdentifier=7))
+    rap5 = mosq.sub("burst/t", version="mqttv5", extra=["--retain-as-published"])
+    plain311 = mosq.sub("burst/t", version="mqttv311")
+    plain5 = mosq.sub("burst/t", version="mqttv5")
+    pub = paho("burst-pub", V5)
+    pub.subscribe("burst/t", options=SubscribeOptions(qos=0, noLocal=True))
+    for i in range(n):
+        pub.c.publish("burst/t", str(i).encode(), qos=0, retain=(i % 3 == 0))
+    got = rap.get_n(n, timeout=30)
+    assert [(int(m.payload), m.retain) for m in got] == [(i, i % 3 == 0) for i in range(n)]
+    assert all(list(m.properties.SubscriptionIdentifier) == [7] for m in got)
+    got = rap5.get_n(n, timeout=30)
+    assert [(int(m["payload"]), m["retain"]) for m in got] == [(i, int(i % 3 == 0)) for i in range(n)]
+    for sub in (plain311, plain5):
+        got = sub.get_n(n, timeout=30)
+        assert [(int(m["payload"]), m["retain"]) for m in got] == [(i, 0) for i in range(n)]
+    pub.assert_no_message()
+
+
 @BOTH
 def test_wildcards(paho, proto):
     sub = paho("sub", proto)
