@@ -50,7 +50,11 @@ pub struct MessageBatch {
     any_retained: bool,
     any_expiry: bool,
     /// The encoded packets, by [`frames_slot`]: made by the first writer
-    /// that sends the batch in that shape, then shared.
+    /// that sends the batch in that shape, then shared. Not counted on
+    /// their own: a writer makes them only for a batch that other queues
+    /// hold too, and each of those counts the messages' bytes, which the
+    /// buffer holds once, so a shape's frames (those bytes and their
+    /// headers) are within what is counted.
     frames: [OnceLock<Frames>; 4],
 }
 

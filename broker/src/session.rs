@@ -435,6 +435,13 @@ impl Link {
     /// Queues a PUBLISH or a batch that counts `size` bytes against the
     /// connection's `bound` and the broker's budget.
     fn push_charged(&mut self, item: Outbound, size: usize, bound: usize) {
+        self.charge(size, bound);
+        self.push(item);
+    }
+
+    /// Counts `size` more bytes of what the queue holds against the
+    /// connection's `bound` and the broker's budget.
+    fn charge(&mut self, size: usize, bound: usize) {
         self.charged += size;
         if self.exempt {
             self.budget.add_exempt(size);
@@ -448,7 +455,6 @@ impl Link {
                 self.budget.add_exempt(self.charged);
             }
         }
-        self.push(item);
     }
 
     /// Releases the batch the writer took last (see `writing`): written, or
@@ -2385,21 +2391,39 @@ impl Session {
     /// message held for it (its connection's queue, the in-flight window,
     /// the QoS 1/2 queue) is replaced by its detached copy, so what the
     /// client does not take keeps no read buffer alive.
+    ///
+    /// A copy in the connection's queue is counted as one queued now would
+    /// be (`push_detached_batch`, `push_detached_to_link`): a batch's copy is
+    /// this queue's own, so the queue counts its memory; a message's copy is
+    /// counted by the first queue that holds it and did not count the
+    /// original. A copy shared by several stalled queues may so be counted
+    /// more than once, never less.
     fn detach_held(&self, st: &mut SessionState) {
         Metrics::inc(&self.context.metrics.queues_stalled);
         let mut detach = |delivery: &mut Delivery| {
             delivery.message = self.detached(&delivery.message);
         };
         if let Some(link) = st.link.as_mut() {
+            let mut copies = 0;
             for item in &mut link.outbound {
+                let before = item.publish_cost().unwrap_or(0);
                 match item {
-                    Outbound::Publish(delivery) => detach(delivery),
+                    Outbound::Publish(delivery) => {
+                        detach(delivery);
+                        // Claimed by a queue that counted the original too,
+                        // so that no other queue counts the copy again.
+                        let claimed = delivery.message.claim_cost();
+                        delivery.carries_message_cost |= claimed;
+                    }
                     Outbound::Batch(delivery) => {
                         delivery.batch = delivery.batch.copied(|m| self.detached(m));
+                        delivery.carries_cost = delivery.batch.claim_cost();
                     }
                     _ => {}
                 }
+                copies += item.publish_cost().unwrap_or(0) - before;
             }
+            link.charge(copies, self.context.max_client_outbound_bytes);
         }
         st.inflight.deliveries_mut().for_each(&mut detach);
         st.pending.iter_mut().for_each(&mut detach);

@@ -223,6 +223,46 @@ fn a_full_queue_drops_a_read_s_messages_and_counts_each() {
     assert_eq!(broker.registry.context().budget.balance(), 0);
 }
 
+/// A queue found stalled replaces what it holds by copies that own their
+/// bytes (stall.rs). A batch's copy is that queue's own memory: it counts
+/// there, though the original's memory counted in another subscriber's
+/// queue. Everything counted is given back once the queues are taken.
+#[test]
+fn a_stalled_queue_counts_the_copies_of_what_it_holds() {
+    let (broker, sessions) = broker_with(2);
+    let budget = &broker.registry.context().budget;
+    let counted = || budget.queued() + budget.exempt_queued();
+    // A batch (whose memory the first subscriber's queue counts), then 15
+    // single messages: 16 entries in each queue, where the next one looks
+    // at the clock.
+    let read: Vec<_> = (0..8).map(|_| small_message()).collect();
+    publish_one_read(&broker, &read);
+    for _ in 0..15 {
+        route(&broker, &small_message());
+    }
+    // Longer than a queue may hold without being taken from (stall.rs:
+    // STALLED_AFTER_MS, 500 ms).
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    broker.registry.context().clock.advance();
+    let before = counted();
+    route(&broker, &small_message());
+    assert_eq!(Metrics::get(&broker.metrics.queues_stalled), 2);
+    let single = read[0].weight() + HEADER_ALLOWANCE + std::mem::size_of::<Outbound>();
+    let batch_copy = 8 * (std::mem::size_of::<Arc<Message>>() + MESSAGE_COST);
+    let grown = counted() - before;
+    assert!(
+        grown >= 2 * single + MESSAGE_COST + batch_copy,
+        "{grown} bytes more counted: the second queue's copy of the batch is not"
+    );
+    for s in &sessions {
+        let mut drained = VecDeque::new();
+        s.drain_outbound_any(&mut drained);
+        assert_eq!(drained.len(), 17);
+    }
+    assert_eq!(budget.exempt_queued(), 0);
+    assert_eq!(budget.balance(), 0);
+}
+
 #[test]
 fn a_writer_takes_at_most_a_batch_and_everything_counts_until_written() {
     let (broker, attached) = broker_attached(1, 4 * WRITE_BATCH_BYTES);
