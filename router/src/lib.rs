@@ -61,6 +61,7 @@
 //! ```
 
 mod cache;
+mod levels;
 mod matches;
 mod options;
 mod retained;

@@ -9,24 +9,27 @@
 //! The store is generic over the message type `M` and never looks inside it;
 //! expiry is the broker's policy, applied through [`RetainedStore::retain`].
 
-use std::collections::HashMap;
 use std::mem;
 use std::sync::Arc;
 
 use parking_lot::RwLock;
 use smallvec::SmallVec;
 
+use crate::levels::Levels;
+
 /// One topic level.
 struct Node<M> {
-    children: HashMap<Box<str>, Node<M>>,
+    children: Levels<Node<M>>,
     /// The retained message whose topic ends here, with that full topic.
-    message: Option<(Arc<str>, M)>,
+    /// Boxed: most nodes are levels on the way to others, and a chain of
+    /// them costs a few dozen bytes a level (levels.rs).
+    message: Option<Box<(Arc<str>, M)>>,
 }
 
 impl<M> Node<M> {
     fn new() -> Self {
         Self {
-            children: HashMap::new(),
+            children: Levels::default(),
             message: None,
         }
     }
@@ -35,9 +38,10 @@ impl<M> Node<M> {
 impl<M> Drop for Node<M> {
     /// Iterative, so a very deep trie cannot overflow the stack when dropped.
     fn drop(&mut self) {
-        let mut stack: Vec<Node<M>> = mem::take(&mut self.children).into_values().collect();
+        let mut stack: Vec<Node<M>> = Vec::new();
+        self.children.take_into(&mut stack);
         while let Some(mut node) = stack.pop() {
-            stack.extend(mem::take(&mut node.children).into_values());
+            node.children.take_into(&mut stack);
         }
     }
 }
@@ -77,7 +81,7 @@ impl<M> State<M> {
         for level in topic.split('/') {
             node = node.children.get_mut(level)?;
         }
-        let (_, message) = node.message.take()?;
+        let (_, message) = *node.message.take()?;
         self.len -= 1;
         self.prune(topic);
         Some(message)
@@ -136,12 +140,12 @@ impl<M: Clone> RetainedStore<M> {
         let state = &mut *guard;
         let mut node = &mut state.root;
         for level in topic.split('/') {
-            node = node.children.entry(level.into()).or_insert_with(Node::new);
+            node = node.children.get_or_insert_with(level, Node::new);
         }
         match &mut node.message {
-            Some((_, old)) => Some(mem::replace(old, message)),
+            Some(entry) => Some(mem::replace(&mut entry.1, message)),
             slot @ None => {
-                *slot = Some((Arc::from(topic), message));
+                *slot = Some(Box::new((Arc::from(topic), message)));
                 state.len += 1;
                 None
             }
@@ -156,7 +160,11 @@ impl<M: Clone> RetainedStore<M> {
     /// The retained message of `topic`, if any.
     pub fn get(&self, topic: &str) -> Option<M> {
         let state = self.state.read();
-        state.node(topic)?.message.as_ref().map(|(_, m)| m.clone())
+        state
+            .node(topic)?
+            .message
+            .as_ref()
+            .map(|entry| entry.1.clone())
     }
 
     /// Every retained message whose topic matches `filter` (a valid
@@ -178,7 +186,7 @@ impl<M: Clone> RetainedStore<M> {
         let mut take = |node: &Node<M>| {
             if let Some(entry) = &node.message {
                 if found.len() < limit {
-                    found.push(entry.clone());
+                    found.push((**entry).clone());
                 } else {
                     beyond += 1;
                 }
@@ -235,7 +243,8 @@ impl<M: Clone> RetainedStore<M> {
             let state = self.state.read();
             let mut stack = vec![&state.root];
             while let Some(node) = stack.pop() {
-                if let Some((topic, message)) = &node.message {
+                if let Some(entry) = &node.message {
+                    let (topic, message) = &**entry;
                     if !keep(topic, message) {
                         doomed.push(Arc::clone(topic));
                     }
@@ -252,7 +261,7 @@ impl<M: Clone> RetainedStore<M> {
             let still_doomed = state
                 .node(&topic)
                 .and_then(|node| node.message.as_ref())
-                .is_some_and(|(_, message)| !keep(&topic, message));
+                .is_some_and(|entry| !keep(&topic, &entry.1));
             if still_doomed {
                 if let Some(message) = state.take(&topic) {
                     removed.push((topic, message));

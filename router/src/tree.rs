@@ -17,11 +17,11 @@
 
 use std::collections::HashMap;
 use std::hash::Hash;
-use std::mem;
 use std::sync::Arc;
 
 use smallvec::SmallVec;
 
+use crate::levels::Levels;
 use crate::matches::{ClientMatch, Matches};
 use crate::options::SubscriptionOptions;
 use crate::shared::SharedGroup;
@@ -29,25 +29,32 @@ use crate::shared::SharedGroup;
 /// One level of the trie.
 pub(crate) struct Node<S> {
     /// Literal child levels (never `+` or `#`).
-    children: HashMap<Box<str>, Node<S>>,
+    children: Levels<Node<S>>,
     /// The `+` child.
     plus: Option<Box<Node<S>>>,
     /// The `#` child (always a leaf).
     hash: Option<Box<Node<S>>>,
-    /// Non-shared subscriptions whose filter ends here.
+    /// The subscriptions whose filter ends here; `None` when there are none
+    /// (never an empty box): most nodes are levels on the way to others,
+    /// and a chain of them costs a few dozen bytes a level (levels.rs).
+    ends: Option<Box<Subscriptions<S>>>,
+}
+
+/// The subscriptions whose filter ends at a node.
+struct Subscriptions<S> {
+    /// Non-shared ones: subscriber -> options.
     subs: HashMap<S, SubscriptionOptions>,
-    /// Shared subscriptions whose inner filter ends here, by group name.
+    /// Shared ones, by group name.
     shared: HashMap<Arc<str>, Arc<SharedGroup<S>>>,
 }
 
 impl<S> Node<S> {
     fn new() -> Self {
         Self {
-            children: HashMap::new(),
+            children: Levels::default(),
             plus: None,
             hash: None,
-            subs: HashMap::new(),
-            shared: HashMap::new(),
+            ends: None,
         }
     }
 
@@ -71,7 +78,7 @@ impl<S> Node<S> {
         match level {
             "+" => self.plus.get_or_insert_with(|| Box::new(Node::new())),
             "#" => self.hash.get_or_insert_with(|| Box::new(Node::new())),
-            _ => self.children.entry(level.into()).or_insert_with(Node::new),
+            _ => self.children.get_or_insert_with(level, Node::new),
         }
     }
 
@@ -90,12 +97,33 @@ impl<S> Node<S> {
     }
 
     fn has_subscriptions(&self) -> bool {
-        !self.subs.is_empty() || !self.shared.is_empty()
+        self.ends.is_some()
+    }
+
+    /// The subscriptions ending here, made if there are none yet.
+    fn ends_mut(&mut self) -> &mut Subscriptions<S> {
+        self.ends.get_or_insert_with(|| {
+            Box::new(Subscriptions {
+                subs: HashMap::new(),
+                shared: HashMap::new(),
+            })
+        })
+    }
+
+    /// Drops the subscriptions' box once a removal emptied it.
+    fn drop_empty_ends(&mut self) {
+        if self
+            .ends
+            .as_ref()
+            .is_some_and(|e| e.subs.is_empty() && e.shared.is_empty())
+        {
+            self.ends = None;
+        }
     }
 
     /// Moves every child out of this node (used by the iterative drop and count).
     fn take_children(&mut self, into: &mut Vec<Node<S>>) {
-        into.extend(mem::take(&mut self.children).into_values());
+        self.children.take_into(into);
         into.extend(self.plus.take().map(|b| *b));
         into.extend(self.hash.take().map(|b| *b));
     }
@@ -155,6 +183,7 @@ impl<S: Clone + Eq + Hash> Tree<S> {
         options: SubscriptionOptions,
     ) -> Option<SubscriptionOptions> {
         self.node_or_insert(filter)
+            .ends_mut()
             .subs
             .insert(subscriber.clone(), options)
     }
@@ -169,8 +198,8 @@ impl<S: Clone + Eq + Hash> Tree<S> {
         subscriber: &S,
         options: SubscriptionOptions,
     ) -> bool {
-        let node = self.node_or_insert(filter);
-        match node.shared.get_mut(group) {
+        let shared = &mut self.node_or_insert(filter).ends_mut().shared;
+        match shared.get_mut(group) {
             Some(snapshot) => {
                 let mut members = snapshot.members.clone();
                 let replaced = match members.iter_mut().find(|(m, _)| m == subscriber) {
@@ -193,7 +222,7 @@ impl<S: Clone + Eq + Hash> Tree<S> {
                     Arc::from(filter),
                     vec![(subscriber.clone(), options)],
                 );
-                node.shared.insert(group, Arc::new(snapshot));
+                shared.insert(group, Arc::new(snapshot));
                 false
             }
         }
@@ -201,9 +230,14 @@ impl<S: Clone + Eq + Hash> Tree<S> {
 
     /// Removes a non-shared subscription; returns whether it existed.
     pub(crate) fn remove(&mut self, filter: &str, subscriber: &S) -> bool {
-        let removed = self
-            .node_mut(filter)
-            .is_some_and(|node| node.subs.remove(subscriber).is_some());
+        let removed = self.node_mut(filter).is_some_and(|node| {
+            let removed = node
+                .ends
+                .as_mut()
+                .is_some_and(|e| e.subs.remove(subscriber).is_some());
+            node.drop_empty_ends();
+            removed
+        });
         if removed {
             self.prune(filter);
         }
@@ -216,14 +250,18 @@ impl<S: Clone + Eq + Hash> Tree<S> {
         let Some(node) = self.node_mut(filter) else {
             return false;
         };
-        let Some(snapshot) = node.shared.get_mut(group) else {
+        let Some(ends) = node.ends.as_mut() else {
+            return false;
+        };
+        let Some(snapshot) = ends.shared.get_mut(group) else {
             return false;
         };
         let Some(position) = snapshot.members.iter().position(|(m, _)| m == subscriber) else {
             return false;
         };
         if snapshot.members.len() == 1 {
-            node.shared.remove(group);
+            ends.shared.remove(group);
+            node.drop_empty_ends();
             self.prune(filter);
         } else {
             *snapshot = Arc::new(snapshot.without_member(position));
@@ -271,24 +309,24 @@ impl<S: Clone + Eq + Hash> Tree<S> {
         let levels: SmallVec<[&str; 16]> = topic.split('/').collect();
         // MQTT-4.7.2-1: no wildcard in the first level matches a '$' topic.
         let dollar = topic.starts_with('$');
-        let mut matched: SmallVec<[&Node<S>; 8]> = SmallVec::new();
+        let mut matched: SmallVec<[&Subscriptions<S>; 8]> = SmallVec::new();
         let mut stack: SmallVec<[(&Node<S>, usize); 16]> = SmallVec::new();
         stack.push((&self.root, 0));
         while let Some((node, depth)) = stack.pop() {
             let Some(level) = levels.get(depth) else {
                 // Every level consumed: this node matches, and so does its
                 // '#' child ("sport/#" matches "sport").
-                matched.push(node);
-                matched.extend(node.hash.as_deref());
+                matched.extend(node.ends.as_deref());
+                matched.extend(node.hash.as_deref().and_then(|h| h.ends.as_deref()));
                 continue;
             };
             if depth > 0 || !dollar {
-                matched.extend(node.hash.as_deref());
+                matched.extend(node.hash.as_deref().and_then(|h| h.ends.as_deref()));
                 if let Some(plus) = node.plus.as_deref() {
                     stack.push((plus, depth + 1));
                 }
             }
-            if let Some(child) = node.children.get(*level) {
+            if let Some(child) = node.children.get(level) {
                 stack.push((child, depth + 1));
             }
         }
@@ -297,7 +335,7 @@ impl<S: Clone + Eq + Hash> Tree<S> {
 
     /// Builds the result from the matching nodes, merging the subscriptions
     /// of a subscriber that matched through several filters.
-    fn aggregate(matched: &[&Node<S>]) -> Matches<S> {
+    fn aggregate(matched: &[&Subscriptions<S>]) -> Matches<S> {
         let mut result = Matches::default();
         let with_subs = matched.iter().filter(|n| !n.subs.is_empty()).count();
         let client_total: usize = matched.iter().map(|n| n.subs.len()).sum();

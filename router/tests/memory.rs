@@ -1,0 +1,115 @@
+//! What subscriptions and retained messages hold in memory, measured with a
+//! global allocator that counts live bytes: a client that subscribes or
+//! retains within the broker's limits makes it hold about what it sent, not
+//! a thousand times that (levels.rs).
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicIsize, Ordering};
+use std::sync::Mutex;
+
+use tern_router::{RetainedStore, Router, SubscriptionOptions};
+
+struct Counting;
+
+/// Bytes allocated and not yet freed, by every thread of this test binary.
+static LIVE: AtomicIsize = AtomicIsize::new(0);
+
+/// The tests run one at a time: the count is process-wide.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        LIVE.fetch_add(
+            new_size as isize - layout.size() as isize,
+            Ordering::Relaxed,
+        );
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+fn live() -> isize {
+    LIVE.load(Ordering::Relaxed)
+}
+
+/// How many filters or topics each test adds.
+const COUNT: usize = 1_000;
+
+/// Levels of each: the broker's default `max_topic_levels`.
+const LEVELS: usize = 128;
+
+/// A topic (or filter) of [`LEVELS`] levels whose first level is its own:
+/// nothing of its path is shared with the others.
+fn deep(i: usize) -> String {
+    let mut topic = format!("k{i}");
+    for _ in 1..LEVELS {
+        topic.push_str("/a");
+    }
+    topic
+}
+
+#[test]
+fn a_deep_filter_costs_tens_of_bytes_a_level() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let router: Router<u32> = Router::new();
+    let filters: Vec<String> = (0..COUNT).map(deep).collect();
+    let before = live();
+    for filter in &filters {
+        router
+            .subscribe(&7, filter, SubscriptionOptions::default())
+            .unwrap();
+    }
+    let per_filter = (live() - before) as usize / COUNT;
+    // Each level: its node and key (about 64 bytes); each filter: its text
+    // once more in the subscriber's index, and its subscription.
+    let bound = LEVELS * 96 + 2 * filters[0].len() + 512;
+    assert!(
+        per_filter <= bound,
+        "{per_filter} bytes per filter of {LEVELS} levels (at most {bound})"
+    );
+    assert_eq!(router.remove_subscriber(&7), COUNT);
+    assert!(
+        live() - before <= 4096,
+        "{} bytes left after every subscription went",
+        live() - before
+    );
+}
+
+#[test]
+fn a_retained_message_on_a_deep_topic_costs_tens_of_bytes_a_level() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let store: RetainedStore<u64> = RetainedStore::new();
+    let topics: Vec<String> = (0..COUNT).map(deep).collect();
+    let before = live();
+    for (i, topic) in topics.iter().enumerate() {
+        store.insert(topic, i as u64);
+    }
+    let per_topic = (live() - before) as usize / COUNT;
+    // Each level: its node and key (about 48 bytes); each message: its
+    // topic once more, with the message.
+    let bound = LEVELS * 80 + topics[0].len() + 256;
+    assert!(
+        per_topic <= bound,
+        "{per_topic} bytes per retained topic of {LEVELS} levels (at most {bound})"
+    );
+    let removed = store.retain(|_, _| false);
+    assert_eq!(removed.len(), COUNT);
+    drop(removed);
+    assert!(
+        live() - before <= 4096,
+        "{} bytes left after every message went",
+        live() - before
+    );
+}
