@@ -446,7 +446,7 @@ impl Broker {
             // could not store: an older value must not be served as current.
             if let Some(old) = self.retained.remove(topic) {
                 self.retained_bytes
-                    .fetch_sub(old.weight(), Ordering::Relaxed);
+                    .fetch_sub(retained_cost(&old), Ordering::Relaxed);
             }
             if self.persistence.is_some() {
                 change.push(tern_storage::Op::DeleteRetained {
@@ -478,10 +478,10 @@ impl Broker {
     pub fn insert_retained(&self, topic: &str, message: Arc<Message>) {
         let expires_at = message.expires_at;
         self.retained_bytes
-            .fetch_add(message.weight(), Ordering::Relaxed);
+            .fetch_add(retained_cost(&message), Ordering::Relaxed);
         if let Some(old) = self.retained.insert(topic, message) {
             self.retained_bytes
-                .fetch_sub(old.weight(), Ordering::Relaxed);
+                .fetch_sub(retained_cost(&old), Ordering::Relaxed);
         }
         // After the insert: a sweep that began before it either sees the
         // message or reset the due time before this note.
@@ -617,7 +617,7 @@ impl Broker {
         if let Some(at) = next {
             self.note_retained_expiry(at);
         }
-        let freed: usize = removed.iter().map(|(_, m)| m.weight()).sum();
+        let freed: usize = removed.iter().map(|(_, m)| retained_cost(m)).sum();
         self.retained_bytes.fetch_sub(freed, Ordering::Relaxed);
         if self.persistence.is_some() {
             for (topic, m) in &removed {
@@ -656,9 +656,9 @@ impl Broker {
         let others = self
             .retained_bytes
             .load(Ordering::Relaxed)
-            .saturating_sub(old.as_ref().map_or(0, |m| m.weight()));
+            .saturating_sub(old.as_deref().map_or(0, retained_cost));
         let count_ok = old.is_some() || self.retained_count() < limits.max_retained_messages;
-        count_ok && others + message.weight() <= limits.max_retained_bytes
+        count_ok && others + retained_cost(message) <= limits.max_retained_bytes
     }
 
     /// Publishes a message the broker makes itself (a will) and commits its
@@ -1100,4 +1100,15 @@ fn shared_delivery(
         filter: Arc::clone(&group.filter),
     }));
     delivery
+}
+/// What a retained message counts against `limits.max_retained_bytes`:
+/// what it holds in memory, at most. Its bytes (topic, payload and
+/// properties), the shared message, and the store's entry and nodes for its
+/// topic (`RetainedStore::entry_cost`), so that a limit in bytes bounds the
+/// memory of deep topics too: a 128-level topic costs the store some 6 KB
+/// beside its bytes.
+fn retained_cost(message: &Message) -> usize {
+    message.weight()
+        + crate::message::MESSAGE_COST
+        + RetainedStore::<Arc<Message>>::entry_cost(message.topic_str())
 }

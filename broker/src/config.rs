@@ -262,7 +262,8 @@ pub struct LimitsConfig {
     /// Topics with a retained message; a retained message for one more
     /// topic is delivered but not stored.
     pub max_retained_messages: usize,
-    /// Bytes (`Message::weight`) of all retained messages; a retained
+    /// Memory of all retained messages (`broker::retained_cost`: their
+    /// bytes, the message, the store's nodes for their topics); a retained
     /// message that would pass it is delivered but not stored.
     pub max_retained_bytes: usize,
 }

@@ -88,7 +88,7 @@ pub fn render(broker: &Broker) -> String {
         "Retained messages held (the broker's own $SYS topics excluded).",
         broker.retained_count(),
     );
-    sample(m, "retained_bytes", Kind::Gauge, "Bytes of the retained messages (topic, payload and properties; $SYS excluded), against limits.max_retained_bytes.", broker.retained_bytes());
+    sample(m, "retained_bytes", Kind::Gauge, "Memory of the retained messages as counted against limits.max_retained_bytes (topic, payload, properties, the message and the store's nodes for its topic; $SYS excluded).", broker.retained_bytes());
 
     let budget = &registry.context().budget;
     sample(

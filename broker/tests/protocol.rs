@@ -1194,6 +1194,33 @@ async fn retained_messages_beyond_the_limits_are_delivered_but_not_stored() {
     server.shutdown().await;
 }
 
+/// `max_retained_bytes` bounds what retained messages hold in memory, the
+/// store's node for each level of their topics included: ten retained
+/// messages of one byte on topics of 128 levels each cost more than
+/// 64 KiB, though their topics and payloads are 2.6 KB.
+#[tokio::test]
+async fn retained_messages_on_deep_topics_count_their_levels_against_the_byte_limit() {
+    let server = start(|c| c.limits.max_retained_bytes = 64 * 1024).await;
+    let mut p = RawClient::connected(addr(&server), "p", V5).await;
+    for i in 0..10 {
+        let topic = format!("{i}{}", "/a".repeat(127));
+        let mut packet = publish_packet(&topic, b"x", QoS::AtLeastOnce, Some(i + 1));
+        if let Packet::Publish(publish) = &mut packet {
+            publish.retain = true;
+        }
+        p.send(packet).await;
+        assert!(matches!(p.recv().await, Some(Packet::PubAck(_))));
+    }
+    let broker = server.broker();
+    let refused = broker.metrics.retained_refused.get();
+    assert!(
+        (1..10).contains(&refused),
+        "{refused} of 10 deep retained messages refused within 64 KiB"
+    );
+    assert!(broker.retained_bytes() <= 64 * 1024);
+    server.shutdown().await;
+}
+
 #[tokio::test]
 async fn an_invalid_v5_connect_gets_a_connack_with_the_reason() {
     let server = start(|_| {}).await;

@@ -122,6 +122,29 @@ impl<M> State<M> {
     }
 }
 
+impl<M> RetainedStore<M> {
+    /// What one level of a retained topic costs the store when no other
+    /// retained topic shares it, at most: its node and key (levels.rs). A
+    /// level of a chain is one allocation of some 48 bytes and its key's
+    /// (router/tests/memory.rs measures it); a child among more than
+    /// `levels::FEW` sits in a hash map's bucket, at worst just after the
+    /// map grew to twice the buckets it needs, some 100 bytes.
+    pub const LEVEL_COST: usize = 104;
+
+    /// What the store holds for a retained message on `topic` beside the
+    /// message itself, at most: a node per level (none shared with another
+    /// topic, at worst), the entry (the topic once more, as an `Arc<str>`,
+    /// and the message's handle). A bound on the sum of these bounds the
+    /// store's memory, however deep its topics.
+    pub fn entry_cost(topic: &str) -> usize {
+        let levels = topic.split('/').count();
+        levels * Self::LEVEL_COST
+            + std::mem::size_of::<(Arc<str>, M)>()
+            + 2 * std::mem::size_of::<usize>()
+            + topic.len()
+    }
+}
+
 impl<M: Clone> RetainedStore<M> {
     /// An empty store.
     pub fn new() -> Self {
