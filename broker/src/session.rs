@@ -876,6 +876,14 @@ impl Session {
         self.update_durability(&mut st, will, journal);
         let mut outbound = VecDeque::new();
         let now = Instant::now();
+        for index in (0..st.inflight.len()).rev() {
+            let entry = st.inflight.get(index);
+            if matches!(entry.state(), InflightState::Sent | InflightState::Resend)
+                && expired_before_resending(&entry.delivery, now)
+            {
+                self.drop_expired_inflight(&mut st, index, journal);
+            }
+        }
         // Unacknowledged PUBLISHes are sent again with their packet ids, but
         // no more of them than the (possibly smaller) new Receive Maximum
         // allows (MQTT-3.3.4-9); the rest follow as acknowledgements come.
@@ -1812,6 +1820,15 @@ impl Session {
         }
     }
 
+    /// Drops the in-flight entry `index`, expired before it was sent again
+    /// (see [`expired_before_resending`]), and counts it.
+    fn drop_expired_inflight(&self, st: &mut SessionState, index: usize, journal: &mut Journal) {
+        if let Some(done) = st.inflight.remove(index) {
+            Metrics::inc(&self.context.metrics.messages_expired);
+            self.forget(st, &done.delivery, journal);
+        }
+    }
+
     /// The deliveries that came through shared subscriptions and may go to
     /// another member of their group instead (MQTT 5 section 4.8.2): those
     /// still queued (never sent), and QoS 1 ones sent but not acknowledged.
@@ -2447,6 +2464,10 @@ impl Session {
         while self.link_has_room(st) && st.inflight.used() < usize::from(st.send_quota) {
             // Messages from an earlier connection go first, in order.
             if let Some(i) = st.inflight.first_resend() {
+                if expired_before_resending(&st.inflight.get(i).delivery, now) {
+                    self.drop_expired_inflight(st, i, journal);
+                    continue;
+                }
                 st.inflight.set_state(i, InflightState::Sent);
                 self.push_inflight_to_link(st, i);
                 continue;
@@ -2474,6 +2495,16 @@ impl Session {
         }
         self.note_drained(st, now);
     }
+}
+
+/// Whether an unacknowledged PUBLISH due to be sent again has expired
+/// since it was sent, and is dropped instead
+/// ([`Session::drop_expired_inflight`]). Only at QoS 1, whose receiver
+/// keeps no state for it: a QoS 2 message is sent again while the client
+/// may hold its packet id waiting for a PUBREL (a new message under that
+/// id would be taken for the old one), with the interval at its least, 1.
+fn expired_before_resending(delivery: &Delivery, now: Instant) -> bool {
+    delivery.qos == QoS::AtLeastOnce && delivery.message.is_expired(now)
 }
 
 /// The bytes a queued delivery counts against `max_queued_bytes`.

@@ -489,6 +489,61 @@ async fn message_expiry_while_queued_and_when_retained() {
     server.shutdown().await;
 }
 
+/// A QoS 1 message sent and not acknowledged before its client went away
+/// is not sent again once it has expired (the message expiry holds for the
+/// in-flight window too); one still alive is, with DUP and its interval
+/// reduced by the wait.
+#[tokio::test]
+async fn an_unacknowledged_message_that_expired_is_not_sent_again() {
+    let server = start(|_| {}).await;
+    let (mut s, _) = RawClient::connect(addr(&server), persistent_connect("forgetful", 60)).await;
+    s.subscribe("exp/#", QoS::AtLeastOnce).await;
+    let mut p = RawClient::connected(addr(&server), "p", V5).await;
+    for (id, (topic, interval)) in [("exp/short", 1), ("exp/long", 100)]
+        .into_iter()
+        .enumerate()
+    {
+        let properties = PublishProperties {
+            message_expiry_interval: Some(interval),
+            ..Default::default()
+        };
+        let id = id as u16 + 1;
+        p.send(publish_with(
+            topic,
+            b"m",
+            QoS::AtLeastOnce,
+            Some(id),
+            properties,
+            false,
+        ))
+        .await;
+        p.recv().await;
+        // Received, never acknowledged.
+        assert_eq!(s.recv_publish().await.topic, topic.as_bytes());
+    }
+    drop(s);
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let (mut s, ack) = RawClient::connect(addr(&server), persistent_connect("forgetful", 60)).await;
+    assert!(ack.session_present);
+    let again = s.recv_publish().await;
+    assert_eq!(
+        again.topic,
+        &b"exp/long"[..],
+        "the expired one is not sent again"
+    );
+    assert!(again.dup);
+    let left = again.properties.message_expiry_interval.unwrap();
+    assert!(
+        (97..100).contains(&left),
+        "interval reduced by the wait: {left}"
+    );
+    s.send(Packet::PubAck(PubAck::new(again.packet_id.unwrap())))
+        .await;
+    s.expect_silence(Duration::from_millis(200)).await;
+    assert!(server.broker().metrics.messages_expired.get() >= 1);
+    server.shutdown().await;
+}
+
 /// A Message Expiry Interval of 0 is a lifetime that ends on arrival: the
 /// message reaches the subscribers it can be handed to at once, at any QoS,
 /// forwarded with an interval of 0, and waits for nobody.
