@@ -249,6 +249,12 @@ pub struct LimitsConfig {
     /// Subscriptions one session may hold; a SUBSCRIBE filter beyond it is
     /// refused (5.0: 0x97 quota exceeded, 3.x: 0x80).
     pub max_subscriptions_per_client: usize,
+    /// Memory the subscriptions of one session may cost the router, as
+    /// `tern_router::subscription_cost` counts it (a filter's text and a
+    /// node for each of its levels); a SUBSCRIBE filter beyond it is refused
+    /// as for `max_subscriptions_per_client`. Deep filters reach it first:
+    /// without it, 10,000 filters of 128 levels would cost some 100 MB.
+    pub max_subscription_bytes_per_client: usize,
     /// Levels (the parts between `/`) a topic name or filter may have: each
     /// level of a subscription or a retained message's topic is a node of
     /// the broker's trees, some 50 to 70 bytes, so a 64 KiB topic of
@@ -346,6 +352,7 @@ impl Default for LimitsConfig {
             topic_alias_maximum: 64,
             max_session_expiry_secs: u32::MAX,
             max_subscriptions_per_client: 10_000,
+            max_subscription_bytes_per_client: 16 * 1024 * 1024,
             max_topic_levels: 128,
             max_pending_retained: 100_000,
             max_retained_messages: 1_000_000,
@@ -508,6 +515,12 @@ impl Config {
         }
         if l.max_subscriptions_per_client == 0 {
             return invalid("limits.max_subscriptions_per_client", "must be at least 1");
+        }
+        if l.max_subscription_bytes_per_client < 64 * 1024 {
+            return invalid(
+                "limits.max_subscription_bytes_per_client",
+                "must be at least 65536",
+            );
         }
         if l.max_sessions == 0 {
             return invalid("limits.max_sessions", "must be at least 1");

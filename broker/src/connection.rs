@@ -1364,6 +1364,7 @@ impl Connection {
             }
         };
         let mut held = self.broker.router.subscription_count_of(&subscriber);
+        let mut held_cost = self.broker.router.subscription_cost_of(&subscriber);
         let mut over_quota = 0usize;
         for request in &subscribe.filters {
             let filter = request.filter_str();
@@ -1383,7 +1384,10 @@ impl Connection {
                 codes.push(refused(ReasonCode::NotAuthorized));
                 continue;
             }
-            if held >= limits.max_subscriptions_per_client
+            let cost = tern_router::subscription_cost(filter);
+            let over = held >= limits.max_subscriptions_per_client
+                || held_cost + cost > limits.max_subscription_bytes_per_client;
+            if over
                 && tern_router::validate_filter(filter).is_ok()
                 && !self.broker.router.is_subscribed(&subscriber, filter)
             {
@@ -1403,6 +1407,7 @@ impl Connection {
                 Ok(outcome) => {
                     if outcome == SubscribeOutcome::New {
                         held += 1;
+                        held_cost += cost;
                     }
                     codes.push(ReasonCode::granted(request.qos));
                     if durable {
@@ -1450,8 +1455,9 @@ impl Connection {
                 INFO,
                 client_id = %session.client_id,
                 refused = over_quota,
-                limit = limits.max_subscriptions_per_client,
-                "subscriptions refused: limits.max_subscriptions_per_client reached"
+                held,
+                held_bytes = held_cost,
+                "subscriptions refused: limits.max_subscriptions_per_client or max_subscription_bytes_per_client reached"
             );
         }
         // A takeover with clean start may have ended this session while we

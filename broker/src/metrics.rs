@@ -146,7 +146,8 @@ counters! {
     subscriptions_denied,
     /// SUBSCRIBE filters refused for what they are or how many: not a valid
     /// filter, more than `limits.max_topic_levels` levels, or one beyond
-    /// `limits.max_subscriptions_per_client`.
+    /// `limits.max_subscriptions_per_client` or
+    /// `max_subscription_bytes_per_client`.
     subscriptions_refused,
     /// Sessions a client asked to resume that the ACL gave it a fresh one
     /// instead of: another user's, or holding subscriptions it may not make.

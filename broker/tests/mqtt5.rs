@@ -1105,6 +1105,49 @@ async fn unsuback_reason_codes() {
     server.shutdown().await;
 }
 
+/// `max_subscription_bytes_per_client` bounds what a client's
+/// subscriptions cost the router: 64 KiB holds a handful of filters of 128
+/// levels and thousands of short ones. A filter beyond it is refused with
+/// 0x97, and one removed makes room.
+#[tokio::test]
+async fn subscriptions_beyond_the_per_client_memory_are_refused() {
+    let server = start(|c| c.limits.max_subscription_bytes_per_client = 64 * 1024).await;
+    let mut c = RawClient::connected(addr(&server), "deep", V5).await;
+    let deep: Vec<String> = (0..8).map(|i| format!("{i}{}", "/a".repeat(127))).collect();
+    let all = deep
+        .iter()
+        .map(|f| sub_filter(f, QoS::AtMostOnce))
+        .collect();
+    let codes = suback_codes(&mut c, all).await;
+    let taken = codes.iter().filter(|c| **c == ReasonCode::Success).count();
+    assert!(
+        (1..8).contains(&taken),
+        "{taken} of 8 deep filters taken: {codes:?}"
+    );
+    assert!(codes[taken..]
+        .iter()
+        .all(|c| *c == ReasonCode::QuotaExceeded));
+    let broker = server.broker();
+    assert!(broker.metrics.subscriptions_refused.get() >= 1);
+    // Short filters still fit beside them, up to the bound.
+    assert_eq!(
+        c.subscribe("x", QoS::AtMostOnce).await,
+        [ReasonCode::Success]
+    );
+    c.send(Packet::Unsubscribe(tern_codec::Unsubscribe {
+        packet_id: 9,
+        filters: vec![Bytes::from(deep[0].clone())],
+        properties: Default::default(),
+    }))
+    .await;
+    assert!(matches!(c.recv().await, Some(Packet::UnsubAck(_))));
+    assert_eq!(
+        c.subscribe(&deep[taken], QoS::AtMostOnce).await,
+        [ReasonCode::Success]
+    );
+    server.shutdown().await;
+}
+
 #[tokio::test]
 async fn subscriptions_beyond_the_per_client_limit_are_refused() {
     let server = start(|c| c.limits.max_subscriptions_per_client = 3).await;

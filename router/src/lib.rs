@@ -77,7 +77,7 @@ pub use cache::{
 pub use matches::{ClientMatch, Matches};
 pub use options::SubscriptionOptions;
 pub use retained::RetainedStore;
-pub use router::{RecentMatch, Router, SubscribeOutcome};
+pub use router::{subscription_cost, RecentMatch, Router, SubscribeOutcome};
 pub use shared::SharedGroup;
 pub use topic::{
     filter_covers, filter_matches, parse_shared, topic_levels, validate_filter,

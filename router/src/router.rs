@@ -59,7 +59,9 @@ pub enum SubscribeOutcome {
 ///    index iff the trie holds it (at the node of the filter, or of its inner
 ///    filter in the named group for `$share/...`), with the same options.
 /// 2. `subscriptions` equals the number of `(subscriber, filter)` pairs in
-///    the index, and no subscriber maps to an empty set of filters.
+///    the index, and no subscriber maps to an empty set of filters; each
+///    subscriber's `cost` is the sum of [`subscription_cost`] over its
+///    filters.
 /// 3. **Cache = trie.** Every cached result equals what the trie would
 ///    compute now: a change invalidates every cached topic that its filter
 ///    matches (or the whole cache, when finding them would cost more than
@@ -96,13 +98,47 @@ struct State<S> {
     tree: Tree<S>,
     /// Subscriber -> (full filter as given, including `$share/...`) -> options.
     /// Lets `remove_subscriber` visit only that subscriber's filters.
-    index: HashMap<S, HashMap<Box<str>, SubscriptionOptions>>,
+    index: HashMap<S, Filters>,
     /// Total subscriptions, shared ones included.
     subscriptions: usize,
     cache: MatchCache<S>,
     /// Bumped by every change to the trie.
     generation: u64,
 }
+
+/// One subscriber's entry in the index.
+#[derive(Default)]
+struct Filters {
+    /// Full filter as given -> options.
+    options: HashMap<Box<str>, SubscriptionOptions>,
+    /// The sum of [`subscription_cost`] over `options`' filters.
+    cost: usize,
+}
+
+/// What a subscription to `filter` (as given, `$share/...` included) costs
+/// the router in memory, at most: its entry in the subscriber's index (the
+/// filter's text and options), its place among the subscribers of its
+/// filter's node, and a node for each level of the filter in the trie, as
+/// if no other filter shared one (levels.rs; router/tests/memory.rs checks
+/// it). A bound on the sum over a client's subscriptions
+/// ([`Router::subscription_cost_of`]) bounds what the client can make the
+/// router hold, however deep its filters.
+pub fn subscription_cost(filter: &str) -> usize {
+    let levels = trie_filter(filter).split('/').count();
+    filter.len() + SUBSCRIPTION_OVERHEAD + levels * SUBSCRIPTION_LEVEL_COST
+}
+
+/// [`subscription_cost`] of a level: a node of the subscription trie and
+/// its key. A level of a chain is one allocation of some 56 bytes and its
+/// key's; a child among more than `levels::FEW` sits in a hash map's
+/// bucket, at worst just after the map grew to twice what it needs, some
+/// 110.
+const SUBSCRIPTION_LEVEL_COST: usize = 112;
+
+/// [`subscription_cost`] beside the filter's text and levels: its index
+/// entry, its node's box of subscriptions and an entry there, with the
+/// buckets a hash map may hold spare.
+const SUBSCRIPTION_OVERHEAD: usize = 256;
 
 /// The filter that goes into the trie: the inner filter of a shared one.
 fn trie_filter(filter: &str) -> &str {
@@ -158,14 +194,12 @@ impl<S: Clone + Eq + Hash + Send + Sync + 'static> Router<S> {
                 filter,
             ),
         };
-        match state.index.get_mut(subscriber) {
-            Some(filters) => {
-                filters.insert(filter.into(), options);
-            }
-            None => {
-                let filters = HashMap::from([(Box::<str>::from(filter), options)]);
-                state.index.insert(subscriber.clone(), filters);
-            }
+        let filters = match state.index.get_mut(subscriber) {
+            Some(filters) => filters,
+            None => state.index.entry(subscriber.clone()).or_default(),
+        };
+        if filters.options.insert(filter.into(), options).is_none() {
+            filters.cost += subscription_cost(filter);
         }
         if !replaced {
             state.subscriptions += 1;
@@ -189,10 +223,11 @@ impl<S: Clone + Eq + Hash + Send + Sync + 'static> Router<S> {
         let Some(filters) = state.index.get_mut(subscriber) else {
             return false;
         };
-        if filters.remove(filter).is_none() {
+        if filters.options.remove(filter).is_none() {
             return false;
         }
-        if filters.is_empty() {
+        filters.cost -= subscription_cost(filter);
+        if filters.options.is_empty() {
             state.index.remove(subscriber);
         }
         state.subscriptions -= 1;
@@ -221,7 +256,10 @@ impl<S: Clone + Eq + Hash + Send + Sync + 'static> Router<S> {
     pub fn remove_subscriber(&self, subscriber: &S) -> usize {
         let mut guard = self.state.write();
         let state = &mut *guard;
-        let Some(filters) = state.index.remove(subscriber) else {
+        let Some(Filters {
+            options: filters, ..
+        }) = state.index.remove(subscriber)
+        else {
             return 0;
         };
         for filter in filters.keys() {
@@ -246,7 +284,17 @@ impl<S: Clone + Eq + Hash + Send + Sync + 'static> Router<S> {
             .read()
             .index
             .get(subscriber)
-            .map_or(0, HashMap::len)
+            .map_or(0, |filters| filters.options.len())
+    }
+
+    /// What the subscriptions of `subscriber` cost the router in memory,
+    /// at most: the sum of their [`subscription_cost`].
+    pub fn subscription_cost_of(&self, subscriber: &S) -> usize {
+        self.state
+            .read()
+            .index
+            .get(subscriber)
+            .map_or(0, |filters| filters.cost)
     }
 
     /// Whether `subscriber` holds a subscription to exactly `filter` (as
@@ -256,7 +304,7 @@ impl<S: Clone + Eq + Hash + Send + Sync + 'static> Router<S> {
             .read()
             .index
             .get(subscriber)
-            .is_some_and(|filters| filters.contains_key(filter))
+            .is_some_and(|filters| filters.options.contains_key(filter))
     }
 
     /// The subscriptions of `subscriber`: filters exactly as given (including
@@ -267,7 +315,7 @@ impl<S: Clone + Eq + Hash + Send + Sync + 'static> Router<S> {
             .index
             .get(subscriber)
             .into_iter()
-            .flatten()
+            .flat_map(|filters| &filters.options)
             .map(|(filter, options)| (filter.to_string(), *options))
             .collect();
         subscriptions.sort_unstable_by(|a, b| a.0.cmp(&b.0));

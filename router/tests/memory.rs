@@ -7,7 +7,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicIsize, Ordering};
 use std::sync::Mutex;
 
-use tern_router::{RetainedStore, Router, SubscriptionOptions};
+use tern_router::{subscription_cost, RetainedStore, Router, SubscriptionOptions};
 
 struct Counting;
 
@@ -71,15 +71,23 @@ fn a_deep_filter_costs_tens_of_bytes_a_level() {
             .subscribe(&7, filter, SubscriptionOptions::default())
             .unwrap();
     }
-    let per_filter = (live() - before) as usize / COUNT;
-    // Each level: its node and key (about 64 bytes); each filter: its text
-    // once more in the subscriber's index, and its subscription.
-    let bound = LEVELS * 96 + 2 * filters[0].len() + 512;
+    let held = (live() - before) as usize;
+    // What the broker counts for them against the client's bound.
+    let counted: usize = filters.iter().map(|f| subscription_cost(f)).sum();
+    assert_eq!(router.subscription_cost_of(&7), counted);
     assert!(
-        per_filter <= bound,
-        "{per_filter} bytes per filter of {LEVELS} levels (at most {bound})"
+        held <= counted,
+        "{} bytes per filter of {LEVELS} levels (counted: {})",
+        held / COUNT,
+        counted / COUNT
     );
-    assert_eq!(router.remove_subscriber(&7), COUNT);
+    assert!(router.unsubscribe(&7, &filters[0]));
+    assert_eq!(
+        router.subscription_cost_of(&7),
+        counted - subscription_cost(&filters[0])
+    );
+    assert_eq!(router.remove_subscriber(&7), COUNT - 1);
+    assert_eq!(router.subscription_cost_of(&7), 0);
     assert!(
         live() - before <= 4096,
         "{} bytes left after every subscription went",
