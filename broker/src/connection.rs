@@ -484,6 +484,10 @@ async fn refuse<W: AsyncWrite + Unpin>(
             tracing::debug!(%peer, reason, "connection closed during CONNECT");
             return;
         }
+        (HandshakeFailure::Violation(reason), _) => {
+            throttled!(INFO, %peer, "closed during CONNECT: {reason}");
+            return;
+        }
         (HandshakeFailure::Invalid { why, code, v5 }, _) => {
             throttled!(INFO, %peer, ?code, "refused: invalid CONNECT: {why}");
             if v5 {
@@ -940,7 +944,12 @@ impl Connection {
                     read = read_pooled(reader, buf, &self.broker.pool) => match read {
                         Ok(0) => return Exit::Closed,
                         Ok(n) => Metrics::add(&self.broker.metrics.bytes_received, n as u64),
-                        Err(_) => return Exit::Closed,
+                        Err(e) => {
+                            if crate::transport::peer_violation(&self.broker.metrics, &e) {
+                                throttled!(INFO, client_id = %session.client_id, "closed: {e}");
+                            }
+                            return Exit::Closed;
+                        }
                     },
                     // Closing: handled at the top of the loop.
                     () = control.wake_reader.wait() => {}

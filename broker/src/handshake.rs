@@ -34,8 +34,12 @@ pub enum HandshakeFailure {
     Unsupported(String, u8),
     /// Refused with this CONNACK reason code.
     Refused(ReasonCode),
-    /// The connection closed or broke the protocol; nothing more to send.
+    /// The connection closed; nothing more to send.
     Closed(String),
+    /// The client broke the protocol before its CONNECT was whole (a first
+    /// packet other than CONNECT, a WebSocket frame that breaks RFC 6455):
+    /// counted, logged, and closed with nothing more to send.
+    Violation(String),
     /// The CONNECT could not be decoded (malformed, a protocol error, too
     /// large): `code` says why, answered in a CONNACK when the CONNECT is
     /// recognisably an MQTT 5 one (`v5`; MQTT 5 3.1.4 allows 0x81, 0x82,
@@ -175,6 +179,9 @@ pub async fn read_packet<R: AsyncRead + Unpin>(
         match reader.read_buf(buf).await {
             Ok(0) => return Err(HandshakeFailure::Closed("end of stream".into())),
             Ok(n) => Metrics::add(&metrics.bytes_received, n as u64),
+            Err(e) if crate::transport::peer_violation(metrics, &e) => {
+                return Err(HandshakeFailure::Violation(e.to_string()))
+            }
             Err(e) => return Err(HandshakeFailure::Closed(e.to_string())),
         }
     }
@@ -192,7 +199,7 @@ pub async fn read_connect<R: AsyncRead + Unpin>(
         Packet::Connect(connect) => Ok(connect),
         other => {
             Metrics::inc(&metrics.protocol_errors);
-            Err(HandshakeFailure::Closed(format!(
+            Err(HandshakeFailure::Violation(format!(
                 "first packet was {:?}, not CONNECT",
                 other.packet_type()
             )))

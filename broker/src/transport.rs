@@ -10,7 +10,8 @@
 //! gives the buffer back before it waits.
 //!
 //! Also here: how a connection the broker ends lets its client's last bytes
-//! in ([`linger`]).
+//! in ([`linger`]), and which read errors are the client's fault
+//! ([`peer_violation`]).
 
 use std::future::Future;
 use std::io;
@@ -18,6 +19,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::BytesMut;
+
+use crate::metrics::Metrics;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::tcp::ReadHalf;
 
@@ -118,6 +121,20 @@ pub fn read_pooled<'a, R: TransportRead>(
         }
         read
     })
+}
+
+/// Counts a read error that the client caused, and says whether it was one:
+/// a WebSocket frame that breaks RFC 6455 (websocket/inbound.rs, which has
+/// sent its close code already; over the maximum size, `FileTooLarge`) or
+/// TLS records that do not decode (`InvalidData`, as rustls reports them).
+/// Other errors (a reset, a broken pipe) are the network's.
+pub fn peer_violation(metrics: &Metrics, e: &io::Error) -> bool {
+    match e.kind() {
+        io::ErrorKind::FileTooLarge => Metrics::inc(&metrics.oversized_packets),
+        io::ErrorKind::InvalidData => Metrics::inc(&metrics.malformed_packets),
+        _ => return false,
+    }
+    true
 }
 
 /// How long a connection the broker ended keeps reading, and discarding,

@@ -474,6 +474,11 @@ async fn text_message_closes_with_1003() {
         server.broker().registry.connection_count() == 0
     })
     .await;
+    // Each counted as input that could not be decoded, as over TCP.
+    eventually("both counted", || {
+        server.broker().metrics.malformed_packets.get() == 2
+    })
+    .await;
     server.shutdown().await;
 }
 
@@ -483,6 +488,10 @@ async fn message_larger_than_max_packet_size_closes_with_1009() {
     let mut c = WsClient::connected(ws_addr(&server), "big", ProtocolVersion::V311).await;
     c.send_binary(vec![0x30; 4096]).await;
     assert_eq!(c.expect_close().await, Some(CloseCode::Size));
+    eventually("counted as oversized", || {
+        server.broker().metrics.oversized_packets.get() == 1
+    })
+    .await;
     server.shutdown().await;
 }
 

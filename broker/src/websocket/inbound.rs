@@ -470,7 +470,13 @@ impl WsReader {
             Ok(()) => out.peer_closed = true,
             Err(v) => {
                 out.close_code.get_or_insert(v.code);
-                self.failed = Some(io::Error::new(io::ErrorKind::InvalidData, v.reason));
+                // The kinds `transport::peer_violation` counts.
+                let kind = if v.code == CLOSE_TOO_BIG {
+                    io::ErrorKind::FileTooLarge
+                } else {
+                    io::ErrorKind::InvalidData
+                };
+                self.failed = Some(io::Error::new(kind, v.reason));
             }
         }
     }
