@@ -282,7 +282,7 @@ where
 {
     let max_packet = broker.config.limits.max_packet_size as usize;
 
-    let (mut conn, connack, login, rules) = {
+    let (accepted, login, rules) = {
         let handshake = tokio::time::timeout(broker.config.connect_timeout(), async {
             let connect = read_connect(&mut *reader, &mut *buf, max_packet, &broker.metrics)
                 .await
@@ -359,7 +359,7 @@ where
             }
         }
         let accepted = Connection::accept(broker, &rules, *connect, permit.id, authenticated);
-        let (conn, connack) = match accepted {
+        let accepted = match accepted {
             Ok(accepted) => accepted,
             Err(connect) => {
                 // A new session beyond `limits.max_sessions`.
@@ -369,8 +369,13 @@ where
                 return None;
             }
         };
-        (conn, connack, login, rules)
+        (accepted, login, rules)
     };
+    let Accepted {
+        connection: mut conn,
+        connack,
+        discarded_stored,
+    } = accepted;
     let protocol = conn.protocol;
     // Attach before CONNACK so that every exit from here on (a failed CONNACK
     // write included) runs the close-down logic of `Connection`. Nothing else
@@ -380,12 +385,28 @@ where
         tracing::debug!(%peer, "session replaced before it could be attached");
         return None;
     };
-    if broker.revoked_since(&rules, &login, &conn.session.client_id) {
+    let discard_failed = match (&broker.persistence, discarded_stored) {
+        (Some(persistence), true) => match persistence.sync().await {
+            Ok(()) => false,
+            Err(e) => {
+                throttled!(WARN, client_id = %conn.session.client_id, error = %e, "refused: the discarded session's deletion could not be stored");
+                true
+            }
+        },
+        _ => false,
+    };
+    let revoked = broker.revoked_since(&rules, &login, &conn.session.client_id);
+    if revoked || discard_failed {
         // Reloaded between the last check and the attach, and its sweep of
         // the connected clients did not see this one: refused after all,
-        // its will withheld.
+        // its will withheld. Or the store failed under the discarded
+        // session: refused as unavailable, like any write the store lost.
         let refusal = ConnAck {
-            code: ReasonCode::NotAuthorized,
+            code: if revoked {
+                ReasonCode::NotAuthorized
+            } else {
+                ReasonCode::ServerUnavailable
+            },
             ..ConnAck::default()
         };
         write_direct(writer, &Packet::ConnAck(refusal), protocol, &broker.metrics).await;
@@ -607,6 +628,18 @@ fn may_resume(broker: &Broker, session: &Arc<Session>, acl: &ClientAcl) -> bool 
     false
 }
 
+/// What [`Connection::accept`] made of a CONNECT.
+struct Accepted {
+    connection: Connection,
+    connack: ConnAck,
+    /// A stored session of the client id was discarded for a new one (clean
+    /// start, or a session that may not be resumed). Its deletion is
+    /// submitted without waiting, like every session end's; the CONNACK,
+    /// which tells the client the old session is gone, must wait for it to
+    /// be durable, or a crash right after would bring the old session back.
+    discarded_stored: bool,
+}
+
 impl Connection {
     /// Opens (or resumes) the session and prepares the CONNACK. Gives the
     /// CONNECT back when the client would need a new session and the broker
@@ -617,7 +650,7 @@ impl Connection {
         connect: Connect,
         connection_id: u64,
         authenticated: Authenticated,
-    ) -> Result<(Connection, ConnAck), Box<Connect>> {
+    ) -> Result<Accepted, Box<Connect>> {
         let limits = &broker.config.limits;
         let protocol = connect.protocol;
         let v5 = protocol.is_v5();
@@ -694,6 +727,13 @@ impl Connection {
         if let Some((old, Some(pending))) = &opened.replaced {
             broker.publish_will(&pending.will, old);
         }
+        // Stored while it lasted (`Session::update_durability`): its end
+        // is a deletion in the store.
+        let discarded_stored = broker.persistence.is_some()
+            && opened
+                .replaced
+                .as_ref()
+                .is_some_and(|(old, _)| old.expiry_interval() != 0);
 
         if v5 && connect.properties.request_response_information == Some(1) {
             let info = format!(
@@ -763,7 +803,11 @@ impl Connection {
         if v5 {
             fit_connack(&mut connack, connection.client_max_packet);
         }
-        Ok((connection, connack))
+        Ok(Accepted {
+            connection,
+            connack,
+            discarded_stored,
+        })
     }
 
     /// Attaches this connection to its session. From then on, dropping the

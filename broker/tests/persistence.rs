@@ -585,6 +585,34 @@ async fn a_pubcomp_leaves_only_once_the_end_of_the_flow_is_stored() {
     server.shutdown().await;
 }
 
+/// A clean start that discards a stored session tells its client so
+/// (CONNACK, session present 0) only once the deletion is stored: a crash
+/// right after that CONNACK must not bring the old session back, with its
+/// subscriptions and queued messages.
+#[tokio::test]
+async fn a_discarded_session_is_gone_from_the_store_before_the_connack_says_so() {
+    let (store, server) = start_failing(None).await;
+    offline_subscriber(&server, "cleaner", "cl/#", QoS::AtLeastOnce).await;
+    assert!(store.inner().session("cleaner").unwrap().is_some());
+
+    store.stall(true);
+    let mut c = RawClient::open(addr(&server), ProtocolVersion::V311).await;
+    let clean = common::connect_packet("cleaner", ProtocolVersion::V311);
+    c.send(Packet::Connect(Box::new(clean))).await;
+    let early = c.recv_within(Duration::from_millis(300)).await;
+    store.stall(false);
+    assert!(early.is_err(), "answered while the store lagged: {early:?}");
+    match c.recv().await {
+        Some(Packet::ConnAck(ack)) => {
+            assert_eq!(ack.code, ReasonCode::Success);
+            assert!(!ack.session_present);
+        }
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+    assert!(store.inner().session("cleaner").unwrap().is_none());
+    server.shutdown().await;
+}
+
 /// Stalls `store`, sends PUBREL `packet_id`, and returns once the end of
 /// the flow is being written: its PUBCOMP waits until the store is
 /// unstalled.
