@@ -211,10 +211,12 @@ pub async fn read_connect<R: AsyncRead + Unpin>(
 /// (MQTT-3.1.2-24). What goes first are the properties whose absence means
 /// the same (an availability of 1, a Receive Maximum of 65,535, a Topic
 /// Alias Maximum of 0), then the Response Information the server may always
-/// leave out. What a client needs to go on (its assigned identifier, a
-/// shortened keep alive or session expiry, the server's own limits) stays,
-/// even when the packet is still too large: a client that cannot take 30
-/// bytes can take no PUBLISH either.
+/// leave out, then the Topic Alias Maximum (absent, the client uses no
+/// aliases, which only costs it bytes). What a client needs to go on (its
+/// assigned identifier, a shortened keep alive or session expiry, the
+/// Receive Maximum and Maximum Packet Size it must not exceed) stays, even
+/// when the packet is still too large: a client that cannot take 30 bytes
+/// can take no PUBLISH either.
 pub fn fit_connack(connack: &mut ConnAck, client_max: Option<u32>) {
     let Some(max) = client_max else { return };
     let fits = |connack: &ConnAck| {
@@ -243,6 +245,9 @@ pub fn fit_connack(connack: &mut ConnAck, client_max: Option<u32>) {
     }
     if !fits(connack) {
         connack.properties.response_information = None;
+    }
+    if !fits(connack) {
+        connack.properties.topic_alias_maximum = None;
     }
 }
 

@@ -819,6 +819,18 @@ async fn a_connack_fits_the_client_maximum_packet_size() {
         c.subscribe("s", QoS::AtMostOnce).await,
         vec![ReasonCode::Success]
     );
+    // Smaller still: the Topic Alias Maximum goes too (the client then
+    // uses no aliases); the limits the client must keep to stay.
+    let max = 37;
+    let (_tiny, ack) = RawClient::connect(addr(&server), small(max)).await;
+    let len = tern_codec::encoded_len(&Packet::ConnAck(ack.clone()), V5).unwrap();
+    assert!(
+        len <= max as usize,
+        "CONNACK of {len} bytes, client maximum {max}"
+    );
+    assert_eq!(ack.properties.topic_alias_maximum, None);
+    assert!(ack.properties.receive_maximum.is_some());
+    assert!(ack.properties.maximum_packet_size.is_some());
     server.shutdown().await;
 }
 
