@@ -746,7 +746,10 @@ impl Connection {
         props.authentication_data = authenticated.data;
         if v5 {
             props.receive_maximum = Some(limits.receive_maximum);
-            props.maximum_packet_size = Some(limits.max_packet_size);
+            // The largest packet MQTT allows is 268,435,460 bytes, but
+            // clients (paho among them) refuse a CONNACK that advertises
+            // more than 268,435,455: advertised at most that.
+            props.maximum_packet_size = Some(limits.max_packet_size.min(268_435_455));
             props.topic_alias_maximum = Some(limits.topic_alias_maximum);
             // Absent, each of these means "available" too (MQTT 5
             // 3.2.2.3.5, .11-.13); said outright, for clients that look

@@ -834,6 +834,17 @@ async fn a_connack_fits_the_client_maximum_packet_size() {
     server.shutdown().await;
 }
 
+/// The largest Maximum Packet Size the configuration takes (the largest
+/// packet MQTT allows, 268,435,460 bytes) is advertised as 268,435,455:
+/// clients refuse a CONNACK with more, and could not connect at all.
+#[tokio::test]
+async fn the_largest_maximum_packet_size_is_advertised_as_clients_take_it() {
+    let server = start(|c| c.limits.max_packet_size = 268_435_460).await;
+    let (_c, ack) = RawClient::connect(addr(&server), connect_packet("big", V5)).await;
+    assert_eq!(ack.properties.maximum_packet_size, Some(268_435_455));
+    server.shutdown().await;
+}
+
 /// MQTT-3.1.2-24 counts the whole packet as sent: a Topic Alias the broker
 /// adds (3 bytes) can take a PUBLISH that fits without it over the limit.
 #[tokio::test]
