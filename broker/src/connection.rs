@@ -331,7 +331,7 @@ where
         let (connect, authenticated, rules) = match handshake {
             Err(_) => {
                 Metrics::inc(&broker.metrics.connect_timeouts);
-                tracing::debug!(%peer, "no CONNECT within the connect timeout");
+                throttled!(INFO, %peer, "closed: no CONNECT within the connect timeout");
                 return None;
             }
             Ok(Ok(done)) => done,
