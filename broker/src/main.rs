@@ -101,6 +101,11 @@ struct ServeArgs {
     /// without any store (memory).
     #[arg(long, value_parser = parse_durability)]
     durability: Option<DurabilityMode>,
+    /// Start even though the store is damaged (it holds fewer writes than
+    /// were synced before): serve what it still holds, log what was lost,
+    /// and take the store as it is from now on. For this start only.
+    #[arg(long)]
+    accept_store_damage: bool,
     /// Address of the read-only admin endpoint (loopback only).
     #[arg(long)]
     admin_bind: Option<SocketAddr>,
@@ -140,6 +145,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         log_level,
         data_dir,
         durability,
+        accept_store_damage,
         admin_bind,
         metrics_bind,
     } = args;
@@ -192,6 +198,7 @@ fn serve(args: ServeArgs) -> ExitCode {
     if let Some(mode) = durability {
         config.storage.durability = mode;
     }
+    config.storage.accept_damage = accept_store_damage;
     if let Some(addr) = admin_bind {
         config.admin.bind = Some(addr);
     }
@@ -235,6 +242,13 @@ fn serve(args: ServeArgs) -> ExitCode {
             Ok(server) => server,
             Err(e) => {
                 tracing::error!("{e}");
+                if e.is_store_damage() {
+                    tracing::error!(
+                        "nothing was changed: restore the directory from a backup, or start once \
+                         with --accept-store-damage to serve what the store still holds (the lost \
+                         writes stay lost)"
+                    );
+                }
                 return ExitCode::FAILURE;
             }
         };

@@ -34,8 +34,8 @@ use smallvec::SmallVec;
 use tern_codec::properties::PublishProperties;
 use tern_codec::{QoS, Will};
 use tern_storage::{
-    Batch, Completion, MessageRecord, Op, SledStore, Store, StoreError, StoreWriter, WillRecord,
-    WriterConfig,
+    Batch, Completion, MessageRecord, OnDamage, Op, SledStore, Store, StoreError, StoreWriter,
+    WillRecord, WriterConfig,
 };
 
 use crate::message::Message;
@@ -59,13 +59,16 @@ impl std::fmt::Debug for Persistence {
 
 impl Persistence {
     /// Opens (creating if needed) the sled store in `dir` and starts its
-    /// writer. Blocks on the disk: call it from a blocking context.
+    /// writer. Blocks on the disk: call it from a blocking context. A store
+    /// found damaged is refused ([`StoreError::Damaged`]) unless `on_damage`
+    /// accepts it.
     pub fn open(
         dir: &std::path::Path,
         config: WriterConfig,
+        on_damage: OnDamage,
     ) -> Result<Arc<Persistence>, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| StoreError::Io(Arc::new(e)))?;
-        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir)?);
+        let store: Arc<dyn Store> = Arc::new(SledStore::open_with(dir, on_damage)?);
         Persistence::with_store(store, config)
     }
 

@@ -67,6 +67,20 @@ pub enum StartError {
     },
 }
 
+impl StartError {
+    /// The store was refused as damaged ([`tern_storage::StoreError::Damaged`]):
+    /// `--accept-store-damage` would open it.
+    pub fn is_store_damage(&self) -> bool {
+        matches!(
+            self,
+            StartError::Store {
+                source: tern_storage::StoreError::Damaged { .. },
+                ..
+            }
+        )
+    }
+}
+
 /// A running broker.
 pub struct Server {
     broker: Arc<Broker>,
@@ -90,9 +104,15 @@ impl Server {
             None => None,
             Some(writer) => {
                 let d = dir.clone();
-                let opened = tokio::task::spawn_blocking(move || Persistence::open(&d, writer))
-                    .await
-                    .unwrap_or_else(|e| Err(tern_storage::StoreError::Engine(e.to_string())));
+                let on_damage = if config.storage.accept_damage {
+                    tern_storage::OnDamage::Accept
+                } else {
+                    tern_storage::OnDamage::Refuse
+                };
+                let opened =
+                    tokio::task::spawn_blocking(move || Persistence::open(&d, writer, on_damage))
+                        .await
+                        .unwrap_or_else(|e| Err(tern_storage::StoreError::Engine(e.to_string())));
                 Some(opened.map_err(|source| StartError::Store {
                     dir: dir.clone(),
                     source,

@@ -438,3 +438,94 @@ fn a_flood_of_refused_connections_is_logged_in_a_few_lines() {
     assert!(exit_status(&mut running).success());
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A store that lost writes it had synced (here: its engine files put back
+/// as they were one restart earlier, as when the engine's recovery stops at
+/// a damaged record) is refused with a line that says what to do; once the
+/// damage is accepted the broker serves what the store still holds, and the
+/// next start is a normal one.
+#[test]
+fn a_damaged_store_is_refused_until_the_damage_is_accepted() {
+    use std::io::{Read, Write};
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    let data_arg = [std::ffi::OsStr::new("--data-dir"), data.as_os_str()];
+    // Publishes a retained message on `topic` and stops the broker cleanly.
+    let retain = |topic: &str| {
+        let (mut running, log) = serve_with(root.path(), &data_arg);
+        let mut s = connect_and_expect_connack(tcp_port(&log).0);
+        let mut publish = vec![0x31, 2 + topic.len() as u8 + 1, 0, topic.len() as u8];
+        publish.extend_from_slice(topic.as_bytes());
+        publish.push(b'1');
+        s.write_all(&publish).unwrap();
+        // PINGRESP: the PUBLISH before it was handled.
+        s.write_all(&[0xC0, 0]).unwrap();
+        let mut pingresp = [0u8; 2];
+        s.read_exact(&mut pingresp).unwrap();
+        assert_eq!(pingresp, [0xD0, 0]);
+        send_signal(&running, libc::SIGTERM);
+        assert!(exit_status(&mut running).success());
+    };
+    retain("kept");
+    let before = root.path().join("before");
+    copy_engine_files(&data, &before);
+    retain("lost");
+    let after = root.path().join("after");
+    std::fs::rename(&data, &after).unwrap();
+    copy_engine_files(&before, &data);
+    std::fs::copy(after.join("synced-commit"), data.join("synced-commit")).unwrap();
+
+    let (mut refused, log) = serve_with(root.path(), &data_arg);
+    assert_eq!(exit_status(&mut refused).code(), Some(1));
+    let lines: Vec<String> = log.iter().collect();
+    assert!(
+        lines.iter().any(|l| l.contains("is damaged"))
+            && lines.iter().any(|l| l.contains("--accept-store-damage")),
+        "{lines:#?}"
+    );
+
+    let accept = [
+        data_arg[0],
+        data_arg[1],
+        std::ffi::OsStr::new("--accept-store-damage"),
+    ];
+    let (mut accepted, log) = serve_with(root.path(), &accept);
+    let (port, lines) = tcp_port(&log);
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("ERROR") && l.contains("is damaged")),
+        "{lines:#?}"
+    );
+    let mut s = connect_and_expect_connack(port);
+    s.write_all(&[0x82, 6, 0, 1, 0, 1, b'#', 0]).unwrap();
+    let mut suback = [0u8; 5];
+    s.read_exact(&mut suback).unwrap();
+    assert_eq!(suback, [0x90, 3, 0, 1, 0]);
+    let mut retained = [0u8; 2 + 2 + 4 + 1];
+    s.read_exact(&mut retained).unwrap();
+    assert_eq!(&retained[4..], b"kept1");
+    // Nothing else was retained: the next packet is the PINGRESP.
+    s.write_all(&[0xC0, 0]).unwrap();
+    let mut next = [0u8; 2];
+    s.read_exact(&mut next).unwrap();
+    assert_eq!(next, [0xD0, 0]);
+    send_signal(&accepted, libc::SIGTERM);
+    assert!(exit_status(&mut accepted).success());
+
+    // The store as it is now is the reference: a plain start works.
+    let (_running, log) = serve_with(root.path(), &data_arg);
+    tcp_port(&log);
+}
+
+/// Copies the storage engine's files of `from` into `to` (everything but
+/// the store's record of its last synced commit).
+fn copy_engine_files(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() && path.file_name().is_some_and(|n| n != "synced-commit") {
+            std::fs::copy(&path, to.join(path.file_name().unwrap())).unwrap();
+        }
+    }
+}

@@ -4,6 +4,7 @@
 //! [`MemoryStore`](crate::MemoryStore) only provide the engine.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 
@@ -15,6 +16,7 @@ use crate::records::{
     DeliveryState, MessageRecord, QueueEntry, RetainedRecord, SessionRecord, SubscriptionRecord,
 };
 use crate::store::{RecordIter, SessionSummary, StoreStats};
+use crate::synced_commit::SyncedCommit;
 use crate::SCAN_CHUNK;
 
 /// Pending writes of one batch: `None` deletes the key.
@@ -46,16 +48,38 @@ pub(crate) struct Core<E> {
     /// batches must not interleave. Held only on the calling (blocking)
     /// thread, never across an await.
     apply_lock: Mutex<()>,
+    /// The commit number of the last write applied (stored with it under
+    /// `keys::COMMIT`). Written under `apply_lock`, after the write.
+    commit: AtomicU64,
+    /// Where a disk store records the commit each sync made durable.
+    witness: Option<SyncedCommit>,
 }
 
 impl<E: Engine> Core<E> {
     /// Wraps an engine after checking (or writing) the schema version.
     pub(crate) fn open(engine: E) -> Result<Core<E>, StoreError> {
         crate::schema::check_or_init(&engine)?;
+        let commit = match engine.get(keys::COMMIT)? {
+            Some(v) => enc::decode_u64(keys::COMMIT, &v)?,
+            None => 0,
+        };
         Ok(Core {
             engine,
             apply_lock: Mutex::new(()),
+            commit: AtomicU64::new(commit),
+            witness: None,
         })
+    }
+
+    /// The commit number of the last write applied: 0 for a store never
+    /// written.
+    pub(crate) fn commit(&self) -> u64 {
+        self.commit.load(Ordering::Acquire)
+    }
+
+    /// From now on, every successful sync records its commit in `witness`.
+    pub(crate) fn set_witness(&mut self, witness: SyncedCommit) {
+        self.witness = Some(witness);
     }
 
     pub(crate) fn apply_all(&self, batches: &[&Batch]) -> Result<(), StoreError> {
@@ -72,11 +96,24 @@ impl<E: Engine> Core<E> {
             tx.op(op)?;
         }
         tx.release_unreferenced()?;
-        self.engine.write(tx.writes)
+        let commit = self.commit() + 1;
+        let mut writes = tx.writes;
+        writes.insert(keys::COMMIT.to_vec(), Some(enc::encode_u64(commit)));
+        self.engine.write(writes)?;
+        self.commit.store(commit, Ordering::Release);
+        Ok(())
     }
 
+    /// Makes every write applied so far durable, then records the last of
+    /// them in the witness: everything up to it was applied before the
+    /// engine's sync began, so the sync covers it.
     pub(crate) fn sync(&self) -> Result<(), StoreError> {
-        self.engine.sync()
+        let upto = self.commit();
+        self.engine.sync()?;
+        if let Some(witness) = &self.witness {
+            witness.record(upto);
+        }
+        Ok(())
     }
 
     pub(crate) fn session(&self, client_id: &str) -> Result<Option<SessionRecord>, StoreError> {

@@ -35,6 +35,23 @@ pub enum StoreError {
     #[error("the store holds data but no schema version key: not a Tern store")]
     NotATernStore,
 
+    /// The store holds fewer writes than were synced before: its engine
+    /// stopped reading at a damaged record and left out what came after it
+    /// (see `synced_commit.rs`). Nothing was changed.
+    #[error(
+        "the store at {path} is damaged: it ends at commit {found}, but commits up to \
+         {synced} were synced to disk before; the storage engine stopped reading at a \
+         damaged record and left out the {lost} commit(s) after it",
+        lost = synced - found
+    )]
+    Damaged {
+        path: PathBuf,
+        /// The last commit the witness says was durable.
+        synced: u64,
+        /// The last commit the store holds.
+        found: u64,
+    },
+
     /// A stored value could not be decoded.
     #[error("corrupt record under key {key:?}: {reason}")]
     Corrupt { key: String, reason: &'static str },

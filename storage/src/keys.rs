@@ -5,6 +5,7 @@
 //! | prefix | key | value |
 //! | --- | --- | --- |
 //! | `0x00` | `0x00 "schema"` | schema version, `u32` big-endian |
+//! | `0x00` | `0x00 "commit"` | commit number of the last write, `u64` (see `synced_commit.rs`) |
 //! | `S` | `S client_id` | session |
 //! | `U` | `U len16 client_id filter` | subscription |
 //! | `Q` | `Q len16 client_id seq64` | queue entry |
@@ -23,6 +24,7 @@ use std::sync::Arc;
 use crate::error::StoreError;
 
 pub(crate) const SCHEMA: &[u8] = b"\x00schema";
+pub(crate) const COMMIT: &[u8] = b"\x00commit";
 pub(crate) const SESSION: u8 = b'S';
 pub(crate) const SUBSCRIPTION: u8 = b'U';
 pub(crate) const QUEUE: u8 = b'Q';

@@ -25,6 +25,11 @@
 //!   is refused at open, an older one is migrated (see `schema.rs`).
 //! - With [`Durability::Fsync`], a submission resolves `Ok` only after the
 //!   batch is synced to disk.
+//! - A disk store never opens silently shorter than it was synced: every
+//!   write carries a commit number, every sync records the last one outside
+//!   the engine's files, and a store found behind that record is refused as
+//!   damaged ([`StoreError::Damaged`]) unless the caller accepts the damage
+//!   (see `synced_commit.rs`).
 //!
 //! # What it must never do
 //!
@@ -43,7 +48,8 @@
 //! engine), `keys.rs` and `encoding.rs` (the on-disk format), `schema.rs`
 //! (version and upgrade rule), `sled_store.rs`, `memory.rs`, `writer.rs`
 //! (group commit), `netting.rs` (what a window leaves out), `recent_deletes.rs` (deletions
-//! that overtook their insertion), `fault.rs`
+//! that overtook their insertion), `synced_commit.rs` (the witness of the
+//! last durable write, which finds a store shortened by damage), `fault.rs`
 //! (failure injection for tests), `error.rs`.
 
 mod batch;
@@ -61,6 +67,7 @@ mod records;
 mod schema;
 mod sled_store;
 mod store;
+mod synced_commit;
 mod writer;
 
 pub use batch::{Batch, Op, INLINE_OPS};
@@ -72,7 +79,7 @@ pub use records::{
     WillRecord,
 };
 pub use schema::SCHEMA_VERSION;
-pub use sled_store::{SledStore, LOCK_WAIT, SLED_CACHE_BYTES};
+pub use sled_store::{OnDamage, SledStore, LOCK_WAIT, SLED_CACHE_BYTES};
 pub use store::{RecordIter, SessionSummary, Store, StoreStats};
 pub use writer::{
     Completion, Durability, StoreWriter, WriterConfig, WriterStats, DEFAULT_MAX_DELAY,

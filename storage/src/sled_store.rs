@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 
 use crate::engine::{store_via_core, Core, Engine, Pairs, Writes};
 use crate::error::StoreError;
+use crate::synced_commit::SyncedCommit;
 
 /// sled's page cache. sled's default (1 GiB) is sized for a database that
 /// serves reads from cache; the broker keeps its hot state in its own memory
@@ -26,6 +27,20 @@ pub const SLED_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 /// must not mistake that moment for another owner. A real owner (a running
 /// broker) is reported after this wait.
 pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// What [`SledStore::open_with`] does with a store that holds fewer writes
+/// than were synced before ([`StoreError::Damaged`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnDamage {
+    /// Refuse to open it, changing nothing: whoever runs the broker decides
+    /// (restore a backup, or accept the loss).
+    #[default]
+    Refuse,
+    /// Open it with what it still holds, log the loss at error level, and
+    /// take what it holds as the new reference, so that the next start does
+    /// not report the same damage again.
+    Accept,
+}
 
 /// A [`Store`](crate::Store) in a sled database directory.
 pub struct SledStore {
@@ -41,7 +56,17 @@ impl SledStore {
     /// decided by whoever calls [`Store::sync`](crate::Store::sync) (the
     /// writer, according to its durability mode), so the modes mean exactly
     /// what they say. Dropping the store flushes it.
+    ///
+    /// A store that holds fewer writes than were synced before (damage in
+    /// the middle of sled's log, which sled's recovery takes for the torn
+    /// end of a crash) is refused with [`StoreError::Damaged`]; see
+    /// [`SledStore::open_with`].
     pub fn open(path: impl AsRef<Path>) -> Result<SledStore, StoreError> {
+        SledStore::open_with(path, OnDamage::Refuse)
+    }
+
+    /// [`SledStore::open`], saying what to do with a damaged store.
+    pub fn open_with(path: impl AsRef<Path>, on_damage: OnDamage) -> Result<SledStore, StoreError> {
         let path = path.as_ref().to_path_buf();
         let deadline = std::time::Instant::now() + LOCK_WAIT;
         let db = loop {
@@ -62,21 +87,33 @@ impl SledStore {
                 Err(other) => return Err(StoreError::from(other)),
             }
         };
-        Ok(SledStore {
-            core: Core::open(SledEngine { db, path })?,
-        })
+        let mut core = Core::open(SledEngine {
+            db,
+            path: path.clone(),
+        })?;
+        let (witness, synced) = SyncedCommit::open(&path)?;
+        let found = core.commit();
+        if let Some(synced) = synced.filter(|&synced| synced > found) {
+            let damage = StoreError::Damaged {
+                path,
+                synced,
+                found,
+            };
+            match on_damage {
+                OnDamage::Refuse => return Err(damage),
+                OnDamage::Accept => {
+                    tracing::error!(error = %damage, "opening the damaged store with what it holds, as asked");
+                    witness.reset(found)?;
+                }
+            }
+        }
+        core.set_witness(witness);
+        Ok(SledStore { core })
     }
 
     /// The directory the store lives in.
     pub fn path(&self) -> &Path {
         &self.core.engine.path
-    }
-
-    /// Makes everything applied so far durable without blocking the calling
-    /// task (sled's `flush_async`, which fsyncs on sled's own thread pool).
-    pub async fn sync_async(&self) -> Result<(), StoreError> {
-        self.core.engine.db.flush_async().await?;
-        Ok(())
     }
 }
 
@@ -90,7 +127,7 @@ impl std::fmt::Debug for SledStore {
 
 impl Drop for SledStore {
     fn drop(&mut self) {
-        if let Err(e) = self.core.engine.db.flush() {
+        if let Err(e) = self.core.sync() {
             tracing::error!(error = %e, "flushing the store on close failed");
         }
     }

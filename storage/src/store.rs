@@ -113,7 +113,8 @@ pub struct SessionSummary {
 /// Counts and sizes of the store.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct StoreStats {
-    /// Every key, including reference counts and the schema key.
+    /// Every key, including reference counts and the store's own keys
+    /// (schema version, commit number).
     pub keys: u64,
     /// Sum of key and value lengths: the data a perfect engine would keep.
     pub live_bytes: u64,
