@@ -27,7 +27,13 @@ use crate::keys;
 /// - 3: session records end with their owner (see `SessionRecord::owner`).
 ///   Version 2 records are valid version 3 records without one (read as
 ///   none): again only the version key changes.
-pub const SCHEMA_VERSION: u32 = 3;
+/// - 4: every write carries the commit number (`keys::COMMIT`, see
+///   `synced_commit.rs`). A version 3 store has none, read as 0: only the
+///   version key changes. The bump keeps a version 3 build away from a
+///   version 4 store: writing without the commit number, it would leave the
+///   store behind its witness, and the next version 4 start would report
+///   the store damaged.
+pub const SCHEMA_VERSION: u32 = 4;
 
 pub(crate) fn check_or_init<E: Engine>(engine: &E) -> Result<(), StoreError> {
     match engine.get(keys::SCHEMA)? {
@@ -60,7 +66,7 @@ pub(crate) fn check_or_init<E: Engine>(engine: &E) -> Result<(), StoreError> {
 /// Upgrades the store from `from` to the next version and returns it. Each
 /// step writes its changes and the new version key in one atomic write.
 fn migrate<E: Engine>(engine: &E, from: u32) -> Result<u32, StoreError> {
-    if from == 1 || from == 2 {
+    if (1..=3).contains(&from) {
         // Nothing to rewrite (see SCHEMA_VERSION).
         let mut w = Writes::new();
         w.insert(keys::SCHEMA.to_vec(), Some(enc::encode_u32(from + 1)));
