@@ -242,12 +242,8 @@ fn serve(args: ServeArgs) -> ExitCode {
             Ok(server) => server,
             Err(e) => {
                 tracing::error!("{e}");
-                if e.is_store_damage() {
-                    tracing::error!(
-                        "nothing was changed: restore the directory from a backup, or start once \
-                         with --accept-store-damage to serve what the store still holds (the lost \
-                         writes stay lost)"
-                    );
+                if let Some(hint) = e.hint() {
+                    tracing::error!("{hint}");
                 }
                 return ExitCode::FAILURE;
             }

@@ -68,16 +68,29 @@ pub enum StartError {
 }
 
 impl StartError {
-    /// The store was refused as damaged ([`tern_storage::StoreError::Damaged`]):
-    /// `--accept-store-damage` would open it.
-    pub fn is_store_damage(&self) -> bool {
-        matches!(
-            self,
+    /// What whoever runs the broker can do about the error, where the
+    /// error itself does not say: the store refused as damaged.
+    pub fn hint(&self) -> Option<&'static str> {
+        use tern_storage::StoreError;
+        match self {
             StartError::Store {
-                source: tern_storage::StoreError::Damaged { .. },
+                source: StoreError::Damaged { .. },
                 ..
-            }
-        )
+            } => Some(
+                "Tern wrote nothing to the store, but the storage engine's recovery has already \
+                 cut its log at the damage (a copy of the directory made now no longer holds what \
+                 followed it): restore the directory from a backup, or start once with \
+                 --accept-store-damage to serve what the store still holds (the lost writes stay lost)",
+            ),
+            StartError::Store {
+                source: StoreError::Unreadable { .. },
+                ..
+            } => Some(
+                "restore the directory from a backup; --accept-store-damage cannot open a store \
+                 its engine cannot read",
+            ),
+            _ => None,
+        }
     }
 }
 

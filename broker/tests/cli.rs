@@ -514,7 +514,17 @@ fn a_damaged_store_is_refused_until_the_damage_is_accepted() {
     assert!(exit_status(&mut accepted).success());
 
     // The store as it is now is the reference: a plain start works.
+    let (mut plain, log) = serve_with(root.path(), &data_arg);
+    tcp_port(&log);
+    send_signal(&plain, libc::SIGTERM);
+    assert!(exit_status(&mut plain).success());
+
+    // Without its record of the last synced commit the store opens, and
+    // the log says that it could not be checked.
+    std::fs::remove_file(data.join("synced-commit")).unwrap();
     let (_running, log) = serve_with(root.path(), &data_arg);
+    let lines = wait_for_line(&log, "cannot be checked at this start");
+    assert!(lines.last().unwrap().contains("WARN"), "{lines:#?}");
     tcp_port(&log);
 }
 

@@ -37,7 +37,8 @@ pub enum StoreError {
 
     /// The store holds fewer writes than were synced before: its engine
     /// stopped reading at a damaged record and left out what came after it
-    /// (see `synced_commit.rs`). Nothing was changed.
+    /// (see `synced_commit.rs`). Tern wrote nothing, but the engine's
+    /// recovery has already cut its log at the damage.
     #[error(
         "the store at {path} is damaged: it ends at commit {found}, but commits up to \
          {synced} were synced to disk before; the storage engine stopped reading at a \
@@ -51,6 +52,15 @@ pub enum StoreError {
         /// The last commit the store holds.
         found: u64,
     },
+
+    /// The storage engine failed while reading its files at open (sled
+    /// 0.34 panics on some damage, e.g. a bad record in an older log
+    /// segment or a damaged snapshot); the panic is caught and reported
+    /// here. The files are damaged beyond what the engine can recover.
+    #[error(
+        "the store at {path} cannot be read: its storage engine failed on damaged files ({detail})"
+    )]
+    Unreadable { path: PathBuf, detail: String },
 
     /// A stored value could not be decoded.
     #[error("corrupt record under key {key:?}: {reason}")]

@@ -32,8 +32,9 @@ pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 /// than were synced before ([`StoreError::Damaged`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum OnDamage {
-    /// Refuse to open it, changing nothing: whoever runs the broker decides
-    /// (restore a backup, or accept the loss).
+    /// Refuse to open it, writing nothing (sled's recovery has already cut
+    /// its log at the damage): whoever runs the broker decides (restore a
+    /// backup, or accept the loss).
     #[default]
     Refuse,
     /// Open it with what it still holds, log the loss at error level, and
@@ -68,31 +69,31 @@ impl SledStore {
     /// [`SledStore::open`], saying what to do with a damaged store.
     pub fn open_with(path: impl AsRef<Path>, on_damage: OnDamage) -> Result<SledStore, StoreError> {
         let path = path.as_ref().to_path_buf();
-        let deadline = std::time::Instant::now() + LOCK_WAIT;
-        let db = loop {
-            let opened = sled::Config::new()
-                .path(&path)
-                .cache_capacity(SLED_CACHE_BYTES)
-                .mode(sled::Mode::LowSpace)
-                .flush_every_ms(None)
-                .open();
-            match opened {
-                Ok(db) => break db,
-                Err(sled::Error::Io(io)) if io.to_string().contains("could not acquire lock") => {
-                    if std::time::Instant::now() >= deadline {
-                        return Err(StoreError::Locked { path });
-                    }
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                }
-                Err(other) => return Err(StoreError::from(other)),
+        // sled 0.34 panics on some damage as it recovers (a bad record in an
+        // older segment, a damaged snapshot): report it as an error of the
+        // store rather than let it unwind through the caller.
+        let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| open_core(&path)));
+        let mut core = match opened {
+            Ok(core) => core?,
+            Err(panic) => {
+                let detail = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "it panicked".into());
+                return Err(StoreError::Unreadable { path, detail });
             }
         };
-        let mut core = Core::open(SledEngine {
-            db,
-            path: path.clone(),
-        })?;
         let (witness, synced) = SyncedCommit::open(&path)?;
         let found = core.commit();
+        if synced.is_none() && found > 0 {
+            tracing::warn!(
+                path = %path.display(),
+                commit = found,
+                "the record of the last synced commit ({}) is missing or unreadable: damage to the store cannot be checked at this start",
+                crate::synced_commit::FILE_NAME
+            );
+        }
         if let Some(synced) = synced.filter(|&synced| synced > found) {
             let damage = StoreError::Damaged {
                 path,
@@ -115,6 +116,36 @@ impl SledStore {
     pub fn path(&self) -> &Path {
         &self.core.engine.path
     }
+}
+
+/// Opens sled in `path` (waiting up to [`LOCK_WAIT`] for its lock) and the
+/// record-level store over it.
+fn open_core(path: &Path) -> Result<Core<SledEngine>, StoreError> {
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    let db = loop {
+        let opened = sled::Config::new()
+            .path(path)
+            .cache_capacity(SLED_CACHE_BYTES)
+            .mode(sled::Mode::LowSpace)
+            .flush_every_ms(None)
+            .open();
+        match opened {
+            Ok(db) => break db,
+            Err(sled::Error::Io(io)) if io.to_string().contains("could not acquire lock") => {
+                if std::time::Instant::now() >= deadline {
+                    return Err(StoreError::Locked {
+                        path: path.to_path_buf(),
+                    });
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(other) => return Err(StoreError::from(other)),
+        }
+    };
+    Core::open(SledEngine {
+        db,
+        path: path.to_path_buf(),
+    })
 }
 
 impl std::fmt::Debug for SledStore {

@@ -26,6 +26,14 @@
 //! wrong), and it can never be newer, because it is written after the sync
 //! it reports. Its 16 bytes are the number and its bitwise complement, so a
 //! torn or foreign file reads as absent rather than as a false alarm.
+//!
+//! # What it cannot see
+//!
+//! sled replays older log segments differently: a bad record near the end
+//! of one ends that segment's replay and sled goes on with the next. The
+//! newest commit number survives, so writes lost that way pass the check.
+//! Other damage makes sled panic as it recovers; `SledStore::open` reports
+//! that as [`StoreError::Unreadable`](crate::StoreError::Unreadable).
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read};
