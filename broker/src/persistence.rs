@@ -172,6 +172,12 @@ impl Persistence {
         self.writer.stats()
     }
 
+    /// Whether the store writer still runs (see
+    /// [`StoreWriter::is_running`]).
+    pub fn writer_running(&self) -> bool {
+        self.writer.is_running()
+    }
+
     /// The id `message` has in the store, given now if it has none yet.
     /// Copies made afterwards (`Message::detached`) keep it, so that they
     /// and the message are one stored record.

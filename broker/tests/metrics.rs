@@ -229,3 +229,45 @@ async fn sys_topics_are_retained_updated_and_hidden_from_wildcards() {
     everything.expect_silence(Duration::from_millis(300)).await;
     server.shutdown().await;
 }
+
+/// A store writer stopped by a panic in the store (sled panics on some
+/// damaged files) leaves a broker that can change no durable state:
+/// `/health` says so with 503, for a supervisor to restart it.
+#[tokio::test]
+async fn health_reports_a_stopped_store_writer() {
+    let store = std::sync::Arc::new(tern_storage::FailingStore::new(
+        tern_storage::MemoryStore::new(),
+    ));
+    let mut config = tern::config::Config::default();
+    config.listeners.tcp = vec!["127.0.0.1:0".parse().unwrap()];
+    config.listeners.ws = vec![];
+    config.admin.bind = Some("127.0.0.1:0".parse().unwrap());
+    config.storage.durability = tern::config::DurabilityMode::Fsync;
+    let server = tern::server::Server::start_with_store(config, store.clone())
+        .await
+        .expect("broker starts");
+    let admin = server.admin_addr().expect("admin endpoint");
+    let (status, _, body) = get(admin, "/health").await;
+    assert_eq!(
+        (status, body.contains("\"serving\"")),
+        (200, true),
+        "{body}"
+    );
+
+    store.panic_apply(true);
+    // A durable session's CONNECT writes its record.
+    let (_client, _) = RawClient::connect(addr(&server), persistent_connect("p", 3600)).await;
+    let mut last = String::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while tokio::time::Instant::now() < deadline {
+        let (status, _, body) = get(admin, "/health").await;
+        if status == 503 {
+            let health: serde_json::Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(health["status"], "store_stopped");
+            return;
+        }
+        last = body;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("/health still answers {last}");
+}

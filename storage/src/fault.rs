@@ -1,5 +1,5 @@
 //! [`FailingStore`]: a wrapper that makes `apply` or `sync` fail on demand,
-//! or wait as a slow disk does, to test what the writer and the broker do
+//! `apply` panic as sled does on some damage, or wait as a slow disk does, to test what the writer and the broker do
 //! when the disk fails, fills or lags.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -24,6 +24,7 @@ pub struct FailingStore<S> {
     fail_next_applies: AtomicU64,
     fail_sync: AtomicBool,
     disk_full: AtomicBool,
+    panic_apply: AtomicBool,
     /// While true, `apply` waits on `unstalled`.
     stalled: Mutex<bool>,
     unstalled: Condvar,
@@ -39,6 +40,7 @@ impl<S: Store> FailingStore<S> {
             fail_next_applies: AtomicU64::new(0),
             fail_sync: AtomicBool::new(false),
             disk_full: AtomicBool::new(false),
+            panic_apply: AtomicBool::new(false),
             stalled: Mutex::new(false),
             unstalled: Condvar::new(),
             applies: AtomicU64::new(0),
@@ -70,6 +72,11 @@ impl<S: Store> FailingStore<S> {
     /// (`io::ErrorKind::StorageFull`).
     pub fn disk_full(&self, on: bool) {
         self.disk_full.store(on, Ordering::SeqCst);
+    }
+
+    /// While on, `apply` panics, as sled 0.34 does on some damaged files.
+    pub fn panic_apply(&self, on: bool) {
+        self.panic_apply.store(on, Ordering::SeqCst);
     }
 
     /// While on, `apply` waits until it is turned off (a disk that lags),
@@ -114,6 +121,9 @@ impl<S: Store> Store for FailingStore<S> {
                 .unwrap_or_else(PoisonError::into_inner),
         );
         self.full()?;
+        if self.panic_apply.load(Ordering::SeqCst) {
+            panic!("injected: the storage engine panicked in apply");
+        }
         let fail_next = self
             .fail_next_applies
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))

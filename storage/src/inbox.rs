@@ -111,6 +111,11 @@ impl<T> Inbox<T> {
         st.waiting = false;
     }
 
+    /// Whether the consumer has stopped ([`close`](Self::close)).
+    pub(crate) fn is_closed(&self) -> bool {
+        self.state.lock().closed
+    }
+
     /// The consumer stops: later pushes fail; what is waiting is dropped
     /// (outside the lock), so futures waiting on it resolve as closed.
     pub(crate) fn close(&self) {

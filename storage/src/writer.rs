@@ -297,6 +297,13 @@ impl StoreWriter {
         }
     }
 
+    /// Whether the writer thread still runs. It stops only by a panic in
+    /// the store (sled panics on some damaged files); from then on every
+    /// submission fails with [`StoreError::WriterClosed`].
+    pub fn is_running(&self) -> bool {
+        !self.inbox.is_closed()
+    }
+
     pub fn stats(&self) -> WriterStats {
         WriterStats {
             submitted: self.counters.submitted.load(Ordering::Relaxed),
@@ -339,9 +346,24 @@ struct Worker {
     errors: ErrorLog,
 }
 
+/// Logs the writer thread's end by a panic: every change to durable state
+/// fails from then on, which a restart of the broker is the way out of.
+struct ReportPanic;
+
+impl Drop for ReportPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            tracing::error!(
+                "the store writer stopped after a panic in the store: every change to durable state fails from now on; restart the broker"
+            );
+        }
+    }
+}
+
 impl Worker {
     fn run(&mut self) {
         let _close = CloseOnExit(Arc::clone(&self.inbox));
+        let _report = ReportPanic;
         let mut held: HeldQueue<Reply> = HeldQueue::new();
         // Kept between rounds: swapped with the inbox's vector (see
         // `inbox.rs`), so arrivals cost no allocation.

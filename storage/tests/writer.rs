@@ -133,6 +133,27 @@ async fn a_failing_apply_fails_every_submission_of_the_window_and_the_writer_goe
 }
 
 #[tokio::test]
+async fn a_panic_in_the_store_stops_the_writer_and_everything_after_it_fails() {
+    let store = Arc::new(FailingStore::new(MemoryStore::new()));
+    let writer = StoreWriter::spawn(store.clone(), config(Durability::Fsync)).unwrap();
+    writer.submit(publish(1)).await.unwrap();
+    assert!(writer.is_running());
+    store.panic_apply(true);
+    assert!(matches!(
+        writer.submit(publish(2)).await,
+        Err(StoreError::WriterClosed)
+    ));
+    assert!(!writer.is_running());
+    // The store would write again; the writer is gone all the same.
+    store.panic_apply(false);
+    assert!(matches!(
+        writer.submit(publish(3)).await,
+        Err(StoreError::WriterClosed)
+    ));
+    assert_eq!(store.inner().queue("sub", None).count(), 1);
+}
+
+#[tokio::test]
 async fn a_failing_sync_fails_the_submissions_waiting_on_it() {
     let store = Arc::new(FailingStore::new(MemoryStore::new()));
     let writer = StoreWriter::spawn(store.clone(), config(Durability::Fsync)).unwrap();

@@ -30,6 +30,7 @@
 //! GET /v1/export                            everything, one JSON document, streamed
 //! GET /metrics                              counters and gauges, Prometheus text format
 //! GET /health                               200 while serving, 503 once shutting down
+//!                                            or once the store writer has stopped
 //! ```
 //!
 //! In memory mode there is no store: the `/v1` routes answer 404 saying so,
@@ -433,7 +434,8 @@ fn hex(b: u8) -> Option<u8> {
 /// The answer of `/health`.
 #[derive(Serialize)]
 struct HealthView {
-    /// `serving`, or `shutting_down` (with status 503).
+    /// `serving`; or, with status 503, `shutting_down`, or `store_stopped`
+    /// (the store writer stopped: no change to durable state can be made).
     status: &'static str,
     uptime_secs: u64,
     connections: usize,
@@ -446,13 +448,19 @@ struct HealthView {
 }
 
 fn health(broker: &Broker) -> Reply {
-    let shutting_down = broker.is_shutting_down();
+    let status = if broker.is_shutting_down() {
+        "shutting_down"
+    } else if broker
+        .persistence
+        .as_ref()
+        .is_some_and(|p| !p.writer_running())
+    {
+        "store_stopped"
+    } else {
+        "serving"
+    };
     let view = HealthView {
-        status: if shutting_down {
-            "shutting_down"
-        } else {
-            "serving"
-        },
+        status,
         uptime_secs: broker.uptime().as_secs(),
         connections: broker.registry.connection_count(),
         sessions: broker.registry.session_count(),
@@ -463,7 +471,7 @@ fn health(broker: &Broker) -> Reply {
         },
         store_failures: broker.persistence.as_ref().map(|p| p.writer_stats().failed),
     };
-    Reply::json(if shutting_down { 503 } else { 200 }, &view)
+    Reply::json(if status == "serving" { 200 } else { 503 }, &view)
 }
 
 /// Answers a route: the broker's views at once, the store's on a blocking
