@@ -717,6 +717,8 @@ struct Backlog {
     count: usize,
     /// A read is under way.
     reading: bool,
+    /// Reads failed in a row (the retry waits longer after each).
+    failures: u32,
 }
 
 /// Backlog deliveries read from the store at a time: enough to refill an
@@ -734,8 +736,19 @@ pub const BACKLOG_CHUNK: usize = 256;
 pub const WRITE_BATCH_BYTES: usize = 1024 * 1024;
 
 /// Wait before reading a backlog chunk again after a failed read: the store
-/// is failing, so retry slowly rather than spin on the blocking pool.
+/// is failing, so retry slowly rather than spin on the blocking pool. The
+/// wait doubles with each failure in a row, up to [`BACKLOG_RETRY_MAX`]: a
+/// damaged record fails every time, and a session retrying it every second
+/// for hours would fill the log and the blocking pool's time for nothing.
 const BACKLOG_RETRY: Duration = Duration::from_secs(1);
+const BACKLOG_RETRY_MAX: Duration = Duration::from_secs(60);
+
+/// The wait before the next read after `failures` failed reads in a row.
+fn backlog_retry_wait(failures: u32) -> Duration {
+    BACKLOG_RETRY
+        .saturating_mul(1 << failures.saturating_sub(1).min(6))
+        .min(BACKLOG_RETRY_MAX)
+}
 
 /// One client's session. See the module documentation.
 pub struct Session {
@@ -1355,6 +1368,7 @@ impl Session {
             end,
             count,
             reading: false,
+            failures: 0,
         }));
     }
 
@@ -1367,8 +1381,13 @@ impl Session {
         let (session, store) = (Arc::clone(self), Arc::clone(p.store()));
         p.spawn_read(move || {
             std::thread::sleep(delay);
-            let chunk =
-                crate::recovery::read_backlog(store.as_ref(), &session, after, end, BACKLOG_CHUNK);
+            // sled panics on some damaged records: a read that panics fails
+            // like one that returns an error, so that it is logged and
+            // retried instead of leaving the backlog waiting for ever.
+            let chunk = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                crate::recovery::read_backlog(store.as_ref(), &session, after, end, BACKLOG_CHUNK)
+            }))
+            .unwrap_or_else(|_| Err(StoreError::Engine("the store panicked reading it".into())));
             session.backlog_read(chunk);
         });
     }
@@ -1390,13 +1409,20 @@ impl Session {
                 Err(e) => {
                     // Still reading: the same chunk again, a moment later
                     // (nothing else would wake a client whose window is
-                    // empty).
-                    tracing::warn!(client_id = %self.client_id, error = %e, "reading a stored queue failed; retrying");
+                    // empty). Logged at the 1st, 2nd, 4th, 8th... failure.
+                    backlog.failures += 1;
+                    let failures = backlog.failures;
+                    if failures.is_power_of_two() {
+                        tracing::warn!(client_id = %self.client_id, error = %e, failures, "reading a stored queue failed; retrying");
+                    }
                     let (after, end) = (backlog.after, backlog.end);
-                    self.read_backlog(after, end, BACKLOG_RETRY);
+                    self.read_backlog(after, end, backlog_retry_wait(failures));
                     return;
                 }
             };
+            if std::mem::take(&mut backlog.failures) > 0 {
+                tracing::info!(client_id = %self.client_id, "reading a stored queue works again");
+            }
             backlog.reading = false;
             backlog.after = backlog.after.max(chunk.last_seq);
             backlog.count = backlog
@@ -2548,6 +2574,13 @@ fn cancel_timers(st: &mut SessionState) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failing_backlog_read_is_retried_ever_more_slowly_up_to_a_minute() {
+        let waits: Vec<u64> = (1..=9).map(|n| backlog_retry_wait(n).as_secs()).collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 32, 60, 60, 60]);
+        assert_eq!(backlog_retry_wait(u32::MAX), BACKLOG_RETRY_MAX);
+    }
 
     /// A delivery sits in a queue slot of every subscriber it goes to, and
     /// a fan-out writes one per subscriber: its size is memory traffic on

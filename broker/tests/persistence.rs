@@ -387,6 +387,46 @@ async fn a_delivery_not_acknowledged_within_the_hold_is_stored_before_the_puback
     server.shutdown().await;
 }
 
+/// A read of a stored backlog that panics (sled does on some damaged
+/// records) fails like a read that returns an error: it is retried, and the
+/// messages arrive once the store reads again. Before, the panic ended the
+/// read and the session waited for its backlog for ever.
+#[tokio::test]
+async fn a_backlog_read_that_panics_is_retried() {
+    let store = Arc::new(FailingStore::new(MemoryStore::new()));
+    let server = start_on(Arc::clone(&store) as Arc<dyn Store>).await;
+    offline_subscriber(&server, "b", "b/#", QoS::AtLeastOnce).await;
+    let mut publisher = RawClient::connected(addr(&server), "pub", ProtocolVersion::V5).await;
+    for i in 1..=3u16 {
+        publisher
+            .publish("b/x", format!("m{i}").as_bytes(), QoS::AtLeastOnce, i)
+            .await;
+    }
+    drop(publisher);
+    server.shutdown().await;
+
+    let server = start_on(Arc::clone(&store) as Arc<dyn Store>).await;
+    store.panic_reads(true);
+    let (mut reader, ack) = RawClient::connect(addr(&server), persistent_connect("b", 3600)).await;
+    assert!(ack.session_present);
+    reader.expect_silence(Duration::from_millis(300)).await;
+    store.panic_reads(false);
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        match reader.recv_within(Duration::from_secs(10)).await {
+            Ok(Some(Packet::Publish(p))) => {
+                reader
+                    .send(Packet::PubAck(PubAck::new(p.packet_id.unwrap())))
+                    .await;
+                got.push(String::from_utf8(p.payload.to_vec()).unwrap());
+            }
+            other => panic!("after {got:?}: {other:?}"),
+        }
+    }
+    assert_eq!(got, ["m1", "m2", "m3"]);
+    server.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_restart_leaves_queued_messages_in_the_store_until_the_client_drains_them() {
     const STORED: usize = 700;

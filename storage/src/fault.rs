@@ -1,6 +1,7 @@
 //! [`FailingStore`]: a wrapper that makes `apply` or `sync` fail on demand,
-//! `apply` panic as sled does on some damage, or wait as a slow disk does, to test what the writer and the broker do
-//! when the disk fails, fills or lags.
+//! `apply` or queue reads panic as sled does on some damage, or `apply` wait
+//! as a slow disk does, to test what the writer and the broker do when the
+//! disk fails, fills, lags or holds damaged files.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, PoisonError};
@@ -25,6 +26,7 @@ pub struct FailingStore<S> {
     fail_sync: AtomicBool,
     disk_full: AtomicBool,
     panic_apply: AtomicBool,
+    panic_reads: AtomicBool,
     /// While true, `apply` waits on `unstalled`.
     stalled: Mutex<bool>,
     unstalled: Condvar,
@@ -41,6 +43,7 @@ impl<S: Store> FailingStore<S> {
             fail_sync: AtomicBool::new(false),
             disk_full: AtomicBool::new(false),
             panic_apply: AtomicBool::new(false),
+            panic_reads: AtomicBool::new(false),
             stalled: Mutex::new(false),
             unstalled: Condvar::new(),
             applies: AtomicU64::new(0),
@@ -77,6 +80,12 @@ impl<S: Store> FailingStore<S> {
     /// While on, `apply` panics, as sled 0.34 does on some damaged files.
     pub fn panic_apply(&self, on: bool) {
         self.panic_apply.store(on, Ordering::SeqCst);
+    }
+
+    /// While on, reading a queue panics, as sled 0.34 does reading some
+    /// damaged records.
+    pub fn panic_reads(&self, on: bool) {
+        self.panic_reads.store(on, Ordering::SeqCst);
     }
 
     /// While on, `apply` waits until it is turned off (a disk that lags),
@@ -151,6 +160,9 @@ impl<S: Store> Store for FailingStore<S> {
         self.inner.subscriptions(client_id)
     }
     fn queue(&self, client_id: &str, after_seq: Option<u64>) -> RecordIter<'_, QueueEntry> {
+        if self.panic_reads.load(Ordering::SeqCst) {
+            panic!("injected: the storage engine panicked reading a queue");
+        }
         self.inner.queue(client_id, after_seq)
     }
     fn incoming_qos2(&self, client_id: &str) -> Result<Vec<u16>, StoreError> {
