@@ -153,6 +153,13 @@ pub fn render(broker: &Broker) -> String {
             w.syncs,
         );
         sample(m, "store_failures_total", Kind::Counter, "Store submissions that failed (their clients got an error reason code, not an acknowledgement).", w.failed);
+        sample(
+            m,
+            "store_writer_running",
+            Kind::Gauge,
+            "1 while the store writer runs; 0 once a panic in the store ended it (every durable change fails: restart the broker).",
+            u8::from(persistence.writer_running()),
+        );
     }
 
     for (name, help, value) in broker.metrics.counters() {

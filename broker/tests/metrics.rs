@@ -264,6 +264,8 @@ async fn health_reports_a_stopped_store_writer() {
         if status == 503 {
             let health: serde_json::Value = serde_json::from_str(&body).unwrap();
             assert_eq!(health["status"], "store_stopped");
+            let (_, _, text) = get(admin, "/metrics").await;
+            assert_eq!(sample(&text, "tern_store_writer_running"), 0, "{text}");
             return;
         }
         last = body;
