@@ -69,7 +69,7 @@ pub enum StartError {
 
 impl StartError {
     /// What whoever runs the broker can do about the error, where the
-    /// error itself does not say: the store refused as damaged.
+    /// error itself does not say: a store refused as damaged or unreadable.
     pub fn hint(&self) -> Option<&'static str> {
         use tern_storage::StoreError;
         match self {
