@@ -152,15 +152,27 @@ impl Persistence {
         self.writer.sync().await
     }
 
-    /// Runs a store read off the async threads: on the runtime's blocking
-    /// pool (or a thread of its own without a runtime).
-    pub fn spawn_read(&self, read: impl FnOnce() + Send + 'static) {
+    /// Runs a store read off the async threads, `after` from now: on the
+    /// runtime's blocking pool (or a thread of its own without a runtime).
+    /// The wait is a timer, not a blocking thread put to sleep, so reads
+    /// waiting to be retried do not hold the pool's threads.
+    pub fn spawn_read(&self, after: Duration, read: impl FnOnce() + Send + 'static) {
         match &self.runtime {
-            Some(handle) => {
+            Some(handle) if after.is_zero() => {
                 handle.spawn_blocking(read);
             }
+            Some(handle) => {
+                let blocking = handle.clone();
+                handle.spawn(async move {
+                    tokio::time::sleep(after).await;
+                    blocking.spawn_blocking(read);
+                });
+            }
             None => {
-                std::thread::spawn(read);
+                std::thread::spawn(move || {
+                    std::thread::sleep(after);
+                    read();
+                });
             }
         }
     }

@@ -77,10 +77,10 @@ impl StartError {
                 source: StoreError::Damaged { .. },
                 ..
             } => Some(
-                "Tern wrote nothing to the store, but the storage engine's recovery has already \
-                 cut its log at the damage (a copy of the directory made now no longer holds what \
-                 followed it): restore the directory from a backup, or start once with \
-                 --accept-store-damage to serve what the store still holds (the lost writes stay lost)",
+                "the storage engine's recovery has already cut its log at the damage (a copy of \
+                 the directory made now no longer holds what followed it): restore the directory \
+                 from a backup, or start once with --accept-store-damage to serve what the store \
+                 still holds (the lost writes stay lost)",
             ),
             StartError::Store {
                 source: StoreError::Unreadable { .. },

@@ -1379,8 +1379,7 @@ impl Session {
             return;
         };
         let (session, store) = (Arc::clone(self), Arc::clone(p.store()));
-        p.spawn_read(move || {
-            std::thread::sleep(delay);
+        p.spawn_read(delay, move || {
             // sled panics on some damaged records: a read that panics fails
             // like one that returns an error, so that it is logged and
             // retried instead of leaving the backlog waiting for ever.

@@ -409,6 +409,7 @@ async fn a_backlog_read_that_panics_is_retried() {
     store.panic_reads(true);
     let (mut reader, ack) = RawClient::connect(addr(&server), persistent_connect("b", 3600)).await;
     assert!(ack.session_present);
+    common::eventually("a read of the backlog panicked", || store.panics() > 0).await;
     reader.expect_silence(Duration::from_millis(300)).await;
     store.panic_reads(false);
     let mut got = Vec::new();

@@ -593,3 +593,80 @@ macro_rules! store_via_core {
     };
 }
 pub(crate) use store_via_core;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::MemoryEngine;
+    use std::sync::atomic::AtomicBool;
+
+    /// An engine in memory whose sync fails while `failing` is set.
+    #[derive(Default)]
+    struct FailingSync {
+        inner: MemoryEngine,
+        failing: AtomicBool,
+    }
+
+    impl Engine for FailingSync {
+        fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+            self.inner.get(key)
+        }
+        fn contains(&self, key: &[u8]) -> Result<bool, StoreError> {
+            self.inner.contains(key)
+        }
+        fn scan(
+            &self,
+            prefix: &[u8],
+            after: Option<&[u8]>,
+            limit: usize,
+        ) -> Result<Pairs, StoreError> {
+            self.inner.scan(prefix, after, limit)
+        }
+        fn last(&self, prefix: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+            self.inner.last(prefix)
+        }
+        fn write(&self, writes: Writes) -> Result<(), StoreError> {
+            self.inner.write(writes)
+        }
+        fn sync(&self) -> Result<(), StoreError> {
+            if self.failing.load(Ordering::SeqCst) {
+                return Err(StoreError::Injected("sync"));
+            }
+            self.inner.sync()
+        }
+        fn disk_bytes(&self) -> Result<u64, StoreError> {
+            self.inner.disk_bytes()
+        }
+        fn compact(&self) -> Result<(), StoreError> {
+            self.inner.compact()
+        }
+    }
+
+    fn witnessed(dir: &std::path::Path) -> Option<u64> {
+        SyncedCommit::open(dir).unwrap().1
+    }
+
+    /// The witness moves only after a sync succeeded, to the last write
+    /// applied before it: a failed sync leaves it where it was.
+    #[test]
+    fn the_witness_records_only_what_a_successful_sync_covered() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut core = Core::open(FailingSync::default()).unwrap();
+        core.set_witness(SyncedCommit::open(dir.path()).unwrap().0);
+        let mut batch = Batch::new();
+        batch.delete_session("gone");
+
+        core.apply_all(&[&batch]).unwrap();
+        core.sync().unwrap();
+        assert_eq!(witnessed(dir.path()), Some(1));
+
+        core.apply_all(&[&batch]).unwrap();
+        core.engine.failing.store(true, Ordering::SeqCst);
+        assert!(core.sync().is_err());
+        assert_eq!(witnessed(dir.path()), Some(1));
+
+        core.engine.failing.store(false, Ordering::SeqCst);
+        core.sync().unwrap();
+        assert_eq!(witnessed(dir.path()), Some(2));
+    }
+}

@@ -37,13 +37,13 @@ pub enum StoreError {
 
     /// The store holds fewer writes than were synced before: its engine
     /// stopped reading at a damaged record and left out what came after it
-    /// (see `synced_commit.rs`). Tern wrote nothing, but the engine's
-    /// recovery has already cut its log at the damage.
+    /// (see `synced_commit.rs`). The engine's recovery has already cut its
+    /// log at the damage.
     #[error(
         "the store at {path} is damaged: it ends at commit {found}, but commits up to \
          {synced} were synced to disk before; the storage engine stopped reading at a \
          damaged record and left out the {lost} commit(s) after it",
-        lost = synced - found
+        lost = synced.saturating_sub(*found)
     )]
     Damaged {
         path: PathBuf,

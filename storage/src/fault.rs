@@ -27,6 +27,8 @@ pub struct FailingStore<S> {
     disk_full: AtomicBool,
     panic_apply: AtomicBool,
     panic_reads: AtomicBool,
+    /// Panics injected so far (`panic_apply`, `panic_reads`).
+    panics: AtomicU64,
     /// While true, `apply` waits on `unstalled`.
     stalled: Mutex<bool>,
     unstalled: Condvar,
@@ -44,6 +46,7 @@ impl<S: Store> FailingStore<S> {
             disk_full: AtomicBool::new(false),
             panic_apply: AtomicBool::new(false),
             panic_reads: AtomicBool::new(false),
+            panics: AtomicU64::new(0),
             stalled: Mutex::new(false),
             unstalled: Condvar::new(),
             applies: AtomicU64::new(0),
@@ -98,6 +101,11 @@ impl<S: Store> FailingStore<S> {
         }
     }
 
+    /// Panics injected so far.
+    pub fn panics(&self) -> u64 {
+        self.panics.load(Ordering::SeqCst)
+    }
+
     /// Calls of `apply` so far (failed ones included).
     pub fn applies(&self) -> u64 {
         self.applies.load(Ordering::SeqCst)
@@ -131,6 +139,7 @@ impl<S: Store> Store for FailingStore<S> {
         );
         self.full()?;
         if self.panic_apply.load(Ordering::SeqCst) {
+            self.panics.fetch_add(1, Ordering::SeqCst);
             panic!("injected: the storage engine panicked in apply");
         }
         let fail_next = self
@@ -161,6 +170,7 @@ impl<S: Store> Store for FailingStore<S> {
     }
     fn queue(&self, client_id: &str, after_seq: Option<u64>) -> RecordIter<'_, QueueEntry> {
         if self.panic_reads.load(Ordering::SeqCst) {
+            self.panics.fetch_add(1, Ordering::SeqCst);
             panic!("injected: the storage engine panicked reading a queue");
         }
         self.inner.queue(client_id, after_seq)

@@ -24,7 +24,9 @@
 //! The file is written in place and not synced itself: after a power loss
 //! it may be older than the store (which only makes the check weaker, never
 //! wrong), and it can never be newer, because it is written after the sync
-//! it reports. Its 16 bytes are the number and its bitwise complement, so a
+//! it reports returned, and that sync ends with an `fdatasync` of the log
+//! (`SledEngine::sync`; sled's own flush, `sync_file_range` on Linux, would
+//! leave the log's new size and the drive's cache behind). Its 16 bytes are the number and its bitwise complement, so a
 //! torn or foreign file reads as absent rather than as a false alarm.
 //!
 //! # What it cannot see

@@ -297,9 +297,9 @@ impl StoreWriter {
         }
     }
 
-    /// Whether the writer thread still runs. It stops only by a panic in
-    /// the store (sled panics on some damaged files); from then on every
-    /// submission fails with [`StoreError::WriterClosed`].
+    /// Whether the writer thread still runs. It stops only by a panic
+    /// (sled panics on some damaged files); from then on every submission
+    /// fails with [`StoreError::WriterClosed`].
     pub fn is_running(&self) -> bool {
         !self.inbox.is_closed()
     }
@@ -346,15 +346,16 @@ struct Worker {
     errors: ErrorLog,
 }
 
-/// Logs the writer thread's end by a panic: every change to durable state
-/// fails from then on, which a restart of the broker is the way out of.
+/// Logs the writer thread's end by a panic (in the store, or anywhere in
+/// the writer): every change to durable state fails from then on, which a
+/// restart of the broker is the way out of.
 struct ReportPanic;
 
 impl Drop for ReportPanic {
     fn drop(&mut self) {
         if std::thread::panicking() {
             tracing::error!(
-                "the store writer stopped after a panic in the store: every change to durable state fails from now on; restart the broker"
+                "the store writer stopped after a panic: every change to durable state fails from now on; restart the broker"
             );
         }
     }
@@ -362,12 +363,16 @@ impl Drop for ReportPanic {
 
 impl Worker {
     fn run(&mut self) {
-        let _close = CloseOnExit(Arc::clone(&self.inbox));
-        let _report = ReportPanic;
         let mut held: HeldQueue<Reply> = HeldQueue::new();
         // Kept between rounds: swapped with the inbox's vector (see
         // `inbox.rs`), so arrivals cost no allocation.
         let mut arrived = Vec::new();
+        // Declared after what holds replies, so dropped before it (locals
+        // drop in reverse): when a panic unwinds, the inbox is closed and
+        // the end logged before any submitter is told `WriterClosed`, so
+        // a submitter told so finds `is_running` false.
+        let _report = ReportPanic;
+        let _close = CloseOnExit(Arc::clone(&self.inbox));
         let mut open = true;
         // When a submission last arrived: for a while after, the writer
         // polls rather than blocks (see `BUSY_POLL_FOR`).
