@@ -220,6 +220,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         .log_internal_errors(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    log_panics();
 
     let runtime = match tern::runtime::builder().build() {
         Ok(rt) => rt,
@@ -253,6 +254,23 @@ fn serve(args: ServeArgs) -> ExitCode {
         server.shutdown().await;
         ExitCode::SUCCESS
     })
+}
+
+/// Reports a panic as one error line of the log, where the rest of the
+/// broker's lines go, instead of the default hook's raw text on stderr.
+/// Some panics are caught and turned into errors (sled's, on damaged
+/// files: see `SledStore::open` and the backlog reads); the line still
+/// says where it came from. A backtrace follows when `RUST_BACKTRACE` asks
+/// for one.
+fn log_panics() {
+    std::panic::set_hook(Box::new(|info| {
+        let thread = std::thread::current();
+        let backtrace = std::backtrace::Backtrace::capture();
+        tracing::error!(thread = thread.name().unwrap_or("unnamed"), "panic: {info}");
+        if backtrace.status() == std::backtrace::BacktraceStatus::Captured {
+            tracing::error!("panic backtrace:\n{backtrace}");
+        }
+    }));
 }
 
 /// The configuration file `tern serve` was started with, for SIGHUP.
