@@ -1101,6 +1101,7 @@ fn shared_delivery(
     }));
     delivery
 }
+
 /// What a retained message counts against `limits.max_retained_bytes`:
 /// what it holds in memory, at most. Its bytes (topic, payload and
 /// properties), the shared message, and the store's entry and nodes for its

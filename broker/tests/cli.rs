@@ -59,9 +59,7 @@ fn serve_without_config_says_so_and_stops_on_sigterm() {
     let (mut running, log) = serve_in(&cwd);
     let (port, lines) = tcp_port(&log);
     assert!(
-        lines
-            .iter()
-            .any(|l| l.contains("embedded default") && l.contains("anonymous")),
+        logged(&lines, &["embedded default", "anonymous"]),
         "{lines:#?}"
     );
     // It serves MQTT: a CONNECT gets a CONNACK.
@@ -77,10 +75,7 @@ fn serve_without_config_says_so_and_stops_on_sigterm() {
     // The connection was closed by the broker.
     let mut rest = Vec::new();
     let _ = std::io::Read::read_to_end(&mut s, &mut rest);
-    assert!(
-        lines.iter().any(|l| l.contains("durable state restored")),
-        "{lines:#?}"
-    );
+    assert!(logged(&lines, &["durable state restored"]), "{lines:#?}");
     assert!(cwd.join("data").join("db").exists(), "no store in data/");
     std::fs::remove_dir_all(&cwd).unwrap();
 }
@@ -120,8 +115,7 @@ fn a_second_broker_on_the_same_data_dir_is_refused() {
     assert_eq!(status.code(), Some(1));
     let err: Vec<String> = second_log.iter().collect();
     assert!(
-        err.iter()
-            .any(|l| l.contains("cannot open the store") && l.contains("locked")),
+        logged(&err, &["cannot open the store", "locked"]),
         "{err:#?}"
     );
     assert!(
@@ -195,6 +189,11 @@ fn drain(child: &mut Running) -> std::sync::mpsc::Receiver<String> {
         }
     });
     rx
+}
+
+/// Whether one of `lines` contains every one of `words`.
+fn logged(lines: &[String], words: &[&str]) -> bool {
+    lines.iter().any(|l| words.iter().all(|w| l.contains(w)))
 }
 
 /// Waits (10 s at most) for a log line containing `needle`; returns the
@@ -479,8 +478,7 @@ fn a_damaged_store_is_refused_until_the_damage_is_accepted() {
     assert_eq!(exit_status(&mut refused).code(), Some(1));
     let lines: Vec<String> = log.iter().collect();
     assert!(
-        lines.iter().any(|l| l.contains("is damaged"))
-            && lines.iter().any(|l| l.contains("--accept-store-damage")),
+        logged(&lines, &["is damaged"]) && logged(&lines, &["--accept-store-damage"]),
         "{lines:#?}"
     );
 
@@ -491,12 +489,7 @@ fn a_damaged_store_is_refused_until_the_damage_is_accepted() {
     ];
     let (mut accepted, log) = serve_with(root.path(), &accept);
     let (port, lines) = tcp_port(&log);
-    assert!(
-        lines
-            .iter()
-            .any(|l| l.contains("ERROR") && l.contains("is damaged")),
-        "{lines:#?}"
-    );
+    assert!(logged(&lines, &["ERROR", "is damaged"]), "{lines:#?}");
     let mut s = connect_and_expect_connack(port);
     s.write_all(&[0x82, 6, 0, 1, 0, 1, b'#', 0]).unwrap();
     let mut suback = [0u8; 5];
@@ -608,11 +601,10 @@ fn an_unreadable_store_is_refused_and_its_panic_logged() {
     let (mut refused, log) = serve_with(root.path(), &data_arg);
     assert_eq!(exit_status(&mut refused).code(), Some(1));
     let lines: Vec<String> = log.iter().collect();
-    let has = |words: &[&str]| lines.iter().any(|l| words.iter().all(|w| l.contains(w)));
-    assert!(has(&["ERROR", "panic:"]), "{lines:#?}");
-    assert!(has(&["ERROR", "cannot be read"]), "{lines:#?}");
+    assert!(logged(&lines, &["ERROR", "panic:"]), "{lines:#?}");
+    assert!(logged(&lines, &["ERROR", "cannot be read"]), "{lines:#?}");
     assert!(
-        has(&["ERROR", "restore the directory from a backup"]),
+        logged(&lines, &["ERROR", "restore the directory from a backup"]),
         "{lines:#?}"
     );
     assert!(

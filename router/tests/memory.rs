@@ -60,11 +60,17 @@ fn deep(i: usize) -> String {
     topic
 }
 
+/// Holds the count to this test alone, with the [`COUNT`] names to add,
+/// made before the count starts.
+fn one_at_a_time_with_deep_names() -> (std::sync::MutexGuard<'static, ()>, Vec<String>) {
+    let one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    (one, (0..COUNT).map(deep).collect())
+}
+
 #[test]
 fn a_deep_filter_costs_tens_of_bytes_a_level() {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let (_one, filters) = one_at_a_time_with_deep_names();
     let router: Router<u32> = Router::new();
-    let filters: Vec<String> = (0..COUNT).map(deep).collect();
     let before = live();
     for filter in &filters {
         router
@@ -97,9 +103,8 @@ fn a_deep_filter_costs_tens_of_bytes_a_level() {
 
 #[test]
 fn a_retained_message_on_a_deep_topic_costs_tens_of_bytes_a_level() {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let (_one, topics) = one_at_a_time_with_deep_names();
     let store: RetainedStore<u64> = RetainedStore::new();
-    let topics: Vec<String> = (0..COUNT).map(deep).collect();
     let before = live();
     for (i, topic) in topics.iter().enumerate() {
         store.insert(topic, i as u64);
