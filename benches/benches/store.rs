@@ -38,6 +38,7 @@ fn publish(id: u64) -> Batch {
         dup: false,
         retain: false,
         subscription_ids: Vec::new(),
+        weight: Some(68),
     });
     b
 }

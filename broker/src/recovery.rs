@@ -39,7 +39,7 @@ use crate::broker::{Broker, SessionRef};
 use crate::message::Message;
 use crate::metrics::Metrics;
 use crate::persistence::{message_from_record, unix_secs, will_from_record, Journal};
-use crate::session::{Delivery, Session};
+use crate::session::{queued_size, Delivery, Session};
 
 /// What [`recover`] found.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -174,11 +174,18 @@ pub fn recover(broker: &Arc<Broker>) -> Result<Recovered, StoreError> {
         }
         // Deliveries already sent come back into the in-flight window now;
         // the others stay in the store until the client drains to them.
-        let mut backlog = 0;
+        let (mut backlog, mut backlog_bytes) = (0, 0);
         for entry in store.queue(&client_id, None) {
             let entry = entry?;
             if entry.state == DeliveryState::Pending {
                 backlog += 1;
+                backlog_bytes += match entry.weight {
+                    Some(weight) => weight as usize,
+                    None => {
+                        let message = store.message(entry.message_id)?;
+                        entry_weight(&entry, message.and_then(message_from_record).as_ref())
+                    }
+                };
                 continue;
             }
             let qos = QoS::from_u8(entry.qos).filter(|q| *q != QoS::AtMostOnce);
@@ -200,7 +207,7 @@ pub fn recover(broker: &Arc<Broker>) -> Result<Recovered, StoreError> {
             }
         }
         if backlog > 0 {
-            session.restore_backlog(backlog, next_seq);
+            session.restore_backlog(backlog, backlog_bytes, next_seq);
             report.backlog += backlog;
         }
         for packet_id in store.incoming_qos2(&client_id)? {
@@ -261,6 +268,19 @@ fn delivery_from_entry(entry: QueueEntry, message: &Arc<Message>) -> Option<Deli
     Some(delivery)
 }
 
+/// What a pending entry counts against `max_queued_bytes` while it is in
+/// the store: its stored weight, or for an entry queued before schema
+/// version 5, which has none, what its delivery of `message` would count
+/// (0 when the message is gone).
+fn entry_weight(entry: &QueueEntry, message: Option<&Arc<Message>>) -> usize {
+    match entry.weight {
+        Some(weight) => weight as usize,
+        None => message
+            .and_then(|m| delivery_from_entry(entry.clone(), m))
+            .map_or(0, |d| queued_size(&d)),
+    }
+}
+
 /// Up to `limit` entries of a session's stored backlog, read after a
 /// restart as its client drains its queue (see `Session::restore_backlog`).
 #[derive(Debug, Default)]
@@ -271,6 +291,9 @@ pub struct BacklogChunk {
     pub gone: Vec<u64>,
     /// The greatest seq read (0 when none).
     pub last_seq: u64,
+    /// What the deliveries and gone entries counted against
+    /// `max_queued_bytes` while they were in the store.
+    pub bytes: usize,
     /// True when no backlog entry is left after this chunk.
     pub exhausted: bool,
 }
@@ -301,8 +324,9 @@ pub fn read_backlog(
         }
         let message = store
             .message(entry.message_id)?
-            .and_then(message_from_record)
-            .filter(|m| !m.is_expired(now) && !session.denies(m));
+            .and_then(message_from_record);
+        chunk.bytes += entry_weight(&entry, message.as_ref());
+        let message = message.filter(|m| !m.is_expired(now) && !session.denies(m));
         let seq = entry.seq;
         match message.and_then(|m| delivery_from_entry(entry, &m)) {
             Some(delivery) => chunk.deliveries.push(delivery),

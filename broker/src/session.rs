@@ -715,6 +715,8 @@ struct Backlog {
     end: u64,
     /// Entries left in the store.
     count: usize,
+    /// What they count against `max_queued_bytes` (their stored weights).
+    bytes: usize,
     /// A read is under way.
     reading: bool,
     /// Reads failed in a row (the retry waits longer after each).
@@ -1362,11 +1364,12 @@ impl Session {
 
     /// Notes `count` queued, unsent deliveries left in the store, all with
     /// seqs below `end` (see [`Backlog`]).
-    pub fn restore_backlog(&self, count: usize, end: u64) {
+    pub fn restore_backlog(&self, count: usize, bytes: usize, end: u64) {
         self.state.lock().backlog = Some(Box::new(Backlog {
             after: 0,
             end,
             count,
+            bytes,
             reading: false,
             failures: 0,
         }));
@@ -1427,6 +1430,7 @@ impl Session {
             backlog.count = backlog
                 .count
                 .saturating_sub(chunk.deliveries.len() + chunk.gone.len());
+            backlog.bytes = backlog.bytes.saturating_sub(chunk.bytes);
             if chunk.exhausted || backlog.count == 0 {
                 st.backlog = None;
             }
@@ -1517,12 +1521,13 @@ impl Session {
     }
 
     /// Whether the session queue is at its bound for `delivery`
-    /// (`max_queued_messages`, counting a stored backlog, or
-    /// `max_queued_bytes`).
+    /// (`max_queued_messages` or `max_queued_bytes`, each counting a stored
+    /// backlog).
     fn queue_full(&self, st: &SessionState, delivery: &Delivery) -> bool {
-        let backlog = st.backlog.as_ref().map_or(0, |b| b.count);
+        let (backlog, backlog_bytes) = st.backlog.as_ref().map_or((0, 0), |b| (b.count, b.bytes));
         st.pending.len() + backlog >= self.context.max_queued
-            || st.pending_bytes + queued_size(delivery) > self.context.max_queued_bytes
+            || st.pending_bytes + backlog_bytes + queued_size(delivery)
+                > self.context.max_queued_bytes
     }
 
     /// Moves retained messages waiting for room (see
@@ -1763,11 +1768,12 @@ impl Session {
             return;
         };
         let outpaced = overflow.outpaced(now, wait);
-        let queued = st.pending.len() + st.backlog.as_ref().map_or(0, |b| b.count);
+        let (backlog, backlog_bytes) = st.backlog.as_ref().map_or((0, 0), |b| (b.count, b.bytes));
+        let queued = st.pending.len() + backlog;
         let unwritten = st.link.as_ref().map_or(0, |l| l.charged);
         let drained = if outpaced {
             queued <= self.context.max_queued / 2
-                && st.pending_bytes <= self.context.max_queued_bytes / 2
+                && st.pending_bytes + backlog_bytes <= self.context.max_queued_bytes / 2
                 && unwritten <= self.context.max_client_outbound_bytes / 2
         } else {
             queued == 0 && unwritten == 0
@@ -1831,6 +1837,7 @@ impl Session {
             dup: delivery.dup,
             retain: delivery.retain,
             subscription_ids: delivery.subscription_ids.to_vec(),
+            weight: Some(u32::try_from(queued_size(delivery)).unwrap_or(u32::MAX)),
         }
     }
 
@@ -2533,7 +2540,7 @@ fn expired_before_resending(delivery: &Delivery, now: Instant) -> bool {
 }
 
 /// The bytes a queued delivery counts against `max_queued_bytes`.
-fn queued_size(delivery: &Delivery) -> usize {
+pub(crate) fn queued_size(delivery: &Delivery) -> usize {
     delivery.message.weight() + delivery.subscription_ids.heap_bytes()
 }
 

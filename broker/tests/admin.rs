@@ -68,6 +68,7 @@ fn entry(client_id: &str, seq: u64, message_id: u64, state: DeliveryState) -> Qu
         dup: false,
         retain: false,
         subscription_ids: vec![7],
+        weight: Some(100),
     }
 }
 

@@ -564,6 +564,7 @@ fn an_unreadable_store_is_refused_and_its_panic_logged() {
                 dup: false,
                 retain: false,
                 subscription_ids: Vec::new(),
+                weight: Some(204),
             });
             store.apply(&b).unwrap();
             if id % 10 == 0 {

@@ -25,8 +25,13 @@ fn durable(config: &mut Config) {
 }
 
 async fn start_on(store: Arc<dyn Store>) -> Server {
+    start_configured(store, |_| {}).await
+}
+
+async fn start_configured(store: Arc<dyn Store>, configure: impl FnOnce(&mut Config)) -> Server {
     let mut config = Config::default();
     durable(&mut config);
+    configure(&mut config);
     Server::start_with_store(config, store)
         .await
         .expect("broker starts")
@@ -498,6 +503,85 @@ async fn a_restart_leaves_queued_messages_in_the_store_until_the_client_drains_t
         store.queue("big", None).count() == 0
     })
     .await;
+    server.shutdown().await;
+}
+
+/// A queue left in the store by a restart counts against
+/// `max_queued_bytes` before it is read: 40 stored messages of about 1 KB
+/// leave room for 25 more under a 64 KiB bound, not 64.
+#[tokio::test]
+async fn a_restored_backlog_counts_against_the_queue_byte_bound() {
+    restored_backlog_against_the_byte_bound(false).await;
+}
+
+/// The same for entries queued by a build that stored no weight with them
+/// (schema version 4): the restart weighs them from their messages.
+#[tokio::test]
+async fn a_restored_backlog_without_weights_is_weighed_from_its_messages() {
+    restored_backlog_against_the_byte_bound(true).await;
+}
+
+async fn restored_backlog_against_the_byte_bound(unweighed: bool) {
+    const BOUND: usize = 64 * 1024;
+    const STORED: usize = 40;
+    let payload = [7u8; 1000];
+    let weight = "b/x".len() + payload.len();
+    let fit_after = (BOUND - STORED * weight) / weight;
+    let bounded = |c: &mut Config| c.limits.max_queued_bytes = BOUND;
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let server = start_configured(Arc::clone(&store), bounded).await;
+    offline_subscriber(&server, "big", "b/#", QoS::AtLeastOnce).await;
+    let mut publisher = RawClient::connected(addr(&server), "pub", ProtocolVersion::V311).await;
+    for i in 0..STORED as u16 {
+        publisher
+            .publish("b/x", &payload, QoS::AtLeastOnce, 1 + i)
+            .await;
+    }
+    drop(publisher);
+    server.shutdown().await;
+    let entries: Vec<_> = store.queue("big", None).map(Result::unwrap).collect();
+    assert_eq!(entries.len(), STORED);
+    assert!(entries.iter().all(|e| e.weight == Some(weight as u32)));
+    if unweighed {
+        let mut batch = tern_storage::Batch::new();
+        for entry in entries {
+            batch.put_queue_entry(tern_storage::QueueEntry {
+                weight: None,
+                ..entry
+            });
+        }
+        store.apply(&batch).unwrap();
+    }
+
+    let server = start_configured(Arc::clone(&store), bounded).await;
+    let session = server.broker().registry.get("big").expect("restored");
+    assert_eq!(session.stored_backlog(), STORED);
+    let mut publisher = RawClient::connected(addr(&server), "pub", ProtocolVersion::V311).await;
+    for i in 0..STORED as u16 {
+        publisher
+            .publish("b/x", &payload, QoS::AtLeastOnce, 1 + i)
+            .await;
+    }
+    let dropped = server.broker().metrics.messages_dropped_queue_full.get();
+    assert_eq!(dropped as usize, STORED - fit_after, "over the bound");
+    assert_eq!(session.queued_len(), (STORED + fit_after, 0));
+
+    // What was kept is delivered: the stored ones, then those that fit.
+    let (mut reader, ack) =
+        RawClient::connect(addr(&server), persistent_connect("big", 3600)).await;
+    assert!(ack.session_present);
+    for n in 0..STORED + fit_after {
+        match reader.recv_within(Duration::from_secs(10)).await {
+            Ok(Some(Packet::Publish(p))) => {
+                reader
+                    .send(Packet::PubAck(PubAck::new(p.packet_id.unwrap())))
+                    .await
+            }
+            other => panic!("after {n} messages: {other:?}"),
+        }
+    }
+    reader.expect_silence(Duration::from_millis(200)).await;
+    assert_eq!(session.stored_backlog(), 0);
     server.shutdown().await;
 }
 

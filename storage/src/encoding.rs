@@ -267,6 +267,9 @@ pub(crate) fn encode_queue_entry(r: &QueueEntry) -> Vec<u8> {
     for id in r.subscription_ids.iter().take(usize::from(u16::MAX)) {
         e.u32(*id);
     }
+    if let Some(weight) = r.weight {
+        e.u32(weight);
+    }
     e.0
 }
 
@@ -296,6 +299,12 @@ pub(crate) fn decode_queue_entry(key: &[u8], v: &[u8]) -> Result<QueueEntry, Sto
     for _ in 0..n {
         subscription_ids.push(d.u32()?);
     }
+    // Absent in an entry written before schema version 5.
+    let weight = if d.buf.is_empty() {
+        None
+    } else {
+        Some(d.u32()?)
+    };
     d.finish()?;
     Ok(QueueEntry {
         client_id,
@@ -307,6 +316,7 @@ pub(crate) fn decode_queue_entry(key: &[u8], v: &[u8]) -> Result<QueueEntry, Sto
         dup,
         retain,
         subscription_ids,
+        weight,
     })
 }
 

@@ -451,6 +451,7 @@ mod tests {
             dup: false,
             retain: false,
             subscription_ids: Vec::new(),
+            weight: Some(100),
         }
     }
 

@@ -118,6 +118,11 @@ pub struct QueueEntry {
     pub retain: bool,
     /// Subscription identifiers to send with the delivery.
     pub subscription_ids: Vec<u32>,
+    /// What the delivery counts against its session's queue bound, as the
+    /// broker reckoned it when it queued the delivery (the broker's
+    /// `max_queued_bytes`), so that a restart can count a queue it does not
+    /// read. `None` in an entry written before schema version 5.
+    pub weight: Option<u32>,
 }
 
 /// A retained message: the topic points at a stored message.

@@ -33,7 +33,12 @@ use crate::keys;
 ///   version 4 store: writing without the commit number, it would leave the
 ///   store behind its witness, and the next version 4 start would report
 ///   the store damaged.
-pub const SCHEMA_VERSION: u32 = 4;
+/// - 5: queue entries end with their weight (`QueueEntry::weight`).
+///   Version 4 entries are valid version 5 entries without it (read as
+///   none; the broker reads their message to weigh them): only the version
+///   key changes. The bump keeps a version 4 build, which refuses the
+///   longer entries as damaged, away from a version 5 store.
+pub const SCHEMA_VERSION: u32 = 5;
 
 pub(crate) fn check_or_init<E: Engine>(engine: &E) -> Result<(), StoreError> {
     match engine.get(keys::SCHEMA)? {
@@ -66,7 +71,7 @@ pub(crate) fn check_or_init<E: Engine>(engine: &E) -> Result<(), StoreError> {
 /// Upgrades the store from `from` to the next version and returns it. Each
 /// step writes its changes and the new version key in one atomic write.
 fn migrate<E: Engine>(engine: &E, from: u32) -> Result<u32, StoreError> {
-    if (1..=3).contains(&from) {
+    if (1..=4).contains(&from) {
         // Nothing to rewrite (see SCHEMA_VERSION).
         let mut w = Writes::new();
         w.insert(keys::SCHEMA.to_vec(), Some(enc::encode_u32(from + 1)));

@@ -7,8 +7,8 @@ mod common;
 use bytes::Bytes;
 use common::{entry, message, retained, session, subscription};
 use tern_storage::{
-    Batch, DeliveryState, MemoryStore, Op, SessionRecord, SledStore, Store, StoreError, LOCK_WAIT,
-    SCHEMA_VERSION,
+    Batch, DeliveryState, MemoryStore, Op, QueueEntry, SessionRecord, SledStore, Store, StoreError,
+    LOCK_WAIT, SCHEMA_VERSION,
 };
 
 /// Runs `f` against a fresh memory store and a fresh sled store.
@@ -67,6 +67,7 @@ fn every_record_round_trips() {
         inflight.dup = true;
         inflight.subscription_ids = vec![];
         inflight.qos = 2;
+        inflight.weight = None;
         apply(s, |b| {
             b.put_session(session("c1"))
                 .put_session(no_will.clone())
@@ -415,6 +416,47 @@ fn a_version_1_store_is_upgraded_and_its_sessions_read_as_not_connected() {
     {
         let s = SledStore::open(dir.path()).unwrap();
         assert_eq!(s.session("old").unwrap(), Some(ownerless()));
+    }
+    let db = raw_sled(dir.path());
+    assert_eq!(
+        db.get(b"\x00schema").unwrap().unwrap().as_ref(),
+        SCHEMA_VERSION.to_be_bytes()
+    );
+}
+
+#[test]
+fn a_version_4_store_is_upgraded_and_its_queue_entries_read_without_weight() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let s = SledStore::open(dir.path()).unwrap();
+        apply(&s, |b| {
+            b.put_message(message(1, 10))
+                .put_queue_entry(entry("old", 1, 1));
+        });
+    }
+    {
+        // What a version 4 broker wrote: the entry without its weight (the
+        // last 4 bytes), and schema version 4.
+        let db = raw_sled(dir.path());
+        let key = [b"Q\x00\x03old".as_slice(), &1u64.to_be_bytes()].concat();
+        let value = db.get(&key).unwrap().expect("queue entry");
+        assert_eq!(
+            value[value.len() - 4..],
+            1001u32.to_be_bytes(),
+            "the weight"
+        );
+        db.insert(&key, &value[..value.len() - 4]).unwrap();
+        db.insert(b"\x00schema", &4u32.to_be_bytes()).unwrap();
+        db.flush().unwrap();
+    }
+    {
+        let s = SledStore::open(dir.path()).unwrap();
+        let queue: Vec<_> = s.queue("old", None).map(Result::unwrap).collect();
+        let unweighed = QueueEntry {
+            weight: None,
+            ..entry("old", 1, 1)
+        };
+        assert_eq!(queue, vec![unweighed]);
     }
     let db = raw_sled(dir.path());
     assert_eq!(
