@@ -15,9 +15,17 @@
 //! their number, searched in order (a few string comparisons, no hashing),
 //! and more in a hash map. A level of a chain then costs its node, its key
 //! and one allocation for the two.
+//!
+//! The map is hashbrown's (the table behind std's), for its `entry_ref`:
+//! a level is looked up by `&str` with one hash and made into a key only
+//! when it is new, so replacing a retained message or subscribing beside
+//! others allocates nothing. It hashes with std's `RandomState` (SipHash,
+//! keyed per map), as std's map would: levels are chosen by clients.
 
-use std::collections::HashMap;
+use std::hash::RandomState;
 use std::mem;
+
+use hashbrown::hash_map::{EntryRef, HashMap};
 
 /// Children kept in a slice, searched in order, before they move to a hash
 /// map: up to eight short keys compare in less time than one is hashed, and
@@ -34,7 +42,7 @@ pub(crate) enum Levels<N> {
     /// goes back to a slice once empty). Boxed, so that a node of few
     /// children does not carry the map's 48 bytes.
     #[allow(clippy::box_collection)]
-    Many(Box<HashMap<Box<str>, N>>),
+    Many(Box<HashMap<Box<str>, N, RandomState>>),
 }
 
 impl<N> Default for Levels<N> {
@@ -64,7 +72,7 @@ impl<N> Levels<N> {
     pub(crate) fn get_or_insert_with(&mut self, level: &str, new: impl FnOnce() -> N) -> &mut N {
         if let Levels::Few(few) = self {
             if few.len() == FEW && !few.iter().any(|(k, _)| **k == *level) {
-                let mut many = HashMap::with_capacity(2 * FEW);
+                let mut many = HashMap::with_capacity_and_hasher(2 * FEW, RandomState::new());
                 many.extend(mem::take(few).into_vec());
                 *self = Levels::Many(Box::new(many));
             }
@@ -83,7 +91,10 @@ impl<N> Levels<N> {
                 };
                 &mut few[index].1
             }
-            Levels::Many(many) => many.entry(Box::from(level)).or_insert_with(new),
+            Levels::Many(many) => match many.entry_ref(level) {
+                EntryRef::Occupied(child) => child.into_mut(),
+                EntryRef::Vacant(slot) => slot.insert_with_key(Box::from(level), new()),
+            },
         }
     }
 

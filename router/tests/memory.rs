@@ -1,10 +1,11 @@
 //! What subscriptions and retained messages hold in memory, measured with a
 //! global allocator that counts live bytes: a client that subscribes or
 //! retains within the broker's limits makes it hold about what it sent, not
-//! a thousand times that (levels.rs).
+//! a thousand times that (levels.rs); and replacing a retained message,
+//! counted in allocations, costs none.
 
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicIsize, Ordering};
+use std::sync::atomic::{AtomicIsize, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use tern_router::{subscription_cost, RetainedStore, Router, SubscriptionOptions};
@@ -14,11 +15,15 @@ struct Counting;
 /// Bytes allocated and not yet freed, by every thread of this test binary.
 static LIVE: AtomicIsize = AtomicIsize::new(0);
 
+/// Allocations made (growing reallocations included), ever.
+static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
+
 /// The tests run one at a time: the count is process-wide.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
         LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
         unsafe { System.alloc(layout) }
     }
@@ -29,6 +34,9 @@ unsafe impl GlobalAlloc for Counting {
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        if new_size > layout.size() {
+            ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        }
         LIVE.fetch_add(
             new_size as isize - layout.size() as isize,
             Ordering::Relaxed,
@@ -124,4 +132,28 @@ fn a_retained_message_on_a_deep_topic_costs_tens_of_bytes_a_level() {
         "{} bytes left after every message went",
         live() - before
     );
+}
+
+/// Replacing a retained message allocates nothing, whether the levels of
+/// its topic sit among few siblings (a slice) or many (a hash map): the
+/// path is only looked up.
+#[test]
+fn replacing_a_retained_message_allocates_nothing() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let store = RetainedStore::<u64>::new();
+    // `wide/*` has a hundred children: a hash map; `narrow/*` three.
+    for i in 0..100 {
+        store.insert(&format!("wide/{i}/leaf"), i);
+    }
+    for i in 0..3 {
+        store.insert(&format!("narrow/{i}/leaf"), i);
+    }
+    for topic in ["wide/42/leaf", "narrow/1/leaf"] {
+        let before = ALLOCATIONS.load(Ordering::Relaxed);
+        let replaced = store.insert(topic, 1000);
+        let made = ALLOCATIONS.load(Ordering::Relaxed) - before;
+        assert!(replaced.is_some(), "{topic} was there");
+        assert_eq!(made, 0, "allocations replacing {topic}");
+    }
+    assert_eq!(store.get("wide/42/leaf"), Some(1000));
 }
