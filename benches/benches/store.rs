@@ -39,6 +39,7 @@ fn publish(id: u64) -> Batch {
         retain: false,
         subscription_ids: Vec::new(),
         weight: Some(68),
+        shared: None,
     });
     b
 }

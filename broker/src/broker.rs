@@ -724,9 +724,10 @@ impl Broker {
     }
 
     /// Moves the unacknowledged messages a departing member of shared groups
-    /// holds to other online members of the same groups (MQTT 5 4.8.2: a
-    /// shared message should not be lost because one member left). Those
-    /// with no online member to go to stay where they are.
+    /// holds to other members of the same groups (MQTT 5 4.8.2: a shared
+    /// message should not be lost because one member left): online members
+    /// only, or for a session about to end, any other (`takers`). Those
+    /// with no member to go to stay where they are.
     ///
     /// In the store, a move is two journals: the new members' entries, and
     /// once those are durable, the departing member's deletions. Within
@@ -736,7 +737,7 @@ impl Broker {
     /// leave while the new entry still waited to be written. In two, the
     /// stored message never has zero references in between either; a crash
     /// between them leaves both entries, a duplicate that QoS 1 allows.
-    fn redistribute_shared(&self, departing: &Arc<Session>) {
+    fn redistribute_shared(&self, departing: &Arc<Session>, takers: Takers) {
         let mut moved_in = Journal::new();
         let mut moved_out = Journal::new();
         for delivery in departing.shared_candidates() {
@@ -751,9 +752,15 @@ impl Broker {
             else {
                 continue;
             };
-            let Some((member, options)) = group.pick(|s| {
-                !Arc::ptr_eq(&s.0, departing) && s.0.is_online() && !s.0.denies(&delivery.message)
-            }) else {
+            let other =
+                |s: &SessionRef| !Arc::ptr_eq(&s.0, departing) && !s.0.denies(&delivery.message);
+            let picked = group
+                .pick(|s| other(s) && s.0.is_online())
+                .or_else(|| match takers {
+                    Takers::Online => None,
+                    Takers::Any => group.pick(other),
+                });
+            let Some((member, options)) = picked else {
                 continue;
             };
             // Withdrawn only once a taker is known; what finds none stays, with
@@ -783,6 +790,51 @@ impl Broker {
             });
         }
         persistence.commit(moved_in);
+    }
+
+    /// Before `session` ends by expiry, what it holds from shared
+    /// subscriptions goes to other members of their groups, offline ones
+    /// included (MQTT 5 4.8.2: "If the Client's Session terminates before
+    /// the Client reconnects, the Server SHOULD send the Application Message
+    /// to another Client that is subscribed to the same Shared
+    /// Subscription"). A backlog a restart left in the store is read in
+    /// first, whole, if any of it came through a shared subscription (what
+    /// one session may queue is bounded, `max_queued_*`).
+    ///
+    /// Should the client return meanwhile, the session simply lives on
+    /// without what was handed over: each message still reaches one member.
+    async fn hand_over_shared_at_expiry(&self, session: &Arc<Session>, generation: u64) {
+        let due = |s: &Session| !s.is_online() && s.generation() == generation;
+        if !due(session) {
+            return;
+        }
+        if let (Some(persistence), Some((after, end))) =
+            (&self.persistence, session.begin_backlog_read())
+        {
+            let (store, reader) = (Arc::clone(persistence.store()), Arc::clone(session));
+            let read = tokio::task::spawn_blocking(move || {
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    crate::recovery::read_backlog_if_shared(store.as_ref(), &reader, after, end)
+                }))
+            })
+            .await;
+            let chunk = match read {
+                Ok(Ok(Ok(chunk))) => chunk,
+                Ok(Ok(Err(e))) => {
+                    tracing::warn!(client_id = %session.client_id, error = %e, "reading a stored queue at session expiry failed; its shared messages end with the session");
+                    Default::default()
+                }
+                _ => {
+                    tracing::warn!(client_id = %session.client_id, "reading a stored queue at session expiry panicked; its shared messages end with the session");
+                    Default::default()
+                }
+            };
+            // An empty chunk only ends the read: the backlog stays as it was.
+            session.backlog_read(Ok(chunk));
+        }
+        if due(session) {
+            self.redistribute_shared(session, Takers::Any);
+        }
     }
 
     /// Publishes a will message now.
@@ -862,7 +914,14 @@ impl Broker {
         self.keep_alive.unwatch(connection_id);
         let still_attached = session.detach(connection_id, new_expiry);
         if still_attached {
-            self.redistribute_shared(session);
+            // A session that ends now (expiry 0, below) hands its shared
+            // messages to offline members too rather than lose them.
+            let takers = if session.expiry_interval() == 0 {
+                Takers::Any
+            } else {
+                Takers::Online
+            };
+            self.redistribute_shared(session, takers);
         }
         let will_delay = will
             .as_ref()
@@ -920,9 +979,13 @@ impl Broker {
         expiry: Option<Duration>,
         generation: u64,
     ) {
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
+        // A shutdown stops every timer (`Server::shutdown`) and arms none
+        // for a connection that closes during it: the will is only kept,
+        // for the store's record of the session, from which a restart arms
+        // both again.
+        let runtime = tokio::runtime::Handle::try_current()
+            .ok()
+            .filter(|_| !self.is_shutting_down());
         if let Some((will, delay)) = will {
             let pending = Box::new(PendingWill {
                 will,
@@ -932,6 +995,9 @@ impl Broker {
                 self.publish_will(&ended.will, session);
                 return;
             }
+            let Some(runtime) = &runtime else {
+                return;
+            };
             let (broker, owner) = (Arc::clone(self), Arc::clone(session));
             let timer = runtime.spawn(async move {
                 tokio::time::sleep(delay).await;
@@ -942,10 +1008,11 @@ impl Broker {
             });
             session.add_timer(timer.abort_handle());
         }
-        if let Some(expiry) = expiry {
+        if let (Some(expiry), Some(runtime)) = (expiry, &runtime) {
             let (broker, owner) = (Arc::clone(self), Arc::clone(session));
             let timer = runtime.spawn(async move {
                 tokio::time::sleep(expiry).await;
+                broker.hand_over_shared_at_expiry(&owner, generation).await;
                 let ended = broker.registry.end_if(
                     &owner,
                     |s| !s.is_online() && s.generation() == generation,
@@ -960,6 +1027,18 @@ impl Broker {
             session.add_timer(timer.abort_handle());
         }
     }
+}
+
+/// Which members a departing member's shared messages may go to (see
+/// [`Broker::redistribute_shared`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Takers {
+    /// Online members only: the departing session stays, and what finds no
+    /// taker waits for its client's return.
+    Online,
+    /// Any other member, online ones first: the departing session ends, and
+    /// what it kept would be lost with it.
+    Any,
 }
 
 /// QoS 0 messages a connection published in one read to the same

@@ -39,7 +39,7 @@ use crate::broker::{Broker, SessionRef};
 use crate::message::Message;
 use crate::metrics::Metrics;
 use crate::persistence::{message_from_record, unix_secs, will_from_record, Journal};
-use crate::session::{queued_size, Delivery, Session};
+use crate::session::{queued_size, Delivery, Session, SharedOrigin};
 
 /// What [`recover`] found.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -265,6 +265,12 @@ fn delivery_from_entry(entry: QueueEntry, message: &Arc<Message>) -> Option<Deli
     delivery.packet_id = entry.packet_id;
     delivery.dup = entry.dup;
     delivery.seq = entry.seq;
+    delivery.shared = entry.shared.map(|shared| {
+        Box::new(SharedOrigin {
+            group: shared.group.into(),
+            filter: shared.filter.into(),
+        })
+    });
     Some(delivery)
 }
 
@@ -296,6 +302,28 @@ pub struct BacklogChunk {
     pub bytes: usize,
     /// True when no backlog entry is left after this chunk.
     pub exhausted: bool,
+}
+
+/// The whole of `session`'s backlog between `after` and `end`, if any of
+/// it came through a shared subscription (see
+/// `Broker::hand_over_shared_at_expiry`); otherwise an empty chunk, and no
+/// message is read. Blocks on the store: call it off the async threads.
+pub fn read_backlog_if_shared(
+    store: &dyn Store,
+    session: &Session,
+    after: u64,
+    end: u64,
+) -> Result<BacklogChunk, StoreError> {
+    for entry in store.queue(&session.client_id, Some(after)) {
+        let entry = entry?;
+        if entry.seq >= end {
+            break;
+        }
+        if entry.state == DeliveryState::Pending && entry.shared.is_some() {
+            return read_backlog(store, session, after, end, usize::MAX);
+        }
+    }
+    Ok(BacklogChunk::default())
 }
 
 /// Reads the next chunk of `session`'s backlog: pending entries with a

@@ -303,6 +303,12 @@ impl Server {
                 "shutdown grace period over; closing anyway"
             );
         }
+        // Session timers would otherwise outlive the server, holding the
+        // broker and its store, and later end sessions or publish wills in
+        // a store that a restart may own by then.
+        for session in self.broker.registry.all() {
+            session.stop_timers();
+        }
         if let Some(persistence) = &self.broker.persistence {
             if let Err(e) = persistence.sync().await {
                 tracing::error!(error = %e, "final store sync failed");

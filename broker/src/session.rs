@@ -58,7 +58,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use smallvec::SmallVec;
 use tern_codec::{Packet, ProtocolVersion, PubAck, QoS, ReasonCode, Will};
-use tern_storage::{DeliveryState, Op, QueueEntry, SessionRecord, StoreError};
+use tern_storage::{DeliveryState, Op, QueueEntry, SessionRecord, SharedGroupRecord, StoreError};
 use tokio::sync::Notify;
 
 use crate::acl::DeniedTopics;
@@ -1076,6 +1076,13 @@ impl Session {
         }
     }
 
+    /// Stops the session's timers (will delay, expiry) without ending it:
+    /// the broker is shutting down, and a restart arms them again from the
+    /// store.
+    pub fn stop_timers(&self) {
+        cancel_timers(&mut self.state.lock());
+    }
+
     /// Detaches `connection_id` if it is still the attached connection and
     /// returns true; false when another connection took the session over.
     /// `new_expiry` (from the client's DISCONNECT) is applied in the same
@@ -1394,9 +1401,23 @@ impl Session {
         });
     }
 
+    /// Marks the stored backlog as being read by the caller, who hands the
+    /// chunk to [`backlog_read`](Self::backlog_read), and returns the seqs
+    /// it spans (after, end). `None` without a backlog, or while a read is
+    /// under way already.
+    pub(crate) fn begin_backlog_read(&self) -> Option<(u64, u64)> {
+        let mut st = self.state.lock();
+        let backlog = st.backlog.as_mut().filter(|b| !b.reading)?;
+        backlog.reading = true;
+        Some((backlog.after, backlog.end))
+    }
+
     /// Puts a chunk read from the backlog at the head of the queue and
     /// fills the window from it.
-    fn backlog_read(self: &Arc<Self>, chunk: Result<crate::recovery::BacklogChunk, StoreError>) {
+    pub(crate) fn backlog_read(
+        self: &Arc<Self>,
+        chunk: Result<crate::recovery::BacklogChunk, StoreError>,
+    ) {
         let mut journal = Journal::new();
         {
             let mut st = self.state.lock();
@@ -1838,6 +1859,10 @@ impl Session {
             retain: delivery.retain,
             subscription_ids: delivery.subscription_ids.to_vec(),
             weight: Some(u32::try_from(queued_size(delivery)).unwrap_or(u32::MAX)),
+            shared: delivery.shared.as_ref().map(|origin| SharedGroupRecord {
+                group: origin.group.to_string(),
+                filter: origin.filter.to_string(),
+            }),
         }
     }
 

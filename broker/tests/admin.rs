@@ -69,6 +69,7 @@ fn entry(client_id: &str, seq: u64, message_id: u64, state: DeliveryState) -> Qu
         retain: false,
         subscription_ids: vec![7],
         weight: Some(100),
+        shared: None,
     }
 }
 

@@ -565,6 +565,7 @@ fn an_unreadable_store_is_refused_and_its_panic_logged() {
                 retain: false,
                 subscription_ids: Vec::new(),
                 weight: Some(204),
+                shared: None,
             });
             store.apply(&b).unwrap();
             if id % 10 == 0 {

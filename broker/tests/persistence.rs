@@ -639,6 +639,29 @@ async fn a_start_that_fails_part_way_lets_go_of_its_store_and_listeners() {
     .await;
 }
 
+/// A shut-down server lets go of its store even while sessions wait to
+/// expire or to publish a delayed will: their timers stop with it. (Left
+/// running, they kept the broker and its store alive until they fired, and
+/// then ended sessions and published wills into a store a restart had
+/// taken over.)
+#[tokio::test]
+async fn a_shutdown_lets_go_of_its_store_with_session_timers_pending() {
+    let store = Arc::new(MemoryStore::new());
+    let server = start_on(Arc::clone(&store) as Arc<dyn Store>).await;
+    offline_subscriber(&server, "expiring", "a/#", QoS::AtLeastOnce).await;
+    let mut delayed = persistent_connect("delayed-will", 3600);
+    delayed.will = Some(will_to("wills/delayed", Some(600)));
+    let (mut online, _) = RawClient::connect(addr(&server), delayed).await;
+    server.shutdown().await;
+    online
+        .expect_disconnect(ReasonCode::ServerShuttingDown)
+        .await;
+    common::eventually("the shut-down server released the store", || {
+        Arc::strong_count(&store) == 1
+    })
+    .await;
+}
+
 /// Waits until everything submitted so far is written, so that a fault
 /// injected next hits what the test does after.
 async fn settle(server: &Server) {
@@ -940,6 +963,71 @@ async fn a_shared_delivery_moved_to_another_member_is_stored_before_the_puback()
     );
     common::eventually("the delivery moved in the store", || {
         (stored("first"), stored("second")) == (0, 1)
+    })
+    .await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn shared_messages_a_restart_left_in_the_store_go_to_another_member_when_their_session_expires(
+) {
+    // Both members offline, each with half the messages queued. After a
+    // restart those halves are stored backlogs, not read; when A's session
+    // expires, its half is read and goes to B.
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let server = start_on(Arc::clone(&store)).await;
+    for (member, expiry) in [("member-a", 2), ("member-b", 600)] {
+        let (mut c, _) =
+            RawClient::connect(addr(&server), persistent_connect(member, expiry)).await;
+        c.subscribe("$share/workers/jobs", QoS::AtLeastOnce).await;
+        c.send(Packet::Disconnect(Default::default())).await;
+        c.expect_closed().await;
+        common::until_offline(&server, member).await;
+    }
+    let mut publisher = RawClient::connected(addr(&server), "pub", ProtocolVersion::V5).await;
+    for i in 0..4u8 {
+        publisher
+            .publish("jobs", &[i], QoS::AtLeastOnce, u16::from(i) + 1)
+            .await;
+    }
+    drop(publisher);
+    server.shutdown().await;
+    let stored: Vec<_> = store.queue("member-a", None).map(Result::unwrap).collect();
+    assert_eq!(stored.len(), 2);
+    let group = tern_storage::SharedGroupRecord {
+        group: "workers".into(),
+        filter: "jobs".into(),
+    };
+    assert!(stored.iter().all(|e| e.shared.as_ref() == Some(&group)));
+
+    let server = start_on(Arc::clone(&store)).await;
+    assert_eq!(
+        server
+            .broker()
+            .registry
+            .get("member-a")
+            .unwrap()
+            .stored_backlog(),
+        2
+    );
+    common::eventually("A's session expired", || {
+        server.broker().registry.get("member-a").is_none()
+    })
+    .await;
+    let (mut b, ack) = RawClient::connect(addr(&server), persistent_connect("member-b", 600)).await;
+    assert!(ack.session_present);
+    let mut got = Vec::new();
+    for _ in 0..4 {
+        let m = b.recv_publish().await;
+        b.send(Packet::PubAck(PubAck::new(m.packet_id.unwrap())))
+            .await;
+        got.push(m.payload[0]);
+    }
+    got.sort();
+    assert_eq!(got, vec![0, 1, 2, 3], "A's half went to B");
+    b.expect_silence(Duration::from_millis(200)).await;
+    common::eventually("A's entries left the store", || {
+        store.queue("member-a", None).count() == 0
     })
     .await;
     server.shutdown().await;

@@ -7,7 +7,8 @@ use bytes::Bytes;
 use crate::error::StoreError;
 use crate::keys;
 use crate::records::{
-    DeliveryState, MessageRecord, QueueEntry, SessionRecord, SubscriptionRecord, WillRecord,
+    DeliveryState, MessageRecord, QueueEntry, SessionRecord, SharedGroupRecord, SubscriptionRecord,
+    WillRecord,
 };
 
 #[derive(Default)]
@@ -83,6 +84,12 @@ impl<'a> Dec<'a> {
     fn bytes(&mut self) -> Result<Bytes, StoreError> {
         let n = self.u32()? as usize;
         Ok(Bytes::copy_from_slice(self.take(n)?))
+    }
+    fn text(&mut self) -> Result<String, StoreError> {
+        let n = self.u32()? as usize;
+        let raw = self.take(n)?;
+        String::from_utf8(raw.to_vec())
+            .map_err(|_| StoreError::corrupt(self.key, "text is not UTF-8"))
     }
     fn opt_u32(&mut self) -> Result<Option<u32>, StoreError> {
         Ok(if self.bool()? {
@@ -267,8 +274,14 @@ pub(crate) fn encode_queue_entry(r: &QueueEntry) -> Vec<u8> {
     for id in r.subscription_ids.iter().take(usize::from(u16::MAX)) {
         e.u32(*id);
     }
+    // Schema version 5's trailer: which of the optional fields follow.
+    e.u8(u8::from(r.weight.is_some()) | (u8::from(r.shared.is_some()) << 1));
     if let Some(weight) = r.weight {
         e.u32(weight);
+    }
+    if let Some(shared) = &r.shared {
+        e.bytes(shared.group.as_bytes())
+            .bytes(shared.filter.as_bytes());
     }
     e.0
 }
@@ -299,11 +312,23 @@ pub(crate) fn decode_queue_entry(key: &[u8], v: &[u8]) -> Result<QueueEntry, Sto
     for _ in 0..n {
         subscription_ids.push(d.u32()?);
     }
-    // Absent in an entry written before schema version 5.
-    let weight = if d.buf.is_empty() {
-        None
-    } else {
+    // The trailer is absent in an entry written before schema version 5.
+    let present = if d.buf.is_empty() { 0 } else { d.u8()? };
+    if present > 0b11 {
+        return Err(StoreError::corrupt(key, "bad queue entry trailer"));
+    }
+    let weight = if present & 1 != 0 {
         Some(d.u32()?)
+    } else {
+        None
+    };
+    let shared = if present & 2 != 0 {
+        Some(SharedGroupRecord {
+            group: d.text()?,
+            filter: d.text()?,
+        })
+    } else {
+        None
     };
     d.finish()?;
     Ok(QueueEntry {
@@ -317,6 +342,7 @@ pub(crate) fn decode_queue_entry(key: &[u8], v: &[u8]) -> Result<QueueEntry, Sto
         retain,
         subscription_ids,
         weight,
+        shared,
     })
 }
 

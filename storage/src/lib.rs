@@ -75,8 +75,8 @@ pub use error::StoreError;
 pub use fault::FailingStore;
 pub use memory::MemoryStore;
 pub use records::{
-    DeliveryState, MessageRecord, QueueEntry, RetainedRecord, SessionRecord, SubscriptionRecord,
-    WillRecord,
+    DeliveryState, MessageRecord, QueueEntry, RetainedRecord, SessionRecord, SharedGroupRecord,
+    SubscriptionRecord, WillRecord,
 };
 pub use schema::SCHEMA_VERSION;
 pub use sled_store::{OnDamage, SledStore, LOCK_WAIT, SLED_CACHE_BYTES};

@@ -452,6 +452,7 @@ mod tests {
             retain: false,
             subscription_ids: Vec::new(),
             weight: Some(100),
+            shared: None,
         }
     }
 

@@ -123,6 +123,19 @@ pub struct QueueEntry {
     /// `max_queued_bytes`), so that a restart can count a queue it does not
     /// read. `None` in an entry written before schema version 5.
     pub weight: Option<u32>,
+    /// The shared subscription the delivery came through, if it came
+    /// through one: it may go to another member of that group instead
+    /// (MQTT 5 section 4.8.2). `None` as well in an entry written before
+    /// schema version 5.
+    pub shared: Option<SharedGroupRecord>,
+}
+
+/// A shared subscription's group: its name and its filter (without the
+/// `$share/{name}/` prefix).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedGroupRecord {
+    pub group: String,
+    pub filter: String,
 }
 
 /// A retained message: the topic points at a stored message.

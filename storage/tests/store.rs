@@ -7,8 +7,8 @@ mod common;
 use bytes::Bytes;
 use common::{entry, message, retained, session, subscription};
 use tern_storage::{
-    Batch, DeliveryState, MemoryStore, Op, QueueEntry, SessionRecord, SledStore, Store, StoreError,
-    LOCK_WAIT, SCHEMA_VERSION,
+    Batch, DeliveryState, MemoryStore, Op, QueueEntry, SessionRecord, SharedGroupRecord, SledStore,
+    Store, StoreError, LOCK_WAIT, SCHEMA_VERSION,
 };
 
 /// Runs `f` against a fresh memory store and a fresh sled store.
@@ -68,6 +68,10 @@ fn every_record_round_trips() {
         inflight.subscription_ids = vec![];
         inflight.qos = 2;
         inflight.weight = None;
+        inflight.shared = Some(SharedGroupRecord {
+            group: "workers".into(),
+            filter: "jobs/+".into(),
+        });
         apply(s, |b| {
             b.put_session(session("c1"))
                 .put_session(no_will.clone())
@@ -425,7 +429,7 @@ fn a_version_1_store_is_upgraded_and_its_sessions_read_as_not_connected() {
 }
 
 #[test]
-fn a_version_4_store_is_upgraded_and_its_queue_entries_read_without_weight() {
+fn a_version_4_store_is_upgraded_and_its_queue_entries_read_without_trailer() {
     let dir = tempfile::tempdir().unwrap();
     {
         let s = SledStore::open(dir.path()).unwrap();
@@ -435,17 +439,14 @@ fn a_version_4_store_is_upgraded_and_its_queue_entries_read_without_weight() {
         });
     }
     {
-        // What a version 4 broker wrote: the entry without its weight (the
-        // last 4 bytes), and schema version 4.
+        // What a version 4 broker wrote: the entry without the trailer
+        // (which fields follow, and the weight), and schema version 4.
         let db = raw_sled(dir.path());
         let key = [b"Q\x00\x03old".as_slice(), &1u64.to_be_bytes()].concat();
         let value = db.get(&key).unwrap().expect("queue entry");
-        assert_eq!(
-            value[value.len() - 4..],
-            1001u32.to_be_bytes(),
-            "the weight"
-        );
-        db.insert(&key, &value[..value.len() - 4]).unwrap();
+        let trailer = [[1u8].as_slice(), &1001u32.to_be_bytes()].concat();
+        assert_eq!(value[value.len() - 5..], trailer, "a weight, no group");
+        db.insert(&key, &value[..value.len() - 5]).unwrap();
         db.insert(b"\x00schema", &4u32.to_be_bytes()).unwrap();
         db.flush().unwrap();
     }

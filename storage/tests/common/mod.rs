@@ -63,6 +63,7 @@ pub fn entry(client_id: &str, seq: u64, message_id: u64) -> QueueEntry {
         retain: true,
         subscription_ids: vec![7, 9],
         weight: Some(1000 + message_id as u32),
+        shared: None,
     }
 }
 
