@@ -14,8 +14,8 @@ use bytes::Bytes;
 use serde_json::Value;
 use tern::admin::{execute, serve_admin, AdminArgs, AdminError, AdminSources};
 use tern_storage::{
-    Batch, DeliveryState, MessageRecord, QueueEntry, RetainedRecord, SessionRecord, SledStore,
-    Store, SubscriptionRecord, WillRecord,
+    Batch, DeliveryState, MessageRecord, QueueEntry, RetainedRecord, SessionRecord,
+    SharedGroupRecord, SledStore, Store, SubscriptionRecord, WillRecord,
 };
 
 const TERN: &str = env!("CARGO_BIN_EXE_tern");
@@ -103,7 +103,13 @@ fn build_store(dir: &Path) {
         .put_subscription(subscription("beta", "a/b", 1, None))
         .put_message(message(1, "a/b", b"hello"))
         .put_queue_entry(entry("alpha", 1, 1, DeliveryState::AwaitingAck))
-        .put_queue_entry(entry("beta", 1, 1, DeliveryState::Pending))
+        .put_queue_entry(QueueEntry {
+            shared: Some(SharedGroupRecord {
+                group: "workers".into(),
+                filter: "a/b".into(),
+            }),
+            ..entry("beta", 1, 1, DeliveryState::Pending)
+        })
         .add_incoming_qos2("alpha", 42)
         .put_message(message(2, "a/b", b"retained a/b"))
         .put_message(message(3, "a/c", &[0xff, 0x00, 0x01]))
@@ -240,8 +246,13 @@ fn offline_views() {
     );
     assert_eq!(e["message"]["topic"], "a/b");
     assert_eq!(e["message"]["payload_size"], 5);
+    assert!(e.get("shared").is_none(), "{e}");
     let text = ok(&src, &["queue", "beta"]);
-    assert!(text.lines().nth(1).unwrap().contains("pending"), "{text}");
+    let row = text.lines().nth(1).unwrap();
+    assert!(row.contains("pending"), "{text}");
+    assert!(row.ends_with("$share/workers/a/b"), "{text}");
+    let beta = json(&src, &["queue", "beta"]);
+    assert_eq!(beta["entries"][0]["shared"], "$share/workers/a/b");
 
     let topics = |filter: &str| -> Vec<String> {
         let rows = json(&src, &["retained", "--filter", filter]);
@@ -304,6 +315,8 @@ fn offline_views() {
     assert_eq!(sessions[0]["will"]["payload"], "Ynll");
     assert_eq!(sessions[0]["queue"][0]["message_id"], 1);
     assert_eq!(sessions[1]["queue"][0]["message_id"], 1);
+    assert_eq!(sessions[1]["queue"][0]["shared"], "$share/workers/a/b");
+    assert_eq!(sessions[1]["queue"][0]["weight"], 100);
     assert_eq!(sessions[2]["queue"].as_array().unwrap().len(), 0);
     assert_eq!(export["retained"].as_array().unwrap().len(), 4);
     let ids: Vec<u64> = export["messages"]

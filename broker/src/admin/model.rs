@@ -16,8 +16,9 @@ use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use tern_router::{filter_matches, parse_shared, validate_filter};
 use tern_storage::{
-    DeliveryState, MessageRecord, QueueEntry, RetainedRecord, SessionRecord, SessionSummary, Store,
-    StoreError, StoreStats, SubscriptionRecord, WillRecord, SCHEMA_VERSION,
+    DeliveryState, MessageRecord, QueueEntry, RetainedRecord, SessionRecord, SessionSummary,
+    SharedGroupRecord, Store, StoreError, StoreStats, SubscriptionRecord, WillRecord,
+    SCHEMA_VERSION,
 };
 
 use super::error::AdminError;
@@ -114,6 +115,10 @@ pub struct QueueRow {
     /// RETAIN of this delivery.
     pub retain: bool,
     pub subscription_ids: Vec<u32>,
+    /// The shared subscription the delivery came through
+    /// (`$share/{group}/{filter}`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared: Option<String>,
     /// `None` when the referenced message is missing (a damaged store).
     pub message: Option<MessageSummary>,
 }
@@ -380,8 +385,14 @@ fn queue_row(store: &dyn Store, e: QueueEntry) -> Result<QueueRow, StoreError> {
         dup: e.dup,
         retain: e.retain,
         subscription_ids: e.subscription_ids,
+        shared: e.shared.as_ref().map(shared_filter),
         message: message.as_ref().map(MessageSummary::from),
     })
+}
+
+/// A shared group as the filter its members subscribed with.
+fn shared_filter(g: &SharedGroupRecord) -> String {
+    format!("$share/{}/{}", g.group, g.filter)
 }
 
 /// Checks a filter for the `retained` view: a valid, non-shared MQTT filter.
@@ -495,6 +506,12 @@ struct ExportQueueEntry {
     dup: bool,
     retain: bool,
     subscription_ids: Vec<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    shared: Option<String>,
+    /// What the delivery counts against `max_queued_bytes`; absent in an
+    /// entry queued before schema version 5.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    weight: Option<u32>,
 }
 
 #[derive(Serialize)]
@@ -547,6 +564,8 @@ impl From<QueueEntry> for ExportQueueEntry {
             dup: e.dup,
             retain: e.retain,
             subscription_ids: e.subscription_ids,
+            shared: e.shared.as_ref().map(shared_filter),
+            weight: e.weight,
         }
     }
 }

@@ -254,6 +254,7 @@ pub fn queue(out: &mut dyn Write, q: &QueueView, json: bool) -> Result<(), Admin
         ("RETAIN", Left),
         ("SIZE", Right),
         ("TOPIC", Left),
+        ("SHARED", Left),
     ]);
     for e in &q.entries {
         let (size, topic) = match &e.message {
@@ -270,6 +271,7 @@ pub fn queue(out: &mut dyn Write, q: &QueueView, json: bool) -> Result<(), Admin
             yes_no(e.retain),
             size,
             topic,
+            e.shared.clone().unwrap_or_else(dash),
         ]);
     }
     table.write(out)?;
