@@ -792,19 +792,25 @@ impl Broker {
         persistence.commit(moved_in);
     }
 
-    /// Before `session` ends by expiry, what it holds from shared
-    /// subscriptions goes to other members of their groups, offline ones
-    /// included (MQTT 5 4.8.2: "If the Client's Session terminates before
-    /// the Client reconnects, the Server SHOULD send the Application Message
-    /// to another Client that is subscribed to the same Shared
-    /// Subscription"). A backlog a restart left in the store is read in
-    /// first, whole, if any of it came through a shared subscription (what
-    /// one session may queue is bounded, `max_queued_*`).
+    /// Before `session` ends (its expiry ran out, or a client replaces it
+    /// with Clean Start), what it holds from shared subscriptions goes to
+    /// other members of their groups, offline ones included (MQTT 5 4.8.2:
+    /// "If the Client's Session terminates before the Client reconnects,
+    /// the Server SHOULD send the Application Message to another Client
+    /// that is subscribed to the same Shared Subscription"). A backlog a
+    /// restart left in the store is read in first, whole, if any of it came
+    /// through a shared subscription (what one session may queue is
+    /// bounded, `max_queued_*`). `due` says whether the session is still
+    /// about to end; it is asked again after the read.
     ///
-    /// Should the client return meanwhile, the session simply lives on
-    /// without what was handed over: each message still reaches one member.
-    async fn hand_over_shared_at_expiry(&self, session: &Arc<Session>, generation: u64) {
-        let due = |s: &Session| !s.is_online() && s.generation() == generation;
+    /// Should the session live on after all (its client returned), it does
+    /// so without what was handed over: each message still reaches one
+    /// member.
+    pub async fn hand_over_shared_before_end(
+        &self,
+        session: &Arc<Session>,
+        due: impl Fn(&Session) -> bool,
+    ) {
         if !due(session) {
             return;
         }
@@ -1012,7 +1018,8 @@ impl Broker {
             let (broker, owner) = (Arc::clone(self), Arc::clone(session));
             let timer = runtime.spawn(async move {
                 tokio::time::sleep(expiry).await;
-                broker.hand_over_shared_at_expiry(&owner, generation).await;
+                let due = |s: &Session| !s.is_online() && s.generation() == generation;
+                broker.hand_over_shared_before_end(&owner, due).await;
                 let ended = broker.registry.end_if(
                     &owner,
                     |s| !s.is_online() && s.generation() == generation,

@@ -357,6 +357,14 @@ where
                 refuse(broker, writer, peer, Some(&connect), failure).await;
                 return None;
             }
+            if connect.clean_start {
+                if let Some(replaced) = broker.registry.get(connect.client_id_str()) {
+                    // The session this one replaces hands what it kept
+                    // from shared subscriptions to other members.
+                    let due = |s: &Session| !s.is_ended();
+                    broker.hand_over_shared_before_end(&replaced, due).await;
+                }
+            }
         }
         let accepted = Connection::accept(broker, &rules, *connect, permit.id, authenticated);
         let accepted = match accepted {

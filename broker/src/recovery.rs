@@ -306,7 +306,7 @@ pub struct BacklogChunk {
 
 /// The whole of `session`'s backlog between `after` and `end`, if any of
 /// it came through a shared subscription (see
-/// `Broker::hand_over_shared_at_expiry`); otherwise an empty chunk, and no
+/// `Broker::hand_over_shared_before_end`); otherwise an empty chunk, and no
 /// message is read. Blocks on the store: call it off the async threads.
 pub fn read_backlog_if_shared(
     store: &dyn Store,

@@ -1034,6 +1034,30 @@ async fn shared_messages_of_a_member_whose_session_expires_go_to_another_member(
 }
 
 #[tokio::test]
+async fn shared_messages_of_a_session_replaced_with_clean_start_go_to_another_member() {
+    let server = start(|_| {}).await;
+    offline_member(&server, "member-a", 600).await;
+    offline_member(&server, "member-b", 600).await;
+    let mut p = RawClient::connected(addr(&server), "p", V5).await;
+    for i in 0..4u8 {
+        p.publish("jobs", &[i], QoS::AtLeastOnce, u16::from(i) + 1)
+            .await;
+    }
+    // A comes back asking for a new session: its old one ends, and the
+    // half it queued goes to B rather than with it.
+    let mut fresh = persistent_connect("member-a", 600);
+    fresh.clean_start = true;
+    let (mut a, ack) = RawClient::connect(addr(&server), fresh).await;
+    assert!(!ack.session_present);
+    assert_eq!(server.broker().metrics.shared_redeliveries.get(), 2);
+    let (mut b, ack) = RawClient::connect(addr(&server), persistent_connect("member-b", 600)).await;
+    assert!(ack.session_present);
+    assert_eq!(take_jobs(&mut b, 4).await, vec![0, 1, 2, 3]);
+    a.expect_silence(Duration::from_millis(200)).await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn topic_alias_zero_is_0x94() {
     let server = start(|_| {}).await;
     let mut p = RawClient::connected(addr(&server), "zero", V5).await;
