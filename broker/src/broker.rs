@@ -827,11 +827,11 @@ impl Broker {
             let chunk = match read {
                 Ok(Ok(Ok(chunk))) => chunk,
                 Ok(Ok(Err(e))) => {
-                    tracing::warn!(client_id = %session.client_id, error = %e, "reading a stored queue at session expiry failed; its shared messages end with the session");
+                    tracing::warn!(client_id = %session.client_id, error = %e, "reading a stored queue before its session ends failed; its shared messages end with it");
                     Default::default()
                 }
                 _ => {
-                    tracing::warn!(client_id = %session.client_id, "reading a stored queue at session expiry panicked; its shared messages end with the session");
+                    tracing::warn!(client_id = %session.client_id, "reading a stored queue before its session ends panicked; its shared messages end with it");
                     Default::default()
                 }
             };
@@ -1020,13 +1020,9 @@ impl Broker {
                 tokio::time::sleep(expiry).await;
                 let due = |s: &Session| !s.is_online() && s.generation() == generation;
                 broker.hand_over_shared_before_end(&owner, due).await;
-                let ended = broker.registry.end_if(
-                    &owner,
-                    |s| !s.is_online() && s.generation() == generation,
-                    |s| {
-                        broker.router.remove_subscriber(&SessionRef(Arc::clone(s)));
-                    },
-                );
+                let ended = broker.registry.end_if(&owner, due, |s| {
+                    broker.router.remove_subscriber(&SessionRef(Arc::clone(s)));
+                });
                 if let Some(pending) = ended {
                     broker.finish_session(pending, &owner);
                 }
