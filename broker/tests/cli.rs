@@ -482,6 +482,35 @@ fn a_damaged_store_is_refused_until_the_damage_is_accepted() {
         "{lines:#?}"
     );
 
+    // `tern admin` refuses it too, saying how to look at it; read-only it
+    // shows what is left, refuses to change it, and leaves it refused.
+    let admin = |args: &[&str]| {
+        let out = Command::new(TERN)
+            .arg("admin")
+            .args(data_arg)
+            .args(args)
+            .output()
+            .unwrap();
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (out.status.code(), text(&out.stdout), text(&out.stderr))
+    };
+    let (code, _, err) = admin(&["retained"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("is damaged") && err.contains("--read-damaged"),
+        "{err}"
+    );
+    let (code, out, err) = admin(&["--read-damaged", "retained", "--json"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("\"kept\"") && !out.contains("\"lost\""),
+        "{out}"
+    );
+    let (code, _, err) = admin(&["--read-damaged", "delete-session", "anyone"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("read-only"), "{err}");
+    assert_eq!(admin(&["retained"]).0, Some(2), "still refused");
+
     let accept = [
         data_arg[0],
         data_arg[1],

@@ -53,12 +53,15 @@ pub(crate) struct Core<E> {
     commit: AtomicU64,
     /// Where a disk store records the commit each sync made durable.
     witness: Option<SyncedCommit>,
+    /// Set for a store opened only to be read: writes fail.
+    read_only: bool,
 }
 
 impl<E: Engine> Core<E> {
-    /// Wraps an engine after checking (or writing) the schema version.
-    pub(crate) fn open(engine: E) -> Result<Core<E>, StoreError> {
-        crate::schema::check_or_init(&engine)?;
+    /// Wraps an engine after checking (or writing) the schema version; one
+    /// not `writable` is only ever read (every write fails with [`StoreError::ReadOnly`]).
+    pub(crate) fn open(engine: E, writable: bool) -> Result<Core<E>, StoreError> {
+        crate::schema::check_or_init(&engine, writable)?;
         let commit = match engine.get(keys::COMMIT)? {
             Some(v) => enc::decode_u64(keys::COMMIT, &v)?,
             None => 0,
@@ -68,6 +71,7 @@ impl<E: Engine> Core<E> {
             apply_lock: Mutex::new(()),
             commit: AtomicU64::new(commit),
             witness: None,
+            read_only: !writable,
         })
     }
 
@@ -85,6 +89,9 @@ impl<E: Engine> Core<E> {
     pub(crate) fn apply_all(&self, batches: &[&Batch]) -> Result<(), StoreError> {
         if batches.iter().all(|b| b.is_empty()) {
             return Ok(());
+        }
+        if self.read_only {
+            return Err(StoreError::ReadOnly);
         }
         let _guard = self.apply_lock.lock();
         let mut tx = Tx {
@@ -257,6 +264,9 @@ impl<E: Engine> Core<E> {
     }
 
     pub(crate) fn compact(&self) -> Result<StoreStats, StoreError> {
+        if self.read_only {
+            return Err(StoreError::ReadOnly);
+        }
         self.engine.compact()?;
         self.stats()
     }
@@ -651,7 +661,7 @@ mod tests {
     #[test]
     fn the_witness_records_only_what_a_successful_sync_covered() {
         let dir = tempfile::tempdir().unwrap();
-        let mut core = Core::open(FailingSync::default()).unwrap();
+        let mut core = Core::open(FailingSync::default(), true).unwrap();
         core.set_witness(SyncedCommit::open(dir.path()).unwrap().0);
         let mut batch = Batch::new();
         batch.delete_session("gone");

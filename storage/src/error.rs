@@ -80,6 +80,15 @@ pub enum StoreError {
     #[error("the store writer has stopped")]
     WriterClosed,
 
+    /// A write to a store opened only to read what its damage left
+    /// ([`OnDamage::Inspect`](crate::OnDamage::Inspect)): nothing was
+    /// applied, so that the next start still finds the damage.
+    #[error(
+        "the store is open read-only, to look at what its damage left: nothing may be \
+         written to it"
+    )]
+    ReadOnly,
+
     /// A failure injected by [`FailingStore`](crate::FailingStore).
     #[error("injected failure: {0}")]
     Injected(&'static str),

@@ -18,7 +18,8 @@ pub struct MemoryStore {
 impl MemoryStore {
     pub fn new() -> MemoryStore {
         MemoryStore {
-            core: Core::open(MemoryEngine::default()).expect("a new memory store cannot fail"),
+            core: Core::open(MemoryEngine::default(), true)
+                .expect("a new memory store cannot fail"),
         }
     }
 }

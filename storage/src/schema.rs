@@ -40,7 +40,11 @@ use crate::keys;
 ///   longer entries as damaged, away from a version 5 store.
 pub const SCHEMA_VERSION: u32 = 5;
 
-pub(crate) fn check_or_init<E: Engine>(engine: &E) -> Result<(), StoreError> {
+/// Checks the store's schema version, and unless the store is only to be
+/// read (`writable` false), writes it into a new store or upgrades an
+/// older one. A store only read is read as it is: an older record is a
+/// valid newer one without what came later.
+pub(crate) fn check_or_init<E: Engine>(engine: &E, writable: bool) -> Result<(), StoreError> {
     match engine.get(keys::SCHEMA)? {
         Some(v) => {
             let found = enc::decode_u32(keys::SCHEMA, &v)?;
@@ -51,7 +55,7 @@ pub(crate) fn check_or_init<E: Engine>(engine: &E) -> Result<(), StoreError> {
                 });
             }
             let mut version = found;
-            while version < SCHEMA_VERSION {
+            while writable && version < SCHEMA_VERSION {
                 version = migrate(engine, version)?;
             }
             Ok(())
@@ -59,6 +63,9 @@ pub(crate) fn check_or_init<E: Engine>(engine: &E) -> Result<(), StoreError> {
         None => {
             if !engine.scan(&[], None, 1)?.is_empty() {
                 return Err(StoreError::NotATernStore);
+            }
+            if !writable {
+                return Ok(());
             }
             let mut w = Writes::new();
             w.insert(keys::SCHEMA.to_vec(), Some(enc::encode_u32(SCHEMA_VERSION)));

@@ -46,6 +46,14 @@ pub enum OnDamage {
     /// take what it holds as the new reference, so that the next start does
     /// not report the same damage again.
     Accept,
+    /// Open it with what it still holds, to look at, not to change: every
+    /// write fails with [`StoreError::ReadOnly`] and the record of the
+    /// last synced commit is left as it is, so the next start still
+    /// reports the damage, and an older schema is read without being
+    /// upgraded. (Opening is not free of writes all the same: sled's
+    /// recovery has cut its log at the damage, as a refused start does.)
+    /// For `tern admin --read-damaged`.
+    Inspect,
 }
 
 /// A [`Store`](crate::Store) in a sled database directory.
@@ -77,7 +85,9 @@ impl SledStore {
         // sled 0.34 panics on some damage as it recovers (a bad record in an
         // older segment, a damaged snapshot): report it as an error of the
         // store rather than let it unwind through the caller.
-        let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| open_core(&path)));
+        let writable = on_damage != OnDamage::Inspect;
+        let opened =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| open_core(&path, writable)));
         let mut core = match opened {
             Ok(core) => core?,
             Err(panic) => {
@@ -111,9 +121,14 @@ impl SledStore {
                     tracing::error!(error = %damage, "opening the damaged store with what it holds, as asked");
                     witness.reset(found)?;
                 }
+                OnDamage::Inspect => {
+                    tracing::warn!(error = %damage, "opening the damaged store read-only, as asked");
+                }
             }
         }
-        core.set_witness(witness);
+        if writable {
+            core.set_witness(witness);
+        }
         Ok(SledStore { core })
     }
 
@@ -124,8 +139,8 @@ impl SledStore {
 }
 
 /// Opens sled in `path` (waiting up to [`LOCK_WAIT`] for its lock) and the
-/// record-level store over it.
-fn open_core(path: &Path) -> Result<Core<SledEngine>, StoreError> {
+/// record-level store over it (only to be read unless `writable`).
+fn open_core(path: &Path, writable: bool) -> Result<Core<SledEngine>, StoreError> {
     let deadline = std::time::Instant::now() + LOCK_WAIT;
     let db = loop {
         let opened = sled::Config::new()
@@ -150,12 +165,13 @@ fn open_core(path: &Path) -> Result<Core<SledEngine>, StoreError> {
     // The directory's entries (sled's files, created at the first open)
     // must be as durable as what the files hold.
     sync_dir(path)?;
-    Core::open(SledEngine {
+    let engine = SledEngine {
         log: File::open(path.join("db"))?,
         db,
         path: path.to_path_buf(),
         synced_blobs: Mutex::new(HashSet::new()),
-    })
+    };
+    Core::open(engine, writable)
 }
 
 impl std::fmt::Debug for SledStore {

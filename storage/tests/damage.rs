@@ -1,7 +1,8 @@
 //! A store that lost writes it had synced (damage in the middle of sled's
 //! log, which sled's recovery takes for the torn end of a crash and stops
 //! at) is refused at open, not served silently shorter; accepting the
-//! damage opens it with what it holds, once.
+//! damage opens it with what it holds, once; inspecting it opens it
+//! read-only and leaves it refused.
 
 mod common;
 
@@ -104,6 +105,22 @@ fn a_store_that_lost_synced_writes_is_refused_until_the_loss_is_accepted() {
         other => panic!("a store missing synced writes opened as {other:?}"),
     }
     // Refusing changed nothing: it is refused again.
+    assert!(matches!(
+        SledStore::open(&data),
+        Err(StoreError::Damaged { .. })
+    ));
+
+    {
+        // Opened to look at: what it holds can be read, nothing written,
+        // and the damage is still reported after.
+        let store = SledStore::open_with(&data, OnDamage::Inspect).unwrap();
+        assert_eq!(queued(&store), [1]);
+        let mut b = Batch::new();
+        b.delete_session("c");
+        assert!(matches!(store.apply(&b), Err(StoreError::ReadOnly)));
+        assert!(matches!(store.compact(), Err(StoreError::ReadOnly)));
+        store.sync().unwrap();
+    }
     assert!(matches!(
         SledStore::open(&data),
         Err(StoreError::Damaged { .. })

@@ -7,8 +7,8 @@ mod common;
 use bytes::Bytes;
 use common::{entry, message, retained, session, subscription};
 use tern_storage::{
-    Batch, DeliveryState, MemoryStore, Op, QueueEntry, SessionRecord, SharedGroupRecord, SledStore,
-    Store, StoreError, LOCK_WAIT, SCHEMA_VERSION,
+    Batch, DeliveryState, MemoryStore, OnDamage, Op, QueueEntry, SessionRecord, SharedGroupRecord,
+    SledStore, Store, StoreError, LOCK_WAIT, SCHEMA_VERSION,
 };
 
 /// Runs `f` against a fresh memory store and a fresh sled store.
@@ -450,6 +450,19 @@ fn a_version_4_store_is_upgraded_and_its_queue_entries_read_without_trailer() {
         db.insert(b"\x00schema", &4u32.to_be_bytes()).unwrap();
         db.flush().unwrap();
     }
+    {
+        // Opened only to be read, it is read as it is, not upgraded.
+        let s = SledStore::open_with(dir.path(), OnDamage::Inspect).unwrap();
+        assert_eq!(s.queue("old", None).count(), 1);
+    }
+    assert_eq!(
+        raw_sled(dir.path())
+            .get(b"\x00schema")
+            .unwrap()
+            .unwrap()
+            .as_ref(),
+        4u32.to_be_bytes()
+    );
     {
         let s = SledStore::open(dir.path()).unwrap();
         let queue: Vec<_> = s.queue("old", None).map(Result::unwrap).collect();

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
-use tern_storage::{SledStore, Store, StoreError};
+use tern_storage::{OnDamage, SledStore, Store, StoreError};
 
 use super::client::{percent_encode, Client};
 use super::error::AdminError;
@@ -33,6 +33,13 @@ pub struct AdminArgs {
     /// (read-only).
     #[arg(long, value_name = "URL", global = true, conflicts_with = "data_dir")]
     pub url: Option<String>,
+
+    /// Open a store the broker refuses as damaged, read-only, to see what
+    /// it still holds before accepting the loss (the broker's start keeps
+    /// refusing it). Also for a store of an older schema, read without
+    /// being upgraded.
+    #[arg(long, global = true, conflicts_with = "url")]
+    pub read_damaged: bool,
 
     /// Print one JSON value instead of a table.
     #[arg(long, global = true)]
@@ -87,6 +94,31 @@ pub enum AdminCommand {
     Compact,
 }
 
+impl AdminCommand {
+    /// Whether the command changes the store.
+    fn writes(&self) -> bool {
+        matches!(
+            self,
+            AdminCommand::DeleteSession { .. } | AdminCommand::Compact
+        )
+    }
+
+    /// The command as typed.
+    fn name(&self) -> &'static str {
+        match self {
+            AdminCommand::Sessions => "sessions",
+            AdminCommand::Session { .. } => "session",
+            AdminCommand::Queue { .. } => "queue",
+            AdminCommand::Retained { .. } => "retained",
+            AdminCommand::RetainedShow { .. } => "retained-show",
+            AdminCommand::Stats => "stats",
+            AdminCommand::Export => "export",
+            AdminCommand::DeleteSession { .. } => "delete-session",
+            AdminCommand::Compact => "compact",
+        }
+    }
+}
+
 impl AdminArgs {
     /// Parses `tern admin` arguments; the first item is the program name.
     /// For tests and tools; the `tern` binary parses them as a subcommand.
@@ -126,7 +158,13 @@ pub fn execute(args: &AdminArgs, out: &mut dyn Write) -> Result<(), AdminError> 
     match &args.url {
         Some(url) => dispatch(&Online::new(url)?, &args.command, args.json, out),
         None => {
-            let backend = Offline::open(&args.data_dir)?;
+            if args.read_damaged && args.command.writes() {
+                return Err(AdminError::BadRequest(format!(
+                    "{} changes the store, which --read-damaged opens read-only",
+                    args.command.name()
+                )));
+            }
+            let backend = Offline::open(&args.data_dir, args.read_damaged)?;
             dispatch(&backend, &args.command, args.json, out)
         }
     }
@@ -185,8 +223,9 @@ struct Offline {
 
 impl Offline {
     /// Opens the store in `dir`, which must exist and hold a store: an
-    /// admin command never creates one.
-    fn open(dir: &Path) -> Result<Offline, AdminError> {
+    /// admin command never creates one. `read_damaged`: read-only, and
+    /// opened even when damaged (`OnDamage::Inspect`).
+    fn open(dir: &Path, read_damaged: bool) -> Result<Offline, AdminError> {
         if !dir.is_dir() {
             return Err(AdminError::NoSuchDir {
                 dir: dir.to_path_buf(),
@@ -197,10 +236,16 @@ impl Offline {
                 dir: dir.to_path_buf(),
             });
         }
-        let store = SledStore::open(dir).map_err(|e| match e {
+        let on_damage = if read_damaged {
+            OnDamage::Inspect
+        } else {
+            OnDamage::Refuse
+        };
+        let store = SledStore::open_with(dir, on_damage).map_err(|e| match e {
             StoreError::Locked { .. } => AdminError::Locked {
                 dir: dir.to_path_buf(),
             },
+            source @ StoreError::Damaged { .. } => AdminError::Damaged { source },
             source => AdminError::Open {
                 dir: dir.to_path_buf(),
                 source,

@@ -43,6 +43,17 @@ pub enum AdminError {
         source: StoreError,
     },
 
+    /// The store is damaged: the broker refuses it, and so does `tern
+    /// admin` unless asked to read it (`--read-damaged`).
+    #[error(
+        "{source}; to see what it still holds, add --read-damaged (read-only); \
+         to serve it as it is, start the broker once with --accept-store-damage"
+    )]
+    Damaged {
+        #[source]
+        source: StoreError,
+    },
+
     /// A store call failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -107,6 +118,7 @@ impl AdminError {
             | AdminError::NoSuchDir { .. }
             | AdminError::NotAStore { .. }
             | AdminError::Open { .. }
+            | AdminError::Damaged { .. }
             | AdminError::BadRequest(_)
             | AdminError::ReadOnly { .. }
             | AdminError::BadUrl { .. }
