@@ -63,13 +63,6 @@ pub struct StorageConfig {
     /// PUBACK, so that the pair nets away without touching the disk
     /// (`memory` mode never waits).
     pub batch_max_delay_us: u64,
-    /// Open a store found damaged (it holds fewer writes than were synced
-    /// before) with what it still holds, instead of refusing to start. Set
-    /// by `tern serve --accept-store-damage` only, never by the file:
-    /// accepting lost writes is a decision for one start, not a standing
-    /// setting.
-    #[serde(skip)]
-    pub accept_damage: bool,
 }
 
 impl Default for StorageConfig {
@@ -80,7 +73,6 @@ impl Default for StorageConfig {
             sync_interval_ms: 100,
             batch_max_ops: tern_storage::DEFAULT_MAX_OPS,
             batch_max_delay_us: tern_storage::DEFAULT_MAX_DELAY.as_micros() as u64,
-            accept_damage: false,
         }
     }
 }

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tern::config::DurabilityMode;
 use tern::{Config, Server};
+use tern_storage::OnDamage;
 use tracing_subscriber::EnvFilter;
 
 /// The broker's allocator: jemalloc. Every publish allocates its shared
@@ -198,7 +199,6 @@ fn serve(args: ServeArgs) -> ExitCode {
     if let Some(mode) = durability {
         config.storage.durability = mode;
     }
-    config.storage.accept_damage = accept_store_damage;
     if let Some(addr) = admin_bind {
         config.admin.bind = Some(addr);
     }
@@ -239,7 +239,12 @@ fn serve(args: ServeArgs) -> ExitCode {
         // Listened to before the listeners open: a SIGTERM that comes as
         // soon as a client could connect still shuts down cleanly.
         let mut signals = Signals::listen();
-        let server = match Server::start(config).await {
+        let on_damage = if accept_store_damage {
+            OnDamage::Accept
+        } else {
+            OnDamage::Refuse
+        };
+        let server = match Server::start_on_damage(config, on_damage).await {
             Ok(server) => server,
             Err(e) => {
                 tracing::error!("{e}");

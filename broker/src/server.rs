@@ -18,6 +18,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tern_storage::OnDamage;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::task::JoinHandle;
 
@@ -109,19 +110,27 @@ pub struct Server {
 
 impl Server {
     /// Binds the listeners and starts accepting connections. Must be called
-    /// inside a tokio runtime.
+    /// inside a tokio runtime. A store found damaged is refused
+    /// ([`StartError::Store`] with `StoreError::Damaged`).
     pub async fn start(config: Config) -> Result<Server, StartError> {
+        Server::start_on_damage(config, OnDamage::Refuse).await
+    }
+
+    /// [`start`](Self::start), saying what to do with a store found damaged
+    /// (it holds fewer writes than were synced before): `OnDamage::Accept`
+    /// serves what it still holds (`tern serve --accept-store-damage`, a
+    /// decision for one start, which is why the configuration file has no
+    /// such setting).
+    pub async fn start_on_damage(
+        config: Config,
+        on_damage: OnDamage,
+    ) -> Result<Server, StartError> {
         let metrics = Arc::new(Metrics::default());
         let dir = config.storage.data_dir.clone();
         let persistence = match config.storage.writer_config() {
             None => None,
             Some(writer) => {
                 let d = dir.clone();
-                let on_damage = if config.storage.accept_damage {
-                    tern_storage::OnDamage::Accept
-                } else {
-                    tern_storage::OnDamage::Refuse
-                };
                 let opened =
                     tokio::task::spawn_blocking(move || Persistence::open(&d, writer, on_damage))
                         .await
