@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use tern_codec::properties::PublishProperties;
 use tern_codec::{QoS, ReasonCode, Will};
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 
 use crate::auth_rules::{AuthRules, Login, Revocation};
 use crate::budget::OutboundBudget;
@@ -737,7 +737,16 @@ impl Broker {
     /// leave while the new entry still waited to be written. In two, the
     /// stored message never has zero references in between either; a crash
     /// between them leaves both entries, a duplicate that QoS 1 allows.
-    fn redistribute_shared(&self, departing: &Arc<Session>, takers: Takers) {
+    ///
+    /// Returns, when something moved and there is a store, a receiver that
+    /// resolves once the new entries are written (or failed): a session
+    /// that ends must wait for it before its end deletes what it holds, or
+    /// a crash in between could lose a message both held.
+    fn redistribute_shared(
+        &self,
+        departing: &Arc<Session>,
+        takers: Takers,
+    ) -> Option<oneshot::Receiver<()>> {
         let mut moved_in = Journal::new();
         let mut moved_out = Journal::new();
         for delivery in departing.shared_candidates() {
@@ -774,22 +783,25 @@ impl Broker {
                 );
             }
         }
-        let Some(persistence) = &self.persistence else {
-            return;
-        };
+        let persistence = self.persistence.as_ref()?;
+        let mut written = None;
         if moved_out.has_changes() {
             // If the new entries could not be stored, the departing ones
             // stay: the message goes to the departing member again after a
             // restart rather than to nobody. If the departing session ended
             // meanwhile, its end deleted them.
             let departing = Arc::clone(departing);
+            let (done, receiver) = oneshot::channel();
+            written = Some(receiver);
             moved_in.after(move |stored| {
                 if stored.is_ok() {
                     departing.commit_unless_ended(moved_out);
                 }
+                let _ = done.send(());
             });
         }
         persistence.commit(moved_in);
+        written
     }
 
     /// Before `session` ends (its expiry ran out, or a client replaces it
@@ -814,32 +826,69 @@ impl Broker {
         if !due(session) {
             return;
         }
-        if let (Some(persistence), Some((after, end))) =
-            (&self.persistence, session.begin_backlog_read())
-        {
-            let (store, reader) = (Arc::clone(persistence.store()), Arc::clone(session));
-            let read = tokio::task::spawn_blocking(move || {
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    crate::recovery::read_backlog_if_shared(store.as_ref(), &reader, after, end)
-                }))
-            })
-            .await;
-            let chunk = match read {
-                Ok(Ok(Ok(chunk))) => chunk,
-                Ok(Ok(Err(e))) => {
-                    tracing::warn!(client_id = %session.client_id, error = %e, "reading a stored queue before its session ends failed; its shared messages end with it");
-                    Default::default()
+        if let Some(persistence) = &self.persistence {
+            match session.begin_backlog_read() {
+                Some((after, end)) => {
+                    let (store, reader) = (Arc::clone(persistence.store()), Arc::clone(session));
+                    // The chunk goes back to the session on the blocking
+                    // thread, even if this task is aborted meanwhile (a
+                    // client resumed the session, cancelling its expiry):
+                    // the read it began must end, or no other could start.
+                    let _ = tokio::task::spawn_blocking(move || {
+                        let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            crate::recovery::read_backlog_if_shared(
+                                store.as_ref(),
+                                &reader,
+                                after,
+                                end,
+                            )
+                        }));
+                        let chunk = match read {
+                            Ok(Ok(chunk)) => chunk,
+                            Ok(Err(e)) => {
+                                tracing::warn!(client_id = %reader.client_id, error = %e, "reading a stored queue before its session ends failed; its shared messages end with it");
+                                Default::default()
+                            }
+                            Err(_) => {
+                                tracing::warn!(client_id = %reader.client_id, "reading a stored queue before its session ends panicked; its shared messages end with it");
+                                Default::default()
+                            }
+                        };
+                        // An empty chunk only ends the read: the backlog
+                        // stays as it was.
+                        reader.backlog_read(Ok(chunk));
+                    })
+                    .await;
                 }
-                _ => {
-                    tracing::warn!(client_id = %session.client_id, "reading a stored queue before its session ends panicked; its shared messages end with it");
-                    Default::default()
+                None if session.stored_backlog() > 0 => {
+                    tracing::warn!(client_id = %session.client_id, "a read of the stored queue was under way as its session ended; its shared messages still in the store end with it");
                 }
-            };
-            // An empty chunk only ends the read: the backlog stays as it was.
-            session.backlog_read(Ok(chunk));
+                None => {}
+            }
         }
         if due(session) {
-            self.redistribute_shared(session, Takers::Any);
+            if let Some(written) = self.redistribute_shared(session, Takers::Any) {
+                let _ = written.await;
+            }
+        }
+    }
+
+    /// Ends `session`, whose connection closed with session expiry 0,
+    /// unless a client is attached again, and publishes the connection's
+    /// `will` (due at once: the session ends).
+    fn end_closed_session(&self, session: &Arc<Session>, will: Option<Will>) {
+        let ended = self.registry.end_if(
+            session,
+            |s| !s.is_online(),
+            |s| {
+                self.router.remove_subscriber(&SessionRef(Arc::clone(s)));
+            },
+        );
+        if let Some(pending) = ended {
+            self.finish_session(pending, session);
+        }
+        if let Some(will) = will {
+            self.publish_will(&will, session);
         }
     }
 
@@ -906,7 +955,9 @@ impl Broker {
     ///
     /// - Taken over (another connection is attached now): the will goes now,
     ///   unless it has a delay and the session was resumed (MQTT 5 3.1.3.2.2).
-    /// - Session expiry 0: the session ends now, and the will goes now.
+    /// - Session expiry 0: the session ends now, and the will goes now; a
+    ///   session that may hold shared subscriptions' messages first hands
+    ///   them to other members, and ends once that is stored.
     /// - Otherwise the session stays; the will goes after its delay unless the
     ///   client is back by then; the session ends when its expiry runs out.
     pub fn connection_closed(
@@ -919,15 +970,10 @@ impl Broker {
     ) {
         self.keep_alive.unwatch(connection_id);
         let still_attached = session.detach(connection_id, new_expiry);
-        if still_attached {
-            // A session that ends now (expiry 0, below) hands its shared
-            // messages to offline members too rather than lose them.
-            let takers = if session.expiry_interval() == 0 {
-                Takers::Any
-            } else {
-                Takers::Online
-            };
-            self.redistribute_shared(session, takers);
+        if still_attached && session.expiry_interval() != 0 {
+            // The session stays: what it kept from shared subscriptions
+            // goes to online members now, the rest waits for its client.
+            let _ = self.redistribute_shared(session, Takers::Online);
         }
         let will_delay = will
             .as_ref()
@@ -943,18 +989,20 @@ impl Broker {
         }
         let expiry = session.expiry_interval();
         if expiry == 0 {
-            let ended = self.registry.end_if(
-                session,
-                |s| !s.is_online(),
-                |s| {
-                    self.router.remove_subscriber(&SessionRef(Arc::clone(s)));
-                },
-            );
-            if let Some(pending) = ended {
-                self.finish_session(pending, session);
-            }
-            if let Some(will) = will {
-                self.publish_will(&will, session);
+            let runtime = tokio::runtime::Handle::try_current();
+            match runtime {
+                Ok(runtime) if session.holds_shared_or_backlog() => {
+                    // What it kept from shared subscriptions goes to other
+                    // members first, and the session ends once that is
+                    // stored.
+                    let (broker, session) = (Arc::clone(self), Arc::clone(session));
+                    runtime.spawn(async move {
+                        let due = |s: &Session| !s.is_online();
+                        broker.hand_over_shared_before_end(&session, due).await;
+                        broker.end_closed_session(&session, will);
+                    });
+                }
+                _ => self.end_closed_session(session, will),
             }
             return;
         }

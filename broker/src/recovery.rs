@@ -121,7 +121,13 @@ pub fn recover(broker: &Arc<Broker>) -> Result<Recovered, StoreError> {
         };
         let expired =
             record.expiry_interval != u32::MAX && offline >= u64::from(record.expiry_interval);
-        let Some(protocol) = protocol.filter(|_| !expired) else {
+        // An expired session that holds deliveries from shared
+        // subscriptions comes back all the same, with no time left: its
+        // expiry hands them to other members before it ends
+        // (`Broker::hand_over_shared_before_end`), as it would have had the
+        // broker been running.
+        let hand_over = expired && protocol.is_some() && holds_shared(store.as_ref(), &client_id)?;
+        let Some(protocol) = protocol.filter(|_| !expired || hand_over) else {
             if let Some(will) = will {
                 due_wills.push((will, client_id.clone(), record.owner.clone()));
             }
@@ -181,8 +187,12 @@ pub fn recover(broker: &Arc<Broker>) -> Result<Recovered, StoreError> {
                 backlog += 1;
                 backlog_bytes += match entry.weight {
                     Some(weight) => weight as usize,
+                    // Queued before schema version 5: weighed from its
+                    // message, read once. One that cannot be read weighs
+                    // nothing here; reading the backlog later deals with
+                    // it as with any damaged entry.
                     None => {
-                        let message = store.message(entry.message_id)?;
+                        let message = store.message(entry.message_id).ok().flatten();
                         entry_weight(&entry, message.and_then(message_from_record).as_ref())
                     }
                 };
@@ -214,8 +224,9 @@ pub fn recover(broker: &Arc<Broker>) -> Result<Recovered, StoreError> {
             session.restore_incoming_qos2(packet_id);
         }
 
-        let expiry = (record.expiry_interval != u32::MAX)
-            .then(|| Duration::from_secs(u64::from(record.expiry_interval) - offline));
+        let expiry = (record.expiry_interval != u32::MAX).then(|| {
+            Duration::from_secs(u64::from(record.expiry_interval).saturating_sub(offline))
+        });
         let mut will_published = false;
         let will = will.and_then(|will| {
             let delay = u64::from(will.properties.will_delay_interval.unwrap_or(0));
@@ -250,6 +261,17 @@ pub fn recover(broker: &Arc<Broker>) -> Result<Recovered, StoreError> {
     Metrics::add(&broker.metrics.recovery_purged, report.purged as u64);
     broker.commit(purge);
     Ok(report)
+}
+
+/// Whether `client_id`'s stored queue holds a delivery that came through a
+/// shared subscription (reads queue entries, not messages).
+fn holds_shared(store: &dyn Store, client_id: &str) -> Result<bool, StoreError> {
+    for entry in store.queue(client_id, None) {
+        if entry?.shared.is_some() {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// A stored queue entry as a delivery of `message`. `None` when its QoS is

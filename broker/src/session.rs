@@ -1886,6 +1886,16 @@ impl Session {
         }
     }
 
+    /// Whether the session may hold deliveries that came through shared
+    /// subscriptions: some in memory, or a stored backlog not read yet
+    /// (which may hold some).
+    pub fn holds_shared_or_backlog(&self) -> bool {
+        let st = self.state.lock();
+        st.backlog.is_some()
+            || st.pending.iter().any(|d| d.shared.is_some())
+            || st.inflight.iter().any(|i| i.delivery.shared.is_some())
+    }
+
     /// The deliveries that came through shared subscriptions and may go to
     /// another member of their group instead (MQTT 5 section 4.8.2): those
     /// still queued (never sent), and QoS 1 ones sent but not acknowledged.

@@ -1034,6 +1034,36 @@ async fn shared_messages_of_a_member_whose_session_expires_go_to_another_member(
 }
 
 #[tokio::test]
+async fn shared_messages_of_a_member_that_leaves_with_expiry_0_go_to_an_offline_member() {
+    // A is the only member online, so it gets all four; it leaves without
+    // acknowledging them, and its session ends with its connection. They go
+    // to B, offline but with a session to keep them.
+    let server = start(|_| {}).await;
+    offline_member(&server, "member-b", 600).await;
+    let mut a = RawClient::connected(addr(&server), "member-a", V5).await;
+    a.subscribe("$share/workers/jobs", QoS::AtLeastOnce).await;
+    let mut p = RawClient::connected(addr(&server), "p", V5).await;
+    for i in 0..4u8 {
+        p.publish("jobs", &[i], QoS::AtLeastOnce, u16::from(i) + 1)
+            .await;
+    }
+    for _ in 0..4 {
+        a.recv_publish().await;
+    }
+    a.send(Packet::Disconnect(Default::default())).await;
+    a.expect_closed().await;
+    eventually("A's session ended", || {
+        server.broker().registry.get("member-a").is_none()
+    })
+    .await;
+    assert_eq!(server.broker().metrics.shared_redeliveries.get(), 4);
+    let (mut b, ack) = RawClient::connect(addr(&server), persistent_connect("member-b", 600)).await;
+    assert!(ack.session_present);
+    assert_eq!(take_jobs(&mut b, 4).await, vec![0, 1, 2, 3]);
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn shared_messages_of_a_session_replaced_with_clean_start_go_to_another_member() {
     let server = start(|_| {}).await;
     offline_member(&server, "member-a", 600).await;

@@ -33,10 +33,11 @@ use crate::keys;
 ///   version 4 store: writing without the commit number, it would leave the
 ///   store behind its witness, and the next version 4 start would report
 ///   the store damaged.
-/// - 5: queue entries end with their weight (`QueueEntry::weight`).
-///   Version 4 entries are valid version 5 entries without it (read as
-///   none; the broker reads their message to weigh them): only the version
-///   key changes. The bump keeps a version 4 build, which refuses the
+/// - 5: queue entries end with a trailer: their weight
+///   (`QueueEntry::weight`) and the shared group they came through
+///   (`QueueEntry::shared`). Version 4 entries are valid version 5 entries
+///   without it (read as none; the broker reads their message to weigh
+///   them): only the version key changes. The bump keeps a version 4 build, which refuses the
 ///   longer entries as damaged, away from a version 5 store.
 pub const SCHEMA_VERSION: u32 = 5;
 

@@ -99,7 +99,12 @@ impl SledStore {
                 return Err(StoreError::Unreadable { path, detail });
             }
         };
-        let (witness, synced) = SyncedCommit::open(&path)?;
+        let (witness, synced) = if writable {
+            let (witness, synced) = SyncedCommit::open(&path)?;
+            (Some(witness), synced)
+        } else {
+            (None, SyncedCommit::read(&path)?)
+        };
         let found = core.commit();
         if synced.is_none() && found > 0 {
             tracing::warn!(
@@ -119,14 +124,16 @@ impl SledStore {
                 OnDamage::Refuse => return Err(damage),
                 OnDamage::Accept => {
                     tracing::error!(error = %damage, "opening the damaged store with what it holds, as asked");
-                    witness.reset(found)?;
+                    if let Some(witness) = &witness {
+                        witness.reset(found)?;
+                    }
                 }
                 OnDamage::Inspect => {
                     tracing::warn!(error = %damage, "opening the damaged store read-only, as asked");
                 }
             }
         }
-        if writable {
+        if let Some(witness) = witness {
             core.set_witness(witness);
         }
         Ok(SledStore { core })

@@ -91,6 +91,19 @@ impl SyncedCommit {
         Ok((witness, held))
     }
 
+    /// The number the witness in `dir` holds, read without opening it for
+    /// writing (`None`: no file, or one that is not a witness), for a store
+    /// opened only to be read.
+    pub(crate) fn read(dir: &Path) -> io::Result<Option<u64>> {
+        let mut bytes = Vec::with_capacity(16);
+        match File::open(dir.join(FILE_NAME)) {
+            Ok(file) => file.take(17).read_to_end(&mut bytes)?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        Ok(decode(&bytes))
+    }
+
     /// Records that every write up to `commit` is durable. A number not
     /// above the one held is ignored (two syncs may finish out of order).
     ///

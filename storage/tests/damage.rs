@@ -110,6 +110,7 @@ fn a_store_that_lost_synced_writes_is_refused_until_the_loss_is_accepted() {
         Err(StoreError::Damaged { .. })
     ));
 
+    let witness = std::fs::read(data.join(WITNESS)).unwrap();
     {
         // Opened to look at: what it holds can be read, nothing written,
         // and the damage is still reported after.
@@ -121,6 +122,7 @@ fn a_store_that_lost_synced_writes_is_refused_until_the_loss_is_accepted() {
         assert!(matches!(store.compact(), Err(StoreError::ReadOnly)));
         store.sync().unwrap();
     }
+    assert_eq!(std::fs::read(data.join(WITNESS)).unwrap(), witness);
     assert!(matches!(
         SledStore::open(&data),
         Err(StoreError::Damaged { .. })
