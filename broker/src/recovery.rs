@@ -289,8 +289,8 @@ fn delivery_from_entry(entry: QueueEntry, message: &Arc<Message>) -> Option<Deli
     delivery.seq = entry.seq;
     delivery.shared = entry.shared.map(|shared| {
         Box::new(SharedOrigin {
-            group: shared.group.into(),
-            filter: shared.filter.into(),
+            group: shared.group,
+            filter: shared.filter,
         })
     });
     Some(delivery)

@@ -1860,8 +1860,8 @@ impl Session {
             subscription_ids: delivery.subscription_ids.to_vec(),
             weight: Some(u32::try_from(queued_size(delivery)).unwrap_or(u32::MAX)),
             shared: delivery.shared.as_ref().map(|origin| SharedGroupRecord {
-                group: origin.group.to_string(),
-                filter: origin.filter.to_string(),
+                group: Arc::clone(&origin.group),
+                filter: Arc::clone(&origin.filter),
             }),
         }
     }

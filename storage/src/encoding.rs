@@ -324,8 +324,8 @@ pub(crate) fn decode_queue_entry(key: &[u8], v: &[u8]) -> Result<QueueEntry, Sto
     };
     let shared = if present & 2 != 0 {
         Some(SharedGroupRecord {
-            group: d.text()?,
-            filter: d.text()?,
+            group: d.text()?.into(),
+            filter: d.text()?.into(),
         })
     } else {
         None

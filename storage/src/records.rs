@@ -134,8 +134,10 @@ pub struct QueueEntry {
 /// `$share/{name}/` prefix).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SharedGroupRecord {
-    pub group: String,
-    pub filter: String,
+    /// `Arc`s, so that the broker's many queue entries of one group share
+    /// its strings instead of copying them per delivery.
+    pub group: Arc<str>,
+    pub filter: Arc<str>,
 }
 
 /// A retained message: the topic points at a stored message.
