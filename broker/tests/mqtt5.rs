@@ -985,30 +985,6 @@ async fn shared_messages_of_a_departing_member_go_to_another_member() {
     server.shutdown().await;
 }
 
-/// Leaves an offline session `client_id` that expires `expiry` seconds
-/// after it disconnects, a member of `$share/workers/jobs` at QoS 1.
-async fn offline_member(server: &tern::Server, client_id: &str, expiry: u32) {
-    let (mut c, _) = RawClient::connect(addr(server), persistent_connect(client_id, expiry)).await;
-    c.subscribe("$share/workers/jobs", QoS::AtLeastOnce).await;
-    c.send(Packet::Disconnect(Default::default())).await;
-    c.expect_closed().await;
-    until_offline(server, client_id).await;
-}
-
-/// Receives and acknowledges `n` messages; their payloads' first bytes,
-/// sorted.
-async fn take_jobs(c: &mut RawClient, n: usize) -> Vec<u8> {
-    let mut got = Vec::new();
-    for _ in 0..n {
-        let m = c.recv_publish().await;
-        c.send(Packet::PubAck(PubAck::new(m.packet_id.unwrap())))
-            .await;
-        got.push(m.payload[0]);
-    }
-    got.sort();
-    got
-}
-
 #[tokio::test]
 async fn shared_messages_of_a_member_whose_session_expires_go_to_another_member() {
     // Both members offline: each queues half. When A's session expires,
@@ -1016,19 +992,13 @@ async fn shared_messages_of_a_member_whose_session_expires_go_to_another_member(
     let server = start(|_| {}).await;
     offline_member(&server, "member-a", 1).await;
     offline_member(&server, "member-b", 600).await;
-    let mut p = RawClient::connected(addr(&server), "p", V5).await;
-    for i in 0..4u8 {
-        p.publish("jobs", &[i], QoS::AtLeastOnce, u16::from(i) + 1)
-            .await;
-    }
+    publish_four_jobs(&server).await;
     eventually("A's session expired", || {
         server.broker().registry.get("member-a").is_none()
     })
     .await;
     assert_eq!(server.broker().metrics.shared_redeliveries.get(), 2);
-    let (mut b, ack) = RawClient::connect(addr(&server), persistent_connect("member-b", 600)).await;
-    assert!(ack.session_present);
-    assert_eq!(take_jobs(&mut b, 4).await, vec![0, 1, 2, 3]);
+    let mut b = member_b_takes_four_jobs(&server).await;
     b.expect_silence(Duration::from_millis(200)).await;
     server.shutdown().await;
 }
@@ -1042,11 +1012,7 @@ async fn shared_messages_of_a_member_that_leaves_with_expiry_0_go_to_an_offline_
     offline_member(&server, "member-b", 600).await;
     let mut a = RawClient::connected(addr(&server), "member-a", V5).await;
     a.subscribe("$share/workers/jobs", QoS::AtLeastOnce).await;
-    let mut p = RawClient::connected(addr(&server), "p", V5).await;
-    for i in 0..4u8 {
-        p.publish("jobs", &[i], QoS::AtLeastOnce, u16::from(i) + 1)
-            .await;
-    }
+    publish_four_jobs(&server).await;
     for _ in 0..4 {
         a.recv_publish().await;
     }
@@ -1057,9 +1023,8 @@ async fn shared_messages_of_a_member_that_leaves_with_expiry_0_go_to_an_offline_
     })
     .await;
     assert_eq!(server.broker().metrics.shared_redeliveries.get(), 4);
-    let (mut b, ack) = RawClient::connect(addr(&server), persistent_connect("member-b", 600)).await;
-    assert!(ack.session_present);
-    assert_eq!(take_jobs(&mut b, 4).await, vec![0, 1, 2, 3]);
+    let mut b = member_b_takes_four_jobs(&server).await;
+    b.expect_silence(Duration::from_millis(200)).await;
     server.shutdown().await;
 }
 
@@ -1068,11 +1033,7 @@ async fn shared_messages_of_a_session_replaced_with_clean_start_go_to_another_me
     let server = start(|_| {}).await;
     offline_member(&server, "member-a", 600).await;
     offline_member(&server, "member-b", 600).await;
-    let mut p = RawClient::connected(addr(&server), "p", V5).await;
-    for i in 0..4u8 {
-        p.publish("jobs", &[i], QoS::AtLeastOnce, u16::from(i) + 1)
-            .await;
-    }
+    publish_four_jobs(&server).await;
     // A comes back asking for a new session: its old one ends, and the
     // half it queued goes to B rather than with it.
     let mut fresh = persistent_connect("member-a", 600);
@@ -1080,9 +1041,8 @@ async fn shared_messages_of_a_session_replaced_with_clean_start_go_to_another_me
     let (mut a, ack) = RawClient::connect(addr(&server), fresh).await;
     assert!(!ack.session_present);
     assert_eq!(server.broker().metrics.shared_redeliveries.get(), 2);
-    let (mut b, ack) = RawClient::connect(addr(&server), persistent_connect("member-b", 600)).await;
-    assert!(ack.session_present);
-    assert_eq!(take_jobs(&mut b, 4).await, vec![0, 1, 2, 3]);
+    let mut b = member_b_takes_four_jobs(&server).await;
+    b.expect_silence(Duration::from_millis(200)).await;
     a.expect_silence(Duration::from_millis(200)).await;
     server.shutdown().await;
 }

@@ -990,21 +990,9 @@ async fn shared_messages_of_a_restored_member_go_to_another(while_down: bool) {
     let expiry_a = if while_down { 1 } else { 3 };
     let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
     let server = start_on(Arc::clone(&store)).await;
-    for (member, expiry) in [("member-a", expiry_a), ("member-b", 600)] {
-        let (mut c, _) =
-            RawClient::connect(addr(&server), persistent_connect(member, expiry)).await;
-        c.subscribe("$share/workers/jobs", QoS::AtLeastOnce).await;
-        c.send(Packet::Disconnect(Default::default())).await;
-        c.expect_closed().await;
-        common::until_offline(&server, member).await;
-    }
-    let mut publisher = RawClient::connected(addr(&server), "pub", ProtocolVersion::V5).await;
-    for i in 0..4u8 {
-        publisher
-            .publish("jobs", &[i], QoS::AtLeastOnce, u16::from(i) + 1)
-            .await;
-    }
-    drop(publisher);
+    common::offline_member(&server, "member-a", expiry_a).await;
+    common::offline_member(&server, "member-b", 600).await;
+    common::publish_four_jobs(&server).await;
     server.shutdown().await;
     let stored: Vec<_> = store.queue("member-a", None).map(Result::unwrap).collect();
     assert_eq!(stored.len(), 2);
@@ -1027,17 +1015,8 @@ async fn shared_messages_of_a_restored_member_go_to_another(while_down: bool) {
         server.broker().registry.get("member-a").is_none()
     })
     .await;
-    let (mut b, ack) = RawClient::connect(addr(&server), persistent_connect("member-b", 600)).await;
-    assert!(ack.session_present);
-    let mut got = Vec::new();
-    for _ in 0..4 {
-        let m = b.recv_publish().await;
-        b.send(Packet::PubAck(PubAck::new(m.packet_id.unwrap())))
-            .await;
-        got.push(m.payload[0]);
-    }
-    got.sort();
-    assert_eq!(got, vec![0, 1, 2, 3], "A's half went to B");
+    // A's half went to B.
+    let mut b = common::member_b_takes_four_jobs(&server).await;
     b.expect_silence(Duration::from_millis(200)).await;
     common::eventually("A's entries left the store", || {
         store.queue("member-a", None).count() == 0

@@ -412,3 +412,44 @@ pub fn assert_backlog_withheld(seen: &[Packet], code: tern_codec::ReasonCode) {
         "only what had left the broker: {sent} of {UNREAD_BACKLOG}"
     );
 }
+
+/// Leaves an offline session `client_id` that expires `expiry` seconds
+/// after it disconnects, a member of `$share/workers/jobs` at QoS 1.
+pub async fn offline_member(server: &Server, client_id: &str, expiry: u32) {
+    let (mut c, _) = RawClient::connect(addr(server), persistent_connect(client_id, expiry)).await;
+    c.subscribe("$share/workers/jobs", QoS::AtLeastOnce).await;
+    c.send(Packet::Disconnect(Default::default())).await;
+    c.expect_closed().await;
+    until_offline(server, client_id).await;
+}
+
+/// Receives and acknowledges `n` messages; their payloads' first bytes,
+/// sorted.
+pub async fn take_jobs(c: &mut RawClient, n: usize) -> Vec<u8> {
+    let mut got = Vec::new();
+    for _ in 0..n {
+        let m = c.recv_publish().await;
+        c.send(Packet::PubAck(PubAck::new(m.packet_id.unwrap())))
+            .await;
+        got.push(m.payload[0]);
+    }
+    got.sort();
+    got
+}
+
+/// Publishes jobs 0 to 3 on `jobs` at QoS 1, from a client of its own.
+pub async fn publish_four_jobs(server: &Server) {
+    let mut p = RawClient::connected(addr(server), "p", ProtocolVersion::V5).await;
+    for i in 0..4u8 {
+        p.publish("jobs", &[i], QoS::AtLeastOnce, u16::from(i) + 1)
+            .await;
+    }
+}
+
+/// Member B comes back to its session and takes all four jobs.
+pub async fn member_b_takes_four_jobs(server: &Server) -> RawClient {
+    let (mut b, ack) = RawClient::connect(addr(server), persistent_connect("member-b", 600)).await;
+    assert!(ack.session_present);
+    assert_eq!(take_jobs(&mut b, 4).await, vec![0, 1, 2, 3]);
+    b
+}
