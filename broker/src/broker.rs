@@ -707,9 +707,11 @@ impl Broker {
         }
         for group in &matches.shared {
             // A member an ACL deny rule keeps from the topic is passed over.
+            // Offline members last, and not one whose session is ending
+            // (handing its shared messages over).
             let picked = group
                 .pick(|s| s.0.is_online() && !s.0.denies(message))
-                .or_else(|| group.pick(|s| !s.0.denies(message)));
+                .or_else(|| group.pick(|s| !s.0.denies(message) && !s.0.is_handing_over()));
             if let Some((member, options)) = picked {
                 let session = &member.0;
                 note(
@@ -767,7 +769,7 @@ impl Broker {
                 .pick(|s| other(s) && s.0.is_online())
                 .or_else(|| match takers {
                     Takers::Online => None,
-                    Takers::Any => group.pick(other),
+                    Takers::Any => group.pick(|s| other(s) && !s.0.is_handing_over()),
                 });
             let Some((member, options)) = picked else {
                 continue;
@@ -826,6 +828,7 @@ impl Broker {
         if !due(session) {
             return;
         }
+        let _handing_over = session.begin_hand_over();
         if let Some(persistence) = &self.persistence {
             match session.begin_backlog_read() {
                 Some((after, end)) => {
@@ -866,10 +869,16 @@ impl Broker {
                 None => {}
             }
         }
-        if due(session) {
-            if let Some(written) = self.redistribute_shared(session, Takers::Any) {
-                let _ = written.await;
+        // Again while something moves: a delivery that reached the session
+        // just before it was marked as handing over moves in a next round.
+        for _ in 0..HAND_OVER_ROUNDS {
+            if !due(session) {
+                break;
             }
+            let Some(written) = self.redistribute_shared(session, Takers::Any) else {
+                break;
+            };
+            let _ = written.await;
         }
     }
 
@@ -889,6 +898,20 @@ impl Broker {
         }
         if let Some(will) = will {
             self.publish_will(&will, session);
+        }
+    }
+
+    /// Ends `session`, whose expiry interval ran out while it was offline,
+    /// unless a client attached since `generation`; what it holds from
+    /// shared subscriptions goes to other members first.
+    pub async fn expire_session(self: &Arc<Self>, session: &Arc<Session>, generation: u64) {
+        let due = |s: &Session| !s.is_online() && s.generation() == generation;
+        self.hand_over_shared_before_end(session, due).await;
+        let ended = self.registry.end_if(session, due, |s| {
+            self.router.remove_subscriber(&SessionRef(Arc::clone(s)));
+        });
+        if let Some(pending) = ended {
+            self.finish_session(pending, session);
         }
     }
 
@@ -989,9 +1012,10 @@ impl Broker {
         }
         let expiry = session.expiry_interval();
         if expiry == 0 {
+            let shared = session.holds_shared_or_backlog();
             let runtime = tokio::runtime::Handle::try_current();
             match runtime {
-                Ok(runtime) if session.holds_shared_or_backlog() => {
+                Ok(runtime) if shared && !self.is_shutting_down() => {
                     // What it kept from shared subscriptions goes to other
                     // members first, and the session ends once that is
                     // stored.
@@ -1002,7 +1026,15 @@ impl Broker {
                         broker.end_closed_session(&session, will);
                     });
                 }
-                _ => self.end_closed_session(session, will),
+                _ => {
+                    // Nothing to wait on (or for: a shutdown's final sync
+                    // writes the moves ahead of the end): handed over at
+                    // once, what is in memory.
+                    if shared {
+                        let _ = self.redistribute_shared(session, Takers::Any);
+                    }
+                    self.end_closed_session(session, will);
+                }
             }
             return;
         }
@@ -1066,19 +1098,18 @@ impl Broker {
             let (broker, owner) = (Arc::clone(self), Arc::clone(session));
             let timer = runtime.spawn(async move {
                 tokio::time::sleep(expiry).await;
-                let due = |s: &Session| !s.is_online() && s.generation() == generation;
-                broker.hand_over_shared_before_end(&owner, due).await;
-                let ended = broker.registry.end_if(&owner, due, |s| {
-                    broker.router.remove_subscriber(&SessionRef(Arc::clone(s)));
-                });
-                if let Some(pending) = ended {
-                    broker.finish_session(pending, &owner);
-                }
+                broker.expire_session(&owner, generation).await;
             });
             session.add_timer(timer.abort_handle());
         }
     }
 }
+
+/// Rounds of [`Broker::hand_over_shared_before_end`]: the first moves
+/// nearly everything; later ones only what raced the session's marking, so
+/// a few are plenty, and the bound keeps a session that somehow keeps
+/// receiving from holding its end back.
+const HAND_OVER_ROUNDS: usize = 4;
 
 /// Which members a departing member's shared messages may go to (see
 /// [`Broker::redistribute_shared`]).

@@ -357,12 +357,17 @@ where
                 refuse(broker, writer, peer, Some(&connect), failure).await;
                 return None;
             }
-            if connect.clean_start {
-                if let Some(replaced) = broker.registry.get(connect.client_id_str()) {
-                    // The session this one replaces hands what it kept
-                    // from shared subscriptions to other members.
+            if let Some(existing) = broker.registry.get(connect.client_id_str()) {
+                // A hand-over of its shared messages under way (its expiry,
+                // or its last connection's close) finishes first: ending
+                // the session under it would delete what it moves before
+                // the move is stored.
+                existing.hand_overs_done().await;
+                // A session this connection will replace hands what it
+                // kept from shared subscriptions to other members.
+                if connect.clean_start || existing.expiry_interval() == 0 {
                     let due = |s: &Session| !s.is_ended();
-                    broker.hand_over_shared_before_end(&replaced, due).await;
+                    broker.hand_over_shared_before_end(&existing, due).await;
                 }
             }
         }

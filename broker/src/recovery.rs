@@ -41,6 +41,18 @@ use crate::metrics::Metrics;
 use crate::persistence::{message_from_record, unix_secs, will_from_record, Journal};
 use crate::session::{queued_size, Delivery, Session, SharedOrigin};
 
+/// What [`recover`] restored, and what is left to do before listeners
+/// open.
+#[derive(Debug, Default)]
+pub struct Recovery {
+    pub report: Recovered,
+    /// Sessions that expired while the broker was down but hold deliveries
+    /// from shared subscriptions: restored only to hand those to other
+    /// members, then end (`Broker::expire_session`), once every session is
+    /// back and before any client can connect.
+    pub expired: Vec<Arc<Session>>,
+}
+
 /// What [`recover`] found.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Recovered {
@@ -59,10 +71,11 @@ pub struct Recovered {
 }
 
 /// Loads the durable state into `broker`. Does nothing without a store.
-pub fn recover(broker: &Arc<Broker>) -> Result<Recovered, StoreError> {
+pub fn recover(broker: &Arc<Broker>) -> Result<Recovery, StoreError> {
     let Some(persistence) = broker.persistence.clone() else {
-        return Ok(Recovered::default());
+        return Ok(Recovery::default());
     };
+    let mut expired_sessions = Vec::new();
     let store = persistence.store();
     let mut report = Recovered::default();
     let mut purge = Journal::new();
@@ -122,11 +135,10 @@ pub fn recover(broker: &Arc<Broker>) -> Result<Recovered, StoreError> {
         let expired =
             record.expiry_interval != u32::MAX && offline >= u64::from(record.expiry_interval);
         // An expired session that holds deliveries from shared
-        // subscriptions comes back all the same, with no time left: its
-        // expiry hands them to other members before it ends
-        // (`Broker::hand_over_shared_before_end`), as it would have had the
-        // broker been running.
-        let hand_over = expired && protocol.is_some() && holds_shared(store.as_ref(), &client_id)?;
+        // subscriptions comes back all the same, to hand them to other
+        // members before it ends, as it would have had the broker been
+        // running (see `Recovery::expired`).
+        let hand_over = expired && protocol.is_some() && holds_shared(store.as_ref(), &client_id);
         let Some(protocol) = protocol.filter(|_| !expired || hand_over) else {
             if let Some(will) = will {
                 due_wills.push((will, client_id.clone(), record.owner.clone()));
@@ -249,7 +261,14 @@ pub fn recover(broker: &Arc<Broker>) -> Result<Recovered, StoreError> {
                 ..record
             }));
         }
-        broker.schedule_offline(&session, will, expiry, session.generation());
+        if hand_over {
+            // Ended by the caller, once every session is back: a timer
+            // would run while later sessions (other members) are not.
+            broker.schedule_offline(&session, will, None, session.generation());
+            expired_sessions.push(Arc::clone(&session));
+        } else {
+            broker.schedule_offline(&session, will, expiry, session.generation());
+        }
         report.sessions += 1;
     }
 
@@ -260,18 +279,28 @@ pub fn recover(broker: &Arc<Broker>) -> Result<Recovered, StoreError> {
     report.wills_published = due_wills.len();
     Metrics::add(&broker.metrics.recovery_purged, report.purged as u64);
     broker.commit(purge);
-    Ok(report)
+    Ok(Recovery {
+        report,
+        expired: expired_sessions,
+    })
 }
 
 /// Whether `client_id`'s stored queue holds a delivery that came through a
-/// shared subscription (reads queue entries, not messages).
-fn holds_shared(store: &dyn Store, client_id: &str) -> Result<bool, StoreError> {
+/// shared subscription (reads queue entries, not messages). A queue that
+/// cannot be read counts as holding none: its session is purged, as it was
+/// going to be.
+fn holds_shared(store: &dyn Store, client_id: &str) -> bool {
     for entry in store.queue(client_id, None) {
-        if entry?.shared.is_some() {
-            return Ok(true);
+        match entry {
+            Ok(entry) if entry.shared.is_some() => return true,
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(%client_id, error = %e, "reading the queue of an expired session failed; its shared messages end with it");
+                return false;
+            }
         }
     }
-    Ok(false)
+    false
 }
 
 /// A stored queue entry as a delivery of `message`. `None` when its QoS is

@@ -170,13 +170,17 @@ impl Server {
         let broker = Broker::with_store(config, metrics, persistence);
         if broker.persistence.is_some() {
             let b = Arc::clone(&broker);
-            let report = tokio::task::spawn_blocking(move || recovery::recover(&b))
+            let recovery = tokio::task::spawn_blocking(move || recovery::recover(&b))
                 .await
                 .unwrap_or_else(|e| Err(tern_storage::StoreError::Engine(e.to_string())))
                 .map_err(|source| StartError::Recovery {
                     dir: dir.clone(),
                     source,
                 })?;
+            for session in &recovery.expired {
+                broker.expire_session(session, session.generation()).await;
+            }
+            let report = recovery.report;
             tracing::info!(
                 data_dir = %dir.display(),
                 durability = ?broker.config.storage.durability,

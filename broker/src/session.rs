@@ -651,6 +651,9 @@ struct SessionState {
     generation: u64,
     protocol: ProtocolVersion,
     expiry_interval: u32,
+    /// Hand-overs of its shared messages under way (see
+    /// [`Session::begin_hand_over`]).
+    handing_over: u32,
     send_quota: u16,
     inflight: InflightWindow,
     pending: VecDeque<Delivery>,
@@ -814,6 +817,7 @@ impl Session {
                 backlog: None,
                 overflow: None,
                 retained_backlog: None,
+                handing_over: 0,
             }),
             room: Notify::new(),
         }
@@ -1886,6 +1890,37 @@ impl Session {
         }
     }
 
+    /// Marks a hand-over of this session's shared messages to other members
+    /// as under way until the guard drops (see
+    /// `Broker::hand_over_shared_before_end`): meanwhile shared groups do
+    /// not fall back to it when it is offline, and a connection about to
+    /// end it waits ([`hand_overs_done`](Self::hand_overs_done)).
+    pub fn begin_hand_over(self: &Arc<Self>) -> HandOver {
+        self.state.lock().handing_over += 1;
+        HandOver(Arc::clone(self))
+    }
+
+    /// True while a hand-over of its shared messages is under way.
+    pub fn is_handing_over(&self) -> bool {
+        self.state.lock().handing_over > 0
+    }
+
+    /// Waits until no hand-over of this session's shared messages is under
+    /// way (woken through `room`, whose other waiters check their own
+    /// condition again).
+    pub async fn hand_overs_done(&self) {
+        loop {
+            let notified = self.room.notified();
+            let mut notified = std::pin::pin!(notified);
+            // Registered before the check, so an end in between wakes it.
+            notified.as_mut().enable();
+            if !self.is_handing_over() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
     /// Whether the session may hold deliveries that came through shared
     /// subscriptions: some in memory, or a stored backlog not read yet
     /// (which may hold some).
@@ -2572,6 +2607,24 @@ impl Session {
 /// id would be taken for the old one), with the interval at its least, 1.
 fn expired_before_resending(delivery: &Delivery, now: Instant) -> bool {
     delivery.qos == QoS::AtLeastOnce && delivery.message.is_expired(now)
+}
+
+/// A hand-over of a session's shared messages under way: ends when dropped
+/// (see [`Session::begin_hand_over`]), also when the task that held it is
+/// aborted.
+pub struct HandOver(Arc<Session>);
+
+impl Drop for HandOver {
+    fn drop(&mut self) {
+        let done = {
+            let mut st = self.0.state.lock();
+            st.handing_over -= 1;
+            st.handing_over == 0
+        };
+        if done {
+            self.0.room.notify_waiters();
+        }
+    }
 }
 
 /// The bytes a queued delivery counts against `max_queued_bytes`.

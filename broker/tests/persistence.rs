@@ -987,7 +987,7 @@ async fn shared_messages_of_a_session_that_expired_while_the_broker_was_down_go_
 /// expires (after the restart, or `while_down`), its half is read and goes
 /// to B.
 async fn shared_messages_of_a_restored_member_go_to_another(while_down: bool) {
-    let expiry_a = if while_down { 1 } else { 3 };
+    let expiry_a = if while_down { 600 } else { 3 };
     let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
     let server = start_on(Arc::clone(&store)).await;
     common::offline_member(&server, "member-a", expiry_a).await;
@@ -1002,8 +1002,12 @@ async fn shared_messages_of_a_restored_member_go_to_another(while_down: bool) {
     };
     assert!(stored.iter().all(|e| e.shared.as_ref() == Some(&group)));
     if while_down {
-        // Expiry counts in whole seconds since A was last seen.
-        tokio::time::sleep(Duration::from_millis(2100)).await;
+        // Last seen long enough ago that the restart finds it expired.
+        let mut record = store.session("member-a").unwrap().unwrap();
+        record.last_seen -= 1000;
+        let mut batch = tern_storage::Batch::new();
+        batch.put_session(record);
+        store.apply(&batch).unwrap();
     }
 
     let server = start_on(Arc::clone(&store)).await;
@@ -1123,10 +1127,10 @@ async fn a_qos2_flow_refused_for_its_retained_copy_is_not_left_open_in_the_store
 #[tokio::test]
 async fn a_moved_shared_delivery_never_deletes_an_entry_of_the_next_session() {
     // The departing member's deletion goes to the store only once the new
-    // member's entry is stored. If the departing session ended meanwhile
-    // (DISCONNECT with expiry 0) and its client came back with a new
-    // session, whose entries count from 1 again, that deletion must not be
-    // sent: it would remove the new session's first entry.
+    // member's entry is stored. A session that ends (DISCONNECT with
+    // expiry 0) waits for that too, and so does its client coming back
+    // with a new session, whose entries count from 1 again: no deletion of
+    // the old session may remove the new session's first entry.
     let (store, server) = start_failing(Some(Duration::from_millis(200))).await;
     let mut first = online_subscriber(&server, "first", "$share/g/jobs").await;
     let _second = online_subscriber(&server, "second", "$share/g/jobs").await;
@@ -1142,14 +1146,25 @@ async fn a_moved_shared_delivery_never_deletes_an_entry_of_the_next_session() {
     settle(&server).await;
 
     // The move waits for a lagging disk while the session ends and its
-    // client comes back, subscribes and is sent its first message.
+    // client comes back, subscribes and is sent its first message. The
+    // session ends only once the move is stored, and the client's return
+    // waits for that.
     store.stall(true);
     let mut bye = tern_codec::Disconnect::default();
     bye.properties.session_expiry_interval = Some(0);
     first.send(Packet::Disconnect(bye)).await;
     first.expect_closed().await;
-    let (mut again, ack) =
-        RawClient::connect(addr(&server), persistent_connect("first", 3600)).await;
+    let returning = tokio::spawn(RawClient::connect(
+        addr(&server),
+        persistent_connect("first", 3600),
+    ));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !returning.is_finished(),
+        "connected before the move was stored"
+    );
+    store.stall(false);
+    let (mut again, ack) = returning.await.unwrap();
     assert!(!ack.session_present);
     again
         .send(common::subscribe_packet(1, "direct", QoS::AtLeastOnce))
@@ -1161,7 +1176,6 @@ async fn a_moved_shared_delivery_never_deletes_an_entry_of_the_next_session() {
     publisher
         .send(publish_packet("direct", b"mine", QoS::AtLeastOnce, Some(2)))
         .await;
-    store.stall(false);
     let mut got = Vec::new();
     while got.len() < 2 {
         match expect_ack(&mut again).await {
