@@ -28,6 +28,10 @@ directory:
   while a longer-lived session is kept; a session whose client was connected
   (for longer than its interval) when the broker was killed is kept, with
   the messages acknowledged to their publisher.
+* A shared subscription's messages outlive the member that held them: a
+  persistent member that comes back with Clean Start hands what it queued to
+  the other member (also across SIGKILLs before and after), which receives
+  every acknowledged message.
 * A will is published once: not again at later restarts, whether the
   restart published it (its client was connected at the SIGKILL) or its
   delay timer did.
@@ -682,6 +686,45 @@ def test_expired_session_is_purged_at_restart(durable):
     pub.publish("expire/t", b"after", qos=1)
     assert long_.get().payload == b"after"
     short.assert_no_message()
+
+
+def test_shared_messages_of_an_ending_member_survive_sigkill(durable):
+    # Two persistent members of one shared group, both offline: floods split
+    # between their queues while the broker is SIGKILLed. After a restart
+    # member A comes back with Clean Start, so its old session ends and hands
+    # what it queued to B (MQTT 5 4.8.2), and the broker is SIGKILLed right
+    # after A's CONNACK. After the next restart B comes back: every
+    # acknowledged message reaches it (A's new session subscribed to nothing).
+    b = durable().start()
+    members = {}
+    for name in ("share-a", "share-b"):
+        m = client(durable, b, name, V5, clean=False,
+                   properties=connect_props(SessionExpiryInterval=3600))
+        assert [rc.value for rc in m.subscribe("$share/g/share/jobs", 1)] == [1]
+        m.disconnect()
+        members[name] = m
+    settle()
+
+    sent, acked = crash_cycles(durable, b, "share/jobs", 1, cycles=2)
+    assert acked, "no publish was acknowledged at all: the test proved nothing"
+
+    b.start()
+    print("restart:", b.restored_line)
+    fresh = client(durable, b, "share-a", V5, clean=True,
+                   properties=connect_props(SessionExpiryInterval=3600))
+    assert not fresh.flags.session_present
+    b.kill9()
+
+    b.start()
+    print("restart:", b.restored_line)
+    member_b = members["share-b"]
+    flags = reconnect(member_b)
+    assert flags.session_present, "B's persistent session must be restored"
+    got = numbers(collect(member_b, need=acked))
+    b.print_warnings()
+    assert_none_lost(b, sent, acked, set(got), "shared QoS 1")
+    print(f"B received {len(got)} messages ({len(got) - len(set(got))} duplicates) "
+          f"for {len(acked)} acknowledged")
 
 
 def test_a_session_connected_longer_than_its_expiry_survives_sigkill(durable):
