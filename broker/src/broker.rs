@@ -710,7 +710,7 @@ impl Broker {
             // Offline members last, and not one whose session is ending
             // (handing its shared messages over).
             let picked = group
-                .pick(|s| s.0.is_online() && !s.0.denies(message))
+                .pick(|s| s.0.is_online_and_staying() && !s.0.denies(message))
                 .or_else(|| group.pick(|s| !s.0.denies(message) && !s.0.is_handing_over()));
             if let Some((member, options)) = picked {
                 let session = &member.0;
@@ -766,7 +766,7 @@ impl Broker {
             let other =
                 |s: &SessionRef| !Arc::ptr_eq(&s.0, departing) && !s.0.denies(&delivery.message);
             let picked = group
-                .pick(|s| other(s) && s.0.is_online())
+                .pick(|s| other(s) && s.0.is_online_and_staying())
                 .or_else(|| match takers {
                     Takers::Online => None,
                     Takers::Any => group.pick(|s| other(s) && !s.0.is_handing_over()),
@@ -815,7 +815,10 @@ impl Broker {
     /// restart left in the store is read in first, whole, if any of it came
     /// through a shared subscription (what one session may queue is
     /// bounded, `max_queued_*`). `due` says whether the session is still
-    /// about to end; it is asked again after the read.
+    /// about to end; it is asked again after the read. The caller holds the
+    /// session's [`HandOver`](crate::session::HandOver) guard from before
+    /// this until the session has ended, so that neither a shared group
+    /// nor a connecting client takes the session meanwhile.
     ///
     /// Should the session live on after all (its client returned), it does
     /// so without what was handed over: each message still reaches one
@@ -828,7 +831,6 @@ impl Broker {
         if !due(session) {
             return;
         }
-        let _handing_over = session.begin_hand_over();
         if let Some(persistence) = &self.persistence {
             match session.begin_backlog_read() {
                 Some((after, end)) => {
@@ -906,6 +908,7 @@ impl Broker {
     /// shared subscriptions goes to other members first.
     pub async fn expire_session(self: &Arc<Self>, session: &Arc<Session>, generation: u64) {
         let due = |s: &Session| !s.is_online() && s.generation() == generation;
+        let _handing_over = session.begin_hand_over();
         self.hand_over_shared_before_end(session, due).await;
         let ended = self.registry.end_if(session, due, |s| {
             self.router.remove_subscriber(&SessionRef(Arc::clone(s)));
@@ -1019,11 +1022,15 @@ impl Broker {
                     // What it kept from shared subscriptions goes to other
                     // members first, and the session ends once that is
                     // stored.
+                    // Marked before the task runs, so that a client taking
+                    // the client id over meanwhile waits for it.
+                    let handing_over = session.begin_hand_over();
                     let (broker, session) = (Arc::clone(self), Arc::clone(session));
                     runtime.spawn(async move {
                         let due = |s: &Session| !s.is_online();
                         broker.hand_over_shared_before_end(&session, due).await;
                         broker.end_closed_session(&session, will);
+                        drop(handing_over);
                     });
                 }
                 _ => {

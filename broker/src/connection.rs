@@ -50,7 +50,7 @@ use crate::message::Message;
 use crate::metrics::Metrics;
 use crate::persistence::Journal;
 use crate::registry::ConnectionPermit;
-use crate::session::{AttachParams, ConnectionControl, Delivery, Session};
+use crate::session::{AttachParams, ConnectionControl, Delivery, HandOver, Session};
 use crate::topic_alias::{AliasError, InboundAliases};
 use crate::transport::{linger, read_pooled, TransportRead, TransportWrite};
 use crate::wake_batch::WakeBatch;
@@ -350,6 +350,7 @@ where
             refuse(broker, writer, peer, Some(&connect), failure).await;
             return None;
         }
+        let mut replacing = None;
         if !connect.client_id.is_empty() {
             broker.registry.take_over(connect.client_id_str()).await;
             if revoked() {
@@ -358,20 +359,13 @@ where
                 return None;
             }
             if let Some(existing) = broker.registry.get(connect.client_id_str()) {
-                // A hand-over of its shared messages under way (its expiry,
-                // or its last connection's close) finishes first: ending
-                // the session under it would delete what it moves before
-                // the move is stored.
-                existing.hand_overs_done().await;
-                // A session this connection will replace hands what it
-                // kept from shared subscriptions to other members.
-                if connect.clean_start || existing.expiry_interval() == 0 {
-                    let due = |s: &Session| !s.is_ended();
-                    broker.hand_over_shared_before_end(&existing, due).await;
-                }
+                replacing =
+                    hand_over_before_replacing(broker, &existing, connect.clean_start).await;
             }
         }
         let accepted = Connection::accept(broker, &rules, *connect, permit.id, authenticated);
+        // The session replaced (if any) has ended in `accept`.
+        drop(replacing);
         let accepted = match accepted {
             Ok(accepted) => accepted,
             Err(connect) => {
@@ -651,6 +645,48 @@ struct Accepted {
     /// which tells the client the old session is gone, must wait for it to
     /// be durable, or a crash right after would bring the old session back.
     discarded_stored: bool,
+}
+
+/// Longest a connect waits for the hand-over of the shared messages of the
+/// session it finds ([`hand_over_before_replacing`]): a store stalled
+/// longer than this holds the client no longer. The hand-over's writes
+/// still reach the store writer ahead of the session's end; only a crash
+/// in between could then lose what was moved.
+const HAND_OVER_WAIT: Duration = Duration::from_secs(5);
+
+/// Before a connect takes `existing`, its client id's session, over: a
+/// hand-over of its shared messages under way (its expiry, or its last
+/// connection's close) finishes first, and a session this connect will
+/// replace (Clean Start, or expiry 0: never resumed) hands what it kept to
+/// other members (`Broker::hand_over_shared_before_end`). Returns the
+/// guard of that hand-over, to hold until the session has ended in
+/// [`Connection::accept`], so that no shared group gives it a message
+/// meanwhile. Waits at most [`HAND_OVER_WAIT`].
+async fn hand_over_before_replacing(
+    broker: &Arc<Broker>,
+    existing: &Arc<Session>,
+    clean_start: bool,
+) -> Option<HandOver> {
+    let hand_over = async {
+        existing.hand_overs_done(0).await;
+        if !clean_start && existing.expiry_interval() != 0 {
+            return None;
+        }
+        let guard = existing.begin_hand_over();
+        let due = |s: &Session| !s.is_ended();
+        broker.hand_over_shared_before_end(existing, due).await;
+        // One that began meanwhile (the close of the connection taken
+        // over) finishes first too.
+        existing.hand_overs_done(1).await;
+        Some(guard)
+    };
+    match tokio::time::timeout(HAND_OVER_WAIT, hand_over).await {
+        Ok(guard) => guard,
+        Err(_) => {
+            tracing::warn!(client_id = %existing.client_id, "the hand-over of a replaced session's shared messages is still waiting for the store; connecting without waiting longer");
+            None
+        }
+    }
 }
 
 impl Connection {

@@ -18,6 +18,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use tern_storage::OnDamage;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::task::JoinHandle;
@@ -94,6 +95,12 @@ impl StartError {
         }
     }
 }
+
+/// Sessions that expired while the broker was down, handing their shared
+/// messages over at start, at once: each mostly waits for the store's
+/// syncs, which the writer's group commit shares among them, and the
+/// listeners open only once all are done.
+const EXPIRED_AT_START_AT_ONCE: usize = 64;
 
 /// A running broker.
 pub struct Server {
@@ -177,9 +184,12 @@ impl Server {
                     dir: dir.clone(),
                     source,
                 })?;
-            for session in &recovery.expired {
-                broker.expire_session(session, session.generation()).await;
-            }
+            futures_util::stream::iter(recovery.expired)
+                .for_each_concurrent(EXPIRED_AT_START_AT_ONCE, |session| {
+                    let broker = Arc::clone(&broker);
+                    async move { broker.expire_session(&session, session.generation()).await }
+                })
+                .await;
             let report = recovery.report;
             tracing::info!(
                 data_dir = %dir.display(),

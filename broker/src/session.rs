@@ -1905,16 +1905,23 @@ impl Session {
         self.state.lock().handing_over > 0
     }
 
-    /// Waits until no hand-over of this session's shared messages is under
-    /// way (woken through `room`, whose other waiters check their own
-    /// condition again).
-    pub async fn hand_overs_done(&self) {
+    /// Online and not handing its shared messages over (one lock): what a
+    /// shared group's first pick asks of a member.
+    pub fn is_online_and_staying(&self) -> bool {
+        let st = self.state.lock();
+        st.link.is_some() && st.handing_over == 0
+    }
+
+    /// Waits until at most `own` hand-overs of this session's shared
+    /// messages are under way (the caller's own, still held), woken through
+    /// `room`, whose other waiters check their own condition again.
+    pub async fn hand_overs_done(&self, own: u32) {
         loop {
             let notified = self.room.notified();
             let mut notified = std::pin::pin!(notified);
             // Registered before the check, so an end in between wakes it.
             notified.as_mut().enable();
-            if !self.is_handing_over() {
+            if self.state.lock().handing_over <= own {
                 return;
             }
             notified.await;
@@ -2616,14 +2623,9 @@ pub struct HandOver(Arc<Session>);
 
 impl Drop for HandOver {
     fn drop(&mut self) {
-        let done = {
-            let mut st = self.0.state.lock();
-            st.handing_over -= 1;
-            st.handing_over == 0
-        };
-        if done {
-            self.0.room.notify_waiters();
-        }
+        self.0.state.lock().handing_over -= 1;
+        // Waiters may wait for a count above 0 (`hand_overs_done`).
+        self.0.room.notify_waiters();
     }
 }
 
