@@ -154,6 +154,9 @@ counters! {
     sessions_not_resumed,
     /// Shared-subscription messages moved from a departing member to another.
     shared_redeliveries,
+    /// Shared-subscription messages that ended with their member's session:
+    /// no other member to take them, or QoS 2 messages already sent.
+    shared_ended_with_session,
     /// Queued messages and sessions found expired (and purged) at start-up.
     recovery_purged,
     /// Retained messages not stored: `max_retained_messages` or

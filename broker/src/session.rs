@@ -1241,6 +1241,16 @@ impl Session {
             if let Some(link) = &st.link {
                 link.control.close(Some(ReasonCode::SessionTakenOver));
             }
+            // What its shared groups gave it and nobody took over ends here.
+            let orphaned = st.pending.iter().filter(|d| d.shared.is_some()).count()
+                + st.inflight
+                    .iter()
+                    .filter(|i| i.delivery.shared.is_some())
+                    .count();
+            Metrics::add(
+                &self.context.metrics.shared_ended_with_session,
+                orphaned as u64,
+            );
             st.pending.clear();
             st.pending_bytes = 0;
             st.retained_backlog = None;

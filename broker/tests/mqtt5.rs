@@ -998,8 +998,24 @@ async fn shared_messages_of_a_member_whose_session_expires_go_to_another_member(
     })
     .await;
     assert_eq!(server.broker().metrics.shared_redeliveries.get(), 2);
+    assert_eq!(server.broker().metrics.shared_ended_with_session.get(), 0);
     let mut b = member_b_takes_four_jobs(&server).await;
     b.expect_silence(Duration::from_millis(200)).await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn shared_messages_of_the_last_member_end_with_its_session_and_are_counted() {
+    let server = start(|_| {}).await;
+    offline_member(&server, "member-a", 1).await;
+    publish_four_jobs(&server).await;
+    eventually("A's session expired", || {
+        server.broker().registry.get("member-a").is_none()
+    })
+    .await;
+    let metrics = &server.broker().metrics;
+    assert_eq!(metrics.shared_redeliveries.get(), 0, "no other member");
+    assert_eq!(metrics.shared_ended_with_session.get(), 4);
     server.shutdown().await;
 }
 
