@@ -438,6 +438,16 @@ fn a_flood_of_refused_connections_is_logged_in_a_few_lines() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// Sends PINGREQ and expects the next packet to be its PINGRESP: what was
+/// sent before it was handled, and nothing else was coming.
+fn ping(s: &mut std::net::TcpStream) {
+    use std::io::{Read, Write};
+    s.write_all(&[0xC0, 0]).unwrap();
+    let mut pingresp = [0u8; 2];
+    s.read_exact(&mut pingresp).unwrap();
+    assert_eq!(pingresp, [0xD0, 0]);
+}
+
 /// A store that lost writes it had synced (here: its engine files put back
 /// as they were one restart earlier, as when the engine's recovery stops at
 /// a damaged record) is refused with a line that says what to do; once the
@@ -458,10 +468,7 @@ fn a_damaged_store_is_refused_until_the_damage_is_accepted() {
         publish.push(b'1');
         s.write_all(&publish).unwrap();
         // PINGRESP: the PUBLISH before it was handled.
-        s.write_all(&[0xC0, 0]).unwrap();
-        let mut pingresp = [0u8; 2];
-        s.read_exact(&mut pingresp).unwrap();
-        assert_eq!(pingresp, [0xD0, 0]);
+        ping(&mut s);
         send_signal(&running, libc::SIGTERM);
         assert!(exit_status(&mut running).success());
     };
@@ -528,10 +535,7 @@ fn a_damaged_store_is_refused_until_the_damage_is_accepted() {
     s.read_exact(&mut retained).unwrap();
     assert_eq!(&retained[4..], b"kept1");
     // Nothing else was retained: the next packet is the PINGRESP.
-    s.write_all(&[0xC0, 0]).unwrap();
-    let mut next = [0u8; 2];
-    s.read_exact(&mut next).unwrap();
-    assert_eq!(next, [0xD0, 0]);
+    ping(&mut s);
     send_signal(&accepted, libc::SIGTERM);
     assert!(exit_status(&mut accepted).success());
 

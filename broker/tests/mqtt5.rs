@@ -993,10 +993,7 @@ async fn shared_messages_of_a_member_whose_session_expires_go_to_another_member(
     offline_member(&server, "member-a", 1).await;
     offline_member(&server, "member-b", 600).await;
     publish_four_jobs(&server).await;
-    eventually("A's session expired", || {
-        server.broker().registry.get("member-a").is_none()
-    })
-    .await;
+    until_ended(&server, "member-a").await;
     assert_eq!(server.broker().metrics.shared_redeliveries.get(), 2);
     assert_eq!(server.broker().metrics.shared_ended_with_session.get(), 0);
     let mut b = member_b_takes_four_jobs(&server).await;
@@ -1009,10 +1006,7 @@ async fn shared_messages_of_the_last_member_end_with_its_session_and_are_counted
     let server = start(|_| {}).await;
     offline_member(&server, "member-a", 1).await;
     publish_four_jobs(&server).await;
-    eventually("A's session expired", || {
-        server.broker().registry.get("member-a").is_none()
-    })
-    .await;
+    until_ended(&server, "member-a").await;
     let metrics = &server.broker().metrics;
     assert_eq!(metrics.shared_redeliveries.get(), 0, "no other member");
     assert_eq!(metrics.shared_ended_with_session.get(), 4);
@@ -1034,10 +1028,7 @@ async fn shared_messages_of_a_member_that_leaves_with_expiry_0_go_to_an_offline_
     }
     a.send(Packet::Disconnect(Default::default())).await;
     a.expect_closed().await;
-    eventually("A's session ended", || {
-        server.broker().registry.get("member-a").is_none()
-    })
-    .await;
+    until_ended(&server, "member-a").await;
     assert_eq!(server.broker().metrics.shared_redeliveries.get(), 4);
     let mut b = member_b_takes_four_jobs(&server).await;
     b.expect_silence(Duration::from_millis(200)).await;

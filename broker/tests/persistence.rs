@@ -1015,10 +1015,7 @@ async fn shared_messages_of_a_restored_member_go_to_another(while_down: bool) {
         let a = server.broker().registry.get("member-a").unwrap();
         assert_eq!(a.stored_backlog(), 2, "restored, not read");
     }
-    common::eventually("A's session ended", || {
-        server.broker().registry.get("member-a").is_none()
-    })
-    .await;
+    common::until_ended(&server, "member-a").await;
     // A's half went to B.
     let mut b = common::member_b_takes_four_jobs(&server).await;
     b.expect_silence(Duration::from_millis(200)).await;

@@ -100,6 +100,14 @@ pub async fn offline_subscriber(server: &Server, client_id: &str, filter: &str, 
     until_offline(server, client_id).await;
 }
 
+/// Waits until `client_id` has no session any more (it ended).
+pub async fn until_ended(server: &Server, client_id: &str) {
+    eventually(&format!("{client_id}'s session ended"), || {
+        server.broker().registry.get(client_id).is_none()
+    })
+    .await;
+}
+
 /// Waits until `client_id`'s session is offline (its connection closed
 /// and detached).
 pub async fn until_offline(server: &Server, client_id: &str) {
