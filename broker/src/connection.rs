@@ -359,8 +359,12 @@ where
                 return None;
             }
             if let Some(existing) = broker.registry.get(connect.client_id_str()) {
-                replacing =
-                    hand_over_before_replacing(broker, &existing, connect.clean_start).await;
+                let replaces = connect.clean_start || {
+                    let user = authenticated.user.as_deref();
+                    let acl = rules.client_acl(user, connect.client_id_str());
+                    not_resumed(broker, &existing, acl.as_ref()).is_some()
+                };
+                replacing = hand_over_before_replacing(broker, &existing, replaces).await;
             }
         }
         let accepted = Connection::accept(broker, &rules, *connect, permit.id, authenticated);
@@ -614,7 +618,22 @@ struct Connection {
 /// queued or sent while it was offline, are its owner's), and only while it
 /// holds no subscription these rules would refuse (rules can change). Runs
 /// under the registry's lock, so the session cannot change in between.
-fn may_resume(broker: &Broker, session: &Arc<Session>, acl: &ClientAcl) -> bool {
+/// Why a CONNECT let in with `acl` (none: no `[auth]` rules apply to its
+/// client) may not resume `session`, the session of its client id; `None`
+/// when it may.
+fn not_resumed(
+    broker: &Broker,
+    session: &Arc<Session>,
+    acl: Option<&ClientAcl>,
+) -> Option<NotResumed> {
+    // A session withholds what its rules denied when it was made: one made
+    // under other deny rules (`[auth]` was reloaded since) is not resumed,
+    // so nothing it holds slips past the rules now.
+    let wanted = acl.and_then(ClientAcl::denied_topics);
+    if session.denied_topics() != wanted.as_deref() {
+        return Some(NotResumed::OtherDenyRules);
+    }
+    let acl = acl?;
     let owned = session.owner().as_deref() == acl.user();
     let allowed = || {
         broker
@@ -623,16 +642,29 @@ fn may_resume(broker: &Broker, session: &Arc<Session>, acl: &ClientAcl) -> bool 
             .iter()
             .all(|(filter, _)| acl.may_subscribe(parse_shared(filter).map_or(filter, |(_, f)| f)))
     };
-    if owned && allowed() {
-        return true;
+    (!owned || !allowed()).then_some(NotResumed::OtherUserOrRefusedSubscriptions)
+}
+
+/// Why a session is not resumed by a CONNECT of its client id without
+/// Clean Start: the session is replaced by a new one, as with Clean Start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NotResumed {
+    /// It was made under other ACL deny rules (`[auth]` was reloaded
+    /// since, or it was made for a client the rules treat otherwise).
+    OtherDenyRules,
+    /// Another user's, or it holds subscriptions the ACL refuses this client.
+    OtherUserOrRefusedSubscriptions,
+}
+
+impl std::fmt::Display for NotResumed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            NotResumed::OtherDenyRules => "made under other ACL deny rules (or for another user)",
+            NotResumed::OtherUserOrRefusedSubscriptions => {
+                "another user's, or it holds subscriptions the ACL refuses this client"
+            }
+        })
     }
-    Metrics::inc(&broker.metrics.sessions_not_resumed);
-    throttled!(
-        INFO,
-        client_id = %session.client_id,
-        "session not resumed: another user's, or it holds subscriptions the ACL refuses this client"
-    );
-    false
 }
 
 /// What [`Connection::accept`] made of a CONNECT.
@@ -657,19 +689,20 @@ const HAND_OVER_WAIT: Duration = Duration::from_secs(5);
 /// Before a connect takes `existing`, its client id's session, over: a
 /// hand-over of its shared messages under way (its expiry, or its last
 /// connection's close) finishes first, and a session this connect will
-/// replace (Clean Start, or expiry 0: never resumed) hands what it kept to
-/// other members (`Broker::hand_over_shared_before_end`). Returns the
+/// replace (`replaces`: Clean Start, or a session it may not resume; or
+/// expiry 0: never resumed) hands what it kept to other members
+/// (`Broker::hand_over_shared_before_end`). Returns the
 /// guard of that hand-over, to hold until the session has ended in
 /// [`Connection::accept`], so that no shared group gives it a message
 /// meanwhile. Waits at most [`HAND_OVER_WAIT`].
 async fn hand_over_before_replacing(
     broker: &Arc<Broker>,
     existing: &Arc<Session>,
-    clean_start: bool,
+    replaces: bool,
 ) -> Option<HandOver> {
     let hand_over = async {
         existing.hand_overs_done(0).await;
-        if !clean_start && existing.expiry_interval() != 0 {
+        if !replaces && existing.expiry_interval() != 0 {
             return None;
         }
         let guard = existing.begin_hand_over();
@@ -739,25 +772,13 @@ impl Connection {
         }
 
         let denied = acl.as_deref().and_then(ClientAcl::denied_topics);
-        // Compared with a resumed session's (a copy: only with deny rules).
-        let wanted = denied.clone();
         let resumable = |existing: &Arc<Session>| {
-            // A session withholds what its rules denied when it was made: one
-            // made under other deny rules (`[auth]` was reloaded since) is
-            // not resumed, so nothing it holds slips past the rules now.
-            let same_denial = existing.denied_topics() == wanted.as_deref();
-            if !same_denial {
-                Metrics::inc(&broker.metrics.sessions_not_resumed);
-                throttled!(
-                    INFO,
-                    client_id = %existing.client_id,
-                    "session not resumed: made under other ACL deny rules (or for another user)"
-                );
-            }
-            same_denial
-                && acl
-                    .as_deref()
-                    .is_none_or(|acl| may_resume(broker, existing, acl))
+            let Some(why) = not_resumed(broker, existing, acl.as_deref()) else {
+                return true;
+            };
+            Metrics::inc(&broker.metrics.sessions_not_resumed);
+            throttled!(INFO, client_id = %existing.client_id, "session not resumed: {why}");
+            false
         };
         let on_replace = |old: &Arc<Session>| {
             broker

@@ -752,3 +752,41 @@ async fn a_client_whose_credentials_a_reload_revokes_is_sent_nothing_it_had_queu
     );
     ops.expect_silence(Duration::from_millis(200)).await;
 }
+
+/// A session that another user's CONNECT replaces (it may not resume it)
+/// ends as one replaced with Clean Start does: what it kept of a shared
+/// subscription goes to another member, not with it (MQTT 5 4.8.2).
+#[tokio::test]
+async fn a_shared_member_replaced_by_another_user_hands_its_messages_over() {
+    let server = start_with_rules().await;
+    // Member A is ops's session, member B anonymous; both offline.
+    let mut as_ops = persistent_connect("member-a", 600);
+    as_ops.username = Some(Bytes::from_static(b"ops"));
+    as_ops.password = Some(Bytes::from_static(b"secret"));
+    for connect in [as_ops, persistent_connect("member-b", 600)] {
+        let client_id = String::from_utf8(connect.client_id.to_vec()).unwrap();
+        let (mut c, ack) = RawClient::connect(addr(&server), connect).await;
+        assert_eq!(ack.code, ReasonCode::Success);
+        let granted = c.subscribe("$share/workers/public/jobs", QoS::AtLeastOnce);
+        assert_eq!(granted.await, [ReasonCode::GrantedQoS1]);
+        c.send(Packet::Disconnect(Default::default())).await;
+        c.expect_closed().await;
+        until_offline(&server, &client_id).await;
+    }
+    let mut p = RawClient::connected(addr(&server), "p", ProtocolVersion::V5).await;
+    for i in 0..4u8 {
+        p.publish("public/jobs", &[i], QoS::AtLeastOnce, u16::from(i) + 1)
+            .await;
+    }
+    // An anonymous client takes A's client id and asks to resume: ops's
+    // session is not its to resume, so it ends, and its half goes to B.
+    let (mut a, ack) = RawClient::connect(addr(&server), persistent_connect("member-a", 600)).await;
+    assert!(!ack.session_present);
+    assert_eq!(server.broker().metrics.shared_redeliveries.get(), 2);
+    let (mut b, ack) = RawClient::connect(addr(&server), persistent_connect("member-b", 600)).await;
+    assert!(ack.session_present);
+    assert_eq!(take_jobs(&mut b, 4).await, vec![0, 1, 2, 3]);
+    b.expect_silence(Duration::from_millis(200)).await;
+    a.expect_silence(Duration::from_millis(200)).await;
+    server.shutdown().await;
+}
