@@ -1242,11 +1242,7 @@ impl Session {
                 link.control.close(Some(ReasonCode::SessionTakenOver));
             }
             // What its shared groups gave it and nobody took over ends here.
-            let orphaned = st.pending.iter().filter(|d| d.shared.is_some()).count()
-                + st.inflight
-                    .iter()
-                    .filter(|i| i.delivery.shared.is_some())
-                    .count();
+            let orphaned = shared_deliveries(&st).count();
             Metrics::add(
                 &self.context.metrics.shared_ended_with_session,
                 orphaned as u64,
@@ -1943,9 +1939,7 @@ impl Session {
     /// (which may hold some).
     pub fn holds_shared_or_backlog(&self) -> bool {
         let st = self.state.lock();
-        st.backlog.is_some()
-            || st.pending.iter().any(|d| d.shared.is_some())
-            || st.inflight.iter().any(|i| i.delivery.shared.is_some())
+        st.backlog.is_some() || shared_deliveries(&st).next().is_some()
     }
 
     /// The deliveries that came through shared subscriptions and may go to
@@ -2647,6 +2641,13 @@ pub(crate) fn queued_size(delivery: &Delivery) -> usize {
 fn push_pending(st: &mut SessionState, delivery: Delivery) {
     st.pending_bytes += queued_size(&delivery);
     st.pending.push_back(delivery);
+}
+
+/// The deliveries in memory, queued or in flight, that came through a
+/// shared subscription.
+fn shared_deliveries(st: &SessionState) -> impl Iterator<Item = &Delivery> {
+    let inflight = st.inflight.iter().map(|i| &i.delivery);
+    st.pending.iter().chain(inflight).filter(|d| d.shared.is_some())
 }
 
 fn remove_pending(st: &mut SessionState, index: usize) -> Option<Delivery> {
