@@ -894,15 +894,6 @@ impl Session {
         st.pending_will = None;
         self.update_durability(&mut st, will, journal);
         let mut outbound = VecDeque::new();
-        let now = Instant::now();
-        for index in (0..st.inflight.len()).rev() {
-            let entry = st.inflight.get(index);
-            if matches!(entry.state(), InflightState::Sent | InflightState::Resend)
-                && expired_before_resending(&entry.delivery, now)
-            {
-                self.drop_expired_inflight(&mut st, index, journal);
-            }
-        }
         // Unacknowledged PUBLISHes are sent again with their packet ids, but
         // no more of them than the (possibly smaller) new Receive Maximum
         // allows (MQTT-3.3.4-9); the rest follow as acknowledgements come.
@@ -967,7 +958,7 @@ impl Session {
             }
         }
         st.link = Some(link);
-        self.fill_window(&mut st, now, journal);
+        self.fill_window(&mut st, Instant::now(), journal);
         if let Some(link) = &st.link {
             link.control.wake_writer.raise();
         }
@@ -1887,15 +1878,6 @@ impl Session {
         }
     }
 
-    /// Drops the in-flight entry `index`, expired before it was sent again
-    /// (see [`expired_before_resending`]), and counts it.
-    fn drop_expired_inflight(&self, st: &mut SessionState, index: usize, journal: &mut Journal) {
-        if let Some(done) = st.inflight.remove(index) {
-            Metrics::inc(&self.context.metrics.messages_expired);
-            self.forget(st, &done.delivery, journal);
-        }
-    }
-
     /// Marks a hand-over of this session's shared messages to other members
     /// as under way until the guard drops (see
     /// `Broker::hand_over_shared_before_end`): meanwhile shared groups do
@@ -2576,11 +2558,11 @@ impl Session {
         }
         while self.link_has_room(st) && st.inflight.used() < usize::from(st.send_quota) {
             // Messages from an earlier connection go first, in order.
+            // Sent again even if its message expired since: its delivery
+            // has started (MQTT-3.3.2-5 deletes only what has not), and an
+            // unacknowledged PUBLISH is sent again (MQTT-4.4.0-1), with an
+            // interval of at least 1 (`Message::remaining_expiry`).
             if let Some(i) = st.inflight.first_resend() {
-                if expired_before_resending(&st.inflight.get(i).delivery, now) {
-                    self.drop_expired_inflight(st, i, journal);
-                    continue;
-                }
                 st.inflight.set_state(i, InflightState::Sent);
                 self.push_inflight_to_link(st, i);
                 continue;
@@ -2610,16 +2592,6 @@ impl Session {
     }
 }
 
-/// Whether an unacknowledged PUBLISH due to be sent again has expired
-/// since it was sent, and is dropped instead
-/// ([`Session::drop_expired_inflight`]). Only at QoS 1, whose receiver
-/// keeps no state for it: a QoS 2 message is sent again while the client
-/// may hold its packet id waiting for a PUBREL (a new message under that
-/// id would be taken for the old one), with the interval at its least, 1.
-fn expired_before_resending(delivery: &Delivery, now: Instant) -> bool {
-    delivery.qos == QoS::AtLeastOnce && delivery.message.is_expired(now)
-}
-
 /// A hand-over of a session's shared messages under way: ends when dropped
 /// (see [`Session::begin_hand_over`]), also when the task that held it is
 /// aborted.
@@ -2647,7 +2619,10 @@ fn push_pending(st: &mut SessionState, delivery: Delivery) {
 /// shared subscription.
 fn shared_deliveries(st: &SessionState) -> impl Iterator<Item = &Delivery> {
     let inflight = st.inflight.iter().map(|i| &i.delivery);
-    st.pending.iter().chain(inflight).filter(|d| d.shared.is_some())
+    st.pending
+        .iter()
+        .chain(inflight)
+        .filter(|d| d.shared.is_some())
 }
 
 fn remove_pending(st: &mut SessionState, index: usize) -> Option<Delivery> {
