@@ -1548,14 +1548,25 @@ impl Connection {
                         tern_codec::RetainHandling::DoNotSend => false,
                     };
                     // Retained messages are not sent to shared subscriptions.
-                    // A filter repeated in this SUBSCRIBE gets them once,
-                    // with the options of its last occurrence (which replaced
-                    // the earlier ones).
+                    // A filter repeated in this SUBSCRIBE gets them again,
+                    // as a second SUBSCRIBE replacing the subscription would
+                    // (MQTT-3.8.4-3, -4), with this occurrence's options:
+                    // copied from its first occurrence, not looked up again,
+                    // so that repeating a filter costs no more lookups.
                     if send_retained && !shared {
                         if let Some(range) = retained_filters.get(filter) {
-                            for entry in &mut retained[range.clone()] {
+                            let room = retained_cap.saturating_sub(retained.len());
+                            let copied = range.len().min(room);
+                            let start = retained.len();
+                            retained.extend_from_within(range.start..range.start + copied);
+                            for entry in &mut retained[start..] {
                                 entry.1 = options;
                             }
+                            let beyond = range.len() - copied;
+                            Metrics::add(
+                                &self.broker.metrics.messages_dropped_queue_full,
+                                beyond as u64,
+                            );
                         } else {
                             let start = retained.len();
                             collect_retained(

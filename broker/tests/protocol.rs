@@ -405,27 +405,73 @@ async fn store_retained(server: &tern::Server, n: u16, qos: QoS) {
     p.expect_closed().await;
 }
 
+/// A SUBSCRIBE that repeats a filter is handled as that many SUBSCRIBEs
+/// (MQTT-3.8.4-4), each replacing the subscription and sending its retained
+/// messages again (MQTT-3.8.4-3), with the options of its own occurrence;
+/// all of them within `max_pending_retained` per SUBSCRIBE, the rest
+/// dropped and counted.
 #[tokio::test]
-async fn a_filter_repeated_in_one_subscribe_gets_its_retained_messages_once() {
-    let server = start(|_| {}).await;
-    store_retained(&server, 3, QoS::AtMostOnce).await;
+async fn a_filter_repeated_in_one_subscribe_gets_its_retained_messages_each_time() {
+    let server = start(|c| c.limits.max_pending_retained = 250).await;
+    store_retained(&server, 3, QoS::AtLeastOnce).await;
     let mut c = RawClient::connected(addr(&server), "repeater", V5).await;
     let mut subscribe = subscribe_packet(1, "ret/#", QoS::AtMostOnce);
     if let Packet::Subscribe(s) = &mut subscribe {
         let first = s.filters[0].clone();
         s.filters.extend(std::iter::repeat_n(first, 99));
+        // The last occurrence asks for QoS 1.
+        s.filters[99].qos = QoS::AtLeastOnce;
     }
+    let dropped_before = server.broker().metrics.messages_dropped_queue_full.get();
     c.send(subscribe).await;
     match c.recv().await {
         Some(Packet::SubAck(ack)) => assert_eq!(ack.codes.len(), 100),
         other => panic!("expected SUBACK, got {other:?}"),
     }
-    let mut topics = Vec::new();
-    for _ in 0..3 {
-        topics.push(String::from_utf8(c.recv_publish().await.topic.to_vec()).unwrap());
+    // 99 x 3 at QoS 0 would be 297: the first 83 occurrences' 249 and the
+    // first of the 84th's fit in 250; none of the last (QoS 1) occurrence's.
+    let mut counts = std::collections::BTreeMap::new();
+    for _ in 0..250 {
+        let p = c.recv_publish().await;
+        assert!(p.retain);
+        assert_eq!(p.qos, QoS::AtMostOnce);
+        *counts
+            .entry(String::from_utf8(p.topic.to_vec()).unwrap())
+            .or_insert(0) += 1;
     }
-    topics.sort();
-    assert_eq!(topics, ["ret/0", "ret/1", "ret/2"]);
+    let mut each: Vec<u32> = counts.values().copied().collect();
+    each.sort();
+    assert_eq!(
+        each,
+        [83, 83, 84],
+        "each occurrence sends them again: {counts:?}"
+    );
+    c.expect_silence(Duration::from_millis(300)).await;
+    let dropped = server.broker().metrics.messages_dropped_queue_full.get() - dropped_before;
+    assert_eq!(dropped, 300 - 250);
+    server.shutdown().await;
+}
+
+/// The last occurrence of a repeated filter gets its own options.
+#[tokio::test]
+async fn a_repeated_filter_sends_its_retained_messages_with_its_own_options() {
+    let server = start(|_| {}).await;
+    store_retained(&server, 1, QoS::AtLeastOnce).await;
+    let mut c = RawClient::connected(addr(&server), "repeater", V5).await;
+    let mut subscribe = subscribe_packet(1, "ret/#", QoS::AtMostOnce);
+    if let Packet::Subscribe(s) = &mut subscribe {
+        let mut second = s.filters[0].clone();
+        second.qos = QoS::AtLeastOnce;
+        s.filters.push(second);
+    }
+    c.send(subscribe).await;
+    assert!(matches!(c.recv().await, Some(Packet::SubAck(_))));
+    let first = c.recv_publish().await;
+    let second = c.recv_publish().await;
+    assert_eq!((first.qos, second.qos), (QoS::AtMostOnce, QoS::AtLeastOnce));
+    assert_eq!(first.topic, second.topic);
+    c.send(Packet::PubAck(PubAck::new(second.packet_id.unwrap())))
+        .await;
     c.expect_silence(Duration::from_millis(300)).await;
     server.shutdown().await;
 }
