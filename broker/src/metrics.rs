@@ -111,6 +111,9 @@ counters! {
     messages_dropped_queue_full,
     /// Deliveries dropped because they exceeded the client's Maximum Packet Size.
     messages_dropped_oversized,
+    /// Acknowledgements (SUBACK, UNSUBACK ...) not sent because they
+    /// exceeded the client's Maximum Packet Size (MQTT-3.1.2-24).
+    acks_dropped_oversized,
     /// Messages not delivered because their expiry interval ran out.
     messages_expired,
     /// Queues of connected clients found stalled: holding messages their

@@ -23,6 +23,7 @@ use tern_codec::{
 };
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
+use crate::log_throttle::throttled;
 use crate::message::Message;
 use crate::message_batch::{BatchDelivery, Frames, MessageBatch};
 use crate::metrics::Metrics;
@@ -616,7 +617,26 @@ fn packet_id_offset(header: &[u8], topic_len: usize) -> usize {
     1 + length_bytes + 2 + topic_len
 }
 
+/// Encodes an acknowledgement or other control packet, unless it is larger
+/// than the client's Maximum Packet Size: then it is not sent
+/// (MQTT-3.1.2-24, -25), logged and counted. Only a SUBACK or UNSUBACK of
+/// many filters, or a client that allows only a few bytes, comes to that:
+/// these packets carry no reason string or user property to leave out.
 fn encode_control(ctx: &WriterContext, packet: &Packet, scratch: &mut BytesMut) {
+    if let Some(max) = ctx.client_max_packet {
+        let size = tern_codec::encoded_len(packet, ctx.protocol).unwrap_or(usize::MAX);
+        if size > max as usize {
+            Metrics::inc(&ctx.metrics.acks_dropped_oversized);
+            throttled!(
+                INFO,
+                client_id = %ctx.session.client_id,
+                size,
+                maximum = max,
+                "acknowledgement not sent: larger than the client's Maximum Packet Size"
+            );
+            return;
+        }
+    }
     if let Err(e) = encode_packet(packet, ctx.protocol, scratch) {
         tracing::warn!(client_id = %ctx.session.client_id, error = %e, "cannot encode packet");
     }

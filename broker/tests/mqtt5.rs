@@ -835,6 +835,69 @@ async fn a_connack_fits_the_client_maximum_packet_size() {
     assert_eq!(ack.properties.topic_alias_maximum, None);
     assert!(ack.properties.receive_maximum.is_some());
     assert!(ack.properties.maximum_packet_size.is_some());
+    // With a client id of its own, even 5 bytes take a CONNACK: the limits
+    // the client must keep to go last.
+    for max in [13, 5] {
+        let mut connect = connect_packet("mps", V5);
+        connect.properties.maximum_packet_size = Some(max);
+        let (_c, ack) = RawClient::connect(addr(&server), connect).await;
+        assert_eq!(ack.code, ReasonCode::Success);
+        let len = tern_codec::encoded_len(&Packet::ConnAck(ack.clone()), V5).unwrap();
+        assert!(
+            len <= max as usize,
+            "CONNACK of {len} bytes, client maximum {max}"
+        );
+    }
+    server.shutdown().await;
+}
+
+/// A SUBACK or UNSUBACK larger than the client's Maximum Packet Size is not
+/// sent (MQTT-3.1.2-24, -25) and counted; the subscriptions still apply,
+/// and the connection goes on.
+#[tokio::test]
+async fn an_acknowledgement_larger_than_the_client_maximum_is_not_sent() {
+    let server = start(|_| {}).await;
+    let mut connect = connect_packet("small-acks", V5);
+    connect.properties.maximum_packet_size = Some(30);
+    let (mut c, _) = RawClient::connect(addr(&server), connect).await;
+    let filters: Vec<String> = (0..40).map(|i| format!("f/{i}")).collect();
+    let mut subscribe = subscribe_packet(1, &filters[0], QoS::AtMostOnce);
+    if let Packet::Subscribe(s) = &mut subscribe {
+        let first = s.filters[0].clone();
+        for f in &filters[1..] {
+            let mut request = first.clone();
+            request.filter = Bytes::from(f.clone());
+            s.filters.push(request);
+        }
+    }
+    c.send(subscribe).await;
+    c.send(Packet::Unsubscribe(tern_codec::Unsubscribe {
+        packet_id: 2,
+        filters: filters[..30]
+            .iter()
+            .map(|f| Bytes::from(f.clone()))
+            .collect(),
+        properties: Default::default(),
+    }))
+    .await;
+    // Neither 45-byte SUBACK nor 35-byte UNSUBACK comes; the PINGRESP does.
+    c.send(Packet::PingReq).await;
+    assert!(matches!(c.recv().await, Some(Packet::PingResp)));
+    assert_eq!(server.broker().metrics.acks_dropped_oversized.get(), 2);
+    // An UNSUBACK that fits is sent; the subscriptions not removed deliver.
+    c.send(Packet::Unsubscribe(tern_codec::Unsubscribe {
+        packet_id: 3,
+        filters: vec![Bytes::from_static(b"f/30")],
+        properties: Default::default(),
+    }))
+    .await;
+    assert!(matches!(c.recv().await, Some(Packet::UnsubAck(_))));
+    let mut p = RawClient::connected(addr(&server), "p", V5).await;
+    for topic in ["f/0", "f/30", "f/39"] {
+        p.publish(topic, b"x", QoS::AtMostOnce, 0).await;
+    }
+    assert_eq!(c.recv_publish().await.topic, &b"f/39"[..]);
+    c.expect_silence(Duration::from_millis(200)).await;
     server.shutdown().await;
 }
 
