@@ -1116,11 +1116,11 @@ async fn concurrent_connects_with_one_client_id_leave_one_connection() {
         for t in tasks {
             clients.push(t.await.unwrap());
         }
-        // Every connection but one is closed by the broker.
-        eventually("one connection per client id", || {
-            server.broker().registry.connection_count() == 1
-        })
-        .await;
+        // Every connection but one is closed by the broker: each taken-over
+        // one after lingering for its client's close (1 s, which these
+        // clients never do), so a loaded machine gets a wider bound.
+        let count = || server.broker().registry.connection_count();
+        eventually_within(3 * WAIT, "one connection per client id", || count() == 1).await;
         drop(clients);
         eventually("all gone", || {
             server.broker().registry.connection_count() == 0

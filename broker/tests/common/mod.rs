@@ -53,11 +53,17 @@ pub fn addr(server: &Server) -> SocketAddr {
 }
 
 /// Waits until `cond` holds, polling; panics with `what` after [`WAIT`].
-pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + WAIT;
+pub async fn eventually(what: &str, cond: impl FnMut() -> bool) {
+    eventually_within(WAIT, what, cond).await;
+}
+
+/// [`eventually`] with a bound of its own, for a wait that includes the
+/// broker's own delays (a closed connection's linger, for one).
+pub async fn eventually_within(bound: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + bound;
     while !cond() {
         if tokio::time::Instant::now() > deadline {
-            panic!("timed out waiting for: {what}");
+            panic!("timed out after {bound:?} waiting for: {what}");
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
