@@ -1380,13 +1380,7 @@ impl Connection {
             (QoS::ExactlyOnce, Some(packet_id)) => {
                 let mut opened = false;
                 if !denied {
-                    // MQTT 3.x has no Receive Maximum to tell the client:
-                    // it may keep every packet identifier open.
-                    let limit = if self.protocol.is_v5() {
-                        self.broker.config.limits.receive_maximum
-                    } else {
-                        u16::MAX
-                    };
+                    let limit = self.broker.config.limits.receive_maximum;
                     match session.incoming_qos2(packet_id, limit, &mut journal) {
                         Ok(true) => {
                             opened = true;

@@ -635,39 +635,6 @@ async fn exceeding_our_receive_maximum_is_0x93() {
     server.shutdown().await;
 }
 
-/// MQTT 3.x has no Receive Maximum: nothing told a 3.1.1 client to keep
-/// fewer QoS 2 flows open, so it may use every packet identifier, and is
-/// not disconnected for it.
-#[tokio::test]
-async fn a_3x_client_may_keep_every_packet_id_in_qos2_flows() {
-    let server = start(|c| c.limits.receive_maximum = 2).await;
-    let mut sub = RawClient::connected(addr(&server), "many-sub", ProtocolVersion::V311).await;
-    sub.subscribe("q2", QoS::AtMostOnce).await;
-    let mut p = RawClient::connected(addr(&server), "many", ProtocolVersion::V311).await;
-    let ids = [1u16, 2, 3, 4, 5, 65535];
-    for &id in &ids {
-        p.send(publish_packet(
-            "q2",
-            &id.to_be_bytes(),
-            QoS::ExactlyOnce,
-            Some(id),
-        ))
-        .await;
-    }
-    for &id in &ids {
-        match p.recv().await {
-            Some(Packet::PubRec(ack)) => assert_eq!(ack.packet_id, id),
-            other => panic!("expected PUBREC {id}, got {other:?}"),
-        }
-        assert_eq!(&sub.recv_publish().await.payload[..], &id.to_be_bytes());
-    }
-    for &id in &ids {
-        p.send(Packet::PubRel(PubAck::new(id))).await;
-        assert!(matches!(p.recv().await, Some(Packet::PubComp(_))));
-    }
-    server.shutdown().await;
-}
-
 /// A client the broker ended (a PINGRESP from a client is a protocol
 /// error), once it has read the DISCONNECT.
 async fn ended_by_a_protocol_error(server: &tern::Server) -> RawClient {

@@ -218,17 +218,13 @@ mod kind {
         }
     }
 
-    /// Response Topic: a string used as a topic name, so no wildcards
-    /// (MQTT-3.3.2-14) and at least one character (MQTT-4.7.3-1).
+    /// Response Topic: a string used as a topic name, so no wildcards.
     pub mod response_topic {
         use super::*;
         pub fn decode(slot: &mut Option<Bytes>, r: &mut Reader) -> Result<(), DecodeError> {
             let v = r.string()?;
             if v.iter().any(|&b| b == b'+' || b == b'#') {
                 return Err(DecodeError::Protocol("response topic contains a wildcard"));
-            }
-            if v.is_empty() {
-                return Err(DecodeError::Protocol("response topic is empty"));
             }
             set_once(slot, v)
         }
@@ -498,12 +494,6 @@ mod tests {
             decode::<PublishProperties>(b"\x02\x0B\x00"),
             Err(DecodeError::Protocol(_))
         ));
-        // A Response Topic that is empty, or holds a wildcard.
-        for bad in [&b"\x03\x08\x00\x00"[..], b"\x05\x08\x00\x02a#"] {
-            let mut r = Reader::new(Bytes::from_static(bad));
-            let e = decode_properties::<PublishProperties>(&mut r).unwrap_err();
-            assert!(matches!(e, DecodeError::Protocol(_)), "{bad:?}: {e:?}");
-        }
         assert!(matches!(
             decode::<PublishProperties>(b"\x02\x01\x02"),
             Err(DecodeError::Protocol(_))
