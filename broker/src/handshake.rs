@@ -212,12 +212,11 @@ pub async fn read_connect<R: AsyncRead + Unpin>(
 /// the same (an availability of 1, a Receive Maximum of 65,535, a Topic
 /// Alias Maximum of 0), then the Response Information the server may always
 /// leave out, then the Topic Alias Maximum (absent, the client uses no
-/// aliases, which only costs it bytes), then the Maximum Packet Size and
-/// Receive Maximum the client must keep to (it is disconnected if it goes
-/// past them). What a client needs to go on (its assigned identifier, a
-/// shortened keep alive or session expiry) stays, even when the packet is
-/// still too large: a client that cannot take 20 bytes can take no PUBLISH
-/// either.
+/// aliases, which only costs it bytes). What a client needs to go on (its
+/// assigned identifier, a shortened keep alive or session expiry, the
+/// Receive Maximum and Maximum Packet Size it must not exceed) stays, even
+/// when the packet is still too large: a client that cannot take 30 bytes
+/// can take no PUBLISH either.
 pub fn fit_connack(connack: &mut ConnAck, client_max: Option<u32>) {
     let Some(max) = client_max else { return };
     let fits = |connack: &ConnAck| {
@@ -249,16 +248,6 @@ pub fn fit_connack(connack: &mut ConnAck, client_max: Option<u32>) {
     }
     if !fits(connack) {
         connack.properties.topic_alias_maximum = None;
-    }
-    // Last, the limits the client must keep to: without them it assumes
-    // none (Receive Maximum 65,535, no packet size limit), and a client
-    // that goes past the broker's is disconnected (0x93, 0x95). The
-    // assigned client identifier always stays (MQTT-3.2.2-16).
-    if !fits(connack) {
-        connack.properties.maximum_packet_size = None;
-    }
-    if !fits(connack) {
-        connack.properties.receive_maximum = None;
     }
 }
 

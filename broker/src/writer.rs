@@ -296,17 +296,10 @@ fn encode_item(
                 AckKind::PubRel => Packet::PubRel(ack),
                 AckKind::PubComp => Packet::PubComp(ack),
             };
-            encode_control(ctx, &packet, scratch);
-            1
+            encode_control(ctx, &packet, scratch)
         }
-        Outbound::PingResp => {
-            encode_control(ctx, &Packet::PingResp, scratch);
-            1
-        }
-        Outbound::Control(packet) => {
-            encode_control(ctx, &packet, scratch);
-            1
-        }
+        Outbound::PingResp => encode_control(ctx, &Packet::PingResp, scratch),
+        Outbound::Control(packet) => encode_control(ctx, &packet, scratch),
         Outbound::Publish(delivery) => {
             let outgoing = Outgoing {
                 message: &delivery.message,
@@ -622,9 +615,10 @@ fn packet_id_offset(header: &[u8], topic_len: usize) -> usize {
 /// (MQTT-3.1.2-24, -25), logged and counted. Only a SUBACK or UNSUBACK of
 /// many filters, or a client that allows only a few bytes, comes to that:
 /// these packets carry no reason string or user property to leave out.
-fn encode_control(ctx: &WriterContext, packet: &Packet, scratch: &mut BytesMut) {
+/// Returns the number of packets written: 1, or 0 when not sent.
+fn encode_control(ctx: &WriterContext, packet: &Packet, scratch: &mut BytesMut) -> u64 {
     if let Some(max) = ctx.client_max_packet {
-        let size = tern_codec::encoded_len(packet, ctx.protocol).unwrap_or(usize::MAX);
+        let size = tern_codec::encoded_len(packet, ctx.protocol).unwrap_or(0);
         if size > max as usize {
             Metrics::inc(&ctx.metrics.acks_dropped_oversized);
             throttled!(
@@ -634,11 +628,15 @@ fn encode_control(ctx: &WriterContext, packet: &Packet, scratch: &mut BytesMut) 
                 maximum = max,
                 "acknowledgement not sent: larger than the client's Maximum Packet Size"
             );
-            return;
+            return 0;
         }
     }
-    if let Err(e) = encode_packet(packet, ctx.protocol, scratch) {
-        tracing::warn!(client_id = %ctx.session.client_id, error = %e, "cannot encode packet");
+    match encode_packet(packet, ctx.protocol, scratch) {
+        Ok(()) => 1,
+        Err(e) => {
+            tracing::warn!(client_id = %ctx.session.client_id, error = %e, "cannot encode packet");
+            0
+        }
     }
 }
 
