@@ -351,6 +351,10 @@ where
             return None;
         }
         let mut replacing = None;
+        // Decided once, before the hand-over: a session that handed its
+        // shared messages over is replaced even if it could be resumed by
+        // the time `accept` opens it (its subscriptions changed meanwhile).
+        let mut replace = false;
         if !connect.client_id.is_empty() {
             broker.registry.take_over(connect.client_id_str()).await;
             if revoked() {
@@ -359,15 +363,18 @@ where
                 return None;
             }
             if let Some(existing) = broker.registry.get(connect.client_id_str()) {
-                let replaces = connect.clean_start || {
+                replace = connect.clean_start || {
                     let user = authenticated.user.as_deref();
                     let acl = rules.client_acl(user, connect.client_id_str());
-                    not_resumed(broker, &existing, acl.as_ref()).is_some()
+                    let why = not_resumed(broker, &existing, acl.as_ref());
+                    why.inspect(|&why| count_not_resumed(broker, &existing, why))
+                        .is_some()
                 };
-                replacing = hand_over_before_replacing(broker, &existing, replaces).await;
+                replacing = hand_over_before_replacing(broker, &existing, replace).await;
             }
         }
-        let accepted = Connection::accept(broker, &rules, *connect, permit.id, authenticated);
+        let accepted =
+            Connection::accept(broker, &rules, *connect, replace, permit.id, authenticated);
         // The session replaced (if any) has ended in `accept`.
         drop(replacing);
         let accepted = match accepted {
@@ -613,14 +620,13 @@ struct Connection {
     acl: Option<Box<ClientAcl>>,
 }
 
-/// Whether `session` may be resumed by a client with these permissions:
-/// only by the user that owns it (a session's subscriptions, and what they
-/// queued or sent while it was offline, are its owner's), and only while it
-/// holds no subscription these rules would refuse (rules can change). Runs
-/// under the registry's lock, so the session cannot change in between.
 /// Why a CONNECT let in with `acl` (none: no `[auth]` rules apply to its
 /// client) may not resume `session`, the session of its client id; `None`
-/// when it may.
+/// when it may. Only the user that owns a session resumes it (its
+/// subscriptions, and what they queued or sent while it was offline, are
+/// its owner's), only under the deny rules it was made with, and only
+/// while it holds no subscription these rules would refuse (rules can
+/// change).
 fn not_resumed(
     broker: &Broker,
     session: &Arc<Session>,
@@ -643,6 +649,12 @@ fn not_resumed(
             .all(|(filter, _)| acl.may_subscribe(parse_shared(filter).map_or(filter, |(_, f)| f)))
     };
     (!owned || !allowed()).then_some(NotResumed::OtherUserOrRefusedSubscriptions)
+}
+
+/// Logs (throttled) and counts a session that a CONNECT may not resume.
+fn count_not_resumed(broker: &Broker, session: &Session, why: NotResumed) {
+    Metrics::inc(&broker.metrics.sessions_not_resumed);
+    throttled!(INFO, client_id = %session.client_id, "session not resumed: {why}");
 }
 
 /// Why a session is not resumed by a CONNECT of its client id without
@@ -723,13 +735,15 @@ async fn hand_over_before_replacing(
 }
 
 impl Connection {
-    /// Opens (or resumes) the session and prepares the CONNACK. Gives the
+    /// Opens (or resumes) the session and prepares the CONNACK; with
+    /// `replace`, an existing session is replaced, not resumed. Gives the
     /// CONNECT back when the client would need a new session and the broker
     /// holds `limits.max_sessions`.
     fn accept(
         broker: &Arc<Broker>,
         rules: &AuthRules,
         connect: Connect,
+        replace: bool,
         connection_id: u64,
         authenticated: Authenticated,
     ) -> Result<Accepted, Box<Connect>> {
@@ -772,13 +786,12 @@ impl Connection {
         }
 
         let denied = acl.as_deref().and_then(ClientAcl::denied_topics);
+        // Asked again under the registry's lock: the session may have
+        // changed since the handshake found it resumable.
         let resumable = |existing: &Arc<Session>| {
-            let Some(why) = not_resumed(broker, existing, acl.as_deref()) else {
-                return true;
-            };
-            Metrics::inc(&broker.metrics.sessions_not_resumed);
-            throttled!(INFO, client_id = %existing.client_id, "session not resumed: {why}");
-            false
+            let why = not_resumed(broker, existing, acl.as_deref());
+            why.inspect(|&why| count_not_resumed(broker, existing, why))
+                .is_none()
         };
         let on_replace = |old: &Arc<Session>| {
             broker
@@ -787,7 +800,7 @@ impl Connection {
         };
         let Ok(opened) = broker.registry.open(
             &client_id,
-            connect.clean_start,
+            connect.clean_start || replace,
             denied,
             resumable,
             on_replace,
