@@ -85,17 +85,14 @@ pub fn recover(broker: &Arc<Broker>) -> Result<Recovery, StoreError> {
         if let Some(known) = messages.get(&id) {
             return Ok(known.clone());
         }
-        let message = store
-            .message(id)?
-            .and_then(message_from_record)
-            .filter(|m| !m.is_expired(now));
+        let message = store.message(id)?.and_then(message_from_record);
         messages.insert(id, message.clone());
         Ok(message)
     };
 
     for record in store.retained("") {
         let record = record?;
-        match load(record.message_id)? {
+        match load(record.message_id)?.filter(|m| !m.is_expired(now)) {
             Some(message) => {
                 broker.insert_retained(&record.topic, message);
                 report.retained += 1;
@@ -190,8 +187,11 @@ pub fn recover(broker: &Arc<Broker>) -> Result<Recovery, StoreError> {
                 }
             }
         }
-        // Deliveries already sent come back into the in-flight window now;
-        // the others stay in the store until the client drains to them.
+        // Deliveries already sent come back into the in-flight window now,
+        // expired or not: their delivery has started, and they are sent
+        // again (MQTT-4.4.0-1), or their PUBREL is. The others stay in the
+        // store until the client drains to them (expired ones are dropped
+        // then).
         let (mut backlog, mut backlog_bytes) = (0, 0);
         for entry in store.queue(&client_id, None) {
             let entry = entry?;

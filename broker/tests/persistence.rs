@@ -261,13 +261,33 @@ async fn a_restarted_broker_resumes_sessions_queues_and_retained_messages() {
 
 #[tokio::test]
 async fn unfinished_outgoing_flows_resume_after_a_restart() {
+    unfinished_outgoing_flows_resume(false).await;
+}
+
+/// Their messages expired while the broker was down: their delivery had
+/// started, so the flows still resume (MQTT-4.4.0-1), the QoS 1 message
+/// with an interval of 1.
+#[tokio::test]
+async fn unfinished_outgoing_flows_of_expired_messages_resume_after_a_restart() {
+    unfinished_outgoing_flows_resume(true).await;
+}
+
+async fn unfinished_outgoing_flows_resume(expiring: bool) {
     let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
     let server = start_on(Arc::clone(&store)).await;
     let (mut reader, _) = RawClient::connect(addr(&server), persistent_connect("r", 3600)).await;
     reader.subscribe("f/#", QoS::ExactlyOnce).await;
     let mut publisher = RawClient::connected(addr(&server), "p", ProtocolVersion::V5).await;
-    publisher.publish("f/1", b"two", QoS::ExactlyOnce, 1).await;
-    publisher.publish("f/2", b"one", QoS::AtLeastOnce, 2).await;
+    let properties = tern_codec::properties::PublishProperties {
+        message_expiry_interval: expiring.then_some(1),
+        ..Default::default()
+    };
+    publisher
+        .publish_with("f/1", b"two", QoS::ExactlyOnce, 1, properties.clone())
+        .await;
+    publisher
+        .publish_with("f/2", b"one", QoS::AtLeastOnce, 2, properties)
+        .await;
 
     // QoS 2: PUBLISH, PUBREC, then the PUBREL (sent once its state is
     // stored), left without PUBCOMP. QoS 1: received, never acknowledged.
@@ -281,6 +301,9 @@ async fn unfinished_outgoing_flows_resume_after_a_restart() {
     drop(reader);
     drop(publisher);
     server.shutdown().await;
+    if expiring {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
 
     let server = start_on(Arc::clone(&store)).await;
     let (mut reader, ack) = RawClient::connect(addr(&server), persistent_connect("r", 3600)).await;
@@ -300,7 +323,8 @@ async fn unfinished_outgoing_flows_resume_after_a_restart() {
     );
     assert!(
         seen.iter().any(|p| matches!(p, Packet::Publish(p)
-            if p.dup && p.packet_id == second.packet_id && &p.payload[..] == b"one")),
+            if p.dup && p.packet_id == second.packet_id && &p.payload[..] == b"one"
+                && (!expiring || p.properties.message_expiry_interval == Some(1)))),
         "{seen:?}"
     );
     server.shutdown().await;

@@ -262,8 +262,25 @@ impl RawClient {
 
     /// Publishes and waits for the acknowledgement flow to complete.
     pub async fn publish(&mut self, topic: &str, payload: &[u8], qos: QoS, packet_id: u16) {
+        self.publish_with(topic, payload, qos, packet_id, Default::default())
+            .await;
+    }
+
+    /// [`publish`](Self::publish) with MQTT 5 properties.
+    pub async fn publish_with(
+        &mut self,
+        topic: &str,
+        payload: &[u8],
+        qos: QoS,
+        packet_id: u16,
+        properties: tern_codec::properties::PublishProperties,
+    ) {
         let id = (qos != QoS::AtMostOnce).then_some(packet_id);
-        self.send(publish_packet(topic, payload, qos, id)).await;
+        let mut packet = publish_packet(topic, payload, qos, id);
+        if let Packet::Publish(p) = &mut packet {
+            p.properties = properties;
+        }
+        self.send(packet).await;
         match qos {
             QoS::AtMostOnce => {}
             QoS::AtLeastOnce => match self.recv().await {
