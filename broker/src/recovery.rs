@@ -15,8 +15,8 @@
 //!   session's will is published, as it would have been at its end;
 //! - each session's subscriptions (into the router), its queue in `seq`
 //!   order (entries already sent come back as in-flight messages, sent again
-//!   with DUP when the client returns; entries whose PUBREL went out get
-//!   their PUBREL again), and its incoming QoS 2 packet ids;
+//!   with DUP when the client returns, expired or not; entries whose PUBREL
+//!   went out get their PUBREL again), and its incoming QoS 2 packet ids;
 //! - a will still waiting for its delay, with what is left of the delay; a
 //!   session that was online when the broker stopped without a clean close
 //!   has lost its connection abnormally, so its will becomes due: at once,
