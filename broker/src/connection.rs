@@ -363,13 +363,18 @@ where
                 return None;
             }
             if let Some(existing) = broker.registry.get(connect.client_id_str()) {
-                replace = connect.clean_start || {
-                    let user = authenticated.user.as_deref();
-                    let acl = rules.client_acl(user, connect.client_id_str());
-                    let why = not_resumed(broker, &existing, acl.as_ref());
-                    why.inspect(|&why| count_not_resumed(broker, &existing, why))
-                        .is_some()
-                };
+                // Asked only of a session the registry would resume (as
+                // `Registry::open` does); one with expiry 0 is never
+                // resumed, and hands over anyway.
+                let resumable = !existing.is_ended() && existing.expiry_interval() != 0;
+                replace = connect.clean_start
+                    || resumable && {
+                        let user = authenticated.user.as_deref();
+                        let acl = rules.client_acl(user, connect.client_id_str());
+                        let why = not_resumed(broker, &existing, acl.as_ref());
+                        why.inspect(|&why| count_not_resumed(broker, &existing, why))
+                            .is_some()
+                    };
                 replacing = hand_over_before_replacing(broker, &existing, replace).await;
             }
         }
