@@ -872,13 +872,7 @@ async fn an_acknowledgement_larger_than_the_client_maximum_is_not_sent() {
     assert!(matches!(c.recv().await, Some(Packet::PingResp)));
     assert_eq!(server.broker().metrics.acks_dropped_oversized.get(), 2);
     // An UNSUBACK that fits is sent; the subscriptions not removed deliver.
-    c.send(Packet::Unsubscribe(tern_codec::Unsubscribe {
-        packet_id: 3,
-        filters: vec![Bytes::from_static(b"f/30")],
-        properties: Default::default(),
-    }))
-    .await;
-    assert!(matches!(c.recv().await, Some(Packet::UnsubAck(_))));
+    c.unsubscribe("f/30").await;
     let mut p = RawClient::connected(addr(&server), "p", V5).await;
     for topic in ["f/0", "f/30", "f/39"] {
         p.publish(topic, b"x", QoS::AtMostOnce, 0).await;
@@ -1280,13 +1274,7 @@ async fn subscriptions_beyond_the_per_client_memory_are_refused() {
         c.subscribe("x", QoS::AtMostOnce).await,
         [ReasonCode::Success]
     );
-    c.send(Packet::Unsubscribe(tern_codec::Unsubscribe {
-        packet_id: 9,
-        filters: vec![Bytes::from(deep[0].clone())],
-        properties: Default::default(),
-    }))
-    .await;
-    assert!(matches!(c.recv().await, Some(Packet::UnsubAck(_))));
+    c.unsubscribe(&deep[0]).await;
     assert_eq!(
         c.subscribe(&deep[taken], QoS::AtMostOnce).await,
         [ReasonCode::Success]
@@ -1323,13 +1311,7 @@ async fn subscriptions_beyond_the_per_client_limit_are_refused() {
         c.subscribe("d", QoS::AtMostOnce).await,
         [ReasonCode::QuotaExceeded]
     );
-    c.send(Packet::Unsubscribe(tern_codec::Unsubscribe {
-        packet_id: 2,
-        filters: vec![Bytes::from_static(b"b")],
-        properties: Default::default(),
-    }))
-    .await;
-    assert!(matches!(c.recv().await, Some(Packet::UnsubAck(_))));
+    c.unsubscribe("b").await;
     assert_eq!(
         c.subscribe("d", QoS::AtMostOnce).await,
         [ReasonCode::Success]

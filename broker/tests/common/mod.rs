@@ -260,6 +260,20 @@ impl RawClient {
         }
     }
 
+    /// Unsubscribes from one filter and returns the UNSUBACK codes.
+    pub async fn unsubscribe(&mut self, filter: &str) -> Vec<tern_codec::ReasonCode> {
+        self.send(Packet::Unsubscribe(tern_codec::Unsubscribe {
+            packet_id: 2,
+            filters: vec![Bytes::copy_from_slice(filter.as_bytes())],
+            properties: Default::default(),
+        }))
+        .await;
+        match self.recv().await {
+            Some(Packet::UnsubAck(ack)) => ack.codes,
+            other => panic!("expected UNSUBACK, got {other:?}"),
+        }
+    }
+
     /// Publishes and waits for the acknowledgement flow to complete.
     pub async fn publish(&mut self, topic: &str, payload: &[u8], qos: QoS, packet_id: u16) {
         self.publish_with(topic, payload, qos, packet_id, Default::default())
