@@ -282,9 +282,9 @@ impl Journal {
     /// connection after the read that routed it, while the subscriber's
     /// connection may already have sent it and submitted the replacement;
     /// the replacement then creates the entry, and the late insertion is
-    /// dropped (tern-storage's `recent_deletes.rs`). Where the entry is
-    /// stored, the put rewrites the same immutable record, or nets away
-    /// with the entry. (A QoS 2 delivery to a durable session is sent only
+    /// dropped (tern-storage's `recent_deletes.rs`). Where the message is
+    /// stored, the store keeps its record and the put writes nothing, or the
+    /// put nets away with the entry. (A QoS 2 delivery to a durable session is sent only
     /// once its entry is durable, so its PUBREC never overtakes it.)
     pub fn reference(&mut self, persistence: &Persistence, message: &Message) -> u64 {
         let id = persistence.store_id(message);

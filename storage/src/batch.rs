@@ -27,8 +27,9 @@ pub enum Op {
     },
     /// Store a message. It starts with no references: unless a queue entry
     /// or retained record references it by the end of the same batch, it is
-    /// deleted again (see the crate docs). Putting an existing id replaces
-    /// the record and keeps its references.
+    /// deleted again (see the crate docs). Putting an id the store holds
+    /// changes nothing: a message record never changes once written, so the
+    /// store keeps the one it has, and its references.
     PutMessage(MessageRecord),
     /// Insert or replace a queue entry (keyed by client id and seq). A new
     /// entry takes a reference on its message; a replacement that keeps the

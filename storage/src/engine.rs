@@ -3,7 +3,9 @@
 //! here once; [`SledStore`](crate::SledStore) and
 //! [`MemoryStore`](crate::MemoryStore) only provide the engine.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
+
+use fxhash::FxHashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::Mutex;
@@ -97,12 +99,12 @@ impl<E: Engine> Core<E> {
         let mut tx = Tx {
             engine: &self.engine,
             writes: Writes::new(),
-            touched: BTreeSet::new(),
+            counts: FxHashMap::default(),
         };
         for op in batches.iter().flat_map(|b| &b.ops) {
             tx.op(op)?;
         }
-        tx.release_unreferenced()?;
+        tx.write_counts();
         let commit = self.commit() + 1;
         let mut writes = tx.writes;
         writes.insert(keys::COMMIT.to_vec(), Some(enc::encode_u64(commit)));
@@ -177,11 +179,13 @@ impl<E: Engine> Core<E> {
             .transpose()
     }
 
+    /// A stored message's reference count: its `R` key, or 1 without one
+    /// (see `keys.rs`); 0 for a message not stored.
     pub(crate) fn message_refs(&self, id: u64) -> Result<u32, StoreError> {
         let key = keys::refs(id);
         Ok(match self.engine.get(&key)? {
             Some(v) => enc::decode_u32(&key, &v)?,
-            None => 0,
+            None => u32::from(self.engine.contains(&keys::message(id))?),
         })
     }
 
@@ -336,12 +340,30 @@ impl<E: Engine, T> Iterator for PrefixIter<'_, E, T> {
     }
 }
 
-/// One batch being applied: reads see the batch's own earlier writes.
+/// One window of batches being applied: reads see its own earlier writes.
+///
+/// Reference counts are kept here while the window is applied and written
+/// once at its end ([`Tx::write_counts`]): a message referenced once has no
+/// `R` key at all (see `keys.rs`), so a message stored for one subscriber
+/// costs its record and its queue entry, and nothing else.
 struct Tx<'a, E> {
     engine: &'a E,
     writes: Writes,
-    /// Messages whose reference count changed or that were put.
-    touched: BTreeSet<u64>,
+    /// The count of every message whose count was read, or that was put, in
+    /// this window.
+    counts: FxHashMap<u64, Count>,
+}
+
+/// A message's reference count while a window is applied.
+#[derive(Debug, Clone, Copy)]
+struct Count {
+    /// The count now.
+    now: u32,
+    /// The count in the engine's `R` key, if it has one.
+    keyed: Option<u32>,
+    /// Whether this window put the message's record (the engine did not
+    /// hold it).
+    put: bool,
 }
 
 impl<E: Engine> Tx<'_, E> {
@@ -349,13 +371,6 @@ impl<E: Engine> Tx<'_, E> {
         match self.writes.get(key) {
             Some(v) => Ok(v.clone()),
             None => self.engine.get(key),
-        }
-    }
-
-    fn exists(&self, key: &[u8]) -> Result<bool, StoreError> {
-        match self.writes.get(key) {
-            Some(v) => Ok(v.is_some()),
-            None => self.engine.contains(key),
         }
     }
 
@@ -383,44 +398,111 @@ impl<E: Engine> Tx<'_, E> {
         Ok(merged.into_iter().collect())
     }
 
-    fn refs(&self, id: u64) -> Result<u32, StoreError> {
-        let key = keys::refs(id);
-        Ok(match self.get(&key)? {
-            Some(v) => enc::decode_u32(&key, &v)?,
-            None => 0,
-        })
+    /// The count of a message the engine stores, read on first use: its
+    /// `R` key, or 1 without one.
+    fn stored_count(&mut self, id: u64) -> Result<&mut Count, StoreError> {
+        use std::collections::hash_map::Entry;
+        match self.counts.entry(id) {
+            Entry::Occupied(e) => Ok(e.into_mut()),
+            Entry::Vacant(e) => {
+                let key = keys::refs(id);
+                let count = match self.engine.get(&key)? {
+                    Some(v) => {
+                        let n = enc::decode_u32(&key, &v)?;
+                        Count {
+                            now: n,
+                            keyed: Some(n),
+                            put: false,
+                        }
+                    }
+                    None => Count {
+                        now: 1,
+                        keyed: None,
+                        put: false,
+                    },
+                };
+                Ok(e.insert(count))
+            }
+        }
     }
 
-    fn set_refs(&mut self, id: u64, n: u32) {
-        if n == 0 {
-            self.delete(keys::refs(id).to_vec());
-        } else {
-            self.put(keys::refs(id).to_vec(), enc::encode_u32(n));
+    /// Stores a message unless the engine already holds it: a record never
+    /// changes once written, so putting it again would only rewrite the same
+    /// bytes. A message new to the engine starts with no references.
+    fn put_message(&mut self, r: &MessageRecord) -> Result<(), StoreError> {
+        if self.counts.get(&r.id).is_some_and(|c| c.put) {
+            return Ok(());
         }
-        self.touched.insert(id);
+        let key = keys::message(r.id);
+        if self.engine.contains(&key)? {
+            return Ok(());
+        }
+        self.put(key.to_vec(), enc::encode_message(r));
+        // A count read before this put (a release of an entry whose message
+        // was missing) is replaced: the record is new, and so are its
+        // references.
+        self.counts.insert(
+            r.id,
+            Count {
+                now: 0,
+                keyed: self.counts.get(&r.id).and_then(|c| c.keyed),
+                put: true,
+            },
+        );
+        Ok(())
     }
 
     fn acquire(&mut self, id: u64) -> Result<(), StoreError> {
-        if !self.exists(&keys::message(id))? {
+        // Every record this window put has its count here already.
+        if !self.counts.contains_key(&id) && !self.engine.contains(&keys::message(id))? {
             return Err(StoreError::InvalidBatch(format!(
                 "message {id} is referenced but neither stored nor put earlier in the batch"
             )));
         }
-        let n = self.refs(id)?.saturating_add(1);
-        self.set_refs(id, n);
+        let count = self.stored_count(id)?;
+        count.now = count.now.saturating_add(1);
         Ok(())
     }
 
+    /// Releases the reference of an entry that holds one, so the message is
+    /// stored (or put in this window) and an absent `R` key means 1.
     fn release(&mut self, id: u64) -> Result<(), StoreError> {
-        let n = self.refs(id)?;
-        if n == 0 {
+        let count = self.stored_count(id)?;
+        if count.now == 0 {
             tracing::warn!(
                 message_id = id,
                 "released a message reference that was not counted"
             );
         }
-        self.set_refs(id, n.saturating_sub(1));
+        count.now = count.now.saturating_sub(1);
         Ok(())
+    }
+
+    /// Writes the counts the window changed: a message left without
+    /// references goes (one this window put is never written at all), a
+    /// count of 1 is the absence of its `R` key, and a greater one is
+    /// stored in it.
+    fn write_counts(&mut self) {
+        for (id, count) in std::mem::take(&mut self.counts) {
+            let message = keys::message(id);
+            let refs = keys::refs(id);
+            match count.now {
+                0 if count.put => {
+                    self.writes.remove(message.as_slice());
+                }
+                0 => self.delete(message.to_vec()),
+                1 => {}
+                n => {
+                    if count.keyed != Some(n) {
+                        self.put(refs.to_vec(), enc::encode_u32(n));
+                    }
+                    continue;
+                }
+            }
+            if count.keyed.is_some() {
+                self.delete(refs.to_vec());
+            }
+        }
     }
 
     fn op(&mut self, op: &Op) -> Result<(), StoreError> {
@@ -451,10 +533,7 @@ impl<E: Engine> Tx<'_, E> {
             Op::DeleteSubscription { client_id, filter } => {
                 self.delete(keys::subscription(client_id, filter)?);
             }
-            Op::PutMessage(r) => {
-                self.put(keys::message(r.id).to_vec(), enc::encode_message(r));
-                self.touched.insert(r.id);
-            }
+            Op::PutMessage(r) => self.put_message(r)?,
             Op::PutQueueEntry(r) | Op::InsertQueueEntry(r) => {
                 let key = keys::queue(&r.client_id, r.seq)?;
                 let old = match self.get(&key)? {
@@ -514,17 +593,6 @@ impl<E: Engine> Tx<'_, E> {
                         self.delete(key);
                     }
                 }
-            }
-        }
-        Ok(())
-    }
-
-    /// Deletes every touched message left without references.
-    fn release_unreferenced(&mut self) -> Result<(), StoreError> {
-        for id in std::mem::take(&mut self.touched) {
-            if self.refs(id)? == 0 {
-                self.delete(keys::message(id).to_vec());
-                self.delete(keys::refs(id).to_vec());
             }
         }
         Ok(())

@@ -11,7 +11,7 @@
 //! | `Q` | `Q len16 client_id seq64` | queue entry |
 //! | `I` | `I len16 client_id packet_id16` | (empty): incoming QoS 2 id |
 //! | `M` | `M id64` | message |
-//! | `R` | `R id64` | reference count of message `id`, `u32` (absent = 0) |
+//! | `R` | `R id64` | reference count of message `id`, `u32`, when 2 or more (absent: 1 for a stored message) |
 //! | `T` | `T topic` | retained: message id |
 //!
 //! Integers are big-endian so byte order is numeric order: queue entries of

@@ -18,6 +18,8 @@
 //!   it. The store counts references (queue entries and retained records)
 //!   and deletes a message in the same batch that drops its last reference;
 //!   a message put without any reference by the end of its batch is not kept.
+//!   A message referenced once, the common case, has no count key: its
+//!   record and its one reference are all that is written for it.
 //! - A queue iterates in `seq` order; recovery reads stream in chunks of
 //!   [`SCAN_CHUNK`] keys and fetch payloads one message at a time, so a
 //!   million queued messages are never loaded at once.

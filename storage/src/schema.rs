@@ -39,7 +39,13 @@ use crate::keys;
 ///   without it (read as none; the broker reads their message to weigh
 ///   them): only the version key changes. The bump keeps a version 4 build, which refuses the
 ///   longer entries as damaged, away from a version 5 store.
-pub const SCHEMA_VERSION: u32 = 5;
+/// - 6: a message referenced once has no reference count key (`keys::REFS`):
+///   an absent count of a stored message is 1, no longer 0. A version 5
+///   store keeps a count key for every stored message, and those remain
+///   right (a key present still holds the count): only the version key
+///   changes. The bump keeps a version 5 build away from a version 6 store,
+///   where it would read every message referenced once as unreferenced.
+pub const SCHEMA_VERSION: u32 = 6;
 
 /// Checks the store's schema version, and unless the store is only to be
 /// read (`writable` false), writes it into a new store or upgrades an
@@ -79,7 +85,7 @@ pub(crate) fn check_or_init<E: Engine>(engine: &E, writable: bool) -> Result<(),
 /// Upgrades the store from `from` to the next version and returns it. Each
 /// step writes its changes and the new version key in one atomic write.
 fn migrate<E: Engine>(engine: &E, from: u32) -> Result<u32, StoreError> {
-    if (1..=4).contains(&from) {
+    if (1..=5).contains(&from) {
         // Nothing to rewrite (see SCHEMA_VERSION).
         let mut w = Writes::new();
         w.insert(keys::SCHEMA.to_vec(), Some(enc::encode_u32(from + 1)));

@@ -172,6 +172,56 @@ fn a_message_is_stored_once_and_goes_with_its_last_reference() {
 }
 
 #[test]
+fn a_message_referenced_once_stores_no_count() {
+    both(|s| {
+        // schema, commit, message and entry: no count key beside them.
+        apply(s, |b| {
+            b.put_message(message(9, 100))
+                .put_queue_entry(entry("x", 1, 9));
+        });
+        assert_eq!(s.stats().unwrap().keys, 4);
+        assert_eq!(s.message_refs(9).unwrap(), 1);
+        apply(s, |b| {
+            b.put_message(message(9, 100))
+                .put_queue_entry(entry("y", 1, 9));
+        });
+        assert_eq!(
+            s.stats().unwrap().keys,
+            6,
+            "the second reference is counted"
+        );
+        assert_eq!(s.message_refs(9).unwrap(), 2);
+        apply(s, |b| {
+            b.delete_queue_entry("y", 1);
+        });
+        assert_eq!(s.stats().unwrap().keys, 4, "back to one: the count goes");
+        assert_eq!(s.message_refs(9).unwrap(), 1);
+        apply(s, |b| {
+            b.delete_queue_entry("x", 1);
+        });
+        assert_eq!(s.stats().unwrap().keys, 2);
+        assert_eq!(s.message_refs(9).unwrap(), 0);
+    });
+}
+
+#[test]
+fn a_stored_message_is_never_rewritten() {
+    both(|s| {
+        apply(s, |b| {
+            b.put_message(message(9, 100))
+                .put_queue_entry(entry("x", 1, 9));
+        });
+        let mut other = message(9, 7);
+        other.topic = Bytes::from_static(b"elsewhere");
+        apply(s, |b| {
+            b.put_message(other).put_queue_entry(entry("y", 1, 9));
+        });
+        assert_eq!(s.message(9).unwrap(), Some(message(9, 100)));
+        assert_eq!(s.message_refs(9).unwrap(), 2);
+    });
+}
+
+#[test]
 fn retained_references_and_replacement() {
     both(|s| {
         apply(s, |b| {
@@ -471,6 +521,48 @@ fn a_version_4_store_is_upgraded_and_its_queue_entries_read_without_trailer() {
             ..entry("old", 1, 1)
         };
         assert_eq!(queue, vec![unweighed]);
+    }
+    let db = raw_sled(dir.path());
+    assert_eq!(
+        db.get(b"\x00schema").unwrap().unwrap().as_ref(),
+        SCHEMA_VERSION.to_be_bytes()
+    );
+}
+
+#[test]
+fn a_version_5_store_is_upgraded_and_its_counts_of_one_still_hold() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let s = SledStore::open(dir.path()).unwrap();
+        apply(&s, |b| {
+            b.put_message(message(1, 10))
+                .put_queue_entry(entry("x", 1, 1))
+                .put_message(message(2, 10))
+                .put_queue_entry(entry("y", 1, 2))
+                .put_queue_entry(entry("z", 1, 2));
+        });
+    }
+    {
+        // What a version 5 broker wrote: a count key for every stored
+        // message, 1 included, and schema version 5.
+        let db = raw_sled(dir.path());
+        let refs_1 = [b"R".as_slice(), &1u64.to_be_bytes()].concat();
+        assert_eq!(db.get(&refs_1).unwrap(), None);
+        db.insert(&refs_1, &1u32.to_be_bytes()).unwrap();
+        db.insert(b"\x00schema", &5u32.to_be_bytes()).unwrap();
+        db.flush().unwrap();
+    }
+    {
+        let s = SledStore::open(dir.path()).unwrap();
+        assert_eq!(s.message_refs(1).unwrap(), 1);
+        assert_eq!(s.message_refs(2).unwrap(), 2);
+        apply(&s, |b| {
+            b.delete_queue_entry("x", 1).delete_queue_entry("y", 1);
+        });
+        assert_eq!(s.message(1).unwrap(), None, "its last reference went");
+        assert_eq!(s.message_refs(2).unwrap(), 1);
+        // schema, commit, message 2 and its entry: both count keys went.
+        assert_eq!(s.stats().unwrap().keys, 4);
     }
     let db = raw_sled(dir.path());
     assert_eq!(
