@@ -1,0 +1,121 @@
+//! Shared subscriptions: a session that leaves hands the messages it holds
+//! for a group to another member ([`HandOver`] marks one in progress).
+
+use super::*;
+
+impl Session {
+    /// Marks a hand-over of this session's shared messages to other members
+    /// as under way until the guard drops (see
+    /// `Broker::hand_over_shared_before_end`): meanwhile shared groups do
+    /// not fall back to it when it is offline, and a connection about to
+    /// end it waits ([`hand_overs_done`](Self::hand_overs_done)).
+    pub fn begin_hand_over(self: &Arc<Self>) -> HandOver {
+        self.state.lock().handing_over += 1;
+        HandOver(Arc::clone(self))
+    }
+
+    /// True while a hand-over of its shared messages is under way.
+    pub fn is_handing_over(&self) -> bool {
+        self.state.lock().handing_over > 0
+    }
+
+    /// Online and not handing its shared messages over (one lock): what a
+    /// shared group's first pick asks of a member.
+    pub fn is_online_and_staying(&self) -> bool {
+        let st = self.state.lock();
+        st.link.is_some() && st.handing_over == 0
+    }
+
+    /// Waits until at most `own` hand-overs of this session's shared
+    /// messages are under way (the caller's own, still held), woken through
+    /// `room`, whose other waiters check their own condition again.
+    pub async fn hand_overs_done(&self, own: u32) {
+        loop {
+            let notified = self.room.notified();
+            let mut notified = std::pin::pin!(notified);
+            // Registered before the check, so an end in between wakes it.
+            notified.as_mut().enable();
+            if self.state.lock().handing_over <= own {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Whether the session may hold deliveries that came through shared
+    /// subscriptions: some in memory, or a stored backlog not read yet
+    /// (which may hold some).
+    pub fn holds_shared_or_backlog(&self) -> bool {
+        let st = self.state.lock();
+        st.backlog.is_some() || shared_deliveries(&st).next().is_some()
+    }
+
+    /// The deliveries that came through shared subscriptions and may go to
+    /// another member of their group instead (MQTT 5 section 4.8.2): those
+    /// still queued (never sent), and QoS 1 ones sent but not acknowledged.
+    /// A QoS 2 message once sent stays with this client (MQTT-4.8.2-4, -5).
+    /// Returns copies; [`withdraw`](Self::withdraw) takes one out.
+    pub fn shared_candidates(&self) -> Vec<Delivery> {
+        let st = self.state.lock();
+        let sent = st.inflight.iter().filter(|i| {
+            i.delivery.shared.is_some()
+                && i.delivery.qos == QoS::AtLeastOnce
+                && i.state() != InflightState::Released
+        });
+        let queued = st.pending.iter().filter(|d| d.shared.is_some());
+        sent.map(|i| i.delivery.clone())
+            .chain(queued.cloned())
+            .collect()
+    }
+
+    /// Takes out a delivery returned by
+    /// [`shared_candidates`](Self::shared_candidates) if it is still here and
+    /// unacknowledged; false if it is gone (acknowledged meanwhile).
+    pub fn withdraw(&self, delivery: &Delivery, journal: &mut Journal) -> bool {
+        let mut st = self.state.lock();
+        let same = |d: &Delivery| {
+            Arc::ptr_eq(&d.message, &delivery.message) && d.shared == delivery.shared
+        };
+        let removed = if let Some(packet_id) = delivery.packet_id {
+            let found = st.inflight.position_where(|i| {
+                i.packet_id == packet_id && i.state() == InflightState::Sent && same(&i.delivery)
+            });
+            found
+                .and_then(|i| st.inflight.remove(i))
+                .map(|i| i.delivery)
+        } else {
+            let found = st.pending.iter().position(same);
+            found.and_then(|i| remove_pending(&mut st, i))
+        };
+        match removed {
+            Some(d) => {
+                self.forget(&st, &d, journal);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// A hand-over of a session's shared messages under way: ends when dropped
+/// (see [`Session::begin_hand_over`]), also when the task that held it is
+/// aborted.
+pub struct HandOver(Arc<Session>);
+
+impl Drop for HandOver {
+    fn drop(&mut self) {
+        self.0.state.lock().handing_over -= 1;
+        // Waiters may wait for a count above 0 (`hand_overs_done`).
+        self.0.room.notify_waiters();
+    }
+}
+
+/// The deliveries in memory, queued or in flight, that came through a
+/// shared subscription.
+pub(super) fn shared_deliveries(st: &SessionState) -> impl Iterator<Item = &Delivery> {
+    let inflight = st.inflight.iter().map(|i| &i.delivery);
+    st.pending
+        .iter()
+        .chain(inflight)
+        .filter(|d| d.shared.is_some())
+}
