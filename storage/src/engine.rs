@@ -453,8 +453,10 @@ impl<E: Engine> Tx<'_, E> {
     }
 
     fn acquire(&mut self, id: u64) -> Result<(), StoreError> {
-        // Every record this window put has its count here already.
-        if !self.counts.contains_key(&id) && !self.engine.contains(&keys::message(id))? {
+        // Every record this window put has its count here already; a count
+        // read by a release says nothing of whether the record exists.
+        let put = self.counts.get(&id).is_some_and(|c| c.put);
+        if !put && !self.engine.contains(&keys::message(id))? {
             return Err(StoreError::InvalidBatch(format!(
                 "message {id} is referenced but neither stored nor put earlier in the batch"
             )));

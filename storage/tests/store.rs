@@ -572,6 +572,40 @@ fn a_version_5_store_is_upgraded_and_its_counts_of_one_still_hold() {
 }
 
 #[test]
+fn a_reference_to_a_message_lost_to_damage_is_refused_after_a_release_of_it() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let s = SledStore::open(dir.path()).unwrap();
+        apply(&s, |b| {
+            b.put_message(message(5, 10))
+                .put_queue_entry(entry("x", 1, 5))
+                .put_queue_entry(entry("x", 2, 5));
+        });
+    }
+    {
+        // Damage: the message and its count are gone, its entries are not.
+        let db = raw_sled(dir.path());
+        db.remove([b"M".as_slice(), &5u64.to_be_bytes()].concat())
+            .unwrap();
+        db.remove([b"R".as_slice(), &5u64.to_be_bytes()].concat())
+            .unwrap();
+        db.flush().unwrap();
+    }
+    let s = SledStore::open(dir.path()).unwrap();
+    // The release reads a count for message 5; that does not make it stored.
+    let mut b = Batch::new();
+    b.delete_queue_entry("x", 1)
+        .insert_queue_entry(entry("y", 1, 5));
+    assert!(matches!(s.apply(&b), Err(StoreError::InvalidBatch(_))));
+    assert_eq!(s.queue("y", None).count(), 0);
+    assert_eq!(
+        s.queue("x", None).count(),
+        2,
+        "the refused batch wrote nothing"
+    );
+}
+
+#[test]
 fn a_newer_schema_is_refused_and_left_untouched() {
     let dir = tempfile::tempdir().unwrap();
     drop(SledStore::open(dir.path()).unwrap());
