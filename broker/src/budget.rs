@@ -1,13 +1,13 @@
 //! The broker-wide budget for messages waiting to be written to clients.
 //!
 //! Every delivery placed in a connection's outbound queue is charged what it
-//! holds in memory (session.rs's `queued_cost`: topic, payload, properties,
+//! holds in memory (session/delivery.rs's `queued_cost`: topic, payload, properties,
 //! a header allowance, its queue slot, and the shared message once) and
 //! released once the writer has written it (`Link::writing`). One slow subscriber can only fill its own bounded queue; but when
 //! the total across all connections passes the limit, the broker stops
 //! reading from clients until writers have drained below it. A queue that
 //! reached its connection's bound stops counting here until its writer takes
-//! from it (see `Link::exempt` in session.rs): its bound limits it already, and
+//! from it (see `Link::exempt` in session/link.rs): its bound limits it already, and
 //! subscribers that never read would otherwise hold the budget over its limit
 //! for as long as they stay connected, pausing every reader. For the same
 //! reason, while the budget is over, paused readers sweep the queues every
@@ -36,7 +36,7 @@ pub struct OutboundBudget {
     limit: i64,
     below: Notify,
     /// Bytes of queues that no longer count towards the limit (see
-    /// `Link::exempt` in session.rs): not part of the budget, but memory
+    /// `Link::exempt` in session/link.rs): not part of the budget, but memory
     /// all the same, reported beside it.
     exempt: AtomicI64,
 }

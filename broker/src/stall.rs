@@ -22,7 +22,7 @@
 //! Two queues of a connected client can stall: its connection's outbound
 //! queue (its writer takes from it) and its session's QoS 1/2 queue behind
 //! a full in-flight window (acknowledgements make room). An offline
-//! session's queue copies every message as it is queued (session.rs). The
+//! session's queue copies every message as it is queued (session/deliver.rs). The
 //! check costs one load of the [`CoarseClock`](crate::clock::CoarseClock)
 //! per message queued behind others, so queues that keep moving (a fan-in
 //! subscriber's is never empty, but taken from every few milliseconds) copy
