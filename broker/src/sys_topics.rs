@@ -15,7 +15,7 @@
 //!   subscriber gets the latest values at once) but never written to the
 //!   store, and they do not count as received messages.
 //! - Clients cannot publish under `$SYS` (any `$` topic is refused, see
-//!   connection.rs), and `#` or `+` at the first level never match it
+//!   connection/publish.rs), and `#` or `+` at the first level never match it
 //!   (MQTT-4.7.2-1): only an explicit `$SYS/...` subscription sees them.
 //! - One task per broker, woken once per interval: the cost does not grow
 //!   with connections or threads (the figures are O(1) reads).
