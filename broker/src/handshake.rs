@@ -315,6 +315,10 @@ pub fn check_connect(
         {
             return Some(ReasonCode::TopicNameInvalid);
         }
+        // As for a PUBLISH (see `connection/publish.rs`).
+        if crate::connection::is_empty_response_topic(will.properties.response_topic.as_ref()) {
+            return Some(ReasonCode::ProtocolError);
+        }
         if will_footprint(will) > broker.config.limits.max_packet_size as usize {
             return Some(ReasonCode::PacketTooLarge);
         }

@@ -208,6 +208,48 @@ async fn invalid_utf8_with_format_indicator_is_refused() {
     server.shutdown().await;
 }
 
+/// A Response Topic is a topic name, which has at least one character
+/// (MQTT-3.3.2-13, MQTT-4.7.3-1): an empty one ends the connection with a
+/// Protocol Error, and the message goes nowhere; in a will, CONNACK refuses
+/// it.
+#[tokio::test]
+async fn an_empty_response_topic_is_a_protocol_error() {
+    let server = start(|_| {}).await;
+    let mut sub = RawClient::connected(addr(&server), "sub", V5).await;
+    sub.subscribe("req", QoS::AtMostOnce).await;
+    let mut p = RawClient::connected(addr(&server), "p", V5).await;
+    let empty = PublishProperties {
+        response_topic: Some(Bytes::new()),
+        ..Default::default()
+    };
+    p.send(publish_with(
+        "req",
+        b"x",
+        QoS::AtLeastOnce,
+        Some(1),
+        empty,
+        false,
+    ))
+    .await;
+    p.expect_disconnect(ReasonCode::ProtocolError).await;
+    sub.expect_silence(Duration::from_millis(200)).await;
+
+    let mut connect = connect_packet("willing", V5);
+    connect.will = Some(tern_codec::Will {
+        topic: Bytes::from_static(b"wills/x"),
+        payload: Bytes::from_static(b"gone"),
+        qos: QoS::AtMostOnce,
+        retain: false,
+        properties: tern_codec::properties::WillProperties {
+            response_topic: Some(Bytes::new()),
+            ..Default::default()
+        },
+    });
+    let (_c, ack) = RawClient::connect(addr(&server), connect).await;
+    assert_eq!(ack.code, ReasonCode::ProtocolError);
+    server.shutdown().await;
+}
+
 /// A will is checked as a PUBLISH is: one whose payload its indicator says
 /// is UTF-8, and is not, is refused at CONNECT (0x99) and never published;
 /// with the check off it is accepted.

@@ -74,6 +74,7 @@ mod publish;
 mod subscribe;
 
 use open::open;
+pub(crate) use publish::is_empty_response_topic;
 
 /// Replies (acks, PINGRESP ...) queued for a client and not yet written above
 /// which the broker stops reading from it: a client that sends without

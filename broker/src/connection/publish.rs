@@ -14,6 +14,12 @@ impl Connection {
         if v5 && !publish.properties.subscription_identifiers.is_empty() {
             return Err(self.protocol_error("PUBLISH from a client with a subscription identifier"));
         }
+        // A Response Topic is a topic name (MQTT-3.3.2-13, -14), and a topic
+        // name has at least one character (MQTT-4.7.3-1). Checked here, not
+        // in the codec, which also reads the messages a store kept.
+        if v5 && is_empty_response_topic(publish.properties.response_topic.as_ref()) {
+            return Err(self.protocol_error("PUBLISH with an empty Response Topic"));
+        }
         let topic = self.resolve_topic(&mut publish)?;
         let topic_str = std::str::from_utf8(&topic).unwrap_or("");
         // The topic this connection last routed to passed the checks below
@@ -199,4 +205,10 @@ impl Connection {
                 AliasError::Unknown(_) => self.protocol_error(&e.to_string()),
             })
     }
+}
+
+/// Whether a Response Topic is present and empty, which no topic name may
+/// be (MQTT-4.7.3-1).
+pub(crate) fn is_empty_response_topic(topic: Option<&Bytes>) -> bool {
+    topic.is_some_and(|t| t.is_empty())
 }
