@@ -179,11 +179,10 @@ fn random_ops(rng: &mut fastrand::Rng, model: &Model, invalid: bool) -> Vec<Op> 
         let id = rng.u64(1..=IDS);
         let mut reference = |rng: &mut fastrand::Rng, ops: &mut Vec<Op>| {
             let known = model.messages.contains_key(&id) || put_here.contains(&id);
-            if !known || rng.u8(0..3) != 0 {
-                if known || !invalid || rng.u8(0..8) != 0 {
-                    ops.push(Op::PutMessage(record(id, rng.u8(0..3))));
-                    put_here.insert(id);
-                }
+            let put = !known || rng.u8(0..3) != 0;
+            if put && (known || !invalid || rng.u8(0..8) != 0) {
+                ops.push(Op::PutMessage(record(id, rng.u8(0..3))));
+                put_here.insert(id);
             }
         };
         match rng.u8(0..12) {
@@ -319,7 +318,7 @@ fn counts_follow_the_references_after_an_upgrade_from_version_5() {
         }
         {
             let db = open_raw(dir.path());
-            for (&id, _) in &model.messages {
+            for &id in model.messages.keys() {
                 if model.refs(id) == 1 {
                     let key = [b"R".as_slice(), &id.to_be_bytes()].concat();
                     db.insert(key, &1u32.to_be_bytes()).unwrap();
