@@ -8,7 +8,7 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::Bytes;
-use common::{entry, retained};
+use common::{entry, raw_sled, retained};
 use tern_storage::{Batch, MemoryStore, MessageRecord, Op, SledStore, Store};
 
 const IDS: u64 = 8;
@@ -317,7 +317,7 @@ fn counts_follow_the_references_after_an_upgrade_from_version_5() {
             run(&s, &mut rng, 15, &mut model, &format!("round {round}"));
         }
         {
-            let db = open_raw(dir.path());
+            let db = raw_sled(dir.path());
             for &id in model.messages.keys() {
                 if model.refs(id) == 1 {
                     let key = [b"R".as_slice(), &id.to_be_bytes()].concat();
@@ -337,18 +337,5 @@ fn counts_follow_the_references_after_an_upgrade_from_version_5() {
             &mut model,
             &format!("round {round} after upgrade"),
         );
-    }
-}
-
-fn open_raw(path: &std::path::Path) -> sled::Db {
-    let deadline = std::time::Instant::now() + tern_storage::LOCK_WAIT;
-    loop {
-        match sled::open(path) {
-            Ok(db) => return db,
-            Err(_) if std::time::Instant::now() < deadline => {
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-            Err(e) => panic!("{e}"),
-        }
     }
 }

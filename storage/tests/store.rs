@@ -5,10 +5,10 @@
 mod common;
 
 use bytes::Bytes;
-use common::{entry, message, retained, session, subscription};
+use common::{entry, message, raw_sled, retained, session, subscription};
 use tern_storage::{
     Batch, DeliveryState, MemoryStore, OnDamage, Op, QueueEntry, SessionRecord, SharedGroupRecord,
-    SledStore, Store, StoreError, LOCK_WAIT, SCHEMA_VERSION,
+    SledStore, Store, StoreError, SCHEMA_VERSION,
 };
 
 /// Runs `f` against a fresh memory store and a fresh sled store.
@@ -16,28 +16,6 @@ fn both(f: impl Fn(&dyn Store)) {
     f(&MemoryStore::new());
     let dir = tempfile::tempdir().unwrap();
     f(&SledStore::open(dir.path()).unwrap());
-}
-
-/// Opens the store's directory with sled itself, to write what another
-/// version of Tern would have written or to read what this one left.
-///
-/// sled lets go of a directory's file lock a moment after the last `Db` on
-/// it is dropped (its I/O threads hold it), so an open straight after a
-/// store was dropped waits for the lock, as [`SledStore::open`] does.
-fn raw_sled(path: &std::path::Path) -> sled::Db {
-    let deadline = std::time::Instant::now() + LOCK_WAIT;
-    loop {
-        match sled::open(path) {
-            Ok(db) => return db,
-            Err(sled::Error::Io(e))
-                if e.to_string().contains("could not acquire lock")
-                    && std::time::Instant::now() < deadline =>
-            {
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-            Err(e) => panic!("opening {} with sled: {e}", path.display()),
-        }
-    }
 }
 
 fn apply(store: &dyn Store, f: impl FnOnce(&mut Batch)) {

@@ -73,3 +73,25 @@ pub fn retained(topic: &str, message_id: u64) -> RetainedRecord {
         message_id,
     }
 }
+
+/// Opens the store's directory with sled itself, to write what another
+/// version of Tern would have written or to read what this one left.
+///
+/// sled lets go of a directory's file lock a moment after the last `Db` on
+/// it is dropped (its I/O threads hold it), so an open straight after a
+/// store was dropped waits for the lock, as [`tern_storage::SledStore::open`] does.
+pub fn raw_sled(path: &std::path::Path) -> sled::Db {
+    let deadline = std::time::Instant::now() + tern_storage::LOCK_WAIT;
+    loop {
+        match sled::open(path) {
+            Ok(db) => return db,
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => panic!("opening {} with sled: {e}", path.display()),
+        }
+    }
+}
