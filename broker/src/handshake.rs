@@ -316,7 +316,7 @@ pub fn check_connect(
             return Some(ReasonCode::TopicNameInvalid);
         }
         // As for a PUBLISH (see `connection/publish.rs`).
-        if crate::connection::is_empty_response_topic(will.properties.response_topic.as_ref()) {
+        if is_empty_response_topic(will.properties.response_topic.as_ref()) {
             return Some(ReasonCode::ProtocolError);
         }
         if will_footprint(will) > broker.config.limits.max_packet_size as usize {
@@ -458,6 +458,13 @@ pub fn auth_packet(code: ReasonCode, method: &Bytes, data: Bytes) -> Packet {
 /// Whether a payload said to be UTF-8 (Payload Format Indicator 1) is not.
 pub(crate) fn misstates_utf8(format_indicator: Option<u8>, payload: &[u8]) -> bool {
     format_indicator == Some(1) && std::str::from_utf8(payload).is_err()
+}
+
+/// Whether a Response Topic is present and empty, which no topic name may
+/// be (MQTT-4.7.3-1): checked for a PUBLISH and a will alike, on the wire
+/// path only (the codec also reads the messages a store kept).
+pub(crate) fn is_empty_response_topic(topic: Option<&Bytes>) -> bool {
+    topic.is_some_and(|t| t.is_empty())
 }
 
 /// Bytes a will holds in memory: its topic, payload and properties, each

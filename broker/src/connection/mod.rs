@@ -54,8 +54,9 @@ use crate::auth::{AuthExchange, AuthStep};
 use crate::auth_rules::{AuthRules, Login};
 use crate::broker::{Broker, SessionRef, StagedFanout};
 use crate::handshake::{
-    auth_packet, authenticate, check_connect, count_decode_error, fit_connack, misstates_utf8,
-    read_connect, will_allowed, write_direct, Authenticated, HandshakeFailure,
+    auth_packet, authenticate, check_connect, count_decode_error, fit_connack,
+    is_empty_response_topic, misstates_utf8, read_connect, will_allowed, write_direct,
+    Authenticated, HandshakeFailure,
 };
 use crate::log_throttle::throttled;
 use crate::message::Message;
@@ -74,7 +75,6 @@ mod publish;
 mod subscribe;
 
 use open::open;
-pub(crate) use publish::is_empty_response_topic;
 
 /// Replies (acks, PINGRESP ...) queued for a client and not yet written above
 /// which the broker stops reading from it: a client that sends without

@@ -206,9 +206,3 @@ impl Connection {
             })
     }
 }
-
-/// Whether a Response Topic is present and empty, which no topic name may
-/// be (MQTT-4.7.3-1).
-pub(crate) fn is_empty_response_topic(topic: Option<&Bytes>) -> bool {
-    topic.is_some_and(|t| t.is_empty())
-}
