@@ -4,10 +4,9 @@
 //! [`MemoryStore`](crate::MemoryStore) only provide the engine.
 
 use std::collections::{BTreeMap, VecDeque};
-
-use fxhash::FxHashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use fxhash::FxHashMap;
 use parking_lot::Mutex;
 
 use crate::batch::{Batch, Op};
