@@ -211,6 +211,10 @@ pub struct LimitsConfig {
     /// Outgoing QoS 1/2 messages awaiting acknowledgement per client (an MQTT 5
     /// client's smaller Receive Maximum wins).
     pub max_inflight: u16,
+    /// Bytes (`Message::weight`) of the outgoing QoS 1/2 messages awaiting
+    /// acknowledgement per client: the window takes a message while it
+    /// holds less than this, so one message larger than it still goes.
+    pub max_inflight_bytes: usize,
     /// Incoming QoS 2 messages awaiting PUBREL per client; advertised to MQTT 5
     /// clients as Receive Maximum.
     pub receive_maximum: u16,
@@ -339,7 +343,8 @@ impl Default for LimitsConfig {
             max_connections: 100_000,
             max_sessions: 1_000_000,
             max_packet_size: 1024 * 1024,
-            max_inflight: 128,
+            max_inflight: 1024,
+            max_inflight_bytes: 4 * 1024 * 1024,
             receive_maximum: 1024,
             max_queued_messages: 1000,
             max_queued_bytes: 16 * 1024 * 1024,
@@ -491,6 +496,9 @@ impl Config {
         }
         if l.max_inflight == 0 {
             return invalid("limits.max_inflight", "must be at least 1");
+        }
+        if l.max_inflight_bytes < 1024 {
+            return invalid("limits.max_inflight_bytes", "must be at least 1024");
         }
         if l.receive_maximum == 0 {
             return invalid("limits.receive_maximum", "must be at least 1");

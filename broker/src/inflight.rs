@@ -7,9 +7,9 @@
 //! paths may scan the whole window:
 //!
 //! - the counts the session asks for on every delivery (how much of the
-//!   client's Receive Maximum is used, whether anything waits to be resent
-//!   or to become durable) are kept as counters, updated by every change of
-//!   an entry's state;
+//!   client's Receive Maximum is used and how many bytes that holds, whether
+//!   anything waits to be resent or to become durable) are kept as counters,
+//!   updated by every change of an entry's state;
 //! - a new packet id comes from a run of identifiers known to be free
 //!   (`free_run` ids from `next_id` on). The run is found by one sort of the
 //!   ids in use when it is exhausted, or when an entry arrived that did not
@@ -22,12 +22,13 @@
 //!
 //! The owning session's lock is held for every call (the type has no lock of
 //! its own). `resend` and `persisting` equal the number of entries in those
-//! states; no entry's packet id lies in the `free_run` ids from `next_id` on;
+//! states; `used_bytes` is the sum of the `weight`s of the entries not in
+//! `Resend`; no entry's packet id lies in the `free_run` ids from `next_id` on;
 //! packet ids are unique within the window.
 
 use std::collections::VecDeque;
 
-use crate::session::Delivery;
+use crate::session::{queued_size, Delivery};
 
 /// The number of MQTT packet identifiers (1..=65535; 0 is not one).
 const ID_SPACE: u32 = u16::MAX as u32;
@@ -59,11 +60,21 @@ pub(crate) struct Inflight {
     pub packet_id: u16,
     pub delivery: Delivery,
     state: InflightState,
+    /// What the delivery weighed when it entered the window
+    /// (`session::queued_size`), kept so that the byte count never drifts
+    /// when a delivery's message is replaced by a copy.
+    weight: usize,
 }
 
 impl Inflight {
     pub fn state(&self) -> InflightState {
         self.state
+    }
+
+    /// What the entry counts in [`InflightWindow::used_bytes`] while it is
+    /// not in `Resend`.
+    pub fn weight(&self) -> usize {
+        self.weight
     }
 }
 
@@ -76,6 +87,8 @@ pub(crate) struct InflightWindow {
     resend: usize,
     /// Entries in `Persisting`.
     persisting: usize,
+    /// Weight of the entries not in `Resend` (see [`used_bytes`](Self::used_bytes)).
+    used_bytes: usize,
     /// The first identifier of the free run.
     next_id: u16,
     /// Identifiers from `next_id` on that no entry holds.
@@ -88,6 +101,7 @@ impl Default for InflightWindow {
             entries: VecDeque::new(),
             resend: 0,
             persisting: 0,
+            used_bytes: 0,
             next_id: 1,
             free_run: ID_SPACE,
         }
@@ -103,6 +117,12 @@ impl InflightWindow {
     /// sent on this connection (or about to be) and not yet acknowledged.
     pub fn used(&self) -> usize {
         self.entries.len() - self.resend
+    }
+
+    /// The bytes (`session::queued_size`) of the entries [`used`](Self::used)
+    /// counts: what the client holds unacknowledged.
+    pub fn used_bytes(&self) -> usize {
+        self.used_bytes
     }
 
     /// True if an entry waits to be sent again after a reconnect.
@@ -153,9 +173,11 @@ impl InflightWindow {
     }
 
     pub fn set_state(&mut self, index: usize, state: InflightState) {
-        let old = std::mem::replace(&mut self.entries[index].state, state);
-        self.uncount(old);
-        self.count(state);
+        let entry = &mut self.entries[index];
+        let old = std::mem::replace(&mut entry.state, state);
+        let weight = entry.weight;
+        self.uncount(old, weight);
+        self.count(state, weight);
     }
 
     /// Marks the entry's delivery as a retransmission.
@@ -204,7 +226,7 @@ impl InflightWindow {
 
     pub fn remove(&mut self, index: usize) -> Option<Inflight> {
         let removed = self.entries.remove(index)?;
-        self.uncount(removed.state);
+        self.uncount(removed.state, removed.weight);
         Some(removed)
     }
 
@@ -212,31 +234,40 @@ impl InflightWindow {
         self.entries.clear();
         self.resend = 0;
         self.persisting = 0;
+        self.used_bytes = 0;
         self.free_run = 0;
     }
 
     fn append(&mut self, packet_id: u16, delivery: Delivery, state: InflightState) {
-        self.count(state);
+        let weight = queued_size(&delivery);
+        self.count(state, weight);
         self.entries.push_back(Inflight {
             packet_id,
             delivery,
             state,
+            weight,
         });
     }
 
-    fn count(&mut self, state: InflightState) {
+    fn count(&mut self, state: InflightState, weight: usize) {
         match state {
             InflightState::Resend => self.resend += 1,
             InflightState::Persisting => self.persisting += 1,
             InflightState::Sent | InflightState::Released | InflightState::Releasing => {}
         }
+        if state != InflightState::Resend {
+            self.used_bytes += weight;
+        }
     }
 
-    fn uncount(&mut self, state: InflightState) {
+    fn uncount(&mut self, state: InflightState, weight: usize) {
         match state {
             InflightState::Resend => self.resend -= 1,
             InflightState::Persisting => self.persisting -= 1,
             InflightState::Sent | InflightState::Released | InflightState::Releasing => {}
+        }
+        if state != InflightState::Resend {
+            self.used_bytes -= weight;
         }
     }
 
@@ -294,9 +325,14 @@ mod tests {
     use crate::message::Message;
 
     fn delivery() -> Delivery {
+        delivery_of(0)
+    }
+
+    /// A delivery of topic `t` and `payload` bytes: it weighs `1 + payload`.
+    fn delivery_of(payload: usize) -> Delivery {
         let message = Message::new(
             Bytes::from_static(b"t"),
-            Bytes::new(),
+            Bytes::from(vec![0; payload]),
             QoS::AtLeastOnce,
             false,
             PublishProperties::default(),
@@ -316,6 +352,28 @@ mod tests {
         assert_eq!(distance(65535, 1), 1);
         assert_eq!(advance(65535, 1), 1);
         assert_eq!(advance(65534, 3), 2);
+    }
+
+    #[test]
+    fn used_bytes_counts_every_entry_but_those_to_resend() {
+        let mut w = InflightWindow::default();
+        w.assign(delivery_of(99), InflightState::Sent).unwrap();
+        w.assign(delivery_of(9), InflightState::Persisting).unwrap();
+        w.restore(9, delivery_of(999), InflightState::Resend);
+        assert_eq!(w.used_bytes(), 100 + 10);
+        assert_eq!(w.get(2).weight(), 1000);
+        w.set_state(2, InflightState::Sent);
+        assert_eq!(w.used_bytes(), 1110);
+        w.set_state(0, InflightState::Resend);
+        assert_eq!(w.used_bytes(), 1010);
+        // A copy of its message does not change what an entry counts.
+        *w.delivery_mut(1) = delivery_of(5000);
+        assert_eq!(w.remove(1).map(|i| i.weight()), Some(10));
+        assert_eq!(w.used_bytes(), 1000);
+        w.remove(0);
+        assert_eq!(w.used_bytes(), 1000);
+        w.clear();
+        assert_eq!(w.used_bytes(), 0);
     }
 
     #[test]

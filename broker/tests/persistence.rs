@@ -460,8 +460,11 @@ async fn a_backlog_read_that_panics_is_retried() {
 #[tokio::test]
 async fn a_restart_leaves_queued_messages_in_the_store_until_the_client_drains_them() {
     const STORED: usize = 700;
+    // Smaller than what is stored, so that the bound below says something.
+    const WINDOW: u16 = 128;
+    let window = |c: &mut Config| c.limits.max_inflight = WINDOW;
     let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
-    let server = start_on(Arc::clone(&store)).await;
+    let server = start_configured(Arc::clone(&store), window).await;
     offline_subscriber(&server, "big", "b/#", QoS::AtLeastOnce).await;
     let mut publisher = RawClient::connected(addr(&server), "pub", ProtocolVersion::V311).await;
     for i in 0..STORED {
@@ -477,7 +480,7 @@ async fn a_restart_leaves_queued_messages_in_the_store_until_the_client_drains_t
     drop(publisher);
     server.shutdown().await;
 
-    let server = start_on(Arc::clone(&store)).await;
+    let server = start_configured(Arc::clone(&store), window).await;
     let session = server.broker().registry.get("big").expect("restored");
     assert_eq!(
         session.stored_backlog(),
@@ -518,15 +521,59 @@ async fn a_restart_leaves_queued_messages_in_the_store_until_the_client_drains_t
     assert_eq!(got, expected, "in order, each once");
     reader.expect_silence(Duration::from_millis(200)).await;
     // A chunk waiting, a window in flight, and the five queued since.
-    let window = usize::from(Config::default().limits.max_inflight);
     assert!(
-        most_in_memory <= tern::session::BACKLOG_CHUNK + window + 5,
+        most_in_memory <= tern::session::BACKLOG_CHUNK + usize::from(WINDOW) + 5,
         "at most a chunk and a window in memory at once: {most_in_memory}"
     );
     common::eventually("the stored queue is empty", || {
         store.queue("big", None).count() == 0
     })
     .await;
+    server.shutdown().await;
+}
+
+/// Messages left unacknowledged before a restart are sent again within the
+/// window's byte bound of the broker that restarted, not all at once.
+#[tokio::test]
+async fn a_restored_window_is_sent_again_within_the_byte_bound() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let server = start_on(Arc::clone(&store)).await;
+    let connect = persistent_connect("w", 3600);
+    let (mut sub, _) = RawClient::connect(addr(&server), connect.clone()).await;
+    sub.subscribe("w", QoS::AtLeastOnce).await;
+    let mut publisher = RawClient::connected(addr(&server), "pub", ProtocolVersion::V311).await;
+    // 1 + 400 bytes each; all five sent, none acknowledged.
+    for i in 0..5u16 {
+        publisher
+            .publish("w", &[b'0' + i as u8; 400], QoS::AtLeastOnce, 1 + i)
+            .await;
+    }
+    for _ in 0..5 {
+        sub.recv_publish().await;
+    }
+    drop((sub, publisher));
+    server.shutdown().await;
+
+    let server = start_configured(Arc::clone(&store), |c| {
+        c.limits.max_inflight_bytes = 1024;
+    })
+    .await;
+    let (mut sub, ack) = RawClient::connect(addr(&server), connect).await;
+    assert!(ack.session_present);
+    // Three make 1203 bytes: the fourth waits for an acknowledgement.
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        got.push(sub.recv_publish().await);
+    }
+    sub.expect_silence(Duration::from_millis(200)).await;
+    for i in 0..2 {
+        sub.send(Packet::PubAck(PubAck::new(got[i].packet_id.unwrap())))
+            .await;
+        got.push(sub.recv_publish().await);
+    }
+    assert!(got.iter().all(|m| m.dup), "each a redelivery");
+    let first_bytes: Vec<u8> = got.iter().map(|m| m.payload[0]).collect();
+    assert_eq!(first_bytes, b"01234", "in order");
     server.shutdown().await;
 }
 

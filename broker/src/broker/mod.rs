@@ -190,6 +190,7 @@ impl Broker {
                 max_queued_bytes: config.limits.max_queued_bytes,
                 queue_full_wait: Duration::from_millis(config.limits.queue_full_wait_ms),
                 max_client_outbound_bytes: config.limits.max_client_outbound_bytes,
+                max_inflight_bytes: config.limits.max_inflight_bytes,
                 max_pending_retained: config.limits.max_pending_retained,
                 metrics: Arc::clone(&metrics),
                 budget: Arc::new(OutboundBudget::new(config.limits.max_outbound_bytes)),

@@ -72,7 +72,15 @@ impl Session {
             && st.pending.is_empty()
             && st.backlog.is_none()
             && st.inflight.len() < usize::from(st.send_quota)
+            && self.window_has_bytes(st)
             && !st.inflight.has_resend()
+    }
+
+    /// Whether the in-flight window holds less than `max_inflight_bytes`:
+    /// it takes one more message, of any size, so a message larger than the
+    /// bound is still sent, alone.
+    pub(super) fn window_has_bytes(&self, st: &SessionState) -> bool {
+        st.inflight.used_bytes() < self.context.max_inflight_bytes
     }
 
     /// Whether the session queue is at its bound for `delivery`
@@ -608,7 +616,10 @@ impl Session {
         if st.retained_backlog.is_some() {
             self.refill_retained(st, journal);
         }
-        while self.link_has_room(st) && st.inflight.used() < usize::from(st.send_quota) {
+        while self.link_has_room(st)
+            && st.inflight.used() < usize::from(st.send_quota)
+            && self.window_has_bytes(st)
+        {
             // Messages from an earlier connection go first, in order.
             // Sent again even if its message expired since: its delivery
             // has started (MQTT-3.3.2-5 deletes only what has not), and an

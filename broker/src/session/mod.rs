@@ -134,6 +134,9 @@ pub struct SessionContext {
     /// Bound of the bytes waiting to be written to one connection; a QoS 0
     /// delivery beyond it is dropped.
     pub max_client_outbound_bytes: usize,
+    /// Bound of each session's in-flight window in bytes of
+    /// `Message::weight` (its bound in messages is `send_quota`).
+    pub max_inflight_bytes: usize,
     /// Retained messages a session may hold waiting for room in its queues.
     pub max_pending_retained: usize,
     pub metrics: Arc<Metrics>,
@@ -370,9 +373,10 @@ impl Session {
         let mut outbound = VecDeque::new();
         // Unacknowledged PUBLISHes are sent again with their packet ids, but
         // no more of them than the (possibly smaller) new Receive Maximum
-        // allows (MQTT-3.3.4-9); the rest follow as acknowledgements come.
+        // allows (MQTT-3.3.4-9), nor more bytes than the window's bound; the
+        // rest follow as acknowledgements come.
         let quota = usize::from(st.send_quota);
-        let mut resent = st
+        let (mut resent, mut resent_bytes) = st
             .inflight
             .iter()
             .filter(|i| {
@@ -381,11 +385,14 @@ impl Session {
                     InflightState::Released | InflightState::Persisting | InflightState::Releasing
                 )
             })
-            .count();
+            .fold((0, 0), |(n, bytes), i| (n + 1, bytes + i.weight()));
         for index in 0..st.inflight.len() {
             match st.inflight.get(index).state() {
-                InflightState::Sent | InflightState::Resend if resent < quota => {
+                InflightState::Sent | InflightState::Resend
+                    if resent < quota && resent_bytes < self.context.max_inflight_bytes =>
+                {
                     resent += 1;
+                    resent_bytes += st.inflight.get(index).weight();
                     st.inflight.set_state(index, InflightState::Sent);
                     st.inflight.set_dup(index);
                     let d = st.inflight.get(index).delivery.clone();
