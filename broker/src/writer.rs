@@ -308,7 +308,12 @@ fn encode_item(
                 retain: delivery.retain,
                 packet_id: delivery.packet_id,
                 subscription_ids: &delivery.subscription_ids,
-                sole: Arc::strong_count(&delivery.message) == 1,
+                // A QoS 1/2 delivery's in-flight entry holds the message
+                // too. Should the other reference be someone else's, this
+                // delivery merely encodes its header in place, and theirs
+                // caches one.
+                sole: Arc::strong_count(&delivery.message)
+                    <= 1 + usize::from(delivery.packet_id.is_some()),
             };
             u64::from(encode_publish(
                 ctx, aliases, &outgoing, now, scratch, chunks,
@@ -422,8 +427,9 @@ struct Outgoing<'a> {
     retain: bool,
     packet_id: Option<u16>,
     subscription_ids: &'a SubscriptionIds,
-    /// Nothing but this delivery holds the message, so no other delivery
-    /// can reuse its encoded header.
+    /// Nothing but this delivery (and, for QoS 1/2, its in-flight entry)
+    /// holds the message, so no other delivery can reuse its encoded
+    /// header.
     sole: bool,
 }
 
@@ -461,8 +467,8 @@ fn encode_publish(
 
 /// Encodes a delivery from the message's shared header: a copy of a few
 /// bytes and two patches instead of a full encode. A delivery that holds the
-/// message's last reference (its only subscriber, as in a fan-in or pairs)
-/// encodes the header in place instead: no other delivery would reuse it,
+/// message's last reference, with its in-flight entry for QoS 1/2 (its only
+/// subscriber, as in a fan-in or pairs), encodes the header in place instead: no other delivery would reuse it,
 /// and caching it would cost a once-cell and an allocation per message.
 fn encode_shared(
     ctx: &WriterContext,
