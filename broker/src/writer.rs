@@ -468,8 +468,9 @@ fn encode_publish(
 /// Encodes a delivery from the message's shared header: a copy of a few
 /// bytes and two patches instead of a full encode. A delivery that holds the
 /// message's last reference, with its in-flight entry for QoS 1/2 (its only
-/// subscriber, as in a fan-in or pairs), encodes the header in place instead: no other delivery would reuse it,
-/// and caching it would cost a once-cell and an allocation per message.
+/// subscriber, as in a fan-in or pairs), encodes the header in place
+/// instead: no other delivery would reuse it, and caching it would cost a
+/// once-cell and an allocation per message.
 fn encode_shared(
     ctx: &WriterContext,
     delivery: &Outgoing<'_>,

@@ -709,7 +709,7 @@ async fn a_client_whose_credentials_a_reload_revokes_is_sent_nothing_it_had_queu
             name: "ops".into(),
             password: "secret".into(),
         }];
-        c.limits.max_inflight = 1000;
+        window_for_unread_backlog(c);
     })
     .await;
     let (mut ops, ack) = RawClient::connect(addr(&server), ops_connect()).await;

@@ -504,7 +504,7 @@ async fn a_subscriber_that_keeps_taking_holds_publishers_past_the_stall_window()
 /// 4 KiB buffer, and each read had to allocate a new one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_queued_for_a_stalled_subscriber_do_not_pin_read_buffers() {
-    let server = start(|c| c.limits.max_inflight = UNREAD_BACKLOG).await;
+    let server = start(window_for_unread_backlog).await;
     let mut sleeper = RawClient::connected(addr(&server), "sleeper", ProtocolVersion::V5).await;
     sleeper.subscribe("feed", QoS::AtLeastOnce).await;
     // Its socket buffers and in-flight window full: what follows is queued.
@@ -604,7 +604,7 @@ async fn pool_misses_once_stalled(server: &tern::Server, qos: QoS) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_held_for_a_stalled_subscriber_leave_the_read_buffers_they_came_in() {
     let server = start(|c| {
-        c.limits.max_inflight = UNREAD_BACKLOG;
+        window_for_unread_backlog(c);
         c.limits.max_client_outbound_bytes = 64 * 1024 * 1024;
         c.limits.max_outbound_bytes = 256 * 1024 * 1024;
     })

@@ -279,7 +279,7 @@ async fn a_failed_reauthentication_is_sent_nothing_it_had_queued() {
             name: "alice".into(),
             password: "wonderland".into(),
         }];
-        c.limits.max_inflight = 1000;
+        window_for_unread_backlog(c);
     })
     .await;
     let (mut c, ack) = scram_connect(&server, "alice", "wonderland").await;

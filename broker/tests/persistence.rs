@@ -566,10 +566,12 @@ async fn a_restored_window_is_sent_again_within_the_byte_bound() {
         got.push(sub.recv_publish().await);
     }
     sub.expect_silence(Duration::from_millis(200)).await;
+    // Each acknowledgement makes room for one more.
     for i in 0..2 {
         sub.send(Packet::PubAck(PubAck::new(got[i].packet_id.unwrap())))
             .await;
         got.push(sub.recv_publish().await);
+        sub.expect_silence(Duration::from_millis(100)).await;
     }
     assert!(got.iter().all(|m| m.dup), "each a redelivery");
     let first_bytes: Vec<u8> = got.iter().map(|m| m.payload[0]).collect();

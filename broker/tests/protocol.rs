@@ -884,6 +884,34 @@ async fn the_inflight_window_is_bounded_in_bytes() {
     server.shutdown().await;
 }
 
+/// A QoS 2 message holds its place in the window's bytes until PUBCOMP, not
+/// only until PUBREC.
+#[tokio::test]
+async fn a_qos2_message_counts_in_the_window_bytes_until_pubcomp() {
+    let server = start(|c| c.limits.max_inflight_bytes = 1024).await;
+    let mut sub = RawClient::connected(addr(&server), "sub", V311).await;
+    sub.subscribe("w", QoS::ExactlyOnce).await;
+    let mut p = RawClient::connected(addr(&server), "pub", V311).await;
+    for i in 0..4u16 {
+        p.publish("w", &[b'0' + i as u8; 400], QoS::ExactlyOnce, i + 1)
+            .await;
+    }
+    let mut sent = Vec::new();
+    for _ in 0..3 {
+        sent.push(sub.recv_publish().await);
+    }
+    let first = sent[0].packet_id.unwrap();
+    sub.send(Packet::PubRec(PubAck::new(first))).await;
+    match sub.recv_within(Duration::from_secs(5)).await {
+        Ok(Some(Packet::PubRel(rel))) => assert_eq!(rel.packet_id, first),
+        other => panic!("expected PUBREL, got {other:?}"),
+    }
+    sub.expect_silence(Duration::from_millis(200)).await;
+    sub.send(Packet::PubComp(PubAck::new(first))).await;
+    assert_eq!(sub.recv_publish().await.payload[0], b'3');
+    server.shutdown().await;
+}
+
 #[tokio::test]
 async fn an_offline_queue_is_bounded_in_bytes() {
     let server = start(|c| c.limits.max_queued_bytes = 1024).await;
@@ -982,7 +1010,7 @@ async fn v5_will_delay_cancelled_by_reconnect() {
 /// (MQTT-3.1.2-8).
 #[tokio::test]
 async fn v5_delayed_will_goes_when_a_clean_start_takeover_ends_the_session() {
-    let server = start(|c| c.limits.max_inflight = UNREAD_BACKLOG).await;
+    let server = start(window_for_unread_backlog).await;
     let mut watcher = RawClient::connected(addr(&server), "watcher", V5).await;
     watcher.subscribe("wills/#", QoS::AtMostOnce).await;
     let connect = with_delayed_will(persistent_connect("replaced", 60), 30);

@@ -427,8 +427,17 @@ pub fn attached_subscriber(
 /// Deliveries put in flight by [`publish_unread_backlog`]: 640 of 32 KiB,
 /// 20 MiB in all, more than the sockets' buffers hold, so most of it stays
 /// queued in the broker while its subscriber does not read. The broker needs
-/// `limits.max_inflight` of at least this.
+/// an in-flight window that takes them all: see
+/// [`window_for_unread_backlog`].
 pub const UNREAD_BACKLOG: u16 = 640;
+
+/// Sets the in-flight window to take all of [`UNREAD_BACKLOG`], in messages
+/// and in bytes, so that all of it goes towards the connection and a test
+/// can tell how much of it left the broker.
+pub fn window_for_unread_backlog(c: &mut Config) {
+    c.limits.max_inflight = UNREAD_BACKLOG;
+    c.limits.max_inflight_bytes = 64 << 20;
+}
 
 /// Publishes [`UNREAD_BACKLOG`] QoS 1 messages to `topic`, each acknowledged
 /// by the broker, from a publisher of its own.
