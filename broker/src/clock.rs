@@ -9,6 +9,11 @@
 //! most one sweep interval behind it, so a span measured on it can be up to
 //! one interval shorter or longer than the real one: a check that must not
 //! fire early adds one interval to its limit.
+//!
+//! Where the exact time is needed only sometimes (a PUBACK needs it only
+//! when a waiting message may have expired, or a full queue's episode is
+//! on), [`LazyInstant`] reads the system clock once, on first use, and not
+//! at all when nothing asks.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
@@ -41,5 +46,39 @@ impl CoarseClock {
         let now = u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.now_ms.store(now, Ordering::Relaxed);
         now
+    }
+}
+
+/// `Instant::now()`, read when first asked for and then kept: see the
+/// module documentation.
+#[derive(Debug, Default)]
+pub struct LazyInstant(Option<Instant>);
+
+impl LazyInstant {
+    /// The time of the first call.
+    pub fn get(&mut self) -> Instant {
+        *self.0.get_or_insert_with(Instant::now)
+    }
+}
+
+impl From<Instant> for LazyInstant {
+    fn from(now: Instant) -> Self {
+        LazyInstant(Some(now))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lazy_instant_is_read_once_and_kept() {
+        let mut lazy = LazyInstant::default();
+        assert!(lazy.0.is_none(), "not read before it is asked for");
+        let first = lazy.get();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        assert_eq!(lazy.get(), first);
+        let given = Instant::now();
+        assert_eq!(LazyInstant::from(given).get(), given);
     }
 }

@@ -23,10 +23,12 @@ impl Session {
                 _ => None,
             };
             if let Some(done) = &removed {
-                let now = Instant::now();
-                self.note_progress(&mut st, now);
+                let mut now = LazyInstant::default();
+                if st.overflow.is_some() {
+                    self.note_progress(&mut st, now.get());
+                }
                 self.forget(&st, &done.delivery, &mut journal);
-                self.fill_window(&mut st, now, &mut journal);
+                self.fill_window(&mut st, &mut now, &mut journal);
             }
             removed.is_some()
         };
@@ -73,7 +75,7 @@ impl Session {
                     if let Some(done) = st.inflight.remove(i) {
                         self.forget(&st, &done.delivery, &mut journal);
                     }
-                    self.fill_window(&mut st, Instant::now(), &mut journal);
+                    self.fill_window(&mut st, &mut LazyInstant::default(), &mut journal);
                 }
                 None => {
                     // A PUBREC again for a message already released: its
@@ -227,7 +229,7 @@ impl Session {
                 .and_then(|i| st.inflight.remove(i))
             {
                 self.forget(&st, &done.delivery, &mut journal);
-                self.fill_window(&mut st, Instant::now(), &mut journal);
+                self.fill_window(&mut st, &mut LazyInstant::default(), &mut journal);
             }
         }
         self.commit(journal);

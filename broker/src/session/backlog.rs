@@ -197,7 +197,7 @@ impl Session {
                 st.pending_bytes += queued_size(&delivery);
                 st.pending.push_front(delivery);
             }
-            self.fill_window(&mut st, Instant::now(), &mut journal);
+            self.fill_window(&mut st, &mut LazyInstant::default(), &mut journal);
         }
         self.commit(journal);
     }

@@ -325,12 +325,12 @@ impl Session {
     /// Ends a full-queue episode once the queues have drained far enough:
     /// to half their bounds while publishers wait, to empty once the client
     /// counted as slow. Wakes the waiting publishers.
-    fn note_drained(&self, st: &mut SessionState, now: Instant) {
+    fn note_drained(&self, st: &mut SessionState, now: &mut LazyInstant) {
         let wait = self.context.queue_full_wait;
         let Some(overflow) = st.overflow.as_mut() else {
             return;
         };
-        let outpaced = overflow.outpaced(now, wait);
+        let outpaced = overflow.outpaced(now.get(), wait);
         let (backlog, backlog_bytes) = st.backlog.as_ref().map_or((0, 0), |b| (b.count, b.bytes));
         let queued = st.pending.len() + backlog;
         let unwritten = st.link.as_ref().map_or(0, |l| l.charged);
@@ -607,10 +607,12 @@ impl Session {
     }
 
     /// Moves pending messages into the in-flight window while it has room.
+    /// `now` is read only if a pending message has an expiry or a full
+    /// queue's episode is on.
     pub(super) fn fill_window(
         self: &Arc<Self>,
         st: &mut SessionState,
-        now: Instant,
+        now: &mut LazyInstant,
         journal: &mut Journal,
     ) {
         if st.retained_backlog.is_some() {
@@ -644,7 +646,7 @@ impl Session {
                 break;
             };
             st.pending_stall.taken(self.context.clock.now_ms());
-            if delivery.message.is_expired(now) {
+            if delivery.message.expires_at.is_some() && delivery.message.is_expired(now.get()) {
                 Metrics::inc(&self.context.metrics.messages_expired);
                 self.forget(st, &delivery, journal);
                 continue;

@@ -343,15 +343,17 @@ impl Session {
             let mut st = self.state.lock();
             match &mut st.link {
                 Some(link) if link.connection_id == connection_id => {
-                    let now = Instant::now();
-                    if link.drain_into(out, self.context.clock.now_ms()) > 0 {
+                    let mut now = LazyInstant::default();
+                    if link.drain_into(out, self.context.clock.now_ms()) > 0
+                        && st.overflow.is_some()
+                    {
                         // The writer wrote its last batch and came back for
                         // PUBLISHes: the client is reading.
-                        self.note_progress(&mut st, now);
+                        self.note_progress(&mut st, now.get());
                     }
                     // The queue has room again: messages that waited for
                     // it may go now.
-                    self.fill_window(&mut st, now, &mut journal);
+                    self.fill_window(&mut st, &mut now, &mut journal);
                     true
                 }
                 _ => false,

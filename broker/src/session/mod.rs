@@ -82,7 +82,7 @@ use tokio::sync::Notify;
 use crate::acl::DeniedTopics;
 use crate::auth_rules::Login;
 use crate::budget::{OutboundBudget, HEADER_ALLOWANCE};
-use crate::clock::CoarseClock;
+use crate::clock::{CoarseClock, LazyInstant};
 use crate::incoming_qos2::{IncomingQos2, Opened};
 use crate::inflight::{Inflight, InflightState, InflightWindow};
 use crate::message::Message;
@@ -439,7 +439,7 @@ impl Session {
             }
         }
         st.link = Some(link);
-        self.fill_window(&mut st, Instant::now(), journal);
+        self.fill_window(&mut st, &mut LazyInstant::default(), journal);
         if let Some(link) = &st.link {
             link.control.wake_writer.raise();
         }
