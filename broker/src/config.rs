@@ -670,6 +670,18 @@ mod tests {
         assert_eq!(Config::from_toml("").unwrap(), Config::default());
     }
 
+    /// docs/configuration.md's "Full example with every default" is what
+    /// it says: a change of a default or a new key shows up there.
+    #[test]
+    fn the_documented_full_example_is_the_embedded_default() {
+        let doc = include_str!("../../docs/configuration.md");
+        let section = &doc[doc.find("## Full example with every default").unwrap()..];
+        let start = section.find("```toml\n").unwrap() + "```toml\n".len();
+        let end = start + section[start..].find("```").unwrap();
+        let documented = Config::from_toml(&section[start..end]).unwrap();
+        assert_eq!(documented, Config::default());
+    }
+
     #[test]
     fn keys_override_defaults() {
         let c = Config::from_toml(
