@@ -1074,6 +1074,35 @@ async fn shared_messages_of_a_departing_member_go_to_another_member() {
     server.shutdown().await;
 }
 
+/// A member's in-flight message that a hand-over takes away
+/// (`Session::withdraw`, as the broker does while the member's session
+/// ends, here called while the member is connected, as when it comes back
+/// during the hand-over) frees its place in the window at once: the next
+/// waiting message is sent, not held until another acknowledgement.
+#[tokio::test]
+async fn withdrawing_an_inflight_shared_message_lets_the_next_one_go() {
+    let server = start(|c| c.limits.max_inflight = 1).await;
+    let mut a = RawClient::connected(addr(&server), "member-a", V5).await;
+    a.subscribe("$share/workers/tasks", QoS::AtLeastOnce).await;
+    let mut p = RawClient::connected(addr(&server), "p", V5).await;
+    for i in 0..2u8 {
+        p.publish("tasks", &[i], QoS::AtLeastOnce, u16::from(i) + 1)
+            .await;
+    }
+    assert_eq!(a.recv_publish().await.payload[0], 0);
+    a.expect_silence(Duration::from_millis(200)).await;
+    let session = server.broker().registry.get("member-a").unwrap();
+    let sent = session
+        .shared_candidates()
+        .into_iter()
+        .find(|d| d.packet_id.is_some())
+        .expect("the message in flight");
+    let mut journal = tern::persistence::Journal::new();
+    assert!(session.withdraw(&sent, &mut journal));
+    assert_eq!(a.recv_publish().await.payload[0], 1);
+    server.shutdown().await;
+}
+
 #[tokio::test]
 async fn shared_messages_of_a_member_whose_session_expires_go_to_another_member() {
     // Both members offline: each queues half. When A's session expires,

@@ -70,30 +70,43 @@ impl Session {
 
     /// Takes out a delivery returned by
     /// [`shared_candidates`](Self::shared_candidates) if it is still here and
-    /// unacknowledged; false if it is gone (acknowledged meanwhile).
-    pub fn withdraw(&self, delivery: &Delivery, journal: &mut Journal) -> bool {
-        let mut st = self.state.lock();
-        let same = |d: &Delivery| {
-            Arc::ptr_eq(&d.message, &delivery.message) && d.shared == delivery.shared
-        };
-        let removed = if let Some(packet_id) = delivery.packet_id {
-            let found = st.inflight.position_where(|i| {
-                i.packet_id == packet_id && i.state() == InflightState::Sent && same(&i.delivery)
-            });
-            found
-                .and_then(|i| st.inflight.remove(i))
-                .map(|i| i.delivery)
-        } else {
-            let found = st.pending.iter().position(same);
-            found.and_then(|i| remove_pending(&mut st, i))
-        };
-        match removed {
-            Some(d) => {
-                self.forget(&st, &d, journal);
-                true
+    /// unacknowledged; false if it is gone (acknowledged meanwhile). The
+    /// removal goes into `journal`; a place it frees in the window of a
+    /// client that is connected again is filled at once, with the store's
+    /// changes for that committed here.
+    pub fn withdraw(self: &Arc<Self>, delivery: &Delivery, journal: &mut Journal) -> bool {
+        let mut refill = Journal::new();
+        let withdrawn = {
+            let mut st = self.state.lock();
+            let same = |d: &Delivery| {
+                Arc::ptr_eq(&d.message, &delivery.message) && d.shared == delivery.shared
+            };
+            let removed = if let Some(packet_id) = delivery.packet_id {
+                let found = st.inflight.position_where(|i| {
+                    i.packet_id == packet_id
+                        && i.state() == InflightState::Sent
+                        && same(&i.delivery)
+                });
+                found
+                    .and_then(|i| st.inflight.remove(i))
+                    .map(|i| i.delivery)
+            } else {
+                let found = st.pending.iter().position(same);
+                found.and_then(|i| remove_pending(&mut st, i))
+            };
+            match removed {
+                Some(d) => {
+                    self.forget(&st, &d, journal);
+                    if d.packet_id.is_some() && st.link.is_some() {
+                        self.fill_window(&mut st, &mut LazyInstant::default(), &mut refill);
+                    }
+                    true
+                }
+                None => false,
             }
-            None => false,
-        }
+        };
+        self.commit(refill);
+        withdrawn
     }
 }
 
