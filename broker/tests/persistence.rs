@@ -12,7 +12,10 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{addr, eventually, offline_subscriber, persistent_connect, publish_packet, RawClient};
+use common::{
+    addr, each_puback_lets_one_more_through, eventually, offline_subscriber, persistent_connect,
+    publish_packet, publish_weighed, RawClient,
+};
 use tern::{Config, Server};
 use tern_codec::{Packet, ProtocolVersion, PubAck, QoS, ReasonCode};
 use tern_storage::{FailingStore, MemoryStore, Store};
@@ -543,11 +546,7 @@ async fn a_restored_window_is_sent_again_within_the_byte_bound() {
     sub.subscribe("w", QoS::AtLeastOnce).await;
     let mut publisher = RawClient::connected(addr(&server), "pub", ProtocolVersion::V311).await;
     // 1 + 400 bytes each; all five sent, none acknowledged.
-    for i in 0..5u16 {
-        publisher
-            .publish("w", &[b'0' + i as u8; 400], QoS::AtLeastOnce, 1 + i)
-            .await;
-    }
+    publish_weighed(&mut publisher, "w", 5, QoS::AtLeastOnce).await;
     for _ in 0..5 {
         sub.recv_publish().await;
     }
@@ -566,13 +565,7 @@ async fn a_restored_window_is_sent_again_within_the_byte_bound() {
         got.push(sub.recv_publish().await);
     }
     sub.expect_silence(Duration::from_millis(200)).await;
-    // Each acknowledgement makes room for one more.
-    for i in 0..2 {
-        sub.send(Packet::PubAck(PubAck::new(got[i].packet_id.unwrap())))
-            .await;
-        got.push(sub.recv_publish().await);
-        sub.expect_silence(Duration::from_millis(100)).await;
-    }
+    each_puback_lets_one_more_through(&mut sub, &mut got, 2).await;
     assert!(got.iter().all(|m| m.dup), "each a redelivery");
     let first_bytes: Vec<u8> = got.iter().map(|m| m.payload[0]).collect();
     assert_eq!(first_bytes, b"01234", "in order");

@@ -848,22 +848,13 @@ async fn the_inflight_window_is_bounded_in_bytes() {
     sub.subscribe("w", QoS::AtLeastOnce).await;
     let mut p = RawClient::connected(addr(&server), "pub", V311).await;
     // 1 + 400 bytes each: after three the window holds 1203 bytes.
-    for i in 0..5u16 {
-        p.publish("w", &[b'0' + i as u8; 400], QoS::AtLeastOnce, i + 1)
-            .await;
-    }
+    publish_weighed(&mut p, "w", 5, QoS::AtLeastOnce).await;
     let mut sent = Vec::new();
     for _ in 0..3 {
         sent.push(sub.recv_publish().await);
     }
     sub.expect_silence(Duration::from_millis(200)).await;
-    // Each acknowledgement makes room for one more.
-    for i in 0..2 {
-        sub.send(Packet::PubAck(PubAck::new(sent[i].packet_id.unwrap())))
-            .await;
-        sent.push(sub.recv_publish().await);
-        sub.expect_silence(Duration::from_millis(100)).await;
-    }
+    each_puback_lets_one_more_through(&mut sub, &mut sent, 2).await;
     let first_bytes: Vec<u8> = sent.iter().map(|m| m.payload[0]).collect();
     assert_eq!(first_bytes, b"01234", "order preserved");
     for m in &sent[2..] {
@@ -892,10 +883,7 @@ async fn a_qos2_message_counts_in_the_window_bytes_until_pubcomp() {
     let mut sub = RawClient::connected(addr(&server), "sub", V311).await;
     sub.subscribe("w", QoS::ExactlyOnce).await;
     let mut p = RawClient::connected(addr(&server), "pub", V311).await;
-    for i in 0..4u16 {
-        p.publish("w", &[b'0' + i as u8; 400], QoS::ExactlyOnce, i + 1)
-            .await;
-    }
+    publish_weighed(&mut p, "w", 4, QoS::ExactlyOnce).await;
     let mut sent = Vec::new();
     for _ in 0..3 {
         sent.push(sub.recv_publish().await);

@@ -79,7 +79,7 @@ impl Session {
     /// Whether the in-flight window holds less than `max_inflight_bytes`:
     /// it takes one more message, of any size, so a message larger than the
     /// bound is still sent, alone.
-    pub(super) fn window_has_bytes(&self, st: &SessionState) -> bool {
+    fn window_has_bytes(&self, st: &SessionState) -> bool {
         st.inflight.used_bytes() < self.context.max_inflight_bytes
     }
 

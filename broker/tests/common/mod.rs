@@ -507,3 +507,29 @@ pub async fn member_b_takes_four_jobs(server: &Server) -> RawClient {
     assert_eq!(take_jobs(&mut b, 4).await, vec![0, 1, 2, 3]);
     b
 }
+
+/// Publishes `count` messages to `topic` that each weigh `topic.len() + 400`
+/// bytes against the broker's byte bounds: message `i` is 400 bytes of the
+/// digit `i`, with packet id `i + 1` at QoS 1/2.
+pub async fn publish_weighed(publisher: &mut RawClient, topic: &str, count: u16, qos: QoS) {
+    for i in 0..count {
+        let payload = [b'0' + (i % 10) as u8; 400];
+        publisher.publish(topic, &payload, qos, i + 1).await;
+    }
+}
+
+/// Acknowledges the first `acks` of `got` (QoS 1) one at a time, checking
+/// that each PUBACK lets exactly one more PUBLISH through, which is added
+/// to `got`.
+pub async fn each_puback_lets_one_more_through(
+    sub: &mut RawClient,
+    got: &mut Vec<Publish>,
+    acks: usize,
+) {
+    for i in 0..acks {
+        let packet_id = got[i].packet_id.expect("a QoS 1 PUBLISH");
+        sub.send(Packet::PubAck(PubAck::new(packet_id))).await;
+        got.push(sub.recv_publish().await);
+        sub.expect_silence(Duration::from_millis(100)).await;
+    }
+}
