@@ -168,29 +168,38 @@ async fn a_failing_sync_fails_the_submissions_waiting_on_it() {
 
 #[tokio::test]
 async fn an_invalid_batch_fails_alone_when_merged_with_others() {
-    let store = Arc::new(MemoryStore::new());
-    let writer = StoreWriter::spawn(
-        store.clone(),
-        WriterConfig {
-            max_delay: Duration::from_millis(50),
-            ..config(Durability::Fsync)
-        },
-    )
-    .unwrap();
+    let store = Arc::new(FailingStore::new(MemoryStore::new()));
+    let writer = StoreWriter::spawn(store.clone(), config(Durability::Fsync)).unwrap();
+    // The writer is held in the apply of a first window, so that the three
+    // below are all waiting when it comes back for more: one window, however
+    // the threads are scheduled.
+    store.stall(true);
+    let mut gate = Batch::new();
+    gate.put_message(message(50, 64));
+    let gate = writer.submit(gate);
+    while store.applies() == 0 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
     let good1 = writer.submit(publish(1));
     let mut bad = Batch::new();
     bad.put_queue_entry(entry("sub", 99, 12345));
     let bad = writer.submit(bad);
     let good2 = writer.submit(publish(2));
+    store.stall(false);
+    gate.await.unwrap();
     good1.await.unwrap();
     assert!(bad.await.unwrap_err().is_invalid_batch());
     good2.await.unwrap();
-    let seqs: Vec<u64> = store.queue("sub", None).map(|e| e.unwrap().seq).collect();
+    let seqs: Vec<u64> = store
+        .inner()
+        .queue("sub", None)
+        .map(|e| e.unwrap().seq)
+        .collect();
     assert_eq!(seqs, vec![1, 2]);
     assert_eq!(
         writer.stats().windows,
-        1,
-        "the three went out as one window"
+        2,
+        "the gate, then the three as one window"
     );
 }
 
