@@ -22,6 +22,10 @@ pub struct Args {
     /// sink: not a benchmark but a broker stand-in on --port that accepts
     /// everything and delivers nothing, for --duration seconds, to measure
     /// the generator's own ceiling.
+    /// relay: not a benchmark but a broker stand-in on --port that forwards
+    /// every PUBLISH unchanged to every subscribed connection, one blocking
+    /// write each, for --duration seconds: the machine's floor for a
+    /// broker's fan-out latency.
     #[arg(value_enum)]
     pub scenario: Scenario,
     #[arg(long, default_value = "127.0.0.1")]
@@ -144,6 +148,7 @@ pub enum Scenario {
     Conn,
     Latency,
     Sink,
+    Relay,
 }
 
 impl Scenario {
@@ -155,6 +160,7 @@ impl Scenario {
             Scenario::Conn => "conn",
             Scenario::Latency => "latency",
             Scenario::Sink => "sink",
+            Scenario::Relay => "relay",
         }
     }
 }
@@ -246,10 +252,12 @@ impl Args {
                 self.publishers.unwrap_or(1),
                 self.subscribers.unwrap_or(100),
             ),
-            Scenario::Conn | Scenario::Sink => (0, 0),
+            Scenario::Conn | Scenario::Sink | Scenario::Relay => (0, 0),
         };
-        if !matches!(self.scenario, Scenario::Conn | Scenario::Sink)
-            && (publishers == 0 || subscribers == 0)
+        if !matches!(
+            self.scenario,
+            Scenario::Conn | Scenario::Sink | Scenario::Relay
+        ) && (publishers == 0 || subscribers == 0)
         {
             return Err("at least one publisher and one subscriber are needed".into());
         }
@@ -282,11 +290,11 @@ impl Args {
                     if self.shared { 1 } else { subscribers as u64 },
                 )
             }
-            Scenario::Conn | Scenario::Sink => (Vec::new(), Vec::new(), 0),
+            Scenario::Conn | Scenario::Sink | Scenario::Relay => (Vec::new(), Vec::new(), 0),
         };
         let connections = match self.scenario {
             Scenario::Conn => self.connections.unwrap_or(10_000),
-            Scenario::Sink => 0,
+            Scenario::Sink | Scenario::Relay => 0,
             _ => publishers + subscribers,
         };
         Ok(Plan {

@@ -4,6 +4,7 @@
 mod args;
 mod client;
 mod procfs;
+mod relay;
 mod report;
 mod run;
 mod sink;
@@ -61,6 +62,14 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Ok(run::Outcome::Sink(r)) => {
+            if json {
+                println!("{}", serde_json::to_string(&r).expect("serialisable"));
+            } else {
+                print!("{}", r.text());
+            }
+            ExitCode::SUCCESS
+        }
+        Ok(run::Outcome::Relay(r)) => {
             if json {
                 println!("{}", serde_json::to_string(&r).expect("serialisable"));
             } else {

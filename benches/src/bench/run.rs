@@ -68,6 +68,7 @@ pub enum Outcome {
     Throughput(report::ThroughputReport),
     Conn(ConnReport),
     Sink(crate::sink::SinkReport),
+    Relay(crate::relay::RelayReport),
 }
 
 pub async fn run(args: Args, plan: Plan, threads: usize) -> Result<Outcome, String> {
@@ -78,6 +79,10 @@ pub async fn run(args: Args, plan: Plan, threads: usize) -> Result<Outcome, Stri
         .ok_or_else(|| format!("{}:{}: no address", args.host, args.port))?;
     if plan.scenario == Scenario::Sink {
         return crate::sink::serve(&args).await.map(Outcome::Sink);
+    }
+    if plan.scenario == Scenario::Relay {
+        // Threads of its own: this one only waits for --duration.
+        return tokio::task::block_in_place(|| crate::relay::serve(&args)).map(Outcome::Relay);
     }
     if plan.scenario == Scenario::Conn {
         run_conn(&args, &plan, addr, threads)
