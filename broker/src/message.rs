@@ -54,6 +54,10 @@ pub struct Message {
     /// Set once a delivery carries [`MESSAGE_COST`] (see
     /// [`claim_cost`](Message::claim_cost)).
     cost_claimed: AtomicBool,
+    /// Set once the retained store no longer holds this message as its
+    /// topic's retained message (replaced or cleared; see
+    /// [`supersede`](Message::supersede)).
+    superseded: AtomicBool,
     /// Topic, payload and properties are allocations of their own (a copy,
     /// or read back from the store), not slices of a read buffer: there is
     /// nothing to detach.
@@ -147,6 +151,7 @@ impl Message {
             detached: OnceLock::new(),
             weight: self.weight,
             cost_claimed: AtomicBool::new(false),
+            superseded: AtomicBool::new(false),
             owns_bytes: true,
         })
     }
@@ -194,6 +199,7 @@ impl Message {
             detached: OnceLock::new(),
             weight,
             cost_claimed: AtomicBool::new(false),
+            superseded: AtomicBool::new(false),
             owns_bytes: false,
         }
     }
@@ -204,6 +210,23 @@ impl Message {
     pub fn claim_cost(&self) -> bool {
         !self.cost_claimed.load(Ordering::Relaxed)
             && !self.cost_claimed.swap(true, Ordering::Relaxed)
+    }
+
+    /// Marks a retained message that its topic's retained store no longer
+    /// holds: a newer publish replaced or cleared it. That publish went to
+    /// every subscription live when it was retained, so a SUBSCRIBE's copy
+    /// of the older one that has not reached its session's queues yet must
+    /// not follow it there (MQTT-4.6.0-5: a subscriber would end with the
+    /// older value). Called before the newer message is routed.
+    pub fn supersede(&self) {
+        self.superseded.store(true, Ordering::Release);
+    }
+
+    /// Whether [`supersede`](Self::supersede) was called. Asked under the
+    /// subscriber's session lock, which the newer message's delivery takes
+    /// after the mark: it sees the mark, or its delivery comes later.
+    pub fn is_superseded(&self) -> bool {
+        self.superseded.load(Ordering::Acquire)
     }
 
     /// The MQTT 5 properties forwarded to subscribers (empty for most).

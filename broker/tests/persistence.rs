@@ -1133,6 +1133,57 @@ async fn the_store_keeps_the_retained_message_memory_has_whatever_order_publishe
 }
 
 #[tokio::test]
+async fn a_retained_message_replaced_before_its_suback_does_not_follow_its_successor() {
+    // A durable session's SUBACK waits for its subscription to be stored,
+    // and the retained messages the SUBSCRIBE found follow the SUBACK. The
+    // subscription is live meanwhile: a newer value of a retained topic
+    // published then reaches the subscriber at once, and the older value,
+    // found before it, must not come after it (MQTT-4.6.0-5): the client
+    // would end with the stale one as the topic's state.
+    let (store, server) = start_failing(None).await;
+    let mut publisher = RawClient::connected(addr(&server), "publisher", ProtocolVersion::V5).await;
+    publisher
+        .send(retained(publish_packet(
+            "state/door",
+            b"open",
+            QoS::AtLeastOnce,
+            Some(1),
+        )))
+        .await;
+    assert!(matches!(
+        expect_ack(&mut publisher).await,
+        Packet::PubAck(_)
+    ));
+    let (mut subscriber, ack) =
+        RawClient::connect(addr(&server), persistent_connect("late", 3600)).await;
+    assert_eq!(ack.code, ReasonCode::Success);
+    settle(&server).await;
+    store.stall(true);
+    subscriber
+        .send(common::subscribe_packet(1, "state/#", QoS::AtMostOnce))
+        .await;
+    let router = &server.broker().router;
+    eventually("the subscription is live", || {
+        router.subscription_count() == 1
+    })
+    .await;
+    publisher
+        .send(retained(publish_packet(
+            "state/door",
+            b"closed",
+            QoS::AtMostOnce,
+            None,
+        )))
+        .await;
+    let live = subscriber.recv_publish().await;
+    assert_eq!((&live.payload[..], live.retain), (&b"closed"[..], false));
+    store.stall(false);
+    assert!(matches!(subscriber.recv().await, Some(Packet::SubAck(_))));
+    subscriber.expect_silence(Duration::from_millis(300)).await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_durable_session_whose_record_cannot_be_stored_is_disconnected() {
     // Whatever the connection went on to have acknowledged would belong to
     // a session a restart does not know: it is closed instead, and its

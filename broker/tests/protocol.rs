@@ -518,6 +518,72 @@ async fn retained_messages_beyond_the_session_bounds_wait_for_room() {
 }
 
 #[tokio::test]
+async fn a_waiting_retained_message_replaced_meanwhile_does_not_follow_its_successor() {
+    // A retained message that finds the session's queues full waits for
+    // room. A newer value of its topic goes to the subscription live, into
+    // the queue ahead of it; when room comes, the older value is left out
+    // rather than sent after the newer one (MQTT-4.6.0-5).
+    let server = start(|c| {
+        c.limits.max_inflight = 1;
+        c.limits.max_queued_messages = 1;
+    })
+    .await;
+    let mut publisher = RawClient::connected(addr(&server), "publisher", V5).await;
+    let retained = |payload: &[u8], qos, id| {
+        let mut packet = publish_packet("state/door", payload, qos, id);
+        if let Packet::Publish(p) = &mut packet {
+            p.retain = true;
+        }
+        packet
+    };
+    publisher
+        .send(retained(b"open", QoS::AtLeastOnce, Some(1)))
+        .await;
+    assert!(matches!(publisher.recv().await, Some(Packet::PubAck(_))));
+    let mut c = RawClient::connected(addr(&server), "busy", V5).await;
+    c.subscribe("work", QoS::AtLeastOnce).await;
+    // One in flight, one queued: the session's queues are full.
+    publisher.publish("work", b"1", QoS::AtLeastOnce, 2).await;
+    publisher.publish("work", b"2", QoS::AtLeastOnce, 3).await;
+    let first = c.recv_publish().await;
+    assert_eq!(&first.payload[..], b"1");
+    assert_eq!(
+        c.subscribe("state/#", QoS::AtLeastOnce).await,
+        vec![ReasonCode::GrantedQoS1]
+    );
+    // The newer value: taken beyond the queue's bound while the client
+    // keeps taking (its PUBACK waits for room).
+    publisher
+        .send(retained(b"closed", QoS::AtLeastOnce, Some(4)))
+        .await;
+    let mut got = Vec::new();
+    let mut next = first;
+    loop {
+        c.send(Packet::PubAck(PubAck::new(next.packet_id.unwrap())))
+            .await;
+        got.push((next.topic.clone(), next.payload.clone(), next.retain));
+        match c.recv_within(Duration::from_millis(300)).await {
+            Ok(Some(Packet::Publish(p))) => next = p,
+            Ok(None) | Err(()) => break,
+            Ok(Some(other)) => panic!("unexpected {other:?}"),
+        }
+    }
+    let got: Vec<(&str, &[u8], bool)> = got
+        .iter()
+        .map(|(t, p, r)| (std::str::from_utf8(t).unwrap(), &p[..], *r))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("work", &b"1"[..], false),
+            ("work", &b"2"[..], false),
+            ("state/door", &b"closed"[..], false),
+        ]
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn many_retained_messages_all_reach_a_client_that_reads() {
     // Within max_pending_retained, nothing is dropped however small the
     // session's queues are: 500 retained messages through a window of 5.

@@ -70,6 +70,7 @@ impl Broker {
             // Cleared, or (over a limit) not replaced by a newer value it
             // could not store: an older value must not be served as current.
             if let Some(old) = self.retained.remove(topic) {
+                old.supersede();
                 self.retained_bytes
                     .fetch_sub(retained_cost(&old), Ordering::Relaxed);
             }
@@ -105,6 +106,7 @@ impl Broker {
         self.retained_bytes
             .fetch_add(retained_cost(&message), Ordering::Relaxed);
         if let Some(old) = self.retained.insert(topic, message) {
+            old.supersede();
             self.retained_bytes
                 .fetch_sub(retained_cost(&old), Ordering::Relaxed);
         }

@@ -251,7 +251,6 @@ impl Connection {
     }
 }
 
-/// Sends the retained messages a SUBACK promised, after it.
 /// Adds the retained messages matching `filter` to `retained`, up to `cap`
 /// in all; those beyond it are counted as dropped (a SUBSCRIBE of many
 /// overlapping filters must not make the broker hold more than a session
@@ -277,6 +276,9 @@ fn collect_retained(
     Metrics::add(&broker.metrics.messages_dropped_queue_full, beyond as u64);
 }
 
+/// Sends the retained messages a SUBACK promised, after it; those a newer
+/// publish replaced or cleared since they were found are left out by the
+/// session (see [`Session::deliver_retained`]).
 fn deliver_retained(session: &Arc<Session>, retained: Vec<(Arc<Message>, SubscriptionOptions)>) {
     let now = std::time::Instant::now();
     let mut journal = Journal::new();

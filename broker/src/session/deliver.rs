@@ -17,13 +17,21 @@ impl Session {
     /// (counted): there is no publisher to slow down, so no grace beyond
     /// the bound, and a SUBSCRIBE matching many retained messages cannot
     /// queue more than the session's bounds.
+    ///
+    /// A message superseded since the SUBSCRIBE found it is left out, here
+    /// and when it waits for room ([`refill_retained`](Self::refill_retained)):
+    /// the newer message went to the subscription live, perhaps already
+    /// into this session's queues, and the older one must not come after it.
     pub fn deliver_retained(
         self: &Arc<Self>,
         delivery: Delivery,
         journal: &mut Journal,
     ) -> Admission {
         let mut st = self.state.lock();
-        if st.ended || (delivery.qos == QoS::AtMostOnce && st.link.is_none()) {
+        if st.ended
+            || (delivery.qos == QoS::AtMostOnce && st.link.is_none())
+            || delivery.message.is_superseded()
+        {
             return Admission::Dropped;
         }
         let waiting = st.retained_backlog.as_ref().map_or(0, |b| b.len());
@@ -101,6 +109,10 @@ impl Session {
             return;
         };
         while let Some(delivery) = waiting.front() {
+            if delivery.message.is_superseded() {
+                waiting.pop_front();
+                continue;
+            }
             if !self.has_room_for(st, delivery) {
                 break;
             }
