@@ -220,8 +220,11 @@ pub async fn read_connect<R: AsyncRead + Unpin>(
 pub fn fit_connack(connack: &mut ConnAck, client_max: Option<u32>) {
     let Some(max) = client_max else { return };
     let fits = |connack: &ConnAck| {
-        encoded_len(&Packet::ConnAck(connack.clone()), ProtocolVersion::V5)
-            .is_ok_and(|len| len <= max as usize)
+        encoded_len(
+            &Packet::ConnAck(Box::new(connack.clone())),
+            ProtocolVersion::V5,
+        )
+        .is_ok_and(|len| len <= max as usize)
     };
     if fits(connack) {
         return;
@@ -445,14 +448,14 @@ where
 
 /// An AUTH packet with method and data.
 pub fn auth_packet(code: ReasonCode, method: &Bytes, data: Bytes) -> Packet {
-    Packet::Auth(Auth {
+    Packet::Auth(Box::new(Auth {
         code,
         properties: AuthProperties {
             authentication_method: Some(method.clone()),
             authentication_data: Some(data),
             ..AuthProperties::default()
         },
-    })
+    }))
 }
 
 /// Whether a payload said to be UTF-8 (Payload Format Indicator 1) is not.

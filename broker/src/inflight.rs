@@ -320,7 +320,6 @@ mod tests {
     use std::collections::HashSet;
 
     use bytes::Bytes;
-    use tern_codec::properties::PublishProperties;
     use tern_codec::QoS;
 
     use super::*;
@@ -337,7 +336,7 @@ mod tests {
             Bytes::from(vec![0; payload]),
             QoS::AtLeastOnce,
             false,
-            PublishProperties::default(),
+            None,
             0,
         );
         Delivery::new(&message, QoS::AtLeastOnce, false, Default::default())

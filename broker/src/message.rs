@@ -101,13 +101,15 @@ fn header_slot(v5: bool, with_packet_id: bool) -> usize {
 }
 
 impl Message {
-    /// Builds a message, stamping the expiry deadline from the properties.
+    /// Builds a message, stamping the expiry deadline from the properties
+    /// (`None`: it has none, as a decoded [`Publish`](tern_codec::Publish)
+    /// without any carries them).
     pub fn new(
         topic: Bytes,
         payload: Bytes,
         qos: QoS,
         retain: bool,
-        properties: PublishProperties,
+        properties: Option<Box<PublishProperties>>,
         origin: u64,
     ) -> Arc<Message> {
         Arc::new(Message::unshared(
@@ -122,7 +124,7 @@ impl Message {
         payload: Bytes,
         qos: QoS,
         retain: bool,
-        properties: PublishProperties,
+        properties: Option<Box<PublishProperties>>,
         expires_at: Option<Instant>,
         store_id: u64,
     ) -> Arc<Message> {
@@ -177,21 +179,29 @@ impl Message {
         payload: Bytes,
         qos: QoS,
         retain: bool,
-        mut properties: PublishProperties,
+        mut properties: Option<Box<PublishProperties>>,
         origin: u64,
     ) -> Message {
-        properties.topic_alias = None;
-        properties.subscription_identifiers.clear();
-        let expires_at = properties
-            .message_expiry_interval
-            .map(|secs| Instant::now() + Duration::from_secs(u64::from(secs)));
-        let weight = topic.len() + payload.len() + properties_weight(&properties);
+        if let Some(p) = properties.as_deref_mut() {
+            p.topic_alias = None;
+            p.subscription_identifiers.clear();
+        }
+        let properties = properties.filter(|p| !p.is_empty());
+        let (expires_at, properties_weight) = match properties.as_deref() {
+            Some(p) => (
+                p.message_expiry_interval
+                    .map(|secs| Instant::now() + Duration::from_secs(u64::from(secs))),
+                properties_weight(p),
+            ),
+            None => (None, 0),
+        };
+        let weight = topic.len() + payload.len() + properties_weight;
         Message {
             topic,
             payload,
             qos,
             retain,
-            properties: (!properties.is_empty()).then(|| Box::new(properties)),
+            properties,
             expires_at,
             origin,
             headers: OnceLock::new(),
@@ -231,16 +241,7 @@ impl Message {
 
     /// The MQTT 5 properties forwarded to subscribers (empty for most).
     pub fn properties(&self) -> &PublishProperties {
-        static NONE: PublishProperties = PublishProperties {
-            payload_format_indicator: None,
-            message_expiry_interval: None,
-            topic_alias: None,
-            response_topic: None,
-            correlation_data: None,
-            user_properties: Vec::new(),
-            subscription_identifiers: Vec::new(),
-            content_type: None,
-        };
+        static NONE: PublishProperties = PublishProperties::NONE;
         self.properties.as_deref().unwrap_or(&NONE)
     }
 
@@ -380,7 +381,7 @@ mod tests {
             read_buffer.slice(10..20),
             QoS::AtLeastOnce,
             true,
-            properties,
+            Some(Box::new(properties)),
             7,
         );
         message.store_id.set(42).unwrap();
@@ -434,7 +435,7 @@ mod tests {
             Bytes::from_static(b"p"),
             QoS::AtLeastOnce,
             false,
-            PublishProperties::default(),
+            None,
             None,
             9,
         );
@@ -448,7 +449,7 @@ mod tests {
             Bytes::from_static(b"p"),
             QoS::AtMostOnce,
             false,
-            PublishProperties::default(),
+            None,
             0,
         );
         let mut reserved = ReservedReferences::new(&message, 3);

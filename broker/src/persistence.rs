@@ -31,7 +31,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use smallvec::SmallVec;
-use tern_codec::properties::PublishProperties;
 use tern_codec::{QoS, Will};
 use tern_storage::{
     Batch, Completion, MessageRecord, OnDamage, Op, SledStore, Store, StoreError, StoreWriter,
@@ -346,9 +345,11 @@ pub fn message_record(message: &Message, id: u64) -> MessageRecord {
 /// used (its properties do not decode, or its QoS is out of range).
 pub fn message_from_record(record: MessageRecord) -> Option<Arc<Message>> {
     let properties = if record.properties.is_empty() {
-        PublishProperties::default()
+        None
     } else {
-        tern_codec::decode_publish_properties(record.properties).ok()?
+        Some(Box::new(
+            tern_codec::decode_publish_properties(record.properties).ok()?,
+        ))
     };
     let qos = QoS::from_u8(record.qos)?;
     let expires_at = record.expires_at.map(unix_millis_to_deadline);

@@ -24,7 +24,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tern_codec::properties::PublishProperties;
 use tern_codec::QoS;
 use tokio::time::MissedTickBehavior;
 
@@ -128,7 +127,7 @@ fn publish(broker: &Broker, topic: &'static str, text: &str) {
         Bytes::copy_from_slice(text.as_bytes()),
         QoS::AtMostOnce,
         true,
-        PublishProperties::default(),
+        None,
         0,
     );
     broker.retain_system(topic, Arc::clone(&message));

@@ -554,7 +554,7 @@ fn encode_own(
         // without the topic when the client knows the alias already.
         let mut sent = publish.clone();
         if let Some(aliases) = aliases {
-            sent.properties.topic_alias = Some(1);
+            sent.properties_mut().topic_alias = Some(1);
             if aliases.is_known(&sent.topic) {
                 sent.topic = Bytes::new();
             }
@@ -569,7 +569,7 @@ fn encode_own(
     // the client does not learn.
     if let Some(aliases) = aliases {
         let (alias, known) = aliases.assign(&publish.topic);
-        publish.properties.topic_alias = Some(alias);
+        publish.properties_mut().topic_alias = Some(alias);
         if known {
             publish.topic = Bytes::new();
         }
@@ -650,14 +650,14 @@ fn encode_control(ctx: &WriterContext, packet: &Packet, scratch: &mut BytesMut) 
 /// The PUBLISH packet for one delivery. Topic and payload are shared slices.
 fn to_publish(delivery: &Outgoing<'_>, protocol: ProtocolVersion, now: Instant) -> Publish {
     let message = delivery.message;
-    let properties = if protocol.is_v5() {
+    // Boxed for 5.0 even when empty: a delivery encoded here has per-hop
+    // properties, or gets a topic alias next.
+    let properties = protocol.is_v5().then(|| {
         let mut p = message.properties().clone();
         p.message_expiry_interval = message.remaining_expiry(now);
         p.subscription_identifiers = delivery.subscription_ids.to_vec();
-        p
-    } else {
-        Default::default()
-    };
+        Box::new(p)
+    });
     Publish {
         dup: delivery.dup,
         qos: delivery.qos,

@@ -28,14 +28,14 @@ async fn server() -> tern::Server {
 }
 
 fn auth(code: ReasonCode, data: &str) -> Packet {
-    Packet::Auth(Auth {
+    Packet::Auth(Box::new(Auth {
         code,
         properties: AuthProperties {
             authentication_method: Some(Bytes::from_static(METHOD.as_bytes())),
             authentication_data: Some(Bytes::copy_from_slice(data.as_bytes())),
             ..Default::default()
         },
-    })
+    }))
 }
 
 fn data_of(props: &AuthProperties) -> String {
@@ -84,7 +84,7 @@ async fn scram_connect(
             .handle_server_final(&server_final)
             .expect("the client verifies the server's signature");
     }
-    (c, ack)
+    (c, *ack)
 }
 
 /// Starts a re-authentication as `user`: sends the client's first message,

@@ -327,7 +327,7 @@ async fn unfinished_outgoing_flows_resume(expiring: bool) {
     assert!(
         seen.iter().any(|p| matches!(p, Packet::Publish(p)
             if p.dup && p.packet_id == second.packet_id && &p.payload[..] == b"one"
-                && (!expiring || p.properties.message_expiry_interval == Some(1)))),
+                && (!expiring || p.properties().message_expiry_interval == Some(1)))),
         "{seen:?}"
     );
     server.shutdown().await;
@@ -663,7 +663,7 @@ async fn an_expired_retained_message_leaves_memory_and_the_store() {
         let mut packet = publish_packet(topic, b"v", QoS::AtLeastOnce, Some(id));
         if let Packet::Publish(publish) = &mut packet {
             publish.retain = true;
-            publish.properties.message_expiry_interval = expiry;
+            publish.properties_mut().message_expiry_interval = expiry;
         }
         p.send(packet).await;
         assert!(matches!(expect_ack(&mut p).await, Packet::PubAck(_)));

@@ -1159,7 +1159,7 @@ async fn topic_alias_from_client() {
     let mut second = publish_packet("", b"2", QoS::AtMostOnce, None);
     for pkt in [&mut first, &mut second] {
         if let Packet::Publish(ref mut x) = pkt {
-            x.properties.topic_alias = Some(1);
+            x.properties_mut().topic_alias = Some(1);
         }
     }
     p.send(first).await;
@@ -1171,7 +1171,7 @@ async fn topic_alias_from_client() {
     // An alias above the maximum is a protocol violation: 0x94.
     let mut bad = publish_packet("alias/t", b"3", QoS::AtMostOnce, None);
     if let Packet::Publish(ref mut x) = bad {
-        x.properties.topic_alias = Some(u16::MAX);
+        x.properties_mut().topic_alias = Some(u16::MAX);
     }
     p.send(bad).await;
     p.expect_disconnect(ReasonCode::TopicAliasInvalid).await;
@@ -1487,7 +1487,7 @@ async fn expired_retained_messages_make_room_under_the_limits() {
         let mut packet = publish_packet(topic, b"brief", QoS::AtMostOnce, None);
         if let Packet::Publish(publish) = &mut packet {
             publish.retain = true;
-            publish.properties.message_expiry_interval = Some(1);
+            publish.properties_mut().message_expiry_interval = Some(1);
         }
         p.send(packet).await;
     }

@@ -84,7 +84,7 @@ pub fn decode_packet(
     let flags = first & 0x0F;
     let packet = match packet_type {
         PacketType::Connect => Packet::Connect(Box::new(connect(&mut r)?)),
-        PacketType::ConnAck => Packet::ConnAck(connack(&mut r, version)?),
+        PacketType::ConnAck => Packet::ConnAck(Box::new(connack(&mut r, version)?)),
         PacketType::Publish => Packet::Publish(publish(flags, &mut r, version)?),
         PacketType::PubAck => Packet::PubAck(puback(PacketType::PubAck, &mut r, version)?),
         PacketType::PubRec => Packet::PubRec(puback(PacketType::PubRec, &mut r, version)?),
@@ -102,7 +102,7 @@ pub fn decode_packet(
         }
         PacketType::Auth => {
             let (code, properties) = code_and_properties(PacketType::Auth, &mut r, version)?;
-            Packet::Auth(Auth { code, properties })
+            Packet::Auth(Box::new(Auth { code, properties }))
         }
     };
     r.finish()?;
@@ -165,6 +165,24 @@ fn properties<P: PropertySet>(r: &mut Reader, version: ProtocolVersion) -> Resul
     } else {
         Ok(P::default())
     }
+}
+
+/// A PUBLISH's properties, boxed, or `None` when there are none: in 3.x,
+/// and in 5.0 when their length is 0 (a single byte, read without making
+/// an empty set to compare).
+fn publish_properties(
+    r: &mut Reader,
+    version: ProtocolVersion,
+) -> Result<Option<Box<crate::properties::PublishProperties>>, DecodeError> {
+    if !version.is_v5() {
+        return Ok(None);
+    }
+    if r.peek_u8() == Some(0) {
+        r.u8()?;
+        return Ok(None);
+    }
+    let properties: crate::properties::PublishProperties = decode_properties(r)?;
+    Ok((!properties.is_empty()).then(|| Box::new(properties)))
 }
 
 fn packet_id(r: &mut Reader) -> Result<u16, DecodeError> {
@@ -297,12 +315,12 @@ fn publish(flags: u8, r: &mut Reader, version: ProtocolVersion) -> Result<Publis
     } else {
         Some(packet_id(r)?)
     };
-    let properties: crate::properties::PublishProperties = properties(r, version)?;
+    let properties = publish_properties(r, version)?;
     if topic.is_empty() {
         if !version.is_v5() {
             return Err(DecodeError::TopicNameInvalid("empty topic name"));
         }
-        if properties.topic_alias.is_none() {
+        if properties.as_ref().is_none_or(|p| p.topic_alias.is_none()) {
             return Err(DecodeError::Protocol(
                 "empty topic name without a topic alias",
             ));

@@ -83,7 +83,7 @@ impl<'a> PublishHeader<'a> {
             retain: publish.retain,
             topic: &publish.topic,
             packet_id: publish.packet_id,
-            properties: &publish.properties,
+            properties: publish.properties(),
             payload_len: publish.payload.len(),
         }
     }

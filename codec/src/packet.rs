@@ -89,10 +89,15 @@ pub enum PacketType {
 }
 
 /// A decoded (or to-be-encoded) MQTT control packet.
+///
+/// A packet moves by value from the decoder through a broker's handling,
+/// and every move copies the whole enum: the rare packets with large
+/// property sets (CONNECT, CONNACK, AUTH) are boxed so that it is the size
+/// of a PUBLISH without properties, not of the largest (264 bytes before).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Packet {
     Connect(Box<Connect>),
-    ConnAck(ConnAck),
+    ConnAck(Box<ConnAck>),
     Publish(Publish),
     PubAck(PubAck),
     PubRec(PubAck),
@@ -105,7 +110,7 @@ pub enum Packet {
     PingReq,
     PingResp,
     Disconnect(Disconnect),
-    Auth(Auth),
+    Auth(Box<Auth>),
 }
 
 impl Packet {
@@ -212,7 +217,11 @@ pub struct Publish {
     pub topic: Bytes,
     /// Present iff qos > 0; never 0.
     pub packet_id: Option<u16>,
-    pub properties: PublishProperties,
+    /// MQTT 5 properties, `None` when there are none (every 3.x PUBLISH,
+    /// most 5.0 ones); read them through [`properties`](Self::properties).
+    /// Boxed: inline they were 160 of the packet's 232 bytes, copied at
+    /// every move of every PUBLISH a broker reads.
+    pub properties: Option<Box<PublishProperties>>,
     pub payload: Bytes,
 }
 
@@ -220,6 +229,22 @@ impl Publish {
     /// The topic as text (the decoder has checked it is UTF-8).
     pub fn topic_str(&self) -> &str {
         std::str::from_utf8(&self.topic).unwrap_or("")
+    }
+
+    /// Its properties ([`PublishProperties::NONE`] when it has none).
+    pub fn properties(&self) -> &PublishProperties {
+        static NONE: PublishProperties = PublishProperties::NONE;
+        self.properties.as_deref().unwrap_or(&NONE)
+    }
+
+    /// Its properties to change; empty ones are made if it had none.
+    pub fn properties_mut(&mut self) -> &mut PublishProperties {
+        self.properties.get_or_insert_with(Default::default)
+    }
+
+    /// Sets its properties: `None` when `properties` is empty.
+    pub fn set_properties(&mut self, properties: PublishProperties) {
+        self.properties = (!properties.is_empty()).then(|| Box::new(properties));
     }
 }
 

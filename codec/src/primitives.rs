@@ -93,6 +93,11 @@ impl Reader {
         self.buf.is_empty()
     }
 
+    /// The next byte, not consumed.
+    pub(crate) fn peek_u8(&self) -> Option<u8> {
+        self.buf.first().copied()
+    }
+
     /// Fails unless everything has been consumed.
     pub(crate) fn finish(&self) -> Result<(), DecodeError> {
         if self.buf.is_empty() {

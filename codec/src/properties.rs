@@ -116,9 +116,22 @@ pub struct PublishProperties {
 }
 
 impl PublishProperties {
+    /// No property set: what a PUBLISH without properties reads as (see
+    /// [`Publish::properties`](crate::Publish::properties)).
+    pub const NONE: PublishProperties = PublishProperties {
+        payload_format_indicator: None,
+        message_expiry_interval: None,
+        topic_alias: None,
+        response_topic: None,
+        correlation_data: None,
+        user_properties: Vec::new(),
+        subscription_identifiers: Vec::new(),
+        content_type: None,
+    };
+
     /// True when no property is set (the common case: encodes as one 0 byte).
     pub fn is_empty(&self) -> bool {
-        *self == PublishProperties::default()
+        *self == PublishProperties::NONE
     }
 
     /// A copy with bytes of its own, sharing nothing with the buffer the

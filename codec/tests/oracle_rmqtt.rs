@@ -67,7 +67,7 @@ where
 }
 
 fn rm_publish(p: &Publish, v5: bool) -> Option<rmqtt_codec::types::Publish> {
-    let pr = &p.properties;
+    let pr = p.properties();
     let properties = if v5 {
         Some(v5::PublishProperties {
             topic_alias: pr.topic_alias.map(nz16),

@@ -148,7 +148,7 @@ fn connect_v311_with_will() {
 
 #[test]
 fn auth() {
-    assert_eq!(exact(b"\xF0\x00", V5), Packet::Auth(Auth::default()));
+    assert_eq!(exact(b"\xF0\x00", V5), Packet::Auth(Box::default()));
     let Packet::Auth(a) = exact(b"\xF0\x06\x18\x04\x15\x00\x01x", V5) else {
         panic!()
     };
@@ -162,7 +162,7 @@ fn auth() {
     malformed(b"\xF0\x00", V31);
     let mut out = BytesMut::new();
     assert!(matches!(
-        encode_packet(&Packet::Auth(Auth::default()), V311, &mut out),
+        encode_packet(&Packet::Auth(Box::default()), V311, &mut out),
         Err(EncodeError::NotAllowed(_))
     ));
     assert!(out.is_empty());
@@ -224,7 +224,7 @@ fn publish_vectors() {
     let Packet::Publish(p) = exact(b"\x30\x06\x00\x00\x03\x23\x00\x09", V5) else {
         panic!()
     };
-    assert_eq!(p.properties.topic_alias, Some(9));
+    assert_eq!(p.properties().topic_alias, Some(9));
     assert!(p.topic.is_empty() && p.payload.is_empty());
 }
 
@@ -232,15 +232,15 @@ fn publish_vectors() {
 fn connack_and_suback_v3_mapping() {
     assert_eq!(
         exact(b"\x20\x02\x01\x00", V311),
-        Packet::ConnAck(ConnAck {
+        Packet::ConnAck(Box::new(ConnAck {
             session_present: true,
             ..ConnAck::default()
-        })
+        }))
     );
-    let refused = Packet::ConnAck(ConnAck {
+    let refused = Packet::ConnAck(Box::new(ConnAck {
         code: ReasonCode::Banned,
         ..ConnAck::default()
-    });
+    }));
     assert_eq!(&encode(&refused, V311)[..], b"\x20\x02\x00\x05");
     assert_eq!(&encode(&refused, V5)[..], b"\x20\x03\x00\x8A\x00");
     malformed(b"\x20\x02\x00\x06", V311);
@@ -370,8 +370,8 @@ fn properties() {
     ) else {
         panic!()
     };
-    assert_eq!(p.properties.user_properties.len(), 2);
-    assert_eq!(p.properties.subscription_identifiers, vec![5]);
+    assert_eq!(p.properties().user_properties.len(), 2);
+    assert_eq!(p.properties().subscription_identifiers, vec![5]);
 }
 
 #[test]
@@ -497,7 +497,7 @@ fn max_packet_size_from_the_header_alone() {
         retain: false,
         topic: Bytes::from_static(b"t"),
         packet_id: None,
-        properties: PublishProperties::default(),
+        properties: None,
         payload: Bytes::from(vec![7; 124]),
     });
     let bytes = encode(&p, V5);
@@ -570,7 +570,7 @@ fn encode_errors_leave_out_untouched() {
         retain: false,
         topic: long,
         packet_id: Some(1),
-        properties: PublishProperties::default(),
+        properties: None,
         payload: Bytes::new(),
     };
     let p = Packet::Publish(publish.clone());
@@ -590,7 +590,7 @@ fn encode_errors_leave_out_untouched() {
         Err(EncodeError::NotAllowed(_))
     ));
     publish.packet_id = Some(1);
-    publish.properties.subscription_identifiers = vec![0];
+    publish.properties_mut().subscription_identifiers = vec![0];
     assert!(matches!(
         encode_packet(&Packet::Publish(publish), V5, &mut out),
         Err(EncodeError::ValueOutOfRange(_))
@@ -617,7 +617,7 @@ fn qos0_publish_never_sets_dup() {
         retain: false,
         topic: Bytes::from_static(b"t"),
         packet_id: Some(9),
-        properties: PublishProperties::default(),
+        properties: None,
         payload: Bytes::new(),
     };
     assert_eq!(&encode(&Packet::Publish(p), V311)[..], b"\x30\x03\x00\x01t");

@@ -240,7 +240,7 @@ impl Broker {
             will.payload.clone(),
             will.qos,
             will.retain,
-            properties,
+            Some(Box::new(properties)),
             origin,
         );
         self.publish_and_commit(&message);

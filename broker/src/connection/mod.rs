@@ -661,7 +661,7 @@ impl Connection {
             }
             Packet::Disconnect(disconnect) => self.on_disconnect(disconnect),
             Packet::Connect(_) => Err(self.protocol_error("second CONNECT")),
-            Packet::Auth(auth) => self.on_auth(auth),
+            Packet::Auth(auth) => self.on_auth(*auth),
             other => Err(self.protocol_error(&format!(
                 "{:?} may not be sent by a client",
                 other.packet_type()

@@ -173,13 +173,24 @@ where
             },
             ..ConnAck::default()
         };
-        write_direct(writer, &Packet::ConnAck(refusal), protocol, &broker.metrics).await;
+        write_direct(
+            writer,
+            &Packet::ConnAck(Box::new(refusal)),
+            protocol,
+            &broker.metrics,
+        )
+        .await;
         broker.registry.reader_finished(&control);
         conn.finish(false, None);
         return None;
     }
-    let connack_sent =
-        write_direct(writer, &Packet::ConnAck(connack), protocol, &broker.metrics).await;
+    let connack_sent = write_direct(
+        writer,
+        &Packet::ConnAck(Box::new(connack)),
+        protocol,
+        &broker.metrics,
+    )
+    .await;
     if !connack_sent {
         // No reader will run: a takeover must not wait for one.
         broker.registry.reader_finished(&control);
@@ -209,10 +220,10 @@ pub(super) async fn refuse<W: AsyncWrite + Unpin>(
             } else {
                 ProtocolVersion::V311
             };
-            let connack = Packet::ConnAck(ConnAck {
+            let connack = Packet::ConnAck(Box::new(ConnAck {
                 code: ReasonCode::UnsupportedProtocolVersion,
                 ..ConnAck::default()
-            });
+            }));
             write_direct(writer, &connack, format, &broker.metrics).await;
             return;
         }
@@ -227,10 +238,10 @@ pub(super) async fn refuse<W: AsyncWrite + Unpin>(
         (HandshakeFailure::Invalid { why, code, v5 }, _) => {
             throttled!(INFO, %peer, ?code, "refused: invalid CONNECT: {why}");
             if v5 {
-                let connack = Packet::ConnAck(ConnAck {
+                let connack = Packet::ConnAck(Box::new(ConnAck {
                     code,
                     ..ConnAck::default()
-                });
+                }));
                 write_direct(writer, &connack, ProtocolVersion::V5, &broker.metrics).await;
             }
             return;
@@ -243,11 +254,11 @@ pub(super) async fn refuse<W: AsyncWrite + Unpin>(
     if matches!(code, ReasonCode::UseAnotherServer | ReasonCode::ServerMoved) {
         properties.server_reference = broker.config.mqtt.server_reference.clone().map(Bytes::from);
     }
-    let connack = Packet::ConnAck(ConnAck {
+    let connack = Packet::ConnAck(Box::new(ConnAck {
         code,
         properties,
         ..ConnAck::default()
-    });
+    }));
     write_direct(writer, &connack, connect.protocol, &broker.metrics).await;
 }
 

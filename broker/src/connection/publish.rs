@@ -11,13 +11,13 @@ impl Connection {
         mut publish: Publish,
     ) -> Result<(), Exit> {
         let v5 = self.protocol.is_v5();
-        if v5 && !publish.properties.subscription_identifiers.is_empty() {
+        if v5 && !publish.properties().subscription_identifiers.is_empty() {
             return Err(self.protocol_error("PUBLISH from a client with a subscription identifier"));
         }
         // A Response Topic is a topic name (MQTT-3.3.2-13, -14), and a topic
         // name has at least one character (MQTT-4.7.3-1). Checked here, not
         // in the codec, which also reads the messages a store kept.
-        if v5 && is_empty_response_topic(publish.properties.response_topic.as_ref()) {
+        if v5 && is_empty_response_topic(publish.properties().response_topic.as_ref()) {
             return Err(self.protocol_error("PUBLISH with an empty Response Topic"));
         }
         let topic = self.resolve_topic(&mut publish)?;
@@ -45,7 +45,7 @@ impl Connection {
         if v5
             && self.broker.config.mqtt.check_payload_format
             && misstates_utf8(
-                publish.properties.payload_format_indicator,
+                publish.properties().payload_format_indicator,
                 &publish.payload,
             )
         {
@@ -186,7 +186,7 @@ impl Connection {
     /// Resolves an MQTT 5 topic alias (MQTT-3.3.2-7 .. 3.3.2-12).
     /// Takes the topic out of `publish`, or the one its alias stands for.
     fn resolve_topic(&mut self, publish: &mut Publish) -> Result<Bytes, Exit> {
-        let Some(alias) = publish.properties.topic_alias else {
+        let Some(alias) = publish.properties().topic_alias else {
             return Ok(std::mem::take(&mut publish.topic));
         };
         let maximum = if self.protocol.is_v5() {

@@ -177,7 +177,7 @@ impl RawClient {
         let mut c = RawClient::open(addr, connect.protocol).await;
         c.send(Packet::Connect(Box::new(connect))).await;
         match c.recv().await {
-            Some(Packet::ConnAck(ack)) => (c, ack),
+            Some(Packet::ConnAck(ack)) => (c, *ack),
             other => panic!("expected CONNACK, got {other:?}"),
         }
     }
@@ -292,7 +292,7 @@ impl RawClient {
         let id = (qos != QoS::AtMostOnce).then_some(packet_id);
         let mut packet = publish_packet(topic, payload, qos, id);
         if let Packet::Publish(p) = &mut packet {
-            p.properties = properties;
+            p.set_properties(properties);
         }
         self.send(packet).await;
         match qos {

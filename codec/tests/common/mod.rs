@@ -311,7 +311,8 @@ pub fn publish(v: ProtocolVersion) -> impl Strategy<Value = Publish> {
                     retain,
                     topic,
                     packet_id: if qos0 { None } else { Some(id) },
-                    properties,
+                    // As decoded: none when empty.
+                    properties: (!properties.is_empty()).then(|| Box::new(properties)),
                     payload: payload.into(),
                 }
             },
@@ -492,7 +493,9 @@ pub fn packet(v: ProtocolVersion) -> BoxedStrategy<Packet> {
         connect(v)
             .prop_map(|c| Packet::Connect(Box::new(c)))
             .boxed(),
-        connack(v).prop_map(Packet::ConnAck).boxed(),
+        connack(v)
+            .prop_map(|c| Packet::ConnAck(Box::new(c)))
+            .boxed(),
         publish(v).prop_map(Packet::Publish).boxed(),
         puback(v, PacketType::PubAck)
             .prop_map(Packet::PubAck)
@@ -515,7 +518,7 @@ pub fn packet(v: ProtocolVersion) -> BoxedStrategy<Packet> {
     ];
     if v.is_v5() {
         options.push(disconnect_v5().prop_map(Packet::Disconnect).boxed());
-        options.push(auth_v5().prop_map(Packet::Auth).boxed());
+        options.push(auth_v5().prop_map(|a| Packet::Auth(Box::new(a))).boxed());
     } else {
         options.push(Just(Packet::Disconnect(Disconnect::default())).boxed());
     }
