@@ -17,9 +17,9 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
+use tern_codec::properties::PublishProperties;
 use tern_codec::{
-    encode_packet, encode_publish_header, encode_publish_header_of, Packet, ProtocolVersion,
-    PubAck, Publish, PublishHeader, QoS,
+    encode_packet, encode_publish_header_of, Packet, ProtocolVersion, PubAck, PublishHeader, QoS,
 };
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
@@ -539,7 +539,9 @@ fn encode_shared(
 }
 
 /// Encodes a delivery whose header is its own (MQTT 5 per-delivery
-/// properties or a topic alias).
+/// properties or a topic alias), from borrowed parts: its properties are
+/// made here, on the stack, and the header encoded from them without a
+/// `Publish` (which would box them).
 fn encode_own(
     ctx: &WriterContext,
     aliases: &mut Option<Box<OutboundAliases>>,
@@ -548,37 +550,49 @@ fn encode_own(
     scratch: &mut BytesMut,
     chunks: &mut VecDeque<Bytes>,
 ) -> bool {
-    let mut publish = to_publish(delivery, ctx.protocol, now);
-    if ctx.client_max_packet.is_some() {
-        // Measured as it will be sent: with its Topic Alias property, and
-        // without the topic when the client knows the alias already.
-        let mut sent = publish.clone();
-        if let Some(aliases) = aliases {
-            sent.properties_mut().topic_alias = Some(1);
-            if aliases.is_known(&sent.topic) {
-                sent.topic = Bytes::new();
-            }
+    let message = delivery.message;
+    let mut properties = own_properties(delivery, ctx.protocol, now);
+    let mut topic: &[u8] = &message.topic;
+    if let Some(aliases) = aliases {
+        // Assigned only once the size is known to fit (below), so that a
+        // dropped delivery never defines an alias the client does not
+        // learn; an alias takes the same 3 bytes whatever its value.
+        properties.topic_alias = Some(1);
+        if aliases.is_known(&message.topic) {
+            topic = b"";
         }
-        let size =
-            tern_codec::encoded_len(&Packet::Publish(sent), ctx.protocol).unwrap_or(usize::MAX);
+    }
+    let start = scratch.len();
+    if ctx.client_max_packet.is_some() {
+        // Measured as it will be sent, then taken back if too large.
+        if let Err(e) = encode_publish_header_of(
+            &own_header(delivery, topic, &properties),
+            ctx.protocol,
+            scratch,
+        ) {
+            tracing::warn!(client_id = %ctx.session.client_id, error = %e, "cannot encode publish");
+            return false;
+        }
+        let size = scratch.len() - start + message.payload.len();
+        scratch.truncate(start);
         if too_large(ctx, delivery.packet_id, size) {
             return false;
         }
     }
-    // After the size check, so a dropped delivery never defines an alias
-    // the client does not learn.
     if let Some(aliases) = aliases {
-        let (alias, known) = aliases.assign(&publish.topic);
-        publish.properties_mut().topic_alias = Some(alias);
-        if known {
-            publish.topic = Bytes::new();
-        }
+        let (alias, known) = aliases.assign(&message.topic);
+        properties.topic_alias = Some(alias);
+        topic = if known { b"" } else { &message.topic };
     }
-    if let Err(e) = encode_publish_header(&publish, ctx.protocol, scratch) {
+    if let Err(e) = encode_publish_header_of(
+        &own_header(delivery, topic, &properties),
+        ctx.protocol,
+        scratch,
+    ) {
         tracing::warn!(client_id = %ctx.session.client_id, error = %e, "cannot encode publish");
         return false;
     }
-    push_payload(&publish.payload, scratch, chunks);
+    push_payload(&message.payload, scratch, chunks);
     true
 }
 
@@ -647,26 +661,39 @@ fn encode_control(ctx: &WriterContext, packet: &Packet, scratch: &mut BytesMut) 
     }
 }
 
-/// The PUBLISH packet for one delivery. Topic and payload are shared slices.
-fn to_publish(delivery: &Outgoing<'_>, protocol: ProtocolVersion, now: Instant) -> Publish {
-    let message = delivery.message;
-    // Boxed for 5.0 even when empty: a delivery encoded here has per-hop
-    // properties, or gets a topic alias next.
-    let properties = protocol.is_v5().then(|| {
-        let mut p = message.properties().clone();
-        p.message_expiry_interval = message.remaining_expiry(now);
-        p.subscription_identifiers = delivery.subscription_ids.to_vec();
-        Box::new(p)
-    });
-    Publish {
+/// The header of `delivery`'s PUBLISH with `topic` (empty for a known
+/// alias) and `properties`.
+fn own_header<'a>(
+    delivery: &Outgoing<'_>,
+    topic: &'a [u8],
+    properties: &'a PublishProperties,
+) -> PublishHeader<'a> {
+    PublishHeader {
         dup: delivery.dup,
         qos: delivery.qos,
         retain: delivery.retain,
-        topic: message.topic.clone(),
+        topic,
         packet_id: delivery.packet_id,
         properties,
-        payload: message.payload.clone(),
+        payload_len: delivery.message.payload.len(),
     }
+}
+
+/// The properties of one delivery's PUBLISH: for 5.0 the message's, with
+/// its remaining expiry and the subscription's identifiers; none for 3.x.
+fn own_properties(
+    delivery: &Outgoing<'_>,
+    protocol: ProtocolVersion,
+    now: Instant,
+) -> PublishProperties {
+    if !protocol.is_v5() {
+        return PublishProperties::NONE;
+    }
+    let message = delivery.message;
+    let mut p = message.properties().clone();
+    p.message_expiry_interval = message.remaining_expiry(now);
+    p.subscription_identifiers = delivery.subscription_ids.to_vec();
+    p
 }
 
 /// Writes every chunk, using vectored writes, advancing past partial writes,

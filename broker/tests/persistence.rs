@@ -1132,17 +1132,19 @@ async fn the_store_keeps_the_retained_message_memory_has_whatever_order_publishe
     server.shutdown().await;
 }
 
-#[tokio::test]
-async fn a_retained_message_replaced_before_its_suback_does_not_follow_its_successor() {
-    // A durable session's SUBACK waits for its subscription to be stored,
-    // and the retained messages the SUBSCRIBE found follow the SUBACK. The
-    // subscription is live meanwhile: a newer value of a retained topic
-    // published then reaches the subscriber at once, and the older value,
-    // found before it, must not come after it (MQTT-4.6.0-5): the client
-    // would end with the stale one as the topic's state.
+/// A durable session's SUBACK waits for its subscription to be stored, and
+/// the retained messages the SUBSCRIBE found follow the SUBACK; the
+/// subscription is live meanwhile. Subscribes `subscriber` (`no_local` as
+/// given) to `state/#` with the store stalled, has `publisher` replace the
+/// retained "open" of `state/door` with "closed" (QoS 0), and returns what
+/// the subscriber got until the SUBACK, then after it.
+async fn replaced_while_the_suback_waits(
+    no_local: bool,
+    same_client: bool,
+) -> (Vec<Packet>, Vec<Packet>) {
     let (store, server) = start_failing(None).await;
-    let mut publisher = RawClient::connected(addr(&server), "publisher", ProtocolVersion::V5).await;
-    publisher
+    let mut first = RawClient::connected(addr(&server), "publisher", ProtocolVersion::V5).await;
+    first
         .send(retained(publish_packet(
             "state/door",
             b"open",
@@ -1150,37 +1152,89 @@ async fn a_retained_message_replaced_before_its_suback_does_not_follow_its_succe
             Some(1),
         )))
         .await;
-    assert!(matches!(
-        expect_ack(&mut publisher).await,
-        Packet::PubAck(_)
-    ));
+    assert!(matches!(expect_ack(&mut first).await, Packet::PubAck(_)));
     let (mut subscriber, ack) =
         RawClient::connect(addr(&server), persistent_connect("late", 3600)).await;
     assert_eq!(ack.code, ReasonCode::Success);
     settle(&server).await;
     store.stall(true);
-    subscriber
-        .send(common::subscribe_packet(1, "state/#", QoS::AtMostOnce))
-        .await;
+    let mut subscribe = common::subscribe_packet(1, "state/#", QoS::AtMostOnce);
+    if let Packet::Subscribe(s) = &mut subscribe {
+        s.filters[0].no_local = no_local;
+    }
+    subscriber.send(subscribe).await;
     let router = &server.broker().router;
     eventually("the subscription is live", || {
         router.subscription_count() == 1
     })
     .await;
-    publisher
-        .send(retained(publish_packet(
-            "state/door",
-            b"closed",
-            QoS::AtMostOnce,
-            None,
-        )))
-        .await;
-    let live = subscriber.recv_publish().await;
-    assert_eq!((&live.payload[..], live.retain), (&b"closed"[..], false));
+    let closed = retained(publish_packet(
+        "state/door",
+        b"closed",
+        QoS::AtMostOnce,
+        None,
+    ));
+    if same_client {
+        subscriber.send(closed).await;
+    } else {
+        first.send(closed).await;
+    }
+    let retained_store = &server.broker().retained;
+    eventually("the newer value is retained", || {
+        retained_store
+            .get("state/door")
+            .is_some_and(|m| &m.payload[..] == b"closed")
+    })
+    .await;
+    let mut before = Vec::new();
+    if !same_client {
+        // The newer value, live, while the SUBACK waits.
+        before.push(subscriber.recv().await.expect("a packet"));
+    }
     store.stall(false);
-    assert!(matches!(subscriber.recv().await, Some(Packet::SubAck(_))));
-    subscriber.expect_silence(Duration::from_millis(300)).await;
+    let mut after = Vec::new();
+    while let Ok(Some(packet)) = subscriber.recv_within(Duration::from_millis(300)).await {
+        after.push(packet);
+    }
     server.shutdown().await;
+    (before, after)
+}
+
+/// The payload and RETAIN flag of a PUBLISH, or the packet's type.
+fn shown(packets: &[Packet]) -> Vec<String> {
+    packets
+        .iter()
+        .map(|p| match p {
+            Packet::Publish(p) => format!(
+                "{} retain={}",
+                String::from_utf8_lossy(&p.payload),
+                p.retain
+            ),
+            other => format!("{:?}", other.packet_type()),
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_retained_message_replaced_before_its_suback_does_not_follow_its_successor() {
+    // The newer value reaches the subscriber live; the older one, found
+    // before it, must not come after it (MQTT-4.6.0-5): the client would
+    // end with the stale one as the topic's state. The value now is sent
+    // in its place, flagged RETAIN.
+    let (before, after) = replaced_while_the_suback_waits(false, false).await;
+    assert_eq!(shown(&before), ["closed retain=false"]);
+    assert_eq!(shown(&after), ["SubAck", "closed retain=true"]);
+}
+
+#[tokio::test]
+async fn a_retained_message_replaced_by_the_subscriber_itself_under_no_local_gives_the_new_value() {
+    // No Local keeps the subscriber's own publish from it: the value it
+    // replaced is still not sent, and the topic's value now, its own, comes
+    // as a retained message, as it would have had it subscribed a moment
+    // later.
+    let (before, after) = replaced_while_the_suback_waits(true, true).await;
+    assert!(before.is_empty());
+    assert_eq!(shown(&after), ["SubAck", "closed retain=true"]);
 }
 
 #[tokio::test]

@@ -556,6 +556,15 @@ async fn a_waiting_retained_message_replaced_meanwhile_does_not_follow_its_succe
     publisher
         .send(retained(b"closed", QoS::AtLeastOnce, Some(4)))
         .await;
+    // Routed (retained first, then delivered) before any room is made.
+    let broker = server.broker();
+    eventually("the newer value is retained", || {
+        broker
+            .retained
+            .get("state/door")
+            .is_some_and(|m| &m.payload[..] == b"closed")
+    })
+    .await;
     let mut got = Vec::new();
     let mut next = first;
     loop {

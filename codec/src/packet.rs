@@ -237,7 +237,9 @@ impl Publish {
         self.properties.as_deref().unwrap_or(&NONE)
     }
 
-    /// Its properties to change; empty ones are made if it had none.
+    /// Its properties to change; empty ones are made if it had none (and
+    /// the packet then compares unequal to one with `None`, though both
+    /// encode alike: equality is structural, and the decoder gives `None`).
     pub fn properties_mut(&mut self) -> &mut PublishProperties {
         self.properties.get_or_insert_with(Default::default)
     }

@@ -10,9 +10,11 @@
 //!
 //! The writes are shared by `--threads` writer threads (default: one per
 //! core), each writing every frame to its own share of the subscribers
-//! (the i-th subscriber goes to thread i mod N). With `--threads 1` the
+//! (the i-th to subscribe goes to thread i mod N). With `--threads 1` the
 //! publisher's reading thread writes them all itself, as a single event
-//! loop broker does.
+//! loop broker does. A write that blocks (a subscriber that stopped
+//! reading) holds up its thread's share and any SUBSCRIBE or departure
+//! meanwhile: the relay is a yardstick for subscribers that read.
 //!
 //! Meant for QoS 0 and for a generator whose publishers and subscribers
 //! speak one protocol version (frames are forwarded unchanged). QoS 1/2
@@ -67,12 +69,22 @@ impl RelayReport {
 /// that frames never interleave.
 type Writer = Arc<Mutex<TcpStream>>;
 
+struct Subscriber {
+    id: u64,
+    lane: usize,
+    writer: Writer,
+}
+
 #[derive(Default)]
 struct Relay {
-    /// Every connection that has sent SUBSCRIBE, once each, in that order.
-    subscribers: RwLock<Vec<(u64, Writer)>>,
+    /// Every connection that has sent SUBSCRIBE, once each, in that order,
+    /// with the writer thread it was given then.
+    subscribers: RwLock<Vec<Subscriber>>,
+    /// Subscriptions so far: the next one's writer thread is this mod the
+    /// thread count.
+    subscribed: AtomicU64,
     /// The writer threads' inboxes; none: the publisher's thread writes.
-    lanes: Vec<Mutex<Sender<Arc<[u8]>>>>,
+    lanes: Vec<Sender<Arc<[u8]>>>,
     connections: AtomicU64,
     publishes: AtomicU64,
     deliveries: AtomicU64,
@@ -117,7 +129,7 @@ fn start(host: &str, port: u16, threads: usize) -> Result<(u16, Arc<Relay>), Str
     if threads > 1 {
         for _ in 0..threads {
             let (tx, rx) = channel();
-            lanes.push(Mutex::new(tx));
+            lanes.push(tx);
             inboxes.push(rx);
         }
     }
@@ -125,12 +137,11 @@ fn start(host: &str, port: u16, threads: usize) -> Result<(u16, Arc<Relay>), Str
         lanes,
         ..Relay::default()
     });
-    let lane_count = inboxes.len();
     for (lane, inbox) in inboxes.into_iter().enumerate() {
         let relay = Arc::clone(&relay);
         std::thread::spawn(move || {
             while let Ok(frame) = inbox.recv() {
-                write_share(&relay, &frame, lane, lane_count);
+                write_share(&relay, &frame, lane);
             }
         });
     }
@@ -216,8 +227,14 @@ fn connection(id: u64, mut stream: TcpStream, relay: &Relay) {
                     }
                     if !subscribed {
                         subscribed = true;
+                        let n = relay.subscribed.fetch_add(1, Relaxed);
+                        let lane = (n % relay.lanes.len().max(1) as u64) as usize;
                         if let Ok(mut subscribers) = relay.subscribers.write() {
-                            subscribers.push((id, Arc::clone(&writer)));
+                            subscribers.push(Subscriber {
+                                id,
+                                lane,
+                                writer: Arc::clone(&writer),
+                            });
                         }
                     }
                 }
@@ -237,7 +254,7 @@ fn connection(id: u64, mut stream: TcpStream, relay: &Relay) {
         }
     }
     if let Ok(mut subscribers) = relay.subscribers.write() {
-        subscribers.retain(|(other, _)| *other != id);
+        subscribers.retain(|s| s.id != id);
     }
     let _ = stream.shutdown(Shutdown::Both);
 }
@@ -246,27 +263,26 @@ fn connection(id: u64, mut stream: TcpStream, relay: &Relay) {
 /// writer thread for its share.
 fn forward(relay: &Relay, frame: &[u8]) {
     if relay.lanes.is_empty() {
-        write_share(relay, frame, 0, 1);
+        write_share(relay, frame, 0);
         return;
     }
     let frame: Arc<[u8]> = Arc::from(frame);
     for lane in &relay.lanes {
-        if let Ok(lane) = lane.lock() {
-            let _ = lane.send(Arc::clone(&frame));
-        }
+        let _ = lane.send(Arc::clone(&frame));
     }
 }
 
-/// Writes one frame to the subscribers of share `lane` of `lanes`, one
-/// blocking write each; a subscriber whose write fails is skipped (its own
-/// thread removes it when its read fails too).
-fn write_share(relay: &Relay, frame: &[u8], lane: usize, lanes: usize) {
+/// Writes one frame to the subscribers of writer thread `lane` (all of
+/// them without writer threads), one blocking write each; a subscriber
+/// whose write fails is skipped (its own thread removes it when its read
+/// fails too).
+fn write_share(relay: &Relay, frame: &[u8], lane: usize) {
     let Ok(subscribers) = relay.subscribers.read() else {
         return;
     };
     let mut written = 0;
-    for (_, writer) in subscribers.iter().skip(lane).step_by(lanes) {
-        if let Ok(mut w) = writer.lock() {
+    for subscriber in subscribers.iter().filter(|s| s.lane == lane) {
+        if let Ok(mut w) = subscriber.writer.lock() {
             if w.write_all(frame).is_ok() {
                 written += 1;
             }

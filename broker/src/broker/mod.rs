@@ -239,8 +239,11 @@ impl Broker {
     /// `max_retained_bytes` (a fixed handful of topics, see sys_topics.rs).
     pub fn retain_system(&self, topic: &str, message: Arc<Message>) {
         debug_assert!(topic.starts_with("$SYS/"));
-        if self.retained.insert(topic, message).is_none() {
-            self.system_retained.fetch_add(1, Ordering::Relaxed);
+        match self.retained.insert(topic, message) {
+            Some(old) => old.supersede(),
+            None => {
+                self.system_retained.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 

@@ -3,6 +3,7 @@
 //! retained messages a new subscription matched.
 
 use super::*;
+use crate::session::Admission;
 
 impl Connection {
     pub(super) fn on_subscribe(
@@ -177,7 +178,7 @@ impl Connection {
             || true,
             move |stored| {
                 if stored {
-                    deliver_retained(&session, retained);
+                    deliver_retained(&broker, &session, retained);
                 } else {
                     let subscriber = SessionRef(Arc::clone(&session));
                     for filter in added {
@@ -276,25 +277,51 @@ fn collect_retained(
     Metrics::add(&broker.metrics.messages_dropped_queue_full, beyond as u64);
 }
 
-/// Sends the retained messages a SUBACK promised, after it; those a newer
-/// publish replaced or cleared since they were found are left out by the
-/// session (see [`Session::deliver_retained`]).
-fn deliver_retained(session: &Arc<Session>, retained: Vec<(Arc<Message>, SubscriptionOptions)>) {
+/// Sends the retained messages a SUBACK promised, after it. One that a
+/// newer publish replaced since it was found is left out by the session
+/// (see [`Session::deliver_retained`]): the topic's value now is offered in
+/// its place, so that a client the newer message did not reach (No Local,
+/// or a QoS 0 message its full queue dropped) still gets the topic's value,
+/// and one it did reach gets that value again, flagged RETAIN, after it.
+fn deliver_retained(
+    broker: &Broker,
+    session: &Arc<Session>,
+    retained: Vec<(Arc<Message>, SubscriptionOptions)>,
+) {
     let now = std::time::Instant::now();
     let mut journal = Journal::new();
-    for (message, options) in retained {
-        if message.is_expired(now) || session.denies(&message) {
-            continue;
+    for (found, options) in retained {
+        let mut message = found;
+        // A topic replaced again between the lookup and the offer: its value
+        // then went to the subscription live, after this one is offered.
+        for _ in 0..SUPERSEDED_RETRIES {
+            if message.is_expired(now) || session.denies(&message) {
+                break;
+            }
+            let granted = QoS::from_u8(options.qos).unwrap_or(QoS::AtMostOnce);
+            let ids = options.subscription_id.into_iter().collect();
+            let delivery = Delivery::new(&message, message.qos.min(granted), true, ids);
+            // The subscriber's own retained messages: nobody to slow down, so
+            // what its queues cannot take is dropped (and counted).
+            let admission = session.deliver_retained(delivery, &mut journal);
+            if admission != Admission::Superseded {
+                break;
+            }
+            match broker.retained.get(message.topic_str()) {
+                Some(current) if !Arc::ptr_eq(&current, &message) => message = current,
+                _ => break,
+            }
         }
-        let granted = QoS::from_u8(options.qos).unwrap_or(QoS::AtMostOnce);
-        let ids = options.subscription_id.into_iter().collect();
-        let delivery = Delivery::new(&message, message.qos.min(granted), true, ids);
-        // The subscriber's own retained messages: nobody to slow down, so
-        // what its queues cannot take is dropped (and counted).
-        let _ = session.deliver_retained(delivery, &mut journal);
     }
     session.commit(journal);
 }
+
+/// How many times a retained message replaced while its SUBSCRIBE was
+/// handled is looked up again: each lookup finds the value of that moment,
+/// and only a topic replaced that many times within the few microseconds
+/// between a lookup and its offer runs out (its newest value went to the
+/// subscription live then).
+const SUPERSEDED_RETRIES: usize = 4;
 
 /// The durable record of a subscription.
 fn subscription_record(

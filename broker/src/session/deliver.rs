@@ -18,21 +18,23 @@ impl Session {
     /// the bound, and a SUBSCRIBE matching many retained messages cannot
     /// queue more than the session's bounds.
     ///
-    /// A message superseded since the SUBSCRIBE found it is left out, here
-    /// and when it waits for room ([`refill_retained`](Self::refill_retained)):
-    /// the newer message went to the subscription live, perhaps already
-    /// into this session's queues, and the older one must not come after it.
+    /// A message superseded since the SUBSCRIBE found it is left out: the
+    /// newer message went to the subscription live, perhaps already into
+    /// this session's queues, and the older one must not come after it.
+    /// Here it is answered [`Admission::Superseded`] (the caller offers the
+    /// topic's value now instead); once it waited for room
+    /// ([`refill_retained`](Self::refill_retained)) it is simply dropped.
     pub fn deliver_retained(
         self: &Arc<Self>,
         delivery: Delivery,
         journal: &mut Journal,
     ) -> Admission {
         let mut st = self.state.lock();
-        if st.ended
-            || (delivery.qos == QoS::AtMostOnce && st.link.is_none())
-            || delivery.message.is_superseded()
-        {
+        if st.ended || (delivery.qos == QoS::AtMostOnce && st.link.is_none()) {
             return Admission::Dropped;
+        }
+        if delivery.message.is_superseded() {
+            return Admission::Superseded;
         }
         let waiting = st.retained_backlog.as_ref().map_or(0, |b| b.len());
         if waiting == 0 && self.has_room_for(&st, &delivery) {
