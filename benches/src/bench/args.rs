@@ -10,7 +10,9 @@ use tern_codec::{ProtocolVersion, QoS};
     name = "tern-bench",
     version,
     about = "An MQTT load generator: scenarios p2p, fan-out, fan-in, conn and latency \
-             (named after the Open MQTT Benchmark Suite). See docs/performance.md."
+             (named after the Open MQTT Benchmark Suite), and two stand-in brokers: sink \
+             (the generator's ceiling) and relay (the machine's latency floor). \
+             See docs/performance.md."
 )]
 pub struct Args {
     /// p2p: N publisher/subscriber pairs, one topic per pair.
