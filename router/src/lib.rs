@@ -12,8 +12,10 @@
 //! * **The match cache**: topic -> `Arc<Matches>`, bounded, kept under the same
 //!   lock as the trie and invalidated selectively (only the topics a changed
 //!   filter matches), unless finding those topics would cost more than
-//!   [`INVALIDATION_SCAN_BUDGET`]: then it is cleared, so no filter change
-//!   holds the lock long whatever the cached topics.
+//!   [`INVALIDATION_SCAN_BUDGET`], or scans since the last clear would add
+//!   up to more than [`SCAN_UNITS_BETWEEN_CLEARS`]: then it is cleared, so
+//!   no filter change, nor a packet of many, holds the lock long whatever
+//!   the cached topics.
 //! * **Shared subscription groups** ([`SharedGroup`]): immutable snapshots,
 //!   rebuilt on membership change, with a round-robin cursor that survives
 //!   rebuilds.
@@ -72,7 +74,7 @@ mod tree;
 
 pub use cache::{
     BULK_INVALIDATION_LIMIT, DEFAULT_CACHE_CAPACITY, EVICTION_DIVISOR, INVALIDATION_SCAN_BUDGET,
-    MAX_CACHED_TOPIC_LEN, SCAN_BYTES_PER_UNIT,
+    MAX_CACHED_TOPIC_LEN, SCAN_BYTES_PER_UNIT, SCAN_UNITS_BETWEEN_CLEARS,
 };
 pub use matches::{ClientMatch, Matches};
 pub use options::SubscriptionOptions;

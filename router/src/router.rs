@@ -9,9 +9,11 @@
 //! Every change bounds what it does to the cache under the write lock: a
 //! literal filter removes one entry, a wildcard filter scans the cache only
 //! within [`INVALIDATION_SCAN_BUDGET`](crate::INVALIDATION_SCAN_BUDGET) units
-//! of work (about 0.35 ms), else clears it in O(1) and frees the old entries
-//! after releasing the lock. So no SUBSCRIBE, UNSUBSCRIBE or disconnect
-//! stalls other clients' matches for longer than that, whatever topics
+//! of work (about 0.35 ms), and all scans between two clears within
+//! [`SCAN_UNITS_BETWEEN_CLEARS`](crate::SCAN_UNITS_BETWEEN_CLEARS), else
+//! clears it in O(1) and frees the old entries after releasing the lock. So
+//! no SUBSCRIBE, UNSUBSCRIBE or disconnect, however many filters it
+//! carries, stalls other clients' matches for long, whatever topics
 //! clients have made the cache hold.
 //!
 //! A publisher that keeps publishing to one topic need not take the lock at
