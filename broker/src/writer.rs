@@ -565,12 +565,7 @@ fn encode_own(
     let start = scratch.len();
     if ctx.client_max_packet.is_some() {
         // Measured as it will be sent, then taken back if too large.
-        if let Err(e) = encode_publish_header_of(
-            &own_header(delivery, topic, &properties),
-            ctx.protocol,
-            scratch,
-        ) {
-            tracing::warn!(client_id = %ctx.session.client_id, error = %e, "cannot encode publish");
+        if !encode_own_header(ctx, &own_header(delivery, topic, &properties), scratch) {
             return false;
         }
         let size = scratch.len() - start + message.payload.len();
@@ -584,16 +579,26 @@ fn encode_own(
         properties.topic_alias = Some(alias);
         topic = if known { b"" } else { &message.topic };
     }
-    if let Err(e) = encode_publish_header_of(
-        &own_header(delivery, topic, &properties),
-        ctx.protocol,
-        scratch,
-    ) {
-        tracing::warn!(client_id = %ctx.session.client_id, error = %e, "cannot encode publish");
+    if !encode_own_header(ctx, &own_header(delivery, topic, &properties), scratch) {
         return false;
     }
     push_payload(&message.payload, scratch, chunks);
     true
+}
+
+/// Encodes `header` into `scratch`; false (logged) if it cannot be.
+fn encode_own_header(
+    ctx: &WriterContext,
+    header: &PublishHeader<'_>,
+    scratch: &mut BytesMut,
+) -> bool {
+    match encode_publish_header_of(header, ctx.protocol, scratch) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(client_id = %ctx.session.client_id, error = %e, "cannot encode publish");
+            false
+        }
+    }
 }
 
 /// Appends a payload: copied next to its header when small, otherwise

@@ -184,62 +184,26 @@ fn connection(id: u64, mut stream: TcpStream, relay: &Relay) {
             };
             let frame = &buf[at..at + f.len];
             let body = &frame[f.body_start..];
+            if !wire::stand_in_reply(&f, body, &mut v5, &mut out) {
+                break 'read;
+            }
             match f.packet_type() {
-                1 => {
-                    // Protocol name "MQTT" (2 + 4 bytes), then the level.
-                    v5 = body.get(6) == Some(&5);
-                    out.extend_from_slice(if v5 {
-                        &[0x20, 0x03, 0x00, 0x00, 0x00]
-                    } else {
-                        &[0x20, 0x02, 0x00, 0x00]
-                    });
-                }
                 3 => {
-                    let qos = (f.first >> 1) & 3;
-                    if qos > 0 {
-                        let topic_len = body
-                            .get(..2)
-                            .map_or(0, |b| usize::from(u16::from_be_bytes([b[0], b[1]])));
-                        if let Ok(id) =
-                            wire::ack_packet_id(&body[(2 + topic_len).min(body.len())..])
-                        {
-                            let kind = if qos == 1 { wire::PUBACK } else { wire::PUBREC };
-                            wire::put_ack(&mut out, kind, id);
-                        }
-                    }
                     relay.publishes.fetch_add(1, Relaxed);
                     forward(relay, frame);
                 }
-                6 => {
-                    if let Ok(id) = wire::ack_packet_id(body) {
-                        wire::put_ack(&mut out, wire::PUBCOMP, id);
+                8 if !subscribed => {
+                    subscribed = true;
+                    let n = relay.subscribed.fetch_add(1, Relaxed);
+                    let lane = (n % relay.lanes.len().max(1) as u64) as usize;
+                    if let Ok(mut subscribers) = relay.subscribers.write() {
+                        subscribers.push(Subscriber {
+                            id,
+                            lane,
+                            writer: Arc::clone(&writer),
+                        });
                     }
                 }
-                8 => {
-                    if let Ok(packet_id) = wire::ack_packet_id(body) {
-                        let [hi, lo] = packet_id.to_be_bytes();
-                        // Granted QoS 0 for one filter (tern-bench sends one).
-                        if v5 {
-                            out.extend_from_slice(&[0x90, 0x04, hi, lo, 0x00, 0x00]);
-                        } else {
-                            out.extend_from_slice(&[0x90, 0x03, hi, lo, 0x00]);
-                        }
-                    }
-                    if !subscribed {
-                        subscribed = true;
-                        let n = relay.subscribed.fetch_add(1, Relaxed);
-                        let lane = (n % relay.lanes.len().max(1) as u64) as usize;
-                        if let Ok(mut subscribers) = relay.subscribers.write() {
-                            subscribers.push(Subscriber {
-                                id,
-                                lane,
-                                writer: Arc::clone(&writer),
-                            });
-                        }
-                    }
-                }
-                12 => out.extend_from_slice(&[0xD0, 0x00]),
-                14 => break 'read,
                 _ => {}
             }
             at += f.len;

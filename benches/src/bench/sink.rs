@@ -104,49 +104,11 @@ async fn connection(mut stream: TcpStream, counts: Arc<Counts>) {
         let mut n = 0;
         while let Ok(Some(f)) = wire::next_frame(&buf[at..len]) {
             let body = &buf[at + f.body_start..at + f.len];
-            match f.packet_type() {
-                1 => {
-                    // Protocol name "MQTT" (2 + 4 bytes), then the level.
-                    v5 = body.get(6) == Some(&5);
-                    out.extend_from_slice(if v5 {
-                        &[0x20, 0x03, 0x00, 0x00, 0x00]
-                    } else {
-                        &[0x20, 0x02, 0x00, 0x00]
-                    });
-                }
-                3 => {
-                    n += 1;
-                    let qos = (f.first >> 1) & 3;
-                    if qos > 0 {
-                        let topic_len = body
-                            .get(..2)
-                            .map_or(0, |b| usize::from(u16::from_be_bytes([b[0], b[1]])));
-                        if let Ok(id) =
-                            wire::ack_packet_id(&body[(2 + topic_len).min(body.len())..])
-                        {
-                            let kind = if qos == 1 { wire::PUBACK } else { wire::PUBREC };
-                            wire::put_ack(&mut out, kind, id);
-                        }
-                    }
-                }
-                6 => {
-                    if let Ok(id) = wire::ack_packet_id(body) {
-                        wire::put_ack(&mut out, wire::PUBCOMP, id);
-                    }
-                }
-                8 => {
-                    if let Ok(id) = wire::ack_packet_id(body) {
-                        let [hi, lo] = id.to_be_bytes();
-                        if v5 {
-                            out.extend_from_slice(&[0x90, 0x04, hi, lo, 0x00, 0x00]);
-                        } else {
-                            out.extend_from_slice(&[0x90, 0x03, hi, lo, 0x00]);
-                        }
-                    }
-                }
-                12 => out.extend_from_slice(&[0xD0, 0x00]),
-                14 => return,
-                _ => {}
+            if f.packet_type() == 3 {
+                n += 1;
+            }
+            if !wire::stand_in_reply(&f, body, &mut v5, &mut out) {
+                return;
             }
             at += f.len;
         }

@@ -258,6 +258,54 @@ pub fn publish_payload(
     Ok((qos, packet_id, payload))
 }
 
+/// What a stand-in broker (`sink`, `relay`) answers to one frame `f` with
+/// body `body`, appended to `out`: CONNACK (learning the protocol version
+/// into `v5`), PUBACK or PUBREC, PUBCOMP, SUBACK granting QoS 0 to the one
+/// filter tern-bench subscribes with, PINGRESP. False for DISCONNECT.
+pub fn stand_in_reply(f: &Frame, body: &[u8], v5: &mut bool, out: &mut Vec<u8>) -> bool {
+    match f.packet_type() {
+        1 => {
+            // Protocol name "MQTT" (2 + 4 bytes), then the level.
+            *v5 = body.get(6) == Some(&5);
+            out.extend_from_slice(if *v5 {
+                &[0x20, 0x03, 0x00, 0x00, 0x00]
+            } else {
+                &[0x20, 0x02, 0x00, 0x00]
+            });
+        }
+        3 => {
+            let qos = (f.first >> 1) & 3;
+            if qos > 0 {
+                let topic_len = body
+                    .get(..2)
+                    .map_or(0, |b| usize::from(u16::from_be_bytes([b[0], b[1]])));
+                if let Ok(id) = ack_packet_id(&body[(2 + topic_len).min(body.len())..]) {
+                    put_ack(out, if qos == 1 { PUBACK } else { PUBREC }, id);
+                }
+            }
+        }
+        6 => {
+            if let Ok(id) = ack_packet_id(body) {
+                put_ack(out, PUBCOMP, id);
+            }
+        }
+        8 => {
+            if let Ok(id) = ack_packet_id(body) {
+                let [hi, lo] = id.to_be_bytes();
+                if *v5 {
+                    out.extend_from_slice(&[0x90, 0x04, hi, lo, 0x00, 0x00]);
+                } else {
+                    out.extend_from_slice(&[0x90, 0x03, hi, lo, 0x00]);
+                }
+            }
+        }
+        12 => out.extend_from_slice(&[0xD0, 0x00]),
+        14 => return false,
+        _ => {}
+    }
+    true
+}
+
 /// The packet id of an acknowledgement body (PUBACK/PUBREC/PUBREL/PUBCOMP).
 pub fn ack_packet_id(body: &[u8]) -> Result<u16, Malformed> {
     let id = body.get(..2).ok_or(Malformed)?;
