@@ -518,6 +518,7 @@ impl Connection {
                 })
             }),
             control: Arc::new(ConnectionControl::default()),
+            decoded_this_turn: 0,
             full_queue: None,
             recent_route: None,
             staged: StagedFanout::default(),
