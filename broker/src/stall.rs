@@ -83,6 +83,12 @@ impl StallWatch {
         self.stalled = false;
     }
 
+    /// Milliseconds since the client last took from the queue (or since
+    /// a message found it empty), as of `now_ms` on the coarse clock.
+    pub fn idle_ms(&self, now_ms: u64) -> u64 {
+        u64::from((now_ms as u32).wrapping_sub(self.since_ms))
+    }
+
     /// A message is queued behind `ahead` others; `now_ms` reads the
     /// coarse clock. The clock is read only for a message that finds the
     /// queue empty and for every [`CHECK_EVERY`]th behind others: the check
@@ -96,7 +102,7 @@ impl StallWatch {
             Waiting::Briefly
         } else if !ahead.is_multiple_of(CHECK_EVERY) {
             Waiting::Briefly
-        } else if u64::from((now_ms() as u32).wrapping_sub(self.since_ms)) >= STALLED_AFTER_MS {
+        } else if self.idle_ms(now_ms()) >= STALLED_AFTER_MS {
             self.stalled = true;
             Waiting::NewlyStalled
         } else {

@@ -353,7 +353,8 @@ fn a_queue_exempt_from_the_budget_is_still_reported_until_it_is_taken_or_dropped
     assert_eq!(budget.balance(), 0);
 }
 
-/// A queue a sweep of a broker over its budget finds stalled stops counting
+/// A queue a sweep of a broker over its budget finds stalled (its writer
+/// took nothing for `queue_full_wait_ms`) stops counting
 /// towards the budget with the batch its writer is stuck writing, and both
 /// are reported among the exempt bytes until written (the writer comes
 /// back for more; what it takes then of the exempt queue stays exempt until
@@ -363,6 +364,7 @@ fn a_stalled_writer_s_batch_is_reported_as_exempt_until_written_or_dropped() {
     let (broker, attached) = broker_attached(1, BOUND);
     let (session, connection_id) = &attached[0];
     let budget = &broker.registry.context().budget;
+    const WAIT_MS: u64 = 1000;
     let stall = || {
         for _ in 0..10 {
             route(&broker, &small_message());
@@ -375,9 +377,12 @@ fn a_stalled_writer_s_batch_is_reported_as_exempt_until_written_or_dropped() {
         }
         let held = budget.queued();
         assert!(held > 0);
-        // Marked, then exempted: the writer took nothing in between.
-        assert!(!session.exempt_if_stalled());
-        assert!(session.exempt_if_stalled());
+        // Exempted once the writer has taken nothing for the wait, not
+        // before.
+        let took_at = broker.registry.context().clock.now_ms();
+        assert!(!session.exempt_if_stalled(took_at + WAIT_MS - 1, WAIT_MS));
+        assert_eq!(budget.queued(), held);
+        assert!(session.exempt_if_stalled(took_at + WAIT_MS, WAIT_MS));
         assert_eq!(budget.queued(), 0);
         assert_eq!(budget.exempt_queued(), held, "the queue and the batch");
     };

@@ -315,15 +315,16 @@ async fn paused(
             None => std::future::pending().await,
         }
     };
-    // Over the budget: a sweep every `queue_full_wait_ms` exempts the
-    // queues no writer has taken since the last one (stalled subscribers),
-    // so that they cannot keep every reader paused.
+    // Over the budget: sweeps, at once and then every period, exempt the
+    // queues no writer has taken from for `queue_full_wait_ms` (stalled
+    // subscribers), so that they cannot keep every reader paused.
     let below = async {
-        let every = Duration::from_millis(broker.config.limits.queue_full_wait_ms.max(100));
+        let every = Duration::from_millis(broker.stall_sweep_period_ms());
         loop {
+            broker.exempt_stalled_queues();
             tokio::select! {
                 () = budget.wait_until_below() => return,
-                () = tokio::time::sleep(every) => broker.exempt_stalled_queues(),
+                () = tokio::time::sleep(every) => {}
             }
         }
     };

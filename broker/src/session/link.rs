@@ -156,16 +156,13 @@ pub(super) struct Link {
     /// written this one) or with the link; exempted from the budget, like
     /// the queue, when a sweep finds it stalled (`writing_exempt`).
     pub(super) writing: usize,
-    /// Set by a sweep of a broker over its budget, cleared when the writer
-    /// takes the queue: a queue still marked at the next sweep has not been
-    /// drained for a whole sweep period (see [`Session::exempt_if_stalled`]).
-    pub(super) stall_mark: bool,
     /// `writing` no longer counts against the budget but among the exempt
     /// bytes: a sweep found the writer stuck with it.
     pub(super) writing_exempt: bool,
     /// Items of `outbound` that are not PUBLISH (acks, PINGRESP ...).
     pub(super) controls: usize,
-    /// Whether the writer still takes the PUBLISHes queued (stall.rs).
+    /// Whether the writer still takes the PUBLISHes queued (stall.rs), and
+    /// since when it took nothing (see [`Session::exempt_if_stalled`]).
     pub(super) stall: StallWatch,
     pub(super) budget: Arc<OutboundBudget>,
     /// How its client was let in (`AttachParams::login`).
@@ -255,7 +252,6 @@ impl Link {
     /// batch then) or the link ends. What it left still counts.
     /// Returns the bytes of PUBLISHes it took.
     fn drain_into(&mut self, out: &mut VecDeque<Outbound>, now_ms: u64) -> usize {
-        self.stall_mark = false;
         self.stall.taken(now_ms);
         self.release_writing();
         let taken = if self.charged <= WRITE_BATCH_BYTES {

@@ -423,7 +423,6 @@ impl Session {
             charged: 0,
             exempt: false,
             writing: 0,
-            stall_mark: false,
             writing_exempt: false,
             controls: 0,
             stall: StallWatch::new(now_ms),
@@ -601,38 +600,33 @@ impl Session {
         }
     }
 
-    /// One step of the sweep a broker over its budget makes (see
-    /// `Broker::exempt_stalled_queues`): a connection's queue that its
-    /// writer has not taken since the previous step stops counting towards
-    /// the budget, as a full one does (`Link::exempt`); the others are
-    /// marked for the next step. Subscribers that never read would
-    /// otherwise hold the budget over its limit, and every reader paused,
-    /// whenever they stall before reaching their own bound. Returns whether
-    /// it exempted this session's queue.
-    pub fn exempt_if_stalled(&self) -> bool {
+    /// The check a broker over its budget makes of every session (see
+    /// `Broker::exempt_stalled_queues`): a connection's queue whose writer
+    /// has taken nothing for `after_ms`, as of `now_ms` on the coarse clock,
+    /// stops counting towards the budget, as a full one does
+    /// (`Link::exempt`). Subscribers that never read would otherwise hold
+    /// the budget over its limit, and every reader paused, whenever they
+    /// stall before reaching their own bound. Returns whether it exempted
+    /// this session's queue.
+    pub fn exempt_if_stalled(&self, now_ms: u64, after_ms: u64) -> bool {
         let mut st = self.state.lock();
         let Some(link) = st.link.as_mut() else {
             return false;
         };
         let queued = if link.exempt { 0 } else { link.charged };
         let writing = if link.writing_exempt { 0 } else { link.writing };
-        if queued + writing == 0 {
+        if queued + writing == 0 || link.stall.idle_ms(now_ms) < after_ms {
             return false;
         }
-        if link.stall_mark {
-            // Neither queued nor being written counts any more: a writer
-            // stuck in a write to a client that stopped reading holds its
-            // batch as long as the client does. Both stay in the exempt
-            // bytes until the writer or the link lets go of them.
-            link.budget.add_exempt(queued + writing);
-            link.exempt = true;
-            link.writing_exempt = true;
-            link.budget.release(queued + writing);
-            true
-        } else {
-            link.stall_mark = true;
-            false
-        }
+        // Neither queued nor being written counts any more: a writer stuck
+        // in a write to a client that stopped reading holds its batch as
+        // long as the client does. Both stay in the exempt bytes until the
+        // writer or the link lets go of them.
+        link.budget.add_exempt(queued + writing);
+        link.exempt = true;
+        link.writing_exempt = true;
+        link.budget.release(queued + writing);
+        true
     }
 
     /// How the attached connection's client was let in, with its controls.
