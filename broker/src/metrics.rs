@@ -129,7 +129,8 @@ counters! {
     /// Connections closed because no packet arrived within 1.5 times the
     /// keep alive.
     keepalive_timeouts,
-    /// Connections closed because no CONNECT arrived in time.
+    /// Connections closed because no CONNECT arrived in time (on a
+    /// WebSocket listener: or no complete PROXY header, or upgrade).
     connect_timeouts,
     /// WebSocket upgrade requests refused (not an upgrade, wrong path or
     /// subprotocol, a head too large).

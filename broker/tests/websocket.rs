@@ -619,13 +619,20 @@ async fn silent_websocket_client_hits_the_connect_timeout() {
     // Closed (with a close frame) without ever sending CONNECT.
     assert_eq!(c.expect_close().await, Some(CloseCode::Normal));
     assert!(started.elapsed() < Duration::from_secs(4));
-    // A TCP connection that never upgrades is dropped too.
+    let timeouts = || server.broker().metrics.connect_timeouts.get();
+    assert_eq!(timeouts(), 1);
+    // A TCP connection that starts an upgrade and never finishes it is
+    // dropped too, and counted alike.
     let mut tcp = TcpStream::connect(ws_addr(&server)).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut tcp, b"GET /mqtt HTTP/1.1\r\nHost: tern\r\n")
+        .await
+        .unwrap();
     let mut buf = [0u8; 16];
     let n = tokio::time::timeout(WAIT, tokio::io::AsyncReadExt::read(&mut tcp, &mut buf))
         .await
         .expect("closed within the connect timeout");
     assert!(matches!(n, Ok(0) | Err(_)));
+    assert_eq!(timeouts(), 2);
     server.shutdown().await;
 }
 

@@ -220,7 +220,8 @@ async fn upgrade(
                 return None;
             }
             Err(_) => {
-                tracing::debug!(peer = %tcp_peer, "no PROXY protocol header in time");
+                Metrics::inc(&broker.metrics.connect_timeouts);
+                throttled!(INFO, peer = %tcp_peer, "closed: no PROXY protocol header within the connect timeout");
                 return None;
             }
         }
@@ -282,7 +283,8 @@ async fn upgrade(
             return None;
         }
         Err(_) => {
-            tracing::debug!(peer = %tcp_peer, "no WebSocket upgrade within the connect timeout");
+            Metrics::inc(&broker.metrics.connect_timeouts);
+            throttled!(INFO, peer = %tcp_peer, "closed: no WebSocket upgrade within the connect timeout");
             return None;
         }
     };
