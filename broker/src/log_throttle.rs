@@ -14,9 +14,14 @@
 //! is lost from the metrics, and a reader of the log still sees the first
 //! lines of every burst and how large it was.
 //!
-//! The state is one atomic word per call site (the window's start and the
-//! lines logged in it) and one counter of suppressed lines; nothing is
-//! locked and nothing allocates.
+//! A site whose lines differ by a small key, such as the reason code a
+//! connection is closed with, is limited per key ([`throttled_by!`]): one
+//! client's storm of one mistake then does not hide other clients'
+//! different ones.
+//!
+//! The state is one atomic word per call site and key (the window's start
+//! and the lines logged in it) and one counter of suppressed lines; nothing
+//! is locked and nothing allocates.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -94,6 +99,39 @@ impl LogThrottle {
     }
 }
 
+/// One [`LogThrottle`] per key, for a call site whose lines differ by a key
+/// (a reason code). Keys are taken modulo `N`: keys that share a slot share
+/// its limit.
+#[derive(Debug)]
+pub struct KeyedLogThrottle<const N: usize> {
+    slots: [LogThrottle; N],
+}
+
+impl<const N: usize> Default for KeyedLogThrottle<N> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<const N: usize> KeyedLogThrottle<N> {
+    /// A call site that has logged nothing yet.
+    pub const fn new() -> Self {
+        KeyedLogThrottle {
+            slots: [const { LogThrottle::new() }; N],
+        }
+    }
+
+    /// [`LogThrottle::admit`] for the lines of `key`.
+    pub fn admit(&self, key: usize) -> Option<u64> {
+        self.admit_in(key, current_window())
+    }
+
+    /// [`admit`](Self::admit) in the given window.
+    fn admit_in(&self, key: usize, window: u32) -> Option<u64> {
+        self.slots[key % N].admit_in(window)
+    }
+}
+
 /// The number of the current window since the process started (it wraps
 /// after 136 years of uptime, and a wrap only starts a window early).
 fn current_window() -> u32 {
@@ -125,6 +163,29 @@ macro_rules! throttled {
 }
 pub(crate) use throttled;
 
+/// [`throttled!`] limited per `key` (a `usize`) rather than per call site:
+/// [`LINES_PER_WINDOW`] lines per window for each of up to 64 keys (keys
+/// are taken modulo 64; MQTT reason codes from 0x80 to 0xBF each have their
+/// own).
+///
+/// ```ignore
+/// throttled_by!(code as usize, WARN, %peer, ?code, "closing connection");
+/// ```
+macro_rules! throttled_by {
+    ($key:expr, $level:ident, $($arg:tt)+) => {{
+        static THROTTLE: $crate::log_throttle::KeyedLogThrottle<64> =
+            $crate::log_throttle::KeyedLogThrottle::new();
+        if tracing::enabled!(tracing::Level::$level) {
+            match THROTTLE.admit($key) {
+                Some(0) => tracing::event!(tracing::Level::$level, $($arg)+),
+                Some(suppressed) => tracing::event!(tracing::Level::$level, suppressed, $($arg)+),
+                None => {}
+            }
+        }
+    }};
+}
+pub(crate) use throttled_by;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -142,6 +203,21 @@ mod tests {
         // only it does.
         assert_eq!(throttle.admit_in(8), Some(5));
         assert_eq!(throttle.admit_in(8), Some(0));
+    }
+
+    #[test]
+    fn each_key_has_its_own_quota() {
+        let throttle = KeyedLogThrottle::<64>::new();
+        let admit = |key: usize| throttle.admit_in(key, 9);
+        // One key's storm: its quota, then nothing more from it...
+        for _ in 0..LINES_PER_WINDOW {
+            assert_eq!(admit(0x87), Some(0));
+        }
+        assert_eq!(admit(0x87), None);
+        // ...while other keys still log.
+        assert_eq!(admit(0x8D), Some(0));
+        assert_eq!(admit(0x82), Some(0));
+        assert_eq!(admit(0x87), None);
     }
 
     #[test]

@@ -58,7 +58,7 @@ use crate::handshake::{
     is_empty_response_topic, misstates_utf8, read_connect, will_allowed, write_direct,
     Authenticated, HandshakeFailure,
 };
-use crate::log_throttle::throttled;
+use crate::log_throttle::{throttled, throttled_by};
 use crate::message::Message;
 use crate::metrics::Metrics;
 use crate::persistence::Journal;
@@ -283,7 +283,9 @@ where
         };
         match &exit {
             Exit::Error(code, why) => {
-                throttled!(WARN, %peer, client_id = %conn.session.client_id, ?code, "closing connection: {why}");
+                // Limited per reason code: one client's storm of one
+                // mistake leaves others' different ones in the log.
+                throttled_by!(*code as usize, WARN, %peer, client_id = %conn.session.client_id, ?code, "closing connection: {why}");
             }
             other => {
                 tracing::debug!(%peer, client_id = %conn.session.client_id, exit = ?other, "client disconnected");
