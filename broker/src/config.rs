@@ -236,6 +236,11 @@ pub struct LimitsConfig {
     /// Bytes of messages queued for writing, across all connections, above
     /// which the broker stops reading from clients until writers catch up.
     pub max_outbound_bytes: usize,
+    /// Bytes of packets still arriving (larger than a pooled read buffer)
+    /// held across all connections: a connection whose incomplete packet
+    /// grows while they are over it is closed (5.0: DISCONNECT 0x97). At
+    /// least `max_packet_size`.
+    pub max_incomplete_bytes: usize,
     /// Seconds a new connection has to send CONNECT.
     pub connect_timeout_secs: u64,
     /// Largest keep alive (seconds) a client may use; 0 means no limit. An MQTT 5
@@ -351,6 +356,7 @@ impl Default for LimitsConfig {
             queue_full_wait_ms: 1000,
             max_client_outbound_bytes: 4 * 1024 * 1024,
             max_outbound_bytes: 64 * 1024 * 1024,
+            max_incomplete_bytes: 256 * 1024 * 1024,
             connect_timeout_secs: 10,
             max_keepalive_secs: 0,
             incomplete_packet_timeout_secs: 120,
@@ -517,6 +523,12 @@ impl Config {
         }
         if l.max_outbound_bytes < 64 * 1024 {
             return invalid("limits.max_outbound_bytes", "must be at least 65536");
+        }
+        if l.max_incomplete_bytes < l.max_packet_size as usize {
+            return invalid(
+                "limits.max_incomplete_bytes",
+                "must be at least limits.max_packet_size",
+            );
         }
         if l.connect_timeout_secs == 0 {
             return invalid("limits.connect_timeout_secs", "must be at least 1");
@@ -795,6 +807,20 @@ mod tests {
     fn out_of_range_value_is_named() {
         let e = Config::from_toml("[limits]\nmax_packet_size = 10\n").unwrap_err();
         assert!(e.to_string().contains("limits.max_packet_size"), "{e}");
+    }
+
+    #[test]
+    fn the_incomplete_bound_must_hold_one_largest_packet() {
+        let e = Config::from_toml(
+            "[limits]\nmax_packet_size = 2000000\nmax_incomplete_bytes = 1999999\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("limits.max_incomplete_bytes"), "{e}");
+        let c = Config::from_toml(
+            "[limits]\nmax_packet_size = 2000000\nmax_incomplete_bytes = 2000000\n",
+        )
+        .unwrap();
+        assert_eq!(c.limits.max_incomplete_bytes, 2_000_000);
     }
 
     #[test]

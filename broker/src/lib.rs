@@ -65,6 +65,7 @@ pub mod config;
 pub mod connection;
 mod handshake;
 mod incoming_qos2;
+pub mod incomplete;
 mod inflight;
 pub mod keep_alive;
 mod log_throttle;

@@ -132,6 +132,10 @@ counters! {
     /// Connections closed because no CONNECT arrived in time (on a
     /// WebSocket listener: or no complete PROXY header, or upgrade).
     connect_timeouts,
+    /// Connections closed because their incomplete packet grew while the
+    /// bytes of incomplete packets across all connections were over
+    /// limits.max_incomplete_bytes.
+    incomplete_packets_refused,
     /// WebSocket upgrade requests refused (not an upgrade, wrong path or
     /// subprotocol, a head too large).
     websocket_upgrades_refused,

@@ -112,6 +112,13 @@ pub fn render(broker: &Broker) -> String {
         "limits.max_outbound_bytes: above it, publishers are no longer read.",
         limits.max_outbound_bytes,
     );
+    sample(
+        m,
+        "incomplete_packet_bytes",
+        Kind::Gauge,
+        "Bytes of packets still arriving, larger than a pooled read buffer, held in read buffers across all connections (against limits.max_incomplete_bytes).",
+        broker.incomplete.held(),
+    );
 
     let (hits, misses) = broker.pool.stats();
     sample(

@@ -123,3 +123,56 @@ async fn random_and_mutated_input_never_takes_the_broker_down() {
     );
     server.shutdown().await;
 }
+
+/// Packets left incomplete count against `limits.max_incomplete_bytes`
+/// across all clients: the client whose packet grows over it is closed
+/// with 0x97, and the others, the one still sending a large packet among
+/// them, go on.
+#[tokio::test]
+async fn incomplete_packets_of_all_clients_are_bounded_together() {
+    const PACKET: usize = 60_000;
+    let server = start(|c| {
+        c.limits.max_packet_size = 64 * 1024;
+        c.limits.max_incomplete_bytes = 100 * 1024;
+    })
+    .await;
+    let broker = std::sync::Arc::clone(server.broker());
+    let v5 = ProtocolVersion::V5;
+    let mut sub = RawClient::connected(addr(&server), "sub", v5).await;
+    sub.subscribe("big", QoS::AtMostOnce).await;
+    let mut frame = BytesMut::new();
+    let payload = vec![9u8; PACKET - 10];
+    encode_packet(
+        &publish_packet("big", &payload, QoS::AtMostOnce, None),
+        v5,
+        &mut frame,
+    )
+    .unwrap();
+
+    // A client sends most of a large packet, and holds it.
+    let mut first = RawClient::connected(addr(&server), "first", v5).await;
+    first.send_bytes(&frame[..50_000]).await;
+    eventually("the first packet counted", || {
+        broker.incomplete.held() == 50_000
+    })
+    .await;
+    // A second one's would take the total over 100 KiB: refused.
+    let mut second = RawClient::connected(addr(&server), "second", v5).await;
+    second.send_bytes(&frame[..55_000]).await;
+    second
+        .expect_disconnect(tern_codec::ReasonCode::QuotaExceeded)
+        .await;
+    assert_eq!(broker.metrics.incomplete_packets_refused.get(), 1);
+    eventually("the refused packet released", || {
+        broker.incomplete.held() == 50_000
+    })
+    .await;
+
+    // The first completes its packet, which is delivered, and nothing is
+    // counted any more.
+    first.send_bytes(&frame[50_000..]).await;
+    let delivered = sub.recv_publish().await;
+    assert_eq!(&delivered.payload[..], &payload[..]);
+    eventually("nothing incomplete", || broker.incomplete.held() == 0).await;
+    server.shutdown().await;
+}

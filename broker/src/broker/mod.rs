@@ -45,6 +45,7 @@ use tokio::sync::{oneshot, watch};
 use crate::auth_rules::{AuthRules, Login, Revocation};
 use crate::budget::OutboundBudget;
 use crate::config::{AuthConfig, Config};
+use crate::incomplete::IncompletePackets;
 use crate::keep_alive::KeepAlive;
 use crate::log_throttle::throttled;
 use crate::message::{Message, ReservedReferences};
@@ -153,6 +154,9 @@ pub struct Broker {
     auth_reload: parking_lot::Mutex<()>,
     /// Read buffers, lent to connections while they have bytes to decode.
     pub pool: BufferPool,
+    /// Bytes of incomplete packets held across all connections, against
+    /// `limits.max_incomplete_bytes`.
+    pub incomplete: IncompletePackets,
     /// The durable store; `None` in memory mode.
     pub persistence: Option<Arc<Persistence>>,
     /// The keep alive clock and the connections it watches.
@@ -208,6 +212,7 @@ impl Broker {
             auth_rules: parking_lot::RwLock::new(Arc::new(AuthRules::new(&config.auth))),
             auth_reload: parking_lot::Mutex::new(()),
             pool: BufferPool::new(READ_BUFFER_POOL_CAPACITY),
+            incomplete: IncompletePackets::new(config.limits.max_incomplete_bytes),
             config,
             router: Router::new(),
             retained: RetainedStore::new(),

@@ -58,6 +58,7 @@ use crate::handshake::{
     is_empty_response_topic, misstates_utf8, read_connect, will_allowed, write_direct,
     Authenticated, HandshakeFailure,
 };
+use crate::incomplete::IncompletePackets;
 use crate::log_throttle::{throttled, throttled_by};
 use crate::message::Message;
 use crate::metrics::Metrics;
@@ -353,6 +354,9 @@ fn closed_by_broker(control: &ConnectionControl) -> Exit {
 impl Drop for Connection {
     fn drop(&mut self) {
         self.close_down(None);
+        self.broker
+            .incomplete
+            .release(self.incomplete_counted as usize);
     }
 }
 
@@ -398,6 +402,10 @@ struct Connection {
     /// Bytes of packets decoded since the reader last let others run (see
     /// [`DECODE_BYTES_PER_TURN`]).
     decoded_this_turn: u32,
+    /// What the incomplete packet in the read buffer counts against
+    /// `limits.max_incomplete_bytes` (see incomplete.rs); released when the
+    /// connection ends.
+    incomplete_counted: u32,
     /// The connection's shared signals and flags; also counts the
     /// acknowledgements waiting for the store (see
     /// [`Connection::acknowledge_then`]).
@@ -461,6 +469,9 @@ impl Connection {
             let session = &Arc::clone(&self.session);
             loop {
                 let mut decoded = false;
+                // Whether every whole packet read was handled: what `buf`
+                // holds then is one incomplete packet.
+                let mut drained = false;
                 // Subscribers' writers are woken once for everything this read
                 // queued for them (see wake_batch.rs); dropped, and so flushed,
                 // before the next await.
@@ -494,7 +505,10 @@ impl Connection {
                                 }
                                 batch.flush_if_due();
                             }
-                            Ok(None) => break,
+                            Ok(None) => {
+                                drained = true;
+                                break;
+                            }
                             Err(e) => {
                                 self.deliver_staged(session);
                                 count_decode_error(&self.broker.metrics, &e);
@@ -513,6 +527,11 @@ impl Connection {
                     }
                     // Before the batch wakes the writers it filled.
                     self.deliver_staged(session);
+                }
+                if drained {
+                    if let Err(exit) = self.count_incomplete(buf.len()) {
+                        return exit;
+                    }
                 }
                 // A complete packet restarts the keep alive wait (see
                 // keep_alive.rs); once per read rather than per packet.
@@ -635,6 +654,30 @@ impl Connection {
                 _ => return closed_by_broker(control),
             }
         }
+    }
+
+    /// Counts the `buffered` bytes of the incomplete packet the read buffer
+    /// holds against `limits.max_incomplete_bytes` (incomplete.rs): an
+    /// error when it grew while the broker holds more than that.
+    fn count_incomplete(&mut self, buffered: usize) -> Result<(), Exit> {
+        // Less than `max_packet_size`, which is a u32.
+        let counted = u32::try_from(IncompletePackets::counted(buffered)).unwrap_or(u32::MAX);
+        if counted == self.incomplete_counted {
+            return Ok(());
+        }
+        let before = std::mem::replace(&mut self.incomplete_counted, counted);
+        if self
+            .broker
+            .incomplete
+            .update(before as usize, counted as usize)
+        {
+            return Ok(());
+        }
+        Metrics::inc(&self.broker.metrics.incomplete_packets_refused);
+        Err(Exit::Error(
+            ReasonCode::QuotaExceeded,
+            "incomplete packets of all clients over limits.max_incomplete_bytes".into(),
+        ))
     }
 
     /// Delivers the QoS 0 messages staged during this read; a subscriber

@@ -519,6 +519,7 @@ impl Connection {
             }),
             control: Arc::new(ConnectionControl::default()),
             decoded_this_turn: 0,
+            incomplete_counted: 0,
             full_queue: None,
             recent_route: None,
             staged: StagedFanout::default(),
