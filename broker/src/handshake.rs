@@ -20,6 +20,7 @@ use crate::auth::AuthStep;
 use crate::auth_rules::{AuthRules, Credential, Login};
 use crate::broker::Broker;
 use crate::config::CertificateIdentity;
+use crate::incomplete::{IncompleteCount, OVER_INCOMPLETE_LIMIT};
 use crate::metrics::Metrics;
 use crate::transport::ClientCertificate;
 
@@ -146,13 +147,18 @@ pub fn will_allowed(rules: &AuthRules, connect: &Connect, authenticated: &Authen
 }
 
 /// Reads the next whole packet. Protocol-level decode failures are counted.
+/// What it holds of a packet still arriving counts against
+/// `limits.max_incomplete_bytes` (incomplete.rs) until it returns or is
+/// cancelled.
 pub async fn read_packet<R: AsyncRead + Unpin>(
     reader: &mut R,
     buf: &mut BytesMut,
     version: ProtocolVersion,
-    max_packet: usize,
-    metrics: &Metrics,
+    broker: &Broker,
 ) -> Result<Packet, HandshakeFailure> {
+    let max_packet = broker.config.limits.max_packet_size as usize;
+    let metrics = &broker.metrics;
+    let mut incomplete = IncompleteCount::new(&broker.incomplete);
     loop {
         // Before decoding, which takes the frame out of `buf`.
         let v5_connect = looks_like_v5_connect(buf);
@@ -161,7 +167,16 @@ pub async fn read_packet<R: AsyncRead + Unpin>(
                 Metrics::inc(&metrics.packets_received);
                 return Ok(packet);
             }
-            Ok(None) => {}
+            Ok(None) => {
+                if !incomplete.record(buf.len()) {
+                    Metrics::inc(&metrics.incomplete_packets_refused);
+                    return Err(HandshakeFailure::Invalid {
+                        why: OVER_INCOMPLETE_LIMIT.into(),
+                        code: ReasonCode::QuotaExceeded,
+                        v5: v5_connect,
+                    });
+                }
+            }
             Err(DecodeError::UnsupportedProtocolVersion { name, level }) => {
                 Metrics::inc(&metrics.protocol_errors);
                 return Err(HandshakeFailure::Unsupported(name, level));
@@ -192,13 +207,12 @@ pub async fn read_packet<R: AsyncRead + Unpin>(
 pub async fn read_connect<R: AsyncRead + Unpin>(
     reader: &mut R,
     buf: &mut BytesMut,
-    max_packet: usize,
-    metrics: &Metrics,
+    broker: &Broker,
 ) -> Result<Box<Connect>, HandshakeFailure> {
-    match read_packet(reader, buf, ProtocolVersion::V5, max_packet, metrics).await? {
+    match read_packet(reader, buf, ProtocolVersion::V5, broker).await? {
         Packet::Connect(connect) => Ok(connect),
         other => {
-            Metrics::inc(&metrics.protocol_errors);
+            Metrics::inc(&broker.metrics.protocol_errors);
             Err(HandshakeFailure::Violation(format!(
                 "first packet was {:?}, not CONNECT",
                 other.packet_type()
@@ -400,7 +414,6 @@ where
             ReasonCode::BadAuthenticationMethod,
         ));
     };
-    let max_packet = broker.config.limits.max_packet_size as usize;
     let mut data = connect.properties.authentication_data.clone();
     loop {
         match exchange.step(data.as_deref()) {
@@ -419,14 +432,7 @@ where
                 if !write_direct(writer, &auth, ProtocolVersion::V5, &broker.metrics).await {
                     return Err(HandshakeFailure::Closed("cannot send AUTH".into()));
                 }
-                let packet = read_packet(
-                    reader,
-                    buf,
-                    ProtocolVersion::V5,
-                    max_packet,
-                    &broker.metrics,
-                )
-                .await?;
+                let packet = read_packet(reader, buf, ProtocolVersion::V5, broker).await?;
                 match packet {
                     Packet::Auth(a)
                         if a.code == ReasonCode::ContinueAuthentication

@@ -167,6 +167,23 @@ async fn incomplete_packets_of_all_clients_are_bounded_together() {
         broker.incomplete.held() == 50_000
     })
     .await;
+    // So is a CONNECT that grows over it, with CONNACK 0x97.
+    let mut connect = connect_packet("third", v5);
+    connect.password = Some(vec![b'p'; PACKET].into());
+    let mut connect_frame = BytesMut::new();
+    encode_packet(&Packet::Connect(Box::new(connect)), v5, &mut connect_frame).unwrap();
+    let mut third = RawClient::open(addr(&server), v5).await;
+    third.send_bytes(&connect_frame[..55_000]).await;
+    let seen = third.expect_closed().await;
+    assert!(
+        matches!(&seen[..], [Packet::ConnAck(ack)] if ack.code == tern_codec::ReasonCode::QuotaExceeded),
+        "{seen:?}"
+    );
+    assert_eq!(broker.metrics.incomplete_packets_refused.get(), 2);
+    eventually("the refused CONNECT released", || {
+        broker.incomplete.held() == 50_000
+    })
+    .await;
 
     // The first completes its packet, which is delivered, and nothing is
     // counted any more.

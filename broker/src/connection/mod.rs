@@ -58,7 +58,7 @@ use crate::handshake::{
     is_empty_response_topic, misstates_utf8, read_connect, will_allowed, write_direct,
     Authenticated, HandshakeFailure,
 };
-use crate::incomplete::IncompletePackets;
+use crate::incomplete::OVER_INCOMPLETE_LIMIT;
 use crate::log_throttle::{throttled, throttled_by};
 use crate::message::Message;
 use crate::metrics::Metrics;
@@ -354,9 +354,7 @@ fn closed_by_broker(control: &ConnectionControl) -> Exit {
 impl Drop for Connection {
     fn drop(&mut self) {
         self.close_down(None);
-        self.broker
-            .incomplete
-            .release(self.incomplete_counted as usize);
+        self.broker.incomplete.release(self.incomplete_counted);
     }
 }
 
@@ -660,23 +658,17 @@ impl Connection {
     /// holds against `limits.max_incomplete_bytes` (incomplete.rs): an
     /// error when it grew while the broker holds more than that.
     fn count_incomplete(&mut self, buffered: usize) -> Result<(), Exit> {
-        // Less than `max_packet_size`, which is a u32.
-        let counted = u32::try_from(IncompletePackets::counted(buffered)).unwrap_or(u32::MAX);
-        if counted == self.incomplete_counted {
-            return Ok(());
-        }
-        let before = std::mem::replace(&mut self.incomplete_counted, counted);
         if self
             .broker
             .incomplete
-            .update(before as usize, counted as usize)
+            .record(&mut self.incomplete_counted, buffered)
         {
             return Ok(());
         }
         Metrics::inc(&self.broker.metrics.incomplete_packets_refused);
         Err(Exit::Error(
             ReasonCode::QuotaExceeded,
-            "incomplete packets of all clients over limits.max_incomplete_bytes".into(),
+            OVER_INCOMPLETE_LIMIT.into(),
         ))
     }
 

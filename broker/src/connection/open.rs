@@ -21,11 +21,9 @@ where
     R: TransportRead,
     W: AsyncWrite + Unpin + Send,
 {
-    let max_packet = broker.config.limits.max_packet_size as usize;
-
     let (accepted, login, rules) = {
         let handshake = tokio::time::timeout(broker.config.connect_timeout(), async {
-            let connect = read_connect(&mut *reader, &mut *buf, max_packet, &broker.metrics)
+            let connect = read_connect(&mut *reader, &mut *buf, broker)
                 .await
                 .map_err(|failure| (None, failure))?;
             if !permit.admitted {
