@@ -45,41 +45,24 @@ fn main() -> ExitCode {
     // tasks blocked on a broker that stopped reading.
     runtime.shutdown_background();
     match outcome {
-        Ok(run::Outcome::Throughput(r)) => {
-            if json {
-                println!("{}", serde_json::to_string(&r).expect("serialisable"));
-            } else {
-                print!("{}", r.text());
-            }
-            ExitCode::SUCCESS
-        }
-        Ok(run::Outcome::Conn(r)) => {
-            if json {
-                println!("{}", serde_json::to_string(&r).expect("serialisable"));
-            } else {
-                print!("{}", r.text());
-            }
-            ExitCode::SUCCESS
-        }
-        Ok(run::Outcome::Sink(r)) => {
-            if json {
-                println!("{}", serde_json::to_string(&r).expect("serialisable"));
-            } else {
-                print!("{}", r.text());
-            }
-            ExitCode::SUCCESS
-        }
-        Ok(run::Outcome::Relay(r)) => {
-            if json {
-                println!("{}", serde_json::to_string(&r).expect("serialisable"));
-            } else {
-                print!("{}", r.text());
-            }
-            ExitCode::SUCCESS
-        }
+        Ok(run::Outcome::Throughput(r)) => print_report(&r, r.text(), json),
+        Ok(run::Outcome::Conn(r)) => print_report(&r, r.text(), json),
+        Ok(run::Outcome::Sink(r)) => print_report(&r, r.text(), json),
+        Ok(run::Outcome::Relay(r)) => print_report(&r, r.text(), json),
         Err(e) => {
             eprintln!("tern-bench: {e}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// Prints a run's report: as one line of JSON with `--json`, else as
+/// `text`.
+fn print_report<R: serde::Serialize>(report: &R, text: String, json: bool) -> ExitCode {
+    if json {
+        println!("{}", serde_json::to_string(report).expect("serialisable"));
+    } else {
+        print!("{text}");
+    }
+    ExitCode::SUCCESS
 }
