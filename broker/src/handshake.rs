@@ -20,8 +20,9 @@ use crate::auth::AuthStep;
 use crate::auth_rules::{AuthRules, Credential, Login};
 use crate::broker::Broker;
 use crate::config::CertificateIdentity;
-use crate::incomplete::{IncompleteCount, OVER_INCOMPLETE_LIMIT};
+use crate::incomplete::{shed_grown_buffer, IncompleteCount, OVER_INCOMPLETE_LIMIT};
 use crate::metrics::Metrics;
+use crate::pool::BUFFER_SIZE;
 use crate::transport::ClientCertificate;
 
 /// A read buffer grows by at least this much when it is full; small enough
@@ -146,34 +147,41 @@ pub fn will_allowed(rules: &AuthRules, connect: &Connect, authenticated: &Authen
         .may_publish(topic)
 }
 
-/// Reads the next whole packet. Protocol-level decode failures are counted.
-/// What it holds of a packet still arriving counts against
-/// `limits.max_incomplete_bytes` (incomplete.rs) until it returns or is
-/// cancelled.
+/// Reads the next whole packet, as MQTT 5 (a CONNECT names its own
+/// version); `in_auth`: an AUTH of the exchange a 5.0 CONNECT started.
+/// Protocol-level decode failures are counted. What it holds of a packet
+/// still arriving counts against `limits.max_incomplete_bytes`, in the
+/// bound of clients still connecting (incomplete.rs), until it returns or
+/// is cancelled.
 pub async fn read_packet<R: AsyncRead + Unpin>(
     reader: &mut R,
     buf: &mut BytesMut,
-    version: ProtocolVersion,
     broker: &Broker,
+    in_auth: bool,
 ) -> Result<Packet, HandshakeFailure> {
     let max_packet = broker.config.limits.max_packet_size as usize;
     let metrics = &broker.metrics;
-    let mut incomplete = IncompleteCount::new(&broker.incomplete);
+    let mut incomplete = IncompleteCount::new(&broker.incomplete_connecting);
     loop {
         // Before decoding, which takes the frame out of `buf`.
         let v5_connect = looks_like_v5_connect(buf);
-        match decode_packet(buf, version, max_packet) {
+        let before = buf.len();
+        match decode_packet(buf, ProtocolVersion::V5, max_packet) {
             Ok(Some(packet)) => {
                 Metrics::inc(&metrics.packets_received);
+                if before - buf.len() > BUFFER_SIZE {
+                    shed_grown_buffer(buf, &broker.pool);
+                }
                 return Ok(packet);
             }
             Ok(None) => {
-                if !incomplete.record(buf.len()) {
+                if !incomplete.record(buf) {
                     Metrics::inc(&metrics.incomplete_packets_refused);
+                    *buf = BytesMut::new();
                     return Err(HandshakeFailure::Invalid {
                         why: OVER_INCOMPLETE_LIMIT.into(),
                         code: ReasonCode::QuotaExceeded,
-                        v5: v5_connect,
+                        v5: in_auth || v5_connect,
                     });
                 }
             }
@@ -209,7 +217,7 @@ pub async fn read_connect<R: AsyncRead + Unpin>(
     buf: &mut BytesMut,
     broker: &Broker,
 ) -> Result<Box<Connect>, HandshakeFailure> {
-    match read_packet(reader, buf, ProtocolVersion::V5, broker).await? {
+    match read_packet(reader, buf, broker, false).await? {
         Packet::Connect(connect) => Ok(connect),
         other => {
             Metrics::inc(&broker.metrics.protocol_errors);
@@ -432,7 +440,7 @@ where
                 if !write_direct(writer, &auth, ProtocolVersion::V5, &broker.metrics).await {
                     return Err(HandshakeFailure::Closed("cannot send AUTH".into()));
                 }
-                let packet = read_packet(reader, buf, ProtocolVersion::V5, broker).await?;
+                let packet = read_packet(reader, buf, broker, true).await?;
                 match packet {
                     Packet::Auth(a)
                         if a.code == ReasonCode::ContinueAuthentication

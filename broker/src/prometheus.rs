@@ -116,8 +116,15 @@ pub fn render(broker: &Broker) -> String {
         m,
         "incomplete_packet_bytes",
         Kind::Gauge,
-        "Bytes of packets still arriving, larger than a pooled read buffer, held in read buffers across all connections (against limits.max_incomplete_bytes).",
+        "Read buffers grown for packets still arriving (larger than a pooled buffer), across all connected clients, against limits.max_incomplete_bytes.",
         broker.incomplete.held(),
+    );
+    sample(
+        m,
+        "incomplete_connect_bytes",
+        Kind::Gauge,
+        "The same for clients still connecting (before CONNACK), against a bound of their own of limits.max_incomplete_bytes.",
+        broker.incomplete_connecting.held(),
     );
 
     let (hits, misses) = broker.pool.stats();

@@ -154,9 +154,12 @@ pub struct Broker {
     auth_reload: parking_lot::Mutex<()>,
     /// Read buffers, lent to connections while they have bytes to decode.
     pub pool: BufferPool,
-    /// Bytes of incomplete packets held across all connections, against
-    /// `limits.max_incomplete_bytes`.
+    /// Read buffers grown for incomplete packets across all connections,
+    /// against `limits.max_incomplete_bytes` (incomplete.rs).
     pub incomplete: IncompletePackets,
+    /// The same for clients still connecting (before CONNACK), against a
+    /// bound of its own of the same size.
+    pub incomplete_connecting: IncompletePackets,
     /// The durable store; `None` in memory mode.
     pub persistence: Option<Arc<Persistence>>,
     /// The keep alive clock and the connections it watches.
@@ -213,6 +216,7 @@ impl Broker {
             auth_reload: parking_lot::Mutex::new(()),
             pool: BufferPool::new(READ_BUFFER_POOL_CAPACITY),
             incomplete: IncompletePackets::new(config.limits.max_incomplete_bytes),
+            incomplete_connecting: IncompletePackets::new(config.limits.max_incomplete_bytes),
             config,
             router: Router::new(),
             retained: RetainedStore::new(),

@@ -58,11 +58,12 @@ use crate::handshake::{
     is_empty_response_topic, misstates_utf8, read_connect, will_allowed, write_direct,
     Authenticated, HandshakeFailure,
 };
-use crate::incomplete::OVER_INCOMPLETE_LIMIT;
+use crate::incomplete::{shed_grown_buffer, OVER_INCOMPLETE_LIMIT};
 use crate::log_throttle::{throttled, throttled_by};
 use crate::message::Message;
 use crate::metrics::Metrics;
 use crate::persistence::Journal;
+use crate::pool::BUFFER_SIZE;
 use crate::registry::ConnectionPermit;
 use crate::session::{AttachParams, ConnectionControl, Delivery, HandOver, Session};
 use crate::topic_alias::{AliasError, InboundAliases};
@@ -358,7 +359,7 @@ fn closed_by_broker(control: &ConnectionControl) -> Exit {
 impl Drop for Connection {
     fn drop(&mut self) {
         self.close_down(None);
-        self.broker.incomplete.release(self.incomplete_counted);
+        self.broker.incomplete.release(&mut self.incomplete_counted);
     }
 }
 
@@ -474,6 +475,9 @@ impl Connection {
                 // Whether every whole packet read was handled: what `buf`
                 // holds then is one incomplete packet.
                 let mut drained = false;
+                // Whether a packet larger than a pooled buffer was among
+                // them (see `shed_grown_buffer`).
+                let mut large = false;
                 // Subscribers' writers are woken once for everything this read
                 // queued for them (see wake_batch.rs); dropped, and so flushed,
                 // before the next await.
@@ -489,9 +493,13 @@ impl Connection {
                                 Metrics::inc(&self.broker.metrics.packets_received);
                                 decoded = true;
                                 // At most `max_packet`, which is a u32.
-                                let size = u32::try_from(before - buf.len()).unwrap_or(u32::MAX);
-                                self.decoded_this_turn =
-                                    self.decoded_this_turn.saturating_add(size);
+                                let size = before - buf.len();
+                                self.decoded_this_turn = self
+                                    .decoded_this_turn
+                                    .saturating_add(u32::try_from(size).unwrap_or(u32::MAX));
+                                large |= size > BUFFER_SIZE;
+                                // The packet counted as incomplete is whole.
+                                self.broker.incomplete.release(&mut self.incomplete_counted);
                                 if let Err(exit) = self.handle(session, packet) {
                                     // What it published before is delivered.
                                     self.deliver_staged(session);
@@ -531,7 +539,13 @@ impl Connection {
                     self.deliver_staged(session);
                 }
                 if drained {
-                    if let Err(exit) = self.count_incomplete(buf.len()) {
+                    if large {
+                        shed_grown_buffer(buf, &self.broker.pool);
+                    }
+                    if let Err(exit) = self.count_incomplete(buf) {
+                        // Its memory goes now, not when the connection
+                        // has finished closing.
+                        *buf = BytesMut::new();
                         return exit;
                     }
                 }
@@ -658,17 +672,15 @@ impl Connection {
         }
     }
 
-    /// Counts the `buffered` bytes of the incomplete packet the read buffer
-    /// holds against `limits.max_incomplete_bytes` (incomplete.rs): an
-    /// error when it grew while the broker holds more than that.
-    fn count_incomplete(&mut self, buffered: usize) -> Result<(), Exit> {
-        if self
-            .broker
-            .incomplete
-            .record(&mut self.incomplete_counted, buffered)
-        {
+    /// Counts the incomplete packet `buf` holds against
+    /// `limits.max_incomplete_bytes` (incomplete.rs): an error, its count
+    /// released, when it grew while the broker holds more than that.
+    fn count_incomplete(&mut self, buf: &BytesMut) -> Result<(), Exit> {
+        let incomplete = &self.broker.incomplete;
+        if incomplete.record(&mut self.incomplete_counted, buf) {
             return Ok(());
         }
+        incomplete.release(&mut self.incomplete_counted);
         Metrics::inc(&self.broker.metrics.incomplete_packets_refused);
         Err(Exit::Error(
             ReasonCode::QuotaExceeded,
