@@ -10,12 +10,12 @@
 //! from it (see `Link::exempt` in session/link.rs): its bound limits it already, and
 //! subscribers that never read would otherwise hold the budget over its limit
 //! for as long as they stay connected, pausing every reader. For the same
-//! reason, while the budget is over, paused readers sweep the queues when
-//! they pause and every quarter of `queue_full_wait_ms` after
+//! reason, while the budget is over, the queues are swept when a reader
+//! pauses for it and at every keep alive sweep after
 //! (`Broker::exempt_stalled_queues`): one whose writer has taken nothing for
 //! `queue_full_wait_ms` stops counting too, even below its bound, so that
-//! subscribers that stop reading pause the others for about that long at
-//! most. Publishers are
+//! subscribers that stop reading pause the others for that long after they
+//! stopped, plus up to half a second. Publishers are
 //! thereby slowed by TCP back-pressure instead of the broker queueing without
 //! bound or dropping what every subscriber could still take.
 

@@ -47,7 +47,8 @@ use crate::session::ConnectionControl;
 /// of thousands of connections (a few hundred microseconds) costs nothing.
 pub const SWEEP_INTERVAL: Duration = Duration::from_millis(250);
 
-const SWEEP_INTERVAL_MS: u64 = SWEEP_INTERVAL.as_millis() as u64;
+/// [`SWEEP_INTERVAL`] in milliseconds: the coarse clock's step.
+pub const SWEEP_INTERVAL_MS: u64 = SWEEP_INTERVAL.as_millis() as u64;
 
 /// The broker's coarse clock and the connections keep alive watches.
 #[derive(Debug, Default)]
@@ -145,6 +146,11 @@ pub async fn run(broker: Arc<Broker>) {
         for control in broker.keep_alive.expired() {
             Metrics::inc(&broker.metrics.keepalive_timeouts);
             control.close(Some(ReasonCode::KeepAliveTimeout));
+        }
+        // Readers paused by the outbound budget wait for it; stalled
+        // subscribers must not keep it over (`Broker::exempt_stalled_queues`).
+        if broker.registry.context().budget.is_over() {
+            broker.exempt_stalled_queues();
         }
     }
 }

@@ -46,7 +46,7 @@ use crate::auth_rules::{AuthRules, Login, Revocation};
 use crate::budget::OutboundBudget;
 use crate::config::{AuthConfig, Config};
 use crate::incomplete::IncompletePackets;
-use crate::keep_alive::KeepAlive;
+use crate::keep_alive::{KeepAlive, SWEEP_INTERVAL_MS};
 use crate::log_throttle::throttled;
 use crate::message::{Message, ReservedReferences};
 use crate::message_batch::{BatchDelivery, MessageBatch};
@@ -110,7 +110,7 @@ pub async fn store_refused_states_again(broker: Arc<Broker>) {
 /// The shortest wait before a queue that takes nothing stops counting
 /// towards the outbound budget, whatever `queue_full_wait_ms` says (0 there
 /// means "drop at once" for full queues, not "exempt every queue at once").
-const MIN_STALL_WAIT_MS: u64 = 100;
+pub const MIN_STALL_WAIT_MS: u64 = 100;
 
 /// Whether the caller may run a periodic chore now: at least `period_ms`
 /// since the last run recorded in `last_ms`, and no other thread claimed
@@ -326,45 +326,34 @@ impl Broker {
         !Arc::ptr_eq(used, &now) && used.revoked_by(&now, login, client_id).is_some()
     }
 
-    /// While the outbound budget is over its limit, paused readers call
-    /// this when they pause and every [`stall_sweep_period_ms`] after (at
-    /// most one sweep runs per period, whoever calls): each connection's
-    /// queue whose writer has taken nothing for `queue_full_wait_ms`
-    /// stops counting towards the budget (`Session::exempt_if_stalled`).
-    /// Subscribers that stopped reading thus pause the broker's readers for
-    /// at most about `queue_full_wait_ms` after they stopped, plus a
-    /// period. O(sessions), only while the broker is over its budget.
-    ///
-    /// [`stall_sweep_period_ms`]: Self::stall_sweep_period_ms
+    /// While the outbound budget is over its limit, a reader calls this
+    /// when it pauses for it, and the keep alive sweep every
+    /// [`SWEEP_INTERVAL`](crate::keep_alive::SWEEP_INTERVAL) (at most one
+    /// sweep runs per interval, whoever calls): each connection's queue
+    /// whose writer has taken nothing for `queue_full_wait_ms` (at least
+    /// [`MIN_STALL_WAIT_MS`]) stops counting towards the budget
+    /// (`Session::exempt_if_stalled`). Subscribers that stopped reading
+    /// thus pause the broker's readers for at most that wait after they
+    /// stopped, plus two intervals (the clock's steps and the sweep's).
+    /// O(sessions), only while the broker is over its budget.
     pub fn exempt_stalled_queues(&self) {
         let now_ms = self.keep_alive.now_ms();
-        if !claim_turn(
-            &self.last_stall_sweep_ms,
-            now_ms,
-            self.stall_sweep_period_ms(),
-        ) {
+        if !claim_turn(&self.last_stall_sweep_ms, now_ms, SWEEP_INTERVAL_MS) {
             return;
         }
-        let after_ms = self.config.limits.queue_full_wait_ms.max(MIN_STALL_WAIT_MS);
+        let wait_ms = self.config.limits.queue_full_wait_ms.max(MIN_STALL_WAIT_MS);
         let exempted = self
             .registry
             .all()
             .iter()
-            .filter(|s| s.exempt_if_stalled(now_ms, after_ms))
+            .filter(|s| s.exempt_if_stalled(now_ms, wait_ms))
             .count();
         if exempted > 0 {
             tracing::info!(
                 exempted,
-                "over the outbound budget: queues of connections that took nothing for {after_ms} ms no longer count towards it"
+                "over the outbound budget: queues of connections that took nothing for {wait_ms} ms no longer count towards it"
             );
         }
-    }
-
-    /// How often readers paused by the outbound budget sweep for stalled
-    /// queues: a quarter of `queue_full_wait_ms`, so that a queue is found
-    /// within a quarter of that wait after it has waited long enough.
-    pub fn stall_sweep_period_ms(&self) -> u64 {
-        self.config.limits.queue_full_wait_ms.max(MIN_STALL_WAIT_MS) / 4
     }
 
     /// Publishes a message the broker makes itself (a will) and commits its

@@ -323,18 +323,13 @@ async fn paused(
             None => std::future::pending().await,
         }
     };
-    // Over the budget: sweeps, at once and then every period, exempt the
-    // queues no writer has taken from for `queue_full_wait_ms` (stalled
-    // subscribers), so that they cannot keep every reader paused.
+    // Over the budget: a sweep now, and the keep alive sweep's while it
+    // stays over, exempt the queues no writer has taken from for
+    // `queue_full_wait_ms` (stalled subscribers), so that they cannot keep
+    // every reader paused.
     let below = async {
-        let every = Duration::from_millis(broker.stall_sweep_period_ms());
-        loop {
-            broker.exempt_stalled_queues();
-            tokio::select! {
-                () = budget.wait_until_below() => return,
-                () = tokio::time::sleep(every) => {}
-            }
-        }
+        broker.exempt_stalled_queues();
+        budget.wait_until_below().await;
     };
     tokio::select! {
         () = below, if !backlog && full_queue.is_none() => None,

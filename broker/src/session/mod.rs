@@ -85,6 +85,7 @@ use crate::budget::{OutboundBudget, HEADER_ALLOWANCE};
 use crate::clock::{CoarseClock, LazyInstant};
 use crate::incoming_qos2::{IncomingQos2, Opened};
 use crate::inflight::{Inflight, InflightState, InflightWindow};
+use crate::keep_alive::SWEEP_INTERVAL_MS;
 use crate::message::Message;
 use crate::message_batch::BatchDelivery;
 use crate::metrics::Metrics;
@@ -602,20 +603,22 @@ impl Session {
 
     /// The check a broker over its budget makes of every session (see
     /// `Broker::exempt_stalled_queues`): a connection's queue whose writer
-    /// has taken nothing for `after_ms`, as of `now_ms` on the coarse clock,
-    /// stops counting towards the budget, as a full one does
-    /// (`Link::exempt`). Subscribers that never read would otherwise hold
+    /// has taken nothing for `wait_ms` stops counting towards the budget,
+    /// as a full one does (`Link::exempt`). `now_ms` is the coarse clock,
+    /// which is up to one sweep interval behind real time, as the stamp of
+    /// the last take may be: the span must reach `wait_ms` plus that
+    /// interval, so that the real one is never shorter than `wait_ms`. Subscribers that never read would otherwise hold
     /// the budget over its limit, and every reader paused, whenever they
     /// stall before reaching their own bound. Returns whether it exempted
     /// this session's queue.
-    pub fn exempt_if_stalled(&self, now_ms: u64, after_ms: u64) -> bool {
+    pub fn exempt_if_stalled(&self, now_ms: u64, wait_ms: u64) -> bool {
         let mut st = self.state.lock();
         let Some(link) = st.link.as_mut() else {
             return false;
         };
         let queued = if link.exempt { 0 } else { link.charged };
         let writing = if link.writing_exempt { 0 } else { link.writing };
-        if queued + writing == 0 || link.stall.idle_ms(now_ms) < after_ms {
+        if queued + writing == 0 || link.stall.idle_ms(now_ms) < wait_ms + SWEEP_INTERVAL_MS {
             return false;
         }
         // Neither queued nor being written counts any more: a writer stuck
