@@ -99,12 +99,19 @@ impl LogThrottle {
     }
 }
 
+/// Lines one keyed call site may log per window over all its keys: a
+/// client cycling through mistakes cannot make each key's quota add up to
+/// hundreds of lines a second.
+pub const KEYED_LINES_PER_WINDOW: u32 = 5 * LINES_PER_WINDOW;
+
 /// One [`LogThrottle`] per key, for a call site whose lines differ by a key
-/// (a reason code). Keys are taken modulo `N`: keys that share a slot share
-/// its limit.
+/// (a reason code), within [`KEYED_LINES_PER_WINDOW`] for the site. Keys
+/// are taken modulo `N`: keys that share a slot share its limit.
 #[derive(Debug)]
 pub struct KeyedLogThrottle<const N: usize> {
     slots: [LogThrottle; N],
+    /// The site's window (high 32 bits) and lines logged in it (low 32).
+    site: AtomicU64,
 }
 
 impl<const N: usize> Default for KeyedLogThrottle<N> {
@@ -118,6 +125,7 @@ impl<const N: usize> KeyedLogThrottle<N> {
     pub const fn new() -> Self {
         KeyedLogThrottle {
             slots: [const { LogThrottle::new() }; N],
+            site: AtomicU64::new(0),
         }
     }
 
@@ -126,9 +134,41 @@ impl<const N: usize> KeyedLogThrottle<N> {
         self.admit_in(key, current_window())
     }
 
-    /// [`admit`](Self::admit) in the given window.
+    /// [`admit`](Self::admit) in the given window. A line its key admits
+    /// but the site's quota does not is counted among that key's
+    /// suppressed lines.
     fn admit_in(&self, key: usize, window: u32) -> Option<u64> {
-        self.slots[key % N].admit_in(window)
+        let slot = &self.slots[key % N];
+        let suppressed = slot.admit_in(window)?;
+        if self.site_admits(window) {
+            Some(suppressed)
+        } else {
+            // Those it would have reported are reported by the next one.
+            slot.suppressed.fetch_add(suppressed + 1, Ordering::Relaxed);
+            None
+        }
+    }
+
+    /// Takes one line of the site's quota in `window`, if any is left.
+    fn site_admits(&self, window: u32) -> bool {
+        let mut seen = self.site.load(Ordering::Relaxed);
+        loop {
+            let (seen_window, lines) = ((seen >> 32) as u32, seen as u32);
+            let next = if seen_window != window {
+                (u64::from(window) << 32) | 1
+            } else if lines < KEYED_LINES_PER_WINDOW {
+                seen + 1
+            } else {
+                return false;
+            };
+            match self
+                .site
+                .compare_exchange_weak(seen, next, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => return true,
+                Err(now) => seen = now,
+            }
+        }
     }
 }
 
@@ -166,7 +206,7 @@ pub(crate) use throttled;
 /// [`throttled!`] limited per `key` (a `usize`) rather than per call site:
 /// [`LINES_PER_WINDOW`] lines per window for each of up to 64 keys (keys
 /// are taken modulo 64; MQTT reason codes from 0x80 to 0xBF each have their
-/// own).
+/// own), and [`KEYED_LINES_PER_WINDOW`] for the site.
 ///
 /// ```ignore
 /// throttled_by!(code as usize, WARN, %peer, ?code, "closing connection");
@@ -218,6 +258,22 @@ mod tests {
         assert_eq!(admit(0x8D), Some(0));
         assert_eq!(admit(0x82), Some(0));
         assert_eq!(admit(0x87), None);
+    }
+
+    #[test]
+    fn a_site_s_keys_together_stay_within_its_quota() {
+        let throttle = KeyedLogThrottle::<64>::new();
+        let mut logged = 0;
+        for key in 0..64 {
+            for _ in 0..LINES_PER_WINDOW {
+                logged += u32::from(throttle.admit_in(key, 5).is_some());
+            }
+        }
+        assert_eq!(logged, KEYED_LINES_PER_WINDOW);
+        // The next window's first line of a key reports what its key left
+        // out: the lines the site's quota refused included.
+        let refused_of_last_key = u64::from(LINES_PER_WINDOW);
+        assert_eq!(throttle.admit_in(63, 6), Some(refused_of_last_key));
     }
 
     #[test]

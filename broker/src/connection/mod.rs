@@ -397,8 +397,10 @@ struct Connection {
     /// Enhanced authentication, when CONNECT chose a method. Boxed: few
     /// clients use it.
     enhanced_auth: Option<Box<EnhancedAuth>>,
-    /// Bytes of packets decoded since the reader last let others run (see
-    /// [`DECODE_BYTES_PER_TURN`]).
+    /// Bytes of packets decoded since the reader last yielded for them or
+    /// paused (see [`DECODE_BYTES_PER_TURN`]). Not reset when it waits for
+    /// input, which costs a reader that often waits one needless yield per
+    /// turn's bytes, and keeps the count out of the read path.
     decoded_this_turn: u32,
     /// What the incomplete packet in the read buffer counts against
     /// `limits.max_incomplete_bytes` (see incomplete.rs); released when the
