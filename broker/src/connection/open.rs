@@ -557,7 +557,8 @@ impl Connection {
         ) else {
             return false;
         };
-        self.attached = Some(generation);
+        self.attached = NonZeroU64::new(generation);
+        debug_assert!(self.attached.is_some(), "attach generations start at 1");
         self.broker.keep_alive.watch(
             self.connection_id,
             &self.control,
