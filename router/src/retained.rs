@@ -202,14 +202,33 @@ impl<M: Clone> RetainedStore<M> {
     /// store clone a million messages (an atomic each) into a vector of
     /// tens of MB under its read lock.
     pub fn matching_at_most(&self, filter: &str, limit: usize) -> (Vec<(Arc<str>, M)>, usize) {
+        let mut found = Vec::new();
+        let beyond = self.for_each_matching_at_most(filter, limit, |topic, message| {
+            found.push((Arc::clone(topic), message.clone()));
+        });
+        (found, beyond)
+    }
+
+    /// Calls `take` with the topic and message of at most `limit` of the
+    /// retained messages [`matching`](Self::matching) `filter`, and returns
+    /// how many more matched. A caller that needs only the messages clones
+    /// nothing else, into no vector of its own. The read lock is held
+    /// throughout: `take` must not use this store.
+    pub fn for_each_matching_at_most(
+        &self,
+        filter: &str,
+        limit: usize,
+        mut take: impl FnMut(&Arc<str>, &M),
+    ) -> usize {
         let levels: SmallVec<[&str; 16]> = filter.split('/').collect();
         let state = self.state.read();
-        let mut found = Vec::new();
+        let mut taken = 0;
         let mut beyond = 0;
-        let mut take = |node: &Node<M>| {
+        let mut visit = |node: &Node<M>| {
             if let Some(entry) = &node.message {
-                if found.len() < limit {
-                    found.push((**entry).clone());
+                if taken < limit {
+                    taken += 1;
+                    take(&entry.0, &entry.1);
                 } else {
                     beyond += 1;
                 }
@@ -220,11 +239,11 @@ impl<M: Clone> RetainedStore<M> {
         let visible = |depth: usize, key: &str| depth > 0 || !key.starts_with('$');
         while let Some((node, depth)) = stack.pop() {
             match levels.get(depth).copied() {
-                None => take(node),
+                None => visit(node),
                 Some("#") => {
                     // The parent level itself ("sport/#" matches "sport"),
                     // then the whole subtree.
-                    take(node);
+                    visit(node);
                     let mut subtree: Vec<&Node<M>> = node
                         .children
                         .iter()
@@ -232,7 +251,7 @@ impl<M: Clone> RetainedStore<M> {
                         .map(|(_, child)| child)
                         .collect();
                     while let Some(node) = subtree.pop() {
-                        take(node);
+                        visit(node);
                         subtree.extend(node.children.values());
                     }
                 }
@@ -249,7 +268,7 @@ impl<M: Clone> RetainedStore<M> {
                 }
             }
         }
-        (found, beyond)
+        beyond
     }
 
     /// Removes every entry for which `keep` returns false (e.g. expired

@@ -268,12 +268,14 @@ fn collect_retained(
         Metrics::inc(&broker.metrics.messages_dropped_queue_full);
         return;
     }
-    // Only as many as there is room for are collected; the rest are
-    // counted as dropped.
-    let (found, beyond) = broker
-        .retained
-        .matching_at_most(filter, cap - retained.len());
-    retained.extend(found.into_iter().map(|(_, message)| (message, options)));
+    // Only as many as there is room for are collected, straight into
+    // `retained`; the rest are counted as dropped.
+    let beyond =
+        broker
+            .retained
+            .for_each_matching_at_most(filter, cap - retained.len(), |_, message| {
+                retained.push((Arc::clone(message), options));
+            });
     Metrics::add(&broker.metrics.messages_dropped_queue_full, beyond as u64);
 }
 
