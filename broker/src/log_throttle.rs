@@ -72,29 +72,35 @@ impl LogThrottle {
     /// [`admit`](Self::admit) in the given window (its number counts
     /// windows since the process started).
     fn admit_in(&self, window: u32) -> Option<u64> {
-        let mut seen = self.window_and_lines.load(Ordering::Relaxed);
-        loop {
-            let (seen_window, lines) = ((seen >> 32) as u32, seen as u32);
-            let next = if seen_window != window {
-                (u64::from(window) << 32) | 1
-            } else if lines < LINES_PER_WINDOW {
-                seen + 1
-            } else {
-                self.suppressed.fetch_add(1, Ordering::Relaxed);
-                return None;
-            };
-            match self.window_and_lines.compare_exchange_weak(
-                seen,
-                next,
-                Ordering::Relaxed,
-                Ordering::Relaxed,
-            ) {
-                // Every suppressed line is reported once: by the first line
-                // admitted after it, or by one admitted at the same time (the
-                // swap takes whatever others added before it).
-                Ok(_) => return Some(self.suppressed.swap(0, Ordering::Relaxed)),
-                Err(now) => seen = now,
-            }
+        if take_line(&self.window_and_lines, window, LINES_PER_WINDOW) {
+            // Every suppressed line is reported once: by the first line
+            // admitted after it, or by one admitted at the same time (the
+            // swap takes whatever others added before it).
+            Some(self.suppressed.swap(0, Ordering::Relaxed))
+        } else {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
+}
+
+/// Takes one of `quota` lines in `window` from `word` (the window's number
+/// in the high 32 bits, the lines taken in it in the low 32), if one is
+/// left; the first line of a new window starts it.
+fn take_line(word: &AtomicU64, window: u32, quota: u32) -> bool {
+    let mut seen = word.load(Ordering::Relaxed);
+    loop {
+        let (seen_window, lines) = ((seen >> 32) as u32, seen as u32);
+        let next = if seen_window != window {
+            (u64::from(window) << 32) | 1
+        } else if lines < quota {
+            seen + 1
+        } else {
+            return false;
+        };
+        match word.compare_exchange_weak(seen, next, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return true,
+            Err(now) => seen = now,
         }
     }
 }
@@ -140,34 +146,12 @@ impl<const N: usize> KeyedLogThrottle<N> {
     fn admit_in(&self, key: usize, window: u32) -> Option<u64> {
         let slot = &self.slots[key % N];
         let suppressed = slot.admit_in(window)?;
-        if self.site_admits(window) {
+        if take_line(&self.site, window, KEYED_LINES_PER_WINDOW) {
             Some(suppressed)
         } else {
             // Those it would have reported are reported by the next one.
             slot.suppressed.fetch_add(suppressed + 1, Ordering::Relaxed);
             None
-        }
-    }
-
-    /// Takes one line of the site's quota in `window`, if any is left.
-    fn site_admits(&self, window: u32) -> bool {
-        let mut seen = self.site.load(Ordering::Relaxed);
-        loop {
-            let (seen_window, lines) = ((seen >> 32) as u32, seen as u32);
-            let next = if seen_window != window {
-                (u64::from(window) << 32) | 1
-            } else if lines < KEYED_LINES_PER_WINDOW {
-                seen + 1
-            } else {
-                return false;
-            };
-            match self
-                .site
-                .compare_exchange_weak(seen, next, Ordering::Relaxed, Ordering::Relaxed)
-            {
-                Ok(_) => return true,
-                Err(now) => seen = now,
-            }
         }
     }
 }
