@@ -1,6 +1,8 @@
 //! Command line and the concrete plan it resolves to.
 
+use bytes::Bytes;
 use clap::{Parser, ValueEnum};
+use tern_codec::properties::PublishProperties;
 use tern_codec::{ProtocolVersion, QoS};
 
 /// tern-bench: an MQTT load generator. Scenarios are named after the Open
@@ -131,7 +133,22 @@ pub struct Args {
     /// `--transport tls`: the name the broker's certificate must carry.
     #[arg(long = "tls-name", default_value = "localhost")]
     pub tls_name: String,
+    /// MQTT 5: every PUBLISH carries this many User Properties
+    /// (`k0`=`v`, `k1`=`v`, ...), which the broker forwards.
+    #[arg(long = "user-properties", default_value_t = 0)]
+    pub user_properties: usize,
+    /// MQTT 5: every PUBLISH carries this Message Expiry Interval (seconds),
+    /// which the broker forwards counted down.
+    #[arg(long = "message-expiry")]
+    pub message_expiry: Option<u32>,
+    /// MQTT 5: subscribers subscribe with a Subscription Identifier, which
+    /// the broker adds to every delivery.
+    #[arg(long = "subscription-id")]
+    pub subscription_id: bool,
 }
+
+/// The most `--user-properties` a PUBLISH may carry.
+const MAX_USER_PROPERTIES: usize = 1000;
 
 /// How a `conn` connection reaches the broker.
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -186,6 +203,10 @@ pub struct Plan {
     /// conn: connections to open.
     pub connections: usize,
     pub inflight: usize,
+    /// The properties of every PUBLISH (MQTT 5; none for 3.1.1).
+    pub publish_properties: PublishProperties,
+    /// The Subscription Identifier of every SUBSCRIBE (MQTT 5).
+    pub subscription_id: Option<u32>,
 }
 
 impl Args {
@@ -220,6 +241,26 @@ impl Args {
         if !self.ws_path.starts_with('/') {
             return Err("--ws-path must start with /".into());
         }
+        let v5_options =
+            self.user_properties > 0 || self.message_expiry.is_some() || self.subscription_id;
+        if v5_options && version != ProtocolVersion::V5 {
+            return Err(
+                "--user-properties, --message-expiry and --subscription-id need --mqtt-version 5"
+                    .into(),
+            );
+        }
+        // Far more than any real message carries, and each takes 10+ bytes
+        // of every packet: a typo, not a plan.
+        if self.user_properties > MAX_USER_PROPERTIES {
+            return Err(format!("--user-properties: at most {MAX_USER_PROPERTIES}"));
+        }
+        let publish_properties = PublishProperties {
+            message_expiry_interval: self.message_expiry,
+            user_properties: (0..self.user_properties)
+                .map(|i| (Bytes::from(format!("k{i}")), Bytes::from_static(b"v")))
+                .collect(),
+            ..PublishProperties::default()
+        };
         let rate = self.rate.unwrap_or(match self.scenario {
             Scenario::Latency => 1000.0,
             Scenario::Conn => 2000.0,
@@ -311,6 +352,8 @@ impl Args {
             fanout,
             connections,
             inflight: self.inflight,
+            publish_properties,
+            subscription_id: self.subscription_id.then_some(1),
         })
     }
 }
@@ -406,5 +449,38 @@ mod tests {
         assert!(plan(&["conn", "--transport", "tls", "--ca-file", "ca.pem"]).is_ok());
         assert!(plan(&["p2p", "--transport", "tls", "--ca-file", "ca.pem"]).is_ok());
         assert!(plan(&["p2p", "--transport", "tls"]).is_err());
+        assert!(plan(&["fan-out", "--subscription-id"]).is_err());
+        assert!(plan(&["fan-out", "--message-expiry", "60"]).is_err());
+        assert!(plan(&["fan-out", "--user-properties", "2"]).is_err());
+        let too_many = (MAX_USER_PROPERTIES + 1).to_string();
+        let v5 = ["fan-out", "--mqtt-version", "5", "--user-properties"];
+        assert!(plan(&[&v5[..], &[too_many.as_str()]].concat()).is_err());
+    }
+
+    #[test]
+    fn mqtt5_properties_reach_the_plan() {
+        let p = plan(&[
+            "fan-out",
+            "--mqtt-version",
+            "5",
+            "--user-properties",
+            "2",
+            "--message-expiry",
+            "60",
+            "--subscription-id",
+        ])
+        .unwrap();
+        assert_eq!(p.publish_properties.message_expiry_interval, Some(60));
+        assert_eq!(
+            p.publish_properties.user_properties,
+            vec![
+                (Bytes::from_static(b"k0"), Bytes::from_static(b"v")),
+                (Bytes::from_static(b"k1"), Bytes::from_static(b"v")),
+            ]
+        );
+        assert_eq!(p.subscription_id, Some(1));
+        let p = plan(&["fan-out", "--mqtt-version", "5"]).unwrap();
+        assert!(p.publish_properties.is_empty());
+        assert_eq!(p.subscription_id, None);
     }
 }

@@ -497,10 +497,11 @@ impl Conn {
         version: ProtocolVersion,
         filter: &str,
         qos: QoS,
+        subscription_id: Option<u32>,
         timeout: Duration,
     ) -> io::Result<()> {
         self.stream
-            .write_all(&wire::subscribe(version, 1, filter, qos))
+            .write_all(&wire::subscribe(version, 1, filter, qos, subscription_id))
             .await?;
         self.stream.flush().await?;
         let wait = async {

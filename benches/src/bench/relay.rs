@@ -288,7 +288,7 @@ mod tests {
                 .map(|i| {
                     let mut s = connected(port, &format!("s{i}"));
                     let subscribe =
-                        wire::subscribe(ProtocolVersion::V311, 7, "t/#", QoS::AtMostOnce);
+                        wire::subscribe(ProtocolVersion::V311, 7, "t/#", QoS::AtMostOnce, None);
                     s.write_all(&subscribe).expect("write SUBSCRIBE");
                     assert_eq!(read_exactly(&mut s, 5), [0x90, 0x03, 0x00, 0x07, 0x00]);
                     s

@@ -97,6 +97,8 @@ pub struct ThroughputReport {
     pub mqtt_version: String,
     pub qos: u8,
     pub payload: usize,
+    /// MQTT 5 properties of the messages and subscriptions.
+    pub properties: MessageProperties,
     pub publishers: usize,
     pub subscribers: usize,
     pub shared: bool,
@@ -136,6 +138,36 @@ pub struct ThroughputReport {
     pub generator: GeneratorFigures,
 }
 
+/// The MQTT 5 properties a run's messages and subscriptions carry (all
+/// unset for 3.1.1): what makes a broker encode a delivery's header of its
+/// own rather than share one.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct MessageProperties {
+    /// User Properties per PUBLISH.
+    pub user_properties: usize,
+    /// Message Expiry Interval of every PUBLISH, seconds.
+    pub message_expiry_s: Option<u32>,
+    /// Whether subscriptions carry a Subscription Identifier.
+    pub subscription_id: bool,
+}
+
+impl MessageProperties {
+    /// ", 4 user properties, expiry 60 s, subscription id", or nothing.
+    fn text(&self) -> String {
+        let mut s = String::new();
+        if self.user_properties > 0 {
+            s += &format!(", {} user properties", self.user_properties);
+        }
+        if let Some(expiry) = self.message_expiry_s {
+            s += &format!(", expiry {expiry} s");
+        }
+        if self.subscription_id {
+            s += ", subscription id";
+        }
+        s
+    }
+}
+
 /// Settings that shape the report but are not counts.
 #[derive(Debug, Clone)]
 pub struct Setup {
@@ -143,6 +175,7 @@ pub struct Setup {
     pub mqtt_version: String,
     pub qos: u8,
     pub payload: usize,
+    pub properties: MessageProperties,
     pub publishers: usize,
     pub subscribers: usize,
     pub shared: bool,
@@ -198,6 +231,7 @@ pub fn throughput_report(
         mqtt_version: setup.mqtt_version.clone(),
         qos: setup.qos,
         payload: setup.payload,
+        properties: setup.properties.clone(),
         publishers: setup.publishers,
         subscribers: setup.subscribers,
         shared: setup.shared,
@@ -302,7 +336,7 @@ impl ThroughputReport {
             s.push('\n');
         };
         line(format!(
-            "{}{}: {} publisher(s) -> {} subscriber(s), MQTT {}, QoS {}, {} B payload, rate {}{}",
+            "{}{}: {} publisher(s) -> {} subscriber(s), MQTT {}, QoS {}, {} B payload{}, rate {}{}",
             self.scenario,
             if self.shared { " (shared)" } else { "" },
             self.publishers,
@@ -310,6 +344,7 @@ impl ThroughputReport {
             self.mqtt_version,
             self.qos,
             self.payload,
+            self.properties.text(),
             if self.rate_target > 0.0 {
                 format!("{}/s", si(self.rate_target))
             } else {
@@ -454,6 +489,7 @@ mod tests {
             mqtt_version: "3.1.1".into(),
             qos,
             payload: 64,
+            properties: MessageProperties::default(),
             publishers: 1,
             subscribers: 10,
             shared: false,

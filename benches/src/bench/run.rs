@@ -118,6 +118,7 @@ async fn open_all(
         let id = format!("tb{pid}-{role}{i}");
         let filter = filters.map(|f| f[i].clone());
         let (version, qos, keep_alive) = (plan.version, plan.qos, args.keep_alive);
+        let subscription_id = plan.subscription_id;
         let persistent = args.persistent && filter.is_some();
         let sndbuf = if filter.is_none() {
             args.publisher_sndbuf
@@ -144,7 +145,7 @@ async fn open_all(
                     .map_err(|e| format!("{id}: SO_SNDBUF {sndbuf}: {e}"))?;
             }
             if let Some(filter) = filter {
-                conn.subscribe(version, &filter, qos, wait)
+                conn.subscribe(version, &filter, qos, subscription_id, wait)
                     .await
                     .map_err(|e| format!("{id}: subscribe {filter}: {e}"))?;
             }
@@ -225,8 +226,14 @@ async fn run_throughput(
             quit_rx.clone(),
         )));
     }
-    let template_len =
-        wire::PublishTemplate::new(plan.version, &plan.pub_topics[0], plan.qos, args.payload).len();
+    let template_len = wire::PublishTemplate::new(
+        plan.version,
+        &plan.pub_topics[0],
+        plan.qos,
+        args.payload,
+        &plan.publish_properties,
+    )
+    .len();
     let per_batch = (args.batch_bytes / template_len).max(1);
     let rate_pp = plan.rate / plan.publishers as f64;
     let drain = Duration::from_secs_f64(args.drain);
@@ -238,8 +245,13 @@ async fn run_throughput(
             window = window.min(usize::from(rm));
         }
         window_used = window_used.min(window);
-        let template =
-            wire::PublishTemplate::new(plan.version, &plan.pub_topics[i], plan.qos, args.payload);
+        let template = wire::PublishTemplate::new(
+            plan.version,
+            &plan.pub_topics[i],
+            plan.qos,
+            args.payload,
+            &plan.publish_properties,
+        );
         let batch = if plan.qos == QoS::AtMostOnce {
             per_batch
         } else {
@@ -377,6 +389,11 @@ async fn run_throughput(
         mqtt_version: version_name(plan.version).into(),
         qos: plan.qos as u8,
         payload: args.payload,
+        properties: report::MessageProperties {
+            user_properties: args.user_properties,
+            message_expiry_s: args.message_expiry,
+            subscription_id: args.subscription_id,
+        },
         publishers: plan.publishers,
         subscribers: plan.subscribers,
         shared: args.shared,

@@ -9,7 +9,7 @@
 //! message.
 
 use bytes::{Bytes, BytesMut};
-use tern_codec::properties::ConnectProperties;
+use tern_codec::properties::{ConnectProperties, PublishProperties, SubscribeProperties};
 use tern_codec::{
     encode_packet, encode_publish_header, Connect, Packet, ProtocolVersion, Publish, QoS,
     RetainHandling, Subscribe, SubscribeFilter,
@@ -53,8 +53,15 @@ pub fn connect(
     )
 }
 
-/// The bytes of SUBSCRIBE for one filter.
-pub fn subscribe(version: ProtocolVersion, packet_id: u16, filter: &str, qos: QoS) -> Vec<u8> {
+/// The bytes of SUBSCRIBE for one filter, with a Subscription Identifier
+/// when `subscription_id` is given (MQTT 5).
+pub fn subscribe(
+    version: ProtocolVersion,
+    packet_id: u16,
+    filter: &str,
+    qos: QoS,
+    subscription_id: Option<u32>,
+) -> Vec<u8> {
     encode(
         &Packet::Subscribe(Subscribe {
             packet_id,
@@ -65,7 +72,10 @@ pub fn subscribe(version: ProtocolVersion, packet_id: u16, filter: &str, qos: Qo
                 retain_as_published: false,
                 retain_handling: RetainHandling::SendAtSubscribe,
             }],
-            properties: Default::default(),
+            properties: SubscribeProperties {
+                subscription_identifier: subscription_id,
+                ..SubscribeProperties::default()
+            },
         }),
         version,
     )
@@ -109,8 +119,15 @@ pub struct PublishTemplate {
 }
 
 impl PublishTemplate {
-    pub fn new(version: ProtocolVersion, topic: &str, qos: QoS, payload_len: usize) -> Self {
-        let publish = Publish {
+    /// `properties` are encoded only for MQTT 5.
+    pub fn new(
+        version: ProtocolVersion,
+        topic: &str,
+        qos: QoS,
+        payload_len: usize,
+        properties: &PublishProperties,
+    ) -> Self {
+        let mut publish = Publish {
             dup: false,
             qos,
             retain: false,
@@ -119,14 +136,21 @@ impl PublishTemplate {
             properties: Default::default(),
             payload: Bytes::from(vec![FILL; payload_len]),
         };
+        if version.is_v5() && !properties.is_empty() {
+            publish.set_properties(properties.clone());
+        }
         let mut header = BytesMut::new();
         encode_publish_header(&publish, version, &mut header)
             .expect("tern-bench only encodes valid packets");
         let payload_offset = header.len();
-        // The packet id is the last field before the payload, except in
-        // MQTT 5 where the (here empty, one byte) property length follows it.
-        let id_offset =
-            (qos != QoS::AtMostOnce).then(|| payload_offset - 2 - usize::from(version.is_v5()));
+        // The packet id follows the first byte, the Remaining Length and the
+        // topic (MQTT 5 properties come after it).
+        let length_bytes = header[1..]
+            .iter()
+            .position(|b| b & 0x80 == 0)
+            .expect("an encoded Remaining Length ends")
+            + 1;
+        let id_offset = (qos != QoS::AtMostOnce).then(|| 1 + length_bytes + 2 + topic.len());
         let mut bytes = header.to_vec();
         bytes.extend_from_slice(&publish.payload);
         PublishTemplate {
@@ -339,10 +363,27 @@ mod tests {
 
     #[test]
     fn template_patches_id_and_stamp_in_every_version_and_qos() {
+        let with_properties = PublishProperties {
+            message_expiry_interval: Some(60),
+            user_properties: vec![(Bytes::from_static(b"k0"), Bytes::from_static(b"v")); 40],
+            ..PublishProperties::default()
+        };
         for version in [ProtocolVersion::V311, ProtocolVersion::V5] {
-            for qos in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce] {
+            for (qos, properties) in [
+                (QoS::AtMostOnce, PublishProperties::NONE),
+                (QoS::AtLeastOnce, PublishProperties::NONE),
+                (QoS::ExactlyOnce, PublishProperties::NONE),
+                (QoS::AtMostOnce, with_properties.clone()),
+                (QoS::AtLeastOnce, with_properties.clone()),
+            ] {
                 for payload_len in [0, 7, 8, 64, 300] {
-                    let t = PublishTemplate::new(version, "bench/topic/7", qos, payload_len);
+                    let t = PublishTemplate::new(
+                        version,
+                        "bench/topic/7",
+                        qos,
+                        payload_len,
+                        &properties,
+                    );
                     let mut packet = t.bytes.clone();
                     t.patch(&mut packet, 0xBEEF, 0x0102_0304_0506_0708);
                     let Packet::Publish(p) = decode(&packet, version) else {
@@ -350,6 +391,11 @@ mod tests {
                     };
                     assert_eq!(p.qos, qos);
                     assert_eq!(p.topic_str(), "bench/topic/7");
+                    if version.is_v5() {
+                        assert_eq!(p.properties(), &properties);
+                    } else {
+                        assert!(p.properties().is_empty());
+                    }
                     assert_eq!(p.payload.len(), payload_len);
                     if qos == QoS::AtMostOnce {
                         assert_eq!(p.packet_id, None);
@@ -423,13 +469,23 @@ mod tests {
             let expiry = version.is_v5().then_some(3600);
             assert_eq!(p.properties.session_expiry_interval, expiry);
             let Packet::Subscribe(s) = decode(
-                &subscribe(version, 9, "$share/g/a/+", QoS::AtLeastOnce),
+                &subscribe(version, 9, "$share/g/a/+", QoS::AtLeastOnce, None),
                 version,
             ) else {
                 panic!()
             };
             assert_eq!(s.packet_id, 9);
             assert_eq!(s.filters[0].filter_str(), "$share/g/a/+");
+            assert_eq!(s.properties.subscription_identifier, None);
+            if version.is_v5() {
+                let Packet::Subscribe(s) = decode(
+                    &subscribe(version, 9, "a", QoS::AtMostOnce, Some(7)),
+                    version,
+                ) else {
+                    panic!()
+                };
+                assert_eq!(s.properties.subscription_identifier, Some(7));
+            }
             assert!(matches!(
                 decode(&DISCONNECT, version),
                 Packet::Disconnect(_)
