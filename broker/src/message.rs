@@ -34,13 +34,11 @@ pub struct Message {
     /// The session that published it (for No Local); 0 for wills published
     /// after their session ended and other broker-made messages.
     pub origin: u64,
-    /// Encoded PUBLISH headers shared by every delivery of the same shape,
-    /// indexed by [`header_slot`]: encoded once per message, then copied (or
-    /// shared) per delivery, with only the flags and packet id patched.
-    /// Boxed, and made with the first: a message with one subscriber (a
+    /// What its deliveries share of their encoding. Boxed, and made with
+    /// the first delivery that needs any: a message with one subscriber (a
     /// fan-in's, a pair's) or sent in a batch's frames never has one, and
-    /// inline the four slots were half of every message.
-    headers: OnceLock<Box<[OnceLock<Bytes>; 4]>>,
+    /// inline the slots were half of every message.
+    encoded: OnceLock<Box<SharedEncoding>>,
     /// The message's id in the durable store, once a durable session queued
     /// it or it was retained (see `persistence::Journal::reference`).
     pub store_id: OnceLock<u64>,
@@ -93,6 +91,21 @@ fn properties_weight(p: &PublishProperties) -> usize {
             .iter()
             .map(|(k, v)| k.len() + v.len() + std::mem::size_of::<(Bytes, Bytes)>())
             .sum::<usize>()
+}
+
+/// What the deliveries of one message share of their encoding: each part
+/// encoded by the first delivery that needs it, then copied per delivery.
+#[derive(Debug, Default)]
+struct SharedEncoding {
+    /// Whole PUBLISH headers, indexed by [`header_slot`], for deliveries
+    /// of the message's own properties: only the flags and the packet id
+    /// are patched per delivery.
+    headers: [OnceLock<Bytes>; 4],
+    /// The message's properties as MQTT 5 deliveries with properties of
+    /// their own (a Subscription Identifier, the expiry counted down, a
+    /// topic alias) forward them (see [`tern_codec::forward`]); `None` if
+    /// they cannot be encoded.
+    forwarded_properties: OnceLock<Option<Bytes>>,
 }
 
 /// The slot of a cached header: MQTT 5 or 3.x, with or without a packet id.
@@ -148,7 +161,7 @@ impl Message {
             properties: self.properties.as_deref().map(|p| Box::new(p.owned_copy())),
             expires_at: self.expires_at,
             origin: self.origin,
-            headers: OnceLock::new(),
+            encoded: OnceLock::new(),
             store_id: self.store_id.clone(),
             detached: OnceLock::new(),
             weight: self.weight,
@@ -204,7 +217,7 @@ impl Message {
             properties,
             expires_at,
             origin,
-            headers: OnceLock::new(),
+            encoded: OnceLock::new(),
             store_id: OnceLock::new(),
             detached: OnceLock::new(),
             weight,
@@ -262,10 +275,24 @@ impl Message {
         with_packet_id: bool,
         encode: impl FnOnce() -> Option<Bytes>,
     ) -> Option<&Bytes> {
-        let headers = self.headers.get_or_init(Default::default);
-        let header =
-            headers[header_slot(v5, with_packet_id)].get_or_init(|| encode().unwrap_or_default());
+        let encoded = self.encoded.get_or_init(Default::default);
+        let header = encoded.headers[header_slot(v5, with_packet_id)]
+            .get_or_init(|| encode().unwrap_or_default());
         (!header.is_empty()).then_some(header)
+    }
+
+    /// The message's properties as a forwarded MQTT 5 PUBLISH carries them
+    /// beside a delivery's own (see [`tern_codec::forward`]): encoded by the
+    /// first delivery that asks, shared by the others. `None` if they cannot
+    /// be encoded.
+    pub fn forwarded_properties(&self) -> Option<&Bytes> {
+        let encoded = self.encoded.get_or_init(Default::default);
+        encoded
+            .forwarded_properties
+            .get_or_init(|| {
+                tern_codec::forward::encode_forwarded_properties(self.properties()).ok()
+            })
+            .as_ref()
     }
 
     /// The topic as text (checked UTF-8 by the codec).

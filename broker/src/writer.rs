@@ -17,9 +17,12 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
-use tern_codec::properties::PublishProperties;
+use tern_codec::forward::{
+    encode_forwarded_header, forwarded_packet_len, ForwardedHeader, MessageProperties,
+};
 use tern_codec::{
-    encode_packet, encode_publish_header_of, Packet, ProtocolVersion, PubAck, PublishHeader, QoS,
+    encode_packet, encode_publish_header_of, EncodeError, Packet, ProtocolVersion, PubAck,
+    PublishHeader, QoS,
 };
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
@@ -539,9 +542,12 @@ fn encode_shared(
 }
 
 /// Encodes a delivery whose header is its own (MQTT 5 per-delivery
-/// properties or a topic alias), from borrowed parts: its properties are
-/// made here, on the stack, and the header encoded from them without a
-/// `Publish` (which would box them).
+/// properties or a topic alias), from borrowed parts: the message's
+/// properties as encoded once for all its deliveries
+/// ([`Message::forwarded_properties`]), the delivery's own beside them.
+/// Nothing is allocated or cloned per delivery. The only delivery of a
+/// message encodes its properties in place instead: caching them would
+/// cost an allocation and save nothing.
 fn encode_own(
     ctx: &WriterContext,
     aliases: &mut Option<Box<OutboundAliases>>,
@@ -550,55 +556,65 @@ fn encode_own(
     scratch: &mut BytesMut,
     chunks: &mut VecDeque<Bytes>,
 ) -> bool {
+    debug_assert!(
+        ctx.protocol.is_v5(),
+        "only MQTT 5 has per-delivery properties"
+    );
     let message = delivery.message;
-    let mut properties = own_properties(delivery, ctx.protocol, now);
-    let mut topic: &[u8] = &message.topic;
+    let properties = if delivery.sole {
+        MessageProperties::Decoded(message.properties())
+    } else if let Some(encoded) = message.forwarded_properties() {
+        MessageProperties::Encoded(encoded)
+    } else {
+        tracing::warn!(client_id = %ctx.session.client_id, "cannot encode publish properties");
+        return false;
+    };
+    let mut header = ForwardedHeader {
+        dup: delivery.dup,
+        qos: delivery.qos,
+        retain: delivery.retain,
+        topic: &message.topic,
+        packet_id: delivery.packet_id,
+        message: properties,
+        message_expiry_interval: message.remaining_expiry(now),
+        topic_alias: None,
+        subscription_identifiers: delivery.subscription_ids.as_slice(),
+        payload_len: message.payload.len(),
+    };
     if let Some(aliases) = aliases {
         // Assigned only once the size is known to fit (below), so that a
         // dropped delivery never defines an alias the client does not
         // learn; an alias takes the same 3 bytes whatever its value.
-        properties.topic_alias = Some(1);
+        header.topic_alias = Some(1);
         if aliases.is_known(&message.topic) {
-            topic = b"";
+            header.topic = b"";
         }
     }
-    let start = scratch.len();
     if ctx.client_max_packet.is_some() {
-        // Measured as it will be sent, then taken back if too large.
-        if !encode_own_header(ctx, &own_header(delivery, topic, &properties), scratch) {
-            return false;
-        }
-        let size = scratch.len() - start + message.payload.len();
-        scratch.truncate(start);
+        let size = match forwarded_packet_len(&header) {
+            Ok(size) => size,
+            Err(e) => return cannot_encode(ctx, &e),
+        };
         if too_large(ctx, delivery.packet_id, size) {
             return false;
         }
     }
     if let Some(aliases) = aliases {
         let (alias, known) = aliases.assign(&message.topic);
-        properties.topic_alias = Some(alias);
-        topic = if known { b"" } else { &message.topic };
+        header.topic_alias = Some(alias);
+        header.topic = if known { b"" } else { &message.topic };
     }
-    if !encode_own_header(ctx, &own_header(delivery, topic, &properties), scratch) {
-        return false;
+    if let Err(e) = encode_forwarded_header(&header, scratch) {
+        return cannot_encode(ctx, &e);
     }
     push_payload(&message.payload, scratch, chunks);
     true
 }
 
-/// Encodes `header` into `scratch`; false (logged) if it cannot be.
-fn encode_own_header(
-    ctx: &WriterContext,
-    header: &PublishHeader<'_>,
-    scratch: &mut BytesMut,
-) -> bool {
-    match encode_publish_header_of(header, ctx.protocol, scratch) {
-        Ok(()) => true,
-        Err(e) => {
-            tracing::warn!(client_id = %ctx.session.client_id, error = %e, "cannot encode publish");
-            false
-        }
-    }
+/// Logs a PUBLISH that cannot be encoded; false.
+fn cannot_encode(ctx: &WriterContext, error: &EncodeError) -> bool {
+    throttled!(WARN, client_id = %ctx.session.client_id, %error, "cannot encode publish");
+    false
 }
 
 /// Appends a payload: copied next to its header when small, otherwise
@@ -666,41 +682,6 @@ fn encode_control(ctx: &WriterContext, packet: &Packet, scratch: &mut BytesMut) 
     }
 }
 
-/// The header of `delivery`'s PUBLISH with `topic` (empty for a known
-/// alias) and `properties`.
-fn own_header<'a>(
-    delivery: &Outgoing<'_>,
-    topic: &'a [u8],
-    properties: &'a PublishProperties,
-) -> PublishHeader<'a> {
-    PublishHeader {
-        dup: delivery.dup,
-        qos: delivery.qos,
-        retain: delivery.retain,
-        topic,
-        packet_id: delivery.packet_id,
-        properties,
-        payload_len: delivery.message.payload.len(),
-    }
-}
-
-/// The properties of one delivery's PUBLISH: for 5.0 the message's, with
-/// its remaining expiry and the subscription's identifiers; none for 3.x.
-fn own_properties(
-    delivery: &Outgoing<'_>,
-    protocol: ProtocolVersion,
-    now: Instant,
-) -> PublishProperties {
-    if !protocol.is_v5() {
-        return PublishProperties::NONE;
-    }
-    let message = delivery.message;
-    let mut p = message.properties().clone();
-    p.message_expiry_interval = message.remaining_expiry(now);
-    p.subscription_identifiers = delivery.subscription_ids.to_vec();
-    p
-}
-
 /// Writes every chunk, using vectored writes, advancing past partial writes,
 /// then flushes.
 ///
@@ -760,6 +741,7 @@ mod tests {
     use super::*;
     use crate::session::Delivery;
     use crate::{Broker, Config};
+    use tern_codec::properties::PublishProperties;
 
     /// A socket that takes everything at once and keeps what each write
     /// carried.
@@ -943,5 +925,121 @@ mod tests {
         assert!(batch.items.is_empty() && batch.chunks.is_empty());
         assert!(batch.scratch.capacity() <= SCRATCH_KEPT);
         assert_eq!(broker.metrics.packets_sent.get(), BACKLOG as u64);
+    }
+
+    /// Counts the allocations of the thread that asks, and only while it
+    /// asks ([`allocations_in`]): the lib's tests run in parallel.
+    struct ThreadCounting;
+
+    thread_local! {
+        static COUNTED: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+    }
+
+    fn count_one() {
+        let _ = COUNTED.try_with(|c| c.set(c.get().map(|n| n + 1)));
+    }
+
+    unsafe impl std::alloc::GlobalAlloc for ThreadCounting {
+        unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+            count_one();
+            unsafe { std::alloc::System.alloc(layout) }
+        }
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+            unsafe { std::alloc::System.dealloc(ptr, layout) }
+        }
+        unsafe fn realloc(
+            &self,
+            ptr: *mut u8,
+            layout: std::alloc::Layout,
+            new_size: usize,
+        ) -> *mut u8 {
+            count_one();
+            unsafe { std::alloc::System.realloc(ptr, layout, new_size) }
+        }
+    }
+
+    #[global_allocator]
+    static ALLOCATOR: ThreadCounting = ThreadCounting;
+
+    /// The allocations `f` makes on this thread.
+    fn allocations_in(f: impl FnOnce()) -> usize {
+        COUNTED.with(|c| c.set(Some(0)));
+        f();
+        COUNTED.with(|c| c.take()).unwrap_or(0)
+    }
+
+    /// MQTT 5 deliveries with properties of their own (a Subscription
+    /// Identifier, the expiry counted down) of a message with user
+    /// properties: the message's properties are encoded once, by the first
+    /// delivery, and the others allocate nothing; the only delivery of a
+    /// message allocates nothing at all. Each carries all of them.
+    #[test]
+    fn deliveries_with_their_own_properties_allocate_nothing() {
+        let broker = Broker::new(Config::default());
+        let ctx = writer_context(&broker, ProtocolVersion::V5);
+        let properties = PublishProperties {
+            message_expiry_interval: Some(600),
+            content_type: Some(Bytes::from_static(b"text/plain")),
+            user_properties: (0..8)
+                .map(|i| (Bytes::from(format!("k{i}")), Bytes::from_static(b"v")))
+                .collect(),
+            ..PublishProperties::default()
+        };
+        let ids: SubscriptionIds = [7, 300].into_iter().collect();
+        const DELIVERIES: usize = 1000;
+        for sole in [false, true] {
+            let message = Message::new(
+                Bytes::from_static(b"fan/out"),
+                Bytes::from(vec![7u8; 64]),
+                QoS::AtMostOnce,
+                false,
+                Some(Box::new(properties.clone())),
+                0,
+            );
+            let outgoing = Outgoing {
+                message: &message,
+                qos: QoS::AtMostOnce,
+                dup: false,
+                retain: false,
+                packet_id: None,
+                subscription_ids: &ids,
+                sole,
+            };
+            let mut scratch = BytesMut::with_capacity(1 << 20);
+            let mut chunks = VecDeque::new();
+            let now = Instant::now();
+            let mut encode = || {
+                assert!(encode_publish(
+                    &ctx,
+                    &mut None,
+                    &outgoing,
+                    now,
+                    &mut scratch,
+                    &mut chunks
+                ));
+            };
+            let first = allocations_in(&mut encode);
+            let others = allocations_in(|| (1..DELIVERIES).for_each(|_| encode()));
+            assert_eq!(others, 0, "sole: {sole}");
+            assert!(first <= if sole { 0 } else { 2 }, "sole: {sole}: {first}");
+
+            assert!(chunks.is_empty(), "small payloads are copied");
+            let packet = scratch.len() / DELIVERIES;
+            assert_eq!(scratch.len(), packet * DELIVERIES);
+            let mut one = BytesMut::from(&scratch[..packet]);
+            let Ok(Some(Packet::Publish(p))) =
+                tern_codec::decode_packet(&mut one, ProtocolVersion::V5, usize::MAX)
+            else {
+                panic!("not a PUBLISH");
+            };
+            assert_eq!(
+                p.properties(),
+                &PublishProperties {
+                    subscription_identifiers: vec![7, 300],
+                    ..properties.clone()
+                }
+            );
+            assert_eq!(&scratch[..packet], &scratch[scratch.len() - packet..]);
+        }
     }
 }

@@ -272,28 +272,39 @@ async fn an_offline_queue_keeps_no_read_buffers() {
     server.shutdown().await;
 }
 
+/// A message's properties reach each of its subscribers whole, beside each
+/// delivery's own: its subscription's identifier and the expiry counted
+/// down. Two subscribers, so that the broker encodes the message's
+/// properties once and shares them.
 #[tokio::test]
 async fn rumqttc_v5_properties_pass_through_and_subscription_ids() {
     use rumqttc::v5::mqttbytes::v5::{PublishProperties, SubscribeProperties};
     use rumqttc::v5::mqttbytes::QoS;
     let server = start(|_| {}).await;
     let port = addr(&server).port();
-    let (sub, mut rx) = spawn_v5("v5sub", port, |_| {});
-    next(&mut rx, |p| {
-        matches!(p, rumqttc::v5::Incoming::ConnAck(_)).then_some(p)
-    })
-    .await;
-    let props = SubscribeProperties {
-        id: Some(42),
-        user_properties: vec![],
-    };
-    sub.subscribe_with_properties("req/#", QoS::AtLeastOnce, props)
-        .await
-        .unwrap();
-    next(&mut rx, |p| {
-        matches!(p, rumqttc::v5::Incoming::SubAck(_)).then_some(p)
-    })
-    .await;
+    let mut subscribers = Vec::new();
+    for (client_id, filter, id, qos) in [
+        ("v5sub", "req/#", 42, QoS::AtLeastOnce),
+        ("v5sub2", "req/+", 268_435_455, QoS::AtMostOnce),
+    ] {
+        let (sub, mut rx) = spawn_v5(client_id, port, |_| {});
+        next(&mut rx, |p| {
+            matches!(p, rumqttc::v5::Incoming::ConnAck(_)).then_some(p)
+        })
+        .await;
+        let props = SubscribeProperties {
+            id: Some(id),
+            user_properties: vec![],
+        };
+        sub.subscribe_with_properties(filter, qos, props)
+            .await
+            .unwrap();
+        next(&mut rx, |p| {
+            matches!(p, rumqttc::v5::Incoming::SubAck(_)).then_some(p)
+        })
+        .await;
+        subscribers.push((sub, rx, id));
+    }
 
     let (publisher, mut prx) = spawn_v5("v5pub", port, |_| {});
     next(&mut prx, |p| {
@@ -301,6 +312,8 @@ async fn rumqttc_v5_properties_pass_through_and_subscription_ids() {
     })
     .await;
     let properties = PublishProperties {
+        payload_format_indicator: Some(1),
+        message_expiry_interval: Some(600),
         content_type: Some("application/json".into()),
         response_topic: Some("resp/1".into()),
         correlation_data: Some(bytes::Bytes::from_static(b"corr")),
@@ -308,22 +321,41 @@ async fn rumqttc_v5_properties_pass_through_and_subscription_ids() {
         ..Default::default()
     };
     publisher
-        .publish_with_properties("req/a", QoS::AtLeastOnce, false, "{}", properties)
+        .publish_with_properties("req/a", QoS::AtLeastOnce, false, "{}", properties.clone())
         .await
         .unwrap();
-    let got = next_publish_v5(&mut rx).await;
-    let p = got.properties.expect("properties forwarded");
-    assert_eq!(p.content_type.as_deref(), Some("application/json"));
-    assert_eq!(p.response_topic.as_deref(), Some("resp/1"));
-    assert_eq!(p.correlation_data.as_deref(), Some(&b"corr"[..]));
-    assert_eq!(
-        p.user_properties,
-        vec![
-            ("k".to_string(), "v1".to_string()),
-            ("k".to_string(), "v2".to_string())
-        ]
-    );
-    assert_eq!(p.subscription_identifiers, vec![42]);
+    // And one only the first subscriber gets: its properties are encoded
+    // with its header, not ahead.
+    publisher
+        .publish_with_properties("req/a/b", QoS::AtLeastOnce, false, "{}", properties)
+        .await
+        .unwrap();
+    let received = [("req/a", 0), ("req/a", 1), ("req/a/b", 0)];
+    for (topic, at) in received {
+        let (_, rx, id) = &mut subscribers[at];
+        let got = next_publish_v5(rx).await;
+        let p = got.properties.expect("properties forwarded");
+        assert_eq!(p.payload_format_indicator, Some(1));
+        assert!(
+            p.message_expiry_interval
+                .is_some_and(|s| (590..=600).contains(&s)),
+            "expiry counted down from 600: {:?}",
+            p.message_expiry_interval
+        );
+        assert_eq!(p.content_type.as_deref(), Some("application/json"));
+        assert_eq!(p.response_topic.as_deref(), Some("resp/1"));
+        assert_eq!(p.correlation_data.as_deref(), Some(&b"corr"[..]));
+        assert_eq!(
+            p.user_properties,
+            vec![
+                ("k".to_string(), "v1".to_string()),
+                ("k".to_string(), "v2".to_string())
+            ]
+        );
+        assert_eq!(p.subscription_identifiers, vec![*id]);
+        assert_eq!(p.topic_alias, None);
+        assert_eq!(&got.topic[..], topic.as_bytes());
+    }
     server.shutdown().await;
 }
 

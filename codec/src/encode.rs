@@ -111,7 +111,7 @@ pub fn encoded_len(packet: &Packet, version: ProtocolVersion) -> Result<usize, E
     Ok(1 + varint_len(remaining as u32) + remaining)
 }
 
-fn remaining_length(len: usize) -> Result<usize, EncodeError> {
+pub(crate) fn remaining_length(len: usize) -> Result<usize, EncodeError> {
     if len > VARINT_MAX as usize {
         return Err(EncodeError::PacketTooLarge {
             size: len.saturating_add(5),
@@ -120,7 +120,7 @@ fn remaining_length(len: usize) -> Result<usize, EncodeError> {
     Ok(len)
 }
 
-fn publish_first_byte(dup: bool, qos: QoS, retain: bool) -> u8 {
+pub(crate) fn publish_first_byte(dup: bool, qos: QoS, retain: bool) -> u8 {
     // DUP is meaningless for QoS 0 and must then be 0 (MQTT-3.3.1-2).
     let dup = dup && qos != QoS::AtMostOnce;
     0x30 | (u8::from(dup) << 3) | ((qos as u8) << 1) | u8::from(retain)
@@ -182,7 +182,7 @@ fn check_code(packet: PacketType, code: ReasonCode) -> Result<(), EncodeError> {
     }
 }
 
-fn packet_id<W: Sink>(id: u16, w: &mut W) -> Result<(), EncodeError> {
+pub(crate) fn packet_id<W: Sink>(id: u16, w: &mut W) -> Result<(), EncodeError> {
     if id == 0 {
         return Err(EncodeError::NotAllowed("packet identifier 0"));
     }

@@ -32,10 +32,13 @@
 //! - `primitives`: integers, Variable Byte Integers, strings, binary data.
 //! - `property_codec`: property lists, generated from one table per packet.
 //! - `decode` and `encode`: the packets; `error`: what can go wrong.
+//! - [`forward`]: PUBLISH headers a server writes per delivery of a message
+//!   whose properties it encoded once.
 
 mod decode;
 mod encode;
 mod error;
+pub mod forward;
 mod packet;
 mod primitives;
 pub mod properties;

@@ -77,6 +77,45 @@ pub fn decode_publish_properties(bytes: Bytes) -> Result<PublishProperties, Deco
     decode_properties(&mut Reader::new(bytes))
 }
 
+/// A PUBLISH's properties but for the three a server sets per delivery
+/// (Message Expiry Interval, Topic Alias, Subscription Identifiers), without
+/// a length prefix: see [`crate::forward`].
+pub(crate) fn encode_forwarded_body<W: Sink>(
+    props: &PublishProperties,
+    w: &mut W,
+) -> Result<(), EncodeError> {
+    // Named one by one, so that a property added to the struct does not
+    // compile here until it is sorted into the message's or the delivery's.
+    let PublishProperties {
+        payload_format_indicator,
+        message_expiry_interval: _,
+        topic_alias: _,
+        response_topic,
+        correlation_data,
+        user_properties,
+        subscription_identifiers: _,
+        content_type,
+    } = props;
+    kind::flag::encode(payload_format_indicator, id::PAYLOAD_FORMAT_INDICATOR, w)?;
+    kind::response_topic::encode(response_topic, id::RESPONSE_TOPIC, w)?;
+    kind::binary::encode(correlation_data, id::CORRELATION_DATA, w)?;
+    kind::user::encode(user_properties, id::USER_PROPERTY, w)?;
+    kind::string::encode(content_type, id::CONTENT_TYPE, w)
+}
+
+/// The three PUBLISH properties a server sets per delivery; see
+/// [`encode_forwarded_body`].
+pub(crate) fn encode_forwarded_by_delivery<W: Sink>(
+    message_expiry_interval: Option<u32>,
+    topic_alias: Option<u16>,
+    subscription_identifiers: &[u32],
+    w: &mut W,
+) -> Result<(), EncodeError> {
+    kind::int32::encode(&message_expiry_interval, id::MESSAGE_EXPIRY_INTERVAL, w)?;
+    kind::alias16::encode(&topic_alias, id::TOPIC_ALIAS, w)?;
+    kind::subids::encode(subscription_identifiers, id::SUBSCRIPTION_IDENTIFIER, w)
+}
+
 /// A will's properties as a self-contained property list; see
 /// [`encode_publish_properties`].
 pub fn encode_will_properties(props: &WillProperties) -> Result<Bytes, EncodeError> {
