@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, Bytes, BytesMut};
 use tern_codec::forward::{
     encode_forwarded_header, forwarded_packet_len, ForwardedHeader, MessageProperties,
+    EXPIRY_AT_END,
 };
 use tern_codec::{
     encode_packet, encode_publish_header_of, EncodeError, Packet, ProtocolVersion, PubAck,
@@ -454,22 +455,22 @@ fn encode_publish(
         Metrics::inc(&ctx.metrics.messages_expired);
         return false;
     }
-    // Most deliveries share the message's encoded header; MQTT 5 deliveries
-    // that carry per-delivery properties (subscription identifiers, a
-    // decreasing expiry, a topic alias) are encoded on their own.
-    let shared = !ctx.protocol.is_v5()
-        || (outgoing.subscription_ids.is_empty()
-            && message.expires_at.is_none()
-            && aliases.is_none());
+    // Most deliveries share the message's encoded header (an expiry, the
+    // same size for every delivery, written over it); MQTT 5 deliveries
+    // with subscription identifiers or a topic alias are encoded on their
+    // own.
+    let shared =
+        !ctx.protocol.is_v5() || (outgoing.subscription_ids.is_empty() && aliases.is_none());
     if shared {
-        encode_shared(ctx, outgoing, scratch, chunks)
+        encode_shared(ctx, outgoing, now, scratch, chunks)
     } else {
         encode_own(ctx, aliases, outgoing, now, scratch, chunks)
     }
 }
 
 /// Encodes a delivery from the message's shared header: a copy of a few
-/// bytes and two patches instead of a full encode. A delivery that holds the
+/// bytes and up to three patches (flags, packet id, an MQTT 5 message's
+/// remaining expiry) instead of a full encode. A delivery that holds the
 /// message's last reference, with its in-flight entry for QoS 1/2 (its only
 /// subscriber, as in a fan-in or pairs), encodes the header in place
 /// instead: no other delivery would reuse it, and caching it would cost a
@@ -477,16 +478,21 @@ fn encode_publish(
 fn encode_shared(
     ctx: &WriterContext,
     delivery: &Outgoing<'_>,
+    now: Instant,
     scratch: &mut BytesMut,
     chunks: &mut VecDeque<Bytes>,
 ) -> bool {
     let message = delivery.message;
     let v5 = ctx.protocol.is_v5();
     let with_packet_id = delivery.packet_id.is_some();
-    // With a placeholder packet id and flags, patched below per delivery;
-    // borrowed, so the message's topic and payload (slices of the buffer
-    // they were read into, one reference count for both) are not cloned
-    // and dropped again for it.
+    // MQTT 5 states the expiry left per delivery: the header ends with it
+    // (`tern_codec::forward::EXPIRY_AT_END`), written over below. 3.x has
+    // no properties.
+    let remaining_expiry = message.remaining_expiry(now).filter(|_| v5);
+    // With a placeholder packet id, flags and expiry, patched below per
+    // delivery; borrowed, so the message's topic and payload (slices of
+    // the buffer they were read into, one reference count for both) are
+    // not cloned and dropped again for it.
     let encode_header = |out: &mut BytesMut| {
         let qos = if with_packet_id {
             QoS::AtLeastOnce
@@ -494,7 +500,22 @@ fn encode_shared(
             QoS::AtMostOnce
         };
         let template = header_of(message, qos, false, with_packet_id.then_some(1));
-        encode_publish_header_of(&template, ctx.protocol, out).is_ok()
+        if remaining_expiry.is_none() {
+            return encode_publish_header_of(&template, ctx.protocol, out).is_ok();
+        }
+        let template = ForwardedHeader {
+            dup: false,
+            qos,
+            retain: false,
+            topic: template.topic,
+            packet_id: template.packet_id,
+            message: MessageProperties::Decoded(template.properties),
+            message_expiry_interval: Some(0),
+            topic_alias: None,
+            subscription_identifiers: &[],
+            payload_len: template.payload_len,
+        };
+        encode_forwarded_header(&template, out).is_ok()
     };
     let start = scratch.len();
     // Nobody else holds the message, so nobody can start to share it.
@@ -536,6 +557,10 @@ fn encode_shared(
     if let Some(packet_id) = delivery.packet_id {
         let at = start + packet_id_offset(&scratch[start..], message.topic.len());
         scratch[at..at + 2].copy_from_slice(&packet_id.to_be_bytes());
+    }
+    if let Some(expiry) = remaining_expiry {
+        let at = scratch.len() - EXPIRY_AT_END;
+        scratch[at..].copy_from_slice(&expiry.to_be_bytes());
     }
     push_payload(&message.payload, scratch, chunks);
     true
@@ -968,11 +993,12 @@ mod tests {
         COUNTED.with(|c| c.take()).unwrap_or(0)
     }
 
-    /// MQTT 5 deliveries with properties of their own (a Subscription
-    /// Identifier, the expiry counted down) of a message with user
-    /// properties: the message's properties are encoded once, by the first
-    /// delivery, and the others allocate nothing; the only delivery of a
-    /// message allocates nothing at all. Each carries all of them.
+    /// MQTT 5 deliveries of a message with user properties and an expiry,
+    /// with a Subscription Identifier (a header of their own) or without
+    /// (the message's shared header, the expiry written over it): the
+    /// message's properties are encoded once, by the first delivery, and the
+    /// others allocate nothing; the only delivery of a message allocates
+    /// nothing at all. Each carries all of them.
     #[test]
     fn deliveries_with_their_own_properties_allocate_nothing() {
         let broker = Broker::new(Config::default());
@@ -985,9 +1011,10 @@ mod tests {
                 .collect(),
             ..PublishProperties::default()
         };
-        let ids: SubscriptionIds = [7, 300].into_iter().collect();
         const DELIVERIES: usize = 1000;
-        for sole in [false, true] {
+        let cases = [(false, vec![7, 300]), (true, vec![7, 300]), (false, vec![])];
+        for (sole, ids) in cases {
+            let ids: SubscriptionIds = ids.into_iter().collect();
             let message = Message::new(
                 Bytes::from_static(b"fan/out"),
                 Bytes::from(vec![7u8; 64]),
@@ -1020,7 +1047,7 @@ mod tests {
             };
             let first = allocations_in(&mut encode);
             let others = allocations_in(|| (1..DELIVERIES).for_each(|_| encode()));
-            assert_eq!(others, 0, "sole: {sole}");
+            assert_eq!(others, 0, "sole: {sole}, ids: {ids:?}");
             assert!(first <= if sole { 0 } else { 2 }, "sole: {sole}: {first}");
 
             assert!(chunks.is_empty(), "small payloads are copied");
@@ -1035,11 +1062,87 @@ mod tests {
             assert_eq!(
                 p.properties(),
                 &PublishProperties {
-                    subscription_identifiers: vec![7, 300],
+                    subscription_identifiers: ids.to_vec(),
                     ..properties.clone()
                 }
             );
             assert_eq!(&scratch[..packet], &scratch[scratch.len() - packet..]);
+        }
+    }
+
+    /// Deliveries that share an MQTT 5 message's header each state the
+    /// expiry left at their own time, in 3.x none; QoS 1 ones their own
+    /// packet id.
+    #[test]
+    fn a_shared_header_states_each_delivery_s_remaining_expiry() {
+        let broker = Broker::new(Config::default());
+        let message = Message::new(
+            Bytes::from_static(b"t/x"),
+            Bytes::from_static(b"payload"),
+            QoS::AtLeastOnce,
+            false,
+            Some(Box::new(PublishProperties {
+                message_expiry_interval: Some(600),
+                correlation_data: Some(Bytes::from_static(b"c")),
+                ..PublishProperties::default()
+            })),
+            0,
+        );
+        let created = Instant::now();
+        let ids = SubscriptionIds::default();
+        for protocol in [ProtocolVersion::V5, ProtocolVersion::V311] {
+            let ctx = writer_context(&broker, protocol);
+            let mut received = Vec::new();
+            for (after, packet_id) in [(0, 1), (100, 2), (599, 3)] {
+                let outgoing = Outgoing {
+                    message: &message,
+                    qos: QoS::AtLeastOnce,
+                    dup: after == 100,
+                    retain: false,
+                    packet_id: Some(packet_id),
+                    subscription_ids: &ids,
+                    sole: false,
+                };
+                let now = created + Duration::from_secs(after);
+                let mut scratch = BytesMut::new();
+                let mut chunks = VecDeque::new();
+                assert!(encode_publish(
+                    &ctx,
+                    &mut None,
+                    &outgoing,
+                    now,
+                    &mut scratch,
+                    &mut chunks
+                ));
+                let Ok(Some(Packet::Publish(p))) =
+                    tern_codec::decode_packet(&mut scratch, protocol, usize::MAX)
+                else {
+                    panic!("not a PUBLISH");
+                };
+                assert!(scratch.is_empty());
+                assert_eq!(&p.payload[..], b"payload");
+                received.push((
+                    p.packet_id,
+                    p.dup,
+                    p.properties().message_expiry_interval,
+                    p.properties().correlation_data.clone(),
+                ));
+            }
+            let c = || Some(Bytes::from_static(b"c"));
+            let expected = if protocol.is_v5() {
+                vec![
+                    (Some(1), false, Some(600), c()),
+                    (Some(2), true, Some(500), c()),
+                    (Some(3), false, Some(1), c()),
+                ]
+            } else {
+                vec![
+                    (Some(1), false, None, None),
+                    (Some(2), true, None, None),
+                    (Some(3), false, None, None),
+                ]
+            };
+            assert_eq!(received, expected, "{protocol:?}");
         }
     }
 }

@@ -13,7 +13,9 @@
 //! [`encode_forwarded_header`] then writes each delivery's header from
 //! those bytes and the delivery's own three, so a message fanned out to many
 //! subscribers has its User Properties encoded once, not once per delivery,
-//! and nothing is allocated per delivery.
+//! and nothing is allocated per delivery. Where the expiry is a delivery's
+//! only property of its own, the whole header can be encoded once and the
+//! expiry written over each copy ([`EXPIRY_AT_END`]).
 
 use bytes::{Bytes, BytesMut};
 
@@ -66,6 +68,11 @@ pub fn encode_forwarded_properties(props: &PublishProperties) -> Result<Bytes, E
     Ok(out.freeze())
 }
 
+/// Bytes from the end of a [`ForwardedHeader`] with a Message Expiry
+/// Interval but no Topic Alias and no Subscription Identifier to where the
+/// interval's four bytes (big endian) start.
+pub const EXPIRY_AT_END: usize = 4;
+
 /// The size of the whole PUBLISH `header` describes, payload included: to
 /// respect a client's Maximum Packet Size before encoding it.
 pub fn forwarded_packet_len(header: &ForwardedHeader<'_>) -> Result<usize, EncodeError> {
@@ -76,6 +83,11 @@ pub fn forwarded_packet_len(header: &ForwardedHeader<'_>) -> Result<usize, Encod
 /// Appends `header`, as an MQTT 5 PUBLISH's fixed and variable header
 /// (its Remaining Length counts the payload, which the caller writes after
 /// it). On error nothing is appended.
+///
+/// A header with a Message Expiry Interval but no Topic Alias and no
+/// Subscription Identifier ends with the interval's four bytes: a header
+/// encoded once can be copied per delivery with the interval written over
+/// them ([`EXPIRY_AT_END`]).
 pub fn encode_forwarded_header(
     header: &ForwardedHeader<'_>,
     out: &mut BytesMut,
@@ -119,21 +131,19 @@ fn lengths(header: &ForwardedHeader<'_>) -> Result<(usize, usize), EncodeError> 
     Ok((properties_len, remaining))
 }
 
-/// The property list's body: the delivery's own, then the message's.
+/// The property list's body: the message's, then the delivery's own, the
+/// Message Expiry Interval first of those (see [`encode_forwarded_header`]).
 fn properties<W: Sink>(header: &ForwardedHeader<'_>, w: &mut W) -> Result<(), EncodeError> {
+    match header.message {
+        MessageProperties::Encoded(bytes) => w.put_slice(bytes),
+        MessageProperties::Decoded(props) => encode_forwarded_body(props, w)?,
+    }
     encode_forwarded_by_delivery(
         header.message_expiry_interval,
         header.topic_alias,
         header.subscription_identifiers,
         w,
-    )?;
-    match header.message {
-        MessageProperties::Encoded(bytes) => {
-            w.put_slice(bytes);
-            Ok(())
-        }
-        MessageProperties::Decoded(props) => encode_forwarded_body(props, w),
-    }
+    )
 }
 
 #[cfg(test)]
@@ -207,6 +217,37 @@ mod tests {
                 };
                 assert_eq!(p.properties(), &expected);
             }
+        }
+    }
+
+    /// The expiry can be written over a copy of a header encoded once.
+    #[test]
+    fn the_expiry_ends_a_header_without_alias_or_identifiers() {
+        let message = every_property();
+        let encoded = encode_forwarded_properties(&message).unwrap();
+        for props in [
+            MessageProperties::Encoded(&encoded),
+            MessageProperties::Decoded(&message),
+        ] {
+            let header = ForwardedHeader {
+                dup: false,
+                qos: QoS::AtLeastOnce,
+                retain: false,
+                topic: b"t",
+                packet_id: Some(9),
+                message: props,
+                message_expiry_interval: Some(0),
+                topic_alias: None,
+                subscription_identifiers: &[],
+                payload_len: 3,
+            };
+            let mut out = BytesMut::new();
+            encode_forwarded_header(&header, &mut out).unwrap();
+            let at = out.len() - EXPIRY_AT_END;
+            out[at..].copy_from_slice(&0x0102_0304u32.to_be_bytes());
+            let p = decode(&out, b"abc");
+            assert_eq!(p.properties().message_expiry_interval, Some(0x0102_0304));
+            assert_eq!(p.properties().user_properties, message.user_properties);
         }
     }
 
