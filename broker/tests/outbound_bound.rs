@@ -19,7 +19,7 @@ use tern::keep_alive::SWEEP_INTERVAL_MS;
 use tern::message::{Message, MESSAGE_COST};
 use tern::metrics::Metrics;
 use tern::persistence::Journal;
-use tern::session::{Outbound, Session, WRITE_BATCH_BYTES};
+use tern::session::{Admission, Delivery, Outbound, Session, WRITE_BATCH_BYTES};
 use tern::{Broker, Config};
 use tern_codec::QoS;
 
@@ -447,4 +447,63 @@ fn one_sweep_exempts_the_queue_that_took_nothing_for_the_wait() {
         budget.queued()
     );
     assert_eq!(budget.queued() + exempt, counted);
+}
+
+/// A retained message waiting for room whose topic gets a newer value: the
+/// newer value goes to the subscription live, but a QoS 0 copy that the full
+/// queue drops never reaches the client. When room comes, the older value
+/// is not sent; the topic's value then is, flagged RETAIN, in its place.
+#[test]
+fn a_waiting_retained_message_replaced_by_a_dropped_one_is_still_offered() {
+    let (broker, attached) = broker_attached(1, BOUND);
+    let (session, connection_id) = &attached[0];
+    let dropped = || Metrics::get(&broker.metrics.messages_dropped_qos0);
+    let retained = |payload: &'static [u8]| {
+        Message::new(
+            Bytes::from_static(b"t"),
+            Bytes::from_static(payload),
+            QoS::AtMostOnce,
+            true,
+            Default::default(),
+            0,
+        )
+    };
+    // The queue at its bound.
+    let before = dropped();
+    while dropped() == before {
+        route(&broker, &small_message());
+    }
+    // A SUBSCRIBE found the old value: it waits for room.
+    let old = retained(b"old");
+    broker.insert_retained("t", Arc::clone(&old));
+    let mut journal = Journal::new();
+    let delivery = Delivery::new(&old, QoS::AtMostOnce, true, Default::default());
+    let admission = session.deliver_retained(delivery, QoS::AtLeastOnce, &mut journal);
+    assert_eq!(admission, Admission::Taken);
+    assert_eq!(session.retained_waiting(), 1);
+    // The new value, retained, then routed live: the full queue drops it.
+    let new = retained(b"new");
+    broker.insert_retained("t", Arc::clone(&new));
+    let before = dropped();
+    route(&broker, &new);
+    assert_eq!(dropped(), before + 1, "the live copy is dropped");
+    // The writer takes what was queued, and room comes.
+    let mut sent = Vec::new();
+    loop {
+        let mut batch = VecDeque::new();
+        assert!(session.drain_outbound(*connection_id, &mut batch));
+        if batch.is_empty() {
+            break;
+        }
+        for item in batch {
+            if let Outbound::Publish(d) = item {
+                sent.push(d);
+            }
+        }
+    }
+    let last = sent.last().expect("deliveries were sent");
+    assert!(Arc::ptr_eq(&last.message, &new), "the topic's value now");
+    assert!(last.retain, "flagged RETAIN");
+    assert!(sent.iter().all(|d| !Arc::ptr_eq(&d.message, &old)));
+    assert_eq!(session.retained_waiting(), 0);
 }

@@ -522,7 +522,10 @@ async fn a_waiting_retained_message_replaced_meanwhile_does_not_follow_its_succe
     // A retained message that finds the session's queues full waits for
     // room. A newer value of its topic goes to the subscription live, into
     // the queue ahead of it; when room comes, the older value is left out
-    // rather than sent after the newer one (MQTT-4.6.0-5).
+    // rather than sent after the newer one (MQTT-4.6.0-5). The topic's
+    // value now takes its place, flagged RETAIN, as a SUBSCRIBE would send
+    // it: a live copy may not have reached the client (see
+    // outbound_bound.rs::a_waiting_retained_message_replaced_by_a_dropped_one_is_still_offered).
     let server = start(|c| {
         c.limits.max_inflight = 1;
         c.limits.max_queued_messages = 1;
@@ -587,6 +590,7 @@ async fn a_waiting_retained_message_replaced_meanwhile_does_not_follow_its_succe
             ("work", &b"1"[..], false),
             ("work", &b"2"[..], false),
             ("state/door", &b"closed"[..], false),
+            ("state/door", &b"closed"[..], true),
         ]
     );
     server.shutdown().await;

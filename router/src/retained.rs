@@ -67,6 +67,15 @@ struct State<M> {
     len: usize,
 }
 
+/// How many messages it holds (not the messages: there may be millions).
+impl<M> std::fmt::Debug for RetainedStore<M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RetainedStore")
+            .field("len", &self.state.read().len)
+            .finish_non_exhaustive()
+    }
+}
+
 impl<M> State<M> {
     fn node(&self, topic: &str) -> Option<&Node<M>> {
         let mut node = &self.root;

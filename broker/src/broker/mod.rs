@@ -128,7 +128,8 @@ fn claim_turn(last_ms: &AtomicU64, now_ms: u64, period_ms: u64) -> bool {
 pub struct Broker {
     pub config: Config,
     pub router: Router<SessionRef>,
-    pub retained: RetainedStore<Arc<Message>>,
+    /// Shared with the sessions (`SessionContext::retained`).
+    pub retained: Arc<RetainedStore<Arc<Message>>>,
     /// `Message::weight` of every retained message, against
     /// `limits.max_retained_bytes`.
     retained_bytes: AtomicUsize,
@@ -194,6 +195,7 @@ impl Broker {
         persistence: Option<Arc<Persistence>>,
     ) -> Arc<Broker> {
         let keep_alive = KeepAlive::default();
+        let retained = Arc::new(RetainedStore::new());
         let registry = SessionRegistry::new(
             config.limits.max_connections,
             config.limits.max_sessions,
@@ -209,6 +211,7 @@ impl Broker {
                 persistence: persistence.clone(),
                 store_retries: Default::default(),
                 clock: Arc::clone(keep_alive.clock()),
+                retained: Arc::clone(&retained),
             },
         );
         Arc::new(Broker {
@@ -219,7 +222,7 @@ impl Broker {
             incomplete_connecting: IncompletePackets::new(config.limits.max_incomplete_bytes),
             config,
             router: Router::new(),
-            retained: RetainedStore::new(),
+            retained,
             retained_bytes: AtomicUsize::new(0),
             system_retained: AtomicUsize::new(0),
             retained_order: RetainedOrder::new(),

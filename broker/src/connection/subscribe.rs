@@ -3,7 +3,7 @@
 //! retained messages a new subscription matched.
 
 use super::*;
-use crate::session::Admission;
+use crate::session::{Admission, SUPERSEDED_RETRIES};
 
 impl Connection {
     pub(super) fn on_subscribe(
@@ -305,7 +305,7 @@ fn deliver_retained(
             let delivery = Delivery::new(&message, message.qos.min(granted), true, ids);
             // The subscriber's own retained messages: nobody to slow down, so
             // what its queues cannot take is dropped (and counted).
-            let admission = session.deliver_retained(delivery, &mut journal);
+            let admission = session.deliver_retained(delivery, granted, &mut journal);
             if admission != Admission::Superseded {
                 break;
             }
@@ -317,13 +317,6 @@ fn deliver_retained(
     }
     session.commit(journal);
 }
-
-/// How many times a retained message replaced while its SUBSCRIBE was
-/// handled is looked up again: each lookup finds the value of that moment,
-/// and only a topic replaced that many times within the few microseconds
-/// between a lookup and its offer runs out (its newest value went to the
-/// subscription live then).
-const SUPERSEDED_RETRIES: usize = 4;
 
 /// The durable record of a subscription.
 fn subscription_record(

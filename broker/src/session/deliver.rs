@@ -4,6 +4,22 @@
 
 use super::*;
 
+/// How many times a retained message replaced while it was on its way to a
+/// session (between a SUBSCRIBE's lookup and its offer, or while it waited
+/// for room) is looked up again: each lookup finds the value of that
+/// moment, and only a topic replaced that many times within the few
+/// microseconds between a lookup and its check runs out (its newest value
+/// went to the subscription live then).
+pub const SUPERSEDED_RETRIES: usize = 4;
+
+/// A retained message waiting for room in a session's queues, with the QoS
+/// its subscription granted (for a value that takes its place).
+#[derive(Debug)]
+pub(super) struct WaitingRetained {
+    pub(super) delivery: Delivery,
+    pub(super) granted: QoS,
+}
+
 impl Session {
     /// Hands a message to this session (its QoS already downgraded to the
     /// subscription's maximum). A durable session records a QoS 1/2
@@ -23,10 +39,13 @@ impl Session {
     /// this session's queues, and the older one must not come after it.
     /// Here it is answered [`Admission::Superseded`] (the caller offers the
     /// topic's value now instead); once it waited for room
-    /// ([`refill_retained`](Self::refill_retained)) it is simply dropped.
+    /// ([`refill_retained`](Self::refill_retained)) the topic's value then
+    /// takes its place. `granted` is the subscription's QoS, the most a
+    /// value that takes its place is sent at.
     pub fn deliver_retained(
         self: &Arc<Self>,
         delivery: Delivery,
+        granted: QoS,
         journal: &mut Journal,
     ) -> Admission {
         let mut st = self.state.lock();
@@ -46,7 +65,7 @@ impl Session {
         }
         st.retained_backlog
             .get_or_insert_with(Default::default)
-            .push_back(delivery);
+            .push_back(WaitingRetained { delivery, granted });
         Admission::Taken
     }
 
@@ -106,26 +125,62 @@ impl Session {
     /// Moves retained messages waiting for room (see
     /// [`deliver_retained`](Self::deliver_retained)) into the queues while
     /// they have room, in order.
+    ///
+    /// One that a newer publish replaced while it waited is not sent: the
+    /// newer value went to the subscription live, and the older one must
+    /// not follow it. The topic's value now takes its place, flagged
+    /// RETAIN, as the SUBSCRIBE path offers it: the live copy may not have
+    /// reached the client (a QoS 0 copy its full queue dropped, which a
+    /// queue with retained messages waiting is likely to be, or No Local).
+    /// Checked under this session's lock, a value not yet replaced comes
+    /// before any successor, whose live delivery needs the lock.
     fn refill_retained(self: &Arc<Self>, st: &mut SessionState, journal: &mut Journal) {
         let Some(mut waiting) = st.retained_backlog.take() else {
             return;
         };
-        while let Some(delivery) = waiting.front() {
-            if delivery.message.is_superseded() {
-                waiting.pop_front();
-                continue;
+        while let Some(mut next) = waiting.pop_front() {
+            if next.delivery.message.is_superseded() {
+                match self.current_retained(&next) {
+                    Some(current) => next = current,
+                    None => continue,
+                }
             }
-            if !self.has_room_for(st, delivery) {
+            if !self.has_room_for(st, &next.delivery) {
+                waiting.push_front(next);
                 break;
             }
-            if let Some(delivery) = waiting.pop_front() {
-                // There is room: taken (or, expired meanwhile, counted).
-                let _ = self.deliver_locked(st, delivery, journal, false);
-            }
+            // There is room: taken (or, expired meanwhile, counted).
+            let _ = self.deliver_locked(st, next.delivery, journal, false);
         }
         if !waiting.is_empty() {
             st.retained_backlog = Some(waiting);
         }
+    }
+
+    /// The topic's retained value now, to wait or be sent in place of
+    /// `stale`, which it replaced: `None` when the topic has none (cleared),
+    /// it expired, or it was replaced again each of [`SUPERSEDED_RETRIES`]
+    /// times it was looked up (its successor then went live).
+    fn current_retained(&self, stale: &WaitingRetained) -> Option<WaitingRetained> {
+        let topic = stale.delivery.message.topic_str();
+        let now = Instant::now();
+        for _ in 0..SUPERSEDED_RETRIES {
+            let current = self.context.retained.get(topic)?;
+            if current.is_expired(now) || self.denies(&current) {
+                return None;
+            }
+            if current.is_superseded() {
+                continue;
+            }
+            let qos = current.qos.min(stale.granted);
+            let ids = stale.delivery.subscription_ids.clone();
+            let delivery = Delivery::new(&current, qos, true, ids);
+            return Some(WaitingRetained {
+                delivery,
+                granted: stale.granted,
+            });
+        }
+        None
     }
 
     /// [`deliver`](Self::deliver); `grace`: a queue at its bound may take

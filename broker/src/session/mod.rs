@@ -76,6 +76,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use smallvec::SmallVec;
 use tern_codec::{Packet, ProtocolVersion, PubAck, QoS, ReasonCode, Will};
+use tern_router::RetainedStore;
 use tern_storage::{DeliveryState, Op, QueueEntry, SessionRecord, SharedGroupRecord, StoreError};
 use tokio::sync::Notify;
 
@@ -106,6 +107,8 @@ mod link;
 mod store_retries;
 
 pub use backlog::BACKLOG_CHUNK;
+use deliver::WaitingRetained;
+pub use deliver::SUPERSEDED_RETRIES;
 pub use delivery::{AckKind, Admission, Delivery, Outbound, SharedOrigin};
 pub use hand_over::HandOver;
 pub use link::{ConnectionControl, WRITE_BATCH_BYTES};
@@ -147,6 +150,11 @@ pub struct SessionContext {
     pub store_retries: StoreRetries,
     /// The broker's coarse clock (stall.rs reads it per queued message).
     pub clock: Arc<CoarseClock>,
+    /// The broker's retained messages: a retained message replaced while
+    /// it waited for room is replaced by the topic's value then
+    /// (`Session::refill_retained`). Its lock is taken under a session's;
+    /// nothing takes a session's lock under it.
+    pub retained: Arc<RetainedStore<Arc<Message>>>,
 }
 
 /// A will waiting for its delay (or the end of its session) to pass.
@@ -230,7 +238,7 @@ struct SessionState {
         clippy::box_collection,
         reason = "8 bytes in every session instead of 32: almost none has one"
     )]
-    retained_backlog: Option<Box<VecDeque<Delivery>>>,
+    retained_backlog: Option<Box<VecDeque<WaitingRetained>>>,
 }
 
 /// One client's session. See the module documentation.
