@@ -153,20 +153,17 @@ impl Broker {
         message: &Arc<Message>,
         journal: &mut Journal,
     ) -> Option<Arc<Session>> {
-        let mut delivered = 0u64;
-        let mut full = None;
+        let (mut delivered, mut full) = deliver_reserved(matches, message, |client, references| {
+            let (qos, retain_as_published, ids) = client_delivery_options(client, message)?;
+            let retain = retain_as_published && message.retain;
+            let delivery = Delivery::with_reference(references.take()?, qos, retain, ids);
+            Some((1, client.subscriber.0.deliver(delivery, journal)))
+        });
         let mut note = |session: &Arc<Session>, admission: Admission| {
             if admission == Admission::BeyondBound && full.is_none() {
                 full = Some(Arc::clone(session));
             }
         };
-        for client in &matches.clients {
-            if let Some(delivery) = client_delivery(client, message) {
-                let session = &client.subscriber.0;
-                note(session, session.deliver(delivery, journal));
-                delivered += 1;
-            }
-        }
         for group in &matches.shared {
             // A member an ACL deny rule keeps from the topic is passed over.
             // Offline members last, and not one whose session is ending
@@ -267,23 +264,11 @@ fn deliver_reserved<T>(
     (delivered, full)
 }
 
-/// The delivery of `message` to one matching client, combining its
-/// matching subscriptions (highest QoS, RETAIN if any asks for it as
-/// published, each subscription identifier once); `None` when No Local leaves
-/// none of them, or an ACL deny rule keeps the client from the topic.
-fn client_delivery(client: &ClientMatch<SessionRef>, message: &Arc<Message>) -> Option<Delivery> {
-    let (qos, retain_as_published, ids) = client_delivery_options(client, message)?;
-    Some(Delivery::new(
-        message,
-        qos,
-        retain_as_published && message.retain,
-        ids,
-    ))
-}
-
-/// What [`client_delivery`] decides: the QoS, whether a subscription asks
-/// for RETAIN as published, and the subscription identifiers of the
-/// delivery. It depends on the message's topic, publisher and QoS only (a
+/// How `message` goes to one matching client, combining its matching
+/// subscriptions: the highest QoS, whether a subscription asks for RETAIN
+/// as published, and each subscription identifier once; `None` when No
+/// Local leaves none of them, or an ACL deny rule keeps the client from the
+/// topic. It depends on the message's topic, publisher and QoS only (a
 /// batch's deliveries share it, message_batch.rs).
 fn client_delivery_options(
     client: &ClientMatch<SessionRef>,
