@@ -98,12 +98,11 @@ fn properties_weight(p: &PublishProperties) -> usize {
 #[derive(Debug, Default)]
 struct SharedEncoding {
     /// Whole PUBLISH headers, indexed by [`header_slot`], for deliveries
-    /// of the message's own properties: only the flags and the packet id
-    /// are patched per delivery.
+    /// of the message's own properties: only the flags, the packet id and
+    /// an MQTT 5 message's remaining expiry are patched per delivery.
     headers: [OnceLock<Bytes>; 4],
     /// The message's properties as MQTT 5 deliveries with properties of
-    /// their own (a Subscription Identifier, the expiry counted down, a
-    /// topic alias) forward them (see [`tern_codec::forward`]); `None` if
+    /// their own (a Subscription Identifier, a topic alias) forward them (see [`tern_codec::forward`]); `None` if
     /// they cannot be encoded.
     forwarded_properties: OnceLock<Option<Bytes>>,
 }
@@ -267,7 +266,9 @@ impl Message {
 
     /// The PUBLISH header (everything but the payload) for deliveries of this
     /// shape, encoding it with `encode` the first time. Deliveries patch the
-    /// first byte (DUP, QoS, RETAIN) and the packet id. `None` if encoding
+    /// first byte (DUP, QoS, RETAIN), the packet id and, in MQTT 5, the
+    /// remaining expiry of a message that has one (whether it has one never
+    /// changes, so every header of a slot ends alike). `None` if encoding
     /// failed.
     pub fn shared_header(
         &self,

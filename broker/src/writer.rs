@@ -560,6 +560,11 @@ fn encode_shared(
     }
     if let Some(expiry) = remaining_expiry {
         let at = scratch.len() - EXPIRY_AT_END;
+        debug_assert_eq!(
+            scratch[at - 1],
+            tern_codec::properties::id::MESSAGE_EXPIRY_INTERVAL,
+            "a header with an expiry ends with it"
+        );
         scratch[at..].copy_from_slice(&expiry.to_be_bytes());
     }
     push_payload(&message.payload, scratch, chunks);

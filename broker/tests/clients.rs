@@ -359,6 +359,91 @@ async fn rumqttc_v5_properties_pass_through_and_subscription_ids() {
     server.shutdown().await;
 }
 
+/// A message with an expiry reaches subscribers that share its header
+/// (MQTT 5 without subscription identifiers): each copy states the expiry
+/// left and carries its own packet id and the message's properties; a
+/// 3.1.1 subscriber gets the same message without properties.
+#[tokio::test]
+async fn rumqttc_subscribers_sharing_a_header_get_the_expiry_left() {
+    use rumqttc::v5::mqttbytes::v5::PublishProperties;
+    use rumqttc::v5::mqttbytes::QoS;
+    let server = start(|_| {}).await;
+    let port = addr(&server).port();
+    let mut subscribers = Vec::new();
+    for client_id in ["exp1", "exp2"] {
+        let (sub, mut rx) = spawn_v5(client_id, port, |_| {});
+        next(&mut rx, |p| {
+            matches!(p, rumqttc::v5::Incoming::ConnAck(_)).then_some(p)
+        })
+        .await;
+        sub.subscribe("exp/#", QoS::AtLeastOnce).await.unwrap();
+        next(&mut rx, |p| {
+            matches!(p, rumqttc::v5::Incoming::SubAck(_)).then_some(p)
+        })
+        .await;
+        subscribers.push((sub, rx));
+    }
+    let (old, mut old_rx) = run_rumqttc(rumqttc::MqttOptions::new("exp3", "127.0.0.1", port));
+    old.subscribe("exp/#", rumqttc::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    next_rumqttc(&mut old_rx, "SUBACK", |p| {
+        matches!(p, rumqttc::Packet::SubAck(_)).then_some(())
+    })
+    .await;
+
+    let (publisher, mut prx) = spawn_v5("exppub", port, |_| {});
+    next(&mut prx, |p| {
+        matches!(p, rumqttc::v5::Incoming::ConnAck(_)).then_some(p)
+    })
+    .await;
+    let properties = PublishProperties {
+        message_expiry_interval: Some(600),
+        user_properties: vec![("k".into(), "v".into())],
+        ..Default::default()
+    };
+    for i in 0..3 {
+        publisher
+            .publish_with_properties(
+                format!("exp/{i}"),
+                QoS::AtLeastOnce,
+                false,
+                format!("m-{i}"),
+                properties.clone(),
+            )
+            .await
+            .unwrap();
+    }
+    for (_sub, rx) in &mut subscribers {
+        for i in 0..3 {
+            let got = next_publish_v5(rx).await;
+            assert_eq!(&got.topic[..], format!("exp/{i}").as_bytes());
+            assert_eq!(&got.payload[..], format!("m-{i}").as_bytes());
+            assert_eq!(got.qos, QoS::AtLeastOnce);
+            assert_ne!(got.pkid, 0);
+            let p = got.properties.expect("properties forwarded");
+            assert!(
+                p.message_expiry_interval
+                    .is_some_and(|s| (590..=600).contains(&s)),
+                "expiry counted down from 600: {:?}",
+                p.message_expiry_interval
+            );
+            assert_eq!(p.user_properties, vec![("k".into(), "v".into())]);
+            assert!(p.subscription_identifiers.is_empty());
+        }
+    }
+    for i in 0..3 {
+        let got = next_rumqttc(&mut old_rx, "PUBLISH", |p| match p {
+            rumqttc::Packet::Publish(p) => Some(p),
+            _ => None,
+        })
+        .await;
+        assert_eq!(got.topic, format!("exp/{i}"));
+        assert_eq!(&got.payload[..], format!("m-{i}").as_bytes());
+    }
+    server.shutdown().await;
+}
+
 #[tokio::test]
 async fn rumqttc_v5_will_and_retained() {
     use rumqttc::v5::mqttbytes::v5::LastWill;

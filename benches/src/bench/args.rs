@@ -243,6 +243,18 @@ impl Args {
         }
         let v5_options =
             self.user_properties > 0 || self.message_expiry.is_some() || self.subscription_id;
+        if v5_options
+            && matches!(
+                self.scenario,
+                Scenario::Conn | Scenario::Sink | Scenario::Relay
+            )
+        {
+            return Err(
+                "--user-properties, --message-expiry and --subscription-id shape the messages \
+                 of p2p, fan-out, fan-in and latency"
+                    .into(),
+            );
+        }
         if v5_options && version != ProtocolVersion::V5 {
             return Err(
                 "--user-properties, --message-expiry and --subscription-id need --mqtt-version 5"
@@ -455,6 +467,8 @@ mod tests {
         let too_many = (MAX_USER_PROPERTIES + 1).to_string();
         let v5 = ["fan-out", "--mqtt-version", "5", "--user-properties"];
         assert!(plan(&[&v5[..], &[too_many.as_str()]].concat()).is_err());
+        let conn = ["conn", "--mqtt-version", "5", "--subscription-id"];
+        assert!(plan(&conn).is_err());
     }
 
     #[test]

@@ -152,8 +152,10 @@ pub struct SessionContext {
     pub clock: Arc<CoarseClock>,
     /// The broker's retained messages: a retained message replaced while
     /// it waited for room is replaced by the topic's value then
-    /// (`Session::refill_retained`). Its lock is taken under a session's;
-    /// nothing takes a session's lock under it.
+    /// (`Session::refill_retained`). Its lock is taken under a session's
+    /// (a read, only for such a message); nothing takes a session's lock
+    /// under it. That read may wait for a retained publish queued behind the
+    /// expiry sweep's scan, with the session's lock held.
     pub retained: Arc<RetainedStore<Arc<Message>>>,
 }
 
