@@ -622,6 +622,43 @@ async fn many_retained_messages_all_reach_a_client_that_reads() {
     server.shutdown().await;
 }
 
+/// A wildcard SUBSCRIBE over a retained store of at least
+/// `LARGE_RETAINED_STORE` (10,000) messages runs with its worker's other
+/// tasks handed to another thread, where the runtime can: the SUBACK, then
+/// every retained message once, on either kind of runtime.
+async fn a_wildcard_subscribe_over_a_large_retained_store_gets_it_all() {
+    const STORED: u16 = 10_050;
+    let server = start(|_| {}).await;
+    store_retained(&server, STORED, QoS::AtMostOnce).await;
+    assert_eq!(server.broker().retained_count(), usize::from(STORED));
+    let mut c = RawClient::connected(addr(&server), "reader", V5).await;
+    c.send(subscribe_packet(1, "ret/+", QoS::AtMostOnce)).await;
+    assert!(
+        matches!(c.recv().await, Some(Packet::SubAck(ack)) if ack.packet_id == 1),
+        "the SUBACK comes first"
+    );
+    let mut seen = vec![false; usize::from(STORED)];
+    for _ in 0..STORED {
+        let p = c.recv_publish().await;
+        assert!(p.retain, "a retained message is flagged so");
+        let topic = std::str::from_utf8(&p.topic).unwrap();
+        let i: usize = topic.strip_prefix("ret/").unwrap().parse().unwrap();
+        assert!(!std::mem::replace(&mut seen[i], true), "{topic} came twice");
+    }
+    c.expect_silence(Duration::from_millis(100)).await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_large_retained_lookup_on_a_current_thread_runtime() {
+    a_wildcard_subscribe_over_a_large_retained_store_gets_it_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_retained_lookup_on_a_multi_thread_runtime() {
+    a_wildcard_subscribe_over_a_large_retained_store_gets_it_all().await;
+}
+
 #[tokio::test]
 async fn takeover_sends_0x8e_to_the_old_connection() {
     let server = start(|_| {}).await;

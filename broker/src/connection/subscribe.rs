@@ -5,12 +5,35 @@
 use super::*;
 use crate::session::{Admission, SUPERSEDED_RETRIES};
 
+/// A retained store of at least this many messages makes a SUBSCRIBE with
+/// a wildcard filter long work for its worker: each message it matches is
+/// found, counted and offered to the session within the one poll (some
+/// 0.4 us each; a `#` over 100,000 took a worker 36 ms, docs/performance.md).
+/// Such a SUBSCRIBE hands its worker's other tasks to another thread first
+/// ([`tokio::task::block_in_place`]), so that the connections which shared
+/// the worker are served meanwhile. Below it the hand-off would cost more
+/// than the work (a thread wakes up for it).
+const LARGE_RETAINED_STORE: usize = 10_000;
+
 impl Connection {
     pub(super) fn on_subscribe(
         &mut self,
         session: &Arc<Session>,
         subscribe: Subscribe,
     ) -> Result<(), Exit> {
+        let walks_far = self.broker.retained.len() >= LARGE_RETAINED_STORE
+            && subscribe
+                .filters
+                .iter()
+                .any(|r| r.filter_str().contains(['+', '#']));
+        if walks_far && on_multi_thread_worker() {
+            tokio::task::block_in_place(|| self.subscribe(session, subscribe))
+        } else {
+            self.subscribe(session, subscribe)
+        }
+    }
+
+    fn subscribe(&mut self, session: &Arc<Session>, subscribe: Subscribe) -> Result<(), Exit> {
         let v5 = self.protocol.is_v5();
         let subscriber = SessionRef(Arc::clone(session));
         let subscription_id = subscribe.properties.subscription_identifier;
@@ -250,6 +273,14 @@ impl Connection {
             "invalid topic filter (an MQTT 3.x protocol violation)".into(),
         )
     }
+}
+
+/// Whether this code runs on a runtime that can hand a worker's tasks to
+/// another thread: tokio's multi-thread one (the binary's; a test may run
+/// the broker on a current-thread runtime, where `block_in_place` panics).
+fn on_multi_thread_worker() -> bool {
+    tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
 }
 
 /// Adds the retained messages matching `filter` to `retained`, up to `cap`
