@@ -19,9 +19,10 @@ use tern::keep_alive::SWEEP_INTERVAL_MS;
 use tern::message::{Message, MESSAGE_COST};
 use tern::metrics::Metrics;
 use tern::persistence::Journal;
-use tern::session::{Admission, Delivery, Outbound, Session, WRITE_BATCH_BYTES};
+use tern::session::{Outbound, Session, WaitingRetained, WRITE_BATCH_BYTES};
 use tern::{Broker, Config};
 use tern_codec::QoS;
+use tern_router::SubscriptionOptions;
 
 const BOUND: usize = 64 * 1024;
 
@@ -477,9 +478,14 @@ fn a_waiting_retained_message_replaced_by_a_dropped_one_is_still_offered() {
     let old = retained(b"old");
     broker.insert_retained("t", Arc::clone(&old));
     let mut journal = Journal::new();
-    let delivery = Delivery::new(&old, QoS::AtMostOnce, true, Default::default());
-    let admission = session.deliver_retained(delivery, QoS::AtLeastOnce, &mut journal);
-    assert_eq!(admission, Admission::Taken);
+    let found = WaitingRetained {
+        message: Arc::clone(&old),
+        options: SubscriptionOptions {
+            qos: 1,
+            ..Default::default()
+        },
+    };
+    session.offer_retained(vec![found], &mut journal);
     assert_eq!(session.retained_waiting(), 1);
     // The new value, retained, then routed live: the full queue drops it.
     let new = retained(b"new");
@@ -506,4 +512,38 @@ fn a_waiting_retained_message_replaced_by_a_dropped_one_is_still_offered() {
     assert!(last.retain, "flagged RETAIN");
     assert!(sent.iter().all(|d| !Arc::ptr_eq(&d.message, &old)));
     assert_eq!(session.retained_waiting(), 0);
+}
+
+/// However many retained messages its SUBSCRIBEs find, a session keeps at
+/// most `max_pending_retained` of them waiting for room: the rest are
+/// dropped, and counted.
+#[test]
+fn a_session_keeps_at_most_max_pending_retained_waiting() {
+    let mut config = Config::default();
+    config.limits.max_client_outbound_bytes = BOUND;
+    config.limits.queue_full_wait_ms = 0;
+    config.limits.max_pending_retained = 10;
+    let broker = Broker::new(config);
+    let (session, _) = attached_subscriber(&broker, "s", "t");
+    // The queue at its bound: what is offered waits.
+    let dropped = || Metrics::get(&broker.metrics.messages_dropped_qos0);
+    while dropped() == 0 {
+        route(&broker, &small_message());
+    }
+    let found = |n| {
+        (0..n)
+            .map(|_| WaitingRetained {
+                message: small_message(),
+                options: SubscriptionOptions::default(),
+            })
+            .collect::<Vec<_>>()
+    };
+    let full = || Metrics::get(&broker.metrics.messages_dropped_queue_full);
+    let before = full();
+    let mut journal = Journal::new();
+    session.offer_retained(found(6), &mut journal);
+    assert_eq!(session.retained_waiting(), 6);
+    session.offer_retained(found(6), &mut journal);
+    assert_eq!(session.retained_waiting(), 10);
+    assert_eq!(full() - before, 2, "the two beyond the bound are counted");
 }

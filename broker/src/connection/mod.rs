@@ -66,7 +66,7 @@ use crate::metrics::Metrics;
 use crate::persistence::Journal;
 use crate::pool::BUFFER_SIZE;
 use crate::registry::ConnectionPermit;
-use crate::session::{AttachParams, ConnectionControl, Delivery, HandOver, Session};
+use crate::session::{AttachParams, ConnectionControl, HandOver, Session};
 use crate::topic_alias::{AliasError, InboundAliases};
 use crate::transport::{linger, read_pooled, TransportRead, TransportWrite};
 use crate::wake_batch::WakeBatch;

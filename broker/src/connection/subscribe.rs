@@ -3,7 +3,7 @@
 //! retained messages a new subscription matched.
 
 use super::*;
-use crate::session::{Admission, SUPERSEDED_RETRIES};
+use crate::session::WaitingRetained;
 
 /// A retained store of at least this many messages makes a SUBSCRIBE with
 /// a wildcard filter long work for its worker: each message it matches is
@@ -41,7 +41,7 @@ impl Connection {
         let mut journal = Journal::new();
         let mut added = Vec::new();
         let mut codes = Vec::with_capacity(subscribe.filters.len());
-        let mut retained: Vec<(Arc<Message>, SubscriptionOptions)> = Vec::new();
+        let mut retained: Vec<WaitingRetained> = Vec::new();
         let mut retained_filters: HashMap<&str, std::ops::Range<usize>> = HashMap::new();
         // More than the session may hold waiting would be dropped anyway.
         let limits = &self.broker.config.limits;
@@ -144,7 +144,7 @@ impl Connection {
                             let start = retained.len();
                             retained.extend_from_within(range.start..range.start + copied);
                             for entry in &mut retained[start..] {
-                                entry.1 = options;
+                                entry.options = options;
                             }
                             let beyond = range.len() - copied;
                             Metrics::add(
@@ -201,7 +201,7 @@ impl Connection {
             || true,
             move |stored| {
                 if stored {
-                    deliver_retained(&broker, &session, retained);
+                    deliver_retained(&session, retained);
                 } else {
                     let subscriber = SessionRef(Arc::clone(&session));
                     for filter in added {
@@ -292,7 +292,7 @@ fn collect_retained(
     broker: &Broker,
     filter: &str,
     options: SubscriptionOptions,
-    retained: &mut Vec<(Arc<Message>, SubscriptionOptions)>,
+    retained: &mut Vec<WaitingRetained>,
     cap: usize,
 ) {
     if retained.len() >= cap {
@@ -305,47 +305,23 @@ fn collect_retained(
         broker
             .retained
             .for_each_matching_at_most(filter, cap - retained.len(), |_, message| {
-                retained.push((Arc::clone(message), options));
+                retained.push(WaitingRetained {
+                    message: Arc::clone(message),
+                    options,
+                });
             });
     Metrics::add(&broker.metrics.messages_dropped_queue_full, beyond as u64);
 }
 
-/// Sends the retained messages a SUBACK promised, after it. One that a
-/// newer publish replaced since it was found is left out by the session
-/// (see [`Session::deliver_retained`]): the topic's value now is offered in
-/// its place, so that a client the newer message did not reach (No Local,
-/// or a QoS 0 message its full queue dropped) still gets the topic's value,
-/// and one it did reach gets that value again, flagged RETAIN, after it.
-fn deliver_retained(
-    broker: &Broker,
-    session: &Arc<Session>,
-    retained: Vec<(Arc<Message>, SubscriptionOptions)>,
-) {
-    let now = std::time::Instant::now();
+/// Sends the retained messages a SUBACK promised, after it: the session
+/// takes them all at once and makes each a delivery when its queues have
+/// room (see [`Session::offer_retained`]). One that a newer publish
+/// replaced since it was found gives way to the topic's value then, so
+/// that a client the newer message did not reach (No Local, or a QoS 0
+/// message its full queue dropped) still gets the topic's value.
+fn deliver_retained(session: &Arc<Session>, retained: Vec<WaitingRetained>) {
     let mut journal = Journal::new();
-    for (found, options) in retained {
-        let mut message = found;
-        // A topic replaced again between the lookup and the offer: its value
-        // then went to the subscription live, after this one is offered.
-        for _ in 0..SUPERSEDED_RETRIES {
-            if message.is_expired(now) || session.denies(&message) {
-                break;
-            }
-            let granted = QoS::from_u8(options.qos).unwrap_or(QoS::AtMostOnce);
-            let ids = options.subscription_id.into_iter().collect();
-            let delivery = Delivery::new(&message, message.qos.min(granted), true, ids);
-            // The subscriber's own retained messages: nobody to slow down, so
-            // what its queues cannot take is dropped (and counted).
-            let admission = session.deliver_retained(delivery, granted, &mut journal);
-            if admission != Admission::Superseded {
-                break;
-            }
-            match broker.retained.get(message.topic_str()) {
-                Some(current) if !Arc::ptr_eq(&current, &message) => message = current,
-                _ => break,
-            }
-        }
-    }
+    session.offer_retained(retained, &mut journal);
     session.commit(journal);
 }
 

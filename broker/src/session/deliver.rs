@@ -4,20 +4,35 @@
 
 use super::*;
 
-/// How many times a retained message replaced while it was on its way to a
-/// session (between a SUBSCRIBE's lookup and its offer, or while it waited
-/// for room) is looked up again: each lookup finds the value of that
-/// moment, and only a topic replaced that many times within the few
-/// microseconds between a lookup and its check runs out (its newest value
-/// went to the subscription live then).
-pub const SUPERSEDED_RETRIES: usize = 4;
+/// How many times a retained message replaced while it waited in a
+/// session for room (between a SUBSCRIBE's lookup and its turn) is looked
+/// up again: each lookup finds the value of that moment, and only a topic
+/// replaced that many times within the few microseconds between a lookup
+/// and its check runs out (its newest value went to the subscription live
+/// then).
+const SUPERSEDED_RETRIES: usize = 4;
 
-/// A retained message waiting for room in a session's queues, with the QoS
-/// its subscription granted (for a value that takes its place).
-#[derive(Debug)]
-pub(super) struct WaitingRetained {
-    pub(super) delivery: Delivery,
-    pub(super) granted: QoS,
+/// A retained message a SUBSCRIBE found, with the options of the
+/// subscription that found it (the most QoS it is sent at, its
+/// identifier), waiting in its session for room in the queues. It becomes
+/// a delivery only when it is its turn: until then it costs its session 24
+/// bytes, and its SUBSCRIBE nothing per message beyond finding it.
+#[derive(Debug, Clone)]
+pub struct WaitingRetained {
+    pub message: Arc<Message>,
+    pub options: SubscriptionOptions,
+}
+
+impl WaitingRetained {
+    /// Its delivery: at the lower of the message's QoS and the
+    /// subscription's, flagged RETAIN (MQTT-3.3.1-8), with the
+    /// subscription's identifier.
+    fn into_delivery(self) -> Delivery {
+        let granted = QoS::from_u8(self.options.qos).unwrap_or(QoS::AtMostOnce);
+        let qos = self.message.qos.min(granted);
+        let ids = self.options.subscription_id.into_iter().collect();
+        Delivery::with_reference(self.message, qos, true, ids)
+    }
 }
 
 impl Session {
@@ -28,45 +43,49 @@ impl Session {
         self.deliver_with(delivery, journal, true)
     }
 
-    /// Hands a retained message to this session after its SUBSCRIBE: as
-    /// [`deliver`](Self::deliver), but a queue at its bound drops it at once
-    /// (counted): there is no publisher to slow down, so no grace beyond
-    /// the bound, and a SUBSCRIBE matching many retained messages cannot
-    /// queue more than the session's bounds.
+    /// Takes the retained messages a SUBSCRIBE found, after its SUBACK, for
+    /// the attached client: they join those waiting for room (at most
+    /// `max_pending_retained` in all, the rest dropped and counted), and
+    /// what the queues have room for now goes in at once (see
+    /// [`refill_retained`](Self::refill_retained), which also makes the
+    /// ones the rest wait for as the client reads). Under one lock, and
+    /// without looking at the messages: a SUBSCRIBE that found 100,000
+    /// hands them over in one move, whether on its connection's worker or
+    /// on the store's writer thread (a durable session's SUBACK waits for
+    /// the store, and its retained messages follow from there).
     ///
-    /// A message superseded since the SUBSCRIBE found it is left out: the
-    /// newer message went to the subscription live, perhaps already into
-    /// this session's queues, and the older one must not come after it.
-    /// Here it is answered [`Admission::Superseded`] (the caller offers the
-    /// topic's value now instead); once it waited for room
-    /// ([`refill_retained`](Self::refill_retained)) the topic's value then
-    /// takes its place. `granted` is the subscription's QoS, the most a
-    /// value that takes its place is sent at.
-    pub fn deliver_retained(
-        self: &Arc<Self>,
-        delivery: Delivery,
-        granted: QoS,
-        journal: &mut Journal,
-    ) -> Admission {
-        let mut st = self.state.lock();
-        if st.ended || (delivery.qos == QoS::AtMostOnce && st.link.is_none()) {
-            return Admission::Dropped;
+    /// There is no publisher to slow down: what the queues cannot take
+    /// waits here, never beyond their bounds. Nothing is kept for a client
+    /// that already left: as when it leaves while some wait, a new
+    /// SUBSCRIBE sends them again.
+    pub fn offer_retained(self: &Arc<Self>, found: Vec<WaitingRetained>, journal: &mut Journal) {
+        if found.is_empty() {
+            return;
         }
-        if delivery.message.is_superseded() {
-            return Admission::Superseded;
+        let mut st = self.state.lock();
+        if st.ended || st.link.is_none() {
+            Metrics::add(
+                &self.context.metrics.messages_dropped_queue_full,
+                found.len() as u64,
+            );
+            return;
         }
         let waiting = st.retained_backlog.as_ref().map_or(0, |b| b.len());
-        if waiting == 0 && self.has_room_for(&st, &delivery) {
-            return self.deliver_locked(&mut st, delivery, journal, false);
+        let room = self.context.max_pending_retained.saturating_sub(waiting);
+        let mut found = found;
+        if found.len() > room {
+            Metrics::add(
+                &self.context.metrics.messages_dropped_queue_full,
+                (found.len() - room) as u64,
+            );
+            found.truncate(room);
         }
-        if waiting >= self.context.max_pending_retained {
-            Metrics::inc(&self.context.metrics.messages_dropped_queue_full);
-            return Admission::Dropped;
+        match &mut st.retained_backlog {
+            Some(backlog) => backlog.extend(found),
+            // The SUBSCRIBE's vector becomes the queue as it is.
+            None => st.retained_backlog = Some(Box::new(VecDeque::from(found))),
         }
-        st.retained_backlog
-            .get_or_insert_with(Default::default)
-            .push_back(WaitingRetained { delivery, granted });
-        Admission::Taken
+        self.refill_retained(&mut st, &mut LazyInstant::default(), journal);
     }
 
     /// Retained messages waiting for room in the session's queues (at most
@@ -123,34 +142,53 @@ impl Session {
     }
 
     /// Moves retained messages waiting for room (see
-    /// [`deliver_retained`](Self::deliver_retained)) into the queues while
-    /// they have room, in order.
+    /// [`offer_retained`](Self::offer_retained)) into the queues while they
+    /// have room, in order, each made a delivery then.
     ///
-    /// One that a newer publish replaced while it waited is not sent: the
-    /// newer value went to the subscription live, and the older one must
-    /// not follow it. The topic's value now takes its place, flagged
-    /// RETAIN, as the SUBSCRIBE path offers it: the live copy may not have
-    /// reached the client (a QoS 0 copy its full queue dropped, which a
-    /// queue with retained messages waiting is likely to be, or No Local).
-    /// Checked under this session's lock, a value not yet replaced comes
-    /// before any successor, whose live delivery needs the lock.
-    fn refill_retained(self: &Arc<Self>, st: &mut SessionState, journal: &mut Journal) {
+    /// One that a newer publish replaced or cleared while it waited is not
+    /// sent: the newer value went to the subscription live, and the older
+    /// one must not follow it. The topic's value now takes its place,
+    /// flagged RETAIN: the live copy may not have reached the client (a
+    /// QoS 0 copy its full queue dropped, which a queue with retained
+    /// messages waiting is likely to be, or No Local), and one that did
+    /// reach it gets the value again after it. Checked under this session's
+    /// lock, a value not yet replaced comes before any successor, whose
+    /// live delivery needs the lock. One that expired, or that an ACL deny
+    /// rule keeps from the client, is left out. `now` is read only for a
+    /// message with an expiry.
+    fn refill_retained(
+        self: &Arc<Self>,
+        st: &mut SessionState,
+        now: &mut LazyInstant,
+        journal: &mut Journal,
+    ) {
         let Some(mut waiting) = st.retained_backlog.take() else {
             return;
         };
         while let Some(mut next) = waiting.pop_front() {
-            if next.delivery.message.is_superseded() {
+            let message = &next.message;
+            if (message.expires_at.is_some() && message.is_expired(now.get()))
+                || self.denies(message)
+            {
+                continue;
+            }
+            if next.message.is_superseded() {
                 match self.current_retained(&next) {
                     Some(current) => next = current,
                     None => continue,
                 }
             }
-            if !self.has_room_for(st, &next.delivery) {
-                waiting.push_front(next);
+            let options = next.options;
+            let delivery = next.into_delivery();
+            if !self.has_room_for(st, &delivery) {
+                waiting.push_front(WaitingRetained {
+                    message: delivery.message,
+                    options,
+                });
                 break;
             }
             // There is room: taken (or, expired meanwhile, counted).
-            let _ = self.deliver_locked(st, next.delivery, journal, false);
+            let _ = self.deliver_locked(st, delivery, journal, false);
         }
         if !waiting.is_empty() {
             st.retained_backlog = Some(waiting);
@@ -162,7 +200,7 @@ impl Session {
     /// it expired, or it was replaced again each of [`SUPERSEDED_RETRIES`]
     /// times it was looked up (its successor then went live).
     fn current_retained(&self, stale: &WaitingRetained) -> Option<WaitingRetained> {
-        let topic = stale.delivery.message.topic_str();
+        let topic = stale.message.topic_str();
         let now = Instant::now();
         for _ in 0..SUPERSEDED_RETRIES {
             let current = self.context.retained.get(topic)?;
@@ -172,12 +210,9 @@ impl Session {
             if current.is_superseded() {
                 continue;
             }
-            let qos = current.qos.min(stale.granted);
-            let ids = stale.delivery.subscription_ids.clone();
-            let delivery = Delivery::new(&current, qos, true, ids);
             return Some(WaitingRetained {
-                delivery,
-                granted: stale.granted,
+                message: current,
+                options: stale.options,
             });
         }
         None
@@ -685,7 +720,7 @@ impl Session {
         journal: &mut Journal,
     ) {
         if st.retained_backlog.is_some() {
-            self.refill_retained(st, journal);
+            self.refill_retained(st, now, journal);
         }
         while self.link_has_room(st)
             && st.inflight.used() < usize::from(st.send_quota)

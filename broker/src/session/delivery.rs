@@ -73,10 +73,6 @@ pub enum Admission {
     /// or a slow connection, a full queue of an offline or slow client
     /// (counted in the metrics).
     Dropped,
-    /// Not queued: a retained message that a newer publish replaced or
-    /// cleared since its SUBSCRIBE found it ([`Session::deliver_retained`]
-    /// only; not counted as dropped).
-    Superseded,
 }
 
 /// The shared subscription a delivery came through.

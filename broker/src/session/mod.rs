@@ -76,7 +76,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use smallvec::SmallVec;
 use tern_codec::{Packet, ProtocolVersion, PubAck, QoS, ReasonCode, Will};
-use tern_router::RetainedStore;
+use tern_router::{RetainedStore, SubscriptionOptions};
 use tern_storage::{DeliveryState, Op, QueueEntry, SessionRecord, SharedGroupRecord, StoreError};
 use tokio::sync::Notify;
 
@@ -107,8 +107,7 @@ mod link;
 mod store_retries;
 
 pub use backlog::BACKLOG_CHUNK;
-use deliver::WaitingRetained;
-pub use deliver::SUPERSEDED_RETRIES;
+pub use deliver::WaitingRetained;
 pub use delivery::{AckKind, Admission, Delivery, Outbound, SharedOrigin};
 pub use hand_over::HandOver;
 pub use link::{ConnectionControl, WRITE_BATCH_BYTES};
@@ -233,7 +232,7 @@ struct SessionState {
     /// session.
     overflow: Option<Box<Overflow>>,
     /// Retained messages its SUBSCRIBEs matched that its queues had no room
-    /// for yet (see [`Session::deliver_retained`]): they go in as the queues
+    /// for yet (see [`Session::offer_retained`]): they go in as the queues
     /// drain. Boxed and made at the first; at most
     /// `max_pending_retained`; dropped when the client leaves.
     #[expect(
