@@ -7,8 +7,9 @@ use crate::session::WaitingRetained;
 
 /// A retained store of at least this many messages makes a SUBSCRIBE with
 /// a wildcard filter long work for its worker: each message it matches is
-/// found, counted and offered to the session within the one poll (some
-/// 0.4 us each; a `#` over 100,000 took a worker 36 ms, docs/performance.md).
+/// found and its reference cloned within the one poll, under the store's
+/// read lock (a `#` over 100,000 takes a worker some 23 ms, most of it
+/// cache misses; docs/performance.md).
 /// Such a SUBSCRIBE hands its worker's other tasks to another thread first
 /// ([`tokio::task::block_in_place`]), so that the connections which shared
 /// the worker are served meanwhile. Below it the hand-off would cost more
