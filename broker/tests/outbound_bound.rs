@@ -547,3 +547,35 @@ fn a_session_keeps_at_most_max_pending_retained_waiting() {
     assert_eq!(session.retained_waiting(), 10);
     assert_eq!(full() - before, 2, "the two beyond the bound are counted");
 }
+
+/// Retained messages found for a client that left before its SUBACK went
+/// out (a persistent session's SUBACK waits for the store): the QoS 1 one
+/// is queued in its session like any delivery to an offline client, the
+/// QoS 0 one is not kept.
+#[test]
+fn retained_messages_found_for_a_client_that_left_are_queued_at_qos_1_only() {
+    let (broker, attached) = broker_attached(1, BOUND);
+    let (session, connection_id) = &attached[0];
+    assert!(session.detach(*connection_id, None));
+    let retained = |qos| WaitingRetained {
+        message: Message::new(
+            Bytes::from_static(b"t"),
+            Bytes::from_static(b"kept"),
+            qos,
+            true,
+            Default::default(),
+            0,
+        ),
+        options: SubscriptionOptions {
+            qos: 1,
+            ..Default::default()
+        },
+    };
+    let mut journal = Journal::new();
+    session.offer_retained(
+        vec![retained(QoS::AtMostOnce), retained(QoS::AtLeastOnce)],
+        &mut journal,
+    );
+    assert_eq!(session.queued_len(), (1, 0), "the QoS 1 one waits");
+    assert_eq!(session.retained_waiting(), 0);
+}

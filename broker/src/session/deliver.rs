@@ -55,19 +55,25 @@ impl Session {
     /// the store, and its retained messages follow from there).
     ///
     /// There is no publisher to slow down: what the queues cannot take
-    /// waits here, never beyond their bounds. Nothing is kept for a client
-    /// that already left: as when it leaves while some wait, a new
-    /// SUBSCRIBE sends them again.
+    /// waits here, never beyond their bounds. A client that left before
+    /// its SUBACK went out finds the QoS 1/2 ones queued for it, as any
+    /// delivery to an offline session, within the queue's bounds (the rest
+    /// dropped and counted); QoS 0 ones are not kept for it.
     pub fn offer_retained(self: &Arc<Self>, found: Vec<WaitingRetained>, journal: &mut Journal) {
         if found.is_empty() {
             return;
         }
         let mut st = self.state.lock();
-        if st.ended || st.link.is_none() {
-            Metrics::add(
-                &self.context.metrics.messages_dropped_queue_full,
-                found.len() as u64,
-            );
+        if st.ended {
+            return;
+        }
+        if st.link.is_none() {
+            let mut now = LazyInstant::default();
+            for next in found {
+                if let Some(next) = self.still_retained(next, &mut now) {
+                    let _ = self.deliver_locked(&mut st, next.into_delivery(), journal, false);
+                }
+            }
             return;
         }
         let waiting = st.retained_backlog.as_ref().map_or(0, |b| b.len());
@@ -165,19 +171,10 @@ impl Session {
         let Some(mut waiting) = st.retained_backlog.take() else {
             return;
         };
-        while let Some(mut next) = waiting.pop_front() {
-            let message = &next.message;
-            if (message.expires_at.is_some() && message.is_expired(now.get()))
-                || self.denies(message)
-            {
+        while let Some(next) = waiting.pop_front() {
+            let Some(next) = self.still_retained(next, now) else {
                 continue;
-            }
-            if next.message.is_superseded() {
-                match self.current_retained(&next) {
-                    Some(current) => next = current,
-                    None => continue,
-                }
-            }
+            };
             let options = next.options;
             let delivery = next.into_delivery();
             if !self.has_room_for(st, &delivery) {
@@ -193,6 +190,25 @@ impl Session {
         if !waiting.is_empty() {
             st.retained_backlog = Some(waiting);
         }
+    }
+
+    /// What of `found` is to be sent now: nothing if it expired or an ACL
+    /// deny rule keeps it from the client; the topic's value now in its
+    /// place if a newer publish replaced it (see
+    /// [`refill_retained`](Self::refill_retained)).
+    fn still_retained(
+        &self,
+        found: WaitingRetained,
+        now: &mut LazyInstant,
+    ) -> Option<WaitingRetained> {
+        let message = &found.message;
+        if (message.expires_at.is_some() && message.is_expired(now.get())) || self.denies(message) {
+            return None;
+        }
+        if message.is_superseded() {
+            return self.current_retained(&found);
+        }
+        Some(found)
     }
 
     /// The topic's retained value now, to wait or be sent in place of
