@@ -554,7 +554,7 @@ fn a_session_keeps_at_most_max_pending_retained_waiting() {
 /// QoS 0 one is not kept.
 #[test]
 fn retained_messages_found_for_a_client_that_left_are_queued_at_qos_1_only() {
-    let (broker, attached) = broker_attached(1, BOUND);
+    let (_broker, attached) = broker_attached(1, BOUND);
     let (session, connection_id) = &attached[0];
     assert!(session.detach(*connection_id, None));
     let retained = |qos| WaitingRetained {
