@@ -10,7 +10,8 @@ buffers). Each SUBSCRIBE makes the broker find up to its
 `max_pending_retained` of those messages and offer them to the session.
 Prints the canary's round trips during that (p50/p99/max), how many
 retained messages each subscriber got, and, with `--broker-pid`, the
-broker's CPU seconds over the subscribe phase.
+broker's CPU seconds over the subscribe phase and its resident memory at
+the end (with subscribers that never read, what waits in their sessions).
 
     python3 benches/retained_subscribe.py --port 1883 --retained 200000 \\
         --subscribers 5 --broker-pid PID
@@ -98,6 +99,14 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def rss_mib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    return None
+
+
 def canary(port, stop, round_trips):
     sub = connect(port, b"canary-sub")
     sub.sendall(subscribe(b"canary"))
@@ -161,6 +170,7 @@ def main():
     stop.set()
     canary_thread.join()
     cpu = round(cpu_seconds(args.broker_pid) - cpu_before, 3) if args.broker_pid else None
+    rss = rss_mib(args.broker_pid) if args.broker_pid else None
 
     round_trips.sort()
     n = len(round_trips)
@@ -174,6 +184,7 @@ def main():
         "canary_max_ms": round(round_trips[-1] * 1e3, 1),
         "received": counts if args.read else None,
         "broker_cpu_s": cpu,
+        "broker_rss_mib": rss,
     }
     if args.json:
         print(json.dumps(result))

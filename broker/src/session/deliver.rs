@@ -23,6 +23,10 @@ pub struct WaitingRetained {
     pub options: SubscriptionOptions,
 }
 
+// What the type's documentation promises of its size (a SUBSCRIBE may
+// leave `max_pending_retained` of them in a session).
+const _: () = assert!(std::mem::size_of::<WaitingRetained>() <= 24);
+
 impl WaitingRetained {
     /// Its delivery: at the lower of the message's QoS and the
     /// subscription's, flagged RETAIN (MQTT-3.3.1-8), with the
