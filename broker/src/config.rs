@@ -274,6 +274,10 @@ pub struct LimitsConfig {
     /// for room in its queues (they are sent as the client reads); beyond
     /// it they are dropped.
     pub max_pending_retained: usize,
+    /// Retained messages that may wait so in all sessions together (24
+    /// bytes each, and each keeps its message alive); beyond it they are
+    /// dropped. What a session's queues take at once never counts.
+    pub max_waiting_retained: usize,
     /// Topics with a retained message; a retained message for one more
     /// topic is delivered but not stored.
     pub max_retained_messages: usize,
@@ -366,6 +370,7 @@ impl Default for LimitsConfig {
             max_subscription_bytes_per_client: 16 * 1024 * 1024,
             max_topic_levels: 128,
             max_pending_retained: 100_000,
+            max_waiting_retained: 4_000_000,
             max_retained_messages: 1_000_000,
             max_retained_bytes: 1024 * 1024 * 1024,
         }

@@ -109,6 +109,10 @@ counters! {
     messages_dropped_qos0,
     /// QoS 1/2 messages dropped because a session's queue was full.
     messages_dropped_queue_full,
+    /// Retained messages a SUBSCRIBE found that could not wait for room in
+    /// their session: limits.max_waiting_retained was reached (also counted
+    /// in messages_dropped_queue_full).
+    retained_waiting_refused,
     /// Deliveries dropped because they exceeded the client's Maximum Packet Size.
     messages_dropped_oversized,
     /// Acknowledgements (SUBACK, UNSUBACK ...) not sent because they

@@ -90,6 +90,21 @@ pub fn render(broker: &Broker) -> String {
     );
     sample(m, "retained_bytes", Kind::Gauge, "Memory of the retained messages as counted against limits.max_retained_bytes (topic, payload, properties, the message and the store's nodes for its topic; $SYS excluded).", broker.retained_bytes());
 
+    let waiting_retained = &registry.context().waiting_retained;
+    sample(
+        m,
+        "retained_waiting",
+        Kind::Gauge,
+        "Retained messages found by SUBSCRIBEs and waiting in their sessions for room in the queues, against limits.max_waiting_retained.",
+        waiting_retained.waiting(),
+    );
+    sample(
+        m,
+        "retained_waiting_max",
+        Kind::Gauge,
+        "limits.max_waiting_retained.",
+        limits.max_waiting_retained,
+    );
     let budget = &registry.context().budget;
     sample(
         m,
@@ -235,6 +250,11 @@ mod tests {
             Some("1")
         );
         assert_eq!(value(&text, "tern_connections").as_deref(), Some("0"));
+        assert_eq!(value(&text, "tern_retained_waiting").as_deref(), Some("0"));
+        assert_eq!(
+            value(&text, "tern_retained_waiting_max").as_deref(),
+            Some("4000000")
+        );
         assert!(text.contains("# TYPE tern_messages_dropped_qos0_total counter\n"));
         assert!(text.contains(
             "# HELP tern_messages_dropped_qos0_total QoS 0 deliveries dropped because the subscriber's queue was full.\n"

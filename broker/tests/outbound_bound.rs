@@ -530,22 +530,78 @@ fn a_session_keeps_at_most_max_pending_retained_waiting() {
     while dropped() == 0 {
         route(&broker, &small_message());
     }
-    let found = |n| {
-        (0..n)
-            .map(|_| WaitingRetained {
-                message: small_message(),
-                options: SubscriptionOptions::default(),
-            })
-            .collect::<Vec<_>>()
-    };
     let full = || Metrics::get(&broker.metrics.messages_dropped_queue_full);
     let before = full();
     let mut journal = Journal::new();
-    session.offer_retained(found(6), &mut journal);
+    session.offer_retained(found_retained(6), &mut journal);
     assert_eq!(session.retained_waiting(), 6);
-    session.offer_retained(found(6), &mut journal);
+    session.offer_retained(found_retained(6), &mut journal);
     assert_eq!(session.retained_waiting(), 10);
     assert_eq!(full() - before, 2, "the two beyond the bound are counted");
+}
+
+/// `n` retained messages as a SUBSCRIBE finds them.
+fn found_retained(n: usize) -> Vec<WaitingRetained> {
+    (0..n)
+        .map(|_| WaitingRetained {
+            message: small_message(),
+            options: SubscriptionOptions::default(),
+        })
+        .collect()
+}
+
+/// All sessions together keep at most `limits.max_waiting_retained`
+/// retained messages waiting: those beyond it are dropped and counted,
+/// those a session's queues take at once never count, and a client that
+/// leaves gives back what its session held.
+#[test]
+fn sessions_together_keep_at_most_max_waiting_retained_waiting() {
+    let mut config = Config::default();
+    config.limits.max_client_outbound_bytes = BOUND;
+    config.limits.queue_full_wait_ms = 0;
+    config.limits.max_waiting_retained = 10;
+    let broker = Broker::new(config);
+    let (fresh, _) = attached_subscriber(&broker, "fresh", "elsewhere");
+    let (first, first_connection) = attached_subscriber(&broker, "first", "t");
+    let (second, _) = attached_subscriber(&broker, "second", "t");
+    // Both queues at their bound (each drops what is routed to it): what
+    // is offered them waits.
+    let dropped = || Metrics::get(&broker.metrics.messages_dropped_qos0);
+    loop {
+        let before = dropped();
+        route(&broker, &small_message());
+        if dropped() - before == 2 {
+            break;
+        }
+    }
+    let waiting = || broker.registry.context().waiting_retained.waiting();
+    let refused = || Metrics::get(&broker.metrics.retained_waiting_refused);
+    let full = || Metrics::get(&broker.metrics.messages_dropped_queue_full);
+    let mut journal = Journal::new();
+    first.offer_retained(found_retained(6), &mut journal);
+    second.offer_retained(found_retained(6), &mut journal);
+    assert_eq!(
+        (first.retained_waiting(), second.retained_waiting()),
+        (6, 4)
+    );
+    assert_eq!(waiting(), 10);
+    assert_eq!((refused(), full()), (2, 2), "the two beyond the bound");
+    // A session whose queues have room takes its messages all the same.
+    fresh.offer_retained(found_retained(3), &mut journal);
+    let mut sent = VecDeque::new();
+    fresh.drain_outbound_any(&mut sent);
+    let deliveries = sent
+        .iter()
+        .filter(|o| matches!(o, Outbound::Publish(_)))
+        .count();
+    assert_eq!((deliveries, fresh.retained_waiting()), (3, 0));
+    assert_eq!((refused(), waiting()), (2, 10));
+    // The first client leaves: its six go, and make room for six more.
+    assert!(first.detach(first_connection, None));
+    assert_eq!(waiting(), 4);
+    second.offer_retained(found_retained(7), &mut journal);
+    assert_eq!((second.retained_waiting(), waiting()), (10, 10));
+    assert_eq!(refused(), 3);
 }
 
 /// Retained messages found for a client that left before its SUBACK went

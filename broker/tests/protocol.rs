@@ -517,6 +517,66 @@ async fn retained_messages_beyond_the_session_bounds_wait_for_room() {
     server.shutdown().await;
 }
 
+/// Reads retained QoS 1 messages, acknowledging each, until none comes for
+/// 300 ms; returns their topics (each must come once).
+async fn read_retained(c: &mut RawClient) -> std::collections::BTreeSet<bytes::Bytes> {
+    let mut got = std::collections::BTreeSet::new();
+    while let Ok(Some(packet)) = c.recv_within(Duration::from_millis(300)).await {
+        let Packet::Publish(p) = packet else {
+            panic!("unexpected {packet:?}");
+        };
+        assert!(p.retain);
+        c.send(Packet::PubAck(PubAck::new(p.packet_id.unwrap())))
+            .await;
+        assert!(got.insert(p.topic), "a retained message came twice");
+    }
+    got
+}
+
+#[tokio::test]
+async fn retained_messages_waiting_in_all_sessions_stay_within_max_waiting_retained() {
+    // Each session's queues take 15 QoS 1 messages at once (in-flight
+    // window 5, queue 10); beyond that, at most 30 wait in all sessions
+    // together. A client that never reads holds all 30: the next gets only
+    // what its queues take, until the first leaves.
+    let server = start(|c| {
+        c.limits.max_inflight = 5;
+        c.limits.max_queued_messages = 10;
+        c.limits.max_waiting_retained = 30;
+    })
+    .await;
+    store_retained(&server, 100, QoS::AtLeastOnce).await;
+    let broker = server.broker();
+    let waiting = || broker.registry.context().waiting_retained.waiting();
+    let refused = || broker.metrics.retained_waiting_refused.get();
+    let mut idle = RawClient::connected(addr(&server), "idle", V5).await;
+    assert_eq!(
+        idle.subscribe("ret/#", QoS::AtLeastOnce).await,
+        vec![ReasonCode::GrantedQoS1]
+    );
+    eventually("the idle client's 30 wait", || waiting() == 30).await;
+    assert_eq!(refused(), 55);
+    let mut reader = RawClient::connected(addr(&server), "reader", V5).await;
+    assert_eq!(
+        reader.subscribe("ret/#", QoS::AtLeastOnce).await,
+        vec![ReasonCode::GrantedQoS1]
+    );
+    assert_eq!(read_retained(&mut reader).await.len(), 15);
+    assert_eq!((waiting(), refused()), (30, 55 + 85));
+    // The idle client leaves, and its session with it (clean start, no
+    // expiry): its 30 places are free again.
+    idle.send(Packet::Disconnect(Default::default())).await;
+    eventually("the idle client's places freed", || waiting() == 0).await;
+    // A SUBSCRIBE again sends the retained messages again (MQTT-3.8.4-3).
+    assert_eq!(
+        reader.subscribe("ret/#", QoS::AtLeastOnce).await,
+        vec![ReasonCode::GrantedQoS1]
+    );
+    assert_eq!(read_retained(&mut reader).await.len(), 45);
+    assert_eq!(waiting(), 0, "all taken");
+    server.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_waiting_retained_message_replaced_meanwhile_does_not_follow_its_successor() {
     // A retained message that finds the session's queues full waits for

@@ -57,6 +57,7 @@ use crate::registry::SessionRegistry;
 use crate::retained_order::RetainedOrder;
 use crate::session::{
     Admission, Delivery, PendingWill, Session, SessionContext, SharedOrigin, SubscriptionIds,
+    WaitingRetainedBudget,
 };
 use tern_router::{
     ClientMatch, Matches, RecentMatch, RetainedStore, Router, SharedGroup, SubscriptionOptions,
@@ -206,6 +207,9 @@ impl Broker {
                 max_client_outbound_bytes: config.limits.max_client_outbound_bytes,
                 max_inflight_bytes: config.limits.max_inflight_bytes,
                 max_pending_retained: config.limits.max_pending_retained,
+                waiting_retained: Arc::new(WaitingRetainedBudget::new(
+                    config.limits.max_waiting_retained,
+                )),
                 metrics: Arc::clone(&metrics),
                 budget: Arc::new(OutboundBudget::new(config.limits.max_outbound_bytes)),
                 persistence: persistence.clone(),

@@ -45,6 +45,9 @@ impl Connection {
         let mut retained: Vec<WaitingRetained> = Vec::new();
         let mut retained_filters: HashMap<&str, std::ops::Range<usize>> = HashMap::new();
         // More than the session may hold waiting would be dropped anyway.
+        // The broker-wide bound (`max_waiting_retained`) is not applied
+        // here: what the session's queues take at once never counts against
+        // it, and the session keeps it when it takes the rest.
         let limits = &self.broker.config.limits;
         let retained_cap = limits
             .max_pending_retained

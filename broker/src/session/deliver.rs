@@ -3,6 +3,7 @@
 //! place in the in-flight window, and pushing what is sent to the link.
 
 use super::*;
+use crate::log_throttle::throttled;
 
 /// How many times a retained message replaced while it waited in a
 /// session for room (between a SUBSCRIBE's lookup and its turn) is looked
@@ -48,11 +49,12 @@ impl Session {
     }
 
     /// Takes the retained messages a SUBSCRIBE found, after its SUBACK, for
-    /// the attached client: they join those waiting for room (at most
-    /// `max_pending_retained` in all, the rest dropped and counted), and
-    /// what the queues have room for now goes in at once (see
-    /// [`refill_retained`](Self::refill_retained), which also makes the
-    /// ones the rest wait for as the client reads). Under one lock, and
+    /// the attached client: what the queues have room for now goes in at
+    /// once, and the rest joins those waiting for room (at most
+    /// `max_pending_retained` in the session and `max_waiting_retained` in
+    /// the broker, the rest dropped and counted: retained_backlog.rs), to
+    /// become deliveries as the client reads
+    /// ([`refill_retained`](Self::refill_retained)). Under one lock, and
     /// without looking at the messages: a SUBSCRIBE that found 100,000
     /// hands them over in one move, whether on its connection's worker or
     /// on the store's writer thread (a durable session's SUBACK waits for
@@ -82,20 +84,42 @@ impl Session {
         }
         let waiting = st.retained_backlog.as_ref().map_or(0, |b| b.len());
         let room = self.context.max_pending_retained.saturating_sub(waiting);
-        let mut found = found;
-        if found.len() > room {
-            Metrics::add(
-                &self.context.metrics.messages_dropped_queue_full,
-                (found.len() - room) as u64,
-            );
-            found.truncate(room);
+        // The SUBSCRIBE's vector becomes the queue as it is.
+        let mut found = VecDeque::from(found);
+        let mut dropped = found.len().saturating_sub(room);
+        found.truncate(room);
+        let mut now = LazyInstant::default();
+        if waiting == 0 {
+            // What the queues take now never waits, whatever the
+            // broker-wide bound on waiting ones.
+            self.move_retained_into_queues(&mut st, &mut found, &mut now, journal);
         }
-        match &mut st.retained_backlog {
-            Some(backlog) => backlog.extend(found),
-            // The SUBSCRIBE's vector becomes the queue as it is.
-            None => st.retained_backlog = Some(Box::new(VecDeque::from(found))),
+        if !found.is_empty() {
+            let budget = &self.context.waiting_retained;
+            let backlog = st
+                .retained_backlog
+                .get_or_insert_with(|| Box::new(RetainedBacklog::new(Arc::clone(budget))));
+            let refused = backlog.admit(found);
+            if refused > 0 {
+                Metrics::add(
+                    &self.context.metrics.retained_waiting_refused,
+                    refused as u64,
+                );
+                throttled!(WARN, client_id = %self.client_id, refused, "retained messages left out: limits.max_waiting_retained reached");
+                dropped += refused;
+            }
+            if backlog.is_empty() {
+                st.retained_backlog = None;
+            }
         }
-        self.refill_retained(&mut st, &mut LazyInstant::default(), journal);
+        if waiting > 0 {
+            // Those that waited before go first, and may find room now.
+            self.refill_retained(&mut st, &mut now, journal);
+        }
+        Metrics::add(
+            &self.context.metrics.messages_dropped_queue_full,
+            dropped as u64,
+        );
     }
 
     /// Retained messages waiting for room in the session's queues (at most
@@ -175,14 +199,30 @@ impl Session {
         let Some(mut waiting) = st.retained_backlog.take() else {
             return;
         };
-        while let Some(next) = waiting.pop_front() {
+        waiting.take_with(|queue| self.move_retained_into_queues(st, queue, now, journal));
+        if !waiting.is_empty() {
+            st.retained_backlog = Some(waiting);
+        }
+    }
+
+    /// Moves retained messages from the front of `queue` into the session's
+    /// queues while they have room (see
+    /// [`refill_retained`](Self::refill_retained)).
+    fn move_retained_into_queues(
+        self: &Arc<Self>,
+        st: &mut SessionState,
+        queue: &mut VecDeque<WaitingRetained>,
+        now: &mut LazyInstant,
+        journal: &mut Journal,
+    ) {
+        while let Some(next) = queue.pop_front() {
             let Some(next) = self.still_retained(next, now) else {
                 continue;
             };
             let options = next.options;
             let delivery = next.into_delivery();
             if !self.has_room_for(st, &delivery) {
-                waiting.push_front(WaitingRetained {
+                queue.push_front(WaitingRetained {
                     message: delivery.message,
                     options,
                 });
@@ -190,9 +230,6 @@ impl Session {
             }
             // There is room: taken (or, expired meanwhile, counted).
             let _ = self.deliver_locked(st, delivery, journal, false);
-        }
-        if !waiting.is_empty() {
-            st.retained_backlog = Some(waiting);
         }
     }
 

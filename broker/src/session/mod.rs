@@ -104,6 +104,7 @@ mod delivery;
 mod hand_over;
 mod incoming;
 mod link;
+mod retained_backlog;
 mod store_retries;
 
 pub use backlog::BACKLOG_CHUNK;
@@ -111,12 +112,14 @@ pub use deliver::WaitingRetained;
 pub use delivery::{AckKind, Admission, Delivery, Outbound, SharedOrigin};
 pub use hand_over::HandOver;
 pub use link::{ConnectionControl, WRITE_BATCH_BYTES};
+pub use retained_backlog::WaitingRetainedBudget;
 pub use store_retries::{StoreRetries, STORE_RETRY};
 
 use backlog::Backlog;
 use delivery::{queued_batch_cost, queued_cost};
 use hand_over::shared_deliveries;
 use link::Link;
+use retained_backlog::RetainedBacklog;
 
 /// A client sent more QoS 2 messages awaiting PUBREL than Receive Maximum.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -142,6 +145,9 @@ pub struct SessionContext {
     pub max_inflight_bytes: usize,
     /// Retained messages a session may hold waiting for room in its queues.
     pub max_pending_retained: usize,
+    /// Retained messages waiting in all sessions, against
+    /// `limits.max_waiting_retained`.
+    pub waiting_retained: Arc<WaitingRetainedBudget>,
     pub metrics: Arc<Metrics>,
     pub budget: Arc<OutboundBudget>,
     /// The durable store; `None` in memory mode.
@@ -233,13 +239,10 @@ struct SessionState {
     overflow: Option<Box<Overflow>>,
     /// Retained messages its SUBSCRIBEs matched that its queues had no room
     /// for yet (see [`Session::offer_retained`]): they go in as the queues
-    /// drain. Boxed and made at the first; at most
-    /// `max_pending_retained`; dropped when the client leaves.
-    #[expect(
-        clippy::box_collection,
-        reason = "8 bytes in every session instead of 32: almost none has one"
-    )]
-    retained_backlog: Option<Box<VecDeque<WaitingRetained>>>,
+    /// drain. Boxed (8 bytes in every session instead of 40: almost none
+    /// has one) and made at the first; at most `max_pending_retained`;
+    /// dropped when the client leaves.
+    retained_backlog: Option<Box<RetainedBacklog>>,
 }
 
 /// One client's session. See the module documentation.

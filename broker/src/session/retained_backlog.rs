@@ -1,0 +1,198 @@
+//! Retained messages a session's SUBSCRIBEs found that its queues had no
+//! room for yet, and the broker-wide bound on them.
+//!
+//! A SUBSCRIBE to `#` over a store of 100,000 retained messages finds them
+//! all at once. What the session's queues can take goes in at once; the
+//! rest waits in its [`RetainedBacklog`], 24 bytes a message
+//! ([`WaitingRetained`]), and becomes a delivery as the client reads
+//! (`Session::refill_retained`). One session holds at most
+//! `limits.max_pending_retained` waiting. All sessions together hold at
+//! most `limits.max_waiting_retained` ([`WaitingRetainedBudget`]): without
+//! that bound, a thousand clients reconnecting at once and each
+//! subscribing to `#` would make the broker hold 2.4 GB of waiting entries,
+//! and keep alive every message replaced meanwhile that an entry points
+//! to.
+//!
+//! What a bound leaves out is dropped and counted
+//! (`messages_dropped_queue_full`, and for the broker-wide one also
+//! `retained_waiting_refused`), as a message beyond a full queue is; the
+//! client finds the topics' values again with a new SUBSCRIBE.
+//!
+//! Invariant: the budget counts exactly the entries held in backlogs. A
+//! backlog reserves before it takes entries, releases one for each that
+//! leaves it, and releases what it still holds when it is dropped (the
+//! client left, the session ended).
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use super::WaitingRetained;
+
+/// Retained messages waiting in all sessions, against
+/// `limits.max_waiting_retained`.
+#[derive(Debug)]
+pub struct WaitingRetainedBudget {
+    waiting: AtomicUsize,
+    limit: usize,
+}
+
+impl WaitingRetainedBudget {
+    /// A bound of `limit` waiting messages across the broker.
+    pub fn new(limit: usize) -> WaitingRetainedBudget {
+        WaitingRetainedBudget {
+            waiting: AtomicUsize::new(0),
+            limit,
+        }
+    }
+
+    /// Messages waiting now, in all sessions.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
+    }
+
+    /// How many more may wait now. A SUBSCRIBE collects no more than this
+    /// beyond what its session's queues take at once; the bound itself is
+    /// kept when they are taken ([`RetainedBacklog::admit`]).
+    pub fn room(&self) -> usize {
+        self.limit.saturating_sub(self.waiting())
+    }
+
+    /// Reserves places for up to `wanted` messages; returns how many it
+    /// reserved (fewer when the bound is near).
+    fn reserve(&self, wanted: usize) -> usize {
+        let mut granted = 0;
+        let _ = self
+            .waiting
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |waiting| {
+                granted = wanted.min(self.limit.saturating_sub(waiting));
+                (granted > 0).then(|| waiting + granted)
+            });
+        granted
+    }
+
+    /// Records `count` fewer waiting.
+    fn release(&self, count: usize) {
+        if count > 0 {
+            self.waiting.fetch_sub(count, Ordering::Relaxed);
+        }
+    }
+
+    /// Records `count` more waiting, beyond the bound if need be: entries
+    /// taken out of a backlog and put back.
+    fn charge(&self, count: usize) {
+        if count > 0 {
+            self.waiting.fetch_add(count, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The retained messages waiting in one session, in the order found, each
+/// counted in the broker's [`WaitingRetainedBudget`] while it is here.
+#[derive(Debug)]
+pub(super) struct RetainedBacklog {
+    queue: VecDeque<WaitingRetained>,
+    budget: Arc<WaitingRetainedBudget>,
+}
+
+impl RetainedBacklog {
+    /// An empty backlog counted in `budget`.
+    pub(super) fn new(budget: Arc<WaitingRetainedBudget>) -> RetainedBacklog {
+        RetainedBacklog {
+            queue: VecDeque::new(),
+            budget,
+        }
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.queue.len()
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    /// Takes as many of `found` as the broker-wide bound has room for,
+    /// behind those waiting already (an empty backlog takes `found`'s
+    /// allocation as it is); returns how many it left out, dropped with
+    /// what remains of `found`.
+    pub(super) fn admit(&mut self, mut found: VecDeque<WaitingRetained>) -> usize {
+        let kept = self.budget.reserve(found.len());
+        let refused = found.len() - kept;
+        found.truncate(kept);
+        if self.queue.is_empty() {
+            self.queue = found;
+        } else {
+            self.queue.append(&mut found);
+        }
+        refused
+    }
+
+    /// Lets `take` remove entries from the front (or put one back) and
+    /// counts the difference.
+    pub(super) fn take_with(&mut self, take: impl FnOnce(&mut VecDeque<WaitingRetained>)) {
+        let before = self.queue.len();
+        take(&mut self.queue);
+        let after = self.queue.len();
+        self.budget.release(before.saturating_sub(after));
+        self.budget.charge(after.saturating_sub(before));
+    }
+}
+
+impl Drop for RetainedBacklog {
+    fn drop(&mut self) {
+        self.budget.release(self.queue.len());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::Message;
+    use bytes::Bytes;
+    use tern_codec::QoS;
+    use tern_router::SubscriptionOptions;
+
+    fn found(n: usize) -> VecDeque<WaitingRetained> {
+        let message = Message::new(
+            Bytes::from_static(b"t"),
+            Bytes::from_static(b"v"),
+            QoS::AtMostOnce,
+            true,
+            Default::default(),
+            0,
+        );
+        (0..n)
+            .map(|_| WaitingRetained {
+                message: Arc::clone(&message),
+                options: SubscriptionOptions::default(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn backlogs_together_hold_at_most_the_limit_and_release_what_leaves() {
+        let budget = Arc::new(WaitingRetainedBudget::new(10));
+        let mut first = RetainedBacklog::new(Arc::clone(&budget));
+        let mut second = RetainedBacklog::new(Arc::clone(&budget));
+        assert_eq!(first.admit(found(6)), 0);
+        assert_eq!(second.admit(found(6)), 2, "two beyond the bound");
+        assert_eq!((first.len(), second.len(), budget.waiting()), (6, 4, 10));
+        assert_eq!(budget.room(), 0);
+        // Three taken from the first, one of them put back.
+        first.take_with(|queue| {
+            for _ in 0..3 {
+                queue.pop_front();
+            }
+        });
+        assert_eq!(budget.waiting(), 7);
+        first.take_with(|queue| queue.push_front(found(1).pop_front().unwrap()));
+        assert_eq!((first.len(), budget.waiting()), (4, 8));
+        assert_eq!(second.admit(found(5)), 3, "room for two more");
+        assert_eq!(second.len(), 6);
+        drop(first);
+        assert_eq!(budget.waiting(), 6);
+        drop(second);
+        assert_eq!(budget.waiting(), 0);
+    }
+}
