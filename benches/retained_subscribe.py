@@ -24,35 +24,14 @@ import argparse
 import json
 import os
 import socket
-import struct
 import threading
 import time
 
+from mqtt_wire import connect as connect_packet
+from mqtt_wire import publish, subscribe
+
 CANARY_EVERY_S = 0.005
 PAYLOAD = b"x" * 32
-
-
-def remaining_length(n):
-    out = bytearray()
-    while True:
-        byte, n = n % 128, n // 128
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def string(b):
-    return struct.pack(">H", len(b)) + b
-
-
-def publish(topic, payload, retain=False):
-    body = string(topic) + payload
-    return bytes([0x31 if retain else 0x30]) + remaining_length(len(body)) + body
-
-
-def subscribe(topic_filter):
-    body = struct.pack(">H", 1) + string(topic_filter) + b"\x00"
-    return b"\x82" + remaining_length(len(body)) + body
 
 
 def receive(sock, n):
@@ -69,8 +48,7 @@ def connect(port, client_id, receive_buffer=None):
     sock.settimeout(30)
     sock.connect(("127.0.0.1", port))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    body = string(b"MQTT") + bytes([4, 2]) + struct.pack(">H", 0) + string(client_id)
-    sock.sendall(b"\x10" + remaining_length(len(body)) + body)
+    sock.sendall(connect_packet(client_id))
     if receive(sock, 4)[0] != 0x20:
         raise SystemExit(f"{client_id!r}: expected CONNACK")
     return sock

@@ -27,25 +27,15 @@ import struct
 import threading
 import time
 
-
-def remaining_length(n):
-    out = bytearray()
-    while True:
-        byte, n = n % 128, n // 128
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def string(b):
-    return struct.pack(">H", len(b)) + b
+from mqtt_wire import connect as connect_packet
+from mqtt_wire import remaining_length, string
+from mqtt_wire import subscribe as subscribe_packet
 
 
 def connect(port, client_id):
     sock = socket.create_connection(("127.0.0.1", port))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    body = string(b"MQTT") + bytes([4, 2]) + struct.pack(">H", 0) + string(client_id.encode())
-    sock.sendall(b"\x10" + remaining_length(len(body)) + body)
+    sock.sendall(connect_packet(client_id.encode()))
     reader = Reader(sock)
     kind, _ = reader.packet()
     if kind >> 4 != 2:
@@ -54,8 +44,7 @@ def connect(port, client_id):
 
 
 def subscribe(sock, topic_filter):
-    body = struct.pack(">H", 1) + string(topic_filter.encode()) + b"\x01"
-    sock.sendall(b"\x82" + remaining_length(len(body)) + body)
+    sock.sendall(subscribe_packet(topic_filter.encode(), qos=1))
 
 
 class Reader:
