@@ -30,10 +30,11 @@ def connect(client_id, keep_alive=0):
     return b"\x10" + remaining_length(len(body)) + body
 
 
-def publish(topic, payload, retain=False):
-    """A QoS 0 PUBLISH."""
-    body = string(topic) + payload
-    return bytes([0x31 if retain else 0x30]) + remaining_length(len(body)) + body
+def publish(topic, payload, retain=False, qos=0, packet_id=1):
+    """A PUBLISH; `packet_id` only at QoS 1 or 2."""
+    body = string(topic) + (struct.pack(">H", packet_id) if qos else b"") + payload
+    first = 0x30 | qos << 1 | (1 if retain else 0)
+    return bytes([first]) + remaining_length(len(body)) + body
 
 
 def subscribe(topic_filter, qos=0, packet_id=1):

@@ -8,6 +8,9 @@ second later, `--subscribers` clients subscribe to `r/#` at QoS 0 at once,
 and either read what they get (`--read`) or never read (4 KiB receive
 buffers). Each SUBSCRIBE makes the broker find up to its
 `max_pending_retained` of those messages and offer them to the session.
+With `--qos 1` the retained messages and the subscriptions are QoS 1 (and
+the subscribers never read): a session's queues then take only its
+in-flight window and queue at once, and nearly all the others wait in it.
 Prints the canary's round trips during that (p50/p99/max), how many
 retained messages each subscriber got, and, with `--broker-pid`, the
 broker's CPU seconds over the subscribe phase and its resident memory at
@@ -58,10 +61,13 @@ def topic(i):
     return b"r/%d/%d" % (i // 100, i % 100)
 
 
-def store_retained(port, n):
+def store_retained(port, n, qos):
     """Publishes them, then waits until the last one is stored."""
     loader = connect(port, b"retainer")
-    loader.sendall(b"".join(publish(topic(i), PAYLOAD, retain=True) for i in range(n)))
+    if qos:
+        # Its PUBACKs are read and dropped, so that the broker can send them.
+        threading.Thread(target=drain, args=(loader,), daemon=True).start()
+    loader.sendall(b"".join(publish(topic(i), PAYLOAD, retain=True, qos=qos, packet_id=i % 65535 + 1) for i in range(n)))
     check = connect(port, b"retained-check")
     check.sendall(subscribe(topic(n - 1)))
     seen = b""
@@ -69,6 +75,14 @@ def store_retained(port, n):
         seen += receive(check, 65536)
     check.close()
     loader.close()
+
+
+def drain(sock):
+    try:
+        while sock.recv(65536):
+            pass
+    except OSError:
+        pass
 
 
 def cpu_seconds(pid):
@@ -121,11 +135,20 @@ def main():
     parser.add_argument("--retained", type=int, default=200_000)
     parser.add_argument("--subscribers", type=int, default=5)
     parser.add_argument("--read", action="store_true", help="the subscribers read what they get")
+    parser.add_argument(
+        "--qos",
+        type=int,
+        choices=[0, 1],
+        default=0,
+        help="the retained messages' QoS and the subscriptions' (1: only with subscribers that never read)",
+    )
     parser.add_argument("--broker-pid", type=int, help="report the broker's CPU seconds (/proc)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
-    store_retained(args.port, args.retained)
+    if args.qos and args.read:
+        parser.error("--qos 1 needs subscribers that never read (they would have to acknowledge)")
+    store_retained(args.port, args.retained, args.qos)
     stop, round_trips = threading.Event(), []
     canary_thread = threading.Thread(target=canary, args=(args.port, stop, round_trips))
     canary_thread.start()
@@ -136,7 +159,7 @@ def main():
     ]
     counts = [0] * len(subscribers)
     for sock in subscribers:
-        sock.sendall(subscribe(b"r/#"))
+        sock.sendall(subscribe(b"r/#", qos=args.qos))
     if args.read:
         readers = [threading.Thread(target=read_until_quiet, args=(s, counts, i)) for i, s in enumerate(subscribers)]
         for t in readers:
@@ -156,6 +179,7 @@ def main():
         "retained": args.retained,
         "subscribers": args.subscribers,
         "read": args.read,
+        "qos": args.qos,
         "canary_round_trips": n,
         "canary_p50_ms": round(round_trips[n // 2] * 1e3, 2),
         "canary_p99_ms": round(round_trips[int(n * 0.99)] * 1e3, 2),

@@ -29,6 +29,13 @@ use std::sync::Arc;
 
 use super::WaitingRetained;
 
+/// The found messages a backlog takes are shrunk to their number when
+/// their allocation has room for more than one in this many again: a
+/// SUBSCRIBE's vector grows by doubling, and one cut to a bound keeps its
+/// whole allocation (2.4 MB for a hundred thousand found) for as long as
+/// what is kept waits. Shrinking costs a copy of what is kept, once.
+const SLACK_KEPT: usize = 8;
+
 /// Retained messages waiting in all sessions, against
 /// `limits.max_waiting_retained`.
 #[derive(Debug)]
@@ -120,6 +127,11 @@ impl RetainedBacklog {
         let kept = self.budget.reserve(found.len());
         let refused = found.len() - kept;
         found.truncate(kept);
+        if found.capacity() - found.len() > found.len() / SLACK_KEPT {
+            // What was cut off (or the SUBSCRIBE's doubling left unused)
+            // would be held, uncounted, as long as the rest waits.
+            found.shrink_to_fit();
+        }
         if self.queue.is_empty() {
             self.queue = found;
         } else {
@@ -192,6 +204,14 @@ mod tests {
         assert_eq!(second.len(), 6);
         drop(first);
         assert_eq!(budget.waiting(), 6);
+        // What is cut off does not stay allocated.
+        let mut third = RetainedBacklog::new(Arc::clone(&budget));
+        let mut many = found(1000);
+        many.reserve(1000);
+        assert_eq!(third.admit(many), 996);
+        assert_eq!(third.len(), 4);
+        assert!(third.queue.capacity() < 8, "{}", third.queue.capacity());
+        drop(third);
         drop(second);
         assert_eq!(budget.waiting(), 0);
     }
