@@ -719,6 +719,76 @@ async fn a_large_retained_lookup_on_a_multi_thread_runtime() {
     a_wildcard_subscribe_over_a_large_retained_store_gets_it_all().await;
 }
 
+/// A wildcard SUBSCRIBE over a large retained store is handled only with
+/// one of the broker's walk permits (`Broker::retained_walks`): while none
+/// is free it waits, and the packets read after it wait behind it, while
+/// other clients are served; once one is free it is handled as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_retained_walk_waits_for_a_permit_with_what_follows_it() {
+    const STORED: u16 = 10_050;
+    let server = start(|_| {}).await;
+    store_retained(&server, STORED, QoS::AtMostOnce).await;
+    let walks = std::sync::Arc::clone(&server.broker().retained_walks);
+    let all = u32::try_from(walks.available_permits()).unwrap();
+    let held = walks.acquire_many(all).await.unwrap();
+    let mut c = RawClient::connected(addr(&server), "reader", V5).await;
+    // The SUBSCRIBE and a PINGREQ in one write: read together.
+    let mut bytes = BytesMut::new();
+    for packet in [
+        subscribe_packet(1, "ret/#", QoS::AtMostOnce),
+        Packet::PingReq,
+    ] {
+        encode_packet(&packet, V5, &mut bytes).unwrap();
+    }
+    c.send_bytes(&bytes).await;
+    c.expect_silence(Duration::from_millis(300)).await;
+    let mut other = RawClient::connected(addr(&server), "other", V5).await;
+    assert_eq!(
+        other.subscribe("ret/7", QoS::AtMostOnce).await,
+        vec![ReasonCode::Success],
+        "a SUBSCRIBE that does not walk the store is not held up"
+    );
+    assert_eq!(other.recv_publish().await.topic, "ret/7");
+    drop(held);
+    assert!(
+        matches!(c.recv().await, Some(Packet::SubAck(ack)) if ack.packet_id == 1),
+        "the SUBACK comes first"
+    );
+    let (mut retained, mut pong) = (0, false);
+    while retained < STORED || !pong {
+        match c.recv().await {
+            Some(Packet::Publish(p)) if p.retain => retained += 1,
+            Some(Packet::PingResp) if !pong => pong = true,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    c.expect_silence(Duration::from_millis(100)).await;
+    server.shutdown().await;
+}
+
+/// A connection waiting for a walk permit still ends when the broker closes
+/// it: a client taking its session over is not held up by it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_waiting_for_a_walk_permit_can_be_taken_over() {
+    let server = start(|_| {}).await;
+    store_retained(&server, 10_050, QoS::AtMostOnce).await;
+    let walks = std::sync::Arc::clone(&server.broker().retained_walks);
+    let all = u32::try_from(walks.available_permits()).unwrap();
+    let _held = walks.acquire_many(all).await.unwrap();
+    let mut old = RawClient::connected(addr(&server), "same", V5).await;
+    old.send(subscribe_packet(1, "ret/#", QoS::AtMostOnce))
+        .await;
+    old.expect_silence(Duration::from_millis(200)).await;
+    let _new = RawClient::connected(addr(&server), "same", V5).await;
+    old.expect_disconnect(ReasonCode::SessionTakenOver).await;
+    assert_eq!(
+        server.broker().router.subscription_count(),
+        0,
+        "the waiting SUBSCRIBE was not applied"
+    );
+    server.shutdown().await;
+}
+
 #[tokio::test]
 async fn takeover_sends_0x8e_to_the_old_connection() {
     let server = start(|_| {}).await;

@@ -40,7 +40,7 @@ use std::time::{Duration, Instant};
 
 use tern_codec::properties::PublishProperties;
 use tern_codec::{QoS, ReasonCode, Will};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{oneshot, watch, Semaphore};
 
 use crate::auth_rules::{AuthRules, Login, Revocation};
 use crate::budget::OutboundBudget;
@@ -138,6 +138,10 @@ pub struct Broker {
     system_retained: AtomicUsize,
     /// Orders each topic's retained changes in the store as in memory.
     retained_order: RetainedOrder,
+    /// Walks of a large retained store by wildcard SUBSCRIBEs that may run
+    /// at once (`retained::retained_walks_at_once`): a connection takes a
+    /// permit before such a SUBSCRIBE and holds it while it is handled.
+    pub retained_walks: Arc<Semaphore>,
     /// When expired retained messages were last swept (keep alive clock).
     last_retained_sweep_ms: AtomicU64,
     /// The earliest expiry among the retained messages since the last sweep
@@ -230,6 +234,7 @@ impl Broker {
             retained_bytes: AtomicUsize::new(0),
             system_retained: AtomicUsize::new(0),
             retained_order: RetainedOrder::new(),
+            retained_walks: Arc::new(Semaphore::new(retained::retained_walks_at_once())),
             last_retained_sweep_ms: AtomicU64::new(0),
             retained_expiry: parking_lot::Mutex::new(None),
             last_stall_sweep_ms: AtomicU64::new(0),

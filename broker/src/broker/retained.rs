@@ -17,6 +17,21 @@ pub const RETAINED_SWEEP_EVERY_MS: u64 = 1000;
 /// never delivered; the sweep only frees its place.
 const RETAINED_SWEEP_VISITS_PER_S: u64 = 100_000;
 
+/// Wildcard SUBSCRIBEs over a large retained store that may walk it at
+/// once, for each two cores (at least one): each walk takes a thread for
+/// its ~23 ms per 100,000 messages (`connection/subscribe.rs`), and a
+/// hundred at once on two cores took the workers' CPU from every other
+/// client for over a second (docs/performance.md). A SUBSCRIBE beyond it
+/// waits for another's walk to end, its connection reading nothing
+/// meanwhile; the others' clients are served.
+const CORES_PER_RETAINED_WALK: usize = 2;
+
+/// How many walks [`CORES_PER_RETAINED_WALK`] allows on this machine.
+pub(super) fn retained_walks_at_once() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cores / CORES_PER_RETAINED_WALK).max(1)
+}
+
 /// Removes expired retained messages as they fall due (see
 /// [`Broker::expire_retained`]), until the task is aborted (at shutdown).
 /// The sweep visits every retained message: it runs on the blocking pool,

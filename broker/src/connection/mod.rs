@@ -49,6 +49,7 @@ use tern_router::{
 };
 use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
 
 use crate::acl::ClientAcl;
 use crate::auth::{AuthExchange, AuthStep};
@@ -340,6 +341,21 @@ async fn paused(
     }
 }
 
+/// Waits for one of the broker's permits to walk a large retained store
+/// (`Broker::retained_walks`); `None` if the broker closes the connection
+/// meanwhile.
+async fn walk_permit(broker: &Broker, control: &ConnectionControl) -> Option<OwnedSemaphorePermit> {
+    let permit = Arc::clone(&broker.retained_walks).acquire_owned();
+    tokio::pin!(permit);
+    while !control.is_closing() {
+        tokio::select! {
+            permit = &mut permit => return permit.ok(),
+            () = control.wake_reader.wait() => {}
+        }
+    }
+    None
+}
+
 /// How a connection the broker closed ends: a keep alive timeout (see
 /// keep_alive.rs) as an error, logged and publishing the will; a takeover or
 /// shutdown as a kick.
@@ -479,6 +495,10 @@ impl Connection {
                 // Whether a packet larger than a pooled buffer was among
                 // them (see `shed_grown_buffer`).
                 let mut large = false;
+                // A SUBSCRIBE waiting for a walk permit (see
+                // `Connection::walks_far`), with the packets after it still
+                // in `buf`.
+                let mut awaits_walk = None;
                 // Subscribers' writers are woken once for everything this read
                 // queued for them (see wake_batch.rs); dropped, and so flushed,
                 // before the next await.
@@ -501,7 +521,27 @@ impl Connection {
                                 large |= size > BUFFER_SIZE;
                                 // The packet counted as incomplete is whole.
                                 self.broker.incomplete.release(&mut self.incomplete_counted);
-                                if let Err(exit) = self.handle(session, packet) {
+                                // A SUBSCRIBE that walks a large retained
+                                // store is handled with a walk permit; one
+                                // that must wait for it waits below, out of
+                                // the batch.
+                                let walk = match &packet {
+                                    Packet::Subscribe(s) if self.walks_far(s) => {
+                                        match Arc::clone(&self.broker.retained_walks)
+                                            .try_acquire_owned()
+                                        {
+                                            Ok(permit) => Some(permit),
+                                            Err(_) => {
+                                                awaits_walk = Some(packet);
+                                                break;
+                                            }
+                                        }
+                                    }
+                                    _ => None,
+                                };
+                                let handled = self.handle(session, packet);
+                                drop(walk);
+                                if let Err(exit) = handled {
                                     // What it published before is delivered.
                                     self.deliver_staged(session);
                                     return exit;
@@ -538,6 +578,21 @@ impl Connection {
                     }
                     // Before the batch wakes the writers it filled.
                     self.deliver_staged(session);
+                }
+                let walked = awaits_walk.is_some();
+                if let Some(subscribe) = awaits_walk {
+                    // Boxed: rare, and inline its state would grow every
+                    // connection's task.
+                    if let Some(permit) = Box::pin(walk_permit(&self.broker, control)).await {
+                        let handled = self.handle(session, subscribe);
+                        drop(permit);
+                        if let Err(exit) = handled {
+                            return exit;
+                        }
+                    }
+                    // Otherwise the broker closed the connection meanwhile:
+                    // the SUBSCRIBE is not applied, and the checks below end
+                    // the connection.
                 }
                 if drained {
                     if large {
@@ -600,6 +655,10 @@ impl Connection {
                     // holds first, then what the socket has).
                     self.decoded_this_turn = 0;
                     tokio::task::yield_now().await;
+                    continue;
+                }
+                if walked {
+                    // The packets after the SUBSCRIBE are still in `buf`.
                     continue;
                 }
                 if buf.is_empty() && buf.capacity() > 0 {

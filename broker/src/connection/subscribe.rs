@@ -12,22 +12,29 @@ use crate::session::WaitingRetained;
 /// cache misses; docs/performance.md).
 /// Such a SUBSCRIBE hands its worker's other tasks to another thread first
 /// ([`tokio::task::block_in_place`]), so that the connections which shared
-/// the worker are served meanwhile. Below it the hand-off would cost more
-/// than the work (a thread wakes up for it).
+/// the worker are served meanwhile, and is handled while its connection
+/// holds one of the broker's `retained_walks` permits (the read loop takes
+/// it), so that such walks cannot all run at once. Below it the hand-off
+/// would cost more than the work (a thread wakes up for it).
 const LARGE_RETAINED_STORE: usize = 10_000;
 
 impl Connection {
+    /// Whether `subscribe` walks a large retained store (see
+    /// [`LARGE_RETAINED_STORE`]).
+    pub(super) fn walks_far(&self, subscribe: &Subscribe) -> bool {
+        self.broker.retained.len() >= LARGE_RETAINED_STORE
+            && subscribe
+                .filters
+                .iter()
+                .any(|r| r.filter_str().contains(['+', '#']))
+    }
+
     pub(super) fn on_subscribe(
         &mut self,
         session: &Arc<Session>,
         subscribe: Subscribe,
     ) -> Result<(), Exit> {
-        let walks_far = self.broker.retained.len() >= LARGE_RETAINED_STORE
-            && subscribe
-                .filters
-                .iter()
-                .any(|r| r.filter_str().contains(['+', '#']));
-        if walks_far && on_multi_thread_worker() {
+        if self.walks_far(&subscribe) && on_multi_thread_worker() {
             tokio::task::block_in_place(|| self.subscribe(session, subscribe))
         } else {
             self.subscribe(session, subscribe)
