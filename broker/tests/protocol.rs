@@ -517,20 +517,18 @@ async fn retained_messages_beyond_the_session_bounds_wait_for_room() {
     server.shutdown().await;
 }
 
-/// Reads retained QoS 1 messages, acknowledging each, until none comes for
-/// 300 ms; returns their topics (each must come once).
-async fn read_retained(c: &mut RawClient) -> std::collections::BTreeSet<bytes::Bytes> {
+/// Reads `n` retained QoS 1 messages, acknowledging each (each must come
+/// once), and then nothing more for 300 ms.
+async fn read_retained(c: &mut RawClient, n: usize) {
     let mut got = std::collections::BTreeSet::new();
-    while let Ok(Some(packet)) = c.recv_within(Duration::from_millis(300)).await {
-        let Packet::Publish(p) = packet else {
-            panic!("unexpected {packet:?}");
-        };
+    while got.len() < n {
+        let p = c.recv_publish().await;
         assert!(p.retain);
         c.send(Packet::PubAck(PubAck::new(p.packet_id.unwrap())))
             .await;
         assert!(got.insert(p.topic), "a retained message came twice");
     }
-    got
+    c.expect_silence(Duration::from_millis(300)).await;
 }
 
 #[tokio::test]
@@ -561,7 +559,7 @@ async fn retained_messages_waiting_in_all_sessions_stay_within_max_waiting_retai
         reader.subscribe("ret/#", QoS::AtLeastOnce).await,
         vec![ReasonCode::GrantedQoS1]
     );
-    assert_eq!(read_retained(&mut reader).await.len(), 15);
+    read_retained(&mut reader, 15).await;
     assert_eq!((waiting(), refused()), (30, 55 + 85));
     // The idle client leaves, and its session with it (clean start, no
     // expiry): its 30 places are free again.
@@ -572,7 +570,7 @@ async fn retained_messages_waiting_in_all_sessions_stay_within_max_waiting_retai
         reader.subscribe("ret/#", QoS::AtLeastOnce).await,
         vec![ReasonCode::GrantedQoS1]
     );
-    assert_eq!(read_retained(&mut reader).await.len(), 45);
+    read_retained(&mut reader, 45).await;
     assert_eq!(waiting(), 0, "all taken");
     server.shutdown().await;
 }
@@ -767,7 +765,8 @@ async fn a_large_retained_walk_waits_for_a_permit_with_what_follows_it() {
 }
 
 /// A connection waiting for a walk permit still ends when the broker closes
-/// it: a client taking its session over is not held up by it.
+/// it: a client taking its session over is not held up by it, and the
+/// SUBSCRIBE that waited is not applied to the session it resumes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_waiting_for_a_walk_permit_can_be_taken_over() {
     let server = start(|_| {}).await;
@@ -775,16 +774,17 @@ async fn a_connection_waiting_for_a_walk_permit_can_be_taken_over() {
     let walks = std::sync::Arc::clone(&server.broker().retained_walks);
     let all = u32::try_from(walks.available_permits()).unwrap();
     let _held = walks.acquire_many(all).await.unwrap();
-    let mut old = RawClient::connected(addr(&server), "same", V5).await;
+    let (mut old, _) = RawClient::connect(addr(&server), persistent_connect("same", 60)).await;
     old.send(subscribe_packet(1, "ret/#", QoS::AtMostOnce))
         .await;
     old.expect_silence(Duration::from_millis(200)).await;
-    let _new = RawClient::connected(addr(&server), "same", V5).await;
+    let (_new, ack) = RawClient::connect(addr(&server), persistent_connect("same", 60)).await;
+    assert!(ack.session_present, "the session is resumed");
     old.expect_disconnect(ReasonCode::SessionTakenOver).await;
     assert_eq!(
         server.broker().router.subscription_count(),
         0,
-        "the waiting SUBSCRIBE was not applied"
+        "the SUBSCRIBE that waited was not applied"
     );
     server.shutdown().await;
 }

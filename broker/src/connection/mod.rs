@@ -343,14 +343,15 @@ async fn paused(
 
 /// Waits for one of the broker's permits to walk a large retained store
 /// (`Broker::retained_walks`); `None` if the broker closes the connection
-/// meanwhile.
+/// meanwhile, even as a permit comes free.
 async fn walk_permit(broker: &Broker, control: &ConnectionControl) -> Option<OwnedSemaphorePermit> {
     let permit = Arc::clone(&broker.retained_walks).acquire_owned();
     tokio::pin!(permit);
     while !control.is_closing() {
         tokio::select! {
-            permit = &mut permit => return permit.ok(),
+            biased;
             () = control.wake_reader.wait() => {}
+            permit = &mut permit => return permit.ok().filter(|_| !control.is_closing()),
         }
     }
     None
@@ -495,126 +496,132 @@ impl Connection {
                 // Whether a packet larger than a pooled buffer was among
                 // them (see `shed_grown_buffer`).
                 let mut large = false;
-                // A SUBSCRIBE waiting for a walk permit (see
-                // `Connection::walks_far`), with the packets after it still
-                // in `buf`.
-                let mut awaits_walk = None;
-                // Subscribers' writers are woken once for everything this read
-                // queued for them (see wake_batch.rs); dropped, and so flushed,
-                // before the next await.
+                // The read's packets, up to a SUBSCRIBE that waits for a walk
+                // permit, if one does. A block: what it keeps ends before the
+                // awaits after it, so that it does not grow every
+                // connection's task.
                 {
-                    // Read here, not kept across the await below: every byte
-                    // held there is every connection's memory.
-                    let max_packet = self.broker.config.limits.max_packet_size as usize;
-                    let batch = WakeBatch::open();
-                    loop {
-                        let before = buf.len();
-                        match decode_packet(buf, self.protocol, max_packet) {
-                            Ok(Some(packet)) => {
-                                Metrics::inc(&self.broker.metrics.packets_received);
-                                decoded = true;
-                                // At most `max_packet`, which is a u32.
-                                let size = before - buf.len();
-                                self.decoded_this_turn = self
-                                    .decoded_this_turn
-                                    .saturating_add(u32::try_from(size).unwrap_or(u32::MAX));
-                                large |= size > BUFFER_SIZE;
-                                // The packet counted as incomplete is whole.
-                                self.broker.incomplete.release(&mut self.incomplete_counted);
-                                // A SUBSCRIBE that walks a large retained
-                                // store is handled with a walk permit; one
-                                // that must wait for it waits below, out of
-                                // the batch.
-                                let walk = match &packet {
-                                    Packet::Subscribe(s) if self.walks_far(s) => {
-                                        match Arc::clone(&self.broker.retained_walks)
-                                            .try_acquire_owned()
-                                        {
-                                            Ok(permit) => Some(permit),
-                                            Err(_) => {
-                                                awaits_walk = Some(packet);
-                                                break;
+                    // A SUBSCRIBE waiting for a walk permit (see
+                    // `Connection::walks_far`), with the packets after it still
+                    // in `buf`. Boxed: rare.
+                    let mut awaits_walk: Option<Box<Packet>> = None;
+                    // Subscribers' writers are woken once for everything this read
+                    // queued for them (see wake_batch.rs); dropped, and so flushed,
+                    // before the next await.
+                    {
+                        // Read here, not kept across the await below: every byte
+                        // held there is every connection's memory.
+                        let max_packet = self.broker.config.limits.max_packet_size as usize;
+                        let batch = WakeBatch::open();
+                        loop {
+                            let before = buf.len();
+                            match decode_packet(buf, self.protocol, max_packet) {
+                                Ok(Some(packet)) => {
+                                    Metrics::inc(&self.broker.metrics.packets_received);
+                                    decoded = true;
+                                    // At most `max_packet`, which is a u32.
+                                    let size = before - buf.len();
+                                    self.decoded_this_turn = self
+                                        .decoded_this_turn
+                                        .saturating_add(u32::try_from(size).unwrap_or(u32::MAX));
+                                    large |= size > BUFFER_SIZE;
+                                    // The packet counted as incomplete is whole.
+                                    self.broker.incomplete.release(&mut self.incomplete_counted);
+                                    // A SUBSCRIBE that walks a large retained
+                                    // store is handled with a walk permit; one
+                                    // that must wait for it waits below, out of
+                                    // the batch.
+                                    let walk = match &packet {
+                                        Packet::Subscribe(s) if self.walks_far(s) => {
+                                            match Arc::clone(&self.broker.retained_walks)
+                                                .try_acquire_owned()
+                                            {
+                                                Ok(permit) => Some(permit),
+                                                Err(_) => {
+                                                    awaits_walk = Some(Box::new(packet));
+                                                    break;
+                                                }
                                             }
                                         }
+                                        _ => None,
+                                    };
+                                    let handled = self.handle(session, packet);
+                                    drop(walk);
+                                    if let Err(exit) = handled {
+                                        // What it published before is delivered.
+                                        self.deliver_staged(session);
+                                        return exit;
                                     }
-                                    _ => None,
-                                };
-                                let handled = self.handle(session, packet);
-                                drop(walk);
-                                if let Err(exit) = handled {
-                                    // What it published before is delivered.
-                                    self.deliver_staged(session);
-                                    return exit;
+                                    if self.staged.is_due() {
+                                        self.deliver_staged(session);
+                                    }
+                                    if self.full_queue.is_some()
+                                        || self.decoded_this_turn >= DECODE_BYTES_PER_TURN
+                                    {
+                                        break;
+                                    }
+                                    batch.flush_if_due();
                                 }
-                                if self.staged.is_due() {
-                                    self.deliver_staged(session);
-                                }
-                                if self.full_queue.is_some()
-                                    || self.decoded_this_turn >= DECODE_BYTES_PER_TURN
-                                {
+                                Ok(None) => {
+                                    drained = true;
                                     break;
                                 }
-                                batch.flush_if_due();
-                            }
-                            Ok(None) => {
-                                drained = true;
-                                break;
-                            }
-                            Err(e) => {
-                                self.deliver_staged(session);
-                                count_decode_error(&self.broker.metrics, &e);
-                                // Only a CONNECT names a protocol: a second one
-                                // is a Protocol Error whatever it names
-                                // (MQTT-3.1.0-2; 0x84 is no DISCONNECT code).
-                                let code = match e {
-                                    tern_codec::DecodeError::UnsupportedProtocolVersion {
-                                        ..
-                                    } => ReasonCode::ProtocolError,
-                                    _ => e.reason_code(),
-                                };
-                                return Exit::Error(code, e.to_string().into());
+                                Err(e) => {
+                                    self.deliver_staged(session);
+                                    count_decode_error(&self.broker.metrics, &e);
+                                    // Only a CONNECT names a protocol: a second one
+                                    // is a Protocol Error whatever it names
+                                    // (MQTT-3.1.0-2; 0x84 is no DISCONNECT code).
+                                    let code = match e {
+                                        tern_codec::DecodeError::UnsupportedProtocolVersion {
+                                            ..
+                                        } => ReasonCode::ProtocolError,
+                                        _ => e.reason_code(),
+                                    };
+                                    return Exit::Error(code, e.to_string().into());
+                                }
                             }
                         }
+                        // Before the batch wakes the writers it filled.
+                        self.deliver_staged(session);
                     }
-                    // Before the batch wakes the writers it filled.
-                    self.deliver_staged(session);
-                }
-                let walked = awaits_walk.is_some();
-                if let Some(subscribe) = awaits_walk {
-                    // Boxed: rare, and inline its state would grow every
-                    // connection's task.
-                    if let Some(permit) = Box::pin(walk_permit(&self.broker, control)).await {
-                        let handled = self.handle(session, subscribe);
-                        drop(permit);
-                        if let Err(exit) = handled {
+                    if drained {
+                        if large {
+                            shed_grown_buffer(buf, &self.broker.pool);
+                        }
+                        if let Err(exit) = self.count_incomplete(buf) {
+                            // Its memory goes now, not when the connection
+                            // has finished closing.
+                            *buf = BytesMut::new();
                             return exit;
                         }
                     }
-                    // Otherwise the broker closed the connection meanwhile:
-                    // the SUBSCRIBE is not applied, and the checks below end
-                    // the connection.
-                }
-                if drained {
-                    if large {
-                        shed_grown_buffer(buf, &self.broker.pool);
+                    // A complete packet restarts the keep alive wait (see
+                    // keep_alive.rs); once per read rather than per packet.
+                    if decoded {
+                        control.packet_received(self.broker.keep_alive.now_ms());
                     }
-                    if let Err(exit) = self.count_incomplete(buf) {
-                        // Its memory goes now, not when the connection
-                        // has finished closing.
-                        *buf = BytesMut::new();
-                        return exit;
+                    // Without keep alive, an incomplete packet is timed instead
+                    // (see keep_alive.rs); a store only when that changes.
+                    if self.keep_alive == 0 && buf.is_empty() == self.incomplete {
+                        self.incomplete = !buf.is_empty();
+                        control.set_incomplete(self.incomplete, self.broker.keep_alive.now_ms());
                     }
-                }
-                // A complete packet restarts the keep alive wait (see
-                // keep_alive.rs); once per read rather than per packet.
-                if decoded {
-                    control.packet_received(self.broker.keep_alive.now_ms());
-                }
-                // Without keep alive, an incomplete packet is timed instead
-                // (see keep_alive.rs); a store only when that changes.
-                if self.keep_alive == 0 && buf.is_empty() == self.incomplete {
-                    self.incomplete = !buf.is_empty();
-                    control.set_incomplete(self.incomplete, self.broker.keep_alive.now_ms());
+                    // After the keep alive stamp: the wait counts against keep
+                    // alive as a pause for back-pressure does.
+                    if let Some(subscribe) = awaits_walk {
+                        // Boxed: rare, and inline its state would grow every
+                        // connection's task.
+                        let walk = self.subscribe_after_walk(session, subscribe, control);
+                        if let Err(exit) = Box::pin(walk).await {
+                            return exit;
+                        }
+                        if !control.is_closing() {
+                            // The packets after the SUBSCRIBE are still in
+                            // `buf`; the checks below run after them.
+                            continue;
+                        }
+                    }
                 }
                 if control.is_closing() {
                     if control.close_reason() == Some(ReasonCode::SessionTakenOver) {
@@ -657,10 +664,6 @@ impl Connection {
                     tokio::task::yield_now().await;
                     continue;
                 }
-                if walked {
-                    // The packets after the SUBSCRIBE are still in `buf`.
-                    continue;
-                }
                 if buf.is_empty() && buf.capacity() > 0 {
                     // Everything read has been handled: idle connections hold
                     // no read buffer.
@@ -687,6 +690,28 @@ impl Connection {
                 }
             }
         }
+    }
+
+    /// Handles a SUBSCRIBE that walks a large retained store once one of
+    /// the broker's walk permits is free (see [`walk_permit`]), with its
+    /// subscribers' writers woken as one batch, as the read loop's are. A
+    /// SUBSCRIBE of a connection the broker closes meanwhile is not
+    /// applied: the read loop's checks end the connection.
+    async fn subscribe_after_walk(
+        &mut self,
+        session: &Arc<Session>,
+        subscribe: Box<Packet>,
+        control: &ConnectionControl,
+    ) -> Result<(), Exit> {
+        let Some(permit) = walk_permit(&self.broker, control).await else {
+            return Ok(());
+        };
+        let handled = {
+            let _batch = WakeBatch::open();
+            self.handle(session, *subscribe)
+        };
+        drop(permit);
+        handled
     }
 
     /// The end of a connection closed by a takeover. What its client sent

@@ -20,13 +20,16 @@ const LARGE_RETAINED_STORE: usize = 10_000;
 
 impl Connection {
     /// Whether `subscribe` walks a large retained store (see
-    /// [`LARGE_RETAINED_STORE`]).
+    /// [`LARGE_RETAINED_STORE`]): a filter with a wildcard that may send
+    /// retained messages (not a shared subscription's, and not one with
+    /// Retain Handling 2).
     pub(super) fn walks_far(&self, subscribe: &Subscribe) -> bool {
-        self.broker.retained.len() >= LARGE_RETAINED_STORE
-            && subscribe
-                .filters
-                .iter()
-                .any(|r| r.filter_str().contains(['+', '#']))
+        subscribe.filters.iter().any(|r| {
+            let filter = r.filter_str();
+            filter.contains(['+', '#'])
+                && r.retain_handling != tern_codec::RetainHandling::DoNotSend
+                && parse_shared(filter).is_none()
+        }) && self.broker.retained.len() >= LARGE_RETAINED_STORE
     }
 
     pub(super) fn on_subscribe(

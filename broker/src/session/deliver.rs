@@ -55,10 +55,12 @@ impl Session {
     /// the broker, the rest dropped and counted: retained_backlog.rs), to
     /// become deliveries as the client reads
     /// ([`refill_retained`](Self::refill_retained)). Under one lock, and
-    /// without looking at the messages: a SUBSCRIBE that found 100,000
-    /// hands them over in one move, whether on its connection's worker or
-    /// on the store's writer thread (a durable session's SUBACK waits for
-    /// the store, and its retained messages follow from there).
+    /// without looking at the messages beyond those taken at once: a
+    /// SUBSCRIBE that found 100,000 hands them over in one move (a copy
+    /// only of those kept when a bound cut them), whether on its
+    /// connection's worker or on the store's writer thread (a durable
+    /// session's SUBACK waits for the store, and its retained messages
+    /// follow from there).
     ///
     /// There is no publisher to slow down: what the queues cannot take
     /// waits here, never beyond their bounds. A client that left before
@@ -86,7 +88,8 @@ impl Session {
         let room = self.context.max_pending_retained.saturating_sub(waiting);
         // The SUBSCRIBE's vector becomes the queue as it is.
         let mut found = VecDeque::from(found);
-        let mut dropped = found.len().saturating_sub(room);
+        let dropped = found.len().saturating_sub(room);
+        let mut refused = 0;
         found.truncate(room);
         let mut now = LazyInstant::default();
         if waiting == 0 {
@@ -99,15 +102,7 @@ impl Session {
             let backlog = st
                 .retained_backlog
                 .get_or_insert_with(|| Box::new(RetainedBacklog::new(Arc::clone(budget))));
-            let refused = backlog.admit(found);
-            if refused > 0 {
-                Metrics::add(
-                    &self.context.metrics.retained_waiting_refused,
-                    refused as u64,
-                );
-                throttled!(WARN, client_id = %self.client_id, refused, "retained messages left out: limits.max_waiting_retained reached");
-                dropped += refused;
-            }
+            refused = backlog.admit(found);
             if backlog.is_empty() {
                 st.retained_backlog = None;
             }
@@ -116,9 +111,17 @@ impl Session {
             // Those that waited before go first, and may find room now.
             self.refill_retained(&mut st, &mut now, journal);
         }
+        drop(st);
+        if refused > 0 {
+            Metrics::add(
+                &self.context.metrics.retained_waiting_refused,
+                refused as u64,
+            );
+            throttled!(WARN, client_id = %self.client_id, refused, "retained messages left out: limits.max_waiting_retained reached");
+        }
         Metrics::add(
             &self.context.metrics.messages_dropped_queue_full,
-            dropped as u64,
+            (dropped + refused) as u64,
         );
     }
 

@@ -36,6 +36,10 @@ use super::WaitingRetained;
 /// what is kept waits. Shrinking costs a copy of what is kept, once.
 const SLACK_KEPT: usize = 8;
 
+/// Allocations of fewer entries than this are not shrunk as a backlog
+/// drains: 1.5 KiB, less than the copy would save in work.
+const SHRINK_FROM: usize = 64;
+
 /// Retained messages waiting in all sessions, against
 /// `limits.max_waiting_retained`.
 #[derive(Debug)]
@@ -56,13 +60,6 @@ impl WaitingRetainedBudget {
     /// Messages waiting now, in all sessions.
     pub fn waiting(&self) -> usize {
         self.waiting.load(Ordering::Relaxed)
-    }
-
-    /// How many more may wait now. A SUBSCRIBE collects no more than this
-    /// beyond what its session's queues take at once; the bound itself is
-    /// kept when they are taken ([`RetainedBacklog::admit`]).
-    pub fn room(&self) -> usize {
-        self.limit.saturating_sub(self.waiting())
     }
 
     /// Reserves places for up to `wanted` messages; returns how many it
@@ -127,12 +124,13 @@ impl RetainedBacklog {
         let kept = self.budget.reserve(found.len());
         let refused = found.len() - kept;
         found.truncate(kept);
-        if found.capacity() - found.len() > found.len() / SLACK_KEPT {
-            // What was cut off (or the SUBSCRIBE's doubling left unused)
-            // would be held, uncounted, as long as the rest waits.
-            found.shrink_to_fit();
-        }
         if self.queue.is_empty() {
+            if found.capacity() - found.len() > found.len() / SLACK_KEPT {
+                // What was cut off (or the SUBSCRIBE's doubling left
+                // unused) would be held, uncounted, as long as the rest
+                // waits.
+                found.shrink_to_fit();
+            }
             self.queue = found;
         } else {
             self.queue.append(&mut found);
@@ -141,13 +139,19 @@ impl RetainedBacklog {
     }
 
     /// Lets `take` remove entries from the front (or put one back) and
-    /// counts the difference.
+    /// counts the difference. A backlog drained to a quarter of its
+    /// allocation gives half of it back, so that what it holds stays within
+    /// four times what the budget counts (a copy of what is left, paid for
+    /// by the entries taken since the last one).
     pub(super) fn take_with(&mut self, take: impl FnOnce(&mut VecDeque<WaitingRetained>)) {
         let before = self.queue.len();
         take(&mut self.queue);
         let after = self.queue.len();
         self.budget.release(before.saturating_sub(after));
         self.budget.charge(after.saturating_sub(before));
+        if self.queue.capacity() > SHRINK_FROM.max(4 * after) {
+            self.queue.shrink_to(2 * after);
+        }
     }
 }
 
@@ -190,7 +194,6 @@ mod tests {
         assert_eq!(first.admit(found(6)), 0);
         assert_eq!(second.admit(found(6)), 2, "two beyond the bound");
         assert_eq!((first.len(), second.len(), budget.waiting()), (6, 4, 10));
-        assert_eq!(budget.room(), 0);
         // Three taken from the first, one of them put back.
         first.take_with(|queue| {
             for _ in 0..3 {
@@ -212,6 +215,21 @@ mod tests {
         assert_eq!(third.len(), 4);
         assert!(third.queue.capacity() < 8, "{}", third.queue.capacity());
         drop(third);
+        // A long backlog drained to a few gives its allocation back.
+        let long_budget = Arc::new(WaitingRetainedBudget::new(10_000));
+        let mut fourth = RetainedBacklog::new(Arc::clone(&long_budget));
+        assert_eq!(fourth.admit(found(1000)), 0);
+        fourth.take_with(|queue| queue.truncate(990));
+        assert!(fourth.queue.capacity() >= 990, "a small step keeps it");
+        fourth.take_with(|queue| queue.drain(..980).for_each(drop));
+        assert_eq!((fourth.len(), long_budget.waiting()), (10, 10));
+        assert!(
+            fourth.queue.capacity() <= SHRINK_FROM,
+            "{}",
+            fourth.queue.capacity()
+        );
+        drop(fourth);
+        assert_eq!(long_budget.waiting(), 0);
         drop(second);
         assert_eq!(budget.waiting(), 0);
     }
