@@ -341,6 +341,22 @@ async fn paused(
     }
 }
 
+/// What [`Connection::handle_read`] did with a read's packets.
+#[derive(Default)]
+struct ReadHandled {
+    /// Whether a packet was decoded (keep alive restarts).
+    decoded: bool,
+    /// Whether every whole packet was handled: what `buf` holds then is one
+    /// incomplete packet.
+    drained: bool,
+    /// Whether a packet larger than a pooled buffer was among them (see
+    /// `shed_grown_buffer`).
+    large: bool,
+    /// A SUBSCRIBE waiting for a walk permit, with the packets after it
+    /// still in `buf`. Boxed: rare.
+    awaits_walk: Option<Box<Packet>>,
+}
+
 /// Waits for one of the broker's permits to walk a large retained store
 /// (`Broker::retained_walks`); `None` if the broker closes the connection
 /// meanwhile, even as a permit comes free.
@@ -489,104 +505,17 @@ impl Connection {
         async move {
             let session = &Arc::clone(&self.session);
             loop {
-                let mut decoded = false;
-                // Whether every whole packet read was handled: what `buf`
-                // holds then is one incomplete packet.
-                let mut drained = false;
-                // Whether a packet larger than a pooled buffer was among
-                // them (see `shed_grown_buffer`).
-                let mut large = false;
                 // The read's packets, up to a SUBSCRIBE that waits for a walk
                 // permit, if one does. A block: what it keeps ends before the
                 // awaits after it, so that it does not grow every
                 // connection's task.
                 {
-                    // A SUBSCRIBE waiting for a walk permit (see
-                    // `Connection::walks_far`), with the packets after it still
-                    // in `buf`. Boxed: rare.
-                    let mut awaits_walk: Option<Box<Packet>> = None;
-                    // Subscribers' writers are woken once for everything this read
-                    // queued for them (see wake_batch.rs); dropped, and so flushed,
-                    // before the next await.
-                    {
-                        // Read here, not kept across the await below: every byte
-                        // held there is every connection's memory.
-                        let max_packet = self.broker.config.limits.max_packet_size as usize;
-                        let batch = WakeBatch::open();
-                        loop {
-                            let before = buf.len();
-                            match decode_packet(buf, self.protocol, max_packet) {
-                                Ok(Some(packet)) => {
-                                    Metrics::inc(&self.broker.metrics.packets_received);
-                                    decoded = true;
-                                    // At most `max_packet`, which is a u32.
-                                    let size = before - buf.len();
-                                    self.decoded_this_turn = self
-                                        .decoded_this_turn
-                                        .saturating_add(u32::try_from(size).unwrap_or(u32::MAX));
-                                    large |= size > BUFFER_SIZE;
-                                    // The packet counted as incomplete is whole.
-                                    self.broker.incomplete.release(&mut self.incomplete_counted);
-                                    // A SUBSCRIBE that walks a large retained
-                                    // store is handled with a walk permit; one
-                                    // that must wait for it waits below, out of
-                                    // the batch.
-                                    let walk = match &packet {
-                                        Packet::Subscribe(s) if self.walks_far(s) => {
-                                            match Arc::clone(&self.broker.retained_walks)
-                                                .try_acquire_owned()
-                                            {
-                                                Ok(permit) => Some(permit),
-                                                Err(_) => {
-                                                    awaits_walk = Some(Box::new(packet));
-                                                    break;
-                                                }
-                                            }
-                                        }
-                                        _ => None,
-                                    };
-                                    let handled = self.handle(session, packet);
-                                    drop(walk);
-                                    if let Err(exit) = handled {
-                                        // What it published before is delivered.
-                                        self.deliver_staged(session);
-                                        return exit;
-                                    }
-                                    if self.staged.is_due() {
-                                        self.deliver_staged(session);
-                                    }
-                                    if self.full_queue.is_some()
-                                        || self.decoded_this_turn >= DECODE_BYTES_PER_TURN
-                                    {
-                                        break;
-                                    }
-                                    batch.flush_if_due();
-                                }
-                                Ok(None) => {
-                                    drained = true;
-                                    break;
-                                }
-                                Err(e) => {
-                                    self.deliver_staged(session);
-                                    count_decode_error(&self.broker.metrics, &e);
-                                    // Only a CONNECT names a protocol: a second one
-                                    // is a Protocol Error whatever it names
-                                    // (MQTT-3.1.0-2; 0x84 is no DISCONNECT code).
-                                    let code = match e {
-                                        tern_codec::DecodeError::UnsupportedProtocolVersion {
-                                            ..
-                                        } => ReasonCode::ProtocolError,
-                                        _ => e.reason_code(),
-                                    };
-                                    return Exit::Error(code, e.to_string().into());
-                                }
-                            }
-                        }
-                        // Before the batch wakes the writers it filled.
-                        self.deliver_staged(session);
-                    }
-                    if drained {
-                        if large {
+                    let read = match self.handle_read(session, buf) {
+                        Ok(read) => read,
+                        Err(exit) => return exit,
+                    };
+                    if read.drained {
+                        if read.large {
                             shed_grown_buffer(buf, &self.broker.pool);
                         }
                         if let Err(exit) = self.count_incomplete(buf) {
@@ -598,7 +527,7 @@ impl Connection {
                     }
                     // A complete packet restarts the keep alive wait (see
                     // keep_alive.rs); once per read rather than per packet.
-                    if decoded {
+                    if read.decoded {
                         control.packet_received(self.broker.keep_alive.now_ms());
                     }
                     // Without keep alive, an incomplete packet is timed instead
@@ -609,7 +538,7 @@ impl Connection {
                     }
                     // After the keep alive stamp: the wait counts against keep
                     // alive as a pause for back-pressure does.
-                    if let Some(subscribe) = awaits_walk {
+                    if let Some(subscribe) = read.awaits_walk {
                         // Boxed: rare, and inline its state would grow every
                         // connection's task.
                         let walk = self.subscribe_after_walk(session, subscribe, control);
@@ -690,6 +619,88 @@ impl Connection {
                 }
             }
         }
+    }
+
+    /// Decodes and handles the packets `buf` holds, up to a SUBSCRIBE that
+    /// must wait for a walk permit (see [`walks_far`](Self::walks_far)),
+    /// whose subscribers' writers are woken once for everything it queued
+    /// for them (see wake_batch.rs). `Err`: the connection must close.
+    fn handle_read(
+        &mut self,
+        session: &Arc<Session>,
+        buf: &mut BytesMut,
+    ) -> Result<ReadHandled, Exit> {
+        let mut read = ReadHandled::default();
+        let max_packet = self.broker.config.limits.max_packet_size as usize;
+        let batch = WakeBatch::open();
+        loop {
+            let before = buf.len();
+            match decode_packet(buf, self.protocol, max_packet) {
+                Ok(Some(packet)) => {
+                    Metrics::inc(&self.broker.metrics.packets_received);
+                    read.decoded = true;
+                    // At most `max_packet`, which is a u32.
+                    let size = before - buf.len();
+                    self.decoded_this_turn = self
+                        .decoded_this_turn
+                        .saturating_add(u32::try_from(size).unwrap_or(u32::MAX));
+                    read.large |= size > BUFFER_SIZE;
+                    // The packet counted as incomplete is whole.
+                    self.broker.incomplete.release(&mut self.incomplete_counted);
+                    // A SUBSCRIBE that walks a large retained store is
+                    // handled with a walk permit; one that must wait for
+                    // it ends the batch, and the read loop waits.
+                    let walk = match &packet {
+                        Packet::Subscribe(s) if self.walks_far(s) => {
+                            match Arc::clone(&self.broker.retained_walks).try_acquire_owned() {
+                                Ok(permit) => Some(permit),
+                                Err(_) => {
+                                    read.awaits_walk = Some(Box::new(packet));
+                                    break;
+                                }
+                            }
+                        }
+                        _ => None,
+                    };
+                    let handled = self.handle(session, packet);
+                    drop(walk);
+                    if let Err(exit) = handled {
+                        // What it published before is delivered.
+                        self.deliver_staged(session);
+                        return Err(exit);
+                    }
+                    if self.staged.is_due() {
+                        self.deliver_staged(session);
+                    }
+                    if self.full_queue.is_some() || self.decoded_this_turn >= DECODE_BYTES_PER_TURN
+                    {
+                        break;
+                    }
+                    batch.flush_if_due();
+                }
+                Ok(None) => {
+                    read.drained = true;
+                    break;
+                }
+                Err(e) => {
+                    self.deliver_staged(session);
+                    count_decode_error(&self.broker.metrics, &e);
+                    // Only a CONNECT names a protocol: a second one is a
+                    // Protocol Error whatever it names (MQTT-3.1.0-2; 0x84
+                    // is no DISCONNECT code).
+                    let code = match e {
+                        tern_codec::DecodeError::UnsupportedProtocolVersion { .. } => {
+                            ReasonCode::ProtocolError
+                        }
+                        _ => e.reason_code(),
+                    };
+                    return Err(Exit::Error(code, e.to_string().into()));
+                }
+            }
+        }
+        // Before the batch wakes the writers it filled.
+        self.deliver_staged(session);
+        Ok(read)
     }
 
     /// Handles a SUBSCRIBE that walks a large retained store once one of
