@@ -15,6 +15,7 @@ use bytes::Bytes;
 use common::attached_subscriber;
 use tern::broker::{StagedFanout, MIN_STALL_WAIT_MS};
 use tern::budget::HEADER_ALLOWANCE;
+use tern::config::LimitsConfig;
 use tern::keep_alive::SWEEP_INTERVAL_MS;
 use tern::message::{Message, MESSAGE_COST};
 use tern::metrics::Metrics;
@@ -519,17 +520,10 @@ fn a_waiting_retained_message_replaced_by_a_dropped_one_is_still_offered() {
 /// dropped, and counted.
 #[test]
 fn a_session_keeps_at_most_max_pending_retained_waiting() {
-    let mut config = Config::default();
-    config.limits.max_client_outbound_bytes = BOUND;
-    config.limits.queue_full_wait_ms = 0;
-    config.limits.max_pending_retained = 10;
-    let broker = Broker::new(config);
+    let broker = broker_for_retained(|limits| limits.max_pending_retained = 10);
     let (session, _) = attached_subscriber(&broker, "s", "t");
     // The queue at its bound: what is offered waits.
-    let dropped = || Metrics::get(&broker.metrics.messages_dropped_qos0);
-    while dropped() == 0 {
-        route(&broker, &small_message());
-    }
+    route_until_each_drops(&broker, 1);
     let full = || Metrics::get(&broker.metrics.messages_dropped_queue_full);
     let before = full();
     let mut journal = Journal::new();
@@ -538,6 +532,30 @@ fn a_session_keeps_at_most_max_pending_retained_waiting() {
     session.offer_retained(found_retained(6), &mut journal);
     assert_eq!(session.retained_waiting(), 10);
     assert_eq!(full() - before, 2, "the two beyond the bound are counted");
+}
+
+/// A broker whose connections may hold `BOUND` bytes, dropping QoS 0 at
+/// the bound at once, with `limits` changed further.
+fn broker_for_retained(limits: impl FnOnce(&mut LimitsConfig)) -> Arc<Broker> {
+    let mut config = Config::default();
+    config.limits.max_client_outbound_bytes = BOUND;
+    config.limits.queue_full_wait_ms = 0;
+    limits(&mut config.limits);
+    Broker::new(config)
+}
+
+/// Routes small messages to `t` until one is dropped by each of its
+/// `subscribers`: their queues are then all at their bound.
+fn route_until_each_drops(broker: &Broker, subscribers: u64) {
+    let dropped = || Metrics::get(&broker.metrics.messages_dropped_qos0);
+    for _ in 0..100_000 {
+        let before = dropped();
+        route(broker, &small_message());
+        if dropped() - before == subscribers {
+            return;
+        }
+    }
+    panic!("the queues never reached their bound");
 }
 
 /// `n` retained messages as a SUBSCRIBE finds them.
@@ -556,24 +574,12 @@ fn found_retained(n: usize) -> Vec<WaitingRetained> {
 /// leaves gives back what its session held.
 #[test]
 fn sessions_together_keep_at_most_max_waiting_retained_waiting() {
-    let mut config = Config::default();
-    config.limits.max_client_outbound_bytes = BOUND;
-    config.limits.queue_full_wait_ms = 0;
-    config.limits.max_waiting_retained = 10;
-    let broker = Broker::new(config);
+    let broker = broker_for_retained(|limits| limits.max_waiting_retained = 10);
     let (fresh, _) = attached_subscriber(&broker, "fresh", "elsewhere");
     let (first, first_connection) = attached_subscriber(&broker, "first", "t");
     let (second, _) = attached_subscriber(&broker, "second", "t");
-    // Both queues at their bound (each drops what is routed to it): what
-    // is offered them waits.
-    let dropped = || Metrics::get(&broker.metrics.messages_dropped_qos0);
-    loop {
-        let before = dropped();
-        route(&broker, &small_message());
-        if dropped() - before == 2 {
-            break;
-        }
-    }
+    // Both queues at their bound: what is offered them waits.
+    route_until_each_drops(&broker, 2);
     let waiting = || broker.registry.context().waiting_retained.waiting();
     let refused = || Metrics::get(&broker.metrics.retained_waiting_refused);
     let full = || Metrics::get(&broker.metrics.messages_dropped_queue_full);
