@@ -20,7 +20,7 @@ use tern::keep_alive::SWEEP_INTERVAL_MS;
 use tern::message::{Message, MESSAGE_COST};
 use tern::metrics::Metrics;
 use tern::persistence::Journal;
-use tern::session::{Outbound, Session, WaitingRetained, WRITE_BATCH_BYTES};
+use tern::session::{Outbound, Session, WaitingRetained, RETAINED_REFILL_BYTES, WRITE_BATCH_BYTES};
 use tern::{Broker, Config};
 use tern_codec::QoS;
 use tern_router::SubscriptionOptions;
@@ -608,6 +608,68 @@ fn sessions_together_keep_at_most_max_waiting_retained_waiting() {
     second.offer_retained(found_retained(7), &mut journal);
     assert_eq!((second.retained_waiting(), waiting()), (10, 10));
     assert_eq!(refused(), 3);
+}
+
+/// Retained messages that wait for room move into the connection's queue
+/// only while it holds less than `RETAINED_REFILL_BYTES`, however large its
+/// bound: a client that does not read holds little of the broker's budget.
+/// Each time the writer takes from the queue, the next follow, in the
+/// order found, until every one has been sent.
+#[test]
+fn waiting_retained_messages_fill_a_connection_s_queue_only_to_the_refill_mark() {
+    let broker = broker_for_retained(|limits| {
+        limits.max_client_outbound_bytes = 4 * 1024 * 1024;
+        limits.max_outbound_bytes = 64 * 1024 * 1024;
+    });
+    let (session, connection_id) = attached_subscriber(&broker, "s", "t");
+    let budget = &broker.registry.context().budget;
+    const FOUND: u32 = 5000;
+    let found = (0..FOUND)
+        .map(|i| WaitingRetained {
+            message: Message::new(
+                Bytes::from_static(b"t"),
+                Bytes::copy_from_slice(&i.to_be_bytes()),
+                QoS::AtMostOnce,
+                true,
+                Default::default(),
+                0,
+            ),
+            options: SubscriptionOptions::default(),
+        })
+        .collect();
+    let mut journal = Journal::new();
+    session.offer_retained(found, &mut journal);
+    // One message beyond the mark at most: each counts under 256 bytes.
+    let one = 256;
+    let staged = budget.queued();
+    assert!(
+        (RETAINED_REFILL_BYTES..RETAINED_REFILL_BYTES + one).contains(&staged),
+        "staged {staged} bytes"
+    );
+    assert!(session.retained_waiting() > 0);
+    let mut sent = Vec::new();
+    let mut writes = 0;
+    loop {
+        let mut out = VecDeque::new();
+        assert!(session.drain_outbound(connection_id, &mut out));
+        if out.is_empty() {
+            break;
+        }
+        writes += 1;
+        for item in out {
+            if let Outbound::Publish(delivery) = item {
+                sent.push(u32::from_be_bytes(
+                    delivery.message.payload[..].try_into().unwrap(),
+                ));
+            }
+        }
+        // The batch the writer took (counted until it comes back) and the
+        // queue refilled behind it.
+        assert!(budget.queued() < 2 * (RETAINED_REFILL_BYTES + one));
+    }
+    assert_eq!(sent, (0..FOUND).collect::<Vec<_>>());
+    assert!(writes > 10, "{writes} batches");
+    assert_eq!(session.retained_waiting(), 0);
 }
 
 /// Retained messages found for a client that left before its SUBACK went

@@ -149,6 +149,17 @@ impl Session {
         self.window_open(st) || !self.queue_full(st, delivery)
     }
 
+    /// Whether a retained message that waited may move into the session's
+    /// queues now: they have room for it, and the connection's outbound
+    /// queue holds less than [`RETAINED_REFILL_BYTES`] (the rest follows as
+    /// the writer takes from it).
+    fn has_room_for_retained(&self, st: &SessionState, delivery: &Delivery) -> bool {
+        st.link
+            .as_ref()
+            .is_none_or(|l| l.charged < RETAINED_REFILL_BYTES)
+            && self.has_room_for(st, delivery)
+    }
+
     /// Whether a QoS 1/2 delivery may go straight into the in-flight window:
     /// the connection has room, nothing waits before it, the window has a
     /// free place and no resend is due.
@@ -224,7 +235,7 @@ impl Session {
             };
             let options = next.options;
             let delivery = next.into_delivery();
-            if !self.has_room_for(st, &delivery) {
+            if !self.has_room_for_retained(st, &delivery) {
                 queue.push_front(WaitingRetained {
                     message: delivery.message,
                     options,

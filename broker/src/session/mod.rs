@@ -112,7 +112,7 @@ pub use deliver::WaitingRetained;
 pub use delivery::{AckKind, Admission, Delivery, Outbound, SharedOrigin};
 pub use hand_over::HandOver;
 pub use link::{ConnectionControl, WRITE_BATCH_BYTES};
-pub use retained_backlog::WaitingRetainedBudget;
+pub use retained_backlog::{WaitingRetainedBudget, RETAINED_REFILL_BYTES};
 pub use store_retries::{StoreRetries, STORE_RETRY};
 
 use backlog::Backlog;

@@ -5,7 +5,8 @@
 //! all at once. What the session's queues can take goes in at once; the
 //! rest waits in its [`RetainedBacklog`], 24 bytes a message
 //! ([`WaitingRetained`]), and becomes a delivery as the client reads
-//! (`Session::refill_retained`). One session holds at most
+//! (`Session::refill_retained`), never more than [`RETAINED_REFILL_BYTES`]
+//! of them in its connection's outbound queue at a time. One session holds at most
 //! `limits.max_pending_retained` waiting. All sessions together hold at
 //! most `limits.max_waiting_retained` ([`WaitingRetainedBudget`]): without
 //! that bound, a thousand clients reconnecting at once and each
@@ -39,6 +40,19 @@ const SLACK_KEPT: usize = 8;
 /// Allocations of fewer entries than this are not shrunk as a backlog
 /// drains: 1.5 KiB, less than the copy would save in work.
 const SHRINK_FROM: usize = 64;
+
+/// Waiting retained messages move into a connection's outbound queue only
+/// while it holds less than this (as `Link::charged` counts it), and the
+/// rest follows as its writer takes from it: they are in memory already,
+/// and staging more of them gains a reading client nothing. Each byte
+/// staged counts against the broker's outbound budget, and a client that
+/// does not read would hold it there: a hundred clients subscribing to `#`
+/// over a large store, each queue filled to its 4 MiB bound, held 400 MB
+/// against the 64 MiB budget, and the broker stopped reading from every
+/// client until the sweep exempted their queues. At 64 KiB, one such
+/// client holds at most twice this (the queue and the batch its writer is
+/// stuck with), and a reading one is sent its messages 64 KiB per write.
+pub const RETAINED_REFILL_BYTES: usize = 64 * 1024;
 
 /// Retained messages waiting in all sessions, against
 /// `limits.max_waiting_retained`.
