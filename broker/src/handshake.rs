@@ -9,7 +9,7 @@
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use tern_codec::properties::AuthProperties;
+use tern_codec::properties::{AuthProperties, ConnAckProperties};
 use tern_codec::{
     decode_packet, encode_packet, encoded_len, Auth, ConnAck, Connect, DecodeError, Packet,
     ProtocolVersion, ReasonCode, Will,
@@ -21,6 +21,7 @@ use crate::auth_rules::{AuthRules, Credential, Login};
 use crate::broker::Broker;
 use crate::config::CertificateIdentity;
 use crate::incomplete::{shed_grown_buffer, IncompleteCount, OVER_INCOMPLETE_LIMIT};
+use crate::log_throttle::throttled;
 use crate::metrics::Metrics;
 use crate::pool::BUFFER_SIZE;
 use crate::transport::ClientCertificate;
@@ -423,9 +424,24 @@ where
         ));
     };
     let mut data = connect.properties.authentication_data.clone();
+    let client_max = connect.properties.maximum_packet_size;
     loop {
         match exchange.step(data.as_deref()) {
             AuthStep::Success { user, data } => {
+                // The CONNACK carries the method and the server's last data:
+                // if even a CONNACK of only those is larger than the client
+                // takes, the exchange cannot end (MQTT-3.1.2-24).
+                let least = Packet::ConnAck(Box::new(ConnAck {
+                    properties: ConnAckProperties {
+                        authentication_method: Some(method.clone()),
+                        authentication_data: data.clone(),
+                        ..ConnAckProperties::default()
+                    },
+                    ..ConnAck::default()
+                }));
+                if !fits_client(&least, client_max) {
+                    return Err(too_large_for_client(broker, "CONNACK"));
+                }
                 tracing::debug!(user, method = %String::from_utf8_lossy(&method), "authenticated");
                 return Ok(Authenticated {
                     method: Some(method),
@@ -437,6 +453,9 @@ where
             AuthStep::Failure => return Err(HandshakeFailure::Refused(ReasonCode::NotAuthorized)),
             AuthStep::Continue(server_data) => {
                 let auth = auth_packet(ReasonCode::ContinueAuthentication, &method, server_data);
+                if !fits_client(&auth, client_max) {
+                    return Err(too_large_for_client(broker, "AUTH"));
+                }
                 if !write_direct(writer, &auth, ProtocolVersion::V5, &broker.metrics).await {
                     return Err(HandshakeFailure::Closed("cannot send AUTH".into()));
                 }
@@ -448,6 +467,13 @@ where
                     {
                         data = a.properties.authentication_data;
                     }
+                    // MQTT-3.1.2-30: a client may end the exchange with
+                    // DISCONNECT, which is no error.
+                    Packet::Disconnect(_) => {
+                        return Err(HandshakeFailure::Closed(
+                            "the client disconnected during AUTH".into(),
+                        ));
+                    }
                     other => {
                         // MQTT-4.12.0-4/6: anything else is a protocol error.
                         Metrics::inc(&broker.metrics.protocol_errors);
@@ -458,6 +484,27 @@ where
             }
         }
     }
+}
+
+/// Whether `packet`, encoded for MQTT 5, is within the client's Maximum
+/// Packet Size (`None`: it set none).
+pub fn fits_client(packet: &Packet, client_max: Option<u32>) -> bool {
+    client_max.is_none_or(|max| {
+        encoded_len(packet, ProtocolVersion::V5).is_ok_and(|len| len <= max as usize)
+    })
+}
+
+/// The refusal of an authentication whose next packet (`what`) the client
+/// could not take: it is not sent (MQTT-3.1.2-24), and the exchange cannot
+/// go on without it. Counted and logged; answered with CONNACK 0x87.
+fn too_large_for_client(broker: &Broker, what: &'static str) -> HandshakeFailure {
+    Metrics::inc(&broker.metrics.acks_dropped_oversized);
+    throttled!(
+        INFO,
+        what,
+        "authentication refused: its next packet would exceed the client's Maximum Packet Size"
+    );
+    HandshakeFailure::Refused(ReasonCode::NotAuthorized)
 }
 
 /// An AUTH packet with method and data.

@@ -115,8 +115,9 @@ counters! {
     retained_waiting_refused,
     /// Deliveries dropped because they exceeded the client's Maximum Packet Size.
     messages_dropped_oversized,
-    /// Acknowledgements (SUBACK, UNSUBACK ...) not sent because they
-    /// exceeded the client's Maximum Packet Size (MQTT-3.1.2-24).
+    /// Acknowledgements (SUBACK, UNSUBACK ...) and AUTH packets not sent
+    /// because they exceeded the client's Maximum Packet Size
+    /// (MQTT-3.1.2-24; an authentication that needs such an AUTH fails).
     acks_dropped_oversized,
     /// Messages not delivered because their expiry interval ran out.
     messages_expired,

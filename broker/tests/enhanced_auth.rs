@@ -6,6 +6,7 @@ mod common;
 use bytes::Bytes;
 use common::*;
 use tern::config::UserEntry;
+use tern::metrics::Metrics;
 use tern_codec::properties::AuthProperties;
 use tern_codec::{Auth, Packet, ProtocolVersion, ReasonCode};
 
@@ -293,5 +294,89 @@ async fn a_failed_reauthentication_is_sent_nothing_it_had_queued() {
     c.send(auth(ReasonCode::ContinueAuthentication, &last))
         .await;
     assert_backlog_withheld(&c.expect_closed().await, ReasonCode::NotAuthorized);
+    server.shutdown().await;
+}
+
+/// A CONNECT starting a SCRAM exchange whose client nonce is `nonce`, with
+/// the client's Maximum Packet Size `max`.
+fn scram_connect_packet(nonce: &str, max: Option<u32>) -> Packet {
+    let mut connect = connect_packet("scram-sized", ProtocolVersion::V5);
+    connect.properties.authentication_method = Some(Bytes::from_static(METHOD.as_bytes()));
+    connect.properties.authentication_data = Some(Bytes::from(format!("n,,n=alice,r={nonce}")));
+    connect.properties.maximum_packet_size = max;
+    Packet::Connect(Box::new(connect))
+}
+
+/// The broker never sends a packet larger than the client's Maximum Packet
+/// Size (MQTT-3.1.2-24), AUTH included: an exchange whose challenge the
+/// client could not take is refused with CONNACK 0x87 (which fits), the
+/// challenge never sent. A client that takes it goes on.
+#[tokio::test]
+async fn an_exchange_whose_challenge_the_client_cannot_take_is_refused() {
+    let server = server().await;
+    let nonce = "n".repeat(100);
+    let mut c = RawClient::open(addr(&server), ProtocolVersion::V5).await;
+    c.send(scram_connect_packet(&nonce, Some(120))).await;
+    let seen = c.expect_closed().await;
+    assert!(
+        matches!(&seen[..], [Packet::ConnAck(ack)] if ack.code == ReasonCode::NotAuthorized),
+        "{seen:?}"
+    );
+    let mut c = RawClient::open(addr(&server), ProtocolVersion::V5).await;
+    c.send(scram_connect_packet(&nonce, Some(1000))).await;
+    match c.recv().await {
+        Some(Packet::Auth(a)) => assert_eq!(a.code, ReasonCode::ContinueAuthentication),
+        other => panic!("expected AUTH, got {other:?}"),
+    }
+    server.shutdown().await;
+}
+
+/// A client may end an exchange with DISCONNECT (MQTT-3.1.2-30): the
+/// connection is closed without a CONNACK, not refused as a protocol error.
+#[tokio::test]
+async fn a_disconnect_during_the_exchange_closes_without_a_connack() {
+    let server = server().await;
+    let mut c = RawClient::open(addr(&server), ProtocolVersion::V5).await;
+    c.send(scram_connect_packet("abcdefgh", None)).await;
+    assert!(matches!(c.recv().await, Some(Packet::Auth(_))));
+    c.send(Packet::Disconnect(Default::default())).await;
+    let seen = c.expect_closed().await;
+    assert!(seen.is_empty(), "{seen:?}");
+    assert_eq!(Metrics::get(&server.broker().metrics.protocol_errors), 0);
+    server.shutdown().await;
+}
+
+/// A re-authentication whose challenge the client could not take fails
+/// (DISCONNECT 0x87) rather than waiting for an answer to an AUTH that was
+/// never sent.
+#[tokio::test]
+async fn a_reauthentication_whose_challenge_the_client_cannot_take_fails() {
+    let server = server().await;
+    let client = scram::ScramClient::new("alice", "wonderland", None);
+    let (state, first) = client.client_first();
+    let mut connect = connect_packet("scram-reauth-sized", ProtocolVersion::V5);
+    connect.properties.authentication_method = Some(Bytes::from_static(METHOD.as_bytes()));
+    connect.properties.authentication_data = Some(Bytes::from(first));
+    connect.properties.maximum_packet_size = Some(200);
+    let mut c = RawClient::open(addr(&server), ProtocolVersion::V5).await;
+    c.send(Packet::Connect(Box::new(connect))).await;
+    let server_first = match c.recv().await {
+        Some(Packet::Auth(a)) => data_of(&a.properties),
+        other => panic!("expected AUTH, got {other:?}"),
+    };
+    let (_, last) = state
+        .handle_server_first(&server_first)
+        .unwrap()
+        .client_final();
+    c.send(auth(ReasonCode::ContinueAuthentication, &last))
+        .await;
+    match c.recv().await {
+        Some(Packet::ConnAck(ack)) => assert_eq!(ack.code, ReasonCode::Success),
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+    // A client nonce of 150 bytes makes the challenge larger than 200.
+    let long_first = format!("n,,n=alice,r={}", "n".repeat(150));
+    c.send(auth(ReasonCode::ReAuthenticate, &long_first)).await;
+    c.expect_disconnect(ReasonCode::NotAuthorized).await;
     server.shutdown().await;
 }

@@ -56,7 +56,7 @@ use crate::auth::{AuthExchange, AuthStep};
 use crate::auth_rules::{AuthRules, Login};
 use crate::broker::{Broker, SessionRef, StagedFanout};
 use crate::handshake::{
-    auth_packet, authenticate, check_connect, count_decode_error, fit_connack,
+    auth_packet, authenticate, check_connect, count_decode_error, fit_connack, fits_client,
     is_empty_response_topic, misstates_utf8, read_connect, will_allowed, write_direct,
     Authenticated, HandshakeFailure,
 };
@@ -946,11 +946,8 @@ impl Connection {
         };
         match exchange.step(auth.properties.authentication_data.as_deref()) {
             AuthStep::Continue(data) => {
-                self.send(auth_packet(
-                    ReasonCode::ContinueAuthentication,
-                    &method,
-                    data,
-                ));
+                let reply = auth_packet(ReasonCode::ContinueAuthentication, &method, data);
+                self.send_auth(reply)?;
                 if let Some(enhanced) = self.enhanced_auth.as_mut() {
                     enhanced.reauthentication = Some(exchange);
                 }
@@ -969,18 +966,34 @@ impl Connection {
                         "re-authenticated as another user".into(),
                     ));
                 }
-                self.send(auth_packet(
+                self.send_auth(auth_packet(
                     ReasonCode::Success,
                     &method,
                     data.unwrap_or_default(),
-                ));
-                Ok(())
+                ))
             }
             AuthStep::Failure => Err(Exit::Error(
                 ReasonCode::NotAuthorized,
                 "re-authentication failed".into(),
             )),
         }
+    }
+
+    /// Sends an AUTH of re-authentication. One larger than the client's
+    /// Maximum Packet Size is not sent (MQTT-3.1.2-24), and the exchange
+    /// cannot go on without it: re-authentication fails (DISCONNECT 0x87,
+    /// MQTT 5 section 4.12.1).
+    fn send_auth(&self, auth: Packet) -> Result<(), Exit> {
+        if !fits_client(&auth, self.client_max_packet) {
+            Metrics::inc(&self.broker.metrics.acks_dropped_oversized);
+            return Err(Exit::Error(
+                ReasonCode::NotAuthorized,
+                "re-authentication failed: its AUTH would exceed the client's Maximum Packet Size"
+                    .into(),
+            ));
+        }
+        self.send(auth);
+        Ok(())
     }
 
     fn on_disconnect(&mut self, disconnect: Disconnect) -> Result<(), Exit> {
