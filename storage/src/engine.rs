@@ -40,6 +40,14 @@ pub(crate) trait Engine: Send + Sync {
     fn sync(&self) -> Result<(), StoreError>;
     fn disk_bytes(&self) -> Result<u64, StoreError>;
     fn compact(&self) -> Result<(), StoreError>;
+    /// Opens the engine again if it failed in a way that lasts until then
+    /// (sled after an I/O error): returns true when it did, so that the
+    /// caller reads again what it keeps of the engine's state, and the
+    /// error that keeps it failed while it cannot yet. An engine that never
+    /// fails so has nothing to do.
+    fn recover(&self) -> Result<bool, StoreError> {
+        Ok(false)
+    }
 }
 
 /// The record-level store over an engine.
@@ -63,10 +71,7 @@ impl<E: Engine> Core<E> {
     /// not `writable` is only ever read (every write fails with [`StoreError::ReadOnly`]).
     pub(crate) fn open(engine: E, writable: bool) -> Result<Core<E>, StoreError> {
         crate::schema::check_or_init(&engine, writable)?;
-        let commit = match engine.get(keys::COMMIT)? {
-            Some(v) => enc::decode_u64(keys::COMMIT, &v)?,
-            None => 0,
-        };
+        let commit = stored_commit(&engine)?;
         Ok(Core {
             engine,
             apply_lock: Mutex::new(()),
@@ -82,6 +87,30 @@ impl<E: Engine> Core<E> {
         self.commit.load(Ordering::Acquire)
     }
 
+    /// Opens the engine again if it failed in a way that lasts (see
+    /// [`Engine::recover`]), then takes its commit number from what it
+    /// holds: the writes applied since its last sync that did not reach
+    /// the disk are gone (their submissions were told they failed), and a
+    /// sync must not record commits the engine no longer holds. Called
+    /// with `apply_lock` held.
+    fn recover(&self) -> Result<(), StoreError> {
+        if self.engine.recover()? {
+            let found = stored_commit(&self.engine)?;
+            let synced = self.witness.as_ref().map_or(0, SyncedCommit::held);
+            if found < synced {
+                // What a sync covered is on the disk, unless the disk
+                // lost it: the same check as at open (synced_commit.rs).
+                tracing::error!(
+                    found,
+                    synced,
+                    "the store opened again after its failure holds fewer writes than were synced: the disk lost some; check it"
+                );
+            }
+            self.commit.store(found, Ordering::Release);
+        }
+        Ok(())
+    }
+
     /// From now on, every successful sync records its commit in `witness`.
     pub(crate) fn set_witness(&mut self, witness: SyncedCommit) {
         self.witness = Some(witness);
@@ -95,6 +124,7 @@ impl<E: Engine> Core<E> {
             return Err(StoreError::ReadOnly);
         }
         let _guard = self.apply_lock.lock();
+        self.recover()?;
         let mut tx = Tx {
             engine: &self.engine,
             writes: Writes::new(),
@@ -116,6 +146,10 @@ impl<E: Engine> Core<E> {
     /// them in the witness: everything up to it was applied before the
     /// engine's sync began, so the sync covers it.
     pub(crate) fn sync(&self) -> Result<(), StoreError> {
+        if !self.read_only {
+            let _guard = self.apply_lock.lock();
+            self.recover()?;
+        }
         let upto = self.commit();
         self.engine.sync()?;
         if let Some(witness) = &self.witness {
@@ -288,6 +322,15 @@ impl<E: Engine> Core<E> {
             done: false,
             decode,
         })
+    }
+}
+
+/// The commit number of the last write `engine` holds: 0 for one never
+/// written.
+fn stored_commit<E: Engine>(engine: &E) -> Result<u64, StoreError> {
+    match engine.get(keys::COMMIT)? {
+        Some(v) => enc::decode_u64(keys::COMMIT, &v),
+        None => Ok(0),
     }
 }
 

@@ -81,7 +81,10 @@ pub use records::{
     SubscriptionRecord, WillRecord,
 };
 pub use schema::SCHEMA_VERSION;
-pub use sled_store::{OnDamage, SledStore, LOCK_WAIT, SLED_CACHE_BYTES};
+pub use sled_store::{
+    OnDamage, SledStore, LOCK_WAIT, REOPEN_FIRST_WAIT, REOPEN_FREE_BYTES, REOPEN_MAX_WAIT,
+    SLED_CACHE_BYTES,
+};
 pub use store::{RecordIter, SessionSummary, Store, StoreStats};
 pub use writer::{
     Completion, Durability, StoreWriter, WriterConfig, WriterStats, DEFAULT_MAX_DELAY,

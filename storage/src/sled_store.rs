@@ -14,7 +14,8 @@ use std::io;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use crate::engine::{store_via_core, Core, Engine, Pairs, Writes};
 use crate::error::StoreError;
@@ -148,37 +149,48 @@ impl SledStore {
 /// Opens sled in `path` (waiting up to [`LOCK_WAIT`] for its lock) and the
 /// record-level store over it (only to be read unless `writable`).
 fn open_core(path: &Path, writable: bool) -> Result<Core<SledEngine>, StoreError> {
-    let deadline = std::time::Instant::now() + LOCK_WAIT;
-    let db = loop {
-        let opened = sled::Config::new()
-            .path(path)
-            .cache_capacity(SLED_CACHE_BYTES)
-            .mode(sled::Mode::LowSpace)
-            .flush_every_ms(None)
-            .open();
-        match opened {
-            Ok(db) => break db,
-            Err(sled::Error::Io(io)) if io.to_string().contains("could not acquire lock") => {
-                if std::time::Instant::now() >= deadline {
-                    return Err(StoreError::Locked {
-                        path: path.to_path_buf(),
-                    });
-                }
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-            Err(other) => return Err(StoreError::from(other)),
-        }
-    };
-    // The directory's entries (sled's files, created at the first open)
-    // must be as durable as what the files hold.
-    sync_dir(path)?;
     let engine = SledEngine {
-        log: File::open(path.join("db"))?,
-        db,
+        open: RwLock::new(Some(OpenSled::open(path)?)),
         path: path.to_path_buf(),
         synced_blobs: Mutex::new(HashSet::new()),
+        failure: Mutex::new(None),
     };
     Core::open(engine, writable)
+}
+
+impl OpenSled {
+    /// Opens sled in `path`, waiting up to [`LOCK_WAIT`] for its lock, and
+    /// its log file.
+    fn open(path: &Path) -> Result<OpenSled, StoreError> {
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        let db = loop {
+            let opened = sled::Config::new()
+                .path(path)
+                .cache_capacity(SLED_CACHE_BYTES)
+                .mode(sled::Mode::LowSpace)
+                .flush_every_ms(None)
+                .open();
+            match opened {
+                Ok(db) => break db,
+                Err(sled::Error::Io(io)) if io.to_string().contains("could not acquire lock") => {
+                    if std::time::Instant::now() >= deadline {
+                        return Err(StoreError::Locked {
+                            path: path.to_path_buf(),
+                        });
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(other) => return Err(StoreError::from(other)),
+            }
+        };
+        // The directory's entries (sled's files, created at the first open)
+        // must be as durable as what the files hold.
+        sync_dir(path)?;
+        Ok(OpenSled {
+            log: File::open(path.join("db"))?,
+            db,
+        })
+    }
 }
 
 impl std::fmt::Debug for SledStore {
@@ -199,18 +211,111 @@ impl Drop for SledStore {
 
 store_via_core!(SledStore);
 
-pub(crate) struct SledEngine {
+/// How long after sled failed with an I/O error the store is first opened
+/// again (see [`SledEngine::recover`]): a full disk rarely has room again
+/// at once, and each try reads sled's whole log.
+pub const REOPEN_FIRST_WAIT: Duration = Duration::from_secs(1);
+
+/// The longest wait between two tries to open the store again; each try
+/// that fails doubles the wait up to this.
+pub const REOPEN_MAX_WAIT: Duration = Duration::from_secs(30);
+
+/// Space the store's file system must have free before the store is opened
+/// again after an I/O error: two of sled's 512 KiB log segments. With
+/// less, the open would most likely fail too, and a store closed for a
+/// reopen that fails can no longer be read either.
+pub const REOPEN_FREE_BYTES: u64 = 1024 * 1024;
+
+/// An open sled database and its log file.
+struct OpenSled {
     db: sled::Db,
-    path: PathBuf,
     /// sled's log file, for the sync sled's own flush leaves out (see
     /// [`Engine::sync`] below).
     log: File,
+}
+
+/// sled under the store, opened again after an I/O error.
+///
+/// sled 0.34 keeps failing every write after one I/O error (its "global
+/// error", cleared only when the database is opened again): a disk that
+/// was full once would refuse every write until the broker restarted,
+/// however much room was made. So a write or sync that fails with an I/O
+/// error records the failure, and a later write or sync opens sled again
+/// ([`recover`](Engine::recover)), once [`REOPEN_FIRST_WAIT`] has passed
+/// and the disk has [`REOPEN_FREE_BYTES`] free, backing off up to
+/// [`REOPEN_MAX_WAIT`] while it cannot. sled's recovery then reads what
+/// reached the disk: every write a successful sync covered, and none, or
+/// some, of those whose sync failed (their submissions were told so).
+///
+/// Lock order: `open` before `failure`. `open` is taken for writing only
+/// to replace the database.
+pub(crate) struct SledEngine {
+    /// The database: `None` only after it was closed to be opened again
+    /// and that open failed, until one succeeds (reads and writes fail
+    /// meanwhile with the error that keeps it closed).
+    open: RwLock<Option<OpenSled>>,
+    path: PathBuf,
     /// The blob files (sled's values too large for the log, one file each,
     /// named by id) known synced. Locked only by `sync`.
     synced_blobs: Mutex<HashSet<u64>>,
+    /// Set by an I/O error of sled's: what failed and when to try to open
+    /// it again.
+    failure: Mutex<Option<Failure>>,
+}
+
+/// A lasting failure of sled's, until the store is opened again.
+struct Failure {
+    /// What every read or write answers while the database is closed.
+    error: StoreError,
+    /// When to try to open it again.
+    retry_at: Instant,
+    /// The wait after the next try, if that fails.
+    backoff: Duration,
 }
 
 impl SledEngine {
+    /// Runs `f` on the open database; fails with what keeps it closed, if
+    /// it is.
+    fn with_db<T>(
+        &self,
+        f: impl FnOnce(&OpenSled) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let open = self.open.read();
+        match open.as_ref() {
+            Some(opened) => f(opened),
+            None => Err(self.failure_error()),
+        }
+    }
+
+    /// The error of the failure that closed the database.
+    fn failure_error(&self) -> StoreError {
+        self.failure.lock().as_ref().map_or_else(
+            || StoreError::Engine("the store is closed".into()),
+            |f| f.error.clone(),
+        )
+    }
+
+    /// Runs a write or sync `f`, recording an I/O error it fails with:
+    /// sled fails every later write until it is opened again.
+    fn writing<T>(
+        &self,
+        f: impl FnOnce(&OpenSled) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let result = self.with_db(f);
+        if let Err(error @ StoreError::Io(_)) = &result {
+            let mut failure = self.failure.lock();
+            if failure.is_none() {
+                tracing::error!(%error, "the store failed: it is opened again once the disk has room, to take writes again");
+                *failure = Some(Failure {
+                    error: error.clone(),
+                    retry_at: Instant::now() + REOPEN_FIRST_WAIT,
+                    backoff: REOPEN_FIRST_WAIT,
+                });
+            }
+        }
+        result
+    }
+
     /// Syncs the blob files sled wrote since the last sync, then the blob
     /// directory (their entries). sled writes a blob file without syncing
     /// it or its directory. Ids are not taken in order (a blob is written
@@ -269,11 +374,11 @@ fn sync_dir(_dir: &Path) -> io::Result<()> {
 
 impl Engine for SledEngine {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.db.get(key)?.map(|v| v.to_vec()))
+        self.with_db(|o| Ok(o.db.get(key)?.map(|v| v.to_vec())))
     }
 
     fn contains(&self, key: &[u8]) -> Result<bool, StoreError> {
-        Ok(self.db.contains_key(key)?)
+        self.with_db(|o| Ok(o.db.contains_key(key)?))
     }
 
     fn scan(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Pairs, StoreError> {
@@ -281,22 +386,24 @@ impl Engine for SledEngine {
             Some(a) => Bound::Excluded(a),
             None => Bound::Included(prefix),
         };
-        let mut out = Vec::new();
-        for item in self.db.range::<&[u8], _>((start, Bound::Unbounded)) {
-            let (k, v) = item?;
-            if !k.starts_with(prefix) || out.len() == limit {
-                break;
+        self.with_db(|o| {
+            let mut out = Vec::new();
+            for item in o.db.range::<&[u8], _>((start, Bound::Unbounded)) {
+                let (k, v) = item?;
+                if !k.starts_with(prefix) || out.len() == limit {
+                    break;
+                }
+                out.push((k.to_vec(), v.to_vec()));
             }
-            out.push((k.to_vec(), v.to_vec()));
-        }
-        Ok(out)
+            Ok(out)
+        })
     }
 
     fn last(&self, prefix: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        match self.db.scan_prefix(prefix).next_back() {
+        self.with_db(|o| match o.db.scan_prefix(prefix).next_back() {
             Some(item) => Ok(Some(item?.0.to_vec())),
             None => Ok(None),
-        }
+        })
     }
 
     fn write(&self, writes: Writes) -> Result<(), StoreError> {
@@ -307,7 +414,7 @@ impl Engine for SledEngine {
                 None => batch.remove(k),
             }
         }
-        Ok(self.db.apply_batch(batch)?)
+        self.writing(|o| Ok(o.db.apply_batch(batch)?))
     }
 
     /// sled's `flush` writes the log and, on Linux, waits with
@@ -317,10 +424,12 @@ impl Engine for SledEngine {
     /// log with `fdatasync`: only then is a write that `flush` covered
     /// durable, and the synced commit recorded after this true.
     fn sync(&self) -> Result<(), StoreError> {
-        self.db.flush()?;
-        self.sync_new_blobs()?;
-        self.log.sync_data()?;
-        Ok(())
+        self.writing(|o| {
+            o.db.flush()?;
+            self.sync_new_blobs()?;
+            o.log.sync_data()?;
+            Ok(())
+        })
     }
 
     fn disk_bytes(&self) -> Result<u64, StoreError> {
@@ -331,9 +440,82 @@ impl Engine for SledEngine {
     /// fragmented segments in the background as writes go on. A flush makes
     /// the cleaner's finished work (and freed segments) visible on disk.
     fn compact(&self) -> Result<(), StoreError> {
-        self.db.flush()?;
-        Ok(())
+        self.writing(|o| Ok(o.db.flush().map(|_| ())?))
     }
+
+    /// Opens sled again after an I/O error (see [`SledEngine`]), when its
+    /// wait has passed and the disk has room.
+    fn recover(&self) -> Result<bool, StoreError> {
+        {
+            let failure = self.failure.lock();
+            let Some(failure) = failure.as_ref() else {
+                return Ok(false);
+            };
+            if Instant::now() < failure.retry_at {
+                return Err(failure.error.clone());
+            }
+        }
+        if free_bytes(&self.path).is_some_and(|free| free < REOPEN_FREE_BYTES) {
+            return Err(self.retry_later(None));
+        }
+        let mut open = self.open.write();
+        // sled's lock on the directory goes with the last handle of the
+        // database: this one is dropped before the open waits for it.
+        drop(open.take());
+        match OpenSled::open(&self.path) {
+            Ok(opened) => {
+                *open = Some(opened);
+                *self.failure.lock() = None;
+                tracing::warn!(path = %self.path.display(), "the store was opened again after its failure, and takes writes again");
+                Ok(true)
+            }
+            Err(error) => Err(self.retry_later(Some(error))),
+        }
+    }
+}
+
+impl SledEngine {
+    /// Puts the next try to open the store again off by the failure's
+    /// backoff (doubled, up to [`REOPEN_MAX_WAIT`]), with `error` as what
+    /// keeps it failed if given; returns that error.
+    fn retry_later(&self, error: Option<StoreError>) -> StoreError {
+        let mut guard = self.failure.lock();
+        let Some(failure) = guard.as_mut() else {
+            return error.unwrap_or_else(|| StoreError::Engine("the store is closed".into()));
+        };
+        if let Some(error) = error {
+            tracing::warn!(%error, retry_in = ?failure.backoff, "the store could not be opened again yet");
+            failure.error = error;
+        }
+        failure.retry_at = Instant::now() + failure.backoff;
+        failure.backoff = (failure.backoff * 2).min(REOPEN_MAX_WAIT);
+        failure.error.clone()
+    }
+}
+
+/// Bytes free to an unprivileged writer on the file system of `path`;
+/// `None` if that cannot be told.
+#[cfg(unix)]
+fn free_bytes(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let mut stat = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `path` is a NUL-terminated string and `stat` a buffer of the
+    // right type, which `statvfs` fills when it returns 0.
+    if unsafe { libc::statvfs(path.as_ptr(), stat.as_mut_ptr()) } != 0 {
+        return None;
+    }
+    // SAFETY: filled, as `statvfs` returned 0.
+    let stat = unsafe { stat.assume_init() };
+    // The fields are 32 bits wide on some targets.
+    #[allow(clippy::useless_conversion)]
+    let (blocks, size) = (u64::from(stat.f_bavail), u64::from(stat.f_frsize));
+    Some(blocks.saturating_mul(size))
+}
+
+#[cfg(not(unix))]
+fn free_bytes(_path: &Path) -> Option<u64> {
+    None
 }
 
 /// Bytes allocated on disk to the files under `dir` (what `du` reports; sled
@@ -390,7 +572,7 @@ mod tests {
             message_id: 1,
         });
         store.apply(&b).unwrap();
-        store.core.engine.db.flush().unwrap();
+        store.core.engine.with_db(|o| Ok(o.db.flush()?)).unwrap();
         assert!(store.core.engine.sync_new_blobs().unwrap() >= 1);
         assert_eq!(store.core.engine.sync_new_blobs().unwrap(), 0);
         store.sync().unwrap();

@@ -104,6 +104,11 @@ impl SyncedCommit {
         Ok(decode(&bytes))
     }
 
+    /// The number the file holds: every write up to it was durable.
+    pub(crate) fn held(&self) -> u64 {
+        self.state.lock().held
+    }
+
     /// Records that every write up to `commit` is durable. A number not
     /// above the one held is ignored (two syncs may finish out of order).
     ///
