@@ -150,14 +150,17 @@ impl Session {
     }
 
     /// Whether a retained message that waited may move into the session's
-    /// queues now: they have room for it, and the connection's outbound
-    /// queue holds less than [`RETAINED_REFILL_BYTES`] (the rest follows as
-    /// the writer takes from it).
+    /// queues now: they have room for it, and for QoS 0 the connection's
+    /// outbound queue holds less than [`RETAINED_REFILL_BYTES`] (the rest
+    /// follows as the writer takes from it). QoS 1/2 ones are bounded by
+    /// the in-flight window already.
     fn has_room_for_retained(&self, st: &SessionState, delivery: &Delivery) -> bool {
-        st.link
-            .as_ref()
-            .is_none_or(|l| l.charged < RETAINED_REFILL_BYTES)
-            && self.has_room_for(st, delivery)
+        if delivery.qos != QoS::AtMostOnce {
+            return self.has_room_for(st, delivery);
+        }
+        st.link.as_ref().is_some_and(|l| {
+            l.charged < RETAINED_REFILL_BYTES.min(self.context.max_client_outbound_bytes)
+        })
     }
 
     /// Whether a QoS 1/2 delivery may go straight into the in-flight window:

@@ -5,9 +5,9 @@
 //! all at once. What the session's queues can take goes in at once; the
 //! rest waits in its [`RetainedBacklog`], 24 bytes a message
 //! ([`WaitingRetained`]), and becomes a delivery as the client reads
-//! (`Session::refill_retained`), never more than [`RETAINED_REFILL_BYTES`]
-//! of them in its connection's outbound queue at a time. One session holds at most
-//! `limits.max_pending_retained` waiting. All sessions together hold at
+//! (`Session::refill_retained`), QoS 0 ones never more than
+//! [`RETAINED_REFILL_BYTES`] in its connection's outbound queue at a
+//! time. One session holds at most `limits.max_pending_retained` waiting. All sessions together hold at
 //! most `limits.max_waiting_retained` ([`WaitingRetainedBudget`]): without
 //! that bound, a thousand clients reconnecting at once and each
 //! subscribing to `#` would make the broker hold 2.4 GB of waiting entries,
@@ -41,7 +41,7 @@ const SLACK_KEPT: usize = 8;
 /// drains: 1.5 KiB, less than the copy would save in work.
 const SHRINK_FROM: usize = 64;
 
-/// Waiting retained messages move into a connection's outbound queue only
+/// Waiting QoS 0 retained messages move into a connection's outbound queue only
 /// while it holds less than this (as `Link::charged` counts it), and the
 /// rest follows as its writer takes from it: they are in memory already,
 /// and staging more of them gains a reading client nothing. Each byte
@@ -52,6 +52,8 @@ const SHRINK_FROM: usize = 64;
 /// client until the sweep exempted their queues. At 64 KiB, one such
 /// client holds at most twice this (the queue and the batch its writer is
 /// stuck with), and a reading one is sent its messages 64 KiB per write.
+/// QoS 1/2 ones are bounded by the in-flight window (`limits.max_inflight`,
+/// `max_inflight_bytes`) instead, as any QoS 1/2 delivery is.
 pub const RETAINED_REFILL_BYTES: usize = 64 * 1024;
 
 /// Retained messages waiting in all sessions, against
