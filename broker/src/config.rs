@@ -613,9 +613,18 @@ impl Config {
                 "must be a loopback address (the admin endpoint has no authentication)",
             );
         }
+        let mut names = std::collections::HashSet::with_capacity(self.auth.users.len());
         for user in &self.auth.users {
             if user.name.is_empty() {
                 return invalid("auth.users.name", "must not be empty");
+            }
+            // Two entries would both let the user in: a password replaced
+            // by adding an entry would go on working unseen.
+            if !names.insert(user.name.as_str()) {
+                return invalid(
+                    "auth.users.name",
+                    &format!("user {:?} is listed more than once", user.name),
+                );
             }
         }
         for rule in &self.auth.acl {
@@ -680,6 +689,21 @@ mod tests {
         let e = Config::from_toml("[log]\nlevel = \"wran\"\n").unwrap_err();
         assert!(e.to_string().contains("log.level"), "{e}");
         assert!(e.to_string().contains("`wran` is not a level"), "{e}");
+    }
+
+    #[test]
+    fn a_user_listed_twice_is_refused() {
+        let users = "[[auth.users]]\nname = \"x\"\npassword = \"first\"\n\
+                     [[auth.users]]\nname = \"y\"\npassword = \"other\"\n\
+                     [[auth.users]]\nname = \"x\"\npassword = \"second\"\n";
+        let e = Config::from_toml(users).unwrap_err().to_string();
+        assert!(e.contains("auth.users.name"), "{e}");
+        assert!(e.contains("\"x\" is listed more than once"), "{e}");
+        let distinct = users.replace(
+            "name = \"x\"\npassword = \"second\"",
+            "name = \"z\"\npassword = \"second\"",
+        );
+        assert_eq!(Config::from_toml(&distinct).unwrap().auth.users.len(), 3);
     }
 
     #[test]
