@@ -678,6 +678,40 @@ async fn exceeding_our_receive_maximum_is_0x93() {
     server.shutdown().await;
 }
 
+/// MQTT 3.1.1 has no Receive Maximum the broker could announce: a client
+/// with more QoS 2 flows open than `limits.receive_maximum` (MQTT.js opens
+/// as many as it publishes) is not disconnected. Each gets its PUBREC, and
+/// each message is routed once.
+#[tokio::test]
+async fn an_mqtt_3_client_may_open_more_qos_2_flows_than_our_receive_maximum() {
+    let server = start(|c| c.limits.receive_maximum = 2).await;
+    let mut s = RawClient::connected(addr(&server), "q2-sub", ProtocolVersion::V311).await;
+    s.subscribe("q2", QoS::AtMostOnce).await;
+    let mut p = RawClient::connected(addr(&server), "q2-flood", ProtocolVersion::V311).await;
+    for id in 1..=20u16 {
+        p.send(publish_packet("q2", b"x", QoS::ExactlyOnce, Some(id)))
+            .await;
+    }
+    for id in 1..=20u16 {
+        match p.recv().await {
+            Some(Packet::PubRec(a)) => assert_eq!(a.packet_id, id),
+            other => panic!("expected PUBREC {id}, got {other:?}"),
+        }
+    }
+    for _ in 1..=20 {
+        assert_eq!(&s.recv_publish().await.payload[..], b"x");
+    }
+    for id in 1..=20u16 {
+        p.send(Packet::PubRel(tern_codec::PubAck::new(id))).await;
+        match p.recv().await {
+            Some(Packet::PubComp(a)) => assert_eq!(a.packet_id, id),
+            other => panic!("expected PUBCOMP {id}, got {other:?}"),
+        }
+    }
+    s.expect_silence(Duration::from_millis(100)).await;
+    server.shutdown().await;
+}
+
 /// A client the broker ended (a PINGRESP from a client is a protocol
 /// error), once it has read the DISCONNECT.
 async fn ended_by_a_protocol_error(server: &tern::Server) -> RawClient {

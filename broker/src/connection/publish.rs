@@ -137,7 +137,16 @@ impl Connection {
             (QoS::ExactlyOnce, Some(packet_id)) => {
                 let mut opened = false;
                 if !denied {
-                    let limit = self.broker.config.limits.receive_maximum;
+                    // MQTT 3.x has no Receive Maximum to tell the client:
+                    // its flows are bounded by its packet ids alone (each
+                    // holds an id, the message went on at its PUBLISH), as
+                    // in Mosquitto, and a client that opens more than ours
+                    // (MQTT.js does) is not cut off.
+                    let limit = if self.protocol.is_v5() {
+                        self.broker.config.limits.receive_maximum
+                    } else {
+                        u16::MAX
+                    };
                     match session.incoming_qos2(packet_id, limit, &mut journal) {
                         Ok(true) => {
                             opened = true;
