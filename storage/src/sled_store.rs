@@ -13,9 +13,9 @@ use std::fs::File;
 use std::io;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock};
-use std::time::{Duration, Instant};
 
 use crate::engine::{store_via_core, Core, Engine, Pairs, Writes};
 use crate::error::StoreError;
