@@ -53,11 +53,22 @@ async fn scram_connect(
     user: &str,
     password: &str,
 ) -> (RawClient, tern_codec::ConnAck) {
+    scram_connect_with_max(server, user, password, None).await
+}
+
+/// [`scram_connect`] with the client's Maximum Packet Size `max`.
+async fn scram_connect_with_max(
+    server: &tern::Server,
+    user: &str,
+    password: &str,
+    max: Option<u32>,
+) -> (RawClient, tern_codec::ConnAck) {
     let client = scram::ScramClient::new(user, password, None);
     let (server_first_state, client_first) = client.client_first();
     let mut connect = connect_packet("scram-client", ProtocolVersion::V5);
     connect.properties.authentication_method = Some(Bytes::from_static(METHOD.as_bytes()));
     connect.properties.authentication_data = Some(Bytes::from(client_first));
+    connect.properties.maximum_packet_size = max;
     let mut c = RawClient::open(addr(server), ProtocolVersion::V5).await;
     c.send(Packet::Connect(Box::new(connect))).await;
     let server_first = match c.recv().await {
@@ -352,28 +363,8 @@ async fn a_disconnect_during_the_exchange_closes_without_a_connack() {
 #[tokio::test]
 async fn a_reauthentication_whose_challenge_the_client_cannot_take_fails() {
     let server = server().await;
-    let client = scram::ScramClient::new("alice", "wonderland", None);
-    let (state, first) = client.client_first();
-    let mut connect = connect_packet("scram-reauth-sized", ProtocolVersion::V5);
-    connect.properties.authentication_method = Some(Bytes::from_static(METHOD.as_bytes()));
-    connect.properties.authentication_data = Some(Bytes::from(first));
-    connect.properties.maximum_packet_size = Some(200);
-    let mut c = RawClient::open(addr(&server), ProtocolVersion::V5).await;
-    c.send(Packet::Connect(Box::new(connect))).await;
-    let server_first = match c.recv().await {
-        Some(Packet::Auth(a)) => data_of(&a.properties),
-        other => panic!("expected AUTH, got {other:?}"),
-    };
-    let (_, last) = state
-        .handle_server_first(&server_first)
-        .unwrap()
-        .client_final();
-    c.send(auth(ReasonCode::ContinueAuthentication, &last))
-        .await;
-    match c.recv().await {
-        Some(Packet::ConnAck(ack)) => assert_eq!(ack.code, ReasonCode::Success),
-        other => panic!("expected CONNACK, got {other:?}"),
-    }
+    let (mut c, ack) = scram_connect_with_max(&server, "alice", "wonderland", Some(200)).await;
+    assert_eq!(ack.code, ReasonCode::Success);
     // A client nonce of 150 bytes makes the challenge larger than 200.
     let long_first = format!("n,,n=alice,r={}", "n".repeat(150));
     c.send(auth(ReasonCode::ReAuthenticate, &long_first)).await;
