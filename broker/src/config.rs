@@ -11,6 +11,16 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+/// Upper bounds of the timing keys. Larger values parse, but would let a
+/// silent connection hold its slot for hours, hold a crash's loss window
+/// open that long, or publish `$SYS` figures never: a typo, not a choice.
+const MAX_CONNECT_TIMEOUT_SECS: u64 = 3600;
+/// 1.5 x 65,535 s, the longest keep alive: what a client with a keep alive
+/// is held to already.
+const MAX_INCOMPLETE_PACKET_TIMEOUT_SECS: u64 = 98_303;
+const MAX_SYNC_INTERVAL_MS: u64 = 60_000;
+const MAX_SYS_INTERVAL_SECS: u64 = 86_400;
+
 /// Everything the broker can be told.
 #[derive(Debug, Clone, PartialEq, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -538,6 +548,15 @@ impl Config {
         if l.connect_timeout_secs == 0 {
             return invalid("limits.connect_timeout_secs", "must be at least 1");
         }
+        if l.connect_timeout_secs > MAX_CONNECT_TIMEOUT_SECS {
+            return invalid("limits.connect_timeout_secs", "must be at most 3600");
+        }
+        if l.incomplete_packet_timeout_secs > MAX_INCOMPLETE_PACKET_TIMEOUT_SECS {
+            return invalid(
+                "limits.incomplete_packet_timeout_secs",
+                "must be at most 98303 (1.5 x the largest keep alive)",
+            );
+        }
         if l.max_subscriptions_per_client == 0 {
             return invalid("limits.max_subscriptions_per_client", "must be at least 1");
         }
@@ -571,6 +590,12 @@ impl Config {
         }
         if st.sync_interval_ms == 0 {
             return invalid("storage.sync_interval_ms", "must be at least 1");
+        }
+        if st.sync_interval_ms > MAX_SYNC_INTERVAL_MS {
+            return invalid("storage.sync_interval_ms", "must be at most 60000");
+        }
+        if self.mqtt.sys_interval_secs > MAX_SYS_INTERVAL_SECS {
+            return invalid("mqtt.sys_interval_secs", "must be at most 86400 (a day)");
         }
         if st.batch_max_ops == 0 {
             return invalid("storage.batch_max_ops", "must be at least 1");
@@ -836,6 +861,42 @@ mod tests {
     fn out_of_range_value_is_named() {
         let e = Config::from_toml("[limits]\nmax_packet_size = 10\n").unwrap_err();
         assert!(e.to_string().contains("limits.max_packet_size"), "{e}");
+    }
+
+    #[test]
+    fn timing_keys_have_an_upper_bound() {
+        for (file, key, largest) in [
+            (
+                "[limits]\nconnect_timeout_secs = {}\n",
+                "limits.connect_timeout_secs",
+                3600,
+            ),
+            (
+                "[limits]\nincomplete_packet_timeout_secs = {}\n",
+                "limits.incomplete_packet_timeout_secs",
+                98_303,
+            ),
+            (
+                "[storage]\nsync_interval_ms = {}\n",
+                "storage.sync_interval_ms",
+                60_000,
+            ),
+            (
+                "[mqtt]\nsys_interval_secs = {}\n",
+                "mqtt.sys_interval_secs",
+                86_400,
+            ),
+        ] {
+            let with = |v: u64| file.replace("{}", &v.to_string());
+            assert!(
+                Config::from_toml(&with(largest)).is_ok(),
+                "{key} = {largest}"
+            );
+            for too_large in [largest + 1, i64::MAX as u64] {
+                let e = Config::from_toml(&with(too_large)).unwrap_err().to_string();
+                assert!(e.contains(key) && e.contains("at most"), "{e}");
+            }
+        }
     }
 
     #[test]
