@@ -103,7 +103,7 @@ counters! {
     bytes_sent,
     /// PUBLISH messages received (from clients, and wills).
     messages_received,
-    /// Deliveries queued to subscribers (one per subscriber per message).
+    /// Deliveries sent or queued to subscribers (one per subscriber per message; not those dropped).
     messages_delivered,
     /// QoS 0 deliveries dropped because the subscriber's queue was full.
     messages_dropped_qos0,

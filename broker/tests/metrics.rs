@@ -127,6 +127,45 @@ async fn metrics_count_traffic_and_refusals_and_health_answers() {
     server.shutdown().await;
 }
 
+/// `messages_delivered` counts what reached a subscriber's queue or
+/// socket: not QoS 0 for an offline client, not what a full queue dropped,
+/// through a shared subscription as well.
+#[tokio::test]
+async fn deliveries_that_were_dropped_are_not_counted_as_delivered() {
+    let server = start(|c| {
+        c.storage.durability = tern::config::DurabilityMode::Memory;
+        c.limits.max_queued_messages = 3;
+    })
+    .await;
+    let metrics = &server.broker().metrics;
+    let count = |counter: &tern::metrics::Counter| tern::metrics::Metrics::get(counter);
+    offline_subscriber(&server, "away", "d/#", QoS::AtLeastOnce).await;
+    offline_member(&server, "member", 3600).await;
+
+    let mut publisher = RawClient::connected(addr(&server), "pub", ProtocolVersion::V5).await;
+    for i in 0..5u16 {
+        publisher.publish("d/q0", b"x", QoS::AtMostOnce, 0).await;
+        publisher
+            .publish("d/q1", b"x", QoS::AtLeastOnce, i + 1)
+            .await;
+        publisher
+            .publish("jobs", b"x", QoS::AtLeastOnce, i + 10)
+            .await;
+    }
+    // 3 of the 5 QoS 1 messages for each: the rest found a full queue.
+    assert_eq!(count(&metrics.messages_received), 15);
+    assert_eq!(count(&metrics.messages_delivered), 6);
+    assert_eq!(count(&metrics.messages_dropped_queue_full), 4);
+
+    // What was counted is what arrives.
+    let (mut away, _) = RawClient::connect(addr(&server), persistent_connect("away", 3600)).await;
+    for _ in 0..3 {
+        assert_eq!(away.recv_publish().await.topic_str(), "d/q1");
+    }
+    away.expect_silence(Duration::from_millis(200)).await;
+    server.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_broker_with_a_store_reports_its_writer() {
     let dir = std::env::temp_dir().join(format!("tern-metrics-{}", std::process::id()));

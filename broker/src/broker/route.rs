@@ -173,11 +173,11 @@ impl Broker {
                 .or_else(|| group.pick(|s| !s.0.denies(message) && !s.0.is_handing_over()));
             if let Some((member, options)) = picked {
                 let session = &member.0;
-                note(
-                    session,
-                    session.deliver(shared_delivery(message, group, options), journal),
-                );
-                delivered += 1;
+                let admission = session.deliver(shared_delivery(message, group, options), journal);
+                if admission != Admission::Dropped {
+                    delivered += 1;
+                }
+                note(session, admission);
             }
         }
         Metrics::add(&self.metrics.messages_delivered, delivered);
@@ -238,9 +238,10 @@ impl StagedFanout {
 /// `deliver` queues one client's delivery with one of the references
 /// counted before the first (see `ReservedReferences`; those No Local or an
 /// ACL leaves unused are given back at the end), and returns the messages
-/// it delivered and how they were admitted, or `None` for a client that
-/// gets none. Returns the messages delivered and a subscriber whose queue
-/// took some beyond its bound.
+/// it handed over and how they were admitted, or `None` for a client that
+/// gets none. Returns the messages delivered (queued or sent, not those
+/// the session dropped) and a subscriber whose queue took some beyond its
+/// bound.
 fn deliver_reserved<T>(
     matches: &Matches<SessionRef>,
     shared: &Arc<T>,
@@ -256,10 +257,14 @@ fn deliver_reserved<T>(
         let Some((count, admission)) = deliver(client, &mut references) else {
             continue;
         };
-        delivered += count;
-        if admission == Admission::BeyondBound && full.is_none() {
-            full = Some(Arc::clone(&client.subscriber.0));
+        match admission {
+            Admission::Dropped => continue,
+            Admission::BeyondBound if full.is_none() => {
+                full = Some(Arc::clone(&client.subscriber.0));
+            }
+            _ => {}
         }
+        delivered += count;
     }
     (delivered, full)
 }
