@@ -581,6 +581,22 @@ impl Config {
         if l.max_retained_bytes < 1024 {
             return invalid("limits.max_retained_bytes", "must be at least 1024");
         }
+        if let Some(reference) = &self.mqtt.server_reference {
+            // Sent as an MQTT UTF-8 string: an empty one redirects every
+            // MQTT 5 client to nowhere.
+            if reference.trim().is_empty() {
+                return invalid(
+                    "mqtt.server_reference",
+                    "must not be empty (leave it unset)",
+                );
+            }
+            if reference.len() > usize::from(u16::MAX) || reference.contains('\0') {
+                return invalid(
+                    "mqtt.server_reference",
+                    "must be at most 65535 bytes, without U+0000",
+                );
+            }
+        }
         if let Some(problem) = log_filter_problem(&self.log.level) {
             return invalid("log.level", &problem);
         }
@@ -666,6 +682,24 @@ impl Config {
     }
 }
 
+/// The `tracing` directives for `[log] level` (validated by
+/// [`log_filter_problem`]). rustls logs at `warn` what a TLS peer does
+/// wrong: an IP address sent as the server name, which mosquitto clients
+/// send on every connection by address, or a warning alert. That is a
+/// line per connection that the limit on client-caused lines never sees,
+/// and Tern logs a failed handshake itself (limited): rustls is held to
+/// `error` unless the filter names it, or switches everything off.
+pub fn log_directives(filter: &str) -> String {
+    let off = filter
+        .split(',')
+        .any(|d| d.trim().eq_ignore_ascii_case("off"));
+    if off || filter.contains("rustls") {
+        filter.to_owned()
+    } else {
+        format!("{filter},rustls=error")
+    }
+}
+
 /// Why `filter` is not a log filter Tern accepts, if it is not: a level
 /// (`error`, `warn`, `info`, `debug`, `trace`, `off`) or `tracing`
 /// directives of the form `target=level`, comma-separated. `tracing` reads a
@@ -714,6 +748,20 @@ mod tests {
         let e = Config::from_toml("[log]\nlevel = \"wran\"\n").unwrap_err();
         assert!(e.to_string().contains("log.level"), "{e}");
         assert!(e.to_string().contains("`wran` is not a level"), "{e}");
+    }
+
+    #[test]
+    fn rustls_is_held_to_errors_unless_named() {
+        assert_eq!(log_directives("info"), "info,rustls=error");
+        assert_eq!(
+            log_directives("tern=debug,warn"),
+            "tern=debug,warn,rustls=error"
+        );
+        assert_eq!(log_directives("debug,rustls=warn"), "debug,rustls=warn");
+        assert_eq!(log_directives("off"), "off");
+        for filter in ["info", "trace", "tern=debug,warn"] {
+            assert_eq!(log_filter_problem(&log_directives(filter)), None);
+        }
     }
 
     #[test]
@@ -897,6 +945,19 @@ mod tests {
                 assert!(e.contains(key) && e.contains("at most"), "{e}");
             }
         }
+    }
+
+    #[test]
+    fn a_server_reference_must_be_one() {
+        // `v` as a TOML basic string: its escapes are `\uXXXX`, not Rust's.
+        let with = |v: &str| Config::from_toml(&format!("[mqtt]\nserver_reference = \"{v}\"\n"));
+        assert!(with("other-node:1883").is_ok());
+        for bad in ["", "  ", "a\\u0000b"] {
+            let e = with(bad).unwrap_err().to_string();
+            assert!(e.contains("mqtt.server_reference"), "{bad:?}: {e}");
+        }
+        let e = with(&"x".repeat(65_536)).unwrap_err().to_string();
+        assert!(e.contains("at most 65535 bytes"), "{e}");
     }
 
     #[test]

@@ -209,7 +209,8 @@ fn serve(args: ServeArgs) -> ExitCode {
         eprintln!("tern: {e}");
         return ExitCode::from(2);
     }
-    let filter = EnvFilter::try_new(&config.log.level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let directives = tern::config::log_directives(&config.log.level);
+    let filter = EnvFilter::try_new(directives).unwrap_or_else(|_| EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
