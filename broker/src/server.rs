@@ -132,6 +132,9 @@ impl Server {
         config: Config,
         on_damage: OnDamage,
     ) -> Result<Server, StartError> {
+        // Certificates first: a bad file stops the start before the store
+        // is opened and recovered (which may expire sessions).
+        let tls = crate::tls::load_configured(&config.listeners)?;
         let metrics = Arc::new(Metrics::default());
         let dir = config.storage.data_dir.clone();
         let persistence = match config.storage.writer_config() {
@@ -148,7 +151,7 @@ impl Server {
                 })?)
             }
         };
-        Server::start_with(config, metrics, persistence).await
+        Server::start_with(config, metrics, persistence, tls).await
     }
 
     /// Like [`start`](Self::start), over a store the caller opened (tests
@@ -158,6 +161,7 @@ impl Server {
         config: Config,
         store: Arc<dyn tern_storage::Store>,
     ) -> Result<Server, StartError> {
+        let tls = crate::tls::load_configured(&config.listeners)?;
         let metrics = Arc::new(Metrics::default());
         let writer = config.storage.writer_config().unwrap_or_default();
         let persistence =
@@ -165,13 +169,14 @@ impl Server {
                 dir: config.storage.data_dir.clone(),
                 source,
             })?;
-        Server::start_with(config, metrics, Some(persistence)).await
+        Server::start_with(config, metrics, Some(persistence), tls).await
     }
 
     async fn start_with(
         config: Config,
         metrics: Arc<Metrics>,
         persistence: Option<Arc<Persistence>>,
+        tls: Option<tokio_rustls::TlsAcceptor>,
     ) -> Result<Server, StartError> {
         let dir = config.storage.data_dir.clone();
         let broker = Broker::with_store(config, metrics, persistence);
@@ -216,7 +221,7 @@ impl Server {
             Arc::clone(&broker),
         )));
         let listeners = &broker.config.listeners;
-        *broker.tls.write() = crate::tls::load_configured(listeners)?;
+        *broker.tls.write() = tls;
         let tcp_addrs = listen_all(&broker, &listeners.tcp, Transport::Tcp, tasks).await?;
         let tls_addrs = listen_all(&broker, &listeners.tls, Transport::Tls, tasks).await?;
         let ws_addrs = listen_all(&broker, &listeners.ws, Transport::WebSocket, tasks).await?;

@@ -213,13 +213,18 @@ async fn a_silent_tls_client_is_closed_at_the_connect_timeout() {
     server.shutdown().await;
 }
 
+/// A bad certificate stops the start before the store is opened:
+/// recovering the store may expire sessions, and a start that fails anyway
+/// must leave it as it was.
 #[tokio::test]
 async fn a_bad_certificate_path_stops_the_start_with_its_name() {
+    let data_dir = std::env::temp_dir().join(format!("tern-tls-bad-cert-{}", std::process::id()));
     let mut config = tern::Config::default();
     config.listeners.tcp = vec!["127.0.0.1:0".parse().unwrap()];
     config.listeners.ws = Vec::new();
     config.admin.bind = None;
-    config.storage.durability = tern::config::DurabilityMode::Memory;
+    config.storage.durability = tern::config::DurabilityMode::Fsync;
+    config.storage.data_dir = data_dir.clone();
     config.listeners.tls = vec!["127.0.0.1:0".parse().unwrap()];
     config.listeners.tls_cert = Some(certs().join("nope.pem"));
     config.listeners.tls_key = Some(certs().join("server.key"));
@@ -228,6 +233,12 @@ async fn a_bad_certificate_path_stops_the_start_with_its_name() {
         Err(e) => e.to_string(),
     };
     assert!(e.contains("nope.pem"), "{e}");
+    let opened = data_dir.exists();
+    let _ = std::fs::remove_dir_all(&data_dir);
+    assert!(
+        !opened,
+        "the store was opened before the certificate was read"
+    );
 }
 
 /// An idle TLS reader is known to be idle without a read: a subscriber
