@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use common::{
     addr, each_puback_lets_one_more_through, eventually, offline_subscriber, persistent_connect,
-    publish_packet, publish_weighed, RawClient,
+    publish_packet, publish_weighed, until_ended, RawClient,
 };
 use tern::{Config, Server};
 use tern_codec::{Packet, ProtocolVersion, PubAck, QoS, ReasonCode};
@@ -1640,5 +1640,131 @@ async fn a_shutdown_publishes_the_wills_of_the_clients_it_disconnects() {
     let mut late = RawClient::connected(addr(&server), "late", ProtocolVersion::V5).await;
     late.subscribe("wills/at-once", QoS::AtLeastOnce).await;
     assert_eq!(&late.recv_publish().await.payload[..], b"gone", "retained");
+    server.shutdown().await;
+}
+
+/// A member whose shared deliveries still wait for the store: a QoS 2 one
+/// waits for its packet id to be durable before it is sent, and a QoS 1
+/// one queued behind it waits too (the order of the topic's messages).
+/// Neither was ever on the wire, so both may go to another member.
+///
+/// Returns the lagging store, the broker, the publisher and the member.
+/// `expiry`: the member's session expiry.
+async fn shared_deliveries_waiting_for_the_store(
+    expiry: u32,
+) -> (Arc<FailingStore<MemoryStore>>, Server, RawClient, RawClient) {
+    let (store, server) = start_failing(None).await;
+    let (mut leaving, _) =
+        RawClient::connect(addr(&server), persistent_connect("leaving", expiry)).await;
+    assert_eq!(
+        leaving.subscribe("$share/g/jobs/#", QoS::ExactlyOnce).await,
+        vec![ReasonCode::granted(QoS::ExactlyOnce)]
+    );
+    let mut publisher = RawClient::connected(addr(&server), "pub", ProtocolVersion::V5).await;
+    settle(&server).await;
+    store.stall(true);
+    publisher
+        .send(publish_packet("jobs/2", b"two", QoS::ExactlyOnce, Some(1)))
+        .await;
+    publisher
+        .send(publish_packet("jobs/1", b"one", QoS::AtLeastOnce, Some(2)))
+        .await;
+    // Neither leaves before the store has its packet id.
+    leaving.expect_silence(Duration::from_millis(300)).await;
+    (store, server, publisher, leaving)
+}
+
+/// Sends DISCONNECT (with session expiry 0 if `ends_now`) and waits for
+/// the close.
+async fn leave(mut member: RawClient, ends_now: bool) {
+    let mut bye = tern_codec::Disconnect::default();
+    if ends_now {
+        bye.properties.session_expiry_interval = Some(0);
+    }
+    member.send(Packet::Disconnect(bye)).await;
+    member.expect_closed().await;
+}
+
+/// The other member: a session of its own (not stored), subscribed.
+async fn staying_member(server: &Server) -> RawClient {
+    let mut staying = RawClient::connected(addr(server), "staying", ProtocolVersion::V5).await;
+    assert_eq!(
+        staying.subscribe("$share/g/jobs/#", QoS::ExactlyOnce).await,
+        vec![ReasonCode::granted(QoS::ExactlyOnce)]
+    );
+    staying
+}
+
+/// Receives two PUBLISHes, completing their flows; their payloads, sorted.
+async fn take_both(c: &mut RawClient) -> Vec<Vec<u8>> {
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        match c.recv().await {
+            Some(Packet::Publish(p)) => {
+                assert!(!p.dup, "never sent before, yet DUP: {p:?}");
+                let id = p.packet_id.expect("QoS 1 or 2");
+                c.send(match p.qos {
+                    QoS::ExactlyOnce => Packet::PubRec(PubAck::new(id)),
+                    _ => Packet::PubAck(PubAck::new(id)),
+                })
+                .await;
+                got.push(p.payload.to_vec());
+            }
+            Some(Packet::PubRel(r)) => c.send(Packet::PubComp(PubAck::new(r.packet_id))).await,
+            other => panic!("expected a PUBLISH, got {other:?}"),
+        }
+    }
+    got.sort();
+    got
+}
+
+#[tokio::test]
+async fn shared_deliveries_that_wait_for_the_store_go_to_another_member_when_theirs_ends() {
+    // DISCONNECT with session expiry 0: the session ends at once, after
+    // handing over what it holds.
+    let (store, server, mut publisher, leaving) =
+        shared_deliveries_waiting_for_the_store(3600).await;
+    let mut staying = staying_member(&server).await;
+    leave(leaving, true).await;
+    store.stall(false);
+    assert_eq!(
+        take_both(&mut staying).await,
+        [b"one".to_vec(), b"two".to_vec()]
+    );
+    for _ in 0..2 {
+        assert!(matches!(
+            expect_ack(&mut publisher).await,
+            Packet::PubRec(_) | Packet::PubAck(_)
+        ));
+    }
+    until_ended(&server, "leaving").await;
+    let metrics = &server.broker().metrics;
+    assert_eq!(metrics.shared_ended_with_session.get(), 0);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn shared_deliveries_made_durable_while_their_member_was_away_go_to_another_when_it_expires()
+{
+    // The session stays for 2 s after its client left; the store catches
+    // up meanwhile, with nobody to send the two deliveries to. They were
+    // never sent when the session expires.
+    let (store, server, mut publisher, leaving) = shared_deliveries_waiting_for_the_store(2).await;
+    leave(leaving, false).await;
+    store.stall(false);
+    for _ in 0..2 {
+        assert!(matches!(
+            expect_ack(&mut publisher).await,
+            Packet::PubRec(_) | Packet::PubAck(_)
+        ));
+    }
+    let mut staying = staying_member(&server).await;
+    assert_eq!(
+        take_both(&mut staying).await,
+        [b"one".to_vec(), b"two".to_vec()]
+    );
+    until_ended(&server, "leaving").await;
+    let metrics = &server.broker().metrics;
+    assert_eq!(metrics.shared_ended_with_session.get(), 0);
     server.shutdown().await;
 }

@@ -52,18 +52,14 @@ impl Session {
 
     /// The deliveries that came through shared subscriptions and may go to
     /// another member of their group instead (MQTT 5 section 4.8.2): those
-    /// still queued (never sent), and QoS 1 ones sent but not acknowledged.
-    /// A QoS 2 message once sent stays with this client (MQTT-4.8.2-4, -5).
+    /// still queued, and those in the window that [`may_move`] allows.
     /// Returns copies; [`withdraw`](Self::withdraw) takes one out.
     pub fn shared_candidates(&self) -> Vec<Delivery> {
         let st = self.state.lock();
-        let sent = st.inflight.iter().filter(|i| {
-            i.delivery.shared.is_some()
-                && i.delivery.qos == QoS::AtLeastOnce
-                && i.state() != InflightState::Released
-        });
+        let assigned = st.inflight.iter().filter(|i| may_move(i));
         let queued = st.pending.iter().filter(|d| d.shared.is_some());
-        sent.map(|i| i.delivery.clone())
+        assigned
+            .map(|i| i.delivery.clone())
             .chain(queued.cloned())
             .collect()
     }
@@ -83,9 +79,7 @@ impl Session {
             };
             let removed = if let Some(packet_id) = delivery.packet_id {
                 let found = st.inflight.position_where(|i| {
-                    i.packet_id == packet_id
-                        && i.state() == InflightState::Sent
-                        && same(&i.delivery)
+                    i.packet_id == packet_id && may_move(i) && same(&i.delivery)
                 });
                 found
                     .and_then(|i| st.inflight.remove(i))
@@ -120,6 +114,29 @@ impl Drop for HandOver {
         self.0.state.lock().handing_over -= 1;
         // Waiters may wait for a count above 0 (`hand_overs_done`).
         self.0.room.notify_waiters();
+    }
+}
+
+/// Whether a delivery in the window, with its packet id, may still go to
+/// another member of its shared group: a QoS 1 one until its PUBACK, sent
+/// or not; a QoS 2 one only if it was never on the wire (its packet id
+/// waiting to be durable, `Persisting`, or made durable while its client
+/// was away, `Resend` without DUP: every other way into `Resend` sets DUP).
+/// A QoS 2 message once sent stays with its client (MQTT-4.8.2-4, -5).
+///
+/// QoS 1 deliveries behind a QoS 2 one wait in `Persisting` too (the order
+/// of a topic's messages holds across QoS levels): a departing member that
+/// kept only its `Sent` ones lost those, although acknowledged to their
+/// publisher.
+fn may_move(i: &Inflight) -> bool {
+    if i.delivery.shared.is_none() {
+        return false;
+    }
+    match (i.delivery.qos, i.state()) {
+        (QoS::AtLeastOnce, state) => state != InflightState::Released,
+        (QoS::ExactlyOnce, InflightState::Persisting) => true,
+        (QoS::ExactlyOnce, InflightState::Resend) => !i.delivery.dup,
+        _ => false,
     }
 }
 
