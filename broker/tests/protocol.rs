@@ -575,6 +575,75 @@ async fn retained_messages_waiting_in_all_sessions_stay_within_max_waiting_retai
     server.shutdown().await;
 }
 
+/// A client subscribed to a topic subscribes to it again while another
+/// client publishes retained values of it: what the new SUBSCRIBE finds in
+/// the store must not come before the values published ahead of it, which
+/// reach the client through its earlier subscription (MQTT 4.6: a topic's
+/// messages in the order they were published). QoS 0 messages of one read
+/// used to be delivered at its end, while the store already held the
+/// newest: a SUBSCRIBE handled meanwhile sent that first. A race, so tried
+/// many times, on two workers; without the fix it lost in about one try of
+/// ten.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retained_value_found_by_a_subscribe_does_not_overtake_older_live_ones() {
+    const TRIES: u32 = 200;
+    const VALUES: u32 = 40;
+    let server = start(|_| {}).await;
+    let mut publisher = RawClient::connected(addr(&server), "publisher", V5).await;
+    let mut subscriber = RawClient::connected(addr(&server), "again", V5).await;
+    assert_eq!(
+        subscriber.subscribe("r/#", QoS::AtMostOnce).await,
+        vec![ReasonCode::Success]
+    );
+    let mut next = 0u32;
+    for _ in 0..TRIES {
+        let mut publishes = BytesMut::new();
+        for _ in 0..VALUES {
+            next += 1;
+            let mut publish = publish_packet("r/0", &next.to_be_bytes(), QoS::AtMostOnce, None);
+            if let Packet::Publish(p) = &mut publish {
+                p.retain = true;
+            }
+            encode_packet(&publish, V5, &mut publishes).unwrap();
+        }
+        let mut again = BytesMut::new();
+        let unsubscribe = Packet::Unsubscribe(tern_codec::Unsubscribe {
+            packet_id: 2,
+            filters: vec![Bytes::from_static(b"r/#")],
+            properties: Default::default(),
+        });
+        encode_packet(&unsubscribe, V5, &mut again).unwrap();
+        encode_packet(&subscribe_packet(3, "r/#", QoS::AtMostOnce), V5, &mut again).unwrap();
+        tokio::join!(
+            publisher.send_bytes(&publishes),
+            subscriber.send_bytes(&again)
+        );
+
+        // Values never go back, until the last one, live or retained.
+        let mut last = 0;
+        let mut acks = 0;
+        while acks < 2 || last != next {
+            match subscriber.recv().await {
+                Some(Packet::Publish(p)) => {
+                    let value = u32::from_be_bytes(p.payload[..4].try_into().unwrap());
+                    assert!(value >= last, "{value} (retain {}) after {last}", p.retain);
+                    last = value;
+                }
+                Some(Packet::UnsubAck(_) | Packet::SubAck(_)) => acks += 1,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        // A retained copy of the last value may follow its live one.
+        while let Ok(Some(packet)) = subscriber.recv_within(Duration::from_millis(5)).await {
+            match packet {
+                Packet::Publish(p) => assert!(p.retain && p.payload[..4] == next.to_be_bytes()),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+    server.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_waiting_retained_message_replaced_meanwhile_does_not_follow_its_successor() {
     // A retained message that finds the session's queues full waits for

@@ -25,6 +25,13 @@ impl Broker {
     /// delivers them subscriber by subscriber, one lock per subscriber for
     /// all of them. Anything else delivers what is staged first, so each
     /// subscriber still gets this client's messages in order.
+    ///
+    /// A message with RETAIN is never staged, and what is staged is
+    /// delivered before it goes into the retained store: a SUBSCRIBE that
+    /// finds it there sends it at once, and a message this client published
+    /// before it, still staged for that subscriber's earlier subscription,
+    /// would follow it (MQTT 4.6: a topic's messages in the order they were
+    /// published).
     pub fn publish_from_client(
         &self,
         message: &Arc<Message>,
@@ -32,9 +39,15 @@ impl Broker {
         recent: &mut Option<RecentMatch<SessionRef>>,
         staged: &mut StagedFanout,
     ) -> Option<Arc<Session>> {
+        let before_retained = if message.retain {
+            self.deliver_staged(staged)
+        } else {
+            None
+        };
         self.retain(message, journal);
         let matches = self.router.matches_recent(message.topic_str(), recent);
         let stageable = message.qos == QoS::AtMostOnce
+            && !message.retain
             && matches.shared.is_empty()
             && !matches.clients.is_empty();
         // The same match result is that of the same topic; the topics are
@@ -49,9 +62,9 @@ impl Broker {
                 .first()
                 .is_some_and(|first| first.topic == message.topic);
         let full = if same && stageable {
-            None
+            before_retained
         } else {
-            self.deliver_staged(staged)
+            self.deliver_staged(staged).or(before_retained)
         };
         if stageable {
             if staged.matches.is_none() {
