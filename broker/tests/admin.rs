@@ -620,6 +620,12 @@ fn delete_session_and_compact_offline() {
         (Some(2), Some(1))
     );
     assert_eq!(stats["subscriptions"], 1);
+    // Rewritten into fresh files, in place: the store reads as before, and
+    // nothing is left beside it.
+    assert!(ok(&src, &["sessions"]).contains("beta"));
+    let mut beside = dir.path().as_os_str().to_owned();
+    beside.push(tern_storage::REWRITE_SUFFIX);
+    assert!(!Path::new(&beside).exists());
 }
 
 #[test]

@@ -300,6 +300,11 @@ impl<E: Engine> Core<E> {
         }
     }
 
+    /// Whether the store was opened only to be read.
+    pub(crate) fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
     pub(crate) fn compact(&self) -> Result<StoreStats, StoreError> {
         if self.read_only {
             return Err(StoreError::ReadOnly);

@@ -67,6 +67,7 @@ mod netting;
 mod recent_deletes;
 mod records;
 mod schema;
+mod sled_rewrite;
 mod sled_store;
 mod store;
 mod synced_commit;
@@ -81,6 +82,7 @@ pub use records::{
     SubscriptionRecord, WillRecord,
 };
 pub use schema::SCHEMA_VERSION;
+pub use sled_rewrite::REWRITE_SUFFIX;
 pub use sled_store::{
     OnDamage, SledStore, LOCK_WAIT, REOPEN_FIRST_WAIT, REOPEN_FREE_BYTES, REOPEN_MAX_WAIT,
     SLED_CACHE_BYTES,

@@ -144,6 +144,30 @@ impl SledStore {
     pub fn path(&self) -> &Path {
         &self.core.engine.path
     }
+
+    /// Whether it was opened only to be read (`OnDamage::Inspect`).
+    pub(crate) fn is_read_only(&self) -> bool {
+        self.core.is_read_only()
+    }
+
+    /// Runs `f` on the sled database (for `sled_rewrite.rs`).
+    pub(crate) fn with_sled<T>(
+        &self,
+        f: impl FnOnce(&sled::Db) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        self.core.engine.with_db(|o| f(&o.db))
+    }
+}
+
+/// How the store opens sled in `path`: a page cache of
+/// [`SLED_CACHE_BYTES`], a log that favours space over speed, and no flush
+/// of its own (see [`SledStore::open`]).
+pub(crate) fn sled_config(path: &Path) -> sled::Config {
+    sled::Config::new()
+        .path(path)
+        .cache_capacity(SLED_CACHE_BYTES)
+        .mode(sled::Mode::LowSpace)
+        .flush_every_ms(None)
 }
 
 /// Opens sled in `path` (waiting up to [`LOCK_WAIT`] for its lock) and the
@@ -164,12 +188,7 @@ impl OpenSled {
     fn open(path: &Path) -> Result<OpenSled, StoreError> {
         let deadline = std::time::Instant::now() + LOCK_WAIT;
         let db = loop {
-            let opened = sled::Config::new()
-                .path(path)
-                .cache_capacity(SLED_CACHE_BYTES)
-                .mode(sled::Mode::LowSpace)
-                .flush_every_ms(None)
-                .open();
+            let opened = sled_config(path).open();
             match opened {
                 Ok(db) => break db,
                 Err(sled::Error::Io(io)) if io.to_string().contains("could not acquire lock") => {

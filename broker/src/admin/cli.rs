@@ -89,8 +89,8 @@ pub enum AdminCommand {
         /// The session's client id.
         client_id: String,
     },
-    /// Ask the storage engine to reclaim space, then show statistics
-    /// (stopped broker only).
+    /// Rewrite the store into fresh files that hold only its live data,
+    /// then show statistics (stopped broker only; Linux).
     Compact,
 }
 
@@ -156,7 +156,7 @@ pub fn run(args: AdminArgs) -> ExitCode {
 /// Runs the command of `args`, writing its output to `out`.
 pub fn execute(args: &AdminArgs, out: &mut dyn Write) -> Result<(), AdminError> {
     match &args.url {
-        Some(url) => dispatch(&Online::new(url)?, &args.command, args.json, out),
+        Some(url) => dispatch(&mut Online::new(url)?, &args.command, args.json, out),
         None => {
             if args.read_damaged && args.command.writes() {
                 return Err(AdminError::BadRequest(format!(
@@ -164,15 +164,15 @@ pub fn execute(args: &AdminArgs, out: &mut dyn Write) -> Result<(), AdminError> 
                     args.command.name()
                 )));
             }
-            let backend = Offline::open(&args.data_dir, args.read_damaged)?;
-            dispatch(&backend, &args.command, args.json, out)
+            let mut backend = Offline::open(&args.data_dir, args.read_damaged)?;
+            dispatch(&mut backend, &args.command, args.json, out)
         }
     }
 }
 
 /// Runs one command against a backend and renders its answer.
 fn dispatch(
-    backend: &dyn Backend,
+    backend: &mut dyn Backend,
     command: &AdminCommand,
     json: bool,
     out: &mut dyn Write,
@@ -213,7 +213,8 @@ trait Backend {
     fn stats(&self) -> Result<StatsView, AdminError>;
     fn export(&self, out: &mut dyn Write) -> Result<(), AdminError>;
     fn delete_session(&self, client_id: &str) -> Result<(), AdminError>;
-    fn compact(&self) -> Result<StatsView, AdminError>;
+    /// Rewrites the store into files that hold only its live data.
+    fn compact(&mut self) -> Result<StatsView, AdminError>;
 }
 
 /// The store of a stopped broker, opened directly.
@@ -292,8 +293,9 @@ impl Backend for Offline {
         Ok(self.store.sync()?)
     }
 
-    fn compact(&self) -> Result<StatsView, AdminError> {
-        Ok(self.store.compact()?.into())
+    fn compact(&mut self) -> Result<StatsView, AdminError> {
+        self.store.rewrite()?;
+        Ok(self.store.stats()?.into())
     }
 }
 
@@ -354,7 +356,7 @@ impl Backend for Online {
         })
     }
 
-    fn compact(&self) -> Result<StatsView, AdminError> {
+    fn compact(&mut self) -> Result<StatsView, AdminError> {
         Err(AdminError::ReadOnly {
             command: "compact".to_owned(),
         })
