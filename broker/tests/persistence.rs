@@ -1768,3 +1768,38 @@ async fn shared_deliveries_made_durable_while_their_member_was_away_go_to_anothe
     assert_eq!(metrics.shared_ended_with_session.get(), 0);
     server.shutdown().await;
 }
+
+/// A QoS 2 delivery waits for its packet id to be stored before it is sent.
+/// Its client leaving meanwhile, it is sent when the client is back, and
+/// for the first time: DUP 0 (MQTT-3.3.1-1), not as a retransmission.
+#[tokio::test]
+async fn a_delivery_made_durable_while_its_client_was_away_is_first_sent_without_dup() {
+    let (store, server) = start_failing(None).await;
+    let (mut sub, _) = RawClient::connect(addr(&server), persistent_connect("away", 3600)).await;
+    sub.subscribe("d/#", QoS::ExactlyOnce).await;
+    let mut publisher = RawClient::connected(addr(&server), "pub", ProtocolVersion::V5).await;
+    settle(&server).await;
+    store.stall(true);
+    publisher
+        .send(publish_packet("d/1", b"one", QoS::ExactlyOnce, Some(1)))
+        .await;
+    sub.expect_silence(Duration::from_millis(300)).await;
+    sub.send(Packet::Disconnect(Default::default())).await;
+    sub.expect_closed().await;
+    store.stall(false);
+    assert!(matches!(
+        expect_ack(&mut publisher).await,
+        Packet::PubRec(_)
+    ));
+    settle(&server).await;
+
+    let (mut back, ack) = RawClient::connect(addr(&server), persistent_connect("away", 3600)).await;
+    assert!(ack.session_present);
+    let publish = back.recv_publish().await;
+    assert_eq!(&publish.payload[..], b"one");
+    assert!(
+        !publish.dup,
+        "sent for the first time, yet DUP: {publish:?}"
+    );
+    server.shutdown().await;
+}

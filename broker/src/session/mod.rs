@@ -400,20 +400,25 @@ impl Session {
             })
             .fold((0, 0), |(n, bytes), i| (n + 1, bytes + i.weight()));
         for index in 0..st.inflight.len() {
-            match st.inflight.get(index).state() {
+            let state = st.inflight.get(index).state();
+            // Sent before, so DUP from now on. A `Resend` without DUP never
+            // was: its packet id became durable while its client was away
+            // (`release`), and its first sending has DUP 0 (MQTT-3.3.1-1).
+            if state == InflightState::Sent {
+                st.inflight.set_dup(index);
+            }
+            match state {
                 InflightState::Sent | InflightState::Resend
                     if resent < quota && resent_bytes < self.context.max_inflight_bytes =>
                 {
                     resent += 1;
                     resent_bytes += st.inflight.get(index).weight();
                     st.inflight.set_state(index, InflightState::Sent);
-                    st.inflight.set_dup(index);
                     let d = st.inflight.get(index).delivery.clone();
                     outbound.push_back(Outbound::Publish(d));
                 }
                 InflightState::Sent | InflightState::Resend => {
                     st.inflight.set_state(index, InflightState::Resend);
-                    st.inflight.set_dup(index);
                 }
                 InflightState::Released => {
                     outbound.push_back(Outbound::Ack(
