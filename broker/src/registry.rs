@@ -166,7 +166,9 @@ impl SessionRegistry {
                 let Some(control) = self.get(client_id).and_then(|s| s.attached_control()) else {
                     return;
                 };
-                control.close(Some(ReasonCode::SessionTakenOver));
+                if control.close(Some(ReasonCode::SessionTakenOver)) {
+                    Metrics::inc(&self.metrics.session_takeovers);
+                }
                 if control.is_reader_finished() {
                     return;
                 }
@@ -217,9 +219,10 @@ impl SessionRegistry {
             }
             return Ok(self.insert_new(&mut sessions, client_id, denied, on_replace));
         };
-        if existing.is_online() {
+        // Closed by `take_over` already, unless it stopped waiting; counted
+        // by whichever closed it first.
+        if existing.kick(ReasonCode::SessionTakenOver) {
             Metrics::inc(&self.metrics.session_takeovers);
-            existing.kick(ReasonCode::SessionTakenOver);
         }
         // A session with expiry 0 lasts only as long as its connection
         // (MQTT-3.1.2-6; MQTT 5 3.1.4): a takeover ends it, even when the

@@ -166,6 +166,27 @@ async fn deliveries_that_were_dropped_are_not_counted_as_delivered() {
     server.shutdown().await;
 }
 
+/// Every connection another one takes over is counted once, whether the
+/// takeover waited for it to finish (the usual case) or not.
+#[tokio::test]
+async fn each_takeover_is_counted() {
+    let server = start(|c| {
+        c.storage.durability = tern::config::DurabilityMode::Memory;
+    })
+    .await;
+    let mut previous = RawClient::connected(addr(&server), "same", ProtocolVersion::V5).await;
+    for _ in 0..3 {
+        let next = RawClient::connected(addr(&server), "same", ProtocolVersion::V5).await;
+        previous
+            .expect_disconnect(tern_codec::ReasonCode::SessionTakenOver)
+            .await;
+        previous = next;
+    }
+    let metrics = &server.broker().metrics;
+    assert_eq!(tern::metrics::Metrics::get(&metrics.session_takeovers), 3);
+    server.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_broker_with_a_store_reports_its_writer() {
     let dir = std::env::temp_dir().join(format!("tern-metrics-{}", std::process::id()));

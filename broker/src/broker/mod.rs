@@ -322,7 +322,9 @@ impl Broker {
             tracing::info!(client_id = %session.client_id, "disconnected by the reloaded [auth]: {why}");
             match why {
                 Revocation::Credentials => control.close_withholding(ReasonCode::NotAuthorized),
-                Revocation::Permissions => control.close(Some(ReasonCode::NotAuthorized)),
+                Revocation::Permissions => {
+                    control.close(Some(ReasonCode::NotAuthorized));
+                }
             }
             closed += 1;
         }

@@ -280,7 +280,9 @@ where
             broker.registry.reader_finished(&control);
             match exit.disconnect_reason() {
                 Some(code) if exit.withholds() => control.close_withholding(code),
-                reason => control.close(reason),
+                reason => {
+                    control.close(reason);
+                }
             }
             if !writer_done {
                 // Boxed: once per connection, and its timer would otherwise

@@ -57,16 +57,20 @@ impl ConnectionControl {
         self.acks_awaiting_store.load(Ordering::Acquire)
     }
 
-    /// Asks the connection to close; the first reason given wins.
-    pub fn close(&self, reason: Option<ReasonCode>) {
-        {
+    /// Asks the connection to close; the first reason given wins. True for
+    /// that first call.
+    pub fn close(&self, reason: Option<ReasonCode>) -> bool {
+        let first = {
             let mut r = self.close_reason.lock();
-            if !self.closing.swap(true, Ordering::AcqRel) {
+            let first = !self.closing.swap(true, Ordering::AcqRel);
+            if first {
                 *r = reason;
             }
-        }
+            first
+        };
         self.wake_reader.raise();
         self.wake_writer.raise();
+        first
     }
 
     /// Closes the connection of a client whose credentials are no longer

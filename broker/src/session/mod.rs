@@ -665,12 +665,13 @@ impl Session {
             .map(|l| Arc::clone(&l.control))
     }
 
-    /// Closes the attached connection, if any, with this reason.
-    pub fn kick(&self, reason: ReasonCode) {
+    /// Closes the attached connection, if any, with this reason; true if
+    /// this closed it (it was not closing already).
+    pub fn kick(&self, reason: ReasonCode) -> bool {
         let st = self.state.lock();
-        if let Some(link) = &st.link {
-            link.control.close(Some(reason));
-        }
+        st.link
+            .as_ref()
+            .is_some_and(|link| link.control.close(Some(reason)))
     }
 
     /// True while a connection is attached.
