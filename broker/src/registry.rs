@@ -70,6 +70,10 @@ pub struct ConnectionPermit {
     /// False when the broker was already at `max_connections`: the connection
     /// is counted while it is being refused, then dropped.
     pub admitted: bool,
+    /// Set when the broker ended the connection because it shuts down: its
+    /// client gets longer to read what was flushed and close (see
+    /// `connection::linger_counted`).
+    pub shutting_down: bool,
 }
 
 impl Drop for ConnectionPermit {
@@ -118,6 +122,7 @@ impl SessionRegistry {
             connections: Arc::clone(&self.connections),
             id: self.next_id(),
             admitted: before < self.max_connections,
+            shutting_down: false,
         }
     }
 

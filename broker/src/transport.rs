@@ -150,12 +150,12 @@ pub fn peer_violation(metrics: &Metrics, e: &io::Error) -> bool {
 pub const LINGER: Duration = Duration::from_secs(1);
 
 /// Reads and discards until the client closes its side, a read fails, or
-/// [`LINGER`] has passed. Reads into a small buffer of its own: nothing
-/// read is kept.
-pub async fn linger<R: TransportRead>(reader: &mut R) {
+/// `wait` ([`LINGER`] usually) has passed. Reads into a small buffer of
+/// its own: nothing read is kept.
+pub async fn linger<R: TransportRead>(reader: &mut R, wait: Duration) {
     let mut scratch = [0u8; 512];
     let drain = async { while let Ok(1..) = reader.read(&mut scratch).await {} };
-    let _ = tokio::time::timeout(LINGER, drain).await;
+    let _ = tokio::time::timeout(wait, drain).await;
 }
 
 /// Largest read whose bytes are moved out of the pooled buffer they were

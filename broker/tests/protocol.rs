@@ -1394,7 +1394,48 @@ async fn graceful_shutdown_sends_0x8b() {
     let server = start(|_| {}).await;
     let mut c = RawClient::connected(addr(&server), "c", V5).await;
     let shutdown = tokio::spawn(server.shutdown());
-    c.expect_disconnect(ReasonCode::ServerShuttingDown).await;
+    match c.recv().await {
+        Some(Packet::Disconnect(d)) => assert_eq!(d.code, ReasonCode::ServerShuttingDown),
+        other => panic!("expected DISCONNECT, got {other:?}"),
+    }
+    drop(c);
+    shutdown.await.unwrap();
+}
+
+/// A subscriber behind on reading what it was sent when the shutdown
+/// begins, acknowledging as it goes, reads all of it and then the
+/// DISCONNECT: the connection is not reset under it after a second (the
+/// linger of a connection the broker ends, which its PUBACKs outlast).
+#[tokio::test]
+async fn a_shutdown_lets_a_slow_subscriber_read_its_backlog_and_the_disconnect() {
+    const MESSAGES: u16 = 150;
+    let server = start(|c| {
+        c.storage.durability = tern::config::DurabilityMode::Memory;
+    })
+    .await;
+    let mut sub = RawClient::connected(addr(&server), "slow", V5).await;
+    sub.subscribe("s/#", QoS::AtLeastOnce).await;
+    let mut publisher = RawClient::connected(addr(&server), "pub", V5).await;
+    for id in 1..=MESSAGES {
+        publisher
+            .publish("s/1", &id.to_be_bytes(), QoS::AtLeastOnce, id)
+            .await;
+    }
+    let shutdown = tokio::spawn(server.shutdown());
+    // About 1.5 s of reading, one message each 10 ms.
+    for id in 1..=MESSAGES {
+        let publish = sub.recv_publish().await;
+        assert_eq!(&publish.payload[..], &id.to_be_bytes());
+        sub.send(Packet::PubAck(PubAck::new(publish.packet_id.unwrap())))
+            .await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    match sub.recv().await {
+        Some(Packet::Disconnect(d)) => assert_eq!(d.code, ReasonCode::ServerShuttingDown),
+        other => panic!("expected DISCONNECT, got {other:?}"),
+    }
+    // Closing, as a client that reads the DISCONNECT does, ends the wait.
+    drop((sub, publisher));
     shutdown.await.unwrap();
 }
 

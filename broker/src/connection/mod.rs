@@ -196,9 +196,19 @@ pub fn serve_tcp(
 
 /// [`linger`]s on a connection the broker ended, then lets its permit go:
 /// the socket counts as a connection (against `limits.max_connections`, and
-/// for a shutdown, which waits for it) until it is closed.
+/// for a shutdown, which waits for it) until it is closed. For
+/// [`LINGER`](crate::transport::LINGER), or [`SHUTDOWN_GRACE`](crate::server::SHUTDOWN_GRACE)
+/// in a shutdown (which stops waiting then anyway): a client behind on
+/// reading what was flushed to it (a subscriber with a backlog) still reads
+/// it, and the DISCONNECT after it, instead of having the connection reset
+/// under it a second after the shutdown began.
 pub(crate) async fn linger_counted<R: TransportRead>(reader: &mut R, permit: ConnectionPermit) {
-    linger(reader).await;
+    let wait = if permit.shutting_down {
+        crate::server::SHUTDOWN_GRACE
+    } else {
+        crate::transport::LINGER
+    };
+    linger(reader, wait).await;
     drop(permit);
 }
 
@@ -306,6 +316,8 @@ where
             _ => None,
         };
         conn.finish(exit.publishes_will(), new_expiry);
+        let mut permit = permit;
+        permit.shutting_down = broker.is_shutting_down();
         exit.ended_by_broker().then_some(permit)
     }
 }
