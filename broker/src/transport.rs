@@ -149,13 +149,20 @@ pub fn peer_violation(metrics: &Metrics, e: &io::Error) -> bool {
 /// more than a client on a working link needs.
 pub const LINGER: Duration = Duration::from_secs(1);
 
-/// Reads and discards until the client closes its side, a read fails, or
-/// `wait` ([`LINGER`] usually) has passed. Reads into a small buffer of
-/// its own: nothing read is kept.
-pub async fn linger<R: TransportRead>(reader: &mut R, wait: Duration) {
+/// Reads and discards until the client closes its side, a read fails,
+/// [`LINGER`] passes without a byte from it, or `most` has passed. Reads
+/// into a small buffer of its own: nothing read is kept.
+///
+/// `most` is [`LINGER`] too, except in a shutdown: a client still reading
+/// what was flushed to it, and acknowledging it as it goes, keeps its
+/// connection until it gets to the DISCONNECT, instead of having it reset
+/// (the acknowledgements arriving after the close) with the rest unread.
+pub async fn linger<R: TransportRead>(reader: &mut R, most: Duration) {
     let mut scratch = [0u8; 512];
-    let drain = async { while let Ok(1..) = reader.read(&mut scratch).await {} };
-    let _ = tokio::time::timeout(wait, drain).await;
+    let drain = async {
+        while let Ok(Ok(1..)) = tokio::time::timeout(LINGER, reader.read(&mut scratch)).await {}
+    };
+    let _ = tokio::time::timeout(most, drain).await;
 }
 
 /// Largest read whose bytes are moved out of the pooled buffer they were

@@ -196,12 +196,13 @@ pub fn serve_tcp(
 
 /// [`linger`]s on a connection the broker ended, then lets its permit go:
 /// the socket counts as a connection (against `limits.max_connections`, and
-/// for a shutdown, which waits for it) until it is closed. For
-/// [`LINGER`](crate::transport::LINGER), or [`SHUTDOWN_GRACE`](crate::server::SHUTDOWN_GRACE)
-/// in a shutdown (which stops waiting then anyway): a client behind on
-/// reading what was flushed to it (a subscriber with a backlog) still reads
-/// it, and the DISCONNECT after it, instead of having the connection reset
-/// under it a second after the shutdown began.
+/// for a shutdown, which waits for it) until it is closed. For at most
+/// [`LINGER`](crate::transport::LINGER), or in a shutdown for as long as
+/// the client keeps sending (up to [`SHUTDOWN_GRACE`](crate::server::SHUTDOWN_GRACE),
+/// when the shutdown stops waiting anyway): a client behind on reading
+/// what was flushed to it (a subscriber with a backlog, acknowledging it)
+/// still reads it, and the DISCONNECT after it, instead of having the
+/// connection reset under it a second after the shutdown began.
 pub(crate) async fn linger_counted<R: TransportRead>(reader: &mut R, permit: ConnectionPermit) {
     let wait = if permit.shutting_down {
         crate::server::SHUTDOWN_GRACE
