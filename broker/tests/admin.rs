@@ -628,6 +628,46 @@ fn delete_session_and_compact_offline() {
     assert!(!Path::new(&beside).exists());
 }
 
+/// `compact` with the default, relative data directory (`data`, whose
+/// parent is the working directory): the store is rewritten and the old
+/// files go.
+#[test]
+fn compact_takes_a_relative_data_dir() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("data");
+    build_store(&dir);
+    {
+        // 2,000 retained messages of 2 KiB set and cleared: space to give back.
+        let store = SledStore::open(&dir).unwrap();
+        let mut set = Batch::new();
+        let mut clear = Batch::new();
+        for id in 100..2100u64 {
+            let topic = format!("bulk/{id}");
+            let mut m = message(id, "bulk", &[7; 2048]);
+            m.topic = Bytes::from(topic.clone());
+            set.put_message(m).put_retained(retained(&topic, id));
+            clear.delete_retained(topic);
+        }
+        store.apply(&set).unwrap();
+        store.apply(&clear).unwrap();
+        store.sync().unwrap();
+    }
+    let before = ok(&offline(&dir), &["sessions"]);
+    let out = Command::new(TERN)
+        .current_dir(root.path())
+        .args(["admin", "--data-dir", "data", "compact"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!root.path().join("data.rewrite").exists());
+    assert_eq!(ok(&offline(&dir), &["sessions"]), before);
+}
+
 #[test]
 fn the_binary_runs_admin() {
     let dir = tempfile::tempdir().unwrap();

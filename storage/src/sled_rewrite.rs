@@ -23,13 +23,35 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::error::StoreError;
-use crate::sled_store::{sled_config, SledStore, LOCK_WAIT};
+use crate::sled_store::{dir_size, free_bytes, sled_config, SledStore, LOCK_WAIT};
 use crate::synced_commit;
 use crate::Store;
 
 /// The name the copy takes beside the store's directory: the directory's
 /// own name with this appended.
 pub const REWRITE_SUFFIX: &str = ".rewrite";
+
+/// Free space a rewrite leaves on the file system at least, beyond the
+/// copy (counted as twice the live data, for sled's log and its
+/// snapshot): the broker and sled's own files still need room.
+const MIN_FREE_BYTES: u64 = 16 * 1024 * 1024;
+
+/// An I/O error on `path`, saying which path.
+fn at(path: &Path, e: io::Error) -> StoreError {
+    StoreError::Engine(format!("{}: {e}", path.display()))
+}
+
+/// Removes what is at `path`: a directory with its contents, or a file or
+/// link (not what it points to).
+fn remove(path: &Path) -> Result<(), StoreError> {
+    let removed = match fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => fs::remove_dir_all(path),
+        Ok(_) => fs::remove_file(path),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    };
+    removed.map_err(|e| at(path, e))
+}
 
 impl SledStore {
     /// Copies the store into fresh files, which hold only its live data,
@@ -42,22 +64,48 @@ impl SledStore {
             return Err(StoreError::ReadOnly);
         }
         self.sync()?;
-        let dir = self.path().to_path_buf();
+        // The real directory: a symbolic link would be swapped itself,
+        // leaving the store where it was, and `data` has no parent to sync
+        // but the current directory.
+        let dir = fs::canonicalize(self.path()).map_err(|e| at(self.path(), e))?;
         let beside = beside(&dir)?;
-        if beside.exists() {
+        let parent = dir.parent().unwrap_or(Path::new("/")).to_path_buf();
+        if fs::symlink_metadata(&beside).is_ok() {
             // What an earlier rewrite left: a partial copy, or the old store.
-            fs::remove_dir_all(&beside)?;
+            remove(&beside)?;
         }
-        self.copy_to(&beside)?;
-        let witness = dir.join(synced_commit::FILE_NAME);
-        if witness.exists() {
-            fs::copy(&witness, beside.join(synced_commit::FILE_NAME))?;
+        let stats = self.stats()?;
+        let needed = stats.live_bytes.saturating_mul(2) + MIN_FREE_BYTES;
+        if let Some(free) = free_bytes(&parent).filter(|&free| free < needed) {
+            return Err(StoreError::Engine(format!(
+                "not enough free space beside {} for its copy: {free} bytes free, about {needed} needed",
+                dir.display()
+            )));
         }
-        sync_tree(&beside)?;
-        exchange(&dir, &beside)?;
-        if let Some(parent) = dir.parent() {
-            sync_dir(parent)?;
+        let copied = self.copy_to(&beside).and_then(|()| {
+            let witness = dir.join(synced_commit::FILE_NAME);
+            if witness.exists() {
+                fs::copy(&witness, beside.join(synced_commit::FILE_NAME))
+                    .map_err(|e| at(&beside, e))?;
+            }
+            sync_tree(&beside).map_err(|e| at(&beside, e))?;
+            dir_size(&beside).map_err(|e| at(&beside, e))
+        });
+        let copy_bytes = match copied {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                let _ = fs::remove_dir_all(&beside);
+                return Err(e);
+            }
+        };
+        if copy_bytes >= stats.disk_bytes {
+            // Nothing to give back (a store whose data is all live): the
+            // store stays as it is.
+            tracing::info!(path = %dir.display(), store_bytes = stats.disk_bytes, copy_bytes, "the store's copy is no smaller: kept as it is");
+            return remove(&beside);
         }
+        exchange(&dir, &beside).map_err(|e| at(&beside, e))?;
+        sync_dir(&parent).map_err(|e| at(&parent, e))?;
         // The new files are the store now; the old ones, beside it, are
         // dropped with the handle that still holds them.
         let fresh = SledStore::open(&dir)?;
@@ -76,14 +124,20 @@ impl SledStore {
     fn copy_to(&self, to: &Path) -> Result<(), StoreError> {
         let copied = self.with_sled(|db| {
             let copy = sled_config(to).open()?;
-            // sled's export and import panic on an I/O error.
+            // sled's export and import panic on an I/O error (a full disk).
             let imported = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 copy.import(db.export());
             }));
-            if imported.is_err() {
-                return Err(StoreError::Engine(
-                    "copying the store failed (sled's import panicked)".into(),
-                ));
+            if let Err(panic) = imported {
+                let detail = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                return Err(StoreError::Engine(format!(
+                    "copying the store into {} failed: {detail}",
+                    to.display()
+                )));
             }
             copy.flush()?;
             let (original, copied) = (db.checksum()?, copy.checksum()?);

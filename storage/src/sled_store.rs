@@ -515,7 +515,7 @@ impl SledEngine {
 /// Bytes free to an unprivileged writer on the file system of `path`;
 /// `None` if that cannot be told.
 #[cfg(unix)]
-fn free_bytes(path: &Path) -> Option<u64> {
+pub(crate) fn free_bytes(path: &Path) -> Option<u64> {
     use std::os::unix::ffi::OsStrExt;
     let path = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
     let mut stat = std::mem::MaybeUninit::<libc::statvfs>::uninit();
@@ -533,13 +533,13 @@ fn free_bytes(path: &Path) -> Option<u64> {
 }
 
 #[cfg(not(unix))]
-fn free_bytes(_path: &Path) -> Option<u64> {
+pub(crate) fn free_bytes(_path: &Path) -> Option<u64> {
     None
 }
 
 /// Bytes allocated on disk to the files under `dir` (what `du` reports; sled
 /// may leave sparse or preallocated segment files, so lengths would mislead).
-fn dir_size(dir: &Path) -> std::io::Result<u64> {
+pub(crate) fn dir_size(dir: &Path) -> std::io::Result<u64> {
     let mut total = 0;
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;

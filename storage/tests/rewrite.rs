@@ -32,12 +32,10 @@ fn put_retained(batch: &mut Batch, id: u64) {
         .put_retained(retained(&format!("t/{id}"), id));
 }
 
-#[test]
-fn a_rewrite_gives_back_the_space_of_what_was_deleted() {
-    // 4,000 retained messages of 2 KiB, then all but 10 cleared.
-    let root = scratch("space");
-    let dir = root.join("data");
-    let mut store = SledStore::open(&dir).unwrap();
+/// A store in `dir` that held 4,000 retained messages of 2 KiB and keeps
+/// the first 10; synced.
+fn bloated_store(dir: &Path) -> SledStore {
+    let store = SledStore::open(dir).unwrap();
     for first in (1..=4000u64).step_by(500) {
         let mut batch = Batch::new();
         for id in first..first + 500 {
@@ -51,6 +49,14 @@ fn a_rewrite_gives_back_the_space_of_what_was_deleted() {
     }
     store.apply(&batch).unwrap();
     store.sync().unwrap();
+    store
+}
+
+#[test]
+fn a_rewrite_gives_back_the_space_of_what_was_deleted() {
+    let root = scratch("space");
+    let dir = root.join("data");
+    let mut store = bloated_store(&dir);
     let before = store.stats().unwrap();
 
     store.rewrite().unwrap();
@@ -104,6 +110,54 @@ fn a_rewrite_replaces_what_an_interrupted_one_left() {
     store.rewrite().unwrap();
     assert!(store.message(1).unwrap().is_some());
     assert!(!left.exists());
+    drop(store);
+    let _ = fs::remove_dir_all(&root);
+}
+
+/// A store reached through a symbolic link is rewritten where it is: the
+/// link stays a link, and the space comes back in its target.
+#[cfg(unix)]
+#[test]
+fn a_store_reached_through_a_link_is_rewritten_where_it_is() {
+    let root = scratch("link");
+    let real = root.join("real");
+    let link = root.join("link");
+    drop(bloated_store(&real));
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let mut store = SledStore::open(&link).unwrap();
+    let before = store.stats().unwrap();
+    store.rewrite().unwrap();
+    drop(store);
+    assert!(fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    let store = SledStore::open(&real).unwrap();
+    let after = store.stats().unwrap();
+    assert!(after.disk_bytes * 4 < before.disk_bytes, "{after:?}");
+    assert_eq!(after.retained, 10);
+    assert!(!beside(&real).exists() && !beside(&link).exists());
+    drop(store);
+    let _ = fs::remove_dir_all(&root);
+}
+
+/// A store whose data is all live has nothing to give back: its copy is
+/// no smaller, and the store stays as it is, same files.
+#[cfg(unix)]
+#[test]
+fn a_store_with_nothing_to_give_back_stays_as_it_is() {
+    use std::os::unix::fs::MetadataExt;
+    let root = scratch("dense");
+    let dir = root.join("data");
+    let mut store = SledStore::open(&dir).unwrap();
+    let mut batch = Batch::new();
+    put_retained(&mut batch, 1);
+    store.apply(&batch).unwrap();
+    let inode = fs::metadata(&dir).unwrap().ino();
+    store.rewrite().unwrap();
+    assert_eq!(fs::metadata(&dir).unwrap().ino(), inode);
+    assert!(store.message(1).unwrap().is_some());
+    assert!(!beside(&dir).exists());
     drop(store);
     let _ = fs::remove_dir_all(&root);
 }
