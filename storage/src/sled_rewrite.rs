@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::error::StoreError;
-use crate::sled_store::{dir_size, free_bytes, sled_config, SledStore, LOCK_WAIT};
+use crate::sled_store::{dir_size, free_bytes, panic_message, sled_config, SledStore, LOCK_WAIT};
 use crate::synced_commit;
 use crate::Store;
 
@@ -129,14 +129,10 @@ impl SledStore {
                 copy.import(db.export());
             }));
             if let Err(panic) = imported {
-                let detail = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_default();
                 return Err(StoreError::Engine(format!(
-                    "copying the store into {} failed: {detail}",
-                    to.display()
+                    "copying the store into {} failed: {}",
+                    to.display(),
+                    panic_message(panic.as_ref())
                 )));
             }
             copy.flush()?;

@@ -92,11 +92,7 @@ impl SledStore {
         let mut core = match opened {
             Ok(core) => core?,
             Err(panic) => {
-                let detail = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "it panicked".into());
+                let detail = panic_message(panic.as_ref());
                 return Err(StoreError::Unreadable { path, detail });
             }
         };
@@ -157,6 +153,16 @@ impl SledStore {
     ) -> Result<T, StoreError> {
         self.core.engine.with_db(|o| f(&o.db))
     }
+}
+
+/// What a caught panic of sled's said (sled panics on some damage, and on
+/// I/O errors in `import`).
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "it panicked".into())
 }
 
 /// How the store opens sled in `path`: a page cache of
