@@ -709,6 +709,15 @@ fn the_binary_runs_admin() {
         err.contains("locked by a running broker") && err.contains("use --url"),
         "{err}"
     );
+    // The endpoint is read-only: a command that changes the store is told
+    // to wait for the broker to stop, not sent there.
+    let out = tern(&["compact"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("compact changes the store") && !err.contains("--url"),
+        "{err}"
+    );
     drop(held);
 
     let out = Command::new(TERN)

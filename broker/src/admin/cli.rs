@@ -164,7 +164,16 @@ pub fn execute(args: &AdminArgs, out: &mut dyn Write) -> Result<(), AdminError> 
                     args.command.name()
                 )));
             }
-            let mut backend = Offline::open(&args.data_dir, args.read_damaged)?;
+            let mut backend =
+                Offline::open(&args.data_dir, args.read_damaged).map_err(|e| match e {
+                    AdminError::Locked { dir } if args.command.writes() => {
+                        AdminError::LockedForChange {
+                            dir,
+                            command: args.command.name().to_owned(),
+                        }
+                    }
+                    other => other,
+                })?;
             dispatch(&mut backend, &args.command, args.json, out)
         }
     }

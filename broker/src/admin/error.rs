@@ -23,6 +23,15 @@ pub enum AdminError {
     )]
     Locked { dir: PathBuf },
 
+    /// A running broker holds the store's lock, and the command would
+    /// change the store: the admin endpoint is read-only.
+    #[error(
+        "the store at {} is locked by a running broker; {command} changes the store: \
+         stop the broker first",
+        dir.display()
+    )]
+    LockedForChange { dir: PathBuf, command: String },
+
     /// `--data-dir` names no directory (the store is never created).
     #[error(
         "no store at {}: the directory does not exist (pass the broker's data directory \
@@ -115,6 +124,7 @@ impl AdminError {
             | AdminError::BadResponse { .. }
             | AdminError::Output(_) => 1,
             AdminError::Locked { .. }
+            | AdminError::LockedForChange { .. }
             | AdminError::NoSuchDir { .. }
             | AdminError::NotAStore { .. }
             | AdminError::Open { .. }
