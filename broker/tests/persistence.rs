@@ -1643,6 +1643,27 @@ async fn a_shutdown_publishes_the_wills_of_the_clients_it_disconnects() {
     server.shutdown().await;
 }
 
+/// A broker over a store that lags from now on (stalled), a persistent
+/// subscriber `client_id` (session expiry `expiry`) of `filter` at QoS 2,
+/// and a publisher, both connected before the store stalled.
+async fn qos2_subscriber_over_a_lagging_store(
+    client_id: &str,
+    expiry: u32,
+    filter: &str,
+) -> (Arc<FailingStore<MemoryStore>>, Server, RawClient, RawClient) {
+    let (store, server) = start_failing(None).await;
+    let (mut sub, _) =
+        RawClient::connect(addr(&server), persistent_connect(client_id, expiry)).await;
+    assert_eq!(
+        sub.subscribe(filter, QoS::ExactlyOnce).await,
+        vec![ReasonCode::granted(QoS::ExactlyOnce)]
+    );
+    let publisher = RawClient::connected(addr(&server), "pub", ProtocolVersion::V5).await;
+    settle(&server).await;
+    store.stall(true);
+    (store, server, sub, publisher)
+}
+
 /// A member whose shared deliveries still wait for the store: a QoS 2 one
 /// waits for its packet id to be durable before it is sent, and a QoS 1
 /// one queued behind it waits too (the order of the topic's messages).
@@ -1653,16 +1674,8 @@ async fn a_shutdown_publishes_the_wills_of_the_clients_it_disconnects() {
 async fn shared_deliveries_waiting_for_the_store(
     expiry: u32,
 ) -> (Arc<FailingStore<MemoryStore>>, Server, RawClient, RawClient) {
-    let (store, server) = start_failing(None).await;
-    let (mut leaving, _) =
-        RawClient::connect(addr(&server), persistent_connect("leaving", expiry)).await;
-    assert_eq!(
-        leaving.subscribe("$share/g/jobs/#", QoS::ExactlyOnce).await,
-        vec![ReasonCode::granted(QoS::ExactlyOnce)]
-    );
-    let mut publisher = RawClient::connected(addr(&server), "pub", ProtocolVersion::V5).await;
-    settle(&server).await;
-    store.stall(true);
+    let (store, server, mut leaving, mut publisher) =
+        qos2_subscriber_over_a_lagging_store("leaving", expiry, "$share/g/jobs/#").await;
     publisher
         .send(publish_packet("jobs/2", b"two", QoS::ExactlyOnce, Some(1)))
         .await;
@@ -1774,12 +1787,8 @@ async fn shared_deliveries_made_durable_while_their_member_was_away_go_to_anothe
 /// for the first time: DUP 0 (MQTT-3.3.1-1), not as a retransmission.
 #[tokio::test]
 async fn a_delivery_made_durable_while_its_client_was_away_is_first_sent_without_dup() {
-    let (store, server) = start_failing(None).await;
-    let (mut sub, _) = RawClient::connect(addr(&server), persistent_connect("away", 3600)).await;
-    sub.subscribe("d/#", QoS::ExactlyOnce).await;
-    let mut publisher = RawClient::connected(addr(&server), "pub", ProtocolVersion::V5).await;
-    settle(&server).await;
-    store.stall(true);
+    let (store, server, mut sub, mut publisher) =
+        qos2_subscriber_over_a_lagging_store("away", 3600, "d/#").await;
     publisher
         .send(publish_packet("d/1", b"one", QoS::ExactlyOnce, Some(1)))
         .await;

@@ -52,6 +52,15 @@ fn bloated_store(dir: &Path) -> SledStore {
     store
 }
 
+/// A store in `dir` holding retained message 1, all of it live.
+fn store_of_one(dir: &Path) -> SledStore {
+    let store = SledStore::open(dir).unwrap();
+    let mut batch = Batch::new();
+    put_retained(&mut batch, 1);
+    store.apply(&batch).unwrap();
+    store
+}
+
 #[test]
 fn a_rewrite_gives_back_the_space_of_what_was_deleted() {
     let root = scratch("space");
@@ -99,10 +108,7 @@ fn a_rewrite_gives_back_the_space_of_what_was_deleted() {
 fn a_rewrite_replaces_what_an_interrupted_one_left() {
     let root = scratch("left");
     let dir = root.join("data");
-    let mut store = SledStore::open(&dir).unwrap();
-    let mut batch = Batch::new();
-    put_retained(&mut batch, 1);
-    store.apply(&batch).unwrap();
+    let mut store = store_of_one(&dir);
     let left = beside(&dir);
     fs::create_dir_all(left.join("blobs")).unwrap();
     fs::write(left.join("db"), b"half a copy").unwrap();
@@ -149,10 +155,7 @@ fn a_store_with_nothing_to_give_back_stays_as_it_is() {
     use std::os::unix::fs::MetadataExt;
     let root = scratch("dense");
     let dir = root.join("data");
-    let mut store = SledStore::open(&dir).unwrap();
-    let mut batch = Batch::new();
-    put_retained(&mut batch, 1);
-    store.apply(&batch).unwrap();
+    let mut store = store_of_one(&dir);
     let inode = fs::metadata(&dir).unwrap().ino();
     store.rewrite().unwrap();
     assert_eq!(fs::metadata(&dir).unwrap().ino(), inode);
