@@ -23,7 +23,9 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::error::StoreError;
-use crate::sled_store::{dir_size, free_bytes, panic_message, sled_config, SledStore, LOCK_WAIT};
+use crate::sled_store::{
+    dir_size, free_bytes, panic_message, sled_config, sync_dir, SledStore, LOCK_WAIT,
+};
 use crate::synced_commit;
 use crate::Store;
 
@@ -232,14 +234,4 @@ fn sync_tree(dir: &Path) -> io::Result<()> {
         }
     }
     sync_dir(dir)
-}
-
-#[cfg(unix)]
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    fs::File::open(dir)?.sync_all()
-}
-
-#[cfg(not(unix))]
-fn sync_dir(_dir: &Path) -> io::Result<()> {
-    Ok(())
 }
